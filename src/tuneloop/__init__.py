@@ -1,3 +1,10 @@
 """tuneloop: from a company's own text to a deployed, self-improving language model."""
 
+import os
+
+# Weights come only from installed packages and local folders; never let a library reach for a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
 __version__ = "0.1.0"

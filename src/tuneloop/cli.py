@@ -1,0 +1,305 @@
+"""The `tuneloop` command: one verb per lifecycle stage, each a thin shell over the packages."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from tuneloop.config import TuneloopConfig, load_config
+from tuneloop.errors import TuneloopError
+
+app = typer.Typer(help="From a CSV of labelled texts to an evaluated, registered classifier.",
+                  pretty_exceptions_enable=False, no_args_is_help=True, add_completion=False)
+data_app = typer.Typer(help="Inspect and prepare labelled data.", no_args_is_help=True)
+models_app = typer.Typer(help="List, show, promote and archive registered model versions.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+
+console = Console()
+errors = Console(stderr=True)
+F = TypeVar("F", bound=Callable)
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=3e-5 name=support.")]
+DataOption = Annotated[Path | None, typer.Option("--data", help="Data file (same as data.path=...).")]
+_OVERRIDE = re.compile(r"^(name|(data|model|train|eval|registry)\.[A-Za-z_.]+)=")
+
+
+def friendly(command: F) -> F:
+    """Turn a TuneloopError into one red line and exit code 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except TuneloopError as exc:
+            errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            errors.print("[yellow]interrupted[/yellow]; a run can continue with: tuneloop train --resume latest")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _config(path: Path | None, overrides: list[str] | None, data: Path | None = None) -> TuneloopConfig:
+    pairs = list(overrides or [])
+    if data is not None:
+        pairs.append(f"data.path={data}")
+    return load_config(path, pairs)
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show info logs.")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=errors, show_path=False)], force=True)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _print_data_report(report: dict) -> None:
+    table = Table(title=f"Data: {report['source']}")
+    for column in ("label", "train", "val", "test"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    counts = report["class_counts"]
+    for label in report["labels"]:
+        table.add_row(label, *(str(counts[s][label]) for s in ("train", "val", "test")))
+    console.print(table)
+    lengths = report["text_length"]
+    console.print(f"rows read {report['rows_read']}, kept {report['rows_kept']}; dropped: "
+                  + ", ".join(f"{k} {v}" for k, v in report["dropped"].items())
+                  + f"; imbalance (max/min train class) {report['imbalance_ratio']}")
+    console.print(f"text length in {lengths.get('unit')}: p50 {lengths.get('p50')}, p95 {lengths.get('p95')}, "
+                  f"max {lengths.get('max')}")
+    for conflict in report["conflicts"][:5]:
+        console.print(f"[yellow]conflicting labels[/yellow] {conflict['labels']} for: {conflict['text'][:80]!r} "
+                      f"(rows {conflict['rows']}, kept: {conflict['kept_label']})")
+
+
+@data_app.command("inspect")
+@friendly
+def data_inspect(config: ConfigOption = None, data: DataOption = None, overrides: Overrides = None,
+                 as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False) -> None:
+    """Clean, deduplicate and split in memory; print the data report."""
+    from tuneloop.train.run import prepare_for_model
+
+    prepared, encoder = prepare_for_model(_config(config, overrides, data))
+    prepared.report["encoder"] = encoder.name
+    if as_json:
+        print(json.dumps(prepared.report, indent=2, ensure_ascii=False))
+        return
+    _print_data_report(prepared.report)
+    console.print(f"encoder for this data: [bold]{encoder.name}[/bold]; fingerprint {prepared.fingerprint}")
+
+
+@data_app.command("prepare")
+@friendly
+def data_prepare(out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the splits and report.")],
+                 config: ConfigOption = None, data: DataOption = None, overrides: Overrides = None) -> None:
+    """Write cleaned train/val/test splits (jsonl) and data_report.json to a folder."""
+    from tuneloop.data.prepare import save_prepared
+    from tuneloop.train.run import prepare_for_model
+
+    prepared, _ = prepare_for_model(_config(config, overrides, data))
+    save_prepared(prepared, out)
+    _print_data_report(prepared.report)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+@friendly
+def train(
+    config: ConfigOption = None, data: DataOption = None, overrides: Overrides = None,
+    resume: Annotated[str | None, typer.Option(help="Run folder to continue, or 'latest'.")] = None,
+    register: Annotated[bool, typer.Option(help="Register the result as a candidate version.")] = True,
+) -> None:
+    """Fine-tune a classifier, evaluate it on the test split and register it."""
+    from tuneloop.train.run import latest_run_dir, run_training
+
+    resolved = _config(config, overrides, data)
+    resume_dir = None
+    if resume:
+        resume_dir = latest_run_dir(resolved) if resume == "latest" else Path(resume)
+    outcome = run_training(resolved, resume=resume_dir, register=register)
+    test = outcome.report["test"]
+    console.print(f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
+                  f"ECE {test['calibration']['ece']:.3f}[/green] (trained {outcome.train.train_seconds:.0f}s, "
+                  f"best epoch {outcome.train.best_epoch})")
+    if outcome.cross_validation:
+        cv = outcome.cross_validation
+        console.print(f"{cv['k']}-fold validation macro-F1 {cv['mean_val_macro_f1']:.4f} ± {cv['std_val_macro_f1']:.4f}")
+    console.print(f"report: {outcome.report_html}")
+    if outcome.version:
+        console.print(f"registered [bold]{outcome.version.ref}[/bold] (candidate); promote with: "
+                      f"tuneloop models promote {outcome.version.ref}")
+
+
+@app.command("eval")
+@friendly
+def evaluate(
+    model: Annotated[str, typer.Option("--model", "-m", help="NAME, NAME@VERSION or NAME@production.")],
+    config: ConfigOption = None, data: DataOption = None, overrides: Overrides = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder (default: the version's).")] = None,
+) -> None:
+    """Evaluate a registered version on its frozen test split, or on every row of --data."""
+    from tuneloop.data.prepare import load_prepared
+    from tuneloop.evaluate.report import evaluate_classifier, write_report
+    from tuneloop.predict import Predictor
+    from tuneloop.registry.store import Registry
+    from tuneloop.train.run import test_split_from_file
+
+    resolved = _config(config, overrides)
+    registry = Registry(resolved.registry)
+    predictor = Predictor.from_registry(registry, model)
+    folder = registry.artifacts(predictor.version)
+    if data is None:
+        frozen = load_prepared(folder / "data")
+        test, train_rows = frozen.test, frozen.train
+    else:
+        test, train_rows = test_split_from_file(resolved.data, data), None
+    report = evaluate_classifier(predictor.model, predictor.tokenizer, test, resolved.eval, train=train_rows,
+                                 title=f"{predictor.version.ref}: evaluation on {data or 'its test split'}")
+    page = write_report(report, out or folder / ("eval-" + Path(data).stem if data else "eval"))
+    metrics = report["test"]
+    console.print(f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+                  f"weighted-F1 {metrics['weighted_f1']:.4f}, ECE {metrics['calibration']['ece']:.3f} on {metrics['n']} rows")
+    if "skipped_unknown_labels" in metrics:
+        console.print(f"[yellow]skipped rows with labels the model does not know:[/yellow] {metrics['skipped_unknown_labels']}")
+    console.print(f"report: {page}")
+
+
+def _registry(config: Path | None, overrides: list[str] | None):
+    from tuneloop.registry.store import Registry
+
+    return Registry(_config(config, overrides).registry)
+
+
+@models_app.command("list")
+@friendly
+def models_list(name: Annotated[str | None, typer.Option(help="Only this model name.")] = None,
+                config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Registered versions with stage and headline metrics."""
+    versions = _registry(config, overrides).list(name)
+    if not versions:
+        console.print("no registered models yet: tuneloop train --data your.csv")
+        return
+    table = Table(title="Registered models")
+    for column in ("name", "version", "stage", "base model", "accuracy", "macro-F1", "created"):
+        table.add_column(column)
+    for v in versions:
+        table.add_row(v.name, str(v.version), v.stage, v.base_model, f"{v.metrics.get('accuracy', 0):.4f}",
+                      f"{v.metrics.get('macro_f1', 0):.4f}", v.created_at.strftime("%Y-%m-%d %H:%M"))
+    console.print(table)
+
+
+@models_app.command("show")
+@friendly
+def models_show(ref: str, config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Everything recorded about one version, as JSON."""
+    from tuneloop.registry.store import to_json
+
+    print(to_json(_registry(config, overrides).get(ref)))
+
+
+@models_app.command("promote")
+@friendly
+def models_promote(ref: str, config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Make a version production (the previous production version is archived)."""
+    version = _registry(config, overrides).promote(ref)
+    console.print(f"{version.ref} is now production")
+
+
+@models_app.command("archive")
+@friendly
+def models_archive(ref: str, config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Retire a version."""
+    version = _registry(config, overrides).archive(ref)
+    console.print(f"{version.ref} archived")
+
+
+@app.command()
+@friendly
+def predict(
+    model: Annotated[str, typer.Option("--model", "-m", help="NAME, NAME@VERSION or NAME@production.")],
+    texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify (and optional dotted overrides).")] = None,
+    input_file: Annotated[Path | None, typer.Option("--input", "-i", help="File with one text per line.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 3,
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per text.")] = False,
+) -> None:
+    """Classify texts with a registered model: label, probability and top-k."""
+    from tuneloop.predict import Predictor
+
+    items = list(texts or [])
+    overrides = [t for t in items if _OVERRIDE.match(t)]
+    items = [t for t in items if not _OVERRIDE.match(t)]
+    if input_file is not None:
+        if not input_file.is_file():
+            raise TuneloopError(f"input file not found: {input_file}")
+        try:
+            items += [line.strip() for line in input_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise TuneloopError(f"{input_file} is not valid UTF-8; re-save it as UTF-8") from None
+    if not items:
+        raise TuneloopError("nothing to classify: give texts as arguments or --input file.txt")
+    predictor = Predictor.from_registry(_registry(config, overrides), model)
+    results = predictor.predict(items, top_k=top_k)
+    if as_json:
+        for r in results:
+            print(json.dumps({"text": r.text, "label": r.label, "probability": r.probability,
+                              "top_k": [{"label": lab, "probability": p} for lab, p in r.top_k],
+                              "model": predictor.version.ref}, ensure_ascii=False))
+        return
+    table = Table(title=f"Predictions by {predictor.version.ref}")
+    for column in ("text", "label", "probability", f"top {top_k}"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r.text, r.label, f"{r.probability:.3f}", ", ".join(f"{lab} {p:.2f}" for lab, p in r.top_k))
+    console.print(table)
+
+
+@app.command()
+@friendly
+def demo(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Run the whole spine on the bundled bilingual customer-service data."""
+    from tuneloop.demo import DEMO_EXAMPLES, demo_config
+    from tuneloop.predict import Predictor
+    from tuneloop.registry.store import Registry
+    from tuneloop.train.run import run_training
+
+    resolved = demo_config(config, overrides)
+    console.rule("tuneloop demo: bilingual customer-service intents")
+    console.print(f"data: {resolved.data.path}")
+    outcome = run_training(resolved)
+    _print_data_report(outcome.report["data"])
+    test = outcome.report["test"]
+    console.print(f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}[/green] "
+                  f"in {outcome.train.train_seconds:.0f}s of training")
+    registry = Registry(resolved.registry)
+    version = registry.promote(outcome.version.ref)
+    console.print(f"report: {outcome.report_html}")
+    console.print(f"registered and promoted: [bold]{version.ref}[/bold] (stage {version.stage})")
+    predictor = Predictor.from_registry(registry, f"{version.name}@production")
+    table = Table(title="Example predictions")
+    for column in ("text", "intent", "probability"):
+        table.add_column(column)
+    for r in predictor.predict(DEMO_EXAMPLES):
+        table.add_row(r.text, r.label, f"{r.probability:.3f}")
+    console.print(table)
+    console.print(f"try: tuneloop predict --model {version.name} \"where is my parcel?\" registry.home={resolved.registry.home}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,205 @@
+"""Typed configuration: pydantic models loaded from YAML, overridden with dotted `a.b=c` pairs."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuneloop.errors import TuneloopError
+
+
+class _Section(BaseModel):
+    # extra="forbid" is what turns a typo like `train.lr_rate` into an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the labelled texts are and how to split them."""
+
+    path: Path | None = Field(None, description="csv, tsv, jsonl or parquet file of labelled texts.")
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = "auto"
+    text_column: str = "text"
+    label_column: str = "label"
+    split_column: str | None = Field(
+        None, description="Optional column with train/val/test values; a given test split is kept as is."
+    )
+    test_path: Path | None = Field(None, description="Optional separate file used as the test split.")
+    val_size: float = Field(0.1, gt=0, lt=0.5)
+    test_size: float = Field(0.15, gt=0, lt=0.5)
+    seed: int = 42
+    conflicts: Literal["drop", "majority"] = Field(
+        "drop", description="Texts seen with different labels: drop them all, or keep the majority label."
+    )
+    kfold: int | None = Field(None, ge=2, description="k-fold cross-validation instead of a single val split.")
+
+
+class ModelConfig(_Section):
+    """Which encoder to start from and the classification head on top."""
+
+    name: str = Field(
+        "auto",
+        description="auto (pick by the data's language), all-MiniLM-L6-v2, multilingual-e5-small, "
+        "a local Hugging Face folder, or a registered version NAME@VERSION.",
+    )
+    pooling: Literal["mean", "cls"] = "mean"
+    dropout: float = Field(0.1, ge=0, lt=1)
+    head: Literal["cosine", "linear"] = Field(
+        "cosine", description="cosine: scaled cosine similarity to learned class vectors."
+    )
+    head_init: Literal["centroids", "random"] = Field(
+        "centroids", description="centroids: start each class vector at its training examples' mean embedding."
+    )
+    cosine_scale: float = Field(20.0, gt=0)
+    max_length: int = Field(128, ge=8, le=512)
+
+
+class TrainConfig(_Section):
+    """Optimisation of the classifier."""
+
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0, description="Encoder learning rate.")
+    head_lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    grad_clip: float = Field(1.0, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weighted: bool = Field(False, description="Weight the loss by inverse class frequency.")
+    patience: int = Field(2, ge=1, description="Epochs without a better validation macro-F1 before stopping.")
+    checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")
+    freeze_embeddings: bool | None = Field(
+        None, description="Freeze word embeddings; default: only for vocabularies over 100k (e5's 250k rows)."
+    )
+    bf16: bool = Field(False, description="bf16 autocast; only where the CPU supports it natively.")
+    threads: int | None = Field(None, ge=1, description="torch threads; default: all cores.")
+    seed: int = 42
+    length_grouping: bool = True
+
+
+class EvalConfig(_Section):
+    """What the evaluation report contains."""
+
+    calibration_bins: int = Field(15, ge=2)
+    top_confusions: int = Field(10, ge=1)
+    examples_per_confusion: int = Field(3, ge=1)
+    train_sample: int = Field(2000, ge=1, description="Training rows re-scored for the train-vs-test gap.")
+
+
+class RegistryConfig(_Section):
+    """Where versions and their artifacts live."""
+
+    home: Path = Field(
+        default_factory=lambda: Path(os.environ.get("TUNELOOP_HOME", ".tuneloop")),
+        description="Artifacts and the default SQLite database live here (env TUNELOOP_HOME).",
+    )
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: sqlite in the home folder.")
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'registry.db').resolve()}"
+
+
+class TuneloopConfig(_Section):
+    """Everything one run needs."""
+
+    name: str = Field("classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Registry model name.")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    @model_validator(mode="after")
+    def _split_sizes_leave_training_data(self) -> TuneloopConfig:
+        if self.data.val_size + self.data.test_size >= 0.8:
+            raise ValueError("data.val_size + data.test_size must leave at least 20% for training")
+        return self
+
+
+def _set_dotted(tree: dict, dotted: str, value: object) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise TuneloopError(f"override '{dotted}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_known_keys(annotation, prefix + name + "."))
+    return keys
+
+
+def _explain(error: ValidationError) -> str:
+    problems = []
+    known = _known_keys(TuneloopConfig)
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "config"
+        if item["type"] == "extra_forbidden":
+            guess = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+            problems.append(f"unknown key '{key}'{hint}")
+        else:
+            problems.append(f"'{key}': {item['msg']}")
+    return "invalid config: " + "; ".join(problems)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """Turn ["train.lr=3e-5", "name=support"] into a nested dict, values parsed as YAML scalars."""
+    tree: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise TuneloopError(f"override '{pair}' must look like key=value, e.g. train.lr=3e-5")
+        key, raw = pair.split("=", 1)
+        if not key.strip():
+            raise TuneloopError(f"override '{pair}' has no key")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> TuneloopConfig:
+    """Load a YAML config (optional), apply dotted overrides, validate; errors name the key."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise TuneloopError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise TuneloopError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise TuneloopError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
+        tree = loaded or {}
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        return TuneloopConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise TuneloopError(_explain(exc)) from exc
+
+
+def dump_config(config: TuneloopConfig) -> str:
+    """The resolved config as YAML, written next to every artifact."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,228 @@
+"""The data stage end to end: load → clean → dedup/conflicts → split → report, saved as a folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tuneloop.config import DataConfig
+from tuneloop.data.clean import clean_text, dedup_key
+from tuneloop.data.load import read_table, select_columns
+from tuneloop.data.split import kfold_assignment, stratified_split
+from tuneloop.errors import TuneloopError
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "dev": "val", "test": "test", "testing": "test"}
+
+
+@dataclass
+class PreparedData:
+    """Cleaned, split data plus the report that explains what happened to every row."""
+
+    splits: dict[str, pd.DataFrame]
+    labels: list[str]
+    report: dict
+    fingerprint: str
+    folds: pd.Series | None = field(default=None, repr=False)
+
+    @property
+    def train(self) -> pd.DataFrame:
+        return self.splits["train"]
+
+    @property
+    def val(self) -> pd.DataFrame:
+        return self.splits["val"]
+
+    @property
+    def test(self) -> pd.DataFrame:
+        return self.splits["test"]
+
+
+def _load(config: DataConfig) -> pd.DataFrame:
+    if config.path is None:
+        raise TuneloopError("no data file given: set data.path=your_file.csv (or pass --data)")
+    frame = select_columns(
+        read_table(config.path, config.format), config.path, config.text_column, config.label_column,
+        config.split_column,
+    )
+    frame["source"] = str(config.path)
+    if config.test_path is not None:
+        test = select_columns(read_table(config.test_path, config.format), config.test_path,
+                              config.text_column, config.label_column)
+        test["split"] = "test"
+        test["source"] = str(config.test_path)
+        frame = pd.concat([frame, test], ignore_index=True)
+    return frame
+
+
+def _normalise_given_splits(frame: pd.DataFrame) -> None:
+    if "split" not in frame:
+        return
+    raw = frame["split"].str.strip().str.lower()
+    mapped = raw.map(lambda value: _SPLIT_ALIASES.get(value, "" if value == "" else None))
+    bad = frame[mapped.isna()]
+    if len(bad):
+        first = bad.iloc[0]
+        raise TuneloopError(
+            f"{first['source']} row {first['row']}: split value '{first['split']}' is not one of "
+            f"train/val/test (or empty to let tuneloop split)"
+        )
+    frame["split"] = mapped
+
+
+def _drop_conflicts(frame: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, list[dict]]:
+    label_sets = frame.groupby("key")["label"].agg(lambda labels: sorted(set(labels)))
+    conflicted = label_sets[label_sets.map(len) > 1]
+    report = []
+    keep_label: dict[str, str] = {}
+    for key, labels in conflicted.items():
+        rows = frame[frame["key"] == key]
+        counts = rows["label"].value_counts()
+        majority = counts.index[0] if (len(counts) == 1 or counts.iloc[0] > counts.iloc[1]) else None
+        resolution = majority if policy == "majority" and majority is not None else None
+        if resolution is not None:
+            keep_label[key] = resolution
+        report.append({"text": rows["text"].iloc[0], "labels": dict(counts.astype(int)), "rows": rows["row"].tolist(),
+                       "kept_label": resolution})
+    in_conflict = frame["key"].isin(conflicted.index)
+    resolved = frame["key"].map(keep_label)
+    keep = ~in_conflict | (resolved.notna() & (frame["label"] == resolved))
+    return frame[keep], report
+
+
+def _length_percentiles(texts: list[str], count_tokens: Callable[[list[str]], list[int]] | None) -> dict:
+    lengths = np.array(count_tokens(texts) if count_tokens else [len(t) for t in texts])
+    if lengths.size == 0:
+        return {}
+    points = {f"p{p}": float(np.percentile(lengths, p)) for p in (50, 90, 95, 99)}
+    return {"unit": "tokens" if count_tokens else "characters", **points, "max": int(lengths.max()),
+            "mean": round(float(lengths.mean()), 2)}
+
+
+def fingerprint_of(splits: dict[str, pd.DataFrame]) -> str:
+    digest = hashlib.sha256()
+    for name in SPLITS:
+        for text, label in zip(splits[name]["text"], splits[name]["label"]):
+            digest.update(f"{name}\x1f{label}\x1f{text}\x1e".encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare_data(
+    config: DataConfig, count_tokens: Callable[[list[str]], list[int]] | None = None
+) -> PreparedData:
+    """Load, clean, deduplicate, resolve conflicting labels, split and report.
+
+    `count_tokens` (texts → token counts) makes the length percentiles use the model's tokenizer.
+    """
+    frame = _load(config)
+    total = len(frame)
+    _normalise_given_splits(frame)
+    dropped: dict[str, int] = {}
+
+    frame["text"] = frame["text"].map(clean_text)
+    frame["label"] = frame["label"].str.strip()
+    for reason, mask in (("empty_text", frame["text"] == ""), ("missing_label", frame["label"] == "")):
+        dropped[reason] = int(mask.sum())
+        frame = frame[~mask]
+    if frame.empty:
+        raise TuneloopError(f"{config.path}: no row has both a text and a label after cleaning")
+
+    frame = frame.assign(key=frame["text"].map(dedup_key))
+    frame, conflicts = _drop_conflicts(frame, config.conflicts)
+    dropped["conflicting_label"] = sum(len(c["rows"]) for c in conflicts) - sum(
+        1 for c in conflicts if c["kept_label"] is not None
+    )
+    # A text given as test must stay test, so duplicates keep their test row first.
+    if "split" in frame:
+        frame = frame.sort_values("split", key=lambda s: s.map({"test": 0, "val": 1, "train": 2, "": 3}), kind="stable")
+    before = len(frame)
+    frame = frame.drop_duplicates(subset=["key", "label"], keep="first").sort_index()
+    dropped["duplicate"] = dropped.get("duplicate", 0) + before - len(frame)
+    frame = frame.drop(columns="key")
+
+    counts = frame["label"].value_counts()
+    if len(counts) < 2:
+        only = counts.index[0] if len(counts) else "none"
+        raise TuneloopError(
+            f"{config.path}: only one label ('{only}') after cleaning; a classifier needs at least two "
+            f"(check data.label_column)"
+        )
+    rare = counts[counts < 2]
+    if len(rare):
+        listed = ", ".join(f"'{label}' ({n})" for label, n in rare.items())
+        raise TuneloopError(
+            f"{config.path}: label(s) with fewer than 2 examples: {listed}; add examples or remove those rows"
+        )
+
+    fixed = frame["split"] if "split" in frame else pd.Series("", index=frame.index)
+    undecided = frame[fixed == ""]
+    assignment = fixed.copy()
+    fractions = {"val": config.val_size} if (fixed == "test").any() else {"test": config.test_size, "val": config.val_size}
+    if (fixed == "val").any():
+        fractions.pop("val")
+    if len(undecided) and fractions:
+        assignment.loc[undecided.index] = stratified_split(undecided, fractions, config.seed)
+    assignment = assignment.replace("", "train")
+    frame = frame.assign(split=assignment)
+
+    splits = {name: frame[frame["split"] == name][["row", "text", "label"]].reset_index(drop=True) for name in SPLITS}
+    for name in ("train", "test"):
+        if splits[name].empty:
+            raise TuneloopError(f"{config.path}: the {name} split is empty; add data or adjust data.test_size")
+    labels = sorted(counts.index)
+    missing_in_train = sorted(set(labels) - set(splits["train"]["label"]))
+    if missing_in_train:
+        raise TuneloopError(f"{config.path}: label(s) {missing_in_train} have no training example after splitting")
+
+    folds = None
+    if config.kfold:
+        pool = pd.concat([splits["train"], splits["val"]], ignore_index=True)
+        folds = kfold_assignment(pool, config.kfold, config.seed)
+
+    class_counts = {name: splits[name]["label"].value_counts().reindex(labels, fill_value=0).astype(int).to_dict()
+                    for name in SPLITS}
+    train_counts = np.array(list(class_counts["train"].values()))
+    report = {
+        "source": str(config.path),
+        "rows_read": total,
+        "rows_kept": int(len(frame)),
+        "dropped": dropped,
+        "conflicts": conflicts[:50],
+        "conflict_policy": config.conflicts,
+        "labels": labels,
+        "split_sizes": {name: len(splits[name]) for name in SPLITS},
+        "class_counts": class_counts,
+        "imbalance_ratio": round(float(train_counts.max() / max(train_counts.min(), 1)), 2),
+        "text_length": _length_percentiles(frame["text"].tolist(), count_tokens),
+        "kfold": config.kfold,
+    }
+    prepared = PreparedData(splits=splits, labels=labels, report=report, fingerprint=fingerprint_of(splits),
+                            folds=folds)
+    report["fingerprint"] = prepared.fingerprint
+    return prepared
+
+
+def save_prepared(prepared: PreparedData, folder: Path) -> None:
+    """Write the splits as jsonl and the report as JSON: the frozen data a version was trained on."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, split in prepared.splits.items():
+        split.to_json(folder / f"{name}.jsonl", orient="records", lines=True, force_ascii=False)
+    (folder / "data_report.json").write_text(json.dumps(prepared.report, indent=2, ensure_ascii=False, default=int))
+
+
+def load_prepared(folder: Path) -> PreparedData:
+    """Read back a folder written by save_prepared."""
+    report = json.loads((folder / "data_report.json").read_text())
+    splits = {}
+    for name in SPLITS:
+        path = folder / f"{name}.jsonl"
+        splits[name] = (pd.read_json(path, lines=True, dtype={"text": str, "label": str})
+                        if path.stat().st_size else pd.DataFrame(columns=["row", "text", "label"]))
+    return PreparedData(splits=splits, labels=report["labels"], report=report, fingerprint=report["fingerprint"])

@@ -1,0 +1,59 @@
+"""Classification metrics from labels and predicted probabilities: plain numbers, no plotting."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+
+def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int) -> dict:
+    """Expected calibration error with equal-width confidence bins, plus the bins for a reliability diagram."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    rows = []
+    ece = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high)
+        if not inside.any():
+            rows.append({"low": float(low), "high": float(high), "count": 0, "confidence": None, "accuracy": None})
+            continue
+        conf, acc = float(confidence[inside].mean()), float(correct[inside].mean())
+        ece += inside.mean() * abs(conf - acc)
+        rows.append({"low": float(low), "high": float(high), "count": int(inside.sum()), "confidence": conf,
+                     "accuracy": acc})
+    return {"ece": float(ece), "bins": rows}
+
+
+def classification_metrics(
+    true_ids: np.ndarray, probs: np.ndarray, labels: list[str], texts: list[str],
+    bins: int = 15, top_confusions: int = 10, examples_per_confusion: int = 3,
+) -> dict:
+    """Accuracy, macro/weighted P/R/F1, per-class table, confusion matrix, calibration, top confusions."""
+    predicted = probs.argmax(1)
+    ids = list(range(len(labels)))
+    p, r, f, support = precision_recall_fscore_support(true_ids, predicted, labels=ids, zero_division=0)
+    summary = {}
+    for average in ("macro", "weighted"):
+        ap, ar, af, _ = precision_recall_fscore_support(true_ids, predicted, labels=ids, average=average,
+                                                        zero_division=0)
+        summary.update({f"{average}_precision": float(ap), f"{average}_recall": float(ar), f"{average}_f1": float(af)})
+    matrix = confusion_matrix(true_ids, predicted, labels=ids)
+    pairs = Counter((int(t), int(q)) for t, q in zip(true_ids, predicted) if t != q)
+    confusions = []
+    for (t, q), count in pairs.most_common(top_confusions):
+        examples = [texts[i] for i in np.flatnonzero((true_ids == t) & (predicted == q))[:examples_per_confusion]]
+        confusions.append({"true": labels[t], "predicted": labels[q], "count": count, "examples": examples})
+    return {
+        "n": int(len(true_ids)),
+        "accuracy": float(accuracy_score(true_ids, predicted)),
+        **summary,
+        "per_class": [
+            {"label": labels[i], "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+             "support": int(support[i])}
+            for i in ids
+        ],
+        "confusion_matrix": matrix.tolist(),
+        "calibration": calibration(probs.max(1), predicted == true_ids, bins),
+        "top_confusions": confusions,
+    }

@@ -1,0 +1,86 @@
+"""Report figures as PNG bytes (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+# DejaVu has no CJK glyphs; these are tried first so Chinese labels render where such a font exists.
+plt.rcParams["font.sans-serif"] = ["Noto Sans CJK SC", "WenQuanYi Zen Hei", "SimHei", "DejaVu Sans"]
+plt.rcParams["axes.unicode_minus"] = False
+
+
+def _png(figure: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def confusion_matrix_png(matrix: list[list[int]], labels: list[str]) -> bytes:
+    counts = np.array(matrix, dtype=float)
+    rows = counts.sum(1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    size = min(4 + 0.28 * len(labels), 26)
+    figure, axis = plt.subplots(figsize=(size, size))
+    image = axis.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    axis.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7 if len(labels) > 30 else 9)
+    axis.set_yticks(range(len(labels)), labels, fontsize=7 if len(labels) > 30 else 9)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title("Confusion matrix (row-normalised)")
+    if len(labels) <= 20:
+        for (i, j), value in np.ndenumerate(counts):
+            if value:
+                axis.text(j, i, int(value), ha="center", va="center", fontsize=8,
+                          color="white" if normalised[i, j] > 0.5 else "black")
+    figure.colorbar(image, fraction=0.046)
+    return _png(figure)
+
+
+def reliability_png(bins: list[dict], ece: float) -> bytes:
+    figure, axis = plt.subplots(figsize=(5, 5))
+    centres = [(b["low"] + b["high"]) / 2 for b in bins if b["count"]]
+    accuracy = [b["accuracy"] for b in bins if b["count"]]
+    width = bins[0]["high"] - bins[0]["low"]
+    axis.bar(centres, accuracy, width=width * 0.9, color="#4c72b0", edgecolor="black", label="accuracy")
+    axis.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("confidence")
+    axis.set_ylabel("accuracy")
+    axis.set_title(f"Reliability diagram (ECE {ece:.3f})")
+    axis.legend(loc="upper left")
+    return _png(figure)
+
+
+def per_class_f1_png(per_class: list[dict]) -> bytes:
+    ordered = sorted(per_class, key=lambda row: row["f1"])
+    figure, axis = plt.subplots(figsize=(6, max(3, 0.22 * len(ordered))))
+    axis.barh([row["label"] for row in ordered], [row["f1"] for row in ordered], color="#55a868")
+    axis.set_xlim(0, 1)
+    axis.set_xlabel("F1")
+    axis.set_title("Per-class F1")
+    axis.tick_params(axis="y", labelsize=7 if len(ordered) > 30 else 9)
+    return _png(figure)
+
+
+def training_curve_png(history: list[dict]) -> bytes:
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    epochs = [h["epoch"] for h in history]
+    axis.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("loss")
+    if any("val_macro_f1" in h for h in history):
+        twin = axis.twinx()
+        twin.plot(epochs, [h.get("val_macro_f1") for h in history], "s-", color="#c44e52", label="val macro-F1")
+        twin.set_ylabel("val macro-F1")
+        twin.legend(loc="lower right")
+    axis.legend(loc="upper right")
+    axis.set_title("Training")
+    return _png(figure)

@@ -1,0 +1,1 @@
+"""Models: packaged encoders, converters and the text classifier built on them."""

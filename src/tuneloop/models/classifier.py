@@ -1,0 +1,130 @@
+"""A text classifier: a pretrained encoder, pooled, then a linear or cosine head."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tuneloop.errors import TuneloopError
+
+# Inside a run or a registered version, the trained classifier lives in this subfolder.
+MODEL_DIR = "model"
+HEAD_FILE = "head.safetensors"
+META_FILE = "classifier.json"
+
+
+@dataclass
+class HeadSpec:
+    """Everything besides the encoder weights that a saved classifier needs to predict."""
+
+    labels: list[str]
+    pooling: str = "mean"
+    head: str = "cosine"
+    dropout: float = 0.1
+    cosine_scale: float = 20.0
+    max_length: int = 128
+    text_prefix: str = ""
+    base_model: str = ""
+
+
+def load_encoder(path: Path) -> PreTrainedModel:
+    """Load a bare encoder without its pooler, which mean/CLS pooling never uses."""
+    try:
+        return AutoModel.from_pretrained(path, add_pooling_layer=False)
+    except TypeError:
+        return AutoModel.from_pretrained(path)
+
+
+class TextClassifier(nn.Module):
+    """Encoder + pooling + head; logits are scaled cosines when head == "cosine"."""
+
+    def __init__(self, encoder: PreTrainedModel, spec: HeadSpec) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.spec = spec
+        self.dropout = nn.Dropout(spec.dropout)
+        hidden = encoder.config.hidden_size
+        self.head = nn.Linear(hidden, len(spec.labels), bias=spec.head == "linear")
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.spec.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def logits_from_embeddings(self, pooled: torch.Tensor) -> torch.Tensor:
+        pooled = self.dropout(pooled)
+        if self.spec.head == "cosine":
+            return self.spec.cosine_scale * F.normalize(pooled, dim=-1) @ F.normalize(self.head.weight, dim=-1).T
+        return self.head(pooled)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_embeddings(self.embed(input_ids, attention_mask))
+
+    @torch.no_grad()
+    def init_head_from_centroids(self, embeddings: torch.Tensor, label_ids: torch.Tensor) -> None:
+        """Start each class vector at the mean normalised embedding of its examples.
+
+        The encoder already separates intents well, so the model begins near a nearest-centroid
+        classifier instead of random logits; this is most of why it gets accurate in the first epoch.
+        """
+        normalised = F.normalize(embeddings.float(), dim=-1)
+        for index in range(len(self.spec.labels)):
+            members = normalised[label_ids == index]
+            if len(members):
+                self.head.weight[index] = F.normalize(members.mean(0), dim=-1)
+        if self.spec.head == "linear":
+            self.head.weight.mul_(self.spec.cosine_scale)
+            self.head.bias.zero_()
+
+    def save(self, folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, folder / HEAD_FILE)
+        (folder / META_FILE).write_text(json.dumps(asdict(self.spec), indent=2, ensure_ascii=False))
+
+    @classmethod
+    def load(cls, folder: Path) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
+        meta = folder / META_FILE
+        if not meta.is_file():
+            raise TuneloopError(f"{folder} is not a tuneloop classifier (no {META_FILE})")
+        spec = HeadSpec(**json.loads(meta.read_text()))
+        model = cls(load_encoder(folder), spec)
+        model.head.load_state_dict(load_file(folder / HEAD_FILE))
+        model.eval()
+        return model, AutoTokenizer.from_pretrained(folder)
+
+
+def encode_batch(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], spec: HeadSpec
+) -> dict[str, torch.Tensor]:
+    return tokenizer(
+        [spec.text_prefix + t for t in texts], padding=True, truncation=True, max_length=spec.max_length,
+        return_tensors="pt",
+    )
+
+
+@torch.inference_mode()
+def predict_proba(
+    model: TextClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 64
+) -> np.ndarray:
+    """Class probabilities for each text, batched by length so padding stays small."""
+    model.eval()
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.zeros((len(texts), len(model.spec.labels)), dtype=np.float32)
+    for start in range(0, len(texts), batch_size):
+        chosen = order[start : start + batch_size]
+        batch = encode_batch(tokenizer, [texts[i] for i in chosen], model.spec)
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        out[chosen] = torch.softmax(logits.float(), dim=-1).numpy()
+    return out

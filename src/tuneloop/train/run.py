@@ -1,0 +1,160 @@
+"""A classification run end to end: prepare data → fine-tune → evaluate → register a candidate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from transformers import AutoTokenizer
+
+from tuneloop.config import DataConfig, TuneloopConfig, dump_config
+from tuneloop.data.clean import clean_text
+from tuneloop.data.load import read_table, select_columns
+from tuneloop.data.prepare import PreparedData, fingerprint_of, load_prepared, prepare_data, save_prepared
+from tuneloop.errors import TuneloopError
+from tuneloop.evaluate.report import evaluate_classifier, write_report
+from tuneloop.models.classifier import TextClassifier
+from tuneloop.models.encoders import EncoderSource, resolve_encoder
+from tuneloop.registry.store import ModelVersion, Registry
+from tuneloop.models.classifier import MODEL_DIR
+from tuneloop.train.classification import CHECKPOINT_DIR, TrainResult, train_classifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    report: dict
+    report_html: Path
+    version: ModelVersion | None
+    train: TrainResult
+    cross_validation: dict | None = None
+
+
+def token_counter(encoder: EncoderSource):
+    """texts → token counts with the encoder's tokenizer, for the data report."""
+    tokenizer = AutoTokenizer.from_pretrained(encoder.path)
+    return lambda texts: [len(ids) for ids in tokenizer([encoder.text_prefix + t for t in texts])["input_ids"]]
+
+
+def prepare_for_model(config: TuneloopConfig) -> tuple[PreparedData, EncoderSource]:
+    """Prepare the data and pick the encoder (auto looks at the cleaned texts)."""
+    first_pass = prepare_data(config.data)
+    encoder = resolve_encoder(config.model.name, config.registry.home, first_pass.train["text"].tolist())
+    lengths = token_counter(encoder)
+    # The report's token lengths need the tokenizer, which "auto" can only pick after reading the data.
+    first_pass.report["text_length"] = prepare_length_report(first_pass, lengths)
+    return first_pass, encoder
+
+
+def prepare_length_report(data: PreparedData, count_tokens) -> dict:
+    texts = pd.concat([data.splits[s]["text"] for s in data.splits]).tolist()
+    lengths = np.array(count_tokens(texts))
+    return {"unit": "tokens", **{f"p{p}": float(np.percentile(lengths, p)) for p in (50, 90, 95, 99)},
+            "max": int(lengths.max()), "mean": round(float(lengths.mean()), 2)}
+
+
+def new_run_dir(config: TuneloopConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    return config.registry.home / "runs" / f"{config.name}-{stamp}"
+
+
+def latest_run_dir(config: TuneloopConfig) -> Path:
+    runs = sorted((config.registry.home / "runs").glob(f"{config.name}-*"))
+    resumable = [r for r in runs if (r / CHECKPOINT_DIR / "trainer.pt").is_file()]
+    if not resumable:
+        raise TuneloopError(f"no run of '{config.name}' to resume under {config.registry.home / 'runs'}")
+    return resumable[-1]
+
+
+def _fold_data(data: PreparedData, fold: int) -> PreparedData:
+    pool = pd.concat([data.train, data.val], ignore_index=True)
+    splits = {"train": pool[data.folds != fold].reset_index(drop=True),
+              "val": pool[data.folds == fold].reset_index(drop=True), "test": data.test}
+    return PreparedData(splits=splits, labels=data.labels, report=data.report, fingerprint=fingerprint_of(splits))
+
+
+def run_training(
+    config: TuneloopConfig, resume: Path | None = None, register: bool = True, show_progress: bool = True,
+    step_callback=None, callback_every: int = 0,
+) -> RunOutcome:
+    """Train (or resume), evaluate on the test split, write the report and register a candidate."""
+    if resume is not None:
+        run_dir = resume
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise TuneloopError(f"{run_dir} is not a tuneloop run folder (no config.yaml)")
+        config = TuneloopConfig.model_validate(yaml.safe_load(saved.read_text()))
+        data = load_prepared(run_dir / "data")
+        encoder = resolve_encoder(json.loads((run_dir / "encoder.json").read_text())["name"], config.registry.home)
+    else:
+        data, encoder = prepare_for_model(config)
+        run_dir = new_run_dir(config)
+        run_dir.mkdir(parents=True)
+        save_prepared(data, run_dir / "data")
+        (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+        (run_dir / "encoder.json").write_text(json.dumps({"name": encoder.name, "path": str(encoder.path)}))
+
+    cv = None
+    if config.data.kfold and resume is None:
+        folds = []
+        for fold in range(config.data.kfold):
+            result = train_classifier(config, _fold_data(data, fold), encoder, run_dir / f"fold-{fold}",
+                                      show_progress=show_progress)
+            folds.append({"fold": fold, "val_macro_f1": result.best_val_macro_f1, "best_epoch": result.best_epoch})
+        scores = np.array([f["val_macro_f1"] for f in folds], dtype=float)
+        best_fold = int(scores.argmax())
+        cv = {"k": config.data.kfold, "folds": folds, "mean_val_macro_f1": float(scores.mean()),
+              "std_val_macro_f1": float(scores.std()), "selected_fold": best_fold}
+        (run_dir / "cross_validation.json").write_text(json.dumps(cv, indent=2))
+        shutil.copytree(run_dir / f"fold-{best_fold}" / MODEL_DIR, run_dir / MODEL_DIR)
+        result = TrainResult(best_dir=run_dir / MODEL_DIR, best_epoch=folds[best_fold]["best_epoch"],
+                             best_val_macro_f1=folds[best_fold]["val_macro_f1"])
+    else:
+        result = train_classifier(config, data, encoder, run_dir, resume=resume is not None,
+                                  show_progress=show_progress, step_callback=step_callback,
+                                  callback_every=callback_every)
+
+    model, tokenizer = TextClassifier.load(result.best_dir)
+    report = evaluate_classifier(model, tokenizer, data.test, config.eval, train=data.train, history=result.history,
+                                 title=f"{config.name}: test report")
+    report["train_seconds"] = result.train_seconds
+    report["best_epoch"] = result.best_epoch
+    report["data"] = data.report
+    if cv:
+        report["cross_validation"] = cv
+    html_path = write_report(report, run_dir)
+
+    version = None
+    if register:
+        registry = Registry(config.registry)
+        metrics = {k: report["test"][k] for k in ("accuracy", "macro_f1", "weighted_f1")}
+        metrics.update(ece=report["test"]["calibration"]["ece"], train_seconds=result.train_seconds,
+                       best_val_macro_f1=result.best_val_macro_f1)
+        version = registry.register(
+            config.name, run_dir, base_model=encoder.name, data_fingerprint=data.fingerprint,
+            config=config.model_dump(mode="json"), metrics=metrics, parent=None,
+            ignore=(CHECKPOINT_DIR, "fold-*", "*.tmp", "*.old"),
+        )
+        html_path = registry.artifacts(version) / "report.html"
+    return RunOutcome(run_dir=run_dir, report=report, report_html=html_path, version=version, train=result,
+                      cross_validation=cv)
+
+
+def test_split_from_file(config: DataConfig, path: Path) -> pd.DataFrame:
+    """Every row of a labelled file, cleaned like training data, to evaluate on (no dedup, no split)."""
+    frame = select_columns(read_table(path, config.format), path, config.text_column, config.label_column)
+    frame["text"] = frame["text"].map(clean_text)
+    frame["label"] = frame["label"].str.strip()
+    frame = frame[(frame["text"] != "") & (frame["label"] != "")]
+    if frame.empty:
+        raise TuneloopError(f"{path}: no row has both a text and a label")
+    return frame[["row", "text", "label"]].reset_index(drop=True)

@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny random BERT and a toy labelled dataset, built in seconds."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+TOPICS = {
+    "refund": ["refund", "money", "back", "return", "charge", "reimburse"],
+    "delivery": ["parcel", "delivery", "arrive", "courier", "shipping", "late"],
+    "password": ["password", "login", "reset", "account", "locked", "sign"],
+}
+FILLER = ["please", "my", "the", "i", "need", "help", "with", "when", "is", "can", "you", "why", "order"]
+
+
+def toy_rows(per_label: int = 16, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for label, words in TOPICS.items():
+        seen = set()
+        while len(seen) < per_label:
+            text = " ".join(rng.sample(words, 2) + rng.sample(FILLER, 3))
+            if text not in seen:
+                seen.add(text)
+                rows.append({"text": text, "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 BERT with a WordPiece vocabulary trained on the toy words."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    corpus = [r["text"] for r in toy_rows(40)] + ["where is 我的 快递 退款 密码"]
+    tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls),
+                                                                                                       ("[SEP]", sep)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(folder)
+    config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def toy_csv(tmp_path) -> Path:
+    path = tmp_path / "toy.csv"
+    pd.DataFrame(toy_rows()).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "home"
+    monkeypatch.setenv("TUNELOOP_HOME", str(folder))
+    return folder
+
+
+@pytest.fixture()
+def tiny_overrides(tiny_encoder, toy_csv, home) -> list[str]:
+    """Overrides that make any training command fast on the tiny model and toy data."""
+    return [f"model.name={tiny_encoder}", f"data.path={toy_csv}", f"registry.home={home}", "train.epochs=2",
+            "train.batch_size=8", "train.lr=1e-3", "train.head_lr=1e-2", "model.max_length=32", "name=toy"]
