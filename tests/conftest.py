@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
@@ -50,6 +51,7 @@ def tiny_encoder(tmp_path_factory) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     fast.save_pretrained(folder)
+    torch.manual_seed(0)
     config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
     BertModel(config).save_pretrained(folder)
@@ -74,4 +76,4 @@ def home(tmp_path, monkeypatch) -> Path:
 def tiny_overrides(tiny_encoder, toy_csv, home) -> list[str]:
     """Overrides that make any training command fast on the tiny model and toy data."""
     return [f"model.name={tiny_encoder}", f"data.path={toy_csv}", f"registry.home={home}", "train.epochs=2",
-            "train.batch_size=8", "train.lr=1e-3", "train.head_lr=1e-2", "model.max_length=32", "name=toy"]
+            "train.batch_size=8", "train.lr=1e-3", "train.head_lr=1e-2", "model.max_length=32", "name=toy", "train.threads=1", "train.patience=5"]

@@ -58,6 +58,8 @@ def _load(config: DataConfig) -> pd.DataFrame:
                               config.text_column, config.label_column)
         test["split"] = "test"
         test["source"] = str(config.test_path)
+        if "split" not in frame:
+            frame["split"] = ""
         frame = pd.concat([frame, test], ignore_index=True)
     return frame
 

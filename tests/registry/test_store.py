@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import pytest
+from sqlalchemy.exc import SQLAlchemyError
+
+from tuneloop.config import RegistryConfig
+from tuneloop.errors import TuneloopError
+from tuneloop.registry.store import Registry
+
+
+@pytest.fixture()
+def registry(tmp_path):
+    return Registry(RegistryConfig(home=tmp_path / "home"))
+
+
+@pytest.fixture()
+def artifacts(tmp_path):
+    folder = tmp_path / "run"
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "weights.bin").write_bytes(b"w")
+    (folder / "checkpoint").mkdir()
+    (folder / "checkpoint" / "trainer.pt").write_bytes(b"big")
+    return folder
+
+
+def register(registry, artifacts, name="intent", **extra):
+    return registry.register(name, artifacts, base_model="tiny", data_fingerprint="abc", config={"k": 1},
+                             metrics={"accuracy": 0.9}, ignore=("checkpoint",), **extra)
+
+
+def test_versions_increment_and_artifacts_are_copied(registry, artifacts):
+    first = register(registry, artifacts)
+    second = register(registry, artifacts, parent=first.ref)
+    assert (first.version, second.version) == (1, 2)
+    assert second.parent == "intent@1"
+    stored = registry.artifacts(second)
+    assert (stored / "model" / "weights.bin").read_bytes() == b"w"
+    assert not (stored / "checkpoint").exists()
+    assert [v.version for v in registry.list("intent")] == [1, 2]
+    assert first.stage == "candidate"
+
+
+def test_references_resolve(registry, artifacts):
+    for _ in range(3):
+        register(registry, artifacts)
+    assert registry.get("intent").version == 3  # no production yet: latest
+    registry.promote("intent@2")
+    assert registry.get("intent").version == 2
+    assert registry.get("intent@production").version == 2
+    assert registry.get("intent@v1").version == 1
+    assert registry.get("intent@latest").version == 3
+
+
+def test_promote_archives_the_previous_production(registry, artifacts):
+    register(registry, artifacts)
+    register(registry, artifacts)
+    registry.promote("intent@1")
+    registry.promote("intent@2")
+    stages = {v.version: v.stage for v in registry.list("intent")}
+    assert stages == {1: "archived", 2: "production"}
+    assert registry.archive("intent@2").stage == "archived"
+    with pytest.raises(TuneloopError, match="no production version"):
+        registry.get("intent@production")
+
+
+@pytest.mark.parametrize(("ref", "message"), [("nobody", "no model named 'nobody'"), ("intent@9", "no version 9"),
+                                              ("bad ref!", "not a model reference")])
+def test_unknown_references(registry, artifacts, ref, message):
+    register(registry, artifacts)
+    with pytest.raises(TuneloopError, match=message):
+        registry.get(ref)
+
+
+def test_failed_commit_leaves_no_version_and_no_files(registry, artifacts, monkeypatch):
+    register(registry, artifacts)
+
+    def broken_begin():
+        raise SQLAlchemyError("disk full")
+
+    monkeypatch.setattr(registry._sessions, "begin", broken_begin)
+    with pytest.raises(TuneloopError, match="nothing was stored"):
+        register(registry, artifacts)
+    monkeypatch.undo()
+    assert [v.version for v in registry.list()] == [1]
+    folders = sorted(p.name for p in (registry.home / "models" / "intent").iterdir())
+    assert folders == ["v1"]
+
+
+def test_folder_left_by_a_crash_is_replaced(registry, artifacts):
+    orphan = registry.home / "models" / "intent" / "v1"
+    orphan.mkdir(parents=True)
+    (orphan / "half-written").write_text("x")
+    version = register(registry, artifacts)
+    assert version.version == 1
+    assert not (registry.artifacts(version) / "half-written").exists()
+
+
+def test_failed_copy_leaves_nothing(registry, tmp_path):
+    with pytest.raises(TuneloopError, match="cannot store artifacts"):
+        registry.register("intent", tmp_path / "missing", base_model="m", data_fingerprint="f", config={},
+                          metrics={})
+    assert registry.list() == []
+    assert not any((registry.home / "models" / "intent").iterdir())
+
+
+def test_database_url_is_configurable(tmp_path, artifacts):
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    registry = Registry(RegistryConfig(home=tmp_path / "h", database_url=url))
+    register(registry, artifacts)
+    assert (tmp_path / "elsewhere.db").is_file()
+    assert not (tmp_path / "h" / "registry.db").exists()

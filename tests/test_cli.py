@@ -1,0 +1,146 @@
+"""The CLI end to end on the tiny model, and every bad input the spine promises to handle."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from tuneloop.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_failure(result, message):
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error:"), result.output
+    assert message in " ".join(lines), result.output
+
+
+@pytest.fixture()
+def trained(tiny_overrides, home):
+    result = invoke("train", *tiny_overrides)
+    assert result.exit_code == 0, result.output
+    return home
+
+
+def test_train_registers_and_writes_a_self_describing_version(trained):
+    version = trained / "models" / "toy" / "v1"
+    for name in ("config.yaml", "report.html", "report.json", "metrics.jsonl", "data/test.jsonl",
+                 "data/data_report.json", "model/classifier.json", "model/tokenizer.json"):
+        assert (version / name).exists(), name
+    assert not (version / "checkpoint").exists()
+    report = json.loads((version / "report.json").read_text())
+    assert 0 <= report["test"]["accuracy"] <= 1
+    assert "overfitting" in report
+
+
+def test_models_list_show_promote_archive_and_predict(trained, home):
+    assert "toy" in invoke("models", "list").output
+    shown = json.loads(invoke("models", "show", "toy@1").output)
+    assert shown["stage"] == "candidate" and shown["data_fingerprint"]
+    assert "production" in invoke("models", "promote", "toy@1").output
+    result = invoke("predict", "--model", "toy@production", "--json", "my parcel is late", "password reset please")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert [r["model"] for r in rows] == ["toy@1", "toy@1"]
+    assert all(r["label"] in {"refund", "delivery", "password"} and len(r["top_k"]) == 3 for r in rows)
+    assert abs(sum(k["probability"] for k in rows[0]["top_k"]) - 1) < 1e-4
+    assert "archived" in invoke("models", "archive", "toy@1").output
+
+
+def test_predict_from_file(trained, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("refund my money\n\nlogin locked\n", encoding="utf-8")
+    result = invoke("predict", "--model", "toy", "--input", texts, "--json", "-k", "1")
+    assert result.exit_code == 0, result.output
+    assert len(result.output.strip().splitlines()) == 2
+
+
+def test_eval_writes_a_report_on_the_frozen_test_split_or_a_file(trained, toy_csv, tmp_path):
+    result = invoke("eval", "--model", "toy@1", "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "report.html").is_file()
+    result = invoke("eval", "--model", "toy@1", "--data", toy_csv, "--out", tmp_path / "r2")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r2" / "report.json").read_text())["test"]["n"] == 48
+
+
+def test_data_inspect_and_prepare(tiny_overrides, tmp_path):
+    result = invoke("data", "inspect", "--json", *tiny_overrides)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["text_length"]["unit"] == "tokens" and report["rows_kept"] == 48
+    result = invoke("data", "prepare", "--out", tmp_path / "prepared", *tiny_overrides)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "prepared" / "train.jsonl").is_file()
+
+
+def test_resume_latest(tiny_overrides, home):
+    first = invoke("train", "--no-register", *tiny_overrides)
+    assert first.exit_code == 0, first.output
+    again = invoke("train", "--resume", "latest", *tiny_overrides)
+    assert again.exit_code == 0, again.output
+    assert "registered toy@1" in again.output
+
+
+def test_kfold(tiny_overrides):
+    result = invoke("train", *tiny_overrides, "data.kfold=2", "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    assert "2-fold validation macro-F1" in result.output
+
+
+def bad_files(tmp_path):
+    gbk = tmp_path / "gbk.csv"
+    gbk.write_bytes("text,label\n退款,a\n".encode("gbk"))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    return {"non-utf8": (gbk, "not valid UTF-8"), "empty": (empty, "is empty"),
+            "missing": (tmp_path / "nope.csv", "data file not found")}
+
+
+@pytest.mark.parametrize("case", ["non-utf8", "empty", "missing", "single-label", "rare-label", "missing-column",
+                                  "unknown-model", "config-typo"])
+def test_bad_input_is_one_clear_line_and_touches_no_registered_version(trained, tiny_overrides, tmp_path, case):
+    before = json.loads(invoke("models", "show", "toy@1").output)
+    overrides = list(tiny_overrides)
+    files = bad_files(tmp_path)
+    if case in files:
+        path, message = files[case]
+        overrides.append(f"data.path={path}")
+    elif case in ("single-label", "rare-label", "missing-column"):
+        rows = {"single-label": [("a b", "x"), ("c d", "x")], "rare-label": [("a b", "x"), ("c d", "x"), ("e", "y")],
+                "missing-column": [("a", "x")]}[case]
+        path = tmp_path / f"{case}.csv"
+        columns = ["body", "label"] if case == "missing-column" else ["text", "label"]
+        pd.DataFrame(rows, columns=columns).to_csv(path, index=False)
+        overrides.append(f"data.path={path}")
+        message = {"single-label": "only one label", "rare-label": "fewer than 2 examples",
+                   "missing-column": "no text column 'text'"}[case]
+    elif case == "unknown-model":
+        overrides.append("model.name=bert-huge-9000")
+        message = "unknown model 'bert-huge-9000'"
+    else:
+        overrides.append("train.learning_rate=1")
+        message = "unknown key 'train.learning_rate'"
+    assert_clean_failure(invoke("train", *overrides), message)
+    after = json.loads(invoke("models", "show", "toy@1").output)
+    assert after == before
+    assert [v.name for v in (trained / "models" / "toy").iterdir()] == ["v1"]
+
+
+def test_unknown_model_reference_for_predict(trained):
+    assert_clean_failure(invoke("predict", "--model", "nobody", "hello"), "no model named 'nobody'")
+
+
+def test_predict_needs_text(trained):
+    assert_clean_failure(invoke("predict", "--model", "toy"), "nothing to classify")
