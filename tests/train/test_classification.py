@@ -77,8 +77,8 @@ def test_resume_continues_exactly(setup, tmp_path):
     class Crash(Exception):
         pass
 
-    def crash(step, model, tokenizer):
-        if step == 7:
+    def crash(state, model, tokenizer):
+        if state["global_step"] == 7:
             raise Crash
 
     with pytest.raises(Crash):

@@ -1,0 +1,184 @@
+"""Benchmark: tuneloop's classifier recipe vs a plain Hugging Face Trainer, same model and data, one run.
+
+    python bench/train_classifier.py --dataset banking77 [--baseline hf-trainer] [--set train.epochs=4 ...]
+
+Prints one JSON line: test accuracy, macro-F1, training seconds and seconds to first reach 90% test
+accuracy (test scored every --eval-every steps; scoring time is not counted as training time), for
+tuneloop and, with --baseline, for the Trainer, plus the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import train_test_split
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+TARGET_ACCURACY = 0.90
+
+
+def load_dataset(name: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, test) frames with columns text, label."""
+    if name == "banking77":
+        train = pd.read_csv(SHARED / "banking77" / "train.csv").rename(columns={"category": "label"})
+        test = pd.read_csv(SHARED / "banking77" / "test.csv").rename(columns={"category": "label"})
+    elif name == "sst2":
+        read = lambda f: pd.read_csv(SHARED / "sst2" / f, sep="\t", quoting=3).rename(columns={"sentence": "text"})
+        train, test = read("train.tsv"), read("dev.tsv")
+    elif name == "waimai_10k":
+        frame = pd.read_csv(SHARED / "waimai_10k" / "waimai_10k.csv").rename(columns={"review": "text"})
+        train, test = train_test_split(frame, test_size=0.2, stratify=frame["label"], random_state=seed)
+    else:
+        raise SystemExit(f"unknown dataset {name}")
+    return (train[["text", "label"]].astype(str).reset_index(drop=True),
+            test[["text", "label"]].astype(str).reset_index(drop=True))
+
+
+class TestScorer:
+    """Scores the test set during training and remembers when accuracy first reached the target."""
+
+    def __init__(self, texts: list[str], labels: list[str]) -> None:
+        self.texts, self.labels = texts, labels
+        self.curve: list[dict] = []
+
+    def record(self, step: int, train_seconds: float, predicted: list[str]) -> None:
+        accuracy = accuracy_score(self.labels, predicted)
+        self.curve.append({"step": step, "train_seconds": round(train_seconds, 1), "test_accuracy": round(accuracy, 4)})
+        print(json.dumps({"progress": self.curve[-1]}), file=sys.stderr, flush=True)
+
+    def seconds_to_target(self) -> float | None:
+        hit = next((p for p in self.curve if p["test_accuracy"] >= TARGET_ACCURACY), None)
+        return hit["train_seconds"] if hit else None
+
+
+def run_tuneloop(train: pd.DataFrame, test: pd.DataFrame, work: Path, overrides: list[str], eval_every: int) -> dict:
+    from tuneloop.config import load_config
+    from tuneloop.models.classifier import predict_proba
+    from tuneloop.train.run import run_training
+
+    train.to_csv(work / "train.csv", index=False)
+    test.to_csv(work / "test.csv", index=False)
+    config = load_config(None, [f"data.path={work / 'train.csv'}", f"data.test_path={work / 'test.csv'}",
+                                f"registry.home={work / 'home'}", "name=bench", *overrides])
+    scorer = TestScorer(test["text"].tolist(), test["label"].tolist())
+
+    def score(state, model, tokenizer):
+        probs = predict_proba(model, tokenizer, scorer.texts)
+        scorer.record(state["global_step"], state["train_seconds"], [model.spec.labels[i] for i in probs.argmax(1)])
+
+    outcome = run_training(config, register=False, show_progress=False, step_callback=score, callback_every=eval_every)
+    metrics = outcome.report["test"]
+    return {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
+            "train_seconds": round(outcome.train.train_seconds, 1), "seconds_to_90": scorer.seconds_to_target(),
+            "best_epoch": outcome.train.best_epoch, "epochs_run": len(outcome.train.history),
+            "encoder": outcome.report["base_model"], "curve": scorer.curve}
+
+
+def run_hf_trainer(train: pd.DataFrame, test: pd.DataFrame, work: Path, encoder_path: Path, lr: float,
+                   epochs: float, eval_every: int) -> dict:
+    """The reference point: AutoModelForSequenceClassification + Trainer with its defaults except lr/epochs."""
+    import torch
+    from datasets import Dataset
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainerCallback, TrainingArguments)
+
+    labels = sorted(train["label"].unique())
+    index = {label: i for i, label in enumerate(labels)}
+    tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+    model = AutoModelForSequenceClassification.from_pretrained(encoder_path, num_labels=len(labels))
+    dataset = Dataset.from_dict({"text": train["text"].tolist(), "label": train["label"].map(index).tolist()})
+    dataset = dataset.map(lambda b: tokenizer(b["text"], truncation=True), batched=True, remove_columns=["text"])
+    scorer = TestScorer(test["text"].tolist(), test["label"].tolist())
+
+    @torch.inference_mode()
+    def predict() -> list[str]:
+        model.eval()
+        out = []
+        for start in range(0, len(scorer.texts), 64):
+            batch = tokenizer(scorer.texts[start:start + 64], truncation=True, padding=True, return_tensors="pt")
+            out.extend(model(**batch).logits.argmax(-1).tolist())
+        model.train()
+        return [labels[i] for i in out]
+
+    class ScoreTest(TrainerCallback):
+        def __init__(self) -> None:
+            self.eval_seconds = 0.0
+            self.start = time.perf_counter()
+
+        def score(self, step: int) -> None:
+            started = time.perf_counter()
+            predicted = predict()
+            scorer.record(step, started - self.start - self.eval_seconds, predicted)
+            self.eval_seconds += time.perf_counter() - started
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % eval_every == 0:
+                self.score(state.global_step)
+
+    callback = ScoreTest()
+    args = TrainingArguments(output_dir=str(work / "hf"), learning_rate=lr, num_train_epochs=epochs,
+                             save_strategy="no", report_to=[], logging_strategy="no", disable_tqdm=True,
+                             use_cpu=True, seed=42)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorWithPadding(tokenizer),
+                      callbacks=[callback])
+    started = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - started - callback.eval_seconds
+    predicted = predict()
+    return {"accuracy": round(accuracy_score(scorer.labels, predicted), 4),
+            "macro_f1": round(f1_score(scorer.labels, predicted, average="macro"), 4),
+            "train_seconds": round(train_seconds, 1), "seconds_to_90": scorer.seconds_to_target(),
+            "lr": lr, "epochs": epochs, "curve": scorer.curve}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=["banking77", "sst2", "waimai_10k"], required=True)
+    parser.add_argument("--baseline", choices=["hf-trainer"])
+    parser.add_argument("--baseline-lr", type=float, default=1e-4,
+                        help="The Trainer's default 5e-5 never reaches 90%% on Banking77 in 4 epochs; 1e-4 does.")
+    parser.add_argument("--baseline-epochs", type=float, default=4)
+    parser.add_argument("--eval-every", type=int, default=150, help="Steps between test scorings.")
+    parser.add_argument("--train-limit", type=int, default=None, help="Subsample training rows (smoke runs).")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="tuneloop config override.")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+    if not SHARED.is_dir():
+        raise SystemExit(f"datasets not found at {SHARED}")
+
+    train, test = load_dataset(args.dataset, args.seed)
+    if args.train_limit:
+        train = train.sample(n=args.train_limit, random_state=args.seed).reset_index(drop=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        result = {"dataset": args.dataset, "train_rows": len(train), "test_rows": len(test), "cores": os.cpu_count(),
+                  "tuneloop": run_tuneloop(train, test, work, args.overrides, args.eval_every)}
+        if args.baseline:
+            from tuneloop.models.encoders import resolve_encoder
+
+            encoder = resolve_encoder(result["tuneloop"]["encoder"], work / "home")
+            baseline = run_hf_trainer(train, test, work, encoder.path, args.baseline_lr, args.baseline_epochs,
+                                      args.eval_every)
+            result["hf_trainer"] = baseline
+            ours, theirs = result["tuneloop"], baseline
+            result["ratios"] = {
+                "accuracy_delta_points": round(100 * (ours["accuracy"] - theirs["accuracy"]), 2),
+                "train_seconds": round(ours["train_seconds"] / theirs["train_seconds"], 3),
+                "seconds_to_90": (round(ours["seconds_to_90"] / theirs["seconds_to_90"], 3)
+                                  if ours["seconds_to_90"] and theirs["seconds_to_90"] else None),
+            }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
