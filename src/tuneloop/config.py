@@ -54,29 +54,29 @@ class ModelConfig(_Section):
     head_init: Literal["centroids", "random"] = Field(
         "centroids", description="centroids: start each class vector at its training examples' mean embedding."
     )
-    cosine_scale: float = Field(20.0, gt=0)
+    cosine_scale: float = Field(25.0, gt=0)
     max_length: int = Field(128, ge=8, le=512)
 
 
 class TrainConfig(_Section):
     """Optimisation of the classifier."""
 
-    epochs: int = Field(6, ge=1)
+    epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0, description="Encoder learning rate.")
-    head_lr: float = Field(3e-3, gt=0)
+    head_lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     grad_clip: float = Field(1.0, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
     class_weighted: bool = Field(False, description="Weight the loss by inverse class frequency.")
     patience: int = Field(2, ge=1, description="Epochs without a better validation macro-F1 before stopping.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")
     freeze_embeddings: bool | None = Field(
         None, description="Freeze word embeddings; default: only for vocabularies over 100k (e5's 250k rows)."
     )
-    bf16: bool = Field(False, description="bf16 autocast; only where the CPU supports it natively.")
+    bf16: bool = Field(True, description="bf16 autocast, used only where the CPU supports it natively.")
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores.")
     seed: int = 42
     length_grouping: bool = True

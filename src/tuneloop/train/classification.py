@@ -217,8 +217,6 @@ def train_classifier(
     weights = _class_weights(train_labels, len(data.labels)) if tc.class_weighted else None
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
     use_bf16 = tc.bf16 and cpu_supports_bf16()
-    if tc.bf16 and not use_bf16:
-        log.warning("train.bf16 requested but this CPU has no native bf16; training in fp32")
 
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_f1": None, "best_epoch": -1,
              "bad_epochs": 0, "stopped_early": False, "history": [], "train_seconds": 0.0}
