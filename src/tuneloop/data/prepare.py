@@ -99,7 +99,7 @@ def _drop_conflicts(frame: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, lis
     return frame[keep], report
 
 
-def _length_percentiles(texts: list[str], count_tokens: Callable[[list[str]], list[int]] | None) -> dict:
+def length_percentiles(texts: list[str], count_tokens: Callable[[list[str]], list[int]] | None) -> dict:
     lengths = np.array(count_tokens(texts) if count_tokens else [len(t) for t in texts])
     if lengths.size == 0:
         return {}
@@ -202,7 +202,7 @@ def prepare_data(
         "split_sizes": {name: len(splits[name]) for name in SPLITS},
         "class_counts": class_counts,
         "imbalance_ratio": round(float(train_counts.max() / max(train_counts.min(), 1)), 2),
-        "text_length": _length_percentiles(frame["text"].tolist(), count_tokens),
+        "text_length": length_percentiles(frame["text"].tolist(), count_tokens),
         "kfold": config.kfold,
     }
     prepared = PreparedData(splits=splits, labels=labels, report=report, fingerprint=fingerprint_of(splits),

@@ -17,7 +17,14 @@ from transformers import AutoTokenizer
 from tuneloop.config import DataConfig, TuneloopConfig, dump_config
 from tuneloop.data.clean import clean_text
 from tuneloop.data.load import read_table, select_columns
-from tuneloop.data.prepare import PreparedData, fingerprint_of, load_prepared, prepare_data, save_prepared
+from tuneloop.data.prepare import (
+    PreparedData,
+    fingerprint_of,
+    length_percentiles,
+    load_prepared,
+    prepare_data,
+    save_prepared,
+)
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.report import evaluate_classifier, write_report
 from tuneloop.models.classifier import TextClassifier
@@ -51,15 +58,9 @@ def prepare_for_model(config: TuneloopConfig) -> tuple[PreparedData, EncoderSour
     encoder = resolve_encoder(config.model.name, config.registry.home, first_pass.train["text"].tolist())
     lengths = token_counter(encoder)
     # The report's token lengths need the tokenizer, which "auto" can only pick after reading the data.
-    first_pass.report["text_length"] = prepare_length_report(first_pass, lengths)
+    texts = pd.concat([first_pass.splits[name]["text"] for name in first_pass.splits]).tolist()
+    first_pass.report["text_length"] = length_percentiles(texts, lengths)
     return first_pass, encoder
-
-
-def prepare_length_report(data: PreparedData, count_tokens) -> dict:
-    texts = pd.concat([data.splits[s]["text"] for s in data.splits]).tolist()
-    lengths = np.array(count_tokens(texts))
-    return {"unit": "tokens", **{f"p{p}": float(np.percentile(lengths, p)) for p in (50, 90, 95, 99)},
-            "max": int(lengths.max()), "mean": round(float(lengths.mean()), 2)}
 
 
 def new_run_dir(config: TuneloopConfig) -> Path:
