@@ -108,6 +108,18 @@ def length_percentiles(texts: list[str], count_tokens: Callable[[list[str]], lis
             "mean": round(float(lengths.mean()), 2)}
 
 
+def clean_rows(frame: pd.DataFrame, path: Path | None) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Clean texts and labels, drop rows left without either; counts of dropped rows by reason."""
+    frame = frame.assign(text=frame["text"].map(clean_text), label=frame["label"].str.strip())
+    dropped = {}
+    for reason, mask in (("empty_text", frame["text"] == ""), ("missing_label", frame["label"] == "")):
+        dropped[reason] = int(mask.sum())
+        frame = frame[~mask]
+    if frame.empty:
+        raise TuneloopError(f"{path}: no row has both a text and a label after cleaning")
+    return frame, dropped
+
+
 def fingerprint_of(splits: dict[str, pd.DataFrame]) -> str:
     digest = hashlib.sha256()
     for name in SPLITS:
@@ -126,15 +138,7 @@ def prepare_data(
     frame = _load(config)
     total = len(frame)
     _normalise_given_splits(frame)
-    dropped: dict[str, int] = {}
-
-    frame["text"] = frame["text"].map(clean_text)
-    frame["label"] = frame["label"].str.strip()
-    for reason, mask in (("empty_text", frame["text"] == ""), ("missing_label", frame["label"] == "")):
-        dropped[reason] = int(mask.sum())
-        frame = frame[~mask]
-    if frame.empty:
-        raise TuneloopError(f"{config.path}: no row has both a text and a label after cleaning")
+    frame, dropped = clean_rows(frame, config.path)
 
     frame = frame.assign(key=frame["text"].map(dedup_key))
     frame, conflicts = _drop_conflicts(frame, config.conflicts)

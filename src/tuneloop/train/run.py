@@ -15,10 +15,10 @@ import yaml
 from transformers import AutoTokenizer
 
 from tuneloop.config import DataConfig, TuneloopConfig, dump_config
-from tuneloop.data.clean import clean_text
 from tuneloop.data.load import read_table, select_columns
 from tuneloop.data.prepare import (
     PreparedData,
+    clean_rows,
     fingerprint_of,
     length_percentiles,
     load_prepared,
@@ -153,9 +153,5 @@ def run_training(
 def test_split_from_file(config: DataConfig, path: Path) -> pd.DataFrame:
     """Every row of a labelled file, cleaned like training data, to evaluate on (no dedup, no split)."""
     frame = select_columns(read_table(path, config.format), path, config.text_column, config.label_column)
-    frame["text"] = frame["text"].map(clean_text)
-    frame["label"] = frame["label"].str.strip()
-    frame = frame[(frame["text"] != "") & (frame["label"] != "")]
-    if frame.empty:
-        raise TuneloopError(f"{path}: no row has both a text and a label")
+    frame, _ = clean_rows(frame, path)
     return frame[["row", "text", "label"]].reset_index(drop=True)
