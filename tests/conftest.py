@@ -77,3 +77,37 @@ def tiny_overrides(tiny_encoder, toy_csv, home) -> list[str]:
     """Overrides that make any training command fast on the tiny model and toy data."""
     return [f"model.name={tiny_encoder}", f"data.path={toy_csv}", f"registry.home={home}", "train.epochs=2",
             "train.batch_size=8", "train.lr=1e-3", "train.head_lr=1e-2", "model.max_length=32", "name=toy", "train.threads=1", "train.patience=5"]
+
+
+def tiny_config(tiny_encoder: Path, data: Path, home: Path, *extra: str):
+    from tuneloop.config import load_config
+
+    return load_config(None, [f"model.name={tiny_encoder}", f"data.path={data}", f"registry.home={home}", "name=toy",
+                              "train.epochs=6", "train.batch_size=8", "train.lr=1e-3", "train.head_lr=1e-2",
+                              "model.max_length=32", "train.threads=1", "train.patience=10", "serve.max_wait_ms=2",
+                              "serve.reload_poll_seconds=0.2", "serve.log_flush_ms=20", *extra])
+
+
+@pytest.fixture(scope="session")
+def production_home(tiny_encoder, tmp_path_factory) -> Path:
+    """A home with toy@1 trained on the toy task and promoted; copy it before changing anything."""
+    from tuneloop.registry.store import Registry
+    from tuneloop.train.run import run_training
+
+    folder = tmp_path_factory.mktemp("production")
+    data = folder / "toy.csv"
+    pd.DataFrame(toy_rows(per_label=40, seed=3)).to_csv(data, index=False)
+    config = tiny_config(tiny_encoder, data, folder / "home")
+    outcome = run_training(config, show_progress=False)
+    Registry(config.registry).promote(outcome.version.ref)
+    return folder
+
+
+@pytest.fixture()
+def served(production_home, tiny_encoder, tmp_path):
+    """(config, home) over a private copy of the production home."""
+    import shutil
+
+    shutil.copytree(production_home, tmp_path / "copy")
+    home = tmp_path / "copy" / "home"
+    return tiny_config(tiny_encoder, tmp_path / "copy" / "toy.csv", home), home

@@ -104,6 +104,53 @@ class RegistryConfig(_Section):
         return self.database_url or f"sqlite:///{(self.home / 'registry.db').resolve()}"
 
 
+class ServeConfig(_Section):
+    """The HTTP server: which models, how requests are batched, limits and API keys."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    models: list[str] = Field(
+        default_factory=list, description="Model names to serve (their production version); empty: every "
+        "registered name that has a production version.")
+    max_batch_size: int = Field(32, ge=1, description="Most texts one forward pass takes from queued requests.")
+    max_wait_ms: float = Field(5.0, ge=0, description="How long the first queued request waits for company.")
+    threads: int | None = Field(None, ge=1, description="torch threads for inference; default: all cores.")
+    reload_poll_seconds: float = Field(
+        2.0, gt=0, description="How often the registry is checked for a new production version (hot swap).")
+    top_k: int = Field(3, ge=1, description="Default number of ranked labels per text.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
+    max_texts: int = Field(64, ge=1, description="More texts in one request get 413.")
+    max_text_chars: int = Field(2000, ge=1, description="A longer text gets 422.")
+    client_key_hashes: list[str] = Field(
+        default_factory=list, description="sha256 hex of client API keys (tuneloop keys new); with none, "
+        "predict and feedback are open. Env TUNELOOP_CLIENT_KEYS adds plain keys, hashed at start.")
+    admin_key_hashes: list[str] = Field(
+        default_factory=list, description="sha256 hex of admin API keys; promotion over HTTP needs one. "
+        "Env TUNELOOP_ADMIN_KEYS adds plain keys.")
+    log_flush_ms: float = Field(200.0, gt=0, description="Prediction log: most time a row waits in memory.")
+
+
+class FeedbackConfig(_Section):
+    """How user corrections become training and gate data."""
+
+    holdout: float = Field(
+        0.3, ge=0, lt=1, description="Share of feedback examples kept out of retraining for the gate; chosen "
+        "by a hash of the text, so an example stays on the same side across retrains.")
+    include_confirmed: bool = Field(
+        True, description="Also use predictions users rated up without correcting (their label was right).")
+    repeat: int = Field(1, ge=1, description="Times each feedback example appears in the retraining set.")
+
+
+class GateConfig(_Section):
+    """When a retrained candidate may replace production. Metrics are fractions: 0.01 is one point."""
+
+    macro_f1_tolerance: float = Field(0.005, ge=0, description="Candidate macro-F1 may be at most this much lower.")
+    alpha: float = Field(0.05, gt=0, lt=1, description="McNemar significance level for 'candidate is worse'.")
+    max_class_drop: float = Field(0.10, ge=0, le=1, description="Most F1 any single class may lose.")
+    min_class_support: int = Field(
+        10, ge=1, description="Classes with fewer gate examples are reported but not held to max_class_drop.")
+
+
 class TuneloopConfig(_Section):
     """Everything one run needs."""
 
@@ -113,6 +160,9 @@ class TuneloopConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     @model_validator(mode="after")
     def _split_sizes_leave_training_data(self) -> TuneloopConfig:
@@ -179,8 +229,13 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None) -> TuneloopConfig:
-    """Load a YAML config (optional), apply dotted overrides, validate; errors name the key."""
+def load_config(path: Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+                ) -> TuneloopConfig:
+    """Load a YAML config (optional), apply dotted overrides, validate; errors name the key.
+
+    `base` is a config tree the file and overrides are laid over (retraining starts from the recipe
+    stored with the production version).
+    """
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -193,7 +248,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
         if loaded is not None and not isinstance(loaded, dict):
             raise TuneloopError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
         tree = loaded or {}
-    tree = _merge(tree, parse_overrides(overrides or []))
+    tree = _merge(_merge(base or {}, tree), parse_overrides(overrides or []))
     try:
         return TuneloopConfig.model_validate(tree)
     except ValidationError as exc:

@@ -109,3 +109,25 @@ def test_database_url_is_configurable(tmp_path, artifacts):
     register(registry, artifacts)
     assert (tmp_path / "elsewhere.db").is_file()
     assert not (tmp_path / "h" / "registry.db").exists()
+
+
+def test_rollback_walks_back_through_production_history(registry, artifacts):
+    for _ in range(3):
+        register(registry, artifacts)
+    registry.promote("intent@1")
+    registry.promote("intent@3")
+    registry.promote("intent@2")
+    registry.promote("intent@2")  # already production: no new history entry
+    assert [(c.version, c.previous_version) for c in registry.history("intent")] == [(1, None), (3, 1), (2, 3)]
+    assert registry.rollback("intent").version == 3
+    assert registry.rollback("intent").version == 1
+    assert {v.version: v.stage for v in registry.list("intent")} == {1: "production", 2: "archived", 3: "archived"}
+    with pytest.raises(TuneloopError, match="no earlier production version"):
+        registry.rollback("intent")
+    assert [c.kind for c in registry.history("intent")] == ["promote", "promote", "promote", "rollback", "rollback"]
+
+
+def test_rollback_needs_a_production_version(registry, artifacts):
+    register(registry, artifacts)
+    with pytest.raises(TuneloopError, match="has no production version"):
+        registry.rollback("intent")

@@ -18,6 +18,7 @@ from tuneloop.data.split import kfold_assignment, stratified_split
 from tuneloop.errors import TuneloopError
 
 SPLITS = ("train", "val", "test")
+HOLDOUT_FILE = "feedback_holdout.jsonl"
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                   "dev": "val", "test": "test", "testing": "test"}
 
@@ -31,6 +32,8 @@ class PreparedData:
     report: dict
     fingerprint: str
     folds: pd.Series | None = field(default=None, repr=False)
+    # Feedback examples kept out of training so the promotion gate can score them (retrained versions only).
+    holdout: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
     def train(self) -> pd.DataFrame:
@@ -128,6 +131,16 @@ def fingerprint_of(splits: dict[str, pd.DataFrame]) -> str:
     return digest.hexdigest()[:16]
 
 
+def split_summary(splits: dict[str, pd.DataFrame], labels: list[str]) -> dict:
+    """Labels, split sizes, class counts per split and the train imbalance ratio, for the data report."""
+    class_counts = {name: splits[name]["label"].value_counts().reindex(labels, fill_value=0).astype(int).to_dict()
+                    for name in SPLITS}
+    train_counts = np.array(list(class_counts["train"].values()))
+    return {"labels": labels, "split_sizes": {name: len(splits[name]) for name in SPLITS},
+            "class_counts": class_counts,
+            "imbalance_ratio": round(float(train_counts.max() / max(train_counts.min(), 1)), 2)}
+
+
 def prepare_data(
     config: DataConfig, count_tokens: Callable[[list[str]], list[int]] | None = None
 ) -> PreparedData:
@@ -192,9 +205,6 @@ def prepare_data(
         pool = pd.concat([splits["train"], splits["val"]], ignore_index=True)
         folds = kfold_assignment(pool, config.kfold, config.seed)
 
-    class_counts = {name: splits[name]["label"].value_counts().reindex(labels, fill_value=0).astype(int).to_dict()
-                    for name in SPLITS}
-    train_counts = np.array(list(class_counts["train"].values()))
     report = {
         "source": str(config.path),
         "rows_read": total,
@@ -202,10 +212,7 @@ def prepare_data(
         "dropped": dropped,
         "conflicts": conflicts[:50],
         "conflict_policy": config.conflicts,
-        "labels": labels,
-        "split_sizes": {name: len(splits[name]) for name in SPLITS},
-        "class_counts": class_counts,
-        "imbalance_ratio": round(float(train_counts.max() / max(train_counts.min(), 1)), 2),
+        **split_summary(splits, labels),
         "text_length": length_percentiles(frame["text"].tolist(), count_tokens),
         "kfold": config.kfold,
     }
@@ -220,15 +227,21 @@ def save_prepared(prepared: PreparedData, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, split in prepared.splits.items():
         split.to_json(folder / f"{name}.jsonl", orient="records", lines=True, force_ascii=False)
+    if prepared.holdout is not None:
+        prepared.holdout.to_json(folder / HOLDOUT_FILE, orient="records", lines=True, force_ascii=False)
     (folder / "data_report.json").write_text(json.dumps(prepared.report, indent=2, ensure_ascii=False, default=int))
 
 
 def load_prepared(folder: Path) -> PreparedData:
     """Read back a folder written by save_prepared."""
     report = json.loads((folder / "data_report.json").read_text())
-    splits = {}
-    for name in SPLITS:
-        path = folder / f"{name}.jsonl"
-        splits[name] = (pd.read_json(path, lines=True, dtype={"text": str, "label": str})
-                        if path.stat().st_size else pd.DataFrame(columns=["row", "text", "label"]))
-    return PreparedData(splits=splits, labels=report["labels"], report=report, fingerprint=report["fingerprint"])
+    splits = {name: _read_jsonl(folder / f"{name}.jsonl") for name in SPLITS}
+    holdout = _read_jsonl(folder / HOLDOUT_FILE) if (folder / HOLDOUT_FILE).is_file() else None
+    return PreparedData(splits=splits, labels=report["labels"], report=report, fingerprint=report["fingerprint"],
+                        holdout=holdout)
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    if not path.stat().st_size:
+        return pd.DataFrame(columns=["row", "text", "label"])
+    return pd.read_json(path, lines=True, dtype={"text": str, "label": str, "prediction_id": str})

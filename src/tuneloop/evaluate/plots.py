@@ -84,3 +84,18 @@ def training_curve_png(history: list[dict]) -> bytes:
     axis.legend(loc="upper right")
     axis.set_title("Training")
     return _png(figure)
+
+
+def per_class_delta_png(rows: list[dict], limit: float) -> bytes:
+    """Candidate minus production F1 per class; bars below -limit are the ones that block promotion."""
+    ordered = sorted(rows, key=lambda row: row["delta_f1"])
+    figure, axis = plt.subplots(figsize=(6, max(3, 0.22 * len(ordered))))
+    colours = ["#c44e52" if row["blocks"] else ("#55a868" if row["delta_f1"] >= 0 else "#dd8452") for row in ordered]
+    axis.barh([row["label"] for row in ordered], [row["delta_f1"] for row in ordered], color=colours)
+    axis.axvline(-limit, color="grey", linestyle="--", label=f"allowed drop ({limit:.2f})")
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_xlabel("F1 change (candidate − production)")
+    axis.set_title("Per-class F1 change")
+    axis.tick_params(axis="y", labelsize=7 if len(ordered) > 30 else 9)
+    axis.legend(loc="lower right")
+    return _png(figure)

@@ -56,11 +56,11 @@ def evaluate_classifier(
     return report
 
 
-def _image(png: bytes, alt: str) -> str:
+def html_image(png: bytes, alt: str) -> str:
     return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _table(rows: list[dict], columns: list[str]) -> str:
+def html_table(rows: list[dict], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for row in rows:
@@ -80,7 +80,7 @@ def render_html(report: dict) -> str:
     headline.append({"metric": "ECE", "value": test["calibration"]["ece"]})
     sections = [f"<h1>{html.escape(report['title'])}</h1>",
                 f"<p>Base model: {html.escape(report.get('base_model', ''))}; {test['n']} test examples.</p>",
-                "<h2>Summary</h2>", _table(headline, ["metric", "value"])]
+                "<h2>Summary</h2>", html_table(headline, ["metric", "value"])]
     gap = report.get("overfitting")
     if gap:
         verdict = "<b>likely overfitting</b>" if gap["likely_overfitting"] else "no strong sign of overfitting"
@@ -88,23 +88,29 @@ def render_html(report: dict) -> str:
                      f"<p>Train accuracy {gap['train_accuracy']:.3f} vs test {gap['test_accuracy']:.3f} "
                      f"(gap {gap['accuracy_gap']:+.3f}, {gap['train_rows_scored']} training rows re-scored): "
                      f"{verdict}.</p>"]
-    sections += ["<h2>Per class</h2>", _table(test["per_class"], ["label", "precision", "recall", "f1", "support"]),
-                 _image(plots.per_class_f1_png(test["per_class"]), "per-class F1"),
-                 "<h2>Confusion matrix</h2>", _image(plots.confusion_matrix_png(test["confusion_matrix"],
+    sections += ["<h2>Per class</h2>", html_table(test["per_class"], ["label", "precision", "recall", "f1", "support"]),
+                 html_image(plots.per_class_f1_png(test["per_class"]), "per-class F1"),
+                 "<h2>Confusion matrix</h2>", html_image(plots.confusion_matrix_png(test["confusion_matrix"],
                                                                                report["labels"]), "confusion matrix"),
-                 "<h2>Calibration</h2>", _image(plots.reliability_png(test["calibration"]["bins"],
+                 "<h2>Calibration</h2>", html_image(plots.reliability_png(test["calibration"]["bins"],
                                                                      test["calibration"]["ece"]), "reliability"),
                  "<h2>Most frequent confusions</h2>"]
     confusion_rows = [{"true": c["true"], "predicted": c["predicted"], "count": c["count"],
                        "examples": " | ".join(c["examples"])} for c in test["top_confusions"]]
-    sections.append(_table(confusion_rows, ["true", "predicted", "count", "examples"]) if confusion_rows
+    sections.append(html_table(confusion_rows, ["true", "predicted", "count", "examples"]) if confusion_rows
                     else "<p>No errors on the test split.</p>")
     if report.get("training_history"):
-        sections += ["<h2>Training</h2>", _image(plots.training_curve_png(report["training_history"]), "training")]
+        sections += ["<h2>Training</h2>", html_image(plots.training_curve_png(report["training_history"]), "training")]
+    return html_page(report["title"], sections)
+
+
+def html_page(title: str, sections: list[str]) -> str:
+    """A self-contained page: inline style, images embedded, nothing fetched."""
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
-             "th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(report['title'])}</title>"
+             "th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}.pass{color:#2e7d32}"
+             ".fail{color:#c62828}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
 
 

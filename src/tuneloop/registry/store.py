@@ -14,19 +14,16 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, Integer, String, UniqueConstraint, create_engine, func, select
+from sqlalchemy import JSON, Boolean, DateTime, Integer, String, UniqueConstraint, func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
 from tuneloop.config import RegistryConfig
+from tuneloop.db import Base, open_database
 from tuneloop.errors import TuneloopError
 
 STAGES = ("candidate", "production", "archived")
 _REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(@(?P<which>v?\d+|production|latest))?$")
-
-
-class Base(DeclarativeBase):
-    pass
 
 
 class ModelVersion(Base):
@@ -53,6 +50,25 @@ class ModelVersion(Base):
         return f"{self.name}@{self.version}"
 
 
+class StageChange(Base):
+    """One change of a model's production version: what was replaced, why, and whether it was undone.
+
+    Rollback walks this history backwards, so it restores the version that was live before, not
+    merely the previous version number.
+    """
+
+    __tablename__ = "stage_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    previous_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    kind: Mapped[str] = mapped_column(String(20))  # promote | rollback
+    reason: Mapped[str] = mapped_column(String(500), default="")
+    undone: Mapped[bool] = mapped_column(Boolean, default=False)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -63,12 +79,7 @@ class Registry:
     def __init__(self, config: RegistryConfig) -> None:
         self.home = Path(config.home)
         self.home.mkdir(parents=True, exist_ok=True)
-        url = config.resolved_database_url()
-        try:
-            self.engine = create_engine(url)
-            Base.metadata.create_all(self.engine)
-        except SQLAlchemyError as exc:
-            raise TuneloopError(f"cannot open the registry database {url}: {str(exc).splitlines()[0]}") from exc
+        self.engine = open_database(config.resolved_database_url())
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def artifacts(self, version: ModelVersion) -> Path:
@@ -143,24 +154,51 @@ class Registry:
                 return version
         raise TuneloopError(f"'{name}' has no version {number}; versions: {', '.join(str(v.version) for v in versions)}")
 
-    def _set_stage(self, ref: str, stage: str) -> ModelVersion:
+    def promote(self, ref: str, reason: str = "manual") -> ModelVersion:
+        """Make this version production; the previous production version is archived."""
         target = self.get(ref)
         with self._sessions.begin() as session:
             row = session.get(ModelVersion, target.id)
-            if stage == "production":
-                for current in session.scalars(select(ModelVersion).where(
-                        ModelVersion.name == row.name, ModelVersion.stage == "production", ModelVersion.id != row.id)):
-                    current.stage = "archived"
+            previous = session.scalar(select(ModelVersion).where(
+                ModelVersion.name == row.name, ModelVersion.stage == "production"))
+            if previous is None or previous.id != row.id:
+                if previous is not None:
+                    previous.stage = "archived"
+                row.stage = "production"
                 row.promoted_at = _now()
-            row.stage = stage
-        return self.get(f"{target.name}@{target.version}")
-
-    def promote(self, ref: str) -> ModelVersion:
-        """Make this version production; the previous production version is archived."""
-        return self._set_stage(ref, "production")
+                session.add(StageChange(name=row.name, version=row.version, kind="promote", reason=reason, at=_now(),
+                                        previous_version=previous.version if previous is not None else None))
+        return self.get(target.ref)
 
     def archive(self, ref: str) -> ModelVersion:
-        return self._set_stage(ref, "archived")
+        target = self.get(ref)
+        with self._sessions.begin() as session:
+            session.get(ModelVersion, target.id).stage = "archived"
+        return self.get(target.ref)
+
+    def rollback(self, name: str, reason: str = "manual rollback") -> ModelVersion:
+        """Put back the version that was production before the current one; repeatable, step by step."""
+        current = self.get(f"{name}@production")
+        with self._sessions.begin() as session:
+            change = session.scalar(select(StageChange).where(
+                StageChange.name == name, StageChange.version == current.version, StageChange.kind == "promote",
+                StageChange.undone.is_(False)).order_by(StageChange.id.desc()))
+            if change is None or change.previous_version is None:
+                raise TuneloopError(f"{current.ref} has no earlier production version to roll back to")
+            restored = session.scalar(select(ModelVersion).where(
+                ModelVersion.name == name, ModelVersion.version == change.previous_version))
+            session.get(ModelVersion, current.id).stage = "archived"
+            restored.stage = "production"
+            restored.promoted_at = _now()
+            change.undone = True
+            session.add(StageChange(name=name, version=restored.version, previous_version=current.version,
+                                    kind="rollback", reason=reason, at=_now()))
+        return self.get(f"{name}@{change.previous_version}")
+
+    def history(self, name: str) -> list[StageChange]:
+        """Production changes of a model, oldest first."""
+        with self._sessions() as session:
+            return list(session.scalars(select(StageChange).where(StageChange.name == name).order_by(StageChange.id)))
 
 
 def describe(version: ModelVersion) -> dict:

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from sklearn.metrics import f1_score
 from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
+from tuneloop.atomic import write_dir_atomically
 from tuneloop.config import TuneloopConfig
 from tuneloop.data.prepare import PreparedData
 from tuneloop.errors import TuneloopError
@@ -121,19 +121,6 @@ def _class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
     counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
     weights = len(labels) / (num_labels * np.maximum(counts, 1))
     return torch.tensor(weights, dtype=torch.float32)
-
-
-def _save_atomically(write: Callable[[Path], None], target: Path) -> None:
-    staging = target.with_name(target.name + ".tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
-    write(staging)
-    previous = target.with_name(target.name + ".old")
-    if target.exists():
-        target.rename(previous)
-    staging.rename(target)
-    if previous.exists():
-        shutil.rmtree(previous)
 
 
 def _rng_state() -> dict:
@@ -239,7 +226,7 @@ def train_classifier(
     def save_checkpoint() -> None:
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "state": state, "rng": _rng_state()}
-        _save_atomically(lambda d: (d.mkdir(parents=True), torch.save(payload, d / "trainer.pt")), checkpoint)
+        write_dir_atomically(lambda d: (d.mkdir(parents=True), torch.save(payload, d / "trainer.pt")), checkpoint)
 
     writer = SummaryWriter(str(run_dir / "tensorboard"))
     metrics_log = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
@@ -303,7 +290,7 @@ def train_classifier(
                 state["best_f1"] = entry.get("val_macro_f1")
                 state["best_epoch"] = epoch + 1
                 state["bad_epochs"] = 0
-                _save_atomically(lambda d: model.save(d, tokenizer), run_dir / MODEL_DIR)
+                write_dir_atomically(lambda d: model.save(d, tokenizer), run_dir / MODEL_DIR)
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch + 1

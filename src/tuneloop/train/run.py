@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from datetime import datetime
@@ -69,7 +70,9 @@ def new_run_dir(config: TuneloopConfig) -> Path:
 
 
 def latest_run_dir(config: TuneloopConfig) -> Path:
-    runs = sorted((config.registry.home / "runs").glob(f"{config.name}-*"))
+    # The exact stamp pattern, so that runs of "toy-2" never count as runs of "toy".
+    own = re.compile(re.escape(config.name) + r"-\d{8}-\d{6}-\d{6}")
+    runs = sorted(r for r in (config.registry.home / "runs").glob(f"{config.name}-*") if own.fullmatch(r.name))
     resumable = [r for r in runs if (r / CHECKPOINT_DIR / "trainer.pt").is_file()]
     if not resumable:
         raise TuneloopError(f"no run of '{config.name}' to resume under {config.registry.home / 'runs'}")
@@ -85,9 +88,13 @@ def _fold_data(data: PreparedData, fold: int) -> PreparedData:
 
 def run_training(
     config: TuneloopConfig, resume: Path | None = None, register: bool = True, show_progress: bool = True,
-    step_callback=None, callback_every: int = 0,
+    step_callback=None, callback_every: int = 0, prepared: tuple[PreparedData, EncoderSource] | None = None,
+    parent: str | None = None,
 ) -> RunOutcome:
-    """Train (or resume), evaluate on the test split, write the report and register a candidate."""
+    """Train (or resume), evaluate on the test split, write the report and register a candidate.
+
+    `prepared` skips the data stage (retraining brings its own splits); `parent` is recorded in the registry.
+    """
     if resume is not None:
         run_dir = resume
         saved = run_dir / "config.yaml"
@@ -95,14 +102,17 @@ def run_training(
             raise TuneloopError(f"{run_dir} is not a tuneloop run folder (no config.yaml)")
         config = TuneloopConfig.model_validate(yaml.safe_load(saved.read_text()))
         data = load_prepared(run_dir / "data")
-        encoder = resolve_encoder(json.loads((run_dir / "encoder.json").read_text())["name"], config.registry.home)
+        saved_encoder = json.loads((run_dir / "encoder.json").read_text())
+        encoder = resolve_encoder(saved_encoder["name"], config.registry.home)
+        parent = saved_encoder.get("parent")
     else:
-        data, encoder = prepare_for_model(config)
+        data, encoder = prepared or prepare_for_model(config)
         run_dir = new_run_dir(config)
         run_dir.mkdir(parents=True)
         save_prepared(data, run_dir / "data")
         (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-        (run_dir / "encoder.json").write_text(json.dumps({"name": encoder.name, "path": str(encoder.path)}))
+        (run_dir / "encoder.json").write_text(json.dumps({"name": encoder.name, "path": str(encoder.path),
+                                                          "parent": parent}))
 
     cv = None
     if config.data.kfold and resume is None:
@@ -142,7 +152,7 @@ def run_training(
                        best_val_macro_f1=result.best_val_macro_f1)
         version = registry.register(
             config.name, run_dir, base_model=encoder.name, data_fingerprint=data.fingerprint,
-            config=config.model_dump(mode="json"), metrics=metrics, parent=None,
+            config=config.model_dump(mode="json"), metrics=metrics, parent=parent,
             ignore=(CHECKPOINT_DIR, "fold-*", "*.tmp", "*.old"),
         )
         html_path = registry.artifacts(version) / "report.html"

@@ -1,0 +1,23 @@
+"""Writes that are all or nothing: a reader sees the old folder or the new one, never half of either."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_dir_atomically(write: Callable[[Path], None], target: Path) -> None:
+    """Call `write(staging)` to fill a fresh folder, then swap it in for `target` by renames."""
+    staging = target.with_name(target.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    write(staging)
+    previous = target.with_name(target.name + ".old")
+    if previous.exists():
+        shutil.rmtree(previous)
+    if target.exists():
+        target.rename(previous)
+    staging.rename(target)
+    if previous.exists():
+        shutil.rmtree(previous)

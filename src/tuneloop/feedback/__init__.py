@@ -1,0 +1,1 @@
+"""Prediction log, feedback export, retraining and the promotion gate."""

@@ -1,0 +1,218 @@
+"""The promotion gate: a candidate replaces production only if it is not worse.
+
+Both versions are scored on the same examples: production's frozen test split plus the feedback the
+candidate held out of its training. The candidate passes only if all three hold:
+  1. its macro-F1 is not lower than production's by more than a tolerance;
+  2. an exact one-sided McNemar test on the paired right/wrong outcomes does not find it worse;
+  3. no class (with enough examples to judge) loses more than a set number of F1 points.
+The held-out feedback is biased towards production's mistakes (most feedback is corrections), which
+is why the frozen test split, which nobody's feedback touched, is always part of the gate set and
+reported on its own.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import binomtest
+from sklearn.metrics import precision_recall_fscore_support
+
+from tuneloop.atomic import write_dir_atomically
+from tuneloop.config import GateConfig, TuneloopConfig
+from tuneloop.data.clean import dedup_key
+from tuneloop.data.prepare import load_prepared
+from tuneloop.errors import TuneloopError
+from tuneloop.evaluate import plots
+from tuneloop.evaluate.report import html_image, html_page, html_table
+from tuneloop.models.classifier import MODEL_DIR, TextClassifier, predict_proba
+from tuneloop.registry.store import ModelVersion, Registry
+
+GATE_DIR = "gate"
+
+
+@dataclass
+class GateCheck:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class GateDecision:
+    candidate: str
+    production: str
+    passed: bool
+    checks: list[GateCheck]
+    metrics: dict
+    per_class: list[dict]
+    mcnemar: dict
+    rows: dict
+    promoted: bool = False
+    report_dir: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _scores(true: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict:
+    if len(true) == 0:
+        return {"n": 0, "accuracy": None, "macro_f1": None}
+    _, _, f1, _ = precision_recall_fscore_support(true, predicted, labels=labels, average="macro", zero_division=0)
+    return {"n": int(len(true)), "accuracy": float((true == predicted).mean()), "macro_f1": float(f1)}
+
+
+def compare(true: list[str], production: list[str], candidate: list[str], part: list[str], config: GateConfig
+            ) -> tuple[list[GateCheck], dict, list[dict], dict]:
+    """The three checks on paired predictions; `part` names each row's origin (test / feedback)."""
+    true_, prod, cand, part_ = (np.asarray(x, dtype=object) for x in (true, production, candidate, part))
+    labels = sorted(set(true_))
+    metrics = {}
+    for who, predicted in (("production", prod), ("candidate", cand)):
+        metrics[who] = {"all": _scores(true_, predicted, labels)}
+        for name in sorted(set(part_)):
+            inside = part_ == name
+            metrics[who][name] = _scores(true_[inside], predicted[inside], sorted(set(true_[inside])))
+
+    prod_f1 = precision_recall_fscore_support(true_, prod, labels=labels, zero_division=0)
+    cand_f1 = precision_recall_fscore_support(true_, cand, labels=labels, zero_division=0)
+    per_class = []
+    for i, label in enumerate(labels):
+        support = int(prod_f1[3][i])
+        delta = float(cand_f1[2][i] - prod_f1[2][i])
+        per_class.append({"label": label, "support": support, "production_f1": float(prod_f1[2][i]),
+                          "candidate_f1": float(cand_f1[2][i]), "delta_f1": delta,
+                          "production_recall": float(prod_f1[1][i]), "candidate_recall": float(cand_f1[1][i]),
+                          "blocks": support >= config.min_class_support and delta < -config.max_class_drop})
+
+    prod_right, cand_right = prod == true_, cand == true_
+    worse = int((prod_right & ~cand_right).sum())  # production right, candidate wrong
+    better = int((~prod_right & cand_right).sum())
+    p_worse = float(binomtest(worse, worse + better, 0.5, alternative="greater").pvalue) if worse + better else 1.0
+    mcnemar = {"candidate_only_wrong": worse, "candidate_only_right": better, "p_value_candidate_worse": p_worse}
+
+    prod_macro, cand_macro = metrics["production"]["all"]["macro_f1"], metrics["candidate"]["all"]["macro_f1"]
+    blocking = [row["label"] for row in per_class if row["blocks"]]
+    checks = [
+        GateCheck("macro-F1", cand_macro >= prod_macro - config.macro_f1_tolerance,
+                  f"candidate {cand_macro:.4f} vs production {prod_macro:.4f} "
+                  f"(change {cand_macro - prod_macro:+.4f}, tolerance {config.macro_f1_tolerance})"),
+        GateCheck("paired test (McNemar)", p_worse >= config.alpha,
+                  f"candidate alone wrong on {worse}, alone right on {better}; one-sided p(candidate worse) "
+                  f"= {p_worse:.4g} (alpha {config.alpha})"),
+        GateCheck("per-class F1", not blocking,
+                  (f"classes losing more than {config.max_class_drop:.2f} F1: {', '.join(blocking)}" if blocking
+                   else f"no class with ≥{config.min_class_support} examples loses more than "
+                        f"{config.max_class_drop:.2f} F1")),
+    ]
+    return checks, metrics, per_class, mcnemar
+
+
+def _predicted_labels(folder: Path, texts: list[str]) -> list[str]:
+    model, tokenizer = TextClassifier.load(folder / MODEL_DIR)
+    probs = predict_proba(model, tokenizer, texts)
+    return [model.spec.labels[i] for i in probs.argmax(1)]
+
+
+def gate_set(production: Path, candidate: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Production's frozen test split plus the candidate's held-out feedback, minus anything the
+    candidate trained on; returns the rows (text, label, part) and notes for the report."""
+    prod_data, cand_data = load_prepared(production / "data"), load_prepared(candidate / "data")
+    parts = [prod_data.test[["text", "label"]].assign(part="test")]
+    notes = []
+    if cand_data.holdout is not None and len(cand_data.holdout):
+        parts.append(cand_data.holdout[["text", "label"]].assign(part="feedback"))
+    else:
+        notes.append("the candidate has no held-out feedback: the gate uses the frozen test split only")
+    rows = pd.concat(parts, ignore_index=True)
+    rows = rows[~rows["text"].map(dedup_key).duplicated(keep="first")]
+    trained_on = set(cand_data.train["text"].map(dedup_key)) | set(cand_data.val["text"].map(dedup_key))
+    leaked = rows["text"].map(dedup_key).isin(trained_on)
+    if leaked.any():
+        notes.append(f"{int(leaked.sum())} gate examples were left out because the candidate trained on them")
+    return rows[~leaked].reset_index(drop=True), notes
+
+
+
+def evaluate_gate(registry: Registry, candidate: ModelVersion, production: ModelVersion, config: GateConfig
+                  ) -> GateDecision:
+    """Score both versions on the gate set and decide; promotes nothing."""
+    rows, notes = gate_set(registry.artifacts(production), registry.artifacts(candidate))
+    if rows.empty:
+        raise TuneloopError(f"no examples to gate {candidate.ref} on: {production.ref} has an empty test split")
+    texts = rows["text"].tolist()
+    prod_pred = _predicted_labels(registry.artifacts(production), texts)
+    cand_pred = _predicted_labels(registry.artifacts(candidate), texts)
+    checks, metrics, per_class, mcnemar = compare(rows["label"].tolist(), prod_pred, cand_pred,
+                                                  rows["part"].tolist(), config)
+    return GateDecision(candidate=candidate.ref, production=production.ref, passed=all(c.passed for c in checks),
+                        checks=checks, metrics=metrics, per_class=per_class, mcnemar=mcnemar,
+                        rows={name: int((rows["part"] == name).sum()) for name in ("test", "feedback")}, notes=notes)
+
+
+def render_gate_html(decision: GateDecision, limit: float) -> str:
+    verdict = "PASSED" if decision.passed else "REJECTED"
+    outcome = ("promoted to production" if decision.promoted else
+               "not promoted" if not decision.passed else "passed but not promoted (dry run)")
+    checks = "".join(
+        f"<li class='{'pass' if c.passed else 'fail'}'><b>{html.escape(c.name)}</b>: "
+        f"{'pass' if c.passed else 'FAIL'} — {html.escape(c.detail)}</li>" for c in decision.checks)
+    metric_rows = []
+    for part in ("all", "test", "feedback"):
+        prod, cand = decision.metrics["production"].get(part), decision.metrics["candidate"].get(part)
+        if prod and prod["n"]:
+            metric_rows.append({"examples": part, "n": prod["n"], "production accuracy": prod["accuracy"],
+                                "candidate accuracy": cand["accuracy"], "production macro-F1": prod["macro_f1"],
+                                "candidate macro-F1": cand["macro_f1"]})
+    sections = [
+        f"<h1>Gate: {html.escape(decision.candidate)} vs {html.escape(decision.production)}</h1>",
+        f"<p class='{'pass' if decision.passed else 'fail'}'><b>{verdict}</b>: {outcome}.</p>",
+        f"<ul>{checks}</ul>",
+        *(f"<p><i>{html.escape(note)}</i></p>" for note in decision.notes),
+        "<h2>Metrics</h2>",
+        html_table(metric_rows, ["examples", "n", "production accuracy", "candidate accuracy",
+                                 "production macro-F1", "candidate macro-F1"]),
+        "<p>'feedback' rows are corrections users made, mostly of production's mistakes, so production "
+        "scores low on them by construction; 'test' is the frozen test split.</p>",
+        "<h2>Per-class change</h2>",
+        html_image(plots.per_class_delta_png(decision.per_class, limit), "per-class F1 change"),
+        html_table(sorted(decision.per_class, key=lambda r: r["delta_f1"]),
+                   ["label", "support", "production_f1", "candidate_f1", "delta_f1", "production_recall",
+                    "candidate_recall", "blocks"]),
+    ]
+    return html_page(f"Gate {decision.candidate}", sections)
+
+
+def write_gate_report(decision: GateDecision, folder: Path, limit: float) -> Path:
+    """gate/report.json + gate/report.html inside the candidate's folder, replaced atomically."""
+    target = folder / GATE_DIR
+    decision.report_dir = str(target)
+
+    def write(staging: Path) -> None:
+        staging.mkdir(parents=True)
+        (staging / "report.json").write_text(json.dumps(decision.to_dict(), indent=2, ensure_ascii=False))
+        (staging / "report.html").write_text(render_gate_html(decision, limit), encoding="utf-8")
+
+    write_dir_atomically(write, target)
+    return target / "report.html"
+
+
+def run_gate(ref: str, config: TuneloopConfig, promote: bool = True) -> GateDecision:
+    """Gate NAME@VERSION against NAME's production version; promote it if it passes (and `promote`)."""
+    registry = Registry(config.registry)
+    candidate = registry.get(ref)
+    production = registry.get(f"{candidate.name}@production")
+    if production.id == candidate.id:
+        raise TuneloopError(f"{candidate.ref} is already production; gate a newer candidate")
+    decision = evaluate_gate(registry, candidate, production, config.gate)
+    if decision.passed and promote:
+        summary = decision.checks[0].detail
+        registry.promote(candidate.ref, reason=f"gate passed against {production.ref}: {summary}")
+        decision.promoted = True
+    write_gate_report(decision, registry.artifacts(candidate), config.gate.max_class_drop)
+    return decision

@@ -1,0 +1,209 @@
+"""The prediction log: every served prediction and every piece of feedback on it, in the database.
+
+Predictions are written in batches by a background thread so that the request path never waits on the
+database; feedback is rare and precious, so it is committed before the request returns. A clean close
+flushes everything; if the database refuses the last batch, the rows go to a JSONL file in the home
+folder instead of being dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, func, insert, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
+
+from tuneloop.db import Base, open_database
+from tuneloop.errors import TuneloopError
+
+log = logging.getLogger(__name__)
+
+
+class PredictionRecord(Base):
+    """One label given to one text by one model version."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    model_name: Mapped[str] = mapped_column(String(200), index=True)
+    model_version: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    label: Mapped[str] = mapped_column(String(200))
+    scores: Mapped[dict] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String(20), default="api")
+
+
+class FeedbackRecord(Base):
+    """What a user said about a prediction: the right label, a rating (-1, 0, 1) and/or a comment."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    corrected_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    rating: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+@dataclass
+class LoggedPrediction:
+    """A prediction as the log keeps it, before or after it reaches the database."""
+
+    id: str
+    created_at: datetime
+    model_name: str
+    model_version: int
+    text: str
+    label: str
+    scores: dict[str, float]
+    source: str = "api"
+
+
+def new_prediction_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class PredictionLog:
+    """Buffered prediction writes plus synchronous feedback writes over one database."""
+
+    def __init__(self, database_url: str, home: Path, flush_ms: float = 200.0, max_batch: int = 512) -> None:
+        self.engine = open_database(database_url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.home = Path(home)
+        self.flush_seconds = flush_ms / 1000
+        self.max_batch = max_batch
+        self._pending: list[LoggedPrediction] = []
+        self._pending_lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one writer at a time: the thread, flush() or close()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.written = 0
+
+    def start(self) -> PredictionLog:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+            self._thread.start()
+        return self
+
+    def record(self, predictions: list[LoggedPrediction]) -> None:
+        """Queue predictions for the background writer; never blocks on the database."""
+        if self._closed.is_set():
+            raise TuneloopError("the prediction log is closed")
+        with self._pending_lock:
+            self._pending.extend(predictions)
+            backlog = len(self._pending)
+        if backlog >= self.max_batch:
+            self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        with self._pending_lock:
+            return len(self._pending)
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            self._wake.wait(self.flush_seconds)
+            self._wake.clear()
+            try:
+                self.flush()
+            except SQLAlchemyError:
+                # The rows are still pending (flush puts them back); try again on the next tick.
+                log.exception("prediction log: write failed, %d rows kept in memory", self.backlog)
+                time.sleep(min(self.flush_seconds * 5, 2.0))
+
+    def flush(self) -> int:
+        """Write every pending prediction now; returns how many were written."""
+        with self._write_lock:
+            with self._pending_lock:
+                batch, self._pending = self._pending, []
+            if not batch:
+                return 0
+            rows = [vars(p) for p in batch]
+            try:
+                with self._sessions.begin() as session:
+                    session.execute(insert(PredictionRecord), rows)
+            except SQLAlchemyError:
+                with self._pending_lock:
+                    self._pending = batch + self._pending
+                raise
+            self.written += len(batch)
+            return len(batch)
+
+    def close(self) -> None:
+        """Stop the writer and flush; rows the database refuses are saved to a JSONL file."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self.flush()
+        except SQLAlchemyError:
+            with self._pending_lock:
+                batch, self._pending = self._pending, []
+            rescue = self.home / f"unsaved-predictions-{_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}.jsonl"
+            rescue.parent.mkdir(parents=True, exist_ok=True)
+            with rescue.open("w", encoding="utf-8") as out:
+                for p in batch:
+                    out.write(json.dumps({**vars(p), "created_at": p.created_at.isoformat()}, ensure_ascii=False)
+                              + "\n")
+            log.error("prediction log: database unavailable at shutdown; %d rows saved to %s", len(batch), rescue)
+        self.engine.dispose()
+
+    def get(self, prediction_id: str) -> PredictionRecord | None:
+        """A stored prediction; one still in the buffer, or in a write under way, is written first."""
+        with self._sessions() as session:
+            found = session.get(PredictionRecord, prediction_id)
+        if found is None:
+            self.flush()  # takes the write lock, so it also waits for a batch the writer thread is committing
+            with self._sessions() as session:
+                found = session.get(PredictionRecord, prediction_id)
+        return found
+
+    def add_feedback(self, prediction_id: str, corrected_label: str | None = None, rating: int | None = None,
+                     comment: str | None = None) -> FeedbackRecord:
+        """Commit one piece of feedback; the prediction must exist (pending ones are flushed first)."""
+        if self.get(prediction_id) is None:
+            raise TuneloopError(f"no prediction with id '{prediction_id}'")
+        row = FeedbackRecord(prediction_id=prediction_id, created_at=_now(), corrected_label=corrected_label,
+                             rating=rating, comment=comment)
+        with self._sessions.begin() as session:
+            session.add(row)
+        return row
+
+    def feedback_for(self, model_name: str) -> list[tuple[FeedbackRecord, PredictionRecord]]:
+        """All feedback on predictions of a model name, oldest first, with the prediction it is about."""
+        self.flush()
+        with self._sessions() as session:
+            query = (select(FeedbackRecord, PredictionRecord)
+                     .join(PredictionRecord, FeedbackRecord.prediction_id == PredictionRecord.id)
+                     .where(PredictionRecord.model_name == model_name)
+                     .order_by(FeedbackRecord.created_at, FeedbackRecord.id))
+            return [(f, p) for f, p in session.execute(query)]
+
+    def count(self, model_name: str | None = None) -> dict[str, int]:
+        """Stored predictions and feedback rows (optionally for one model name)."""
+        self.flush()
+        predictions = select(func.count(PredictionRecord.id))
+        feedback = select(func.count(FeedbackRecord.id)).join(PredictionRecord)
+        if model_name:
+            predictions = predictions.where(PredictionRecord.model_name == model_name)
+            feedback = feedback.where(PredictionRecord.model_name == model_name)
+        with self._sessions() as session:
+            return {"predictions": session.scalar(predictions), "feedback": session.scalar(feedback)}

@@ -1,0 +1,82 @@
+"""Feedback → labelled examples: latest correction wins, conflicts are reported, ratings confirm or withdraw."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from tuneloop.feedback.export import feedback_examples
+from tuneloop.feedback.log import FeedbackRecord, PredictionRecord
+
+START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+class Stream:
+    """(feedback, prediction) pairs in time order, as PredictionLog.feedback_for returns them."""
+
+    def __init__(self) -> None:
+        self.rows = []
+        self.predictions = {}
+
+    def predict(self, pid: str, text: str, label: str) -> None:
+        self.predictions[pid] = PredictionRecord(id=pid, created_at=START, model_name="m", model_version=1, text=text,
+                                                 label=label, scores={}, source="api")
+
+    def say(self, pid: str, corrected_label=None, rating=None, comment=None) -> None:
+        number = len(self.rows) + 1
+        feedback = FeedbackRecord(id=number, prediction_id=pid, created_at=START + timedelta(minutes=number),
+                                  corrected_label=corrected_label, rating=rating, comment=comment)
+        self.rows.append((feedback, self.predictions[pid]))
+
+
+def as_pairs(exported):
+    return sorted(zip(exported.examples["text"], exported.examples["label"], exported.examples["source"]))
+
+
+def test_latest_correction_of_a_prediction_wins():
+    s = Stream()
+    s.predict("p1", "card not arrived", "refund")
+    s.say("p1", corrected_label="delivery")
+    s.say("p1", corrected_label="card_arrival")
+    s.say("p1", rating=1)  # a later thumbs-up does not undo the correction
+    exported = feedback_examples(s.rows)
+    assert as_pairs(exported) == [("card not arrived", "card_arrival", "corrected")]
+    assert exported.counts["feedback_rows"] == 3 and exported.conflicts == []
+
+
+def test_same_text_with_different_labels_is_a_reported_conflict_and_the_latest_wins():
+    s = Stream()
+    s.predict("p1", "Where is my  card?", "x")
+    s.predict("p2", "where is my card?", "x")
+    s.say("p2", corrected_label="card_arrival")
+    s.say("p1", corrected_label="lost_card")
+    exported = feedback_examples(s.rows)
+    assert as_pairs(exported) == [("Where is my card?", "lost_card", "corrected")]
+    [conflict] = exported.conflicts
+    assert conflict["labels"] == {"card_arrival": 1, "lost_card": 1} and conflict["kept_label"] == "lost_card"
+    assert exported.counts["duplicates_merged"] == 1
+
+
+def test_up_ratings_confirm_down_ratings_withdraw_and_comments_alone_teach_nothing():
+    s = Stream()
+    s.predict("p1", "reset password", "password")
+    s.predict("p2", "refund please", "delivery")
+    s.predict("p3", "hello", "greeting")
+    s.say("p1", rating=1)
+    s.say("p2", rating=1)
+    s.say("p2", rating=-1)
+    s.say("p3", comment="meh")
+    exported = feedback_examples(s.rows)
+    assert as_pairs(exported) == [("reset password", "password", "confirmed")]
+    assert exported.counts["rated_down_without_label"] == 1
+    assert as_pairs(feedback_examples(s.rows, include_confirmed=False)) == []
+
+
+def test_save_csv_and_jsonl(tmp_path):
+    s = Stream()
+    s.predict("p1", "我的快递没到", "refund")
+    s.say("p1", corrected_label="delivery")
+    exported = feedback_examples(s.rows)
+    exported.save(tmp_path / "f.csv")
+    exported.save(tmp_path / "f.jsonl")
+    assert "我的快递没到,delivery,corrected,p1" in (tmp_path / "f.csv").read_text(encoding="utf-8")
+    assert '"label":"delivery"' in (tmp_path / "f.jsonl").read_text(encoding="utf-8")

@@ -1,0 +1,81 @@
+"""The promotion gate: the pure comparison, and real tiny models where a worse candidate is rejected and a
+better one promoted."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import tiny_config
+from tuneloop.config import GateConfig
+from tuneloop.feedback.gate import compare, run_gate
+from tuneloop.registry.store import Registry
+from tuneloop.train.run import run_training
+
+# A model that has learned nothing: random cosine head, learning rates too small to move it.
+CRIPPLED = ("model.head_init=random", "train.lr=1e-9", "train.head_lr=1e-9", "train.epochs=1")
+
+
+def labels(pattern: str) -> list[str]:
+    return list(pattern)
+
+
+def passed(checks) -> dict[str, bool]:
+    return {c.name: c.passed for c in checks}
+
+
+def test_identical_predictions_pass_every_check():
+    true = labels("aaaabbbbcccc" * 5)
+    checks, metrics, per_class, mcnemar = compare(true, true, true, ["test"] * len(true), GateConfig())
+    assert all(passed(checks).values())
+    assert mcnemar["p_value_candidate_worse"] == 1.0
+    assert metrics["candidate"]["all"]["macro_f1"] == 1.0
+
+
+def test_a_much_worse_candidate_fails_every_check():
+    true = labels("aaaabbbbcccc" * 5)
+    candidate = labels("aaaaaaaaaaaa" * 5)
+    checks, _, per_class, mcnemar = compare(true, true, candidate, ["test"] * len(true), GateConfig())
+    assert not any(passed(checks).values())
+    assert mcnemar["candidate_only_wrong"] == 40 and mcnemar["p_value_candidate_worse"] < 1e-6
+    assert {row["label"] for row in per_class if row["blocks"]} == {"a", "b", "c"}  # a: precision fell too
+
+
+def test_one_collapsing_class_blocks_even_when_macro_f1_rises():
+    true = labels("a" * 30 + "b" * 30 + "c" * 12)
+    production = labels("a" * 20 + "b" * 10 + "b" * 20 + "a" * 10 + "c" * 12)
+    candidate = labels("a" * 30 + "b" * 30 + "c" * 9 + "a" * 3)
+    checks, metrics, per_class, _ = compare(true, production, candidate, ["test"] * len(true), GateConfig())
+    assert metrics["candidate"]["all"]["macro_f1"] > metrics["production"]["all"]["macro_f1"]
+    assert passed(checks) == {"macro-F1": True, "paired test (McNemar)": True, "per-class F1": False}
+    assert [row["label"] for row in per_class if row["blocks"]] == ["c"]
+    # The same drop on a class with fewer examples than min_class_support is reported, not blocking.
+    lenient = GateConfig(min_class_support=20)
+    assert passed(compare(true, production, candidate, ["test"] * len(true), lenient)[0])["per-class F1"]
+
+
+def test_metrics_are_reported_per_part():
+    true = labels("abab")
+    _, metrics, _, _ = compare(true, labels("abba"), true, ["test", "test", "feedback", "feedback"], GateConfig())
+    assert metrics["production"]["test"]["accuracy"] == 1.0 and metrics["production"]["feedback"]["accuracy"] == 0.0
+    assert metrics["candidate"]["feedback"]["n"] == 2
+
+
+def test_a_worse_candidate_is_rejected_and_a_better_one_promoted(served, tiny_encoder):
+    config, home = served
+    data = home.parent / "toy.csv"
+    registry = Registry(config.registry)
+    worse = run_training(tiny_config(tiny_encoder, data, home, *CRIPPLED), show_progress=False).version
+    decision = run_gate(worse.ref, config)
+    assert not decision.passed and not decision.promoted
+    assert registry.get("toy@production").version == 1
+    report = json.loads((registry.artifacts(worse) / "gate" / "report.json").read_text())
+    assert report["passed"] is False and report["production"] == "toy@1"
+    assert "REJECTED" in (registry.artifacts(worse) / "gate" / "report.html").read_text()
+
+    registry.promote(worse.ref)  # a bad version reached production (say, by hand)
+    better = run_training(tiny_config(tiny_encoder, data, home), show_progress=False).version
+    decision = run_gate(better.ref, config)
+    assert decision.passed and decision.promoted
+    assert decision.metrics["candidate"]["test"]["accuracy"] > decision.metrics["production"]["test"]["accuracy"]
+    assert registry.get("toy@production").version == better.version
+    assert registry.history("toy")[-1].reason.startswith(f"gate passed against {worse.ref}")

@@ -1,0 +1,114 @@
+"""The prediction log: buffered writes that survive a failing database, feedback that needs its prediction."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import text
+
+from tuneloop.db import Base
+from tuneloop.errors import TuneloopError
+from tuneloop.feedback.log import LoggedPrediction, PredictionLog, new_prediction_id
+
+
+def predictions(count: int, model: str = "intent") -> list[LoggedPrediction]:
+    now = datetime.now(timezone.utc)
+    return [LoggedPrediction(id=new_prediction_id(), created_at=now, model_name=model, model_version=1,
+                             text=f"text {i}", label="a", scores={"a": 0.9, "b": 0.1}) for i in range(count)]
+
+
+@pytest.fixture()
+def prediction_log(tmp_path):
+    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=10).start()
+    yield log
+    log.close()
+
+
+def wait_for(condition, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_the_background_writer_stores_rows_without_being_asked(prediction_log):
+    prediction_log.record(predictions(25))
+    wait_for(lambda: prediction_log.written == 25)
+    assert prediction_log.count("intent") == {"predictions": 25, "feedback": 0}
+
+
+def test_close_flushes_everything(tmp_path):
+    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=60_000).start()
+    log.record(predictions(7))
+    log.close()
+    reopened = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path)
+    assert reopened.count() == {"predictions": 7, "feedback": 0}
+    reopened.close()
+
+
+def test_feedback_needs_an_existing_prediction_and_finds_pending_ones(tmp_path):
+    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=60_000).start()
+    pending = predictions(1)[0]
+    log.record([pending])
+    row = log.add_feedback(pending.id, corrected_label="b", rating=-1, comment="wrong")
+    assert row.id and log.count() == {"predictions": 1, "feedback": 1}
+    with pytest.raises(TuneloopError, match="no prediction with id 'missing'"):
+        log.add_feedback("missing", rating=1)
+    [(feedback, prediction)] = log.feedback_for("intent")
+    assert (feedback.corrected_label, prediction.text) == ("b", "text 0")
+    log.close()
+
+
+def test_a_failing_database_keeps_rows_until_it_recovers(prediction_log):
+    with prediction_log.engine.begin() as connection:
+        connection.execute(text("DROP TABLE feedback"))
+        connection.execute(text("DROP TABLE predictions"))
+    prediction_log.record(predictions(5))
+    time.sleep(0.1)  # several write attempts fail meanwhile
+    assert prediction_log.backlog == 5 and prediction_log.written == 0
+    Base.metadata.create_all(prediction_log.engine)
+    wait_for(lambda: prediction_log.written == 5)
+    assert prediction_log.count()["predictions"] == 5
+
+
+def test_rows_the_database_refuses_at_shutdown_go_to_a_rescue_file(tmp_path):
+    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=60_000).start()
+    with log.engine.begin() as connection:
+        connection.execute(text("DROP TABLE feedback"))
+        connection.execute(text("DROP TABLE predictions"))
+    rows = predictions(3)
+    log.record(rows)
+    log.close()
+    [rescue] = tmp_path.glob("unsaved-predictions-*.jsonl")
+    saved = [json.loads(line) for line in rescue.read_text().splitlines()]
+    assert [r["id"] for r in saved] == [r.id for r in rows]
+    with pytest.raises(TuneloopError, match="closed"):
+        log.record(predictions(1))
+
+
+def test_get_waits_for_a_batch_the_writer_is_committing(tmp_path):
+    """Regression: feedback sent while its prediction was mid-write got a 404."""
+    import threading
+
+    from sqlalchemy import insert
+
+    from tuneloop.feedback.log import PredictionRecord
+
+    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=60_000)
+    row = predictions(1)[0]
+    log.record([row])
+    found = []
+    with log._write_lock:  # play the writer thread: batch taken out of the buffer, not committed yet
+        with log._pending_lock:
+            batch, log._pending = log._pending, []
+        reader = threading.Thread(target=lambda: found.append(log.get(row.id)))
+        reader.start()
+        time.sleep(0.05)
+        with log._sessions.begin() as session:
+            session.execute(insert(PredictionRecord), [vars(p) for p in batch])
+    reader.join()
+    assert found[0] is not None and found[0].id == row.id
+    log.close()

@@ -1,0 +1,96 @@
+"""Retraining data and the retrain stage: frozen test split, feedback supersedes, a stable holdout."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pandas as pd
+import pytest
+
+from tuneloop.config import FeedbackConfig
+from tuneloop.data.prepare import PreparedData, load_prepared
+from tuneloop.errors import TuneloopError
+from tuneloop.feedback.export import FeedbackExamples
+from tuneloop.feedback.log import LoggedPrediction, PredictionLog, new_prediction_id
+from tuneloop.feedback.retrain import FEEDBACK_ROW, in_holdout, retrain, retraining_data
+from tuneloop.registry.store import Registry
+
+
+def frame(pairs):
+    return pd.DataFrame([{"row": i + 2, "text": t, "label": l} for i, (t, l) in enumerate(pairs)])
+
+
+def frozen() -> PreparedData:
+    splits = {"train": frame([("card lost", "lost"), ("where is my card", "arrival"), ("refund me", "refund")]),
+              "val": frame([("stolen card", "lost")]),
+              "test": frame([("card never came", "arrival"), ("money back", "refund")])}
+    return PreparedData(splits=splits, labels=["arrival", "lost", "refund"], report={}, fingerprint="f")
+
+
+def feedback(pairs) -> FeedbackExamples:
+    now = datetime.now(timezone.utc)
+    rows = [{"text": t, "label": l, "source": "corrected", "prediction_id": f"p{i}", "model_version": 1,
+             "feedback_at": now} for i, (t, l) in enumerate(pairs)]
+    return FeedbackExamples(examples=pd.DataFrame(rows), counts={"examples": len(rows)})
+
+
+def test_holdout_choice_is_stable_and_roughly_the_asked_share():
+    texts = [f"message number {i}" for i in range(2000)]
+    chosen = [in_holdout(t, 0.3) for t in texts]
+    assert chosen == [in_holdout(t, 0.3) for t in texts]
+    assert 0.25 < sum(chosen) / len(chosen) < 0.35
+    assert in_holdout("Hello", 0.5) == in_holdout("hello", 0.5)  # same text after case folding
+    assert not any(in_holdout(t, 0.0) for t in texts)
+
+
+def test_feedback_joins_training_replaces_same_texts_and_never_touches_the_test_split():
+    examples = feedback([("WHERE is my card", "lost"), ("Card never came", "lost"), ("new kind of message", "fraud")])
+    data = retraining_data(frozen(), examples, FeedbackConfig(holdout=0.0, repeat=2), source="toy@1 + feedback")
+    assert data.test.equals(frozen().test)
+    train = data.train
+    assert "where is my card" not in set(train["text"])  # superseded by the user's correction
+    assert (train[train["text"] == "WHERE is my card"]["label"] == "lost").all()
+    assert (train["row"] == FEEDBACK_ROW).sum() == 4  # two usable feedback examples, repeated twice
+    assert "Card never came" not in set(train["text"])  # it is a test text: training on it would leak
+    assert data.report["dropped"] == {"superseded_by_feedback": 1, "feedback_in_test_split": 1}
+    assert data.labels == ["arrival", "fraud", "lost", "refund"]
+    assert data.fingerprint != "f" and data.holdout.empty
+
+
+def test_held_out_feedback_stays_out_of_training():
+    examples = feedback([(f"complaint {i}", "refund") for i in range(40)])
+    data = retraining_data(frozen(), examples, FeedbackConfig(holdout=0.5), source="x")
+    held = set(data.holdout["text"])
+    assert 5 < len(held) < 35
+    assert not held & set(data.train["text"])
+    assert data.report["feedback"]["holdout"] == len(held)
+
+
+def log_feedback(config, corrections):
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    for text, predicted, right in corrections:
+        prediction = LoggedPrediction(id=new_prediction_id(), created_at=datetime.now(timezone.utc), model_name="toy",
+                                      model_version=1, text=text, label=predicted, scores={})
+        log.record([prediction])
+        log.add_feedback(prediction.id, corrected_label=right)
+    log.close()
+
+
+def test_retrain_trains_a_candidate_on_production_data_plus_feedback(served):
+    config, home = served
+    with pytest.raises(TuneloopError, match="no feedback with a label for 'toy'"):
+        retrain("toy", overrides=[f"registry.home={home}"], show_progress=False)
+    log_feedback(config, [(f"refund back money order {i}", "delivery", "refund") for i in range(6)]
+                 + [("late parcel courier please", "refund", "delivery")])
+    outcome = retrain("toy", overrides=[f"registry.home={home}", "train.epochs=1", "name=elsewhere"],
+                      show_progress=False)
+    registry = Registry(config.registry)
+    candidate = registry.get("toy@2")
+    assert outcome.run.version.ref == "toy@2" and candidate.parent == "toy@1" and candidate.stage == "candidate"
+    assert candidate.config["train"]["epochs"] == 1 and candidate.config["model"]["max_length"] == 32
+    parent_data, data = load_prepared(registry.artifacts(registry.get("toy@1")) / "data"), \
+        load_prepared(registry.artifacts(candidate) / "data")
+    assert data.test.equals(parent_data.test)
+    assert outcome.feedback["examples"] == 7 and outcome.feedback["train"] + outcome.feedback["holdout"] == 7
+    assert len(data.holdout) == outcome.feedback["holdout"]
+    assert len(data.train) == len(parent_data.train) + outcome.feedback["train"]
