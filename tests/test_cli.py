@@ -144,3 +144,32 @@ def test_unknown_model_reference_for_predict(trained):
 
 def test_predict_needs_text(trained):
     assert_clean_failure(invoke("predict", "--model", "toy"), "nothing to classify")
+
+
+def test_rollback_and_keys(trained, tiny_overrides):
+    assert invoke("train", *tiny_overrides).exit_code == 0
+    invoke("models", "promote", "toy@1")
+    invoke("models", "promote", "toy@2")
+    result = invoke("rollback", "toy")
+    assert result.exit_code == 0 and "toy@1 is production again (toy@2 archived)" in result.output
+    assert_clean_failure(invoke("rollback", "toy"), "no earlier production version")
+    keys = invoke("keys", "new", "--scope", "admin")
+    assert keys.exit_code == 0 and "serve.admin_key_hashes=[" in keys.output
+    assert_clean_failure(invoke("keys", "new", "--scope", "root"), "--scope must be client or admin")
+
+
+def test_serve_without_a_production_version_is_one_clear_line(trained):
+    assert_clean_failure(invoke("serve", "--port", "0"), "nothing to serve")
+
+
+def test_gate_rejection_exits_non_zero_and_keeps_production(trained, tiny_overrides):
+    invoke("models", "promote", "toy@1")
+    worse = invoke("train", *tiny_overrides, "model.head_init=random", "train.lr=1e-9", "train.head_lr=1e-9",
+                   "train.epochs=1")
+    assert worse.exit_code == 0, worse.output
+    result = invoke("gate", "toy@2")
+    assert result.exit_code == 3, result.output
+    assert "toy@2 rejected" in result.output and "FAIL" in result.output
+    assert json.loads(invoke("models", "show", "toy@production").output)["version"] == 1
+    assert_clean_failure(invoke("gate", "toy@1"), "already production")
+    assert_clean_failure(invoke("retrain", "toy"), "no feedback with a label for 'toy'")

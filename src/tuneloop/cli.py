@@ -18,12 +18,16 @@ from rich.table import Table
 from tuneloop.config import TuneloopConfig, load_config
 from tuneloop.errors import TuneloopError
 
-app = typer.Typer(help="From a CSV of labelled texts to an evaluated, registered classifier.",
+app = typer.Typer(help="From labelled texts to a served classifier that learns from its users' corrections.",
                   pretty_exceptions_enable=False, no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Inspect and prepare labelled data.", no_args_is_help=True)
 models_app = typer.Typer(help="List, show, promote and archive registered model versions.", no_args_is_help=True)
+feedback_app = typer.Typer(help="Turn user feedback into labelled examples.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys for the server.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+app.add_typer(feedback_app, name="feedback")
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 errors = Console(stderr=True)
@@ -32,7 +36,7 @@ F = TypeVar("F", bound=Callable)
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=3e-5 name=support.")]
 DataOption = Annotated[Path | None, typer.Option("--data", help="Data file (same as data.path=...).")]
-_OVERRIDE = re.compile(r"^(name|(data|model|train|eval|registry)\.[A-Za-z_.]+)=")
+_OVERRIDE = re.compile(r"^(name|(data|model|train|eval|registry|serve|feedback|gate)\.[A-Za-z_.]+)=")
 
 
 def friendly(command: F) -> F:
@@ -299,6 +303,122 @@ def demo(config: ConfigOption = None, overrides: Overrides = None) -> None:
         table.add_row(r.text, r.label, f"{r.probability:.3f}")
     console.print(table)
     console.print(f"try: tuneloop predict --model {version.name} \"where is my parcel?\" registry.home={resolved.registry.home}")
+    console.print(f"serve it over HTTP: tuneloop serve registry.home={resolved.registry.home}  (API docs at /docs)")
+
+
+@app.command()
+@friendly
+def serve(config: ConfigOption = None, overrides: Overrides = None,
+          host: Annotated[str | None, typer.Option(help="Bind address (serve.host).")] = None,
+          port: Annotated[int | None, typer.Option(help="Port (serve.port).")] = None) -> None:
+    """Serve the production version of your models over HTTP (predict, feedback, hot swap, metrics)."""
+    import os
+
+    import torch
+    import uvicorn
+
+    from tuneloop.serve.app import create_app
+
+    resolved = _config(config, overrides)
+    if host is not None:
+        resolved.serve.host = host
+    if port is not None:
+        resolved.serve.port = port
+    torch.set_num_threads(resolved.serve.threads or os.cpu_count() or 1)
+    application = create_app(resolved)
+    served = ", ".join(slot.current.ref for slot in application.state.served.slots.values())
+    url = f"http://{resolved.serve.host}:{resolved.serve.port}"
+    console.print(f"serving [bold]{served}[/bold] on {url} (API docs: {url}/docs); Ctrl+C stops")
+    uvicorn.run(application, host=resolved.serve.host, port=resolved.serve.port, log_level="warning")
+
+
+@feedback_app.command("export")
+@friendly
+def feedback_export(name: Annotated[str, typer.Argument(help="Model name.")],
+                    out: Annotated[Path, typer.Option("--out", "-o", help="csv or jsonl file to write.")],
+                    config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Write the labelled examples in NAME's feedback: deduplicated, latest correction wins."""
+    from tuneloop.feedback.export import feedback_examples
+    from tuneloop.feedback.log import PredictionLog
+
+    resolved = _config(config, overrides)
+    prediction_log = PredictionLog(resolved.registry.resolved_database_url(), resolved.registry.home)
+    try:
+        exported = feedback_examples(prediction_log.feedback_for(name), resolved.feedback.include_confirmed)
+    finally:
+        prediction_log.close()
+    exported.save(out)
+    console.print(", ".join(f"{key.replace('_', ' ')} {value}" for key, value in exported.counts.items()))
+    for conflict in exported.conflicts[:10]:
+        console.print(f"[yellow]conflicting corrections[/yellow] {conflict['labels']} for {conflict['text'][:80]!r}; "
+                      f"kept the latest: {conflict['kept_label']}")
+    console.print(f"wrote {len(exported.examples)} examples to {out}")
+
+
+@app.command()
+@friendly
+def retrain(name: Annotated[str, typer.Argument(help="Model name; its production version is the parent.")],
+            config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Train a candidate from the production version's data plus the feedback examples."""
+    from tuneloop.feedback.retrain import retrain as retrain_candidate
+
+    outcome = retrain_candidate(name, config, overrides)
+    used = outcome.feedback
+    console.print(f"feedback: {used['examples']} examples ({used['corrected']} corrected, {used['confirmed']} "
+                  f"confirmed, {used['conflicts']} conflicts): {used['train']} to train, {used['holdout']} held out "
+                  f"for the gate")
+    test = outcome.run.report["test"]
+    console.print(f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}[/green]")
+    console.print(f"registered [bold]{outcome.run.version.ref}[/bold] (candidate, parent {outcome.parent}); "
+                  f"next: tuneloop gate {outcome.run.version.ref}")
+
+
+@app.command()
+@friendly
+def gate(ref: Annotated[str, typer.Argument(help="Candidate NAME@VERSION.")],
+         config: ConfigOption = None, overrides: Overrides = None,
+         promote: Annotated[bool, typer.Option(help="Promote the candidate if it passes.")] = True) -> None:
+    """Compare a candidate with production and promote it only if it is not worse."""
+    from tuneloop.feedback.gate import run_gate
+
+    decision = run_gate(ref, _config(config, overrides), promote=promote)
+    for check in decision.checks:
+        mark = "[green]pass[/green]" if check.passed else "[red]FAIL[/red]"
+        console.print(f"{mark} {check.name}: {check.detail}")
+    for note in decision.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(f"report: {decision.report_dir}/report.html")
+    if decision.promoted:
+        console.print(f"[green]{decision.candidate} promoted[/green] (was {decision.production})")
+    elif decision.passed:
+        console.print(f"{decision.candidate} passed; not promoted (--no-promote)")
+    else:
+        console.print(f"[red]{decision.candidate} rejected[/red]; {decision.production} stays in production")
+        raise typer.Exit(3)
+
+
+@app.command()
+@friendly
+def rollback(name: Annotated[str, typer.Argument(help="Model name.")],
+             config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Put back the version that was production before the current one."""
+    registry = _registry(config, overrides)
+    current = registry.get(f"{name}@production")
+    restored = registry.rollback(name)
+    console.print(f"{restored.ref} is production again ({current.ref} archived)")
+
+
+@keys_app.command("new")
+@friendly
+def keys_new(scope: Annotated[str, typer.Option(help="client or admin.")] = "client") -> None:
+    """Make an API key; prints the key (shown once) and the hash to put in the config."""
+    from tuneloop.serve.security import hash_key, new_key
+
+    if scope not in ("client", "admin"):
+        raise TuneloopError(f"--scope must be client or admin, not '{scope}'")
+    key = new_key()
+    console.print(f"key (give it to the {scope}; it is not stored anywhere): [bold]{key}[/bold]")
+    console.print(f"config: serve.{scope}_key_hashes=[\"{hash_key(key)}\"]", highlight=False)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""HTTP serving: FastAPI app, micro-batching, hot swap, API keys and Prometheus metrics."""

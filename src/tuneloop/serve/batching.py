@@ -1,0 +1,126 @@
+"""Dynamic micro-batching: concurrent requests for one model share a forward pass.
+
+A CPU forward pass over 16 short texts costs little more than over one, so throughput comes from
+batching. The first waiting request waits at most `max_wait_ms` for company; while a batch runs, new
+requests pile up and form the next batch at once, so under load batches grow by themselves and when
+idle a lone request pays only the wait. Each request's texts stay together in one batch, so one
+response never mixes two model versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+Result = TypeVar("Result")
+
+
+@dataclass
+class _Job:
+    texts: list[str]
+    future: asyncio.Future = field(repr=False)
+
+
+class MicroBatcher(Generic[Result]):
+    """Queue → batches → `run_batch(texts)` on an executor thread → each caller gets its slice.
+
+    `run_batch` returns `(context, rows)`, one row per text; a caller receives `(context, its rows)`.
+    """
+
+    def __init__(self, run_batch: Callable[[list[str]], tuple[object, Result]], executor: Executor,
+                 max_batch_size: int = 32, max_wait_ms: float = 5.0,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        self.run_batch = run_batch
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.on_batch = on_batch
+        self._jobs: deque[_Job] = deque()
+        self._queued_texts = 0
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        self._arrived = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
+
+    async def submit(self, texts: list[str]) -> tuple[object, Result]:
+        if not self.running or self._stopping:
+            raise RuntimeError("the batcher is not running")
+        job = _Job(texts, asyncio.get_running_loop().create_future())
+        self._jobs.append(job)
+        self._queued_texts += len(texts)
+        self._arrived.set()
+        return await job.future
+
+    async def stop(self) -> None:
+        """Finish every queued request, then stop."""
+        self._stopping = True
+        if self._task is not None:
+            self._arrived.set()
+            await self._task
+
+    async def _wait_for_company(self) -> None:
+        deadline = time.monotonic() + self.max_wait
+        while self._queued_texts < self.max_batch_size and not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                # Waiting on an Event (not on a queue) is safe to time out: no item can be lost.
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Job]:
+        batch = [self._jobs.popleft()]
+        size = len(batch[0].texts)
+        while self._jobs and size + len(self._jobs[0].texts) <= self.max_batch_size:
+            job = self._jobs.popleft()
+            batch.append(job)
+            size += len(job.texts)
+        self._queued_texts -= size
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._jobs:
+                if self._stopping:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            if self.max_wait > 0:
+                await self._wait_for_company()
+            batch = self._take_batch()
+            texts = [text for job in batch for text in job.texts]
+            started = time.perf_counter()
+            try:
+                context, rows = await loop.run_in_executor(self.executor, self.run_batch, texts)
+            except Exception as exc:  # handed to every waiting caller; the loop keeps serving
+                log.exception("batch of %d texts failed", len(texts))
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            if self.on_batch:
+                self.on_batch(len(texts), time.perf_counter() - started)
+            offset = 0
+            for job in batch:
+                if not job.future.done():  # a caller that went away is skipped
+                    job.future.set_result((context, rows[offset : offset + len(job.texts)]))
+                offset += len(job.texts)

@@ -1,0 +1,187 @@
+"""The models a server answers with, and hot swapping them when production changes.
+
+Each served name has a slot holding its live version. A new production version (promoted over HTTP,
+from the CLI, by the gate, or by a rollback) is loaded on a separate thread while the old one keeps
+answering; then the slot's reference is replaced in one assignment. A batch reads the slot once when
+it starts, so requests in flight finish on the version they started with and none fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from tuneloop.config import ServeConfig
+from tuneloop.errors import TuneloopError
+from tuneloop.models.classifier import MODEL_DIR, TextClassifier, predict_proba
+from tuneloop.registry.store import ModelVersion, Registry
+from tuneloop.serve.batching import MicroBatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One registered version, loaded and ready to predict."""
+
+    name: str
+    version: int
+    model: TextClassifier
+    tokenizer: PreTrainedTokenizerBase
+    record: ModelVersion
+
+    @property
+    def labels(self) -> list[str]:
+        return self.model.spec.labels
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+def load_version(registry: Registry, version: ModelVersion) -> LoadedModel:
+    model, tokenizer = TextClassifier.load(registry.artifacts(version) / MODEL_DIR)
+    return LoadedModel(version.name, version.version, model, tokenizer, version)
+
+
+class ModelSlot:
+    """The live version of one model name plus its batcher."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.current = loaded
+        self.loading: int | None = None
+        self.failed: int | None = None  # a version that would not load: the watcher does not retry it
+        self.batcher: MicroBatcher | None = None
+
+    def infer(self, texts: list[str]) -> tuple[LoadedModel, np.ndarray]:
+        live = self.current  # read once: the whole batch runs on this version even if a swap lands now
+        return live, predict_proba(live.model, live.tokenizer, texts, batch_size=max(len(texts), 1))
+
+
+class ServedModels:
+    """Loads the production version of each served name, batches requests, and hot-swaps on promotion."""
+
+    def __init__(self, registry: Registry, config: ServeConfig,
+                 on_batch: Callable[[str, int, float], None] | None = None,
+                 on_swap: Callable[[LoadedModel], None] | None = None) -> None:
+        self.registry = registry
+        self.config = config
+        self.on_batch = on_batch
+        self.on_swap = on_swap
+        self.slots: dict[str, ModelSlot] = {}
+        # One inference thread: torch already spreads a forward pass over the cores, and two passes at once
+        # would only fight over them. Loading a new version gets its own thread so inference never waits.
+        self.inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
+        self._watcher: asyncio.Task | None = None
+        self._swaps: dict[str, asyncio.Task] = {}
+
+    def names_to_serve(self) -> list[str]:
+        if self.config.models:
+            return list(self.config.models)
+        names = sorted({v.name for v in self.registry.list() if v.stage == "production"})
+        if not names:
+            raise TuneloopError("nothing to serve: no model has a production version yet "
+                                "(tuneloop models promote NAME@VERSION, or set serve.models)")
+        return names
+
+    def load(self) -> None:
+        """Load every served name's production version (blocking; called once at start-up)."""
+        for name in self.names_to_serve():
+            self.slots[name] = ModelSlot(load_version(self.registry, self.registry.get(f"{name}@production")))
+            log.info("serving %s", self.slots[name].current.ref)
+
+    async def start(self) -> None:
+        for name, slot in self.slots.items():
+            slot.batcher = MicroBatcher(
+                slot.infer, self.inference, self.config.max_batch_size, self.config.max_wait_ms,
+                on_batch=(lambda size, seconds, name=name: self.on_batch(name, size, seconds))
+                if self.on_batch else None)
+            slot.batcher.start()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="registry-watcher")
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        for task in self._swaps.values():
+            task.cancel()
+        for slot in self.slots.values():
+            if slot.batcher is not None:
+                await slot.batcher.stop()
+        self.inference.shutdown(wait=True)
+        self.loader.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.slots) and all(s.batcher is not None and s.batcher.running for s in self.slots.values())
+
+    def slot(self, name: str | None) -> ModelSlot:
+        if name is None:
+            if len(self.slots) == 1:
+                return next(iter(self.slots.values()))
+            raise TuneloopError(f"this server serves several models ({', '.join(self.slots)}): name one in 'model'")
+        if name not in self.slots:
+            raise KeyError(name)
+        return self.slots[name]
+
+    async def predict(self, name: str | None, texts: list[str]) -> tuple[LoadedModel, np.ndarray]:
+        slot = self.slot(name)
+        return await slot.batcher.submit(texts)
+
+    async def swap_to_production(self, name: str) -> LoadedModel:
+        """Load `name`'s current production version in the background and switch to it."""
+        slot = self.slots[name]
+        loop = asyncio.get_running_loop()
+        target = await loop.run_in_executor(None, self.registry.get, f"{name}@production")
+        if target.version == slot.current.version:
+            return slot.current
+        slot.loading = target.version
+        try:
+            loaded = await loop.run_in_executor(self.loader, load_version, self.registry, target)
+        except Exception:
+            slot.failed = target.version
+            raise
+        finally:
+            slot.loading = None
+        previous = slot.current
+        slot.current = loaded
+        log.info("hot swap: %s → %s", previous.ref, loaded.ref)
+        if self.on_swap:
+            self.on_swap(loaded)
+        return loaded
+
+    def request_swap(self, name: str) -> asyncio.Task:
+        """Start (or join) a swap of `name` to its production version."""
+        running = self._swaps.get(name)
+        if running is None or running.done():
+            running = asyncio.get_running_loop().create_task(self.swap_to_production(name), name=f"swap-{name}")
+            running.add_done_callback(self._report_failed_swap)
+            self._swaps[name] = running
+        return running
+
+    @staticmethod
+    def _report_failed_swap(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("hot swap failed; the previous version keeps serving: %s", task.exception())
+
+    async def _watch(self) -> None:
+        """Notice promotions made elsewhere (CLI, gate, rollback) by polling the registry."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.reload_poll_seconds)
+            for name, slot in self.slots.items():
+                try:
+                    live = await loop.run_in_executor(None, self.registry.get, f"{name}@production")
+                except TuneloopError:
+                    continue  # no production version right now (all archived): keep serving what we have
+                except Exception:
+                    log.exception("registry check for %s failed", name)
+                    continue
+                if live.version not in (slot.current.version, slot.loading, slot.failed):
+                    self.request_swap(name)

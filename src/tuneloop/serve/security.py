@@ -1,0 +1,132 @@
+"""API keys (stored hashed, client and admin scopes) and the request body size limit."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request, status
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tuneloop.config import ServeConfig
+
+CLIENT_KEYS_ENV = "TUNELOOP_CLIENT_KEYS"
+ADMIN_KEYS_ENV = "TUNELOOP_ADMIN_KEYS"
+
+
+def hash_key(key: str) -> str:
+    # Keys are 256-bit random tokens, not passwords, so a plain SHA-256 cannot be brute-forced and a
+    # slow password hash would only add latency to every request.
+    return hashlib.sha256(key.strip().encode()).hexdigest()
+
+
+def new_key() -> str:
+    return "tl_" + secrets.token_urlsafe(32)
+
+
+def _from_env(variable: str) -> set[str]:
+    return {hash_key(k) for k in os.environ.get(variable, "").split(",") if k.strip()}
+
+
+class KeyRing:
+    """Which hashed keys grant which scope; the plain keys are never kept."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.admin = {h.lower() for h in config.admin_key_hashes} | _from_env(ADMIN_KEYS_ENV)
+        self.client = {h.lower() for h in config.client_key_hashes} | _from_env(CLIENT_KEYS_ENV)
+
+    @property
+    def client_open(self) -> bool:
+        """With no keys configured at all, predict and feedback need none (a trusted network)."""
+        return not self.client and not self.admin
+
+    def scopes_of(self, key: str | None) -> set[str]:
+        if not key:
+            return set()
+        digest = hash_key(key)
+        # compare_digest over every stored hash: the time taken does not say which one matched.
+        is_admin = any(hmac.compare_digest(digest, h) for h in self.admin)
+        is_client = any(hmac.compare_digest(digest, h) for h in self.client)
+        return {"admin", "client"} if is_admin else ({"client"} if is_client else set())
+
+
+def presented_key(authorization: Annotated[str | None, Header()] = None,
+                  x_api_key: Annotated[str | None, Header()] = None) -> str | None:
+    """The key from `X-API-Key` or `Authorization: Bearer`."""
+    if x_api_key:
+        return x_api_key
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+def require_client(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> None:
+    keys: KeyRing = request.app.state.keys
+    if keys.client_open or "client" in keys.scopes_of(key):
+        return
+    raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a valid API key is required (Authorization: Bearer <key>)",
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_admin(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> None:
+    keys: KeyRing = request.app.state.keys
+    if not keys.admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "admin routes are disabled: configure an admin key "
+                            "(serve.admin_key_hashes or TUNELOOP_ADMIN_KEYS; tuneloop keys new --scope admin)")
+    if "admin" not in keys.scopes_of(key):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "an admin API key is required",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+class BodySizeLimit:
+    """ASGI middleware: bodies over `max_bytes` get 413 before the app reads them into memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _too_large(self, send: Send) -> None:
+        body = json.dumps({"detail": f"request body is larger than {self.max_bytes} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(send)
+            return
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # An HTTPException passes through FastAPI's body parsing (anything else becomes a 400).
+                    raise HTTPException(413, f"request body is larger than {self.max_bytes} bytes")
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except HTTPException as exc:
+            if exc.status_code != 413 or started:
+                raise
+            await self._too_large(send)

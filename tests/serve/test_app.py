@@ -1,0 +1,216 @@
+"""Every route and every error of the HTTP API, through FastAPI's TestClient on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from live_server import register_copy
+from tuneloop.feedback.log import PredictionLog
+from tuneloop.serve.app import create_app
+from tuneloop.serve.security import hash_key
+
+LABELS = {"refund", "delivery", "password"}
+
+
+@pytest.fixture()
+def client(served):
+    config, _ = served
+    with TestClient(create_app(config)) as test_client:
+        yield test_client
+
+
+def predict(client, *texts, headers=None, **extra):
+    response = client.post("/v1/predict", json={"texts": list(texts), **extra}, headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def stored(config):
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    try:
+        return log.count("toy"), log.feedback_for("toy")
+    finally:
+        log.close()
+
+
+def test_predict_answers_per_text_with_ids_top_k_and_version(client):
+    body = predict(client, "my parcel is late", "reset my password please", top_k=2)
+    assert (body["model"], body["version"]) == ("toy", 1)
+    predictions = body["predictions"]
+    assert len(predictions) == 2 and len({p["prediction_id"] for p in predictions}) == 2
+    for p in predictions:
+        assert p["label"] in LABELS and (p["model"], p["version"]) == ("toy", 1)
+        assert [k["label"] for k in p["top_k"]][0] == p["label"] and len(p["top_k"]) == 2
+        assert p["top_k"][0]["score"] >= p["top_k"][1]["score"]
+    assert len(predict(client, "refund")["predictions"][0]["top_k"]) == 3  # serve.top_k default
+
+
+def test_every_prediction_is_logged_by_shutdown(served):
+    config, _ = served
+    with TestClient(create_app(config)) as client:
+        ids = [p["prediction_id"] for _ in range(5) for p in predict(client, "a", "refund money")["predictions"]]
+    counts, _ = stored(config)
+    assert counts == {"predictions": 10, "feedback": 0}
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    row = log.get(ids[1])
+    log.close()
+    assert row.text == "refund money" and row.model_version == 1
+    assert set(row.scores) == LABELS and abs(sum(row.scores.values()) - 1) < 1e-3
+
+
+def test_feedback_correction_rating_and_comment_are_stored(client, served):
+    config, _ = served
+    first, second = predict(client, "parcel late", "password locked")["predictions"]
+    # Straight after predict: the prediction may still be waiting in the log's buffer.
+    response = client.post("/v1/feedback", json={"prediction_id": first["prediction_id"], "corrected_label": "refund"})
+    assert response.status_code == 201, response.text
+    assert response.json()["prediction_id"] == first["prediction_id"]
+    assert client.post("/v1/feedback", json={"prediction_id": second["prediction_id"], "rating": 1}).status_code == 201
+    assert client.post("/v1/feedback", json={"prediction_id": second["prediction_id"],
+                                             "comment": "good"}).status_code == 201
+    _, rows = stored(config)
+    assert [(f.corrected_label, f.rating, f.comment) for f, _ in rows] == [
+        ("refund", None, None), (None, 1, None), (None, None, "good")]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"prediction_id": "nope", "rating": 1}, 404, "no prediction with id 'nope'"),
+    ({"prediction_id": "ID"}, 422, "give at least one of corrected_label, rating or comment"),
+    ({"prediction_id": "ID", "corrected_label": "weather"}, 422, "is not a label of toy"),
+    ({"prediction_id": "ID", "rating": 5}, 422, "rating"),
+    ({"prediction_id": "ID", "rating": 1, "extra": 1}, 422, "extra"),
+])
+def test_feedback_errors(client, body, status, message):
+    body = {**body, "prediction_id": body["prediction_id"].replace(
+        "ID", predict(client, "x")["predictions"][0]["prediction_id"])}
+    response = client.post("/v1/feedback", json=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"texts": []}, 422, "texts"),
+    ({"texts": "just one string"}, 422, "texts"),
+    ({"texts": ["a"] * 65}, 413, "at most 64"),
+    ({"texts": ["a", "x" * 2001]}, 422, "texts.1 has 2001 characters"),
+    ({"texts": ["a"], "model": "other"}, 404, "model 'other' is not served"),
+    ({"texts": ["a"], "top_k": 0}, 422, "top_k"),
+    ({"texts": ["a"], "unexpected": True}, 422, "unexpected"),
+])
+def test_predict_errors(client, body, status, message):
+    response = client.post("/v1/predict", json=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+    assert "Traceback" not in response.text
+
+
+def test_malformed_json_and_oversized_bodies(client):
+    response = client.post("/v1/predict", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "JSON" in response.json()["detail"]
+    big = json.dumps({"texts": ["a" * 1000] * 1100}).encode()
+    assert client.post("/v1/predict", content=big, headers={"content-type": "application/json"}).status_code == 413
+
+    def chunks():  # no content-length: the limit must be enforced while reading
+        for _ in range(1100):
+            yield b" " * 1000
+    response = client.post("/v1/predict", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "larger than" in response.json()["detail"]
+
+
+def test_models_health_ready_and_metrics(client):
+    models = client.get("/v1/models").json()["models"]
+    assert [(m["name"], m["version"], m["stage"]) for m in models] == [("toy", 1, "production")]
+    assert set(models[0]["labels"]) == LABELS and models[0]["loading_version"] is None
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"ready": True, "models": {"toy": 1}}
+    predict(client, "a", "b", "c")
+    client.get("/nowhere/at/all")
+    text = client.get("/metrics").text
+    assert 'tuneloop_http_requests_total{method="POST",route="/v1/predict",status="200"} 1.0' in text
+    assert 'tuneloop_http_requests_total{method="GET",route="unmatched",status="404"} 1.0' in text
+    assert 'tuneloop_batch_size_sum{model="toy"} 3.0' in text
+    assert 'tuneloop_served_version{model="toy"} 1.0' in text
+    assert 'tuneloop_predictions_total{model="toy"} 3.0' in text
+    assert "tuneloop_http_request_seconds_bucket" in text
+
+
+def test_openapi_docs_work_offline(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and "cdn." not in page.text
+    script = page.text.split('src="')[1].split('"')[0]
+    assert client.get(script).status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/predict", "/v1/feedback", "/v1/models", "/v1/models/{name}/promote"} <= set(paths)
+
+
+def test_api_keys_scopes(served, monkeypatch):
+    config, _ = served
+    config.serve.client_key_hashes = [hash_key("client-secret")]
+    monkeypatch.setenv("TUNELOOP_ADMIN_KEYS", "admin-secret")
+    with TestClient(create_app(config)) as client:
+        body = {"texts": ["a"]}
+        assert client.post("/v1/predict", json=body).status_code == 401
+        assert client.post("/v1/predict", json=body, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert client.post("/v1/predict", json=body, headers={"X-API-Key": "client-secret"}).status_code == 200
+        assert client.post("/v1/predict", json=body, headers={"Authorization": "Bearer admin-secret"}).status_code == 200
+        promote = {"version": 1}
+        response = client.post("/v1/models/toy/promote", json=promote, headers={"X-API-Key": "client-secret"})
+        assert response.status_code == 401 and "admin" in response.json()["detail"]
+        assert client.post("/v1/models/toy/promote", json=promote,
+                           headers={"X-API-Key": "admin-secret"}).status_code == 200
+        assert client.get("/healthz").status_code == 200  # probes need no key
+
+
+def test_promotion_over_http_is_off_without_an_admin_key(client):
+    response = client.post("/v1/models/toy/promote", json={"version": 1})
+    assert response.status_code == 403 and "admin key" in response.json()["detail"]
+
+
+def test_promote_swaps_the_served_version(served, monkeypatch):
+    config, _ = served
+    monkeypatch.setenv("TUNELOOP_ADMIN_KEYS", "root")
+    second = register_copy(config)
+    with TestClient(create_app(config)) as client:
+        admin = {"X-API-Key": "root"}
+        missing = client.post("/v1/models/toy/promote", json={"version": 9}, headers=admin)
+        assert missing.status_code == 404 and "no version 9" in missing.json()["detail"]
+        response = client.post("/v1/models/toy/promote", json={"version": second.version, "wait": True}, headers=admin)
+        assert response.status_code == 200, response.text
+        assert response.json() == {"name": "toy", "version": 2, "stage": "production", "serving_version": 2}
+        assert predict(client, "refund", headers=admin)["version"] == 2
+        assert client.get("/v1/models", headers=admin).json()["models"][0]["version"] == 2
+        assert 'tuneloop_model_swaps_total{model="toy"} 1.0' in client.get("/metrics").text
+
+
+def test_internal_errors_are_a_plain_500(served, monkeypatch):
+    config, _ = served
+    app = create_app(config)
+    slot = app.state.served.slots["toy"]
+    monkeypatch.setattr(slot, "infer", lambda texts: 1 / 0)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        slot.batcher.run_batch = slot.infer
+        response = client.post("/v1/predict", json={"texts": ["a"]})
+        assert response.status_code == 500
+        assert response.json() == {"detail": "internal server error; the server log has the details"}
+        assert "ZeroDivision" not in response.text
+        slot.batcher.run_batch = type(slot).infer.__get__(slot)
+        assert client.post("/v1/predict", json={"texts": ["a"]}).status_code == 200  # the batcher survived
+
+
+def test_a_version_that_fails_to_load_leaves_the_old_one_serving(served, monkeypatch, tmp_path):
+    config, _ = served
+    monkeypatch.setenv("TUNELOOP_ADMIN_KEYS", "root")
+    (tmp_path / "broken" / "model").mkdir(parents=True)
+    from tuneloop.registry.store import Registry
+
+    Registry(config.registry).register("toy", tmp_path / "broken", base_model="tiny", data_fingerprint="x",
+                                       config={}, metrics={})
+    with TestClient(create_app(config)) as client:
+        admin = {"X-API-Key": "root"}
+        response = client.post("/v1/models/toy/promote", json={"version": 2, "wait": True}, headers=admin)
+        assert response.status_code == 500 and "loading it failed" in response.json()["detail"]
+        assert predict(client, "refund", headers=admin)["version"] == 1
+        assert client.get("/readyz").status_code == 200
