@@ -32,7 +32,7 @@ def test_corrections_flow_into_a_promoted_version_that_the_server_then_answers_w
     runner = CliRunner()
 
     with TestClient(create_app(config)) as server:
-        corrected = 0
+        corrected, corrected_texts = 0, set()
         for start in range(0, len(stream), 10):
             chunk = stream[start:start + 10]
             answer = server.post("/v1/predict", json={"texts": [r["text"] for r in chunk]}).json()
@@ -43,12 +43,13 @@ def test_corrections_flow_into_a_promoted_version_that_the_server_then_answers_w
                                                               "corrected_label": row["label"]})
                     assert sent.status_code == 201
                     corrected += 1
+                    corrected_texts.add(row["text"].casefold())
         assert corrected >= 20
 
         overrides = [f"registry.home={home}"]
         exported = runner.invoke(cli, ["feedback", "export", "toy", "--out", str(tmp_path / "fb.csv"), *overrides])
         assert exported.exit_code == 0, exported.output
-        assert len(pd.read_csv(tmp_path / "fb.csv")) <= corrected
+        assert len(pd.read_csv(tmp_path / "fb.csv")) == len(corrected_texts)  # deduplicated, none lost
         retrained = runner.invoke(cli, ["retrain", "toy", *overrides, *GOOD_RECIPE])
         assert retrained.exit_code == 0, retrained.output
         assert "registered toy@2" in retrained.output

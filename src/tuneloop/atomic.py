@@ -1,4 +1,8 @@
-"""Writes that are all or nothing: a reader sees the old folder or the new one, never half of either."""
+"""Folder writes that are all or nothing: `target` is only ever the complete old or the complete new folder.
+
+Between the two renames `target` is briefly absent (the old folder is at `target.old`); it is never half
+written.
+"""
 
 from __future__ import annotations
 

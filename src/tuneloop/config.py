@@ -125,8 +125,8 @@ class ServeConfig(_Section):
         default_factory=list, description="sha256 hex of client API keys (tuneloop keys new); with none, "
         "predict and feedback are open. Env TUNELOOP_CLIENT_KEYS adds plain keys, hashed at start.")
     admin_key_hashes: list[str] = Field(
-        default_factory=list, description="sha256 hex of admin API keys; promotion over HTTP needs one. "
-        "Env TUNELOOP_ADMIN_KEYS adds plain keys.")
+        default_factory=list, description="sha256 hex of admin API keys (also valid as client keys); promotion "
+        "over HTTP needs one. Env TUNELOOP_ADMIN_KEYS adds plain keys.")
     log_flush_ms: float = Field(200.0, gt=0, description="Prediction log: most time a row waits in memory.")
 
 

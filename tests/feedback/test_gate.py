@@ -27,7 +27,7 @@ def test_identical_predictions_pass_every_check():
     true = labels("aaaabbbbcccc" * 5)
     checks, metrics, per_class, mcnemar = compare(true, true, true, ["test"] * len(true), GateConfig())
     assert all(passed(checks).values())
-    assert mcnemar["p_value_candidate_worse"] == 1.0
+    assert mcnemar["test"]["p_value_candidate_worse"] == 1.0
     assert metrics["candidate"]["all"]["macro_f1"] == 1.0
 
 
@@ -36,7 +36,7 @@ def test_a_much_worse_candidate_fails_every_check():
     candidate = labels("aaaaaaaaaaaa" * 5)
     checks, _, per_class, mcnemar = compare(true, true, candidate, ["test"] * len(true), GateConfig())
     assert not any(passed(checks).values())
-    assert mcnemar["candidate_only_wrong"] == 40 and mcnemar["p_value_candidate_worse"] < 1e-6
+    assert mcnemar["test"]["candidate_only_wrong"] == 40 and mcnemar["test"]["p_value_candidate_worse"] < 1e-6
     assert {row["label"] for row in per_class if row["blocks"]} == {"a", "b", "c"}  # a: precision fell too
 
 
@@ -46,11 +46,29 @@ def test_one_collapsing_class_blocks_even_when_macro_f1_rises():
     candidate = labels("a" * 30 + "b" * 30 + "c" * 9 + "a" * 3)
     checks, metrics, per_class, _ = compare(true, production, candidate, ["test"] * len(true), GateConfig())
     assert metrics["candidate"]["all"]["macro_f1"] > metrics["production"]["all"]["macro_f1"]
-    assert passed(checks) == {"macro-F1": True, "paired test (McNemar)": True, "per-class F1": False}
+    assert passed(checks) == {"test: macro-F1": True, "test: paired test (McNemar)": True,
+                              "test: per-class F1": False}
     assert [row["label"] for row in per_class if row["blocks"]] == ["c"]
     # The same drop on a class with fewer examples than min_class_support is reported, not blocking.
     lenient = GateConfig(min_class_support=20)
-    assert passed(compare(true, production, candidate, ["test"] * len(true), lenient)[0])["per-class F1"]
+    assert passed(compare(true, production, candidate, ["test"] * len(true), lenient)[0])["test: per-class F1"]
+
+
+def test_wins_on_feedback_do_not_hide_a_regression_on_the_test_split():
+    """Regression: pooled, 12 test losses against 16 feedback wins passed McNemar (p≈0.83)."""
+    test_true = labels("a" * 30 + "b" * 30)
+    test_production = test_true
+    test_candidate = labels("b" * 6 + "a" * 24 + "a" * 6 + "b" * 24)  # 12 new mistakes on the test split
+    feedback_true = labels("ab" * 10)
+    feedback_production = labels("ba" * 10)  # feedback: production's mistakes, by construction
+    feedback_candidate = labels("ab" * 8 + "ba" * 2)
+    checks, _, _, mcnemar = compare(test_true + feedback_true, test_production + feedback_production,
+                                    test_candidate + feedback_candidate, ["test"] * 60 + ["feedback"] * 20,
+                                    GateConfig())
+    verdict = passed(checks)
+    assert not verdict["test: paired test (McNemar)"] and not verdict["test: macro-F1"]
+    assert verdict["feedback: macro-F1"] and verdict["feedback: paired test (McNemar)"]
+    assert mcnemar["feedback"]["candidate_only_right"] == 16
 
 
 def test_metrics_are_reported_per_part():

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import datetime, timezone
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text
 
 from tuneloop.db import Base
 from tuneloop.errors import TuneloopError
-from tuneloop.feedback.log import LoggedPrediction, PredictionLog, new_prediction_id
+from tuneloop.feedback.log import LoggedPrediction, PredictionLog, PredictionRecord, new_prediction_id
 
 
 def predictions(count: int, model: str = "intent") -> list[LoggedPrediction]:
@@ -68,7 +69,8 @@ def test_a_failing_database_keeps_rows_until_it_recovers(prediction_log):
         connection.execute(text("DROP TABLE predictions"))
     prediction_log.record(predictions(5))
     time.sleep(0.1)  # several write attempts fail meanwhile
-    assert prediction_log.backlog == 5 and prediction_log.written == 0
+    wait_for(lambda: prediction_log.backlog == 5)  # back in the buffer after each failed attempt
+    assert prediction_log.written == 0
     Base.metadata.create_all(prediction_log.engine)
     wait_for(lambda: prediction_log.written == 5)
     assert prediction_log.count()["predictions"] == 5
@@ -89,14 +91,35 @@ def test_rows_the_database_refuses_at_shutdown_go_to_a_rescue_file(tmp_path):
         log.record(predictions(1))
 
 
+def test_one_refused_row_goes_to_the_rescue_file_and_does_not_block_the_others(tmp_path):
+    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=60_000)
+    first = predictions(1)[0]
+    log.record([first])
+    log.flush()
+    good = predictions(2)
+    log.record([good[0], first, good[1]])  # the repeated id breaks the primary key
+    assert log.flush() == 2
+    assert log.count()["predictions"] == 3 and log.backlog == 0
+    [rescue] = tmp_path.glob("unsaved-predictions-*.jsonl")
+    assert json.loads(rescue.read_text())["id"] == first.id
+    log.close()
+
+
+def test_a_long_outage_moves_the_backlog_to_a_rescue_file(tmp_path):
+    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=10, max_backlog=3).start()
+    with log.engine.begin() as connection:
+        connection.execute(text("DROP TABLE feedback"))
+        connection.execute(text("DROP TABLE predictions"))
+    log.record(predictions(5))
+    wait_for(lambda: list(tmp_path.glob("unsaved-predictions-*.jsonl")))
+    wait_for(lambda: log.backlog == 0)
+    [rescue] = tmp_path.glob("unsaved-predictions-*.jsonl")
+    assert len(rescue.read_text().splitlines()) == 5
+    log.close()
+
+
 def test_get_waits_for_a_batch_the_writer_is_committing(tmp_path):
     """Regression: feedback sent while its prediction was mid-write got a 404."""
-    import threading
-
-    from sqlalchemy import insert
-
-    from tuneloop.feedback.log import PredictionRecord
-
     log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=60_000)
     row = predictions(1)[0]
     log.record([row])

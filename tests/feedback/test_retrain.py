@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 import pandas as pd
 import pytest
 
+from conftest import tiny_config
 from tuneloop.config import FeedbackConfig
 from tuneloop.data.prepare import PreparedData, load_prepared
 from tuneloop.errors import TuneloopError
@@ -14,6 +15,7 @@ from tuneloop.feedback.export import FeedbackExamples
 from tuneloop.feedback.log import LoggedPrediction, PredictionLog, new_prediction_id
 from tuneloop.feedback.retrain import FEEDBACK_ROW, in_holdout, retrain, retraining_data
 from tuneloop.registry.store import Registry
+from tuneloop.train.run import run_training
 
 
 def frame(pairs):
@@ -94,3 +96,14 @@ def test_retrain_trains_a_candidate_on_production_data_plus_feedback(served):
     assert outcome.feedback["examples"] == 7 and outcome.feedback["train"] + outcome.feedback["holdout"] == 7
     assert len(data.holdout) == outcome.feedback["holdout"]
     assert len(data.train) == len(parent_data.train) + outcome.feedback["train"]
+
+
+def test_retrain_from_a_cross_validated_production(served, tiny_encoder):
+    """Regression: a production version trained with data.kfold made retrain crash with KeyError."""
+    config, home = served
+    kfold = tiny_config(tiny_encoder, home.parent / "toy.csv", home, "data.kfold=2", "train.epochs=1")
+    version = run_training(kfold, show_progress=False).version
+    Registry(config.registry).promote(version.ref)
+    log_feedback(config, [("refund back money order", "delivery", "refund")])
+    outcome = retrain("toy", overrides=[f"registry.home={home}", "train.epochs=1"], show_progress=False)
+    assert outcome.run.version.parent == version.ref and outcome.run.cross_validation is None

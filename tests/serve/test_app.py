@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
 
 from live_server import register_copy
 from tuneloop.feedback.log import PredictionLog
+from tuneloop.registry.store import Registry
 from tuneloop.serve.app import create_app
 from tuneloop.serve.security import hash_key
 
@@ -156,12 +158,22 @@ def test_api_keys_scopes(served, monkeypatch):
         assert client.post("/v1/predict", json=body, headers={"X-API-Key": "wrong"}).status_code == 401
         assert client.post("/v1/predict", json=body, headers={"X-API-Key": "client-secret"}).status_code == 200
         assert client.post("/v1/predict", json=body, headers={"Authorization": "Bearer admin-secret"}).status_code == 200
-        promote = {"version": 1}
+        promote = {"version": 1, "wait": True}
         response = client.post("/v1/models/toy/promote", json=promote, headers={"X-API-Key": "client-secret"})
-        assert response.status_code == 401 and "admin" in response.json()["detail"]
+        assert response.status_code == 403 and "needs an admin key" in response.json()["detail"]
+        response = client.post("/v1/models/toy/promote", json=promote)
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
         assert client.post("/v1/models/toy/promote", json=promote,
                            headers={"X-API-Key": "admin-secret"}).status_code == 200
         assert client.get("/healthz").status_code == 200  # probes need no key
+
+
+def test_admin_keys_alone_leave_predict_and_feedback_open(served, monkeypatch):
+    config, _ = served
+    monkeypatch.setenv("TUNELOOP_ADMIN_KEYS", "root")
+    with TestClient(create_app(config)) as client:
+        assert client.post("/v1/predict", json={"texts": ["a"]}).status_code == 200
+        assert client.post("/v1/models/toy/promote", json={"version": 1}).status_code == 401
 
 
 def test_promotion_over_http_is_off_without_an_admin_key(client):
@@ -183,34 +195,47 @@ def test_promote_swaps_the_served_version(served, monkeypatch):
         assert predict(client, "refund", headers=admin)["version"] == 2
         assert client.get("/v1/models", headers=admin).json()["models"][0]["version"] == 2
         assert 'tuneloop_model_swaps_total{model="toy"} 1.0' in client.get("/metrics").text
+        # Without wait: 202 at once, the switch follows in the background.
+        response = client.post("/v1/models/toy/promote", json={"version": 1}, headers=admin)
+        assert response.status_code == 202 and response.json()["version"] == 1
+        deadline = time.monotonic() + 30
+        while predict(client, "refund", headers=admin)["version"] != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        models = client.get("/v1/models", headers=admin).json()["models"]
+        assert (models[0]["version"], models[0]["stage"]) == (1, "production")
 
 
-def test_internal_errors_are_a_plain_500(served, monkeypatch):
+def raise_runtime_error(texts):
+    raise RuntimeError("torch: out of memory")  # what a failing forward pass raises
+
+
+@pytest.mark.parametrize("failure", [lambda texts: 1 / 0, raise_runtime_error])
+def test_internal_errors_are_a_plain_500(served, monkeypatch, failure):
     config, _ = served
     app = create_app(config)
     slot = app.state.served.slots["toy"]
-    monkeypatch.setattr(slot, "infer", lambda texts: 1 / 0)
+    monkeypatch.setattr(slot, "infer", failure)
     with TestClient(app, raise_server_exceptions=False) as client:
         slot.batcher.run_batch = slot.infer
         response = client.post("/v1/predict", json={"texts": ["a"]})
         assert response.status_code == 500
         assert response.json() == {"detail": "internal server error; the server log has the details"}
-        assert "ZeroDivision" not in response.text
+        assert "ZeroDivision" not in response.text and "torch" not in response.text
         slot.batcher.run_batch = type(slot).infer.__get__(slot)
         assert client.post("/v1/predict", json={"texts": ["a"]}).status_code == 200  # the batcher survived
 
 
-def test_a_version_that_fails_to_load_leaves_the_old_one_serving(served, monkeypatch, tmp_path):
+def test_a_version_that_fails_to_load_is_not_promoted_and_the_old_one_keeps_serving(served, monkeypatch, tmp_path):
     config, _ = served
     monkeypatch.setenv("TUNELOOP_ADMIN_KEYS", "root")
     (tmp_path / "broken" / "model").mkdir(parents=True)
-    from tuneloop.registry.store import Registry
-
     Registry(config.registry).register("toy", tmp_path / "broken", base_model="tiny", data_fingerprint="x",
                                        config={}, metrics={})
     with TestClient(create_app(config)) as client:
         admin = {"X-API-Key": "root"}
         response = client.post("/v1/models/toy/promote", json={"version": 2, "wait": True}, headers=admin)
-        assert response.status_code == 500 and "loading it failed" in response.json()["detail"]
+        assert response.status_code == 500 and "could not be loaded, so it was not promoted" in response.text
         assert predict(client, "refund", headers=admin)["version"] == 1
         assert client.get("/readyz").status_code == 200
+    assert Registry(config.registry).get("toy@production").version == 1

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tuneloop.serve.batching import MicroBatcher
+from tuneloop.serve.batching import BatcherStopped, MicroBatcher
 
 
 class FakeModel:
@@ -86,7 +86,7 @@ def test_stop_finishes_queued_requests_and_then_refuses_new_ones():
         pending = [asyncio.ensure_future(batcher.submit([str(i)])) for i in range(6)]
         await asyncio.sleep(0)
         await batcher.stop()
-        with pytest.raises(RuntimeError):
+        with pytest.raises(BatcherStopped):
             await batcher.submit(["late"])
         return [p.result()[1] for p in pending]
 

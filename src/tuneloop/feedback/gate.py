@@ -1,13 +1,13 @@
 """The promotion gate: a candidate replaces production only if it is not worse.
 
 Both versions are scored on the same examples: production's frozen test split plus the feedback the
-candidate held out of its training. The candidate passes only if all three hold:
-  1. its macro-F1 is not lower than production's by more than a tolerance;
-  2. an exact one-sided McNemar test on the paired right/wrong outcomes does not find it worse;
-  3. no class (with enough examples to judge) loses more than a set number of F1 points.
-The held-out feedback is biased towards production's mistakes (most feedback is corrections), which
-is why the frozen test split, which nobody's feedback touched, is always part of the gate set and
-reported on its own.
+candidate held out of its training. The candidate passes only if:
+  1. its macro-F1 is not lower than production's by more than a tolerance,
+  2. an exact one-sided McNemar test on the paired right/wrong outcomes does not find it worse,
+  3. no class (with enough examples to judge) loses more than a set number of F1 points;
+1-3 on the frozen test split, which no feedback touched, and 1-2 on the held-out feedback. The two sets
+are judged separately, never pooled: the feedback is mostly production's mistakes (corrections), and
+pooled, the candidate's wins there could hide a regression on the test split.
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ class GateDecision:
     production: str
     passed: bool
     checks: list[GateCheck]
-    metrics: dict
+    metrics: dict[str, dict[str, dict]]
     per_class: list[dict]
-    mcnemar: dict
-    rows: dict
+    mcnemar: dict[str, dict[str, float]]
+    rows: dict[str, int]
     promoted: bool = False
     report_dir: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -67,49 +67,67 @@ def _scores(true: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict:
     return {"n": int(len(true)), "accuracy": float((true == predicted).mean()), "macro_f1": float(f1)}
 
 
+def _mcnemar(true: np.ndarray, prod: np.ndarray, cand: np.ndarray) -> dict:
+    prod_right, cand_right = prod == true, cand == true
+    worse = int((prod_right & ~cand_right).sum())  # production right, candidate wrong
+    better = int((~prod_right & cand_right).sum())
+    p_worse = float(binomtest(worse, worse + better, 0.5, alternative="greater").pvalue) if worse + better else 1.0
+    return {"candidate_only_wrong": worse, "candidate_only_right": better, "p_value_candidate_worse": p_worse}
+
+
+def _per_class(true: np.ndarray, prod: np.ndarray, cand: np.ndarray, config: GateConfig) -> list[dict]:
+    labels = sorted(set(true))
+    prod_prf = precision_recall_fscore_support(true, prod, labels=labels, zero_division=0)
+    cand_prf = precision_recall_fscore_support(true, cand, labels=labels, zero_division=0)
+    rows = []
+    for i, label in enumerate(labels):
+        support = int(prod_prf[3][i])
+        delta = float(cand_prf[2][i] - prod_prf[2][i])
+        rows.append({"label": label, "support": support, "production_f1": float(prod_prf[2][i]),
+                     "candidate_f1": float(cand_prf[2][i]), "delta_f1": delta,
+                     "production_recall": float(prod_prf[1][i]), "candidate_recall": float(cand_prf[1][i]),
+                     "blocks": support >= config.min_class_support and delta < -config.max_class_drop})
+    return rows
+
+
 def compare(true: list[str], production: list[str], candidate: list[str], part: list[str], config: GateConfig
             ) -> tuple[list[GateCheck], dict, list[dict], dict]:
-    """The three checks on paired predictions; `part` names each row's origin (test / feedback)."""
+    """The checks on paired predictions; `part` names each row's origin ("test" or "feedback").
+
+    Each part is judged on its own, never pooled: pooled, the candidate's wins on feedback (mostly
+    production's mistakes) could hide a real regression on the test split. The test split gets all three
+    checks; held-out feedback gets macro-F1 and McNemar (its per-class counts are too small to judge).
+    """
     true_, prod, cand, part_ = (np.asarray(x, dtype=object) for x in (true, production, candidate, part))
-    labels = sorted(set(true_))
     metrics = {}
     for who, predicted in (("production", prod), ("candidate", cand)):
-        metrics[who] = {"all": _scores(true_, predicted, labels)}
+        metrics[who] = {"all": _scores(true_, predicted, sorted(set(true_)))}
         for name in sorted(set(part_)):
             inside = part_ == name
             metrics[who][name] = _scores(true_[inside], predicted[inside], sorted(set(true_[inside])))
 
-    prod_f1 = precision_recall_fscore_support(true_, prod, labels=labels, zero_division=0)
-    cand_f1 = precision_recall_fscore_support(true_, cand, labels=labels, zero_division=0)
-    per_class = []
-    for i, label in enumerate(labels):
-        support = int(prod_f1[3][i])
-        delta = float(cand_f1[2][i] - prod_f1[2][i])
-        per_class.append({"label": label, "support": support, "production_f1": float(prod_f1[2][i]),
-                          "candidate_f1": float(cand_f1[2][i]), "delta_f1": delta,
-                          "production_recall": float(prod_f1[1][i]), "candidate_recall": float(cand_f1[1][i]),
-                          "blocks": support >= config.min_class_support and delta < -config.max_class_drop})
-
-    prod_right, cand_right = prod == true_, cand == true_
-    worse = int((prod_right & ~cand_right).sum())  # production right, candidate wrong
-    better = int((~prod_right & cand_right).sum())
-    p_worse = float(binomtest(worse, worse + better, 0.5, alternative="greater").pvalue) if worse + better else 1.0
-    mcnemar = {"candidate_only_wrong": worse, "candidate_only_right": better, "p_value_candidate_worse": p_worse}
-
-    prod_macro, cand_macro = metrics["production"]["all"]["macro_f1"], metrics["candidate"]["all"]["macro_f1"]
-    blocking = [row["label"] for row in per_class if row["blocks"]]
-    checks = [
-        GateCheck("macro-F1", cand_macro >= prod_macro - config.macro_f1_tolerance,
-                  f"candidate {cand_macro:.4f} vs production {prod_macro:.4f} "
-                  f"(change {cand_macro - prod_macro:+.4f}, tolerance {config.macro_f1_tolerance})"),
-        GateCheck("paired test (McNemar)", p_worse >= config.alpha,
-                  f"candidate alone wrong on {worse}, alone right on {better}; one-sided p(candidate worse) "
-                  f"= {p_worse:.4g} (alpha {config.alpha})"),
-        GateCheck("per-class F1", not blocking,
-                  (f"classes losing more than {config.max_class_drop:.2f} F1: {', '.join(blocking)}" if blocking
-                   else f"no class with ≥{config.min_class_support} examples loses more than "
-                        f"{config.max_class_drop:.2f} F1")),
-    ]
+    checks, mcnemar, per_class = [], {}, []
+    for name in [p for p in ("test", "feedback") if p in set(part_)]:
+        inside = part_ == name
+        prod_macro, cand_macro = metrics["production"][name]["macro_f1"], metrics["candidate"][name]["macro_f1"]
+        paired = mcnemar[name] = _mcnemar(true_[inside], prod[inside], cand[inside])
+        checks += [
+            GateCheck(f"{name}: macro-F1", cand_macro >= prod_macro - config.macro_f1_tolerance,
+                      f"candidate {cand_macro:.4f} vs production {prod_macro:.4f} "
+                      f"(change {cand_macro - prod_macro:+.4f}, tolerance {config.macro_f1_tolerance})"),
+            GateCheck(f"{name}: paired test (McNemar)", paired["p_value_candidate_worse"] >= config.alpha,
+                      f"candidate alone wrong on {paired['candidate_only_wrong']}, alone right on "
+                      f"{paired['candidate_only_right']}; one-sided p(candidate worse) = "
+                      f"{paired['p_value_candidate_worse']:.4g} (alpha {config.alpha})"),
+        ]
+        if name == "test":
+            per_class = _per_class(true_[inside], prod[inside], cand[inside], config)
+            blocking = [row["label"] for row in per_class if row["blocks"]]
+            checks.append(GateCheck(
+                "test: per-class F1", not blocking,
+                f"classes losing more than {config.max_class_drop:.2f} F1: {', '.join(blocking)}" if blocking
+                else f"no class with ≥{config.min_class_support} examples loses more than "
+                     f"{config.max_class_drop:.2f} F1"))
     return checks, metrics, per_class, mcnemar
 
 
@@ -136,7 +154,6 @@ def gate_set(production: Path, candidate: Path) -> tuple[pd.DataFrame, list[str]
     if leaked.any():
         notes.append(f"{int(leaked.sum())} gate examples were left out because the candidate trained on them")
     return rows[~leaked].reset_index(drop=True), notes
-
 
 
 def evaluate_gate(registry: Registry, candidate: ModelVersion, production: ModelVersion, config: GateConfig
@@ -211,7 +228,7 @@ def run_gate(ref: str, config: TuneloopConfig, promote: bool = True) -> GateDeci
         raise TuneloopError(f"{candidate.ref} is already production; gate a newer candidate")
     decision = evaluate_gate(registry, candidate, production, config.gate)
     if decision.passed and promote:
-        summary = decision.checks[0].detail
+        summary = decision.checks[0].detail  # test: macro-F1
         registry.promote(candidate.ref, reason=f"gate passed against {production.ref}: {summary}")
         decision.promoted = True
     write_gate_report(decision, registry.artifacts(candidate), config.gate.max_class_drop)

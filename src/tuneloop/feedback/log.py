@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, func, insert, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
 from tuneloop.db import Base, open_database
@@ -38,7 +37,7 @@ class PredictionRecord(Base):
     model_version: Mapped[int] = mapped_column(Integer)
     text: Mapped[str] = mapped_column(Text)
     label: Mapped[str] = mapped_column(String(200))
-    scores: Mapped[dict] = mapped_column(JSON)
+    scores: Mapped[dict[str, float]] = mapped_column(JSON)
     source: Mapped[str] = mapped_column(String(20), default="api")
 
 
@@ -80,12 +79,15 @@ def _now() -> datetime:
 class PredictionLog:
     """Buffered prediction writes plus synchronous feedback writes over one database."""
 
-    def __init__(self, database_url: str, home: Path, flush_ms: float = 200.0, max_batch: int = 512) -> None:
+    def __init__(self, database_url: str, home: Path, flush_ms: float = 200.0, max_batch: int = 512,
+                 max_backlog: int = 200_000) -> None:
         self.engine = open_database(database_url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.home = Path(home)
         self.flush_seconds = flush_ms / 1000
         self.max_batch = max_batch
+        # While the database is down rows wait in memory; past this many they are moved to a rescue file.
+        self.max_backlog = max_backlog
         self._pending: list[LoggedPrediction] = []
         self._pending_lock = threading.Lock()
         self._write_lock = threading.Lock()  # one writer at a time: the thread, flush() or close()
@@ -121,28 +123,74 @@ class PredictionLog:
             self._wake.clear()
             try:
                 self.flush()
-            except SQLAlchemyError:
-                # The rows are still pending (flush puts them back); try again on the next tick.
+            except Exception:  # the writer must outlive any error: the rows are back in the buffer
                 log.exception("prediction log: write failed, %d rows kept in memory", self.backlog)
+                if self.backlog > self.max_backlog:
+                    self._rescue(self._take_pending(), "the database stayed unavailable")
                 time.sleep(min(self.flush_seconds * 5, 2.0))
 
+    def _take_pending(self) -> list[LoggedPrediction]:
+        with self._pending_lock:
+            batch, self._pending = self._pending, []
+        return batch
+
+    def _insert(self, batch: list[LoggedPrediction]) -> None:
+        # NUL cannot be stored in a PostgreSQL text column; it carries no meaning in a message anyway.
+        rows = [{**vars(p), "text": p.text.replace("\x00", "")} for p in batch]
+        with self._sessions.begin() as session:
+            session.execute(insert(PredictionRecord), rows)
+
+    def _database_answers(self) -> bool:
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(select(1))
+            return True
+        except Exception:
+            return False
+
     def flush(self) -> int:
-        """Write every pending prediction now; returns how many were written."""
+        """Write every pending prediction now; returns how many were written.
+
+        If the batch fails while the database answers, the rows are written one by one: when only some are
+        refused the fault is theirs, and they go to a rescue file so that they cannot block the rest. When
+        the database does not answer, or refuses every row (a missing table, a full disk), the batch goes
+        back to the buffer and the error is raised.
+        """
         with self._write_lock:
-            with self._pending_lock:
-                batch, self._pending = self._pending, []
+            batch = self._take_pending()
             if not batch:
                 return 0
-            rows = [vars(p) for p in batch]
             try:
-                with self._sessions.begin() as session:
-                    session.execute(insert(PredictionRecord), rows)
-            except SQLAlchemyError:
-                with self._pending_lock:
-                    self._pending = batch + self._pending
-                raise
+                self._insert(batch)
+            except Exception:
+                refused = batch
+                if self._database_answers():
+                    refused = []
+                    for prediction in batch:
+                        try:
+                            self._insert([prediction])
+                        except Exception:
+                            refused.append(prediction)
+                if len(refused) == len(batch):
+                    with self._pending_lock:
+                        self._pending = batch + self._pending
+                    raise
+                self._rescue(refused, "the database refused these rows")
+                batch = [p for p in batch if p not in refused]
             self.written += len(batch)
             return len(batch)
+
+    def _rescue(self, batch: list[LoggedPrediction], why: str) -> Path | None:
+        """Append rows to a JSONL file in the home: kept for a human, never dropped."""
+        if not batch:
+            return None
+        rescue = self.home / f"unsaved-predictions-{_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}.jsonl"
+        rescue.parent.mkdir(parents=True, exist_ok=True)
+        with rescue.open("a", encoding="utf-8") as out:
+            for p in batch:
+                out.write(json.dumps({**vars(p), "created_at": p.created_at.isoformat()}, ensure_ascii=False) + "\n")
+        log.error("prediction log: %s; %d rows saved to %s", why, len(batch), rescue)
+        return rescue
 
     def close(self) -> None:
         """Stop the writer and flush; rows the database refuses are saved to a JSONL file."""
@@ -154,16 +202,8 @@ class PredictionLog:
             self._thread.join()
         try:
             self.flush()
-        except SQLAlchemyError:
-            with self._pending_lock:
-                batch, self._pending = self._pending, []
-            rescue = self.home / f"unsaved-predictions-{_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}.jsonl"
-            rescue.parent.mkdir(parents=True, exist_ok=True)
-            with rescue.open("w", encoding="utf-8") as out:
-                for p in batch:
-                    out.write(json.dumps({**vars(p), "created_at": p.created_at.isoformat()}, ensure_ascii=False)
-                              + "\n")
-            log.error("prediction log: database unavailable at shutdown; %d rows saved to %s", len(batch), rescue)
+        except Exception:
+            self._rescue(self._take_pending(), "the database was unavailable at shutdown")
         self.engine.dispose()
 
     def get(self, prediction_id: str) -> PredictionRecord | None:

@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 
 # Feedback rows carry no source row number; this marks them in the splits.
 FEEDBACK_ROW = -1
-# Sections that describe where things run, not how the model was trained: taken from the caller.
-ENVIRONMENT_SECTIONS = ("registry", "serve", "feedback", "gate")
+# Sections that describe where things run, not how the model was trained: taken from the caller. The
+# feedback section is part of the recipe: a holdout share that changed between retrains would move
+# examples from one side to the other.
+ENVIRONMENT_SECTIONS = ("registry", "serve", "gate")
 
 
 @dataclass
@@ -95,6 +97,7 @@ def retrain(name: str, config_file: Path | None = None, overrides: list[str] | N
     recipe = {k: v for k, v in production.config.items() if k not in ENVIRONMENT_SECTIONS}
     config = load_config(config_file, overrides, base=recipe)
     config.name = name  # a name in the caller's config file must not send the candidate elsewhere
+    config.data.kfold = None  # the splits are given; folds of production's own data do not apply
     feedback_log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
     try:
         examples = feedback_examples(feedback_log.feedback_for(name), config.feedback.include_confirmed)

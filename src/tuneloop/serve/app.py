@@ -3,6 +3,7 @@ and shape the answer."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -25,6 +26,7 @@ from tuneloop.errors import TuneloopError
 from tuneloop.feedback.log import LoggedPrediction, PredictionLog, new_prediction_id
 from tuneloop.models.classifier import META_FILE, MODEL_DIR
 from tuneloop.registry.store import Registry
+from tuneloop.serve.batching import BatcherStopped
 from tuneloop.serve.metrics import RequestMetrics, ServerMetrics
 from tuneloop.serve.models import LoadedModel, ServedModels
 from tuneloop.serve.schemas import (
@@ -50,6 +52,11 @@ ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 422)}
 def _field(location: tuple) -> str:
     parts = [str(p) for p in location if p != "body"]
     return ".".join(parts) or "body"
+
+
+def _log_failed_promotion(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("promotion over HTTP failed; nothing changed: %s", task.exception())
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -139,7 +146,7 @@ def create_app(config: TuneloopConfig) -> FastAPI:
             raise HTTPException(422, str(exc)) from None
         try:
             live, probs = await slot.batcher.submit([clean_text(t) for t in body.texts])
-        except RuntimeError:
+        except BatcherStopped:
             raise HTTPException(503, "the server is shutting down; retry on another instance") from None
         k = min(body.top_k or settings.top_k, len(live.labels))
         now = datetime.now(timezone.utc)
@@ -182,7 +189,8 @@ def create_app(config: TuneloopConfig) -> FastAPI:
         """The served models: the version answering now and the one being loaded, if any."""
         infos = []
         for name, slot in served.slots.items():
-            record = slot.current.record
+            # Read again: a rollback or an archive elsewhere changes the stage of the version being served.
+            record = await run_in_threadpool(registry.get, slot.current.ref)
             infos.append(ModelInfo(name=name, version=record.version, stage=record.stage, base_model=record.base_model,
                                    labels=slot.current.labels, metrics=record.metrics, created_at=record.created_at,
                                    parent=record.parent, loading_version=slot.loading))
@@ -190,23 +198,31 @@ def create_app(config: TuneloopConfig) -> FastAPI:
 
     @app.post("/v1/models/{name}/promote", response_model=PromoteResponse, responses=ERRORS, tags=["models"],
               dependencies=admin_only)
-    async def promote(name: str, body: PromoteRequest) -> PromoteResponse:
-        """Make a version production; the server switches to it in the background (or before answering with
-        `wait`), finishing requests in flight on the old one."""
+    async def promote(name: str, body: PromoteRequest, response: Response) -> PromoteResponse:
+        """Make a version production. A served model's new version is loaded first, beside the live one, and
+        only then promoted and switched to; requests in flight finish on the old one. With `wait` the answer
+        comes after the switch (200), otherwise at once (202)."""
+        reason = "promoted over HTTP"
         try:
-            record = await run_in_threadpool(registry.promote, f"{name}@{body.version}", "promoted over HTTP")
+            target = await run_in_threadpool(registry.get, f"{name}@{body.version}")
         except TuneloopError as exc:
             raise HTTPException(404, str(exc)) from None
         slot = served.slots.get(name)
-        if slot is not None:
-            swap = served.request_swap(name)
-            if body.wait:
-                try:
-                    await swap
-                except Exception as exc:
-                    raise HTTPException(500, f"{record.ref} is production but loading it failed: {exc}") from None
+        if slot is None:
+            record = await run_in_threadpool(registry.promote, target.ref, reason)
+            return PromoteResponse(name=name, version=record.version, stage=record.stage, serving_version=None)
+        task = asyncio.create_task(served.promote(name, body.version, reason))
+        task.add_done_callback(_log_failed_promotion)
+        if not body.wait:
+            response.status_code = 202
+            return PromoteResponse(name=name, version=target.version, stage=target.stage,
+                                   serving_version=slot.current.version)
+        try:
+            record = await asyncio.shield(task)  # a client that hangs up does not cancel the promotion
+        except Exception as exc:
+            raise HTTPException(500, f"{target.ref} could not be loaded, so it was not promoted: {exc}") from None
         return PromoteResponse(name=name, version=record.version, stage=record.stage,
-                               serving_version=slot.current.version if slot else None)
+                               serving_version=slot.current.version)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict:

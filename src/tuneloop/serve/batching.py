@@ -22,10 +22,15 @@ log = logging.getLogger(__name__)
 Result = TypeVar("Result")
 
 
+class BatcherStopped(RuntimeError):
+    """Raised to callers that arrive after stop() began."""
+
+
 @dataclass
 class _Job:
     texts: list[str]
     future: asyncio.Future = field(repr=False)
+    arrived: float = field(default_factory=time.monotonic)
 
 
 class MicroBatcher(Generic[Result]):
@@ -58,7 +63,7 @@ class MicroBatcher(Generic[Result]):
 
     async def submit(self, texts: list[str]) -> tuple[object, Result]:
         if not self.running or self._stopping:
-            raise RuntimeError("the batcher is not running")
+            raise BatcherStopped("the batcher is not running")
         job = _Job(texts, asyncio.get_running_loop().create_future())
         self._jobs.append(job)
         self._queued_texts += len(texts)
@@ -73,7 +78,9 @@ class MicroBatcher(Generic[Result]):
             await self._task
 
     async def _wait_for_company(self) -> None:
-        deadline = time.monotonic() + self.max_wait
+        # Measured from the oldest request's arrival: one that queued during the previous batch has
+        # already waited and goes at once.
+        deadline = self._jobs[0].arrived + self.max_wait
         while self._queued_texts < self.max_batch_size and not self._stopping:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -111,14 +118,14 @@ class MicroBatcher(Generic[Result]):
             started = time.perf_counter()
             try:
                 context, rows = await loop.run_in_executor(self.executor, self.run_batch, texts)
+                if self.on_batch:
+                    self.on_batch(len(texts), time.perf_counter() - started)
             except Exception as exc:  # handed to every waiting caller; the loop keeps serving
                 log.exception("batch of %d texts failed", len(texts))
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
-            if self.on_batch:
-                self.on_batch(len(texts), time.perf_counter() - started)
             offset = 0
             for job in batch:
                 if not job.future.done():  # a caller that went away is skipped

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -130,34 +130,50 @@ class ServedModels:
             raise KeyError(name)
         return self.slots[name]
 
-    async def predict(self, name: str | None, texts: list[str]) -> tuple[LoadedModel, np.ndarray]:
-        slot = self.slot(name)
-        return await slot.batcher.submit(texts)
-
-    async def swap_to_production(self, name: str) -> LoadedModel:
-        """Load `name`'s current production version in the background and switch to it."""
-        slot = self.slots[name]
-        loop = asyncio.get_running_loop()
-        target = await loop.run_in_executor(None, self.registry.get, f"{name}@production")
-        if target.version == slot.current.version:
-            return slot.current
+    async def _load(self, slot: ModelSlot, target: ModelVersion) -> LoadedModel:
         slot.loading = target.version
         try:
-            loaded = await loop.run_in_executor(self.loader, load_version, self.registry, target)
+            return await asyncio.get_running_loop().run_in_executor(self.loader, load_version, self.registry, target)
         except Exception:
             slot.failed = target.version
             raise
         finally:
             slot.loading = None
-        previous = slot.current
-        slot.current = loaded
+
+    def _switch(self, slot: ModelSlot, loaded: LoadedModel) -> None:
+        previous, slot.current = slot.current, loaded
         log.info("hot swap: %s → %s", previous.ref, loaded.ref)
         if self.on_swap:
             self.on_swap(loaded)
-        return loaded
+
+    async def swap_to_production(self, name: str) -> LoadedModel:
+        """Load `name`'s production version in the background and switch to it; if production moved
+        on while loading, load again, so the server ends on what the registry says now."""
+        slot = self.slots[name]
+        loop = asyncio.get_running_loop()
+        while True:
+            target = await loop.run_in_executor(None, self.registry.get, f"{name}@production")
+            if target.version == slot.current.version:
+                return slot.current
+            self._switch(slot, await self._load(slot, target))
+
+    async def promote(self, name: str, version: int, reason: str) -> ModelVersion:
+        """Load the version first, then promote it in the registry and switch: a version that will not load
+        never becomes production."""
+        slot = self.slots[name]
+        loop = asyncio.get_running_loop()
+        target = await loop.run_in_executor(None, self.registry.get, f"{name}@{version}")
+        loaded = slot.current if target.version == slot.current.version else await self._load(slot, target)
+        promoted = await loop.run_in_executor(None, self.registry.promote, target.ref, reason)
+        # No await between the registry change and the switch: the watcher cannot see them apart.
+        if loaded is slot.current:
+            slot.current = replace(loaded, record=promoted)
+        else:
+            self._switch(slot, replace(loaded, record=promoted))
+        return promoted
 
     def request_swap(self, name: str) -> asyncio.Task:
-        """Start (or join) a swap of `name` to its production version."""
+        """Start (or join) a swap of `name` to its production version (the watcher's path)."""
         running = self._swaps.get(name)
         if running is None or running.done():
             running = asyncio.get_running_loop().create_task(self.swap_to_production(name), name=f"swap-{name}")

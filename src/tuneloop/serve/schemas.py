@@ -87,4 +87,4 @@ class PromoteResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
-    errors: list[dict] | None = None
+    errors: list[dict[str, str]] | None = None

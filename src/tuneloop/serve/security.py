@@ -7,7 +7,6 @@ import hmac
 import json
 import os
 import secrets
-
 from typing import Annotated
 
 from fastapi import Depends, Header, Request, status
@@ -43,16 +42,16 @@ class KeyRing:
 
     @property
     def client_open(self) -> bool:
-        """With no keys configured at all, predict and feedback need none (a trusted network)."""
-        return not self.client and not self.admin
+        """With no client keys configured, predict and feedback need none (a trusted network)."""
+        return not self.client
 
     def scopes_of(self, key: str | None) -> set[str]:
         if not key:
             return set()
         digest = hash_key(key)
-        # compare_digest over every stored hash: the time taken does not say which one matched.
-        is_admin = any(hmac.compare_digest(digest, h) for h in self.admin)
-        is_client = any(hmac.compare_digest(digest, h) for h in self.client)
+        # Every stored hash is compared (no early exit), so the time taken does not say which one matched.
+        is_admin = sum(hmac.compare_digest(digest, h) for h in self.admin) > 0
+        is_client = sum(hmac.compare_digest(digest, h) for h in self.client) > 0
         return {"admin", "client"} if is_admin else ({"client"} if is_client else set())
 
 
@@ -79,7 +78,10 @@ def require_admin(request: Request, key: Annotated[str | None, Depends(presented
     if not keys.admin:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "admin routes are disabled: configure an admin key "
                             "(serve.admin_key_hashes or TUNELOOP_ADMIN_KEYS; tuneloop keys new --scope admin)")
-    if "admin" not in keys.scopes_of(key):
+    scopes = keys.scopes_of(key)
+    if "client" in scopes and "admin" not in scopes:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this key has the client scope; this route needs an admin key")
+    if "admin" not in scopes:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "an admin API key is required",
                             headers={"WWW-Authenticate": "Bearer"})
 
@@ -106,7 +108,6 @@ class BodySizeLimit:
             await self._too_large(send)
             return
         received = 0
-        started = False
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -114,19 +115,9 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    # An HTTPException passes through FastAPI's body parsing (anything else becomes a 400).
+                    # An HTTPException passes through FastAPI's body parsing (anything else would become a
+                    # 400) and the app's exception handler turns it into the 413 answer.
                     raise HTTPException(413, f"request body is larger than {self.max_bytes} bytes")
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except HTTPException as exc:
-            if exc.status_code != 413 or started:
-                raise
-            await self._too_large(send)
+        await self.app(scope, counting_receive, send)
