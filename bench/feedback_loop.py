@@ -1,0 +1,142 @@
+"""Benchmark: does the loop fix a drifted model? Banking77 with 10 intents starved of training data.
+
+    python bench/feedback_loop.py [--drifted 10] [--keep 5] [--set train.epochs=2 ...]
+
+1. Production is trained on Banking77's training set with 10 intents (seeded choice) cut to 5 examples
+   each, and 10% of the other intents' rows held back; it is evaluated on the official test set.
+2. `tuneloop serve` runs on 127.0.0.1; simulated users send the held-back texts (the drifted intents'
+   removed rows plus the other held-back rows) in small requests, and correct every wrong answer
+   through /v1/feedback.
+3. The server is stopped cleanly; the feedback rows in the database are counted against those sent.
+4. `retrain` trains a candidate on production's data plus the feedback; `gate` decides.
+Prints one JSON line: macro-F1 on the drifted intents and overall (test set), before and after, the gate's
+checks and decision, and the feedback counts (sent / stored / exported / lost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+from sklearn.metrics import f1_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import free_port, stop, wait_ready  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+
+
+def scores(registry, ref: str, test: pd.DataFrame, drifted: list[str]) -> dict:
+    from tuneloop.predict import Predictor
+
+    predictor = Predictor.from_registry(registry, ref)
+    predicted = [p.label for p in predictor.predict(test["text"].tolist(), top_k=1)]
+    truth = test["label"].tolist()
+    return {"accuracy": round(float(np.mean([a == b for a, b in zip(predicted, truth)])), 4),
+            "macro_f1": round(float(f1_score(truth, predicted, average="macro")), 4),
+            "drifted_macro_f1": round(float(f1_score(truth, predicted, labels=drifted, average="macro")), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--drifted", type=int, default=10, help="Intents starved of training data.")
+    parser.add_argument("--keep", type=int, default=5, help="Training examples left for each drifted intent.")
+    parser.add_argument("--other-holdback", type=float, default=0.1, help="Share of other intents' rows streamed.")
+    parser.add_argument("--request-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="tuneloop config override.")
+    args = parser.parse_args()
+
+    from tuneloop.config import load_config
+    from tuneloop.feedback.export import feedback_examples
+    from tuneloop.feedback.gate import run_gate
+    from tuneloop.feedback.log import PredictionLog
+    from tuneloop.feedback.retrain import retrain
+    from tuneloop.registry.store import Registry
+    from tuneloop.train.run import run_training
+
+    rng = np.random.default_rng(args.seed)
+    train = pd.read_csv(SHARED / "banking77" / "train.csv").rename(columns={"category": "label"})
+    test = pd.read_csv(SHARED / "banking77" / "test.csv").rename(columns={"category": "label"})
+    intents = sorted(train["label"].unique())
+    drifted = sorted(rng.choice(intents, size=args.drifted, replace=False).tolist())
+    is_drifted = train["label"].isin(drifted)
+    kept_drifted = train[is_drifted].groupby("label", group_keys=False).apply(
+        lambda g: g.sample(n=args.keep, random_state=args.seed))
+    others = train[~is_drifted]
+    held_others = others.sample(frac=args.other_holdback, random_state=args.seed)
+    production_rows = pd.concat([others.drop(held_others.index), kept_drifted])
+    stream = pd.concat([train[is_drifted].drop(kept_drifted.index), held_others]).sample(frac=1, random_state=args.seed)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        home = work / "home"
+        production_rows.to_csv(work / "train.csv", index=False)
+        test.to_csv(work / "test.csv", index=False)
+        common = [f"registry.home={home}", "name=banking77", *args.overrides]
+        config = load_config(None, [f"data.path={work / 'train.csv'}", f"data.test_path={work / 'test.csv'}", *common])
+        started = time.perf_counter()
+        production = run_training(config, show_progress=False).version
+        registry = Registry(config.registry)
+        registry.promote(production.ref)
+        production_seconds = time.perf_counter() - started
+        before = scores(registry, production.ref, test, drifted)
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen([sys.executable, "-m", "tuneloop", "serve", "--port", str(port), *common])
+        sent = wrong = 0
+        try:
+            wait_ready(url, server)
+            with httpx.Client(base_url=url, timeout=60) as http:
+                texts, labels = stream["text"].tolist(), stream["label"].tolist()
+                for start in range(0, len(texts), args.request_size):
+                    answer = http.post("/v1/predict", json={"texts": texts[start:start + args.request_size]}).json()
+                    for prediction, truth in zip(answer["predictions"], labels[start:start + args.request_size]):
+                        if prediction["label"] != truth:
+                            wrong += 1
+                            response = http.post("/v1/feedback", json={"prediction_id": prediction["prediction_id"],
+                                                                       "corrected_label": truth})
+                            sent += response.status_code == 201
+        finally:
+            stop(server)
+
+        prediction_log = PredictionLog(config.registry.resolved_database_url(), home)
+        stored = prediction_log.count("banking77")
+        exported = feedback_examples(prediction_log.feedback_for("banking77"))
+        prediction_log.close()
+
+        started = time.perf_counter()
+        outcome = retrain("banking77", overrides=common, show_progress=False)
+        retrain_seconds = time.perf_counter() - started
+        decision = run_gate(outcome.run.version.ref, load_config(None, common))
+        after = scores(registry, outcome.run.version.ref, test, drifted)
+
+    result = {
+        "drifted_intents": drifted, "production_train_rows": len(production_rows), "stream_texts": len(stream),
+        "before": before, "after": after,
+        "delta_points": {k: round(100 * (after[k] - before[k]), 2) for k in before},
+        "feedback": {"wrong_answers": wrong, "sent": sent, "stored": stored["feedback"],
+                     "predictions_stored": stored["predictions"], "exported_examples": len(exported.examples),
+                     "lost": sent - stored["feedback"], **outcome.feedback},
+        "gate": {"passed": decision.passed, "promoted": decision.promoted,
+                 "checks": {c.name: c.passed for c in decision.checks},
+                 "details": {c.name: c.detail for c in decision.checks}, "rows": decision.rows},
+        "seconds": {"production_training": round(production_seconds, 1), "retrain": round(retrain_seconds, 1)},
+        "cores": os.cpu_count(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

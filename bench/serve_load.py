@@ -1,0 +1,243 @@
+"""Benchmark: tuneloop's server under concurrent load, against the naive way of serving the same model.
+
+    python bench/serve_load.py [--clients 16] [--seconds 20] [--baseline naive] [--home DIR --model NAME]
+
+Starts `tuneloop serve` on 127.0.0.1 in a subprocess and runs N concurrent clients, each sending one
+Banking77 test text per request, for a bounded time and a bounded number of requests; prints one JSON
+line with req/s, p50/p95/p99 latency and the mean batch size (from the server's /metrics). With
+--baseline naive it also starts, in a second subprocess, a FastAPI app whose endpoint calls a
+transformers feature-extraction pipeline per request and applies the same pooling and head, checks
+that both servers give the same labels, loads it the same way and prints the ratio.
+
+Without --home, a model is trained first (all-MiniLM-L6-v2 on Banking77, 1 epoch) into a temporary home.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"server at {url} not ready after {seconds}s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)  # a clean shutdown: the prediction log is flushed
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+async def load(url: str, path: str, body_of, texts: list[str], clients: int, seconds: float, max_requests: int,
+               warmup: float) -> dict:
+    """`clients` concurrent loops posting one text per request until the time or request budget is spent."""
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        async def user(number: int, until: float, record: bool) -> None:
+            nonlocal errors, sent
+            index = number
+            while time.perf_counter() < until and sent < max_requests:
+                text = texts[index % len(texts)]
+                index += clients
+                started = time.perf_counter()
+                try:
+                    response = await http.post(path, json=body_of(text))
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if record:
+                    sent += 1
+                    if ok:
+                        latencies.append(time.perf_counter() - started)
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(user(i, time.perf_counter() + warmup, False) for i in range(clients)))
+        started = time.perf_counter()
+        await asyncio.gather(*(user(i, started + seconds, True) for i in range(clients)))
+        elapsed = time.perf_counter() - started
+    lat = np.array(latencies) * 1000
+    return {"requests": len(latencies), "errors": errors, "seconds": round(elapsed, 2),
+            "req_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
+            "p99_ms": round(float(np.percentile(lat, 99)), 1)}
+
+
+def batch_stats(url: str) -> dict:
+    text = httpx.get(url + "/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("tuneloop_batch_size_sum") or line.startswith("tuneloop_batch_size_count"):
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{")[0]] = float(value)
+    count = values.get("tuneloop_batch_size_count", 0)
+    return {"batches": int(count), "mean_batch_size": round(values["tuneloop_batch_size_sum"] / count, 2) if count else None}
+
+
+def labels_from(url: str, path: str, body_of, parse, texts: list[str]) -> list[str]:
+    with httpx.Client(base_url=url, timeout=60) as http:
+        return [parse(http.post(path, json=body_of(t)).json()) for t in texts]
+
+
+class NaiveRequest(BaseModel):
+    text: str
+
+
+def naive_server(folder: Path, port: int, threads: int) -> None:
+    """The way a quick prototype serves a model: a pipeline call per request, no batching."""
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from safetensors.torch import load_file
+    from transformers import pipeline
+
+    torch.set_num_threads(threads)
+    spec = json.loads((folder / "classifier.json").read_text())
+    head = torch.nn.functional.normalize(load_file(folder / "head.safetensors")["weight"], dim=-1)
+    extractor = pipeline("feature-extraction", model=str(folder), tokenizer=str(folder), device="cpu")
+    app = FastAPI()
+
+    @app.post("/predict")
+    def predict(body: NaiveRequest) -> dict:  # a plain def: FastAPI runs each request on its thread pool
+        hidden = extractor(spec["text_prefix"] + body.text, return_tensors=True,
+                           tokenize_kwargs={"truncation": True, "max_length": spec["max_length"]})
+        pooled = hidden[0].mean(0) if spec["pooling"] == "mean" else hidden[0][0]
+        scores = torch.softmax(spec["cosine_scale"] * torch.nn.functional.normalize(pooled, dim=-1) @ head.T, -1)
+        best = int(scores.argmax())
+        return {"label": spec["labels"][best], "score": float(scores[best])}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def train_quick_model(home: Path) -> str:
+    from tuneloop.config import load_config
+    from tuneloop.registry.store import Registry
+    from tuneloop.train.run import run_training
+
+    train = pd.read_csv(SHARED / "banking77" / "train.csv").rename(columns={"category": "label"})
+    path = home / "banking77-train.csv"
+    home.mkdir(parents=True, exist_ok=True)
+    train.to_csv(path, index=False)
+    config = load_config(None, [f"data.path={path}", f"registry.home={home}", "name=banking77", "train.epochs=1"])
+    outcome = run_training(config, show_progress=False)
+    Registry(config.registry).promote(outcome.version.ref)
+    return "banking77"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=20.0, help="Measured time per server.")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--max-requests", type=int, default=50_000, help="Request budget per server.")
+    parser.add_argument("--baseline", choices=["naive"])
+    parser.add_argument("--home", type=Path, help="A tuneloop home with a production version to serve.")
+    parser.add_argument("--model", default=None, help="Model name in --home.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="tuneloop serve override.")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--naive-server", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.naive_server:
+        naive_server(args.naive_server, args.port, args.threads)
+        return
+
+    texts = pd.read_csv(SHARED / "banking77" / "test.csv")["text"].astype(str).tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        home = args.home or Path(tmp) / "home"
+        name = args.model or (train_quick_model(home) if args.home is None else None)
+        from tuneloop.config import RegistryConfig
+        from tuneloop.models.classifier import MODEL_DIR
+        from tuneloop.registry.store import Registry
+
+        registry = Registry(RegistryConfig(home=home))
+        version = registry.get(f"{name}@production") if name else next(
+            v for v in registry.list() if v.stage == "production")
+        result = {"model": version.ref, "clients": args.clients, "seconds": args.seconds, "cores": os.cpu_count()}
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen([sys.executable, "-m", "tuneloop", "serve", "--port", str(port),
+                                   f"registry.home={home}", f"serve.models=[{version.name}]",
+                                   f"serve.threads={args.threads}", *args.overrides])
+        try:
+            wait_ready(url, server)
+            ours = asyncio.run(load(url, "/v1/predict", lambda t: {"texts": [t]}, texts, args.clients, args.seconds,
+                                    args.max_requests, args.warmup))
+            ours.update(batch_stats(url))
+            sample = texts[:200]
+            our_labels = labels_from(url, "/v1/predict", lambda t: {"texts": [t]},
+                                     lambda r: r["predictions"][0]["label"], sample)
+        finally:
+            stop(server)
+        result["tuneloop"] = ours
+
+        if args.baseline == "naive":
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            naive = subprocess.Popen([sys.executable, __file__, "--naive-server",
+                                      str(registry.artifacts(version) / MODEL_DIR), "--port", str(port),
+                                      "--threads", str(args.threads)])
+            try:
+                deadline = time.monotonic() + 300
+                while True:
+                    try:
+                        httpx.post(url + "/predict", json={"text": "warm up"}, timeout=10)
+                        break
+                    except httpx.HTTPError:
+                        if naive.poll() is not None or time.monotonic() > deadline:
+                            raise SystemExit("naive server did not start")
+                        time.sleep(0.5)
+                theirs = asyncio.run(load(url, "/predict", lambda t: {"text": t}, texts, args.clients, args.seconds,
+                                          args.max_requests, args.warmup))
+                their_labels = labels_from(url, "/predict", lambda t: {"text": t}, lambda r: r["label"], sample)
+            finally:
+                stop(naive)
+            result["naive"] = theirs
+            result["same_predictions"] = round(float(np.mean([a == b for a, b in zip(our_labels, their_labels)])), 4)
+            result["ratio_req_per_s"] = round(ours["req_per_s"] / theirs["req_per_s"], 2)
+            result["ratio_p95_latency"] = round(ours["p95_ms"] / theirs["p95_ms"], 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
