@@ -19,12 +19,17 @@ TOPICS = {
     "password": ["password", "login", "reset", "account", "locked", "sign"],
 }
 FILLER = ["please", "my", "the", "i", "need", "help", "with", "when", "is", "can", "you", "why", "order"]
+MOODS = {
+    "negative": ["angry", "terrible", "worst", "awful", "hate", "useless"],
+    "neutral": ["question", "how", "info", "check", "about", "status"],
+    "positive": ["thanks", "great", "love", "awesome", "happy", "perfect"],
+}
 
 
-def toy_rows(per_label: int = 16, seed: int = 0) -> list[dict]:
+def toy_rows(per_label: int = 16, seed: int = 0, topics: dict[str, list[str]] = TOPICS) -> list[dict]:
     rng = random.Random(seed)
     rows = []
-    for label, words in TOPICS.items():
+    for label, words in topics.items():
         seen = set()
         while len(seen) < per_label:
             text = " ".join(rng.sample(words, 2) + rng.sample(FILLER, 3))
@@ -42,7 +47,7 @@ def tiny_encoder(tmp_path_factory) -> Path:
     tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    corpus = [r["text"] for r in toy_rows(40)] + ["where is 我的 快递 退款 密码"]
+    corpus = [r["text"] for r in toy_rows(40) + toy_rows(40, topics=MOODS)] + ["where is 我的 快递 退款 密码"]
     tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(
         vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
@@ -111,3 +116,56 @@ def served(production_home, tiny_encoder, tmp_path):
     shutil.copytree(production_home, tmp_path / "copy")
     home = tmp_path / "copy" / "home"
     return tiny_config(tiny_encoder, tmp_path / "copy" / "toy.csv", home), home
+
+
+ASSISTANT_YAML = """
+name: shop
+intent_model: toy
+sentiment_model: mood
+faq: faq.csv
+out_of_scope_examples: out_of_scope.csv
+retrieval:
+  encoder: {encoder}
+  min_similarity: 0.5
+templates:
+  intents:
+    refund: {{en: "Refunds take a few days.", zh: "退款需要几天。"}}
+    delivery: {{en: "Your parcel is on its way.", zh: "包裹正在路上。"}}
+"""
+
+
+@pytest.fixture(scope="session")
+def assistant_template(production_home, tiny_encoder, tmp_path_factory) -> Path:
+    """production_home plus a tiny sentiment model 'mood', a toy FAQ and an assistant definition."""
+    import shutil
+
+    from tuneloop.registry.store import Registry
+    from tuneloop.train.run import run_training
+
+    folder = tmp_path_factory.mktemp("assistant")
+    shutil.copytree(production_home, folder, dirs_exist_ok=True)
+    home = folder / "home"
+    pd.DataFrame(toy_rows(per_label=40, seed=5, topics=MOODS)).to_csv(folder / "mood.csv", index=False)
+    config = tiny_config(tiny_encoder, folder / "mood.csv", home, "name=mood")
+    Registry(config.registry).promote(run_training(config, show_progress=False).version.ref)
+    pd.DataFrame([
+        {"question": "how long does a refund take", "answer": "Refunds reach your card in 5-7 days.",
+         "intent": "refund", "lang": "en"},
+        {"question": "where is my parcel delivery", "answer": "Track it on the My Orders page.",
+         "intent": "delivery", "lang": "en"},
+        {"question": "退款 多久", "answer": "退款5-7天到账。", "intent": "refund", "lang": "zh"},
+    ]).to_csv(folder / "faq.csv", index=False)
+    pd.DataFrame({"text": ["weather tomorrow", "football score tonight", "tell me a joke", "stock tips",
+                           "recipe for soup", "movie tonight"]}).to_csv(folder / "out_of_scope.csv", index=False)
+    (folder / "assistant.yaml").write_text(ASSISTANT_YAML.format(encoder=tiny_encoder))
+    return folder
+
+
+@pytest.fixture()
+def assistant_setup(assistant_template, tiny_encoder, tmp_path):
+    """(config, definition path) over a private copy of the assistant template."""
+    import shutil
+
+    shutil.copytree(assistant_template, tmp_path / "shop")
+    home = tmp_path / "shop" / "home"
+    return tiny_config(tiny_encoder, tmp_path / "shop" / "toy.csv", home), tmp_path / "shop" / "assistant.yaml"

@@ -25,3 +25,11 @@ def write_dir_atomically(write: Callable[[Path], None], target: Path) -> None:
     staging.rename(target)
     if previous.exists():
         shutil.rmtree(previous)
+
+
+def write_text_atomically(target: Path, text: str) -> None:
+    """Write a file under a temporary name, then rename it over `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(target.name + ".tmp")
+    staging.write_text(text, encoding="utf-8")
+    staging.replace(target)

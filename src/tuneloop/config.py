@@ -192,9 +192,10 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _explain(error: ValidationError) -> str:
+def explain_validation_error(error: ValidationError, model: type[BaseModel]) -> str:
+    """One line naming every bad key (with a did-you-mean for typos) and what is wrong with it."""
     problems = []
-    known = _known_keys(TuneloopConfig)
+    known = _known_keys(model)
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "config"
         if item["type"] == "extra_forbidden":
@@ -252,7 +253,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None, ba
     try:
         return TuneloopConfig.model_validate(tree)
     except ValidationError as exc:
-        raise TuneloopError(_explain(exc)) from exc
+        raise TuneloopError(explain_validation_error(exc, TuneloopConfig)) from exc
 
 
 def dump_config(config: TuneloopConfig) -> str:

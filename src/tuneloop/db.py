@@ -30,6 +30,7 @@ def open_database(url: str) -> Engine:
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
         # Import for the side effect of declaring the tables on Base before create_all.
+        import tuneloop.assistant.store  # noqa: F401
         import tuneloop.feedback.log  # noqa: F401
         import tuneloop.registry.store  # noqa: F401
 

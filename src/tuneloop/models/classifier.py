@@ -43,6 +43,12 @@ def load_encoder(path: Path) -> PreTrainedModel:
         return AutoModel.from_pretrained(path)
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average of the token vectors, padding excluded: how the packaged sentence encoders were trained."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
 class TextClassifier(nn.Module):
     """Encoder + pooling + head; logits are scaled cosines when head == "cosine"."""
 
@@ -58,8 +64,7 @@ class TextClassifier(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.spec.pooling == "cls":
             return hidden[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return mean_pool(hidden, attention_mask)
 
     def logits_from_embeddings(self, pooled: torch.Tensor) -> torch.Tensor:
         pooled = self.dropout(pooled)
@@ -115,16 +120,27 @@ def encode_batch(
 
 
 @torch.inference_mode()
-def predict_proba(
+def predict_logits(
     model: TextClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 64
 ) -> np.ndarray:
-    """Class probabilities for each text, batched by length so padding stays small."""
+    """Logits for each text, batched by length so padding stays small (cosine head: scale × cosine)."""
     model.eval()
     order = np.argsort([len(t) for t in texts], kind="stable")
     out = np.zeros((len(texts), len(model.spec.labels)), dtype=np.float32)
     for start in range(0, len(texts), batch_size):
         chosen = order[start : start + batch_size]
         batch = encode_batch(tokenizer, [texts[i] for i in chosen], model.spec)
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        out[chosen] = torch.softmax(logits.float(), dim=-1).numpy()
+        out[chosen] = model(batch["input_ids"], batch["attention_mask"]).float().numpy()
     return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def predict_proba(
+    model: TextClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 64
+) -> np.ndarray:
+    """Class probabilities for each text."""
+    return softmax(predict_logits(model, tokenizer, texts, batch_size))

@@ -24,7 +24,7 @@ from tuneloop.config import TuneloopConfig
 from tuneloop.data.clean import clean_text
 from tuneloop.errors import TuneloopError
 from tuneloop.feedback.log import LoggedPrediction, PredictionLog, new_prediction_id
-from tuneloop.models.classifier import META_FILE, MODEL_DIR
+from tuneloop.models.classifier import META_FILE, MODEL_DIR, softmax
 from tuneloop.registry.store import Registry
 from tuneloop.serve.batching import BatcherStopped
 from tuneloop.serve.metrics import RequestMetrics, ServerMetrics
@@ -145,9 +145,10 @@ def create_app(config: TuneloopConfig) -> FastAPI:
         except TuneloopError as exc:
             raise HTTPException(422, str(exc)) from None
         try:
-            live, probs = await slot.batcher.submit([clean_text(t) for t in body.texts])
+            live, logits = await slot.batcher.submit([clean_text(t) for t in body.texts])
         except BatcherStopped:
             raise HTTPException(503, "the server is shutting down; retry on another instance") from None
+        probs = softmax(logits)
         k = min(body.top_k or settings.top_k, len(live.labels))
         now = datetime.now(timezone.utc)
         predictions, logged = [], []

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tuneloop.config import ServeConfig
 from tuneloop.errors import TuneloopError
-from tuneloop.models.classifier import MODEL_DIR, TextClassifier, predict_proba
+from tuneloop.models.classifier import MODEL_DIR, TextClassifier, predict_logits
 from tuneloop.registry.store import ModelVersion, Registry
 from tuneloop.serve.batching import MicroBatcher
 
@@ -60,8 +60,9 @@ class ModelSlot:
         self.batcher: MicroBatcher | None = None
 
     def infer(self, texts: list[str]) -> tuple[LoadedModel, np.ndarray]:
-        live = self.current  # read once: the whole batch runs on this version even if a swap lands now
-        return live, predict_proba(live.model, live.tokenizer, texts, batch_size=max(len(texts), 1))
+        """(version, logits): the version read once, so the whole batch runs on it even if a swap lands now."""
+        live = self.current
+        return live, predict_logits(live.model, live.tokenizer, texts, batch_size=max(len(texts), 1))
 
 
 class ServedModels:

@@ -1,0 +1,1 @@
+"""The customer-service assistant: scope, sentiment, FAQ retrieval, reply generation and escalation."""

@@ -1,0 +1,123 @@
+"""The assistant definition: which models, which FAQ, which templates and rules — typed, from YAML.
+
+Paths in the file are relative to the file itself, so a definition and its FAQ travel together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tuneloop.config import explain_validation_error
+from tuneloop.errors import TuneloopError
+
+LANGUAGES = ("en", "zh")
+SENTIMENTS = ("negative", "neutral", "positive")
+Texts = dict[str, str]  # language → text
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScopeConfig(_Section):
+    """Out-of-scope detection."""
+
+    target_precision: float = Field(0.95, gt=0, le=1, description="In-scope precision the threshold is tuned to.")
+    score: Literal["probability", "cosine"] = Field(
+        "probability", description="Confidence measure: top class probability, or cosine to the closest class.")
+    label: str | None = Field(None, description="An intent label that itself means out of scope (trained).")
+
+
+class RetrievalConfig(_Section):
+    encoder: str = Field("auto", description="auto, all-MiniLM-L6-v2, multilingual-e5-small or a local folder.")
+    top_k: int = Field(3, ge=1)
+    min_similarity: float | None = Field(
+        None, description="Cosine above which the best FAQ entry answers the message; default per encoder.")
+
+
+class EscalationConfig(_Section):
+    min_confidence: float = Field(0.5, ge=0, le=1, description="Below this intent confidence, hand over.")
+    negative_turns: int = Field(2, ge=0, description="Hand over after this many negative turns in a row (0: never).")
+    intents: list[str] = Field(default_factory=list, description="Intents that mean 'a person, please'.")
+    keywords: dict[str, list[str]] | None = Field(None, description="Per language; default: human/agent/人工/...")
+
+
+class TemplatesConfig(_Section):
+    intents: dict[str, Texts] = Field(default_factory=dict, description="Reply per intent, per language.")
+    fallback: Texts = Field(default_factory=lambda: {
+        "en": "Thanks for your message. Could you tell me a bit more so I can help?",
+        "zh": "感谢您的留言，可以再详细说明一下吗？"})
+    out_of_scope: Texts = Field(default_factory=lambda: {
+        "en": "Sorry, I can only help with questions about your orders and account. Let me get a colleague.",
+        "zh": "抱歉，我只能回答订单和账户相关的问题，正在为您转接人工客服。"})
+    escalate: Texts = Field(default_factory=lambda: {
+        "en": "I'm passing you to a colleague who will take it from here.",
+        "zh": "正在为您转接人工客服，请稍候。"})
+    tone: dict[str, Texts] = Field(default_factory=lambda: {
+        "negative": {"en": "I'm sorry about this, and I'll make it quick.", "zh": "非常抱歉给您带来不便，马上为您处理。"},
+        "positive": {"en": "Glad to hear from you!", "zh": "很高兴为您服务！"}})
+
+    @model_validator(mode="after")
+    def _known_tones(self) -> TemplatesConfig:
+        unknown = set(self.tone) - set(SENTIMENTS)
+        if unknown:
+            raise ValueError(f"tone keys must be sentiments ({', '.join(SENTIMENTS)}), not {', '.join(sorted(unknown))}")
+        return self
+
+
+class GeneratorConfig(_Section):
+    kind: Literal["template", "openai"] = "template"
+    base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1")
+    model: str | None = None
+    api_key_env: str | None = Field(None, description="Environment variable holding the server's API key.")
+    timeout: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _openai_needs_a_server(self) -> GeneratorConfig:
+        if self.kind == "openai" and not (self.base_url and self.model):
+            raise ValueError("generator.kind=openai needs generator.base_url and generator.model")
+        return self
+
+
+class AssistantDefinition(_Section):
+    """Everything that makes a support assistant, besides the models' weights."""
+
+    name: str = Field("assistant", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    intent_model: str = Field(description="Registry name of the intent classifier (its production version).")
+    sentiment_model: str = Field(description="Registry name of the negative/neutral/positive classifier.")
+    faq: Path = Field(description="csv/jsonl with question, answer and optional intent, lang columns.")
+    out_of_scope_examples: Path | None = Field(
+        None, description="Messages the assistant should not handle (a text column): tune the scope threshold.")
+    languages: list[Literal["en", "zh"]] = Field(default_factory=lambda: list(LANGUAGES))
+    scope: ScopeConfig = Field(default_factory=ScopeConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    escalation: EscalationConfig = Field(default_factory=EscalationConfig)
+    templates: TemplatesConfig = Field(default_factory=TemplatesConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    history_turns: int = Field(6, ge=0, description="Earlier turns kept in view (sentiment streak, generator).")
+
+
+def load_definition(path: Path) -> AssistantDefinition:
+    """Read and validate an assistant YAML; relative paths are taken from the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise TuneloopError(f"assistant definition not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise TuneloopError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise TuneloopError(f"{path} must hold a mapping (name, intent_model, sentiment_model, faq, ...)")
+    try:
+        definition = AssistantDefinition.model_validate(tree)
+    except ValidationError as exc:
+        raise TuneloopError(f"{path}: {explain_validation_error(exc, AssistantDefinition)}") from exc
+    for field in ("faq", "out_of_scope_examples"):
+        value = getattr(definition, field)
+        if value is not None and not value.is_absolute():
+            setattr(definition, field, (path.parent / value).resolve())
+    return definition

@@ -1,0 +1,91 @@
+"""Reply generators: the step that turns what a turn understood into the words sent back.
+
+`TemplateGenerator` composes from the FAQ answer or the intent's template with a tone set by the
+user's sentiment. `OpenAICompatibleGenerator` asks any server that speaks the OpenAI chat API (vLLM,
+llama.cpp's server, ...) to write the reply grounded in the same material, and falls back to the
+template when that server fails, so a turn never ends without an answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplyRequest:
+    message: str
+    lang: str
+    intent: str | None
+    sentiment: str
+    faq_answer: str | None
+    template: str  # the intent's template in the user's language (or the fallback)
+    tone: str  # an opening line for the sentiment ("" for neutral)
+    history: list[tuple[str, str]] = field(default_factory=list)  # (user, assistant) pairs, oldest first
+
+
+class ReplyGenerator(Protocol):
+    name: str
+
+    def generate(self, request: ReplyRequest) -> str: ...
+
+
+def compose(request: ReplyRequest) -> str:
+    """The tone line, then the FAQ answer when one was found, else the intent's template."""
+    body = request.faq_answer or request.template
+    separator = "" if request.lang == "zh" else " "
+    return f"{request.tone}{separator}{body}".strip() if request.tone else body
+
+
+class TemplateGenerator:
+    name = "template"
+
+    def generate(self, request: ReplyRequest) -> str:
+        return compose(request)
+
+
+class OpenAICompatibleGenerator:
+    """POST {base_url}/chat/completions; the FAQ answer and the user's mood go into the system prompt."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 10.0,
+                 max_tokens: int = 200, temperature: float = 0.3, client: httpx.Client | None = None) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = client or httpx.Client(timeout=timeout, headers=headers)
+
+    def messages(self, request: ReplyRequest) -> list[dict[str, str]]:
+        language = "Chinese (Simplified)" if request.lang == "zh" else "English"
+        facts = (f"Answer from this FAQ entry, and do not invent policies: {request.faq_answer}"
+                 if request.faq_answer else f"No FAQ entry matched; the standard reply is: {request.template}")
+        system = (f"You are a customer-service assistant. Reply in {language}, in at most three sentences. "
+                  f"The customer's intent is {request.intent or 'unclear'} and their mood is {request.sentiment}"
+                  f"{'; start by acknowledging their frustration' if request.sentiment == 'negative' else ''}. "
+                  f"{facts}")
+        chat = [{"role": "system", "content": system}]
+        for user, assistant in request.history[-4:]:
+            chat += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        return chat + [{"role": "user", "content": request.message}]
+
+    def generate(self, request: ReplyRequest) -> str:
+        try:
+            response = self.client.post(self.url, json={
+                "model": self.model, "messages": self.messages(request), "max_tokens": self.max_tokens,
+                "temperature": self.temperature})
+            response.raise_for_status()
+            text = response.json()["choices"][0]["message"]["content"].strip()
+            if text:
+                return text
+            log.warning("generator %s returned an empty reply; using the template", self.url)
+        except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
+            log.warning("generator %s failed (%s); using the template", self.url, exc)
+        return compose(request)

@@ -1,0 +1,125 @@
+"""An assistant ready to answer: its FAQ index built, its scope thresholds tuned per intent-model version.
+
+The server gets the models' outputs through its micro-batchers and calls `decide`; `respond` does the
+same turn with the models run directly (benchmarks, tests, the CLI).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tuneloop.assistant.definition import AssistantDefinition
+from tuneloop.assistant.generate import OpenAICompatibleGenerator, ReplyGenerator, TemplateGenerator
+from tuneloop.assistant.retrieval import FaqIndex, load_faq
+from tuneloop.assistant.scope import ScopeThreshold, tune_threshold
+from tuneloop.assistant.turn import (
+    DEFAULT_FAQ_SIMILARITY,
+    FALLBACK_FAQ_SIMILARITY,
+    TurnOutcome,
+    decide_turn,
+    detect_language,
+    scope_score,
+)
+from tuneloop.atomic import write_text_atomically
+from tuneloop.data.clean import clean_text
+from tuneloop.data.load import read_table
+from tuneloop.data.prepare import load_prepared
+from tuneloop.errors import TuneloopError
+from tuneloop.models.classifier import predict_logits
+from tuneloop.models.embedder import SentenceEmbedder
+from tuneloop.models.encoders import resolve_encoder
+from tuneloop.registry.store import Registry
+from tuneloop.serve.models import LoadedModel, load_version
+
+log = logging.getLogger(__name__)
+
+
+def build_generator(definition: AssistantDefinition) -> ReplyGenerator:
+    settings = definition.generator
+    if settings.kind == "openai":
+        key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+        return OpenAICompatibleGenerator(settings.base_url, settings.model, api_key=key, timeout=settings.timeout)
+    return TemplateGenerator()
+
+
+def out_of_scope_texts(path: Path | None) -> list[str]:
+    if path is None:
+        return []
+    frame = read_table(path)
+    if "text" not in frame.columns:
+        raise TuneloopError(f"{path}: out-of-scope examples need a 'text' column (columns: {', '.join(frame.columns)})")
+    return [t for t in (clean_text(str(x)) for x in frame["text"]) if t]
+
+
+class AssistantRuntime:
+    def __init__(self, definition: AssistantDefinition, registry: Registry) -> None:
+        self.definition = definition
+        self.registry = registry
+        self.folder = registry.home / "assistants" / definition.name
+        entries = load_faq(definition.faq)
+        source = resolve_encoder(definition.retrieval.encoder, registry.home, [e.question for e in entries])
+        self.embedder = SentenceEmbedder(source)
+        self.faq = FaqIndex(entries, self.embedder, cache_dir=self.folder / "faq-index")
+        self.faq_similarity = definition.retrieval.min_similarity or DEFAULT_FAQ_SIMILARITY.get(
+            source.name, FALLBACK_FAQ_SIMILARITY)
+        self.generator = build_generator(definition)
+        self.out_of_scope = out_of_scope_texts(definition.out_of_scope_examples)
+        self.thresholds: dict[str, ScopeThreshold | None] = {}
+
+    def calibrate(self, intent: LoadedModel) -> ScopeThreshold | None:
+        """Tune (or read back) the scope threshold of one intent-model version: its validation split as the
+        in-scope side, the definition's out-of-scope examples as the other."""
+        if intent.ref in self.thresholds:
+            return self.thresholds[intent.ref]
+        if not self.out_of_scope:
+            log.warning("%s: no out_of_scope_examples, so no scope threshold: every message counts as in scope",
+                        self.definition.name)
+            self.thresholds[intent.ref] = None
+            return None
+        cached = self.folder / "scope" / f"{intent.ref}-{self.definition.scope.score}.json"
+        if cached.is_file():
+            threshold = ScopeThreshold(**json.loads(cached.read_text()))
+        else:
+            data = load_prepared(self.registry.artifacts(intent.record) / "data")
+            in_scope = data.val if len(data.val) else data.test
+            if in_scope.empty:
+                raise TuneloopError(f"{intent.ref} has no validation or test split to tune the scope threshold on")
+            texts = in_scope["text"].tolist()
+            scores = [scope_score(row, intent.model.spec, self.definition.scope.score)
+                      for row in predict_logits(intent.model, intent.tokenizer, texts + self.out_of_scope)]
+            threshold = tune_threshold(np.array(scores[:len(texts)]), np.array(scores[len(texts):]),
+                                       self.definition.scope.target_precision)
+            write_text_atomically(cached, json.dumps(threshold.to_dict(), indent=2))
+        log.info("%s: scope threshold %.3f (in-scope precision %.3f on tuning data)", intent.ref,
+                 threshold.threshold, threshold.precision)
+        self.thresholds[intent.ref] = threshold
+        return threshold
+
+    def decide(self, message: str, intent: LoadedModel, intent_logits: np.ndarray, sentiment: LoadedModel,
+               sentiment_logits: np.ndarray, query_vector: np.ndarray, recent_sentiments: list[str],
+               history: list[tuple[str, str]]) -> TurnOutcome:
+        lang = detect_language(message, self.definition.languages)
+        hits = self.faq.search(message, self.definition.retrieval.top_k, lang, query_vector)
+        return decide_turn(self.definition, message, lang, intent.labels, intent_logits, intent.model.spec,
+                           self.calibrate(intent), sentiment.labels, sentiment_logits, hits, self.faq_similarity,
+                           recent_sentiments, self.generator, history)
+
+    def load_models(self) -> tuple[LoadedModel, LoadedModel]:
+        """The production intent and sentiment versions, for `respond`."""
+        loaded = []
+        for name in (self.definition.intent_model, self.definition.sentiment_model):
+            loaded.append(load_version(self.registry, self.registry.get(f"{name}@production")))
+        return loaded[0], loaded[1]
+
+    def respond(self, message: str, intent: LoadedModel, sentiment: LoadedModel,
+                recent_sentiments: list[str] | None = None) -> TurnOutcome:
+        """One turn with the models run here, one forward pass each."""
+        text = clean_text(message)
+        return self.decide(text, intent, predict_logits(intent.model, intent.tokenizer, [text])[0], sentiment,
+                           predict_logits(sentiment.model, sentiment.tokenizer, [text])[0],
+                           self.embedder.encode([text])[0], recent_sentiments or [], [])

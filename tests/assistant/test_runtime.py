@@ -1,0 +1,137 @@
+"""The assistant on tiny models: definition loading, scope calibration per version, whole turns."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from tuneloop.assistant.definition import load_definition
+from tuneloop.assistant.generate import OpenAICompatibleGenerator, ReplyRequest, TemplateGenerator
+from tuneloop.assistant.retrieval import FaqEntry, FaqHit
+from tuneloop.assistant.runtime import AssistantRuntime
+from tuneloop.assistant.scope import ScopeThreshold
+from tuneloop.assistant.turn import decide_turn, detect_language
+from tuneloop.errors import TuneloopError
+from tuneloop.models.classifier import HeadSpec
+from tuneloop.registry.store import Registry
+
+
+def test_definition_paths_are_relative_to_the_file_and_typos_are_named(assistant_setup, tmp_path):
+    _, path = assistant_setup
+    definition = load_definition(path)
+    assert definition.faq == path.parent / "faq.csv" and definition.faq.is_file()
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(path.read_text().replace("min_similarity", "min_simlarity"))
+    with pytest.raises(TuneloopError, match="unknown key 'retrieval.min_simlarity' \\(did you mean 'retrieval.min_similarity'"):
+        load_definition(typo)
+    openai = tmp_path / "openai.yaml"
+    openai.write_text(path.read_text() + "generator: {kind: openai}\n")
+    with pytest.raises(TuneloopError, match="needs generator.base_url and generator.model"):
+        load_definition(openai)
+
+
+def test_scope_threshold_is_tuned_once_per_intent_version_and_cached(assistant_setup):
+    config, path = assistant_setup
+    runtime = AssistantRuntime(load_definition(path), Registry(config.registry))
+    intent, _ = runtime.load_models()
+    threshold = runtime.calibrate(intent)
+    assert threshold.out_of_scope_examples == 6 and threshold.in_scope_examples > 0
+    assert threshold.precision >= 0.95 or threshold.in_scope_recall == 0
+    cached = runtime.folder / "scope" / "toy@1-probability.json"
+    assert json.loads(cached.read_text())["threshold"] == threshold.threshold
+    fresh = AssistantRuntime(load_definition(path), Registry(config.registry))
+    cached.write_text(json.dumps({**threshold.to_dict(), "threshold": 0.123}))
+    assert fresh.calibrate(intent).threshold == 0.123  # read back, not recomputed
+
+
+def test_a_whole_turn_with_the_models_run_directly(assistant_setup):
+    config, path = assistant_setup
+    runtime = AssistantRuntime(load_definition(path), Registry(config.registry))
+    runtime.thresholds["toy@1"] = None  # no scope check: this test is about the rest of the turn
+    intent, sentiment = runtime.load_models()
+    outcome = runtime.respond("refund money back please", intent, sentiment)
+    assert outcome.lang == "en" and outcome.predicted_intent in {"refund", "delivery", "password"}
+    assert outcome.sentiment in {"negative", "neutral", "positive"} and outcome.faq
+    assert outcome.reply
+    human = runtime.respond("can I talk to a human", intent, sentiment)
+    assert human.escalate and human.reason == "asked for a person"
+
+
+def logits_for(labels, winner, margin=8.0):
+    row = np.zeros(len(labels), dtype=np.float32)
+    row[labels.index(winner)] = margin
+    return row
+
+
+SPEC = HeadSpec(labels=["refund", "delivery"], head="cosine", cosine_scale=10.0)
+MOODS = ["negative", "neutral", "positive"]
+HIT = FaqHit(FaqEntry("how long does a refund take", "Refunds take 5-7 days.", "refund", "en"), 0.03, 0.9, 1, 1)
+
+
+def turn(definition, message="refund please", intent="refund", mood="neutral", hits=(HIT,), similarity=0.8,
+         recent=(), lang="en", margin=8.0, threshold=None):
+    return decide_turn(definition, message, lang, SPEC.labels, logits_for(SPEC.labels, intent, margin), SPEC,
+                       threshold, MOODS, logits_for(MOODS, mood), list(hits), similarity, list(recent),
+                       TemplateGenerator())
+
+
+def test_reply_comes_from_the_faq_when_close_and_agreeing_else_from_the_template(assistant_setup):
+    definition = load_definition(assistant_setup[1])
+    assert turn(definition).reply == "Refunds take 5-7 days." and turn(definition).answered_from_faq
+    assert turn(definition, similarity=0.95).reply == "Refunds take a few days."  # not close enough
+    disagreeing = turn(definition, intent="delivery")
+    assert disagreeing.reply == "Your parcel is on its way." and not disagreeing.answered_from_faq
+
+
+def test_tone_follows_sentiment_and_negative_streaks_escalate(assistant_setup):
+    definition = load_definition(assistant_setup[1])
+    angry = turn(definition, mood="negative")
+    assert angry.reply.startswith("I'm sorry about this") and angry.reply.endswith("Refunds take 5-7 days.")
+    assert not angry.escalate
+    again = turn(definition, mood="negative", recent=["negative"])
+    assert again.escalate and again.reason == "negative for 2 turns in a row"
+    assert again.reply.endswith("I'm passing you to a colleague who will take it from here.")
+    zh = turn(definition, message="退款", lang="zh", hits=(), mood="positive")
+    assert zh.reply == "很高兴为您服务！退款需要几天。"
+
+
+def test_out_of_scope_messages_get_the_out_of_scope_reply_and_a_person(assistant_setup):
+    definition = load_definition(assistant_setup[1])
+    strict = ScopeThreshold(0.99, 0.95, 1.0, 1.0, 1.0, 10, 10)
+    outcome = turn(definition, margin=1.0, threshold=strict)
+    assert outcome.intent is None and outcome.predicted_intent == "refund" and outcome.escalate
+    assert outcome.reason == "out of scope" and outcome.reply.startswith("Sorry, I can only help")
+
+
+def test_language_detection():
+    assert detect_language("我的快递到哪了", ["en", "zh"]) == "zh"
+    assert detect_language("where is my iPhone 订单", ["en", "zh"]) == "zh"
+    assert detect_language("where is my parcel", ["en", "zh"]) == "en"
+    assert detect_language("我的快递", ["en"]) == "en"
+
+
+def openai_request():
+    return ReplyRequest("where is my refund", "en", "refund", "negative", "Refunds take 5-7 days.",
+                        "Refunds take a few days.", "I'm sorry.", history=[("hi", "hello")])
+
+
+def test_openai_compatible_generator_grounds_the_reply_and_falls_back_on_failure():
+    seen = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return httpx.Response(200, json={"choices": [{"message": {"content": " It is on its way back to you. "}}]})
+
+    generator = OpenAICompatibleGenerator("http://llm/v1", "qwen", client=httpx.Client(
+        transport=httpx.MockTransport(answer)))
+    assert generator.generate(openai_request()) == "It is on its way back to you."
+    body = seen[0]
+    assert body["model"] == "qwen" and "Refunds take 5-7 days." in body["messages"][0]["content"]
+    assert "frustration" in body["messages"][0]["content"]
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
+    broken = OpenAICompatibleGenerator("http://llm/v1", "qwen", client=httpx.Client(
+        transport=httpx.MockTransport(lambda r: httpx.Response(503))))
+    assert broken.generate(openai_request()) == "I'm sorry. Refunds take 5-7 days."
