@@ -3,8 +3,11 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from tuneloop.assistant.definition import load_definition
+from tuneloop.assistant.retrieval import load_faq
 from tuneloop.config import TuneloopConfig, dump_config, load_config, parse_overrides
 from tuneloop.errors import TuneloopError
 
@@ -65,3 +68,12 @@ def test_every_shipped_yaml_config_loads():
     assert shipped, "the package ships at least the demo config"
     for path in shipped:
         assert isinstance(load_config(path), TuneloopConfig), path
+
+
+def test_the_shipped_demo_assistant_loads_and_covers_every_demo_intent():
+    definition = load_definition(Path(str(resources.files("tuneloop") / "demo" / "assistant.yaml")))
+    intents = set(pd.read_csv(Path(str(resources.files("tuneloop") / "demo" / "data" / "support_intents.csv")))["intent"])
+    assert set(definition.templates.intents) == intents
+    assert all(set(texts) == {"en", "zh"} for texts in definition.templates.intents.values())
+    assert {entry.intent for entry in load_faq(definition.faq)} <= intents
+    assert definition.out_of_scope_examples.is_file() and set(definition.escalation.intents) <= intents

@@ -27,3 +27,13 @@ def test_minilm_finetunes_on_a_banking77_slice(tmp_path, home):
     report = json.loads((home / "models" / "bank" / "v1" / "report.json").read_text())
     assert report["base_model"] == "all-MiniLM-L6-v2"
     assert report["test"]["accuracy"] >= 0.7  # 8 intents: chance is 12.5%
+
+
+def test_demo_trains_both_models_and_builds_the_assistant(tiny_encoder, home):
+    """The demo end to end with the tiny encoder for speed (the FAQ search still uses packaged e5)."""
+    result = CliRunner().invoke(app, ["demo", f"model.name={tiny_encoder}", "train.epochs=1", "train.threads=1"])
+    assert result.exit_code == 0, result.output
+    assert "registered and promoted: support-intents@1" in result.output
+    assert "support-sentiment@1" in result.output and "A few turns" in result.output
+    assert "chat with it: tuneloop serve serve.assistant=" in result.output
+    assert list((home / "assistants" / "support" / "scope").glob("support-intents@1-*.json"))

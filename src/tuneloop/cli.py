@@ -276,22 +276,24 @@ def predict(
 
 @app.command()
 @friendly
-def demo(config: ConfigOption = None, overrides: Overrides = None) -> None:
-    """Run the whole spine on the bundled bilingual customer-service data."""
-    from tuneloop.demo import DEMO_EXAMPLES, demo_config
+def demo(config: ConfigOption = None, overrides: Overrides = None,
+         serve_after: Annotated[bool, typer.Option("--serve", help="Then serve the assistant on serve.port.")] = False
+         ) -> None:
+    """Train the bundled bilingual intent and sentiment models and build the support assistant on them."""
+    from tuneloop.demo import DEMO_EXAMPLES, demo_assistant, demo_config, demo_conversation
     from tuneloop.predict import Predictor
     from tuneloop.registry.store import Registry
     from tuneloop.train.run import run_training
 
     resolved = demo_config(config, overrides)
-    console.rule("tuneloop demo: bilingual customer-service intents")
+    registry = Registry(resolved.registry)
+    console.rule("tuneloop demo 1/3: bilingual customer-service intents")
     console.print(f"data: {resolved.data.path}")
     outcome = run_training(resolved)
     _print_data_report(outcome.report["data"])
     test = outcome.report["test"]
     console.print(f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}[/green] "
                   f"in {outcome.train.train_seconds:.0f}s of training")
-    registry = Registry(resolved.registry)
     version = registry.promote(outcome.version.ref)
     console.print(f"report: {outcome.report_html}")
     console.print(f"registered and promoted: [bold]{version.ref}[/bold] (stage {version.stage})")
@@ -302,8 +304,33 @@ def demo(config: ConfigOption = None, overrides: Overrides = None) -> None:
     for r in predictor.predict(DEMO_EXAMPLES):
         table.add_row(r.text, r.label, f"{r.probability:.3f}")
     console.print(table)
-    console.print(f"try: tuneloop predict --model {version.name} \"where is my parcel?\" registry.home={resolved.registry.home}")
-    console.print(f"serve it over HTTP: tuneloop serve registry.home={resolved.registry.home}  (API docs at /docs)")
+
+    console.rule("tuneloop demo 2/3: sentiment (negative / neutral / positive)")
+    mood = run_training(demo_config(None, overrides, kind="sentiment"), show_progress=True)
+    mood_version = registry.promote(mood.version.ref)
+    mood_test = mood.report["test"]
+    console.print(f"[green]test accuracy {mood_test['accuracy']:.4f}, macro-F1 {mood_test['macro_f1']:.4f}[/green]; "
+                  f"registered and promoted: [bold]{mood_version.ref}[/bold]; report: {mood.report_html}")
+
+    console.rule("tuneloop demo 3/3: the support assistant")
+    table = Table(title="A few turns (sessions a-e)")
+    for column in ("session", "message", "intent", "sentiment", "escalate", "reply"):
+        table.add_column(column)
+    for turn in demo_conversation(registry):
+        result = turn.outcome
+        table.add_row(turn.session, turn.message, result.intent or "[red]out of scope[/red]", result.sentiment,
+                      result.reason or "", result.reply)
+    console.print(table)
+    home = resolved.registry.home
+    command = f"tuneloop serve serve.assistant={demo_assistant()} registry.home={home}"
+    # soft_wrap: a command broken over two lines by the terminal width cannot be copied and pasted.
+    console.print(f"try: tuneloop predict --model {version.name} \"where is my parcel?\" registry.home={home}",
+                  soft_wrap=True)
+    console.print(f"chat with it: {command}", soft_wrap=True)
+    console.print(f"  then open http://{resolved.serve.host}:{resolved.serve.port}/ (chat) and /admin (versions, "
+                  f"feedback, retrain → gate → promote); API docs at /docs")
+    if serve_after:
+        _serve(load_config(config, [*(overrides or []), f"serve.assistant={demo_assistant()}"]))
 
 
 @app.command()
@@ -311,7 +338,17 @@ def demo(config: ConfigOption = None, overrides: Overrides = None) -> None:
 def serve(config: ConfigOption = None, overrides: Overrides = None,
           host: Annotated[str | None, typer.Option(help="Bind address (serve.host).")] = None,
           port: Annotated[int | None, typer.Option(help="Port (serve.port).")] = None) -> None:
-    """Serve the production version of your models over HTTP (predict, feedback, hot swap, metrics)."""
+    """Serve the production version of your models over HTTP (predict, feedback, hot swap, metrics), and the
+    assistant when serve.assistant names a definition."""
+    resolved = _config(config, overrides)
+    if host is not None:
+        resolved.serve.host = host
+    if port is not None:
+        resolved.serve.port = port
+    _serve(resolved)
+
+
+def _serve(resolved: TuneloopConfig) -> None:
     import os
 
     import torch
@@ -319,16 +356,12 @@ def serve(config: ConfigOption = None, overrides: Overrides = None,
 
     from tuneloop.serve.app import create_app
 
-    resolved = _config(config, overrides)
-    if host is not None:
-        resolved.serve.host = host
-    if port is not None:
-        resolved.serve.port = port
     torch.set_num_threads(resolved.serve.threads or os.cpu_count() or 1)
     application = create_app(resolved)
-    served = ", ".join(slot.current.ref for slot in application.state.served.slots.values())
+    served = ", ".join(slot.current.ref for slot in application.state.tuneloop.served.slots.values())
     url = f"http://{resolved.serve.host}:{resolved.serve.port}"
-    console.print(f"serving [bold]{served}[/bold] on {url} (API docs: {url}/docs); Ctrl+C stops")
+    pages = f"; chat: {url}/, admin: {url}/admin" if resolved.serve.assistant else f"; admin: {url}/admin"
+    console.print(f"serving [bold]{served}[/bold] on {url} (API docs: {url}/docs{pages}); Ctrl+C stops")
     uvicorn.run(application, host=resolved.serve.host, port=resolved.serve.port, log_level="warning")
 
 

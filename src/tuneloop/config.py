@@ -128,6 +128,8 @@ class ServeConfig(_Section):
         default_factory=list, description="sha256 hex of admin API keys (also valid as client keys); promotion "
         "over HTTP needs one. Env TUNELOOP_ADMIN_KEYS adds plain keys.")
     log_flush_ms: float = Field(200.0, gt=0, description="Prediction log: most time a row waits in memory.")
+    assistant: Path | None = Field(
+        None, description="An assistant definition (YAML): adds /v1/chat, the chat page / and the admin page /admin.")
 
 
 class FeedbackConfig(_Section):

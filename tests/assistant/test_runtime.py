@@ -95,7 +95,7 @@ def test_tone_follows_sentiment_and_negative_streaks_escalate(assistant_setup):
     assert again.escalate and again.reason == "negative for 2 turns in a row"
     assert again.reply.endswith("I'm passing you to a colleague who will take it from here.")
     zh = turn(definition, message="退款", lang="zh", hits=(), mood="positive")
-    assert zh.reply == "很高兴为您服务！退款需要几天。"
+    assert zh.reply == "很高兴能帮到您！退款需要几天。"
 
 
 def test_out_of_scope_messages_get_the_out_of_scope_reply_and_a_person(assistant_setup):
@@ -104,6 +104,8 @@ def test_out_of_scope_messages_get_the_out_of_scope_reply_and_a_person(assistant
     outcome = turn(definition, margin=1.0, threshold=strict)
     assert outcome.intent is None and outcome.predicted_intent == "refund" and outcome.escalate
     assert outcome.reason == "out of scope" and outcome.reply.startswith("Sorry, I can only help")
+    cheerful = turn(definition, margin=1.0, threshold=strict, mood="positive")
+    assert cheerful.reply.startswith("Sorry, I can only help")  # no "glad I could help" on a hand-over
 
 
 def test_language_detection():

@@ -214,7 +214,7 @@ def raise_runtime_error(texts):
 def test_internal_errors_are_a_plain_500(served, monkeypatch, failure):
     config, _ = served
     app = create_app(config)
-    slot = app.state.served.slots["toy"]
+    slot = app.state.tuneloop.served.slots["toy"]
     monkeypatch.setattr(slot, "infer", failure)
     with TestClient(app, raise_server_exceptions=False) as client:
         slot.batcher.run_batch = slot.infer

@@ -59,7 +59,7 @@ class TemplatesConfig(_Section):
         "zh": "正在为您转接人工客服，请稍候。"})
     tone: dict[str, Texts] = Field(default_factory=lambda: {
         "negative": {"en": "I'm sorry about this, and I'll make it quick.", "zh": "非常抱歉给您带来不便，马上为您处理。"},
-        "positive": {"en": "Glad to hear from you!", "zh": "很高兴为您服务！"}})
+        "positive": {"en": "Glad I could help!", "zh": "很高兴能帮到您！"}})
 
     @model_validator(mode="after")
     def _known_tones(self) -> TemplatesConfig:

@@ -89,8 +89,10 @@ def decide_turn(
     from_faq = (intent is not None and best is not None and best.similarity >= faq_similarity
                 and best.entry.intent in (None, intent))
     if reason is not None:
+        # A hand-over keeps only an apology: cheerfulness reads wrong when we cannot help.
         body = _text(templates.out_of_scope if intent is None else templates.escalate, lang)
-        reply = compose(ReplyRequest(message, lang, intent, sentiment, None, body, tone))
+        reply = compose(ReplyRequest(message, lang, intent, sentiment, None, body,
+                                     tone if sentiment == "negative" else ""))
     else:
         request = ReplyRequest(
             message=message, lang=lang, intent=intent, sentiment=sentiment,

@@ -237,6 +237,14 @@ class PredictionLog:
                      .order_by(FeedbackRecord.created_at, FeedbackRecord.id))
             return [(f, p) for f, p in session.execute(query)]
 
+    def recent_feedback(self, limit: int) -> list[tuple[FeedbackRecord, PredictionRecord]]:
+        """The latest feedback across all models, newest first, with the prediction it is about."""
+        with self._sessions() as session:
+            query = (select(FeedbackRecord, PredictionRecord)
+                     .join(PredictionRecord, FeedbackRecord.prediction_id == PredictionRecord.id)
+                     .order_by(FeedbackRecord.created_at.desc(), FeedbackRecord.id.desc()).limit(limit))
+            return [(f, p) for f, p in session.execute(query)]
+
     def count(self, model_name: str | None = None) -> dict[str, int]:
         """Stored predictions and feedback rows (optionally for one model name)."""
         self.flush()

@@ -34,6 +34,8 @@ class ServerMetrics:
                                    registry=self.registry)
         self.feedback = Counter("tuneloop_feedback_total", "Feedback received, by kind", ["kind"],
                                 registry=self.registry)
+        self.chat_turns = Counter("tuneloop_chat_turns_total", "Assistant turns, by whether they escalated",
+                                  ["escalated"], registry=self.registry)
         self.log_backlog = Gauge("tuneloop_prediction_log_backlog", "Predictions waiting to be written",
                                  registry=self.registry)
 

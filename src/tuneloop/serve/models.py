@@ -70,11 +70,16 @@ class ServedModels:
 
     def __init__(self, registry: Registry, config: ServeConfig,
                  on_batch: Callable[[str, int, float], None] | None = None,
-                 on_swap: Callable[[LoadedModel], None] | None = None) -> None:
+                 on_swap: Callable[[LoadedModel], None] | None = None,
+                 prepare: Callable[[LoadedModel], None] | None = None, required: tuple[str, ...] = ()) -> None:
+        """`prepare` runs on every version after it loads and before it serves (on the loader thread; an
+        error there fails the swap); `required` names are served whatever serve.models says."""
         self.registry = registry
         self.config = config
         self.on_batch = on_batch
         self.on_swap = on_swap
+        self.prepare = prepare
+        self.required = required
         self.slots: dict[str, ModelSlot] = {}
         # One inference thread: torch already spreads a forward pass over the cores, and two passes at once
         # would only fight over them. Loading a new version gets its own thread so inference never waits.
@@ -85,8 +90,10 @@ class ServedModels:
 
     def names_to_serve(self) -> list[str]:
         if self.config.models:
-            return list(self.config.models)
-        names = sorted({v.name for v in self.registry.list() if v.stage == "production"})
+            names = list(self.config.models)
+        else:
+            names = sorted({v.name for v in self.registry.list() if v.stage == "production"})
+        names += [name for name in self.required if name not in names]
         if not names:
             raise TuneloopError("nothing to serve: no model has a production version yet "
                                 "(tuneloop models promote NAME@VERSION, or set serve.models)")
@@ -95,8 +102,14 @@ class ServedModels:
     def load(self) -> None:
         """Load every served name's production version (blocking; called once at start-up)."""
         for name in self.names_to_serve():
-            self.slots[name] = ModelSlot(load_version(self.registry, self.registry.get(f"{name}@production")))
+            self.slots[name] = ModelSlot(self._load_ready(self.registry.get(f"{name}@production")))
             log.info("serving %s", self.slots[name].current.ref)
+
+    def _load_ready(self, version: ModelVersion) -> LoadedModel:
+        loaded = load_version(self.registry, version)
+        if self.prepare is not None:
+            self.prepare(loaded)
+        return loaded
 
     async def start(self) -> None:
         for name, slot in self.slots.items():
@@ -134,7 +147,7 @@ class ServedModels:
     async def _load(self, slot: ModelSlot, target: ModelVersion) -> LoadedModel:
         slot.loading = target.version
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.loader, load_version, self.registry, target)
+            return await asyncio.get_running_loop().run_in_executor(self.loader, self._load_ready, target)
         except Exception:
             slot.failed = target.version
             raise

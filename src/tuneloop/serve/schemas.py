@@ -4,6 +4,7 @@ in and what comes out)."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,13 +40,18 @@ class PredictResponse(BaseModel):
 
 
 class FeedbackRequest(_Strict):
-    prediction_id: str = Field(min_length=1, max_length=64)
-    corrected_label: str | None = Field(None, min_length=1, max_length=200, description="The right label.")
-    rating: int | None = Field(None, ge=-1, le=1, description="-1 wrong / unhelpful, 0 neutral, 1 right.")
+    prediction_id: str | None = Field(None, min_length=1, max_length=64, description="From /v1/predict.")
+    turn_id: str | None = Field(None, min_length=1, max_length=64,
+                                description="From /v1/chat: the feedback is about that turn's intent.")
+    corrected_label: str | None = Field(None, min_length=1, max_length=200,
+                                        description="The right label (for a chat turn: the right intent).")
+    rating: int | None = Field(None, ge=-1, le=1, description="-1 wrong / unhelpful (thumbs down), 0, 1 right (up).")
     comment: str | None = Field(None, max_length=2000)
 
     @model_validator(mode="after")
-    def _says_something(self) -> FeedbackRequest:
+    def _about_one_thing_and_says_something(self) -> FeedbackRequest:
+        if (self.prediction_id is None) == (self.turn_id is None):
+            raise ValueError("give exactly one of prediction_id or turn_id")
         if self.corrected_label is None and self.rating is None and not self.comment:
             raise ValueError("give at least one of corrected_label, rating or comment")
         return self
@@ -54,6 +60,7 @@ class FeedbackRequest(_Strict):
 class FeedbackResponse(BaseModel):
     feedback_id: int
     prediction_id: str
+    turn_id: str | None = None
 
 
 class ModelInfo(BaseModel):
@@ -85,6 +92,50 @@ class PromoteResponse(BaseModel):
         description="The version answering requests when this response was sent (null: not served here).")
 
 
+class ChatRequest(_Strict):
+    session_id: str = Field(min_length=1, max_length=100, description="Any id the client keeps for one conversation.")
+    message: str = Field(min_length=1)
+
+
+class FaqSource(BaseModel):
+    question: str
+    answer: str
+    similarity: float
+    score: float
+
+
+class ChatResponse(BaseModel):
+    turn_id: str = Field(description="Send it back to /v1/feedback with a rating or the right intent.")
+    session_id: str
+    reply: str
+    lang: str
+    intent: str | None = Field(description="null when the message is out of scope.")
+    predicted_intent: str
+    confidence: float
+    sentiment: str
+    escalate: bool
+    reason: str | None = Field(description="Why the conversation goes to a person.")
+    answered_from_faq: bool
+    sources: list[FaqSource]
+    model: str
+
+
+class AssistantInfo(BaseModel):
+    name: str
+    languages: list[str]
+    intents: list[str]
+    intent_model: str
+    sentiment_model: str
+
+
+class JobRequest(_Strict):
+    kind: Literal["retrain", "gate"]
+    target: str = Field(min_length=1, max_length=220, description="retrain: a model name; gate: NAME@VERSION.")
+
+
 class ErrorResponse(BaseModel):
     detail: str
     errors: list[dict[str, str]] | None = None
+
+
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422)}

@@ -66,7 +66,7 @@ def presented_key(authorization: Annotated[str | None, Header()] = None,
 
 
 def require_client(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> None:
-    keys: KeyRing = request.app.state.keys
+    keys: KeyRing = request.app.state.tuneloop.keys
     if keys.client_open or "client" in keys.scopes_of(key):
         return
     raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a valid API key is required (Authorization: Bearer <key>)",
@@ -74,7 +74,7 @@ def require_client(request: Request, key: Annotated[str | None, Depends(presente
 
 
 def require_admin(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> None:
-    keys: KeyRing = request.app.state.keys
+    keys: KeyRing = request.app.state.tuneloop.keys
     if not keys.admin:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "admin routes are disabled: configure an admin key "
                             "(serve.admin_key_hashes or TUNELOOP_ADMIN_KEYS; tuneloop keys new --scope admin)")

@@ -1,0 +1,124 @@
+// The admin page: versions and metrics, the feedback queue, and retrain → gate → promote.
+"use strict";
+
+const keyInput = document.getElementById("key");
+keyInput.value = sessionStorage.getItem("tuneloop-admin-key") || "";
+let polling = null;
+
+async function call(path, body) {
+  const init = { headers: { "content-type": "application/json", "x-api-key": keyInput.value } };
+  if (body !== undefined) { init.method = "POST"; init.body = JSON.stringify(body); }
+  const response = await fetch(path, init);
+  const data = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(data.detail || `${response.status} ${response.statusText}`);
+  return data;
+}
+
+function cell(row, content) {
+  const td = document.createElement("td");
+  if (content instanceof Node) td.append(content); else td.textContent = content ?? "";
+  row.append(td);
+  return td;
+}
+
+function table(columns) {
+  const t = document.createElement("table");
+  const head = t.createTHead().insertRow();
+  for (const c of columns) { const th = document.createElement("th"); th.textContent = c; head.append(th); }
+  return t;
+}
+
+function button(label, action) {
+  const b = document.createElement("button");
+  b.textContent = label;
+  b.onclick = async () => {
+    b.disabled = true;
+    try { await action(); } catch (error) { show(error.message); } finally { b.disabled = false; }
+  };
+  return b;
+}
+
+function show(message) { document.getElementById("status").textContent = message || ""; }
+const percent = (value) => (typeof value === "number" ? (value * 100).toFixed(1) + "%" : "");
+
+async function loadModels() {
+  const { models } = await call("/v1/admin/models");
+  const root = document.getElementById("models");
+  root.replaceChildren();
+  for (const model of models) {
+    const title = document.createElement("h3");
+    title.textContent = `${model.name} (serving v${model.serving ?? "–"}) `;
+    title.append(button("retrain", () => startJob("retrain", model.name)));
+    const t = table(["version", "stage", "accuracy", "macro-F1", "parent", "created", ""]);
+    const body = t.createTBody();
+    for (const v of [...model.versions].reverse()) {
+      const row = body.insertRow();
+      cell(row, `v${v.version}`);
+      cell(row, v.stage).className = `stage-${v.stage}`;
+      cell(row, percent(v.metrics.accuracy));
+      cell(row, percent(v.metrics.macro_f1));
+      cell(row, v.parent);
+      cell(row, v.created_at.slice(0, 16).replace("T", " "));
+      const actions = cell(row, "");
+      if (v.stage === "candidate") {
+        actions.append(button("gate", () => startJob("gate", `${model.name}@${v.version}`)), " ");
+      }
+      if (v.stage !== "production") {
+        actions.append(button("promote", async () => {
+          await call(`/v1/models/${encodeURIComponent(model.name)}/promote`, { version: v.version, wait: true });
+          await loadModels();
+        }));
+      }
+    }
+    root.append(title, t);
+  }
+}
+
+async function loadFeedback() {
+  const { items } = await call("/v1/admin/feedback?limit=50");
+  const t = table(["when", "model", "text", "predicted", "corrected", "rating", "comment"]);
+  const body = t.createTBody();
+  for (const f of items) {
+    const row = body.insertRow();
+    for (const value of [f.at.slice(0, 19).replace("T", " "), f.model, f.text, f.predicted, f.corrected_label,
+                         f.rating === null ? "" : (f.rating > 0 ? "👍" : f.rating < 0 ? "👎" : "0"), f.comment]) {
+      cell(row, value);
+    }
+  }
+  document.getElementById("feedback").replaceChildren(items.length ? t : "No feedback yet.");
+}
+
+async function loadJobs() {
+  const { jobs } = await call("/v1/admin/jobs");
+  const root = document.getElementById("jobs");
+  root.replaceChildren();
+  for (const job of jobs.slice(0, 5)) {
+    const detail = await call(`/v1/admin/jobs/${job.id}`);
+    const title = document.createElement("h4");
+    title.textContent = `${job.kind} ${job.target}: ${job.status}`;
+    const log = document.createElement("pre");
+    log.className = "log";
+    log.textContent = detail.log;
+    root.append(title, log);
+  }
+  const running = jobs.some((j) => j.status === "running");
+  if (running && !polling) polling = setInterval(refresh, 2000);
+  if (!running && polling) { clearInterval(polling); polling = null; await loadModels(); }
+}
+
+async function startJob(kind, target) {
+  await call("/v1/admin/jobs", { kind, target });
+  await loadJobs();
+}
+
+async function refresh() {
+  if (!keyInput.value) return;
+  sessionStorage.setItem("tuneloop-admin-key", keyInput.value);
+  try {
+    show("");
+    await Promise.all([loadModels(), loadFeedback(), loadJobs()]);
+  } catch (error) { show(error.message); }
+}
+
+keyInput.addEventListener("change", refresh);
+refresh();

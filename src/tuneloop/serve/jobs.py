@@ -1,0 +1,80 @@
+"""Admin jobs (retrain, gate) started from the admin page: each a `tuneloop` subprocess.
+
+A subprocess, not a thread: training holds the CPU and a lot of memory for minutes, and a crash there
+must not take the server down. One job at a time, because two trainings on a small machine would only
+slow each other and the server. Output goes to a log file in the home that the page can show.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tuneloop.errors import TuneloopError
+
+# `tuneloop gate` exits with 3 when the candidate is rejected: a result, not a failure.
+OUTCOMES = {0: "succeeded", 3: "rejected"}
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    target: str
+    log_path: Path
+    started_at: datetime
+    status: str = "running"
+    exit_code: int | None = None
+    finished_at: datetime | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def describe(self, tail: int = 4000) -> dict[str, str | int | None]:
+        text = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.is_file() else ""
+        return {"id": self.id, "kind": self.kind, "target": self.target, "status": self.status,
+                "exit_code": self.exit_code, "started_at": self.started_at.isoformat(),
+                "finished_at": self.finished_at.isoformat() if self.finished_at else None, "log": text[-tail:]}
+
+
+class JobRunner:
+    def __init__(self, folder: Path, settings: list[str]) -> None:
+        """`settings` are dotted overrides every job gets (where the registry is, the gate's thresholds)."""
+        self.folder = folder
+        self.settings = settings
+        self.jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def start(self, kind: str, target: str) -> Job:
+        if kind not in ("retrain", "gate"):
+            raise TuneloopError(f"unknown job '{kind}': retrain or gate")
+        with self._lock:
+            running = [j for j in self.jobs.values() if j.status == "running"]
+            if running:
+                raise TuneloopError(f"job {running[0].id} ({running[0].kind} {running[0].target}) is still running")
+            job_id = uuid.uuid4().hex[:12]
+            self.folder.mkdir(parents=True, exist_ok=True)
+            job = Job(job_id, kind, target, self.folder / f"{job_id}.log", datetime.now(timezone.utc))
+            with job.log_path.open("w", encoding="utf-8") as out:
+                job.process = subprocess.Popen(
+                    [sys.executable, "-m", "tuneloop", kind, target, *self.settings],
+                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env={**os.environ, "COLUMNS": "100", "NO_COLOR": "1"})
+            self.jobs[job_id] = job
+        threading.Thread(target=self._wait, args=(job,), daemon=True, name=f"job-{job_id}").start()
+        return job
+
+    def _wait(self, job: Job) -> None:
+        code = job.process.wait()
+        job.exit_code = code
+        job.finished_at = datetime.now(timezone.utc)
+        job.status = OUTCOMES.get(code, "failed")
+
+    def stop_all(self) -> None:
+        for job in self.jobs.values():
+            if job.status == "running" and job.process is not None:
+                job.process.terminate()

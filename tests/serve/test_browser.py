@@ -1,0 +1,62 @@
+"""The chat page in a real browser (Debian's Chromium driven by Playwright): send a message, see the reply
+with its badges, thumbs down, pick the right intent, and find the feedback in the database."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from live_server import LiveServer
+from tuneloop.feedback.log import PredictionLog
+from tuneloop.serve.app import create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Kept after the run for a human to look at (build/ is git-ignored).
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "build" / "screenshots"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--no-first-run", "--disable-sync", "--disable-quic"]
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                     "(apt-get install chromium; .ci/run installs it)"),
+]
+
+
+def test_chat_page_reply_badges_thumbs_down_and_intent_correction(assistant_setup, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    config, definition = assistant_setup
+    config.serve.assistant = definition
+    with LiveServer(create_app(config)) as server, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('title').textContent === 'shop'")
+            page.fill("#message", "where is my parcel courier late")
+            page.click("#send")
+            reply = page.locator(".msg.bot").first
+            reply.wait_for()
+            badges = reply.locator(".badge").all_inner_texts()
+            assert any(b.startswith("intent:") or b == "out of scope" for b in badges), badges
+            assert any(b.startswith("sentiment:") for b in badges), badges
+            reply.locator("button.thumb.down").click()
+            page.wait_for_selector(".msg.bot .thanks:has-text('thanks!')")
+            assert reply.locator("button.thumb.down").get_attribute("aria-pressed") == "true"
+            reply.locator("select.correct-intent").select_option("password")
+            page.wait_for_selector(".msg.bot .thanks:has-text('noted as password')")
+            shot = tmp_path / "chat.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 5_000
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, SCREENSHOTS / "chat.png")
+            turn_id = reply.get_attribute("data-turn-id")
+        finally:
+            browser.close()
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    rows = log.feedback_for("toy")
+    log.close()
+    assert [(f.rating, f.corrected_label) for f, _ in rows] == [(-1, None), (None, "password")]
+    assert rows[0][1].text == "where is my parcel courier late" and turn_id

@@ -1,0 +1,107 @@
+"""The assistant over HTTP on tiny models: /v1/chat, feedback on turns, the pages, the admin API."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tuneloop.feedback.export import feedback_examples
+from tuneloop.feedback.log import PredictionLog
+from tuneloop.serve.app import create_app
+
+ADMIN = {"X-API-Key": "root"}
+
+
+@pytest.fixture()
+def chat_app(assistant_setup, monkeypatch):
+    config, definition = assistant_setup
+    config.serve.assistant = definition
+    monkeypatch.setenv("TUNELOOP_ADMIN_KEYS", "root")
+    with TestClient(create_app(config)) as client:
+        yield client, config
+
+
+def say(client, message, session="s1"):
+    response = client.post("/v1/chat", json={"session_id": session, "message": message})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_turn_answers_with_intent_sentiment_sources_and_an_id(chat_app):
+    client, config = chat_app
+    info = client.get("/v1/assistant").json()
+    assert info["name"] == "shop" and info["intents"] == ["delivery", "password", "refund"]
+    assert info["intent_model"] == "toy@1" and info["sentiment_model"] == "mood@1"
+    turn = say(client, "refund money back please")
+    assert turn["turn_id"] and turn["session_id"] == "s1" and turn["model"] == "toy@1" and turn["lang"] == "en"
+    assert turn["predicted_intent"] in info["intents"] and turn["sentiment"] in {"negative", "neutral", "positive"}
+    assert turn["reply"] and len(turn["sources"]) == 2 and 0 <= turn["confidence"] <= 1  # the English entries
+    assert (config.registry.home / "assistants" / "shop" / "scope" / "toy@1-probability.json").is_file()
+
+
+def test_asking_for_a_person_and_a_run_of_anger_escalate(chat_app):
+    client, _ = chat_app
+    human = say(client, "can I talk to a human", session="h")
+    assert human["escalate"] and human["reason"] == "asked for a person"
+    first = say(client, "angry terrible worst awful hate", session="angry")
+    second = say(client, "useless awful terrible angry", session="angry")
+    assert first["sentiment"] == second["sentiment"] == "negative"
+    assert second["escalate"] and second["reason"] in ("negative for 2 turns in a row", "out of scope",
+                                                       "low confidence")
+    assert say(client, "useless awful terrible angry", session="calm")["reason"] != "negative for 2 turns in a row"
+
+
+def test_feedback_on_a_turn_reaches_the_retraining_export(chat_app):
+    client, config = chat_app
+    turn = say(client, "where is my parcel courier late")
+    sent = client.post("/v1/feedback", json={"turn_id": turn["turn_id"], "rating": -1, "corrected_label": "password"})
+    assert sent.status_code == 201 and sent.json()["turn_id"] == turn["turn_id"]
+    assert client.post("/v1/feedback", json={"turn_id": "nope", "rating": 1}).status_code == 404
+    both = client.post("/v1/feedback", json={"turn_id": turn["turn_id"], "prediction_id": "x", "rating": 1})
+    assert both.status_code == 422 and "exactly one of prediction_id or turn_id" in both.json()["detail"]
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    exported = feedback_examples(log.feedback_for("toy"))
+    log.close()
+    assert exported.examples[["text", "label"]].values.tolist() == [["where is my parcel courier late", "password"]]
+    queue = client.get("/v1/admin/feedback", headers=ADMIN).json()["items"]
+    assert queue[0]["corrected_label"] == "password" and queue[0]["source"] == "chat"
+
+
+def test_pages_and_assets_are_served_without_any_outside_host(chat_app):
+    client, _ = chat_app
+    for path in ("/", "/admin", "/assets/chat.js", "/assets/admin.js", "/assets/style.css"):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        assert "http://" not in response.text and "https://" not in response.text, path
+
+
+def test_chat_limits_and_missing_assistant(chat_app, served):
+    client, _ = chat_app
+    too_long = client.post("/v1/chat", json={"session_id": "s", "message": "x" * 2001})
+    assert too_long.status_code == 422 and "message has 2001 characters" in too_long.json()["detail"]
+    assert client.post("/v1/chat", json={"session_id": "s", "message": ""}).status_code == 422
+    config, _ = served
+    with TestClient(create_app(config)) as plain:
+        response = plain.post("/v1/chat", json={"session_id": "s", "message": "hi"})
+        assert response.status_code == 404 and "no assistant is configured" in response.json()["detail"]
+        assert plain.get("/").status_code == 404
+
+
+def test_admin_api_lists_versions_and_runs_one_job_at_a_time(chat_app):
+    client, _ = chat_app
+    assert client.get("/v1/admin/models").status_code == 401
+    models = {m["name"]: m for m in client.get("/v1/admin/models", headers=ADMIN).json()["models"]}
+    assert models["toy"]["serving"] == 1 and models["toy"]["versions"][0]["stage"] == "production"
+    started = client.post("/v1/admin/jobs", json={"kind": "retrain", "target": "toy"}, headers=ADMIN)
+    assert started.status_code == 202 and started.json()["status"] == "running"
+    busy = client.post("/v1/admin/jobs", json={"kind": "gate", "target": "toy@1"}, headers=ADMIN)
+    assert busy.status_code == 409 and "still running" in busy.json()["detail"]
+    job_id = started.json()["id"]
+    deadline = time.monotonic() + 120
+    while (job := client.get(f"/v1/admin/jobs/{job_id}", headers=ADMIN).json())["status"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert job["status"] == "failed" and "no feedback with a label for 'toy'" in job["log"]
+    assert client.get("/v1/admin/jobs", headers=ADMIN).json()["jobs"][0]["id"] == job_id
