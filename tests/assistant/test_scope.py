@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tuneloop.assistant.scope import tune_threshold
+from tuneloop.assistant.scope import expected_precision, tune_threshold
 from tuneloop.errors import TuneloopError
 
 
@@ -15,23 +15,37 @@ def test_separable_scores_give_full_precision_and_recall():
     assert (result.precision, result.in_scope_recall, result.out_of_scope_recall) == (1.0, 1.0, 1.0)
 
 
+def precision_at(threshold, in_scope, out, share):
+    rates = np.array([(in_scope >= threshold).mean()]), np.array([(out >= threshold).mean()])
+    return expected_precision(*rates, share)[0]
+
+
 def test_the_target_is_met_with_as_much_in_scope_recall_as_it_allows():
     rng = np.random.default_rng(0)
     in_scope, out = rng.beta(5, 2, 2000), rng.beta(2, 4, 300)
     for target in (0.9, 0.95, 0.99):
-        result = tune_threshold(in_scope, out, target)
-        accepted_in, accepted_out = (in_scope >= result.threshold).sum(), (out >= result.threshold).sum()
-        assert accepted_in / (accepted_in + accepted_out) >= target
+        result = tune_threshold(in_scope, out, target, out_of_scope_share=0.2)
+        assert precision_at(result.threshold, in_scope, out, 0.2) >= target
+        assert result.precision == pytest.approx(precision_at(result.threshold, in_scope, out, 0.2))
         lower = np.nextafter(result.threshold, 0)  # one notch lower would miss the target or gain nothing
-        more_in, more_out = (in_scope >= lower).sum(), (out >= lower).sum()
-        assert more_in == accepted_in or more_in / (more_in + more_out) < target
+        assert (in_scope >= lower).sum() == (in_scope >= result.threshold).sum() or \
+            precision_at(lower, in_scope, out, 0.2) < target
     assert tune_threshold(in_scope, out, 0.99).in_scope_recall < tune_threshold(in_scope, out, 0.9).in_scope_recall
 
 
+def test_the_mix_of_the_tuning_examples_does_not_move_the_threshold():
+    rng = np.random.default_rng(1)
+    in_scope, out = rng.beta(5, 2, 100), rng.beta(2, 4, 100)
+    few = tune_threshold(in_scope, out, 0.95, out_of_scope_share=0.1)
+    many = tune_threshold(in_scope, np.tile(out, 20), 0.95, out_of_scope_share=0.1)  # 20x the off-topic examples
+    assert few.threshold == many.threshold
+    assert tune_threshold(in_scope, out, 0.95, out_of_scope_share=0.4).threshold > few.threshold
+
+
 def test_a_threshold_that_only_touches_the_target_is_not_taken():
-    # At 0.5 precision is 2/2 (touches the target) but just above, at 0.55, it falls to 1/2 again.
-    result = tune_threshold(np.array([0.5, 0.52, 0.9]), np.array([0.55]), 0.99)
-    assert result.threshold > 0.55 and result.precision == 1.0
+    # At 0.3 precision touches 0.6, at 0.5 it falls back to 0.5; only from 0.9 up does it hold.
+    result = tune_threshold(np.array([0.1, 0.3, 0.9, 0.95]), np.array([0.2, 0.5]), 0.6, out_of_scope_share=0.5)
+    assert result.threshold == 0.9 and result.precision == 1.0
 
 
 def test_no_reachable_target_accepts_only_what_beats_every_out_of_scope_score():

@@ -27,6 +27,9 @@ class ScopeConfig(_Section):
     """Out-of-scope detection."""
 
     target_precision: float = Field(0.95, gt=0, le=1, description="In-scope precision the threshold is tuned to.")
+    out_of_scope_share: float = Field(
+        0.1, gt=0, lt=1, description="Share of real traffic expected to be out of scope; precision is computed "
+        "at this mix, not at the mix of the tuning examples.")
     score: Literal["probability", "cosine"] = Field(
         "probability", description="Confidence measure: top class probability, or cosine to the closest class.")
     label: str | None = Field(None, description="An intent label that itself means out of scope (trained).")

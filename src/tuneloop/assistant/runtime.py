@@ -6,6 +6,7 @@ same turn with the models run directly (benchmarks, tests, the CLI).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -81,7 +82,9 @@ class AssistantRuntime:
                         self.definition.name)
             self.thresholds[intent.ref] = None
             return None
-        cached = self.folder / "scope" / f"{intent.ref}-{self.definition.scope.score}.json"
+        # Keyed by everything the threshold depends on, so editing the definition or the examples re-tunes it.
+        inputs = json.dumps([self.definition.scope.model_dump(), self.out_of_scope], ensure_ascii=False)
+        cached = self.folder / "scope" / f"{intent.ref}-{hashlib.sha256(inputs.encode()).hexdigest()[:12]}.json"
         if cached.is_file():
             threshold = ScopeThreshold(**json.loads(cached.read_text()))
         else:
@@ -93,7 +96,7 @@ class AssistantRuntime:
             scores = [scope_score(row, intent.model.spec, self.definition.scope.score)
                       for row in predict_logits(intent.model, intent.tokenizer, texts + self.out_of_scope)]
             threshold = tune_threshold(np.array(scores[:len(texts)]), np.array(scores[len(texts):]),
-                                       self.definition.scope.target_precision)
+                                       self.definition.scope.target_precision, self.definition.scope.out_of_scope_share)
             write_text_atomically(cached, json.dumps(threshold.to_dict(), indent=2))
         log.info("%s: scope threshold %.3f (in-scope precision %.3f on tuning data)", intent.ref,
                  threshold.threshold, threshold.precision)

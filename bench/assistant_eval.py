@@ -1,0 +1,145 @@
+"""Benchmark: the assistant on Banking77 with 10 intents it has never seen (out of scope).
+
+    python bench/assistant_eval.py [--held-out 10] [--target-precision 0.95] [--set train.epochs=2 ...]
+
+1. 10 intents (seeded) are held out. The intent model (all-MiniLM-L6-v2) trains on the other 67; a small
+   English sentiment model trains on the demo's sentiment data; the FAQ has one entry per known intent.
+2. The scope threshold is tuned on the model's validation split plus the held-out intents' *training*
+   texts; everything is then measured on the official *test* split (known and held-out intents).
+3. Every test message goes through a whole turn (three forward passes, FAQ search, reply, escalation
+   rules), timed one by one on this CPU.
+Prints one JSON line: in-scope intent accuracy of the assistant and of the plain classifier (which
+answers everything), the share of in-scope messages answered with the right intent, out-of-scope recall
+and in-scope precision, escalation rate, p50/p95 latency per turn — for each scope score (probability,
+cosine), the first one being what the assistant used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--held-out", type=int, default=10)
+    parser.add_argument("--target-precision", type=float, default=0.95)
+    parser.add_argument("--out-share", type=float, default=None,
+                        help="Expected out-of-scope share of traffic (default: held-out intents / all intents).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None, help="Score only this many test messages (smoke runs).")
+    parser.add_argument("--train-limit", type=int, default=None, help="Train on this many rows (smoke runs).")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="tuneloop config override.")
+    args = parser.parse_args()
+
+    import torch
+
+    from tuneloop.assistant.definition import AssistantDefinition
+    from tuneloop.assistant.runtime import AssistantRuntime
+    from tuneloop.config import load_config
+    from tuneloop.demo import packaged_file
+    from tuneloop.models.classifier import predict_logits
+    from tuneloop.registry.store import Registry
+    from tuneloop.train.run import run_training
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rng = np.random.default_rng(args.seed)
+    train = pd.read_csv(SHARED / "banking77" / "train.csv").rename(columns={"category": "label"})
+    test = pd.read_csv(SHARED / "banking77" / "test.csv").rename(columns={"category": "label"})
+    intents = sorted(train["label"].unique())
+    held_out = sorted(rng.choice(intents, size=args.held_out, replace=False).tolist())
+    out_share = args.out_share or args.held_out / len(intents)
+    known_train = train[~train["label"].isin(held_out)]
+    if args.train_limit:
+        per_intent = max(2, args.train_limit // known_train["label"].nunique())
+        known_train = known_train.groupby("label", group_keys=False).head(per_intent)
+    if args.limit:
+        test = test.sample(n=args.limit, random_state=args.seed)
+    known_test, unknown_test = test[~test["label"].isin(held_out)], test[test["label"].isin(held_out)]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        home = work / "home"
+        known_train.to_csv(work / "intents.csv", index=False)
+        train[train["label"].isin(held_out)][["text"]].to_csv(work / "out_of_scope.csv", index=False)
+        sentiment = pd.read_csv(packaged_file("demo", "data", "sentiment.csv"))
+        sentiment[sentiment["lang"] == "en"].to_csv(work / "sentiment.csv", index=False)
+        common = [f"registry.home={home}", "model.name=all-MiniLM-L6-v2", *args.overrides]
+        registry = Registry(load_config(None, common).registry)
+        started = time.perf_counter()
+        for name, data, label in (("bank-intents", "intents.csv", "label"), ("bank-sentiment", "sentiment.csv",
+                                                                              "sentiment")):
+            config = load_config(None, [f"data.path={work / data}", f"data.label_column={label}", f"name={name}",
+                                        *common])
+            registry.promote(run_training(config, show_progress=False).version.ref)
+        training_seconds = time.perf_counter() - started
+        # One FAQ entry per known intent, its question a training message of that intent.
+        faq = known_train.groupby("label").first().reset_index()
+        pd.DataFrame({"question": faq["text"], "answer": "About " + faq["label"].str.replace("_", " ") + ": ...",
+                      "intent": faq["label"]}).to_csv(work / "faq.csv", index=False)
+
+        results = {}
+        for score in ("probability", "cosine"):
+            definition = AssistantDefinition(
+                name=f"bank-{score}", intent_model="bank-intents", sentiment_model="bank-sentiment",
+                faq=work / "faq.csv", out_of_scope_examples=work / "out_of_scope.csv", languages=["en"],
+                scope={"target_precision": args.target_precision, "score": score, "out_of_scope_share": out_share},
+                escalation={"negative_turns": 0, "min_confidence": 0.0})
+            runtime = AssistantRuntime(definition, registry)
+            intent, mood = runtime.load_models()
+            threshold = runtime.calibrate(intent)
+            messages = pd.concat([known_test.assign(known=True), unknown_test.assign(known=False)])
+            latencies, outcomes = [], []
+            for text in messages["text"]:
+                turn_started = time.perf_counter()
+                outcomes.append(runtime.respond(text, intent, mood))
+                latencies.append(time.perf_counter() - turn_started)
+            known = messages["known"].to_numpy()
+            truth = messages["label"].to_numpy()
+            predicted = np.array([o.predicted_intent for o in outcomes])
+            accepted = np.array([o.intent is not None for o in outcomes])
+            plain = predict_logits(intent.model, intent.tokenizer, known_test["text"].tolist()).argmax(1)
+            plain_accuracy = float(np.mean(np.array(intent.labels)[plain] == known_test["label"].to_numpy()))
+            scores = np.array([o.scope_score for o in outcomes])
+            results[score] = {
+                "threshold": round(threshold.threshold, 4),
+                "tuning": {k: round(v, 4) if isinstance(v, float) else v for k, v in threshold.to_dict().items()},
+                "in_scope_accuracy": round(float(np.mean(predicted[known] == truth[known])), 4),
+                "plain_classifier_accuracy": round(plain_accuracy, 4),
+                "in_scope_answered_correctly": round(float(np.mean(accepted[known] & (predicted[known] == truth[known]))), 4),
+                "in_scope_rejected": round(float(np.mean(~accepted[known])), 4),
+                "out_of_scope_recall": round(float(np.mean(~accepted[~known])), 4),
+                "in_scope_precision": round(float(known[accepted].mean()) if accepted.any() else 1.0, 4),
+                "escalation_rate": round(float(np.mean([o.escalate for o in outcomes])), 4),
+                "latency_ms": {"p50": round(1000 * float(np.percentile(latencies, 50)), 1),
+                               "p95": round(1000 * float(np.percentile(latencies, 95)), 1)},
+                "auroc_in_vs_out": round(float(_auroc(scores[known], scores[~known])), 4),
+            }
+            print(json.dumps({"progress": {score: results[score]}}), file=sys.stderr, flush=True)
+
+    print(json.dumps({"held_out_intents": held_out, "known_test": len(known_test), "unknown_test": len(unknown_test),
+                      "target_precision": args.target_precision, "out_of_scope_share": round(out_share, 4),
+                      "training_seconds": round(training_seconds, 1),
+                      "cores": os.cpu_count(), **results}))
+
+
+def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """How well the score separates in-scope (higher) from out-of-scope messages, threshold-free."""
+    from sklearn.metrics import roc_auc_score
+
+    return roc_auc_score(np.r_[np.ones(len(positive)), np.zeros(len(negative))], np.r_[positive, negative])
+
+
+if __name__ == "__main__":
+    main()
