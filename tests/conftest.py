@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -111,8 +112,6 @@ def production_home(tiny_encoder, tmp_path_factory) -> Path:
 @pytest.fixture()
 def served(production_home, tiny_encoder, tmp_path):
     """(config, home) over a private copy of the production home."""
-    import shutil
-
     shutil.copytree(production_home, tmp_path / "copy")
     home = tmp_path / "copy" / "home"
     return tiny_config(tiny_encoder, tmp_path / "copy" / "toy.csv", home), home
@@ -137,8 +136,6 @@ templates:
 @pytest.fixture(scope="session")
 def assistant_template(production_home, tiny_encoder, tmp_path_factory) -> Path:
     """production_home plus a tiny sentiment model 'mood', a toy FAQ and an assistant definition."""
-    import shutil
-
     from tuneloop.registry.store import Registry
     from tuneloop.train.run import run_training
 
@@ -164,8 +161,6 @@ def assistant_template(production_home, tiny_encoder, tmp_path_factory) -> Path:
 @pytest.fixture()
 def assistant_setup(assistant_template, tiny_encoder, tmp_path):
     """(config, definition path) over a private copy of the assistant template."""
-    import shutil
-
     shutil.copytree(assistant_template, tmp_path / "shop")
     home = tmp_path / "shop" / "home"
     return tiny_config(tiny_encoder, tmp_path / "shop" / "toy.csv", home), tmp_path / "shop" / "assistant.yaml"

@@ -7,6 +7,7 @@ written.
 from __future__ import annotations
 
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,7 @@ def write_dir_atomically(write: Callable[[Path], None], target: Path) -> None:
 def write_text_atomically(target: Path, text: str) -> None:
     """Write a file under a temporary name, then rename it over `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(target.name + ".tmp")
+    # A unique staging name: two processes writing the same file (a server and a benchmark) never collide.
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     staging.write_text(text, encoding="utf-8")
     staging.replace(target)

@@ -98,7 +98,9 @@ class RegistryConfig(_Section):
         default_factory=lambda: Path(os.environ.get("TUNELOOP_HOME", ".tuneloop")),
         description="Artifacts and the default SQLite database live here (env TUNELOOP_HOME).",
     )
-    database_url: str | None = Field(None, description="SQLAlchemy URL; default: sqlite in the home folder.")
+    database_url: str | None = Field(
+        default_factory=lambda: os.environ.get("TUNELOOP_DATABASE_URL"),
+        description="SQLAlchemy URL (env TUNELOOP_DATABASE_URL); default: sqlite in the home folder.")
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'registry.db').resolve()}"

@@ -21,6 +21,13 @@ def test_explicit_requests_in_both_languages(message, lang):
 
 def test_words_that_merely_contain_a_keyword_do_not_count():
     assert POLICY.reason(signals("that was not very humane of the courier"), []) is None
+    assert POLICY.reason(signals("你们用人工智能客服吗", "zh"), []) is None
+    assert POLICY.reason(signals("my mobile operator blocked the payment"), []) is None
+
+
+def test_a_request_in_either_language_counts_whatever_the_message_language():
+    assert POLICY.reason(signals("I want a human agent, 订单 12345", "zh"), []) == "asked for a person"
+    assert POLICY.reason(signals("order 12345 转人工", "en"), []) == "asked for a person"
 
 
 @pytest.mark.parametrize("turn, history, reason", [

@@ -58,6 +58,11 @@ def test_search_keeps_to_the_message_language_when_the_faq_has_it():
     assert {h.entry.lang for h in index.search("refund", k=4, lang="fr")} == {"en", "zh"}
 
 
+def test_entries_without_a_language_serve_every_language():
+    index = FaqIndex([*ENTRIES, FaqEntry("refund policy", "Any language.", "refund", None)], FakeEmbedder())
+    assert "Any language." in {h.entry.answer for h in index.search("退款", k=5, lang="zh")}
+
+
 def test_question_vectors_are_cached_on_disk(tmp_path):
     embedder = FakeEmbedder()
     FaqIndex(ENTRIES, embedder, cache_dir=tmp_path)

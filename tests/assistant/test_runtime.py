@@ -15,7 +15,7 @@ from tuneloop.assistant.runtime import AssistantRuntime
 from tuneloop.assistant.scope import ScopeThreshold
 from tuneloop.assistant.turn import decide_turn, detect_language
 from tuneloop.errors import TuneloopError
-from tuneloop.models.classifier import HeadSpec
+from tuneloop.models.classifier import HeadSpec, predict_logits
 from tuneloop.registry.store import Registry
 
 
@@ -27,6 +27,9 @@ def test_definition_paths_are_relative_to_the_file_and_typos_are_named(assistant
     typo.write_text(path.read_text().replace("min_similarity", "min_simlarity"))
     with pytest.raises(TuneloopError, match="unknown key 'retrieval.min_simlarity' \\(did you mean 'retrieval.min_similarity'"):
         load_definition(typo)
+    cosine = tmp_path / "cosine.yaml"
+    cosine.write_text(path.read_text().replace("name: shop", "name: shop\nscope: {score: cosine}"))
+    assert load_definition(cosine).scope.score == "cosine"
     openai = tmp_path / "openai.yaml"
     openai.write_text(path.read_text() + "generator: {kind: openai}\n")
     with pytest.raises(TuneloopError, match="needs generator.base_url and generator.model"):
@@ -53,11 +56,15 @@ def test_a_whole_turn_with_the_models_run_directly(assistant_setup):
     runtime.thresholds["toy@1"] = None  # no scope check: this test is about the rest of the turn
     intent, sentiment = runtime.load_models()
     outcome = runtime.respond("refund money back please", intent, sentiment)
-    assert outcome.lang == "en" and outcome.predicted_intent in {"refund", "delivery", "password"}
-    assert outcome.sentiment in {"negative", "neutral", "positive"} and outcome.faq
+    assert outcome.lang == "en" and outcome.faq and {h.entry.lang for h in outcome.faq} == {"en"}
+    assert outcome.predicted_intent == intent.labels[int(np.argmax(runtime_logits(intent, "refund money back please")))]
     assert outcome.reply
     human = runtime.respond("can I talk to a human", intent, sentiment)
     assert human.escalate and human.reason == "asked for a person"
+
+
+def runtime_logits(loaded, text):
+    return predict_logits(loaded.model, loaded.tokenizer, [text])[0]
 
 
 def logits_for(labels, winner, margin=8.0):
@@ -80,10 +87,10 @@ def turn(definition, message="refund please", intent="refund", mood="neutral", h
 
 def test_reply_comes_from_the_faq_when_close_and_agreeing_else_from_the_template(assistant_setup):
     definition = load_definition(assistant_setup[1])
-    assert turn(definition).reply == "Refunds take 5-7 days." and turn(definition).answered_from_faq
+    assert turn(definition).reply == "Refunds take 5-7 days." and turn(definition).faq_answer == HIT
     assert turn(definition, similarity=0.95).reply == "Refunds take a few days."  # not close enough
     disagreeing = turn(definition, intent="delivery")
-    assert disagreeing.reply == "Your parcel is on its way." and not disagreeing.answered_from_faq
+    assert disagreeing.reply == "Your parcel is on its way." and disagreeing.faq_answer is None
 
 
 def test_tone_follows_sentiment_and_negative_streaks_escalate(assistant_setup):
@@ -134,6 +141,9 @@ def test_openai_compatible_generator_grounds_the_reply_and_falls_back_on_failure
     assert body["model"] == "qwen" and "Refunds take 5-7 days." in body["messages"][0]["content"]
     assert "frustration" in body["messages"][0]["content"]
     assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
+    empty = OpenAICompatibleGenerator("http://llm/v1", "qwen", client=httpx.Client(transport=httpx.MockTransport(
+        lambda r: httpx.Response(200, json={"choices": [{"message": {"content": None}}]}))))
+    assert empty.generate(openai_request()) == "I'm sorry. Refunds take 5-7 days."
     broken = OpenAICompatibleGenerator("http://llm/v1", "qwen", client=httpx.Client(
         transport=httpx.MockTransport(lambda r: httpx.Response(503))))
     assert broken.generate(openai_request()) == "I'm sorry. Refunds take 5-7 days."

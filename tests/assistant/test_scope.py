@@ -23,13 +23,16 @@ def precision_at(threshold, in_scope, out, share):
 def test_the_target_is_met_with_as_much_in_scope_recall_as_it_allows():
     rng = np.random.default_rng(0)
     in_scope, out = rng.beta(5, 2, 2000), rng.beta(2, 4, 300)
+    candidates = np.unique(np.concatenate([in_scope, out]))
     for target in (0.9, 0.95, 0.99):
         result = tune_threshold(in_scope, out, target, out_of_scope_share=0.2)
-        assert precision_at(result.threshold, in_scope, out, 0.2) >= target
         assert result.precision == pytest.approx(precision_at(result.threshold, in_scope, out, 0.2))
-        lower = np.nextafter(result.threshold, 0)  # one notch lower would miss the target or gain nothing
-        assert (in_scope >= lower).sum() == (in_scope >= result.threshold).sum() or \
-            precision_at(lower, in_scope, out, 0.2) < target
+        # Brute force: the lowest candidate above which every candidate reaches the target.
+        reaches = np.array([precision_at(t, in_scope, out, 0.2) >= target for t in candidates])
+        safe = next(i for i in range(len(candidates)) if reaches[i:].all())
+        best_recall = (in_scope >= candidates[safe]).mean()
+        assert result.in_scope_recall == pytest.approx(best_recall)
+        assert (out >= result.threshold).mean() <= (out >= candidates[safe]).mean()
     assert tune_threshold(in_scope, out, 0.99).in_scope_recall < tune_threshold(in_scope, out, 0.9).in_scope_recall
 
 
@@ -46,6 +49,11 @@ def test_a_threshold_that_only_touches_the_target_is_not_taken():
     # At 0.3 precision touches 0.6, at 0.5 it falls back to 0.5; only from 0.9 up does it hold.
     result = tune_threshold(np.array([0.1, 0.3, 0.9, 0.95]), np.array([0.2, 0.5]), 0.6, out_of_scope_share=0.5)
     assert result.threshold == 0.9 and result.precision == 1.0
+
+
+def test_the_threshold_never_sits_on_an_out_of_scope_score():
+    result = tune_threshold(np.array([0.9]), np.array([0.5, 0.6]), 0.6, out_of_scope_share=0.5)
+    assert result.threshold == 0.9 and result.out_of_scope_recall == 1.0
 
 
 def test_no_reachable_target_accepts_only_what_beats_every_out_of_scope_score():

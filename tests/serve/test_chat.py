@@ -7,6 +7,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from tuneloop.assistant.scope import ScopeThreshold
 from tuneloop.feedback.export import feedback_examples
 from tuneloop.feedback.log import PredictionLog
 from tuneloop.serve.app import create_app
@@ -45,12 +46,15 @@ def test_asking_for_a_person_and_a_run_of_anger_escalate(chat_app):
     client, _ = chat_app
     human = say(client, "can I talk to a human", session="h")
     assert human["escalate"] and human["reason"] == "asked for a person"
+    assistant = client.app.state.tuneloop.assistant
+    assistant.thresholds["toy@1"] = None  # only the mood rule may fire in what follows
+    assistant.definition.escalation.min_confidence = 0.0
     first = say(client, "angry terrible worst awful hate", session="angry")
+    assert first["sentiment"] == "negative" and first["reason"] is None
+    assert say(client, "angry terrible worst awful hate", session="other")["reason"] is None  # a new session
     second = say(client, "useless awful terrible angry", session="angry")
-    assert first["sentiment"] == second["sentiment"] == "negative"
-    assert second["escalate"] and second["reason"] in ("negative for 2 turns in a row", "out of scope",
-                                                       "low confidence")
-    assert say(client, "useless awful terrible angry", session="calm")["reason"] != "negative for 2 turns in a row"
+    assert second["sentiment"] == "negative" and second["reason"] == "negative for 2 turns in a row"
+    assert second["reply"].startswith("I'm sorry about this")
 
 
 def test_feedback_on_a_turn_reaches_the_retraining_export(chat_app):
@@ -67,6 +71,24 @@ def test_feedback_on_a_turn_reaches_the_retraining_export(chat_app):
     assert exported.examples[["text", "label"]].values.tolist() == [["where is my parcel courier late", "password"]]
     queue = client.get("/v1/admin/feedback", headers=ADMIN).json()["items"]
     assert queue[0]["corrected_label"] == "password" and queue[0]["source"] == "chat"
+
+
+def test_thumbs_on_an_out_of_scope_turn_stay_on_the_turn_and_never_become_a_label(chat_app):
+    client, config = chat_app
+    client.app.state.tuneloop.assistant.thresholds["toy@1"] = _reject_everything()
+    turn = say(client, "what is the weather tomorrow")
+    assert turn["intent"] is None
+    sent = client.post("/v1/feedback", json={"turn_id": turn["turn_id"], "rating": 1})
+    assert sent.status_code == 201 and sent.json()["feedback_id"] is None
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    assert feedback_examples(log.feedback_for("toy")).examples.empty
+    log.close()
+    stored = client.app.state.tuneloop.conversations.get(turn["turn_id"])
+    assert stored.rating == 1 and stored.intent is None
+
+
+def _reject_everything():
+    return ScopeThreshold(2.0, 0.95, 1.0, 0.0, 1.0, 1, 1, 0.1)
 
 
 def test_pages_and_assets_are_served_without_any_outside_host(chat_app):
@@ -104,4 +126,7 @@ def test_admin_api_lists_versions_and_runs_one_job_at_a_time(chat_app):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert job["status"] == "failed" and "no feedback with a label for 'toy'" in job["log"]
-    assert client.get("/v1/admin/jobs", headers=ADMIN).json()["jobs"][0]["id"] == job_id
+    [listed] = client.get("/v1/admin/jobs", headers=ADMIN).json()["jobs"]
+    assert listed["id"] == job_id and listed["log"] == ""  # the list stays small: logs come one job at a time
+    bad = client.post("/v1/admin/jobs", json={"kind": "gate", "target": "--config=x.yaml"}, headers=ADMIN)
+    assert bad.status_code == 422

@@ -82,9 +82,9 @@ class OpenAICompatibleGenerator:
                 "model": self.model, "messages": self.messages(request), "max_tokens": self.max_tokens,
                 "temperature": self.temperature})
             response.raise_for_status()
-            text = response.json()["choices"][0]["message"]["content"].strip()
-            if text:
-                return text
+            content = response.json()["choices"][0]["message"]["content"]
+            if isinstance(content, str) and content.strip():
+                return content.strip()
             log.warning("generator %s returned an empty reply; using the template", self.url)
         except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
             log.warning("generator %s failed (%s); using the template", self.url, exc)

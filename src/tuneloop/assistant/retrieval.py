@@ -9,7 +9,9 @@ built once per FAQ file and encoder, and the embeddings are cached on disk.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from tuneloop.data.load import read_table
 from tuneloop.errors import TuneloopError
 from tuneloop.models.embedder import SentenceEmbedder
 
+log = logging.getLogger(__name__)
 RRF_K = 60  # the constant from the RRF paper; ranks past ~60 barely matter
 CANDIDATES = 20
 _LATIN = re.compile(r"[a-z0-9]+(?:['’][a-z]+)?")
@@ -94,11 +97,14 @@ class FaqIndex:
         key = hashlib.sha256("\x1f".join([self.embedder.name, *questions]).encode()).hexdigest()[:16]
         cached = cache_dir / f"faq-{key}.npy" if cache_dir else None
         if cached is not None and cached.is_file():
-            return np.load(cached)
+            try:
+                return np.load(cached)
+            except (OSError, ValueError):
+                log.warning("unreadable FAQ vector cache %s: embedding again", cached)
         vectors = self.embedder.encode(questions)
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            staging = cached.with_suffix(".tmp.npy")
+            staging = cached.with_name(f".{cached.stem}.{uuid.uuid4().hex}.npy")
             np.save(staging, vectors)
             staging.replace(cached)
         return vectors
@@ -108,8 +114,9 @@ class FaqIndex:
         """The k best entries for a message; entries in `lang` only, when the FAQ has any in it."""
         allowed = np.ones(len(self.entries), dtype=bool)
         if lang is not None:
-            same = np.array([e.lang == lang for e in self.entries])
-            if same.any():
+            # Entries without a language serve every language.
+            same = np.array([e.lang in (None, lang) for e in self.entries])
+            if any(e.lang == lang for e in self.entries):
                 allowed = same
         vector = query_vector if query_vector is not None else self.embedder.encode([query])[0]
         similarity = self.vectors @ vector

@@ -44,6 +44,8 @@ def build_generator(definition: AssistantDefinition) -> ReplyGenerator:
     settings = definition.generator
     if settings.kind == "openai":
         key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
+        if settings.api_key_env and not key:
+            raise TuneloopError(f"generator.api_key_env names {settings.api_key_env}, which is not set")
         return OpenAICompatibleGenerator(settings.base_url, settings.model, api_key=key, timeout=settings.timeout)
     return TemplateGenerator()
 
@@ -77,31 +79,50 @@ class AssistantRuntime:
         in-scope side, the definition's out-of-scope examples as the other."""
         if intent.ref in self.thresholds:
             return self.thresholds[intent.ref]
+        scope = self.definition.scope
+        if scope.score == "cosine" and intent.model.spec.head != "cosine":
+            raise TuneloopError(f"scope.score=cosine needs a cosine head, and {intent.ref} has a "
+                                f"{intent.model.spec.head} head; use scope.score=probability")
         if not self.out_of_scope:
             log.warning("%s: no out_of_scope_examples, so no scope threshold: every message counts as in scope",
                         self.definition.name)
             self.thresholds[intent.ref] = None
             return None
         # Keyed by everything the threshold depends on, so editing the definition or the examples re-tunes it.
-        inputs = json.dumps([self.definition.scope.model_dump(), self.out_of_scope], ensure_ascii=False)
+        inputs = json.dumps([scope.model_dump(), self.out_of_scope], ensure_ascii=False)
         cached = self.folder / "scope" / f"{intent.ref}-{hashlib.sha256(inputs.encode()).hexdigest()[:12]}.json"
-        if cached.is_file():
-            threshold = ScopeThreshold(**json.loads(cached.read_text()))
-        else:
+        threshold = self._read_cached(cached)
+        if threshold is None:
             data = load_prepared(self.registry.artifacts(intent.record) / "data")
-            in_scope = data.val if len(data.val) else data.test
-            if in_scope.empty:
+            split = data.val if len(data.val) else data.test
+            if split.empty:
                 raise TuneloopError(f"{intent.ref} has no validation or test split to tune the scope threshold on")
-            texts = in_scope["text"].tolist()
-            scores = [scope_score(row, intent.model.spec, self.definition.scope.score)
-                      for row in predict_logits(intent.model, intent.tokenizer, texts + self.out_of_scope)]
-            threshold = tune_threshold(np.array(scores[:len(texts)]), np.array(scores[len(texts):]),
-                                       self.definition.scope.target_precision, self.definition.scope.out_of_scope_share)
+            # Validation messages labelled with the trained out-of-scope intent belong on the other side.
+            trained_out = (split["label"] == scope.label).to_numpy() if scope.label else np.zeros(len(split), bool)
+            in_texts = split.loc[~trained_out, "text"].tolist()
+            out_texts = split.loc[trained_out, "text"].tolist() + self.out_of_scope
+            scores = [scope_score(row, intent.model.spec, scope.score)
+                      for row in predict_logits(intent.model, intent.tokenizer, in_texts + out_texts)]
+            threshold = tune_threshold(np.array(scores[:len(in_texts)]), np.array(scores[len(in_texts):]),
+                                       scope.target_precision, scope.out_of_scope_share)
             write_text_atomically(cached, json.dumps(threshold.to_dict(), indent=2))
         log.info("%s: scope threshold %.3f (in-scope precision %.3f on tuning data)", intent.ref,
                  threshold.threshold, threshold.precision)
         self.thresholds[intent.ref] = threshold
         return threshold
+
+    @property
+    def turns_to_recall(self) -> int:
+        """Earlier turns a new turn needs: the history shown to the generator and the negative streak."""
+        return max(self.definition.history_turns, self.definition.escalation.negative_turns - 1)
+
+    @staticmethod
+    def _read_cached(path: Path) -> ScopeThreshold | None:
+        """A cached threshold, or None when there is none or it cannot be read (then it is tuned again)."""
+        try:
+            return ScopeThreshold(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
 
     def decide(self, message: str, intent: LoadedModel, intent_logits: np.ndarray, sentiment: LoadedModel,
                sentiment_logits: np.ndarray, query_vector: np.ndarray, recent_sentiments: list[str],

@@ -1,9 +1,10 @@
 """Out-of-scope detection: a confidence threshold tuned to a target in-scope precision.
 
 A message is accepted as in scope when the intent model's confidence reaches the threshold. Of the
-accepted messages, the share that really are in scope is the in-scope precision; the threshold is the
-lowest one that keeps it at the target on held-out data (validation messages of the known intents plus
-out-of-scope examples), which keeps as many in-scope messages as the target allows.
+accepted messages, the share that really are in scope is the in-scope precision. The threshold is tuned
+on held-out data (validation messages of the known intents plus out-of-scope examples): the lowest one
+above which precision never falls below the target, which keeps as many in-scope messages as the target
+safely allows.
 
 Precision depends on how much of the traffic is out of scope, and the tuning data's mix says nothing about
 that (a user may bring 1,000 off-topic examples and 70 validation messages). So precision is computed
@@ -54,14 +55,13 @@ def tune_threshold(in_scope: np.ndarray, out_of_scope: np.ndarray, target_precis
     accepted_out = (len(out_of_scope) - np.searchsorted(np.sort(out_of_scope), candidates, side="left")) / len(
         out_of_scope)
     precision = expected_precision(accepted_in, accepted_out, out_of_scope_share)
-    # Precision is not monotonic in the threshold: take the lowest one above which it never falls short,
-    # not merely the first that touches the target.
+    # Precision is not monotonic in the threshold, so a threshold that merely touches the target could
+    # fall short again just above it: take the lowest one above which it never does.
     falling_short = np.flatnonzero(precision < target_precision)
     start = falling_short[-1] + 1 if len(falling_short) else 0
-    if start < len(candidates):
-        threshold = float(candidates[start])
-    else:  # accept only what scores above every out-of-scope example
-        threshold = float(np.nextafter(out_of_scope.max(), np.inf))
+    # Raising it to the next in-scope score keeps every in-scope message and rejects more off-topic ones.
+    above = in_scope[in_scope >= candidates[start]] if start < len(candidates) else in_scope[:0]
+    threshold = float(above.min()) if len(above) else float(np.nextafter(out_of_scope.max(), np.inf))
     in_recall, out_accepted = float((in_scope >= threshold).mean()), float((out_of_scope >= threshold).mean())
     return ScopeThreshold(
         threshold=threshold, target_precision=target_precision,

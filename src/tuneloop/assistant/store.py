@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import Boolean, DateTime, Engine, Float, String, Text, select
+from sqlalchemy import Boolean, DateTime, Engine, Float, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
 from tuneloop.db import Base
@@ -34,6 +34,9 @@ class ChatTurn(Base):
     # No foreign keys: the predictions reach their table through the buffered log, maybe after this row.
     intent_prediction_id: Mapped[str] = mapped_column(String(32), index=True)
     sentiment_prediction_id: Mapped[str] = mapped_column(String(32))
+    # The user's verdict on the reply itself (thumbs), latest wins; corrections go to the intent prediction.
+    rating: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class ConversationStore:
@@ -51,6 +54,14 @@ class ConversationStore:
             rows = session.scalars(select(ChatTurn).where(ChatTurn.session_id == session_id)
                                    .order_by(ChatTurn.created_at.desc()).limit(limit))
             return list(rows)[::-1]
+
+    def rate(self, turn_id: str, rating: int | None, comment: str | None) -> None:
+        with self._sessions.begin() as session:
+            turn = session.get(ChatTurn, turn_id)
+            if rating is not None:
+                turn.rating = rating
+            if comment:
+                turn.comment = comment
 
     def get(self, turn_id: str) -> ChatTurn | None:
         with self._sessions() as session:

@@ -53,7 +53,7 @@ class TurnOutcome:
     escalate: bool
     reason: str | None
     faq: list[FaqHit] = field(default_factory=list)
-    answered_from_faq: bool = False
+    faq_answer: FaqHit | None = None  # the entry the reply came from
 
 
 def _text(texts: dict[str, str], lang: str) -> str:
@@ -84,13 +84,13 @@ def decide_turn(
     reason = policy.reason(TurnSignals(message, lang, intent, confidence, sentiment), recent_sentiments)
     templates = definition.templates
     tone = _text(templates.tone.get(sentiment, {}), lang) if sentiment in templates.tone else ""
-    best = hits[0] if hits else None
-    # The FAQ answers only when it is close enough and, if the entry names an intent, agrees with the model.
-    from_faq = (intent is not None and best is not None and best.similarity >= faq_similarity
-                and best.entry.intent in (None, intent))
+    # The FAQ answers with the best-ranked entry that is close enough and, if it names an intent, agrees.
+    best = next((h for h in hits if intent is not None and h.similarity >= faq_similarity
+                 and h.entry.intent in (None, intent)), None)
+    from_faq = best is not None
     if reason is not None:
         # A hand-over keeps only an apology: cheerfulness reads wrong when we cannot help.
-        body = _text(templates.out_of_scope if intent is None else templates.escalate, lang)
+        body = _text(templates.out_of_scope if reason == "out of scope" else templates.escalate, lang)
         reply = compose(ReplyRequest(message, lang, intent, sentiment, None, body,
                                      tone if sentiment == "negative" else ""))
     else:
@@ -102,4 +102,5 @@ def decide_turn(
         reply = generator.generate(request)
     return TurnOutcome(reply=reply, lang=lang, intent=intent, predicted_intent=predicted, confidence=confidence,
                        scope_score=score, sentiment=sentiment, sentiment_confidence=float(sentiment_probs[mood]),
-                       escalate=reason is not None, reason=reason, faq=hits, answered_from_faq=from_faq and not reason)
+                       escalate=reason is not None, reason=reason, faq=hits,
+                       faq_answer=best if from_faq and reason is None else None)

@@ -6,8 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tuneloop.config import TuneloopConfig, load_config
+
+if TYPE_CHECKING:  # the assistant pulls in torch and the server; `tuneloop --help` should not wait for them
+    from tuneloop.assistant.turn import TurnOutcome
+    from tuneloop.registry.store import Registry
 
 DEMO_EXAMPLES = [
     "where is my parcel? it was supposed to arrive yesterday",
@@ -52,10 +57,10 @@ def demo_assistant() -> Path:
 class DemoTurn:
     session: str
     message: str
-    outcome: object  # tuneloop.assistant.turn.TurnOutcome
+    outcome: TurnOutcome
 
 
-def demo_conversation(registry) -> list[DemoTurn]:
+def demo_conversation(registry: Registry) -> list[DemoTurn]:
     """Build the demo assistant over the promoted models and play DEMO_CHAT through it."""
     from tuneloop.assistant.definition import load_definition
     from tuneloop.assistant.runtime import AssistantRuntime

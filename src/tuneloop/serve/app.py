@@ -4,7 +4,6 @@ FastAPI app; the routes live in `serve/routes/`, one module per resource."""
 from __future__ import annotations
 
 import logging
-from importlib import resources
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,6 +15,9 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneloop import __version__
+from tuneloop.assistant.definition import load_definition
+from tuneloop.assistant.runtime import AssistantRuntime
+from tuneloop.assistant.store import ConversationStore
 from tuneloop.config import TuneloopConfig
 from tuneloop.feedback.log import PredictionLog
 from tuneloop.registry.store import Registry
@@ -23,7 +25,7 @@ from tuneloop.serve.deps import ServerState
 from tuneloop.serve.jobs import JobRunner
 from tuneloop.serve.metrics import RequestMetrics, ServerMetrics
 from tuneloop.serve.models import LoadedModel, ServedModels
-from tuneloop.serve.routes import admin, chat, ops, predict
+from tuneloop.serve.routes import admin, chat, ops, pages, predict
 from tuneloop.serve.security import BodySizeLimit, KeyRing
 
 log = logging.getLogger(__name__)
@@ -55,9 +57,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _job_settings(config: TuneloopConfig) -> list[str]:
     """Overrides that point a job subprocess at this server's registry and gate rules (and nothing else:
     retraining takes its recipe from the production version)."""
+    # The database URL (it may hold a password) goes through the environment, not the command line.
     settings = [f"registry.home={config.registry.home.resolve()}"]
-    if config.registry.database_url:
-        settings.append(f"registry.database_url={config.registry.database_url}")
     return settings + [f"gate.{key}={value}" for key, value in config.gate.model_dump().items()]
 
 
@@ -67,9 +68,6 @@ def _build_state(config: TuneloopConfig) -> ServerState:
     metrics = ServerMetrics()
     assistant = None
     if settings.assistant is not None:
-        from tuneloop.assistant.definition import load_definition
-        from tuneloop.assistant.runtime import AssistantRuntime
-
         assistant = AssistantRuntime(load_definition(settings.assistant), registry)
 
     def swapped(loaded: LoadedModel) -> None:
@@ -87,14 +85,11 @@ def _build_state(config: TuneloopConfig) -> ServerState:
     served.load()
     prediction_log = PredictionLog(config.registry.resolved_database_url(), config.registry.home,
                                    flush_ms=settings.log_flush_ms)
-    conversations = None
-    if assistant is not None:
-        from tuneloop.assistant.store import ConversationStore
-
-        conversations = ConversationStore(prediction_log.engine)
+    conversations = ConversationStore(prediction_log.engine) if assistant is not None else None
     return ServerState(config=config, registry=registry, served=served, prediction_log=prediction_log,
-                       metrics=metrics, keys=KeyRing(settings), jobs=JobRunner(config.registry.home / "jobs",
-                                                                               _job_settings(config)),
+                       metrics=metrics, keys=KeyRing(settings),
+                       jobs=JobRunner(config.registry.home / "jobs", _job_settings(config),
+                                      {"TUNELOOP_DATABASE_URL": config.registry.resolved_database_url()}),
                        assistant=assistant, conversations=conversations)
 
 
@@ -124,7 +119,7 @@ def create_app(config: TuneloopConfig) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.serve.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
-    for router in (predict.router, chat.router, admin.router, ops.router):
+    for router in (predict.router, chat.router, admin.router, ops.router, pages.router):
         app.include_router(router)
-    app.mount("/assets", StaticFiles(directory=str(resources.files("tuneloop.assistant") / "web")), name="assets")
+    app.mount("/assets", StaticFiles(directory=str(pages.WEB)), name="assets")
     return app

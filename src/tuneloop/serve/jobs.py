@@ -35,17 +35,24 @@ class Job:
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     def describe(self, tail: int = 4000) -> dict[str, str | int | None]:
-        text = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.is_file() else ""
+        """The job's state and the last `tail` characters of its log (none with tail=0)."""
+        text = ""
+        if tail and self.log_path.is_file():
+            with self.log_path.open("rb") as log_file:
+                log_file.seek(max(0, log_file.seek(0, 2) - 4 * tail))  # utf-8: at most 4 bytes a character
+                text = log_file.read().decode("utf-8", errors="replace")[-tail:]
         return {"id": self.id, "kind": self.kind, "target": self.target, "status": self.status,
                 "exit_code": self.exit_code, "started_at": self.started_at.isoformat(),
                 "finished_at": self.finished_at.isoformat() if self.finished_at else None, "log": text[-tail:]}
 
 
 class JobRunner:
-    def __init__(self, folder: Path, settings: list[str]) -> None:
-        """`settings` are dotted overrides every job gets (where the registry is, the gate's thresholds)."""
+    def __init__(self, folder: Path, settings: list[str], environment: dict[str, str] | None = None) -> None:
+        """`settings` are dotted overrides every job gets (where the registry is, the gate's thresholds);
+        `environment` is added to the job's environment (secrets stay off the command line)."""
         self.folder = folder
         self.settings = settings
+        self.environment = environment or {}
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
@@ -61,9 +68,10 @@ class JobRunner:
             job = Job(job_id, kind, target, self.folder / f"{job_id}.log", datetime.now(timezone.utc))
             with job.log_path.open("w", encoding="utf-8") as out:
                 job.process = subprocess.Popen(
-                    [sys.executable, "-m", "tuneloop", kind, target, *self.settings],
+                    # After "--" everything is an argument: a target can never be read as an option.
+                    [sys.executable, "-m", "tuneloop", kind, "--", target, *self.settings],
                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env={**os.environ, "COLUMNS": "100", "NO_COLOR": "1"})
+                    env={**os.environ, **self.environment, "COLUMNS": "100", "NO_COLOR": "1"})
             self.jobs[job_id] = job
         threading.Thread(target=self._wait, args=(job,), daemon=True, name=f"job-{job_id}").start()
         return job

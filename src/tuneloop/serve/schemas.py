@@ -58,7 +58,8 @@ class FeedbackRequest(_Strict):
 
 
 class FeedbackResponse(BaseModel):
-    feedback_id: int
+    feedback_id: int | None = Field(description="The stored feedback on the prediction; null when a rating of an "
+                                                "out-of-scope chat turn was kept on the turn only.")
     prediction_id: str
     turn_id: str | None = None
 
@@ -116,6 +117,7 @@ class ChatResponse(BaseModel):
     escalate: bool
     reason: str | None = Field(description="Why the conversation goes to a person.")
     answered_from_faq: bool
+    faq_question: str | None = Field(description="The FAQ entry the reply came from, if any.")
     sources: list[FaqSource]
     model: str
 
@@ -130,7 +132,8 @@ class AssistantInfo(BaseModel):
 
 class JobRequest(_Strict):
     kind: Literal["retrain", "gate"]
-    target: str = Field(min_length=1, max_length=220, description="retrain: a model name; gate: NAME@VERSION.")
+    target: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}(@\d+)?$",
+                        description="retrain: a model name; gate: NAME@VERSION.")
 
 
 class ErrorResponse(BaseModel):

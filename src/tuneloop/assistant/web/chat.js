@@ -45,7 +45,7 @@ function addReply(turn) {
   badges.append(turn.intent ? badge(`intent: ${turn.intent} ${(turn.confidence * 100).toFixed(0)}%`, "intent")
                             : badge("out of scope", "oos"));
   badges.append(badge(`sentiment: ${turn.sentiment}`, `sentiment sentiment-${turn.sentiment}`));
-  if (turn.answered_from_faq && turn.sources.length) badges.append(badge(`FAQ: ${turn.sources[0].question}`, "faq"));
+  if (turn.faq_question) badges.append(badge(`FAQ: ${turn.faq_question}`, "faq"));
   if (turn.escalate) badges.append(badge(`→ human (${turn.reason})`, "escalate"));
   box.append(badges);
 

@@ -1,24 +1,17 @@
-"""The admin page and its API: versions and their metrics, the feedback queue, retrain and gate jobs."""
+"""The admin API: versions and their metrics, the feedback queue, retrain and gate jobs."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse
 
 from tuneloop.errors import TuneloopError
 from tuneloop.serve.deps import State
-from tuneloop.serve.routes.chat import page
 from tuneloop.serve.schemas import ERRORS, JobRequest
 from tuneloop.serve.security import require_admin
 
 router = APIRouter()
 admin_only = [Depends(require_admin)]
-
-
-@router.get("/admin", include_in_schema=False)
-async def admin_page() -> HTMLResponse:
-    return HTMLResponse(page("admin.html"))
 
 
 @router.get("/v1/admin/models", responses=ERRORS, tags=["admin"], dependencies=admin_only)
@@ -49,7 +42,7 @@ async def feedback_queue(state: State, limit: int = Query(50, ge=1, le=500)) -> 
 async def start_job(body: JobRequest, state: State) -> dict:
     """Start `tuneloop retrain NAME` or `tuneloop gate NAME@VERSION` in the background (one at a time)."""
     try:
-        job = state.jobs.start(body.kind, body.target)
+        job = await run_in_threadpool(state.jobs.start, body.kind, body.target)
     except TuneloopError as exc:
         raise HTTPException(409, str(exc)) from None
     return job.describe()

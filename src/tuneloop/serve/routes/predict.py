@@ -92,12 +92,20 @@ async def predict(body: PredictRequest, state: State) -> PredictResponse:
              dependencies=[Depends(require_client)])
 async def feedback(body: FeedbackRequest, state: State) -> FeedbackResponse:
     """Correct a prediction's (or a chat turn's intent) label and/or rate it; stored before the answer."""
-    prediction_id = body.prediction_id
+    prediction_id, rating = body.prediction_id, body.rating
     if body.turn_id is not None:
         turn = await run_in_threadpool(state.conversations.get, body.turn_id) if state.conversations else None
         if turn is None:
             raise HTTPException(404, f"no chat turn with id '{body.turn_id}' (ids come from /v1/chat)")
+        await run_in_threadpool(state.conversations.rate, turn.id, body.rating, body.comment)
         prediction_id = turn.intent_prediction_id
+        if turn.intent is None:
+            # Thumbs on an out-of-scope turn judge the hand-over, not the intent the model guessed: a thumbs-up
+            # there must never become a "confirmed" training label for that guess.
+            rating = None
+            if body.corrected_label is None:
+                state.metrics.feedback.labels("rating").inc()
+                return FeedbackResponse(feedback_id=None, prediction_id=prediction_id, turn_id=turn.id)
     record = await run_in_threadpool(state.prediction_log.get, prediction_id)
     if record is None:
         raise HTTPException(404, f"no prediction with id '{prediction_id}' (ids come from /v1/predict)")
@@ -108,8 +116,8 @@ async def feedback(body: FeedbackRequest, state: State) -> FeedbackResponse:
         if body.corrected_label not in allowed:
             raise HTTPException(422, f"corrected_label '{body.corrected_label}' is not a label of "
                                      f"{record.model_name}; labels: {', '.join(sorted(allowed))}")
-    row = await run_in_threadpool(state.prediction_log.add_feedback, prediction_id, body.corrected_label,
-                                  body.rating, body.comment)
+    row = await run_in_threadpool(state.prediction_log.add_feedback, prediction_id, body.corrected_label, rating,
+                                  body.comment)
     kind = "correction" if body.corrected_label else ("rating" if body.rating is not None else "comment")
     state.metrics.feedback.labels(kind).inc()
     return FeedbackResponse(feedback_id=row.id, prediction_id=row.prediction_id, turn_id=body.turn_id)
