@@ -10,6 +10,7 @@ tuneloop and, with --baseline, for the Trainer, plus the ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -132,7 +133,8 @@ def run_hf_trainer(train: pd.DataFrame, test: pd.DataFrame, work: Path, encoder_
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorWithPadding(tokenizer),
                       callbacks=[callback])
     started = time.perf_counter()
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its summary; stdout carries only our JSON
+        trainer.train()
     train_seconds = time.perf_counter() - started - callback.eval_seconds
     predicted = predict()
     return {"accuracy": round(accuracy_score(scorer.labels, predicted), 4),

@@ -20,9 +20,12 @@ from tuneloop.assistant.scope import ScopeThreshold
 from tuneloop.data.clean import cjk_share
 from tuneloop.models.classifier import HeadSpec, softmax
 
-# Cosine at which the closest FAQ question answers the message, per packaged encoder: e5's cosines
-# crowd near the top of the range, MiniLM's spread out (measured on the demo FAQ's paraphrases).
-DEFAULT_FAQ_SIMILARITY = {"multilingual-e5-small": 0.88, "all-MiniLM-L6-v2": 0.6}
+# Cosine at which an FAQ entry may answer, per packaged encoder. e5's cosines crowd near the top of the
+# range, MiniLM's spread out. Measured on the demo (each support message against the demo FAQ): at these
+# values half the messages clear the bar, and for those the top entry's intent is the message's in 87%
+# (e5, 753 messages in both languages) and 94% (MiniLM, 378 English) of cases; the reply also requires
+# the entry's intent to agree with the classifier's.
+DEFAULT_FAQ_SIMILARITY = {"multilingual-e5-small": 0.89, "all-MiniLM-L6-v2": 0.5}
 FALLBACK_FAQ_SIMILARITY = 0.75
 
 
