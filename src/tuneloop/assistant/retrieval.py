@@ -26,6 +26,8 @@ from tuneloop.errors import TuneloopError
 from tuneloop.models.embedder import SentenceEmbedder
 
 log = logging.getLogger(__name__)
+# bm25s sets its own logger to DEBUG at import, which would print "Building index" on every start.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 RRF_K = 60  # the constant from the RRF paper; ranks past ~60 barely matter
 CANDIDATES = 20
 _LATIN = re.compile(r"[a-z0-9]+(?:['’][a-z]+)?")
