@@ -36,7 +36,7 @@ F = TypeVar("F", bound=Callable)
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=3e-5 name=support.")]
 DataOption = Annotated[Path | None, typer.Option("--data", help="Data file (same as data.path=...).")]
-_OVERRIDE = re.compile(r"^(name|(data|model|train|eval|registry|serve|feedback|gate)\.[A-Za-z_.]+)=")
+_OVERRIDE = re.compile(r"^(name|(data|model|train|pretrain|eval|registry|serve|feedback|gate)\.[A-Za-z_.]+)=")
 
 
 def friendly(command: F) -> F:
@@ -148,6 +148,37 @@ def train(
     if outcome.version:
         console.print(f"registered [bold]{outcome.version.ref}[/bold] (candidate); promote with: "
                       f"tuneloop models promote {outcome.version.ref}")
+
+
+@app.command()
+@friendly
+def pretrain(
+    config: ConfigOption = None, overrides: Overrides = None,
+    data: Annotated[list[Path] | None, typer.Option("--data", help="Unlabelled text file(s) (pretrain.paths).")] = None,
+    from_scratch: Annotated[bool, typer.Option("--from-scratch", help="New tokenizer and small BERT.")] = False,
+    resume: Annotated[str | None, typer.Option(help="Run folder to continue, or 'latest'.")] = None,
+) -> None:
+    """Masked-language-model pretraining on unlabelled text; the encoder is registered for `train` to start from."""
+    from tuneloop.train.mlm import pretrain as run_pretraining
+    from tuneloop.train.run import latest_run_dir, new_run_dir
+
+    pairs = list(overrides or [])
+    if data:
+        pairs.append(f"pretrain.paths=[{', '.join(json.dumps(str(p)) for p in data)}]")
+    if from_scratch:
+        pairs.append("pretrain.from_scratch=true")
+    resolved = load_config(config, pairs)
+    run_dir = new_run_dir(resolved)
+    if resume:
+        run_dir = latest_run_dir(resolved, checkpoint="pretrain.pt") if resume == "latest" else Path(resume)
+        resolved = load_config(run_dir / "config.yaml")  # the run continues with the settings it started with
+    outcome = run_pretraining(resolved, run_dir)
+    last = outcome.history[-1]
+    console.print(f"[green]held-out perplexity {last['heldout_perplexity']:.2f}[/green] (loss {last['heldout_loss']:.3f}, "
+                  f"over the corpus's {outcome.corpus['corpus_vocabulary']} tokens) after {outcome.train_seconds:.0f}s; "
+                  f"{outcome.corpus['texts']} texts in {outcome.corpus['train_blocks']} blocks")
+    console.print(f"registered [bold]{outcome.version.ref}[/bold]; fine-tune from it with: tuneloop train "
+                  f"model.name={outcome.version.ref} --data labelled.csv", soft_wrap=True)
 
 
 @app.command("eval")

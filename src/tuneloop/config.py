@@ -82,6 +82,30 @@ class TrainConfig(_Section):
     length_grouping: bool = True
 
 
+class PretrainConfig(_Section):
+    """Masked-language-model pretraining on unlabelled text: continued from an encoder, or from scratch."""
+
+    paths: list[Path] = Field(default_factory=list, description="Unlabelled text: .txt (a text per line) or "
+                              "csv/tsv/jsonl/parquet with data.text_column.")
+    from_scratch: bool = Field(False, description="Train a new tokenizer and a small BERT instead of continuing.")
+    size: Literal["tiny", "small", "base"] = Field("small", description="From scratch: 2, 4 or 6 layers.")
+    tokenizer: Literal["wordpiece", "char"] = Field(
+        "wordpiece", description="From scratch: WordPiece (Chinese characters are single tokens either way) or "
+        "one token per character.")
+    vocab_size: int = Field(16_000, ge=100, description="From scratch: WordPiece vocabulary size.")
+    mask_probability: float = Field(0.15, gt=0, lt=1)
+    whole_word: bool = Field(False, description="Mask whole words (Chinese words found by jieba) instead of pieces.")
+    block_size: int = Field(128, ge=16, le=512, description="Texts are packed into blocks of this many tokens.")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (from scratch wants ~5e-4).")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    holdout: float = Field(0.05, gt=0, lt=0.5, description="Share of texts kept out to measure perplexity.")
+    checkpoint_every: int = Field(200, ge=1)
+    seed: int = 42
+
+
 class EvalConfig(_Section):
     """What the evaluation report contains."""
 
@@ -162,6 +186,7 @@ class TuneloopConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneloop.config import RegistryConfig
 from tuneloop.data.clean import cjk_share
 from tuneloop.errors import TuneloopError
+from tuneloop.registry.store import Registry
 
 ENGLISH_ENCODER = "all-MiniLM-L6-v2"
+# Written by `tuneloop pretrain` next to the encoder it registers: what it was built from, its input prefix.
+ENCODER_META = "encoder.json"
 MULTILINGUAL_ENCODER = "multilingual-e5-small"
 KNOWN_ENCODERS = (ENGLISH_ENCODER, MULTILINGUAL_ENCODER)
 # Above this share of texts with CJK characters the English WordPiece vocabulary would turn the data
@@ -54,7 +59,21 @@ def resolve_encoder(name: str, home: Path, texts: list[str] | None = None) -> En
     folder = Path(name).expanduser()
     if (folder / "config.json").is_file():
         return EncoderSource(str(folder), folder)
+    if "@" in name:
+        return registered_encoder(name, home)
     raise TuneloopError(
-        f"unknown model '{name}': use auto, {', '.join(KNOWN_ENCODERS)}, or a folder with a Hugging Face "
-        f"config.json (set model.name)"
+        f"unknown model '{name}': use auto, {', '.join(KNOWN_ENCODERS)}, a registered version NAME@VERSION, or a "
+        f"folder with a Hugging Face config.json (set model.name)"
     )
+
+
+def registered_encoder(ref: str, home: Path) -> EncoderSource:
+    """The encoder inside a registered version: one `tuneloop pretrain` made, or a classifier's own."""
+    registry = Registry(RegistryConfig(home=home))
+    version = registry.get(ref)
+    folder = registry.artifacts(version) / "model"
+    meta = registry.artifacts(version) / ENCODER_META
+    prefix = json.loads(meta.read_text()).get("text_prefix", "") if meta.is_file() else ""
+    if not prefix and (folder / "classifier.json").is_file():
+        prefix = json.loads((folder / "classifier.json").read_text()).get("text_prefix", "")
+    return EncoderSource(version.ref, folder, text_prefix=prefix)

@@ -123,11 +123,11 @@ def _class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
-def _restore_rng(state: dict) -> None:
+def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -216,7 +216,7 @@ def train_classifier(
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
-        _restore_rng(saved["rng"])
+        restore_rng(saved["rng"])
         log.info("resuming at epoch %d step %d", state["epoch"], state["step_in_epoch"])
     elif config.model.head_init == "centroids":
         started = time.perf_counter()
@@ -225,7 +225,7 @@ def train_classifier(
 
     def save_checkpoint() -> None:
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "state": state, "rng": _rng_state()}
+                   "scheduler": scheduler.state_dict(), "state": state, "rng": rng_state()}
         write_dir_atomically(lambda d: (d.mkdir(parents=True), torch.save(payload, d / "trainer.pt")), checkpoint)
 
     writer = SummaryWriter(str(run_dir / "tensorboard"))

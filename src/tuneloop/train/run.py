@@ -69,11 +69,11 @@ def new_run_dir(config: TuneloopConfig) -> Path:
     return config.registry.home / "runs" / f"{config.name}-{stamp}"
 
 
-def latest_run_dir(config: TuneloopConfig) -> Path:
+def latest_run_dir(config: TuneloopConfig, checkpoint: str = "trainer.pt") -> Path:
     # The exact stamp pattern, so that runs of "toy-2" never count as runs of "toy".
     own = re.compile(re.escape(config.name) + r"-\d{8}-\d{6}-\d{6}")
     runs = sorted(r for r in (config.registry.home / "runs").glob(f"{config.name}-*") if own.fullmatch(r.name))
-    resumable = [r for r in runs if (r / CHECKPOINT_DIR / "trainer.pt").is_file()]
+    resumable = [r for r in runs if (r / CHECKPOINT_DIR / checkpoint).is_file()]
     if not resumable:
         raise TuneloopError(f"no run of '{config.name}' to resume under {config.registry.home / 'runs'}")
     return resumable[-1]

@@ -1,0 +1,336 @@
+"""Recipe: masked-language-model pretraining on a company's unlabelled text, on a CPU.
+
+Continued pretraining adapts a packaged encoder to the company's words before it sees a label; from
+scratch builds a tokenizer and a small BERT where no packaged model fits. Texts are packed into
+fixed-size blocks (no padding wasted), masks are drawn afresh for every batch (dynamic masking), and
+optionally whole words are masked (Chinese words found by jieba, the segmenter Chinese whole-word-masking
+BERTs were trained with). Perplexity on held-out texts is measured with fixed masks, so epochs compare.
+
+CPU edge: multilingual-e5-small has a 250k-token vocabulary, and a full softmax over it for every masked
+token would dominate each step. A company corpus uses a small part of it, so the output layer is limited
+to the tokens that occur in the corpus (exact for those texts, far cheaper); perplexity is reported over
+that vocabulary and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.tensorboard import SummaryWriter
+from transformers import AutoTokenizer, BertForMaskedLM, PreTrainedTokenizerBase, get_scheduler
+
+from tuneloop.atomic import write_dir_atomically
+from tuneloop.config import TuneloopConfig, dump_config
+from tuneloop.data.clean import clean_text, dedup_key
+from tuneloop.data.load import read_table, select_columns
+from tuneloop.errors import TuneloopError
+from tuneloop.models.classifier import MODEL_DIR
+from tuneloop.models.encoders import ENCODER_META, EncoderSource, resolve_encoder
+from tuneloop.models.scratch import bert_config, train_tokenizer
+from tuneloop.registry.store import ModelVersion, Registry
+from tuneloop.train.classification import BIG_VOCABULARY, CHECKPOINT_DIR, restore_rng, rng_state, seed_everything
+
+log = logging.getLogger(__name__)
+NO_WORD = -1
+
+
+@dataclass
+class PretrainOutcome:
+    run_dir: Path
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    version: ModelVersion | None = None
+    corpus: dict = field(default_factory=dict)
+
+
+def read_corpus(paths: list[Path], text_column: str) -> list[str]:
+    """Cleaned, de-duplicated texts from .txt files (a text per line) and tables (their text column)."""
+    if not paths:
+        raise TuneloopError("no unlabelled text given: pretrain.paths=[file.txt] (or --data file.txt)")
+    texts, seen = [], set()
+    for path in map(Path, paths):
+        if path.suffix.lower() == ".txt":
+            if not path.is_file():
+                raise TuneloopError(f"text file not found: {path}")
+            try:
+                raw = path.read_text(encoding="utf-8").splitlines()
+            except UnicodeDecodeError:
+                raise TuneloopError(f"{path} is not valid UTF-8; re-save it as UTF-8") from None
+        else:
+            raw = select_columns(read_table(path), path, text_column, text_column)["text"].tolist()
+        for text in map(clean_text, raw):
+            if text and dedup_key(text) not in seen:
+                seen.add(dedup_key(text))
+                texts.append(text)
+    if len(texts) < 2:
+        raise TuneloopError(f"{len(texts)} usable text(s) in {', '.join(map(str, paths))}: pretraining needs more")
+    return texts
+
+
+def word_numbers(text: str, offsets: list[tuple[int, int]]) -> list[int]:
+    """For each token (by its character offsets) the number of the word it belongs to, words being jieba's
+    segments: Chinese words, and runs of letters or digits for other scripts."""
+    try:
+        import rjieba
+    except ImportError:
+        raise TuneloopError("whole-word masking needs the rjieba package: pip install rjieba") from None
+    starts = np.array([start for _, start, _ in rjieba.tokenize(text)])
+    return [int(np.searchsorted(starts, start, side="right")) - 1 for start, _ in offsets]
+
+
+def encode_corpus(tokenizer: PreTrainedTokenizerBase, texts: list[str], whole_word: bool
+                  ) -> list[tuple[list[int], list[int]]]:
+    """Token ids without special tokens, and per token its word number (or its own number)."""
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=whole_word)
+    out = []
+    for index, ids in enumerate(encoded["input_ids"]):
+        words = word_numbers(texts[index], encoded["offset_mapping"][index]) if whole_word else list(range(len(ids)))
+        out.append((ids, words))
+    return out
+
+
+def pack_blocks(encoded: list[tuple[list[int], list[int]]], block_size: int, cls_id: int, sep_id: int
+                ) -> list[tuple[list[int], list[int]]]:
+    """Concatenate texts (separated by [SEP]) and cut them into [CLS] … [SEP] blocks of block_size tokens;
+    word numbers are made unique per block so that a word split across texts is never one word."""
+    body = block_size - 2
+    stream_ids: list[int] = []
+    stream_words: list[int] = []
+    offset = 0
+    for ids, words in encoded:
+        stream_ids += ids + [sep_id]
+        stream_words += [w + offset for w in words] + [NO_WORD]
+        offset += (max(words) + 1) if words else 0
+    blocks = []
+    for start in range(0, len(stream_ids), body):
+        ids, words = stream_ids[start:start + body], stream_words[start:start + body]
+        if len(ids) < 8:  # a scrap at the end teaches nothing
+            continue
+        blocks.append(([cls_id, *ids, sep_id], [NO_WORD, *words, NO_WORD]))
+    return blocks
+
+
+def mask_batch(blocks: list[tuple[list[int], list[int]]], special_ids: set[int], mask_id: int, vocabulary: list[int],
+               probability: float, generator: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels): chosen words have every token masked; of masked tokens 80% become
+    [MASK], 10% a random corpus token, 10% stay; labels are -100 except at masked tokens."""
+    width = max(len(ids) for ids, _ in blocks)
+    input_ids = torch.zeros((len(blocks), width), dtype=torch.long)
+    attention = torch.zeros((len(blocks), width), dtype=torch.long)
+    labels = torch.full((len(blocks), width), -100, dtype=torch.long)
+    for row, (ids, words) in enumerate(blocks):
+        chosen = {w for w in set(words) if w != NO_WORD and generator.random() < probability}
+        masked = [ids[i] not in special_ids and words[i] in chosen for i in range(len(ids))]
+        new_ids = list(ids)
+        for i, is_masked in enumerate(masked):
+            if not is_masked:
+                continue
+            labels[row, i] = ids[i]
+            draw = generator.random()
+            new_ids[i] = mask_id if draw < 0.8 else (vocabulary[generator.randrange(len(vocabulary))]
+                                                     if draw < 0.9 else ids[i])
+        input_ids[row, :len(ids)] = torch.tensor(new_ids)
+        attention[row, :len(ids)] = 1
+    return input_ids, attention, labels
+
+
+class CorpusVocabularyHead(torch.nn.Module):
+    """BERT's MLM head with the output layer limited to the corpus vocabulary (see the module docstring)."""
+
+    def __init__(self, model: BertForMaskedLM, vocabulary: list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("vocabulary", torch.tensor(vocabulary, dtype=torch.long))
+        self.position = torch.full((model.config.vocab_size,), -100, dtype=torch.long)
+        self.position[self.vocabulary] = torch.arange(len(vocabulary))
+
+    def loss(self, input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        hidden = self.model.bert(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        where = labels != -100
+        if not where.any():
+            return hidden.sum() * 0.0, 0
+        predictions = self.model.cls.predictions
+        transformed = predictions.transform(hidden[where])
+        weight = predictions.decoder.weight[self.vocabulary]
+        logits = transformed @ weight.T + predictions.bias[self.vocabulary]
+        targets = self.position[labels[where]]
+        return F.cross_entropy(logits.float(), targets), int(where.sum())
+
+
+def _build_model(config: TuneloopConfig, texts: list[str], run_dir: Path
+                 ) -> tuple[BertForMaskedLM, PreTrainedTokenizerBase, EncoderSource]:
+    settings = config.pretrain
+    if settings.from_scratch:
+        tokenizer = train_tokenizer(texts, settings.tokenizer, settings.vocab_size, run_dir / "tokenizer")
+        model = BertForMaskedLM(bert_config(settings.size, len(tokenizer), settings.block_size))
+        source = EncoderSource(f"scratch-{settings.size}-{settings.tokenizer}", run_dir / "tokenizer")
+        return model, tokenizer, source
+    source = resolve_encoder(config.model.name, config.registry.home, texts)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        model = BertForMaskedLM.from_pretrained(source.path)
+    except (OSError, ValueError) as exc:
+        raise TuneloopError(f"cannot load {source.path} as a BERT encoder for MLM: {str(exc).splitlines()[0]}") from exc
+    return model, tokenizer, source
+
+
+@torch.no_grad()
+def heldout_loss(head: CorpusVocabularyHead, masks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> float:
+    """Mean loss per masked token over pre-masked held-out batches."""
+    head.eval()
+    total, count = 0.0, 0
+    for input_ids, attention, labels in masks:
+        loss, masked = head.loss(input_ids, attention, labels)
+        total += float(loss) * masked
+        count += masked
+    head.train()
+    return total / max(count, 1)
+
+
+def pretrain(config: TuneloopConfig, run_dir: Path, register: bool = True, show_progress: bool = True,
+             step_callback: Callable[[dict], None] | None = None) -> PretrainOutcome:
+    """Pretrain (or continue pretraining) an encoder by MLM; save it as a registry version train can start from.
+
+    A run folder with a checkpoint is resumed from it. `step_callback(state)` runs after every step.
+    """
+    settings = config.pretrain
+    torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
+    seed_everything(settings.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    texts = read_corpus(settings.paths, config.data.text_column)
+    order = np.random.default_rng(settings.seed).permutation(len(texts))
+    held = max(1, int(round(settings.holdout * len(texts))))
+    heldout_texts = [texts[i] for i in order[:held]]
+    train_texts = [texts[i] for i in order[held:]]
+    model, tokenizer, source = _build_model(config, train_texts, run_dir)
+    special = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
+    train_blocks = pack_blocks(encode_corpus(tokenizer, train_texts, settings.whole_word), settings.block_size,
+                               tokenizer.cls_token_id, tokenizer.sep_token_id)
+    heldout_blocks = pack_blocks(encode_corpus(tokenizer, heldout_texts, settings.whole_word), settings.block_size,
+                                 tokenizer.cls_token_id, tokenizer.sep_token_id)
+    if not train_blocks or not heldout_blocks:
+        raise TuneloopError(f"too little text to fill {settings.block_size}-token blocks for training and held-out "
+                            f"perplexity; add text or lower pretrain.block_size")
+    vocabulary = sorted({t for ids, _ in train_blocks + heldout_blocks for t in ids} | {tokenizer.mask_token_id})
+    head = CorpusVocabularyHead(model, vocabulary)
+    if not settings.from_scratch and model.config.vocab_size > BIG_VOCABULARY:
+        # As in fine-tuning: a 250k-row embedding (tied to the output layer) is frozen; the layers adapt.
+        model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    fixed = random.Random(settings.seed + 1)
+    heldout_masks = [mask_batch(heldout_blocks[i:i + settings.batch_size], special, tokenizer.mask_token_id,
+                                vocabulary, settings.mask_probability, fixed)
+                     for i in range(0, len(heldout_blocks), settings.batch_size)]
+
+    steps_per_epoch = -(-len(train_blocks) // settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    parameters = [p for p in head.parameters() if p.requires_grad]
+    decay = [p for p in parameters if p.ndim >= 2]
+    rest = [p for p in parameters if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=settings.lr)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(settings.warmup_ratio * total),
+                              num_training_steps=total)
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "train_seconds": 0.0,
+             "generator": None}
+    checkpoint = run_dir / CHECKPOINT_DIR / "pretrain.pt"
+    generator = random.Random(settings.seed)
+    if checkpoint.is_file():
+        saved = torch.load(checkpoint, weights_only=False)
+        head.load_state_dict(saved["head"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        generator.setstate(state["generator"])
+        restore_rng(saved["rng"])  # dropout draws from torch's generator
+        log.info("resuming pretraining at epoch %d step %d", state["epoch"], state["step_in_epoch"])
+
+    def save_checkpoint() -> None:
+        state["generator"] = generator.getstate()
+        payload = {"head": head.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "state": state, "rng": rng_state()}
+        write_dir_atomically(lambda d: (d.mkdir(parents=True), torch.save(payload, d / "pretrain.pt")),
+                             run_dir / CHECKPOINT_DIR)
+
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        disable=not show_progress)
+    head.train()
+    with progress, (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as metrics_log:
+        task = progress.add_task("pretraining", total=total, completed=state["global_step"], loss=0.0)
+        while state["epoch"] < settings.epochs:
+            epoch = state["epoch"]
+            batches = np.random.default_rng(settings.seed + epoch).permutation(len(train_blocks))
+            running, counted = 0.0, 0
+            for index in range(state["step_in_epoch"] * settings.batch_size, len(batches), settings.batch_size):
+                started = time.perf_counter()
+                chosen = [train_blocks[i] for i in batches[index:index + settings.batch_size]]
+                input_ids, attention, labels = mask_batch(chosen, special, tokenizer.mask_token_id, vocabulary,
+                                                          settings.mask_probability, generator)
+                loss, masked = head.loss(input_ids, attention, labels)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["train_seconds"] += time.perf_counter() - started
+                state["global_step"] += 1
+                state["step_in_epoch"] += 1
+                running += loss.item() * masked
+                counted += masked
+                progress.update(task, advance=1, loss=running / max(counted, 1),
+                                description=f"epoch {epoch + 1}/{settings.epochs}")
+                if state["global_step"] % settings.checkpoint_every == 0:
+                    save_checkpoint()
+                if step_callback:
+                    step_callback(state)
+            held_loss = heldout_loss(head, heldout_masks)
+            entry = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": running / max(counted, 1),
+                     "heldout_loss": held_loss, "heldout_perplexity": math.exp(min(held_loss, 50)),
+                     "train_seconds": state["train_seconds"]}
+            state["history"].append(entry)
+            metrics_log.write(json.dumps(entry) + "\n")
+            for key in ("train_loss", "heldout_loss", "heldout_perplexity"):
+                writer.add_scalar(f"pretrain/{key}", entry[key], entry["step"])
+            log.info("epoch %d: %s", epoch + 1, entry)
+            state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+            save_checkpoint()
+    writer.close()
+
+    def save_encoder(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        model.bert.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    write_dir_atomically(save_encoder, run_dir / MODEL_DIR)
+    (run_dir / ENCODER_META).write_text(json.dumps({"base": source.name, "text_prefix": source.text_prefix}))
+    corpus = {"texts": len(texts), "train_blocks": len(train_blocks), "heldout_blocks": len(heldout_blocks),
+              "block_size": settings.block_size, "corpus_vocabulary": len(vocabulary),
+              "tokenizer_vocabulary": len(tokenizer), "whole_word": settings.whole_word}
+    (run_dir / "corpus.json").write_text(json.dumps(corpus, indent=2))
+    outcome = PretrainOutcome(run_dir=run_dir, history=state["history"], train_seconds=state["train_seconds"],
+                              corpus=corpus)
+    if register:
+        last = state["history"][-1]
+        outcome.version = Registry(config.registry).register(
+            config.name, run_dir, base_model=source.name,
+            data_fingerprint=hashlib.sha256("\x1e".join(texts).encode()).hexdigest()[:16],
+            config=config.model_dump(mode="json"),
+            metrics={"heldout_perplexity": last["heldout_perplexity"], "heldout_loss": last["heldout_loss"],
+                     "train_seconds": state["train_seconds"], "kind": "encoder"},
+            parent=config.model.name if "@" in config.model.name else None, ignore=(CHECKPOINT_DIR, "*.tmp", "*.old"))
+    return outcome
