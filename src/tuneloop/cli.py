@@ -256,6 +256,20 @@ def models_promote(ref: str, config: ConfigOption = None, overrides: Overrides =
     console.print(f"{version.ref} is now production")
 
 
+@models_app.command("export")
+@friendly
+def models_export(ref: str, out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write.")],
+                  merge: Annotated[bool, typer.Option(help="Merge LoRA adapters into full weights (standalone).")] = False,
+                  config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Copy a version's classifier folder out of the registry, LoRA adapters merged on request."""
+    from tuneloop.models.classifier import export_classifier
+
+    registry = _registry(config, overrides)
+    version = registry.get(ref)
+    export_classifier(registry.artifacts(version) / "model", out, merge)
+    console.print(f"exported {version.ref} to {out}{' (adapters merged)' if merge else ''}")
+
+
 @models_app.command("archive")
 @friendly
 def models_archive(ref: str, config: ConfigOption = None, overrides: Overrides = None) -> None:

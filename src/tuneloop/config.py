@@ -80,6 +80,14 @@ class TrainConfig(_Section):
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores.")
     seed: int = 42
     length_grouping: bool = True
+    method: Literal["full", "lora"] = Field(
+        "full", description="full: update every encoder weight; lora: train low-rank adapters (peft) and the head, "
+        "and store only those (the version points at its base encoder).")
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    lora_targets: list[str] = Field(default_factory=lambda: ["query", "value"],
+                                    description="Names of the encoder's linear layers that get adapters.")
 
 
 class PretrainConfig(_Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tuneloop.errors import TuneloopError
 MODEL_DIR = "model"
 HEAD_FILE = "head.safetensors"
 META_FILE = "classifier.json"
+ADAPTER_CONFIG = "adapter_config.json"  # peft's: present when the version stores LoRA adapters, not weights
 
 
 @dataclass
@@ -41,6 +43,23 @@ def load_encoder(path: Path) -> PreTrainedModel:
         return AutoModel.from_pretrained(path, add_pooling_layer=False)
     except TypeError:
         return AutoModel.from_pretrained(path)
+
+
+def is_adapter(folder: Path) -> bool:
+    return (folder / ADAPTER_CONFIG).is_file()
+
+
+def load_adapted_encoder(folder: Path, merge: bool) -> PreTrainedModel:
+    """Base encoder + the LoRA adapters saved in `folder`; merged, it is a plain encoder again."""
+    from peft import PeftModel  # only LoRA versions need peft; importing it costs a second
+
+
+    base = Path(json.loads((folder / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
+    if not (base / "config.json").is_file():
+        raise TuneloopError(f"{folder} holds LoRA adapters for the encoder at {base}, which is not there; export the "
+                            f"version merged (tuneloop models export --merge) to move it between machines")
+    adapted = PeftModel.from_pretrained(load_encoder(base), folder)
+    return adapted.merge_and_unload() if merge else adapted
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -99,15 +118,29 @@ class TextClassifier(nn.Module):
         (folder / META_FILE).write_text(json.dumps(asdict(self.spec), indent=2, ensure_ascii=False))
 
     @classmethod
-    def load(cls, folder: Path) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
+    def load(cls, folder: Path, merge_adapter: bool = True) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
+        """A saved classifier: full weights, or LoRA adapters over their base encoder (merged into it by
+        default, so that predicting costs what a full model costs)."""
         meta = folder / META_FILE
         if not meta.is_file():
             raise TuneloopError(f"{folder} is not a tuneloop classifier (no {META_FILE})")
         spec = HeadSpec(**json.loads(meta.read_text()))
-        model = cls(load_encoder(folder), spec)
+        encoder = load_adapted_encoder(folder, merge_adapter) if is_adapter(folder) else load_encoder(folder)
+        model = cls(encoder, spec)
         model.head.load_state_dict(load_file(folder / HEAD_FILE))
         model.eval()
         return model, AutoTokenizer.from_pretrained(folder)
+
+
+def export_classifier(folder: Path, out: Path, merge: bool) -> None:
+    """Copy a saved classifier; with `merge`, LoRA adapters are folded into a standalone full encoder."""
+    if out.exists() and any(out.iterdir()):
+        raise TuneloopError(f"{out} exists and is not empty; choose a new folder")
+    if merge and is_adapter(folder):
+        model, tokenizer = TextClassifier.load(folder, merge_adapter=True)
+        model.save(out, tokenizer)
+    else:
+        shutil.copytree(folder, out, dirs_exist_ok=True)
 
 
 def encode_batch(

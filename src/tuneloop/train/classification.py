@@ -147,6 +147,17 @@ def build_classifier(config: TuneloopConfig, encoder: EncoderSource, labels: lis
         model = TextClassifier(load_encoder(encoder.path), spec)
     except (OSError, ValueError) as exc:
         raise TuneloopError(f"cannot load encoder from {encoder.path}: {str(exc).splitlines()[0]}") from exc
+    if config.train.method == "lora":
+        from peft import LoraConfig, get_peft_model  # only LoRA runs need peft
+
+        adapters = LoraConfig(r=config.train.lora_rank, lora_alpha=config.train.lora_alpha,
+                              lora_dropout=config.train.lora_dropout, target_modules=config.train.lora_targets)
+        try:
+            model.encoder = get_peft_model(model.encoder, adapters)
+        except ValueError as exc:
+            raise TuneloopError(f"train.lora_targets {config.train.lora_targets} do not name layers of {encoder.name}: "
+                                f"{str(exc).splitlines()[0]}") from exc
+        return model, tokenizer
     freeze = config.train.freeze_embeddings
     embeddings = model.encoder.get_input_embeddings()
     if freeze or (freeze is None and embeddings.num_embeddings > BIG_VOCABULARY):
