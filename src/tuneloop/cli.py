@@ -36,7 +36,7 @@ F = TypeVar("F", bound=Callable)
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=3e-5 name=support.")]
 DataOption = Annotated[Path | None, typer.Option("--data", help="Data file (same as data.path=...).")]
-_OVERRIDE = re.compile(r"^(name|(data|model|train|pretrain|eval|registry|serve|feedback|gate)\.[A-Za-z_.]+)=")
+_OVERRIDE = re.compile(r"^(name|(data|model|train|pretrain|sft|eval|registry|serve|feedback|gate)\.[A-Za-z_.]+)=")
 
 
 def friendly(command: F) -> F:
@@ -179,6 +179,64 @@ def pretrain(
                   f"{outcome.corpus['texts']} texts in {outcome.corpus['train_blocks']} blocks")
     console.print(f"registered [bold]{outcome.version.ref}[/bold]; fine-tune from it with: tuneloop train "
                   f"model.name={outcome.version.ref} --data labelled.csv", soft_wrap=True)
+
+
+@app.command()
+@friendly
+def sft(
+    config: ConfigOption = None, overrides: Overrides = None,
+    data: Annotated[list[Path] | None, typer.Option("--data", help="Conversations: jsonl or table (sft.paths).")] = None,
+) -> None:
+    """Fine-tune the small causal LM on (prompt, reply) pairs or chats; loss on the replies only."""
+    from tuneloop.train.run import new_run_dir
+    from tuneloop.train.sft import fine_tune_lm
+
+    pairs = list(overrides or [])
+    if data:
+        pairs.append(f"sft.paths=[{', '.join(json.dumps(str(p)) for p in data)}]")
+    resolved = load_config(config, pairs)
+    outcome = fine_tune_lm(resolved, new_run_dir(resolved))
+    last = outcome.history[-1]
+    if outcome.heldout_loss_before is not None:
+        console.print(f"[green]held-out loss {outcome.heldout_loss_before:.3f} → {last['heldout_loss']:.3f}[/green] "
+                      f"(perplexity {last['heldout_perplexity']:.2f}) on {outcome.examples['heldout']} conversations, "
+                      f"{outcome.train_seconds:.0f}s of training")
+    console.print(f"registered [bold]{outcome.version.ref}[/bold]; try: tuneloop generate --model "
+                  f"{outcome.version.ref} \"your question\"", soft_wrap=True)
+
+
+@app.command()
+@friendly
+def generate(
+    model: Annotated[str, typer.Option("--model", "-m", help="SmolLM2-135M-Instruct, NAME@VERSION or a folder.")],
+    prompt: Annotated[list[str], typer.Argument(help="The message (and optional dotted overrides).")],
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable).")] = None,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they come.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Generate a reply with a causal LM (streamed with --stream)."""
+    from tuneloop.generate import GenerationSettings, ReplyModel
+    from tuneloop.models.lm import resolve_generator
+
+    overrides = [t for t in prompt if _OVERRIDE.match(t)]
+    text = " ".join(t for t in prompt if not _OVERRIDE.match(t)).strip()
+    if not text:
+        raise TuneloopError("nothing to answer: give a message, e.g. tuneloop generate -m NAME@1 \"where is my order?\"")
+    resolved = _config(config, overrides)
+    replier = ReplyModel(resolve_generator(model, resolved.registry.home))
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  stop=list(stop or []))
+    if stream:
+        for piece in replier.stream(messages, settings):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(replier.generate(messages, settings))
 
 
 @app.command("eval")

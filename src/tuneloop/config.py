@@ -106,11 +106,36 @@ class PretrainConfig(_Section):
     block_size: int = Field(128, ge=16, le=512, description="Texts are packed into blocks of this many tokens.")
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(5e-5, gt=0, description="Peak learning rate (from scratch wants ~5e-4).")
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate of the encoder (from scratch wants ~5e-4).")
+    head_lr: float = Field(
+        1e-3, gt=0, description="Learning rate of the MLM head: the packaged sentence encoders ship without one, so "
+        "it starts random and must catch up before its gradients mean anything to the encoder.")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     holdout: float = Field(0.05, gt=0, lt=0.5, description="Share of texts kept out to measure perplexity.")
     checkpoint_every: int = Field(200, ge=1)
+    seed: int = 42
+
+
+class SftConfig(_Section):
+    """Supervised fine-tuning of a small causal LM on (prompt, reply) pairs or chats, loss on replies only."""
+
+    paths: list[Path] = Field(default_factory=list, description="jsonl with prompt/reply or messages, or a table "
+                              "with prompt and reply columns.")
+    model: str = Field("SmolLM2-135M-Instruct", description="The packaged SmolLM2, a version NAME@VERSION, a folder.")
+    system_prompt: str | None = Field(None, description="Put first in every conversation that has no system turn.")
+    method: Literal["full", "lora"] = Field("lora", description="lora stores ~2 MB of adapters; full ~540 MB.")
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0, description="2e-4 suits LoRA; full fine-tuning wants ~2e-5.")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_length: int = Field(384, ge=16, description="Longer conversations are cut (from the end).")
+    val_size: float = Field(0.1, ge=0, lt=0.5, description="Conversations held out for loss and perplexity.")
     seed: int = 42
 
 
@@ -195,6 +220,7 @@ class TuneloopConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)

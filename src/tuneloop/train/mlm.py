@@ -238,10 +238,13 @@ def pretrain(config: TuneloopConfig, run_dir: Path, register: bool = True, show_
     steps_per_epoch = -(-len(train_blocks) // settings.batch_size)
     total = steps_per_epoch * settings.epochs
     parameters = [p for p in head.parameters() if p.requires_grad]
-    decay = [p for p in parameters if p.ndim >= 2]
-    rest = [p for p in parameters if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=settings.lr)
+    head_only = {id(p) for p in model.cls.predictions.transform.parameters()} | {id(model.cls.predictions.bias)}
+    groups = []
+    for in_head, lr in ((False, settings.lr), (True, settings.head_lr)):
+        chosen = [p for p in parameters if (id(p) in head_only) == in_head]
+        groups += [{"params": [p for p in chosen if p.ndim >= 2], "lr": lr, "weight_decay": settings.weight_decay},
+                   {"params": [p for p in chosen if p.ndim < 2], "lr": lr, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(settings.warmup_ratio * total),
                               num_training_steps=total)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "train_seconds": 0.0,

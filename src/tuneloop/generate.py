@@ -1,0 +1,78 @@
+"""Generate replies with a causal LM (the packaged SmolLM2 or a fine-tuned version): whole, or streamed."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TextIteratorStreamer
+
+from tuneloop.models.lm import load_generator
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy, the same answer every time
+    top_p: float = 0.9
+    stop: list[str] = field(default_factory=list)
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    positions = [text.find(s) for s in stop if s and s in text]
+    return text[:min(positions)] if positions else text
+
+
+class ReplyModel:
+    """A loaded causal LM that answers chat messages with its chat template."""
+
+    def __init__(self, folder: Path) -> None:
+        self.model, self.tokenizer = load_generator(folder)
+
+    def _inputs(self, messages: list[Message]) -> dict[str, torch.Tensor]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                  return_dict=True)
+
+    def _options(self, settings: GenerationSettings) -> dict:
+        sampling = settings.temperature > 0
+        options = {"max_new_tokens": settings.max_new_tokens, "do_sample": sampling,
+                   "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}
+        if sampling:
+            options.update(temperature=settings.temperature, top_p=settings.top_p)
+        if settings.stop:
+            options.update(stop_strings=settings.stop, tokenizer=self.tokenizer)
+        return options
+
+    @torch.inference_mode()
+    def generate(self, messages: list[Message], settings: GenerationSettings = GenerationSettings()) -> str:
+        inputs = self._inputs(messages)
+        output = self.model.generate(**inputs, **self._options(settings))
+        text = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return cut_at_stop(text, settings.stop).strip()
+
+    def stream(self, messages: list[Message], settings: GenerationSettings = GenerationSettings()) -> Iterator[str]:
+        """Text pieces as the model produces them (generation runs on its own thread)."""
+        inputs = self._inputs(messages)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+        def run() -> None:
+            with torch.inference_mode():
+                self.model.generate(**inputs, **self._options(settings), streamer=streamer)
+
+        worker = threading.Thread(target=run, daemon=True, name="generate")
+        worker.start()
+        produced, sent = "", 0
+        for piece in streamer:
+            produced += piece
+            kept = cut_at_stop(produced, settings.stop)
+            if len(kept) > sent:
+                yield kept[sent:]
+                sent = len(kept)
+            if kept != produced:  # a stop string appeared; generation may run on a little, unseen
+                break
+        worker.join()
