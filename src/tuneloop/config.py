@@ -255,6 +255,16 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _closest_key(typo: str, known: list[str]) -> str | None:
+    # A known key the typo starts with ("train.lr_rate" → "train.lr") beats spelling similarity, which
+    # would rather offer "train.lora_rank".
+    prefixes = [k for k in known if typo.startswith(k) and typo != k and k.count(".") == typo.count(".")]
+    if prefixes:
+        return max(prefixes, key=len)
+    guess = difflib.get_close_matches(typo, known, n=1)
+    return guess[0] if guess else None
+
+
 def explain_validation_error(error: ValidationError, model: type[BaseModel]) -> str:
     """One line naming every bad key (with a did-you-mean for typos) and what is wrong with it."""
     problems = []
@@ -262,8 +272,8 @@ def explain_validation_error(error: ValidationError, model: type[BaseModel]) -> 
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "config"
         if item["type"] == "extra_forbidden":
-            guess = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+            guess = _closest_key(key, known)
+            hint = f" (did you mean '{guess}'?)" if guess else ""
             problems.append(f"unknown key '{key}'{hint}")
         else:
             problems.append(f"'{key}': {item['msg']}")
