@@ -63,7 +63,7 @@ def main() -> None:
     known_train = train[~train["label"].isin(held_out)]
     if args.train_limit:
         per_intent = max(2, args.train_limit // known_train["label"].nunique())
-        known_train = known_train.groupby("label", group_keys=False).head(per_intent)
+        known_train = known_train.groupby("label").head(per_intent)
     if args.limit:
         test = test.sample(n=args.limit, random_state=args.seed)
     known_test, unknown_test = test[~test["label"].isin(held_out)], test[test["label"].isin(held_out)]

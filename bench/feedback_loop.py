@@ -71,8 +71,7 @@ def main() -> None:
     intents = sorted(train["label"].unique())
     drifted = sorted(rng.choice(intents, size=args.drifted, replace=False).tolist())
     is_drifted = train["label"].isin(drifted)
-    kept_drifted = train[is_drifted].groupby("label", group_keys=False).apply(
-        lambda g: g.sample(n=args.keep, random_state=args.seed))
+    kept_drifted = train[is_drifted].groupby("label").sample(n=args.keep, random_state=args.seed)
     others = train[~is_drifted]
     held_others = others.sample(frac=args.other_holdback, random_state=args.seed)
     production_rows = pd.concat([others.drop(held_others.index), kept_drifted])

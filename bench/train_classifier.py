@@ -179,7 +179,7 @@ def main() -> None:
                 "seconds_to_90": (round(ours["seconds_to_90"] / theirs["seconds_to_90"], 3)
                                   if ours["seconds_to_90"] and theirs["seconds_to_90"] else None),
             }
-    print(json.dumps(result))
+    print(json.dumps(result, default=lambda value: value.item()))  # numpy scalars from the report
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from tuneloop.models.lm import load_generator
 
 Message = dict[str, str]
+# Seconds to wait for the next token before giving up on a generation thread that stopped answering.
+STREAM_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,21 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[:min(positions)] if positions else text
 
 
+class StopOnText(StoppingCriteria):
+    """Stop once the decoded continuation contains a stop string.
+
+    transformers' own stop_strings needs a token-to-text table some tokenizers cannot give (word-level ones
+    fail with "substring not found"); decoding the few new tokens each step works with any tokenizer.
+    """
+
+    def __init__(self, tokenizer, stop: list[str], prompt_length: int) -> None:
+        self.tokenizer, self.stop, self.prompt_length = tokenizer, stop, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=False)
+        return torch.tensor([any(s in text for s in self.stop) for text in texts])
+
+
 class ReplyModel:
     """A loaded causal LM that answers chat messages with its chat template."""
 
@@ -38,31 +55,39 @@ class ReplyModel:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                   return_dict=True)
 
-    def _options(self, settings: GenerationSettings) -> dict:
+    def _options(self, settings: GenerationSettings, prompt_length: int) -> dict:
         sampling = settings.temperature > 0
         options = {"max_new_tokens": settings.max_new_tokens, "do_sample": sampling,
                    "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}
         if sampling:
             options.update(temperature=settings.temperature, top_p=settings.top_p)
         if settings.stop:
-            options.update(stop_strings=settings.stop, tokenizer=self.tokenizer)
+            stop = StopOnText(self.tokenizer, settings.stop, prompt_length)
+            options["stopping_criteria"] = StoppingCriteriaList([stop])
         return options
 
     @torch.inference_mode()
     def generate(self, messages: list[Message], settings: GenerationSettings = GenerationSettings()) -> str:
         inputs = self._inputs(messages)
-        output = self.model.generate(**inputs, **self._options(settings))
+        output = self.model.generate(**inputs, **self._options(settings, inputs["input_ids"].shape[1]))
         text = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return cut_at_stop(text, settings.stop).strip()
 
     def stream(self, messages: list[Message], settings: GenerationSettings = GenerationSettings()) -> Iterator[str]:
         """Text pieces as the model produces them (generation runs on its own thread)."""
         inputs = self._inputs(messages)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                        timeout=STREAM_TIMEOUT)
+        failure: list[BaseException] = []
 
         def run() -> None:
-            with torch.inference_mode():
-                self.model.generate(**inputs, **self._options(settings), streamer=streamer)
+            try:
+                with torch.inference_mode():
+                    options = self._options(settings, inputs["input_ids"].shape[1])
+                    self.model.generate(**inputs, **options, streamer=streamer)
+            except BaseException as exc:  # handed to the reader below; the streamer must still be closed
+                failure.append(exc)
+                streamer.end()
 
         worker = threading.Thread(target=run, daemon=True, name="generate")
         worker.start()
@@ -76,3 +101,5 @@ class ReplyModel:
             if kept != produced:  # a stop string appeared; generation may run on a little, unseen
                 break
         worker.join()
+        if failure:
+            raise failure[0]

@@ -13,7 +13,7 @@ from tuneloop.assistant.generate import OpenAICompatibleGenerator, ReplyRequest,
 from tuneloop.assistant.retrieval import FaqEntry, FaqHit
 from tuneloop.assistant.runtime import AssistantRuntime
 from tuneloop.assistant.scope import ScopeThreshold
-from tuneloop.assistant.turn import decide_turn, detect_language
+from tuneloop.assistant.turn import detect_language, plan_turn
 from tuneloop.errors import TuneloopError
 from tuneloop.models.classifier import HeadSpec, predict_logits
 from tuneloop.registry.store import Registry
@@ -80,9 +80,11 @@ HIT = FaqHit(FaqEntry("how long does a refund take", "Refunds take 5-7 days.", "
 
 def turn(definition, message="refund please", intent="refund", mood="neutral", hits=(HIT,), similarity=0.8,
          recent=(), lang="en", margin=8.0, threshold=None):
-    return decide_turn(definition, message, lang, SPEC.labels, logits_for(SPEC.labels, intent, margin), SPEC,
-                       threshold, MOODS, logits_for(MOODS, mood), list(hits), similarity, list(recent),
-                       TemplateGenerator())
+    outcome = plan_turn(definition, message, lang, SPEC.labels, logits_for(SPEC.labels, intent, margin), SPEC,
+                        threshold, MOODS, logits_for(MOODS, mood), list(hits), similarity, list(recent))
+    if outcome.request is not None:
+        outcome.reply = TemplateGenerator().generate(outcome.request)
+    return outcome
 
 
 def test_reply_comes_from_the_faq_when_close_and_agreeing_else_from_the_template(assistant_setup):

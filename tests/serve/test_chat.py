@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -130,3 +131,38 @@ def test_admin_api_lists_versions_and_runs_one_job_at_a_time(chat_app):
     assert listed["id"] == job_id and listed["log"] == ""  # the list stays small: logs come one job at a time
     bad = client.post("/v1/admin/jobs", json={"kind": "gate", "target": "--config=x.yaml"}, headers=ADMIN)
     assert bad.status_code == 422
+
+
+def sse(text):
+    events = []
+    for block in text.strip().split("\n\n"):
+        name = block.split("\n")[0].removeprefix("event: ")
+        events.append((name, json.loads(block.split("\n")[1].removeprefix("data: "))))
+    return events
+
+
+def test_a_streamed_turn_sends_what_was_understood_then_the_reply_then_the_stored_answer(chat_app):
+    client, _ = chat_app
+    response = client.post("/v1/chat?stream=true", json={"session_id": "s", "message": "refund money back"})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = sse(response.text)
+    assert [name for name, _ in events][0] == "turn" and events[-1][0] == "done"
+    tokens = "".join(data["text"] for name, data in events if name == "token")
+    done = events[-1][1]
+    assert done["reply"] == tokens.strip() and done["turn_id"]
+    assert client.app.state.tuneloop.conversations.get(done["turn_id"]).reply == done["reply"]
+
+
+def test_a_local_language_model_writes_the_reply_and_streams_it(assistant_setup, tiny_lm):
+    config, definition = assistant_setup
+    definition.write_text(definition.read_text() + f"generator: {{kind: local, model: {tiny_lm}, max_new_tokens: 6}}\n")
+    config.serve.assistant = definition
+    with TestClient(create_app(config)) as client:
+        client.app.state.tuneloop.assistant.thresholds["toy@1"] = None
+        client.app.state.tuneloop.assistant.definition.escalation.min_confidence = 0.0
+        whole = say(client, "refund money back", session="local")
+        assert whole["reply"] and not whole["escalate"]
+        streamed = sse(client.post("/v1/chat?stream=true", json={"session_id": "x", "message": "refund money back"}).text)
+        pieces = [data["text"] for name, data in streamed if name == "token"]
+        assert pieces and streamed[-1][1]["reply"] == "".join(pieces).strip()
+        assert streamed[-1][1]["reply"] == whole["reply"]  # greedy: the same words either way

@@ -71,3 +71,14 @@ def test_generate_cli_and_stop_strings(tiny_lm, pairs_file, home):
                                    "--max-new-tokens", "8"])
     assert streamed.exit_code == 0 and streamed.output.strip() == result.output.strip()
     assert cut_at_stop("your parcel. User: more", ["User:", "\n\n"]) == "your parcel. "
+
+
+def test_a_generation_that_fails_raises_instead_of_hanging_the_stream(tiny_lm, monkeypatch):
+    replier = ReplyModel(tiny_lm)
+
+    def broken(**kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(replier.model, "generate", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(replier.stream([{"role": "user", "content": "where is my parcel"}]))

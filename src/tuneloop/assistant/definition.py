@@ -73,9 +73,12 @@ class TemplatesConfig(_Section):
 
 
 class GeneratorConfig(_Section):
-    kind: Literal["template", "openai"] = "template"
+    kind: Literal["template", "local", "openai"] = "template"
     base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1")
-    model: str | None = None
+    model: str | None = Field(None, description="local: SmolLM2-135M-Instruct, a version NAME@VERSION from "
+                                                "tuneloop sft, or a folder; openai: the server's model name.")
+    max_new_tokens: int = Field(160, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0: greedy, the same reply every time.")
     api_key_env: str | None = Field(None, description="Environment variable holding the server's API key.")
     timeout: float = Field(10.0, gt=0)
 
@@ -83,6 +86,8 @@ class GeneratorConfig(_Section):
     def _openai_needs_a_server(self) -> GeneratorConfig:
         if self.kind == "openai" and not (self.base_url and self.model):
             raise ValueError("generator.kind=openai needs generator.base_url and generator.model")
+        if self.kind == "local" and not self.model:
+            raise ValueError("generator.kind=local needs generator.model (e.g. SmolLM2-135M-Instruct or replies@1)")
         return self
 
 

@@ -1,18 +1,24 @@
 """Reply generators: the step that turns what a turn understood into the words sent back.
 
 `TemplateGenerator` composes from the FAQ answer or the intent's template with a tone set by the
-user's sentiment. `OpenAICompatibleGenerator` asks any server that speaks the OpenAI chat API (vLLM,
-llama.cpp's server, ...) to write the reply grounded in the same material, and falls back to the
-template when that server fails, so a turn never ends without an answer.
+user's sentiment. `LocalGenerator` has a small causal LM on this machine (the packaged SmolLM2 or a
+version fine-tuned with `tuneloop sft`) write the reply, grounded in the same material;
+`OpenAICompatibleGenerator` asks any server that speaks the OpenAI chat API (vLLM, llama.cpp's server,
+...). Both fall back to the template when the model fails or says nothing, so a turn never ends
+without an answer.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import httpx
+
+from tuneloop.generate import GenerationSettings, ReplyModel
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,24 @@ class ReplyGenerator(Protocol):
 
     def generate(self, request: ReplyRequest) -> str: ...
 
+    def stream(self, request: ReplyRequest) -> Iterator[str]: ...
+
+
+def grounded_messages(request: ReplyRequest) -> list[dict[str, str]]:
+    """Chat messages for an LM: what the turn understood and the FAQ answer in the system message, a few
+    earlier turns, the user's message."""
+    language = "Chinese (Simplified)" if request.lang == "zh" else "English"
+    facts = (f"Answer from this FAQ entry, and do not invent policies: {request.faq_answer}"
+             if request.faq_answer else f"No FAQ entry matched; the standard reply is: {request.template}")
+    system = (f"You are a customer-service assistant. Reply in {language}, in at most three sentences. "
+              f"The customer's intent is {request.intent or 'unclear'} and their mood is {request.sentiment}"
+              f"{'; start by acknowledging their frustration' if request.sentiment == 'negative' else ''}. "
+              f"{facts}")
+    chat = [{"role": "system", "content": system}]
+    for user, assistant in request.history[-4:]:
+        chat += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return chat + [{"role": "user", "content": request.message}]
+
 
 def compose(request: ReplyRequest) -> str:
     """The tone line, then the FAQ answer when one was found, else the intent's template."""
@@ -47,6 +71,35 @@ class TemplateGenerator:
 
     def generate(self, request: ReplyRequest) -> str:
         return compose(request)
+
+    def stream(self, request: ReplyRequest) -> Iterator[str]:
+        yield compose(request)
+
+
+class LocalGenerator:
+    """A causal LM in this process; replies stream token by token."""
+
+    name = "local"
+
+    def __init__(self, folder: Path, max_new_tokens: int = 160, temperature: float = 0.0) -> None:
+        self.model = ReplyModel(folder)
+        # Stop where a model would start writing the customer's next line itself.
+        self.settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature,
+                                           stop=["<|im_start|>", "\nUser:", "\nCustomer:"])
+
+    def generate(self, request: ReplyRequest) -> str:
+        return "".join(self.stream(request))
+
+    def stream(self, request: ReplyRequest) -> Iterator[str]:
+        produced = False
+        try:
+            for piece in self.model.stream(grounded_messages(request), self.settings):
+                produced = produced or bool(piece.strip())
+                yield piece
+        except Exception as exc:  # a reply must come: the template takes over (and the log says why)
+            log.warning("local generator failed (%s); using the template", exc)
+        if not produced:
+            yield compose(request)
 
 
 class OpenAICompatibleGenerator:
@@ -63,23 +116,10 @@ class OpenAICompatibleGenerator:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = client or httpx.Client(timeout=timeout, headers=headers)
 
-    def messages(self, request: ReplyRequest) -> list[dict[str, str]]:
-        language = "Chinese (Simplified)" if request.lang == "zh" else "English"
-        facts = (f"Answer from this FAQ entry, and do not invent policies: {request.faq_answer}"
-                 if request.faq_answer else f"No FAQ entry matched; the standard reply is: {request.template}")
-        system = (f"You are a customer-service assistant. Reply in {language}, in at most three sentences. "
-                  f"The customer's intent is {request.intent or 'unclear'} and their mood is {request.sentiment}"
-                  f"{'; start by acknowledging their frustration' if request.sentiment == 'negative' else ''}. "
-                  f"{facts}")
-        chat = [{"role": "system", "content": system}]
-        for user, assistant in request.history[-4:]:
-            chat += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        return chat + [{"role": "user", "content": request.message}]
-
     def generate(self, request: ReplyRequest) -> str:
         try:
             response = self.client.post(self.url, json={
-                "model": self.model, "messages": self.messages(request), "max_tokens": self.max_tokens,
+                "model": self.model, "messages": grounded_messages(request), "max_tokens": self.max_tokens,
                 "temperature": self.temperature})
             response.raise_for_status()
             content = response.json()["choices"][0]["message"]["content"]
@@ -89,3 +129,6 @@ class OpenAICompatibleGenerator:
         except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
             log.warning("generator %s failed (%s); using the template", self.url, exc)
         return compose(request)
+
+    def stream(self, request: ReplyRequest) -> Iterator[str]:
+        yield self.generate(request)

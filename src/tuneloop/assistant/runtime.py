@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from tuneloop.assistant.definition import AssistantDefinition
-from tuneloop.assistant.generate import OpenAICompatibleGenerator, ReplyGenerator, TemplateGenerator
+from tuneloop.assistant.generate import LocalGenerator, OpenAICompatibleGenerator, ReplyGenerator, TemplateGenerator
 from tuneloop.assistant.retrieval import FaqIndex, load_faq
 from tuneloop.assistant.scope import ScopeThreshold, tune_threshold
 from tuneloop.assistant.turn import (
     DEFAULT_FAQ_SIMILARITY,
     FALLBACK_FAQ_SIMILARITY,
     TurnOutcome,
-    decide_turn,
+    plan_turn,
     detect_language,
     scope_score,
 )
@@ -34,19 +34,23 @@ from tuneloop.errors import TuneloopError
 from tuneloop.models.classifier import predict_logits
 from tuneloop.models.embedder import SentenceEmbedder
 from tuneloop.models.encoders import resolve_encoder
+from tuneloop.models.lm import resolve_generator
 from tuneloop.registry.store import Registry
 from tuneloop.serve.models import LoadedModel, load_version
 
 log = logging.getLogger(__name__)
 
 
-def build_generator(definition: AssistantDefinition) -> ReplyGenerator:
+def build_generator(definition: AssistantDefinition, home: Path) -> ReplyGenerator:
     settings = definition.generator
+    if settings.kind == "local":
+        return LocalGenerator(resolve_generator(settings.model, home), settings.max_new_tokens, settings.temperature)
     if settings.kind == "openai":
         key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         if settings.api_key_env and not key:
             raise TuneloopError(f"generator.api_key_env names {settings.api_key_env}, which is not set")
-        return OpenAICompatibleGenerator(settings.base_url, settings.model, api_key=key, timeout=settings.timeout)
+        return OpenAICompatibleGenerator(settings.base_url, settings.model, api_key=key, timeout=settings.timeout,
+                                         max_tokens=settings.max_new_tokens, temperature=settings.temperature)
     return TemplateGenerator()
 
 
@@ -70,7 +74,7 @@ class AssistantRuntime:
         self.faq = FaqIndex(entries, self.embedder, cache_dir=self.folder / "faq-index")
         self.faq_similarity = definition.retrieval.min_similarity or DEFAULT_FAQ_SIMILARITY.get(
             source.name, FALLBACK_FAQ_SIMILARITY)
-        self.generator = build_generator(definition)
+        self.generator = build_generator(definition, registry.home)
         self.out_of_scope = out_of_scope_texts(definition.out_of_scope_examples)
         self.thresholds: dict[str, ScopeThreshold | None] = {}
 
@@ -124,14 +128,25 @@ class AssistantRuntime:
         except (OSError, ValueError, TypeError):
             return None
 
+    def plan(self, message: str, intent: LoadedModel, intent_logits: np.ndarray, sentiment: LoadedModel,
+             sentiment_logits: np.ndarray, query_vector: np.ndarray, recent_sentiments: list[str],
+             history: list[tuple[str, str]]) -> TurnOutcome:
+        """The turn decided, its reply not yet generated (see plan_turn)."""
+        lang = detect_language(message, self.definition.languages)
+        hits = self.faq.search(message, self.definition.retrieval.top_k, lang, query_vector)
+        return plan_turn(self.definition, message, lang, intent.labels, intent_logits, intent.model.spec,
+                         self.calibrate(intent), sentiment.labels, sentiment_logits, hits, self.faq_similarity,
+                         recent_sentiments, history)
+
     def decide(self, message: str, intent: LoadedModel, intent_logits: np.ndarray, sentiment: LoadedModel,
                sentiment_logits: np.ndarray, query_vector: np.ndarray, recent_sentiments: list[str],
                history: list[tuple[str, str]]) -> TurnOutcome:
-        lang = detect_language(message, self.definition.languages)
-        hits = self.faq.search(message, self.definition.retrieval.top_k, lang, query_vector)
-        return decide_turn(self.definition, message, lang, intent.labels, intent_logits, intent.model.spec,
-                           self.calibrate(intent), sentiment.labels, sentiment_logits, hits, self.faq_similarity,
-                           recent_sentiments, self.generator, history)
+        """plan, then the generator writes the reply when the plan asks for one."""
+        outcome = self.plan(message, intent, intent_logits, sentiment, sentiment_logits, query_vector,
+                            recent_sentiments, history)
+        if outcome.request is not None:
+            outcome.reply = self.generator.generate(outcome.request)
+        return outcome
 
     def load_models(self) -> tuple[LoadedModel, LoadedModel]:
         """The production intent and sentiment versions, for `respond`."""

@@ -14,7 +14,7 @@ import numpy as np
 
 from tuneloop.assistant.definition import AssistantDefinition
 from tuneloop.assistant.escalation import EscalationPolicy, TurnSignals
-from tuneloop.assistant.generate import ReplyGenerator, ReplyRequest, compose
+from tuneloop.assistant.generate import ReplyRequest, compose
 from tuneloop.assistant.retrieval import FaqHit
 from tuneloop.assistant.scope import ScopeThreshold
 from tuneloop.data.clean import cjk_share
@@ -57,20 +57,24 @@ class TurnOutcome:
     reason: str | None
     faq: list[FaqHit] = field(default_factory=list)
     faq_answer: FaqHit | None = None  # the entry the reply came from
+    request: ReplyRequest | None = None  # what the generator was asked to write (None for a hand-over)
 
 
 def _text(texts: dict[str, str], lang: str) -> str:
     return texts.get(lang) or texts.get("en") or next(iter(texts.values()), "")
 
 
-def decide_turn(
+def plan_turn(
     definition: AssistantDefinition, message: str, lang: str,
     intent_labels: list[str], intent_logits: np.ndarray, intent_spec: HeadSpec, threshold: ScopeThreshold | None,
     sentiment_labels: list[str], sentiment_logits: np.ndarray,
     hits: list[FaqHit], faq_similarity: float, recent_sentiments: list[str],
-    generator: ReplyGenerator, history: list[tuple[str, str]] | None = None,
+    history: list[tuple[str, str]] | None = None,
 ) -> TurnOutcome:
-    """Everything after the forward passes: scope, escalation, FAQ or template, tone, reply."""
+    """Everything after the forward passes but the generated words: scope, escalation, FAQ or template, tone.
+
+    A hand-over's reply is fixed here; otherwise `request` says what the generator should write.
+    """
     intent_probs = softmax(intent_logits)
     top = int(intent_probs.argmax())
     predicted, confidence = intent_labels[top], float(intent_probs[top])
@@ -91,6 +95,7 @@ def decide_turn(
     best = next((h for h in hits if intent is not None and h.similarity >= faq_similarity
                  and h.entry.intent in (None, intent)), None)
     from_faq = best is not None
+    reply, request = "", None
     if reason is not None:
         # A hand-over keeps only an apology: cheerfulness reads wrong when we cannot help.
         body = _text(templates.out_of_scope if reason == "out of scope" else templates.escalate, lang)
@@ -102,8 +107,7 @@ def decide_turn(
             faq_answer=best.entry.answer if from_faq else None,
             template=_text(templates.intents.get(intent, templates.fallback), lang), tone=tone,
             history=history or [])
-        reply = generator.generate(request)
     return TurnOutcome(reply=reply, lang=lang, intent=intent, predicted_intent=predicted, confidence=confidence,
                        scope_score=score, sentiment=sentiment, sentiment_confidence=float(sentiment_probs[mood]),
                        escalate=reason is not None, reason=reason, faq=hits,
-                       faq_answer=best if from_faq and reason is None else None)
+                       faq_answer=best if from_faq and reason is None else None, request=request)
