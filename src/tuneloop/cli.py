@@ -50,7 +50,7 @@ def friendly(command: F) -> F:
             errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            errors.print("[yellow]interrupted[/yellow]; a run can continue with: tuneloop train --resume latest")
+            errors.print("[yellow]interrupted[/yellow]; training runs continue with --resume latest")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

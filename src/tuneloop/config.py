@@ -134,7 +134,7 @@ class SftConfig(_Section):
     lr: float = Field(2e-4, gt=0, description="2e-4 suits LoRA; full fine-tuning wants ~2e-5.")
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_length: int = Field(384, ge=16, description="Longer conversations are cut (from the end).")
+    max_length: int = Field(384, ge=16, description="Longer conversations keep their last max_length tokens.")
     val_size: float = Field(0.1, ge=0, lt=0.5, description="Conversations held out for loss and perplexity.")
     seed: int = 42
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from tuneloop.models.lm import load_generator
 
@@ -37,12 +37,22 @@ class StopOnText(StoppingCriteria):
     fail with "substring not found"); decoding the few new tokens each step works with any tokenizer.
     """
 
-    def __init__(self, tokenizer, stop: list[str], prompt_length: int) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str], prompt_length: int) -> None:
         self.tokenizer, self.stop, self.prompt_length = tokenizer, stop, prompt_length
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=False)
         return torch.tensor([any(s in text for s in self.stop) for text in texts])
+
+
+class StopWhenSet(StoppingCriteria):
+    """Stop generating once nobody reads the stream any more."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set())
 
 
 class ReplyModel:
@@ -79,11 +89,14 @@ class ReplyModel:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=STREAM_TIMEOUT)
         failure: list[BaseException] = []
+        abandoned = threading.Event()
 
         def run() -> None:
             try:
                 with torch.inference_mode():
                     options = self._options(settings, inputs["input_ids"].shape[1])
+                    stops = options.setdefault("stopping_criteria", StoppingCriteriaList())
+                    stops.append(StopWhenSet(abandoned))
                     self.model.generate(**inputs, **options, streamer=streamer)
             except BaseException as exc:  # handed to the reader below; the streamer must still be closed
                 failure.append(exc)
@@ -92,14 +105,17 @@ class ReplyModel:
         worker = threading.Thread(target=run, daemon=True, name="generate")
         worker.start()
         produced, sent = "", 0
-        for piece in streamer:
-            produced += piece
-            kept = cut_at_stop(produced, settings.stop)
-            if len(kept) > sent:
-                yield kept[sent:]
-                sent = len(kept)
-            if kept != produced:  # a stop string appeared; generation may run on a little, unseen
-                break
+        try:
+            for piece in streamer:
+                produced += piece
+                kept = cut_at_stop(produced, settings.stop)
+                if len(kept) > sent:
+                    yield kept[sent:]
+                    sent = len(kept)
+                if kept != produced:  # a stop string appeared
+                    break
+        finally:  # also when the reader stops early (a client that hung up): the model stops too
+            abandoned.set()
         worker.join()
         if failure:
             raise failure[0]

@@ -19,7 +19,7 @@ from tuneloop.train.run import run_training
 
 
 def frame(pairs):
-    return pd.DataFrame([{"row": i + 2, "text": t, "label": l} for i, (t, l) in enumerate(pairs)])
+    return pd.DataFrame([{"row": i + 2, "text": t, "label": label} for i, (t, label) in enumerate(pairs)])
 
 
 def frozen() -> PreparedData:
@@ -31,8 +31,8 @@ def frozen() -> PreparedData:
 
 def feedback(pairs) -> FeedbackExamples:
     now = datetime.now(timezone.utc)
-    rows = [{"text": t, "label": l, "source": "corrected", "prediction_id": f"p{i}", "model_version": 1,
-             "feedback_at": now} for i, (t, l) in enumerate(pairs)]
+    rows = [{"text": t, "label": label, "source": "corrected", "prediction_id": f"p{i}", "model_version": 1,
+             "feedback_at": now} for i, (t, label) in enumerate(pairs)]
     return FeedbackExamples(examples=pd.DataFrame(rows), counts={"examples": len(rows)})
 
 

@@ -82,3 +82,11 @@ def test_a_generation_that_fails_raises_instead_of_hanging_the_stream(tiny_lm, m
     monkeypatch.setattr(replier.model, "generate", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
         list(replier.stream([{"role": "user", "content": "where is my parcel"}]))
+
+
+def test_a_chat_may_open_with_the_assistant(tiny_lm):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    ids, labels = tokenize_conversation(tokenizer, [{"role": "assistant", "content": "yes before it ships"},
+                                                    {"role": "user", "content": "where is my parcel"}], 200)
+    assert tokenizer.decode([t for t, label in zip(ids, labels) if label != -100]).split()[-2:] == ["ships",
+                                                                                                     "<|im_end|>"]

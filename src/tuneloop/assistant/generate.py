@@ -88,7 +88,7 @@ class LocalGenerator:
                                            stop=["<|im_start|>", "\nUser:", "\nCustomer:"])
 
     def generate(self, request: ReplyRequest) -> str:
-        return "".join(self.stream(request))
+        return "".join(self.stream(request)).strip()
 
     def stream(self, request: ReplyRequest) -> Iterator[str]:
         produced = False

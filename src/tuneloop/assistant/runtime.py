@@ -1,7 +1,7 @@
 """An assistant ready to answer: its FAQ index built, its scope thresholds tuned per intent-model version.
 
-The server gets the models' outputs through its micro-batchers and calls `decide`; `respond` does the
-same turn with the models run directly (benchmarks, tests, the CLI).
+The server gets the models' outputs through its micro-batchers, then calls `plan` (and streams the reply)
+or `decide`; `respond` does the same turn with the models run directly (benchmarks, tests, the demo).
 """
 
 from __future__ import annotations

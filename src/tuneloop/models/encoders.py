@@ -24,11 +24,15 @@ CJK_THRESHOLD = 0.05
 
 @dataclass(frozen=True)
 class EncoderSource:
-    """A local model folder and how its inputs must look."""
+    """A local model folder (always absolute: LoRA adapters record it, and must find it from any directory)
+    and how its inputs must look."""
 
     name: str
     path: Path
     text_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path).resolve())
 
 
 def packaged_minilm() -> Path:

@@ -9,13 +9,16 @@ load, drop the quantisation markers, save safetensors; later loads take a second
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tuneloop.atomic import write_dir_atomically
+from tuneloop.config import RegistryConfig
 from tuneloop.errors import TuneloopError
+from tuneloop.registry.store import Registry
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ def packaged_smollm2() -> Path:
 
 def ensure_smollm2(home: Path) -> Path:
     """The converted SmolLM2 folder in the home, converting it on first use (atomically)."""
-    target = Path(home) / "models" / SMOLLM2
+    target = (Path(home) / "models" / SMOLLM2).resolve()  # absolute: LoRA versions record their base's path
     if (target / "config.json").is_file():
         return target
     source = packaged_smollm2()
@@ -63,14 +66,11 @@ def resolve_generator(name: str, home: Path) -> Path:
     if name in (SMOLLM2, "smollm2", "auto"):
         return ensure_smollm2(home)
     folder = Path(name).expanduser()
-    if (folder / "config.json").is_file():
-        return folder
+    if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
+        return folder.resolve()
     if "@" in name:
-        from tuneloop.config import RegistryConfig
-        from tuneloop.registry.store import Registry
-
         registry = Registry(RegistryConfig(home=home))
-        return registry.artifacts(registry.get(name)) / "model"
+        return (registry.artifacts(registry.get(name)) / "model").resolve()
     raise TuneloopError(f"unknown generator '{name}': use {SMOLLM2}, a registered version NAME@VERSION or a folder")
 
 
@@ -80,6 +80,10 @@ def load_generator(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     if (folder / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM  # only LoRA versions need peft
 
+        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        if not (Path(base) / "config.json").is_file():
+            raise TuneloopError(f"{folder} holds LoRA adapters for the model at {base}, which is not there; "
+                                f"run tuneloop from where it was trained, or train with sft.method=full")
         model = AutoPeftModelForCausalLM.from_pretrained(folder).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(folder)

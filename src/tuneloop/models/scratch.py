@@ -39,7 +39,9 @@ def train_tokenizer(texts: list[str], kind: str, vocab_size: int, folder: Path) 
     return fast
 
 
-def bert_config(size: str, vocab_size: int, max_positions: int) -> BertConfig:
+def bert_config(size: str, vocab_size: int) -> BertConfig:
     layers, hidden, heads = SIZES[size]
+    # 512 positions whatever the pretraining block size: fine-tuning may use longer texts, and unused
+    # position rows cost a few hundred kilobytes.
     return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                      intermediate_size=4 * hidden, max_position_embeddings=max_positions)
+                      intermediate_size=4 * hidden, max_position_embeddings=512)

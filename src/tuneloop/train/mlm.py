@@ -88,7 +88,9 @@ def word_numbers(text: str, offsets: list[tuple[int, int]]) -> list[int]:
     except ImportError:
         raise TuneloopError("whole-word masking needs the rjieba package: pip install rjieba") from None
     starts = np.array([start for _, start, _ in rjieba.tokenize(text)])
-    return [int(np.searchsorted(starts, start, side="right")) - 1 for start, _ in offsets]
+    # By each token's last character: sentencepiece tokens (e5's "▁refund") start on the space before the
+    # word, which jieba makes a word of its own.
+    return [int(np.searchsorted(starts, max(start, end - 1), side="right")) - 1 for start, end in offsets]
 
 
 def encode_corpus(tokenizer: PreTrainedTokenizerBase, texts: list[str], whole_word: bool
@@ -105,7 +107,7 @@ def encode_corpus(tokenizer: PreTrainedTokenizerBase, texts: list[str], whole_wo
 def pack_blocks(encoded: list[tuple[list[int], list[int]]], block_size: int, cls_id: int, sep_id: int
                 ) -> list[tuple[list[int], list[int]]]:
     """Concatenate texts (separated by [SEP]) and cut them into [CLS] … [SEP] blocks of block_size tokens;
-    word numbers are made unique per block so that a word split across texts is never one word."""
+    word numbers are offset per text so that words of different texts never count as one."""
     body = block_size - 2
     stream_ids: list[int] = []
     stream_words: list[int] = []
@@ -174,11 +176,17 @@ def _build_model(config: TuneloopConfig, texts: list[str], run_dir: Path
                  ) -> tuple[BertForMaskedLM, PreTrainedTokenizerBase, EncoderSource]:
     settings = config.pretrain
     if settings.from_scratch:
-        tokenizer = train_tokenizer(texts, settings.tokenizer, settings.vocab_size, run_dir / "tokenizer")
-        model = BertForMaskedLM(bert_config(settings.size, len(tokenizer), settings.block_size))
+        folder = run_dir / "tokenizer"
+        # On resume the saved tokenizer is reused: the checkpoint's embedding rows are indexed by its ids.
+        tokenizer = (AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer.json").is_file()
+                     else train_tokenizer(texts, settings.tokenizer, settings.vocab_size, folder))
+        model = BertForMaskedLM(bert_config(settings.size, len(tokenizer)))
         source = EncoderSource(f"scratch-{settings.size}-{settings.tokenizer}", run_dir / "tokenizer")
         return model, tokenizer, source
     source = resolve_encoder(config.model.name, config.registry.home, texts)
+    model_type = json.loads((source.path / "config.json").read_text()).get("model_type")
+    if model_type != "bert":
+        raise TuneloopError(f"MLM pretraining supports BERT encoders; {source.name} is '{model_type}'")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         model = BertForMaskedLM.from_pretrained(source.path)
@@ -248,7 +256,7 @@ def pretrain(config: TuneloopConfig, run_dir: Path, register: bool = True, show_
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(settings.warmup_ratio * total),
                               num_training_steps=total)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "train_seconds": 0.0,
-             "generator": None}
+             "generator": None, "running": 0.0, "counted": 0}
     checkpoint = run_dir / CHECKPOINT_DIR / "pretrain.pt"
     generator = random.Random(settings.seed)
     if checkpoint.is_file():
@@ -278,7 +286,6 @@ def pretrain(config: TuneloopConfig, run_dir: Path, register: bool = True, show_
         while state["epoch"] < settings.epochs:
             epoch = state["epoch"]
             batches = np.random.default_rng(settings.seed + epoch).permutation(len(train_blocks))
-            running, counted = 0.0, 0
             for index in range(state["step_in_epoch"] * settings.batch_size, len(batches), settings.batch_size):
                 started = time.perf_counter()
                 chosen = [train_blocks[i] for i in batches[index:index + settings.batch_size]]
@@ -293,16 +300,17 @@ def pretrain(config: TuneloopConfig, run_dir: Path, register: bool = True, show_
                 state["train_seconds"] += time.perf_counter() - started
                 state["global_step"] += 1
                 state["step_in_epoch"] += 1
-                running += loss.item() * masked
-                counted += masked
-                progress.update(task, advance=1, loss=running / max(counted, 1),
+                state["running"] += loss.item() * masked
+                state["counted"] += masked
+                progress.update(task, advance=1, loss=state["running"] / max(state["counted"], 1),
                                 description=f"epoch {epoch + 1}/{settings.epochs}")
                 if state["global_step"] % settings.checkpoint_every == 0:
                     save_checkpoint()
                 if step_callback:
                     step_callback(state)
             held_loss = heldout_loss(head, heldout_masks)
-            entry = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": running / max(counted, 1),
+            entry = {"epoch": epoch + 1, "step": state["global_step"],
+                     "train_loss": state["running"] / max(state["counted"], 1),
                      "heldout_loss": held_loss, "heldout_perplexity": math.exp(min(held_loss, 50)),
                      "train_seconds": state["train_seconds"]}
             state["history"].append(entry)
@@ -310,7 +318,7 @@ def pretrain(config: TuneloopConfig, run_dir: Path, register: bool = True, show_
             for key in ("train_loss", "heldout_loss", "heldout_perplexity"):
                 writer.add_scalar(f"pretrain/{key}", entry[key], entry["step"])
             log.info("epoch %d: %s", epoch + 1, entry)
-            state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+            state["epoch"], state["step_in_epoch"], state["running"], state["counted"] = epoch + 1, 0, 0.0, 0
             save_checkpoint()
     writer.close()
 

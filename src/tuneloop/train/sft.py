@@ -55,6 +55,8 @@ def read_conversations(paths: list[Path], system_prompt: str | None) -> list[lis
         rows = read_table(path).to_dict("records")
         for number, row in enumerate(rows, start=1):
             if isinstance(row.get("messages"), list):
+                if not all(isinstance(m, dict) and "role" in m and "content" in m for m in row["messages"]):
+                    raise TuneloopError(f"{path} row {number}: every message needs a role and a content")
                 messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]]
             elif all(isinstance(row.get(k), str) and row[k].strip() for k in ("prompt", "reply")):
                 messages = [{"role": "user", "content": str(row["prompt"])},
@@ -84,9 +86,12 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Mes
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(_render(tokenizer, messages[:index], generation_prompt=True))
+        prefix = _render(tokenizer, messages[:index], generation_prompt=True) if index else []
         end = len(_render(tokenizer, messages[:index + 1], generation_prompt=False))
-        labels[start:end] = ids[start:end]
+        if ids[:len(prefix)] != prefix:
+            raise TuneloopError("the model's chat template does not render a conversation's beginning the same "
+                                "way alone and in full, so replies cannot be told apart; use a ChatML-style model")
+        labels[len(prefix):end] = ids[len(prefix):end]
     return ids[-max_length:], labels[-max_length:]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -126,17 +127,24 @@ async def chat(body: ChatRequest, assistant: Assistant, state: State,
         return await record(body, assistant, state, seen, outcome)
 
     async def events() -> AsyncIterator[str]:
-        yield event("turn", {"intent": outcome.intent, "predicted_intent": outcome.predicted_intent,
-                             "confidence": outcome.confidence, "sentiment": outcome.sentiment,
-                             "escalate": outcome.escalate, "reason": outcome.reason, "lang": outcome.lang})
         pieces = [outcome.reply] if outcome.request is None else assistant.generator.stream(outcome.request)
-        words = []
-        iterator = iter(pieces)
-        while (piece := await run_in_threadpool(next, iterator, None)) is not None:
-            words.append(piece)
-            yield event("token", {"text": piece})
-        outcome.reply = "".join(words).strip()
-        answer = await record(body, assistant, state, seen, outcome)
-        yield event("done", answer.model_dump(mode="json"))
+        iterator, words, recorded = iter(pieces), [], False
+        try:
+            yield event("turn", {"intent": outcome.intent, "predicted_intent": outcome.predicted_intent,
+                                 "confidence": outcome.confidence, "sentiment": outcome.sentiment,
+                                 "escalate": outcome.escalate, "reason": outcome.reason, "lang": outcome.lang})
+            while (piece := await run_in_threadpool(next, iterator, None)) is not None:
+                words.append(piece)
+                yield event("token", {"text": piece})
+            outcome.reply = "".join(words).strip()
+            answer = await record(body, assistant, state, seen, outcome)
+            recorded = True
+            yield event("done", answer.model_dump(mode="json"))
+        finally:
+            if not recorded:  # the client went away mid-reply: stop generating, but keep the turn
+                with contextlib.suppress(ValueError, AttributeError):
+                    iterator.close()
+                outcome.reply = "".join(words).strip() or outcome.reply
+                asyncio.get_running_loop().create_task(record(body, assistant, state, seen, outcome))
 
     return StreamingResponse(events(), media_type="text/event-stream")
