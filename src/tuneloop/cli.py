@@ -141,6 +141,9 @@ def train(
     console.print(f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
                   f"ECE {test['calibration']['ece']:.3f}[/green] (trained {outcome.train.train_seconds:.0f}s, "
                   f"best epoch {outcome.train.best_epoch})")
+    for task, task_report in outcome.report.get("tasks", {}).items():
+        console.print(f"[green]task {task}: test accuracy {task_report['test']['accuracy']:.4f}, "
+                      f"macro-F1 {task_report['test']['macro_f1']:.4f}[/green]")
     if outcome.cross_validation:
         cv = outcome.cross_validation
         console.print(f"{cv['k']}-fold validation macro-F1 {cv['mean_val_macro_f1']:.4f} ± {cv['std_val_macro_f1']:.4f}")

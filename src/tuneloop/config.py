@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +12,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tuneloop.errors import TuneloopError
+
+
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class _Section(BaseModel):
@@ -217,6 +221,11 @@ class TuneloopConfig(_Section):
 
     name: str = Field("classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Registry model name.")
     data: DataConfig = Field(default_factory=DataConfig)
+    tasks: dict[str, DataConfig] = Field(
+        default_factory=dict, description="Multi-task: two or more labelled sets by task name, each a data section "
+        "(tasks.intent.path=..., tasks.sentiment.path=...), trained jointly as heads on one encoder. The first "
+        "task is the model's own: the one served, evaluated by the gate and named in the registry. Leave "
+        "data.path unset.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
@@ -231,6 +240,19 @@ class TuneloopConfig(_Section):
     def _split_sizes_leave_training_data(self) -> TuneloopConfig:
         if self.data.val_size + self.data.test_size >= 0.8:
             raise ValueError("data.val_size + data.test_size must leave at least 20% for training")
+        for task, data in self.tasks.items():
+            if not TASK_NAME.fullmatch(task):
+                raise ValueError(f"task name '{task}' must be letters, digits, _ or - (it names files and metrics)")
+            if data.val_size + data.test_size >= 0.8:
+                raise ValueError(f"tasks.{task}: val_size + test_size must leave at least 20% for training")
+            if data.kfold:
+                raise ValueError(f"tasks.{task}.kfold: cross-validation is for single-task runs")
+        if len(self.tasks) == 1:
+            raise ValueError("tasks needs two or more labelled sets (one set goes in data)")
+        if self.tasks and self.data.path is not None:
+            raise ValueError("set data.path or tasks, not both: with tasks, the first task is the model's own data")
+        if self.tasks and self.data.kfold:
+            raise ValueError("data.kfold: cross-validation is for single-task runs, and this config has tasks")
         return self
 
 

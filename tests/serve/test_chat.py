@@ -166,3 +166,45 @@ def test_a_local_language_model_writes_the_reply_and_streams_it(assistant_setup,
         pieces = [data["text"] for name, data in streamed if name == "token"]
         assert pieces and streamed[-1][1]["reply"] == "".join(pieces).strip()
         assert streamed[-1][1]["reply"] == whole["reply"]  # greedy: the same words either way
+
+
+def test_a_multitask_model_gives_intent_and_sentiment_from_one_encoder_pass(assistant_setup, tiny_encoder,
+                                                                             monkeypatch):
+    import pandas as pd
+
+    from conftest import MOODS, toy_rows
+    from tuneloop.config import load_config
+    from tuneloop.registry.store import Registry
+    from tuneloop.train.run import run_training
+
+    config, definition = assistant_setup
+    folder = definition.parent
+    pd.DataFrame(toy_rows(per_label=30, seed=8)).to_csv(folder / "intents.csv", index=False)
+    nlu = load_config(None, [f"model.name={tiny_encoder}", f"registry.home={config.registry.home}", "name=nlu",
+                             "train.epochs=4", "train.batch_size=8", "train.lr=1e-3", "train.head_lr=1e-2",
+                             "model.max_length=32", "train.threads=1", f"tasks.intent.path={folder / 'intents.csv'}",
+                             f"tasks.sentiment.path={folder / 'mood.csv'}"])
+    Registry(nlu.registry).promote(run_training(nlu, show_progress=False).version.ref)
+    definition.write_text(definition.read_text().replace("intent_model: toy", "intent_model: nlu")
+                          .replace("sentiment_model: mood", "sentiment_model: nlu"))
+    config.serve.assistant = definition
+    config.serve.models = ["nlu"]
+    with TestClient(create_app(config)) as client:
+        served = client.app.state.tuneloop.served
+        assert set(served.slots) == {"nlu"}  # no separate sentiment model is loaded
+        passes = []
+        served.slots["nlu"].current.model.encoder.register_forward_hook(lambda *_: passes.append(1))
+        info = client.get("/v1/assistant").json()
+        assert info["intent_model"] == "nlu@1" and info["sentiment_model"] == "nlu:sentiment@1"
+        turn = say(client, "angry terrible worst awful hate refund")
+        assert passes == [1]
+        assert turn["sentiment"] in MOODS and turn["predicted_intent"] in {"refund", "delivery", "password"}
+        predicted = client.post("/v1/predict", json={"texts": ["refund money back"]}).json()
+        top = predicted["predictions"][0]["top_k"]  # the intent task's own distribution, not all heads' columns
+        assert {s["label"] for s in top} == {"refund", "delivery", "password"}
+        assert sum(s["score"] for s in top) == pytest.approx(1.0, abs=1e-3)
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    try:  # the intent answers under the model's name, the sentiment under NAME:TASK: feedback never mixes them
+        assert log.count("nlu")["predictions"] == 2 and log.count("nlu:sentiment")["predictions"] == 1
+    finally:
+        log.close()

@@ -96,7 +96,10 @@ class AssistantDefinition(_Section):
 
     name: str = Field("assistant", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     intent_model: str = Field(description="Registry name of the intent classifier (its production version).")
-    sentiment_model: str = Field(description="Registry name of the negative/neutral/positive classifier.")
+    sentiment_model: str = Field(description="Registry name of the negative/neutral/positive classifier; the "
+                                 "intent model's name when that is a multi-task model with a sentiment head.")
+    sentiment_task: str = Field("sentiment", description="Multi-task intent model: its task that gives the "
+                                "sentiment (one encoder pass per turn for both).")
     faq: Path = Field(description="csv/jsonl with question, answer and optional intent, lang columns.")
     out_of_scope_examples: Path | None = Field(
         None, description="Messages the assistant should not handle (a text column): tune the scope threshold.")

@@ -83,6 +83,10 @@ class AssistantRuntime:
         in-scope side, the definition's out-of-scope examples as the other."""
         if intent.ref in self.thresholds:
             return self.thresholds[intent.ref]
+        if self.multitask and self.definition.sentiment_task not in intent.tasks:
+            raise TuneloopError(f"the assistant takes sentiment from {intent.ref}'s '{self.definition.sentiment_task}' "
+                                f"task, and it has none (tasks: {', '.join(intent.tasks) or 'none'}); set "
+                                f"sentiment_model to a sentiment classifier or sentiment_task to one of its tasks")
         scope = self.definition.scope
         if scope.score == "cosine" and intent.model.spec.head != "cosine":
             raise TuneloopError(f"scope.score=cosine needs a cosine head, and {intent.ref} has a "
@@ -114,6 +118,19 @@ class AssistantRuntime:
                  threshold.threshold, threshold.precision)
         self.thresholds[intent.ref] = threshold
         return threshold
+
+    @property
+    def multitask(self) -> bool:
+        """Intent and sentiment from one multi-task model: one encoder pass gives both."""
+        return self.definition.sentiment_model == self.definition.intent_model
+
+    def split(self, intent: LoadedModel, rows: np.ndarray, sentiment: LoadedModel | None = None,
+              sentiment_rows: np.ndarray | None = None) -> tuple[np.ndarray, LoadedModel, np.ndarray]:
+        """(intent logits, sentiment model, sentiment logits) from the models' batched outputs; a multi-task
+        intent model brings the sentiment in its own rows."""
+        if self.multitask:
+            return (intent.own_logits(rows), *intent.task(self.definition.sentiment_task, rows))
+        return intent.own_logits(rows), sentiment, sentiment.own_logits(sentiment_rows)
 
     @property
     def turns_to_recall(self) -> int:
@@ -148,17 +165,20 @@ class AssistantRuntime:
             outcome.reply = self.generator.generate(outcome.request)
         return outcome
 
-    def load_models(self) -> tuple[LoadedModel, LoadedModel]:
-        """The production intent and sentiment versions, for `respond`."""
-        loaded = []
-        for name in (self.definition.intent_model, self.definition.sentiment_model):
-            loaded.append(load_version(self.registry, self.registry.get(f"{name}@production")))
-        return loaded[0], loaded[1]
+    def load_models(self) -> tuple[LoadedModel, LoadedModel | None]:
+        """The production intent and sentiment versions, for `respond` (no sentiment model when the intent
+        model is multi-task)."""
+        intent = load_version(self.registry, self.registry.get(f"{self.definition.intent_model}@production"))
+        if self.multitask:
+            return intent, None
+        return intent, load_version(self.registry, self.registry.get(f"{self.definition.sentiment_model}@production"))
 
-    def respond(self, message: str, intent: LoadedModel, sentiment: LoadedModel,
+    def respond(self, message: str, intent: LoadedModel, sentiment: LoadedModel | None,
                 recent_sentiments: list[str] | None = None) -> TurnOutcome:
-        """One turn with the models run here, one forward pass each."""
+        """One turn with the models run here: one encoder pass each, or one for both when multi-task."""
         text = clean_text(message)
-        return self.decide(text, intent, predict_logits(intent.model, intent.tokenizer, [text])[0], sentiment,
-                           predict_logits(sentiment.model, sentiment.tokenizer, [text])[0],
+        rows = predict_logits(intent.model, intent.tokenizer, [text], heads=list(intent.tasks.values()))
+        sentiment_rows = None if sentiment is None else predict_logits(sentiment.model, sentiment.tokenizer, [text])
+        intent_logits, sentiment, sentiment_logits = self.split(intent, rows, sentiment, sentiment_rows)
+        return self.decide(text, intent, intent_logits[0], sentiment, sentiment_logits[0],
                            self.embedder.encode([text])[0], recent_sentiments or [], [])

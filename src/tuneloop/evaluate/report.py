@@ -74,6 +74,14 @@ def html_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def render_html(report: dict) -> str:
+    """The page: the model's own task, then any other task trained on the same encoder (multi-task)."""
+    sections = report_sections(report)
+    for task_report in report.get("tasks", {}).values():
+        sections += report_sections(task_report)
+    return html_page(report["title"], sections)
+
+
+def report_sections(report: dict) -> list[str]:
     test = report["test"]
     headline = [{"metric": k, "value": test[k]} for k in
                 ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")]
@@ -101,7 +109,7 @@ def render_html(report: dict) -> str:
                     else "<p>No errors on the test split.</p>")
     if report.get("training_history"):
         sections += ["<h2>Training</h2>", html_image(plots.training_curve_png(report["training_history"]), "training")]
-    return html_page(report["title"], sections)
+    return sections
 
 
 def html_page(title: str, sections: list[str]) -> str:

@@ -95,6 +95,10 @@ def retrain(name: str, config_file: Path | None = None, overrides: list[str] | N
     registry = Registry(settings.registry)
     production = registry.get(f"{name}@production")
     recipe = {k: v for k, v in production.config.items() if k not in ENVIRONMENT_SECTIONS}
+    if recipe.get("tasks"):
+        raise TuneloopError(f"{production.ref} is a multi-task model ({', '.join(recipe['tasks'])}); retraining from "
+                            f"feedback works on single-task models only: add the corrections to the task's file "
+                            f"and run tuneloop train again")
     config = load_config(config_file, overrides, base=recipe)
     config.name = name  # a name in the caller's config file must not send the candidate elsewhere
     config.data.kfold = None  # the splits are given; folds of production's own data do not apply

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ MODEL_DIR = "model"
 HEAD_FILE = "head.safetensors"
 META_FILE = "classifier.json"
 ADAPTER_CONFIG = "adapter_config.json"  # peft's: present when the version stores LoRA adapters, not weights
+TASKS_FILE = "tasks.json"  # multi-task: the other tasks' head specs, each head in head-<task>.safetensors
 
 
 @dataclass
@@ -35,6 +37,7 @@ class HeadSpec:
     max_length: int = 128
     text_prefix: str = ""
     base_model: str = ""
+    task: str = ""  # the task's name in a multi-task model; empty in a single-task one
 
 
 def load_encoder(path: Path) -> PreTrainedModel:
@@ -132,6 +135,27 @@ class TextClassifier(nn.Module):
         return model, AutoTokenizer.from_pretrained(folder)
 
 
+def save_task_heads(folder: Path, heads: dict[str, TextClassifier]) -> None:
+    """Next to a saved classifier: the heads of the other tasks trained on its encoder."""
+    for task, head in heads.items():
+        save_file({k: v.contiguous() for k, v in head.head.state_dict().items()}, folder / f"head-{task}.safetensors")
+    specs = {task: asdict(head.spec) for task, head in heads.items()}
+    (folder / TASKS_FILE).write_text(json.dumps(specs, indent=2, ensure_ascii=False))
+
+
+def load_task_heads(folder: Path, model: TextClassifier) -> dict[str, TextClassifier]:
+    """The other tasks of a multi-task model, each a classifier sharing `model`'s encoder (so one encoder pass
+    serves them all); empty for a single-task model."""
+    if not (folder / TASKS_FILE).is_file():
+        return {}
+    heads = {}
+    for task, spec in json.loads((folder / TASKS_FILE).read_text()).items():
+        heads[task] = TextClassifier(model.encoder, HeadSpec(**spec))
+        heads[task].head.load_state_dict(load_file(folder / f"head-{task}.safetensors"))
+        heads[task].eval()
+    return heads
+
+
 def export_classifier(folder: Path, out: Path, merge: bool) -> None:
     """Copy a saved classifier; with `merge`, LoRA adapters are folded into a standalone full encoder."""
     if out.exists() and any(out.iterdir()):
@@ -139,6 +163,9 @@ def export_classifier(folder: Path, out: Path, merge: bool) -> None:
     if merge and is_adapter(folder):
         model, tokenizer = TextClassifier.load(folder, merge_adapter=True)
         model.save(out, tokenizer)
+        heads = load_task_heads(folder, model)
+        if heads:
+            save_task_heads(out, heads)
     else:
         shutil.copytree(folder, out, dirs_exist_ok=True)
 
@@ -154,16 +181,23 @@ def encode_batch(
 
 @torch.inference_mode()
 def predict_logits(
-    model: TextClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 64
+    model: TextClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 64,
+    heads: Sequence[TextClassifier] = (),
 ) -> np.ndarray:
-    """Logits for each text, batched by length so padding stays small (cosine head: scale × cosine)."""
+    """Logits for each text, batched by length so padding stays small (cosine head: scale × cosine).
+
+    `heads` are other tasks' classifiers on the same encoder: their logits follow the model's in each row,
+    from the same encoder pass.
+    """
     model.eval()
     order = np.argsort([len(t) for t in texts], kind="stable")
-    out = np.zeros((len(texts), len(model.spec.labels)), dtype=np.float32)
+    out = np.zeros((len(texts), len(model.spec.labels) + sum(len(h.spec.labels) for h in heads)), dtype=np.float32)
     for start in range(0, len(texts), batch_size):
         chosen = order[start : start + batch_size]
         batch = encode_batch(tokenizer, [texts[i] for i in chosen], model.spec)
-        out[chosen] = model(batch["input_ids"], batch["attention_mask"]).float().numpy()
+        pooled = model.embed(batch["input_ids"], batch["attention_mask"])
+        logits = [classifier.logits_from_embeddings(pooled) for classifier in (model, *heads)]
+        out[chosen] = torch.cat(logits, dim=-1).float().numpy()
     return out
 
 

@@ -12,14 +12,14 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from tuneloop.config import ServeConfig
 from tuneloop.errors import TuneloopError
-from tuneloop.models.classifier import MODEL_DIR, TextClassifier, predict_logits
+from tuneloop.models.classifier import MODEL_DIR, TextClassifier, load_task_heads, predict_logits
 from tuneloop.registry.store import ModelVersion, Registry
 from tuneloop.serve.batching import MicroBatcher
 
@@ -35,6 +35,8 @@ class LoadedModel:
     model: TextClassifier
     tokenizer: PreTrainedTokenizerBase
     record: ModelVersion
+    # A multi-task version's other heads on the same encoder; the batcher returns their logits after the model's.
+    tasks: dict[str, TextClassifier] = field(default_factory=dict)
 
     @property
     def labels(self) -> list[str]:
@@ -44,10 +46,27 @@ class LoadedModel:
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
+    def own_logits(self, rows: np.ndarray) -> np.ndarray:
+        """The model's own task's columns of the batcher's rows."""
+        return rows[..., : len(self.labels)]
+
+    def task(self, name: str, rows: np.ndarray) -> tuple[LoadedModel, np.ndarray]:
+        """Another task of a multi-task version, as a model of its own (named NAME:TASK, so its logged
+        predictions never mix with the model's own), with its columns of the batcher's rows."""
+        if name not in self.tasks:
+            trained = ", ".join(self.tasks) or "none"
+            raise TuneloopError(f"{self.ref} has no '{name}' task (its other tasks: {trained})")
+        order = list(self.tasks)
+        start = len(self.labels) + sum(len(self.tasks[t].spec.labels) for t in order[: order.index(name)])
+        head = self.tasks[name]
+        view = replace(self, name=f"{self.name}:{name}", model=head, tasks={})
+        return view, rows[..., start : start + len(head.spec.labels)]
+
 
 def load_version(registry: Registry, version: ModelVersion) -> LoadedModel:
-    model, tokenizer = TextClassifier.load(registry.artifacts(version) / MODEL_DIR)
-    return LoadedModel(version.name, version.version, model, tokenizer, version)
+    folder = registry.artifacts(version) / MODEL_DIR
+    model, tokenizer = TextClassifier.load(folder)
+    return LoadedModel(version.name, version.version, model, tokenizer, version, load_task_heads(folder, model))
 
 
 class ModelSlot:
@@ -62,7 +81,8 @@ class ModelSlot:
     def infer(self, texts: list[str]) -> tuple[LoadedModel, np.ndarray]:
         """(version, logits): the version read once, so the whole batch runs on it even if a swap lands now."""
         live = self.current
-        return live, predict_logits(live.model, live.tokenizer, texts, batch_size=max(len(texts), 1))
+        return live, predict_logits(live.model, live.tokenizer, texts, batch_size=max(len(texts), 1),
+                                    heads=list(live.tasks.values()))
 
 
 class ServedModels:
@@ -93,7 +113,7 @@ class ServedModels:
             names = list(self.config.models)
         else:
             names = sorted({v.name for v in self.registry.list() if v.stage == "production"})
-        names += [name for name in self.required if name not in names]
+        names = list(dict.fromkeys([*names, *self.required]))
         if not names:
             raise TuneloopError("nothing to serve: no model has a production version yet "
                                 "(tuneloop models promote NAME@VERSION, or set serve.models)")

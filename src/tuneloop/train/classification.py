@@ -27,7 +27,14 @@ from tuneloop.atomic import write_dir_atomically
 from tuneloop.config import TuneloopConfig
 from tuneloop.data.prepare import PreparedData
 from tuneloop.errors import TuneloopError
-from tuneloop.models.classifier import MODEL_DIR, HeadSpec, TextClassifier, load_encoder, predict_proba
+from tuneloop.models.classifier import (
+    MODEL_DIR,
+    HeadSpec,
+    TextClassifier,
+    load_encoder,
+    predict_proba,
+    save_task_heads,
+)
 from tuneloop.models.encoders import EncoderSource
 
 log = logging.getLogger(__name__)
@@ -104,7 +111,7 @@ def _embed_all(model: TextClassifier, ids: list[list[int]], pad_id: int, batch_s
     return out
 
 
-def _optimizer(model: TextClassifier, config: TuneloopConfig) -> torch.optim.AdamW:
+def _optimizer(model: TextClassifier, config: TuneloopConfig, heads: list[TextClassifier]) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, param in model.encoder.named_parameters():
         if param.requires_grad:
@@ -112,7 +119,8 @@ def _optimizer(model: TextClassifier, config: TuneloopConfig) -> torch.optim.Ada
     groups = [
         {"params": decay, "lr": config.train.lr, "weight_decay": config.train.weight_decay},
         {"params": no_decay, "lr": config.train.lr, "weight_decay": 0.0},
-        {"params": list(model.head.parameters()), "lr": config.train.head_lr, "weight_decay": 0.0},
+        {"params": [p for m in (model, *heads) for p in m.head.parameters()], "lr": config.train.head_lr,
+         "weight_decay": 0.0},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]])
 
@@ -133,15 +141,19 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def build_classifier(config: TuneloopConfig, encoder: EncoderSource, labels: list[str]) -> tuple[
+def head_spec(config: TuneloopConfig, encoder: EncoderSource, labels: list[str], task: str = "") -> HeadSpec:
+    return HeadSpec(
+        labels=labels, pooling=config.model.pooling, head=config.model.head, dropout=config.model.dropout,
+        cosine_scale=config.model.cosine_scale, max_length=config.model.max_length,
+        text_prefix=encoder.text_prefix, base_model=encoder.name, task=task,
+    )
+
+
+def build_classifier(config: TuneloopConfig, encoder: EncoderSource, labels: list[str], task: str = "") -> tuple[
     TextClassifier, PreTrainedTokenizerBase
 ]:
     """A fresh classifier over the encoder, with the head spec taken from the config."""
-    spec = HeadSpec(
-        labels=labels, pooling=config.model.pooling, head=config.model.head, dropout=config.model.dropout,
-        cosine_scale=config.model.cosine_scale, max_length=config.model.max_length,
-        text_prefix=encoder.text_prefix, base_model=encoder.name,
-    )
+    spec = head_spec(config, encoder, labels, task)
     try:
         tokenizer = AutoTokenizer.from_pretrained(encoder.path)
         model = TextClassifier(load_encoder(encoder.path), spec)
@@ -167,6 +179,39 @@ def build_classifier(config: TuneloopConfig, encoder: EncoderSource, labels: lis
     return model, tokenizer
 
 
+@dataclass
+class Task:
+    """One labelled set and the head that learns it; a multi-task run trains several on one encoder."""
+
+    name: str
+    classifier: TextClassifier
+    train_ids: list[list[int]]
+    train_labels: np.ndarray
+    val_texts: list[str]
+    val_labels: np.ndarray
+    loss_fn: torch.nn.CrossEntropyLoss
+
+
+def _task(name: str, classifier: TextClassifier, data: PreparedData, tokenizer: PreTrainedTokenizerBase,
+          config: TuneloopConfig) -> Task:
+    index = {label: i for i, label in enumerate(data.labels)}
+    labels = data.train["label"].map(index).to_numpy()
+    weights = _class_weights(labels, len(data.labels)) if config.train.class_weighted else None
+    return Task(name, classifier, _tokenize(tokenizer, data.train["text"].tolist(), classifier.spec), labels,
+                data.val["text"].tolist(), data.val["label"].map(index).to_numpy(),
+                torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=config.train.label_smoothing))
+
+
+def _epoch_batches(tasks: list[Task], batch_size: int, seed: int, grouped: bool) -> list[tuple[Task, list[int]]]:
+    """Every task's batches for one epoch, interleaved in a seeded random order, so that no task's data
+    comes in one block at the end of an epoch (where the learning rate is lowest)."""
+    batches = [(task, batch) for task in tasks
+               for batch in length_grouped_batches([len(x) for x in task.train_ids], batch_size, seed, grouped)]
+    if len(tasks) == 1:
+        return batches
+    return [batches[i] for i in np.random.default_rng(seed).permutation(len(batches))]
+
+
 def validation_macro_f1(model: TextClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str],
                         label_ids: np.ndarray) -> float:
     probs = predict_proba(model, tokenizer, texts)
@@ -183,8 +228,14 @@ def train_classifier(
     show_progress: bool = True,
     step_callback: Callable[[dict, TextClassifier, PreTrainedTokenizerBase], None] | None = None,
     callback_every: int = 0,
+    other_tasks: dict[str, PreparedData] | None = None,
+    task_name: str = "",
 ) -> TrainResult:
     """Fine-tune and return where the best model (by validation macro-F1) was saved.
+
+    `other_tasks` makes it multi-task: each labelled set gets its own head on the shared encoder, batches of
+    all tasks are interleaved, and the best epoch is the one with the best mean validation macro-F1.
+    `data` is the first task (`task_name`), whose head is the saved model's own.
 
     `step_callback(state, model, tokenizer)` runs every `callback_every` steps and after each epoch, with
     state["global_step"] and state["train_seconds"] (which includes the centroid pass and excludes the
@@ -194,26 +245,21 @@ def train_classifier(
     torch.set_num_threads(tc.threads or os.cpu_count() or 1)
     seed_everything(tc.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    label_index = {label: i for i, label in enumerate(data.labels)}
-    model, tokenizer = build_classifier(config, encoder, data.labels)
+    model, tokenizer = build_classifier(config, encoder, data.labels, task_name if other_tasks else "")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # The other tasks' classifiers share the model's encoder object: one set of encoder weights learns them all.
+    heads = {name: TextClassifier(model.encoder, head_spec(config, encoder, extra.labels, name))
+             for name, extra in (other_tasks or {}).items()}
+    tasks = [_task(task_name, model, data, tokenizer, config),
+             *(_task(name, heads[name], extra, tokenizer, config) for name, extra in (other_tasks or {}).items())]
 
-    train_texts = data.train["text"].tolist()
-    train_labels = data.train["label"].map(label_index).to_numpy()
-    train_ids = _tokenize(tokenizer, train_texts, model.spec)
-    lengths = [len(x) for x in train_ids]
-    val_texts = data.val["text"].tolist()
-    val_labels = data.val["label"].map(label_index).to_numpy()
-
-    steps_per_epoch = -(-len(train_ids) // tc.batch_size)
+    steps_per_epoch = sum(-(-len(task.train_ids) // tc.batch_size) for task in tasks)
     total_steps = steps_per_epoch * tc.epochs
-    optimizer = _optimizer(model, config)
+    optimizer = _optimizer(model, config, list(heads.values()))
     scheduler = get_scheduler(
         "constant_with_warmup" if tc.schedule == "constant" else tc.schedule, optimizer,
         num_warmup_steps=int(tc.warmup_ratio * total_steps), num_training_steps=total_steps,
     )
-    weights = _class_weights(train_labels, len(data.labels)) if tc.class_weighted else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=tc.label_smoothing)
     use_bf16 = tc.bf16 and cpu_supports_bf16()
 
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_f1": None, "best_epoch": -1,
@@ -224,6 +270,8 @@ def train_classifier(
             raise TuneloopError(f"nothing to resume in {run_dir}: no {CHECKPOINT_DIR}/trainer.pt")
         saved = torch.load(checkpoint / "trainer.pt", weights_only=False)
         model.load_state_dict(saved["model"])
+        for name, head in heads.items():
+            head.head.load_state_dict(saved["heads"][name])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
@@ -231,11 +279,23 @@ def train_classifier(
         log.info("resuming at epoch %d step %d", state["epoch"], state["step_in_epoch"])
     elif config.model.head_init == "centroids":
         started = time.perf_counter()
-        model.init_head_from_centroids(_embed_all(model, train_ids, pad_id), torch.tensor(train_labels))
+        for task in tasks:
+            task.classifier.init_head_from_centroids(_embed_all(model, task.train_ids, pad_id),
+                                                     torch.tensor(task.train_labels))
         state["train_seconds"] += time.perf_counter() - started
 
+    def train_mode() -> None:
+        for task in tasks:  # validation switched every head (and the shared encoder) to eval mode
+            task.classifier.train()
+
+    def save_model(folder: Path) -> None:
+        model.save(folder, tokenizer)
+        if heads:
+            save_task_heads(folder, heads)
+
     def save_checkpoint() -> None:
-        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        payload = {"model": model.state_dict(), "heads": {n: h.head.state_dict() for n, h in heads.items()},
+                   "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "state": state, "rng": rng_state()}
         write_dir_atomically(lambda d: (d.mkdir(parents=True), torch.save(payload, d / "trainer.pt")), checkpoint)
 
@@ -252,22 +312,22 @@ def train_classifier(
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         disable=not show_progress, transient=False)
-    model.train()
+    train_mode()
     with progress:
-        task = progress.add_task("training", total=total_steps, completed=state["global_step"], loss=0.0)
+        bar = progress.add_task("training", total=total_steps, completed=state["global_step"], loss=0.0)
         while state["epoch"] < tc.epochs and not state["stopped_early"]:
             epoch = state["epoch"]
-            batches = length_grouped_batches(lengths, tc.batch_size, tc.seed + epoch, tc.length_grouping)
+            batches = _epoch_batches(tasks, tc.batch_size, tc.seed + epoch, tc.length_grouping)
             running, seen = 0.0, 0
             epoch_start = time.perf_counter()
             for index in range(state["step_in_epoch"], len(batches)):
                 started = time.perf_counter()
-                chosen = batches[index]
-                input_ids, mask = _collate([train_ids[i] for i in chosen], pad_id)
-                target = torch.as_tensor(train_labels[chosen])
+                task, chosen = batches[index]
+                input_ids, mask = _collate([task.train_ids[i] for i in chosen], pad_id)
+                target = torch.as_tensor(task.train_labels[chosen])
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = model(input_ids, mask)
-                loss = loss_fn(logits.float(), target)
+                    logits = task.classifier(input_ids, mask)
+                loss = task.loss_fn(logits.float(), target)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 optimizer.step()
@@ -278,20 +338,25 @@ def train_classifier(
                 state["step_in_epoch"] = index + 1
                 running += loss.item() * len(chosen)
                 seen += len(chosen)
-                progress.update(task, advance=1, loss=running / seen,
+                progress.update(bar, advance=1, loss=running / seen,
                                 description=f"epoch {epoch + 1}/{tc.epochs}")
                 if state["global_step"] % tc.checkpoint_every == 0:
                     save_checkpoint()
                 if step_callback and callback_every and state["global_step"] % callback_every == 0:
                     step_callback(state, model, tokenizer)
-                    model.train()
+                    train_mode()
 
             entry = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": running / max(seen, 1),
                      "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - epoch_start,
                      "train_seconds": state["train_seconds"]}
             improved = True
-            if len(val_texts):
-                f1 = validation_macro_f1(model, tokenizer, val_texts, val_labels)
+            scored = [task for task in tasks if len(task.val_texts)]
+            if scored:
+                scores = {task.name: validation_macro_f1(task.classifier, tokenizer, task.val_texts, task.val_labels)
+                          for task in scored}
+                if heads:
+                    entry.update({f"val_macro_f1/{name}": value for name, value in scores.items()})
+                f1 = float(np.mean(list(scores.values())))
                 entry["val_macro_f1"] = f1
                 improved = state["best_f1"] is None or f1 > state["best_f1"]
             state["history"].append(entry)
@@ -301,7 +366,7 @@ def train_classifier(
                 state["best_f1"] = entry.get("val_macro_f1")
                 state["best_epoch"] = epoch + 1
                 state["bad_epochs"] = 0
-                write_dir_atomically(lambda d: model.save(d, tokenizer), run_dir / MODEL_DIR)
+                write_dir_atomically(save_model, run_dir / MODEL_DIR)
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch + 1
@@ -309,7 +374,7 @@ def train_classifier(
             save_checkpoint()
             if step_callback:
                 step_callback(state, model, tokenizer)
-            model.train()
+            train_mode()
             if state["bad_epochs"] >= tc.patience:
                 state["stopped_early"] = True
                 save_checkpoint()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -28,10 +29,9 @@ from tuneloop.data.prepare import (
 )
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.report import evaluate_classifier, write_report
-from tuneloop.models.classifier import TextClassifier
+from tuneloop.models.classifier import MODEL_DIR, TextClassifier, load_task_heads
 from tuneloop.models.encoders import EncoderSource, resolve_encoder
 from tuneloop.registry.store import ModelVersion, Registry
-from tuneloop.models.classifier import MODEL_DIR
 from tuneloop.train.classification import CHECKPOINT_DIR, TrainResult, train_classifier
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,30 @@ def token_counter(encoder: EncoderSource):
 
 def prepare_for_model(config: TuneloopConfig) -> tuple[PreparedData, EncoderSource]:
     """Prepare the data and pick the encoder (auto looks at the cleaned texts)."""
-    first_pass = prepare_data(config.data)
-    encoder = resolve_encoder(config.model.name, config.registry.home, first_pass.train["text"].tolist())
+    if config.tasks:
+        raise TuneloopError(f"this config trains several tasks ({', '.join(config.tasks)}); look at each task's "
+                            f"data on its own: tuneloop data inspect --data FILE")
+    prepared, encoder = prepare_tasks({"": config.data}, config)
+    return prepared[""], encoder
+
+
+def prepare_tasks(tasks: dict[str, DataConfig], config: TuneloopConfig) -> tuple[dict[str, PreparedData],
+                                                                               EncoderSource]:
+    """Prepare each task's data on its own, and pick the one encoder for all (auto looks at their texts)."""
+    first_pass = {name: prepare_data(data) for name, data in tasks.items()}
+    texts = [t for prepared in first_pass.values() for t in prepared.train["text"]]
+    encoder = resolve_encoder(config.model.name, config.registry.home, texts)
     lengths = token_counter(encoder)
     # The report's token lengths need the tokenizer, which "auto" can only pick after reading the data.
-    texts = pd.concat([first_pass.splits[name]["text"] for name in first_pass.splits]).tolist()
-    first_pass.report["text_length"] = length_percentiles(texts, lengths)
+    for prepared in first_pass.values():
+        texts = pd.concat([prepared.splits[name]["text"] for name in prepared.splits]).tolist()
+        prepared.report["text_length"] = length_percentiles(texts, lengths)
     return first_pass, encoder
+
+
+def task_data_dir(run_dir: Path, task: str | None) -> Path:
+    """Where a run keeps a task's splits: data/ for the model's own, data-<task>/ for the others."""
+    return run_dir / ("data" if task is None else f"data-{task}")
 
 
 def new_run_dir(config: TuneloopConfig) -> Path:
@@ -94,6 +111,7 @@ def run_training(
     """Train (or resume), evaluate on the test split, write the report and register a candidate.
 
     `prepared` skips the data stage (retraining brings its own splits); `parent` is recorded in the registry.
+    With `config.tasks` it trains one encoder for all the tasks (multi-task); the first is the model's own.
     """
     if resume is not None:
         run_dir = resume
@@ -101,15 +119,24 @@ def run_training(
         if not saved.is_file():
             raise TuneloopError(f"{run_dir} is not a tuneloop run folder (no config.yaml)")
         config = TuneloopConfig.model_validate(yaml.safe_load(saved.read_text()))
-        data = load_prepared(run_dir / "data")
+        data = load_prepared(task_data_dir(run_dir, None))
+        others = {name: load_prepared(task_data_dir(run_dir, name)) for name in list(config.tasks)[1:]}
         saved_encoder = json.loads((run_dir / "encoder.json").read_text())
         encoder = resolve_encoder(saved_encoder["name"], config.registry.home)
         parent = saved_encoder.get("parent")
     else:
-        data, encoder = prepared or prepare_for_model(config)
+        if config.tasks and prepared is None:
+            all_tasks, encoder = prepare_tasks(config.tasks, config)
+            data, *rest = all_tasks.values()
+            others = dict(zip(list(config.tasks)[1:], rest))
+        else:
+            data, encoder = prepared or prepare_for_model(config)
+            others = {}
         run_dir = new_run_dir(config)
         run_dir.mkdir(parents=True)
-        save_prepared(data, run_dir / "data")
+        save_prepared(data, task_data_dir(run_dir, None))
+        for name, task_data in others.items():
+            save_prepared(task_data, task_data_dir(run_dir, name))
         (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
         (run_dir / "encoder.json").write_text(json.dumps({"name": encoder.name, "path": str(encoder.path),
                                                           "parent": parent}))
@@ -130,13 +157,20 @@ def run_training(
         result = TrainResult(best_dir=run_dir / MODEL_DIR, best_epoch=folds[best_fold]["best_epoch"],
                              best_val_macro_f1=folds[best_fold]["val_macro_f1"])
     else:
+        own_task = next(iter(config.tasks), "")
         result = train_classifier(config, data, encoder, run_dir, resume=resume is not None,
                                   show_progress=show_progress, step_callback=step_callback,
-                                  callback_every=callback_every)
+                                  callback_every=callback_every, other_tasks=others, task_name=own_task)
 
     model, tokenizer = TextClassifier.load(result.best_dir)
+    title = f"{config.name}: test report" + (f" — task {model.spec.task}" if others else "")
     report = evaluate_classifier(model, tokenizer, data.test, config.eval, train=data.train, history=result.history,
-                                 title=f"{config.name}: test report")
+                                 title=title)
+    if others:
+        heads = load_task_heads(result.best_dir, model)
+        report["tasks"] = {name: evaluate_classifier(heads[name], tokenizer, task_data.test, config.eval,
+                                                     train=task_data.train, title=f"{config.name}: task {name}")
+                           for name, task_data in others.items()}
     report["train_seconds"] = result.train_seconds
     report["best_epoch"] = result.best_epoch
     report["data"] = data.report
@@ -150,8 +184,13 @@ def run_training(
         metrics = {k: report["test"][k] for k in ("accuracy", "macro_f1", "weighted_f1")}
         metrics.update(ece=report["test"]["calibration"]["ece"], train_seconds=result.train_seconds,
                        best_val_macro_f1=result.best_val_macro_f1)
+        for name, task_report in report.get("tasks", {}).items():
+            metrics.update({f"{name}.{k}": task_report["test"][k] for k in ("accuracy", "macro_f1")})
+        # A multi-task version's data is all its tasks' splits: the fingerprint covers each in order.
+        fingerprint = data.fingerprint if not others else hashlib.sha256(
+            " ".join(d.fingerprint for d in (data, *others.values())).encode()).hexdigest()[:16]
         version = registry.register(
-            config.name, run_dir, base_model=encoder.name, data_fingerprint=data.fingerprint,
+            config.name, run_dir, base_model=encoder.name, data_fingerprint=fingerprint,
             config=config.model_dump(mode="json"), metrics=metrics, parent=parent,
             ignore=(CHECKPOINT_DIR, "fold-*", "*.tmp", "*.old"),
         )

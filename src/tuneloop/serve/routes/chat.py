@@ -35,9 +35,10 @@ async def assistant_info(assistant: Assistant, state: State) -> AssistantInfo:
     """What the chat page needs: the assistant's name, languages and the intents a user may pick."""
     definition = assistant.definition
     intent = state.served.slots[definition.intent_model].current
+    sentiment = (f"{definition.intent_model}:{definition.sentiment_task}@{intent.version}" if assistant.multitask
+                 else state.served.slots[definition.sentiment_model].current.ref)
     return AssistantInfo(name=definition.name, languages=definition.languages, intents=intent.labels,
-                         intent_model=intent.ref, sentiment_model=state.served.slots[definition.sentiment_model]
-                         .current.ref)
+                         intent_model=intent.ref, sentiment_model=sentiment)
 
 
 async def embed(state: ServerState, assistant: AssistantRuntime, text: str) -> np.ndarray:
@@ -65,11 +66,12 @@ async def understand(body: ChatRequest, assistant: AssistantRuntime, state: Serv
     check_text_length(body.message, state.config.serve.max_text_chars, "message")
     definition = assistant.definition
     text = clean_text(body.message)
-    (intent, intent_logits), (sentiment, sentiment_logits), vectors, recent = await asyncio.gather(
-        classify(state.served.slots[definition.intent_model], [text]),
-        classify(state.served.slots[definition.sentiment_model], [text]),
-        embed(state, assistant, text),
-        run_in_threadpool(state.conversations.recent, body.session_id, assistant.turns_to_recall))
+    sentiment_pass = [] if assistant.multitask else [classify(state.served.slots[definition.sentiment_model], [text])]
+    (intent, rows), vectors, recent, *sentiment_pass = await asyncio.gather(
+        classify(state.served.slots[definition.intent_model], [text]), embed(state, assistant, text),
+        run_in_threadpool(state.conversations.recent, body.session_id, assistant.turns_to_recall), *sentiment_pass)
+    intent_logits, sentiment, sentiment_logits = assistant.split(intent, rows, *(sentiment_pass[0] if sentiment_pass
+                                                                                  else ()))
     return Understood(text, intent, intent_logits[0], sentiment, sentiment_logits[0], vectors[0], recent)
 
 

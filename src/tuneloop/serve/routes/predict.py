@@ -73,8 +73,8 @@ async def predict(body: PredictRequest, state: State) -> PredictResponse:
                                  f"{', '.join(state.served.slots)}") from None
     except TuneloopError as exc:
         raise HTTPException(422, str(exc)) from None
-    live, logits = await classify(slot, body.texts)
-    probs = softmax(logits)
+    live, rows = await classify(slot, body.texts)
+    probs = softmax(live.own_logits(rows))
     k = min(body.top_k or settings.top_k, len(live.labels))
     now = datetime.now(timezone.utc)
     records = [logged(live, text, row, "api", now) for text, row in zip(body.texts, probs)]
