@@ -256,6 +256,7 @@ def train_classifier(
     steps_per_epoch = sum(-(-len(task.train_ids) // tc.batch_size) for task in tasks)
     total_steps = steps_per_epoch * tc.epochs
     optimizer = _optimizer(model, config, list(heads.values()))
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = get_scheduler(
         "constant_with_warmup" if tc.schedule == "constant" else tc.schedule, optimizer,
         num_warmup_steps=int(tc.warmup_ratio * total_steps), num_training_steps=total_steps,
@@ -329,7 +330,7 @@ def train_classifier(
                     logits = task.classifier(input_ids, mask)
                 loss = task.loss_fn(logits.float(), target)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
