@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from tuneloop.config import ServeConfig
 from tuneloop.errors import TuneloopError
 from tuneloop.models.classifier import MODEL_DIR, TextClassifier, load_task_heads, predict_logits
+from tuneloop.models.onnx_encoder import onnx_encoder
 from tuneloop.registry.store import ModelVersion, Registry
 from tuneloop.serve.batching import MicroBatcher
 
@@ -63,9 +65,14 @@ class LoadedModel:
         return view, rows[..., start : start + len(head.spec.labels)]
 
 
-def load_version(registry: Registry, version: ModelVersion) -> LoadedModel:
+def load_version(registry: Registry, version: ModelVersion, runtime: str = "torch", threads: int | None = None
+                 ) -> LoadedModel:
+    """A version ready to predict; runtime="onnx" swaps its encoder for an ONNX Runtime session."""
     folder = registry.artifacts(version) / MODEL_DIR
     model, tokenizer = TextClassifier.load(folder)
+    if runtime == "onnx":
+        cache = registry.home / "cache" / "onnx" / f"{version.name}-v{version.version}"
+        model.encoder = onnx_encoder(model.encoder, tokenizer, cache, threads or os.cpu_count() or 1)
     return LoadedModel(version.name, version.version, model, tokenizer, version, load_task_heads(folder, model))
 
 
@@ -126,7 +133,7 @@ class ServedModels:
             log.info("serving %s", self.slots[name].current.ref)
 
     def _load_ready(self, version: ModelVersion) -> LoadedModel:
-        loaded = load_version(self.registry, version)
+        loaded = load_version(self.registry, version, self.config.runtime, self.config.threads)
         if self.prepare is not None:
             self.prepare(loaded)
         return loaded
