@@ -8,10 +8,10 @@ import httpx
 import numpy as np
 import pytest
 
-from tuneloop.assistant.definition import load_definition
+from tuneloop.assistant.definition import ScopeConfig, load_definition
 from tuneloop.assistant.generate import OpenAICompatibleGenerator, ReplyRequest, TemplateGenerator
 from tuneloop.assistant.retrieval import FaqEntry, FaqHit
-from tuneloop.assistant.runtime import AssistantRuntime
+from tuneloop.assistant.runtime import REJECTED_SCORE, AssistantRuntime, tuning_scores
 from tuneloop.assistant.scope import ScopeThreshold
 from tuneloop.assistant.turn import detect_language, plan_turn
 from tuneloop.errors import TuneloopError
@@ -149,3 +149,23 @@ def test_openai_compatible_generator_grounds_the_reply_and_falls_back_on_failure
     broken = OpenAICompatibleGenerator("http://llm/v1", "qwen", client=httpx.Client(
         transport=httpx.MockTransport(lambda r: httpx.Response(503))))
     assert broken.generate(openai_request()) == "I'm sorry. Refunds take 5-7 days."
+
+
+def test_a_trained_out_of_scope_label_counts_as_rejected_when_tuning():
+    spec = HeadSpec(labels=["refund", "off_topic", "delivery"], head="cosine", cosine_scale=10.0)
+    logits = np.array([[9.0, 0.0, 0.0], [0.0, 9.0, 0.0], [0.0, 2.0, 1.0]], dtype=np.float32)
+    plain = tuning_scores(logits, spec, ScopeConfig())
+    labelled = tuning_scores(logits, spec, ScopeConfig(label="off_topic"))
+    assert plain[1] > 0.9 and labelled[1] == REJECTED_SCORE and labelled[2] == REJECTED_SCORE
+    assert labelled[0] == plain[0]
+    assert (labelled[1:] < min(plain)).all()
+
+
+def test_a_scope_label_the_model_does_not_have_is_named(assistant_setup):
+    config, path = assistant_setup
+    wrong = path.parent / "wrong.yaml"
+    wrong.write_text(path.read_text().replace("name: shop", "name: shop\nscope: {label: off_topic}"))
+    runtime = AssistantRuntime(load_definition(wrong), Registry(config.registry))
+    intent, _ = runtime.load_models()
+    with pytest.raises(TuneloopError, match="scope.label 'off_topic' is not a label of toy@1"):
+        runtime.calibrate(intent)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tuneloop.assistant.definition import AssistantDefinition
+from tuneloop.assistant.definition import AssistantDefinition, ScopeConfig
 from tuneloop.assistant.generate import LocalGenerator, OpenAICompatibleGenerator, ReplyGenerator, TemplateGenerator
 from tuneloop.assistant.retrieval import FaqIndex, load_faq
 from tuneloop.assistant.scope import ScopeThreshold, tune_threshold
@@ -22,8 +22,8 @@ from tuneloop.assistant.turn import (
     DEFAULT_FAQ_SIMILARITY,
     FALLBACK_FAQ_SIMILARITY,
     TurnOutcome,
-    plan_turn,
     detect_language,
+    plan_turn,
     scope_score,
 )
 from tuneloop.atomic import write_text_atomically
@@ -31,7 +31,7 @@ from tuneloop.data.clean import clean_text
 from tuneloop.data.load import read_table
 from tuneloop.data.prepare import load_prepared
 from tuneloop.errors import TuneloopError
-from tuneloop.models.classifier import predict_logits
+from tuneloop.models.classifier import HeadSpec, predict_logits
 from tuneloop.models.embedder import SentenceEmbedder
 from tuneloop.models.encoders import resolve_encoder
 from tuneloop.models.lm import resolve_generator
@@ -39,6 +39,19 @@ from tuneloop.registry.store import Registry
 from tuneloop.serve.models import LoadedModel, load_version
 
 log = logging.getLogger(__name__)
+
+
+REJECTED_SCORE = -2.0  # below any probability or cosine
+
+
+def tuning_scores(logits: np.ndarray, spec: HeadSpec, scope: ScopeConfig) -> np.ndarray:
+    """The scores the scope threshold is tuned on. A message the model files under the trained out-of-scope
+    label is turned away whatever its score, so tuning sees it as rejected: counted as accepted, confident
+    out-of-scope predictions would push the threshold up for nothing."""
+    scores = np.array([scope_score(row, spec, scope.score) for row in logits])
+    if scope.label in spec.labels:
+        scores[logits.argmax(1) == spec.labels.index(scope.label)] = REJECTED_SCORE
+    return scores
 
 
 def build_generator(definition: AssistantDefinition, home: Path) -> ReplyGenerator:
@@ -88,6 +101,9 @@ class AssistantRuntime:
                                 f"task, and it has none (tasks: {', '.join(intent.tasks) or 'none'}); set "
                                 f"sentiment_model to a sentiment classifier or sentiment_task to one of its tasks")
         scope = self.definition.scope
+        if scope.label and scope.label not in intent.labels:
+            raise TuneloopError(f"scope.label '{scope.label}' is not a label of {intent.ref} "
+                                f"({', '.join(intent.labels)}); train it as an intent or unset scope.label")
         if scope.score == "cosine" and intent.model.spec.head != "cosine":
             raise TuneloopError(f"scope.score=cosine needs a cosine head, and {intent.ref} has a "
                                 f"{intent.model.spec.head} head; use scope.score=probability")
@@ -109,10 +125,10 @@ class AssistantRuntime:
             trained_out = (split["label"] == scope.label).to_numpy() if scope.label else np.zeros(len(split), bool)
             in_texts = split.loc[~trained_out, "text"].tolist()
             out_texts = split.loc[trained_out, "text"].tolist() + self.out_of_scope
-            scores = [scope_score(row, intent.model.spec, scope.score)
-                      for row in predict_logits(intent.model, intent.tokenizer, in_texts + out_texts)]
-            threshold = tune_threshold(np.array(scores[:len(in_texts)]), np.array(scores[len(in_texts):]),
-                                       scope.target_precision, scope.out_of_scope_share)
+            scores = tuning_scores(predict_logits(intent.model, intent.tokenizer, in_texts + out_texts),
+                                   intent.model.spec, scope)
+            threshold = tune_threshold(scores[:len(in_texts)], scores[len(in_texts):], scope.target_precision,
+                                       scope.out_of_scope_share)
             write_text_atomically(cached, json.dumps(threshold.to_dict(), indent=2))
         log.info("%s: scope threshold %.3f (in-scope precision %.3f on tuning data)", intent.ref,
                  threshold.threshold, threshold.precision)
