@@ -1,11 +1,13 @@
 """Benchmark: the assistant on Banking77 with 10 intents it has never seen (out of scope).
 
-    python bench/assistant_eval.py [--held-out 10] [--target-precision 0.95] [--set train.epochs=2 ...]
+    python bench/assistant_eval.py [--held-out 10] [--target-precision 0.95] [--trained-oos] [--set ...]
 
 1. 10 intents (seeded) are held out. The intent model (all-MiniLM-L6-v2) trains on the other 67; a small
    English sentiment model trains on the demo's sentiment data; the FAQ has one entry per known intent.
 2. The scope threshold is tuned on the model's validation split plus the held-out intents' *training*
    texts; everything is then measured on the official *test* split (known and held-out intents).
+   With --trained-oos those training texts are instead trained as one more intent, out_of_scope
+   (scope.label), and the threshold is tuned on the validation split alone (its out_of_scope share).
 3. Every test message goes through a whole turn (three forward passes, FAQ search, reply, escalation
    rules), timed one by one on this CPU.
 Prints one JSON line: in-scope intent accuracy of the assistant and of the plain classifier (which
@@ -28,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
+OOS_LABEL = "out_of_scope"
 SHARED = ROOT.parent / "shared" / "datasets"
 
 
@@ -40,6 +43,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="Score only this many test messages (smoke runs).")
     parser.add_argument("--train-limit", type=int, default=None, help="Train on this many rows (smoke runs).")
+    parser.add_argument("--trained-oos", action="store_true",
+                        help="Train the held-out intents' training texts as an out_of_scope intent.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="tuneloop config override.")
     args = parser.parse_args()
 
@@ -71,8 +76,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         home = work / "home"
-        known_train.to_csv(work / "intents.csv", index=False)
-        train[train["label"].isin(held_out)][["text"]].to_csv(work / "out_of_scope.csv", index=False)
+        off_topic = train[train["label"].isin(held_out)]
+        if args.trained_oos:
+            pd.concat([known_train, off_topic.assign(label=OOS_LABEL)]).to_csv(work / "intents.csv", index=False)
+        else:
+            known_train.to_csv(work / "intents.csv", index=False)
+            off_topic[["text"]].to_csv(work / "out_of_scope.csv", index=False)
         sentiment = pd.read_csv(packaged_file("demo", "data", "sentiment.csv"))
         sentiment[sentiment["lang"] == "en"].to_csv(work / "sentiment.csv", index=False)
         common = [f"registry.home={home}", "model.name=all-MiniLM-L6-v2", *args.overrides]
@@ -93,8 +102,10 @@ def main() -> None:
         for score in ("probability", "cosine"):
             definition = AssistantDefinition(
                 name=f"bank-{score}", intent_model="bank-intents", sentiment_model="bank-sentiment",
-                faq=work / "faq.csv", out_of_scope_examples=work / "out_of_scope.csv", languages=["en"],
-                scope={"target_precision": args.target_precision, "score": score, "out_of_scope_share": out_share},
+                faq=work / "faq.csv", out_of_scope_examples=None if args.trained_oos else work / "out_of_scope.csv",
+                languages=["en"], scope={"target_precision": args.target_precision, "score": score,
+                                         "out_of_scope_share": out_share,
+                                         "label": OOS_LABEL if args.trained_oos else None},
                 escalation={"negative_turns": 0, "min_confidence": 0.0})
             runtime = AssistantRuntime(definition, registry)
             intent, mood = runtime.load_models()
@@ -109,7 +120,10 @@ def main() -> None:
             truth = messages["label"].to_numpy()
             predicted = np.array([o.predicted_intent for o in outcomes])
             accepted = np.array([o.intent is not None for o in outcomes])
-            plain = predict_logits(intent.model, intent.tokenizer, known_test["text"].tolist()).argmax(1)
+            plain_logits = predict_logits(intent.model, intent.tokenizer, known_test["text"].tolist())
+            if args.trained_oos:  # the plain classifier answers every message with one of the real intents
+                plain_logits[:, intent.labels.index(OOS_LABEL)] = -np.inf
+            plain = plain_logits.argmax(1)
             plain_accuracy = float(np.mean(np.array(intent.labels)[plain] == known_test["label"].to_numpy()))
             scores = np.array([o.scope_score for o in outcomes])
             results[score] = {
@@ -128,7 +142,8 @@ def main() -> None:
             }
             print(json.dumps({"progress": {score: results[score]}}), file=sys.stderr, flush=True)
 
-    print(json.dumps({"held_out_intents": held_out, "known_test": len(known_test), "unknown_test": len(unknown_test),
+    print(json.dumps({"scope_mode": "trained out_of_scope intent" if args.trained_oos else "threshold",
+                      "held_out_intents": held_out, "known_test": len(known_test), "unknown_test": len(unknown_test),
                       "target_precision": args.target_precision, "out_of_scope_share": round(out_share, 4),
                       "training_seconds": round(training_seconds, 1),
                       "cores": os.cpu_count(), **results}))

@@ -107,9 +107,9 @@ class AssistantRuntime:
         if scope.score == "cosine" and intent.model.spec.head != "cosine":
             raise TuneloopError(f"scope.score=cosine needs a cosine head, and {intent.ref} has a "
                                 f"{intent.model.spec.head} head; use scope.score=probability")
-        if not self.out_of_scope:
-            log.warning("%s: no out_of_scope_examples, so no scope threshold: every message counts as in scope",
-                        self.definition.name)
+        if not self.out_of_scope and not scope.label:
+            log.warning("%s: no out_of_scope_examples and no scope.label, so no scope threshold: every message "
+                        "counts as in scope", self.definition.name)
             self.thresholds[intent.ref] = None
             return None
         # Keyed by everything the threshold depends on, so editing the definition or the examples re-tunes it.
