@@ -140,12 +140,13 @@ class AssistantRuntime:
         """Intent and sentiment from one multi-task model: one encoder pass gives both."""
         return self.definition.sentiment_model == self.definition.intent_model
 
-    def split(self, intent: LoadedModel, rows: np.ndarray, sentiment: LoadedModel | None = None,
-              sentiment_rows: np.ndarray | None = None) -> tuple[np.ndarray, LoadedModel, np.ndarray]:
-        """(intent logits, sentiment model, sentiment logits) from the models' batched outputs; a multi-task
-        intent model brings the sentiment in its own rows."""
+    def split(self, intent: LoadedModel, rows: np.ndarray,
+              sentiment_output: tuple[LoadedModel, np.ndarray] | None) -> tuple[np.ndarray, LoadedModel, np.ndarray]:
+        """(intent logits, sentiment model, sentiment logits) from the models' outputs; a multi-task intent
+        model brings the sentiment in its own rows (and there is no sentiment output)."""
         if self.multitask:
             return (intent.own_logits(rows), *intent.task(self.definition.sentiment_task, rows))
+        sentiment, sentiment_rows = sentiment_output
         return intent.own_logits(rows), sentiment, sentiment.own_logits(sentiment_rows)
 
     @property
@@ -194,7 +195,8 @@ class AssistantRuntime:
         """One turn with the models run here: one encoder pass each, or one for both when multi-task."""
         text = clean_text(message)
         rows = predict_logits(intent.model, intent.tokenizer, [text], heads=list(intent.tasks.values()))
-        sentiment_rows = None if sentiment is None else predict_logits(sentiment.model, sentiment.tokenizer, [text])
-        intent_logits, sentiment, sentiment_logits = self.split(intent, rows, sentiment, sentiment_rows)
+        sentiment_output = None if sentiment is None else (
+            sentiment, predict_logits(sentiment.model, sentiment.tokenizer, [text]))
+        intent_logits, sentiment, sentiment_logits = self.split(intent, rows, sentiment_output)
         return self.decide(text, intent, intent_logits[0], sentiment, sentiment_logits[0],
                            self.embedder.encode([text])[0], recent_sentiments or [], [])

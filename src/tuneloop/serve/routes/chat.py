@@ -66,12 +66,13 @@ async def understand(body: ChatRequest, assistant: AssistantRuntime, state: Serv
     check_text_length(body.message, state.config.serve.max_text_chars, "message")
     definition = assistant.definition
     text = clean_text(body.message)
-    sentiment_pass = [] if assistant.multitask else [classify(state.served.slots[definition.sentiment_model], [text])]
-    (intent, rows), vectors, recent, *sentiment_pass = await asyncio.gather(
-        classify(state.served.slots[definition.intent_model], [text]), embed(state, assistant, text),
-        run_in_threadpool(state.conversations.recent, body.session_id, assistant.turns_to_recall), *sentiment_pass)
-    intent_logits, sentiment, sentiment_logits = assistant.split(intent, rows, *(sentiment_pass[0] if sentiment_pass
-                                                                                  else ()))
+    passes = [classify(state.served.slots[definition.intent_model], [text])]
+    if not assistant.multitask:  # a multi-task intent model gives the sentiment in the same pass
+        passes.append(classify(state.served.slots[definition.sentiment_model], [text]))
+    vectors, recent, (intent, rows), *sentiment_output = await asyncio.gather(
+        embed(state, assistant, text),
+        run_in_threadpool(state.conversations.recent, body.session_id, assistant.turns_to_recall), *passes)
+    intent_logits, sentiment, sentiment_logits = assistant.split(intent, rows, next(iter(sentiment_output), None))
     return Understood(text, intent, intent_logits[0], sentiment, sentiment_logits[0], vectors[0], recent)
 
 
