@@ -178,9 +178,10 @@ class ServeConfig(_Section):
     max_batch_size: int = Field(32, ge=1, description="Most texts one forward pass takes from queued requests.")
     max_wait_ms: float = Field(5.0, ge=0, description="How long the first queued request waits for company.")
     threads: int | None = Field(None, ge=1, description="torch threads for inference; default: all cores.")
-    runtime: Literal["torch", "onnx"] = Field(
+    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
         "torch", description="onnx: run the encoders with ONNX Runtime (exported once per version into the home; "
-        "same predictions, less overhead per batch); needs tuneloop[onnx].")
+        "same predictions, less overhead per batch); onnx-int8: int8 linear layers on top, faster still, labels "
+        "may change where classes are nearly tied. Needs tuneloop[onnx].")
     reload_poll_seconds: float = Field(
         2.0, gt=0, description="How often the registry is checked for a new production version (hot swap).")
     top_k: int = Field(3, ge=1, description="Default number of ranked labels per text.")

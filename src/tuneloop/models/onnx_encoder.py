@@ -21,6 +21,7 @@ from tuneloop.errors import TuneloopError
 
 log = logging.getLogger(__name__)
 ONNX_FILE = "encoder.onnx"
+INT8_FILE = "encoder-int8.onnx"
 
 
 class _HiddenStates(nn.Module):
@@ -53,7 +54,7 @@ def export_encoder(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 class OnnxEncoder(nn.Module):
     """Stands in for the PyTorch encoder inside a TextClassifier: same call, same output field."""
 
-    def __init__(self, folder: Path, config, threads: int) -> None:
+    def __init__(self, path: Path, config, threads: int) -> None:
         super().__init__()
         try:
             import onnxruntime
@@ -62,7 +63,7 @@ class OnnxEncoder(nn.Module):
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(str(folder / ONNX_FILE), options,
+        self.session = onnxruntime.InferenceSession(str(path), options,
                                                     providers=["CPUExecutionProvider"])
         self.config = config
 
@@ -71,10 +72,22 @@ class OnnxEncoder(nn.Module):
         return BaseModelOutput(last_hidden_state=torch.from_numpy(hidden))
 
 
-def onnx_encoder(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: Path, threads: int
-                 ) -> OnnxEncoder:
-    """The encoder under ONNX Runtime, exported into `cache` the first time."""
+def quantize_int8(folder: Path) -> None:
+    """Int8 weights for the linear layers (dynamic quantization): about 1.3x faster on AVX2, and the labels
+    can change where two classes are nearly tied."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    staging = folder / f".{INT8_FILE}.tmp"
+    quantize_dynamic(folder / ONNX_FILE, staging, weight_type=QuantType.QInt8)
+    staging.replace(folder / INT8_FILE)
+
+
+def onnx_encoder(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: Path, threads: int,
+                 int8: bool = False) -> OnnxEncoder:
+    """The encoder under ONNX Runtime, exported into `cache` the first time (and quantized, with int8)."""
     if not (cache / ONNX_FILE).is_file():
         log.info("exporting the encoder to ONNX in %s (once per version)", cache)
         export_encoder(encoder, tokenizer, cache)
-    return OnnxEncoder(cache, encoder.config, threads)
+    if int8 and not (cache / INT8_FILE).is_file():
+        quantize_int8(cache)
+    return OnnxEncoder(cache / (INT8_FILE if int8 else ONNX_FILE), encoder.config, threads)

@@ -67,12 +67,13 @@ class LoadedModel:
 
 def load_version(registry: Registry, version: ModelVersion, runtime: str = "torch", threads: int | None = None
                  ) -> LoadedModel:
-    """A version ready to predict; runtime="onnx" swaps its encoder for an ONNX Runtime session."""
+    """A version ready to predict; runtime="onnx" (or "onnx-int8") swaps its encoder for an ONNX Runtime session."""
     folder = registry.artifacts(version) / MODEL_DIR
     model, tokenizer = TextClassifier.load(folder)
-    if runtime == "onnx":
+    if runtime.startswith("onnx"):
         cache = registry.home / "cache" / "onnx" / f"{version.name}-v{version.version}"
-        model.encoder = onnx_encoder(model.encoder, tokenizer, cache, threads or os.cpu_count() or 1)
+        model.encoder = onnx_encoder(model.encoder, tokenizer, cache, threads or os.cpu_count() or 1,
+                                     int8=runtime == "onnx-int8")
     return LoadedModel(version.name, version.version, model, tokenizer, version, load_task_heads(folder, model))
 
 
