@@ -20,6 +20,7 @@ from pathlib import Path
 from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, func, insert, select
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
+from tuneloop.atomic import write_text_atomically
 from tuneloop.db import Base, open_database
 from tuneloop.errors import TuneloopError
 
@@ -181,14 +182,13 @@ class PredictionLog:
             return len(batch)
 
     def _rescue(self, batch: list[LoggedPrediction], why: str) -> Path | None:
-        """Append rows to a JSONL file in the home: kept for a human, never dropped."""
+        """Write rows to a new JSONL file in the home: kept for a human, never dropped. The file appears
+        complete or not at all (written under another name, then renamed)."""
         if not batch:
             return None
         rescue = self.home / f"unsaved-predictions-{_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}.jsonl"
-        rescue.parent.mkdir(parents=True, exist_ok=True)
-        with rescue.open("a", encoding="utf-8") as out:
-            for p in batch:
-                out.write(json.dumps({**vars(p), "created_at": p.created_at.isoformat()}, ensure_ascii=False) + "\n")
+        write_text_atomically(rescue, "".join(
+            json.dumps({**vars(p), "created_at": p.created_at.isoformat()}, ensure_ascii=False) + "\n" for p in batch))
         log.error("prediction log: %s; %d rows saved to %s", why, len(batch), rescue)
         return rescue
 
