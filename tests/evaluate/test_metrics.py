@@ -54,3 +54,14 @@ def test_html_report_embeds_png_plots():
     assert all(base64.b64decode(image).startswith(b"\x89PNG") for image in images)
     assert "likely overfitting" in page
     assert "http" not in page.split("<body>")[1]
+
+
+def test_the_report_is_written_with_numpy_scalars_as_plain_json():
+    import json
+
+    import numpy as np
+
+    from tuneloop.evaluate.report import report_json
+
+    assert json.loads(report_json({"support": np.int64(3), "f1": np.float32(0.5), "labels": ["0", "1"]})) == {
+        "support": 3, "f1": 0.5, "labels": ["0", "1"]}

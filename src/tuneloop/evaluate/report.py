@@ -122,10 +122,20 @@ def html_page(title: str, sections: list[str]) -> str:
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
 
 
+def report_json(report: dict) -> str:
+    # Metrics computed with numpy/sklearn arrive as numpy scalars in places (a binary task's counts did).
+    def plain(value: object) -> object:
+        if isinstance(value, np.generic):
+            return value.item()
+        raise TypeError(f"{type(value).__name__} in the report cannot be written as JSON")
+
+    return json.dumps(report, indent=2, ensure_ascii=False, default=plain)
+
+
 def write_report(report: dict, folder: Path) -> Path:
     """report.json and report.html into `folder`; returns the HTML path."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    (folder / "report.json").write_text(report_json(report))
     page = folder / "report.html"
     page.write_text(render_html(report), encoding="utf-8")
     return page
