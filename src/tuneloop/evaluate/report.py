@@ -123,7 +123,7 @@ def html_page(title: str, sections: list[str]) -> str:
 
 
 def report_json(report: dict) -> str:
-    # Metrics computed with numpy/sklearn arrive as numpy scalars in places (a binary task's counts did).
+    # Metrics computed with numpy/sklearn can arrive as numpy scalars (a waimai_10k run's report held an int64).
     def plain(value: object) -> object:
         if isinstance(value, np.generic):
             return value.item()
