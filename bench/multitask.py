@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,26 +29,28 @@ def main() -> None:
     import torch
 
     from tuneloop.config import load_config
+    from tuneloop.data.prepare import load_prepared
     from tuneloop.demo import demo_config, packaged_file
     from tuneloop.models.classifier import predict_logits
     from tuneloop.registry.store import Registry
     from tuneloop.serve.models import load_version
-    from tuneloop.train.run import run_training
+    from tuneloop.train.run import run_training, task_data_dir
 
     torch.set_num_threads(os.cpu_count() or 1)
     result: dict = {"data": "demo (support_intents.csv + sentiment.csv)", "cores": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
-        home = [f"registry.home={Path(tmp) / 'home'}", *args.overrides]
-        outcomes = {kind: run_training(demo_config(None, [*home], kind=kind), show_progress=False)
+        common = [f"registry.home={Path(tmp) / 'home'}", *args.overrides]
+        outcomes = {kind: run_training(demo_config(None, common, kind=kind), show_progress=False)
                     for kind in ("intents", "sentiment")}
         multi_config = load_config(packaged_file("configs", "demo_multitask.yaml"), [
-            *home, f"tasks.intent.path={packaged_file('demo', 'data', 'support_intents.csv')}",
+            *common, f"tasks.intent.path={packaged_file('demo', 'data', 'support_intents.csv')}",
             f"tasks.sentiment.path={packaged_file('demo', 'data', 'sentiment.csv')}"])
         multi = run_training(multi_config, show_progress=False)
 
         def scores(report: dict, seconds: float | None = None) -> dict:
             test = report["test"]
-            out = {"accuracy": round(test["accuracy"], 4), "macro_f1": round(test["macro_f1"], 4), "test_rows": test["n"]}
+            out = {"accuracy": round(test["accuracy"], 4), "macro_f1": round(test["macro_f1"], 4),
+                   "test_rows": test["n"]}
             return out if seconds is None else {**out, "train_seconds": round(seconds, 1)}
 
         result["separate"] = {"intent": scores(outcomes["intents"].report, outcomes["intents"].train.train_seconds),
@@ -62,7 +62,7 @@ def main() -> None:
         registry = Registry(multi_config.registry)
         intent, mood, both = (load_version(registry, o.version) for o in (outcomes["intents"], outcomes["sentiment"],
                                                                             multi))
-        messages = _test_texts(multi.run_dir)[: args.turns]
+        messages = load_prepared(task_data_dir(multi.run_dir, None)).test["text"].tolist()[: args.turns]
 
         def per_turn(run) -> float:
             timings = []
@@ -80,12 +80,6 @@ def main() -> None:
         result[f"{task}_accuracy_delta_points"] = round(
             100 * (result["multitask"][task]["accuracy"] - result["separate"][task]["accuracy"]), 2)
     print(json.dumps(result))
-
-
-def _test_texts(run_dir: Path) -> list[str]:
-    import pandas as pd
-
-    return pd.read_json(run_dir / "data" / "test.jsonl", lines=True)["text"].tolist()
 
 
 if __name__ == "__main__":

@@ -8,14 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import MOODS, toy_rows
+
 from tuneloop.config import load_config
+from tuneloop.data.prepare import load_prepared
 from tuneloop.errors import TuneloopError
 from tuneloop.models.classifier import MODEL_DIR, TextClassifier, load_task_heads, predict_logits, predict_proba
 from tuneloop.registry.store import Registry
 from tuneloop.serve.models import load_version
-from tuneloop.train.run import run_training
+from tuneloop.train.run import run_training, task_data_dir
 
 
 @pytest.fixture()
@@ -43,8 +44,8 @@ def test_both_heads_learn_on_one_encoder_and_register_as_one_version(two_tasks):
     # Each head is scored on its own task's test split, well above chance (1/3) for both.
     assert outcome.report["test"]["accuracy"] >= 0.8
     assert outcome.report["tasks"]["sentiment"]["test"]["accuracy"] >= 0.8
-    assert accuracy(heads["sentiment"], tokenizer, pd.read_json(outcome.run_dir / "data-sentiment" / "test.jsonl",
-                                                                lines=True)) >= 0.8
+    sentiment_test = load_prepared(task_data_dir(outcome.run_dir, "sentiment")).test
+    assert accuracy(heads["sentiment"], tokenizer, sentiment_test) >= 0.8
     history = outcome.train.history
     assert {"val_macro_f1/intent", "val_macro_f1/sentiment"} <= set(history[-1])
     assert history[-1]["val_macro_f1"] == pytest.approx(
