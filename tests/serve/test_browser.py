@@ -29,7 +29,11 @@ def test_chat_page_reply_badges_thumbs_down_and_intent_correction(assistant_setu
     playwright = pytest.importorskip("playwright.sync_api")
     config, definition = assistant_setup
     config.serve.assistant = definition
-    with LiveServer(create_app(config)) as server, playwright.sync_playwright() as p:
+    app = create_app(config)
+    # The thumbs-down must land on an in-scope turn (an out-of-scope turn's rating is not stored); whether the
+    # toy model's tuned threshold accepts this message varied between runs, so the scope check is off here.
+    app.state.tuneloop.assistant.thresholds["toy@1"] = None
+    with LiveServer(app) as server, playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page()
