@@ -59,9 +59,10 @@ def test_training_learns_the_toy_task(setup, tmp_path):
 def test_centroid_head_starts_better_than_chance(setup):
     config, data, encoder = setup
     model, tokenizer = build_classifier(config, encoder, data.labels)
-    from tuneloop.train.classification import _embed_all, _tokenize
+    from tuneloop.models.classifier import tokenize
+    from tuneloop.train.classification import _embed_all
 
-    ids = _tokenize(tokenizer, data.train["text"].tolist(), model.spec)
+    ids = tokenize(tokenizer, data.train["text"].tolist(), model.spec)
     label_ids = torch.tensor(data.train["label"].map({l: i for i, l in enumerate(data.labels)}).to_numpy())
     model.init_head_from_centroids(_embed_all(model, ids, tokenizer.pad_token_id), label_ids)
     predicted = predict_proba(model, tokenizer, data.train["text"].tolist()).argmax(1)

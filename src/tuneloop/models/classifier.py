@@ -170,32 +170,62 @@ def export_classifier(folder: Path, out: Path, merge: bool) -> None:
         shutil.copytree(folder, out, dirs_exist_ok=True)
 
 
-def encode_batch(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], spec: HeadSpec
-) -> dict[str, torch.Tensor]:
-    return tokenizer(
-        [spec.text_prefix + t for t in texts], padding=True, truncation=True, max_length=spec.max_length,
-        return_tensors="pt",
-    )
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], spec: HeadSpec) -> list[list[int]]:
+    """Token ids of each text as the classifier sees it (prefix added, truncated), unpadded."""
+    return tokenizer([spec.text_prefix + t for t in texts], truncation=True, max_length=spec.max_length)["input_ids"]
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of equal-length rows, padded on the right as BERT-style encoders expect."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def length_groups(lengths: Sequence[int], batch_size: int, max_padding: float | None = None) -> list[np.ndarray]:
+    """Indices of texts to run together: ordered by length, at most `batch_size` per group and, with
+    `max_padding`, cut before padding would add more than that share to the group's real tokens.
+
+    Padding is compute thrown away: a short request batched with a long one costs as much as two long
+    ones. On ONNX Runtime a forward pass has so little fixed cost that a few tightly packed passes beat
+    one padded one (measured ~25% less time per text on Banking77 micro-batches of 8).
+    """
+    order = np.argsort(lengths, kind="stable")
+    groups: list[np.ndarray] = []
+    start = 0
+    real = 0
+    for end, index in enumerate(order):
+        size = end - start + 1
+        real += lengths[index]
+        too_padded = max_padding is not None and size > 1 and lengths[index] * size > (1 + max_padding) * real
+        if size > batch_size or too_padded:
+            groups.append(order[start:end])
+            start, real = end, lengths[index]
+    groups.append(order[start:])
+    return [g for g in groups if len(g)]
 
 
 @torch.inference_mode()
 def predict_logits(
     model: TextClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 64,
-    heads: Sequence[TextClassifier] = (),
+    heads: Sequence[TextClassifier] = (), max_padding: float | None = None,
 ) -> np.ndarray:
     """Logits for each text, batched by length so padding stays small (cosine head: scale × cosine).
 
     `heads` are other tasks' classifiers on the same encoder: their logits follow the model's in each row,
-    from the same encoder pass.
+    from the same encoder pass. `max_padding` cuts batches where padding would exceed that share of the
+    real tokens (see `length_groups`).
     """
     model.eval()
-    order = np.argsort([len(t) for t in texts], kind="stable")
+    encoded = tokenize(tokenizer, texts, model.spec)
     out = np.zeros((len(texts), len(model.spec.labels) + sum(len(h.spec.labels) for h in heads)), dtype=np.float32)
-    for start in range(0, len(texts), batch_size):
-        chosen = order[start : start + batch_size]
-        batch = encode_batch(tokenizer, [texts[i] for i in chosen], model.spec)
-        pooled = model.embed(batch["input_ids"], batch["attention_mask"])
+    for chosen in length_groups([len(ids) for ids in encoded], batch_size, max_padding):
+        input_ids, attention_mask = pad_right([encoded[i] for i in chosen], tokenizer.pad_token_id or 0)
+        pooled = model.embed(input_ids, attention_mask)
         logits = [classifier.logits_from_embeddings(pooled) for classifier in (model, *heads)]
         out[chosen] = torch.cat(logits, dim=-1).float().numpy()
     return out

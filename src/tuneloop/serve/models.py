@@ -80,8 +80,9 @@ def load_version(registry: Registry, version: ModelVersion, runtime: str = "torc
 class ModelSlot:
     """The live version of one model name plus its batcher."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, max_padding: float | None = None) -> None:
         self.current = loaded
+        self.max_padding = max_padding
         self.loading: int | None = None
         self.failed: int | None = None  # a version that would not load: the watcher does not retry it
         self.batcher: MicroBatcher | None = None
@@ -90,7 +91,7 @@ class ModelSlot:
         """(version, logits): the version read once, so the whole batch runs on it even if a swap lands now."""
         live = self.current
         return live, predict_logits(live.model, live.tokenizer, texts, batch_size=max(len(texts), 1),
-                                    heads=list(live.tasks.values()))
+                                    heads=list(live.tasks.values()), max_padding=self.max_padding)
 
 
 class ServedModels:
@@ -130,7 +131,8 @@ class ServedModels:
     def load(self) -> None:
         """Load every served name's production version (blocking; called once at start-up)."""
         for name in self.names_to_serve():
-            self.slots[name] = ModelSlot(self._load_ready(self.registry.get(f"{name}@production")))
+            self.slots[name] = ModelSlot(self._load_ready(self.registry.get(f"{name}@production")),
+                                         self.config.max_padding)
             log.info("serving %s", self.slots[name].current.ref)
 
     def _load_ready(self, version: ModelVersion) -> LoadedModel:

@@ -32,8 +32,10 @@ from tuneloop.models.classifier import (
     HeadSpec,
     TextClassifier,
     load_encoder,
+    pad_right,
     predict_proba,
     save_task_heads,
+    tokenize,
 )
 from tuneloop.models.encoders import EncoderSource
 
@@ -85,20 +87,6 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def _collate(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, seq in enumerate(ids):
-        input_ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-    return input_ids, mask
-
-
-def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], spec: HeadSpec) -> list[list[int]]:
-    return tokenizer([spec.text_prefix + t for t in texts], truncation=True, max_length=spec.max_length)["input_ids"]
-
-
 @torch.no_grad()
 def _embed_all(model: TextClassifier, ids: list[list[int]], pad_id: int, batch_size: int = 128) -> torch.Tensor:
     model.eval()
@@ -106,7 +94,7 @@ def _embed_all(model: TextClassifier, ids: list[list[int]], pad_id: int, batch_s
     out = torch.zeros(len(ids), model.encoder.config.hidden_size)
     for start in range(0, len(ids), batch_size):
         chosen = order[start : start + batch_size]
-        input_ids, mask = _collate([ids[i] for i in chosen], pad_id)
+        input_ids, mask = pad_right([ids[i] for i in chosen], pad_id)
         out[chosen] = model.embed(input_ids, mask).float()
     return out
 
@@ -197,7 +185,7 @@ def _task(name: str, classifier: TextClassifier, data: PreparedData, tokenizer: 
     index = {label: i for i, label in enumerate(data.labels)}
     labels = data.train["label"].map(index).to_numpy()
     weights = _class_weights(labels, len(data.labels)) if config.train.class_weighted else None
-    return Task(name, classifier, _tokenize(tokenizer, data.train["text"].tolist(), classifier.spec), labels,
+    return Task(name, classifier, tokenize(tokenizer, data.train["text"].tolist(), classifier.spec), labels,
                 data.val["text"].tolist(), data.val["label"].map(index).to_numpy(),
                 torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=config.train.label_smoothing))
 
@@ -324,7 +312,7 @@ def train_classifier(
             for index in range(state["step_in_epoch"], len(batches)):
                 started = time.perf_counter()
                 task, chosen = batches[index]
-                input_ids, mask = _collate([task.train_ids[i] for i in chosen], pad_id)
+                input_ids, mask = pad_right([task.train_ids[i] for i in chosen], pad_id)
                 target = torch.as_tensor(task.train_labels[chosen])
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                     logits = task.classifier(input_ids, mask)

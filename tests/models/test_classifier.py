@@ -1,0 +1,41 @@
+"""Inference batching: texts grouped by length give the same logits as one padded batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from tuneloop.models.classifier import length_groups, predict_logits
+from tuneloop.registry.store import Registry
+from tuneloop.serve.models import load_version
+
+
+def test_groups_cover_every_text_once_within_the_batch_size_and_padding_bound():
+    lengths = [3, 30, 4, 28, 5, 100, 29, 3, 6]
+    groups = length_groups(lengths, batch_size=3, max_padding=0.25)
+    flat = [int(i) for group in groups for i in group]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths)  # shortest first, so neighbours are alike
+    for group in groups:
+        sizes = [lengths[i] for i in group]
+        assert len(group) <= 3
+        assert len(group) == 1 or max(sizes) * len(sizes) <= 1.25 * sum(sizes)
+    assert [len(g) for g in groups] == [3, 2, 3, 1]  # 3,3,4 | 5,6 | 28,29,30 | 100
+
+
+def test_without_a_padding_bound_groups_are_batch_size_slices_of_the_length_order():
+    groups = length_groups([5, 1, 4, 2, 3], batch_size=2)
+    assert [g.tolist() for g in groups] == [[1, 3], [4, 2], [0]]
+
+
+@pytest.mark.parametrize("max_padding", [0.0, 0.25])
+def test_grouping_by_length_does_not_change_the_logits(production_home, tiny_encoder, max_padding):
+    registry = Registry(tiny_config(tiny_encoder, production_home / "toy.csv", production_home / "home").registry)
+    loaded = load_version(registry, registry.get("toy@production"))
+    texts = ["reset", "where is my parcel it has been two weeks now and nobody answers", "refund please",
+             "my login password is locked", "hi", "cancel the order I placed yesterday evening"]
+    one_pass = predict_logits(loaded.model, loaded.tokenizer, texts, batch_size=len(texts))
+    grouped = predict_logits(loaded.model, loaded.tokenizer, texts, batch_size=len(texts), max_padding=max_padding)
+    np.testing.assert_allclose(grouped, one_pass, atol=1e-5)
+    assert len(set(map(tuple, one_pass.round(4)))) > 1  # the texts really get different logits
