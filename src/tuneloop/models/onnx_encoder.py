@@ -43,10 +43,19 @@ def export_encoder(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
     def write(target: Path) -> None:
         target.mkdir(parents=True)
-        with torch.no_grad():
-            torch.onnx.export(_HiddenStates(encoder.eval()), (example["input_ids"], example["attention_mask"]),
-                              target / ONNX_FILE, input_names=["input_ids", "attention_mask"],
-                              output_names=["last_hidden_state"], dynamic_shapes=(dims, dims), dynamo=True)
+        # The exporter warns that torchvision's operators are missing (a vision model's, not ours) and would
+        # print its progress into the server's log; the log line above says what is happening.
+        registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+        level = registration.level
+        registration.setLevel(logging.ERROR)
+        try:
+            with torch.no_grad():
+                torch.onnx.export(_HiddenStates(encoder.eval()), (example["input_ids"], example["attention_mask"]),
+                                  target / ONNX_FILE, input_names=["input_ids", "attention_mask"],
+                                  output_names=["last_hidden_state"], dynamic_shapes=(dims, dims), dynamo=True,
+                                  verbose=False)
+        finally:
+            registration.setLevel(level)
 
     write_dir_atomically(write, folder)
 
