@@ -31,6 +31,7 @@ from tuneloop.models.classifier import (
     MODEL_DIR,
     HeadSpec,
     TextClassifier,
+    length_groups,
     load_encoder,
     pad_right,
     predict_proba,
@@ -90,10 +91,8 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
 @torch.no_grad()
 def _embed_all(model: TextClassifier, ids: list[list[int]], pad_id: int, batch_size: int = 128) -> torch.Tensor:
     model.eval()
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = torch.zeros(len(ids), model.encoder.config.hidden_size)
-    for start in range(0, len(ids), batch_size):
-        chosen = order[start : start + batch_size]
+    for chosen in length_groups([len(x) for x in ids], batch_size):
         input_ids, mask = pad_right([ids[i] for i in chosen], pad_id)
         out[chosen] = model.embed(input_ids, mask).float()
     return out
