@@ -208,7 +208,8 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen([sys.executable, "-m", "tuneloop", "serve", "--port", str(port),
                                    f"registry.home={home}", f"serve.models=[{version.name}]",
-                                   f"serve.threads={args.threads}", *args.overrides])
+                                   f"serve.threads={args.threads}", *args.overrides],
+                                  stdout=sys.stderr)  # stdout carries only the result line
         try:
             wait_ready(url, server)
             ours = asyncio.run(load(url, "/v1/predict", lambda t: {"texts": [t]}, texts, args.clients, args.seconds,

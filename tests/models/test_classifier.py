@@ -1,4 +1,5 @@
-"""Inference batching: texts grouped by length give the same logits as one padded batch."""
+"""Inference batching: texts grouped by length give the same logits as one padded batch; the serving
+default groups them under ONNX Runtime only."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from tuneloop.config import ServeConfig
 from tuneloop.models.classifier import length_groups, predict_logits
 from tuneloop.registry.store import Registry
-from tuneloop.serve.models import load_version
+from tuneloop.serve.models import AUTO_MAX_PADDING, batch_padding, load_version
 
 
 def test_groups_cover_every_text_once_within_the_batch_size_and_padding_bound():
@@ -39,3 +41,14 @@ def test_grouping_by_length_does_not_change_the_logits(production_home, tiny_enc
     grouped = predict_logits(loaded.model, loaded.tokenizer, texts, batch_size=len(texts), max_padding=max_padding)
     np.testing.assert_allclose(grouped, one_pass, atol=1e-5)
     assert len(set(map(tuple, one_pass.round(4)))) > 1  # the texts really get different logits
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({}, None),  # PyTorch: one pass per batch
+    ({"runtime": "onnx"}, AUTO_MAX_PADDING),
+    ({"runtime": "onnx-int8"}, AUTO_MAX_PADDING),
+    ({"runtime": "onnx", "max_padding": None}, None),
+    ({"max_padding": 0.5}, 0.5),
+])
+def test_auto_padding_bound_follows_the_runtime(settings, expected):
+    assert batch_padding(ServeConfig(**settings)) == expected
