@@ -76,6 +76,10 @@ class TrainConfig(_Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     class_weighted: bool = Field(False, description="Weight the loss by inverse class frequency.")
     patience: int = Field(2, ge=1, description="Epochs without a better validation macro-F1 before stopping.")
+    eval_every: int | None = Field(
+        None, ge=1, description="Also score the validation split every this many steps, not only after each "
+        "epoch, and keep the best model from any of those points (large sets, few epochs); patience still "
+        "counts epochs.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")
     freeze_embeddings: bool | None = Field(
         None, description="Freeze word embeddings; default: only for vocabularies over 100k (e5's 250k rows)."

@@ -69,10 +69,12 @@ def test_centroid_head_starts_better_than_chance(setup):
     assert (predicted == label_ids.numpy()).mean() > 1 / len(data.labels) + 0.15
 
 
-def test_resume_continues_exactly(setup, tmp_path):
+@pytest.mark.parametrize("eval_every", [None, 3])
+def test_resume_continues_exactly(setup, tmp_path, eval_every):
     config, data, encoder = setup
     config.train.epochs = 3
     config.train.checkpoint_every = 4
+    config.train.eval_every = eval_every
     straight = train_classifier(config, data, encoder, tmp_path / "straight", show_progress=False)
 
     class Crash(Exception):
@@ -92,6 +94,33 @@ def test_resume_continues_exactly(setup, tmp_path):
     b, _ = TextClassifier.load(resumed.best_dir)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_validation_every_n_steps_can_keep_a_model_from_inside_an_epoch(setup, tmp_path, monkeypatch):
+    config, data, encoder = setup
+    config.train.epochs = 2
+    config.train.batch_size = 4
+    config.train.eval_every = 2
+    assert len(data.train) // 4 > 4  # step 4 falls inside the first epoch
+    calls = []
+
+    def scripted_f1(*args) -> float:
+        calls.append(len(calls))
+        return 0.9 if len(calls) == 2 else 0.01  # the second scoring (step 4) is the best
+    monkeypatch.setattr("tuneloop.train.classification.validation_macro_f1", scripted_f1)
+    at_step_4 = {}
+
+    def snapshot(state, model, tokenizer):
+        if state["global_step"] == 4:
+            at_step_4.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    result = train_classifier(config, data, encoder, tmp_path / "run", show_progress=False, step_callback=snapshot,
+                              callback_every=1)
+    assert (result.best_step, result.best_epoch, result.best_val_macro_f1) == (4, 1, 0.9)
+    assert [h["step"] for h in result.history][:2] == [2, 4]
+    kept, _ = TextClassifier.load(result.best_dir)
+    for name, value in kept.state_dict().items():
+        assert torch.allclose(value, at_step_4[name], atol=1e-6), name
 
 
 def test_early_stopping_with_patience(setup, tmp_path):

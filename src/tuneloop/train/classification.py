@@ -51,6 +51,7 @@ class TrainResult:
     best_dir: Path
     best_epoch: int
     best_val_macro_f1: float | None
+    best_step: int | None = None
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     stopped_early: bool = False
@@ -250,8 +251,8 @@ def train_classifier(
     )
     use_bf16 = tc.bf16 and cpu_supports_bf16()
 
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_f1": None, "best_epoch": -1,
-             "bad_epochs": 0, "stopped_early": False, "history": [], "train_seconds": 0.0}
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_f1": None, "best_epoch": -1, "best_step": None,
+             "improved_in_epoch": False, "bad_epochs": 0, "stopped_early": False, "history": [], "train_seconds": 0.0}
     checkpoint = run_dir / CHECKPOINT_DIR
     if resume:
         if not (checkpoint / "trainer.pt").is_file():
@@ -262,7 +263,7 @@ def train_classifier(
             head.head.load_state_dict(saved["heads"][name])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
+        state = {**state, **saved["state"]}  # keys added since that checkpoint keep their defaults
         restore_rng(saved["rng"])
         log.info("resuming at epoch %d step %d", state["epoch"], state["step_in_epoch"])
     elif config.model.head_init == "centroids":
@@ -297,6 +298,27 @@ def train_classifier(
             if isinstance(value, (int, float)) and key not in ("epoch", "step"):
                 writer.add_scalar(key, value, entry["step"])
 
+    def validate(entry: dict) -> None:
+        """Score the validation split into `entry`; keep the model if it is the best so far (or if there is
+        no validation split, in which case the latest model is kept)."""
+        improved = True
+        scored = [task for task in tasks if len(task.val_texts)]
+        if scored:
+            scores = {task.name: validation_macro_f1(task.classifier, tokenizer, task.val_texts, task.val_labels)
+                      for task in scored}
+            if heads:
+                entry.update({f"val_macro_f1/{name}": value for name, value in scores.items()})
+            f1 = float(np.mean(list(scores.values())))
+            entry["val_macro_f1"] = f1
+            improved = state["best_f1"] is None or f1 > state["best_f1"]
+        if improved:
+            state["best_f1"] = entry.get("val_macro_f1")
+            state["best_epoch"] = state["epoch"] + 1
+            state["best_step"] = state["global_step"]
+            state["improved_in_epoch"] = True
+            write_dir_atomically(save_model, run_dir / MODEL_DIR)
+        train_mode()
+
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         disable=not show_progress, transient=False)
@@ -328,6 +350,12 @@ def train_classifier(
                 seen += len(chosen)
                 progress.update(bar, advance=1, loss=running / seen,
                                 description=f"epoch {epoch + 1}/{tc.epochs}")
+                if tc.eval_every and state["global_step"] % tc.eval_every == 0 and index + 1 < len(batches):
+                    entry = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": running / seen,
+                             "lr": scheduler.get_last_lr()[0], "train_seconds": state["train_seconds"]}
+                    validate(entry)
+                    state["history"].append(entry)
+                    record(entry)
                 if state["global_step"] % tc.checkpoint_every == 0:
                     save_checkpoint()
                 if step_callback and callback_every and state["global_step"] % callback_every == 0:
@@ -337,32 +365,18 @@ def train_classifier(
             entry = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": running / max(seen, 1),
                      "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - epoch_start,
                      "train_seconds": state["train_seconds"]}
-            improved = True
-            scored = [task for task in tasks if len(task.val_texts)]
-            if scored:
-                scores = {task.name: validation_macro_f1(task.classifier, tokenizer, task.val_texts, task.val_labels)
-                          for task in scored}
-                if heads:
-                    entry.update({f"val_macro_f1/{name}": value for name, value in scores.items()})
-                f1 = float(np.mean(list(scores.values())))
-                entry["val_macro_f1"] = f1
-                improved = state["best_f1"] is None or f1 > state["best_f1"]
+            validate(entry)
             state["history"].append(entry)
             record(entry)
             log.info("epoch %d: %s", epoch + 1, entry)
-            if improved:
-                state["best_f1"] = entry.get("val_macro_f1")
-                state["best_epoch"] = epoch + 1
-                state["bad_epochs"] = 0
-                write_dir_atomically(save_model, run_dir / MODEL_DIR)
-            else:
-                state["bad_epochs"] += 1
+            state["bad_epochs"] = 0 if state["improved_in_epoch"] else state["bad_epochs"] + 1
+            state["improved_in_epoch"] = False
             state["epoch"] = epoch + 1
             state["step_in_epoch"] = 0
             save_checkpoint()
             if step_callback:
                 step_callback(state, model, tokenizer)
-            train_mode()
+                train_mode()
             if state["bad_epochs"] >= tc.patience:
                 state["stopped_early"] = True
                 save_checkpoint()
@@ -371,4 +385,5 @@ def train_classifier(
     writer.close()
     metrics_log.close()
     return TrainResult(best_dir=run_dir / MODEL_DIR, best_epoch=state["best_epoch"], best_val_macro_f1=state["best_f1"],
-                       history=state["history"], train_seconds=state["train_seconds"], stopped_early=state["stopped_early"])
+                       best_step=state["best_step"], history=state["history"], train_seconds=state["train_seconds"],
+                       stopped_early=state["stopped_early"])

@@ -173,6 +173,7 @@ def run_training(
                            for name, task_data in others.items()}
     report["train_seconds"] = result.train_seconds
     report["best_epoch"] = result.best_epoch
+    report["best_step"] = result.best_step
     report["data"] = data.report
     if cv:
         report["cross_validation"] = cv
