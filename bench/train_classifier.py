@@ -110,7 +110,8 @@ def run_tuneloop(train: pd.DataFrame, test: pd.DataFrame, work: Path, overrides:
     metrics = outcome.report["test"]
     return {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
             "train_seconds": round(outcome.train.train_seconds, 1), "seconds_to_90": scorer.seconds_to_target(),
-            "best_epoch": outcome.train.best_epoch, "epochs_run": len(outcome.train.history),
+            "best_epoch": outcome.train.best_epoch, "best_step": outcome.train.best_step,
+            "epochs_run": max((h["epoch"] for h in outcome.train.history), default=0),
             "encoder": outcome.report["base_model"], "pretraining": pretraining, "curve": scorer.curve}
 
 
