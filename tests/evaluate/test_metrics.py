@@ -48,7 +48,7 @@ def test_html_report_embeds_png_plots():
     page = render_html({"title": "t", "labels": labels, "base_model": "m", "test": metrics,
                         "overfitting": {"train_accuracy": 1.0, "test_accuracy": 0.7, "accuracy_gap": 0.3,
                                         "train_rows_scored": 7, "likely_overfitting": True},
-                        "training_history": [{"epoch": 1, "train_loss": 1.0, "val_macro_f1": 0.5}]})
+                        "training_history": [{"epoch": 1, "step": 10, "train_loss": 1.0, "val_macro_f1": 0.5}]})
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) == 4
     assert all(base64.b64decode(image).startswith(b"\x89PNG") for image in images)

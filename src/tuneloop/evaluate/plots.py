@@ -72,13 +72,14 @@ def per_class_f1_png(per_class: list[dict]) -> bytes:
 
 def training_curve_png(history: list[dict]) -> bytes:
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    epochs = [h["epoch"] for h in history]
-    axis.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
-    axis.set_xlabel("epoch")
+    # Steps, not epochs: with train.eval_every there are several points per epoch.
+    steps = [h["step"] for h in history]
+    axis.plot(steps, [h["train_loss"] for h in history], "o-", label="train loss")
+    axis.set_xlabel("step")
     axis.set_ylabel("loss")
     if any("val_macro_f1" in h for h in history):
         twin = axis.twinx()
-        twin.plot(epochs, [h.get("val_macro_f1") for h in history], "s-", color="#c44e52", label="val macro-F1")
+        twin.plot(steps, [h.get("val_macro_f1") for h in history], "s-", color="#c44e52", label="val macro-F1")
         twin.set_ylabel("val macro-F1")
         twin.legend(loc="lower right")
     axis.legend(loc="upper right")
