@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneloop.errors import TuneloopError
 
@@ -81,9 +81,9 @@ class TrainConfig(_Section):
         "epoch, and keep the best model from any of those points (large sets, few epochs); patience still "
         "counts epochs.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")
-    freeze_embeddings: bool | None = Field(
-        None, description="Freeze word embeddings; default: only for vocabularies over 100k (e5's 250k rows)."
-    )
+    freeze_embeddings: bool = Field(
+        False, description="Freeze the word embeddings. Otherwise only the rows of tokens that occur in the "
+        "training texts are trained (no other row would get a gradient), which keeps e5's 250k-row matrix cheap.")
     bf16: bool = Field(True, description="bf16 autocast, used only where the CPU supports it natively.")
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores.")
     seed: int = 42
@@ -96,6 +96,13 @@ class TrainConfig(_Section):
     lora_dropout: float = Field(0.1, ge=0, lt=1)
     lora_targets: list[str] = Field(default_factory=lambda: ["query", "value"],
                                     description="Names of the encoder's linear layers that get adapters.")
+
+    @field_validator("freeze_embeddings", mode="before")
+    @classmethod
+    def _null_freeze_means_train(cls, value: object) -> object:
+        # Versions registered before embedding rows were trainable cheaply stored null ("freeze only a big
+        # vocabulary"); retraining one of them now trains its embeddings like any new run.
+        return False if value is None else value
 
 
 class PretrainConfig(_Section):

@@ -10,12 +10,15 @@ import torch
 from conftest import toy_rows
 from tuneloop.config import DataConfig, load_config
 from tuneloop.data.prepare import prepare_data
-from tuneloop.models.classifier import TextClassifier, predict_proba
+from tuneloop.models.classifier import TextClassifier, load_encoder, pad_right, predict_proba, tokenize
 from tuneloop.models.encoders import EncoderSource
 from tuneloop.train.classification import (
+    TrainedRowsEmbedding,
     build_classifier,
     length_grouped_batches,
+    plain_embeddings,
     train_classifier,
+    train_only_used_rows,
 )
 
 
@@ -59,7 +62,6 @@ def test_training_learns_the_toy_task(setup, tmp_path):
 def test_centroid_head_starts_better_than_chance(setup):
     config, data, encoder = setup
     model, tokenizer = build_classifier(config, encoder, data.labels)
-    from tuneloop.models.classifier import tokenize
     from tuneloop.train.classification import _embed_all
 
     ids = tokenize(tokenizer, data.train["text"].tolist(), model.spec)
@@ -112,7 +114,8 @@ def test_validation_every_n_steps_can_keep_a_model_from_inside_an_epoch(setup, t
 
     def snapshot(state, model, tokenizer):
         if state["global_step"] == 4:
-            at_step_4.update({k: v.clone() for k, v in model.state_dict().items()})
+            with plain_embeddings(model.encoder):
+                at_step_4.update({k: v.clone() for k, v in model.state_dict().items()})
 
     result = train_classifier(config, data, encoder, tmp_path / "run", show_progress=False, step_callback=snapshot,
                               callback_every=1)
@@ -147,11 +150,51 @@ def test_training_options_run(setup, tmp_path, options):
     assert np.isfinite(result.history[-1]["train_loss"])
 
 
-def test_big_vocabulary_embeddings_are_frozen(setup):
+def test_frozen_embeddings_get_no_gradient(setup):
     config, data, encoder = setup
     config.train.freeze_embeddings = True
     model, _ = build_classifier(config, encoder, data.labels)
     assert not model.encoder.get_input_embeddings().weight.requires_grad
-    config.train.freeze_embeddings = None
+    config.train.freeze_embeddings = False
     model, _ = build_classifier(config, encoder, data.labels)
     assert model.encoder.get_input_embeddings().weight.requires_grad
+
+
+def test_null_freeze_embeddings_from_an_older_version_loads_as_trained():
+    assert load_config(None, ["train.freeze_embeddings=null"]).train.freeze_embeddings is False
+
+
+def test_training_only_used_rows_matches_training_the_whole_matrix(tiny_encoder):
+    """Same steps, same weights: rows of unused tokens get no gradient, so leaving them out changes nothing."""
+    dense, sparse = load_encoder(tiny_encoder), load_encoder(tiny_encoder)
+    batches = [[[2, 7, 9, 3], [2, 9, 11, 12, 3]], [[2, 7, 15, 3], [2, 20, 3]]]
+    train_only_used_rows(sparse, [ids for batch in batches for ids in batch])
+    assert sparse.get_input_embeddings().rows.shape[0] == len({t for b in batches for ids in b for t in ids})
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0) for m in (dense, sparse)]
+    for _ in range(3):
+        for batch in batches:
+            for encoder, optimizer in zip((dense, sparse), optimizers):
+                input_ids, mask = pad_right(batch, pad_id=0)
+                encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state[mask.bool()].pow(2).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    original = load_encoder(tiny_encoder).get_input_embeddings().weight
+    with plain_embeddings(sparse):
+        merged = sparse.get_input_embeddings()
+        assert isinstance(merged, torch.nn.Embedding)
+        assert torch.allclose(merged.weight, dense.get_input_embeddings().weight, atol=1e-6)
+    assert not torch.equal(merged.weight[7], original[7])  # used rows did train
+    assert torch.equal(merged.weight[30], original[30])
+    assert isinstance(sparse.get_input_embeddings(), TrainedRowsEmbedding)  # training goes on with the subset
+
+
+def test_a_saved_model_holds_the_trained_rows_in_a_plain_embedding(setup, tmp_path):
+    config, data, encoder = setup
+    result = train_classifier(config, data, encoder, tmp_path / "run", show_progress=False)
+    kept, tokenizer = TextClassifier.load(result.best_dir)
+    trained = kept.encoder.get_input_embeddings().weight
+    original = load_encoder(encoder.path).get_input_embeddings().weight
+    used = sorted({t for ids in tokenize(tokenizer, data.train["text"].tolist(), kept.spec) for t in ids})
+    unused = sorted(set(range(len(original))) - set(used))
+    assert (trained[used] - original[used]).abs().max() > 1e-3  # more than weight decay alone would move them
+    assert torch.equal(trained[unused], original[unused])

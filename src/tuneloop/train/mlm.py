@@ -41,10 +41,12 @@ from tuneloop.models.classifier import MODEL_DIR
 from tuneloop.models.encoders import ENCODER_META, EncoderSource, resolve_encoder
 from tuneloop.models.scratch import bert_config, train_tokenizer
 from tuneloop.registry.store import ModelVersion, Registry
-from tuneloop.train.classification import BIG_VOCABULARY, CHECKPOINT_DIR, restore_rng, rng_state, seed_everything
+from tuneloop.train.classification import CHECKPOINT_DIR, restore_rng, rng_state, seed_everything
 
 log = logging.getLogger(__name__)
 NO_WORD = -1
+# e5's 250k rows: above this the embedding matrix (tied to the output layer) stays frozen while pretraining.
+BIG_VOCABULARY = 100_000
 
 
 @dataclass
@@ -236,7 +238,7 @@ def pretrain(config: TuneloopConfig, run_dir: Path, register: bool = True, show_
     vocabulary = sorted({t for ids, _ in train_blocks + heldout_blocks for t in ids} | {tokenizer.mask_token_id})
     head = CorpusVocabularyHead(model, vocabulary)
     if not settings.from_scratch and model.config.vocab_size > BIG_VOCABULARY:
-        # As in fine-tuning: a 250k-row embedding (tied to the output layer) is frozen; the layers adapt.
+        # A 250k-row embedding tied to the output layer: the layers adapt, the vocabulary stays as it was.
         model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     fixed = random.Random(settings.seed + 1)
     heldout_masks = [mask_batch(heldout_blocks[i:i + settings.batch_size], special, tokenizer.mask_token_id,
