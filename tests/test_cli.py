@@ -75,6 +75,19 @@ def test_eval_writes_a_report_on_the_frozen_test_split_or_a_file(trained, toy_cs
     assert json.loads((tmp_path / "r2" / "report.json").read_text())["test"]["n"] == 48
 
 
+def test_eval_points_at_rows_whose_label_looks_wrong(trained, toy_csv, tmp_path, home):
+    flipped = pd.read_csv(toy_csv)
+    flipped["label"] = flipped["label"].map({"refund": "delivery", "delivery": "password", "password": "refund"})
+    flipped.to_csv(tmp_path / "flipped.csv", index=False)
+    result = invoke("eval", "--model", "toy@1", "--data", tmp_path / "flipped.csv", "--out", tmp_path / "r",
+                    f"registry.home={home}", "eval.suspect_confidence=0.6")
+    assert result.exit_code == 0, result.output
+    suspects = json.loads((tmp_path / "r" / "report.json").read_text())["test"]["label_suspects"]
+    assert suspects["count"] > len(flipped) / 4
+    assert f"{suspects['count']} test rows may be mislabelled" in " ".join(result.output.split())
+    assert "Possible label errors" in (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+
+
 def test_data_inspect_and_prepare(tiny_overrides, tmp_path):
     result = invoke("data", "inspect", "--json", *tiny_overrides)
     assert result.exit_code == 0, result.output

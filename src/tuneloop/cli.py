@@ -147,6 +147,7 @@ def train(
     if outcome.cross_validation:
         cv = outcome.cross_validation
         console.print(f"{cv['k']}-fold validation macro-F1 {cv['mean_val_macro_f1']:.4f} ± {cv['std_val_macro_f1']:.4f}")
+    _print_label_suspects(test)
     console.print(f"report: {outcome.report_html}")
     if outcome.version:
         console.print(f"registered [bold]{outcome.version.ref}[/bold] (candidate); promote with: "
@@ -273,7 +274,15 @@ def evaluate(
                   f"weighted-F1 {metrics['weighted_f1']:.4f}, ECE {metrics['calibration']['ece']:.3f} on {metrics['n']} rows")
     if "skipped_unknown_labels" in metrics:
         console.print(f"[yellow]skipped rows with labels the model does not know:[/yellow] {metrics['skipped_unknown_labels']}")
+    _print_label_suspects(metrics)
     console.print(f"report: {page}")
+
+
+def _print_label_suspects(metrics: dict) -> None:
+    suspects = metrics["label_suspects"]
+    if suspects["count"]:
+        console.print(f"{suspects['count']} test rows may be mislabelled (the model is ≥ {suspects['confidence']:.2f} "
+                      f"sure of another label): listed under 'Possible label errors' in the report")
 
 
 def _registry(config: Path | None, overrides: list[str] | None):

@@ -160,6 +160,9 @@ class EvalConfig(_Section):
     calibration_bins: int = Field(15, ge=2)
     top_confusions: int = Field(10, ge=1)
     examples_per_confusion: int = Field(3, ge=1)
+    suspect_confidence: float = Field(
+        0.9, gt=0.5, le=1, description="A wrong prediction at least this confident is listed as a possible label error.")
+    suspects_listed: int = Field(20, ge=0, description="How many possible label errors the report shows.")
     train_sample: int = Field(2000, ge=1, description="Training rows re-scored for the train-vs-test gap.")
 
 

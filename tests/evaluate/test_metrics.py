@@ -43,6 +43,22 @@ def test_classification_metrics():
     assert metrics["top_confusions"][0]["examples"]
 
 
+def test_confident_errors_are_listed_as_possible_label_errors():
+    labels = ["neg", "pos"]
+    true = np.array([0, 0, 1, 1, 1])
+    probs = np.array([[0.97, 0.03], [0.05, 0.95], [0.4, 0.6], [0.6, 0.4], [0.92, 0.08]])
+    metrics = classification_metrics(true, probs, labels, ["ok", "great food", "fine", "meh", "awful"],
+                                     suspect_confidence=0.9, suspects_listed=5)
+    suspects = metrics["label_suspects"]
+    assert (suspects["count"], suspects["share"]) == (2, pytest.approx(0.4))
+    assert [(r["text"], r["label"], r["predicted"]) for r in suspects["rows"]] == [("great food", "neg", "pos"),
+                                                                                   ("awful", "pos", "neg")]
+    page = render_html({"title": "t", "labels": labels, "base_model": "m", "test": metrics})
+    assert "Possible label errors" in page and "great food" in page
+    assert classification_metrics(true, probs, labels, ["a"] * 5, suspects_listed=1)["label_suspects"]["count"] == 2
+    assert len(classification_metrics(true, probs, labels, ["a"] * 5, suspects_listed=1)["label_suspects"]["rows"]) == 1
+
+
 def test_html_report_embeds_png_plots():
     metrics, labels = sample_metrics()
     page = render_html({"title": "t", "labels": labels, "base_model": "m", "test": metrics,

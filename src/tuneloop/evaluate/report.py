@@ -29,7 +29,8 @@ def score_split(model: TextClassifier, tokenizer: PreTrainedTokenizerBase, split
     texts = known["text"].tolist()
     probs = predict_proba(model, tokenizer, texts) if texts else np.zeros((0, len(labels)))
     metrics = classification_metrics(known["label"].map(index).to_numpy(), probs, labels, texts,
-                                     config.calibration_bins, config.top_confusions, config.examples_per_confusion)
+                                     config.calibration_bins, config.top_confusions, config.examples_per_confusion,
+                                     config.suspect_confidence, config.suspects_listed)
     if unknown:
         metrics["skipped_unknown_labels"] = {"labels": unknown, "rows": int(len(split) - len(known))}
     return metrics
@@ -107,6 +108,13 @@ def report_sections(report: dict) -> list[str]:
                        "examples": " | ".join(c["examples"])} for c in test["top_confusions"]]
     sections.append(html_table(confusion_rows, ["true", "predicted", "count", "examples"]) if confusion_rows
                     else "<p>No errors on the test split.</p>")
+    suspects = test.get("label_suspects")  # absent from reports written before it existed
+    if suspects and suspects["count"]:
+        sections += ["<h2>Possible label errors</h2>",
+                     f"<p>{suspects['count']} test rows ({suspects['share']:.1%}) where the model contradicts the given "
+                     f"label with probability ≥ {suspects['confidence']:.2f}. Such rows are often mislabelled: "
+                     f"check them before reading every one as a model error (most confident first).</p>",
+                     html_table(suspects["rows"], ["text", "label", "predicted", "probability"])]
     if report.get("training_history"):
         sections += ["<h2>Training</h2>", html_image(plots.training_curve_png(report["training_history"]), "training")]
     return sections
