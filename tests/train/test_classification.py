@@ -10,6 +10,7 @@ import torch
 from conftest import toy_rows
 from tuneloop.config import DataConfig, load_config
 from tuneloop.data.prepare import prepare_data
+from tuneloop.errors import TuneloopError
 from tuneloop.models.classifier import TextClassifier, load_encoder, pad_right, predict_proba, tokenize
 from tuneloop.models.encoders import EncoderSource
 from tuneloop.train.classification import (
@@ -96,6 +97,17 @@ def test_resume_continues_exactly(setup, tmp_path, eval_every):
     b, _ = TextClassifier.load(resumed.best_dir)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_resuming_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(setup, tmp_path):
+    config, data, encoder = setup
+    train_classifier(config, data, encoder, tmp_path / "run", show_progress=False)
+    trainer = tmp_path / "run" / "checkpoint" / "trainer.pt"
+    saved = torch.load(trainer, weights_only=False)
+    saved["model"] = {k.replace("word_embeddings.rows", "word_embeddings.weight"): v for k, v in saved["model"].items()}
+    torch.save(saved, trainer)
+    with pytest.raises(TuneloopError, match="does not fit this model"):
+        train_classifier(config, data, encoder, tmp_path / "run", resume=True, show_progress=False)
 
 
 def test_validation_every_n_steps_can_keep_a_model_from_inside_an_epoch(setup, tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ def label_suspects(true_ids: np.ndarray, probs: np.ndarray, labels: list[str], t
     """Rows whose given label the model contradicts with at least `confidence`, most confident first.
 
     On real data many such rows are labelling mistakes rather than model errors (in a sample of
-    waimai_10k's test errors a third were plainly mislabelled), so the report lists them for a person to
+    waimai_10k's test errors over a quarter were plainly mislabelled), so the report lists them for a person to
     check instead of counting every one against the model.
     """
     predicted = probs.argmax(1)

@@ -309,7 +309,11 @@ def train_classifier(
         if not (checkpoint / "trainer.pt").is_file():
             raise TuneloopError(f"nothing to resume in {run_dir}: no {CHECKPOINT_DIR}/trainer.pt")
         saved = torch.load(checkpoint / "trainer.pt", weights_only=False)
-        model.load_state_dict(saved["model"])
+        try:
+            model.load_state_dict(saved["model"])
+        except RuntimeError as exc:  # e.g. a checkpoint from before the embeddings trained by rows
+            raise TuneloopError(f"cannot resume {run_dir}: its checkpoint does not fit this model "
+                                f"({str(exc).splitlines()[0]}); start the run again without --resume") from exc
         for name, head in heads.items():
             head.head.load_state_dict(saved["heads"][name])
         optimizer.load_state_dict(saved["optimizer"])
