@@ -38,13 +38,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--held-out", type=int, default=10)
     parser.add_argument("--target-precision", type=float, default=0.95)
-    parser.add_argument("--out-share", type=float, default=None,
-                        help="Expected out-of-scope share of traffic (default: held-out intents / all intents).")
+    parser.add_argument(
+        "--out-share",
+        type=float,
+        default=None,
+        help="Expected out-of-scope share of traffic (default: held-out intents / all intents).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="Score only this many test messages (smoke runs).")
     parser.add_argument("--train-limit", type=int, default=None, help="Train on this many rows (smoke runs).")
-    parser.add_argument("--trained-oos", action="store_true",
-                        help="Train the held-out intents' training texts as an out_of_scope intent.")
+    parser.add_argument(
+        "--trained-oos",
+        action="store_true",
+        help="Train the held-out intents' training texts as an out_of_scope intent.",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="tuneloop config override.")
     args = parser.parse_args()
 
@@ -87,26 +94,42 @@ def main() -> None:
         common = [f"registry.home={home}", "model.name=all-MiniLM-L6-v2", *args.overrides]
         registry = Registry(load_config(None, common).registry)
         started = time.perf_counter()
-        for name, data, label in (("bank-intents", "intents.csv", "label"), ("bank-sentiment", "sentiment.csv",
-                                                                              "sentiment")):
-            config = load_config(None, [f"data.path={work / data}", f"data.label_column={label}", f"name={name}",
-                                        *common])
+        for name, data, label in (
+            ("bank-intents", "intents.csv", "label"),
+            ("bank-sentiment", "sentiment.csv", "sentiment"),
+        ):
+            config = load_config(
+                None, [f"data.path={work / data}", f"data.label_column={label}", f"name={name}", *common]
+            )
             registry.promote(run_training(config, show_progress=False).version.ref)
         training_seconds = time.perf_counter() - started
         # One FAQ entry per known intent, its question a training message of that intent.
         faq = known_train.groupby("label").first().reset_index()
-        pd.DataFrame({"question": faq["text"], "answer": "About " + faq["label"].str.replace("_", " ") + ": ...",
-                      "intent": faq["label"]}).to_csv(work / "faq.csv", index=False)
+        pd.DataFrame(
+            {
+                "question": faq["text"],
+                "answer": "About " + faq["label"].str.replace("_", " ") + ": ...",
+                "intent": faq["label"],
+            }
+        ).to_csv(work / "faq.csv", index=False)
 
         results = {}
         for score in ("probability", "cosine"):
             definition = AssistantDefinition(
-                name=f"bank-{score}", intent_model="bank-intents", sentiment_model="bank-sentiment",
-                faq=work / "faq.csv", out_of_scope_examples=None if args.trained_oos else work / "out_of_scope.csv",
-                languages=["en"], scope={"target_precision": args.target_precision, "score": score,
-                                         "out_of_scope_share": out_share,
-                                         "label": OOS_LABEL if args.trained_oos else None},
-                escalation={"negative_turns": 0, "min_confidence": 0.0})
+                name=f"bank-{score}",
+                intent_model="bank-intents",
+                sentiment_model="bank-sentiment",
+                faq=work / "faq.csv",
+                out_of_scope_examples=None if args.trained_oos else work / "out_of_scope.csv",
+                languages=["en"],
+                scope={
+                    "target_precision": args.target_precision,
+                    "score": score,
+                    "out_of_scope_share": out_share,
+                    "label": OOS_LABEL if args.trained_oos else None,
+                },
+                escalation={"negative_turns": 0, "min_confidence": 0.0},
+            )
             runtime = AssistantRuntime(definition, registry)
             intent, mood = runtime.load_models()
             threshold = runtime.calibrate(intent)
@@ -131,22 +154,36 @@ def main() -> None:
                 "tuning": {k: round(v, 4) if isinstance(v, float) else v for k, v in threshold.to_dict().items()},
                 "in_scope_accuracy": round(float(np.mean(predicted[known] == truth[known])), 4),
                 "plain_classifier_accuracy": round(plain_accuracy, 4),
-                "in_scope_answered_correctly": round(float(np.mean(accepted[known] & (predicted[known] == truth[known]))), 4),
+                "in_scope_answered_correctly": round(
+                    float(np.mean(accepted[known] & (predicted[known] == truth[known]))), 4
+                ),
                 "in_scope_rejected": round(float(np.mean(~accepted[known])), 4),
                 "out_of_scope_recall": round(float(np.mean(~accepted[~known])), 4),
                 "in_scope_precision": round(float(known[accepted].mean()) if accepted.any() else 1.0, 4),
                 "escalation_rate": round(float(np.mean([o.escalate for o in outcomes])), 4),
-                "latency_ms": {"p50": round(1000 * float(np.percentile(latencies, 50)), 1),
-                               "p95": round(1000 * float(np.percentile(latencies, 95)), 1)},
+                "latency_ms": {
+                    "p50": round(1000 * float(np.percentile(latencies, 50)), 1),
+                    "p95": round(1000 * float(np.percentile(latencies, 95)), 1),
+                },
                 "auroc_in_vs_out": round(float(_auroc(scores[known], scores[~known])), 4),
             }
             print(json.dumps({"progress": {score: results[score]}}), file=sys.stderr, flush=True)
 
-    print(json.dumps({"scope_mode": "trained out_of_scope intent" if args.trained_oos else "threshold",
-                      "held_out_intents": held_out, "known_test": len(known_test), "unknown_test": len(unknown_test),
-                      "target_precision": args.target_precision, "out_of_scope_share": round(out_share, 4),
-                      "training_seconds": round(training_seconds, 1),
-                      "cores": os.cpu_count(), **results}))
+    print(
+        json.dumps(
+            {
+                "scope_mode": "trained out_of_scope intent" if args.trained_oos else "threshold",
+                "held_out_intents": held_out,
+                "known_test": len(known_test),
+                "unknown_test": len(unknown_test),
+                "target_precision": args.target_precision,
+                "out_of_scope_share": round(out_share, 4),
+                "training_seconds": round(training_seconds, 1),
+                "cores": os.cpu_count(),
+                **results,
+            }
+        )
+    )
 
 
 def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:

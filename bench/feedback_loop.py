@@ -42,9 +42,11 @@ def scores(registry, ref: str, test: pd.DataFrame, drifted: list[str]) -> dict:
     predictor = Predictor.from_registry(registry, ref)
     predicted = [p.label for p in predictor.predict(test["text"].tolist(), top_k=1)]
     truth = test["label"].tolist()
-    return {"accuracy": round(float(np.mean([a == b for a, b in zip(predicted, truth)])), 4),
-            "macro_f1": round(float(f1_score(truth, predicted, average="macro")), 4),
-            "drifted_macro_f1": round(float(f1_score(truth, predicted, labels=drifted, average="macro")), 4)}
+    return {
+        "accuracy": round(float(np.mean([a == b for a, b in zip(predicted, truth, strict=True)])), 4),
+        "macro_f1": round(float(f1_score(truth, predicted, average="macro")), 4),
+        "drifted_macro_f1": round(float(f1_score(truth, predicted, labels=drifted, average="macro")), 4),
+    }
 
 
 def main() -> None:
@@ -100,12 +102,16 @@ def main() -> None:
             with httpx.Client(base_url=url, timeout=60) as http:
                 texts, labels = stream["text"].tolist(), stream["label"].tolist()
                 for start in range(0, len(texts), args.request_size):
-                    answer = http.post("/v1/predict", json={"texts": texts[start:start + args.request_size]}).json()
-                    for prediction, truth in zip(answer["predictions"], labels[start:start + args.request_size]):
+                    answer = http.post("/v1/predict", json={"texts": texts[start : start + args.request_size]}).json()
+                    for prediction, truth in zip(
+                        answer["predictions"], labels[start : start + args.request_size], strict=True
+                    ):
                         if prediction["label"] != truth:
                             wrong += 1
-                            response = http.post("/v1/feedback", json={"prediction_id": prediction["prediction_id"],
-                                                                       "corrected_label": truth})
+                            response = http.post(
+                                "/v1/feedback",
+                                json={"prediction_id": prediction["prediction_id"], "corrected_label": truth},
+                            )
                             sent += response.status_code == 201
         finally:
             stop(server)
@@ -122,15 +128,28 @@ def main() -> None:
         after = scores(registry, outcome.run.version.ref, test, drifted)
 
     result = {
-        "drifted_intents": drifted, "production_train_rows": len(production_rows), "stream_texts": len(stream),
-        "before": before, "after": after,
+        "drifted_intents": drifted,
+        "production_train_rows": len(production_rows),
+        "stream_texts": len(stream),
+        "before": before,
+        "after": after,
         "delta_points": {k: round(100 * (after[k] - before[k]), 2) for k in before},
-        "feedback": {"wrong_answers": wrong, "sent": sent, "stored": stored["feedback"],
-                     "predictions_stored": stored["predictions"], "exported_examples": len(exported.examples),
-                     "lost": sent - stored["feedback"], **outcome.feedback},
-        "gate": {"passed": decision.passed, "promoted": decision.promoted,
-                 "checks": {c.name: c.passed for c in decision.checks},
-                 "details": {c.name: c.detail for c in decision.checks}, "rows": decision.rows},
+        "feedback": {
+            "wrong_answers": wrong,
+            "sent": sent,
+            "stored": stored["feedback"],
+            "predictions_stored": stored["predictions"],
+            "exported_examples": len(exported.examples),
+            "lost": sent - stored["feedback"],
+            **outcome.feedback,
+        },
+        "gate": {
+            "passed": decision.passed,
+            "promoted": decision.promoted,
+            "checks": {c.name: c.passed for c in decision.checks},
+            "details": {c.name: c.detail for c in decision.checks},
+            "rows": decision.rows,
+        },
         "seconds": {"production_training": round(production_seconds, 1), "retrain": round(retrain_seconds, 1)},
         "cores": os.cpu_count(),
     }

@@ -20,8 +20,13 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 # LoRA trains few weights from a frozen start, so it takes a larger step (as in the LoRA paper's GLUE runs).
-LORA_DEFAULTS = ["train.method=lora", "train.lr=1e-3", "train.lora_rank=16", "train.lora_alpha=32",
-                 "train.lora_targets=[query,key,value,dense]"]
+LORA_DEFAULTS = [
+    "train.method=lora",
+    "train.lr=1e-3",
+    "train.lora_rank=16",
+    "train.lora_alpha=32",
+    "train.lora_targets=[query,key,value,dense]",
+]
 
 
 def folder_bytes(folder: Path) -> int:
@@ -50,20 +55,30 @@ def main() -> None:
         work = Path(tmp)
         train.to_csv(work / "train.csv", index=False)
         test.to_csv(work / "test.csv", index=False)
-        common = [f"data.path={work / 'train.csv'}", f"data.test_path={work / 'test.csv'}",
-                  f"registry.home={work / 'home'}", "model.name=all-MiniLM-L6-v2", *args.overrides]
+        common = [
+            f"data.path={work / 'train.csv'}",
+            f"data.test_path={work / 'test.csv'}",
+            f"registry.home={work / 'home'}",
+            "model.name=all-MiniLM-L6-v2",
+            *args.overrides,
+        ]
         for method, extra in (("full", []), ("lora", [*LORA_DEFAULTS, *args.lora])):
             config = load_config(None, [*common, f"name={method}", *extra])
-            model, _ = build_classifier(config, resolve_encoder(config.model.name, config.registry.home),
-                                        sorted(train["label"].unique()))
+            model, _ = build_classifier(
+                config, resolve_encoder(config.model.name, config.registry.home), sorted(train["label"].unique())
+            )
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             del model
             outcome = run_training(config, show_progress=False, register=False)
             metrics = outcome.report["test"]
-            result[method] = {"accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
-                              "trainable_parameters": trainable, "train_seconds": round(outcome.train.train_seconds, 1),
-                              "artifact_bytes": folder_bytes(outcome.run_dir / MODEL_DIR),
-                              "settings": extra}
+            result[method] = {
+                "accuracy": round(metrics["accuracy"], 4),
+                "macro_f1": round(metrics["macro_f1"], 4),
+                "trainable_parameters": trainable,
+                "train_seconds": round(outcome.train.train_seconds, 1),
+                "artifact_bytes": folder_bytes(outcome.run_dir / MODEL_DIR),
+                "settings": extra,
+            }
             print(json.dumps({"progress": {method: result[method]}}), flush=True, file=sys.stderr)
     full, lora = result["full"], result["lora"]
     result["lora_minus_full_points"] = round(100 * (lora["accuracy"] - full["accuracy"]), 2)

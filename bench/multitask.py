@@ -40,28 +40,42 @@ def main() -> None:
     result: dict = {"data": "demo (support_intents.csv + sentiment.csv)", "cores": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         common = [f"registry.home={Path(tmp) / 'home'}", *args.overrides]
-        outcomes = {kind: run_training(demo_config(None, common, kind=kind), show_progress=False)
-                    for kind in ("intents", "sentiment")}
-        multi_config = load_config(packaged_file("configs", "demo_multitask.yaml"), [
-            *common, f"tasks.intent.path={packaged_file('demo', 'data', 'support_intents.csv')}",
-            f"tasks.sentiment.path={packaged_file('demo', 'data', 'sentiment.csv')}"])
+        outcomes = {
+            kind: run_training(demo_config(None, common, kind=kind), show_progress=False)
+            for kind in ("intents", "sentiment")
+        }
+        multi_config = load_config(
+            packaged_file("configs", "demo_multitask.yaml"),
+            [
+                *common,
+                f"tasks.intent.path={packaged_file('demo', 'data', 'support_intents.csv')}",
+                f"tasks.sentiment.path={packaged_file('demo', 'data', 'sentiment.csv')}",
+            ],
+        )
         multi = run_training(multi_config, show_progress=False)
 
         def scores(report: dict, seconds: float | None = None) -> dict:
             test = report["test"]
-            out = {"accuracy": round(test["accuracy"], 4), "macro_f1": round(test["macro_f1"], 4),
-                   "test_rows": test["n"]}
+            out = {
+                "accuracy": round(test["accuracy"], 4),
+                "macro_f1": round(test["macro_f1"], 4),
+                "test_rows": test["n"],
+            }
             return out if seconds is None else {**out, "train_seconds": round(seconds, 1)}
 
-        result["separate"] = {"intent": scores(outcomes["intents"].report, outcomes["intents"].train.train_seconds),
-                              "sentiment": scores(outcomes["sentiment"].report,
-                                                  outcomes["sentiment"].train.train_seconds)}
-        result["multitask"] = {"intent": scores(multi.report, multi.train.train_seconds),
-                               "sentiment": scores(multi.report["tasks"]["sentiment"])}
+        result["separate"] = {
+            "intent": scores(outcomes["intents"].report, outcomes["intents"].train.train_seconds),
+            "sentiment": scores(outcomes["sentiment"].report, outcomes["sentiment"].train.train_seconds),
+        }
+        result["multitask"] = {
+            "intent": scores(multi.report, multi.train.train_seconds),
+            "sentiment": scores(multi.report["tasks"]["sentiment"]),
+        }
 
         registry = Registry(multi_config.registry)
-        intent, mood, both = (load_version(registry, o.version) for o in (outcomes["intents"], outcomes["sentiment"],
-                                                                            multi))
+        intent, mood, both = (
+            load_version(registry, o.version) for o in (outcomes["intents"], outcomes["sentiment"], multi)
+        )
         messages = load_prepared(task_data_dir(multi.run_dir, None)).test["text"].tolist()[: args.turns]
 
         def per_turn(run) -> float:
@@ -72,13 +86,18 @@ def main() -> None:
                 timings.append(time.perf_counter() - started)
             return 1000 * statistics.median(timings)
 
-        two = per_turn(lambda t: (predict_logits(intent.model, intent.tokenizer, [t]),
-                                  predict_logits(mood.model, mood.tokenizer, [t])))
+        two = per_turn(
+            lambda t: (
+                predict_logits(intent.model, intent.tokenizer, [t]),
+                predict_logits(mood.model, mood.tokenizer, [t]),
+            )
+        )
         one = per_turn(lambda t: predict_logits(both.model, both.tokenizer, [t], heads=list(both.tasks.values())))
         result["turn_ms_p50"] = {"two_models": round(two, 2), "multitask": round(one, 2), "ratio": round(one / two, 3)}
     for task in ("intent", "sentiment"):
         result[f"{task}_accuracy_delta_points"] = round(
-            100 * (result["multitask"][task]["accuracy"] - result["separate"][task]["accuracy"]), 2)
+            100 * (result["multitask"][task]["accuracy"] - result["separate"][task]["accuracy"]), 2
+        )
     print(json.dumps(result))
 
 

@@ -47,10 +47,15 @@ def main() -> None:
     frame = frame[["text", "label"]].astype(str)
     pool, test = train_test_split(frame, test_size=0.2, stratify=frame["label"], random_state=args.seed)
     labelled, _ = train_test_split(pool, train_size=args.labels, stratify=pool["label"], random_state=args.seed)
-    corpus = frame["text"] if args.corpus_limit is None else frame["text"].sample(args.corpus_limit,
-                                                                                   random_state=args.seed)
-    result: dict = {"labels": args.labels, "test_rows": len(test), "unlabelled_texts": len(corpus),
-                    "cores": os.cpu_count()}
+    corpus = (
+        frame["text"] if args.corpus_limit is None else frame["text"].sample(args.corpus_limit, random_state=args.seed)
+    )
+    result: dict = {
+        "labels": args.labels,
+        "test_rows": len(test),
+        "unlabelled_texts": len(corpus),
+        "cores": os.cpu_count(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         home = work / "home"
@@ -60,35 +65,66 @@ def main() -> None:
         common = [f"registry.home={home}", f"pretrain.paths=[{work / 'corpus.txt'}]"]
 
         def fine_tune(encoder: str, name: str) -> dict:
-            config = load_config(None, [*common, f"data.path={work / 'labelled.csv'}",
-                                        f"data.test_path={work / 'test.csv'}", f"model.name={encoder}",
-                                        f"name={name}", "train.epochs=5", "train.patience=5", "model.max_length=96",
-                                        *args.overrides])
+            config = load_config(
+                None,
+                [
+                    *common,
+                    f"data.path={work / 'labelled.csv'}",
+                    f"data.test_path={work / 'test.csv'}",
+                    f"model.name={encoder}",
+                    f"name={name}",
+                    "train.epochs=5",
+                    "train.patience=5",
+                    "model.max_length=96",
+                    *args.overrides,
+                ],
+            )
             outcome = run_training(config, show_progress=False, register=False)
             test_metrics = outcome.report["test"]
-            return {"accuracy": round(test_metrics["accuracy"], 4), "macro_f1": round(test_metrics["macro_f1"], 4),
-                    "fine_tune_seconds": round(outcome.train.train_seconds, 1)}
+            return {
+                "accuracy": round(test_metrics["accuracy"], 4),
+                "macro_f1": round(test_metrics["macro_f1"], 4),
+                "fine_tune_seconds": round(outcome.train.train_seconds, 1),
+            }
 
         def pretrained(name: str, settings: list[str]) -> tuple[str, dict]:
             config = load_config(None, [*common, f"name={name}", *settings])
             started = time.perf_counter()
             outcome = pretrain(config, new_run_dir(config), show_progress=False)
-            return outcome.version.ref, {"pretrain_seconds": round(time.perf_counter() - started, 1),
-                                         "heldout_perplexity": [round(h["heldout_perplexity"], 2)
-                                                                for h in outcome.history], **outcome.corpus}
+            return outcome.version.ref, {
+                "pretrain_seconds": round(time.perf_counter() - started, 1),
+                "heldout_perplexity": [round(h["heldout_perplexity"], 2) for h in outcome.history],
+                **outcome.corpus,
+            }
 
         result["a_packaged_encoder"] = fine_tune("multilingual-e5-small", "direct")
         print(json.dumps({"progress": result}), flush=True, file=sys.stderr)
-        ref, info = pretrained("waimai-mlm", ["model.name=multilingual-e5-small", f"pretrain.epochs={args.mlm_epochs}",
-                                              "pretrain.lr=5e-5", "pretrain.whole_word=true"])
+        ref, info = pretrained(
+            "waimai-mlm",
+            [
+                "model.name=multilingual-e5-small",
+                f"pretrain.epochs={args.mlm_epochs}",
+                "pretrain.lr=5e-5",
+                "pretrain.whole_word=true",
+            ],
+        )
         result["b_continued_mlm"] = {**fine_tune(ref, "after-mlm"), "pretraining": info}
         print(json.dumps({"progress": result}), flush=True, file=sys.stderr)
-        ref, info = pretrained("waimai-scratch", ["pretrain.from_scratch=true", f"pretrain.size={args.scratch_size}",
-                                                  "pretrain.tokenizer=char", "pretrain.vocab_size=8000",
-                                                  f"pretrain.epochs={args.scratch_epochs}", "pretrain.lr=5e-4"])
+        ref, info = pretrained(
+            "waimai-scratch",
+            [
+                "pretrain.from_scratch=true",
+                f"pretrain.size={args.scratch_size}",
+                "pretrain.tokenizer=char",
+                "pretrain.vocab_size=8000",
+                f"pretrain.epochs={args.scratch_epochs}",
+                "pretrain.lr=5e-4",
+            ],
+        )
         result["c_from_scratch"] = {**fine_tune(ref, "scratch"), "pretraining": info}
-    result["b_minus_a_points"] = round(100 * (result["b_continued_mlm"]["accuracy"]
-                                              - result["a_packaged_encoder"]["accuracy"]), 2)
+    result["b_minus_a_points"] = round(
+        100 * (result["b_continued_mlm"]["accuracy"] - result["a_packaged_encoder"]["accuracy"]), 2
+    )
     print(json.dumps(result))
 
 

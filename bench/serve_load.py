@@ -65,8 +65,9 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
-async def load(url: str, path: str, body_of, texts: list[str], clients: int, seconds: float, max_requests: int,
-               warmup: float) -> dict:
+async def load(
+    url: str, path: str, body_of, texts: list[str], clients: int, seconds: float, max_requests: int, warmup: float
+) -> dict:
     """`clients` concurrent loops posting one text per request until the time or request budget is spent.
 
     The load generator shares the server's two cores, so it must be light: aiohttp costs ~0.5 ms of CPU
@@ -80,6 +81,7 @@ async def load(url: str, path: str, body_of, texts: list[str], clients: int, sec
     sent = 0
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as http:
+
         async def user(number: int, until: float, record: bool) -> None:
             nonlocal errors, sent
             index = number
@@ -105,11 +107,16 @@ async def load(url: str, path: str, body_of, texts: list[str], clients: int, sec
         await asyncio.gather(*(user(i, started + seconds, True) for i in range(clients)))
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_before
     lat = np.array(latencies) * 1000
-    return {"requests": len(latencies), "errors": errors, "seconds": round(elapsed, 2),
-            "req_per_s": round(len(latencies) / elapsed, 1),
-            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p95_ms": round(float(np.percentile(lat, 95)), 1),
-            "p99_ms": round(float(np.percentile(lat, 99)), 1),
-            "client_cpu_ms_per_request": round(1000 * cpu / max(sent, 1), 2)}
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(elapsed, 2),
+        "req_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "p95_ms": round(float(np.percentile(lat, 95)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "client_cpu_ms_per_request": round(1000 * cpu / max(sent, 1), 2),
+    }
 
 
 def batch_stats(url: str) -> dict:
@@ -120,7 +127,10 @@ def batch_stats(url: str) -> dict:
             name, value = line.rsplit(" ", 1)
             values[name.split("{")[0]] = float(value)
     count = values.get("tuneloop_batch_size_count", 0)
-    return {"batches": int(count), "mean_batch_size": round(values["tuneloop_batch_size_sum"] / count, 2) if count else None}
+    return {
+        "batches": int(count),
+        "mean_batch_size": round(values["tuneloop_batch_size_sum"] / count, 2) if count else None,
+    }
 
 
 def labels_from(url: str, path: str, body_of, parse, texts: list[str]) -> list[str]:
@@ -148,8 +158,11 @@ def naive_server(folder: Path, port: int, threads: int) -> None:
 
     @app.post("/predict")
     def predict(body: NaiveRequest) -> dict:  # a plain def: FastAPI runs each request on its thread pool
-        hidden = extractor(spec["text_prefix"] + body.text, return_tensors=True,
-                           tokenize_kwargs={"truncation": True, "max_length": spec["max_length"]})
+        hidden = extractor(
+            spec["text_prefix"] + body.text,
+            return_tensors=True,
+            tokenize_kwargs={"truncation": True, "max_length": spec["max_length"]},
+        )
         pooled = hidden[0].mean(0) if spec["pooling"] == "mean" else hidden[0][0]
         scores = torch.softmax(spec["cosine_scale"] * torch.nn.functional.normalize(pooled, dim=-1) @ head.T, -1)
         best = int(scores.argmax())
@@ -200,24 +213,47 @@ def main() -> None:
         from tuneloop.registry.store import Registry
 
         registry = Registry(RegistryConfig(home=home))
-        version = registry.get(f"{name}@production") if name else next(
-            v for v in registry.list() if v.stage == "production")
+        version = (
+            registry.get(f"{name}@production") if name else next(v for v in registry.list() if v.stage == "production")
+        )
         result = {"model": version.ref, "clients": args.clients, "seconds": args.seconds, "cores": os.cpu_count()}
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "tuneloop", "serve", "--port", str(port),
-                                   f"registry.home={home}", f"serve.models=[{version.name}]",
-                                   f"serve.threads={args.threads}", *args.overrides],
-                                  stdout=sys.stderr)  # stdout carries only the result line
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tuneloop",
+                "serve",
+                "--port",
+                str(port),
+                f"registry.home={home}",
+                f"serve.models=[{version.name}]",
+                f"serve.threads={args.threads}",
+                *args.overrides,
+            ],
+            stdout=sys.stderr,
+        )  # stdout carries only the result line
         try:
             wait_ready(url, server)
-            ours = asyncio.run(load(url, "/v1/predict", lambda t: {"texts": [t]}, texts, args.clients, args.seconds,
-                                    args.max_requests, args.warmup))
+            ours = asyncio.run(
+                load(
+                    url,
+                    "/v1/predict",
+                    lambda t: {"texts": [t]},
+                    texts,
+                    args.clients,
+                    args.seconds,
+                    args.max_requests,
+                    args.warmup,
+                )
+            )
             ours.update(batch_stats(url))
             sample = texts[:200]
-            our_labels = labels_from(url, "/v1/predict", lambda t: {"texts": [t]},
-                                     lambda r: r["predictions"][0]["label"], sample)
+            our_labels = labels_from(
+                url, "/v1/predict", lambda t: {"texts": [t]}, lambda r: r["predictions"][0]["label"], sample
+            )
         finally:
             stop(server)
         result["tuneloop"] = ours
@@ -225,9 +261,18 @@ def main() -> None:
         if args.baseline == "naive":
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            naive = subprocess.Popen([sys.executable, __file__, "--naive-server",
-                                      str(registry.artifacts(version) / MODEL_DIR), "--port", str(port),
-                                      "--threads", str(args.threads)])
+            naive = subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--naive-server",
+                    str(registry.artifacts(version) / MODEL_DIR),
+                    "--port",
+                    str(port),
+                    "--threads",
+                    str(args.threads),
+                ]
+            )
             try:
                 deadline = time.monotonic() + 300
                 while True:
@@ -236,15 +281,27 @@ def main() -> None:
                         break
                     except httpx.HTTPError:
                         if naive.poll() is not None or time.monotonic() > deadline:
-                            raise SystemExit("naive server did not start")
+                            raise SystemExit("naive server did not start") from None
                         time.sleep(0.5)
-                theirs = asyncio.run(load(url, "/predict", lambda t: {"text": t}, texts, args.clients, args.seconds,
-                                          args.max_requests, args.warmup))
+                theirs = asyncio.run(
+                    load(
+                        url,
+                        "/predict",
+                        lambda t: {"text": t},
+                        texts,
+                        args.clients,
+                        args.seconds,
+                        args.max_requests,
+                        args.warmup,
+                    )
+                )
                 their_labels = labels_from(url, "/predict", lambda t: {"text": t}, lambda r: r["label"], sample)
             finally:
                 stop(naive)
             result["naive"] = theirs
-            result["same_predictions"] = round(float(np.mean([a == b for a, b in zip(our_labels, their_labels)])), 4)
+            result["same_predictions"] = round(
+                float(np.mean([a == b for a, b in zip(our_labels, their_labels, strict=True)])), 4
+            )
             result["ratio_req_per_s"] = round(ours["req_per_s"] / theirs["req_per_s"], 2)
             result["ratio_p95_latency"] = round(ours["p95_ms"] / theirs["p95_ms"], 3)
     print(json.dumps(result))

@@ -40,14 +40,22 @@ def main() -> None:
     # The recipe holds out the first round(val_size * n) of this permutation; the same draw here names
     # exactly the questions it never trained on.
     val_size = 0.15
-    held = [pairs[i] for i in np.random.default_rng(args.seed).permutation(len(pairs))[:round(val_size * len(pairs))]]
+    held = [pairs[i] for i in np.random.default_rng(args.seed).permutation(len(pairs))[: round(val_size * len(pairs))]]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         home = work / "home"
-        config = load_config(None, [f"registry.home={home}", f"sft.paths=[{source}]", "name=replies",
-                                    f"sft.val_size={val_size}", f"sft.seed={args.seed}",
-                                    "sft.system_prompt=You are the shop's customer-service assistant.",
-                                    *args.overrides])
+        config = load_config(
+            None,
+            [
+                f"registry.home={home}",
+                f"sft.paths=[{source}]",
+                "name=replies",
+                f"sft.val_size={val_size}",
+                f"sft.seed={args.seed}",
+                "sft.system_prompt=You are the shop's customer-service assistant.",
+                *args.overrides,
+            ],
+        )
         base = ensure_smollm2(home)
         started = time.perf_counter()
         outcome = fine_tune_lm(config, new_run_dir(config), show_progress=False)
@@ -56,20 +64,37 @@ def main() -> None:
         system = {"role": "system", "content": config.sft.system_prompt}
         before_model, after_model = ReplyModel(base), ReplyModel(home / "models" / "replies" / "v1" / "model")
         shown = []
-        for pair in held[:args.examples]:
+        for pair in held[: args.examples]:
             messages = [system, {"role": "user", "content": pair["prompt"]}]
-            shown.append({"question": pair["prompt"], "reference": pair["reply"],
-                          "before": before_model.generate(messages, settings),
-                          "after": after_model.generate(messages, settings)})
+            shown.append(
+                {
+                    "question": pair["prompt"],
+                    "reference": pair["reply"],
+                    "before": before_model.generate(messages, settings),
+                    "after": after_model.generate(messages, settings),
+                }
+            )
     last = outcome.history[-1]
-    print(json.dumps({
-        "pairs": len(pairs), "train": outcome.examples["train"], "heldout": outcome.examples["heldout"],
-        "heldout_loss_before": round(outcome.heldout_loss_before, 4),
-        "heldout_perplexity_before": round(math.exp(outcome.heldout_loss_before), 2),
-        "heldout_loss_after": round(last["heldout_loss"], 4), "heldout_perplexity_after": round(
-            last["heldout_perplexity"], 2), "train_seconds": round(outcome.train_seconds, 1),
-        "wall_seconds": round(seconds, 1), "method": config.sft.method, "epochs": config.sft.epochs,
-        "cores": os.cpu_count(), "examples": shown}, ensure_ascii=False))
+    print(
+        json.dumps(
+            {
+                "pairs": len(pairs),
+                "train": outcome.examples["train"],
+                "heldout": outcome.examples["heldout"],
+                "heldout_loss_before": round(outcome.heldout_loss_before, 4),
+                "heldout_perplexity_before": round(math.exp(outcome.heldout_loss_before), 2),
+                "heldout_loss_after": round(last["heldout_loss"], 4),
+                "heldout_perplexity_after": round(last["heldout_perplexity"], 2),
+                "train_seconds": round(outcome.train_seconds, 1),
+                "wall_seconds": round(seconds, 1),
+                "method": config.sft.method,
+                "epochs": config.sft.epochs,
+                "cores": os.cpu_count(),
+                "examples": shown,
+            },
+            ensure_ascii=False,
+        )
+    )
 
 
 if __name__ == "__main__":

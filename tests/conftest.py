@@ -51,21 +51,42 @@ def tiny_encoder(tmp_path_factory) -> Path:
     corpus = [r["text"] for r in toy_rows(40) + toy_rows(40, topics=MOODS)] + ["where is 我的 快递 退款 密码"]
     words = sorted({word for text in corpus for word in text.lower().split() if word.isascii()})
     characters = sorted({c for text in corpus for c in text.lower() if not c.isspace()})
-    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words,
-              *dict.fromkeys(characters + [f"##{c}" for c in characters if c.isascii()])]
-    tokenizer = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(dict.fromkeys(pieces))},
-                                           unk_token="[UNK]"))
+    pieces = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *words,
+        *dict.fromkeys(characters + [f"##{c}" for c in characters if c.isascii()]),
+    ]
+    tokenizer = Tokenizer(
+        models.WordPiece({piece: i for i, piece in enumerate(dict.fromkeys(pieces))}, unk_token="[UNK]")
+    )
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls),
-                                                                                                       ("[SEP]", sep)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     fast.save_pretrained(folder)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(folder)
     return folder
 
@@ -87,17 +108,44 @@ def home(tmp_path, monkeypatch) -> Path:
 @pytest.fixture()
 def tiny_overrides(tiny_encoder, toy_csv, home) -> list[str]:
     """Overrides that make any training command fast on the tiny model and toy data."""
-    return [f"model.name={tiny_encoder}", f"data.path={toy_csv}", f"registry.home={home}", "train.epochs=2",
-            "train.batch_size=8", "train.lr=1e-3", "train.head_lr=1e-2", "model.max_length=32", "name=toy", "train.threads=1", "train.patience=5"]
+    return [
+        f"model.name={tiny_encoder}",
+        f"data.path={toy_csv}",
+        f"registry.home={home}",
+        "train.epochs=2",
+        "train.batch_size=8",
+        "train.lr=1e-3",
+        "train.head_lr=1e-2",
+        "model.max_length=32",
+        "name=toy",
+        "train.threads=1",
+        "train.patience=5",
+    ]
 
 
 def tiny_config(tiny_encoder: Path, data: Path, home: Path, *extra: str):
     from tuneloop.config import load_config
 
-    return load_config(None, [f"model.name={tiny_encoder}", f"data.path={data}", f"registry.home={home}", "name=toy",
-                              "train.epochs=6", "train.batch_size=8", "train.lr=1e-3", "train.head_lr=1e-2",
-                              "model.max_length=32", "train.threads=1", "train.patience=10", "serve.max_wait_ms=2",
-                              "serve.reload_poll_seconds=0.2", "serve.log_flush_ms=20", *extra])
+    return load_config(
+        None,
+        [
+            f"model.name={tiny_encoder}",
+            f"data.path={data}",
+            f"registry.home={home}",
+            "name=toy",
+            "train.epochs=6",
+            "train.batch_size=8",
+            "train.lr=1e-3",
+            "train.head_lr=1e-2",
+            "model.max_length=32",
+            "train.threads=1",
+            "train.patience=10",
+            "serve.max_wait_ms=2",
+            "serve.reload_poll_seconds=0.2",
+            "serve.log_flush_ms=20",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="session")
@@ -151,15 +199,35 @@ def assistant_template(production_home, tiny_encoder, tmp_path_factory) -> Path:
     pd.DataFrame(toy_rows(per_label=40, seed=5, topics=MOODS)).to_csv(folder / "mood.csv", index=False)
     config = tiny_config(tiny_encoder, folder / "mood.csv", home, "name=mood")
     Registry(config.registry).promote(run_training(config, show_progress=False).version.ref)
-    pd.DataFrame([
-        {"question": "how long does a refund take", "answer": "Refunds reach your card in 5-7 days.",
-         "intent": "refund", "lang": "en"},
-        {"question": "where is my parcel delivery", "answer": "Track it on the My Orders page.",
-         "intent": "delivery", "lang": "en"},
-        {"question": "退款 多久", "answer": "退款5-7天到账。", "intent": "refund", "lang": "zh"},
-    ]).to_csv(folder / "faq.csv", index=False)
-    pd.DataFrame({"text": ["weather tomorrow", "football score tonight", "tell me a joke", "stock tips",
-                           "recipe for soup", "movie tonight"]}).to_csv(folder / "out_of_scope.csv", index=False)
+    pd.DataFrame(
+        [
+            {
+                "question": "how long does a refund take",
+                "answer": "Refunds reach your card in 5-7 days.",
+                "intent": "refund",
+                "lang": "en",
+            },
+            {
+                "question": "where is my parcel delivery",
+                "answer": "Track it on the My Orders page.",
+                "intent": "delivery",
+                "lang": "en",
+            },
+            {"question": "退款 多久", "answer": "退款5-7天到账。", "intent": "refund", "lang": "zh"},
+        ]
+    ).to_csv(folder / "faq.csv", index=False)
+    pd.DataFrame(
+        {
+            "text": [
+                "weather tomorrow",
+                "football score tonight",
+                "tell me a joke",
+                "stock tips",
+                "recipe for soup",
+                "movie tonight",
+            ]
+        }
+    ).to_csv(folder / "out_of_scope.csv", index=False)
     (folder / "assistant.yaml").write_text(ASSISTANT_YAML.format(encoder=tiny_encoder))
     return folder
 
@@ -172,8 +240,10 @@ def assistant_setup(assistant_template, tiny_encoder, tmp_path):
     return tiny_config(tiny_encoder, tmp_path / "shop" / "toy.csv", home), tmp_path / "shop" / "assistant.yaml"
 
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 TOY_PAIRS = [
     ("how long does a refund take", "refunds take five days"),
     ("where is my parcel", "your parcel is with the courier"),
@@ -192,16 +262,31 @@ def tiny_lm(tmp_path_factory) -> Path:
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     words = " ".join(q + " " + a for q, a in TOY_PAIRS) + " system user assistant you are a helpful shop"
-    tokenizer.train_from_iterator([words], trainers.WordLevelTrainer(
-        special_tokens=["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>",
-                                   bos_token="<|im_start|>", eos_token="<|im_end|>")
+    tokenizer.train_from_iterator(
+        [words], trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"])
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+    )
     fast.chat_template = CHATML
     fast.save_pretrained(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id, bos_token_id=fast.bos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=fast.pad_token_id,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=fast.bos_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 

@@ -35,8 +35,16 @@ def trained(tiny_overrides, home):
 
 def test_train_registers_and_writes_a_self_describing_version(trained):
     version = trained / "models" / "toy" / "v1"
-    for name in ("config.yaml", "report.html", "report.json", "metrics.jsonl", "data/test.jsonl",
-                 "data/data_report.json", "model/classifier.json", "model/tokenizer.json"):
+    for name in (
+        "config.yaml",
+        "report.html",
+        "report.json",
+        "metrics.jsonl",
+        "data/test.jsonl",
+        "data/data_report.json",
+        "model/classifier.json",
+        "model/tokenizer.json",
+    ):
         assert (version / name).exists(), name
     assert not (version / "checkpoint").exists()
     report = json.loads((version / "report.json").read_text())
@@ -79,8 +87,17 @@ def test_eval_points_at_rows_whose_label_looks_wrong(trained, toy_csv, tmp_path,
     flipped = pd.read_csv(toy_csv)
     flipped["label"] = flipped["label"].map({"refund": "delivery", "delivery": "password", "password": "refund"})
     flipped.to_csv(tmp_path / "flipped.csv", index=False)
-    result = invoke("eval", "--model", "toy@1", "--data", tmp_path / "flipped.csv", "--out", tmp_path / "r",
-                    f"registry.home={home}", "eval.suspect_confidence=0.6")
+    result = invoke(
+        "eval",
+        "--model",
+        "toy@1",
+        "--data",
+        tmp_path / "flipped.csv",
+        "--out",
+        tmp_path / "r",
+        f"registry.home={home}",
+        "eval.suspect_confidence=0.6",
+    )
     assert result.exit_code == 0, result.output
     suspects = json.loads((tmp_path / "r" / "report.json").read_text())["test"]["label_suspects"]
     assert suspects["count"] > len(flipped) / 4
@@ -117,12 +134,17 @@ def bad_files(tmp_path):
     gbk.write_bytes("text,label\n退款,a\n".encode("gbk"))
     empty = tmp_path / "empty.csv"
     empty.write_text("")
-    return {"non-utf8": (gbk, "not valid UTF-8"), "empty": (empty, "is empty"),
-            "missing": (tmp_path / "nope.csv", "data file not found")}
+    return {
+        "non-utf8": (gbk, "not valid UTF-8"),
+        "empty": (empty, "is empty"),
+        "missing": (tmp_path / "nope.csv", "data file not found"),
+    }
 
 
-@pytest.mark.parametrize("case", ["non-utf8", "empty", "missing", "single-label", "rare-label", "missing-column",
-                                  "unknown-model", "config-typo"])
+@pytest.mark.parametrize(
+    "case",
+    ["non-utf8", "empty", "missing", "single-label", "rare-label", "missing-column", "unknown-model", "config-typo"],
+)
 def test_bad_input_is_one_clear_line_and_touches_no_registered_version(trained, tiny_overrides, tmp_path, case):
     before = json.loads(invoke("models", "show", "toy@1").output)
     overrides = list(tiny_overrides)
@@ -131,14 +153,20 @@ def test_bad_input_is_one_clear_line_and_touches_no_registered_version(trained, 
         path, message = files[case]
         overrides.append(f"data.path={path}")
     elif case in ("single-label", "rare-label", "missing-column"):
-        rows = {"single-label": [("a b", "x"), ("c d", "x")], "rare-label": [("a b", "x"), ("c d", "x"), ("e", "y")],
-                "missing-column": [("a", "x")]}[case]
+        rows = {
+            "single-label": [("a b", "x"), ("c d", "x")],
+            "rare-label": [("a b", "x"), ("c d", "x"), ("e", "y")],
+            "missing-column": [("a", "x")],
+        }[case]
         path = tmp_path / f"{case}.csv"
         columns = ["body", "label"] if case == "missing-column" else ["text", "label"]
         pd.DataFrame(rows, columns=columns).to_csv(path, index=False)
         overrides.append(f"data.path={path}")
-        message = {"single-label": "only one label", "rare-label": "fewer than 2 examples",
-                   "missing-column": "no text column 'text'"}[case]
+        message = {
+            "single-label": "only one label",
+            "rare-label": "fewer than 2 examples",
+            "missing-column": "no text column 'text'",
+        }[case]
     elif case == "unknown-model":
         overrides.append("model.name=bert-huge-9000")
         message = "unknown model 'bert-huge-9000'"
@@ -177,8 +205,9 @@ def test_serve_without_a_production_version_is_one_clear_line(trained):
 
 def test_gate_rejection_exits_non_zero_and_keeps_production(trained, tiny_overrides):
     invoke("models", "promote", "toy@1")
-    worse = invoke("train", *tiny_overrides, "model.head_init=random", "train.lr=1e-9", "train.head_lr=1e-9",
-                   "train.epochs=1")
+    worse = invoke(
+        "train", *tiny_overrides, "model.head_init=random", "train.lr=1e-9", "train.head_lr=1e-9", "train.epochs=1"
+    )
     assert worse.exit_code == 0, worse.output
     result = invoke("gate", "toy@2")
     assert result.exit_code == 3, result.output

@@ -72,7 +72,9 @@ def test_every_shipped_yaml_config_loads():
 
 def test_the_shipped_demo_assistant_loads_and_covers_every_demo_intent():
     definition = load_definition(Path(str(resources.files("tuneloop") / "demo" / "assistant.yaml")))
-    intents = set(pd.read_csv(Path(str(resources.files("tuneloop") / "demo" / "data" / "support_intents.csv")))["intent"])
+    intents = set(
+        pd.read_csv(Path(str(resources.files("tuneloop") / "demo" / "data" / "support_intents.csv")))["intent"]
+    )
     assert set(definition.templates.intents) == intents
     assert all(set(texts) == {"en", "zh"} for texts in definition.templates.intents.values())
     assert {entry.intent for entry in load_faq(definition.faq)} <= intents

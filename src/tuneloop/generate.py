@@ -27,7 +27,7 @@ class GenerationSettings:
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
     positions = [text.find(s) for s in stop if s and s in text]
-    return text[:min(positions)] if positions else text
+    return text[: min(positions)] if positions else text
 
 
 class StopOnText(StoppingCriteria):
@@ -41,7 +41,7 @@ class StopOnText(StoppingCriteria):
         self.tokenizer, self.stop, self.prompt_length = tokenizer, stop, prompt_length
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=False)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=False)
         return torch.tensor([any(s in text for s in self.stop) for text in texts])
 
 
@@ -62,13 +62,17 @@ class ReplyModel:
         self.model, self.tokenizer = load_generator(folder)
 
     def _inputs(self, messages: list[Message]) -> dict[str, torch.Tensor]:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                  return_dict=True)
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
 
     def _options(self, settings: GenerationSettings, prompt_length: int) -> dict:
         sampling = settings.temperature > 0
-        options = {"max_new_tokens": settings.max_new_tokens, "do_sample": sampling,
-                   "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id}
+        options = {
+            "max_new_tokens": settings.max_new_tokens,
+            "do_sample": sampling,
+            "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        }
         if sampling:
             options.update(temperature=settings.temperature, top_p=settings.top_p)
         if settings.stop:
@@ -80,14 +84,15 @@ class ReplyModel:
     def generate(self, messages: list[Message], settings: GenerationSettings = GenerationSettings()) -> str:
         inputs = self._inputs(messages)
         output = self.model.generate(**inputs, **self._options(settings, inputs["input_ids"].shape[1]))
-        text = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        text = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return cut_at_stop(text, settings.stop).strip()
 
     def stream(self, messages: list[Message], settings: GenerationSettings = GenerationSettings()) -> Iterator[str]:
         """Text pieces as the model produces them (generation runs on its own thread)."""
         inputs = self._inputs(messages)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                        timeout=STREAM_TIMEOUT)
+        streamer = TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_TIMEOUT
+        )
         failure: list[BaseException] = []
         abandoned = threading.Event()
 

@@ -37,7 +37,7 @@ class Predictor:
     def predict(self, texts: list[str], top_k: int = 3) -> list[Prediction]:
         probs = predict_proba(self.model, self.tokenizer, [clean_text(t) for t in texts])
         results = []
-        for text, row in zip(texts, probs):
+        for text, row in zip(texts, probs, strict=True):
             ranked = row.argsort()[::-1][:top_k]
             top = [(self.labels[i], float(row[i])) for i in ranked]
             results.append(Prediction(text=text, label=top[0][0], probability=top[0][1], top_k=top))

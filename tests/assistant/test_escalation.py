@@ -13,8 +13,10 @@ def signals(message="where is my parcel", lang="en", intent="delivery", confiden
     return TurnSignals(message, lang, intent, confidence, sentiment)
 
 
-@pytest.mark.parametrize("message, lang", [("can I talk to a HUMAN please", "en"), ("agents?", "en"),
-                                           ("给我转人工", "zh"), ("要真人客服", "zh")])
+@pytest.mark.parametrize(
+    "message, lang",
+    [("can I talk to a HUMAN please", "en"), ("agents?", "en"), ("给我转人工", "zh"), ("要真人客服", "zh")],
+)
 def test_explicit_requests_in_both_languages(message, lang):
     assert POLICY.reason(signals(message, lang), []) == "asked for a person"
 
@@ -30,14 +32,17 @@ def test_a_request_in_either_language_counts_whatever_the_message_language():
     assert POLICY.reason(signals("order 12345 转人工", "en"), []) == "asked for a person"
 
 
-@pytest.mark.parametrize("turn, history, reason", [
-    (signals(intent=None), [], "out of scope"),
-    (signals(confidence=0.3), [], "low confidence"),
-    (signals(sentiment="negative"), ["negative"], "negative for 2 turns in a row"),
-    (signals(sentiment="negative"), ["negative", "neutral"], None),
-    (signals(sentiment="negative"), [], None),
-    (signals(intent="talk_to_human"), [], "asked for a person"),
-])
+@pytest.mark.parametrize(
+    "turn, history, reason",
+    [
+        (signals(intent=None), [], "out of scope"),
+        (signals(confidence=0.3), [], "low confidence"),
+        (signals(sentiment="negative"), ["negative"], "negative for 2 turns in a row"),
+        (signals(sentiment="negative"), ["negative", "neutral"], None),
+        (signals(sentiment="negative"), [], None),
+        (signals(intent="talk_to_human"), [], "asked for a person"),
+    ],
+)
 def test_rules(turn, history, reason):
     assert POLICY.reason(turn, history) == reason
 

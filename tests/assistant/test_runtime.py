@@ -25,7 +25,9 @@ def test_definition_paths_are_relative_to_the_file_and_typos_are_named(assistant
     assert definition.faq == path.parent / "faq.csv" and definition.faq.is_file()
     typo = tmp_path / "typo.yaml"
     typo.write_text(path.read_text().replace("min_similarity", "min_simlarity"))
-    with pytest.raises(TuneloopError, match="unknown key 'retrieval.min_simlarity' \\(did you mean 'retrieval.min_similarity'"):
+    with pytest.raises(
+        TuneloopError, match="unknown key 'retrieval.min_simlarity' \\(did you mean 'retrieval.min_similarity'"
+    ):
         load_definition(typo)
     cosine = tmp_path / "cosine.yaml"
     cosine.write_text(path.read_text().replace("name: shop", "name: shop\nscope: {score: cosine}"))
@@ -78,10 +80,32 @@ MOODS = ["negative", "neutral", "positive"]
 HIT = FaqHit(FaqEntry("how long does a refund take", "Refunds take 5-7 days.", "refund", "en"), 0.03, 0.9, 1, 1)
 
 
-def turn(definition, message="refund please", intent="refund", mood="neutral", hits=(HIT,), similarity=0.8,
-         recent=(), lang="en", margin=8.0, threshold=None):
-    outcome = plan_turn(definition, message, lang, SPEC.labels, logits_for(SPEC.labels, intent, margin), SPEC,
-                        threshold, MOODS, logits_for(MOODS, mood), list(hits), similarity, list(recent))
+def turn(
+    definition,
+    message="refund please",
+    intent="refund",
+    mood="neutral",
+    hits=(HIT,),
+    similarity=0.8,
+    recent=(),
+    lang="en",
+    margin=8.0,
+    threshold=None,
+):
+    outcome = plan_turn(
+        definition,
+        message,
+        lang,
+        SPEC.labels,
+        logits_for(SPEC.labels, intent, margin),
+        SPEC,
+        threshold,
+        MOODS,
+        logits_for(MOODS, mood),
+        list(hits),
+        similarity,
+        list(recent),
+    )
     if outcome.request is not None:
         outcome.reply = TemplateGenerator().generate(outcome.request)
     return outcome
@@ -125,8 +149,16 @@ def test_language_detection():
 
 
 def openai_request():
-    return ReplyRequest("where is my refund", "en", "refund", "negative", "Refunds take 5-7 days.",
-                        "Refunds take a few days.", "I'm sorry.", history=[("hi", "hello")])
+    return ReplyRequest(
+        "where is my refund",
+        "en",
+        "refund",
+        "negative",
+        "Refunds take 5-7 days.",
+        "Refunds take a few days.",
+        "I'm sorry.",
+        history=[("hi", "hello")],
+    )
 
 
 def test_openai_compatible_generator_grounds_the_reply_and_falls_back_on_failure():
@@ -136,18 +168,27 @@ def test_openai_compatible_generator_grounds_the_reply_and_falls_back_on_failure
         seen.append(json.loads(request.content))
         return httpx.Response(200, json={"choices": [{"message": {"content": " It is on its way back to you. "}}]})
 
-    generator = OpenAICompatibleGenerator("http://llm/v1", "qwen", client=httpx.Client(
-        transport=httpx.MockTransport(answer)))
+    generator = OpenAICompatibleGenerator(
+        "http://llm/v1", "qwen", client=httpx.Client(transport=httpx.MockTransport(answer))
+    )
     assert generator.generate(openai_request()) == "It is on its way back to you."
     body = seen[0]
     assert body["model"] == "qwen" and "Refunds take 5-7 days." in body["messages"][0]["content"]
     assert "frustration" in body["messages"][0]["content"]
     assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
-    empty = OpenAICompatibleGenerator("http://llm/v1", "qwen", client=httpx.Client(transport=httpx.MockTransport(
-        lambda r: httpx.Response(200, json={"choices": [{"message": {"content": None}}]}))))
+    empty = OpenAICompatibleGenerator(
+        "http://llm/v1",
+        "qwen",
+        client=httpx.Client(
+            transport=httpx.MockTransport(
+                lambda r: httpx.Response(200, json={"choices": [{"message": {"content": None}}]})
+            )
+        ),
+    )
     assert empty.generate(openai_request()) == "I'm sorry. Refunds take 5-7 days."
-    broken = OpenAICompatibleGenerator("http://llm/v1", "qwen", client=httpx.Client(
-        transport=httpx.MockTransport(lambda r: httpx.Response(503))))
+    broken = OpenAICompatibleGenerator(
+        "http://llm/v1", "qwen", client=httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(503)))
+    )
     assert broken.generate(openai_request()) == "I'm sorry. Refunds take 5-7 days."
 
 

@@ -22,16 +22,21 @@ def labelled(n_per_label=10, labels=("a", "b", "c")):
 
 
 def test_duplicates_after_normalisation_are_dropped(tmp_path):
-    rows = labelled() + [{"text": "  A   EXAMPLE number 1 ", "label": "a"}, {"text": "<i>a example</i> number 2",
-                                                                               "label": "a"}]
+    rows = labelled() + [
+        {"text": "  A   EXAMPLE number 1 ", "label": "a"},
+        {"text": "<i>a example</i> number 2", "label": "a"},
+    ]
     prepared = prepare_data(DataConfig(path=write(tmp_path, rows)))
     assert prepared.report["dropped"]["duplicate"] == 2
     assert prepared.report["rows_kept"] == 30
 
 
 def test_conflicting_labels_dropped_or_majority(tmp_path):
-    rows = labelled() + [{"text": "where is my money", "label": "a"}, {"text": "Where is my money", "label": "a"},
-                         {"text": "where is my money", "label": "b"}]
+    rows = labelled() + [
+        {"text": "where is my money", "label": "a"},
+        {"text": "Where is my money", "label": "a"},
+        {"text": "where is my money", "label": "b"},
+    ]
     path = write(tmp_path, rows)
     dropped = prepare_data(DataConfig(path=path, conflicts="drop"))
     assert dropped.report["conflicts"][0]["labels"] == {"a": 2, "b": 1}
@@ -86,7 +91,9 @@ def test_kfold_assigns_every_row_once():
 
 def test_report_has_counts_lengths_and_imbalance(tmp_path):
     rows = labelled(20, ("a",)) + labelled(5, ("b",))
-    prepared = prepare_data(DataConfig(path=write(tmp_path, rows)), count_tokens=lambda ts: [len(t.split()) for t in ts])
+    prepared = prepare_data(
+        DataConfig(path=write(tmp_path, rows)), count_tokens=lambda ts: [len(t.split()) for t in ts]
+    )
     report = prepared.report
     assert report["text_length"]["unit"] == "tokens"
     assert report["text_length"]["p50"] == 4
@@ -128,8 +135,8 @@ def test_column_mapping(tmp_path):
         (None, "data file not found"),
         (b"", "is empty"),
         (b"text,label\n", "no rows"),
-        ("text,label\nhello,a\nworld,a\n".encode(), "only one label"),
-        ("text,label\nhello,a\nworld,a\nsolo,b\n".encode(), r"fewer than 2 examples: 'b' \(1\)"),
+        (b"text,label\nhello,a\nworld,a\n", "only one label"),
+        (b"text,label\nhello,a\nworld,a\nsolo,b\n", r"fewer than 2 examples: 'b' \(1\)"),
         ("text,label\n\u9000\u6b3e,a\n".encode("gbk") + b"x,b\n", "not valid UTF-8.*line 2"),
         (b"body,label\nhello,a\n", "no text column 'text'; columns are: body, label"),
     ],

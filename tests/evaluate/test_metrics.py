@@ -25,8 +25,17 @@ def test_overconfident_model_has_ece_equal_to_the_gap():
 def sample_metrics():
     labels = ["a", "b", "c"]
     true = np.array([0, 0, 1, 1, 2, 2, 2])
-    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.6, 0.3], [0.1, 0.1, 0.8],
-                      [0.6, 0.2, 0.2], [0.2, 0.2, 0.6]])
+    probs = np.array(
+        [
+            [0.8, 0.1, 0.1],
+            [0.2, 0.7, 0.1],
+            [0.1, 0.8, 0.1],
+            [0.1, 0.6, 0.3],
+            [0.1, 0.1, 0.8],
+            [0.6, 0.2, 0.2],
+            [0.2, 0.2, 0.6],
+        ]
+    )
     texts = [f"t{i}" for i in range(7)]
     return classification_metrics(true, probs, labels, texts, bins=5), labels
 
@@ -47,12 +56,15 @@ def test_confident_errors_are_listed_as_possible_label_errors():
     labels = ["neg", "pos"]
     true = np.array([0, 0, 1, 1, 1])
     probs = np.array([[0.97, 0.03], [0.05, 0.95], [0.4, 0.6], [0.6, 0.4], [0.92, 0.08]])
-    metrics = classification_metrics(true, probs, labels, ["ok", "great food", "fine", "meh", "awful"],
-                                     suspect_confidence=0.9, suspects_listed=5)
+    metrics = classification_metrics(
+        true, probs, labels, ["ok", "great food", "fine", "meh", "awful"], suspect_confidence=0.9, suspects_listed=5
+    )
     suspects = metrics["label_suspects"]
     assert (suspects["count"], suspects["share"]) == (2, pytest.approx(0.4))
-    assert [(r["text"], r["label"], r["predicted"]) for r in suspects["rows"]] == [("great food", "neg", "pos"),
-                                                                                   ("awful", "pos", "neg")]
+    assert [(r["text"], r["label"], r["predicted"]) for r in suspects["rows"]] == [
+        ("great food", "neg", "pos"),
+        ("awful", "pos", "neg"),
+    ]
     page = render_html({"title": "t", "labels": labels, "base_model": "m", "test": metrics})
     assert "Possible label errors" in page and "great food" in page
     capped = classification_metrics(true, probs, labels, ["a"] * 5, suspects_listed=1)["label_suspects"]
@@ -61,10 +73,22 @@ def test_confident_errors_are_listed_as_possible_label_errors():
 
 def test_html_report_embeds_png_plots():
     metrics, labels = sample_metrics()
-    page = render_html({"title": "t", "labels": labels, "base_model": "m", "test": metrics,
-                        "overfitting": {"train_accuracy": 1.0, "test_accuracy": 0.7, "accuracy_gap": 0.3,
-                                        "train_rows_scored": 7, "likely_overfitting": True},
-                        "training_history": [{"epoch": 1, "step": 10, "train_loss": 1.0, "val_macro_f1": 0.5}]})
+    page = render_html(
+        {
+            "title": "t",
+            "labels": labels,
+            "base_model": "m",
+            "test": metrics,
+            "overfitting": {
+                "train_accuracy": 1.0,
+                "test_accuracy": 0.7,
+                "accuracy_gap": 0.3,
+                "train_rows_scored": 7,
+                "likely_overfitting": True,
+            },
+            "training_history": [{"epoch": 1, "step": 10, "train_loss": 1.0, "val_macro_f1": 0.5}],
+        }
+    )
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) == 4
     assert all(base64.b64decode(image).startswith(b"\x89PNG") for image in images)
@@ -80,4 +104,7 @@ def test_the_report_is_written_with_numpy_scalars_as_plain_json():
     from tuneloop.evaluate.report import report_json
 
     assert json.loads(report_json({"support": np.int64(3), "f1": np.float32(0.5), "labels": ["0", "1"]})) == {
-        "support": 3, "f1": 0.5, "labels": ["0", "1"]}
+        "support": 3,
+        "f1": 0.5,
+        "labels": ["0", "1"],
+    }

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from tuneloop.feedback.export import feedback_examples
 from tuneloop.feedback.log import FeedbackRecord, PredictionRecord
 
-START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 class Stream:
@@ -18,18 +18,25 @@ class Stream:
         self.predictions = {}
 
     def predict(self, pid: str, text: str, label: str) -> None:
-        self.predictions[pid] = PredictionRecord(id=pid, created_at=START, model_name="m", model_version=1, text=text,
-                                                 label=label, scores={}, source="api")
+        self.predictions[pid] = PredictionRecord(
+            id=pid, created_at=START, model_name="m", model_version=1, text=text, label=label, scores={}, source="api"
+        )
 
     def say(self, pid: str, corrected_label=None, rating=None, comment=None) -> None:
         number = len(self.rows) + 1
-        feedback = FeedbackRecord(id=number, prediction_id=pid, created_at=START + timedelta(minutes=number),
-                                  corrected_label=corrected_label, rating=rating, comment=comment)
+        feedback = FeedbackRecord(
+            id=number,
+            prediction_id=pid,
+            created_at=START + timedelta(minutes=number),
+            corrected_label=corrected_label,
+            rating=rating,
+            comment=comment,
+        )
         self.rows.append((feedback, self.predictions[pid]))
 
 
 def as_pairs(exported):
-    return sorted(zip(exported.examples["text"], exported.examples["label"], exported.examples["source"]))
+    return sorted(zip(exported.examples["text"], exported.examples["label"], exported.examples["source"], strict=True))
 
 
 def test_latest_correction_of_a_prediction_wins():

@@ -46,8 +46,7 @@ def test_one_collapsing_class_blocks_even_when_macro_f1_rises():
     candidate = labels("a" * 30 + "b" * 30 + "c" * 9 + "a" * 3)
     checks, metrics, per_class, _ = compare(true, production, candidate, ["test"] * len(true), GateConfig())
     assert metrics["candidate"]["all"]["macro_f1"] > metrics["production"]["all"]["macro_f1"]
-    assert passed(checks) == {"test: macro-F1": True, "test: paired test (McNemar)": True,
-                              "test: per-class F1": False}
+    assert passed(checks) == {"test: macro-F1": True, "test: paired test (McNemar)": True, "test: per-class F1": False}
     assert [row["label"] for row in per_class if row["blocks"]] == ["c"]
     # The same drop on a class with fewer examples than min_class_support is reported, not blocking.
     lenient = GateConfig(min_class_support=20)
@@ -62,9 +61,13 @@ def test_wins_on_feedback_do_not_hide_a_regression_on_the_test_split():
     feedback_true = labels("ab" * 10)
     feedback_production = labels("ba" * 10)  # feedback: production's mistakes, by construction
     feedback_candidate = labels("ab" * 8 + "ba" * 2)
-    checks, _, _, mcnemar = compare(test_true + feedback_true, test_production + feedback_production,
-                                    test_candidate + feedback_candidate, ["test"] * 60 + ["feedback"] * 20,
-                                    GateConfig())
+    checks, _, _, mcnemar = compare(
+        test_true + feedback_true,
+        test_production + feedback_production,
+        test_candidate + feedback_candidate,
+        ["test"] * 60 + ["feedback"] * 20,
+        GateConfig(),
+    )
     verdict = passed(checks)
     assert not verdict["test: paired test (McNemar)"] and not verdict["test: macro-F1"]
     assert verdict["feedback: macro-F1"] and verdict["feedback: paired test (McNemar)"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import insert, text
@@ -16,9 +16,19 @@ from tuneloop.feedback.log import LoggedPrediction, PredictionLog, PredictionRec
 
 
 def predictions(count: int, model: str = "intent") -> list[LoggedPrediction]:
-    now = datetime.now(timezone.utc)
-    return [LoggedPrediction(id=new_prediction_id(), created_at=now, model_name=model, model_version=1,
-                             text=f"text {i}", label="a", scores={"a": 0.9, "b": 0.1}) for i in range(count)]
+    now = datetime.now(UTC)
+    return [
+        LoggedPrediction(
+            id=new_prediction_id(),
+            created_at=now,
+            model_name=model,
+            model_version=1,
+            text=f"text {i}",
+            label="a",
+            scores={"a": 0.9, "b": 0.1},
+        )
+        for i in range(count)
+    ]
 
 
 @pytest.fixture()

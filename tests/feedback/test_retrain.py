@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
@@ -23,16 +23,27 @@ def frame(pairs):
 
 
 def frozen() -> PreparedData:
-    splits = {"train": frame([("card lost", "lost"), ("where is my card", "arrival"), ("refund me", "refund")]),
-              "val": frame([("stolen card", "lost")]),
-              "test": frame([("card never came", "arrival"), ("money back", "refund")])}
+    splits = {
+        "train": frame([("card lost", "lost"), ("where is my card", "arrival"), ("refund me", "refund")]),
+        "val": frame([("stolen card", "lost")]),
+        "test": frame([("card never came", "arrival"), ("money back", "refund")]),
+    }
     return PreparedData(splits=splits, labels=["arrival", "lost", "refund"], report={}, fingerprint="f")
 
 
 def feedback(pairs) -> FeedbackExamples:
-    now = datetime.now(timezone.utc)
-    rows = [{"text": t, "label": label, "source": "corrected", "prediction_id": f"p{i}", "model_version": 1,
-             "feedback_at": now} for i, (t, label) in enumerate(pairs)]
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "text": t,
+            "label": label,
+            "source": "corrected",
+            "prediction_id": f"p{i}",
+            "model_version": 1,
+            "feedback_at": now,
+        }
+        for i, (t, label) in enumerate(pairs)
+    ]
     return FeedbackExamples(examples=pd.DataFrame(rows), counts={"examples": len(rows)})
 
 
@@ -71,8 +82,15 @@ def test_held_out_feedback_stays_out_of_training():
 def log_feedback(config, corrections):
     log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
     for text, predicted, right in corrections:
-        prediction = LoggedPrediction(id=new_prediction_id(), created_at=datetime.now(timezone.utc), model_name="toy",
-                                      model_version=1, text=text, label=predicted, scores={})
+        prediction = LoggedPrediction(
+            id=new_prediction_id(),
+            created_at=datetime.now(UTC),
+            model_name="toy",
+            model_version=1,
+            text=text,
+            label=predicted,
+            scores={},
+        )
         log.record([prediction])
         log.add_feedback(prediction.id, corrected_label=right)
     log.close()
@@ -82,16 +100,22 @@ def test_retrain_trains_a_candidate_on_production_data_plus_feedback(served):
     config, home = served
     with pytest.raises(TuneloopError, match="no feedback with a label for 'toy'"):
         retrain("toy", overrides=[f"registry.home={home}"], show_progress=False)
-    log_feedback(config, [(f"refund back money order {i}", "delivery", "refund") for i in range(6)]
-                 + [("late parcel courier please", "refund", "delivery")])
-    outcome = retrain("toy", overrides=[f"registry.home={home}", "train.epochs=1", "name=elsewhere"],
-                      show_progress=False)
+    log_feedback(
+        config,
+        [(f"refund back money order {i}", "delivery", "refund") for i in range(6)]
+        + [("late parcel courier please", "refund", "delivery")],
+    )
+    outcome = retrain(
+        "toy", overrides=[f"registry.home={home}", "train.epochs=1", "name=elsewhere"], show_progress=False
+    )
     registry = Registry(config.registry)
     candidate = registry.get("toy@2")
     assert outcome.run.version.ref == "toy@2" and candidate.parent == "toy@1" and candidate.stage == "candidate"
     assert candidate.config["train"]["epochs"] == 1 and candidate.config["model"]["max_length"] == 32
-    parent_data, data = load_prepared(registry.artifacts(registry.get("toy@1")) / "data"), \
-        load_prepared(registry.artifacts(candidate) / "data")
+    parent_data, data = (
+        load_prepared(registry.artifacts(registry.get("toy@1")) / "data"),
+        load_prepared(registry.artifacts(candidate) / "data"),
+    )
     assert data.test.equals(parent_data.test)
     assert outcome.feedback["examples"] == 7 and outcome.feedback["train"] + outcome.feedback["holdout"] == 7
     assert len(data.holdout) == outcome.feedback["holdout"]

@@ -35,20 +35,29 @@ def test_without_a_padding_bound_groups_are_batch_size_slices_of_the_length_orde
 def test_grouping_by_length_does_not_change_the_logits(production_home, tiny_encoder, max_padding):
     registry = Registry(tiny_config(tiny_encoder, production_home / "toy.csv", production_home / "home").registry)
     loaded = load_version(registry, registry.get("toy@production"))
-    texts = ["reset", "where is my parcel it has been two weeks now and nobody answers", "refund please",
-             "my login password is locked", "hi", "cancel the order I placed yesterday evening"]
+    texts = [
+        "reset",
+        "where is my parcel it has been two weeks now and nobody answers",
+        "refund please",
+        "my login password is locked",
+        "hi",
+        "cancel the order I placed yesterday evening",
+    ]
     one_pass = predict_logits(loaded.model, loaded.tokenizer, texts, batch_size=len(texts))
     grouped = predict_logits(loaded.model, loaded.tokenizer, texts, batch_size=len(texts), max_padding=max_padding)
     np.testing.assert_allclose(grouped, one_pass, atol=1e-5)
     assert len(set(map(tuple, one_pass.round(4)))) > 1  # the texts really get different logits
 
 
-@pytest.mark.parametrize(("settings", "expected"), [
-    ({}, None),  # PyTorch: one pass per batch
-    ({"runtime": "onnx"}, AUTO_MAX_PADDING),
-    ({"runtime": "onnx-int8"}, AUTO_MAX_PADDING),
-    ({"runtime": "onnx", "max_padding": None}, None),
-    ({"max_padding": 0.5}, 0.5),
-])
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({}, None),  # PyTorch: one pass per batch
+        ({"runtime": "onnx"}, AUTO_MAX_PADDING),
+        ({"runtime": "onnx-int8"}, AUTO_MAX_PADDING),
+        ({"runtime": "onnx", "max_padding": None}, None),
+        ({"max_padding": 0.5}, 0.5),
+    ],
+)
 def test_auto_padding_bound_follows_the_runtime(settings, expected):
     assert batch_padding(ServeConfig(**settings)) == expected

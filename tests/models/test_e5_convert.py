@@ -408,7 +408,11 @@ def test_real_model_is_semantically_sane(real_model):
         parsed.bos, parsed.pad, parsed.eos, parsed.unk,
     )  # fmt: skip
     assert tok.mask_token_id == parsed.pieces.index("<mask>")
-    for text in ["query: how do I reset my password", "passage: 我爱北京天安门，天安门上太阳升。", "好的～ＡＢＣ１２３  x\ty"]:
+    for text in [
+        "query: how do I reset my password",
+        "passage: 我爱北京天安门，天安门上太阳升。",
+        "好的～ＡＢＣ１２３  x\ty",
+    ]:
         expected = reference_tokenize(text, parsed.pieces, parsed.scores, parsed.unk, parsed.norm_map)
         assert tok(text)["input_ids"] == [parsed.bos, *expected, parsed.eos]
 

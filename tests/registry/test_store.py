@@ -24,8 +24,16 @@ def artifacts(tmp_path):
 
 
 def register(registry, artifacts, name="intent", **extra):
-    return registry.register(name, artifacts, base_model="tiny", data_fingerprint="abc", config={"k": 1},
-                             metrics={"accuracy": 0.9}, ignore=("checkpoint",), **extra)
+    return registry.register(
+        name,
+        artifacts,
+        base_model="tiny",
+        data_fingerprint="abc",
+        config={"k": 1},
+        metrics={"accuracy": 0.9},
+        ignore=("checkpoint",),
+        **extra,
+    )
 
 
 def test_versions_increment_and_artifacts_are_copied(registry, artifacts):
@@ -63,8 +71,10 @@ def test_promote_archives_the_previous_production(registry, artifacts):
         registry.get("intent@production")
 
 
-@pytest.mark.parametrize(("ref", "message"), [("nobody", "no model named 'nobody'"), ("intent@9", "no version 9"),
-                                              ("bad ref!", "not a model reference")])
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [("nobody", "no model named 'nobody'"), ("intent@9", "no version 9"), ("bad ref!", "not a model reference")],
+)
 def test_unknown_references(registry, artifacts, ref, message):
     register(registry, artifacts)
     with pytest.raises(TuneloopError, match=message):
@@ -97,8 +107,7 @@ def test_folder_left_by_a_crash_is_replaced(registry, artifacts):
 
 def test_failed_copy_leaves_nothing(registry, tmp_path):
     with pytest.raises(TuneloopError, match="cannot store artifacts"):
-        registry.register("intent", tmp_path / "missing", base_model="m", data_fingerprint="f", config={},
-                          metrics={})
+        registry.register("intent", tmp_path / "missing", base_model="m", data_fingerprint="f", config={}, metrics={})
     assert registry.list() == []
     assert not any((registry.home / "models" / "intent").iterdir())
 

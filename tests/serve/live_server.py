@@ -35,8 +35,12 @@ def register_copy(config, ref: str = "toy@1"):
     """A new version of toy with the same weights: a cheap second version to swap to."""
     registry = Registry(config.registry)
     source = registry.get(ref)
-    return registry.register(source.name, registry.artifacts(source), base_model=source.base_model,
-                             data_fingerprint=source.data_fingerprint, config=source.config, metrics=source.metrics,
-                             parent=source.ref)
-
-
+    return registry.register(
+        source.name,
+        registry.artifacts(source),
+        base_model=source.base_model,
+        data_fingerprint=source.data_fingerprint,
+        config=source.config,
+        metrics=source.metrics,
+        parent=source.ref,
+    )

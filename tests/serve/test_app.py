@@ -7,8 +7,8 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-
 from live_server import register_copy
+
 from tuneloop.feedback.log import PredictionLog
 from tuneloop.registry.store import Registry
 from tuneloop.serve.app import create_app
@@ -71,37 +71,50 @@ def test_feedback_correction_rating_and_comment_are_stored(client, served):
     assert response.status_code == 201, response.text
     assert response.json()["prediction_id"] == first["prediction_id"]
     assert client.post("/v1/feedback", json={"prediction_id": second["prediction_id"], "rating": 1}).status_code == 201
-    assert client.post("/v1/feedback", json={"prediction_id": second["prediction_id"],
-                                             "comment": "good"}).status_code == 201
+    assert (
+        client.post("/v1/feedback", json={"prediction_id": second["prediction_id"], "comment": "good"}).status_code
+        == 201
+    )
     _, rows = stored(config)
     assert [(f.corrected_label, f.rating, f.comment) for f, _ in rows] == [
-        ("refund", None, None), (None, 1, None), (None, None, "good")]
+        ("refund", None, None),
+        (None, 1, None),
+        (None, None, "good"),
+    ]
 
 
-@pytest.mark.parametrize("body, status, message", [
-    ({"prediction_id": "nope", "rating": 1}, 404, "no prediction with id 'nope'"),
-    ({"prediction_id": "ID"}, 422, "give at least one of corrected_label, rating or comment"),
-    ({"prediction_id": "ID", "corrected_label": "weather"}, 422, "is not a label of toy"),
-    ({"prediction_id": "ID", "rating": 5}, 422, "rating"),
-    ({"prediction_id": "ID", "rating": 1, "extra": 1}, 422, "extra"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"prediction_id": "nope", "rating": 1}, 404, "no prediction with id 'nope'"),
+        ({"prediction_id": "ID"}, 422, "give at least one of corrected_label, rating or comment"),
+        ({"prediction_id": "ID", "corrected_label": "weather"}, 422, "is not a label of toy"),
+        ({"prediction_id": "ID", "rating": 5}, 422, "rating"),
+        ({"prediction_id": "ID", "rating": 1, "extra": 1}, 422, "extra"),
+    ],
+)
 def test_feedback_errors(client, body, status, message):
-    body = {**body, "prediction_id": body["prediction_id"].replace(
-        "ID", predict(client, "x")["predictions"][0]["prediction_id"])}
+    body = {
+        **body,
+        "prediction_id": body["prediction_id"].replace("ID", predict(client, "x")["predictions"][0]["prediction_id"]),
+    }
     response = client.post("/v1/feedback", json=body)
     assert response.status_code == status, response.text
     assert message in response.json()["detail"]
 
 
-@pytest.mark.parametrize("body, status, message", [
-    ({"texts": []}, 422, "texts"),
-    ({"texts": "just one string"}, 422, "texts"),
-    ({"texts": ["a"] * 65}, 413, "at most 64"),
-    ({"texts": ["a", "x" * 2001]}, 422, "texts.1 has 2001 characters"),
-    ({"texts": ["a"], "model": "other"}, 404, "model 'other' is not served"),
-    ({"texts": ["a"], "top_k": 0}, 422, "top_k"),
-    ({"texts": ["a"], "unexpected": True}, 422, "unexpected"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"texts": []}, 422, "texts"),
+        ({"texts": "just one string"}, 422, "texts"),
+        ({"texts": ["a"] * 65}, 413, "at most 64"),
+        ({"texts": ["a", "x" * 2001]}, 422, "texts.1 has 2001 characters"),
+        ({"texts": ["a"], "model": "other"}, 404, "model 'other' is not served"),
+        ({"texts": ["a"], "top_k": 0}, 422, "top_k"),
+        ({"texts": ["a"], "unexpected": True}, 422, "unexpected"),
+    ],
+)
 def test_predict_errors(client, body, status, message):
     response = client.post("/v1/predict", json=body)
     assert response.status_code == status, response.text
@@ -118,6 +131,7 @@ def test_malformed_json_and_oversized_bodies(client):
     def chunks():  # no content-length: the limit must be enforced while reading
         for _ in range(1100):
             yield b" " * 1000
+
     response = client.post("/v1/predict", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413 and "larger than" in response.json()["detail"]
 
@@ -157,14 +171,18 @@ def test_api_keys_scopes(served, monkeypatch):
         assert client.post("/v1/predict", json=body).status_code == 401
         assert client.post("/v1/predict", json=body, headers={"X-API-Key": "wrong"}).status_code == 401
         assert client.post("/v1/predict", json=body, headers={"X-API-Key": "client-secret"}).status_code == 200
-        assert client.post("/v1/predict", json=body, headers={"Authorization": "Bearer admin-secret"}).status_code == 200
+        assert (
+            client.post("/v1/predict", json=body, headers={"Authorization": "Bearer admin-secret"}).status_code == 200
+        )
         promote = {"version": 1, "wait": True}
         response = client.post("/v1/models/toy/promote", json=promote, headers={"X-API-Key": "client-secret"})
         assert response.status_code == 403 and "needs an admin key" in response.json()["detail"]
         response = client.post("/v1/models/toy/promote", json=promote)
         assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
-        assert client.post("/v1/models/toy/promote", json=promote,
-                           headers={"X-API-Key": "admin-secret"}).status_code == 200
+        assert (
+            client.post("/v1/models/toy/promote", json=promote, headers={"X-API-Key": "admin-secret"}).status_code
+            == 200
+        )
         assert client.get("/healthz").status_code == 200  # probes need no key
 
 
@@ -230,8 +248,9 @@ def test_a_version_that_fails_to_load_is_not_promoted_and_the_old_one_keeps_serv
     config, _ = served
     monkeypatch.setenv("TUNELOOP_ADMIN_KEYS", "root")
     (tmp_path / "broken" / "model").mkdir(parents=True)
-    Registry(config.registry).register("toy", tmp_path / "broken", base_model="tiny", data_fingerprint="x",
-                                       config={}, metrics={})
+    Registry(config.registry).register(
+        "toy", tmp_path / "broken", base_model="tiny", data_fingerprint="x", config={}, metrics={}
+    )
     with TestClient(create_app(config)) as client:
         admin = {"X-API-Key": "root"}
         response = client.post("/v1/models/toy/promote", json={"version": 2, "wait": True}, headers=admin)

@@ -162,14 +162,15 @@ def test_a_local_language_model_writes_the_reply_and_streams_it(assistant_setup,
         client.app.state.tuneloop.assistant.definition.escalation.min_confidence = 0.0
         whole = say(client, "refund money back", session="local")
         assert whole["reply"] and not whole["escalate"]
-        streamed = sse(client.post("/v1/chat?stream=true", json={"session_id": "x", "message": "refund money back"}).text)
+        streamed = sse(
+            client.post("/v1/chat?stream=true", json={"session_id": "x", "message": "refund money back"}).text
+        )
         pieces = [data["text"] for name, data in streamed if name == "token"]
         assert pieces and streamed[-1][1]["reply"] == "".join(pieces).strip()
         assert streamed[-1][1]["reply"] == whole["reply"]  # greedy: the same words either way
 
 
-def test_a_multitask_model_gives_intent_and_sentiment_from_one_encoder_pass(assistant_setup, tiny_encoder,
-                                                                             monkeypatch):
+def test_a_multitask_model_gives_intent_and_sentiment_from_one_encoder_pass(assistant_setup, tiny_encoder, monkeypatch):
     import pandas as pd
 
     from conftest import MOODS, toy_rows
@@ -180,13 +181,28 @@ def test_a_multitask_model_gives_intent_and_sentiment_from_one_encoder_pass(assi
     config, definition = assistant_setup
     folder = definition.parent
     pd.DataFrame(toy_rows(per_label=30, seed=8)).to_csv(folder / "intents.csv", index=False)
-    nlu = load_config(None, [f"model.name={tiny_encoder}", f"registry.home={config.registry.home}", "name=nlu",
-                             "train.epochs=4", "train.batch_size=8", "train.lr=1e-3", "train.head_lr=1e-2",
-                             "model.max_length=32", "train.threads=1", f"tasks.intent.path={folder / 'intents.csv'}",
-                             f"tasks.sentiment.path={folder / 'mood.csv'}"])
+    nlu = load_config(
+        None,
+        [
+            f"model.name={tiny_encoder}",
+            f"registry.home={config.registry.home}",
+            "name=nlu",
+            "train.epochs=4",
+            "train.batch_size=8",
+            "train.lr=1e-3",
+            "train.head_lr=1e-2",
+            "model.max_length=32",
+            "train.threads=1",
+            f"tasks.intent.path={folder / 'intents.csv'}",
+            f"tasks.sentiment.path={folder / 'mood.csv'}",
+        ],
+    )
     Registry(nlu.registry).promote(run_training(nlu, show_progress=False).version.ref)
-    definition.write_text(definition.read_text().replace("intent_model: toy", "intent_model: nlu")
-                          .replace("sentiment_model: mood", "sentiment_model: nlu"))
+    definition.write_text(
+        definition.read_text()
+        .replace("intent_model: toy", "intent_model: nlu")
+        .replace("sentiment_model: mood", "sentiment_model: nlu")
+    )
     config.serve.assistant = definition
     config.serve.models = ["nlu"]
     with TestClient(create_app(config)) as client:

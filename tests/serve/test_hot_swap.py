@@ -7,8 +7,8 @@ import time
 from collections import defaultdict
 
 import httpx
-
 from live_server import LiveServer, register_copy
+
 from tuneloop.feedback.log import PredictionLog
 from tuneloop.registry.store import Registry
 from tuneloop.serve.app import create_app
@@ -70,7 +70,7 @@ def test_swaps_under_load_with_zero_failures_and_a_logged_answer_for_every_reque
         seen = versions[number]
         assert seen[0] == 1 and 2 in seen
         first_two = seen.index(2)
-        assert set(seen[first_two:sent_after_swap[number]]) <= {2}  # never back to 1 until the rollback
+        assert set(seen[first_two : sent_after_swap[number]]) <= {2}  # never back to 1 until the rollback
     log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
     assert log.count("toy")["predictions"] == sum(len(v) for v in versions.values())
     log.close()

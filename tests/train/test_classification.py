@@ -36,8 +36,12 @@ def test_length_grouped_batches_cover_every_index_once_and_group_lengths():
     flat = sorted(i for b in batches for i in b)
     assert flat == list(range(1000))
     spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
-    random_spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b)
-                             for b in length_grouped_batches(lengths, 10, seed=1, grouped=False)])
+    random_spread = np.mean(
+        [
+            max(lengths[i] for i in b) - min(lengths[i] for i in b)
+            for b in length_grouped_batches(lengths, 10, seed=1, grouped=False)
+        ]
+    )
     assert spread < random_spread / 4
     assert batches == length_grouped_batches(lengths, 10, seed=1)
     assert batches != length_grouped_batches(lengths, 10, seed=2)
@@ -66,7 +70,7 @@ def test_centroid_head_starts_better_than_chance(setup):
     from tuneloop.train.classification import _embed_all
 
     ids = tokenize(tokenizer, data.train["text"].tolist(), model.spec)
-    label_ids = torch.tensor(data.train["label"].map({l: i for i, l in enumerate(data.labels)}).to_numpy())
+    label_ids = torch.tensor(data.train["label"].map({label: i for i, label in enumerate(data.labels)}).to_numpy())
     model.init_head_from_centroids(_embed_all(model, ids, tokenizer.pad_token_id), label_ids)
     predicted = predict_proba(model, tokenizer, data.train["text"].tolist()).argmax(1)
     assert (predicted == label_ids.numpy()).mean() > 1 / len(data.labels) + 0.15
@@ -88,14 +92,16 @@ def test_resume_continues_exactly(setup, tmp_path, eval_every):
             raise Crash
 
     with pytest.raises(Crash):
-        train_classifier(config, data, encoder, tmp_path / "crashed", show_progress=False, step_callback=crash,
-                         callback_every=1)
+        train_classifier(
+            config, data, encoder, tmp_path / "crashed", show_progress=False, step_callback=crash, callback_every=1
+        )
     resumed = train_classifier(config, data, encoder, tmp_path / "crashed", resume=True, show_progress=False)
-    assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in straight.history],
-                                                                       abs=1e-6)
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx(
+        [h["train_loss"] for h in straight.history], abs=1e-6
+    )
     a, _ = TextClassifier.load(straight.best_dir)
     b, _ = TextClassifier.load(resumed.best_dir)
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.allclose(x, y, atol=1e-6), name
 
 
@@ -121,6 +127,7 @@ def test_validation_every_n_steps_can_keep_a_model_from_inside_an_epoch(setup, t
     def scripted_f1(*args) -> float:
         calls.append(len(calls))
         return 0.9 if len(calls) == 2 else 0.01  # the second scoring (step 4) is the best
+
     monkeypatch.setattr("tuneloop.train.classification.validation_macro_f1", scripted_f1)
     at_step_4 = {}
 
@@ -129,8 +136,9 @@ def test_validation_every_n_steps_can_keep_a_model_from_inside_an_epoch(setup, t
             with plain_embeddings(model.encoder):
                 at_step_4.update({k: v.clone() for k, v in model.state_dict().items()})
 
-    result = train_classifier(config, data, encoder, tmp_path / "run", show_progress=False, step_callback=snapshot,
-                              callback_every=1)
+    result = train_classifier(
+        config, data, encoder, tmp_path / "run", show_progress=False, step_callback=snapshot, callback_every=1
+    )
     assert (result.best_step, result.best_epoch, result.best_val_macro_f1) == (4, 1, 0.9)
     assert [h["step"] for h in result.history][:2] == [2, 4]
     kept, _ = TextClassifier.load(result.best_dir)
@@ -150,8 +158,13 @@ def test_early_stopping_with_patience(setup, tmp_path):
     assert result.best_epoch == 1
 
 
-@pytest.mark.parametrize("options", [{"class_weighted": True, "label_smoothing": 0.1, "schedule": "cosine"},
-                                     {"length_grouping": False, "schedule": "constant"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"class_weighted": True, "label_smoothing": 0.1, "schedule": "cosine"},
+        {"length_grouping": False, "schedule": "constant"},
+    ],
+)
 def test_training_options_run(setup, tmp_path, options):
     config, data, encoder = setup
     for key, value in options.items():
@@ -185,9 +198,11 @@ def test_training_only_used_rows_matches_training_the_whole_matrix(tiny_encoder)
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.0) for m in (dense, sparse)]
     for _ in range(3):
         for batch in batches:
-            for encoder, optimizer in zip((dense, sparse), optimizers):
+            for encoder, optimizer in zip((dense, sparse), optimizers, strict=True):
                 input_ids, mask = pad_right(batch, pad_id=0)
-                encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state[mask.bool()].pow(2).mean().backward()
+                encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state[mask.bool()].pow(
+                    2
+                ).mean().backward()
                 optimizer.step()
                 optimizer.zero_grad()
     original = load_encoder(tiny_encoder).get_input_embeddings().weight

@@ -25,8 +25,11 @@ def trainable(model) -> int:
 
 def test_lora_trains_a_small_share_of_the_weights(tiny_overrides, tiny_encoder):
     full, _ = build_classifier(load_config(None, tiny_overrides), EncoderSource("tiny", tiny_encoder), ["a", "b"])
-    lora, _ = build_classifier(load_config(None, [*tiny_overrides, "train.method=lora", "train.lora_rank=2"]),
-                               EncoderSource("tiny", tiny_encoder), ["a", "b"])
+    lora, _ = build_classifier(
+        load_config(None, [*tiny_overrides, "train.method=lora", "train.lora_rank=2"]),
+        EncoderSource("tiny", tiny_encoder),
+        ["a", "b"],
+    )
     adapters = [n for n, p in lora.named_parameters() if p.requires_grad and "lora_" in n]
     assert adapters and all("query" in n or "value" in n for n in adapters)
     assert trainable(lora) < 0.1 * trainable(full)

@@ -47,7 +47,7 @@ def test_whole_words_group_chinese_characters_and_english_pieces(tiny_encoder):
     words = word_numbers(text, encoded["offset_mapping"])
     pieces = tokenizer.convert_ids_to_tokens(encoded["input_ids"])
     by_word = {}
-    for piece, word in zip(pieces, words):
+    for piece, word in zip(pieces, words, strict=True):
         by_word.setdefault(word, []).append(piece)
     groups = ["".join(p.replace("##", "") for p in group) for group in by_word.values()]
     assert "快递" in groups and "refunds" in groups and "我" in groups
@@ -82,9 +82,21 @@ def test_masking_takes_whole_words_never_special_tokens_and_about_the_asked_shar
 
 
 def pretrain_config(tiny_encoder, corpus, home, *extra):
-    return load_config(None, [f"model.name={tiny_encoder}", f"pretrain.paths=[{corpus}]", f"registry.home={home}",
-                              "name=toy-mlm", "pretrain.block_size=32", "pretrain.batch_size=8", "pretrain.lr=1e-3",
-                              "pretrain.epochs=4", "train.threads=1", *extra])
+    return load_config(
+        None,
+        [
+            f"model.name={tiny_encoder}",
+            f"pretrain.paths=[{corpus}]",
+            f"registry.home={home}",
+            "name=toy-mlm",
+            "pretrain.block_size=32",
+            "pretrain.batch_size=8",
+            "pretrain.lr=1e-3",
+            "pretrain.epochs=4",
+            "train.threads=1",
+            *extra,
+        ],
+    )
 
 
 def test_mlm_lowers_the_loss_and_registers_an_encoder_train_can_start_from(tiny_encoder, tmp_path, home, toy_csv):
@@ -94,16 +106,27 @@ def test_mlm_lowers_the_loss_and_registers_an_encoder_train_can_start_from(tiny_
     assert len(history) == 4 and history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["heldout_perplexity"] == pytest.approx(math.exp(history[-1]["heldout_loss"]))
     assert outcome.version.ref == "toy-mlm@1" and outcome.version.metrics["kind"] == "encoder"
-    result = CliRunner().invoke(app, ["train", f"data.path={toy_csv}", "model.name=toy-mlm@1", "name=toy",
-                                      "train.epochs=1", "model.max_length=32", "train.threads=1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            f"data.path={toy_csv}",
+            "model.name=toy-mlm@1",
+            "name=toy",
+            "train.epochs=1",
+            "model.max_length=32",
+            "train.threads=1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((home / "models" / "toy" / "v1" / "report.json").read_text())
     assert report["base_model"] == "toy-mlm@1"
 
 
 def test_an_interrupted_run_resumes_exactly(tiny_encoder, tmp_path, home):
-    config = pretrain_config(tiny_encoder, corpus_file(tmp_path), home, "pretrain.epochs=2",
-                             "pretrain.checkpoint_every=3")
+    config = pretrain_config(
+        tiny_encoder, corpus_file(tmp_path), home, "pretrain.epochs=2", "pretrain.checkpoint_every=3"
+    )
     straight = pretrain(config, tmp_path / "straight", register=False, show_progress=False)
 
     class Crash(Exception):
@@ -130,10 +153,24 @@ def test_from_scratch_tokenizer_round_trips_and_a_tiny_bert_trains(tmp_path, hom
         assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == text.replace(" ", "")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(texts), encoding="utf-8")
-    result = CliRunner().invoke(app, ["pretrain", "--data", str(corpus), "--from-scratch", "name=scratch",
-                                      f"registry.home={home}", "pretrain.size=tiny", f"pretrain.tokenizer={kind}",
-                                      "pretrain.block_size=32", "pretrain.batch_size=8", "pretrain.lr=5e-4",
-                                      "pretrain.vocab_size=300", "train.threads=1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            "--data",
+            str(corpus),
+            "--from-scratch",
+            "name=scratch",
+            f"registry.home={home}",
+            "pretrain.size=tiny",
+            f"pretrain.tokenizer={kind}",
+            "pretrain.block_size=32",
+            "pretrain.batch_size=8",
+            "pretrain.lr=5e-4",
+            "pretrain.vocab_size=300",
+            "train.threads=1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "registered scratch@1" in result.output
     assert (home / "models" / "scratch" / "v1" / "model" / "config.json").is_file()

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import MOODS, toy_rows
 
+from conftest import MOODS, toy_rows
 from tuneloop.config import load_config
 from tuneloop.data.prepare import load_prepared
 from tuneloop.errors import TuneloopError
@@ -23,9 +23,20 @@ from tuneloop.train.run import run_training, task_data_dir
 def two_tasks(tmp_path, tiny_encoder, home) -> list[str]:
     pd.DataFrame(toy_rows(per_label=40, seed=1)).to_csv(tmp_path / "intents.csv", index=False)
     pd.DataFrame(toy_rows(per_label=40, seed=2, topics=MOODS)).to_csv(tmp_path / "moods.csv", index=False)
-    return [f"model.name={tiny_encoder}", f"registry.home={home}", "name=nlu", "train.epochs=6", "train.batch_size=8",
-            "train.lr=1e-3", "train.head_lr=1e-2", "model.max_length=32", "train.threads=1", "train.patience=10",
-            f"tasks.intent.path={tmp_path / 'intents.csv'}", f"tasks.sentiment.path={tmp_path / 'moods.csv'}"]
+    return [
+        f"model.name={tiny_encoder}",
+        f"registry.home={home}",
+        "name=nlu",
+        "train.epochs=6",
+        "train.batch_size=8",
+        "train.lr=1e-3",
+        "train.head_lr=1e-2",
+        "model.max_length=32",
+        "train.threads=1",
+        "train.patience=10",
+        f"tasks.intent.path={tmp_path / 'intents.csv'}",
+        f"tasks.sentiment.path={tmp_path / 'moods.csv'}",
+    ]
 
 
 def accuracy(model: TextClassifier, tokenizer, split: pd.DataFrame) -> float:
@@ -49,7 +60,8 @@ def test_both_heads_learn_on_one_encoder_and_register_as_one_version(two_tasks):
     history = outcome.train.history
     assert {"val_macro_f1/intent", "val_macro_f1/sentiment"} <= set(history[-1])
     assert history[-1]["val_macro_f1"] == pytest.approx(
-        (history[-1]["val_macro_f1/intent"] + history[-1]["val_macro_f1/sentiment"]) / 2)
+        (history[-1]["val_macro_f1/intent"] + history[-1]["val_macro_f1/sentiment"]) / 2
+    )
     assert "task sentiment" in outcome.report_html.read_text()
     assert outcome.version.metrics["sentiment.accuracy"] == outcome.report["tasks"]["sentiment"]["test"]["accuracy"]
 
@@ -61,8 +73,9 @@ def test_one_encoder_pass_gives_every_tasks_logits(two_tasks):
     texts = ["refund money please", "thanks great parcel"]
     rows = predict_logits(loaded.model, loaded.tokenizer, texts, heads=list(loaded.tasks.values()))
     assert rows.shape == (2, 3 + 3)
-    np.testing.assert_allclose(loaded.own_logits(rows), predict_logits(loaded.model, loaded.tokenizer, texts),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        loaded.own_logits(rows), predict_logits(loaded.model, loaded.tokenizer, texts), rtol=1e-5, atol=1e-5
+    )
     mood, mood_rows = loaded.task("sentiment", rows)
     assert mood.name == "nlu:sentiment" and mood.labels == loaded.tasks["sentiment"].spec.labels
     np.testing.assert_allclose(mood_rows, predict_logits(mood.model, loaded.tokenizer, texts), rtol=1e-5, atol=1e-5)
@@ -94,8 +107,9 @@ def test_resume_continues_a_multitask_run(two_tasks, tmp_path):
         run_training(config, show_progress=False, register=False, step_callback=crash, callback_every=1)
     [crashed] = [r for r in (config.registry.home / "runs").iterdir() if r != straight.run_dir]
     resumed = run_training(config, resume=crashed, show_progress=False, register=False)
-    assert [round(h["train_loss"], 5) for h in resumed.train.history] == \
-        [round(h["train_loss"], 5) for h in straight.train.history]
+    assert [round(h["train_loss"], 5) for h in resumed.train.history] == [
+        round(h["train_loss"], 5) for h in straight.train.history
+    ]
     assert json.loads((resumed.run_dir / MODEL_DIR / "tasks.json").read_text())["sentiment"]["task"] == "sentiment"
     a, b = (TextClassifier.load(run.run_dir / MODEL_DIR)[0] for run in (straight, resumed))
     a_heads, b_heads = load_task_heads(straight.run_dir / MODEL_DIR, a), load_task_heads(resumed.run_dir / MODEL_DIR, b)

@@ -18,16 +18,30 @@ runner = CliRunner()
 
 def test_only_the_assistant_tokens_carry_labels(tiny_lm):
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
-    messages = [{"role": "system", "content": "you are a helpful shop"},
-                {"role": "user", "content": "where is my parcel"},
-                {"role": "assistant", "content": "your parcel is with the courier"},
-                {"role": "user", "content": "can i cancel my order"},
-                {"role": "assistant", "content": "yes before it ships"}]
+    messages = [
+        {"role": "system", "content": "you are a helpful shop"},
+        {"role": "user", "content": "where is my parcel"},
+        {"role": "assistant", "content": "your parcel is with the courier"},
+        {"role": "user", "content": "can i cancel my order"},
+        {"role": "assistant", "content": "yes before it ships"},
+    ]
     ids, labels = tokenize_conversation(tokenizer, messages, max_length=200)
-    learned = tokenizer.decode([t for t, label in zip(ids, labels) if label != -100])
-    assert learned.split() == ["your", "parcel", "is", "with", "the", "courier", "<|im_end|>",
-                               "yes", "before", "it", "ships", "<|im_end|>"]
-    assert all(label in (-100, token) for token, label in zip(ids, labels))
+    learned = tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != -100])
+    assert learned.split() == [
+        "your",
+        "parcel",
+        "is",
+        "with",
+        "the",
+        "courier",
+        "<|im_end|>",
+        "yes",
+        "before",
+        "it",
+        "ships",
+        "<|im_end|>",
+    ]
+    assert all(label in (-100, token) for token, label in zip(ids, labels, strict=True))
 
 
 def test_bad_conversations_are_named(tmp_path):
@@ -44,21 +58,35 @@ def test_bad_conversations_are_named(tmp_path):
 
 
 def sft_config(tiny_lm, pairs, home, *extra):
-    return load_config(None, [f"sft.model={tiny_lm}", f"sft.paths=[{pairs}]", f"registry.home={home}", "name=replies",
-                              "sft.epochs=8", "sft.batch_size=4", "sft.lr=1e-2", "sft.val_size=0.2",
-                              "train.threads=1", *extra])
+    return load_config(
+        None,
+        [
+            f"sft.model={tiny_lm}",
+            f"sft.paths=[{pairs}]",
+            f"registry.home={home}",
+            "name=replies",
+            "sft.epochs=8",
+            "sft.batch_size=4",
+            "sft.lr=1e-2",
+            "sft.val_size=0.2",
+            "train.threads=1",
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_fine_tuning_lowers_the_held_out_loss_and_registers(tiny_lm, pairs_file, home, tmp_path, method):
-    outcome = fine_tune_lm(sft_config(tiny_lm, pairs_file, home, f"sft.method={method}"), tmp_path / "run",
-                           show_progress=False)
+    outcome = fine_tune_lm(
+        sft_config(tiny_lm, pairs_file, home, f"sft.method={method}"), tmp_path / "run", show_progress=False
+    )
     assert outcome.history[-1]["heldout_loss"] < outcome.heldout_loss_before
     folder = home / "models" / "replies" / "v1" / "model"
     assert (folder / "adapter_config.json").is_file() == (method == "lora")
     assert outcome.version.metrics["kind"] == "generator"
-    reply = ReplyModel(folder).generate([{"role": "user", "content": "where is my parcel"}],
-                                        GenerationSettings(max_new_tokens=8))
+    reply = ReplyModel(folder).generate(
+        [{"role": "user", "content": "where is my parcel"}], GenerationSettings(max_new_tokens=8)
+    )
     assert reply and set(reply.split()) <= {w for q, a in TOY_PAIRS for w in (q + " " + a).split()}
 
 
@@ -67,8 +95,9 @@ def test_generate_cli_and_stop_strings(tiny_lm, pairs_file, home):
     result = runner.invoke(app, ["generate", "--model", "replies@1", "where is my parcel", "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
     assert result.output.strip()
-    streamed = runner.invoke(app, ["generate", "--model", "replies@1", "where is my parcel", "--stream",
-                                   "--max-new-tokens", "8"])
+    streamed = runner.invoke(
+        app, ["generate", "--model", "replies@1", "where is my parcel", "--stream", "--max-new-tokens", "8"]
+    )
     assert streamed.exit_code == 0 and streamed.output.strip() == result.output.strip()
     assert cut_at_stop("your parcel. User: more", ["User:", "\n\n"]) == "your parcel. "
 
@@ -86,7 +115,12 @@ def test_a_generation_that_fails_raises_instead_of_hanging_the_stream(tiny_lm, m
 
 def test_a_chat_may_open_with_the_assistant(tiny_lm):
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
-    ids, labels = tokenize_conversation(tokenizer, [{"role": "assistant", "content": "yes before it ships"},
-                                                    {"role": "user", "content": "where is my parcel"}], 200)
-    assert tokenizer.decode([t for t, label in zip(ids, labels) if label != -100]).split()[-2:] == ["ships",
-                                                                                                     "<|im_end|>"]
+    ids, labels = tokenize_conversation(
+        tokenizer,
+        [{"role": "assistant", "content": "yes before it ships"}, {"role": "user", "content": "where is my parcel"}],
+        200,
+    )
+    assert tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != -100]).split()[-2:] == [
+        "ships",
+        "<|im_end|>",
+    ]

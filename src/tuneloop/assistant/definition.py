@@ -28,10 +28,15 @@ class ScopeConfig(_Section):
 
     target_precision: float = Field(0.95, gt=0, le=1, description="In-scope precision the threshold is tuned to.")
     out_of_scope_share: float = Field(
-        0.1, gt=0, lt=1, description="Share of real traffic expected to be out of scope; precision is computed "
-        "at this mix, not at the mix of the tuning examples.")
+        0.1,
+        gt=0,
+        lt=1,
+        description="Share of real traffic expected to be out of scope; precision is computed "
+        "at this mix, not at the mix of the tuning examples.",
+    )
     score: Literal["probability", "cosine"] = Field(
-        "probability", description="Confidence measure: top class probability, or cosine to the closest class.")
+        "probability", description="Confidence measure: top class probability, or cosine to the closest class."
+    )
     label: str | None = Field(None, description="An intent label that itself means out of scope (trained).")
 
 
@@ -39,7 +44,8 @@ class RetrievalConfig(_Section):
     encoder: str = Field("auto", description="auto, all-MiniLM-L6-v2, multilingual-e5-small or a local folder.")
     top_k: int = Field(3, ge=1)
     min_similarity: float | None = Field(
-        None, description="Cosine above which the best FAQ entry answers the message; default per encoder.")
+        None, description="Cosine above which the best FAQ entry answers the message; default per encoder."
+    )
 
 
 class EscalationConfig(_Section):
@@ -51,32 +57,52 @@ class EscalationConfig(_Section):
 
 class TemplatesConfig(_Section):
     intents: dict[str, Texts] = Field(default_factory=dict, description="Reply per intent, per language.")
-    fallback: Texts = Field(default_factory=lambda: {
-        "en": "Thanks for your message. Could you tell me a bit more so I can help?",
-        "zh": "感谢您的留言，可以再详细说明一下吗？"})
-    out_of_scope: Texts = Field(default_factory=lambda: {
-        "en": "Sorry, I can only help with questions about your orders and account. Let me get a colleague.",
-        "zh": "抱歉，我只能回答订单和账户相关的问题，正在为您转接人工客服。"})
-    escalate: Texts = Field(default_factory=lambda: {
-        "en": "I'm passing you to a colleague who will take it from here.",
-        "zh": "正在为您转接人工客服，请稍候。"})
-    tone: dict[str, Texts] = Field(default_factory=lambda: {
-        "negative": {"en": "I'm sorry about this, and I'll make it quick.", "zh": "非常抱歉给您带来不便，马上为您处理。"},
-        "positive": {"en": "Glad I could help!", "zh": "很高兴能帮到您！"}})
+    fallback: Texts = Field(
+        default_factory=lambda: {
+            "en": "Thanks for your message. Could you tell me a bit more so I can help?",
+            "zh": "感谢您的留言，可以再详细说明一下吗？",
+        }
+    )
+    out_of_scope: Texts = Field(
+        default_factory=lambda: {
+            "en": "Sorry, I can only help with questions about your orders and account. Let me get a colleague.",
+            "zh": "抱歉，我只能回答订单和账户相关的问题，正在为您转接人工客服。",
+        }
+    )
+    escalate: Texts = Field(
+        default_factory=lambda: {
+            "en": "I'm passing you to a colleague who will take it from here.",
+            "zh": "正在为您转接人工客服，请稍候。",
+        }
+    )
+    tone: dict[str, Texts] = Field(
+        default_factory=lambda: {
+            "negative": {
+                "en": "I'm sorry about this, and I'll make it quick.",
+                "zh": "非常抱歉给您带来不便，马上为您处理。",
+            },
+            "positive": {"en": "Glad I could help!", "zh": "很高兴能帮到您！"},
+        }
+    )
 
     @model_validator(mode="after")
     def _known_tones(self) -> TemplatesConfig:
         unknown = set(self.tone) - set(SENTIMENTS)
         if unknown:
-            raise ValueError(f"tone keys must be sentiments ({', '.join(SENTIMENTS)}), not {', '.join(sorted(unknown))}")
+            raise ValueError(
+                f"tone keys must be sentiments ({', '.join(SENTIMENTS)}), not {', '.join(sorted(unknown))}"
+            )
         return self
 
 
 class GeneratorConfig(_Section):
     kind: Literal["template", "local", "openai"] = "template"
     base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1")
-    model: str | None = Field(None, description="local: SmolLM2-135M-Instruct, a version NAME@VERSION from "
-                                                "tuneloop sft, or a folder; openai: the server's model name.")
+    model: str | None = Field(
+        None,
+        description="local: SmolLM2-135M-Instruct, a version NAME@VERSION from "
+        "tuneloop sft, or a folder; openai: the server's model name.",
+    )
     max_new_tokens: int = Field(160, ge=1)
     temperature: float = Field(0.0, ge=0, description="0: greedy, the same reply every time.")
     api_key_env: str | None = Field(None, description="Environment variable holding the server's API key.")
@@ -96,13 +122,18 @@ class AssistantDefinition(_Section):
 
     name: str = Field("assistant", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     intent_model: str = Field(description="Registry name of the intent classifier (its production version).")
-    sentiment_model: str = Field(description="Registry name of the negative/neutral/positive classifier; the "
-                                 "intent model's name when that is a multi-task model with a sentiment head.")
-    sentiment_task: str = Field("sentiment", description="Multi-task intent model: its task that gives the "
-                                "sentiment (one encoder pass per turn for both).")
+    sentiment_model: str = Field(
+        description="Registry name of the negative/neutral/positive classifier; the "
+        "intent model's name when that is a multi-task model with a sentiment head."
+    )
+    sentiment_task: str = Field(
+        "sentiment",
+        description="Multi-task intent model: its task that gives the sentiment (one encoder pass per turn for both).",
+    )
     faq: Path = Field(description="csv/jsonl with question, answer and optional intent, lang columns.")
     out_of_scope_examples: Path | None = Field(
-        None, description="Messages the assistant should not handle (a text column): tune the scope threshold.")
+        None, description="Messages the assistant should not handle (a text column): tune the scope threshold."
+    )
     languages: list[Literal["en", "zh"]] = Field(default_factory=lambda: list(LANGUAGES))
     scope: ScopeConfig = Field(default_factory=ScopeConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)

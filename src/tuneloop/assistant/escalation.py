@@ -50,7 +50,7 @@ class EscalationPolicy:
             return "out of scope"
         if turn.confidence < self.min_confidence:
             return "low confidence"
-        streak = [*recent_sentiments, turn.sentiment][-self.negative_turns:]
+        streak = [*recent_sentiments, turn.sentiment][-self.negative_turns :]
         if self.negative_turns and len(streak) == self.negative_turns and all(s == "negative" for s in streak):
             return f"negative for {self.negative_turns} turns in a row"
         return None

@@ -47,12 +47,17 @@ def grounded_messages(request: ReplyRequest) -> list[dict[str, str]]:
     """Chat messages for an LM: what the turn understood and the FAQ answer in the system message, a few
     earlier turns, the user's message."""
     language = "Chinese (Simplified)" if request.lang == "zh" else "English"
-    facts = (f"Answer from this FAQ entry, and do not invent policies: {request.faq_answer}"
-             if request.faq_answer else f"No FAQ entry matched; the standard reply is: {request.template}")
-    system = (f"You are a customer-service assistant. Reply in {language}, in at most three sentences. "
-              f"The customer's intent is {request.intent or 'unclear'} and their mood is {request.sentiment}"
-              f"{'; start by acknowledging their frustration' if request.sentiment == 'negative' else ''}. "
-              f"{facts}")
+    facts = (
+        f"Answer from this FAQ entry, and do not invent policies: {request.faq_answer}"
+        if request.faq_answer
+        else f"No FAQ entry matched; the standard reply is: {request.template}"
+    )
+    system = (
+        f"You are a customer-service assistant. Reply in {language}, in at most three sentences. "
+        f"The customer's intent is {request.intent or 'unclear'} and their mood is {request.sentiment}"
+        f"{'; start by acknowledging their frustration' if request.sentiment == 'negative' else ''}. "
+        f"{facts}"
+    )
     chat = [{"role": "system", "content": system}]
     for user, assistant in request.history[-4:]:
         chat += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
@@ -84,8 +89,9 @@ class LocalGenerator:
     def __init__(self, folder: Path, max_new_tokens: int = 160, temperature: float = 0.0) -> None:
         self.model = ReplyModel(folder)
         # Stop where a model would start writing the customer's next line itself.
-        self.settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature,
-                                           stop=["<|im_start|>", "\nUser:", "\nCustomer:"])
+        self.settings = GenerationSettings(
+            max_new_tokens=max_new_tokens, temperature=temperature, stop=["<|im_start|>", "\nUser:", "\nCustomer:"]
+        )
 
     def generate(self, request: ReplyRequest) -> str:
         return "".join(self.stream(request)).strip()
@@ -107,8 +113,16 @@ class OpenAICompatibleGenerator:
 
     name = "openai"
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 10.0,
-                 max_tokens: int = 200, temperature: float = 0.3, client: httpx.Client | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 10.0,
+        max_tokens: int = 200,
+        temperature: float = 0.3,
+        client: httpx.Client | None = None,
+    ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.max_tokens = max_tokens
@@ -118,9 +132,15 @@ class OpenAICompatibleGenerator:
 
     def generate(self, request: ReplyRequest) -> str:
         try:
-            response = self.client.post(self.url, json={
-                "model": self.model, "messages": grounded_messages(request), "max_tokens": self.max_tokens,
-                "temperature": self.temperature})
+            response = self.client.post(
+                self.url,
+                json={
+                    "model": self.model,
+                    "messages": grounded_messages(request),
+                    "max_tokens": self.max_tokens,
+                    "temperature": self.temperature,
+                },
+            )
             response.raise_for_status()
             content = response.json()["choices"][0]["message"]["content"]
             if isinstance(content, str) and content.strip():

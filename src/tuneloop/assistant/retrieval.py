@@ -59,7 +59,7 @@ def tokenize(text: str) -> list[str]:
     tokens = [w for w in _LATIN.findall(text) if w not in ENGLISH_STOP_WORDS]
     for run in _CJK.findall(text):
         tokens.extend(ch for ch in run if ch not in _CHINESE_FUNCTION_CHARACTERS)
-        tokens.extend(run[i:i + 2] for i in range(len(run) - 1))
+        tokens.extend(run[i : i + 2] for i in range(len(run) - 1))
     return tokens
 
 
@@ -68,15 +68,18 @@ def load_faq(path: Path) -> list[FaqEntry]:
     frame = read_table(Path(path))
     missing = [c for c in ("question", "answer") if c not in frame.columns]
     if missing:
-        raise TuneloopError(f"{path}: the FAQ needs columns question and answer; missing {', '.join(missing)} "
-                            f"(columns are: {', '.join(map(str, frame.columns))})")
+        raise TuneloopError(
+            f"{path}: the FAQ needs columns question and answer; missing {', '.join(missing)} "
+            f"(columns are: {', '.join(map(str, frame.columns))})"
+        )
     entries = []
     for number, row in enumerate(frame.to_dict("records"), start=2):
         question, answer = clean_text(str(row["question"] or "")), str(row["answer"] or "").strip()
         if not question or not answer:
             raise TuneloopError(f"{path} row {number}: empty question or answer")
-        optional = {k: (str(row[k]).strip() or None) if k in row and pd.notna(row[k]) else None
-                    for k in ("intent", "lang")}
+        optional = {
+            k: (str(row[k]).strip() or None) if k in row and pd.notna(row[k]) else None for k in ("intent", "lang")
+        }
         entries.append(FaqEntry(question, answer, **optional))
     return entries
 
@@ -111,8 +114,9 @@ class FaqIndex:
             staging.replace(cached)
         return vectors
 
-    def search(self, query: str, k: int = 3, lang: str | None = None, query_vector: np.ndarray | None = None
-               ) -> list[FaqHit]:
+    def search(
+        self, query: str, k: int = 3, lang: str | None = None, query_vector: np.ndarray | None = None
+    ) -> list[FaqHit]:
         """The k best entries for a message; entries in `lang` only, when the FAQ has any in it."""
         allowed = np.ones(len(self.entries), dtype=bool)
         if lang is not None:
@@ -131,6 +135,13 @@ class FaqIndex:
             for rank, index in enumerate(ranking, start=1):
                 fused[index] = fused.get(index, 0.0) + 1.0 / (RRF_K + rank)
         best = sorted(fused, key=lambda i: -fused[i])[:k]
-        return [FaqHit(self.entries[i], fused[i], float(similarity[i]),
-                       bm25_order.index(i) + 1 if i in bm25_order else None,
-                       dense_order.index(i) + 1 if i in dense_order else None) for i in best]
+        return [
+            FaqHit(
+                self.entries[i],
+                fused[i],
+                float(similarity[i]),
+                bm25_order.index(i) + 1 if i in bm25_order else None,
+                dense_order.index(i) + 1 if i in dense_order else None,
+            )
+            for i in best
+        ]

@@ -62,8 +62,14 @@ def build_generator(definition: AssistantDefinition, home: Path) -> ReplyGenerat
         key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         if settings.api_key_env and not key:
             raise TuneloopError(f"generator.api_key_env names {settings.api_key_env}, which is not set")
-        return OpenAICompatibleGenerator(settings.base_url, settings.model, api_key=key, timeout=settings.timeout,
-                                         max_tokens=settings.max_new_tokens, temperature=settings.temperature)
+        return OpenAICompatibleGenerator(
+            settings.base_url,
+            settings.model,
+            api_key=key,
+            timeout=settings.timeout,
+            max_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+        )
     return TemplateGenerator()
 
 
@@ -86,7 +92,8 @@ class AssistantRuntime:
         self.embedder = SentenceEmbedder(source)
         self.faq = FaqIndex(entries, self.embedder, cache_dir=self.folder / "faq-index")
         self.faq_similarity = definition.retrieval.min_similarity or DEFAULT_FAQ_SIMILARITY.get(
-            source.name, FALLBACK_FAQ_SIMILARITY)
+            source.name, FALLBACK_FAQ_SIMILARITY
+        )
         self.generator = build_generator(definition, registry.home)
         self.out_of_scope = out_of_scope_texts(definition.out_of_scope_examples)
         self.thresholds: dict[str, ScopeThreshold | None] = {}
@@ -97,19 +104,28 @@ class AssistantRuntime:
         if intent.ref in self.thresholds:
             return self.thresholds[intent.ref]
         if self.multitask and self.definition.sentiment_task not in intent.tasks:
-            raise TuneloopError(f"the assistant takes sentiment from {intent.ref}'s '{self.definition.sentiment_task}' "
-                                f"task, and it has none (tasks: {', '.join(intent.tasks) or 'none'}); set "
-                                f"sentiment_model to a sentiment classifier or sentiment_task to one of its tasks")
+            raise TuneloopError(
+                f"the assistant takes sentiment from {intent.ref}'s '{self.definition.sentiment_task}' "
+                f"task, and it has none (tasks: {', '.join(intent.tasks) or 'none'}); set "
+                f"sentiment_model to a sentiment classifier or sentiment_task to one of its tasks"
+            )
         scope = self.definition.scope
         if scope.label and scope.label not in intent.labels:
-            raise TuneloopError(f"scope.label '{scope.label}' is not a label of {intent.ref} "
-                                f"({', '.join(intent.labels)}); train it as an intent or unset scope.label")
+            raise TuneloopError(
+                f"scope.label '{scope.label}' is not a label of {intent.ref} "
+                f"({', '.join(intent.labels)}); train it as an intent or unset scope.label"
+            )
         if scope.score == "cosine" and intent.model.spec.head != "cosine":
-            raise TuneloopError(f"scope.score=cosine needs a cosine head, and {intent.ref} has a "
-                                f"{intent.model.spec.head} head; use scope.score=probability")
+            raise TuneloopError(
+                f"scope.score=cosine needs a cosine head, and {intent.ref} has a "
+                f"{intent.model.spec.head} head; use scope.score=probability"
+            )
         if not self.out_of_scope and not scope.label:
-            log.warning("%s: no out_of_scope_examples and no scope.label, so no scope threshold: every message "
-                        "counts as in scope", self.definition.name)
+            log.warning(
+                "%s: no out_of_scope_examples and no scope.label, so no scope threshold: every message "
+                "counts as in scope",
+                self.definition.name,
+            )
             self.thresholds[intent.ref] = None
             return None
         # Keyed by everything the threshold depends on, so editing the definition or the examples re-tunes it.
@@ -125,13 +141,19 @@ class AssistantRuntime:
             trained_out = (split["label"] == scope.label).to_numpy() if scope.label else np.zeros(len(split), bool)
             in_texts = split.loc[~trained_out, "text"].tolist()
             out_texts = split.loc[trained_out, "text"].tolist() + self.out_of_scope
-            scores = tuning_scores(predict_logits(intent.model, intent.tokenizer, in_texts + out_texts),
-                                   intent.model.spec, scope)
-            threshold = tune_threshold(scores[:len(in_texts)], scores[len(in_texts):], scope.target_precision,
-                                       scope.out_of_scope_share)
+            scores = tuning_scores(
+                predict_logits(intent.model, intent.tokenizer, in_texts + out_texts), intent.model.spec, scope
+            )
+            threshold = tune_threshold(
+                scores[: len(in_texts)], scores[len(in_texts) :], scope.target_precision, scope.out_of_scope_share
+            )
             write_text_atomically(cached, json.dumps(threshold.to_dict(), indent=2))
-        log.info("%s: scope threshold %.3f (in-scope precision %.3f on tuning data)", intent.ref,
-                 threshold.threshold, threshold.precision)
+        log.info(
+            "%s: scope threshold %.3f (in-scope precision %.3f on tuning data)",
+            intent.ref,
+            threshold.threshold,
+            threshold.precision,
+        )
         self.thresholds[intent.ref] = threshold
         return threshold
 
@@ -140,8 +162,9 @@ class AssistantRuntime:
         """Intent and sentiment from one multi-task model: one encoder pass gives both."""
         return self.definition.sentiment_model == self.definition.intent_model
 
-    def split(self, intent: LoadedModel, rows: np.ndarray,
-              sentiment_output: tuple[LoadedModel, np.ndarray] | None) -> tuple[np.ndarray, LoadedModel, np.ndarray]:
+    def split(
+        self, intent: LoadedModel, rows: np.ndarray, sentiment_output: tuple[LoadedModel, np.ndarray] | None
+    ) -> tuple[np.ndarray, LoadedModel, np.ndarray]:
         """(intent logits, sentiment model, sentiment logits) from the models' outputs; a multi-task intent
         model brings the sentiment in its own rows (and there is no sentiment output)."""
         if self.multitask:
@@ -162,22 +185,51 @@ class AssistantRuntime:
         except (OSError, ValueError, TypeError):
             return None
 
-    def plan(self, message: str, intent: LoadedModel, intent_logits: np.ndarray, sentiment: LoadedModel,
-             sentiment_logits: np.ndarray, query_vector: np.ndarray, recent_sentiments: list[str],
-             history: list[tuple[str, str]]) -> TurnOutcome:
+    def plan(
+        self,
+        message: str,
+        intent: LoadedModel,
+        intent_logits: np.ndarray,
+        sentiment: LoadedModel,
+        sentiment_logits: np.ndarray,
+        query_vector: np.ndarray,
+        recent_sentiments: list[str],
+        history: list[tuple[str, str]],
+    ) -> TurnOutcome:
         """The turn decided, its reply not yet generated (see plan_turn)."""
         lang = detect_language(message, self.definition.languages)
         hits = self.faq.search(message, self.definition.retrieval.top_k, lang, query_vector)
-        return plan_turn(self.definition, message, lang, intent.labels, intent_logits, intent.model.spec,
-                         self.calibrate(intent), sentiment.labels, sentiment_logits, hits, self.faq_similarity,
-                         recent_sentiments, history)
+        return plan_turn(
+            self.definition,
+            message,
+            lang,
+            intent.labels,
+            intent_logits,
+            intent.model.spec,
+            self.calibrate(intent),
+            sentiment.labels,
+            sentiment_logits,
+            hits,
+            self.faq_similarity,
+            recent_sentiments,
+            history,
+        )
 
-    def decide(self, message: str, intent: LoadedModel, intent_logits: np.ndarray, sentiment: LoadedModel,
-               sentiment_logits: np.ndarray, query_vector: np.ndarray, recent_sentiments: list[str],
-               history: list[tuple[str, str]]) -> TurnOutcome:
+    def decide(
+        self,
+        message: str,
+        intent: LoadedModel,
+        intent_logits: np.ndarray,
+        sentiment: LoadedModel,
+        sentiment_logits: np.ndarray,
+        query_vector: np.ndarray,
+        recent_sentiments: list[str],
+        history: list[tuple[str, str]],
+    ) -> TurnOutcome:
         """plan, then the generator writes the reply when the plan asks for one."""
-        outcome = self.plan(message, intent, intent_logits, sentiment, sentiment_logits, query_vector,
-                            recent_sentiments, history)
+        outcome = self.plan(
+            message, intent, intent_logits, sentiment, sentiment_logits, query_vector, recent_sentiments, history
+        )
         if outcome.request is not None:
             outcome.reply = self.generator.generate(outcome.request)
         return outcome
@@ -190,13 +242,27 @@ class AssistantRuntime:
             return intent, None
         return intent, load_version(self.registry, self.registry.get(f"{self.definition.sentiment_model}@production"))
 
-    def respond(self, message: str, intent: LoadedModel, sentiment: LoadedModel | None,
-                recent_sentiments: list[str] | None = None) -> TurnOutcome:
+    def respond(
+        self,
+        message: str,
+        intent: LoadedModel,
+        sentiment: LoadedModel | None,
+        recent_sentiments: list[str] | None = None,
+    ) -> TurnOutcome:
         """One turn with the models run here: one encoder pass each, or one for both when multi-task."""
         text = clean_text(message)
         rows = predict_logits(intent.model, intent.tokenizer, [text], heads=list(intent.tasks.values()))
-        sentiment_output = None if sentiment is None else (
-            sentiment, predict_logits(sentiment.model, sentiment.tokenizer, [text]))
+        sentiment_output = (
+            None if sentiment is None else (sentiment, predict_logits(sentiment.model, sentiment.tokenizer, [text]))
+        )
         intent_logits, sentiment, sentiment_logits = self.split(intent, rows, sentiment_output)
-        return self.decide(text, intent, intent_logits[0], sentiment, sentiment_logits[0],
-                           self.embedder.encode([text])[0], recent_sentiments or [], [])
+        return self.decide(
+            text,
+            intent,
+            intent_logits[0],
+            sentiment,
+            sentiment_logits[0],
+            self.embedder.encode([text])[0],
+            recent_sentiments or [],
+            [],
+        )

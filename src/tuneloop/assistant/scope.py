@@ -43,8 +43,9 @@ def expected_precision(accepted_in: np.ndarray, accepted_out: np.ndarray, out_of
     return np.divide(kept_in, total, out=np.ones_like(total, dtype=float), where=total > 0)
 
 
-def tune_threshold(in_scope: np.ndarray, out_of_scope: np.ndarray, target_precision: float,
-                   out_of_scope_share: float = 0.1) -> ScopeThreshold:
+def tune_threshold(
+    in_scope: np.ndarray, out_of_scope: np.ndarray, target_precision: float, out_of_scope_share: float = 0.1
+) -> ScopeThreshold:
     """The confidence threshold for a target in-scope precision, at the expected out-of-scope share."""
     in_scope, out_of_scope = np.asarray(in_scope, dtype=float), np.asarray(out_of_scope, dtype=float)
     if not len(in_scope) or not len(out_of_scope):
@@ -53,7 +54,8 @@ def tune_threshold(in_scope: np.ndarray, out_of_scope: np.ndarray, target_precis
     # For every candidate threshold at once: the share of each kind scoring at or above it.
     accepted_in = (len(in_scope) - np.searchsorted(np.sort(in_scope), candidates, side="left")) / len(in_scope)
     accepted_out = (len(out_of_scope) - np.searchsorted(np.sort(out_of_scope), candidates, side="left")) / len(
-        out_of_scope)
+        out_of_scope
+    )
     precision = expected_precision(accepted_in, accepted_out, out_of_scope_share)
     # Precision is not monotonic in the threshold, so a threshold that merely touches the target could
     # fall short again just above it: take the lowest one above which it never does.
@@ -64,7 +66,12 @@ def tune_threshold(in_scope: np.ndarray, out_of_scope: np.ndarray, target_precis
     threshold = float(above.min()) if len(above) else float(np.nextafter(out_of_scope.max(), np.inf))
     in_recall, out_accepted = float((in_scope >= threshold).mean()), float((out_of_scope >= threshold).mean())
     return ScopeThreshold(
-        threshold=threshold, target_precision=target_precision,
+        threshold=threshold,
+        target_precision=target_precision,
         precision=float(expected_precision(np.array([in_recall]), np.array([out_accepted]), out_of_scope_share)[0]),
-        in_scope_recall=in_recall, out_of_scope_recall=1 - out_accepted,
-        in_scope_examples=len(in_scope), out_of_scope_examples=len(out_of_scope), out_of_scope_share=out_of_scope_share)
+        in_scope_recall=in_recall,
+        out_of_scope_recall=1 - out_accepted,
+        in_scope_examples=len(in_scope),
+        out_of_scope_examples=len(out_of_scope),
+        out_of_scope_share=out_of_scope_share,
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import Boolean, DateTime, Engine, Float, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
@@ -19,7 +19,7 @@ class ChatTurn(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
     session_id: Mapped[str] = mapped_column(String(100), index=True)
     assistant: Mapped[str] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=lambda: datetime.now(timezone.utc))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=lambda: datetime.now(UTC))
     message: Mapped[str] = mapped_column(Text)
     reply: Mapped[str] = mapped_column(Text)
     lang: Mapped[str] = mapped_column(String(8))
@@ -51,8 +51,12 @@ class ConversationStore:
     def recent(self, session_id: str, limit: int) -> list[ChatTurn]:
         """The session's last `limit` turns, oldest first."""
         with self._sessions() as session:
-            rows = session.scalars(select(ChatTurn).where(ChatTurn.session_id == session_id)
-                                   .order_by(ChatTurn.created_at.desc()).limit(limit))
+            rows = session.scalars(
+                select(ChatTurn)
+                .where(ChatTurn.session_id == session_id)
+                .order_by(ChatTurn.created_at.desc())
+                .limit(limit)
+            )
             return list(rows)[::-1]
 
     def rate(self, turn_id: str, rating: int | None, comment: str | None) -> None:

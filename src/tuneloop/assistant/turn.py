@@ -65,10 +65,18 @@ def _text(texts: dict[str, str], lang: str) -> str:
 
 
 def plan_turn(
-    definition: AssistantDefinition, message: str, lang: str,
-    intent_labels: list[str], intent_logits: np.ndarray, intent_spec: HeadSpec, threshold: ScopeThreshold | None,
-    sentiment_labels: list[str], sentiment_logits: np.ndarray,
-    hits: list[FaqHit], faq_similarity: float, recent_sentiments: list[str],
+    definition: AssistantDefinition,
+    message: str,
+    lang: str,
+    intent_labels: list[str],
+    intent_logits: np.ndarray,
+    intent_spec: HeadSpec,
+    threshold: ScopeThreshold | None,
+    sentiment_labels: list[str],
+    sentiment_logits: np.ndarray,
+    hits: list[FaqHit],
+    faq_similarity: float,
+    recent_sentiments: list[str],
     history: list[tuple[str, str]] | None = None,
 ) -> TurnOutcome:
     """Everything after the forward passes but the generated words: scope, escalation, FAQ or template, tone.
@@ -85,29 +93,51 @@ def plan_turn(
     mood = int(sentiment_probs.argmax())
     sentiment = sentiment_labels[mood]
 
-    policy = EscalationPolicy(min_confidence=definition.escalation.min_confidence,
-                              negative_turns=definition.escalation.negative_turns,
-                              keywords=definition.escalation.keywords, intents=tuple(definition.escalation.intents))
+    policy = EscalationPolicy(
+        min_confidence=definition.escalation.min_confidence,
+        negative_turns=definition.escalation.negative_turns,
+        keywords=definition.escalation.keywords,
+        intents=tuple(definition.escalation.intents),
+    )
     reason = policy.reason(TurnSignals(message, lang, intent, confidence, sentiment), recent_sentiments)
     templates = definition.templates
     tone = _text(templates.tone.get(sentiment, {}), lang) if sentiment in templates.tone else ""
     # The FAQ answers with the best-ranked entry that is close enough and, if it names an intent, agrees.
-    best = next((h for h in hits if intent is not None and h.similarity >= faq_similarity
-                 and h.entry.intent in (None, intent)), None)
+    best = next(
+        (h for h in hits if intent is not None and h.similarity >= faq_similarity and h.entry.intent in (None, intent)),
+        None,
+    )
     from_faq = best is not None
     reply, request = "", None
     if reason is not None:
         # A hand-over keeps only an apology: cheerfulness reads wrong when we cannot help.
         body = _text(templates.out_of_scope if reason == "out of scope" else templates.escalate, lang)
-        reply = compose(ReplyRequest(message, lang, intent, sentiment, None, body,
-                                     tone if sentiment == "negative" else ""))
+        reply = compose(
+            ReplyRequest(message, lang, intent, sentiment, None, body, tone if sentiment == "negative" else "")
+        )
     else:
         request = ReplyRequest(
-            message=message, lang=lang, intent=intent, sentiment=sentiment,
+            message=message,
+            lang=lang,
+            intent=intent,
+            sentiment=sentiment,
             faq_answer=best.entry.answer if from_faq else None,
-            template=_text(templates.intents.get(intent, templates.fallback), lang), tone=tone,
-            history=history or [])
-    return TurnOutcome(reply=reply, lang=lang, intent=intent, predicted_intent=predicted, confidence=confidence,
-                       scope_score=score, sentiment=sentiment, sentiment_confidence=float(sentiment_probs[mood]),
-                       escalate=reason is not None, reason=reason, faq=hits,
-                       faq_answer=best if from_faq and reason is None else None, request=request)
+            template=_text(templates.intents.get(intent, templates.fallback), lang),
+            tone=tone,
+            history=history or [],
+        )
+    return TurnOutcome(
+        reply=reply,
+        lang=lang,
+        intent=intent,
+        predicted_intent=predicted,
+        confidence=confidence,
+        scope_score=score,
+        sentiment=sentiment,
+        sentiment_confidence=float(sentiment_probs[mood]),
+        escalate=reason is not None,
+        reason=reason,
+        faq=hits,
+        faq_answer=best if from_faq and reason is None else None,
+        request=request,
+    )

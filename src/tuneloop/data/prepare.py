@@ -19,8 +19,16 @@ from tuneloop.errors import TuneloopError
 
 SPLITS = ("train", "val", "test")
 HOLDOUT_FILE = "feedback_holdout.jsonl"
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                  "dev": "val", "test": "test", "testing": "test"}
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 @dataclass
@@ -52,13 +60,17 @@ def _load(config: DataConfig) -> pd.DataFrame:
     if config.path is None:
         raise TuneloopError("no data file given: set data.path=your_file.csv (or pass --data)")
     frame = select_columns(
-        read_table(config.path, config.format), config.path, config.text_column, config.label_column,
+        read_table(config.path, config.format),
+        config.path,
+        config.text_column,
+        config.label_column,
         config.split_column,
     )
     frame["source"] = str(config.path)
     if config.test_path is not None:
-        test = select_columns(read_table(config.test_path, config.format), config.test_path,
-                              config.text_column, config.label_column)
+        test = select_columns(
+            read_table(config.test_path, config.format), config.test_path, config.text_column, config.label_column
+        )
         test["split"] = "test"
         test["source"] = str(config.test_path)
         if "split" not in frame:
@@ -87,15 +99,21 @@ def _drop_conflicts(frame: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, lis
     conflicted = label_sets[label_sets.map(len) > 1]
     report = []
     keep_label: dict[str, str] = {}
-    for key, labels in conflicted.items():
+    for key in conflicted.index:
         rows = frame[frame["key"] == key]
         counts = rows["label"].value_counts()
         majority = counts.index[0] if (len(counts) == 1 or counts.iloc[0] > counts.iloc[1]) else None
         resolution = majority if policy == "majority" and majority is not None else None
         if resolution is not None:
             keep_label[key] = resolution
-        report.append({"text": rows["text"].iloc[0], "labels": dict(counts.astype(int)), "rows": rows["row"].tolist(),
-                       "kept_label": resolution})
+        report.append(
+            {
+                "text": rows["text"].iloc[0],
+                "labels": dict(counts.astype(int)),
+                "rows": rows["row"].tolist(),
+                "kept_label": resolution,
+            }
+        )
     in_conflict = frame["key"].isin(conflicted.index)
     resolved = frame["key"].map(keep_label)
     keep = ~in_conflict | (resolved.notna() & (frame["label"] == resolved))
@@ -107,8 +125,12 @@ def length_percentiles(texts: list[str], count_tokens: Callable[[list[str]], lis
     if lengths.size == 0:
         return {}
     points = {f"p{p}": float(np.percentile(lengths, p)) for p in (50, 90, 95, 99)}
-    return {"unit": "tokens" if count_tokens else "characters", **points, "max": int(lengths.max()),
-            "mean": round(float(lengths.mean()), 2)}
+    return {
+        "unit": "tokens" if count_tokens else "characters",
+        **points,
+        "max": int(lengths.max()),
+        "mean": round(float(lengths.mean()), 2),
+    }
 
 
 def clean_rows(frame: pd.DataFrame, path: Path | None) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -126,24 +148,27 @@ def clean_rows(frame: pd.DataFrame, path: Path | None) -> tuple[pd.DataFrame, di
 def fingerprint_of(splits: dict[str, pd.DataFrame]) -> str:
     digest = hashlib.sha256()
     for name in SPLITS:
-        for text, label in zip(splits[name]["text"], splits[name]["label"]):
+        for text, label in zip(splits[name]["text"], splits[name]["label"], strict=True):
             digest.update(f"{name}\x1f{label}\x1f{text}\x1e".encode())
     return digest.hexdigest()[:16]
 
 
 def split_summary(splits: dict[str, pd.DataFrame], labels: list[str]) -> dict:
     """Labels, split sizes, class counts per split and the train imbalance ratio, for the data report."""
-    class_counts = {name: splits[name]["label"].value_counts().reindex(labels, fill_value=0).astype(int).to_dict()
-                    for name in SPLITS}
+    class_counts = {
+        name: splits[name]["label"].value_counts().reindex(labels, fill_value=0).astype(int).to_dict()
+        for name in SPLITS
+    }
     train_counts = np.array(list(class_counts["train"].values()))
-    return {"labels": labels, "split_sizes": {name: len(splits[name]) for name in SPLITS},
-            "class_counts": class_counts,
-            "imbalance_ratio": round(float(train_counts.max() / max(train_counts.min(), 1)), 2)}
+    return {
+        "labels": labels,
+        "split_sizes": {name: len(splits[name]) for name in SPLITS},
+        "class_counts": class_counts,
+        "imbalance_ratio": round(float(train_counts.max() / max(train_counts.min(), 1)), 2),
+    }
 
 
-def prepare_data(
-    config: DataConfig, count_tokens: Callable[[list[str]], list[int]] | None = None
-) -> PreparedData:
+def prepare_data(config: DataConfig, count_tokens: Callable[[list[str]], list[int]] | None = None) -> PreparedData:
     """Load, clean, deduplicate, resolve conflicting labels, split and report.
 
     `count_tokens` (texts → token counts) makes the length percentiles use the model's tokenizer.
@@ -183,7 +208,9 @@ def prepare_data(
     fixed = frame["split"] if "split" in frame else pd.Series("", index=frame.index)
     undecided = frame[fixed == ""]
     assignment = fixed.copy()
-    fractions = {"val": config.val_size} if (fixed == "test").any() else {"test": config.test_size, "val": config.val_size}
+    fractions = (
+        {"val": config.val_size} if (fixed == "test").any() else {"test": config.test_size, "val": config.val_size}
+    )
     if (fixed == "val").any():
         fractions.pop("val")
     if len(undecided) and fractions:
@@ -216,8 +243,9 @@ def prepare_data(
         "text_length": length_percentiles(frame["text"].tolist(), count_tokens),
         "kfold": config.kfold,
     }
-    prepared = PreparedData(splits=splits, labels=labels, report=report, fingerprint=fingerprint_of(splits),
-                            folds=folds)
+    prepared = PreparedData(
+        splits=splits, labels=labels, report=report, fingerprint=fingerprint_of(splits), folds=folds
+    )
     report["fingerprint"] = prepared.fingerprint
     return prepared
 
@@ -237,8 +265,9 @@ def load_prepared(folder: Path) -> PreparedData:
     report = json.loads((folder / "data_report.json").read_text())
     splits = {name: _read_jsonl(folder / f"{name}.jsonl") for name in SPLITS}
     holdout = _read_jsonl(folder / HOLDOUT_FILE) if (folder / HOLDOUT_FILE).is_file() else None
-    return PreparedData(splits=splits, labels=report["labels"], report=report, fingerprint=report["fingerprint"],
-                        holdout=holdout)
+    return PreparedData(
+        splits=splits, labels=report["labels"], report=report, fingerprint=report["fingerprint"], holdout=holdout
+    )
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:

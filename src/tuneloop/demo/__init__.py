@@ -37,8 +37,7 @@ def packaged_file(*parts: str) -> Path:
     return Path(str(resources.files("tuneloop").joinpath(*parts)))
 
 
-def demo_config(path: Path | None = None, overrides: list[str] | None = None, kind: str = "intents"
-                ) -> TuneloopConfig:
+def demo_config(path: Path | None = None, overrides: list[str] | None = None, kind: str = "intents") -> TuneloopConfig:
     """The shipped demo config for `kind` (intents or sentiment), or the user's file, with the bundled
     data filled in."""
     shipped = {"intents": ("demo.yaml", "support_intents.csv"), "sentiment": ("demo_sentiment.yaml", "sentiment.csv")}

@@ -13,20 +13,28 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int) -> dict:
     edges = np.linspace(0.0, 1.0, bins + 1)
     rows = []
     ece = 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
         inside = (confidence > low) & (confidence <= high)
         if not inside.any():
             rows.append({"low": float(low), "high": float(high), "count": 0, "confidence": None, "accuracy": None})
             continue
         conf, acc = float(confidence[inside].mean()), float(correct[inside].mean())
         ece += inside.mean() * abs(conf - acc)
-        rows.append({"low": float(low), "high": float(high), "count": int(inside.sum()), "confidence": conf,
-                     "accuracy": acc})
+        rows.append(
+            {"low": float(low), "high": float(high), "count": int(inside.sum()), "confidence": conf, "accuracy": acc}
+        )
     return {"ece": float(ece), "bins": rows}
 
 
-def label_suspects(true_ids: np.ndarray, predicted: np.ndarray, top: np.ndarray, labels: list[str],
-                   texts: list[str], confidence: float, listed: int) -> dict:
+def label_suspects(
+    true_ids: np.ndarray,
+    predicted: np.ndarray,
+    top: np.ndarray,
+    labels: list[str],
+    texts: list[str],
+    confidence: float,
+    listed: int,
+) -> dict:
     """Rows whose given label the model contradicts (`predicted`, with probability `top`) with at least
     `confidence`, most confident first.
 
@@ -36,15 +44,32 @@ def label_suspects(true_ids: np.ndarray, predicted: np.ndarray, top: np.ndarray,
     """
     suspect = np.flatnonzero((predicted != true_ids) & (top >= confidence))
     ranked = suspect[np.argsort(-top[suspect], kind="stable")]
-    return {"confidence": confidence, "count": int(len(suspect)), "share": float(len(suspect) / max(len(true_ids), 1)),
-            "rows": [{"text": texts[i], "label": labels[true_ids[i]], "predicted": labels[predicted[i]],
-                      "probability": float(top[i])} for i in ranked[:listed]]}
+    return {
+        "confidence": confidence,
+        "count": int(len(suspect)),
+        "share": float(len(suspect) / max(len(true_ids), 1)),
+        "rows": [
+            {
+                "text": texts[i],
+                "label": labels[true_ids[i]],
+                "predicted": labels[predicted[i]],
+                "probability": float(top[i]),
+            }
+            for i in ranked[:listed]
+        ],
+    }
 
 
 def classification_metrics(
-    true_ids: np.ndarray, probs: np.ndarray, labels: list[str], texts: list[str],
-    bins: int = 15, top_confusions: int = 10, examples_per_confusion: int = 3,
-    suspect_confidence: float = 0.9, suspects_listed: int = 20,
+    true_ids: np.ndarray,
+    probs: np.ndarray,
+    labels: list[str],
+    texts: list[str],
+    bins: int = 15,
+    top_confusions: int = 10,
+    examples_per_confusion: int = 3,
+    suspect_confidence: float = 0.9,
+    suspects_listed: int = 20,
 ) -> dict:
     """Accuracy, macro/weighted P/R/F1, per-class table, confusion matrix, calibration, top confusions and
     the rows whose label looks wrong."""
@@ -54,11 +79,12 @@ def classification_metrics(
     p, r, f, support = precision_recall_fscore_support(true_ids, predicted, labels=ids, zero_division=0)
     summary = {}
     for average in ("macro", "weighted"):
-        ap, ar, af, _ = precision_recall_fscore_support(true_ids, predicted, labels=ids, average=average,
-                                                        zero_division=0)
+        ap, ar, af, _ = precision_recall_fscore_support(
+            true_ids, predicted, labels=ids, average=average, zero_division=0
+        )
         summary.update({f"{average}_precision": float(ap), f"{average}_recall": float(ar), f"{average}_f1": float(af)})
     matrix = confusion_matrix(true_ids, predicted, labels=ids)
-    pairs = Counter((int(t), int(q)) for t, q in zip(true_ids, predicted) if t != q)
+    pairs = Counter((int(t), int(q)) for t, q in zip(true_ids, predicted, strict=True) if t != q)
     confusions = []
     for (t, q), count in pairs.most_common(top_confusions):
         examples = [texts[i] for i in np.flatnonzero((true_ids == t) & (predicted == q))[:examples_per_confusion]]
@@ -68,8 +94,13 @@ def classification_metrics(
         "accuracy": float(accuracy_score(true_ids, predicted)),
         **summary,
         "per_class": [
-            {"label": labels[i], "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-             "support": int(support[i])}
+            {
+                "label": labels[i],
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(support[i]),
+            }
             for i in ids
         ],
         "confusion_matrix": matrix.tolist(),

@@ -37,8 +37,15 @@ def confusion_matrix_png(matrix: list[list[int]], labels: list[str]) -> bytes:
     if len(labels) <= 20:
         for (i, j), value in np.ndenumerate(counts):
             if value:
-                axis.text(j, i, int(value), ha="center", va="center", fontsize=8,
-                          color="white" if normalised[i, j] > 0.5 else "black")
+                axis.text(
+                    j,
+                    i,
+                    int(value),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if normalised[i, j] > 0.5 else "black",
+                )
     figure.colorbar(image, fraction=0.046)
     return _png(figure)
 

@@ -20,37 +20,59 @@ from tuneloop.models.classifier import TextClassifier, predict_proba
 OVERFIT_GAP = 0.08
 
 
-def score_split(model: TextClassifier, tokenizer: PreTrainedTokenizerBase, split: pd.DataFrame,
-                config: EvalConfig) -> dict:
+def score_split(
+    model: TextClassifier, tokenizer: PreTrainedTokenizerBase, split: pd.DataFrame, config: EvalConfig
+) -> dict:
     labels = model.spec.labels
     index = {label: i for i, label in enumerate(labels)}
     unknown = sorted(set(split["label"]) - set(index))
     known = split[split["label"].isin(index)]
     texts = known["text"].tolist()
     probs = predict_proba(model, tokenizer, texts) if texts else np.zeros((0, len(labels)))
-    metrics = classification_metrics(known["label"].map(index).to_numpy(), probs, labels, texts,
-                                     config.calibration_bins, config.top_confusions, config.examples_per_confusion,
-                                     config.suspect_confidence, config.suspects_listed)
+    metrics = classification_metrics(
+        known["label"].map(index).to_numpy(),
+        probs,
+        labels,
+        texts,
+        config.calibration_bins,
+        config.top_confusions,
+        config.examples_per_confusion,
+        config.suspect_confidence,
+        config.suspects_listed,
+    )
     if unknown:
         metrics["skipped_unknown_labels"] = {"labels": unknown, "rows": int(len(split) - len(known))}
     return metrics
 
 
 def evaluate_classifier(
-    model: TextClassifier, tokenizer: PreTrainedTokenizerBase, test: pd.DataFrame, config: EvalConfig,
-    train: pd.DataFrame | None = None, history: list[dict] | None = None, title: str = "tuneloop evaluation",
+    model: TextClassifier,
+    tokenizer: PreTrainedTokenizerBase,
+    test: pd.DataFrame,
+    config: EvalConfig,
+    train: pd.DataFrame | None = None,
+    history: list[dict] | None = None,
+    title: str = "tuneloop evaluation",
 ) -> dict:
     """Test metrics, and the train-vs-test gap when training rows are given."""
-    report: dict = {"title": title, "labels": model.spec.labels, "base_model": model.spec.base_model,
-                    "test": score_split(model, tokenizer, test, config)}
+    report: dict = {
+        "title": title,
+        "labels": model.spec.labels,
+        "base_model": model.spec.base_model,
+        "test": score_split(model, tokenizer, test, config),
+    }
     if train is not None and len(train):
         sample = train.sample(n=min(config.train_sample, len(train)), random_state=0)
         train_metrics = score_split(model, tokenizer, sample, config)
         gap = train_metrics["accuracy"] - report["test"]["accuracy"]
         report["overfitting"] = {
-            "train_accuracy": train_metrics["accuracy"], "test_accuracy": report["test"]["accuracy"],
-            "train_macro_f1": train_metrics["macro_f1"], "test_macro_f1": report["test"]["macro_f1"],
-            "accuracy_gap": gap, "train_rows_scored": len(sample), "likely_overfitting": gap > OVERFIT_GAP,
+            "train_accuracy": train_metrics["accuracy"],
+            "test_accuracy": report["test"]["accuracy"],
+            "train_macro_f1": train_metrics["macro_f1"],
+            "test_macro_f1": report["test"]["macro_f1"],
+            "accuracy_gap": gap,
+            "train_rows_scored": len(sample),
+            "likely_overfitting": gap > OVERFIT_GAP,
         }
     if history:
         report["training_history"] = history
@@ -84,37 +106,54 @@ def render_html(report: dict) -> str:
 
 def report_sections(report: dict) -> list[str]:
     test = report["test"]
-    headline = [{"metric": k, "value": test[k]} for k in
-                ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")]
+    headline = [
+        {"metric": k, "value": test[k]}
+        for k in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
+    ]
     headline.append({"metric": "ECE", "value": test["calibration"]["ece"]})
-    sections = [f"<h1>{html.escape(report['title'])}</h1>",
-                f"<p>Base model: {html.escape(report.get('base_model', ''))}; {test['n']} test examples.</p>",
-                "<h2>Summary</h2>", html_table(headline, ["metric", "value"])]
+    sections = [
+        f"<h1>{html.escape(report['title'])}</h1>",
+        f"<p>Base model: {html.escape(report.get('base_model', ''))}; {test['n']} test examples.</p>",
+        "<h2>Summary</h2>",
+        html_table(headline, ["metric", "value"]),
+    ]
     gap = report.get("overfitting")
     if gap:
         verdict = "<b>likely overfitting</b>" if gap["likely_overfitting"] else "no strong sign of overfitting"
-        sections += ["<h2>Train vs test</h2>",
-                     f"<p>Train accuracy {gap['train_accuracy']:.3f} vs test {gap['test_accuracy']:.3f} "
-                     f"(gap {gap['accuracy_gap']:+.3f}, {gap['train_rows_scored']} training rows re-scored): "
-                     f"{verdict}.</p>"]
-    sections += ["<h2>Per class</h2>", html_table(test["per_class"], ["label", "precision", "recall", "f1", "support"]),
-                 html_image(plots.per_class_f1_png(test["per_class"]), "per-class F1"),
-                 "<h2>Confusion matrix</h2>", html_image(plots.confusion_matrix_png(test["confusion_matrix"],
-                                                                               report["labels"]), "confusion matrix"),
-                 "<h2>Calibration</h2>", html_image(plots.reliability_png(test["calibration"]["bins"],
-                                                                     test["calibration"]["ece"]), "reliability"),
-                 "<h2>Most frequent confusions</h2>"]
-    confusion_rows = [{"true": c["true"], "predicted": c["predicted"], "count": c["count"],
-                       "examples": " | ".join(c["examples"])} for c in test["top_confusions"]]
-    sections.append(html_table(confusion_rows, ["true", "predicted", "count", "examples"]) if confusion_rows
-                    else "<p>No errors on the test split.</p>")
+        sections += [
+            "<h2>Train vs test</h2>",
+            f"<p>Train accuracy {gap['train_accuracy']:.3f} vs test {gap['test_accuracy']:.3f} "
+            f"(gap {gap['accuracy_gap']:+.3f}, {gap['train_rows_scored']} training rows re-scored): "
+            f"{verdict}.</p>",
+        ]
+    sections += [
+        "<h2>Per class</h2>",
+        html_table(test["per_class"], ["label", "precision", "recall", "f1", "support"]),
+        html_image(plots.per_class_f1_png(test["per_class"]), "per-class F1"),
+        "<h2>Confusion matrix</h2>",
+        html_image(plots.confusion_matrix_png(test["confusion_matrix"], report["labels"]), "confusion matrix"),
+        "<h2>Calibration</h2>",
+        html_image(plots.reliability_png(test["calibration"]["bins"], test["calibration"]["ece"]), "reliability"),
+        "<h2>Most frequent confusions</h2>",
+    ]
+    confusion_rows = [
+        {"true": c["true"], "predicted": c["predicted"], "count": c["count"], "examples": " | ".join(c["examples"])}
+        for c in test["top_confusions"]
+    ]
+    sections.append(
+        html_table(confusion_rows, ["true", "predicted", "count", "examples"])
+        if confusion_rows
+        else "<p>No errors on the test split.</p>"
+    )
     suspects = test.get("label_suspects")  # absent from reports written before it existed
     if suspects and suspects["count"]:
-        sections += ["<h2>Possible label errors</h2>",
-                     f"<p>{suspects['count']} test rows ({suspects['share']:.1%}) where the model contradicts the given "
-                     f"label with probability ≥ {suspects['confidence']:.2f}. Such rows are often mislabelled: "
-                     f"check them before reading every one as a model error (most confident first).</p>",
-                     html_table(suspects["rows"], ["text", "label", "predicted", "probability"])]
+        sections += [
+            "<h2>Possible label errors</h2>",
+            f"<p>{suspects['count']} test rows ({suspects['share']:.1%}) where the model contradicts the given "
+            f"label with probability ≥ {suspects['confidence']:.2f}. Such rows are often mislabelled: "
+            f"check them before reading every one as a model error (most confident first).</p>",
+            html_table(suspects["rows"], ["text", "label", "predicted", "probability"]),
+        ]
     if report.get("training_history"):
         sections += ["<h2>Training</h2>", html_image(plots.training_curve_png(report["training_history"]), "training")]
     return sections
@@ -122,12 +161,16 @@ def report_sections(report: dict) -> list[str]:
 
 def html_page(title: str, sections: list[str]) -> str:
     """A self-contained page: inline style, images embedded, nothing fetched."""
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
-             "th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}.pass{color:#2e7d32}"
-             ".fail{color:#c62828}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+        "th{background:#f3f3f3}img{max-width:100%;display:block;margin:1em 0}.pass{color:#2e7d32}"
+        ".fail{color:#c62828}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(sections)}</body></html>"
+    )
 
 
 def report_json(report: dict) -> str:

@@ -31,8 +31,9 @@ class FeedbackExamples:
             frame.to_csv(path, index=False)
 
 
-def feedback_examples(rows: list[tuple[FeedbackRecord, PredictionRecord]], include_confirmed: bool = True
-                      ) -> FeedbackExamples:
+def feedback_examples(
+    rows: list[tuple[FeedbackRecord, PredictionRecord]], include_confirmed: bool = True
+) -> FeedbackExamples:
     """Examples from (feedback, prediction) pairs given oldest first.
 
     Per prediction the latest correction counts; with no correction, an up-rating confirms the predicted
@@ -56,9 +57,17 @@ def feedback_examples(rows: list[tuple[FeedbackRecord, PredictionRecord]], inclu
         prediction = predictions[prediction_id]
         text = clean_text(prediction.text)
         if text:
-            candidates.append({"text": text, "label": chosen["label"], "source": chosen["source"],
-                               "prediction_id": prediction_id, "model_version": prediction.model_version,
-                               "feedback_at": chosen["at"].created_at, "order": chosen["at"].id})
+            candidates.append(
+                {
+                    "text": text,
+                    "label": chosen["label"],
+                    "source": chosen["source"],
+                    "prediction_id": prediction_id,
+                    "model_version": prediction.model_version,
+                    "feedback_at": chosen["at"].created_at,
+                    "order": chosen["at"].id,
+                }
+            )
     by_text: dict[str, list[dict]] = {}
     for candidate in sorted(candidates, key=lambda c: (c["feedback_at"], c["order"])):
         by_text.setdefault(dedup_key(candidate["text"]), []).append(candidate)
@@ -67,13 +76,23 @@ def feedback_examples(rows: list[tuple[FeedbackRecord, PredictionRecord]], inclu
         winner = group[-1]
         labels = Counter(c["label"] for c in group)
         if len(labels) > 1:
-            conflicts.append({"text": winner["text"], "labels": dict(labels), "kept_label": winner["label"],
-                              "prediction_ids": [c["prediction_id"] for c in group]})
+            conflicts.append(
+                {
+                    "text": winner["text"],
+                    "labels": dict(labels),
+                    "kept_label": winner["label"],
+                    "prediction_ids": [c["prediction_id"] for c in group],
+                }
+            )
         kept.append(winner)
     examples = pd.DataFrame(sorted(kept, key=lambda c: (c["feedback_at"], c["order"])), columns=EXAMPLE_COLUMNS)
-    counts = {"feedback_rows": len(rows), "examples": len(examples),
-              "corrected": int((examples["source"] == "corrected").sum()),
-              "confirmed": int((examples["source"] == "confirmed").sum()),
-              "duplicates_merged": len(candidates) - len(kept), "conflicts": len(conflicts),
-              "rated_down_without_label": len(rated_down_without_label - set(latest))}
+    counts = {
+        "feedback_rows": len(rows),
+        "examples": len(examples),
+        "corrected": int((examples["source"] == "corrected").sum()),
+        "confirmed": int((examples["source"] == "confirmed").sum()),
+        "duplicates_merged": len(candidates) - len(kept),
+        "conflicts": len(conflicts),
+        "rated_down_without_label": len(rated_down_without_label - set(latest)),
+    }
     return FeedbackExamples(examples=examples.reset_index(drop=True), conflicts=conflicts, counts=counts)

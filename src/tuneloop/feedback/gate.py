@@ -83,15 +83,24 @@ def _per_class(true: np.ndarray, prod: np.ndarray, cand: np.ndarray, config: Gat
     for i, label in enumerate(labels):
         support = int(prod_prf[3][i])
         delta = float(cand_prf[2][i] - prod_prf[2][i])
-        rows.append({"label": label, "support": support, "production_f1": float(prod_prf[2][i]),
-                     "candidate_f1": float(cand_prf[2][i]), "delta_f1": delta,
-                     "production_recall": float(prod_prf[1][i]), "candidate_recall": float(cand_prf[1][i]),
-                     "blocks": support >= config.min_class_support and delta < -config.max_class_drop})
+        rows.append(
+            {
+                "label": label,
+                "support": support,
+                "production_f1": float(prod_prf[2][i]),
+                "candidate_f1": float(cand_prf[2][i]),
+                "delta_f1": delta,
+                "production_recall": float(prod_prf[1][i]),
+                "candidate_recall": float(cand_prf[1][i]),
+                "blocks": support >= config.min_class_support and delta < -config.max_class_drop,
+            }
+        )
     return rows
 
 
-def compare(true: list[str], production: list[str], candidate: list[str], part: list[str], config: GateConfig
-            ) -> tuple[list[GateCheck], dict, list[dict], dict]:
+def compare(
+    true: list[str], production: list[str], candidate: list[str], part: list[str], config: GateConfig
+) -> tuple[list[GateCheck], dict, list[dict], dict]:
     """The checks on paired predictions; `part` names each row's origin ("test" or "feedback").
 
     Each part is judged on its own, never pooled: pooled, the candidate's wins on feedback (mostly
@@ -112,22 +121,33 @@ def compare(true: list[str], production: list[str], candidate: list[str], part: 
         prod_macro, cand_macro = metrics["production"][name]["macro_f1"], metrics["candidate"][name]["macro_f1"]
         paired = mcnemar[name] = _mcnemar(true_[inside], prod[inside], cand[inside])
         checks += [
-            GateCheck(f"{name}: macro-F1", cand_macro >= prod_macro - config.macro_f1_tolerance,
-                      f"candidate {cand_macro:.4f} vs production {prod_macro:.4f} "
-                      f"(change {cand_macro - prod_macro:+.4f}, tolerance {config.macro_f1_tolerance})"),
-            GateCheck(f"{name}: paired test (McNemar)", paired["p_value_candidate_worse"] >= config.alpha,
-                      f"candidate alone wrong on {paired['candidate_only_wrong']}, alone right on "
-                      f"{paired['candidate_only_right']}; one-sided p(candidate worse) = "
-                      f"{paired['p_value_candidate_worse']:.4g} (alpha {config.alpha})"),
+            GateCheck(
+                f"{name}: macro-F1",
+                cand_macro >= prod_macro - config.macro_f1_tolerance,
+                f"candidate {cand_macro:.4f} vs production {prod_macro:.4f} "
+                f"(change {cand_macro - prod_macro:+.4f}, tolerance {config.macro_f1_tolerance})",
+            ),
+            GateCheck(
+                f"{name}: paired test (McNemar)",
+                paired["p_value_candidate_worse"] >= config.alpha,
+                f"candidate alone wrong on {paired['candidate_only_wrong']}, alone right on "
+                f"{paired['candidate_only_right']}; one-sided p(candidate worse) = "
+                f"{paired['p_value_candidate_worse']:.4g} (alpha {config.alpha})",
+            ),
         ]
         if name == "test":
             per_class = _per_class(true_[inside], prod[inside], cand[inside], config)
             blocking = [row["label"] for row in per_class if row["blocks"]]
-            checks.append(GateCheck(
-                "test: per-class F1", not blocking,
-                f"classes losing more than {config.max_class_drop:.2f} F1: {', '.join(blocking)}" if blocking
-                else f"no class with ≥{config.min_class_support} examples loses more than "
-                     f"{config.max_class_drop:.2f} F1"))
+            checks.append(
+                GateCheck(
+                    "test: per-class F1",
+                    not blocking,
+                    f"classes losing more than {config.max_class_drop:.2f} F1: {', '.join(blocking)}"
+                    if blocking
+                    else f"no class with ≥{config.min_class_support} examples loses more than "
+                    f"{config.max_class_drop:.2f} F1",
+                )
+            )
     return checks, metrics, per_class, mcnemar
 
 
@@ -156,8 +176,9 @@ def gate_set(production: Path, candidate: Path) -> tuple[pd.DataFrame, list[str]
     return rows[~leaked].reset_index(drop=True), notes
 
 
-def evaluate_gate(registry: Registry, candidate: ModelVersion, production: ModelVersion, config: GateConfig
-                  ) -> GateDecision:
+def evaluate_gate(
+    registry: Registry, candidate: ModelVersion, production: ModelVersion, config: GateConfig
+) -> GateDecision:
     """Score both versions on the gate set and decide; promotes nothing."""
     rows, notes = gate_set(registry.artifacts(production), registry.artifacts(candidate))
     if rows.empty:
@@ -165,42 +186,77 @@ def evaluate_gate(registry: Registry, candidate: ModelVersion, production: Model
     texts = rows["text"].tolist()
     prod_pred = _predicted_labels(registry.artifacts(production), texts)
     cand_pred = _predicted_labels(registry.artifacts(candidate), texts)
-    checks, metrics, per_class, mcnemar = compare(rows["label"].tolist(), prod_pred, cand_pred,
-                                                  rows["part"].tolist(), config)
-    return GateDecision(candidate=candidate.ref, production=production.ref, passed=all(c.passed for c in checks),
-                        checks=checks, metrics=metrics, per_class=per_class, mcnemar=mcnemar,
-                        rows={name: int((rows["part"] == name).sum()) for name in ("test", "feedback")}, notes=notes)
+    checks, metrics, per_class, mcnemar = compare(
+        rows["label"].tolist(), prod_pred, cand_pred, rows["part"].tolist(), config
+    )
+    return GateDecision(
+        candidate=candidate.ref,
+        production=production.ref,
+        passed=all(c.passed for c in checks),
+        checks=checks,
+        metrics=metrics,
+        per_class=per_class,
+        mcnemar=mcnemar,
+        rows={name: int((rows["part"] == name).sum()) for name in ("test", "feedback")},
+        notes=notes,
+    )
 
 
 def render_gate_html(decision: GateDecision, limit: float) -> str:
     verdict = "PASSED" if decision.passed else "REJECTED"
-    outcome = ("promoted to production" if decision.promoted else
-               "not promoted" if not decision.passed else "passed but not promoted (dry run)")
+    outcome = (
+        "promoted to production"
+        if decision.promoted
+        else "not promoted"
+        if not decision.passed
+        else "passed but not promoted (dry run)"
+    )
     checks = "".join(
         f"<li class='{'pass' if c.passed else 'fail'}'><b>{html.escape(c.name)}</b>: "
-        f"{'pass' if c.passed else 'FAIL'} — {html.escape(c.detail)}</li>" for c in decision.checks)
+        f"{'pass' if c.passed else 'FAIL'} — {html.escape(c.detail)}</li>"
+        for c in decision.checks
+    )
     metric_rows = []
     for part in ("all", "test", "feedback"):
         prod, cand = decision.metrics["production"].get(part), decision.metrics["candidate"].get(part)
         if prod and prod["n"]:
-            metric_rows.append({"examples": part, "n": prod["n"], "production accuracy": prod["accuracy"],
-                                "candidate accuracy": cand["accuracy"], "production macro-F1": prod["macro_f1"],
-                                "candidate macro-F1": cand["macro_f1"]})
+            metric_rows.append(
+                {
+                    "examples": part,
+                    "n": prod["n"],
+                    "production accuracy": prod["accuracy"],
+                    "candidate accuracy": cand["accuracy"],
+                    "production macro-F1": prod["macro_f1"],
+                    "candidate macro-F1": cand["macro_f1"],
+                }
+            )
     sections = [
         f"<h1>Gate: {html.escape(decision.candidate)} vs {html.escape(decision.production)}</h1>",
         f"<p class='{'pass' if decision.passed else 'fail'}'><b>{verdict}</b>: {outcome}.</p>",
         f"<ul>{checks}</ul>",
         *(f"<p><i>{html.escape(note)}</i></p>" for note in decision.notes),
         "<h2>Metrics</h2>",
-        html_table(metric_rows, ["examples", "n", "production accuracy", "candidate accuracy",
-                                 "production macro-F1", "candidate macro-F1"]),
+        html_table(
+            metric_rows,
+            ["examples", "n", "production accuracy", "candidate accuracy", "production macro-F1", "candidate macro-F1"],
+        ),
         "<p>'feedback' rows are corrections users made, mostly of production's mistakes, so production "
         "scores low on them by construction; 'test' is the frozen test split.</p>",
         "<h2>Per-class change</h2>",
         html_image(plots.per_class_delta_png(decision.per_class, limit), "per-class F1 change"),
-        html_table(sorted(decision.per_class, key=lambda r: r["delta_f1"]),
-                   ["label", "support", "production_f1", "candidate_f1", "delta_f1", "production_recall",
-                    "candidate_recall", "blocks"]),
+        html_table(
+            sorted(decision.per_class, key=lambda r: r["delta_f1"]),
+            [
+                "label",
+                "support",
+                "production_f1",
+                "candidate_f1",
+                "delta_f1",
+                "production_recall",
+                "candidate_recall",
+                "blocks",
+            ],
+        ),
     ]
     return html_page(f"Gate {decision.candidate}", sections)
 

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, func, insert, select
@@ -74,14 +74,15 @@ def new_prediction_id() -> str:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class PredictionLog:
     """Buffered prediction writes plus synchronous feedback writes over one database."""
 
-    def __init__(self, database_url: str, home: Path, flush_ms: float = 200.0, max_batch: int = 512,
-                 max_backlog: int = 200_000) -> None:
+    def __init__(
+        self, database_url: str, home: Path, flush_ms: float = 200.0, max_batch: int = 512, max_backlog: int = 200_000
+    ) -> None:
         self.engine = open_database(database_url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.home = Path(home)
@@ -187,8 +188,13 @@ class PredictionLog:
         if not batch:
             return None
         rescue = self.home / f"unsaved-predictions-{_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}.jsonl"
-        write_text_atomically(rescue, "".join(
-            json.dumps({**vars(p), "created_at": p.created_at.isoformat()}, ensure_ascii=False) + "\n" for p in batch))
+        write_text_atomically(
+            rescue,
+            "".join(
+                json.dumps({**vars(p), "created_at": p.created_at.isoformat()}, ensure_ascii=False) + "\n"
+                for p in batch
+            ),
+        )
         log.error("prediction log: %s; %d rows saved to %s", why, len(batch), rescue)
         return rescue
 
@@ -216,13 +222,23 @@ class PredictionLog:
                 found = session.get(PredictionRecord, prediction_id)
         return found
 
-    def add_feedback(self, prediction_id: str, corrected_label: str | None = None, rating: int | None = None,
-                     comment: str | None = None) -> FeedbackRecord:
+    def add_feedback(
+        self,
+        prediction_id: str,
+        corrected_label: str | None = None,
+        rating: int | None = None,
+        comment: str | None = None,
+    ) -> FeedbackRecord:
         """Commit one piece of feedback; the prediction must exist (pending ones are flushed first)."""
         if self.get(prediction_id) is None:
             raise TuneloopError(f"no prediction with id '{prediction_id}'")
-        row = FeedbackRecord(prediction_id=prediction_id, created_at=_now(), corrected_label=corrected_label,
-                             rating=rating, comment=comment)
+        row = FeedbackRecord(
+            prediction_id=prediction_id,
+            created_at=_now(),
+            corrected_label=corrected_label,
+            rating=rating,
+            comment=comment,
+        )
         with self._sessions.begin() as session:
             session.add(row)
         return row
@@ -231,18 +247,23 @@ class PredictionLog:
         """All feedback on predictions of a model name, oldest first, with the prediction it is about."""
         self.flush()
         with self._sessions() as session:
-            query = (select(FeedbackRecord, PredictionRecord)
-                     .join(PredictionRecord, FeedbackRecord.prediction_id == PredictionRecord.id)
-                     .where(PredictionRecord.model_name == model_name)
-                     .order_by(FeedbackRecord.created_at, FeedbackRecord.id))
+            query = (
+                select(FeedbackRecord, PredictionRecord)
+                .join(PredictionRecord, FeedbackRecord.prediction_id == PredictionRecord.id)
+                .where(PredictionRecord.model_name == model_name)
+                .order_by(FeedbackRecord.created_at, FeedbackRecord.id)
+            )
             return [(f, p) for f, p in session.execute(query)]
 
     def recent_feedback(self, limit: int) -> list[tuple[FeedbackRecord, PredictionRecord]]:
         """The latest feedback across all models, newest first, with the prediction it is about."""
         with self._sessions() as session:
-            query = (select(FeedbackRecord, PredictionRecord)
-                     .join(PredictionRecord, FeedbackRecord.prediction_id == PredictionRecord.id)
-                     .order_by(FeedbackRecord.created_at.desc(), FeedbackRecord.id.desc()).limit(limit))
+            query = (
+                select(FeedbackRecord, PredictionRecord)
+                .join(PredictionRecord, FeedbackRecord.prediction_id == PredictionRecord.id)
+                .order_by(FeedbackRecord.created_at.desc(), FeedbackRecord.id.desc())
+                .limit(limit)
+            )
             return [(f, p) for f, p in session.execute(query)]
 
     def count(self, model_name: str | None = None) -> dict[str, int]:

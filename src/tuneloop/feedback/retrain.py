@@ -46,8 +46,9 @@ def in_holdout(text: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def retraining_data(frozen: PreparedData, feedback: FeedbackExamples, config: FeedbackConfig, source: str
-                    ) -> PreparedData:
+def retraining_data(
+    frozen: PreparedData, feedback: FeedbackExamples, config: FeedbackConfig, source: str
+) -> PreparedData:
     """Production's splits plus feedback: corrections replace training rows with the same text, the
     test split stays exactly as it was, and a hash-chosen share of the feedback is held out."""
     examples = feedback.examples
@@ -73,8 +74,10 @@ def retraining_data(frozen: PreparedData, feedback: FeedbackExamples, config: Fe
         "source": source,
         "rows_read": len(frozen.train) + len(frozen.val) + len(frozen.test) + len(examples),
         "rows_kept": sum(len(s) for s in splits.values()),
-        "dropped": {"superseded_by_feedback": len(frozen.train) + len(frozen.val) - len(train) - len(val),
-                    "feedback_in_test_split": int(in_test.sum())},
+        "dropped": {
+            "superseded_by_feedback": len(frozen.train) + len(frozen.val) - len(train) - len(val),
+            "feedback_in_test_split": int(in_test.sum()),
+        },
         "conflicts": feedback.conflicts[:50],
         "conflict_policy": "latest feedback wins",
         **split_summary(splits, labels),
@@ -84,21 +87,25 @@ def retraining_data(frozen: PreparedData, feedback: FeedbackExamples, config: Fe
     }
     report["fingerprint"] = fingerprint_of(splits)
     holdout_frame = holdout[["text", "label", "source", "prediction_id"]].reset_index(drop=True)
-    return PreparedData(splits=splits, labels=labels, report=report, fingerprint=report["fingerprint"],
-                        holdout=holdout_frame)
+    return PreparedData(
+        splits=splits, labels=labels, report=report, fingerprint=report["fingerprint"], holdout=holdout_frame
+    )
 
 
-def retrain(name: str, config_file: Path | None = None, overrides: list[str] | None = None,
-            show_progress: bool = True) -> RetrainOutcome:
+def retrain(
+    name: str, config_file: Path | None = None, overrides: list[str] | None = None, show_progress: bool = True
+) -> RetrainOutcome:
     """Train a candidate of `name` on its production data plus feedback; registered with the parent."""
     settings = load_config(config_file, overrides)
     registry = Registry(settings.registry)
     production = registry.get(f"{name}@production")
     recipe = {k: v for k, v in production.config.items() if k not in ENVIRONMENT_SECTIONS}
     if recipe.get("tasks"):
-        raise TuneloopError(f"{production.ref} is a multi-task model ({', '.join(recipe['tasks'])}); retraining from "
-                            f"feedback works on single-task models only: add the corrections to the task's file "
-                            f"and run tuneloop train again")
+        raise TuneloopError(
+            f"{production.ref} is a multi-task model ({', '.join(recipe['tasks'])}); retraining from "
+            f"feedback works on single-task models only: add the corrections to the task's file "
+            f"and run tuneloop train again"
+        )
     config = load_config(config_file, overrides, base=recipe)
     config.name = name  # a name in the caller's config file must not send the candidate elsewhere
     config.data.kfold = None  # the splits are given; folds of production's own data do not apply
@@ -110,11 +117,16 @@ def retrain(name: str, config_file: Path | None = None, overrides: list[str] | N
     if examples.examples.empty:
         raise TuneloopError(f"no feedback with a label for '{name}' yet: send corrections to /v1/feedback first")
     frozen = load_prepared(registry.artifacts(production) / "data")
-    data = retraining_data(frozen, examples, config.feedback,
-                           source=f"{production.ref} frozen splits + {len(examples.examples)} feedback examples")
+    data = retraining_data(
+        frozen,
+        examples,
+        config.feedback,
+        source=f"{production.ref} frozen splits + {len(examples.examples)} feedback examples",
+    )
     encoder = resolve_encoder(production.base_model, config.registry.home)
     data.report["text_length"] = length_percentiles(
-        pd.concat([s["text"] for s in data.splits.values()]).tolist(), token_counter(encoder))
+        pd.concat([s["text"] for s in data.splits.values()]).tolist(), token_counter(encoder)
+    )
     log.info("retraining %s with %s", production.ref, data.report["feedback"])
     outcome = run_training(config, prepared=(data, encoder), parent=production.ref, show_progress=show_progress)
     return RetrainOutcome(run=outcome, parent=production.ref, feedback=data.report["feedback"])

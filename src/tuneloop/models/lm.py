@@ -82,8 +82,10 @@ def load_generator(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 
         base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
         if not (Path(base) / "config.json").is_file():
-            raise TuneloopError(f"{folder} holds LoRA adapters for the model at {base}, which is not there; "
-                                f"run tuneloop from where it was trained, or train with sft.method=full")
+            raise TuneloopError(
+                f"{folder} holds LoRA adapters for the model at {base}, which is not there; "
+                f"run tuneloop from where it was trained, or train with sft.method=full"
+            )
         model = AutoPeftModelForCausalLM.from_pretrained(folder).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(folder)

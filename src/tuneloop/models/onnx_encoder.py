@@ -37,8 +37,9 @@ class _HiddenStates(nn.Module):
 
 def export_encoder(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """Write the encoder as ONNX into `folder` (atomically: a crash never leaves half a model)."""
-    example = tokenizer(["a short example", "a longer example, so that the batch has padding in it"], padding=True,
-                        return_tensors="pt")
+    example = tokenizer(
+        ["a short example", "a longer example, so that the batch has padding in it"], padding=True, return_tensors="pt"
+    )
     dims = {0: torch.export.Dim("batch", min=1), 1: torch.export.Dim("sequence", min=2)}
 
     def write(target: Path) -> None:
@@ -50,10 +51,16 @@ def export_encoder(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         registration.setLevel(logging.ERROR)
         try:
             with torch.no_grad():
-                torch.onnx.export(_HiddenStates(encoder.eval()), (example["input_ids"], example["attention_mask"]),
-                                  target / ONNX_FILE, input_names=["input_ids", "attention_mask"],
-                                  output_names=["last_hidden_state"], dynamic_shapes=(dims, dims), dynamo=True,
-                                  verbose=False)
+                torch.onnx.export(
+                    _HiddenStates(encoder.eval()),
+                    (example["input_ids"], example["attention_mask"]),
+                    target / ONNX_FILE,
+                    input_names=["input_ids", "attention_mask"],
+                    output_names=["last_hidden_state"],
+                    dynamic_shapes=(dims, dims),
+                    dynamo=True,
+                    verbose=False,
+                )
         finally:
             registration.setLevel(level)
 
@@ -75,8 +82,7 @@ class OnnxEncoder(nn.Module):
         # Idle worker threads would otherwise spin waiting for work, taking the cores the event loop needs
         # between batches (measured: 2 spinning threads ran 1.8x slower per text while anything else ran).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(str(path), options,
-                                                    providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.config = config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BaseModelOutput:
@@ -94,8 +100,9 @@ def quantize_int8(folder: Path) -> None:
     staging.replace(folder / INT8_FILE)
 
 
-def onnx_encoder(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: Path, threads: int,
-                 int8: bool = False) -> OnnxEncoder:
+def onnx_encoder(
+    encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: Path, threads: int, int8: bool = False
+) -> OnnxEncoder:
     """The encoder under ONNX Runtime, exported into `cache` the first time (and quantized, with int8)."""
     if not (cache / ONNX_FILE).is_file():
         log.info("exporting the encoder to ONNX in %s (once per version)", cache)

@@ -11,7 +11,7 @@ import json
 import re
 import shutil
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import JSON, Boolean, DateTime, Integer, String, UniqueConstraint, func, select
@@ -70,7 +70,7 @@ class StageChange(Base):
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Registry:
@@ -86,8 +86,16 @@ class Registry:
         return self.home / version.artifact_dir
 
     def register(
-        self, name: str, source: Path, *, base_model: str, data_fingerprint: str, config: dict, metrics: dict,
-        parent: str | None = None, ignore: tuple[str, ...] = (),
+        self,
+        name: str,
+        source: Path,
+        *,
+        base_model: str,
+        data_fingerprint: str,
+        config: dict,
+        metrics: dict,
+        parent: str | None = None,
+        ignore: tuple[str, ...] = (),
     ) -> ModelVersion:
         """Copy `source` into the store and add a candidate version; atomic as described above."""
         with self._sessions() as session:
@@ -105,9 +113,18 @@ class Registry:
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise TuneloopError(f"cannot store artifacts of {name} v{number} in {target}: {exc}") from exc
-        row = ModelVersion(name=name, version=number, stage="candidate", base_model=base_model,
-                           data_fingerprint=data_fingerprint, config=config, metrics=metrics, parent=parent,
-                           artifact_dir=relative.as_posix(), created_at=_now())
+        row = ModelVersion(
+            name=name,
+            version=number,
+            stage="candidate",
+            base_model=base_model,
+            data_fingerprint=data_fingerprint,
+            config=config,
+            metrics=metrics,
+            parent=parent,
+            artifact_dir=relative.as_posix(),
+            created_at=_now(),
+        )
         try:
             with self._sessions.begin() as session:
                 session.add(row)
@@ -133,8 +150,9 @@ class Registry:
             raise TuneloopError(f"'{ref}' is not a model reference; use NAME, NAME@VERSION or NAME@production")
         name, which = match["name"], match["which"]
         with self._sessions() as session:
-            versions = list(session.scalars(select(ModelVersion).where(ModelVersion.name == name)
-                                            .order_by(ModelVersion.version)))
+            versions = list(
+                session.scalars(select(ModelVersion).where(ModelVersion.name == name).order_by(ModelVersion.version))
+            )
         if not versions:
             known = sorted({v.name for v in self.list()})
             hint = f"; registered models: {', '.join(known)}" if known else "; none are registered yet (tuneloop train)"
@@ -144,7 +162,9 @@ class Registry:
             if production:
                 return production[0]
             if which == "production":
-                raise TuneloopError(f"'{name}' has no production version; promote one: tuneloop models promote {name}@N")
+                raise TuneloopError(
+                    f"'{name}' has no production version; promote one: tuneloop models promote {name}@N"
+                )
             return versions[-1]
         if which == "latest":
             return versions[-1]
@@ -152,22 +172,33 @@ class Registry:
         for version in versions:
             if version.version == number:
                 return version
-        raise TuneloopError(f"'{name}' has no version {number}; versions: {', '.join(str(v.version) for v in versions)}")
+        raise TuneloopError(
+            f"'{name}' has no version {number}; versions: {', '.join(str(v.version) for v in versions)}"
+        )
 
     def promote(self, ref: str, reason: str = "manual") -> ModelVersion:
         """Make this version production; the previous production version is archived."""
         target = self.get(ref)
         with self._sessions.begin() as session:
             row = session.get(ModelVersion, target.id)
-            previous = session.scalar(select(ModelVersion).where(
-                ModelVersion.name == row.name, ModelVersion.stage == "production"))
+            previous = session.scalar(
+                select(ModelVersion).where(ModelVersion.name == row.name, ModelVersion.stage == "production")
+            )
             if previous is None or previous.id != row.id:
                 if previous is not None:
                     previous.stage = "archived"
                 row.stage = "production"
                 row.promoted_at = _now()
-                session.add(StageChange(name=row.name, version=row.version, kind="promote", reason=reason, at=_now(),
-                                        previous_version=previous.version if previous is not None else None))
+                session.add(
+                    StageChange(
+                        name=row.name,
+                        version=row.version,
+                        kind="promote",
+                        reason=reason,
+                        at=_now(),
+                        previous_version=previous.version if previous is not None else None,
+                    )
+                )
         return self.get(target.ref)
 
     def archive(self, ref: str) -> ModelVersion:
@@ -180,19 +211,35 @@ class Registry:
         """Put back the version that was production before the current one; repeatable, step by step."""
         current = self.get(f"{name}@production")
         with self._sessions.begin() as session:
-            change = session.scalar(select(StageChange).where(
-                StageChange.name == name, StageChange.version == current.version, StageChange.kind == "promote",
-                StageChange.undone.is_(False)).order_by(StageChange.id.desc()))
+            change = session.scalar(
+                select(StageChange)
+                .where(
+                    StageChange.name == name,
+                    StageChange.version == current.version,
+                    StageChange.kind == "promote",
+                    StageChange.undone.is_(False),
+                )
+                .order_by(StageChange.id.desc())
+            )
             if change is None or change.previous_version is None:
                 raise TuneloopError(f"{current.ref} has no earlier production version to roll back to")
-            restored = session.scalar(select(ModelVersion).where(
-                ModelVersion.name == name, ModelVersion.version == change.previous_version))
+            restored = session.scalar(
+                select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == change.previous_version)
+            )
             session.get(ModelVersion, current.id).stage = "archived"
             restored.stage = "production"
             restored.promoted_at = _now()
             change.undone = True
-            session.add(StageChange(name=name, version=restored.version, previous_version=current.version,
-                                    kind="rollback", reason=reason, at=_now()))
+            session.add(
+                StageChange(
+                    name=name,
+                    version=restored.version,
+                    previous_version=current.version,
+                    kind="rollback",
+                    reason=reason,
+                    at=_now(),
+                )
+            )
         return self.get(f"{name}@{change.previous_version}")
 
     def history(self, name: str) -> list[StageChange]:
@@ -203,11 +250,19 @@ class Registry:
 
 def describe(version: ModelVersion) -> dict:
     """A JSON-friendly view of a version for `models show`."""
-    return {"name": version.name, "version": version.version, "stage": version.stage,
-            "base_model": version.base_model, "data_fingerprint": version.data_fingerprint,
-            "parent": version.parent, "created_at": version.created_at.isoformat(),
-            "promoted_at": version.promoted_at.isoformat() if version.promoted_at else None,
-            "artifact_dir": version.artifact_dir, "metrics": version.metrics, "config": version.config}
+    return {
+        "name": version.name,
+        "version": version.version,
+        "stage": version.stage,
+        "base_model": version.base_model,
+        "data_fingerprint": version.data_fingerprint,
+        "parent": version.parent,
+        "created_at": version.created_at.isoformat(),
+        "promoted_at": version.promoted_at.isoformat() if version.promoted_at else None,
+        "artifact_dir": version.artifact_dir,
+        "metrics": version.metrics,
+        "config": version.config,
+    }
 
 
 def to_json(version: ModelVersion) -> str:

@@ -80,17 +80,29 @@ def _build_state(config: TuneloopConfig) -> ServerState:
             assistant.calibrate(loaded)
 
     required = (assistant.definition.intent_model, assistant.definition.sentiment_model) if assistant else ()
-    served = ServedModels(registry, settings, on_batch=metrics.observe_batch, on_swap=swapped, prepare=prepare,
-                          required=required)
+    served = ServedModels(
+        registry, settings, on_batch=metrics.observe_batch, on_swap=swapped, prepare=prepare, required=required
+    )
     served.load()
-    prediction_log = PredictionLog(config.registry.resolved_database_url(), config.registry.home,
-                                   flush_ms=settings.log_flush_ms)
+    prediction_log = PredictionLog(
+        config.registry.resolved_database_url(), config.registry.home, flush_ms=settings.log_flush_ms
+    )
     conversations = ConversationStore(prediction_log.engine) if assistant is not None else None
-    return ServerState(config=config, registry=registry, served=served, prediction_log=prediction_log,
-                       metrics=metrics, keys=KeyRing(settings),
-                       jobs=JobRunner(config.registry.home / "jobs", _job_settings(config),
-                                      {"TUNELOOP_DATABASE_URL": config.registry.resolved_database_url()}),
-                       assistant=assistant, conversations=conversations)
+    return ServerState(
+        config=config,
+        registry=registry,
+        served=served,
+        prediction_log=prediction_log,
+        metrics=metrics,
+        keys=KeyRing(settings),
+        jobs=JobRunner(
+            config.registry.home / "jobs",
+            _job_settings(config),
+            {"TUNELOOP_DATABASE_URL": config.registry.resolved_database_url()},
+        ),
+        assistant=assistant,
+        conversations=conversations,
+    )
 
 
 def create_app(config: TuneloopConfig) -> FastAPI:
@@ -111,10 +123,13 @@ def create_app(config: TuneloopConfig) -> FastAPI:
             state.prediction_log.close()  # then every logged prediction reaches the database
 
     app = FastAPIOffline(
-        title="tuneloop", version=__version__, lifespan=lifespan,
+        title="tuneloop",
+        version=__version__,
+        lifespan=lifespan,
         description="Classify texts with the production version of your models, chat with the assistant, send "
-                    "feedback on the answers, promote versions (admin). Authenticate with `Authorization: Bearer "
-                    "<key>` or `X-API-Key`.")
+        "feedback on the answers, promote versions (admin). Authenticate with `Authorization: Bearer "
+        "<key>` or `X-API-Key`.",
+    )
     app.state.tuneloop = state
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.serve.max_body_bytes)

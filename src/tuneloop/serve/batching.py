@@ -39,9 +39,14 @@ class MicroBatcher(Generic[Result]):
     `run_batch` returns `(context, rows)`, one row per text; a caller receives `(context, its rows)`.
     """
 
-    def __init__(self, run_batch: Callable[[list[str]], tuple[object, Result]], executor: Executor,
-                 max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        run_batch: Callable[[list[str]], tuple[object, Result]],
+        executor: Executor,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
         self.run_batch = run_batch
         self.executor = executor
         self.max_batch_size = max_batch_size

@@ -13,7 +13,7 @@ import sys
 import threading
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tuneloop.errors import TuneloopError
@@ -41,9 +41,16 @@ class Job:
             with self.log_path.open("rb") as log_file:
                 log_file.seek(max(0, log_file.seek(0, 2) - 4 * tail))  # utf-8: at most 4 bytes a character
                 text = log_file.read().decode("utf-8", errors="replace")[-tail:]
-        return {"id": self.id, "kind": self.kind, "target": self.target, "status": self.status,
-                "exit_code": self.exit_code, "started_at": self.started_at.isoformat(),
-                "finished_at": self.finished_at.isoformat() if self.finished_at else None, "log": text[-tail:]}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "target": self.target,
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "started_at": self.started_at.isoformat(),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "log": text[-tail:],
+        }
 
 
 class JobRunner:
@@ -65,13 +72,16 @@ class JobRunner:
                 raise TuneloopError(f"job {running[0].id} ({running[0].kind} {running[0].target}) is still running")
             job_id = uuid.uuid4().hex[:12]
             self.folder.mkdir(parents=True, exist_ok=True)
-            job = Job(job_id, kind, target, self.folder / f"{job_id}.log", datetime.now(timezone.utc))
+            job = Job(job_id, kind, target, self.folder / f"{job_id}.log", datetime.now(UTC))
             with job.log_path.open("w", encoding="utf-8") as out:
                 job.process = subprocess.Popen(
                     # After "--" everything is an argument: a target can never be read as an option.
                     [sys.executable, "-m", "tuneloop", kind, "--", target, *self.settings],
-                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env={**os.environ, **self.environment, "COLUMNS": "100", "NO_COLOR": "1"})
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env={**os.environ, **self.environment, "COLUMNS": "100", "NO_COLOR": "1"},
+                )
             self.jobs[job_id] = job
         threading.Thread(target=self._wait, args=(job,), daemon=True, name=f"job-{job_id}").start()
         return job
@@ -79,7 +89,7 @@ class JobRunner:
     def _wait(self, job: Job) -> None:
         code = job.process.wait()
         job.exit_code = code
-        job.finished_at = datetime.now(timezone.utc)
+        job.finished_at = datetime.now(UTC)
         job.status = OUTCOMES.get(code, "failed")
 
     def stop_all(self) -> None:

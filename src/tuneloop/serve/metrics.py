@@ -18,26 +18,48 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("tuneloop_http_requests_total", "HTTP requests by route, method and status",
-                                ["route", "method", "status"], registry=self.registry)
-        self.latency = Histogram("tuneloop_http_request_seconds", "HTTP request latency by route", ["route"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch_size = Histogram("tuneloop_batch_size", "Texts per forward pass", ["model"],
-                                    buckets=BATCH_BUCKETS, registry=self.registry)
-        self.batch_seconds = Histogram("tuneloop_batch_seconds", "Time of one batched forward pass", ["model"],
-                                       buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.served_version = Gauge("tuneloop_served_version", "Version number answering for each model",
-                                    ["model"], registry=self.registry)
-        self.swaps = Counter("tuneloop_model_swaps_total", "Hot swaps to a new production version", ["model"],
-                             registry=self.registry)
-        self.predictions = Counter("tuneloop_predictions_total", "Texts classified", ["model"],
-                                   registry=self.registry)
-        self.feedback = Counter("tuneloop_feedback_total", "Feedback received, by kind", ["kind"],
-                                registry=self.registry)
-        self.chat_turns = Counter("tuneloop_chat_turns_total", "Assistant turns, by whether they escalated",
-                                  ["escalated"], registry=self.registry)
-        self.log_backlog = Gauge("tuneloop_prediction_log_backlog", "Predictions waiting to be written",
-                                 registry=self.registry)
+        self.requests = Counter(
+            "tuneloop_http_requests_total",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tuneloop_http_request_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "tuneloop_batch_size", "Texts per forward pass", ["model"], buckets=BATCH_BUCKETS, registry=self.registry
+        )
+        self.batch_seconds = Histogram(
+            "tuneloop_batch_seconds",
+            "Time of one batched forward pass",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.served_version = Gauge(
+            "tuneloop_served_version", "Version number answering for each model", ["model"], registry=self.registry
+        )
+        self.swaps = Counter(
+            "tuneloop_model_swaps_total", "Hot swaps to a new production version", ["model"], registry=self.registry
+        )
+        self.predictions = Counter("tuneloop_predictions_total", "Texts classified", ["model"], registry=self.registry)
+        self.feedback = Counter(
+            "tuneloop_feedback_total", "Feedback received, by kind", ["kind"], registry=self.registry
+        )
+        self.chat_turns = Counter(
+            "tuneloop_chat_turns_total",
+            "Assistant turns, by whether they escalated",
+            ["escalated"],
+            registry=self.registry,
+        )
+        self.log_backlog = Gauge(
+            "tuneloop_prediction_log_backlog", "Predictions waiting to be written", registry=self.registry
+        )
 
     def observe_batch(self, model: str, size: int, seconds: float) -> None:
         self.batch_size.labels(model).observe(size)

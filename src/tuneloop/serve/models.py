@@ -66,15 +66,17 @@ class LoadedModel:
         return view, rows[..., start : start + len(head.spec.labels)]
 
 
-def load_version(registry: Registry, version: ModelVersion, runtime: str = "torch", threads: int | None = None
-                 ) -> LoadedModel:
+def load_version(
+    registry: Registry, version: ModelVersion, runtime: str = "torch", threads: int | None = None
+) -> LoadedModel:
     """A version ready to predict; runtime="onnx" (or "onnx-int8") swaps its encoder for an ONNX Runtime session."""
     folder = registry.artifacts(version) / MODEL_DIR
     model, tokenizer = TextClassifier.load(folder)
     if runtime.startswith("onnx"):
         cache = registry.home / "cache" / "onnx" / f"{version.name}-v{version.version}"
-        model.encoder = onnx_encoder(model.encoder, tokenizer, cache, threads or os.cpu_count() or 1,
-                                     int8=runtime == "onnx-int8")
+        model.encoder = onnx_encoder(
+            model.encoder, tokenizer, cache, threads or os.cpu_count() or 1, int8=runtime == "onnx-int8"
+        )
     return LoadedModel(version.name, version.version, model, tokenizer, version, load_task_heads(folder, model))
 
 
@@ -100,17 +102,28 @@ class ModelSlot:
     def infer(self, texts: list[str]) -> tuple[LoadedModel, np.ndarray]:
         """(version, logits): the version read once, so the whole batch runs on it even if a swap lands now."""
         live = self.current
-        return live, predict_logits(live.model, live.tokenizer, texts, batch_size=max(len(texts), 1),
-                                    heads=list(live.tasks.values()), max_padding=self.max_padding)
+        return live, predict_logits(
+            live.model,
+            live.tokenizer,
+            texts,
+            batch_size=max(len(texts), 1),
+            heads=list(live.tasks.values()),
+            max_padding=self.max_padding,
+        )
 
 
 class ServedModels:
     """Loads the production version of each served name, batches requests, and hot-swaps on promotion."""
 
-    def __init__(self, registry: Registry, config: ServeConfig,
-                 on_batch: Callable[[str, int, float], None] | None = None,
-                 on_swap: Callable[[LoadedModel], None] | None = None,
-                 prepare: Callable[[LoadedModel], None] | None = None, required: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        config: ServeConfig,
+        on_batch: Callable[[str, int, float], None] | None = None,
+        on_swap: Callable[[LoadedModel], None] | None = None,
+        prepare: Callable[[LoadedModel], None] | None = None,
+        required: tuple[str, ...] = (),
+    ) -> None:
         """`prepare` runs on every version after it loads and before it serves (on the loader thread; an
         error there fails the swap); `required` names are served whatever serve.models says."""
         self.registry = registry
@@ -134,15 +147,18 @@ class ServedModels:
             names = sorted({v.name for v in self.registry.list() if v.stage == "production"})
         names = list(dict.fromkeys([*names, *self.required]))
         if not names:
-            raise TuneloopError("nothing to serve: no model has a production version yet "
-                                "(tuneloop models promote NAME@VERSION, or set serve.models)")
+            raise TuneloopError(
+                "nothing to serve: no model has a production version yet "
+                "(tuneloop models promote NAME@VERSION, or set serve.models)"
+            )
         return names
 
     def load(self) -> None:
         """Load every served name's production version (blocking; called once at start-up)."""
         for name in self.names_to_serve():
-            self.slots[name] = ModelSlot(self._load_ready(self.registry.get(f"{name}@production")),
-                                         batch_padding(self.config))
+            self.slots[name] = ModelSlot(
+                self._load_ready(self.registry.get(f"{name}@production")), batch_padding(self.config)
+            )
             log.info("serving %s", self.slots[name].current.ref)
 
     def _load_ready(self, version: ModelVersion) -> LoadedModel:
@@ -154,9 +170,14 @@ class ServedModels:
     async def start(self) -> None:
         for name, slot in self.slots.items():
             slot.batcher = MicroBatcher(
-                slot.infer, self.inference, self.config.max_batch_size, self.config.max_wait_ms,
+                slot.infer,
+                self.inference,
+                self.config.max_batch_size,
+                self.config.max_wait_ms,
                 on_batch=(lambda size, seconds, name=name: self.on_batch(name, size, seconds))
-                if self.on_batch else None)
+                if self.on_batch
+                else None,
+            )
             slot.batcher.start()
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="registry-watcher")
 

@@ -41,10 +41,12 @@ class PredictResponse(BaseModel):
 
 class FeedbackRequest(_Strict):
     prediction_id: str | None = Field(None, min_length=1, max_length=64, description="From /v1/predict.")
-    turn_id: str | None = Field(None, min_length=1, max_length=64,
-                                description="From /v1/chat: the feedback is about that turn's intent.")
-    corrected_label: str | None = Field(None, min_length=1, max_length=200,
-                                        description="The right label (for a chat turn: the right intent).")
+    turn_id: str | None = Field(
+        None, min_length=1, max_length=64, description="From /v1/chat: the feedback is about that turn's intent."
+    )
+    corrected_label: str | None = Field(
+        None, min_length=1, max_length=200, description="The right label (for a chat turn: the right intent)."
+    )
     rating: int | None = Field(None, ge=-1, le=1, description="-1 wrong / unhelpful (thumbs down), 0, 1 right (up).")
     comment: str | None = Field(None, max_length=2000)
 
@@ -58,8 +60,10 @@ class FeedbackRequest(_Strict):
 
 
 class FeedbackResponse(BaseModel):
-    feedback_id: int | None = Field(description="The stored feedback on the prediction; null when a rating of an "
-                                                "out-of-scope chat turn was kept on the turn only.")
+    feedback_id: int | None = Field(
+        description="The stored feedback on the prediction; null when a rating of an "
+        "out-of-scope chat turn was kept on the turn only."
+    )
     prediction_id: str
     turn_id: str | None = None
 
@@ -90,7 +94,8 @@ class PromoteResponse(BaseModel):
     version: int
     stage: str
     serving_version: int | None = Field(
-        description="The version answering requests when this response was sent (null: not served here).")
+        description="The version answering requests when this response was sent (null: not served here)."
+    )
 
 
 class ChatRequest(_Strict):
@@ -132,8 +137,9 @@ class AssistantInfo(BaseModel):
 
 class JobRequest(_Strict):
     kind: Literal["retrain", "gate"]
-    target: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}(@\d+)?$",
-                        description="retrain: a model name; gate: NAME@VERSION.")
+    target: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}(@\d+)?$", description="retrain: a model name; gate: NAME@VERSION."
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -55,8 +55,9 @@ class KeyRing:
         return {"admin", "client"} if is_admin else ({"client"} if is_client else set())
 
 
-def presented_key(authorization: Annotated[str | None, Header()] = None,
-                  x_api_key: Annotated[str | None, Header()] = None) -> str | None:
+def presented_key(
+    authorization: Annotated[str | None, Header()] = None, x_api_key: Annotated[str | None, Header()] = None
+) -> str | None:
     """The key from `X-API-Key` or `Authorization: Bearer`."""
     if x_api_key:
         return x_api_key
@@ -69,21 +70,28 @@ def require_client(request: Request, key: Annotated[str | None, Depends(presente
     keys: KeyRing = request.app.state.tuneloop.keys
     if keys.client_open or "client" in keys.scopes_of(key):
         return
-    raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a valid API key is required (Authorization: Bearer <key>)",
-                        headers={"WWW-Authenticate": "Bearer"})
+    raise HTTPException(
+        status.HTTP_401_UNAUTHORIZED,
+        "a valid API key is required (Authorization: Bearer <key>)",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 def require_admin(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> None:
     keys: KeyRing = request.app.state.tuneloop.keys
     if not keys.admin:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "admin routes are disabled: configure an admin key "
-                            "(serve.admin_key_hashes or TUNELOOP_ADMIN_KEYS; tuneloop keys new --scope admin)")
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "admin routes are disabled: configure an admin key "
+            "(serve.admin_key_hashes or TUNELOOP_ADMIN_KEYS; tuneloop keys new --scope admin)",
+        )
     scopes = keys.scopes_of(key)
     if "client" in scopes and "admin" not in scopes:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this key has the client scope; this route needs an admin key")
     if "admin" not in scopes:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "an admin API key is required",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "an admin API key is required", headers={"WWW-Authenticate": "Bearer"}
+        )
 
 
 class BodySizeLimit:
@@ -95,8 +103,13 @@ class BodySizeLimit:
 
     async def _too_large(self, send: Send) -> None:
         body = json.dumps({"detail": f"request body is larger than {self.max_bytes} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -109,8 +109,11 @@ def _optimizer(model: TextClassifier, config: TuneloopConfig, heads: list[TextCl
     groups = [
         {"params": decay, "lr": config.train.lr, "weight_decay": config.train.weight_decay},
         {"params": no_decay, "lr": config.train.lr, "weight_decay": 0.0},
-        {"params": [p for m in (model, *heads) for p in m.head.parameters()], "lr": config.train.head_lr,
-         "weight_decay": 0.0},
+        {
+            "params": [p for m in (model, *heads) for p in m.head.parameters()],
+            "lr": config.train.head_lr,
+            "weight_decay": 0.0,
+        },
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]])
 
@@ -133,15 +136,21 @@ def restore_rng(state: dict) -> None:
 
 def head_spec(config: TuneloopConfig, encoder: EncoderSource, labels: list[str], task: str = "") -> HeadSpec:
     return HeadSpec(
-        labels=labels, pooling=config.model.pooling, head=config.model.head, dropout=config.model.dropout,
-        cosine_scale=config.model.cosine_scale, max_length=config.model.max_length,
-        text_prefix=encoder.text_prefix, base_model=encoder.name, task=task,
+        labels=labels,
+        pooling=config.model.pooling,
+        head=config.model.head,
+        dropout=config.model.dropout,
+        cosine_scale=config.model.cosine_scale,
+        max_length=config.model.max_length,
+        text_prefix=encoder.text_prefix,
+        base_model=encoder.name,
+        task=task,
     )
 
 
-def build_classifier(config: TuneloopConfig, encoder: EncoderSource, labels: list[str], task: str = "") -> tuple[
-    TextClassifier, PreTrainedTokenizerBase
-]:
+def build_classifier(
+    config: TuneloopConfig, encoder: EncoderSource, labels: list[str], task: str = ""
+) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
     """A fresh classifier over the encoder, with the head spec taken from the config."""
     spec = head_spec(config, encoder, labels, task)
     try:
@@ -152,13 +161,19 @@ def build_classifier(config: TuneloopConfig, encoder: EncoderSource, labels: lis
     if config.train.method == "lora":
         from peft import LoraConfig, get_peft_model  # only LoRA runs need peft
 
-        adapters = LoraConfig(r=config.train.lora_rank, lora_alpha=config.train.lora_alpha,
-                              lora_dropout=config.train.lora_dropout, target_modules=config.train.lora_targets)
+        adapters = LoraConfig(
+            r=config.train.lora_rank,
+            lora_alpha=config.train.lora_alpha,
+            lora_dropout=config.train.lora_dropout,
+            target_modules=config.train.lora_targets,
+        )
         try:
             model.encoder = get_peft_model(model.encoder, adapters)
         except ValueError as exc:
-            raise TuneloopError(f"train.lora_targets {config.train.lora_targets} do not name layers of {encoder.name}: "
-                                f"{str(exc).splitlines()[0]}") from exc
+            raise TuneloopError(
+                f"train.lora_targets {config.train.lora_targets} do not name layers of {encoder.name}: "
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
         return model, tokenizer
     if config.train.freeze_embeddings:
         model.encoder.get_input_embeddings().weight.requires_grad_(False)
@@ -230,31 +245,47 @@ class Task:
     loss_fn: torch.nn.CrossEntropyLoss
 
 
-def _task(name: str, classifier: TextClassifier, data: PreparedData, tokenizer: PreTrainedTokenizerBase,
-          config: TuneloopConfig) -> Task:
+def _task(
+    name: str,
+    classifier: TextClassifier,
+    data: PreparedData,
+    tokenizer: PreTrainedTokenizerBase,
+    config: TuneloopConfig,
+) -> Task:
     index = {label: i for i, label in enumerate(data.labels)}
     labels = data.train["label"].map(index).to_numpy()
     weights = _class_weights(labels, len(data.labels)) if config.train.class_weighted else None
-    return Task(name, classifier, tokenize(tokenizer, data.train["text"].tolist(), classifier.spec), labels,
-                data.val["text"].tolist(), data.val["label"].map(index).to_numpy(),
-                torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=config.train.label_smoothing))
+    return Task(
+        name,
+        classifier,
+        tokenize(tokenizer, data.train["text"].tolist(), classifier.spec),
+        labels,
+        data.val["text"].tolist(),
+        data.val["label"].map(index).to_numpy(),
+        torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=config.train.label_smoothing),
+    )
 
 
 def _epoch_batches(tasks: list[Task], batch_size: int, seed: int, grouped: bool) -> list[tuple[Task, list[int]]]:
     """Every task's batches for one epoch, interleaved in a seeded random order, so that no task's data
     comes in one block at the end of an epoch (where the learning rate is lowest)."""
-    batches = [(task, batch) for task in tasks
-               for batch in length_grouped_batches([len(x) for x in task.train_ids], batch_size, seed, grouped)]
+    batches = [
+        (task, batch)
+        for task in tasks
+        for batch in length_grouped_batches([len(x) for x in task.train_ids], batch_size, seed, grouped)
+    ]
     if len(tasks) == 1:
         return batches
     return [batches[i] for i in np.random.default_rng(seed).permutation(len(batches))]
 
 
-def validation_macro_f1(model: TextClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str],
-                        label_ids: np.ndarray) -> float:
+def validation_macro_f1(
+    model: TextClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str], label_ids: np.ndarray
+) -> float:
     probs = predict_proba(model, tokenizer, texts)
-    return float(f1_score(label_ids, probs.argmax(1), average="macro", labels=range(len(model.spec.labels)),
-                          zero_division=0))
+    return float(
+        f1_score(label_ids, probs.argmax(1), average="macro", labels=range(len(model.spec.labels)), zero_division=0)
+    )
 
 
 def train_classifier(
@@ -286,10 +317,14 @@ def train_classifier(
     model, tokenizer = build_classifier(config, encoder, data.labels, task_name if other_tasks else "")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # The other tasks' classifiers share the model's encoder object: one set of encoder weights learns them all.
-    heads = {name: TextClassifier(model.encoder, head_spec(config, encoder, extra.labels, name))
-             for name, extra in (other_tasks or {}).items()}
-    tasks = [_task(task_name, model, data, tokenizer, config),
-             *(_task(name, heads[name], extra, tokenizer, config) for name, extra in (other_tasks or {}).items())]
+    heads = {
+        name: TextClassifier(model.encoder, head_spec(config, encoder, extra.labels, name))
+        for name, extra in (other_tasks or {}).items()
+    }
+    tasks = [
+        _task(task_name, model, data, tokenizer, config),
+        *(_task(name, heads[name], extra, tokenizer, config) for name, extra in (other_tasks or {}).items()),
+    ]
     train_only_used_rows(model.encoder, [ids for task in tasks for ids in task.train_ids])
 
     steps_per_epoch = sum(-(-len(task.train_ids) // tc.batch_size) for task in tasks)
@@ -297,13 +332,26 @@ def train_classifier(
     optimizer = _optimizer(model, config, list(heads.values()))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = get_scheduler(
-        "constant_with_warmup" if tc.schedule == "constant" else tc.schedule, optimizer,
-        num_warmup_steps=int(tc.warmup_ratio * total_steps), num_training_steps=total_steps,
+        "constant_with_warmup" if tc.schedule == "constant" else tc.schedule,
+        optimizer,
+        num_warmup_steps=int(tc.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
     )
     use_bf16 = tc.bf16 and cpu_supports_bf16()
 
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_f1": None, "best_epoch": -1, "best_step": None,
-             "improved_in_epoch": False, "bad_epochs": 0, "stopped_early": False, "history": [], "train_seconds": 0.0}
+    state = {
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "global_step": 0,
+        "best_f1": None,
+        "best_epoch": -1,
+        "best_step": None,
+        "improved_in_epoch": False,
+        "bad_epochs": 0,
+        "stopped_early": False,
+        "history": [],
+        "train_seconds": 0.0,
+    }
     checkpoint = run_dir / CHECKPOINT_DIR
     if resume:
         if not (checkpoint / "trainer.pt").is_file():
@@ -312,8 +360,10 @@ def train_classifier(
         try:
             model.load_state_dict(saved["model"])
         except RuntimeError as exc:  # e.g. a checkpoint from before the embeddings trained by rows
-            raise TuneloopError(f"cannot resume {run_dir}: its checkpoint does not fit this model "
-                                f"({str(exc).splitlines()[0]}); start the run again without --resume") from exc
+            raise TuneloopError(
+                f"cannot resume {run_dir}: its checkpoint does not fit this model "
+                f"({str(exc).splitlines()[0]}); start the run again without --resume"
+            ) from exc
         for name, head in heads.items():
             head.head.load_state_dict(saved["heads"][name])
         optimizer.load_state_dict(saved["optimizer"])
@@ -324,8 +374,9 @@ def train_classifier(
     elif config.model.head_init == "centroids":
         started = time.perf_counter()
         for task in tasks:
-            task.classifier.init_head_from_centroids(_embed_all(model, task.train_ids, pad_id),
-                                                     torch.tensor(task.train_labels))
+            task.classifier.init_head_from_centroids(
+                _embed_all(model, task.train_ids, pad_id), torch.tensor(task.train_labels)
+            )
         state["train_seconds"] += time.perf_counter() - started
 
     def train_mode() -> None:
@@ -339,9 +390,14 @@ def train_classifier(
             save_task_heads(folder, heads)
 
     def save_checkpoint() -> None:
-        payload = {"model": model.state_dict(), "heads": {n: h.head.state_dict() for n, h in heads.items()},
-                   "optimizer": optimizer.state_dict(),
-                   "scheduler": scheduler.state_dict(), "state": state, "rng": rng_state()}
+        payload = {
+            "model": model.state_dict(),
+            "heads": {n: h.head.state_dict() for n, h in heads.items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": state,
+            "rng": rng_state(),
+        }
         write_dir_atomically(lambda d: (d.mkdir(parents=True), torch.save(payload, d / "trainer.pt")), checkpoint)
 
     writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -360,8 +416,10 @@ def train_classifier(
         improved = True
         scored = [task for task in tasks if len(task.val_texts)]
         if scored:
-            scores = {task.name: validation_macro_f1(task.classifier, tokenizer, task.val_texts, task.val_labels)
-                      for task in scored}
+            scores = {
+                task.name: validation_macro_f1(task.classifier, tokenizer, task.val_texts, task.val_labels)
+                for task in scored
+            }
             if heads:
                 entry.update({f"val_macro_f1/{name}": value for name, value in scores.items()})
             f1 = float(np.mean(list(scores.values())))
@@ -375,9 +433,16 @@ def train_classifier(
             write_dir_atomically(save_model, run_dir / MODEL_DIR)
         train_mode()
 
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        disable=not show_progress, transient=False)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not show_progress,
+        transient=False,
+    )
     train_mode()
     with progress:
         bar = progress.add_task("training", total=total_steps, completed=state["global_step"], loss=0.0)
@@ -404,11 +469,15 @@ def train_classifier(
                 state["step_in_epoch"] = index + 1
                 running += loss.item() * len(chosen)
                 seen += len(chosen)
-                progress.update(bar, advance=1, loss=running / seen,
-                                description=f"epoch {epoch + 1}/{tc.epochs}")
+                progress.update(bar, advance=1, loss=running / seen, description=f"epoch {epoch + 1}/{tc.epochs}")
                 if tc.eval_every and state["global_step"] % tc.eval_every == 0 and index + 1 < len(batches):
-                    entry = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": running / seen,
-                             "lr": scheduler.get_last_lr()[0], "train_seconds": state["train_seconds"]}
+                    entry = {
+                        "epoch": epoch + 1,
+                        "step": state["global_step"],
+                        "train_loss": running / seen,
+                        "lr": scheduler.get_last_lr()[0],
+                        "train_seconds": state["train_seconds"],
+                    }
                     validate(entry)
                     state["history"].append(entry)
                     record(entry)
@@ -418,9 +487,14 @@ def train_classifier(
                     step_callback(state, model, tokenizer)
                     train_mode()
 
-            entry = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": running / max(seen, 1),
-                     "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - epoch_start,
-                     "train_seconds": state["train_seconds"]}
+            entry = {
+                "epoch": epoch + 1,
+                "step": state["global_step"],
+                "train_loss": running / max(seen, 1),
+                "lr": scheduler.get_last_lr()[0],
+                "epoch_seconds": time.perf_counter() - epoch_start,
+                "train_seconds": state["train_seconds"],
+            }
             validate(entry)
             state["history"].append(entry)
             record(entry)
@@ -440,6 +514,12 @@ def train_classifier(
                 break
     writer.close()
     metrics_log.close()
-    return TrainResult(best_dir=run_dir / MODEL_DIR, best_epoch=state["best_epoch"], best_val_macro_f1=state["best_f1"],
-                       best_step=state["best_step"], history=state["history"], train_seconds=state["train_seconds"],
-                       stopped_early=state["stopped_early"])
+    return TrainResult(
+        best_dir=run_dir / MODEL_DIR,
+        best_epoch=state["best_epoch"],
+        best_val_macro_f1=state["best_f1"],
+        best_step=state["best_step"],
+        history=state["history"],
+        train_seconds=state["train_seconds"],
+        stopped_early=state["stopped_early"],
+    )

@@ -95,8 +95,9 @@ def word_numbers(text: str, offsets: list[tuple[int, int]]) -> list[int]:
     return [int(np.searchsorted(starts, max(start, end - 1), side="right")) - 1 for start, end in offsets]
 
 
-def encode_corpus(tokenizer: PreTrainedTokenizerBase, texts: list[str], whole_word: bool
-                  ) -> list[tuple[list[int], list[int]]]:
+def encode_corpus(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], whole_word: bool
+) -> list[tuple[list[int], list[int]]]:
     """Token ids without special tokens, and per token its word number (or its own number)."""
     encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=whole_word)
     out = []
@@ -106,8 +107,9 @@ def encode_corpus(tokenizer: PreTrainedTokenizerBase, texts: list[str], whole_wo
     return out
 
 
-def pack_blocks(encoded: list[tuple[list[int], list[int]]], block_size: int, cls_id: int, sep_id: int
-                ) -> list[tuple[list[int], list[int]]]:
+def pack_blocks(
+    encoded: list[tuple[list[int], list[int]]], block_size: int, cls_id: int, sep_id: int
+) -> list[tuple[list[int], list[int]]]:
     """Concatenate texts (separated by [SEP]) and cut them into [CLS] … [SEP] blocks of block_size tokens;
     word numbers are offset per text so that words of different texts never count as one."""
     body = block_size - 2
@@ -120,15 +122,21 @@ def pack_blocks(encoded: list[tuple[list[int], list[int]]], block_size: int, cls
         offset += (max(words) + 1) if words else 0
     blocks = []
     for start in range(0, len(stream_ids), body):
-        ids, words = stream_ids[start:start + body], stream_words[start:start + body]
+        ids, words = stream_ids[start : start + body], stream_words[start : start + body]
         if len(ids) < 8:  # a scrap at the end teaches nothing
             continue
         blocks.append(([cls_id, *ids, sep_id], [NO_WORD, *words, NO_WORD]))
     return blocks
 
 
-def mask_batch(blocks: list[tuple[list[int], list[int]]], special_ids: set[int], mask_id: int, vocabulary: list[int],
-               probability: float, generator: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mask_batch(
+    blocks: list[tuple[list[int], list[int]]],
+    special_ids: set[int],
+    mask_id: int,
+    vocabulary: list[int],
+    probability: float,
+    generator: random.Random,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask, labels): chosen words have every token masked; of masked tokens 80% become
     [MASK], 10% a random corpus token, 10% stay; labels are -100 except at masked tokens."""
     width = max(len(ids) for ids, _ in blocks)
@@ -144,10 +152,11 @@ def mask_batch(blocks: list[tuple[list[int], list[int]]], special_ids: set[int],
                 continue
             labels[row, i] = ids[i]
             draw = generator.random()
-            new_ids[i] = mask_id if draw < 0.8 else (vocabulary[generator.randrange(len(vocabulary))]
-                                                     if draw < 0.9 else ids[i])
-        input_ids[row, :len(ids)] = torch.tensor(new_ids)
-        attention[row, :len(ids)] = 1
+            new_ids[i] = (
+                mask_id if draw < 0.8 else (vocabulary[generator.randrange(len(vocabulary))] if draw < 0.9 else ids[i])
+            )
+        input_ids[row, : len(ids)] = torch.tensor(new_ids)
+        attention[row, : len(ids)] = 1
     return input_ids, attention, labels
 
 
@@ -174,14 +183,18 @@ class CorpusVocabularyHead(torch.nn.Module):
         return F.cross_entropy(logits.float(), targets), int(where.sum())
 
 
-def _build_model(config: TuneloopConfig, texts: list[str], run_dir: Path
-                 ) -> tuple[BertForMaskedLM, PreTrainedTokenizerBase, EncoderSource]:
+def _build_model(
+    config: TuneloopConfig, texts: list[str], run_dir: Path
+) -> tuple[BertForMaskedLM, PreTrainedTokenizerBase, EncoderSource]:
     settings = config.pretrain
     if settings.from_scratch:
         folder = run_dir / "tokenizer"
         # On resume the saved tokenizer is reused: the checkpoint's embedding rows are indexed by its ids.
-        tokenizer = (AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer.json").is_file()
-                     else train_tokenizer(texts, settings.tokenizer, settings.vocab_size, folder))
+        tokenizer = (
+            AutoTokenizer.from_pretrained(folder)
+            if (folder / "tokenizer.json").is_file()
+            else train_tokenizer(texts, settings.tokenizer, settings.vocab_size, folder)
+        )
         model = BertForMaskedLM(bert_config(settings.size, len(tokenizer)))
         source = EncoderSource(f"scratch-{settings.size}-{settings.tokenizer}", run_dir / "tokenizer")
         return model, tokenizer, source
@@ -210,8 +223,13 @@ def heldout_loss(head: CorpusVocabularyHead, masks: list[tuple[torch.Tensor, tor
     return total / max(count, 1)
 
 
-def pretrain(config: TuneloopConfig, run_dir: Path, register: bool = True, show_progress: bool = True,
-             step_callback: Callable[[dict], None] | None = None) -> PretrainOutcome:
+def pretrain(
+    config: TuneloopConfig,
+    run_dir: Path,
+    register: bool = True,
+    show_progress: bool = True,
+    step_callback: Callable[[dict], None] | None = None,
+) -> PretrainOutcome:
     """Pretrain (or continue pretraining) an encoder by MLM; save it as a registry version train can start from.
 
     A run folder with a checkpoint is resumed from it. `step_callback(state)` runs after every step.
@@ -228,22 +246,40 @@ def pretrain(config: TuneloopConfig, run_dir: Path, register: bool = True, show_
     train_texts = [texts[i] for i in order[held:]]
     model, tokenizer, source = _build_model(config, train_texts, run_dir)
     special = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
-    train_blocks = pack_blocks(encode_corpus(tokenizer, train_texts, settings.whole_word), settings.block_size,
-                               tokenizer.cls_token_id, tokenizer.sep_token_id)
-    heldout_blocks = pack_blocks(encode_corpus(tokenizer, heldout_texts, settings.whole_word), settings.block_size,
-                                 tokenizer.cls_token_id, tokenizer.sep_token_id)
+    train_blocks = pack_blocks(
+        encode_corpus(tokenizer, train_texts, settings.whole_word),
+        settings.block_size,
+        tokenizer.cls_token_id,
+        tokenizer.sep_token_id,
+    )
+    heldout_blocks = pack_blocks(
+        encode_corpus(tokenizer, heldout_texts, settings.whole_word),
+        settings.block_size,
+        tokenizer.cls_token_id,
+        tokenizer.sep_token_id,
+    )
     if not train_blocks or not heldout_blocks:
-        raise TuneloopError(f"too little text to fill {settings.block_size}-token blocks for training and held-out "
-                            f"perplexity; add text or lower pretrain.block_size")
+        raise TuneloopError(
+            f"too little text to fill {settings.block_size}-token blocks for training and held-out "
+            f"perplexity; add text or lower pretrain.block_size"
+        )
     vocabulary = sorted({t for ids, _ in train_blocks + heldout_blocks for t in ids} | {tokenizer.mask_token_id})
     head = CorpusVocabularyHead(model, vocabulary)
     if not settings.from_scratch and model.config.vocab_size > BIG_VOCABULARY:
         # A 250k-row embedding tied to the output layer: the layers adapt, the vocabulary stays as it was.
         model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     fixed = random.Random(settings.seed + 1)
-    heldout_masks = [mask_batch(heldout_blocks[i:i + settings.batch_size], special, tokenizer.mask_token_id,
-                                vocabulary, settings.mask_probability, fixed)
-                     for i in range(0, len(heldout_blocks), settings.batch_size)]
+    heldout_masks = [
+        mask_batch(
+            heldout_blocks[i : i + settings.batch_size],
+            special,
+            tokenizer.mask_token_id,
+            vocabulary,
+            settings.mask_probability,
+            fixed,
+        )
+        for i in range(0, len(heldout_blocks), settings.batch_size)
+    ]
 
     steps_per_epoch = -(-len(train_blocks) // settings.batch_size)
     total = steps_per_epoch * settings.epochs
@@ -252,13 +288,24 @@ def pretrain(config: TuneloopConfig, run_dir: Path, register: bool = True, show_
     groups = []
     for in_head, lr in ((False, settings.lr), (True, settings.head_lr)):
         chosen = [p for p in parameters if (id(p) in head_only) == in_head]
-        groups += [{"params": [p for p in chosen if p.ndim >= 2], "lr": lr, "weight_decay": settings.weight_decay},
-                   {"params": [p for p in chosen if p.ndim < 2], "lr": lr, "weight_decay": 0.0}]
+        groups += [
+            {"params": [p for p in chosen if p.ndim >= 2], "lr": lr, "weight_decay": settings.weight_decay},
+            {"params": [p for p in chosen if p.ndim < 2], "lr": lr, "weight_decay": 0.0},
+        ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(settings.warmup_ratio * total),
-                              num_training_steps=total)
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "train_seconds": 0.0,
-             "generator": None, "running": 0.0, "counted": 0}
+    scheduler = get_scheduler(
+        "linear", optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total
+    )
+    state = {
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "global_step": 0,
+        "history": [],
+        "train_seconds": 0.0,
+        "generator": None,
+        "running": 0.0,
+        "counted": 0,
+    }
     checkpoint = run_dir / CHECKPOINT_DIR / "pretrain.pt"
     generator = random.Random(settings.seed)
     if checkpoint.is_file():
@@ -273,15 +320,27 @@ def pretrain(config: TuneloopConfig, run_dir: Path, register: bool = True, show_
 
     def save_checkpoint() -> None:
         state["generator"] = generator.getstate()
-        payload = {"head": head.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "state": state, "rng": rng_state()}
-        write_dir_atomically(lambda d: (d.mkdir(parents=True), torch.save(payload, d / "pretrain.pt")),
-                             run_dir / CHECKPOINT_DIR)
+        payload = {
+            "head": head.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": state,
+            "rng": rng_state(),
+        }
+        write_dir_atomically(
+            lambda d: (d.mkdir(parents=True), torch.save(payload, d / "pretrain.pt")), run_dir / CHECKPOINT_DIR
+        )
 
     writer = SummaryWriter(str(run_dir / "tensorboard"))
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        disable=not show_progress)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not show_progress,
+    )
     head.train()
     with progress, (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as metrics_log:
         task = progress.add_task("pretraining", total=total, completed=state["global_step"], loss=0.0)
@@ -290,9 +349,10 @@ def pretrain(config: TuneloopConfig, run_dir: Path, register: bool = True, show_
             batches = np.random.default_rng(settings.seed + epoch).permutation(len(train_blocks))
             for index in range(state["step_in_epoch"] * settings.batch_size, len(batches), settings.batch_size):
                 started = time.perf_counter()
-                chosen = [train_blocks[i] for i in batches[index:index + settings.batch_size]]
-                input_ids, attention, labels = mask_batch(chosen, special, tokenizer.mask_token_id, vocabulary,
-                                                          settings.mask_probability, generator)
+                chosen = [train_blocks[i] for i in batches[index : index + settings.batch_size]]
+                input_ids, attention, labels = mask_batch(
+                    chosen, special, tokenizer.mask_token_id, vocabulary, settings.mask_probability, generator
+                )
                 loss, masked = head.loss(input_ids, attention, labels)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -304,17 +364,25 @@ def pretrain(config: TuneloopConfig, run_dir: Path, register: bool = True, show_
                 state["step_in_epoch"] += 1
                 state["running"] += loss.item() * masked
                 state["counted"] += masked
-                progress.update(task, advance=1, loss=state["running"] / max(state["counted"], 1),
-                                description=f"epoch {epoch + 1}/{settings.epochs}")
+                progress.update(
+                    task,
+                    advance=1,
+                    loss=state["running"] / max(state["counted"], 1),
+                    description=f"epoch {epoch + 1}/{settings.epochs}",
+                )
                 if state["global_step"] % settings.checkpoint_every == 0:
                     save_checkpoint()
                 if step_callback:
                     step_callback(state)
             held_loss = heldout_loss(head, heldout_masks)
-            entry = {"epoch": epoch + 1, "step": state["global_step"],
-                     "train_loss": state["running"] / max(state["counted"], 1),
-                     "heldout_loss": held_loss, "heldout_perplexity": math.exp(min(held_loss, 50)),
-                     "train_seconds": state["train_seconds"]}
+            entry = {
+                "epoch": epoch + 1,
+                "step": state["global_step"],
+                "train_loss": state["running"] / max(state["counted"], 1),
+                "heldout_loss": held_loss,
+                "heldout_perplexity": math.exp(min(held_loss, 50)),
+                "train_seconds": state["train_seconds"],
+            }
             state["history"].append(entry)
             metrics_log.write(json.dumps(entry) + "\n")
             for key in ("train_loss", "heldout_loss", "heldout_perplexity"):
@@ -331,19 +399,34 @@ def pretrain(config: TuneloopConfig, run_dir: Path, register: bool = True, show_
 
     write_dir_atomically(save_encoder, run_dir / MODEL_DIR)
     (run_dir / ENCODER_META).write_text(json.dumps({"base": source.name, "text_prefix": source.text_prefix}))
-    corpus = {"texts": len(texts), "train_blocks": len(train_blocks), "heldout_blocks": len(heldout_blocks),
-              "block_size": settings.block_size, "corpus_vocabulary": len(vocabulary),
-              "tokenizer_vocabulary": len(tokenizer), "whole_word": settings.whole_word}
+    corpus = {
+        "texts": len(texts),
+        "train_blocks": len(train_blocks),
+        "heldout_blocks": len(heldout_blocks),
+        "block_size": settings.block_size,
+        "corpus_vocabulary": len(vocabulary),
+        "tokenizer_vocabulary": len(tokenizer),
+        "whole_word": settings.whole_word,
+    }
     (run_dir / "corpus.json").write_text(json.dumps(corpus, indent=2))
-    outcome = PretrainOutcome(run_dir=run_dir, history=state["history"], train_seconds=state["train_seconds"],
-                              corpus=corpus)
+    outcome = PretrainOutcome(
+        run_dir=run_dir, history=state["history"], train_seconds=state["train_seconds"], corpus=corpus
+    )
     if register:
         last = state["history"][-1]
         outcome.version = Registry(config.registry).register(
-            config.name, run_dir, base_model=source.name,
+            config.name,
+            run_dir,
+            base_model=source.name,
             data_fingerprint=hashlib.sha256("\x1e".join(texts).encode()).hexdigest()[:16],
             config=config.model_dump(mode="json"),
-            metrics={"heldout_perplexity": last["heldout_perplexity"], "heldout_loss": last["heldout_loss"],
-                     "train_seconds": state["train_seconds"], "kind": "encoder"},
-            parent=config.model.name if "@" in config.model.name else None, ignore=(CHECKPOINT_DIR, "*.tmp", "*.old"))
+            metrics={
+                "heldout_perplexity": last["heldout_perplexity"],
+                "heldout_loss": last["heldout_loss"],
+                "train_seconds": state["train_seconds"],
+                "kind": "encoder",
+            },
+            parent=config.model.name if "@" in config.model.name else None,
+            ignore=(CHECKPOINT_DIR, "*.tmp", "*.old"),
+        )
     return outcome

@@ -56,14 +56,17 @@ def token_counter(encoder: EncoderSource):
 def prepare_for_model(config: TuneloopConfig) -> tuple[PreparedData, EncoderSource]:
     """Prepare the data and pick the encoder (auto looks at the cleaned texts)."""
     if config.tasks:
-        raise TuneloopError(f"this config trains several tasks ({', '.join(config.tasks)}); look at each task's "
-                            f"data on its own: tuneloop data inspect --data FILE")
+        raise TuneloopError(
+            f"this config trains several tasks ({', '.join(config.tasks)}); look at each task's "
+            f"data on its own: tuneloop data inspect --data FILE"
+        )
     prepared, encoder = prepare_tasks({"": config.data}, config)
     return prepared[""], encoder
 
 
-def prepare_tasks(tasks: dict[str, DataConfig], config: TuneloopConfig) -> tuple[dict[str, PreparedData],
-                                                                               EncoderSource]:
+def prepare_tasks(
+    tasks: dict[str, DataConfig], config: TuneloopConfig
+) -> tuple[dict[str, PreparedData], EncoderSource]:
     """Prepare each task's data on its own, and pick the one encoder for all (auto looks at their texts)."""
     first_pass = {name: prepare_data(data) for name, data in tasks.items()}
     texts = [t for prepared in first_pass.values() for t in prepared.train["text"]]
@@ -98,14 +101,22 @@ def latest_run_dir(config: TuneloopConfig, checkpoint: str = "trainer.pt") -> Pa
 
 def _fold_data(data: PreparedData, fold: int) -> PreparedData:
     pool = pd.concat([data.train, data.val], ignore_index=True)
-    splits = {"train": pool[data.folds != fold].reset_index(drop=True),
-              "val": pool[data.folds == fold].reset_index(drop=True), "test": data.test}
+    splits = {
+        "train": pool[data.folds != fold].reset_index(drop=True),
+        "val": pool[data.folds == fold].reset_index(drop=True),
+        "test": data.test,
+    }
     return PreparedData(splits=splits, labels=data.labels, report=data.report, fingerprint=fingerprint_of(splits))
 
 
 def run_training(
-    config: TuneloopConfig, resume: Path | None = None, register: bool = True, show_progress: bool = True,
-    step_callback=None, callback_every: int = 0, prepared: tuple[PreparedData, EncoderSource] | None = None,
+    config: TuneloopConfig,
+    resume: Path | None = None,
+    register: bool = True,
+    show_progress: bool = True,
+    step_callback=None,
+    callback_every: int = 0,
+    prepared: tuple[PreparedData, EncoderSource] | None = None,
     parent: str | None = None,
 ) -> RunOutcome:
     """Train (or resume), evaluate on the test split, write the report and register a candidate.
@@ -128,7 +139,7 @@ def run_training(
         if config.tasks and prepared is None:
             all_tasks, encoder = prepare_tasks(config.tasks, config)
             data, *rest = all_tasks.values()
-            others = dict(zip(list(config.tasks)[1:], rest))
+            others = dict(zip(list(config.tasks)[1:], rest, strict=True))
         else:
             data, encoder = prepared or prepare_for_model(config)
             others = {}
@@ -138,39 +149,67 @@ def run_training(
         for name, task_data in others.items():
             save_prepared(task_data, task_data_dir(run_dir, name))
         (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-        (run_dir / "encoder.json").write_text(json.dumps({"name": encoder.name, "path": str(encoder.path),
-                                                          "parent": parent}))
+        (run_dir / "encoder.json").write_text(
+            json.dumps({"name": encoder.name, "path": str(encoder.path), "parent": parent})
+        )
 
     cv = None
     if config.data.kfold and resume is None:
         folds = []
         for fold in range(config.data.kfold):
-            result = train_classifier(config, _fold_data(data, fold), encoder, run_dir / f"fold-{fold}",
-                                      show_progress=show_progress)
+            result = train_classifier(
+                config, _fold_data(data, fold), encoder, run_dir / f"fold-{fold}", show_progress=show_progress
+            )
             folds.append({"fold": fold, "val_macro_f1": result.best_val_macro_f1, "best_epoch": result.best_epoch})
         scores = np.array([f["val_macro_f1"] for f in folds], dtype=float)
         best_fold = int(scores.argmax())
-        cv = {"k": config.data.kfold, "folds": folds, "mean_val_macro_f1": float(scores.mean()),
-              "std_val_macro_f1": float(scores.std()), "selected_fold": best_fold}
+        cv = {
+            "k": config.data.kfold,
+            "folds": folds,
+            "mean_val_macro_f1": float(scores.mean()),
+            "std_val_macro_f1": float(scores.std()),
+            "selected_fold": best_fold,
+        }
         (run_dir / "cross_validation.json").write_text(json.dumps(cv, indent=2))
         shutil.copytree(run_dir / f"fold-{best_fold}" / MODEL_DIR, run_dir / MODEL_DIR)
-        result = TrainResult(best_dir=run_dir / MODEL_DIR, best_epoch=folds[best_fold]["best_epoch"],
-                             best_val_macro_f1=folds[best_fold]["val_macro_f1"])
+        result = TrainResult(
+            best_dir=run_dir / MODEL_DIR,
+            best_epoch=folds[best_fold]["best_epoch"],
+            best_val_macro_f1=folds[best_fold]["val_macro_f1"],
+        )
     else:
         own_task = next(iter(config.tasks), "")
-        result = train_classifier(config, data, encoder, run_dir, resume=resume is not None,
-                                  show_progress=show_progress, step_callback=step_callback,
-                                  callback_every=callback_every, other_tasks=others, task_name=own_task)
+        result = train_classifier(
+            config,
+            data,
+            encoder,
+            run_dir,
+            resume=resume is not None,
+            show_progress=show_progress,
+            step_callback=step_callback,
+            callback_every=callback_every,
+            other_tasks=others,
+            task_name=own_task,
+        )
 
     model, tokenizer = TextClassifier.load(result.best_dir)
     title = f"{config.name}: test report" + (f" — task {model.spec.task}" if others else "")
-    report = evaluate_classifier(model, tokenizer, data.test, config.eval, train=data.train, history=result.history,
-                                 title=title)
+    report = evaluate_classifier(
+        model, tokenizer, data.test, config.eval, train=data.train, history=result.history, title=title
+    )
     if others:
         heads = load_task_heads(result.best_dir, model)
-        report["tasks"] = {name: evaluate_classifier(heads[name], tokenizer, task_data.test, config.eval,
-                                                     train=task_data.train, title=f"{config.name}: task {name}")
-                           for name, task_data in others.items()}
+        report["tasks"] = {
+            name: evaluate_classifier(
+                heads[name],
+                tokenizer,
+                task_data.test,
+                config.eval,
+                train=task_data.train,
+                title=f"{config.name}: task {name}",
+            )
+            for name, task_data in others.items()
+        }
     report["train_seconds"] = result.train_seconds
     report["best_epoch"] = result.best_epoch
     report["best_step"] = result.best_step
@@ -183,21 +222,33 @@ def run_training(
     if register:
         registry = Registry(config.registry)
         metrics = {k: report["test"][k] for k in ("accuracy", "macro_f1", "weighted_f1")}
-        metrics.update(ece=report["test"]["calibration"]["ece"], train_seconds=result.train_seconds,
-                       best_val_macro_f1=result.best_val_macro_f1)
+        metrics.update(
+            ece=report["test"]["calibration"]["ece"],
+            train_seconds=result.train_seconds,
+            best_val_macro_f1=result.best_val_macro_f1,
+        )
         for name, task_report in report.get("tasks", {}).items():
             metrics.update({f"{name}.{k}": task_report["test"][k] for k in ("accuracy", "macro_f1")})
         # A multi-task version's data is all its tasks' splits: the fingerprint covers each in order.
-        fingerprint = data.fingerprint if not others else hashlib.sha256(
-            " ".join(d.fingerprint for d in (data, *others.values())).encode()).hexdigest()[:16]
+        fingerprint = (
+            data.fingerprint
+            if not others
+            else hashlib.sha256(" ".join(d.fingerprint for d in (data, *others.values())).encode()).hexdigest()[:16]
+        )
         version = registry.register(
-            config.name, run_dir, base_model=encoder.name, data_fingerprint=fingerprint,
-            config=config.model_dump(mode="json"), metrics=metrics, parent=parent,
+            config.name,
+            run_dir,
+            base_model=encoder.name,
+            data_fingerprint=fingerprint,
+            config=config.model_dump(mode="json"),
+            metrics=metrics,
+            parent=parent,
             ignore=(CHECKPOINT_DIR, "fold-*", "*.tmp", "*.old"),
         )
         html_path = registry.artifacts(version) / "report.html"
-    return RunOutcome(run_dir=run_dir, report=report, report_html=html_path, version=version, train=result,
-                      cross_validation=cv)
+    return RunOutcome(
+        run_dir=run_dir, report=report, report_html=html_path, version=version, train=result, cross_validation=cv
+    )
 
 
 def test_split_from_file(config: DataConfig, path: Path) -> pd.DataFrame:

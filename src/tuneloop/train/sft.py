@@ -59,11 +59,14 @@ def read_conversations(paths: list[Path], system_prompt: str | None) -> list[lis
                     raise TuneloopError(f"{path} row {number}: every message needs a role and a content")
                 messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]]
             elif all(isinstance(row.get(k), str) and row[k].strip() for k in ("prompt", "reply")):
-                messages = [{"role": "user", "content": str(row["prompt"])},
-                            {"role": "assistant", "content": str(row["reply"])}]
+                messages = [
+                    {"role": "user", "content": str(row["prompt"])},
+                    {"role": "assistant", "content": str(row["reply"])},
+                ]
             else:
-                raise TuneloopError(f"{path} row {number}: needs prompt and reply, or messages "
-                                    f"[{{role, content}}, ...]")
+                raise TuneloopError(
+                    f"{path} row {number}: needs prompt and reply, or messages [{{role, content}}, ...]"
+                )
             if not any(m["role"] == "assistant" for m in messages):
                 raise TuneloopError(f"{path} row {number}: no assistant message to learn from")
             if system_prompt and messages[0]["role"] != "system":
@@ -73,13 +76,15 @@ def read_conversations(paths: list[Path], system_prompt: str | None) -> list[lis
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool) -> list[int]:
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
-                                            return_dict=True)
+    encoded = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=True
+    )
     return list(encoded["input_ids"])
 
 
-def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message], max_length: int
-                          ) -> tuple[list[int], list[int]]:
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], max_length: int
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) with labels -100 everywhere but the assistant's tokens."""
     ids = _render(tokenizer, messages, generation_prompt=False)
     labels = [-100] * len(ids)
@@ -87,27 +92,30 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Mes
         if message["role"] != "assistant":
             continue
         prefix = _render(tokenizer, messages[:index], generation_prompt=True) if index else []
-        end = len(_render(tokenizer, messages[:index + 1], generation_prompt=False))
-        if ids[:len(prefix)] != prefix:
-            raise TuneloopError("the model's chat template does not render a conversation's beginning the same "
-                                "way alone and in full, so replies cannot be told apart; use a ChatML-style model")
-        labels[len(prefix):end] = ids[len(prefix):end]
+        end = len(_render(tokenizer, messages[: index + 1], generation_prompt=False))
+        if ids[: len(prefix)] != prefix:
+            raise TuneloopError(
+                "the model's chat template does not render a conversation's beginning the same "
+                "way alone and in full, so replies cannot be told apart; use a ChatML-style model"
+            )
+        labels[len(prefix) : end] = ids[len(prefix) : end]
     return ids[-max_length:], labels[-max_length:]
 
 
-def _batches(examples: list[tuple[list[int], list[int]]], size: int, pad_id: int, order: np.ndarray
-             ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _batches(
+    examples: list[tuple[list[int], list[int]]], size: int, pad_id: int, order: np.ndarray
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     out = []
     for start in range(0, len(order), size):
-        chosen = [examples[i] for i in order[start:start + size]]
+        chosen = [examples[i] for i in order[start : start + size]]
         width = max(len(ids) for ids, _ in chosen)
         input_ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(chosen), width), dtype=torch.long)
         labels = torch.full((len(chosen), width), -100, dtype=torch.long)
         for row, (ids, target) in enumerate(chosen):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            attention[row, :len(ids)] = 1
-            labels[row, :len(ids)] = torch.tensor(target)
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+            labels[row, : len(ids)] = torch.tensor(target)
         out.append((input_ids, attention, labels))
     return out
 
@@ -138,17 +146,26 @@ def build_model(config: TuneloopConfig, folder: Path) -> tuple[PreTrainedModel, 
         from peft import LoraConfig, get_peft_model  # only LoRA runs need peft
 
         try:
-            model = get_peft_model(model, LoraConfig(
-                task_type="CAUSAL_LM", r=settings.lora_rank, lora_alpha=settings.lora_alpha,
-                lora_dropout=settings.lora_dropout, target_modules=settings.lora_targets))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    task_type="CAUSAL_LM",
+                    r=settings.lora_rank,
+                    lora_alpha=settings.lora_alpha,
+                    lora_dropout=settings.lora_dropout,
+                    target_modules=settings.lora_targets,
+                ),
+            )
         except ValueError as exc:
-            raise TuneloopError(f"sft.lora_targets {settings.lora_targets} do not name layers of the model: "
-                                f"{str(exc).splitlines()[0]}") from exc
+            raise TuneloopError(
+                f"sft.lora_targets {settings.lora_targets} do not name layers of the model: {str(exc).splitlines()[0]}"
+            ) from exc
     return model, tokenizer
 
 
-def fine_tune_lm(config: TuneloopConfig, run_dir: Path, register: bool = True, show_progress: bool = True
-                 ) -> SftOutcome:
+def fine_tune_lm(
+    config: TuneloopConfig, run_dir: Path, register: bool = True, show_progress: bool = True
+) -> SftOutcome:
     """Fine-tune, report held-out loss before and after, save (adapters or full weights) and register."""
     settings = config.sft
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
@@ -172,20 +189,28 @@ def fine_tune_lm(config: TuneloopConfig, run_dir: Path, register: bool = True, s
     total = steps_per_epoch * settings.epochs
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(settings.warmup_ratio * total),
-                              num_training_steps=total)
+    scheduler = get_scheduler(
+        "linear", optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total
+    )
     history, train_seconds = [], 0.0
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        disable=not show_progress)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not show_progress,
+    )
     model.train()
     with progress:
         task = progress.add_task("fine-tuning", total=total, loss=0.0)
         for epoch in range(settings.epochs):
             shuffled = np.random.default_rng(settings.seed + epoch).permutation(train_order)
             running, steps = 0.0, 0
-            for input_ids, attention, labels in _batches(examples, settings.batch_size, tokenizer.pad_token_id,
-                                                          shuffled):
+            for input_ids, attention, labels in _batches(
+                examples, settings.batch_size, tokenizer.pad_token_id, shuffled
+            ):
                 started = time.perf_counter()
                 loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
                 loss.backward()
@@ -196,7 +221,9 @@ def fine_tune_lm(config: TuneloopConfig, run_dir: Path, register: bool = True, s
                 train_seconds += time.perf_counter() - started
                 running += loss.item()
                 steps += 1
-                progress.update(task, advance=1, loss=running / steps, description=f"epoch {epoch + 1}/{settings.epochs}")
+                progress.update(
+                    task, advance=1, loss=running / steps, description=f"epoch {epoch + 1}/{settings.epochs}"
+                )
             entry = {"epoch": epoch + 1, "train_loss": running / max(steps, 1), "train_seconds": train_seconds}
             if heldout:
                 entry["heldout_loss"] = mean_loss(model, heldout)
@@ -211,15 +238,29 @@ def fine_tune_lm(config: TuneloopConfig, run_dir: Path, register: bool = True, s
 
     write_dir_atomically(save, run_dir / MODEL_DIR)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    outcome = SftOutcome(run_dir=run_dir, history=history, heldout_loss_before=before, train_seconds=train_seconds,
-                         examples={"conversations": len(examples), "train": len(train_order), "heldout": held})
+    outcome = SftOutcome(
+        run_dir=run_dir,
+        history=history,
+        heldout_loss_before=before,
+        train_seconds=train_seconds,
+        examples={"conversations": len(examples), "train": len(train_order), "heldout": held},
+    )
     if register:
         last = history[-1]
-        metrics = {"kind": "generator", "train_seconds": train_seconds, "heldout_loss_before": before,
-                   "heldout_loss": last.get("heldout_loss"), "heldout_perplexity": last.get("heldout_perplexity")}
+        metrics = {
+            "kind": "generator",
+            "train_seconds": train_seconds,
+            "heldout_loss_before": before,
+            "heldout_loss": last.get("heldout_loss"),
+            "heldout_perplexity": last.get("heldout_perplexity"),
+        }
         outcome.version = Registry(config.registry).register(
-            config.name, run_dir, base_model=settings.model,
+            config.name,
+            run_dir,
+            base_model=settings.model,
             data_fingerprint=hashlib.sha256(json.dumps(conversations, ensure_ascii=False).encode()).hexdigest()[:16],
-            config=config.model_dump(mode="json"), metrics=metrics,
-            parent=settings.model if "@" in settings.model else None)
+            config=config.model_dump(mode="json"),
+            metrics=metrics,
+            parent=settings.model if "@" in settings.model else None,
+        )
     return outcome

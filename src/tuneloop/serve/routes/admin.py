@@ -21,10 +21,19 @@ async def all_versions(state: State) -> dict:
     names: dict[str, dict] = {}
     for v in versions:
         slot = state.served.slots.get(v.name)
-        entry = names.setdefault(v.name, {"name": v.name, "serving": slot.current.version if slot else None,
-                                          "versions": []})
-        entry["versions"].append({"version": v.version, "stage": v.stage, "metrics": v.metrics, "parent": v.parent,
-                                  "base_model": v.base_model, "created_at": v.created_at.isoformat()})
+        entry = names.setdefault(
+            v.name, {"name": v.name, "serving": slot.current.version if slot else None, "versions": []}
+        )
+        entry["versions"].append(
+            {
+                "version": v.version,
+                "stage": v.stage,
+                "metrics": v.metrics,
+                "parent": v.parent,
+                "base_model": v.base_model,
+                "created_at": v.created_at.isoformat(),
+            }
+        )
     return {"models": list(names.values())}
 
 
@@ -32,10 +41,22 @@ async def all_versions(state: State) -> dict:
 async def feedback_queue(state: State, limit: int = Query(50, ge=1, le=500)) -> dict:
     """The latest feedback, newest first, with the text and the answer it is about."""
     rows = await run_in_threadpool(state.prediction_log.recent_feedback, limit)
-    return {"items": [
-        {"feedback_id": f.id, "at": f.created_at.isoformat(), "model": f"{p.model_name}@{p.model_version}",
-         "text": p.text, "predicted": p.label, "corrected_label": f.corrected_label, "rating": f.rating,
-         "comment": f.comment, "source": p.source} for f, p in rows]}
+    return {
+        "items": [
+            {
+                "feedback_id": f.id,
+                "at": f.created_at.isoformat(),
+                "model": f"{p.model_name}@{p.model_version}",
+                "text": p.text,
+                "predicted": p.label,
+                "corrected_label": f.corrected_label,
+                "rating": f.rating,
+                "comment": f.comment,
+                "source": p.source,
+            }
+            for f, p in rows
+        ]
+    }
 
 
 @router.post("/v1/admin/jobs", status_code=202, responses=ERRORS, tags=["admin"], dependencies=admin_only)
@@ -50,8 +71,11 @@ async def start_job(body: JobRequest, state: State) -> dict:
 
 @router.get("/v1/admin/jobs", responses=ERRORS, tags=["admin"], dependencies=admin_only)
 async def list_jobs(state: State) -> dict:
-    return {"jobs": [job.describe(tail=0) for job in sorted(state.jobs.jobs.values(), key=lambda j: j.started_at,
-                                                              reverse=True)]}
+    return {
+        "jobs": [
+            job.describe(tail=0) for job in sorted(state.jobs.jobs.values(), key=lambda j: j.started_at, reverse=True)
+        ]
+    }
 
 
 @router.get("/v1/admin/jobs/{job_id}", responses=ERRORS, tags=["admin"], dependencies=admin_only)

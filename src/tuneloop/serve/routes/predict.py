@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Response
@@ -51,45 +51,74 @@ async def classify(slot: ModelSlot, texts: list[str]) -> tuple[LoadedModel, np.n
 
 def logged(live: LoadedModel, text: str, probs: np.ndarray, source: str, when: datetime) -> LoggedPrediction:
     label = live.labels[int(probs.argmax())]
-    return LoggedPrediction(id=new_prediction_id(), created_at=when, model_name=live.name, model_version=live.version,
-                            text=text, label=label, source=source,
-                            scores={name: round(float(p), 5) for name, p in zip(live.labels, probs)})
+    return LoggedPrediction(
+        id=new_prediction_id(),
+        created_at=when,
+        model_name=live.name,
+        model_version=live.version,
+        text=text,
+        label=label,
+        source=source,
+        scores={name: round(float(p), 5) for name, p in zip(live.labels, probs, strict=True)},
+    )
 
 
-@router.post("/v1/predict", response_model=PredictResponse, responses=ERRORS, tags=["predict"],
-             dependencies=[Depends(require_client)])
+@router.post(
+    "/v1/predict",
+    response_model=PredictResponse,
+    responses=ERRORS,
+    tags=["predict"],
+    dependencies=[Depends(require_client)],
+)
 async def predict(body: PredictRequest, state: State) -> PredictResponse:
     """Classify texts with a model's production version; every prediction gets an id for feedback."""
     settings = state.config.serve
     if len(body.texts) > settings.max_texts:
-        raise HTTPException(413, f"{len(body.texts)} texts in one request; at most {settings.max_texts}: "
-                                 f"split them over several requests")
+        raise HTTPException(
+            413,
+            f"{len(body.texts)} texts in one request; at most {settings.max_texts}: split them over several requests",
+        )
     for index, text in enumerate(body.texts):
         check_text_length(text, settings.max_text_chars, f"texts.{index}")
     try:
         slot = state.served.slot(body.model)
     except KeyError:
-        raise HTTPException(404, f"model '{body.model}' is not served here; served: "
-                                 f"{', '.join(state.served.slots)}") from None
+        raise HTTPException(
+            404, f"model '{body.model}' is not served here; served: {', '.join(state.served.slots)}"
+        ) from None
     except TuneloopError as exc:
         raise HTTPException(422, str(exc)) from None
     live, rows = await classify(slot, body.texts)
     probs = softmax(live.own_logits(rows))
     k = min(body.top_k or settings.top_k, len(live.labels))
-    now = datetime.now(timezone.utc)
-    records = [logged(live, text, row, "api", now) for text, row in zip(body.texts, probs)]
+    now = datetime.now(UTC)
+    records = [logged(live, text, row, "api", now) for text, row in zip(body.texts, probs, strict=True)]
     predictions = []
-    for record, row in zip(records, probs):
+    for record, row in zip(records, probs, strict=True):
         top = [LabelScore(label=live.labels[i], score=float(row[i])) for i in np.argsort(-row)[:k]]
-        predictions.append(TextPrediction(prediction_id=record.id, label=top[0].label, score=top[0].score, top_k=top,
-                                          model=live.name, version=live.version))
+        predictions.append(
+            TextPrediction(
+                prediction_id=record.id,
+                label=top[0].label,
+                score=top[0].score,
+                top_k=top,
+                model=live.name,
+                version=live.version,
+            )
+        )
     state.prediction_log.record(records)
     state.metrics.predictions.labels(live.name).inc(len(predictions))
     return PredictResponse(model=live.name, version=live.version, predictions=predictions)
 
 
-@router.post("/v1/feedback", response_model=FeedbackResponse, status_code=201, responses=ERRORS, tags=["feedback"],
-             dependencies=[Depends(require_client)])
+@router.post(
+    "/v1/feedback",
+    response_model=FeedbackResponse,
+    status_code=201,
+    responses=ERRORS,
+    tags=["feedback"],
+    dependencies=[Depends(require_client)],
+)
 async def feedback(body: FeedbackRequest, state: State) -> FeedbackResponse:
     """Correct a prediction's (or a chat turn's intent) label and/or rate it; stored before the answer."""
     prediction_id, rating = body.prediction_id, body.rating
@@ -114,26 +143,45 @@ async def feedback(body: FeedbackRequest, state: State) -> FeedbackResponse:
         slot = state.served.slots.get(record.model_name)
         allowed = allowed | set(slot.current.labels if slot else ())
         if body.corrected_label not in allowed:
-            raise HTTPException(422, f"corrected_label '{body.corrected_label}' is not a label of "
-                                     f"{record.model_name}; labels: {', '.join(sorted(allowed))}")
-    row = await run_in_threadpool(state.prediction_log.add_feedback, prediction_id, body.corrected_label, rating,
-                                  body.comment)
+            raise HTTPException(
+                422,
+                f"corrected_label '{body.corrected_label}' is not a label of "
+                f"{record.model_name}; labels: {', '.join(sorted(allowed))}",
+            )
+    row = await run_in_threadpool(
+        state.prediction_log.add_feedback, prediction_id, body.corrected_label, rating, body.comment
+    )
     kind = "correction" if body.corrected_label else ("rating" if body.rating is not None else "comment")
     state.metrics.feedback.labels(kind).inc()
     return FeedbackResponse(feedback_id=row.id, prediction_id=row.prediction_id, turn_id=body.turn_id)
 
 
-@router.get("/v1/models", response_model=ModelsResponse, responses=ERRORS, tags=["models"],
-            dependencies=[Depends(require_client)])
+@router.get(
+    "/v1/models",
+    response_model=ModelsResponse,
+    responses=ERRORS,
+    tags=["models"],
+    dependencies=[Depends(require_client)],
+)
 async def models(state: State) -> ModelsResponse:
     """The served models: the version answering now and the one being loaded, if any."""
     infos = []
     for name, slot in state.served.slots.items():
         # Read again: a rollback or an archive elsewhere changes the stage of the version being served.
         record = await run_in_threadpool(state.registry.get, slot.current.ref)
-        infos.append(ModelInfo(name=name, version=record.version, stage=record.stage, base_model=record.base_model,
-                               labels=slot.current.labels, metrics=record.metrics, created_at=record.created_at,
-                               parent=record.parent, loading_version=slot.loading))
+        infos.append(
+            ModelInfo(
+                name=name,
+                version=record.version,
+                stage=record.stage,
+                base_model=record.base_model,
+                labels=slot.current.labels,
+                metrics=record.metrics,
+                created_at=record.created_at,
+                parent=record.parent,
+                loading_version=slot.loading,
+            )
+        )
     return ModelsResponse(models=infos)
 
 
@@ -142,8 +190,13 @@ def _log_failed_promotion(task: asyncio.Task) -> None:
         log.error("promotion over HTTP failed; nothing changed: %s", task.exception())
 
 
-@router.post("/v1/models/{name}/promote", response_model=PromoteResponse, responses=ERRORS, tags=["models"],
-             dependencies=[Depends(require_admin)])
+@router.post(
+    "/v1/models/{name}/promote",
+    response_model=PromoteResponse,
+    responses=ERRORS,
+    tags=["models"],
+    dependencies=[Depends(require_admin)],
+)
 async def promote(name: str, body: PromoteRequest, response: Response, state: State) -> PromoteResponse:
     """Make a version production. A served model's new version is loaded first, beside the live one, and
     only then promoted and switched to; requests in flight finish on the old one. With `wait` the answer
@@ -161,8 +214,9 @@ async def promote(name: str, body: PromoteRequest, response: Response, state: St
     task.add_done_callback(_log_failed_promotion)
     if not body.wait:
         response.status_code = 202
-        return PromoteResponse(name=name, version=target.version, stage=target.stage,
-                               serving_version=slot.current.version)
+        return PromoteResponse(
+            name=name, version=target.version, stage=target.stage, serving_version=slot.current.version
+        )
     try:
         record = await asyncio.shield(task)  # a client that hangs up does not cancel the promotion
     except Exception as exc:
