@@ -214,7 +214,7 @@ def main() -> None:
 
         registry = Registry(RegistryConfig(home=home))
         version = (
-            registry.get(f"{name}@production") if name else next(v for v in registry.list() if v.stage == "production")
+            registry.get(f"{name}@production") if name else next(v for v in registry.versions() if v.stage == "production")
         )
         result = {"model": version.ref, "clients": args.clients, "seconds": args.seconds, "cores": os.cpu_count()}
 

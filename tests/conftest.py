@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -13,33 +12,7 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-
-TOPICS = {
-    "refund": ["refund", "money", "back", "return", "charge", "reimburse"],
-    "delivery": ["parcel", "delivery", "arrive", "courier", "shipping", "late"],
-    "password": ["password", "login", "reset", "account", "locked", "sign"],
-}
-FILLER = ["please", "my", "the", "i", "need", "help", "with", "when", "is", "can", "you", "why", "order"]
-MOODS = {
-    "negative": ["angry", "terrible", "worst", "awful", "hate", "useless"],
-    "neutral": ["question", "how", "info", "check", "about", "status"],
-    "positive": ["thanks", "great", "love", "awesome", "happy", "perfect"],
-}
-
-
-def toy_rows(per_label: int = 16, seed: int = 0, topics: dict[str, list[str]] = TOPICS) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for label, words in topics.items():
-        seen = set()
-        while len(seen) < per_label:
-            text = " ".join(rng.sample(words, 2) + rng.sample(FILLER, 3))
-            if text not in seen:
-                seen.add(text)
-                rows.append({"text": text, "label": label})
-    rng.shuffle(rows)
-    return rows
+from helpers import MOODS, TOY_PAIRS, server_settings, tiny_config, toy_rows
 
 
 @pytest.fixture(scope="session")
@@ -123,52 +96,27 @@ def tiny_overrides(tiny_encoder, toy_csv, home) -> list[str]:
     ]
 
 
-def tiny_config(tiny_encoder: Path, data: Path, home: Path, *extra: str):
-    from tuneloop.config import load_config
-
-    return load_config(
-        None,
-        [
-            f"model.name={tiny_encoder}",
-            f"data.path={data}",
-            f"registry.home={home}",
-            "name=toy",
-            "train.epochs=6",
-            "train.batch_size=8",
-            "train.lr=1e-3",
-            "train.head_lr=1e-2",
-            "model.max_length=32",
-            "train.threads=1",
-            "train.patience=10",
-            "serve.max_wait_ms=2",
-            "serve.reload_poll_seconds=0.2",
-            "serve.log_flush_ms=20",
-            *extra,
-        ],
-    )
-
-
 @pytest.fixture(scope="session")
 def production_home(tiny_encoder, tmp_path_factory) -> Path:
     """A home with toy@1 trained on the toy task and promoted; copy it before changing anything."""
-    from tuneloop.registry.store import Registry
-    from tuneloop.train.run import run_training
+    from tuneloop.registry import Registry
+    from tuneloop.train import classification
 
     folder = tmp_path_factory.mktemp("production")
     data = folder / "toy.csv"
     pd.DataFrame(toy_rows(per_label=40, seed=3)).to_csv(data, index=False)
     config = tiny_config(tiny_encoder, data, folder / "home")
-    outcome = run_training(config, show_progress=False)
+    outcome = classification.run(config, show_progress=False)
     Registry(config.registry).promote(outcome.version.ref)
     return folder
 
 
 @pytest.fixture()
-def served(production_home, tiny_encoder, tmp_path):
-    """(config, home) over a private copy of the production home."""
+def served(production_home, tmp_path):
+    """(server settings, home) over a private copy of the production home."""
     shutil.copytree(production_home, tmp_path / "copy")
     home = tmp_path / "copy" / "home"
-    return tiny_config(tiny_encoder, tmp_path / "copy" / "toy.csv", home), home
+    return server_settings(home), home
 
 
 ASSISTANT_YAML = """
@@ -190,15 +138,15 @@ templates:
 @pytest.fixture(scope="session")
 def assistant_template(production_home, tiny_encoder, tmp_path_factory) -> Path:
     """production_home plus a tiny sentiment model 'mood', a toy FAQ and an assistant definition."""
-    from tuneloop.registry.store import Registry
-    from tuneloop.train.run import run_training
+    from tuneloop.registry import Registry
+    from tuneloop.train import classification
 
     folder = tmp_path_factory.mktemp("assistant")
     shutil.copytree(production_home, folder, dirs_exist_ok=True)
     home = folder / "home"
     pd.DataFrame(toy_rows(per_label=40, seed=5, topics=MOODS)).to_csv(folder / "mood.csv", index=False)
     config = tiny_config(tiny_encoder, folder / "mood.csv", home, "name=mood")
-    Registry(config.registry).promote(run_training(config, show_progress=False).version.ref)
+    Registry(config.registry).promote(classification.run(config, show_progress=False).version.ref)
     pd.DataFrame(
         [
             {
@@ -233,23 +181,16 @@ def assistant_template(production_home, tiny_encoder, tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
-def assistant_setup(assistant_template, tiny_encoder, tmp_path):
-    """(config, definition path) over a private copy of the assistant template."""
+def assistant_setup(assistant_template, tmp_path):
+    """(server settings, definition path) over a private copy of the assistant template."""
     shutil.copytree(assistant_template, tmp_path / "shop")
-    home = tmp_path / "shop" / "home"
-    return tiny_config(tiny_encoder, tmp_path / "shop" / "toy.csv", home), tmp_path / "shop" / "assistant.yaml"
+    return server_settings(tmp_path / "shop" / "home"), tmp_path / "shop" / "assistant.yaml"
 
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-TOY_PAIRS = [
-    ("how long does a refund take", "refunds take five days"),
-    ("where is my parcel", "your parcel is with the courier"),
-    ("how do i reset my password", "use the reset link on the login page"),
-    ("can i cancel my order", "yes before it ships"),
-]
 
 
 @pytest.fixture(scope="session")

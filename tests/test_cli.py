@@ -191,9 +191,9 @@ def test_rollback_and_keys(trained, tiny_overrides):
     assert invoke("train", *tiny_overrides).exit_code == 0
     invoke("models", "promote", "toy@1")
     invoke("models", "promote", "toy@2")
-    result = invoke("rollback", "toy")
+    result = invoke("models", "rollback", "toy")
     assert result.exit_code == 0 and "toy@1 is production again (toy@2 archived)" in result.output
-    assert_clean_failure(invoke("rollback", "toy"), "no earlier production version")
+    assert_clean_failure(invoke("models", "rollback", "toy"), "no earlier production version")
     keys = invoke("keys", "new", "--scope", "admin")
     assert keys.exit_code == 0 and "serve.admin_key_hashes=[" in keys.output
     assert_clean_failure(invoke("keys", "new", "--scope", "root"), "--scope must be client or admin")

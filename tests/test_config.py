@@ -8,14 +8,30 @@ import pytest
 
 from tuneloop.assistant.definition import load_definition
 from tuneloop.assistant.retrieval import load_faq
-from tuneloop.config import TuneloopConfig, dump_config, load_config, parse_overrides
+from tuneloop.config import (
+    ClassifierRecipe,
+    GateSettings,
+    PretrainRecipe,
+    ServerSettings,
+    SftRecipe,
+    dump_config,
+    load_config,
+    parse_overrides,
+    stored_recipe,
+)
 from tuneloop.errors import TuneloopError
 
+# The command each shipped YAML is for, by the first word of its file name.
+ROOT_OF = {"train": ClassifierRecipe, "demo": ClassifierRecipe, "pretrain": PretrainRecipe, "sft": SftRecipe,
+           "serve": ServerSettings, "gate": GateSettings}
 
-def test_defaults_validate():
+
+def test_defaults_are_the_documented_ones():
     config = load_config()
-    assert config.train.epochs >= 1
-    assert config.model.name == "auto"
+    assert (config.name, config.model.name, config.model.head, config.model.max_length) == (
+        "classifier", "auto", "cosine", 128)
+    assert (config.train.epochs, config.train.lr, config.train.head_lr, config.train.patience) == (3, 1e-4, 2e-3, 2)
+    assert (config.data.val_size, config.data.test_size, config.feedback.holdout) == (0.1, 0.15, 0.3)
 
 
 def test_yaml_then_dotted_overrides_win(tmp_path):
@@ -56,18 +72,65 @@ def test_missing_config_file():
         load_config(Path("nope.yaml"))
 
 
-def test_resolved_config_round_trips(tmp_path):
-    config = load_config(None, ["name=x", "train.epochs=2"])
+def test_resolved_recipe_round_trips_without_the_registry(tmp_path):
+    config = load_config(None, ["name=x", "train.epochs=2", f"data.path={tmp_path / 'd.csv'}",
+                                "registry.database_url=postgresql+psycopg://user:secret@db/tl"])
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_config(config))
-    assert load_config(path) == config
+    assert "registry" not in path.read_text() and "secret" not in path.read_text()
+    assert load_config(path).stored() == config.stored()
 
 
-def test_every_shipped_yaml_config_loads():
+def test_every_shipped_yaml_loads_as_its_commands_root_with_its_data_present():
     shipped = sorted(Path(str(resources.files("tuneloop") / "configs")).glob("*.yaml"))
-    assert shipped, "the package ships at least the demo config"
+    assert {path.stem.split("_")[0] for path in shipped} >= {"train", "pretrain", "sft", "serve", "demo"}
     for path in shipped:
-        assert isinstance(load_config(path), TuneloopConfig), path
+        config = load_config(path, root=ROOT_OF[path.stem.split("_")[0]])
+        data = [getattr(config, "data", None), *getattr(config, "tasks", {}).values()]
+        for section in filter(None, data):
+            assert section.path is None or section.path.is_file(), (path, section.path)
+
+
+def test_relative_paths_in_a_file_are_the_files_and_in_overrides_the_working_directorys(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    path = tmp_path / "configs" / "c.yaml"
+    path.write_text("data:\n  path: ../data/t.csv\n  test_path: /abs/test.csv\n")
+    monkeypatch.chdir(tmp_path / "configs")
+    config = load_config(path)
+    assert config.data.path == tmp_path / "configs" / ".." / "data" / "t.csv"
+    assert config.data.test_path == Path("/abs/test.csv")
+    assert load_config(path, ["data.path=here.csv"]).data.path == Path("here.csv")
+    served = tmp_path / "s.yaml"
+    served.write_text("serve:\n  assistant: bot/assistant.yaml\n")
+    assert load_config(served, root=ServerSettings).serve.assistant == tmp_path / "bot" / "assistant.yaml"
+
+
+def test_each_command_takes_only_its_own_sections():
+    with pytest.raises(TuneloopError, match=r"unknown key 'serve'"):
+        load_config(None, ["serve.port=9000"])  # a training recipe has no server section
+    with pytest.raises(TuneloopError, match=r"unknown key 'train'"):
+        load_config(None, ["train.epochs=1"], root=SftRecipe)
+    assert load_config(None, ["sft.epochs=1", "registry.home=h"], root=SftRecipe).sft.epochs == 1
+
+
+def test_server_settings_come_from_the_file_then_the_environment_then_the_defaults(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNELOOP_SERVE__PORT", "9100")
+    monkeypatch.setenv("TUNELOOP_SERVE__RUNTIME", "onnx")
+    monkeypatch.setenv("TUNELOOP_ADMIN_KEYS", "k1,k2")
+    settings = load_config(None, ["serve.runtime=torch"], root=ServerSettings)
+    assert (settings.serve.port, settings.serve.runtime, settings.serve.host) == (9100, "torch", "127.0.0.1")
+    assert settings.admin_keys.get_secret_value() == "k1,k2" and "k1" not in repr(settings)
+    monkeypatch.setenv("TUNELOOP_SERVE__PORT", "many")
+    with pytest.raises(TuneloopError, match="serve.port"):
+        load_config(None, [], root=ServerSettings)
+
+
+def test_a_recipe_stored_by_an_older_version_loses_the_sections_it_never_used():
+    old = load_config().model_dump(mode="json") | {"serve": {"port": 1}, "gate": {}, "sft": {}, "pretrain": {},
+                                                     "registry": {"home": "/old"}}
+    with pytest.raises(TuneloopError, match="unknown key"):
+        load_config(None, [], base=old)
+    assert load_config(None, ["train.epochs=1"], base=stored_recipe(old)).train.epochs == 1
 
 
 def test_the_shipped_demo_assistant_loads_and_covers_every_demo_intent():

@@ -9,15 +9,18 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SHARED
+from helpers import DATASETS
 from tuneloop.cli import app
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.skipif(not (SHARED / "banking77").is_dir(), reason="../shared/datasets/banking77 is not present")
+@pytest.mark.skipif(
+    not (DATASETS / "banking77").is_dir(),
+    reason="the banking77 dataset is not present (TUNELOOP_DATASETS or ../shared/datasets)",
+)
 def test_minilm_finetunes_on_a_banking77_slice(tmp_path, home):
-    train = pd.read_csv(SHARED / "banking77" / "train.csv")
+    train = pd.read_csv(DATASETS / "banking77" / "train.csv")
     intents = sorted(train["category"].unique())[:8]
     subset = train[train["category"].isin(intents)].groupby("category").head(30)
     path = tmp_path / "banking.csv"

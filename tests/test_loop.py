@@ -9,12 +9,12 @@ import pandas as pd
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from conftest import tiny_config, toy_rows
+from helpers import server_settings, tiny_config, toy_rows
 from tuneloop.cli import app as cli
 from tuneloop.feedback.log import PredictionLog
-from tuneloop.registry.store import Registry
+from tuneloop.registry import Registry
 from tuneloop.serve.app import create_app
-from tuneloop.train.run import run_training
+from tuneloop.train import classification
 
 GOOD_RECIPE = ["model.head_init=centroids", "train.lr=1e-3", "train.head_lr=1e-2", "train.epochs=6"]
 
@@ -27,8 +27,8 @@ def test_corrections_flow_into_a_promoted_version_that_the_server_then_answers_w
     weak = tiny_config(
         tiny_encoder, data, home, "model.head_init=random", "train.lr=1e-9", "train.head_lr=1e-9", "train.epochs=1"
     )
-    Registry(weak.registry).promote(run_training(weak, show_progress=False).version.ref)
-    config = tiny_config(tiny_encoder, data, home)
+    Registry(weak.registry).promote(classification.run(weak, show_progress=False).version.ref)
+    config = server_settings(home)
     stream = [row for row in toy_rows(per_label=30, seed=11)]
     runner = CliRunner()
 

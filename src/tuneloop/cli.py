@@ -1,22 +1,43 @@
-"""The `tuneloop` command: one verb per lifecycle stage, each a thin shell over the packages."""
+"""The `tuneloop` command: one verb per lifecycle stage, each a thin shell over the packages.
+
+A command reads its config root (see `tuneloop.config`), calls one function and prints what it returned.
+Any `TuneloopError` becomes one red line and exit code 1.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import logging
-import re
+import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
-from tuneloop.config import TuneloopConfig, load_config
+from tuneloop.config import (
+    ClassifierRecipe,
+    GateSettings,
+    PretrainRecipe,
+    RegistrySettings,
+    ServerSettings,
+    SftRecipe,
+    is_override,
+    load_config,
+    split_overrides,
+)
 from tuneloop.errors import TuneloopError
+
+if TYPE_CHECKING:
+    from tuneloop.models.predictor import Prediction
+    from tuneloop.registry import ModelVersion, Registry
+    from tuneloop.train.classification import ClassifierOutcome
 
 app = typer.Typer(
     help="From labelled texts to a served classifier that learns from its users' corrections.",
@@ -25,7 +46,9 @@ app = typer.Typer(
     add_completion=False,
 )
 data_app = typer.Typer(help="Inspect and prepare labelled data.", no_args_is_help=True)
-models_app = typer.Typer(help="List, show, promote and archive registered model versions.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="List, show, promote, roll back, export and archive model versions.", no_args_is_help=True
+)
 feedback_app = typer.Typer(help="Turn user feedback into labelled examples.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys for the server.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -35,40 +58,53 @@ app.add_typer(keys_app, name="keys")
 
 console = Console()
 errors = Console(stderr=True)
-F = TypeVar("F", bound=Callable)
+Root = TypeVar("Root", bound=BaseModel)
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=3e-5 name=support.")]
 DataOption = Annotated[Path | None, typer.Option("--data", help="Data file (same as data.path=...).")]
-_OVERRIDE = re.compile(r"^(name|(data|model|train|pretrain|sft|eval|registry|serve|feedback|gate)\.[A-Za-z_.]+)=")
+ResumeOption = Annotated[str | None, typer.Option(help="Run folder to continue, or 'latest'.")]
 
 
-def friendly(command: F) -> F:
+def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a TuneloopError into one red line and exit code 1, never a traceback."""
 
     @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except TuneloopError as exc:
-            errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            errors.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             errors.print("[yellow]interrupted[/yellow]; training runs continue with --resume latest")
             raise typer.Exit(130) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
-def _config(path: Path | None, overrides: list[str] | None, data: Path | None = None) -> TuneloopConfig:
+def _config(root: type[Root], path: Path | None, overrides: list[str] | None, data: Path | None = None) -> Root:
     pairs = list(overrides or [])
     if data is not None:
         pairs.append(f"data.path={data}")
-    return load_config(path, pairs)
+    return load_config(path, pairs, root)
+
+
+def _registry(path: Path | None, overrides: list[str] | None) -> Registry:
+    from tuneloop.registry import Registry
+
+    return Registry(_config(RegistrySettings, path, overrides).registry)
 
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show info logs.")] = False) -> None:
+    # Weights come only from installed packages and local folders; never let a library reach for a hub.
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY"):
+        os.environ.setdefault(variable, "1")
+    # Busy-waiting OpenMP threads slowed training ~7x when another process shared the 2 cores (measured);
+    # passive waiting costs nothing when the machine is idle. Only effective before torch loads, which the
+    # commands below do lazily.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
@@ -106,61 +142,16 @@ def _print_data_report(report: dict) -> None:
         )
 
 
-@data_app.command("inspect")
-@friendly
-def data_inspect(
-    config: ConfigOption = None,
-    data: DataOption = None,
-    overrides: Overrides = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-) -> None:
-    """Clean, deduplicate and split in memory; print the data report."""
-    from tuneloop.train.run import prepare_for_model
-
-    prepared, encoder = prepare_for_model(_config(config, overrides, data))
-    prepared.report["encoder"] = encoder.name
-    if as_json:
-        print(json.dumps(prepared.report, indent=2, ensure_ascii=False))
-        return
-    _print_data_report(prepared.report)
-    console.print(f"encoder for this data: [bold]{encoder.name}[/bold]; fingerprint {prepared.fingerprint}")
+def _print_label_suspects(metrics: dict) -> None:
+    suspects = metrics["label_suspects"]
+    if suspects["count"]:
+        console.print(
+            f"{suspects['count']} test rows may be mislabelled (the model is ≥ {suspects['confidence']:.2f} "
+            f"sure of another label): listed under 'Possible label errors' in the report"
+        )
 
 
-@data_app.command("prepare")
-@friendly
-def data_prepare(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the splits and report.")],
-    config: ConfigOption = None,
-    data: DataOption = None,
-    overrides: Overrides = None,
-) -> None:
-    """Write cleaned train/val/test splits (jsonl) and data_report.json to a folder."""
-    from tuneloop.data.prepare import save_prepared
-    from tuneloop.train.run import prepare_for_model
-
-    prepared, _ = prepare_for_model(_config(config, overrides, data))
-    save_prepared(prepared, out)
-    _print_data_report(prepared.report)
-    console.print(f"wrote {out}")
-
-
-@app.command()
-@friendly
-def train(
-    config: ConfigOption = None,
-    data: DataOption = None,
-    overrides: Overrides = None,
-    resume: Annotated[str | None, typer.Option(help="Run folder to continue, or 'latest'.")] = None,
-    register: Annotated[bool, typer.Option(help="Register the result as a candidate version.")] = True,
-) -> None:
-    """Fine-tune a classifier, evaluate it on the test split and register it."""
-    from tuneloop.train.run import latest_run_dir, run_training
-
-    resolved = _config(config, overrides, data)
-    resume_dir = None
-    if resume:
-        resume_dir = latest_run_dir(resolved) if resume == "latest" else Path(resume)
-    outcome = run_training(resolved, resume=resume_dir, register=register)
+def _print_test_scores(outcome: ClassifierOutcome) -> None:
     test = outcome.report["test"]
     console.print(
         f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
@@ -172,12 +163,67 @@ def train(
             f"[green]task {task}: test accuracy {task_report['test']['accuracy']:.4f}, "
             f"macro-F1 {task_report['test']['macro_f1']:.4f}[/green]"
         )
+
+
+@data_app.command("inspect")
+def data_inspect(
+    config: ConfigOption = None,
+    data: DataOption = None,
+    overrides: Overrides = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Clean, deduplicate and split in memory; print the data report."""
+    from tuneloop.registry import Registry
+    from tuneloop.train.classification import prepare_for_model
+
+    recipe = _config(ClassifierRecipe, config, overrides, data)
+    prepared, encoder = prepare_for_model(recipe, Registry(recipe.registry))
+    prepared.report["encoder"] = encoder.name
+    if as_json:
+        print(json.dumps(prepared.report, indent=2, ensure_ascii=False))
+        return
+    _print_data_report(prepared.report)
+    console.print(f"encoder for this data: [bold]{encoder.name}[/bold]; fingerprint {prepared.fingerprint}")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the splits and report.")],
+    config: ConfigOption = None,
+    data: DataOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Write cleaned train/val/test splits (jsonl) and data_report.json to a folder."""
+    from tuneloop.data.prepare import save_prepared
+    from tuneloop.registry import Registry
+    from tuneloop.train.classification import prepare_for_model
+
+    recipe = _config(ClassifierRecipe, config, overrides, data)
+    prepared, _ = prepare_for_model(recipe, Registry(recipe.registry))
+    save_prepared(prepared, out)
+    _print_data_report(prepared.report)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def train(
+    config: ConfigOption = None,
+    data: DataOption = None,
+    overrides: Overrides = None,
+    resume: ResumeOption = None,
+    register: Annotated[bool, typer.Option(help="Register the result as a candidate version.")] = True,
+) -> None:
+    """Fine-tune a classifier, evaluate it on the test split and register it."""
+    from tuneloop.train import classification
+
+    outcome = classification.run(_config(ClassifierRecipe, config, overrides, data), resume=resume, register=register)
+    _print_test_scores(outcome)
     if outcome.cross_validation:
         cv = outcome.cross_validation
         console.print(
             f"{cv['k']}-fold validation macro-F1 {cv['mean_val_macro_f1']:.4f} ± {cv['std_val_macro_f1']:.4f}"
         )
-    _print_label_suspects(test)
+    _print_label_suspects(outcome.report["test"])
     console.print(f"report: {outcome.report_html}")
     if outcome.version:
         console.print(
@@ -187,29 +233,22 @@ def train(
 
 
 @app.command()
-@friendly
 def pretrain(
     config: ConfigOption = None,
     overrides: Overrides = None,
+    resume: ResumeOption = None,
     data: Annotated[list[Path] | None, typer.Option("--data", help="Unlabelled text file(s) (pretrain.paths).")] = None,
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="New tokenizer and small BERT.")] = False,
-    resume: Annotated[str | None, typer.Option(help="Run folder to continue, or 'latest'.")] = None,
 ) -> None:
     """Masked-language-model pretraining on unlabelled text; the encoder is registered for `train` to start from."""
-    from tuneloop.train.mlm import pretrain as run_pretraining
-    from tuneloop.train.run import latest_run_dir, new_run_dir
+    from tuneloop.train import mlm
 
-    pairs = list(overrides or [])
+    recipe = _config(PretrainRecipe, config, overrides)
     if data:
-        pairs.append(f"pretrain.paths=[{', '.join(json.dumps(str(p)) for p in data)}]")
+        recipe.pretrain.paths = list(data)
     if from_scratch:
-        pairs.append("pretrain.from_scratch=true")
-    resolved = load_config(config, pairs)
-    run_dir = new_run_dir(resolved)
-    if resume:
-        run_dir = latest_run_dir(resolved, checkpoint="pretrain.pt") if resume == "latest" else Path(resume)
-        resolved = load_config(run_dir / "config.yaml")  # the run continues with the settings it started with
-    outcome = run_pretraining(resolved, run_dir)
+        recipe.pretrain.from_scratch = True
+    outcome = mlm.run(recipe, resume=resume)
     last = outcome.history[-1]
     console.print(
         f"[green]held-out perplexity {last['heldout_perplexity']:.2f}[/green] (loss {last['heldout_loss']:.3f}, "
@@ -224,7 +263,6 @@ def pretrain(
 
 
 @app.command()
-@friendly
 def sft(
     config: ConfigOption = None,
     overrides: Overrides = None,
@@ -233,14 +271,12 @@ def sft(
     ] = None,
 ) -> None:
     """Fine-tune the small causal LM on (prompt, reply) pairs or chats; loss on the replies only."""
-    from tuneloop.train.run import new_run_dir
-    from tuneloop.train.sft import fine_tune_lm
+    from tuneloop.train import sft as sft_recipe
 
-    pairs = list(overrides or [])
+    recipe = _config(SftRecipe, config, overrides)
     if data:
-        pairs.append(f"sft.paths=[{', '.join(json.dumps(str(p)) for p in data)}]")
-    resolved = load_config(config, pairs)
-    outcome = fine_tune_lm(resolved, new_run_dir(resolved))
+        recipe.sft.paths = list(data)
+    outcome = sft_recipe.run(recipe)
     last = outcome.history[-1]
     if outcome.heldout_loss_before is not None:
         console.print(
@@ -256,10 +292,9 @@ def sft(
 
 
 @app.command()
-@friendly
 def generate(
     model: Annotated[str, typer.Option("--model", "-m", help="SmolLM2-135M-Instruct, NAME@VERSION or a folder.")],
-    prompt: Annotated[list[str], typer.Argument(help="The message (and optional dotted overrides).")],
+    prompt: Annotated[list[str], typer.Argument(help="The message (and optional registry.* overrides).")],
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy.")] = 0.0,
@@ -269,15 +304,13 @@ def generate(
     config: ConfigOption = None,
 ) -> None:
     """Generate a reply with a causal LM (streamed with --stream)."""
-    from tuneloop.generate import GenerationSettings, ReplyModel
-    from tuneloop.models.lm import resolve_generator
+    from tuneloop.models.lm import GenerationSettings, ReplyModel, resolve_lm
 
-    overrides = [t for t in prompt if _OVERRIDE.match(t)]
-    text = " ".join(t for t in prompt if not _OVERRIDE.match(t)).strip()
+    overrides = [t for t in prompt if is_override(t, RegistrySettings)]
+    text = " ".join(t for t in prompt if not is_override(t, RegistrySettings)).strip()
     if not text:
         raise TuneloopError('nothing to answer: give a message, e.g. tuneloop generate -m NAME@1 "where is my order?"')
-    resolved = _config(config, overrides)
-    replier = ReplyModel(resolve_generator(model, resolved.registry.home))
+    replier = ReplyModel(resolve_lm(model, _registry(config, overrides)))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     settings = GenerationSettings(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=list(stop or [])
@@ -291,7 +324,6 @@ def generate(
 
 
 @app.command("eval")
-@friendly
 def evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="NAME, NAME@VERSION or NAME@production.")],
     config: ConfigOption = None,
@@ -300,34 +332,15 @@ def evaluate(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder (default: the version's).")] = None,
 ) -> None:
     """Evaluate a registered version on its frozen test split, or on every row of --data."""
-    from tuneloop.data.prepare import load_prepared
-    from tuneloop.evaluate.report import evaluate_classifier, write_report
-    from tuneloop.predict import Predictor
-    from tuneloop.registry.store import Registry
-    from tuneloop.train.run import test_split_from_file
+    from tuneloop.evaluate.report import evaluate_version
+    from tuneloop.registry import Registry
 
-    resolved = _config(config, overrides)
-    registry = Registry(resolved.registry)
-    predictor = Predictor.from_registry(registry, model)
-    folder = registry.artifacts(predictor.version)
-    if data is None:
-        frozen = load_prepared(folder / "data")
-        test, train_rows = frozen.test, frozen.train
-    else:
-        test, train_rows = test_split_from_file(resolved.data, data), None
-    report = evaluate_classifier(
-        predictor.model,
-        predictor.tokenizer,
-        test,
-        resolved.eval,
-        train=train_rows,
-        title=f"{predictor.version.ref}: evaluation on {data or 'its test split'}",
-    )
-    page = write_report(report, out or folder / ("eval-" + Path(data).stem if data else "eval"))
+    recipe = _config(ClassifierRecipe, config, overrides)
+    report, page = evaluate_version(Registry(recipe.registry), model, recipe, data=data, out=out)
     metrics = report["test"]
     console.print(
-        f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-        f"weighted-F1 {metrics['weighted_f1']:.4f}, ECE {metrics['calibration']['ece']:.3f} on {metrics['n']} rows"
+        f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, weighted-F1 "
+        f"{metrics['weighted_f1']:.4f}, ECE {metrics['calibration']['ece']:.3f} on {metrics['n']} rows"
     )
     if "skipped_unknown_labels" in metrics:
         console.print(
@@ -337,30 +350,14 @@ def evaluate(
     console.print(f"report: {page}")
 
 
-def _print_label_suspects(metrics: dict) -> None:
-    suspects = metrics["label_suspects"]
-    if suspects["count"]:
-        console.print(
-            f"{suspects['count']} test rows may be mislabelled (the model is ≥ {suspects['confidence']:.2f} "
-            f"sure of another label): listed under 'Possible label errors' in the report"
-        )
-
-
-def _registry(config: Path | None, overrides: list[str] | None):
-    from tuneloop.registry.store import Registry
-
-    return Registry(_config(config, overrides).registry)
-
-
 @models_app.command("list")
-@friendly
 def models_list(
     name: Annotated[str | None, typer.Option(help="Only this model name.")] = None,
     config: ConfigOption = None,
     overrides: Overrides = None,
 ) -> None:
     """Registered versions with stage and headline metrics."""
-    versions = _registry(config, overrides).list(name)
+    versions = _registry(config, overrides).versions(name)
     if not versions:
         console.print("no registered models yet: tuneloop train --data your.csv")
         return
@@ -381,7 +378,6 @@ def models_list(
 
 
 @models_app.command("show")
-@friendly
 def models_show(ref: str, config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Everything recorded about one version, as JSON."""
     from tuneloop.registry.store import to_json
@@ -390,15 +386,24 @@ def models_show(ref: str, config: ConfigOption = None, overrides: Overrides = No
 
 
 @models_app.command("promote")
-@friendly
 def models_promote(ref: str, config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Make a version production (the previous production version is archived)."""
     version = _registry(config, overrides).promote(ref)
     console.print(f"{version.ref} is now production")
 
 
+@models_app.command("rollback")
+def models_rollback(
+    name: Annotated[str, typer.Argument(help="Model name.")], config: ConfigOption = None, overrides: Overrides = None
+) -> None:
+    """Put back the version that was production before the current one."""
+    registry = _registry(config, overrides)
+    current = registry.get(f"{name}@production")
+    restored = registry.rollback(name)
+    console.print(f"{restored.ref} is production again ({current.ref} archived)")
+
+
 @models_app.command("export")
-@friendly
 def models_export(
     ref: str,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write.")],
@@ -411,12 +416,11 @@ def models_export(
 
     registry = _registry(config, overrides)
     version = registry.get(ref)
-    export_classifier(registry.artifacts(version) / "model", out, merge)
+    export_classifier(registry.folder(version).model, out, merge)
     console.print(f"exported {version.ref} to {out}{' (adapters merged)' if merge else ''}")
 
 
 @models_app.command("archive")
-@friendly
 def models_archive(ref: str, config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Retire a version."""
     version = _registry(config, overrides).archive(ref)
@@ -424,11 +428,10 @@ def models_archive(ref: str, config: ConfigOption = None, overrides: Overrides =
 
 
 @app.command()
-@friendly
 def predict(
     model: Annotated[str, typer.Option("--model", "-m", help="NAME, NAME@VERSION or NAME@production.")],
     texts: Annotated[
-        list[str] | None, typer.Argument(help="Texts to classify (and optional dotted overrides).")
+        list[str] | None, typer.Argument(help="Texts to classify (and optional registry.* overrides).")
     ] = None,
     input_file: Annotated[Path | None, typer.Option("--input", "-i", help="File with one text per line.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 3,
@@ -436,11 +439,11 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per text.")] = False,
 ) -> None:
     """Classify texts with a registered model: label, probability and top-k."""
-    from tuneloop.predict import Predictor
+    from tuneloop.models.predictor import load_model
 
     items = list(texts or [])
-    overrides = [t for t in items if _OVERRIDE.match(t)]
-    items = [t for t in items if not _OVERRIDE.match(t)]
+    overrides = [t for t in items if is_override(t, RegistrySettings)]
+    items = [t for t in items if not is_override(t, RegistrySettings)]
     if input_file is not None:
         if not input_file.is_file():
             raise TuneloopError(f"input file not found: {input_file}")
@@ -450,8 +453,8 @@ def predict(
             raise TuneloopError(f"{input_file} is not valid UTF-8; re-save it as UTF-8") from None
     if not items:
         raise TuneloopError("nothing to classify: give texts as arguments or --input file.txt")
-    predictor = Predictor.from_registry(_registry(config, overrides), model)
-    results = predictor.predict(items, top_k=top_k)
+    predictor = load_model(model, _registry(config, overrides))
+    results = predictor.rank(items, top_k=top_k)
     if as_json:
         for r in results:
             print(
@@ -461,13 +464,13 @@ def predict(
                         "label": r.label,
                         "probability": r.probability,
                         "top_k": [{"label": lab, "probability": p} for lab, p in r.top_k],
-                        "model": predictor.version.ref,
+                        "model": predictor.ref,
                     },
                     ensure_ascii=False,
                 )
             )
         return
-    table = Table(title=f"Predictions by {predictor.version.ref}")
+    table = Table(title=f"Predictions by {predictor.ref}")
     for column in ("text", "label", "probability", f"top {top_k}"):
         table.add_column(column)
     for r in results:
@@ -475,55 +478,50 @@ def predict(
     console.print(table)
 
 
+class RichDemoReport:
+    """The demo's stages as the terminal shows them."""
+
+    def stage(self, number: int, title: str) -> None:
+        console.rule(f"tuneloop demo {number}/3: {title}")
+
+    def intents_trained(self, outcome: ClassifierOutcome, version: ModelVersion, examples: list[Prediction]) -> None:
+        _print_data_report(outcome.report["data"])
+        test = outcome.report["test"]
+        console.print(
+            f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}[/green] "
+            f"in {outcome.train.train_seconds:.0f}s of training"
+        )
+        console.print(f"report: {outcome.report_html}")
+        console.print(f"registered and promoted: [bold]{version.ref}[/bold] (stage {version.stage})")
+        table = Table(title="Example predictions")
+        for column in ("text", "intent", "probability"):
+            table.add_column(column)
+        for r in examples:
+            table.add_row(r.text, r.label, f"{r.probability:.3f}")
+        console.print(table)
+
+    def sentiment_trained(self, outcome: ClassifierOutcome, version: ModelVersion) -> None:
+        test = outcome.report["test"]
+        console.print(
+            f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}[/green]; "
+            f"registered and promoted: [bold]{version.ref}[/bold]; report: {outcome.report_html}"
+        )
+
+
 @app.command()
-@friendly
 def demo(
     config: ConfigOption = None,
     overrides: Overrides = None,
     serve_after: Annotated[bool, typer.Option("--serve", help="Then serve the assistant on serve.port.")] = False,
 ) -> None:
     """Train the bundled bilingual intent and sentiment models and build the support assistant on them."""
-    from tuneloop.demo import DEMO_EXAMPLES, demo_assistant, demo_config, demo_conversation
-    from tuneloop.predict import Predictor
-    from tuneloop.registry.store import Registry
-    from tuneloop.train.run import run_training
+    from tuneloop import demo as bundled
 
-    resolved = demo_config(config, overrides)
-    registry = Registry(resolved.registry)
-    console.rule("tuneloop demo 1/3: bilingual customer-service intents")
-    console.print(f"data: {resolved.data.path}")
-    outcome = run_training(resolved)
-    _print_data_report(outcome.report["data"])
-    test = outcome.report["test"]
-    console.print(
-        f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}[/green] "
-        f"in {outcome.train.train_seconds:.0f}s of training"
-    )
-    version = registry.promote(outcome.version.ref)
-    console.print(f"report: {outcome.report_html}")
-    console.print(f"registered and promoted: [bold]{version.ref}[/bold] (stage {version.stage})")
-    predictor = Predictor.from_registry(registry, f"{version.name}@production")
-    table = Table(title="Example predictions")
-    for column in ("text", "intent", "probability"):
-        table.add_column(column)
-    for r in predictor.predict(DEMO_EXAMPLES):
-        table.add_row(r.text, r.label, f"{r.probability:.3f}")
-    console.print(table)
-
-    console.rule("tuneloop demo 2/3: sentiment (negative / neutral / positive)")
-    mood = run_training(demo_config(None, overrides, kind="sentiment"), show_progress=True)
-    mood_version = registry.promote(mood.version.ref)
-    mood_test = mood.report["test"]
-    console.print(
-        f"[green]test accuracy {mood_test['accuracy']:.4f}, macro-F1 {mood_test['macro_f1']:.4f}[/green]; "
-        f"registered and promoted: [bold]{mood_version.ref}[/bold]; report: {mood.report_html}"
-    )
-
-    console.rule("tuneloop demo 3/3: the support assistant")
+    outcome = bundled.run(config, overrides, RichDemoReport())
     table = Table(title="A few turns (sessions a-e)")
     for column in ("session", "message", "intent", "sentiment", "escalate", "reply"):
         table.add_column(column)
-    for turn in demo_conversation(registry):
+    for turn in outcome.turns:
         result = turn.outcome
         table.add_row(
             turn.session,
@@ -534,23 +532,26 @@ def demo(
             result.reply,
         )
     console.print(table)
-    home = resolved.registry.home
-    command = f"tuneloop serve serve.assistant={demo_assistant()} registry.home={home}"
+    server_overrides, _ = split_overrides(overrides or [], ("registry", *bundled.SERVER_SECTIONS))
+    server = load_config(None, [*server_overrides, f"serve.assistant={outcome.assistant}"], ServerSettings)
+    home = outcome.recipe.registry.home
     # soft_wrap: a command broken over two lines by the terminal width cannot be copied and pasted.
     console.print(
-        f'try: tuneloop predict --model {version.name} "where is my parcel?" registry.home={home}', soft_wrap=True
+        f'try: tuneloop predict --model {outcome.intents_version.name} "where is my parcel?" registry.home={home}',
+        soft_wrap=True,
     )
-    console.print(f"chat with it: {command}", soft_wrap=True)
     console.print(
-        f"  then open http://{resolved.serve.host}:{resolved.serve.port}/ (chat) and /admin (versions, "
+        f"chat with it: tuneloop serve serve.assistant={outcome.assistant} registry.home={home}", soft_wrap=True
+    )
+    console.print(
+        f"  then open http://{server.serve.host}:{server.serve.port}/ (chat) and /admin (versions, "
         f"feedback, retrain → gate → promote); API docs at /docs"
     )
     if serve_after:
-        _serve(load_config(config, [*(overrides or []), f"serve.assistant={demo_assistant()}"]))
+        _serve(server)
 
 
 @app.command()
-@friendly
 def serve(
     config: ConfigOption = None,
     overrides: Overrides = None,
@@ -558,34 +559,31 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (serve.port).")] = None,
 ) -> None:
     """Serve the production version of your models over HTTP (predict, feedback, hot swap, metrics), and the
-    assistant when serve.assistant names a definition."""
-    resolved = _config(config, overrides)
+    assistant when serve.assistant names a definition. Settings also come from TUNELOOP_* variables."""
+    settings = _config(ServerSettings, config, overrides)
     if host is not None:
-        resolved.serve.host = host
+        settings.serve.host = host
     if port is not None:
-        resolved.serve.port = port
-    _serve(resolved)
+        settings.serve.port = port
+    _serve(settings)
 
 
-def _serve(resolved: TuneloopConfig) -> None:
-    import os
-
-    import torch
+def _serve(settings: ServerSettings) -> None:
     import uvicorn
 
     from tuneloop.serve.app import create_app
+    from tuneloop.train.common import use_threads
 
-    torch.set_num_threads(resolved.serve.threads or os.cpu_count() or 1)
-    application = create_app(resolved)
+    use_threads(settings.serve.threads)
+    application = create_app(settings)
     served = ", ".join(slot.current.ref for slot in application.state.tuneloop.served.slots.values())
-    url = f"http://{resolved.serve.host}:{resolved.serve.port}"
-    pages = f"; chat: {url}/, admin: {url}/admin" if resolved.serve.assistant else f"; admin: {url}/admin"
+    url = f"http://{settings.serve.host}:{settings.serve.port}"
+    pages = f"; chat: {url}/, admin: {url}/admin" if settings.serve.assistant else f"; admin: {url}/admin"
     console.print(f"serving [bold]{served}[/bold] on {url} (API docs: {url}/docs{pages}); Ctrl+C stops")
-    uvicorn.run(application, host=resolved.serve.host, port=resolved.serve.port, log_level="warning")
+    uvicorn.run(application, host=settings.serve.host, port=settings.serve.port, log_level="warning")
 
 
 @feedback_app.command("export")
-@friendly
 def feedback_export(
     name: Annotated[str, typer.Argument(help="Model name.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="csv or jsonl file to write.")],
@@ -593,15 +591,10 @@ def feedback_export(
     overrides: Overrides = None,
 ) -> None:
     """Write the labelled examples in NAME's feedback: deduplicated, latest correction wins."""
-    from tuneloop.feedback.export import feedback_examples
-    from tuneloop.feedback.log import PredictionLog
+    from tuneloop.feedback.export import load_feedback
 
-    resolved = _config(config, overrides)
-    prediction_log = PredictionLog(resolved.registry.resolved_database_url(), resolved.registry.home)
-    try:
-        exported = feedback_examples(prediction_log.feedback_for(name), resolved.feedback.include_confirmed)
-    finally:
-        prediction_log.close()
+    recipe = _config(ClassifierRecipe, config, overrides)
+    exported = load_feedback(recipe.registry, name, recipe.feedback.include_confirmed)
     exported.save(out)
     console.print(", ".join(f"{key.replace('_', ' ')} {value}" for key, value in exported.counts.items()))
     for conflict in exported.conflicts[:10]:
@@ -613,7 +606,6 @@ def feedback_export(
 
 
 @app.command()
-@friendly
 def retrain(
     name: Annotated[str, typer.Argument(help="Model name; its production version is the parent.")],
     config: ConfigOption = None,
@@ -638,7 +630,6 @@ def retrain(
 
 
 @app.command()
-@friendly
 def gate(
     ref: Annotated[str, typer.Argument(help="Candidate NAME@VERSION.")],
     config: ConfigOption = None,
@@ -648,7 +639,7 @@ def gate(
     """Compare a candidate with production and promote it only if it is not worse."""
     from tuneloop.feedback.gate import run_gate
 
-    decision = run_gate(ref, _config(config, overrides), promote=promote)
+    decision = run_gate(ref, _config(GateSettings, config, overrides), promote=promote)
     for check in decision.checks:
         mark = "[green]pass[/green]" if check.passed else "[red]FAIL[/red]"
         console.print(f"{mark} {check.name}: {check.detail}")
@@ -664,20 +655,7 @@ def gate(
         raise typer.Exit(3)
 
 
-@app.command()
-@friendly
-def rollback(
-    name: Annotated[str, typer.Argument(help="Model name.")], config: ConfigOption = None, overrides: Overrides = None
-) -> None:
-    """Put back the version that was production before the current one."""
-    registry = _registry(config, overrides)
-    current = registry.get(f"{name}@production")
-    restored = registry.rollback(name)
-    console.print(f"{restored.ref} is production again ({current.ref} archived)")
-
-
 @keys_app.command("new")
-@friendly
 def keys_new(scope: Annotated[str, typer.Option(help="client or admin.")] = "client") -> None:
     """Make an API key; prints the key (shown once) and the hash to put in the config."""
     from tuneloop.serve.security import hash_key, new_key
@@ -687,6 +665,12 @@ def keys_new(scope: Annotated[str, typer.Option(help="client or admin.")] = "cli
     key = new_key()
     console.print(f"key (give it to the {scope}; it is not stored anywhere): [bold]{key}[/bold]")
     console.print(f'config: serve.{scope}_key_hashes=["{hash_key(key)}"]', highlight=False)
+
+
+# Every command gets the same error handling, instead of a decorator on each.
+for _typer in (app, data_app, models_app, feedback_app, keys_app):
+    for _command in _typer.registered_commands:
+        _command.callback = friendly(_command.callback)
 
 
 def main() -> None:

@@ -1,27 +1,37 @@
-"""Typed configuration: pydantic models loaded from YAML, overridden with dotted `a.b=c` pairs."""
+"""Typed configuration: pydantic models loaded from YAML, overridden with dotted `a.b=c` pairs.
+
+Each command reads one root: a recipe (`ClassifierRecipe`, `PretrainRecipe`, `SftRecipe`: how a model is
+trained, stored with every version it makes) or the settings of a command that runs things
+(`ServerSettings`, also read from TUNELOOP_* environment variables; `GateSettings`; `RegistrySettings`).
+All of them share the `registry` section: where versions live. A key a root does not have is an error that
+names it and suggests the closest one.
+"""
 
 from __future__ import annotations
 
 import difflib
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tuneloop.errors import TuneloopError
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
-class _Section(BaseModel):
-    # extra="forbid" is what turns a typo like `train.lr_rate` into an error instead of a silent default.
+class StrictModel(BaseModel):
+    """Every config section and definition: a typo like `train.lr_rate` is an error, never a silent default."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Section):
+class DataConfig(StrictModel):
     """Where the labelled texts are and how to split them."""
 
     path: Path | None = Field(None, description="csv, tsv, jsonl or parquet file of labelled texts.")
@@ -41,14 +51,19 @@ class DataConfig(_Section):
     kfold: int | None = Field(None, ge=2, description="k-fold cross-validation instead of a single val split.")
 
 
-class ModelConfig(_Section):
-    """Which encoder to start from and the classification head on top."""
+class EncoderConfig(StrictModel):
+    """Which encoder to start from."""
 
     name: str = Field(
         "auto",
         description="auto (pick by the data's language), all-MiniLM-L6-v2, multilingual-e5-small, "
         "a local Hugging Face folder, or a registered version NAME@VERSION.",
     )
+
+
+class ModelConfig(EncoderConfig):
+    """Which encoder to start from and the classification head on top."""
+
     pooling: Literal["mean", "cls"] = "mean"
     dropout: float = Field(0.1, ge=0, lt=1)
     head: Literal["cosine", "linear"] = Field(
@@ -61,7 +76,7 @@ class ModelConfig(_Section):
     max_length: int = Field(128, ge=8, le=512)
 
 
-class TrainConfig(_Section):
+class TrainConfig(StrictModel):
     """Optimisation of the classifier."""
 
     epochs: int = Field(3, ge=1)
@@ -113,13 +128,14 @@ class TrainConfig(_Section):
         return False if value is None else value
 
 
-class PretrainConfig(_Section):
+class PretrainConfig(StrictModel):
     """Masked-language-model pretraining on unlabelled text: continued from an encoder, or from scratch."""
 
     paths: list[Path] = Field(
         default_factory=list,
-        description="Unlabelled text: .txt (a text per line) or csv/tsv/jsonl/parquet with data.text_column.",
+        description="Unlabelled text: .txt (a text per line) or csv/tsv/jsonl/parquet with pretrain.text_column.",
     )
+    text_column: str = Field("text", description="The text column of table files.")
     from_scratch: bool = Field(False, description="Train a new tokenizer and a small BERT instead of continuing.")
     size: Literal["tiny", "small", "base"] = Field("small", description="From scratch: 2, 4 or 6 layers.")
     tokenizer: Literal["wordpiece", "char"] = Field(
@@ -144,10 +160,11 @@ class PretrainConfig(_Section):
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     holdout: float = Field(0.05, gt=0, lt=0.5, description="Share of texts kept out to measure perplexity.")
     checkpoint_every: int = Field(200, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch threads; default: all cores.")
     seed: int = 42
 
 
-class SftConfig(_Section):
+class SftConfig(StrictModel):
     """Supervised fine-tuning of a small causal LM on (prompt, reply) pairs or chats, loss on replies only."""
 
     paths: list[Path] = Field(
@@ -168,10 +185,11 @@ class SftConfig(_Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_length: int = Field(384, ge=16, description="Longer conversations keep their last max_length tokens.")
     val_size: float = Field(0.1, ge=0, lt=0.5, description="Conversations held out for loss and perplexity.")
+    threads: int | None = Field(None, ge=1, description="torch threads; default: all cores.")
     seed: int = 42
 
 
-class EvalConfig(_Section):
+class EvalConfig(StrictModel):
     """What the evaluation report contains."""
 
     calibration_bins: int = Field(15, ge=2)
@@ -184,7 +202,7 @@ class EvalConfig(_Section):
     train_sample: int = Field(2000, ge=1, description="Training rows re-scored for the train-vs-test gap.")
 
 
-class RegistryConfig(_Section):
+class RegistryConfig(StrictModel):
     """Where versions and their artifacts live."""
 
     home: Path = Field(
@@ -200,7 +218,7 @@ class RegistryConfig(_Section):
         return self.database_url or f"sqlite:///{(self.home / 'registry.db').resolve()}"
 
 
-class ServeConfig(_Section):
+class ServeConfig(StrictModel):
     """The HTTP server: which models, how requests are batched, limits and API keys."""
 
     host: str = "127.0.0.1"
@@ -234,13 +252,13 @@ class ServeConfig(_Section):
     max_text_chars: int = Field(2000, ge=1, description="A longer text gets 422.")
     client_key_hashes: list[str] = Field(
         default_factory=list,
-        description="sha256 hex of client API keys (tuneloop keys new); with none, "
-        "predict and feedback are open. Env TUNELOOP_CLIENT_KEYS adds plain keys, hashed at start.",
+        description="sha256 hex of client API keys (tuneloop keys new); with none (and no client_keys), "
+        "predict and feedback are open.",
     )
     admin_key_hashes: list[str] = Field(
         default_factory=list,
-        description="sha256 hex of admin API keys (also valid as client keys); promotion "
-        "over HTTP needs one. Env TUNELOOP_ADMIN_KEYS adds plain keys.",
+        description="sha256 hex of admin API keys (also valid as client keys); promotion over HTTP and the admin "
+        "API need one.",
     )
     log_flush_ms: float = Field(200.0, gt=0, description="Prediction log: most time a row waits in memory.")
     assistant: Path | None = Field(
@@ -248,7 +266,7 @@ class ServeConfig(_Section):
     )
 
 
-class FeedbackConfig(_Section):
+class FeedbackConfig(StrictModel):
     """How user corrections become training and gate data."""
 
     holdout: float = Field(
@@ -264,7 +282,7 @@ class FeedbackConfig(_Section):
     repeat: int = Field(1, ge=1, description="Times each feedback example appears in the retraining set.")
 
 
-class GateConfig(_Section):
+class GateConfig(StrictModel):
     """When a retrained candidate may replace production. Metrics are fractions: 0.01 is one point."""
 
     macro_f1_tolerance: float = Field(0.005, ge=0, description="Candidate macro-F1 may be at most this much lower.")
@@ -275,10 +293,21 @@ class GateConfig(_Section):
     )
 
 
-class TuneloopConfig(_Section):
-    """Everything one run needs."""
+class Recipe(StrictModel):
+    """What every recipe has: the registry name of what it makes, and where versions live."""
 
     name: str = Field("classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Registry model name.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    def stored(self) -> dict:
+        """The recipe as a version stores it: without the registry section, which says where this machine
+        keeps things (and may hold a database password), not how the model was made."""
+        return self.model_dump(mode="json", exclude={"registry"})
+
+
+class ClassifierRecipe(Recipe):
+    """Fine-tune a text classifier (`tuneloop train`), evaluate it, retrain it from feedback."""
+
     data: DataConfig = Field(default_factory=DataConfig)
     tasks: dict[str, DataConfig] = Field(
         default_factory=dict,
@@ -289,16 +318,11 @@ class TuneloopConfig(_Section):
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    sft: SftConfig = Field(default_factory=SftConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    registry: RegistryConfig = Field(default_factory=RegistryConfig)
-    serve: ServeConfig = Field(default_factory=ServeConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
-    gate: GateConfig = Field(default_factory=GateConfig)
 
     @model_validator(mode="after")
-    def _split_sizes_leave_training_data(self) -> TuneloopConfig:
+    def _split_sizes_leave_training_data(self) -> ClassifierRecipe:
         if self.data.val_size + self.data.test_size >= 0.8:
             raise ValueError("data.val_size + data.test_size must leave at least 20% for training")
         for task, data in self.tasks.items():
@@ -315,6 +339,57 @@ class TuneloopConfig(_Section):
         if self.tasks and self.data.kfold:
             raise ValueError("data.kfold: cross-validation is for single-task runs, and this config has tasks")
         return self
+
+
+class PretrainRecipe(Recipe):
+    """Masked-language-model pretraining of an encoder (`tuneloop pretrain`)."""
+
+    name: str = Field("encoder", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Registry model name.")
+    model: EncoderConfig = Field(default_factory=EncoderConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+
+
+class SftRecipe(Recipe):
+    """Supervised fine-tuning of a small causal LM (`tuneloop sft`)."""
+
+    name: str = Field("replies", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Registry model name.")
+    sft: SftConfig = Field(default_factory=SftConfig)
+
+
+class RegistrySettings(StrictModel):
+    """Commands that only look versions up or change their stage (models, predict, rollback, generate)."""
+
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+
+class GateSettings(RegistrySettings):
+    """`tuneloop gate`: when a candidate may replace production."""
+
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
+class ServerSettings(BaseSettings):
+    """`tuneloop serve`: from YAML and dotted overrides, then TUNELOOP_* environment variables
+    (TUNELOOP_SERVE__PORT=9000 sets serve.port), then the defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TUNELOOP_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    gate: GateConfig = Field(default_factory=GateConfig, description="The rules of gate jobs started from /admin.")
+    client_keys: SecretStr | None = Field(
+        None, description="Plain client API keys, comma-separated (env TUNELOOP_CLIENT_KEYS); hashed at start."
+    )
+    admin_keys: SecretStr | None = Field(
+        None, description="Plain admin API keys, comma-separated (env TUNELOOP_ADMIN_KEYS); hashed at start."
+    )
+
+
+# Sections older versions stored with every recipe although the run never used them (one config for every
+# command, before the roots above): a stored recipe loses them when it is read back for retraining.
+LEGACY_SECTIONS = ("registry", "serve", "gate", "sft", "pretrain")
 
 
 def _set_dotted(tree: dict, dotted: str, value: object) -> None:
@@ -376,6 +451,23 @@ def parse_overrides(pairs: list[str]) -> dict:
     return tree
 
 
+def _top_key(pair: str) -> str:
+    return pair.split("=", 1)[0].split(".", 1)[0].strip()
+
+
+def split_overrides(pairs: list[str], sections: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(the pairs whose top-level key is one of `sections`, the others): a command that feeds two roots
+    (the demo trains recipes and may serve) gives each its own."""
+    wanted = set(sections)
+    return [p for p in pairs if _top_key(p) in wanted], [p for p in pairs if _top_key(p) not in wanted]
+
+
+def is_override(token: str, root: type[BaseModel]) -> bool:
+    """Whether a command-line word is a dotted override of `root` (`registry.home=x`) rather than free text
+    that happens to hold '=' (a message to classify)."""
+    return "=" in token and _top_key(token) in root.model_fields and " " not in token.split("=", 1)[0]
+
+
 def _merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():
@@ -386,33 +478,95 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def load_config(
-    path: Path | None = None, overrides: list[str] | None = None, base: dict | None = None
-) -> TuneloopConfig:
-    """Load a YAML config (optional), apply dotted overrides, validate; errors name the key.
+def read_yaml_mapping(path: Path, what: str = "config file") -> dict:
+    """A YAML file's top-level mapping; a missing file, bad YAML or a list is one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise TuneloopError(f"{what} not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise TuneloopError(f"{what} {path} is not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise TuneloopError(f"{what} {path} must hold a mapping of sections, not {type(loaded).__name__}")
+    return loaded or {}
 
+
+Root = TypeVar("Root", bound=BaseModel)
+
+
+def validated(root: type[Root], tree: dict, where: str = "") -> Root:
+    """`tree` as a `root`; a validation error becomes one line naming every bad key."""
+    try:
+        return root.model_validate(tree)
+    except ValidationError as exc:
+        raise TuneloopError(f"{where}{explain_validation_error(exc, root)}") from exc
+
+
+def _holds_paths(annotation: object) -> bool:
+    return annotation is Path or any(_holds_paths(arg) for arg in get_args(annotation))
+
+
+def _section_of(annotation: object) -> type[BaseModel] | None:
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def anchor_paths(tree: dict, root: type[BaseModel], folder: Path) -> dict:
+    """`tree` with the relative paths of `root`'s path fields taken from `folder` (the YAML file's), so a
+    config and its data travel together whatever directory the command runs in."""
+    anchored = dict(tree)
+    for key, value in tree.items():
+        field = root.model_fields.get(key)
+        if field is None or value is None:
+            continue
+        section = _section_of(field.annotation)
+        if section is not None and isinstance(value, dict):
+            is_mapping_of_sections = get_origin(field.annotation) is dict
+            anchored[key] = (
+                {
+                    name: anchor_paths(item, section, folder) if isinstance(item, dict) else item
+                    for name, item in value.items()
+                }
+                if is_mapping_of_sections
+                else anchor_paths(value, section, folder)
+            )
+        elif _holds_paths(field.annotation):
+            anchored[key] = (
+                [_anchored(item, folder) for item in value] if isinstance(value, list) else _anchored(value, folder)
+            )
+    return anchored
+
+
+def _anchored(value: object, folder: Path) -> object:
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        return str(folder / value)
+    return value
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: list[str] | None = None,
+    root: type[Root] = ClassifierRecipe,  # type: ignore[assignment]
+    base: dict | None = None,
+) -> Root:
+    """Load a YAML config (optional), apply dotted overrides, validate as `root`; errors name the key.
+
+    Relative paths in the file are taken from the file's folder; in overrides, from the working directory.
     `base` is a config tree the file and overrides are laid over (retraining starts from the recipe
     stored with the production version).
     """
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise TuneloopError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise TuneloopError(f"config file {path} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise TuneloopError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
-        tree = loaded or {}
-    tree = _merge(_merge(base or {}, tree), parse_overrides(overrides or []))
-    try:
-        return TuneloopConfig.model_validate(tree)
-    except ValidationError as exc:
-        raise TuneloopError(explain_validation_error(exc, TuneloopConfig)) from exc
+    tree = anchor_paths(read_yaml_mapping(path), root, Path(path).resolve().parent) if path is not None else {}
+    return validated(root, _merge(_merge(base or {}, tree), parse_overrides(overrides or [])))
 
 
-def dump_config(config: TuneloopConfig) -> str:
-    """The resolved config as YAML, written next to every artifact."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+def stored_recipe(stored: dict) -> dict:
+    """A recipe tree as a version stored it, without the sections older versions stored but never used."""
+    return {key: value for key, value in stored.items() if key not in LEGACY_SECTIONS}
+
+
+def dump_config(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (without the registry section), written into every run and version."""
+    return yaml.safe_dump(recipe.stored(), sort_keys=False, allow_unicode=True)

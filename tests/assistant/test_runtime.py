@@ -16,7 +16,7 @@ from tuneloop.assistant.scope import ScopeThreshold
 from tuneloop.assistant.turn import detect_language, plan_turn
 from tuneloop.errors import TuneloopError
 from tuneloop.models.classifier import HeadSpec, predict_logits
-from tuneloop.registry.store import Registry
+from tuneloop.registry import Registry
 
 
 def test_definition_paths_are_relative_to_the_file_and_typos_are_named(assistant_setup, tmp_path):

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
-from conftest import tiny_config
-from tuneloop.config import GateConfig
+from helpers import tiny_config
+from tuneloop.config import GateConfig, GateSettings, load_config
 from tuneloop.feedback.gate import compare, run_gate
-from tuneloop.registry.store import Registry
-from tuneloop.train.run import run_training
+from tuneloop.registry import Registry
+from tuneloop.train import classification
 
 # A model that has learned nothing: random cosine head, learning rates too small to move it.
 CRIPPLED = ("model.head_init=random", "train.lr=1e-9", "train.head_lr=1e-9", "train.epochs=1")
@@ -85,17 +85,18 @@ def test_a_worse_candidate_is_rejected_and_a_better_one_promoted(served, tiny_en
     config, home = served
     data = home.parent / "toy.csv"
     registry = Registry(config.registry)
-    worse = run_training(tiny_config(tiny_encoder, data, home, *CRIPPLED), show_progress=False).version
-    decision = run_gate(worse.ref, config)
+    worse = classification.run(tiny_config(tiny_encoder, data, home, *CRIPPLED), show_progress=False).version
+    gating = load_config(None, [f"registry.home={home}"], GateSettings)
+    decision = run_gate(worse.ref, gating)
     assert not decision.passed and not decision.promoted
     assert registry.get("toy@production").version == 1
-    report = json.loads((registry.artifacts(worse) / "gate" / "report.json").read_text())
+    report = json.loads((registry.folder(worse).gate / "report.json").read_text())
     assert report["passed"] is False and report["production"] == "toy@1"
-    assert "REJECTED" in (registry.artifacts(worse) / "gate" / "report.html").read_text()
+    assert "REJECTED" in (registry.folder(worse).gate / "report.html").read_text()
 
     registry.promote(worse.ref)  # a bad version reached production (say, by hand)
-    better = run_training(tiny_config(tiny_encoder, data, home), show_progress=False).version
-    decision = run_gate(better.ref, config)
+    better = classification.run(tiny_config(tiny_encoder, data, home), show_progress=False).version
+    decision = run_gate(better.ref, gating)
     assert decision.passed and decision.promoted
     assert decision.metrics["candidate"]["test"]["accuracy"] > decision.metrics["production"]["test"]["accuracy"]
     assert registry.get("toy@production").version == better.version

@@ -7,15 +7,15 @@ from datetime import UTC, datetime
 import pandas as pd
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from tuneloop.config import FeedbackConfig
 from tuneloop.data.prepare import PreparedData, load_prepared
 from tuneloop.errors import TuneloopError
 from tuneloop.feedback.export import FeedbackExamples
 from tuneloop.feedback.log import LoggedPrediction, PredictionLog, new_prediction_id
 from tuneloop.feedback.retrain import FEEDBACK_ROW, in_holdout, retrain, retraining_data
-from tuneloop.registry.store import Registry
-from tuneloop.train.run import run_training
+from tuneloop.registry import Registry
+from tuneloop.train import classification
 
 
 def frame(pairs):
@@ -113,8 +113,8 @@ def test_retrain_trains_a_candidate_on_production_data_plus_feedback(served):
     assert outcome.run.version.ref == "toy@2" and candidate.parent == "toy@1" and candidate.stage == "candidate"
     assert candidate.config["train"]["epochs"] == 1 and candidate.config["model"]["max_length"] == 32
     parent_data, data = (
-        load_prepared(registry.artifacts(registry.get("toy@1")) / "data"),
-        load_prepared(registry.artifacts(candidate) / "data"),
+        load_prepared(registry.folder(registry.get("toy@1")).data()),
+        load_prepared(registry.folder(candidate).data()),
     )
     assert data.test.equals(parent_data.test)
     assert outcome.feedback["examples"] == 7 and outcome.feedback["train"] + outcome.feedback["holdout"] == 7
@@ -126,7 +126,7 @@ def test_retrain_from_a_cross_validated_production(served, tiny_encoder):
     """Regression: a production version trained with data.kfold made retrain crash with KeyError."""
     config, home = served
     kfold = tiny_config(tiny_encoder, home.parent / "toy.csv", home, "data.kfold=2", "train.epochs=1")
-    version = run_training(kfold, show_progress=False).version
+    version = classification.run(kfold, show_progress=False).version
     Registry(config.registry).promote(version.ref)
     log_feedback(config, [("refund back money order", "delivery", "refund")])
     outcome = retrain("toy", overrides=[f"registry.home={home}", "train.epochs=1"], show_progress=False)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from tuneloop.config import ServeConfig
 from tuneloop.models.classifier import length_groups, predict_logits
-from tuneloop.registry.store import Registry
-from tuneloop.serve.models import AUTO_MAX_PADDING, batch_padding, load_version
+from tuneloop.models.predictor import load_model
+from tuneloop.registry import Registry
+from tuneloop.serve.slots import AUTO_MAX_PADDING, batch_padding
 
 
 def test_groups_cover_every_text_once_within_the_batch_size_and_padding_bound():
@@ -34,7 +35,7 @@ def test_without_a_padding_bound_groups_are_batch_size_slices_of_the_length_orde
 @pytest.mark.parametrize("max_padding", [0.0, 0.25])
 def test_grouping_by_length_does_not_change_the_logits(production_home, tiny_encoder, max_padding):
     registry = Registry(tiny_config(tiny_encoder, production_home / "toy.csv", production_home / "home").registry)
-    loaded = load_version(registry, registry.get("toy@production"))
+    loaded = load_model("toy@production", registry)
     texts = [
         "reset",
         "where is my parcel it has been two weeks now and nobody answers",

@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from helpers import tiny_config
 from tuneloop.models.classifier import predict_logits
 from tuneloop.models.onnx_encoder import INT8_FILE, ONNX_FILE, OnnxEncoder
-from tuneloop.registry.store import Registry
-from tuneloop.serve.models import load_version
+from tuneloop.models.predictor import load_model
+from tuneloop.registry import Registry
 
 TEXTS = ["refund money back please", "where is my parcel", "reset", "my login password is locked again today"]
 
@@ -21,24 +21,24 @@ def toy_version(production_home, tiny_encoder, tmp_path):
     shutil.copytree(production_home, tmp_path / "copy")
     registry = Registry(tiny_config(tiny_encoder, tmp_path / "copy" / "toy.csv", tmp_path / "copy" / "home").registry)
     version = registry.get("toy@production")
-    exact = load_version(registry, version)
+    exact = load_model(version, registry)
     return registry, version, predict_logits(exact.model, exact.tokenizer, TEXTS)
 
 
 def test_onnx_runtime_predicts_what_torch_predicts_and_exports_once(toy_version):
     registry, version, exact = toy_version
-    loaded = load_version(registry, version, runtime="onnx", threads=1)
+    loaded = load_model(version, registry, runtime="onnx", threads=1)
     assert isinstance(loaded.model.encoder, OnnxEncoder)
     np.testing.assert_allclose(predict_logits(loaded.model, loaded.tokenizer, TEXTS), exact, atol=1e-4)
     [exported] = (registry.home / "cache" / "onnx").glob(f"*/{ONNX_FILE}")
     stamp = exported.stat().st_mtime_ns
-    load_version(registry, version, runtime="onnx", threads=1)
+    load_model(version, registry, runtime="onnx", threads=1)
     assert exported.stat().st_mtime_ns == stamp  # the second load reuses the export
 
 
 def test_int8_runtime_runs_a_quantized_copy_with_close_logits(toy_version):
     registry, version, exact = toy_version
-    loaded = load_version(registry, version, runtime="onnx-int8", threads=1)
+    loaded = load_model(version, registry, runtime="onnx-int8", threads=1)
     assert list((registry.home / "cache" / "onnx").glob(f"*/{INT8_FILE}"))
     logits = predict_logits(loaded.model, loaded.tokenizer, TEXTS)
     assert not np.array_equal(logits, exact)  # it really runs the int8 copy...

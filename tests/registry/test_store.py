@@ -5,7 +5,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tuneloop.config import RegistryConfig
 from tuneloop.errors import TuneloopError
-from tuneloop.registry.store import Registry
+from tuneloop.registry import Registry, VersionFolder
 
 
 @pytest.fixture()
@@ -20,7 +20,7 @@ def artifacts(tmp_path):
     (folder / "model" / "weights.bin").write_bytes(b"w")
     (folder / "checkpoint").mkdir()
     (folder / "checkpoint" / "trainer.pt").write_bytes(b"big")
-    return folder
+    return VersionFolder(folder)
 
 
 def register(registry, artifacts, name="intent", **extra):
@@ -31,7 +31,6 @@ def register(registry, artifacts, name="intent", **extra):
         data_fingerprint="abc",
         config={"k": 1},
         metrics={"accuracy": 0.9},
-        ignore=("checkpoint",),
         **extra,
     )
 
@@ -41,10 +40,10 @@ def test_versions_increment_and_artifacts_are_copied(registry, artifacts):
     second = register(registry, artifacts, parent=first.ref)
     assert (first.version, second.version) == (1, 2)
     assert second.parent == "intent@1"
-    stored = registry.artifacts(second)
-    assert (stored / "model" / "weights.bin").read_bytes() == b"w"
-    assert not (stored / "checkpoint").exists()
-    assert [v.version for v in registry.list("intent")] == [1, 2]
+    stored = registry.folder(second)
+    assert (stored.model / "weights.bin").read_bytes() == b"w"
+    assert not stored.checkpoints.exists()
+    assert [v.version for v in registry.versions("intent")] == [1, 2]
     assert first.stage == "candidate"
 
 
@@ -64,7 +63,7 @@ def test_promote_archives_the_previous_production(registry, artifacts):
     register(registry, artifacts)
     registry.promote("intent@1")
     registry.promote("intent@2")
-    stages = {v.version: v.stage for v in registry.list("intent")}
+    stages = {v.version: v.stage for v in registry.versions("intent")}
     assert stages == {1: "archived", 2: "production"}
     assert registry.archive("intent@2").stage == "archived"
     with pytest.raises(TuneloopError, match="no production version"):
@@ -91,7 +90,7 @@ def test_failed_commit_leaves_no_version_and_no_files(registry, artifacts, monke
     with pytest.raises(TuneloopError, match="nothing was stored"):
         register(registry, artifacts)
     monkeypatch.undo()
-    assert [v.version for v in registry.list()] == [1]
+    assert [v.version for v in registry.versions()] == [1]
     folders = sorted(p.name for p in (registry.home / "models" / "intent").iterdir())
     assert folders == ["v1"]
 
@@ -102,13 +101,15 @@ def test_folder_left_by_a_crash_is_replaced(registry, artifacts):
     (orphan / "half-written").write_text("x")
     version = register(registry, artifacts)
     assert version.version == 1
-    assert not (registry.artifacts(version) / "half-written").exists()
+    assert not (registry.folder(version).root / "half-written").exists()
 
 
 def test_failed_copy_leaves_nothing(registry, tmp_path):
     with pytest.raises(TuneloopError, match="cannot store artifacts"):
-        registry.register("intent", tmp_path / "missing", base_model="m", data_fingerprint="f", config={}, metrics={})
-    assert registry.list() == []
+        registry.register(
+            "intent", VersionFolder(tmp_path / "missing"), base_model="m", data_fingerprint="f", config={}, metrics={}
+        )
+    assert registry.versions() == []
     assert not any((registry.home / "models" / "intent").iterdir())
 
 
@@ -130,7 +131,7 @@ def test_rollback_walks_back_through_production_history(registry, artifacts):
     assert [(c.version, c.previous_version) for c in registry.history("intent")] == [(1, None), (3, 1), (2, 3)]
     assert registry.rollback("intent").version == 3
     assert registry.rollback("intent").version == 1
-    assert {v.version: v.stage for v in registry.list("intent")} == {1: "production", 2: "archived", 3: "archived"}
+    assert {v.version: v.stage for v in registry.versions("intent")} == {1: "production", 2: "archived", 3: "archived"}
     with pytest.raises(TuneloopError, match="no earlier production version"):
         registry.rollback("intent")
     assert [c.kind for c in registry.history("intent")] == ["promote", "promote", "promote", "rollback", "rollback"]

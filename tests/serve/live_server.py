@@ -7,7 +7,7 @@ import time
 
 import uvicorn
 
-from tuneloop.registry.store import Registry
+from tuneloop.registry import Registry
 
 
 class LiveServer:
@@ -37,7 +37,7 @@ def register_copy(config, ref: str = "toy@1"):
     source = registry.get(ref)
     return registry.register(
         source.name,
-        registry.artifacts(source),
+        registry.folder(source),
         base_model=source.base_model,
         data_fingerprint=source.data_fingerprint,
         config=source.config,

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from live_server import register_copy
 
 from tuneloop.feedback.log import PredictionLog
-from tuneloop.registry.store import Registry
+from tuneloop.registry import Registry, VersionFolder
 from tuneloop.serve.app import create_app
 from tuneloop.serve.security import hash_key
 
@@ -162,10 +162,10 @@ def test_openapi_docs_work_offline(client):
     assert {"/v1/predict", "/v1/feedback", "/v1/models", "/v1/models/{name}/promote"} <= set(paths)
 
 
-def test_api_keys_scopes(served, monkeypatch):
+def test_api_keys_scopes(served):
     config, _ = served
     config.serve.client_key_hashes = [hash_key("client-secret")]
-    monkeypatch.setenv("TUNELOOP_ADMIN_KEYS", "admin-secret")
+    config.admin_keys = "admin-secret"
     with TestClient(create_app(config)) as client:
         body = {"texts": ["a"]}
         assert client.post("/v1/predict", json=body).status_code == 401
@@ -186,9 +186,9 @@ def test_api_keys_scopes(served, monkeypatch):
         assert client.get("/healthz").status_code == 200  # probes need no key
 
 
-def test_admin_keys_alone_leave_predict_and_feedback_open(served, monkeypatch):
+def test_admin_keys_alone_leave_predict_and_feedback_open(served):
     config, _ = served
-    monkeypatch.setenv("TUNELOOP_ADMIN_KEYS", "root")
+    config.admin_keys = "root"
     with TestClient(create_app(config)) as client:
         assert client.post("/v1/predict", json={"texts": ["a"]}).status_code == 200
         assert client.post("/v1/models/toy/promote", json={"version": 1}).status_code == 401
@@ -199,9 +199,9 @@ def test_promotion_over_http_is_off_without_an_admin_key(client):
     assert response.status_code == 403 and "admin key" in response.json()["detail"]
 
 
-def test_promote_swaps_the_served_version(served, monkeypatch):
+def test_promote_swaps_the_served_version(served):
     config, _ = served
-    monkeypatch.setenv("TUNELOOP_ADMIN_KEYS", "root")
+    config.admin_keys = "root"
     second = register_copy(config)
     with TestClient(create_app(config)) as client:
         admin = {"X-API-Key": "root"}
@@ -244,12 +244,12 @@ def test_internal_errors_are_a_plain_500(served, monkeypatch, failure):
         assert client.post("/v1/predict", json={"texts": ["a"]}).status_code == 200  # the batcher survived
 
 
-def test_a_version_that_fails_to_load_is_not_promoted_and_the_old_one_keeps_serving(served, monkeypatch, tmp_path):
+def test_a_version_that_fails_to_load_is_not_promoted_and_the_old_one_keeps_serving(served, tmp_path):
     config, _ = served
-    monkeypatch.setenv("TUNELOOP_ADMIN_KEYS", "root")
+    config.admin_keys = "root"
     (tmp_path / "broken" / "model").mkdir(parents=True)
     Registry(config.registry).register(
-        "toy", tmp_path / "broken", base_model="tiny", data_fingerprint="x", config={}, metrics={}
+        "toy", VersionFolder(tmp_path / "broken"), base_model="tiny", data_fingerprint="x", config={}, metrics={}
     )
     with TestClient(create_app(config)) as client:
         admin = {"X-API-Key": "root"}

@@ -41,7 +41,7 @@ def test_chat_page_reply_badges_thumbs_down_and_intent_correction(assistant_setu
     app = create_app(config)
     # The thumbs-down must land on an in-scope turn (an out-of-scope turn's rating is not stored); whether the
     # toy model's tuned threshold accepts this message varied between runs, so the scope check is off here.
-    app.state.tuneloop.assistant.thresholds["toy@1"] = None
+    app.state.tuneloop.chat.runtime.thresholds["toy@1"] = None
     with LiveServer(app) as server, playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
         try:

@@ -17,10 +17,10 @@ ADMIN = {"X-API-Key": "root"}
 
 
 @pytest.fixture()
-def chat_app(assistant_setup, monkeypatch):
+def chat_app(assistant_setup):
     config, definition = assistant_setup
     config.serve.assistant = definition
-    monkeypatch.setenv("TUNELOOP_ADMIN_KEYS", "root")
+    config.admin_keys = "root"
     with TestClient(create_app(config)) as client:
         yield client, config
 
@@ -47,7 +47,7 @@ def test_asking_for_a_person_and_a_run_of_anger_escalate(chat_app):
     client, _ = chat_app
     human = say(client, "can I talk to a human", session="h")
     assert human["escalate"] and human["reason"] == "asked for a person"
-    assistant = client.app.state.tuneloop.assistant
+    assistant = client.app.state.tuneloop.chat.runtime
     assistant.thresholds["toy@1"] = None  # only the mood rule may fire in what follows
     assistant.definition.escalation.min_confidence = 0.0
     first = say(client, "angry terrible worst awful hate", session="angry")
@@ -76,7 +76,7 @@ def test_feedback_on_a_turn_reaches_the_retraining_export(chat_app):
 
 def test_thumbs_on_an_out_of_scope_turn_stay_on_the_turn_and_never_become_a_label(chat_app):
     client, config = chat_app
-    client.app.state.tuneloop.assistant.thresholds["toy@1"] = _reject_everything()
+    client.app.state.tuneloop.chat.runtime.thresholds["toy@1"] = _reject_everything()
     turn = say(client, "what is the weather tomorrow")
     assert turn["intent"] is None
     sent = client.post("/v1/feedback", json={"turn_id": turn["turn_id"], "rating": 1})
@@ -94,7 +94,7 @@ def _reject_everything():
 
 def test_pages_and_assets_are_served_without_any_outside_host(chat_app):
     client, _ = chat_app
-    for path in ("/", "/admin", "/assets/chat.js", "/assets/admin.js", "/assets/style.css"):
+    for path in ("/", "/admin", "/assistant-assets/chat.js", "/assets/admin.js", "/assets/style.css"):
         response = client.get(path)
         assert response.status_code == 200, path
         assert "http://" not in response.text and "https://" not in response.text, path
@@ -158,8 +158,8 @@ def test_a_local_language_model_writes_the_reply_and_streams_it(assistant_setup,
     definition.write_text(definition.read_text() + f"generator: {{kind: local, model: {tiny_lm}, max_new_tokens: 6}}\n")
     config.serve.assistant = definition
     with TestClient(create_app(config)) as client:
-        client.app.state.tuneloop.assistant.thresholds["toy@1"] = None
-        client.app.state.tuneloop.assistant.definition.escalation.min_confidence = 0.0
+        client.app.state.tuneloop.chat.runtime.thresholds["toy@1"] = None
+        client.app.state.tuneloop.chat.runtime.definition.escalation.min_confidence = 0.0
         whole = say(client, "refund money back", session="local")
         assert whole["reply"] and not whole["escalate"]
         streamed = sse(
@@ -170,13 +170,13 @@ def test_a_local_language_model_writes_the_reply_and_streams_it(assistant_setup,
         assert streamed[-1][1]["reply"] == whole["reply"]  # greedy: the same words either way
 
 
-def test_a_multitask_model_gives_intent_and_sentiment_from_one_encoder_pass(assistant_setup, tiny_encoder, monkeypatch):
+def test_a_multitask_model_gives_intent_and_sentiment_from_one_encoder_pass(assistant_setup, tiny_encoder):
     import pandas as pd
 
-    from conftest import MOODS, toy_rows
+    from helpers import MOODS, toy_rows
     from tuneloop.config import load_config
-    from tuneloop.registry.store import Registry
-    from tuneloop.train.run import run_training
+    from tuneloop.registry import Registry
+    from tuneloop.train import classification
 
     config, definition = assistant_setup
     folder = definition.parent
@@ -197,7 +197,7 @@ def test_a_multitask_model_gives_intent_and_sentiment_from_one_encoder_pass(assi
             f"tasks.sentiment.path={folder / 'mood.csv'}",
         ],
     )
-    Registry(nlu.registry).promote(run_training(nlu, show_progress=False).version.ref)
+    Registry(nlu.registry).promote(classification.run(nlu, show_progress=False).version.ref)
     definition.write_text(
         definition.read_text()
         .replace("intent_model: toy", "intent_model: nlu")

@@ -10,7 +10,7 @@ import httpx
 from live_server import LiveServer, register_copy
 
 from tuneloop.feedback.log import PredictionLog
-from tuneloop.registry.store import Registry
+from tuneloop.registry import Registry
 from tuneloop.serve.app import create_app
 
 CLIENTS = 8
@@ -23,9 +23,9 @@ def wait_until(condition, seconds: float = 60.0) -> None:
         time.sleep(0.02)
 
 
-def test_swaps_under_load_with_zero_failures_and_a_logged_answer_for_every_request(served, monkeypatch):
+def test_swaps_under_load_with_zero_failures_and_a_logged_answer_for_every_request(served):
     config, _ = served
-    monkeypatch.setenv("TUNELOOP_ADMIN_KEYS", "root")
+    config.admin_keys = "root"
     second = register_copy(config)
     versions: dict[int, list[int]] = defaultdict(list)
     failures: list[str] = []

@@ -7,20 +7,15 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import toy_rows
+from helpers import toy_rows
 from tuneloop.config import DataConfig, load_config
 from tuneloop.data.prepare import prepare_data
 from tuneloop.errors import TuneloopError
 from tuneloop.models.classifier import TextClassifier, load_encoder, pad_right, predict_proba, tokenize
 from tuneloop.models.encoders import EncoderSource
-from tuneloop.train.classification import (
-    TrainedRowsEmbedding,
-    build_classifier,
-    length_grouped_batches,
-    plain_embeddings,
-    train_classifier,
-    train_only_used_rows,
-)
+from tuneloop.models.trained_rows import TrainedRowsEmbedding, plain_embeddings, train_only_used_rows
+from tuneloop.registry import VersionFolder
+from tuneloop.train.classification import build_classifier, fine_tune, length_grouped_batches
 
 
 @pytest.fixture()
@@ -53,7 +48,7 @@ def test_training_learns_the_toy_task(setup, tmp_path):
     pd.DataFrame(toy_rows(per_label=40, seed=1)).to_csv(path, index=False)
     data = prepare_data(DataConfig(path=path))
     config.train.epochs = 8
-    result = train_classifier(config, data, encoder, tmp_path / "run", show_progress=False)
+    result = fine_tune(config, data, encoder, VersionFolder(tmp_path / "run"), show_progress=False)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     model, tokenizer = TextClassifier.load(result.best_dir)
     labels = data.test["label"].map({label: i for i, label in enumerate(data.labels)}).to_numpy()
@@ -67,11 +62,11 @@ def test_training_learns_the_toy_task(setup, tmp_path):
 def test_centroid_head_starts_better_than_chance(setup):
     config, data, encoder = setup
     model, tokenizer = build_classifier(config, encoder, data.labels)
-    from tuneloop.train.classification import _embed_all
+    from tuneloop.train.classification import embed_all
 
     ids = tokenize(tokenizer, data.train["text"].tolist(), model.spec)
     label_ids = torch.tensor(data.train["label"].map({label: i for i, label in enumerate(data.labels)}).to_numpy())
-    model.init_head_from_centroids(_embed_all(model, ids, tokenizer.pad_token_id), label_ids)
+    model.init_head_from_centroids(embed_all(model, ids, tokenizer.pad_token_id), label_ids)
     predicted = predict_proba(model, tokenizer, data.train["text"].tolist()).argmax(1)
     assert (predicted == label_ids.numpy()).mean() > 1 / len(data.labels) + 0.15
 
@@ -82,7 +77,7 @@ def test_resume_continues_exactly(setup, tmp_path, eval_every):
     config.train.epochs = 3
     config.train.checkpoint_every = 4
     config.train.eval_every = eval_every
-    straight = train_classifier(config, data, encoder, tmp_path / "straight", show_progress=False)
+    straight = fine_tune(config, data, encoder, VersionFolder(tmp_path / "straight"), show_progress=False)
 
     class Crash(Exception):
         pass
@@ -92,10 +87,16 @@ def test_resume_continues_exactly(setup, tmp_path, eval_every):
             raise Crash
 
     with pytest.raises(Crash):
-        train_classifier(
-            config, data, encoder, tmp_path / "crashed", show_progress=False, step_callback=crash, callback_every=1
+        fine_tune(
+            config,
+            data,
+            encoder,
+            VersionFolder(tmp_path / "crashed"),
+            show_progress=False,
+            step_callback=crash,
+            callback_every=1,
         )
-    resumed = train_classifier(config, data, encoder, tmp_path / "crashed", resume=True, show_progress=False)
+    resumed = fine_tune(config, data, encoder, VersionFolder(tmp_path / "crashed"), resume=True, show_progress=False)
     assert [h["train_loss"] for h in resumed.history] == pytest.approx(
         [h["train_loss"] for h in straight.history], abs=1e-6
     )
@@ -107,13 +108,13 @@ def test_resume_continues_exactly(setup, tmp_path, eval_every):
 
 def test_resuming_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(setup, tmp_path):
     config, data, encoder = setup
-    train_classifier(config, data, encoder, tmp_path / "run", show_progress=False)
+    fine_tune(config, data, encoder, VersionFolder(tmp_path / "run"), show_progress=False)
     trainer = tmp_path / "run" / "checkpoint" / "trainer.pt"
     saved = torch.load(trainer, weights_only=False)
     saved["model"] = {k.replace("word_embeddings.rows", "word_embeddings.weight"): v for k, v in saved["model"].items()}
     torch.save(saved, trainer)
     with pytest.raises(TuneloopError, match="does not fit this model"):
-        train_classifier(config, data, encoder, tmp_path / "run", resume=True, show_progress=False)
+        fine_tune(config, data, encoder, VersionFolder(tmp_path / "run"), resume=True, show_progress=False)
 
 
 def test_validation_every_n_steps_can_keep_a_model_from_inside_an_epoch(setup, tmp_path, monkeypatch):
@@ -136,8 +137,14 @@ def test_validation_every_n_steps_can_keep_a_model_from_inside_an_epoch(setup, t
             with plain_embeddings(model.encoder):
                 at_step_4.update({k: v.clone() for k, v in model.state_dict().items()})
 
-    result = train_classifier(
-        config, data, encoder, tmp_path / "run", show_progress=False, step_callback=snapshot, callback_every=1
+    result = fine_tune(
+        config,
+        data,
+        encoder,
+        VersionFolder(tmp_path / "run"),
+        show_progress=False,
+        step_callback=snapshot,
+        callback_every=1,
     )
     assert (result.best_step, result.best_epoch, result.best_val_macro_f1) == (4, 1, 0.9)
     assert [h["step"] for h in result.history][:2] == [2, 4]
@@ -152,7 +159,7 @@ def test_early_stopping_with_patience(setup, tmp_path):
     config.train.patience = 1
     config.train.lr = 1e-9
     config.train.head_lr = 1e-9
-    result = train_classifier(config, data, encoder, tmp_path / "run", show_progress=False)
+    result = fine_tune(config, data, encoder, VersionFolder(tmp_path / "run"), show_progress=False)
     assert result.stopped_early
     assert len(result.history) < 30
     assert result.best_epoch == 1
@@ -171,7 +178,7 @@ def test_training_options_run(setup, tmp_path, options):
         setattr(config.train, key, value)
     config.model.head = "linear"
     config.model.head_init = "random"
-    result = train_classifier(config, data, encoder, tmp_path / "run", show_progress=False)
+    result = fine_tune(config, data, encoder, VersionFolder(tmp_path / "run"), show_progress=False)
     assert np.isfinite(result.history[-1]["train_loss"])
 
 
@@ -217,7 +224,7 @@ def test_training_only_used_rows_matches_training_the_whole_matrix(tiny_encoder)
 
 def test_a_saved_model_holds_the_trained_rows_in_a_plain_embedding(setup, tmp_path):
     config, data, encoder = setup
-    result = train_classifier(config, data, encoder, tmp_path / "run", show_progress=False)
+    result = fine_tune(config, data, encoder, VersionFolder(tmp_path / "run"), show_progress=False)
     kept, tokenizer = TextClassifier.load(result.best_dir)
     trained = kept.encoder.get_input_embeddings().weight
     original = load_encoder(encoder.path).get_input_embeddings().weight

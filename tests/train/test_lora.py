@@ -12,7 +12,7 @@ from tuneloop.cli import app
 from tuneloop.config import load_config
 from tuneloop.models.classifier import TextClassifier, predict_proba
 from tuneloop.models.encoders import EncoderSource
-from tuneloop.registry.store import Registry
+from tuneloop.registry import Registry
 from tuneloop.train.classification import build_classifier
 
 runner = CliRunner()

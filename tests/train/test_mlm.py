@@ -13,12 +13,13 @@ import torch
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-from conftest import MOODS, TOPICS, toy_rows
+from helpers import MOODS, TOPICS, toy_rows
 from tuneloop.cli import app
-from tuneloop.config import load_config
+from tuneloop.config import PretrainRecipe, load_config
 from tuneloop.errors import TuneloopError
 from tuneloop.models.scratch import bert_config, train_tokenizer
-from tuneloop.train.mlm import NO_WORD, mask_batch, pack_blocks, pretrain, read_corpus, word_numbers
+from tuneloop.train import mlm
+from tuneloop.train.mlm import NO_WORD, mask_batch, pack_blocks, read_corpus, word_numbers
 
 
 def corpus_file(tmp_path, count=160):
@@ -93,15 +94,16 @@ def pretrain_config(tiny_encoder, corpus, home, *extra):
             "pretrain.batch_size=8",
             "pretrain.lr=1e-3",
             "pretrain.epochs=4",
-            "train.threads=1",
+            "pretrain.threads=1",
             *extra,
         ],
+        PretrainRecipe,
     )
 
 
 def test_mlm_lowers_the_loss_and_registers_an_encoder_train_can_start_from(tiny_encoder, tmp_path, home, toy_csv):
     config = pretrain_config(tiny_encoder, corpus_file(tmp_path), home)
-    outcome = pretrain(config, tmp_path / "run", show_progress=False)
+    outcome = mlm.run(config, show_progress=False)
     history = outcome.history
     assert len(history) == 4 and history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["heldout_perplexity"] == pytest.approx(math.exp(history[-1]["heldout_loss"]))
@@ -127,7 +129,7 @@ def test_an_interrupted_run_resumes_exactly(tiny_encoder, tmp_path, home):
     config = pretrain_config(
         tiny_encoder, corpus_file(tmp_path), home, "pretrain.epochs=2", "pretrain.checkpoint_every=3"
     )
-    straight = pretrain(config, tmp_path / "straight", register=False, show_progress=False)
+    straight = mlm.run(config, register=False, show_progress=False)
 
     class Crash(Exception):
         pass
@@ -137,8 +139,9 @@ def test_an_interrupted_run_resumes_exactly(tiny_encoder, tmp_path, home):
             raise Crash
 
     with pytest.raises(Crash):
-        pretrain(config, tmp_path / "crashed", register=False, show_progress=False, step_callback=crash)
-    resumed = pretrain(config, tmp_path / "crashed", register=False, show_progress=False)
+        mlm.run(config, register=False, show_progress=False, step_callback=crash)
+    resumed = mlm.run(config, resume="latest", register=False, show_progress=False)
+    assert resumed.folder != straight.folder
     for key in ("heldout_loss", "train_loss"):
         assert [h[key] for h in resumed.history] == pytest.approx([h[key] for h in straight.history], abs=1e-5)
 
@@ -168,7 +171,7 @@ def test_from_scratch_tokenizer_round_trips_and_a_tiny_bert_trains(tmp_path, hom
             "pretrain.batch_size=8",
             "pretrain.lr=5e-4",
             "pretrain.vocab_size=300",
-            "train.threads=1",
+            "pretrain.threads=1",
         ],
     )
     assert result.exit_code == 0, result.output

@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import MOODS, toy_rows
+from helpers import MOODS, toy_rows
 from tuneloop.config import load_config
 from tuneloop.data.prepare import load_prepared
 from tuneloop.errors import TuneloopError
-from tuneloop.models.classifier import MODEL_DIR, TextClassifier, load_task_heads, predict_logits, predict_proba
-from tuneloop.registry.store import Registry
-from tuneloop.serve.models import load_version
-from tuneloop.train.run import run_training, task_data_dir
+from tuneloop.models.classifier import TextClassifier, load_task_heads, predict_logits, predict_proba
+from tuneloop.models.predictor import load_model
+from tuneloop.registry import Registry
+from tuneloop.train import classification
 
 
 @pytest.fixture()
@@ -45,8 +45,8 @@ def accuracy(model: TextClassifier, tokenizer, split: pd.DataFrame) -> float:
 
 
 def test_both_heads_learn_on_one_encoder_and_register_as_one_version(two_tasks):
-    outcome = run_training(load_config(None, two_tasks), show_progress=False)
-    folder = outcome.run_dir / MODEL_DIR
+    outcome = classification.run(load_config(None, two_tasks), show_progress=False)
+    folder = outcome.folder.model
     model, tokenizer = TextClassifier.load(folder)  # single-task code paths see the first task
     heads = load_task_heads(folder, model)
     assert model.spec.task == "intent" and set(model.spec.labels) == {"refund", "delivery", "password"}
@@ -55,7 +55,7 @@ def test_both_heads_learn_on_one_encoder_and_register_as_one_version(two_tasks):
     # Each head is scored on its own task's test split, well above chance (1/3) for both.
     assert outcome.report["test"]["accuracy"] >= 0.8
     assert outcome.report["tasks"]["sentiment"]["test"]["accuracy"] >= 0.8
-    sentiment_test = load_prepared(task_data_dir(outcome.run_dir, "sentiment")).test
+    sentiment_test = load_prepared(outcome.folder.data("sentiment")).test
     assert accuracy(heads["sentiment"], tokenizer, sentiment_test) >= 0.8
     history = outcome.train.history
     assert {"val_macro_f1/intent", "val_macro_f1/sentiment"} <= set(history[-1])
@@ -67,9 +67,9 @@ def test_both_heads_learn_on_one_encoder_and_register_as_one_version(two_tasks):
 
 
 def test_one_encoder_pass_gives_every_tasks_logits(two_tasks):
-    outcome = run_training(load_config(None, two_tasks), show_progress=False)
+    outcome = classification.run(load_config(None, two_tasks), show_progress=False)
     registry = Registry(load_config(None, two_tasks).registry)
-    loaded = load_version(registry, outcome.version)
+    loaded = load_model(outcome.version, registry)
     texts = ["refund money please", "thanks great parcel"]
     rows = predict_logits(loaded.model, loaded.tokenizer, texts, heads=list(loaded.tasks.values()))
     assert rows.shape == (2, 3 + 3)
@@ -94,7 +94,7 @@ def test_multitask_config_mistakes_are_named(two_tasks, toy_csv):
 
 def test_resume_continues_a_multitask_run(two_tasks, tmp_path):
     config = load_config(None, [*two_tasks, "train.epochs=2", "train.checkpoint_every=1000"])
-    straight = run_training(config, show_progress=False, register=False)
+    straight = classification.run(config, show_progress=False, register=False)
 
     class Crash(RuntimeError):
         pass
@@ -104,15 +104,15 @@ def test_resume_continues_a_multitask_run(two_tasks, tmp_path):
             raise Crash
 
     with pytest.raises(Crash):
-        run_training(config, show_progress=False, register=False, step_callback=crash, callback_every=1)
-    [crashed] = [r for r in (config.registry.home / "runs").iterdir() if r != straight.run_dir]
-    resumed = run_training(config, resume=crashed, show_progress=False, register=False)
+        classification.run(config, show_progress=False, register=False, step_callback=crash, callback_every=1)
+    [crashed] = [r for r in (config.registry.home / "runs").iterdir() if r != straight.folder.root]
+    resumed = classification.run(config, resume=crashed, show_progress=False, register=False)
     assert [round(h["train_loss"], 5) for h in resumed.train.history] == [
         round(h["train_loss"], 5) for h in straight.train.history
     ]
-    assert json.loads((resumed.run_dir / MODEL_DIR / "tasks.json").read_text())["sentiment"]["task"] == "sentiment"
-    a, b = (TextClassifier.load(run.run_dir / MODEL_DIR)[0] for run in (straight, resumed))
-    a_heads, b_heads = load_task_heads(straight.run_dir / MODEL_DIR, a), load_task_heads(resumed.run_dir / MODEL_DIR, b)
+    assert json.loads((resumed.folder.model / "tasks.json").read_text())["sentiment"]["task"] == "sentiment"
+    a, b = (TextClassifier.load(run.folder.model)[0] for run in (straight, resumed))
+    a_heads, b_heads = load_task_heads(straight.folder.model, a), load_task_heads(resumed.folder.model, b)
     assert torch.allclose(a_heads["sentiment"].head.weight, b_heads["sentiment"].head.weight, atol=1e-6)
     assert torch.allclose(a.head.weight, b.head.weight, atol=1e-6)
 
@@ -121,6 +121,6 @@ def test_feedback_retraining_refuses_a_multitask_model_with_a_way_forward(two_ta
     from tuneloop.feedback.retrain import retrain
 
     config = load_config(None, two_tasks)
-    Registry(config.registry).promote(run_training(config, show_progress=False).version.ref)
+    Registry(config.registry).promote(classification.run(config, show_progress=False).version.ref)
     with pytest.raises(TuneloopError, match="nlu@1 is a multi-task model .*run tuneloop train again"):
         retrain("nlu", overrides=[f"registry.home={config.registry.home}"], show_progress=False)

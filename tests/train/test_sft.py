@@ -6,12 +6,13 @@ import pytest
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-from conftest import TOY_PAIRS
+from helpers import TOY_PAIRS
 from tuneloop.cli import app
-from tuneloop.config import load_config
+from tuneloop.config import SftRecipe, load_config
 from tuneloop.errors import TuneloopError
-from tuneloop.generate import GenerationSettings, ReplyModel, cut_at_stop
-from tuneloop.train.sft import fine_tune_lm, read_conversations, tokenize_conversation
+from tuneloop.models.lm import GenerationSettings, ReplyModel, cut_at_stop
+from tuneloop.train import sft
+from tuneloop.train.sft import read_conversations, tokenize_conversation
 
 runner = CliRunner()
 
@@ -69,17 +70,16 @@ def sft_config(tiny_lm, pairs, home, *extra):
             "sft.batch_size=4",
             "sft.lr=1e-2",
             "sft.val_size=0.2",
-            "train.threads=1",
+            "sft.threads=1",
             *extra,
         ],
+        SftRecipe,
     )
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_fine_tuning_lowers_the_held_out_loss_and_registers(tiny_lm, pairs_file, home, tmp_path, method):
-    outcome = fine_tune_lm(
-        sft_config(tiny_lm, pairs_file, home, f"sft.method={method}"), tmp_path / "run", show_progress=False
-    )
+    outcome = sft.run(sft_config(tiny_lm, pairs_file, home, f"sft.method={method}"), show_progress=False)
     assert outcome.history[-1]["heldout_loss"] < outcome.heldout_loss_before
     folder = home / "models" / "replies" / "v1" / "model"
     assert (folder / "adapter_config.json").is_file() == (method == "lora")
@@ -91,7 +91,7 @@ def test_fine_tuning_lowers_the_held_out_loss_and_registers(tiny_lm, pairs_file,
 
 
 def test_generate_cli_and_stop_strings(tiny_lm, pairs_file, home):
-    fine_tune_lm(sft_config(tiny_lm, pairs_file, home), home / "run", show_progress=False)
+    sft.run(sft_config(tiny_lm, pairs_file, home), show_progress=False)
     result = runner.invoke(app, ["generate", "--model", "replies@1", "where is my parcel", "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
     assert result.output.strip()

@@ -8,22 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from tuneloop.config import explain_validation_error
-from tuneloop.errors import TuneloopError
+from tuneloop.config import StrictModel, anchor_paths, read_yaml_mapping, validated
 
 LANGUAGES = ("en", "zh")
 SENTIMENTS = ("negative", "neutral", "positive")
 Texts = dict[str, str]  # language → text
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ScopeConfig(_Section):
+class ScopeConfig(StrictModel):
     """Out-of-scope detection."""
 
     target_precision: float = Field(0.95, gt=0, le=1, description="In-scope precision the threshold is tuned to.")
@@ -40,7 +34,7 @@ class ScopeConfig(_Section):
     label: str | None = Field(None, description="An intent label that itself means out of scope (trained).")
 
 
-class RetrievalConfig(_Section):
+class RetrievalConfig(StrictModel):
     encoder: str = Field("auto", description="auto, all-MiniLM-L6-v2, multilingual-e5-small or a local folder.")
     top_k: int = Field(3, ge=1)
     min_similarity: float | None = Field(
@@ -48,14 +42,14 @@ class RetrievalConfig(_Section):
     )
 
 
-class EscalationConfig(_Section):
+class EscalationConfig(StrictModel):
     min_confidence: float = Field(0.5, ge=0, le=1, description="Below this intent confidence, hand over.")
     negative_turns: int = Field(2, ge=0, description="Hand over after this many negative turns in a row (0: never).")
     intents: list[str] = Field(default_factory=list, description="Intents that mean 'a person, please'.")
     keywords: dict[str, list[str]] | None = Field(None, description="Per language; default: human/agent/人工/...")
 
 
-class TemplatesConfig(_Section):
+class TemplatesConfig(StrictModel):
     intents: dict[str, Texts] = Field(default_factory=dict, description="Reply per intent, per language.")
     fallback: Texts = Field(
         default_factory=lambda: {
@@ -95,7 +89,7 @@ class TemplatesConfig(_Section):
         return self
 
 
-class GeneratorConfig(_Section):
+class GeneratorConfig(StrictModel):
     kind: Literal["template", "local", "openai"] = "template"
     base_url: str | None = Field(None, description="OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1")
     model: str | None = Field(
@@ -117,7 +111,7 @@ class GeneratorConfig(_Section):
         return self
 
 
-class AssistantDefinition(_Section):
+class AssistantDefinition(StrictModel):
     """Everything that makes a support assistant, besides the models' weights."""
 
     name: str = Field("assistant", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -146,20 +140,5 @@ class AssistantDefinition(_Section):
 def load_definition(path: Path) -> AssistantDefinition:
     """Read and validate an assistant YAML; relative paths are taken from the file's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise TuneloopError(f"assistant definition not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise TuneloopError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(tree, dict):
-        raise TuneloopError(f"{path} must hold a mapping (name, intent_model, sentiment_model, faq, ...)")
-    try:
-        definition = AssistantDefinition.model_validate(tree)
-    except ValidationError as exc:
-        raise TuneloopError(f"{path}: {explain_validation_error(exc, AssistantDefinition)}") from exc
-    for field in ("faq", "out_of_scope_examples"):
-        value = getattr(definition, field)
-        if value is not None and not value.is_absolute():
-            setattr(definition, field, (path.parent / value).resolve())
-    return definition
+    tree = anchor_paths(read_yaml_mapping(path, "assistant definition"), AssistantDefinition, path.resolve().parent)
+    return validated(AssistantDefinition, tree, f"{path}: ")

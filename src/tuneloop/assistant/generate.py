@@ -18,7 +18,7 @@ from typing import Protocol
 
 import httpx
 
-from tuneloop.generate import GenerationSettings, ReplyModel
+from tuneloop.models.lm import GenerationSettings, ReplyModel
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """An assistant ready to answer: its FAQ index built, its scope thresholds tuned per intent-model version.
 
-The server gets the models' outputs through its micro-batchers, then calls `plan` (and streams the reply)
-or `decide`; `respond` does the same turn with the models run directly (benchmarks, tests, the demo).
+The server's chat service gets the models' outputs through its micro-batchers and calls `plan` (then has the
+reply generated, whole or streamed); `respond` does the same turn with the models run here (benchmarks, the
+demo).
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from tuneloop.data.clean import clean_text
 from tuneloop.data.load import read_table
 from tuneloop.data.prepare import load_prepared
 from tuneloop.errors import TuneloopError
-from tuneloop.models.classifier import HeadSpec, predict_logits
+from tuneloop.models.classifier import HeadSpec
 from tuneloop.models.embedder import SentenceEmbedder
 from tuneloop.models.encoders import resolve_encoder
-from tuneloop.models.lm import resolve_generator
-from tuneloop.registry.store import Registry
-from tuneloop.serve.models import LoadedModel, load_version
+from tuneloop.models.lm import resolve_lm
+from tuneloop.models.predictor import Predictor, load_model
+from tuneloop.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,10 @@ def tuning_scores(logits: np.ndarray, spec: HeadSpec, scope: ScopeConfig) -> np.
     return scores
 
 
-def build_generator(definition: AssistantDefinition, home: Path) -> ReplyGenerator:
+def build_generator(definition: AssistantDefinition, registry: Registry) -> ReplyGenerator:
     settings = definition.generator
     if settings.kind == "local":
-        return LocalGenerator(resolve_generator(settings.model, home), settings.max_new_tokens, settings.temperature)
+        return LocalGenerator(resolve_lm(settings.model, registry), settings.max_new_tokens, settings.temperature)
     if settings.kind == "openai":
         key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         if settings.api_key_env and not key:
@@ -88,17 +89,17 @@ class AssistantRuntime:
         self.registry = registry
         self.folder = registry.home / "assistants" / definition.name
         entries = load_faq(definition.faq)
-        source = resolve_encoder(definition.retrieval.encoder, registry.home, [e.question for e in entries])
+        source = resolve_encoder(definition.retrieval.encoder, registry, [e.question for e in entries])
         self.embedder = SentenceEmbedder(source)
         self.faq = FaqIndex(entries, self.embedder, cache_dir=self.folder / "faq-index")
         self.faq_similarity = definition.retrieval.min_similarity or DEFAULT_FAQ_SIMILARITY.get(
             source.name, FALLBACK_FAQ_SIMILARITY
         )
-        self.generator = build_generator(definition, registry.home)
+        self.generator = build_generator(definition, registry)
         self.out_of_scope = out_of_scope_texts(definition.out_of_scope_examples)
         self.thresholds: dict[str, ScopeThreshold | None] = {}
 
-    def calibrate(self, intent: LoadedModel) -> ScopeThreshold | None:
+    def calibrate(self, intent: Predictor) -> ScopeThreshold | None:
         """Tune (or read back) the scope threshold of one intent-model version: its validation split as the
         in-scope side, the definition's out-of-scope examples as the other."""
         if intent.ref in self.thresholds:
@@ -133,7 +134,7 @@ class AssistantRuntime:
         cached = self.folder / "scope" / f"{intent.ref}-{hashlib.sha256(inputs.encode()).hexdigest()[:12]}.json"
         threshold = self._read_cached(cached)
         if threshold is None:
-            data = load_prepared(self.registry.artifacts(intent.record) / "data")
+            data = load_prepared(intent.folder.data())
             split = data.val if len(data.val) else data.test
             if split.empty:
                 raise TuneloopError(f"{intent.ref} has no validation or test split to tune the scope threshold on")
@@ -141,9 +142,7 @@ class AssistantRuntime:
             trained_out = (split["label"] == scope.label).to_numpy() if scope.label else np.zeros(len(split), bool)
             in_texts = split.loc[~trained_out, "text"].tolist()
             out_texts = split.loc[trained_out, "text"].tolist() + self.out_of_scope
-            scores = tuning_scores(
-                predict_logits(intent.model, intent.tokenizer, in_texts + out_texts), intent.model.spec, scope
-            )
+            scores = tuning_scores(intent.own_logits(intent.logits(in_texts + out_texts)), intent.model.spec, scope)
             threshold = tune_threshold(
                 scores[: len(in_texts)], scores[len(in_texts) :], scope.target_precision, scope.out_of_scope_share
             )
@@ -163,8 +162,8 @@ class AssistantRuntime:
         return self.definition.sentiment_model == self.definition.intent_model
 
     def split(
-        self, intent: LoadedModel, rows: np.ndarray, sentiment_output: tuple[LoadedModel, np.ndarray] | None
-    ) -> tuple[np.ndarray, LoadedModel, np.ndarray]:
+        self, intent: Predictor, rows: np.ndarray, sentiment_output: tuple[Predictor, np.ndarray] | None
+    ) -> tuple[np.ndarray, Predictor, np.ndarray]:
         """(intent logits, sentiment model, sentiment logits) from the models' outputs; a multi-task intent
         model brings the sentiment in its own rows (and there is no sentiment output)."""
         if self.multitask:
@@ -188,9 +187,9 @@ class AssistantRuntime:
     def plan(
         self,
         message: str,
-        intent: LoadedModel,
+        intent: Predictor,
         intent_logits: np.ndarray,
-        sentiment: LoadedModel,
+        sentiment: Predictor,
         sentiment_logits: np.ndarray,
         query_vector: np.ndarray,
         recent_sentiments: list[str],
@@ -215,48 +214,26 @@ class AssistantRuntime:
             history,
         )
 
-    def decide(
-        self,
-        message: str,
-        intent: LoadedModel,
-        intent_logits: np.ndarray,
-        sentiment: LoadedModel,
-        sentiment_logits: np.ndarray,
-        query_vector: np.ndarray,
-        recent_sentiments: list[str],
-        history: list[tuple[str, str]],
-    ) -> TurnOutcome:
-        """plan, then the generator writes the reply when the plan asks for one."""
-        outcome = self.plan(
-            message, intent, intent_logits, sentiment, sentiment_logits, query_vector, recent_sentiments, history
-        )
-        if outcome.request is not None:
-            outcome.reply = self.generator.generate(outcome.request)
-        return outcome
-
-    def load_models(self) -> tuple[LoadedModel, LoadedModel | None]:
+    def load_models(self) -> tuple[Predictor, Predictor | None]:
         """The production intent and sentiment versions, for `respond` (no sentiment model when the intent
         model is multi-task)."""
-        intent = load_version(self.registry, self.registry.get(f"{self.definition.intent_model}@production"))
+        intent = load_model(f"{self.definition.intent_model}@production", self.registry)
         if self.multitask:
             return intent, None
-        return intent, load_version(self.registry, self.registry.get(f"{self.definition.sentiment_model}@production"))
+        return intent, load_model(f"{self.definition.sentiment_model}@production", self.registry)
 
     def respond(
         self,
         message: str,
-        intent: LoadedModel,
-        sentiment: LoadedModel | None,
+        intent: Predictor,
+        sentiment: Predictor | None,
         recent_sentiments: list[str] | None = None,
     ) -> TurnOutcome:
-        """One turn with the models run here: one encoder pass each, or one for both when multi-task."""
+        """One whole turn with the models run here: one encoder pass each, or one for both when multi-task."""
         text = clean_text(message)
-        rows = predict_logits(intent.model, intent.tokenizer, [text], heads=list(intent.tasks.values()))
-        sentiment_output = (
-            None if sentiment is None else (sentiment, predict_logits(sentiment.model, sentiment.tokenizer, [text]))
-        )
-        intent_logits, sentiment, sentiment_logits = self.split(intent, rows, sentiment_output)
-        return self.decide(
+        sentiment_output = None if sentiment is None else (sentiment, sentiment.logits([text]))
+        intent_logits, sentiment, sentiment_logits = self.split(intent, intent.logits([text]), sentiment_output)
+        outcome = self.plan(
             text,
             intent,
             intent_logits[0],
@@ -266,3 +243,6 @@ class AssistantRuntime:
             recent_sentiments or [],
             [],
         )
+        if outcome.request is not None:
+            outcome.reply = self.generator.generate(outcome.request)
+        return outcome

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import TuneloopError, first_line
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
@@ -60,7 +60,7 @@ def read_table(path: Path, fmt: str = "auto") -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise TuneloopError(f"data file {path} is empty; it needs a header row and labelled texts") from None
     except (pd.errors.ParserError, ValueError, OSError) as exc:
-        raise TuneloopError(f"cannot read {path} as {fmt}: {str(exc).splitlines()[0]}") from None
+        raise TuneloopError(f"cannot read {path} as {fmt}: {first_line(exc)}") from None
     if frame.empty:
         raise TuneloopError(f"data file {path} has a header but no rows")
     return frame

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,12 +145,21 @@ def clean_rows(frame: pd.DataFrame, path: Path | None) -> tuple[pd.DataFrame, di
     return frame, dropped
 
 
-def fingerprint_of(splits: dict[str, pd.DataFrame]) -> str:
+def fingerprint(parts: Iterable[str]) -> str:
+    """A short, stable digest of an ordered sequence of strings: data splits, a corpus, conversations."""
     digest = hashlib.sha256()
-    for name in SPLITS:
-        for text, label in zip(splits[name]["text"], splits[name]["label"], strict=True):
-            digest.update(f"{name}\x1f{label}\x1f{text}\x1e".encode())
+    for part in parts:
+        digest.update(f"{part}\x1e".encode())
     return digest.hexdigest()[:16]
+
+
+def fingerprint_of(splits: dict[str, pd.DataFrame]) -> str:
+    """The data fingerprint of a version: every split's rows, in order."""
+    return fingerprint(
+        f"{name}\x1f{label}\x1f{text}"
+        for name in SPLITS
+        for text, label in zip(splits[name]["text"], splits[name]["label"], strict=True)
+    )
 
 
 def split_summary(splits: dict[str, pd.DataFrame], labels: list[str]) -> dict:
@@ -274,3 +283,10 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     if not path.stat().st_size:
         return pd.DataFrame(columns=["row", "text", "label"])
     return pd.read_json(path, lines=True, dtype={"text": str, "label": str, "prediction_id": str})
+
+
+def labelled_rows(config: DataConfig, path: Path) -> pd.DataFrame:
+    """Every row of a labelled file, cleaned like training data, to evaluate on (no dedup, no split)."""
+    frame = select_columns(read_table(path, config.format), path, config.text_column, config.label_column)
+    frame, _ = clean_rows(frame, path)
+    return frame[["row", "text", "label"]].reset_index(drop=True)

@@ -1,18 +1,23 @@
 """The bundled demo: bilingual customer-service intents and sentiment, trained, evaluated, registered, and
-put behind a support assistant with the bundled FAQ."""
+put behind a support assistant with the bundled FAQ.
+
+`run` is the whole sequence; whoever calls it (the CLI) is told of each stage through a `DemoReport`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from tuneloop.config import TuneloopConfig, load_config
+from tuneloop.config import ClassifierRecipe, load_config, split_overrides
 
 if TYPE_CHECKING:  # the assistant pulls in torch and the server; `tuneloop --help` should not wait for them
     from tuneloop.assistant.turn import TurnOutcome
-    from tuneloop.registry.store import Registry
+    from tuneloop.models.predictor import Prediction
+    from tuneloop.registry import ModelVersion, Registry
+    from tuneloop.train.classification import ClassifierOutcome
 
 DEMO_EXAMPLES = [
     "where is my parcel? it was supposed to arrive yesterday",
@@ -31,21 +36,20 @@ DEMO_CHAT = [
     ("d", "what's the weather in Paris tomorrow?"),
     ("e", "给我转人工客服"),
 ]
+# Overrides for the server only: the demo's recipes take the rest.
+SERVER_SECTIONS = ("serve",)
 
 
 def packaged_file(*parts: str) -> Path:
     return Path(str(resources.files("tuneloop").joinpath(*parts)))
 
 
-def demo_config(path: Path | None = None, overrides: list[str] | None = None, kind: str = "intents") -> TuneloopConfig:
-    """The shipped demo config for `kind` (intents or sentiment), or the user's file, with the bundled
-    data filled in."""
-    shipped = {"intents": ("demo.yaml", "support_intents.csv"), "sentiment": ("demo_sentiment.yaml", "sentiment.csv")}
-    config_file, data_file = shipped[kind]
-    config = load_config(path or packaged_file("configs", config_file), overrides)
-    if config.data.path is None:
-        config.data.path = packaged_file("demo", "data", data_file)
-    return config
+def demo_config(
+    path: Path | None = None, overrides: list[str] | None = None, kind: str = "intents"
+) -> ClassifierRecipe:
+    """The shipped demo recipe for `kind` (intents or sentiment, on the bundled data), or the user's file."""
+    shipped = {"intents": "demo.yaml", "sentiment": "demo_sentiment.yaml"}
+    return load_config(path or packaged_file("configs", shipped[kind]), overrides)
 
 
 def demo_assistant() -> Path:
@@ -57,6 +61,29 @@ class DemoTurn:
     session: str
     message: str
     outcome: TurnOutcome
+
+
+@dataclass
+class DemoOutcome:
+    recipe: ClassifierRecipe
+    intents: ClassifierOutcome
+    intents_version: ModelVersion
+    sentiment: ClassifierOutcome
+    sentiment_version: ModelVersion
+    turns: list[DemoTurn]
+    assistant: Path
+
+
+class DemoReport(Protocol):
+    """What the caller hears while the demo runs (training prints its own progress in between)."""
+
+    def stage(self, number: int, title: str) -> None: ...
+
+    def intents_trained(
+        self, outcome: ClassifierOutcome, version: ModelVersion, examples: list[Prediction]
+    ) -> None: ...
+
+    def sentiment_trained(self, outcome: ClassifierOutcome, version: ModelVersion) -> None: ...
 
 
 def demo_conversation(registry: Registry) -> list[DemoTurn]:
@@ -73,3 +100,33 @@ def demo_conversation(registry: Registry) -> list[DemoTurn]:
         moods[session].append(outcome.sentiment)
         turns.append(DemoTurn(session, message, outcome))
     return turns
+
+
+def run(
+    config_file: Path | None = None, overrides: list[str] | None = None, report: DemoReport | None = None
+) -> DemoOutcome:
+    """Train and promote the intent model, then the sentiment model, then play a conversation through the
+    support assistant built on both. `overrides` apply to both recipes (serve.* ones are the server's)."""
+    from tuneloop.models.predictor import load_model
+    from tuneloop.registry import Registry
+    from tuneloop.train import classification
+
+    _, recipe_overrides = split_overrides(overrides or [], SERVER_SECTIONS)
+    recipe = demo_config(config_file, recipe_overrides)
+    registry = Registry(recipe.registry)
+    if report:
+        report.stage(1, f"bilingual customer-service intents ({recipe.data.path})")
+    intents = classification.run(recipe)
+    intents_version = registry.promote(intents.version.ref)
+    if report:
+        examples = load_model(f"{intents_version.name}@production", registry).rank(DEMO_EXAMPLES)
+        report.intents_trained(intents, intents_version, examples)
+        report.stage(2, "sentiment (negative / neutral / positive)")
+    sentiment = classification.run(demo_config(None, recipe_overrides, kind="sentiment"))
+    sentiment_version = registry.promote(sentiment.version.ref)
+    if report:
+        report.sentiment_trained(sentiment, sentiment_version)
+        report.stage(3, "the support assistant")
+    return DemoOutcome(
+        recipe, intents, intents_version, sentiment, sentiment_version, demo_conversation(registry), demo_assistant()
+    )

@@ -1,33 +1,49 @@
-"""Report figures as PNG bytes (matplotlib, headless)."""
+"""Report figures as PNG bytes.
+
+Figures are made with matplotlib's object API (`Figure`), not pyplot: no global backend is switched and no
+figure registry grows in a long-running server, and the style below applies only inside these functions.
+"""
 
 from __future__ import annotations
 
+import functools
 import io
+from collections.abc import Callable
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 # DejaVu has no CJK glyphs; these are tried first so Chinese labels render where such a font exists.
-plt.rcParams["font.sans-serif"] = ["Noto Sans CJK SC", "WenQuanYi Zen Hei", "SimHei", "DejaVu Sans"]
-plt.rcParams["axes.unicode_minus"] = False
+STYLE = {
+    "font.sans-serif": ["Noto Sans CJK SC", "WenQuanYi Zen Hei", "SimHei", "DejaVu Sans"],
+    "axes.unicode_minus": False,
+}
 
 
-def _png(figure: plt.Figure) -> bytes:
+def _styled(plot: Callable[..., bytes]) -> Callable[..., bytes]:
+    @functools.wraps(plot)
+    def wrapper(*args: object, **kwargs: object) -> bytes:
+        with matplotlib.rc_context(STYLE):
+            return plot(*args, **kwargs)
+
+    return wrapper
+
+
+def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
     return buffer.getvalue()
 
 
+@_styled
 def confusion_matrix_png(matrix: list[list[int]], labels: list[str]) -> bytes:
     counts = np.array(matrix, dtype=float)
     rows = counts.sum(1, keepdims=True)
     normalised = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     size = min(4 + 0.28 * len(labels), 26)
-    figure, axis = plt.subplots(figsize=(size, size))
+    figure = Figure(figsize=(size, size))
+    axis = figure.subplots()
     image = axis.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
     axis.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7 if len(labels) > 30 else 9)
     axis.set_yticks(range(len(labels)), labels, fontsize=7 if len(labels) > 30 else 9)
@@ -50,8 +66,10 @@ def confusion_matrix_png(matrix: list[list[int]], labels: list[str]) -> bytes:
     return _png(figure)
 
 
+@_styled
 def reliability_png(bins: list[dict], ece: float) -> bytes:
-    figure, axis = plt.subplots(figsize=(5, 5))
+    figure = Figure(figsize=(5, 5))
+    axis = figure.subplots()
     centres = [(b["low"] + b["high"]) / 2 for b in bins if b["count"]]
     accuracy = [b["accuracy"] for b in bins if b["count"]]
     width = bins[0]["high"] - bins[0]["low"]
@@ -66,9 +84,11 @@ def reliability_png(bins: list[dict], ece: float) -> bytes:
     return _png(figure)
 
 
+@_styled
 def per_class_f1_png(per_class: list[dict]) -> bytes:
     ordered = sorted(per_class, key=lambda row: row["f1"])
-    figure, axis = plt.subplots(figsize=(6, max(3, 0.22 * len(ordered))))
+    figure = Figure(figsize=(6, max(3, 0.22 * len(ordered))))
+    axis = figure.subplots()
     axis.barh([row["label"] for row in ordered], [row["f1"] for row in ordered], color="#55a868")
     axis.set_xlim(0, 1)
     axis.set_xlabel("F1")
@@ -77,8 +97,10 @@ def per_class_f1_png(per_class: list[dict]) -> bytes:
     return _png(figure)
 
 
+@_styled
 def training_curve_png(history: list[dict]) -> bytes:
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
     # Steps, not epochs: with train.eval_every there are several points per epoch.
     steps = [h["step"] for h in history]
     axis.plot(steps, [h["train_loss"] for h in history], "o-", label="train loss")
@@ -94,10 +116,12 @@ def training_curve_png(history: list[dict]) -> bytes:
     return _png(figure)
 
 
+@_styled
 def per_class_delta_png(rows: list[dict], limit: float) -> bytes:
     """Candidate minus production F1 per class; bars below -limit are the ones that block promotion."""
     ordered = sorted(rows, key=lambda row: row["delta_f1"])
-    figure, axis = plt.subplots(figsize=(6, max(3, 0.22 * len(ordered))))
+    figure = Figure(figsize=(6, max(3, 0.22 * len(ordered))))
+    axis = figure.subplots()
     colours = ["#c44e52" if row["blocks"] else ("#55a868" if row["delta_f1"] >= 0 else "#dd8452") for row in ordered]
     axis.barh([row["label"] for row in ordered], [row["delta_f1"] for row in ordered], color=colours)
     axis.axvline(-limit, color="grey", linestyle="--", label=f"allowed drop ({limit:.2f})")

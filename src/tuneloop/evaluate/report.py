@@ -11,10 +11,13 @@ import numpy as np
 import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
-from tuneloop.config import EvalConfig
+from tuneloop.config import ClassifierRecipe, EvalConfig
+from tuneloop.data.prepare import labelled_rows, load_prepared
 from tuneloop.evaluate import plots
 from tuneloop.evaluate.metrics import classification_metrics
 from tuneloop.models.classifier import TextClassifier, predict_proba
+from tuneloop.models.predictor import load_model
+from tuneloop.registry import Registry
 
 # Train accuracy this much above test accuracy is reported as a sign of overfitting.
 OVERFIT_GAP = 0.08
@@ -190,3 +193,27 @@ def write_report(report: dict, folder: Path) -> Path:
     page = folder / "report.html"
     page.write_text(render_html(report), encoding="utf-8")
     return page
+
+
+def evaluate_version(
+    registry: Registry, ref: str, recipe: ClassifierRecipe, data: Path | None = None, out: Path | None = None
+) -> tuple[dict, Path]:
+    """Score a registered version on its frozen test split, or on every row of `data` (read with the
+    recipe's data columns); the report goes into the version's eval/ (or eval-<file>/) folder, or `out`.
+    Returns the report and the page's path."""
+    predictor = load_model(ref, registry)
+    folder = predictor.folder
+    if data is None:
+        frozen = load_prepared(folder.data())
+        test, train = frozen.test, frozen.train
+    else:
+        test, train = labelled_rows(recipe.data, data), None
+    report = evaluate_classifier(
+        predictor.model,
+        predictor.tokenizer,
+        test,
+        recipe.eval,
+        train=train,
+        title=f"{predictor.ref}: evaluation on {data or 'its test split'}",
+    )
+    return report, write_report(report, out or folder.evaluation(data))

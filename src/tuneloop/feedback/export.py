@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from tuneloop.config import RegistryConfig
 from tuneloop.data.clean import clean_text, dedup_key
-from tuneloop.feedback.log import FeedbackRecord, PredictionRecord
+from tuneloop.db.schema import FeedbackRecord, PredictionRecord
+from tuneloop.feedback.log import PredictionLog
 
 EXAMPLE_COLUMNS = ["text", "label", "source", "prediction_id", "model_version", "feedback_at"]
 
@@ -96,3 +98,12 @@ def feedback_examples(
         "rated_down_without_label": len(rated_down_without_label - set(latest)),
     }
     return FeedbackExamples(examples=examples.reset_index(drop=True), conflicts=conflicts, counts=counts)
+
+
+def load_feedback(registry: RegistryConfig, name: str, include_confirmed: bool = True) -> FeedbackExamples:
+    """The labelled examples in `name`'s feedback, read from the registry's database."""
+    prediction_log = PredictionLog(registry.resolved_database_url(), registry.home)
+    try:
+        return feedback_examples(prediction_log.feedback_for(name), include_confirmed)
+    finally:
+        prediction_log.close()

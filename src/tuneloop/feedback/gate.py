@@ -23,16 +23,14 @@ from scipy.stats import binomtest
 from sklearn.metrics import precision_recall_fscore_support
 
 from tuneloop.atomic import write_dir_atomically
-from tuneloop.config import GateConfig, TuneloopConfig
+from tuneloop.config import GateConfig, GateSettings
 from tuneloop.data.clean import dedup_key
 from tuneloop.data.prepare import load_prepared
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate import plots
 from tuneloop.evaluate.report import html_image, html_page, html_table
-from tuneloop.models.classifier import MODEL_DIR, TextClassifier, predict_proba
-from tuneloop.registry.store import ModelVersion, Registry
-
-GATE_DIR = "gate"
+from tuneloop.models.predictor import load_model
+from tuneloop.registry import ModelVersion, Registry, VersionFolder
 
 
 @dataclass
@@ -151,16 +149,10 @@ def compare(
     return checks, metrics, per_class, mcnemar
 
 
-def _predicted_labels(folder: Path, texts: list[str]) -> list[str]:
-    model, tokenizer = TextClassifier.load(folder / MODEL_DIR)
-    probs = predict_proba(model, tokenizer, texts)
-    return [model.spec.labels[i] for i in probs.argmax(1)]
-
-
-def gate_set(production: Path, candidate: Path) -> tuple[pd.DataFrame, list[str]]:
+def gate_set(production: VersionFolder, candidate: VersionFolder) -> tuple[pd.DataFrame, list[str]]:
     """Production's frozen test split plus the candidate's held-out feedback, minus anything the
     candidate trained on; returns the rows (text, label, part) and notes for the report."""
-    prod_data, cand_data = load_prepared(production / "data"), load_prepared(candidate / "data")
+    prod_data, cand_data = load_prepared(production.data()), load_prepared(candidate.data())
     parts = [prod_data.test[["text", "label"]].assign(part="test")]
     notes = []
     if cand_data.holdout is not None and len(cand_data.holdout):
@@ -180,12 +172,11 @@ def evaluate_gate(
     registry: Registry, candidate: ModelVersion, production: ModelVersion, config: GateConfig
 ) -> GateDecision:
     """Score both versions on the gate set and decide; promotes nothing."""
-    rows, notes = gate_set(registry.artifacts(production), registry.artifacts(candidate))
+    rows, notes = gate_set(registry.folder(production), registry.folder(candidate))
     if rows.empty:
         raise TuneloopError(f"no examples to gate {candidate.ref} on: {production.ref} has an empty test split")
     texts = rows["text"].tolist()
-    prod_pred = _predicted_labels(registry.artifacts(production), texts)
-    cand_pred = _predicted_labels(registry.artifacts(candidate), texts)
+    prod_pred, cand_pred = (load_model(v, registry).predict(texts, cleaned=True) for v in (production, candidate))
     checks, metrics, per_class, mcnemar = compare(
         rows["label"].tolist(), prod_pred, cand_pred, rows["part"].tolist(), config
     )
@@ -261,9 +252,9 @@ def render_gate_html(decision: GateDecision, limit: float) -> str:
     return html_page(f"Gate {decision.candidate}", sections)
 
 
-def write_gate_report(decision: GateDecision, folder: Path, limit: float) -> Path:
+def write_gate_report(decision: GateDecision, folder: VersionFolder, limit: float) -> Path:
     """gate/report.json + gate/report.html inside the candidate's folder, replaced atomically."""
-    target = folder / GATE_DIR
+    target = folder.gate
     decision.report_dir = str(target)
 
     def write(staging: Path) -> None:
@@ -275,7 +266,7 @@ def write_gate_report(decision: GateDecision, folder: Path, limit: float) -> Pat
     return target / "report.html"
 
 
-def run_gate(ref: str, config: TuneloopConfig, promote: bool = True) -> GateDecision:
+def run_gate(ref: str, config: GateSettings, promote: bool = True) -> GateDecision:
     """Gate NAME@VERSION against NAME's production version; promote it if it passes (and `promote`)."""
     registry = Registry(config.registry)
     candidate = registry.get(ref)
@@ -287,5 +278,5 @@ def run_gate(ref: str, config: TuneloopConfig, promote: bool = True) -> GateDeci
         summary = decision.checks[0].detail  # test: macro-F1
         registry.promote(candidate.ref, reason=f"gate passed against {production.ref}: {summary}")
         decision.promoted = True
-    write_gate_report(decision, registry.artifacts(candidate), config.gate.max_class_drop)
+    write_gate_report(decision, registry.folder(candidate), config.gate.max_class_drop)
     return decision

@@ -14,45 +14,19 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, func, insert, select
-from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
+import numpy as np
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import sessionmaker
 
 from tuneloop.atomic import write_text_atomically
-from tuneloop.db import Base, open_database
+from tuneloop.db import open_database
+from tuneloop.db.schema import FeedbackRecord, PredictionRecord, utc_now
 from tuneloop.errors import TuneloopError
 
 log = logging.getLogger(__name__)
-
-
-class PredictionRecord(Base):
-    """One label given to one text by one model version."""
-
-    __tablename__ = "predictions"
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
-    model_name: Mapped[str] = mapped_column(String(200), index=True)
-    model_version: Mapped[int] = mapped_column(Integer)
-    text: Mapped[str] = mapped_column(Text)
-    label: Mapped[str] = mapped_column(String(200))
-    scores: Mapped[dict[str, float]] = mapped_column(JSON)
-    source: Mapped[str] = mapped_column(String(20), default="api")
-
-
-class FeedbackRecord(Base):
-    """What a user said about a prediction: the right label, a rating (-1, 0, 1) and/or a comment."""
-
-    __tablename__ = "feedback"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), index=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
-    corrected_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    rating: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 @dataclass
@@ -68,13 +42,32 @@ class LoggedPrediction:
     scores: dict[str, float]
     source: str = "api"
 
+    @classmethod
+    def of(
+        cls,
+        model_name: str,
+        model_version: int,
+        labels: list[str],
+        text: str,
+        probs: np.ndarray,
+        source: str,
+        when: datetime,
+    ) -> LoggedPrediction:
+        """A new prediction of `text`: the best label and every label's probability (rounded for storage)."""
+        return cls(
+            id=new_prediction_id(),
+            created_at=when,
+            model_name=model_name,
+            model_version=model_version,
+            text=text,
+            label=labels[int(probs.argmax())],
+            source=source,
+            scores={name: round(float(p), 5) for name, p in zip(labels, probs, strict=True)},
+        )
+
 
 def new_prediction_id() -> str:
     return uuid.uuid4().hex
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class PredictionLog:
@@ -187,7 +180,7 @@ class PredictionLog:
         complete or not at all (written under another name, then renamed)."""
         if not batch:
             return None
-        rescue = self.home / f"unsaved-predictions-{_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}.jsonl"
+        rescue = self.home / f"unsaved-predictions-{utc_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}.jsonl"
         write_text_atomically(
             rescue,
             "".join(
@@ -234,7 +227,7 @@ class PredictionLog:
             raise TuneloopError(f"no prediction with id '{prediction_id}'")
         row = FeedbackRecord(
             prediction_id=prediction_id,
-            created_at=_now(),
+            created_at=utc_now(),
             corrected_label=corrected_label,
             rating=rating,
             comment=comment,

@@ -9,29 +9,25 @@ from pathlib import Path
 
 import pandas as pd
 
-from tuneloop.config import FeedbackConfig, load_config
+from tuneloop.config import FeedbackConfig, load_config, stored_recipe
 from tuneloop.data.clean import dedup_key
 from tuneloop.data.prepare import PreparedData, fingerprint_of, length_percentiles, load_prepared, split_summary
 from tuneloop.errors import TuneloopError
-from tuneloop.feedback.export import FeedbackExamples, feedback_examples
-from tuneloop.feedback.log import PredictionLog
+from tuneloop.feedback.export import FeedbackExamples, load_feedback
 from tuneloop.models.encoders import resolve_encoder
-from tuneloop.registry.store import Registry
-from tuneloop.train.run import RunOutcome, run_training, token_counter
+from tuneloop.registry import Registry
+from tuneloop.train import classification
+from tuneloop.train.classification import ClassifierOutcome, token_counter
 
 log = logging.getLogger(__name__)
 
 # Feedback rows carry no source row number; this marks them in the splits.
 FEEDBACK_ROW = -1
-# Sections that describe where things run, not how the model was trained: taken from the caller. The
-# feedback section is part of the recipe: a holdout share that changed between retrains would move
-# examples from one side to the other.
-ENVIRONMENT_SECTIONS = ("registry", "serve", "gate")
 
 
 @dataclass
 class RetrainOutcome:
-    run: RunOutcome
+    run: ClassifierOutcome
     parent: str
     feedback: dict
 
@@ -95,38 +91,37 @@ def retraining_data(
 def retrain(
     name: str, config_file: Path | None = None, overrides: list[str] | None = None, show_progress: bool = True
 ) -> RetrainOutcome:
-    """Train a candidate of `name` on its production data plus feedback; registered with the parent."""
-    settings = load_config(config_file, overrides)
-    registry = Registry(settings.registry)
+    """Train a candidate of `name` on its production data plus feedback; registered with the parent.
+
+    The recipe is the one stored with the production version; `config_file` and `overrides` are laid over
+    it (a new learning rate, say) and say where the registry is.
+    """
+    registry = Registry(load_config(config_file, overrides).registry)
     production = registry.get(f"{name}@production")
-    recipe = {k: v for k, v in production.config.items() if k not in ENVIRONMENT_SECTIONS}
-    if recipe.get("tasks"):
+    stored = stored_recipe(production.config)
+    if stored.get("tasks"):
         raise TuneloopError(
-            f"{production.ref} is a multi-task model ({', '.join(recipe['tasks'])}); retraining from "
+            f"{production.ref} is a multi-task model ({', '.join(stored['tasks'])}); retraining from "
             f"feedback works on single-task models only: add the corrections to the task's file "
             f"and run tuneloop train again"
         )
-    config = load_config(config_file, overrides, base=recipe)
-    config.name = name  # a name in the caller's config file must not send the candidate elsewhere
-    config.data.kfold = None  # the splits are given; folds of production's own data do not apply
-    feedback_log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
-    try:
-        examples = feedback_examples(feedback_log.feedback_for(name), config.feedback.include_confirmed)
-    finally:
-        feedback_log.close()
+    recipe = load_config(config_file, overrides, base=stored)
+    recipe.name = name  # a name in the caller's config file must not send the candidate elsewhere
+    recipe.data.kfold = None  # the splits are given; folds of production's own data do not apply
+    examples = load_feedback(recipe.registry, name, recipe.feedback.include_confirmed)
     if examples.examples.empty:
         raise TuneloopError(f"no feedback with a label for '{name}' yet: send corrections to /v1/feedback first")
-    frozen = load_prepared(registry.artifacts(production) / "data")
+    frozen = load_prepared(registry.folder(production).data())
     data = retraining_data(
         frozen,
         examples,
-        config.feedback,
+        recipe.feedback,
         source=f"{production.ref} frozen splits + {len(examples.examples)} feedback examples",
     )
-    encoder = resolve_encoder(production.base_model, config.registry.home)
+    encoder = resolve_encoder(production.base_model, registry)
     data.report["text_length"] = length_percentiles(
         pd.concat([s["text"] for s in data.splits.values()]).tolist(), token_counter(encoder)
     )
     log.info("retraining %s with %s", production.ref, data.report["feedback"])
-    outcome = run_training(config, prepared=(data, encoder), parent=production.ref, show_progress=show_progress)
+    outcome = classification.run(recipe, prepared=(data, encoder), parent=production.ref, show_progress=show_progress)
     return RetrainOutcome(run=outcome, parent=production.ref, feedback=data.report["feedback"])

@@ -17,8 +17,6 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 from tuneloop.errors import TuneloopError
 
-# Inside a run or a registered version, the trained classifier lives in this subfolder.
-MODEL_DIR = "model"
 HEAD_FILE = "head.safetensors"
 META_FILE = "classifier.json"
 ADAPTER_CONFIG = "adapter_config.json"  # peft's: present when the version stores LoRA adapters, not weights
@@ -38,6 +36,21 @@ class HeadSpec:
     text_prefix: str = ""
     base_model: str = ""
     task: str = ""  # the task's name in a multi-task model; empty in a single-task one
+
+    @staticmethod
+    def exists(folder: Path) -> bool:
+        """Whether `folder` holds a saved tuneloop classifier."""
+        return (folder / META_FILE).is_file()
+
+    @classmethod
+    def read(cls, folder: Path) -> HeadSpec:
+        """The spec saved with a classifier in `folder`."""
+        if not cls.exists(folder):
+            raise TuneloopError(f"{folder} is not a tuneloop classifier (no {META_FILE})")
+        return cls(**json.loads((folder / META_FILE).read_text()))
+
+    def write(self, folder: Path) -> None:
+        (folder / META_FILE).write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False))
 
 
 def load_encoder(path: Path) -> PreTrainedModel:
@@ -119,16 +132,13 @@ class TextClassifier(nn.Module):
         self.encoder.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, folder / HEAD_FILE)
-        (folder / META_FILE).write_text(json.dumps(asdict(self.spec), indent=2, ensure_ascii=False))
+        self.spec.write(folder)
 
     @classmethod
     def load(cls, folder: Path, merge_adapter: bool = True) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
         """A saved classifier: full weights, or LoRA adapters over their base encoder (merged into it by
         default, so that predicting costs what a full model costs)."""
-        meta = folder / META_FILE
-        if not meta.is_file():
-            raise TuneloopError(f"{folder} is not a tuneloop classifier (no {META_FILE})")
-        spec = HeadSpec(**json.loads(meta.read_text()))
+        spec = HeadSpec.read(folder)
         encoder = load_adapted_encoder(folder, merge_adapter) if is_adapter(folder) else load_encoder(folder)
         model = cls(encoder, spec)
         model.head.load_state_dict(load_file(folder / HEAD_FILE))

@@ -7,14 +7,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneloop.config import RegistryConfig
 from tuneloop.data.clean import cjk_share
 from tuneloop.errors import TuneloopError
-from tuneloop.registry.store import Registry
+from tuneloop.models.classifier import HeadSpec
+from tuneloop.registry import Registry
 
 ENGLISH_ENCODER = "all-MiniLM-L6-v2"
-# Written by `tuneloop pretrain` next to the encoder it registers: what it was built from, its input prefix.
-ENCODER_META = "encoder.json"
 MULTILINGUAL_ENCODER = "multilingual-e5-small"
 KNOWN_ENCODERS = (ENGLISH_ENCODER, MULTILINGUAL_ENCODER)
 # Above this share of texts with CJK characters the English WordPiece vocabulary would turn the data
@@ -47,8 +45,9 @@ def choose_encoder_name(texts: list[str]) -> str:
     return MULTILINGUAL_ENCODER if cjk_share(texts) > CJK_THRESHOLD else ENGLISH_ENCODER
 
 
-def resolve_encoder(name: str, home: Path, texts: list[str] | None = None) -> EncoderSource:
-    """Map auto / a packaged name / a local folder to an EncoderSource."""
+def resolve_encoder(name: str, registry: Registry, texts: list[str] | None = None) -> EncoderSource:
+    """Map auto / a packaged name / a local folder / a registered NAME@VERSION (looked up in `registry`,
+    whose home also holds the converted packaged models) to an EncoderSource."""
     if name == "auto":
         name = choose_encoder_name(texts or [])
     if name == ENGLISH_ENCODER:
@@ -57,25 +56,24 @@ def resolve_encoder(name: str, home: Path, texts: list[str] | None = None) -> En
         from tuneloop.models.e5_convert import ensure_e5_model
 
         # e5 was trained with "query: " / "passage: " prefixes; classification inputs are queries.
-        return EncoderSource(name, ensure_e5_model(home), text_prefix="query: ")
+        return EncoderSource(name, ensure_e5_model(registry.home), text_prefix="query: ")
     folder = Path(name).expanduser()
     if (folder / "config.json").is_file():
         return EncoderSource(str(folder), folder)
     if "@" in name:
-        return registered_encoder(name, home)
+        return registered_encoder(name, registry)
     raise TuneloopError(
         f"unknown model '{name}': use auto, {', '.join(KNOWN_ENCODERS)}, a registered version NAME@VERSION, or a "
         f"folder with a Hugging Face config.json (set model.name)"
     )
 
 
-def registered_encoder(ref: str, home: Path) -> EncoderSource:
+def registered_encoder(ref: str, registry: Registry) -> EncoderSource:
     """The encoder inside a registered version: one `tuneloop pretrain` made, or a classifier's own."""
-    registry = Registry(RegistryConfig(home=home))
     version = registry.get(ref)
-    folder = registry.artifacts(version) / "model"
-    meta = registry.artifacts(version) / ENCODER_META
-    prefix = json.loads(meta.read_text()).get("text_prefix", "") if meta.is_file() else ""
-    if not prefix and (folder / "classifier.json").is_file():
-        prefix = json.loads((folder / "classifier.json").read_text()).get("text_prefix", "")
-    return EncoderSource(version.ref, folder, text_prefix=prefix)
+    folder = registry.folder(version)
+    meta = json.loads(folder.encoder.read_text()) if folder.encoder.is_file() else {}
+    prefix = meta.get("text_prefix") or (
+        HeadSpec.read(folder.model).text_prefix if HeadSpec.exists(folder.model) else ""
+    )
+    return EncoderSource(version.ref, folder.model, text_prefix=prefix)

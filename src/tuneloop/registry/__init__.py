@@ -1,1 +1,7 @@
-"""Model registry: versions in a SQL database, artifacts in folders under the tuneloop home."""
+"""Registry: model versions indexed in the database, each a self-describing folder in the home."""
+
+from tuneloop.db.schema import ModelVersion
+from tuneloop.registry.folder import VersionFolder
+from tuneloop.registry.store import Registry
+
+__all__ = ["ModelVersion", "Registry", "VersionFolder"]

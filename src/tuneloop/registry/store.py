@@ -7,97 +7,63 @@ row, which the next registration of that version number removes; it never leaves
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import JSON, Boolean, DateTime, Integer, String, UniqueConstraint, func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from tuneloop.config import RegistryConfig
-from tuneloop.db import Base, open_database
-from tuneloop.errors import TuneloopError
+from tuneloop.db import open_database
+from tuneloop.db.schema import ModelVersion, StageChange, utc_now
+from tuneloop.errors import Conflict, NotFound, TuneloopError
+from tuneloop.registry.folder import VersionFolder
 
-STAGES = ("candidate", "production", "archived")
 _REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(@(?P<which>v?\d+|production|latest))?$")
 
 
-class ModelVersion(Base):
-    """One registered version of a named model."""
-
-    __tablename__ = "model_versions"
-    __table_args__ = (UniqueConstraint("name", "version"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), index=True)
-    version: Mapped[int] = mapped_column(Integer)
-    stage: Mapped[str] = mapped_column(String(20), default="candidate")
-    base_model: Mapped[str] = mapped_column(String(500))
-    data_fingerprint: Mapped[str] = mapped_column(String(64))
-    config: Mapped[dict] = mapped_column(JSON)
-    metrics: Mapped[dict] = mapped_column(JSON)
-    parent: Mapped[str | None] = mapped_column(String(220), nullable=True)
-    artifact_dir: Mapped[str] = mapped_column(String(1000))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
-
-
-class StageChange(Base):
-    """One change of a model's production version: what was replaced, why, and whether it was undone.
-
-    Rollback walks this history backwards, so it restores the version that was live before, not
-    merely the previous version number.
-    """
-
-    __tablename__ = "stage_changes"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), index=True)
-    version: Mapped[int] = mapped_column(Integer)
-    previous_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    kind: Mapped[str] = mapped_column(String(20))  # promote | rollback
-    reason: Mapped[str] = mapped_column(String(500), default="")
-    undone: Mapped[bool] = mapped_column(Boolean, default=False)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class Registry:
-    """Register, find, promote and archive model versions."""
+    """Register, find, promote and archive model versions.
+
+    Cheap to make: the database is opened on first use, so a command that only needs the home (to find a
+    packaged model) never creates one.
+    """
 
     def __init__(self, config: RegistryConfig) -> None:
         self.home = Path(config.home)
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.engine = open_database(config.resolved_database_url())
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.database_url = config.resolved_database_url()
 
-    def artifacts(self, version: ModelVersion) -> Path:
-        return self.home / version.artifact_dir
+    @functools.cached_property
+    def engine(self) -> Engine:
+        self.home.mkdir(parents=True, exist_ok=True)
+        return open_database(self.database_url)
+
+    @functools.cached_property
+    def _sessions(self) -> sessionmaker[Session]:
+        return sessionmaker(self.engine, expire_on_commit=False)
+
+    def folder(self, version: ModelVersion) -> VersionFolder:
+        """The version's files: model, frozen data, resolved config, reports."""
+        return VersionFolder(self.home / version.artifact_dir)
 
     def register(
         self,
         name: str,
-        source: Path,
+        run: VersionFolder,
         *,
         base_model: str,
         data_fingerprint: str,
         config: dict,
         metrics: dict,
         parent: str | None = None,
-        ignore: tuple[str, ...] = (),
     ) -> ModelVersion:
-        """Copy `source` into the store and add a candidate version; atomic as described above."""
+        """Copy the run's folder into the store (without its checkpoints) and add a candidate version; atomic
+        as described above."""
         with self._sessions() as session:
             latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name)) or 0
         number = latest + 1
@@ -108,7 +74,7 @@ class Registry:
         staging = target.with_name(f".v{number}.{uuid.uuid4().hex}.tmp")
         staging.parent.mkdir(parents=True, exist_ok=True)
         try:
-            shutil.copytree(source, staging, ignore=shutil.ignore_patterns(*ignore))
+            shutil.copytree(run.root, staging, ignore=shutil.ignore_patterns(*VersionFolder.NOT_REGISTERED))
             staging.rename(target)
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
@@ -123,7 +89,7 @@ class Registry:
             metrics=metrics,
             parent=parent,
             artifact_dir=relative.as_posix(),
-            created_at=_now(),
+            created_at=utc_now(),
         )
         try:
             with self._sessions.begin() as session:
@@ -133,7 +99,8 @@ class Registry:
             raise TuneloopError(f"registering {name} v{number} failed, nothing was stored: {exc}") from exc
         return row
 
-    def list(self, name: str | None = None) -> list[ModelVersion]:
+    def versions(self, name: str | None = None) -> list[ModelVersion]:
+        """Registered versions, by name then number; only `name`'s when given."""
         with self._sessions() as session:
             query = select(ModelVersion).order_by(ModelVersion.name, ModelVersion.version)
             if name:
@@ -154,17 +121,15 @@ class Registry:
                 session.scalars(select(ModelVersion).where(ModelVersion.name == name).order_by(ModelVersion.version))
             )
         if not versions:
-            known = sorted({v.name for v in self.list()})
+            known = sorted({v.name for v in self.versions()})
             hint = f"; registered models: {', '.join(known)}" if known else "; none are registered yet (tuneloop train)"
-            raise TuneloopError(f"no model named '{name}'{hint}")
+            raise NotFound(f"no model named '{name}'{hint}")
         production = [v for v in versions if v.stage == "production"]
         if which in (None, "production"):
             if production:
                 return production[0]
             if which == "production":
-                raise TuneloopError(
-                    f"'{name}' has no production version; promote one: tuneloop models promote {name}@N"
-                )
+                raise NotFound(f"'{name}' has no production version; promote one: tuneloop models promote {name}@N")
             return versions[-1]
         if which == "latest":
             return versions[-1]
@@ -172,9 +137,7 @@ class Registry:
         for version in versions:
             if version.version == number:
                 return version
-        raise TuneloopError(
-            f"'{name}' has no version {number}; versions: {', '.join(str(v.version) for v in versions)}"
-        )
+        raise NotFound(f"'{name}' has no version {number}; versions: {', '.join(str(v.version) for v in versions)}")
 
     def promote(self, ref: str, reason: str = "manual") -> ModelVersion:
         """Make this version production; the previous production version is archived."""
@@ -188,14 +151,14 @@ class Registry:
                 if previous is not None:
                     previous.stage = "archived"
                 row.stage = "production"
-                row.promoted_at = _now()
+                row.promoted_at = utc_now()
                 session.add(
                     StageChange(
                         name=row.name,
                         version=row.version,
                         kind="promote",
                         reason=reason,
-                        at=_now(),
+                        at=utc_now(),
                         previous_version=previous.version if previous is not None else None,
                     )
                 )
@@ -222,13 +185,13 @@ class Registry:
                 .order_by(StageChange.id.desc())
             )
             if change is None or change.previous_version is None:
-                raise TuneloopError(f"{current.ref} has no earlier production version to roll back to")
+                raise Conflict(f"{current.ref} has no earlier production version to roll back to")
             restored = session.scalar(
                 select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == change.previous_version)
             )
             session.get(ModelVersion, current.id).stage = "archived"
             restored.stage = "production"
-            restored.promoted_at = _now()
+            restored.promoted_at = utc_now()
             change.undone = True
             session.add(
                 StageChange(
@@ -237,7 +200,7 @@ class Registry:
                     previous_version=current.version,
                     kind="rollback",
                     reason=reason,
-                    at=_now(),
+                    at=utc_now(),
                 )
             )
         return self.get(f"{name}@{change.previous_version}")

@@ -1,4 +1,4 @@
-"""The HTTP server: `create_app(config)` loads what the routes need into one state object and builds the
+"""The HTTP server: `create_app(settings)` loads what the routes need into one state object and builds the
 FastAPI app; the routes live in `serve/routes/`, one module per resource."""
 
 from __future__ import annotations
@@ -17,18 +17,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tuneloop import __version__
 from tuneloop.assistant.definition import load_definition
 from tuneloop.assistant.runtime import AssistantRuntime
+from tuneloop.assistant.service import ChatService
 from tuneloop.assistant.store import ConversationStore
-from tuneloop.config import TuneloopConfig
+from tuneloop.assistant.turn import TurnOutcome
+from tuneloop.config import ServerSettings
+from tuneloop.errors import Conflict, NotFound, TuneloopError, Unavailable
 from tuneloop.feedback.log import PredictionLog
-from tuneloop.registry.store import Registry
+from tuneloop.models.predictor import Predictor
+from tuneloop.registry import Registry
 from tuneloop.serve.deps import ServerState
 from tuneloop.serve.jobs import JobRunner
 from tuneloop.serve.metrics import RequestMetrics, ServerMetrics
-from tuneloop.serve.models import LoadedModel, ServedModels
-from tuneloop.serve.routes import admin, chat, ops, pages, predict
+from tuneloop.serve.routes import admin, chat, feedback, models, ops, pages, predict
 from tuneloop.serve.security import BodySizeLimit, KeyRing
+from tuneloop.serve.slots import ServedModels
 
 log = logging.getLogger(__name__)
+
+# What each kind of error means over HTTP; any other TuneloopError is a request the server cannot act on.
+STATUS_OF = {NotFound: 404, Conflict: 409, Unavailable: 503}
 
 
 def _field(location: tuple) -> str:
@@ -44,6 +51,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
 
+    @app.exception_handler(TuneloopError)
+    async def refused(_: Request, exc: TuneloopError) -> JSONResponse:
+        status = next((code for kind, code in STATUS_OF.items() if isinstance(exc, kind)), 422)
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
@@ -54,32 +67,33 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": "internal server error; the server log has the details"}, status_code=500)
 
 
-def _job_settings(config: TuneloopConfig) -> list[str]:
-    """Overrides that point a job subprocess at this server's registry and gate rules (and nothing else:
-    retraining takes its recipe from the production version)."""
+def _job_settings(config: ServerSettings) -> dict[str, list[str]]:
+    """Overrides that point each kind of job subprocess at this server's registry, and gate jobs at its gate
+    rules (retraining takes its recipe from the production version)."""
     # The database URL (it may hold a password) goes through the environment, not the command line.
-    settings = [f"registry.home={config.registry.home.resolve()}"]
-    return settings + [f"gate.{key}={value}" for key, value in config.gate.model_dump().items()]
+    registry = [f"registry.home={config.registry.home.resolve()}"]
+    return {
+        "retrain": registry,
+        "gate": registry + [f"gate.{key}={value}" for key, value in config.gate.model_dump().items()],
+    }
 
 
-def _build_state(config: TuneloopConfig) -> ServerState:
+def _build_state(config: ServerSettings) -> ServerState:
     settings = config.serve
     registry = Registry(config.registry)
     metrics = ServerMetrics()
-    assistant = None
-    if settings.assistant is not None:
-        assistant = AssistantRuntime(load_definition(settings.assistant), registry)
+    runtime = AssistantRuntime(load_definition(settings.assistant), registry) if settings.assistant else None
 
-    def swapped(loaded: LoadedModel) -> None:
+    def swapped(loaded: Predictor) -> None:
         metrics.served_version.labels(loaded.name).set(loaded.version)
         metrics.swaps.labels(loaded.name).inc()
 
-    def prepare(loaded: LoadedModel) -> None:
+    def prepare(loaded: Predictor) -> None:
         # A new intent version gets its own scope threshold before it answers a single chat turn.
-        if assistant is not None and loaded.name == assistant.definition.intent_model:
-            assistant.calibrate(loaded)
+        if runtime is not None and loaded.name == runtime.definition.intent_model:
+            runtime.calibrate(loaded)
 
-    required = (assistant.definition.intent_model, assistant.definition.sentiment_model) if assistant else ()
+    required = (runtime.definition.intent_model, runtime.definition.sentiment_model) if runtime else ()
     served = ServedModels(
         registry, settings, on_batch=metrics.observe_batch, on_swap=swapped, prepare=prepare, required=required
     )
@@ -87,25 +101,40 @@ def _build_state(config: TuneloopConfig) -> ServerState:
     prediction_log = PredictionLog(
         config.registry.resolved_database_url(), config.registry.home, flush_ms=settings.log_flush_ms
     )
-    conversations = ConversationStore(prediction_log.engine) if assistant is not None else None
+    conversations = chat = None
+    if runtime is not None:
+        conversations = ConversationStore(prediction_log.engine)
+
+        def counted(outcome: TurnOutcome) -> None:
+            metrics.chat_turns.labels(str(outcome.escalate).lower()).inc()
+
+        chat = ChatService(
+            runtime,
+            served.run,
+            lambda texts: served.on_inference_thread(runtime.embedder.encode, texts),
+            conversations,
+            prediction_log,
+            on_turn=counted,
+        )
+    jobs = JobRunner(
+        config.registry.home / "jobs",
+        _job_settings(config),
+        {"TUNELOOP_DATABASE_URL": config.registry.resolved_database_url()},
+    )
     return ServerState(
         config=config,
         registry=registry,
         served=served,
         prediction_log=prediction_log,
         metrics=metrics,
-        keys=KeyRing(settings),
-        jobs=JobRunner(
-            config.registry.home / "jobs",
-            _job_settings(config),
-            {"TUNELOOP_DATABASE_URL": config.registry.resolved_database_url()},
-        ),
-        assistant=assistant,
+        keys=KeyRing(config),
+        jobs=jobs,
+        chat=chat,
         conversations=conversations,
     )
 
 
-def create_app(config: TuneloopConfig) -> FastAPI:
+def create_app(config: ServerSettings) -> FastAPI:
     """Load the served models and the assistant (errors surface here, before any port is opened)."""
     state = _build_state(config)
 
@@ -134,7 +163,8 @@ def create_app(config: TuneloopConfig) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.serve.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
-    for router in (predict.router, chat.router, admin.router, ops.router, pages.router):
-        app.include_router(router)
-    app.mount("/assets", StaticFiles(directory=str(pages.WEB)), name="assets")
+    for route_module in (predict, feedback, models, chat, admin, ops, pages):
+        app.include_router(route_module.router)
+    app.mount("/assets", StaticFiles(directory=str(pages.SERVER_WEB)), name="assets")
+    app.mount("/assistant-assets", StaticFiles(directory=str(pages.ASSISTANT_WEB)), name="assistant-assets")
     return app

@@ -2,43 +2,42 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 
-from tuneloop.assistant.runtime import AssistantRuntime
+from tuneloop.assistant.service import ChatService
 from tuneloop.assistant.store import ConversationStore
-from tuneloop.config import TuneloopConfig
+from tuneloop.config import ServerSettings
+from tuneloop.errors import NotFound
 from tuneloop.feedback.log import PredictionLog
-from tuneloop.models.classifier import META_FILE, MODEL_DIR
-from tuneloop.registry.store import Registry
+from tuneloop.models.classifier import HeadSpec
+from tuneloop.registry import Registry
 from tuneloop.serve.jobs import JobRunner
 from tuneloop.serve.metrics import ServerMetrics
-from tuneloop.serve.models import ServedModels
 from tuneloop.serve.security import KeyRing
+from tuneloop.serve.slots import ServedModels
 
 
 @dataclass
 class ServerState:
-    config: TuneloopConfig
+    config: ServerSettings
     registry: Registry
     served: ServedModels
     prediction_log: PredictionLog
     metrics: ServerMetrics
     keys: KeyRing
     jobs: JobRunner
-    assistant: AssistantRuntime | None = None
+    chat: ChatService | None = None
     conversations: ConversationStore | None = None
     _labels: dict[tuple[str, int], frozenset[str]] = field(default_factory=dict, repr=False)
 
     def labels_of(self, name: str, version: int) -> frozenset[str]:
         """The labels of any registered version (feedback may be about one no longer served)."""
         if (name, version) not in self._labels:
-            record = self.registry.get(f"{name}@{version}")
-            meta = json.loads((self.registry.artifacts(record) / MODEL_DIR / META_FILE).read_text())
-            self._labels[name, version] = frozenset(meta["labels"])
+            folder = self.registry.folder(self.registry.get(f"{name}@{version}"))
+            self._labels[name, version] = frozenset(HeadSpec.read(folder.model).labels)
         return self._labels[name, version]
 
 
@@ -46,11 +45,11 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.tuneloop
 
 
-def get_assistant(state: Annotated[ServerState, Depends(get_state)]) -> AssistantRuntime:
-    if state.assistant is None:
-        raise HTTPException(404, "no assistant is configured on this server (serve.assistant=assistant.yaml)")
-    return state.assistant
+def get_chat(state: Annotated[ServerState, Depends(get_state)]) -> ChatService:
+    if state.chat is None:
+        raise NotFound("no assistant is configured on this server (serve.assistant=assistant.yaml)")
+    return state.chat
 
 
 State = Annotated[ServerState, Depends(get_state)]
-Assistant = Annotated[AssistantRuntime, Depends(get_assistant)]
+Chat = Annotated[ChatService, Depends(get_chat)]

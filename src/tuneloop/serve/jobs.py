@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import Conflict, TuneloopError
 
 # `tuneloop gate` exits with 3 when the candidate is rejected: a result, not a failure.
 OUTCOMES = {0: "succeeded", 3: "rejected"}
@@ -54,9 +54,9 @@ class Job:
 
 
 class JobRunner:
-    def __init__(self, folder: Path, settings: list[str], environment: dict[str, str] | None = None) -> None:
-        """`settings` are dotted overrides every job gets (where the registry is, the gate's thresholds);
-        `environment` is added to the job's environment (secrets stay off the command line)."""
+    def __init__(self, folder: Path, settings: dict[str, list[str]], environment: dict[str, str] | None = None) -> None:
+        """`settings` are the dotted overrides each kind of job gets (where the registry is, the gate's
+        thresholds); `environment` is added to every job's environment (secrets stay off the command line)."""
         self.folder = folder
         self.settings = settings
         self.environment = environment or {}
@@ -64,19 +64,19 @@ class JobRunner:
         self._lock = threading.Lock()
 
     def start(self, kind: str, target: str) -> Job:
-        if kind not in ("retrain", "gate"):
+        if kind not in self.settings:
             raise TuneloopError(f"unknown job '{kind}': retrain or gate")
         with self._lock:
             running = [j for j in self.jobs.values() if j.status == "running"]
             if running:
-                raise TuneloopError(f"job {running[0].id} ({running[0].kind} {running[0].target}) is still running")
+                raise Conflict(f"job {running[0].id} ({running[0].kind} {running[0].target}) is still running")
             job_id = uuid.uuid4().hex[:12]
             self.folder.mkdir(parents=True, exist_ok=True)
             job = Job(job_id, kind, target, self.folder / f"{job_id}.log", datetime.now(UTC))
             with job.log_path.open("w", encoding="utf-8") as out:
                 job.process = subprocess.Popen(
                     # After "--" everything is an argument: a target can never be read as an option.
-                    [sys.executable, "-m", "tuneloop", kind, "--", target, *self.settings],
+                    [sys.executable, "-m", "tuneloop", kind, "--", target, *self.settings[kind]],
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,

@@ -6,14 +6,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from tuneloop.config import StrictModel
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PredictRequest(_Strict):
+class PredictRequest(StrictModel):
     texts: list[str] = Field(min_length=1, description="Texts to classify.")
     model: str | None = Field(None, description="Model name; optional when the server serves one model.")
     top_k: int | None = Field(None, ge=1, le=100, description="Ranked labels per text (default serve.top_k).")
@@ -39,7 +37,7 @@ class PredictResponse(BaseModel):
     predictions: list[TextPrediction]
 
 
-class FeedbackRequest(_Strict):
+class FeedbackRequest(StrictModel):
     prediction_id: str | None = Field(None, min_length=1, max_length=64, description="From /v1/predict.")
     turn_id: str | None = Field(
         None, min_length=1, max_length=64, description="From /v1/chat: the feedback is about that turn's intent."
@@ -84,7 +82,7 @@ class ModelsResponse(BaseModel):
     models: list[ModelInfo]
 
 
-class PromoteRequest(_Strict):
+class PromoteRequest(StrictModel):
     version: int = Field(ge=1)
     wait: bool = Field(False, description="Answer only after the server answers with the new version.")
 
@@ -98,7 +96,7 @@ class PromoteResponse(BaseModel):
     )
 
 
-class ChatRequest(_Strict):
+class ChatRequest(StrictModel):
     session_id: str = Field(min_length=1, max_length=100, description="Any id the client keeps for one conversation.")
     message: str = Field(min_length=1)
 
@@ -135,11 +133,61 @@ class AssistantInfo(BaseModel):
     sentiment_model: str
 
 
-class JobRequest(_Strict):
+class JobRequest(StrictModel):
     kind: Literal["retrain", "gate"]
     target: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}(@\d+)?$", description="retrain: a model name; gate: NAME@VERSION."
     )
+
+
+class AdminVersion(BaseModel):
+    version: int
+    stage: str
+    metrics: dict
+    parent: str | None
+    base_model: str
+    created_at: datetime
+
+
+class AdminModel(BaseModel):
+    name: str
+    serving: int | None = Field(description="The version this server answers with (null: not served here).")
+    versions: list[AdminVersion]
+
+
+class AdminModelsResponse(BaseModel):
+    models: list[AdminModel]
+
+
+class FeedbackItem(BaseModel):
+    feedback_id: int
+    at: datetime
+    model: str = Field(description="NAME@VERSION that made the prediction.")
+    text: str
+    predicted: str
+    corrected_label: str | None
+    rating: int | None
+    comment: str | None
+    source: str = Field(description="Where the prediction was made: api or chat.")
+
+
+class FeedbackQueue(BaseModel):
+    items: list[FeedbackItem]
+
+
+class JobInfo(BaseModel):
+    id: str
+    kind: str
+    target: str
+    status: Literal["running", "succeeded", "rejected", "failed"]
+    exit_code: int | None
+    started_at: datetime
+    finished_at: datetime | None
+    log: str = Field(description="The end of the job's output.")
+
+
+class JobsResponse(BaseModel):
+    jobs: list[JobInfo]
 
 
 class ErrorResponse(BaseModel):
@@ -147,4 +195,4 @@ class ErrorResponse(BaseModel):
     errors: list[dict[str, str]] | None = None
 
 
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422)}
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 503)}

@@ -1,22 +1,25 @@
-"""API keys (stored hashed, client and admin scopes) and the request body size limit."""
+"""API keys (stored hashed, client and admin scopes) and the limits on what a request may send."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header, Request, status
+from fastapi import Depends, Request, Security, status
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tuneloop.config import ServeConfig
+from tuneloop.config import ServerSettings
+from tuneloop.errors import TuneloopError
 
-CLIENT_KEYS_ENV = "TUNELOOP_CLIENT_KEYS"
-ADMIN_KEYS_ENV = "TUNELOOP_ADMIN_KEYS"
+# Declared as security schemes, so the OpenAPI document (and /docs' Authorize button) shows how to send a key.
+API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False)
+BEARER = HTTPBearer(auto_error=False)
 
 
 def hash_key(key: str) -> str:
@@ -29,16 +32,17 @@ def new_key() -> str:
     return "tl_" + secrets.token_urlsafe(32)
 
 
-def _from_env(variable: str) -> set[str]:
-    return {hash_key(k) for k in os.environ.get(variable, "").split(",") if k.strip()}
+def _hashed(plain: SecretStr | None) -> set[str]:
+    """Comma-separated plain keys (from TUNELOOP_CLIENT_KEYS / TUNELOOP_ADMIN_KEYS), hashed."""
+    return {hash_key(k) for k in (plain.get_secret_value() if plain else "").split(",") if k.strip()}
 
 
 class KeyRing:
     """Which hashed keys grant which scope; the plain keys are never kept."""
 
-    def __init__(self, config: ServeConfig) -> None:
-        self.admin = {h.lower() for h in config.admin_key_hashes} | _from_env(ADMIN_KEYS_ENV)
-        self.client = {h.lower() for h in config.client_key_hashes} | _from_env(CLIENT_KEYS_ENV)
+    def __init__(self, config: ServerSettings) -> None:
+        self.admin = {h.lower() for h in config.serve.admin_key_hashes} | _hashed(config.admin_keys)
+        self.client = {h.lower() for h in config.serve.client_key_hashes} | _hashed(config.client_keys)
 
     @property
     def client_open(self) -> bool:
@@ -56,14 +60,13 @@ class KeyRing:
 
 
 def presented_key(
-    authorization: Annotated[str | None, Header()] = None, x_api_key: Annotated[str | None, Header()] = None
+    x_api_key: Annotated[str | None, Security(API_KEY_HEADER)] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None,
 ) -> str | None:
     """The key from `X-API-Key` or `Authorization: Bearer`."""
     if x_api_key:
         return x_api_key
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return None
+    return bearer.credentials.strip() if bearer else None
 
 
 def require_client(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> None:
@@ -92,6 +95,11 @@ def require_admin(request: Request, key: Annotated[str | None, Depends(presented
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "an admin API key is required", headers={"WWW-Authenticate": "Bearer"}
         )
+
+
+def check_text_length(text: str, limit: int, field: str) -> None:
+    if len(text) > limit:
+        raise TuneloopError(f"{field} has {len(text)} characters; at most {limit} (serve.max_text_chars)")
 
 
 class BodySizeLimit:

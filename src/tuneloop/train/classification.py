@@ -1,55 +1,81 @@
-"""Recipe: fine-tune a packaged encoder into a text classifier on a CPU.
+"""Recipe: fine-tune a packaged encoder into a text classifier on a CPU, evaluate it and register it.
 
-Written out top to bottom on purpose: tokenise once, group batches by length, AdamW with warmup and
-decay, clip, evaluate each epoch on validation macro-F1, keep the best, stop early, checkpoint so that
-`--resume` continues bit for bit.
+`run(recipe)` goes data → fine-tune → evaluate → register a candidate. The loop (`fine_tune`) is written out
+top to bottom on purpose: tokenise once, group batches by length, AdamW with warmup and decay, clip,
+evaluate on validation macro-F1, keep the best, stop early, checkpoint so that `--resume` continues bit
+for bit.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import random
+import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
-import torch.nn.functional as F
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from sklearn.metrics import f1_score
-from torch import nn
-from torch.utils.tensorboard import SummaryWriter
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
 from tuneloop.atomic import write_dir_atomically
-from tuneloop.config import TuneloopConfig
-from tuneloop.data.prepare import PreparedData
-from tuneloop.errors import TuneloopError
+from tuneloop.config import ClassifierRecipe, DataConfig, read_yaml_mapping, stored_recipe, validated
+from tuneloop.data.prepare import (
+    PreparedData,
+    fingerprint,
+    fingerprint_of,
+    length_percentiles,
+    load_prepared,
+    prepare_data,
+    save_prepared,
+)
+from tuneloop.errors import TuneloopError, first_line
+from tuneloop.evaluate.report import evaluate_classifier, write_report
 from tuneloop.models.classifier import (
-    MODEL_DIR,
     HeadSpec,
     TextClassifier,
     length_groups,
     load_encoder,
+    load_task_heads,
     pad_right,
     predict_proba,
     save_task_heads,
     tokenize,
 )
-from tuneloop.models.encoders import EncoderSource
+from tuneloop.models.encoders import EncoderSource, resolve_encoder
+from tuneloop.models.trained_rows import plain_embeddings, train_only_used_rows
+from tuneloop.registry import ModelVersion, Registry, VersionFolder
+from tuneloop.train.common import (
+    MetricsLog,
+    TrainingProgress,
+    cpu_supports_bf16,
+    load_checkpoint,
+    new_run_folder,
+    parameter_groups,
+    register_run,
+    restore_rng,
+    resume_folder,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    start_run,
+    use_threads,
+)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT = "trainer.pt"
+StepCallback = Callable[[dict, TextClassifier, PreTrainedTokenizerBase], None]
 
 
 @dataclass
 class TrainResult:
+    """What the loop leaves: the best model's folder and how it got there."""
+
     best_dir: Path
     best_epoch: int
     best_val_macro_f1: float | None
@@ -59,19 +85,46 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def cpu_supports_bf16() -> bool:
-    """True where bf16 matmuls run natively (AVX512-BF16 or AMX); elsewhere autocast only slows down."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+@dataclass
+class ClassifierOutcome:
+    folder: VersionFolder
+    report: dict
+    report_html: Path
+    version: ModelVersion | None
+    train: TrainResult
+    cross_validation: dict | None = None
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def token_counter(encoder: EncoderSource) -> Callable[[list[str]], list[int]]:
+    """texts → token counts with the encoder's tokenizer, for the data report."""
+    tokenizer = AutoTokenizer.from_pretrained(encoder.path)
+    return lambda texts: [len(ids) for ids in tokenizer([encoder.text_prefix + t for t in texts])["input_ids"]]
+
+
+def prepare_for_model(recipe: ClassifierRecipe, registry: Registry) -> tuple[PreparedData, EncoderSource]:
+    """Prepare the data and pick the encoder (auto looks at the cleaned texts)."""
+    if recipe.tasks:
+        raise TuneloopError(
+            f"this config trains several tasks ({', '.join(recipe.tasks)}); look at each task's "
+            f"data on its own: tuneloop data inspect --data FILE"
+        )
+    prepared, encoder = prepare_tasks({"": recipe.data}, recipe, registry)
+    return prepared[""], encoder
+
+
+def prepare_tasks(
+    tasks: dict[str, DataConfig], recipe: ClassifierRecipe, registry: Registry
+) -> tuple[dict[str, PreparedData], EncoderSource]:
+    """Prepare each task's data on its own, and pick the one encoder for all (auto looks at their texts)."""
+    first_pass = {name: prepare_data(data) for name, data in tasks.items()}
+    texts = [t for prepared in first_pass.values() for t in prepared.train["text"]]
+    encoder = resolve_encoder(recipe.model.name, registry, texts)
+    lengths = token_counter(encoder)
+    # The report's token lengths need the tokenizer, which "auto" can only pick after reading the data.
+    for prepared in first_pass.values():
+        texts = pd.concat([prepared.splits[name]["text"] for name in prepared.splits]).tolist()
+        prepared.report["text_length"] = length_percentiles(texts, lengths)
+    return first_pass, encoder
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, grouped: bool = True) -> list[list[int]]:
@@ -92,7 +145,8 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group
 
 
 @torch.no_grad()
-def _embed_all(model: TextClassifier, ids: list[list[int]], pad_id: int, batch_size: int = 128) -> torch.Tensor:
+def embed_all(model: TextClassifier, ids: list[list[int]], pad_id: int, batch_size: int = 128) -> torch.Tensor:
+    """Pooled embeddings of tokenised texts (for the centroid head initialisation)."""
     model.eval()
     out = torch.zeros(len(ids), model.encoder.config.hidden_size)
     for chosen in length_groups([len(x) for x in ids], batch_size):
@@ -101,21 +155,11 @@ def _embed_all(model: TextClassifier, ids: list[list[int]], pad_id: int, batch_s
     return out
 
 
-def _optimizer(model: TextClassifier, config: TuneloopConfig, heads: list[TextClassifier]) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for name, param in model.encoder.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
-    groups = [
-        {"params": decay, "lr": config.train.lr, "weight_decay": config.train.weight_decay},
-        {"params": no_decay, "lr": config.train.lr, "weight_decay": 0.0},
-        {
-            "params": [p for m in (model, *heads) for p in m.head.parameters()],
-            "lr": config.train.head_lr,
-            "weight_decay": 0.0,
-        },
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]])
+def _optimizer(model: TextClassifier, recipe: ClassifierRecipe, heads: list[TextClassifier]) -> torch.optim.AdamW:
+    head_parameters = [p for m in (model, *heads) for p in m.head.parameters()]
+    groups = parameter_groups(model.encoder, recipe.train.lr, recipe.train.weight_decay)
+    groups.append({"params": head_parameters, "lr": recipe.train.head_lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups)
 
 
 def _class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
@@ -124,24 +168,15 @@ def _class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def head_spec(config: TuneloopConfig, encoder: EncoderSource, labels: list[str], task: str = "") -> HeadSpec:
+def head_spec(recipe: ClassifierRecipe, encoder: EncoderSource, labels: list[str], task: str = "") -> HeadSpec:
+    model = recipe.model
     return HeadSpec(
         labels=labels,
-        pooling=config.model.pooling,
-        head=config.model.head,
-        dropout=config.model.dropout,
-        cosine_scale=config.model.cosine_scale,
-        max_length=config.model.max_length,
+        pooling=model.pooling,
+        head=model.head,
+        dropout=model.dropout,
+        cosine_scale=model.cosine_scale,
+        max_length=model.max_length,
         text_prefix=encoder.text_prefix,
         base_model=encoder.name,
         task=task,
@@ -149,87 +184,35 @@ def head_spec(config: TuneloopConfig, encoder: EncoderSource, labels: list[str],
 
 
 def build_classifier(
-    config: TuneloopConfig, encoder: EncoderSource, labels: list[str], task: str = ""
+    recipe: ClassifierRecipe, encoder: EncoderSource, labels: list[str], task: str = ""
 ) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
-    """A fresh classifier over the encoder, with the head spec taken from the config."""
-    spec = head_spec(config, encoder, labels, task)
+    """A fresh classifier over the encoder, with the head spec taken from the recipe."""
+    spec = head_spec(recipe, encoder, labels, task)
     try:
         tokenizer = AutoTokenizer.from_pretrained(encoder.path)
         model = TextClassifier(load_encoder(encoder.path), spec)
     except (OSError, ValueError) as exc:
-        raise TuneloopError(f"cannot load encoder from {encoder.path}: {str(exc).splitlines()[0]}") from exc
-    if config.train.method == "lora":
+        raise TuneloopError(f"cannot load encoder from {encoder.path}: {first_line(exc)}") from exc
+    settings = recipe.train
+    if settings.method == "lora":
         from peft import LoraConfig, get_peft_model  # only LoRA runs need peft
 
         adapters = LoraConfig(
-            r=config.train.lora_rank,
-            lora_alpha=config.train.lora_alpha,
-            lora_dropout=config.train.lora_dropout,
-            target_modules=config.train.lora_targets,
+            r=settings.lora_rank,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout,
+            target_modules=settings.lora_targets,
         )
         try:
             model.encoder = get_peft_model(model.encoder, adapters)
         except ValueError as exc:
             raise TuneloopError(
-                f"train.lora_targets {config.train.lora_targets} do not name layers of {encoder.name}: "
-                f"{str(exc).splitlines()[0]}"
+                f"train.lora_targets {settings.lora_targets} do not name layers of {encoder.name}: {first_line(exc)}"
             ) from exc
         return model, tokenizer
-    if config.train.freeze_embeddings:
+    if settings.freeze_embeddings:
         model.encoder.get_input_embeddings().weight.requires_grad_(False)
     return model, tokenizer
-
-
-class TrainedRowsEmbedding(nn.Module):
-    """A word-embedding matrix of which only the rows of the given token ids are trained.
-
-    A row whose token never occurs in the training texts gets no gradient, so Adam would leave it alone anyway;
-    training the others alone gives the same updates. It matters for e5: its 250k-row matrix is 80% of the
-    model, and stepping AdamW over all of it took 0.6 s of a 1.1 s step on 2 cores (a few thousand Chinese
-    reviews use about 5k rows).
-    """
-
-    def __init__(self, full: nn.Embedding, token_ids: list[int]) -> None:
-        super().__init__()
-        full.weight.requires_grad_(False)
-        self.full = full
-        self.rows = nn.Parameter(full.weight[token_ids].clone())
-        slot = torch.full((full.num_embeddings,), -1, dtype=torch.long)
-        slot[token_ids] = torch.arange(len(token_ids))
-        self.register_buffer("slot", slot, persistent=False)
-        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long), persistent=False)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        slot = self.slot[input_ids]
-        trained = F.embedding(slot.clamp(min=0), self.rows)
-        return torch.where((slot >= 0).unsqueeze(-1), trained, self.full(input_ids))
-
-    @torch.no_grad()
-    def merged(self) -> nn.Embedding:
-        """The full matrix with the trained rows written into it."""
-        self.full.weight[self.token_ids] = self.rows.to(self.full.weight.dtype)
-        return self.full
-
-
-def train_only_used_rows(encoder: PreTrainedModel, train_ids: list[list[int]]) -> None:
-    """Swap the encoder's trainable word embeddings for a TrainedRowsEmbedding over the tokens in `train_ids`."""
-    embeddings = encoder.get_input_embeddings()
-    if isinstance(embeddings, nn.Embedding) and embeddings.weight.requires_grad:
-        encoder.set_input_embeddings(TrainedRowsEmbedding(embeddings, sorted({t for ids in train_ids for t in ids})))
-
-
-@contextmanager
-def plain_embeddings(encoder: PreTrainedModel) -> Iterator[None]:
-    """Within it the encoder holds an ordinary nn.Embedding (trained rows merged in), as saved models must."""
-    current = encoder.get_input_embeddings()
-    if not isinstance(current, TrainedRowsEmbedding):
-        yield
-        return
-    encoder.set_input_embeddings(current.merged())
-    try:
-        yield
-    finally:
-        encoder.set_input_embeddings(current)
 
 
 @dataclass
@@ -250,11 +233,11 @@ def _task(
     classifier: TextClassifier,
     data: PreparedData,
     tokenizer: PreTrainedTokenizerBase,
-    config: TuneloopConfig,
+    recipe: ClassifierRecipe,
 ) -> Task:
     index = {label: i for i, label in enumerate(data.labels)}
     labels = data.train["label"].map(index).to_numpy()
-    weights = _class_weights(labels, len(data.labels)) if config.train.class_weighted else None
+    weights = _class_weights(labels, len(data.labels)) if recipe.train.class_weighted else None
     return Task(
         name,
         classifier,
@@ -262,7 +245,7 @@ def _task(
         labels,
         data.val["text"].tolist(),
         data.val["label"].map(index).to_numpy(),
-        torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=config.train.label_smoothing),
+        torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=recipe.train.label_smoothing),
     )
 
 
@@ -288,19 +271,19 @@ def validation_macro_f1(
     )
 
 
-def train_classifier(
-    config: TuneloopConfig,
+def fine_tune(
+    recipe: ClassifierRecipe,
     data: PreparedData,
     encoder: EncoderSource,
-    run_dir: Path,
+    run: VersionFolder,
     resume: bool = False,
     show_progress: bool = True,
-    step_callback: Callable[[dict, TextClassifier, PreTrainedTokenizerBase], None] | None = None,
+    step_callback: StepCallback | None = None,
     callback_every: int = 0,
     other_tasks: dict[str, PreparedData] | None = None,
     task_name: str = "",
 ) -> TrainResult:
-    """Fine-tune and return where the best model (by validation macro-F1) was saved.
+    """The training loop; returns where the best model (by validation macro-F1) was saved.
 
     `other_tasks` makes it multi-task: each labelled set gets its own head on the shared encoder, batches of
     all tasks are interleaved, and the best epoch is the one with the best mean validation macro-F1.
@@ -310,26 +293,26 @@ def train_classifier(
     state["global_step"] and state["train_seconds"] (which includes the centroid pass and excludes the
     callback itself); benchmarks use it to score the test set during training.
     """
-    tc = config.train
-    torch.set_num_threads(tc.threads or os.cpu_count() or 1)
+    tc = recipe.train
+    use_threads(tc.threads)
     seed_everything(tc.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = build_classifier(config, encoder, data.labels, task_name if other_tasks else "")
+    run.root.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = build_classifier(recipe, encoder, data.labels, task_name if other_tasks else "")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # The other tasks' classifiers share the model's encoder object: one set of encoder weights learns them all.
     heads = {
-        name: TextClassifier(model.encoder, head_spec(config, encoder, extra.labels, name))
+        name: TextClassifier(model.encoder, head_spec(recipe, encoder, extra.labels, name))
         for name, extra in (other_tasks or {}).items()
     }
     tasks = [
-        _task(task_name, model, data, tokenizer, config),
-        *(_task(name, heads[name], extra, tokenizer, config) for name, extra in (other_tasks or {}).items()),
+        _task(task_name, model, data, tokenizer, recipe),
+        *(_task(name, heads[name], extra, tokenizer, recipe) for name, extra in (other_tasks or {}).items()),
     ]
     train_only_used_rows(model.encoder, [ids for task in tasks for ids in task.train_ids])
 
     steps_per_epoch = sum(-(-len(task.train_ids) // tc.batch_size) for task in tasks)
     total_steps = steps_per_epoch * tc.epochs
-    optimizer = _optimizer(model, config, list(heads.values()))
+    optimizer = _optimizer(model, recipe, list(heads.values()))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = get_scheduler(
         "constant_with_warmup" if tc.schedule == "constant" else tc.schedule,
@@ -352,17 +335,14 @@ def train_classifier(
         "history": [],
         "train_seconds": 0.0,
     }
-    checkpoint = run_dir / CHECKPOINT_DIR
     if resume:
-        if not (checkpoint / "trainer.pt").is_file():
-            raise TuneloopError(f"nothing to resume in {run_dir}: no {CHECKPOINT_DIR}/trainer.pt")
-        saved = torch.load(checkpoint / "trainer.pt", weights_only=False)
+        saved = load_checkpoint(run, CHECKPOINT)
         try:
             model.load_state_dict(saved["model"])
         except RuntimeError as exc:  # e.g. a checkpoint from before the embeddings trained by rows
             raise TuneloopError(
-                f"cannot resume {run_dir}: its checkpoint does not fit this model "
-                f"({str(exc).splitlines()[0]}); start the run again without --resume"
+                f"cannot resume {run.root}: its checkpoint does not fit this model "
+                f"({first_line(exc)}); start the run again without --resume"
             ) from exc
         for name, head in heads.items():
             head.head.load_state_dict(saved["heads"][name])
@@ -371,11 +351,11 @@ def train_classifier(
         state = {**state, **saved["state"]}  # keys added since that checkpoint keep their defaults
         restore_rng(saved["rng"])
         log.info("resuming at epoch %d step %d", state["epoch"], state["step_in_epoch"])
-    elif config.model.head_init == "centroids":
+    elif recipe.model.head_init == "centroids":
         started = time.perf_counter()
         for task in tasks:
             task.classifier.init_head_from_centroids(
-                _embed_all(model, task.train_ids, pad_id), torch.tensor(task.train_labels)
+                embed_all(model, task.train_ids, pad_id), torch.tensor(task.train_labels)
             )
         state["train_seconds"] += time.perf_counter() - started
 
@@ -389,26 +369,19 @@ def train_classifier(
         if heads:
             save_task_heads(folder, heads)
 
-    def save_checkpoint() -> None:
-        payload = {
-            "model": model.state_dict(),
-            "heads": {n: h.head.state_dict() for n, h in heads.items()},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "state": state,
-            "rng": rng_state(),
-        }
-        write_dir_atomically(lambda d: (d.mkdir(parents=True), torch.save(payload, d / "trainer.pt")), checkpoint)
-
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
-    metrics_log = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
-
-    def record(entry: dict) -> None:
-        metrics_log.write(json.dumps(entry) + "\n")
-        metrics_log.flush()
-        for key, value in entry.items():
-            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
-                writer.add_scalar(key, value, entry["step"])
+    def checkpoint() -> None:
+        save_checkpoint(
+            run,
+            CHECKPOINT,
+            {
+                "model": model.state_dict(),
+                "heads": {n: h.head.state_dict() for n, h in heads.items()},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "state": state,
+                "rng": rng_state(),
+            },
+        )
 
     def validate(entry: dict) -> None:
         """Score the validation split into `entry`; keep the model if it is the best so far (or if there is
@@ -430,22 +403,12 @@ def train_classifier(
             state["best_epoch"] = state["epoch"] + 1
             state["best_step"] = state["global_step"]
             state["improved_in_epoch"] = True
-            write_dir_atomically(save_model, run_dir / MODEL_DIR)
+            write_dir_atomically(save_model, run.model)
         train_mode()
 
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not show_progress,
-        transient=False,
-    )
+    metrics = MetricsLog(run)
     train_mode()
-    with progress:
-        bar = progress.add_task("training", total=total_steps, completed=state["global_step"], loss=0.0)
+    with TrainingProgress("training", total_steps, state["global_step"], show_progress) as progress:
         while state["epoch"] < tc.epochs and not state["stopped_early"]:
             epoch = state["epoch"]
             batches = _epoch_batches(tasks, tc.batch_size, tc.seed + epoch, tc.length_grouping)
@@ -469,7 +432,7 @@ def train_classifier(
                 state["step_in_epoch"] = index + 1
                 running += loss.item() * len(chosen)
                 seen += len(chosen)
-                progress.update(bar, advance=1, loss=running / seen, description=f"epoch {epoch + 1}/{tc.epochs}")
+                progress.step(running / seen, f"epoch {epoch + 1}/{tc.epochs}")
                 if tc.eval_every and state["global_step"] % tc.eval_every == 0 and index + 1 < len(batches):
                     entry = {
                         "epoch": epoch + 1,
@@ -480,9 +443,9 @@ def train_classifier(
                     }
                     validate(entry)
                     state["history"].append(entry)
-                    record(entry)
+                    metrics.record(entry)
                 if state["global_step"] % tc.checkpoint_every == 0:
-                    save_checkpoint()
+                    checkpoint()
                 if step_callback and callback_every and state["global_step"] % callback_every == 0:
                     step_callback(state, model, tokenizer)
                     train_mode()
@@ -497,29 +460,198 @@ def train_classifier(
             }
             validate(entry)
             state["history"].append(entry)
-            record(entry)
+            metrics.record(entry)
             log.info("epoch %d: %s", epoch + 1, entry)
             state["bad_epochs"] = 0 if state["improved_in_epoch"] else state["bad_epochs"] + 1
             state["improved_in_epoch"] = False
             state["epoch"] = epoch + 1
             state["step_in_epoch"] = 0
-            save_checkpoint()
+            checkpoint()
             if step_callback:
                 step_callback(state, model, tokenizer)
                 train_mode()
             if state["bad_epochs"] >= tc.patience:
                 state["stopped_early"] = True
-                save_checkpoint()
+                checkpoint()
                 log.info("early stop: no validation improvement for %d epochs", tc.patience)
                 break
-    writer.close()
-    metrics_log.close()
+    metrics.close()
     return TrainResult(
-        best_dir=run_dir / MODEL_DIR,
+        best_dir=run.model,
         best_epoch=state["best_epoch"],
         best_val_macro_f1=state["best_f1"],
         best_step=state["best_step"],
         history=state["history"],
         train_seconds=state["train_seconds"],
         stopped_early=state["stopped_early"],
+    )
+
+
+def _fold_data(data: PreparedData, fold: int) -> PreparedData:
+    pool = pd.concat([data.train, data.val], ignore_index=True)
+    splits = {
+        "train": pool[data.folds != fold].reset_index(drop=True),
+        "val": pool[data.folds == fold].reset_index(drop=True),
+        "test": data.test,
+    }
+    return PreparedData(splits=splits, labels=data.labels, report=data.report, fingerprint=fingerprint_of(splits))
+
+
+def cross_validate(
+    recipe: ClassifierRecipe, data: PreparedData, encoder: EncoderSource, run: VersionFolder, show_progress: bool
+) -> tuple[TrainResult, dict]:
+    """k-fold cross-validation on train + val: one model per fold; the best fold's model becomes the run's."""
+    folds = []
+    for index in range(recipe.data.kfold or 0):
+        result = fine_tune(recipe, _fold_data(data, index), encoder, run.fold(index), show_progress=show_progress)
+        folds.append({"fold": index, "val_macro_f1": result.best_val_macro_f1, "best_epoch": result.best_epoch})
+    scores = np.array([f["val_macro_f1"] for f in folds], dtype=float)
+    best = int(scores.argmax())
+    summary = {
+        "k": recipe.data.kfold,
+        "folds": folds,
+        "mean_val_macro_f1": float(scores.mean()),
+        "std_val_macro_f1": float(scores.std()),
+        "selected_fold": best,
+    }
+    run.cross_validation.write_text(json.dumps(summary, indent=2))
+    shutil.copytree(run.fold(best).model, run.model)
+    result = TrainResult(
+        best_dir=run.model, best_epoch=folds[best]["best_epoch"], best_val_macro_f1=folds[best]["val_macro_f1"]
+    )
+    return result, summary
+
+
+def evaluate_run(
+    recipe: ClassifierRecipe,
+    run: VersionFolder,
+    result: TrainResult,
+    data: PreparedData,
+    others: dict[str, PreparedData],
+    cross_validation: dict | None,
+) -> dict:
+    """The test report of the run's best model (and of each other task's head), written into the run."""
+    model, tokenizer = TextClassifier.load(result.best_dir)
+    title = f"{recipe.name}: test report" + (f" — task {model.spec.task}" if others else "")
+    report = evaluate_classifier(
+        model, tokenizer, data.test, recipe.eval, train=data.train, history=result.history, title=title
+    )
+    if others:
+        heads = load_task_heads(result.best_dir, model)
+        report["tasks"] = {
+            name: evaluate_classifier(
+                heads[name],
+                tokenizer,
+                task_data.test,
+                recipe.eval,
+                train=task_data.train,
+                title=f"{recipe.name}: task {name}",
+            )
+            for name, task_data in others.items()
+        }
+    report.update(
+        train_seconds=result.train_seconds, best_epoch=result.best_epoch, best_step=result.best_step, data=data.report
+    )
+    if cross_validation:
+        report["cross_validation"] = cross_validation
+    write_report(report, run.root)
+    return report
+
+
+def register_classifier(
+    registry: Registry,
+    recipe: ClassifierRecipe,
+    run: VersionFolder,
+    report: dict,
+    result: TrainResult,
+    encoder: EncoderSource,
+    fingerprints: list[str],
+    parent: str | None,
+) -> ModelVersion:
+    """The run as a candidate version, its headline metrics (and each other task's) in the registry row."""
+    metrics = {k: report["test"][k] for k in ("accuracy", "macro_f1", "weighted_f1")}
+    metrics.update(
+        ece=report["test"]["calibration"]["ece"],
+        train_seconds=result.train_seconds,
+        best_val_macro_f1=result.best_val_macro_f1,
+    )
+    for name, task_report in report.get("tasks", {}).items():
+        metrics.update({f"{name}.{k}": task_report["test"][k] for k in ("accuracy", "macro_f1")})
+    # A multi-task version's data is all its tasks' splits: the fingerprint covers each in order.
+    data_fingerprint = fingerprints[0] if len(fingerprints) == 1 else fingerprint(fingerprints)
+    return register_run(
+        registry, recipe, run, base_model=encoder.name, fingerprint=data_fingerprint, metrics=metrics, parent=parent
+    )
+
+
+def run(
+    recipe: ClassifierRecipe,
+    resume: str | Path | None = None,
+    register: bool = True,
+    show_progress: bool = True,
+    step_callback: StepCallback | None = None,
+    callback_every: int = 0,
+    prepared: tuple[PreparedData, EncoderSource] | None = None,
+    parent: str | None = None,
+) -> ClassifierOutcome:
+    """Train (or resume: 'latest' or a run folder), evaluate on the test split, write the report and
+    register a candidate.
+
+    `prepared` skips the data stage (retraining brings its own splits); `parent` is recorded in the registry.
+    With `recipe.tasks` it trains one encoder for all the tasks (multi-task); the first is the model's own.
+    """
+    registry = Registry(recipe.registry)
+    if resume is not None:
+        folder = resume_folder(recipe, resume, CHECKPOINT)
+        # The run continues with the recipe it started with; where things live is the caller's.
+        saved = stored_recipe(read_yaml_mapping(folder.config))
+        recipe = validated(ClassifierRecipe, {**saved, "registry": recipe.registry.model_dump()}, f"{folder.config}: ")
+        data = load_prepared(folder.data())
+        others = {name: load_prepared(folder.data(name)) for name in list(recipe.tasks)[1:]}
+        started_from = json.loads(folder.encoder.read_text())
+        encoder = resolve_encoder(started_from["name"], registry)
+        parent = started_from.get("parent")
+    else:
+        if recipe.tasks and prepared is None:
+            all_tasks, encoder = prepare_tasks(recipe.tasks, recipe, registry)
+            data, *rest = all_tasks.values()
+            others = dict(zip(list(recipe.tasks)[1:], rest, strict=True))
+        else:
+            data, encoder = prepared or prepare_for_model(recipe, registry)
+            others = {}
+        folder = new_run_folder(recipe)
+        start_run(recipe, folder)
+        save_prepared(data, folder.data())
+        for name, task_data in others.items():
+            save_prepared(task_data, folder.data(name))
+        folder.encoder.write_text(
+            json.dumps(
+                {"name": encoder.name, "path": str(encoder.path), "text_prefix": encoder.text_prefix, "parent": parent}
+            )
+        )
+
+    cross_validation = None
+    if recipe.data.kfold and resume is None:
+        result, cross_validation = cross_validate(recipe, data, encoder, folder, show_progress)
+    else:
+        result = fine_tune(
+            recipe,
+            data,
+            encoder,
+            folder,
+            resume=resume is not None,
+            show_progress=show_progress,
+            step_callback=step_callback,
+            callback_every=callback_every,
+            other_tasks=others,
+            task_name=next(iter(recipe.tasks), ""),
+        )
+    report = evaluate_run(recipe, folder, result, data, others, cross_validation)
+    version, html = None, folder.report_html
+    if register:
+        fingerprints = [d.fingerprint for d in (data, *others.values())]
+        version = register_classifier(registry, recipe, folder, report, result, encoder, fingerprints, parent)
+        html = registry.folder(version).report_html
+    return ClassifierOutcome(
+        folder=folder, report=report, report_html=html, version=version, train=result, cross_validation=cross_validation
     )

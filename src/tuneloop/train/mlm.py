@@ -14,11 +14,9 @@ that vocabulary and says so.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -28,22 +26,36 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoTokenizer, BertForMaskedLM, PreTrainedTokenizerBase, get_scheduler
 
 from tuneloop.atomic import write_dir_atomically
-from tuneloop.config import TuneloopConfig, dump_config
+from tuneloop.config import PretrainRecipe, read_yaml_mapping, validated
 from tuneloop.data.clean import clean_text, dedup_key
 from tuneloop.data.load import read_table, select_columns
-from tuneloop.errors import TuneloopError
-from tuneloop.models.classifier import MODEL_DIR
-from tuneloop.models.encoders import ENCODER_META, EncoderSource, resolve_encoder
+from tuneloop.data.prepare import fingerprint
+from tuneloop.errors import TuneloopError, first_line
+from tuneloop.models.encoders import EncoderSource, resolve_encoder
 from tuneloop.models.scratch import bert_config, train_tokenizer
-from tuneloop.registry.store import ModelVersion, Registry
-from tuneloop.train.classification import CHECKPOINT_DIR, restore_rng, rng_state, seed_everything
+from tuneloop.registry import ModelVersion, Registry, VersionFolder
+from tuneloop.train.common import (
+    MetricsLog,
+    TrainingProgress,
+    load_checkpoint,
+    mean_token_loss,
+    new_run_folder,
+    parameter_groups,
+    register_run,
+    restore_rng,
+    resume_folder,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    start_run,
+    use_threads,
+)
 
 log = logging.getLogger(__name__)
+CHECKPOINT = "pretrain.pt"
 NO_WORD = -1
 # e5's 250k rows: above this the embedding matrix (tied to the output layer) stays frozen while pretraining.
 BIG_VOCABULARY = 100_000
@@ -51,7 +63,7 @@ BIG_VOCABULARY = 100_000
 
 @dataclass
 class PretrainOutcome:
-    run_dir: Path
+    folder: VersionFolder
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     version: ModelVersion | None = None
@@ -184,21 +196,20 @@ class CorpusVocabularyHead(torch.nn.Module):
 
 
 def _build_model(
-    config: TuneloopConfig, texts: list[str], run_dir: Path
+    recipe: PretrainRecipe, registry: Registry, texts: list[str], run: VersionFolder
 ) -> tuple[BertForMaskedLM, PreTrainedTokenizerBase, EncoderSource]:
-    settings = config.pretrain
+    settings = recipe.pretrain
     if settings.from_scratch:
-        folder = run_dir / "tokenizer"
         # On resume the saved tokenizer is reused: the checkpoint's embedding rows are indexed by its ids.
         tokenizer = (
-            AutoTokenizer.from_pretrained(folder)
-            if (folder / "tokenizer.json").is_file()
-            else train_tokenizer(texts, settings.tokenizer, settings.vocab_size, folder)
+            AutoTokenizer.from_pretrained(run.tokenizer)
+            if (run.tokenizer / "tokenizer.json").is_file()
+            else train_tokenizer(texts, settings.tokenizer, settings.vocab_size, run.tokenizer)
         )
         model = BertForMaskedLM(bert_config(settings.size, len(tokenizer)))
-        source = EncoderSource(f"scratch-{settings.size}-{settings.tokenizer}", run_dir / "tokenizer")
+        source = EncoderSource(f"scratch-{settings.size}-{settings.tokenizer}", run.tokenizer)
         return model, tokenizer, source
-    source = resolve_encoder(config.model.name, config.registry.home, texts)
+    source = resolve_encoder(recipe.model.name, registry, texts)
     model_type = json.loads((source.path / "config.json").read_text()).get("model_type")
     if model_type != "bert":
         raise TuneloopError(f"MLM pretraining supports BERT encoders; {source.name} is '{model_type}'")
@@ -206,57 +217,48 @@ def _build_model(
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         model = BertForMaskedLM.from_pretrained(source.path)
     except (OSError, ValueError) as exc:
-        raise TuneloopError(f"cannot load {source.path} as a BERT encoder for MLM: {str(exc).splitlines()[0]}") from exc
+        raise TuneloopError(f"cannot load {source.path} as a BERT encoder for MLM: {first_line(exc)}") from exc
     return model, tokenizer, source
 
 
-@torch.no_grad()
-def heldout_loss(head: CorpusVocabularyHead, masks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> float:
-    """Mean loss per masked token over pre-masked held-out batches."""
-    head.eval()
-    total, count = 0.0, 0
-    for input_ids, attention, labels in masks:
-        loss, masked = head.loss(input_ids, attention, labels)
-        total += float(loss) * masked
-        count += masked
-    head.train()
-    return total / max(count, 1)
-
-
-def pretrain(
-    config: TuneloopConfig,
-    run_dir: Path,
+def run(
+    recipe: PretrainRecipe,
+    resume: str | Path | None = None,
     register: bool = True,
     show_progress: bool = True,
     step_callback: Callable[[dict], None] | None = None,
 ) -> PretrainOutcome:
     """Pretrain (or continue pretraining) an encoder by MLM; save it as a registry version train can start from.
 
-    A run folder with a checkpoint is resumed from it. `step_callback(state)` runs after every step.
+    `resume` ('latest' or a run folder) continues a run from its checkpoint, with the recipe it started with.
+    `step_callback(state)` runs after every step.
     """
-    settings = config.pretrain
-    torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
+    registry = Registry(recipe.registry)
+    if resume is not None:
+        folder = resume_folder(recipe, resume, CHECKPOINT)
+        saved = read_yaml_mapping(folder.config)
+        recipe = validated(PretrainRecipe, {**saved, "registry": recipe.registry.model_dump()}, f"{folder.config}: ")
+    else:
+        folder = new_run_folder(recipe)
+        start_run(recipe, folder)
+    settings = recipe.pretrain
+    use_threads(settings.threads)
     seed_everything(settings.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-    texts = read_corpus(settings.paths, config.data.text_column)
+    texts = read_corpus(settings.paths, settings.text_column)
     order = np.random.default_rng(settings.seed).permutation(len(texts))
     held = max(1, int(round(settings.holdout * len(texts))))
     heldout_texts = [texts[i] for i in order[:held]]
     train_texts = [texts[i] for i in order[held:]]
-    model, tokenizer, source = _build_model(config, train_texts, run_dir)
+    model, tokenizer, source = _build_model(recipe, registry, train_texts, folder)
     special = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
-    train_blocks = pack_blocks(
-        encode_corpus(tokenizer, train_texts, settings.whole_word),
-        settings.block_size,
-        tokenizer.cls_token_id,
-        tokenizer.sep_token_id,
-    )
-    heldout_blocks = pack_blocks(
-        encode_corpus(tokenizer, heldout_texts, settings.whole_word),
-        settings.block_size,
-        tokenizer.cls_token_id,
-        tokenizer.sep_token_id,
+    train_blocks, heldout_blocks = (
+        pack_blocks(
+            encode_corpus(tokenizer, part, settings.whole_word),
+            settings.block_size,
+            tokenizer.cls_token_id,
+            tokenizer.sep_token_id,
+        )
+        for part in (train_texts, heldout_texts)
     )
     if not train_blocks or not heldout_blocks:
         raise TuneloopError(
@@ -283,16 +285,13 @@ def pretrain(
 
     steps_per_epoch = -(-len(train_blocks) // settings.batch_size)
     total = steps_per_epoch * settings.epochs
-    parameters = [p for p in head.parameters() if p.requires_grad]
-    head_only = {id(p) for p in model.cls.predictions.transform.parameters()} | {id(model.cls.predictions.bias)}
-    groups = []
-    for in_head, lr in ((False, settings.lr), (True, settings.head_lr)):
-        chosen = [p for p in parameters if (id(p) in head_only) == in_head]
-        groups += [
-            {"params": [p for p in chosen if p.ndim >= 2], "lr": lr, "weight_decay": settings.weight_decay},
-            {"params": [p for p in chosen if p.ndim < 2], "lr": lr, "weight_decay": 0.0},
-        ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
+    # The MLM head has its own learning rate; its output layer is tied to the word embeddings, which the
+    # encoder's groups already hold.
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model.bert, settings.lr, settings.weight_decay)
+        + parameter_groups(model.cls, settings.head_lr, settings.weight_decay, skip=model.bert.parameters())
+    )
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = get_scheduler(
         "linear", optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total
     )
@@ -306,44 +305,34 @@ def pretrain(
         "running": 0.0,
         "counted": 0,
     }
-    checkpoint = run_dir / CHECKPOINT_DIR / "pretrain.pt"
     generator = random.Random(settings.seed)
-    if checkpoint.is_file():
-        saved = torch.load(checkpoint, weights_only=False)
-        head.load_state_dict(saved["head"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
+    if resume is not None:
+        saved_state = load_checkpoint(folder, CHECKPOINT)
+        head.load_state_dict(saved_state["head"])
+        optimizer.load_state_dict(saved_state["optimizer"])
+        scheduler.load_state_dict(saved_state["scheduler"])
+        state = saved_state["state"]
         generator.setstate(state["generator"])
-        restore_rng(saved["rng"])  # dropout draws from torch's generator
+        restore_rng(saved_state["rng"])  # dropout draws from torch's generator
         log.info("resuming pretraining at epoch %d step %d", state["epoch"], state["step_in_epoch"])
 
-    def save_checkpoint() -> None:
+    def checkpoint() -> None:
         state["generator"] = generator.getstate()
-        payload = {
-            "head": head.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "state": state,
-            "rng": rng_state(),
-        }
-        write_dir_atomically(
-            lambda d: (d.mkdir(parents=True), torch.save(payload, d / "pretrain.pt")), run_dir / CHECKPOINT_DIR
+        save_checkpoint(
+            folder,
+            CHECKPOINT,
+            {
+                "head": head.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "state": state,
+                "rng": rng_state(),
+            },
         )
 
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not show_progress,
-    )
+    metrics = MetricsLog(folder, prefix="pretrain/")
     head.train()
-    with progress, (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as metrics_log:
-        task = progress.add_task("pretraining", total=total, completed=state["global_step"], loss=0.0)
+    with TrainingProgress("pretraining", total, state["global_step"], show_progress) as progress:
         while state["epoch"] < settings.epochs:
             epoch = state["epoch"]
             batches = np.random.default_rng(settings.seed + epoch).permutation(len(train_blocks))
@@ -364,17 +353,12 @@ def pretrain(
                 state["step_in_epoch"] += 1
                 state["running"] += loss.item() * masked
                 state["counted"] += masked
-                progress.update(
-                    task,
-                    advance=1,
-                    loss=state["running"] / max(state["counted"], 1),
-                    description=f"epoch {epoch + 1}/{settings.epochs}",
-                )
+                progress.step(state["running"] / max(state["counted"], 1), f"epoch {epoch + 1}/{settings.epochs}")
                 if state["global_step"] % settings.checkpoint_every == 0:
-                    save_checkpoint()
+                    checkpoint()
                 if step_callback:
                     step_callback(state)
-            held_loss = heldout_loss(head, heldout_masks)
+            held_loss = mean_token_loss(head.loss, head, heldout_masks)
             entry = {
                 "epoch": epoch + 1,
                 "step": state["global_step"],
@@ -384,21 +368,19 @@ def pretrain(
                 "train_seconds": state["train_seconds"],
             }
             state["history"].append(entry)
-            metrics_log.write(json.dumps(entry) + "\n")
-            for key in ("train_loss", "heldout_loss", "heldout_perplexity"):
-                writer.add_scalar(f"pretrain/{key}", entry[key], entry["step"])
+            metrics.record(entry)
             log.info("epoch %d: %s", epoch + 1, entry)
             state["epoch"], state["step_in_epoch"], state["running"], state["counted"] = epoch + 1, 0, 0.0, 0
-            save_checkpoint()
-    writer.close()
+            checkpoint()
+    metrics.close()
 
-    def save_encoder(folder: Path) -> None:
-        folder.mkdir(parents=True)
-        model.bert.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+    def save_encoder(target: Path) -> None:
+        target.mkdir(parents=True)
+        model.bert.save_pretrained(target)
+        tokenizer.save_pretrained(target)
 
-    write_dir_atomically(save_encoder, run_dir / MODEL_DIR)
-    (run_dir / ENCODER_META).write_text(json.dumps({"base": source.name, "text_prefix": source.text_prefix}))
+    write_dir_atomically(save_encoder, folder.model)
+    folder.encoder.write_text(json.dumps({"name": source.name, "text_prefix": source.text_prefix}))
     corpus = {
         "texts": len(texts),
         "train_blocks": len(train_blocks),
@@ -408,25 +390,24 @@ def pretrain(
         "tokenizer_vocabulary": len(tokenizer),
         "whole_word": settings.whole_word,
     }
-    (run_dir / "corpus.json").write_text(json.dumps(corpus, indent=2))
+    folder.corpus.write_text(json.dumps(corpus, indent=2))
     outcome = PretrainOutcome(
-        run_dir=run_dir, history=state["history"], train_seconds=state["train_seconds"], corpus=corpus
+        folder=folder, history=state["history"], train_seconds=state["train_seconds"], corpus=corpus
     )
     if register:
         last = state["history"][-1]
-        outcome.version = Registry(config.registry).register(
-            config.name,
-            run_dir,
+        outcome.version = register_run(
+            registry,
+            recipe,
+            folder,
             base_model=source.name,
-            data_fingerprint=hashlib.sha256("\x1e".join(texts).encode()).hexdigest()[:16],
-            config=config.model_dump(mode="json"),
+            fingerprint=fingerprint(texts),
             metrics={
                 "heldout_perplexity": last["heldout_perplexity"],
                 "heldout_loss": last["heldout_loss"],
                 "train_seconds": state["train_seconds"],
                 "kind": "encoder",
             },
-            parent=config.model.name if "@" in config.model.name else None,
-            ignore=(CHECKPOINT_DIR, "*.tmp", "*.old"),
+            parent=recipe.model.name if "@" in recipe.model.name else None,
         )
     return outcome

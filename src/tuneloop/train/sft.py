@@ -9,28 +9,36 @@ model trains on a CPU either way, but LoRA versions are megabytes, not half a gi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from tuneloop.atomic import write_dir_atomically
-from tuneloop.config import TuneloopConfig, dump_config
+from tuneloop.config import SftRecipe
 from tuneloop.data.load import read_table
-from tuneloop.errors import TuneloopError
-from tuneloop.models.classifier import MODEL_DIR
-from tuneloop.models.lm import resolve_generator
-from tuneloop.registry.store import ModelVersion, Registry
-from tuneloop.train.classification import seed_everything
+from tuneloop.data.prepare import fingerprint
+from tuneloop.errors import TuneloopError, first_line
+from tuneloop.models.classifier import pad_right
+from tuneloop.models.lm import resolve_lm
+from tuneloop.registry import ModelVersion, Registry, VersionFolder
+from tuneloop.train.common import (
+    MetricsLog,
+    TrainingProgress,
+    mean_token_loss,
+    new_run_folder,
+    parameter_groups,
+    register_run,
+    seed_everything,
+    start_run,
+    use_threads,
+)
 
 log = logging.getLogger(__name__)
 Message = dict[str, str]
@@ -38,7 +46,7 @@ Message = dict[str, str]
 
 @dataclass
 class SftOutcome:
-    run_dir: Path
+    folder: VersionFolder
     history: list[dict] = field(default_factory=list)
     heldout_loss_before: float | None = None
     train_seconds: float = 0.0
@@ -105,37 +113,32 @@ def tokenize_conversation(
 def _batches(
     examples: list[tuple[list[int], list[int]]], size: int, pad_id: int, order: np.ndarray
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask, labels) per batch, in `order`; labels padded with -100 (no loss)."""
     out = []
     for start in range(0, len(order), size):
         chosen = [examples[i] for i in order[start : start + size]]
-        width = max(len(ids) for ids, _ in chosen)
-        input_ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(chosen), width), dtype=torch.long)
-        labels = torch.full((len(chosen), width), -100, dtype=torch.long)
-        for row, (ids, target) in enumerate(chosen):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention[row, : len(ids)] = 1
-            labels[row, : len(ids)] = torch.tensor(target)
+        input_ids, attention = pad_right([ids for ids, _ in chosen], pad_id)
+        labels, _ = pad_right([target for _, target in chosen], -100)
         out.append((input_ids, attention, labels))
     return out
 
 
-@torch.no_grad()
-def mean_loss(model: PreTrainedModel, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> float:
-    """Loss per reply token over the batches (the model's mean is per batch, so weight by token counts)."""
-    model.eval()
-    total, tokens = 0.0, 0
-    for input_ids, attention, labels in batches:
-        counted = int((labels[:, 1:] != -100).sum())
-        if counted:
-            total += float(model(input_ids=input_ids, attention_mask=attention, labels=labels).loss) * counted
-            tokens += counted
-    model.train()
-    return total / max(tokens, 1)
+def reply_loss(model: PreTrainedModel):
+    """(loss, reply tokens counted) of one batch: the model's mean loss over the tokens it predicts."""
+
+    def loss_and_count(
+        input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        counted = int((labels[:, 1:] != -100).sum())  # the first token is never predicted
+        if not counted:
+            return torch.zeros(()), 0
+        return model(input_ids=input_ids, attention_mask=attention, labels=labels).loss, counted
+
+    return loss_and_count
 
 
-def build_model(config: TuneloopConfig, folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    settings = config.sft
+def build_model(recipe: SftRecipe, folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    settings = recipe.sft
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.chat_template is None:
         raise TuneloopError(f"{folder} has no chat template; SFT needs one to render conversations")
@@ -158,23 +161,21 @@ def build_model(config: TuneloopConfig, folder: Path) -> tuple[PreTrainedModel, 
             )
         except ValueError as exc:
             raise TuneloopError(
-                f"sft.lora_targets {settings.lora_targets} do not name layers of the model: {str(exc).splitlines()[0]}"
+                f"sft.lora_targets {settings.lora_targets} do not name layers of the model: {first_line(exc)}"
             ) from exc
     return model, tokenizer
 
 
-def fine_tune_lm(
-    config: TuneloopConfig, run_dir: Path, register: bool = True, show_progress: bool = True
-) -> SftOutcome:
+def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) -> SftOutcome:
     """Fine-tune, report held-out loss before and after, save (adapters or full weights) and register."""
-    settings = config.sft
-    torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
+    settings = recipe.sft
+    registry = Registry(recipe.registry)
+    use_threads(settings.threads)
     seed_everything(settings.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    folder = new_run_folder(recipe)
+    start_run(recipe, folder)
     conversations = read_conversations(settings.paths, settings.system_prompt)
-    base = resolve_generator(settings.model, config.registry.home)
-    model, tokenizer = build_model(config, base)
+    model, tokenizer = build_model(recipe, resolve_lm(settings.model, registry))
     examples = [tokenize_conversation(tokenizer, c, settings.max_length) for c in conversations]
     examples = [e for e in examples if any(label != -100 for label in e[1])]
     order = np.random.default_rng(settings.seed).permutation(len(examples))
@@ -183,28 +184,20 @@ def fine_tune_lm(
     if not len(train_order):
         raise TuneloopError(f"{len(examples)} usable conversation(s): too few to train on")
     heldout = _batches(examples, settings.batch_size, tokenizer.pad_token_id, heldout_order) if held else []
-    before = mean_loss(model, heldout) if heldout else None
+    loss_and_count = reply_loss(model)
+    before = mean_token_loss(loss_and_count, model, heldout) if heldout else None
 
     steps_per_epoch = -(-len(train_order) // settings.batch_size)
     total = steps_per_epoch * settings.epochs
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, settings.lr, settings.weight_decay))
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = get_scheduler(
         "linear", optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total
     )
-    history, train_seconds = [], 0.0
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.3f}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not show_progress,
-    )
+    history, train_seconds, step = [], 0.0, 0
+    metrics = MetricsLog(folder, prefix="sft/")
     model.train()
-    with progress:
-        task = progress.add_task("fine-tuning", total=total, loss=0.0)
+    with TrainingProgress("fine-tuning", total, show=show_progress) as progress:
         for epoch in range(settings.epochs):
             shuffled = np.random.default_rng(settings.seed + epoch).permutation(train_order)
             running, steps = 0.0, 0
@@ -221,25 +214,30 @@ def fine_tune_lm(
                 train_seconds += time.perf_counter() - started
                 running += loss.item()
                 steps += 1
-                progress.update(
-                    task, advance=1, loss=running / steps, description=f"epoch {epoch + 1}/{settings.epochs}"
-                )
-            entry = {"epoch": epoch + 1, "train_loss": running / max(steps, 1), "train_seconds": train_seconds}
+                step += 1
+                progress.step(running / steps, f"epoch {epoch + 1}/{settings.epochs}")
+            entry = {
+                "epoch": epoch + 1,
+                "step": step,
+                "train_loss": running / max(steps, 1),
+                "train_seconds": train_seconds,
+            }
             if heldout:
-                entry["heldout_loss"] = mean_loss(model, heldout)
+                entry["heldout_loss"] = mean_token_loss(loss_and_count, model, heldout)
                 entry["heldout_perplexity"] = math.exp(min(entry["heldout_loss"], 50))
             history.append(entry)
+            metrics.record(entry)
             log.info("epoch %d: %s", epoch + 1, entry)
+    metrics.close()
 
-    def save(folder: Path) -> None:
-        folder.mkdir(parents=True)
-        model.save_pretrained(folder)  # LoRA: the adapters and a pointer to the base; full: every weight
-        tokenizer.save_pretrained(folder)
+    def save(target: Path) -> None:
+        target.mkdir(parents=True)
+        model.save_pretrained(target)  # LoRA: the adapters and a pointer to the base; full: every weight
+        tokenizer.save_pretrained(target)
 
-    write_dir_atomically(save, run_dir / MODEL_DIR)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    write_dir_atomically(save, folder.model)
     outcome = SftOutcome(
-        run_dir=run_dir,
+        folder=folder,
         history=history,
         heldout_loss_before=before,
         train_seconds=train_seconds,
@@ -247,20 +245,19 @@ def fine_tune_lm(
     )
     if register:
         last = history[-1]
-        metrics = {
-            "kind": "generator",
-            "train_seconds": train_seconds,
-            "heldout_loss_before": before,
-            "heldout_loss": last.get("heldout_loss"),
-            "heldout_perplexity": last.get("heldout_perplexity"),
-        }
-        outcome.version = Registry(config.registry).register(
-            config.name,
-            run_dir,
+        outcome.version = register_run(
+            registry,
+            recipe,
+            folder,
             base_model=settings.model,
-            data_fingerprint=hashlib.sha256(json.dumps(conversations, ensure_ascii=False).encode()).hexdigest()[:16],
-            config=config.model_dump(mode="json"),
-            metrics=metrics,
+            fingerprint=fingerprint(json.dumps(c, ensure_ascii=False) for c in conversations),
+            metrics={
+                "kind": "generator",
+                "train_seconds": train_seconds,
+                "heldout_loss_before": before,
+                "heldout_loss": last.get("heldout_loss"),
+                "heldout_perplexity": last.get("heldout_perplexity"),
+            },
             parent=settings.model if "@" in settings.model else None,
         )
     return outcome

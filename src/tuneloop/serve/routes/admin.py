@@ -2,85 +2,87 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.concurrency import run_in_threadpool
 
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import NotFound
 from tuneloop.serve.deps import State
-from tuneloop.serve.schemas import ERRORS, JobRequest
+from tuneloop.serve.schemas import (
+    ERRORS,
+    AdminModel,
+    AdminModelsResponse,
+    AdminVersion,
+    FeedbackItem,
+    FeedbackQueue,
+    JobInfo,
+    JobRequest,
+    JobsResponse,
+)
 from tuneloop.serve.security import require_admin
 
-router = APIRouter()
-admin_only = [Depends(require_admin)]
+router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
 
 
-@router.get("/v1/admin/models", responses=ERRORS, tags=["admin"], dependencies=admin_only)
-async def all_versions(state: State) -> dict:
+@router.get("/v1/admin/models", response_model=AdminModelsResponse, responses=ERRORS)
+async def all_versions(state: State) -> AdminModelsResponse:
     """Every registered version by model name, with stage and metrics, and which version this server runs."""
-    versions = await run_in_threadpool(state.registry.list)
-    names: dict[str, dict] = {}
-    for v in versions:
+    names: dict[str, AdminModel] = {}
+    for v in await run_in_threadpool(state.registry.versions):
         slot = state.served.slots.get(v.name)
         entry = names.setdefault(
-            v.name, {"name": v.name, "serving": slot.current.version if slot else None, "versions": []}
+            v.name, AdminModel(name=v.name, serving=slot.current.version if slot else None, versions=[])
         )
-        entry["versions"].append(
-            {
-                "version": v.version,
-                "stage": v.stage,
-                "metrics": v.metrics,
-                "parent": v.parent,
-                "base_model": v.base_model,
-                "created_at": v.created_at.isoformat(),
-            }
+        entry.versions.append(
+            AdminVersion(
+                version=v.version,
+                stage=v.stage,
+                metrics=v.metrics,
+                parent=v.parent,
+                base_model=v.base_model,
+                created_at=v.created_at,
+            )
         )
-    return {"models": list(names.values())}
+    return AdminModelsResponse(models=list(names.values()))
 
 
-@router.get("/v1/admin/feedback", responses=ERRORS, tags=["admin"], dependencies=admin_only)
-async def feedback_queue(state: State, limit: int = Query(50, ge=1, le=500)) -> dict:
+@router.get("/v1/admin/feedback", response_model=FeedbackQueue, responses=ERRORS)
+async def feedback_queue(state: State, limit: int = Query(50, ge=1, le=500)) -> FeedbackQueue:
     """The latest feedback, newest first, with the text and the answer it is about."""
     rows = await run_in_threadpool(state.prediction_log.recent_feedback, limit)
-    return {
-        "items": [
-            {
-                "feedback_id": f.id,
-                "at": f.created_at.isoformat(),
-                "model": f"{p.model_name}@{p.model_version}",
-                "text": p.text,
-                "predicted": p.label,
-                "corrected_label": f.corrected_label,
-                "rating": f.rating,
-                "comment": f.comment,
-                "source": p.source,
-            }
+    return FeedbackQueue(
+        items=[
+            FeedbackItem(
+                feedback_id=f.id,
+                at=f.created_at,
+                model=f"{p.model_name}@{p.model_version}",
+                text=p.text,
+                predicted=p.label,
+                corrected_label=f.corrected_label,
+                rating=f.rating,
+                comment=f.comment,
+                source=p.source,
+            )
             for f, p in rows
         ]
-    }
+    )
 
 
-@router.post("/v1/admin/jobs", status_code=202, responses=ERRORS, tags=["admin"], dependencies=admin_only)
-async def start_job(body: JobRequest, state: State) -> dict:
+@router.post("/v1/admin/jobs", response_model=JobInfo, status_code=202, responses=ERRORS)
+async def start_job(body: JobRequest, state: State) -> JobInfo:
     """Start `tuneloop retrain NAME` or `tuneloop gate NAME@VERSION` in the background (one at a time)."""
-    try:
-        job = await run_in_threadpool(state.jobs.start, body.kind, body.target)
-    except TuneloopError as exc:
-        raise HTTPException(409, str(exc)) from None
-    return job.describe()
+    job = await run_in_threadpool(state.jobs.start, body.kind, body.target)
+    return JobInfo(**job.describe())
 
 
-@router.get("/v1/admin/jobs", responses=ERRORS, tags=["admin"], dependencies=admin_only)
-async def list_jobs(state: State) -> dict:
-    return {
-        "jobs": [
-            job.describe(tail=0) for job in sorted(state.jobs.jobs.values(), key=lambda j: j.started_at, reverse=True)
-        ]
-    }
+@router.get("/v1/admin/jobs", response_model=JobsResponse, responses=ERRORS)
+async def list_jobs(state: State) -> JobsResponse:
+    jobs = sorted(state.jobs.jobs.values(), key=lambda j: j.started_at, reverse=True)
+    return JobsResponse(jobs=[JobInfo(**job.describe(tail=0)) for job in jobs])
 
 
-@router.get("/v1/admin/jobs/{job_id}", responses=ERRORS, tags=["admin"], dependencies=admin_only)
-async def job_status(job_id: str, state: State) -> dict:
+@router.get("/v1/admin/jobs/{job_id}", response_model=JobInfo, responses=ERRORS)
+async def job_status(job_id: str, state: State) -> JobInfo:
     job = state.jobs.jobs.get(job_id)
     if job is None:
-        raise HTTPException(404, f"no job '{job_id}'")
-    return job.describe()
+        raise NotFound(f"no job '{job_id}'")
+    return JobInfo(**job.describe())

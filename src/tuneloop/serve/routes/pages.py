@@ -1,28 +1,30 @@
-"""The chat page and the admin page: static files shipped in the package (their scripts and styles are
-mounted at /assets by the app)."""
+"""The chat page (the assistant's, shipped in `assistant/web/`) and the admin page (the server's, in
+`serve/web/`): static files, their scripts and styles mounted by the app at /assistant-assets and /assets."""
 
 from __future__ import annotations
 
 from importlib import resources
+from importlib.resources.abc import Traversable
 
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-from tuneloop.serve.deps import Assistant
+from tuneloop.serve.deps import Chat
 
 router = APIRouter(include_in_schema=False)
-WEB = resources.files("tuneloop.assistant") / "web"
+SERVER_WEB = resources.files("tuneloop.serve") / "web"
+ASSISTANT_WEB = resources.files("tuneloop.assistant") / "web"
 
 
-def page(name: str) -> HTMLResponse:
-    return HTMLResponse(WEB.joinpath(name).read_text(encoding="utf-8"))
+def page(folder: Traversable, name: str) -> HTMLResponse:
+    return HTMLResponse(folder.joinpath(name).read_text(encoding="utf-8"))
 
 
 @router.get("/")
-async def chat_page(_: Assistant) -> HTMLResponse:
-    return page("chat.html")
+async def chat_page(_: Chat) -> HTMLResponse:
+    return page(ASSISTANT_WEB, "chat.html")
 
 
 @router.get("/admin")
 async def admin_page() -> HTMLResponse:
-    return page("admin.html")
+    return page(SERVER_WEB, "admin.html")

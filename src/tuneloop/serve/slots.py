@@ -10,74 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from tuneloop.config import ServeConfig
-from tuneloop.errors import TuneloopError
-from tuneloop.models.classifier import MODEL_DIR, TextClassifier, load_task_heads, predict_logits
-from tuneloop.models.onnx_encoder import onnx_encoder
-from tuneloop.registry.store import ModelVersion, Registry
-from tuneloop.serve.batching import MicroBatcher
+from tuneloop.errors import NotFound, TuneloopError, Unavailable
+from tuneloop.models.predictor import Predictor, load_model
+from tuneloop.registry import ModelVersion, Registry
+from tuneloop.serve.batching import BatcherStopped, MicroBatcher
 
 log = logging.getLogger(__name__)
 AUTO_MAX_PADDING = 0.25
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """One registered version, loaded and ready to predict."""
-
-    name: str
-    version: int
-    model: TextClassifier
-    tokenizer: PreTrainedTokenizerBase
-    record: ModelVersion
-    # A multi-task version's other heads on the same encoder; the batcher returns their logits after the model's.
-    tasks: dict[str, TextClassifier] = field(default_factory=dict)
-
-    @property
-    def labels(self) -> list[str]:
-        return self.model.spec.labels
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    def own_logits(self, rows: np.ndarray) -> np.ndarray:
-        """The model's own task's columns of the batcher's rows."""
-        return rows[..., : len(self.labels)]
-
-    def task(self, name: str, rows: np.ndarray) -> tuple[LoadedModel, np.ndarray]:
-        """Another task of a multi-task version, as a model of its own (named NAME:TASK, so its logged
-        predictions never mix with the model's own), with its columns of the batcher's rows."""
-        if name not in self.tasks:
-            trained = ", ".join(self.tasks) or "none"
-            raise TuneloopError(f"{self.ref} has no '{name}' task (its other tasks: {trained})")
-        order = list(self.tasks)
-        start = len(self.labels) + sum(len(self.tasks[t].spec.labels) for t in order[: order.index(name)])
-        head = self.tasks[name]
-        view = replace(self, name=f"{self.name}:{name}", model=head, tasks={})
-        return view, rows[..., start : start + len(head.spec.labels)]
-
-
-def load_version(
-    registry: Registry, version: ModelVersion, runtime: str = "torch", threads: int | None = None
-) -> LoadedModel:
-    """A version ready to predict; runtime="onnx" (or "onnx-int8") swaps its encoder for an ONNX Runtime session."""
-    folder = registry.artifacts(version) / MODEL_DIR
-    model, tokenizer = TextClassifier.load(folder)
-    if runtime.startswith("onnx"):
-        cache = registry.home / "cache" / "onnx" / f"{version.name}-v{version.version}"
-        model.encoder = onnx_encoder(
-            model.encoder, tokenizer, cache, threads or os.cpu_count() or 1, int8=runtime == "onnx-int8"
-        )
-    return LoadedModel(version.name, version.version, model, tokenizer, version, load_task_heads(folder, model))
 
 
 def batch_padding(config: ServeConfig) -> float | None:
@@ -92,24 +38,17 @@ def batch_padding(config: ServeConfig) -> float | None:
 class ModelSlot:
     """The live version of one model name plus its batcher."""
 
-    def __init__(self, loaded: LoadedModel, max_padding: float | None = None) -> None:
+    def __init__(self, loaded: Predictor, max_padding: float | None = None) -> None:
         self.current = loaded
         self.max_padding = max_padding
         self.loading: int | None = None
         self.failed: int | None = None  # a version that would not load: the watcher does not retry it
         self.batcher: MicroBatcher | None = None
 
-    def infer(self, texts: list[str]) -> tuple[LoadedModel, np.ndarray]:
+    def infer(self, texts: list[str]) -> tuple[Predictor, np.ndarray]:
         """(version, logits): the version read once, so the whole batch runs on it even if a swap lands now."""
         live = self.current
-        return live, predict_logits(
-            live.model,
-            live.tokenizer,
-            texts,
-            batch_size=max(len(texts), 1),
-            heads=list(live.tasks.values()),
-            max_padding=self.max_padding,
-        )
+        return live, live.logits(texts, batch_size=max(len(texts), 1), max_padding=self.max_padding)
 
 
 class ServedModels:
@@ -120,8 +59,8 @@ class ServedModels:
         registry: Registry,
         config: ServeConfig,
         on_batch: Callable[[str, int, float], None] | None = None,
-        on_swap: Callable[[LoadedModel], None] | None = None,
-        prepare: Callable[[LoadedModel], None] | None = None,
+        on_swap: Callable[[Predictor], None] | None = None,
+        prepare: Callable[[Predictor], None] | None = None,
         required: tuple[str, ...] = (),
     ) -> None:
         """`prepare` runs on every version after it loads and before it serves (on the loader thread; an
@@ -144,7 +83,7 @@ class ServedModels:
         if self.config.models:
             names = list(self.config.models)
         else:
-            names = sorted({v.name for v in self.registry.list() if v.stage == "production"})
+            names = sorted({v.name for v in self.registry.versions() if v.stage == "production"})
         names = list(dict.fromkeys([*names, *self.required]))
         if not names:
             raise TuneloopError(
@@ -161,8 +100,8 @@ class ServedModels:
             )
             log.info("serving %s", self.slots[name].current.ref)
 
-    def _load_ready(self, version: ModelVersion) -> LoadedModel:
-        loaded = load_version(self.registry, version, self.config.runtime, self.config.threads)
+    def _load_ready(self, version: ModelVersion) -> Predictor:
+        loaded = load_model(version, self.registry, self.config.runtime, self.config.threads)
         if self.prepare is not None:
             self.prepare(loaded)
         return loaded
@@ -202,10 +141,25 @@ class ServedModels:
                 return next(iter(self.slots.values()))
             raise TuneloopError(f"this server serves several models ({', '.join(self.slots)}): name one in 'model'")
         if name not in self.slots:
-            raise KeyError(name)
+            raise NotFound(f"model '{name}' is not served here; served: {', '.join(self.slots)}")
         return self.slots[name]
 
-    async def _load(self, slot: ModelSlot, target: ModelVersion) -> LoadedModel:
+    async def run(self, name: str | None, texts: list[str]) -> tuple[Predictor, np.ndarray]:
+        """(the version that answered, logits rows of every task) for cleaned texts, through the name's batcher."""
+        slot = self.slot(name)
+        try:
+            return await slot.batcher.submit(texts)
+        except BatcherStopped:
+            raise Unavailable("the server is shutting down; retry on another instance") from None
+
+    async def on_inference_thread(self, work: Callable[[list[str]], np.ndarray], texts: list[str]) -> np.ndarray:
+        """Run other model work (the assistant's FAQ embedding) on the thread that runs the forward passes."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.inference, work, texts)
+        except RuntimeError:  # the executor is shut down: the server is stopping
+            raise Unavailable("the server is shutting down; retry on another instance") from None
+
+    async def _load(self, slot: ModelSlot, target: ModelVersion) -> Predictor:
         slot.loading = target.version
         try:
             return await asyncio.get_running_loop().run_in_executor(self.loader, self._load_ready, target)
@@ -215,13 +169,13 @@ class ServedModels:
         finally:
             slot.loading = None
 
-    def _switch(self, slot: ModelSlot, loaded: LoadedModel) -> None:
+    def _switch(self, slot: ModelSlot, loaded: Predictor) -> None:
         previous, slot.current = slot.current, loaded
         log.info("hot swap: %s → %s", previous.ref, loaded.ref)
         if self.on_swap:
             self.on_swap(loaded)
 
-    async def swap_to_production(self, name: str) -> LoadedModel:
+    async def swap_to_production(self, name: str) -> Predictor:
         """Load `name`'s production version in the background and switch to it; if production moved
         on while loading, load again, so the server ends on what the registry says now."""
         slot = self.slots[name]

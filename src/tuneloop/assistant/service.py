@@ -1,0 +1,180 @@
+"""A chat turn as a server runs it: the models' passes fanned out at once, the session's recent turns, the
+reply generated whole or streamed, and the turn stored with its two logged predictions.
+
+The server hands in how to run a model (its micro-batchers) and the embedder (on its inference thread), so
+chat turns share forward passes with each other and with /v1/predict; the HTTP route only shapes answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from tuneloop.assistant.runtime import AssistantRuntime
+from tuneloop.assistant.store import ConversationStore
+from tuneloop.assistant.turn import TurnOutcome
+from tuneloop.data.clean import clean_text
+from tuneloop.db.schema import ChatTurn, utc_now
+from tuneloop.feedback.log import LoggedPrediction, PredictionLog
+from tuneloop.models.classifier import softmax
+from tuneloop.models.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+# (model name, cleaned texts) → the version that answered and its logits rows, all tasks' columns.
+Classify = Callable[[str, list[str]], Awaitable[tuple[Predictor, np.ndarray]]]
+# cleaned texts → unit vectors for the FAQ search.
+Embed = Callable[[list[str]], Awaitable[np.ndarray]]
+
+
+@dataclass
+class Understood:
+    """A message after the forward passes, with the session's recent turns."""
+
+    text: str
+    intent: Predictor
+    intent_logits: np.ndarray
+    sentiment: Predictor
+    sentiment_logits: np.ndarray
+    vector: np.ndarray
+    recent: list[ChatTurn]
+
+
+@dataclass
+class StoredTurn:
+    """A finished turn: what was decided and said, and the row it is kept in (its id is the turn id)."""
+
+    outcome: TurnOutcome
+    turn: ChatTurn
+
+
+class ChatService:
+    def __init__(
+        self,
+        runtime: AssistantRuntime,
+        classify: Classify,
+        embed: Embed,
+        conversations: ConversationStore,
+        prediction_log: PredictionLog,
+        on_turn: Callable[[TurnOutcome], None] | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.classify = classify
+        self.embed = embed
+        self.conversations = conversations
+        self.prediction_log = prediction_log
+        self.on_turn = on_turn
+
+    async def understand(self, session_id: str, message: str) -> Understood:
+        """Intent (and sentiment, unless the intent model has a sentiment head), the FAQ embedding and the
+        session's recent turns, all at once."""
+        definition = self.runtime.definition
+        text = clean_text(message)
+        passes = [self.classify(definition.intent_model, [text])]
+        if not self.runtime.multitask:  # a multi-task intent model gives the sentiment in the same pass
+            passes.append(self.classify(definition.sentiment_model, [text]))
+        vectors, recent, (intent, rows), *sentiment_output = await asyncio.gather(
+            self.embed([text]),
+            run_in_threadpool(self.conversations.recent, session_id, self.runtime.turns_to_recall),
+            *passes,
+        )
+        intent_logits, sentiment, sentiment_logits = self.runtime.split(
+            intent, rows, next(iter(sentiment_output), None)
+        )
+        return Understood(text, intent, intent_logits[0], sentiment, sentiment_logits[0], vectors[0], recent)
+
+    def plan(self, seen: Understood) -> TurnOutcome:
+        return self.runtime.plan(
+            seen.text,
+            seen.intent,
+            seen.intent_logits,
+            seen.sentiment,
+            seen.sentiment_logits,
+            seen.vector,
+            [t.sentiment for t in seen.recent],
+            [(t.message, t.reply) for t in seen.recent],
+        )
+
+    async def record(self, session_id: str, message: str, seen: Understood, outcome: TurnOutcome) -> StoredTurn:
+        """Log both predictions and store the turn."""
+        now = utc_now()
+        intent_record, sentiment_record = (
+            LoggedPrediction.of(model.name, model.version or 0, model.labels, message, softmax(logits), "chat", now)
+            for model, logits in ((seen.intent, seen.intent_logits), (seen.sentiment, seen.sentiment_logits))
+        )
+        self.prediction_log.record([intent_record, sentiment_record])
+        turn = await run_in_threadpool(
+            self.conversations.add,
+            ChatTurn(
+                session_id=session_id,
+                assistant=self.runtime.definition.name,
+                message=message,
+                reply=outcome.reply,
+                lang=outcome.lang,
+                intent=outcome.intent,
+                predicted_intent=outcome.predicted_intent,
+                confidence=outcome.confidence,
+                sentiment=outcome.sentiment,
+                escalate=outcome.escalate,
+                reason=outcome.reason,
+                faq_question=outcome.faq_answer.entry.question if outcome.faq_answer else None,
+                intent_model=seen.intent.ref,
+                intent_prediction_id=intent_record.id,
+                sentiment_prediction_id=sentiment_record.id,
+            ),
+        )
+        if self.on_turn is not None:
+            self.on_turn(outcome)
+        return StoredTurn(outcome, turn)
+
+    async def reply(self, session_id: str, message: str) -> StoredTurn:
+        """One whole turn: understood, decided, the reply generated, stored."""
+        seen = await self.understand(session_id, message)
+        outcome = await run_in_threadpool(self.plan, seen)
+        if outcome.request is not None:
+            outcome.reply = await run_in_threadpool(self.runtime.generator.generate, outcome.request)
+        return await self.record(session_id, message, seen, outcome)
+
+    async def stream(self, session_id: str, message: str) -> AsyncIterator[TurnOutcome | str | StoredTurn]:
+        """The turn as it happens: the decision (a TurnOutcome), then pieces of the reply (str), then the stored
+        turn. Understanding and deciding happen before this returns, so their errors come before any answer
+        is streamed. A client that goes away mid-reply stops the generation, and the turn is still stored
+        with what was said so far."""
+        seen = await self.understand(session_id, message)
+        outcome = await run_in_threadpool(self.plan, seen)
+        return self._streamed(session_id, message, seen, outcome)
+
+    async def _streamed(
+        self, session_id: str, message: str, seen: Understood, outcome: TurnOutcome
+    ) -> AsyncIterator[TurnOutcome | str | StoredTurn]:
+        generator = self.runtime.generator
+        pieces = iter([outcome.reply] if outcome.request is None else generator.stream(outcome.request))
+        words: list[str] = []
+        recorded = False
+        try:
+            yield outcome
+            while (piece := await run_in_threadpool(next, pieces, None)) is not None:
+                words.append(piece)
+                yield piece
+            outcome.reply = "".join(words).strip()
+            stored = await self.record(session_id, message, seen, outcome)
+            recorded = True
+            yield stored
+        finally:
+            if not recorded:
+                with contextlib.suppress(ValueError, AttributeError):
+                    pieces.close()  # a generator stops its model thread when closed
+                outcome.reply = "".join(words).strip() or outcome.reply
+                task = asyncio.get_running_loop().create_task(self.record(session_id, message, seen, outcome))
+                task.add_done_callback(_log_failed_record)
+
+
+def _log_failed_record(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("an interrupted chat turn could not be stored: %s", task.exception())

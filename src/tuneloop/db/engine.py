@@ -1,0 +1,46 @@
+"""Opening the database: one engine per URL per process, every tuneloop table created (SQLite by default)."""
+
+from __future__ import annotations
+
+import functools
+
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from tuneloop.db.schema import Base
+from tuneloop.errors import TuneloopError, first_line
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    # WAL lets the server's log writer and a CLI command (promote, export) use the file at once; the busy
+    # timeout makes a writer wait for the other instead of failing with "database is locked".
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+@functools.cache
+def open_database(url: str) -> Engine:
+    """The process's engine for `url`, with every tuneloop table created; errors name the URL.
+
+    Cached: the registry, the prediction log and the conversation store of one process share a connection
+    pool instead of each opening its own (and creating the tables again).
+    """
+    try:
+        engine = create_engine(url)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(engine)
+    except SQLAlchemyError as exc:
+        raise TuneloopError(f"cannot open the database {redacted(url)}: {first_line(exc)}") from exc
+    return engine
+
+
+def redacted(url: str) -> str:
+    """The URL with its password masked, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except SQLAlchemyError:
+        return "(an unreadable database URL)"

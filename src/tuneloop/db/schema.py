@@ -1,0 +1,120 @@
+"""Every table tuneloop keeps, in one place: the registry's versions and production history, the prediction
+log and its feedback, the assistant's chat turns. Alembic and the stores read them from here."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Literal
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+Stage = Literal["candidate", "production", "archived"]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelVersion(Base):
+    """One registered version of a named model."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    stage: Mapped[Stage] = mapped_column(String(20), default="candidate")
+    base_model: Mapped[str] = mapped_column(String(500))
+    data_fingerprint: Mapped[str] = mapped_column(String(64))
+    config: Mapped[dict] = mapped_column(JSON)
+    metrics: Mapped[dict] = mapped_column(JSON)
+    parent: Mapped[str | None] = mapped_column(String(220), nullable=True)
+    artifact_dir: Mapped[str] = mapped_column(String(1000))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class StageChange(Base):
+    """One change of a model's production version: what was replaced, why, and whether it was undone.
+
+    Rollback walks this history backwards, so it restores the version that was live before, not
+    merely the previous version number.
+    """
+
+    __tablename__ = "stage_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    previous_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    kind: Mapped[str] = mapped_column(String(20))  # promote | rollback
+    reason: Mapped[str] = mapped_column(String(500), default="")
+    undone: Mapped[bool] = mapped_column(Boolean, default=False)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PredictionRecord(Base):
+    """One label given to one text by one model version."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    model_name: Mapped[str] = mapped_column(String(200), index=True)
+    model_version: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    label: Mapped[str] = mapped_column(String(200))
+    scores: Mapped[dict[str, float]] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String(20), default="api")
+
+
+class FeedbackRecord(Base):
+    """What a user said about a prediction: the right label, a rating (-1, 0, 1) and/or a comment."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    corrected_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    rating: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class ChatTurn(Base):
+    """One user message and the assistant's answer, with what the assistant understood."""
+
+    __tablename__ = "chat_turns"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
+    session_id: Mapped[str] = mapped_column(String(100), index=True)
+    assistant: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    message: Mapped[str] = mapped_column(Text)
+    reply: Mapped[str] = mapped_column(Text)
+    lang: Mapped[str] = mapped_column(String(8))
+    intent: Mapped[str | None] = mapped_column(String(200), nullable=True)  # None: out of scope
+    predicted_intent: Mapped[str] = mapped_column(String(200))
+    confidence: Mapped[float] = mapped_column(Float)
+    sentiment: Mapped[str] = mapped_column(String(20))
+    escalate: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    faq_question: Mapped[str | None] = mapped_column(Text, nullable=True)
+    intent_model: Mapped[str] = mapped_column(String(220))
+    # No foreign keys: the predictions reach their table through the buffered log, maybe after this row.
+    intent_prediction_id: Mapped[str] = mapped_column(String(32), index=True)
+    sentiment_prediction_id: Mapped[str] = mapped_column(String(32))
+    # The user's verdict on the reply itself (thumbs), latest wins; corrections go to the intent prediction.
+    rating: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -1,0 +1,146 @@
+"""A classifier ready to predict, from a registered version or a folder, on PyTorch or ONNX Runtime.
+
+The one loaded-model path: `tuneloop predict` and `eval`, the server's slots, the promotion gate and the
+assistant all load and predict through `load_model`. Its surface follows scikit-learn (`predict`,
+`predict_proba`, `classes_`) so that it drops into code that already scores scikit-learn models.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from tuneloop.config import RegistryConfig
+from tuneloop.data.clean import clean_text
+from tuneloop.errors import TuneloopError
+from tuneloop.models.classifier import HeadSpec, TextClassifier, load_task_heads, predict_logits, softmax
+from tuneloop.models.onnx_encoder import onnx_encoder
+from tuneloop.registry import ModelVersion, Registry, VersionFolder
+
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One text's answer: the best label, its probability, and the k best labels with theirs."""
+
+    text: str
+    label: str
+    probability: float
+    top_k: list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A loaded classifier (a registered version, or a folder) and, for a multi-task model, its other tasks."""
+
+    name: str
+    version: int | None
+    model: TextClassifier
+    tokenizer: PreTrainedTokenizerBase
+    record: ModelVersion | None = None
+    folder: VersionFolder | None = None
+    # A multi-task model's other heads on the same encoder; `logits` returns their columns after the model's.
+    tasks: dict[str, TextClassifier] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.model.spec.labels
+
+    @property
+    def classes_(self) -> np.ndarray:
+        """The labels in column order of `predict_proba`, as scikit-learn names them."""
+        return np.array(self.labels, dtype=object)
+
+    @property
+    def ref(self) -> str:
+        return self.name if self.version is None else f"{self.name}@{self.version}"
+
+    def logits(self, texts: list[str], batch_size: int = 64, max_padding: float | None = None) -> np.ndarray:
+        """Logits of every task, the model's own first, for texts already cleaned (one encoder pass each)."""
+        return predict_logits(
+            self.model,
+            self.tokenizer,
+            texts,
+            batch_size=batch_size,
+            heads=list(self.tasks.values()),
+            max_padding=max_padding,
+        )
+
+    def own_logits(self, rows: np.ndarray) -> np.ndarray:
+        """The model's own task's columns of `logits` rows."""
+        return rows[..., : len(self.labels)]
+
+    def task(self, name: str, rows: np.ndarray) -> tuple[Predictor, np.ndarray]:
+        """Another task of a multi-task model, as a predictor of its own (named NAME:TASK, so its logged
+        predictions never mix with the model's own), with its columns of `logits` rows."""
+        if name not in self.tasks:
+            trained = ", ".join(self.tasks) or "none"
+            raise TuneloopError(f"{self.ref} has no '{name}' task (its other tasks: {trained})")
+        order = list(self.tasks)
+        start = len(self.labels) + sum(len(self.tasks[t].spec.labels) for t in order[: order.index(name)])
+        head = self.tasks[name]
+        view = Predictor(f"{self.name}:{name}", self.version, head, self.tokenizer, self.record, self.folder)
+        return view, rows[..., start : start + len(head.spec.labels)]
+
+    def predict_proba(self, texts: list[str], cleaned: bool = False) -> np.ndarray:
+        """Probabilities of the model's own labels (columns in `classes_` order), one row per text.
+
+        Texts are cleaned exactly as training data was, unless `cleaned` says they already are (a prepared
+        split: cleaning twice could change a text that still looks like HTML after the first pass).
+        """
+        inputs = texts if cleaned else [clean_text(t) for t in texts]
+        return softmax(self.own_logits(self.logits(inputs)))
+
+    def predict(self, texts: list[str], cleaned: bool = False) -> list[str]:
+        """The most probable label of each text."""
+        return [self.labels[i] for i in self.predict_proba(texts, cleaned).argmax(1)]
+
+    def rank(self, texts: list[str], top_k: int = 3) -> list[Prediction]:
+        """Each text's label, probability and `top_k` best labels."""
+        results = []
+        for text, row in zip(texts, self.predict_proba(texts), strict=True):
+            top = [(self.labels[i], float(row[i])) for i in row.argsort()[::-1][:top_k]]
+            results.append(Prediction(text=text, label=top[0][0], probability=top[0][1], top_k=top))
+        return results
+
+
+def load_model(
+    source: str | Path | ModelVersion,
+    registry: Registry | None = None,
+    runtime: str = "torch",
+    threads: int | None = None,
+) -> Predictor:
+    """A classifier ready to predict.
+
+    `source` is a registered version (NAME, NAME@3, NAME@production, or its row), looked up in `registry`
+    (default: the one TUNELOOP_HOME / TUNELOOP_DATABASE_URL point at), or a folder: a version's, a run's,
+    or one written by `tuneloop models export`. `runtime` "onnx" runs the encoder with ONNX Runtime
+    (exported once, cached in the home), "onnx-int8" with int8 weights.
+    """
+    if runtime not in RUNTIMES:
+        raise TuneloopError(f"unknown runtime '{runtime}': use one of {', '.join(RUNTIMES)}")
+    record, folder = None, None
+    if isinstance(source, Path) or (isinstance(source, str) and Path(source).is_dir()):
+        path = Path(source)
+        folder = VersionFolder(path) if HeadSpec.exists(VersionFolder(path).model) else None
+        model_dir = folder.model if folder else path
+        name, version = (folder.root if folder else path).resolve().name, None
+        cache = (folder.root if folder else path) / "onnx"
+    else:
+        registry = registry or Registry(RegistryConfig())
+        record = source if isinstance(source, ModelVersion) else registry.get(source)
+        folder = registry.folder(record)
+        model_dir, name, version = folder.model, record.name, record.version
+        cache = registry.home / "cache" / "onnx" / f"{record.name}-v{record.version}"
+    model, tokenizer = TextClassifier.load(model_dir)
+    if runtime != "torch":
+        model.encoder = onnx_encoder(
+            model.encoder, tokenizer, cache, threads or os.cpu_count() or 1, int8=runtime == "onnx-int8"
+        )
+    # After the swap: the other tasks' heads share whichever encoder the model runs.
+    return Predictor(name, version, model, tokenizer, record, folder, load_task_heads(model_dir, model))

@@ -1,0 +1,56 @@
+"""Feedback on an answer: the right label, a rating, a comment."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.concurrency import run_in_threadpool
+
+from tuneloop.errors import NotFound, TuneloopError
+from tuneloop.serve.deps import State
+from tuneloop.serve.schemas import ERRORS, FeedbackRequest, FeedbackResponse
+from tuneloop.serve.security import require_client
+
+router = APIRouter(tags=["feedback"])
+
+
+@router.post(
+    "/v1/feedback",
+    response_model=FeedbackResponse,
+    status_code=201,
+    responses=ERRORS,
+    dependencies=[Depends(require_client)],
+)
+async def feedback(body: FeedbackRequest, state: State) -> FeedbackResponse:
+    """Correct a prediction's (or a chat turn's intent) label and/or rate it; stored before the answer."""
+    prediction_id, rating = body.prediction_id, body.rating
+    if body.turn_id is not None:
+        turn = await run_in_threadpool(state.conversations.get, body.turn_id) if state.conversations else None
+        if turn is None:
+            raise NotFound(f"no chat turn with id '{body.turn_id}' (ids come from /v1/chat)")
+        await run_in_threadpool(state.conversations.rate, turn.id, body.rating, body.comment)
+        prediction_id = turn.intent_prediction_id
+        if turn.intent is None:
+            # Thumbs on an out-of-scope turn judge the hand-over, not the intent the model guessed: a thumbs-up
+            # there must never become a "confirmed" training label for that guess.
+            rating = None
+            if body.corrected_label is None:
+                state.metrics.feedback.labels("rating").inc()
+                return FeedbackResponse(feedback_id=None, prediction_id=prediction_id, turn_id=turn.id)
+    record = await run_in_threadpool(state.prediction_log.get, prediction_id)
+    if record is None:
+        raise NotFound(f"no prediction with id '{prediction_id}' (ids come from /v1/predict)")
+    if body.corrected_label is not None:
+        allowed = await run_in_threadpool(state.labels_of, record.model_name, record.model_version)
+        slot = state.served.slots.get(record.model_name)
+        allowed = allowed | set(slot.current.labels if slot else ())
+        if body.corrected_label not in allowed:
+            raise TuneloopError(
+                f"corrected_label '{body.corrected_label}' is not a label of {record.model_name}; "
+                f"labels: {', '.join(sorted(allowed))}"
+            )
+    row = await run_in_threadpool(
+        state.prediction_log.add_feedback, prediction_id, body.corrected_label, rating, body.comment
+    )
+    kind = "correction" if body.corrected_label else ("rating" if body.rating is not None else "comment")
+    state.metrics.feedback.labels(kind).inc()
+    return FeedbackResponse(feedback_id=row.id, prediction_id=row.prediction_id, turn_id=body.turn_id)

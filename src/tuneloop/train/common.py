@@ -1,0 +1,278 @@
+"""What every recipe needs around its training loop: seeding and RNG state, threads, run folders and
+checkpoints, AdamW parameter groups, progress, metrics logs, and registering the result.
+
+The loops themselves stay in their recipes (classification, mlm, sft), written out top to bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+from transformers.trainer_pt_utils import get_parameter_names
+
+from tuneloop.atomic import write_dir_atomically
+from tuneloop.config import Recipe, dump_config
+from tuneloop.errors import TuneloopError
+from tuneloop.registry import ModelVersion, Registry, VersionFolder
+
+log = logging.getLogger(__name__)
+
+# transformers' Trainer rule: no weight decay on biases and normalisation weights (LayerNorm, RMSNorm).
+NO_DECAY_NAMES = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def use_threads(threads: int | None) -> None:
+    """torch's intra-op threads: the configured number, or every core."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def cpu_supports_bf16() -> bool:
+    """True where bf16 matmuls run natively (AVX512-BF16 or AMX); elsewhere autocast only slows down."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def parameter_groups(
+    module: nn.Module, lr: float, weight_decay: float, skip: Iterable[nn.Parameter] = ()
+) -> list[dict]:
+    """AdamW groups of `module`'s trainable parameters: weight decay on weights, none on biases and norms.
+
+    `skip` leaves out parameters another group already holds (a tied output layer, for instance).
+    """
+    decayed = set(get_parameter_names(module, [nn.LayerNorm], NO_DECAY_NAMES))
+    skipped = {id(p) for p in skip}
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad and id(p) not in skipped]
+    groups = [
+        {"params": [p for n, p in named if n in decayed], "lr": lr, "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n not in decayed], "lr": lr, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def new_run_folder(recipe: Recipe) -> VersionFolder:
+    """A fresh folder for one run under the home's runs/, named after the model and the time."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    return VersionFolder(recipe.registry.home / "runs" / f"{recipe.name}-{stamp}")
+
+
+def latest_run_folder(recipe: Recipe, checkpoint: str) -> VersionFolder:
+    """The newest run of `recipe.name` that has `checkpoint` to resume from."""
+    # The exact stamp pattern, so that runs of "toy-2" never count as runs of "toy".
+    own = re.compile(re.escape(recipe.name) + r"-\d{8}-\d{6}-\d{6}")
+    runs = sorted(r for r in (recipe.registry.home / "runs").glob(f"{recipe.name}-*") if own.fullmatch(r.name))
+    resumable = [VersionFolder(r) for r in runs if (VersionFolder(r).checkpoints / checkpoint).is_file()]
+    if not resumable:
+        raise TuneloopError(f"no run of '{recipe.name}' to resume under {recipe.registry.home / 'runs'}")
+    return resumable[-1]
+
+
+def resume_folder(recipe: Recipe, resume: str | Path, checkpoint: str) -> VersionFolder:
+    """The run `--resume` names: 'latest', or a run folder (which must hold `checkpoint`)."""
+    folder = latest_run_folder(recipe, checkpoint) if str(resume) == "latest" else VersionFolder(Path(resume))
+    if not folder.config.is_file():
+        raise TuneloopError(f"{folder.root} is not a tuneloop run folder (no {folder.config.name})")
+    if not (folder.checkpoints / checkpoint).is_file():
+        raise TuneloopError(f"nothing to resume in {folder.root}: no {folder.checkpoints.name}/{checkpoint}")
+    return folder
+
+
+def start_run(recipe: Recipe, folder: VersionFolder) -> None:
+    """Create the run folder with the resolved recipe in it (the run is self-describing from its first step)."""
+    folder.root.mkdir(parents=True, exist_ok=True)
+    folder.config.write_text(dump_config(recipe), encoding="utf-8")
+
+
+def save_checkpoint(folder: VersionFolder, filename: str, payload: dict) -> None:
+    """Replace the run's checkpoint folder with one holding `payload` (all or nothing)."""
+
+    def write(staging: Path) -> None:
+        staging.mkdir(parents=True)
+        torch.save(payload, staging / filename)
+
+    write_dir_atomically(write, folder.checkpoints)
+
+
+def load_checkpoint(folder: VersionFolder, filename: str) -> dict:
+    # weights_only=False: the payload holds Python and NumPy RNG states besides tensors. Checkpoints are read
+    # only from the caller's own run folders.
+    return torch.load(folder.checkpoints / filename, weights_only=False)
+
+
+def register_run(
+    registry: Registry,
+    recipe: Recipe,
+    run: VersionFolder,
+    *,
+    base_model: str,
+    fingerprint: str,
+    metrics: dict,
+    parent: str | None = None,
+) -> ModelVersion:
+    """The run's folder as a new candidate version of `recipe.name`, with the recipe it was trained with."""
+    return registry.register(
+        recipe.name,
+        run,
+        base_model=base_model,
+        data_fingerprint=fingerprint,
+        config=recipe.stored(),
+        metrics=metrics,
+        parent=parent,
+    )
+
+
+@torch.no_grad()
+def mean_token_loss(
+    loss_and_count: Callable[..., tuple[torch.Tensor, int]], module: nn.Module, batches: list[tuple[torch.Tensor, ...]]
+) -> float:
+    """Loss per counted token over held-out batches (a model's own mean is per batch, so weight by counts)."""
+    module.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        loss, counted = loss_and_count(*batch)
+        total += float(loss) * counted
+        count += counted
+    module.train()
+    return total / max(count, 1)
+
+
+class MetricsLog:
+    """metrics.jsonl, one line per scoring point, and the same scalars for TensorBoard when it is installed
+    (`pip install 'tuneloop[tensorboard]'`)."""
+
+    def __init__(self, folder: VersionFolder, prefix: str = "") -> None:
+        self.file = folder.metrics.open("a", encoding="utf-8")
+        self.prefix = prefix
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.writer = None
+        else:
+            self.writer = SummaryWriter(str(folder.tensorboard))
+
+    def record(self, entry: dict) -> None:
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in entry.items():
+                if isinstance(value, int | float) and key not in ("epoch", "step"):
+                    self.writer.add_scalar(self.prefix + key, value, entry["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+@dataclass
+class TrainingProgress:
+    """Progress of a training loop: a live bar on a terminal; anywhere else (CI, nohup, a log file) a plain
+    line at every 5% of the steps and at least once a minute, with the loss and the time left.
+
+    Without the lines a run under a non-terminal printed nothing until it ended, for many minutes.
+    """
+
+    description: str
+    total: int
+    completed: int = 0
+    show: bool = True
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    _bar: Progress | None = field(default=None, init=False, repr=False)
+    _task: int | None = field(default=None, init=False, repr=False)
+    _started: float = field(default=0.0, init=False, repr=False)
+    _reported_at: float = field(default=0.0, init=False, repr=False)
+    _reported_step: int = field(default=0, init=False, repr=False)
+    _first_step: int = field(default=0, init=False, repr=False)  # a resumed run's steps before this process
+
+    LINE_EVERY_SECONDS = 60.0
+
+    def __enter__(self) -> TrainingProgress:
+        self._started = self._reported_at = time.monotonic()
+        self._reported_step = self._first_step = self.completed
+        if self.show and self.console.is_terminal:
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TextColumn("loss {task.fields[loss]:.3f}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.description, total=self.total, completed=self.completed, loss=0.0)
+        return self
+
+    def step(self, loss: float, description: str | None = None) -> None:
+        self.completed += 1
+        if description:
+            self.description = description
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, loss=loss, description=self.description)
+        elif self.show:
+            now = time.monotonic()
+            every = max(1, self.total // 20)
+            if (
+                self.completed - self._reported_step >= every
+                or now - self._reported_at >= self.LINE_EVERY_SECONDS
+                or self.completed == self.total
+            ):
+                self._line(loss, now)
+
+    def _line(self, loss: float, now: float) -> None:
+        elapsed = now - self._started
+        done = self.completed - self._first_step
+        left = elapsed / done * (self.total - self.completed) if done else 0.0
+        self.console.print(
+            f"{self.description}: step {self.completed}/{self.total} "
+            f"({self.completed / max(self.total, 1):.0%}), loss {loss:.3f}, "
+            f"{_clock(elapsed)} elapsed, {_clock(left)} left",
+            highlight=False,
+            soft_wrap=True,
+        )
+        self._reported_at, self._reported_step = now, self.completed
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _clock(seconds: float) -> str:
+    minutes, rest = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{rest:02d}" if hours else f"{minutes}:{rest:02d}"

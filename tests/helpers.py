@@ -1,0 +1,85 @@
+"""Plain helpers the tests share (fixtures live in conftest.py): toy data, fast recipes and server settings
+on the tiny models, where the benchmark datasets are."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+# The benchmark datasets (never copied into the repository): TUNELOOP_DATASETS, or ../shared/datasets beside it.
+DATASETS = Path(os.environ.get("TUNELOOP_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+
+TOPICS = {
+    "refund": ["refund", "money", "back", "return", "charge", "reimburse"],
+    "delivery": ["parcel", "delivery", "arrive", "courier", "shipping", "late"],
+    "password": ["password", "login", "reset", "account", "locked", "sign"],
+}
+FILLER = ["please", "my", "the", "i", "need", "help", "with", "when", "is", "can", "you", "why", "order"]
+MOODS = {
+    "negative": ["angry", "terrible", "worst", "awful", "hate", "useless"],
+    "neutral": ["question", "how", "info", "check", "about", "status"],
+    "positive": ["thanks", "great", "love", "awesome", "happy", "perfect"],
+}
+
+
+def toy_rows(per_label: int = 16, seed: int = 0, topics: dict[str, list[str]] = TOPICS) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for label, words in topics.items():
+        seen = set()
+        while len(seen) < per_label:
+            text = " ".join(rng.sample(words, 2) + rng.sample(FILLER, 3))
+            if text not in seen:
+                seen.add(text)
+                rows.append({"text": text, "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+TOY_PAIRS = [
+    ("how long does a refund take", "refunds take five days"),
+    ("where is my parcel", "your parcel is with the courier"),
+    ("how do i reset my password", "use the reset link on the login page"),
+    ("can i cancel my order", "yes before it ships"),
+]
+
+
+def tiny_config(tiny_encoder: Path, data: Path, home: Path, *extra: str):
+    """A classifier recipe that trains in seconds on the tiny encoder."""
+    from tuneloop.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"model.name={tiny_encoder}",
+            f"data.path={data}",
+            f"registry.home={home}",
+            "name=toy",
+            "train.epochs=6",
+            "train.batch_size=8",
+            "train.lr=1e-3",
+            "train.head_lr=1e-2",
+            "model.max_length=32",
+            "train.threads=1",
+            "train.patience=10",
+            *extra,
+        ],
+    )
+
+
+def server_settings(home: Path, *extra: str):
+    """Server settings over `home` that batch, swap and log quickly (tests wait on all three)."""
+    from tuneloop.config import ServerSettings, load_config
+
+    return load_config(
+        None,
+        [
+            f"registry.home={home}",
+            "serve.max_wait_ms=2",
+            "serve.reload_poll_seconds=0.2",
+            "serve.log_flush_ms=20",
+            *extra,
+        ],
+        ServerSettings,
+    )
