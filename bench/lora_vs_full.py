@@ -43,8 +43,8 @@ def main() -> None:
     from tuneloop.config import load_config
     from tuneloop.models.classifier import MODEL_DIR
     from tuneloop.models.encoders import resolve_encoder
-    from tuneloop.train.classification import build_classifier
-    from tuneloop.train.run import run_training
+    from tuneloop.training.classification import build_classifier
+    from tuneloop.training.run import run_training
 
     train = pd.read_csv(SHARED / "banking77" / "train.csv").rename(columns={"category": "label"})
     if args.train_limit:

@@ -34,7 +34,7 @@ def main() -> None:
     from tuneloop.models.classifier import predict_logits
     from tuneloop.registry.store import Registry
     from tuneloop.serve.models import load_version
-    from tuneloop.train.run import run_training, task_data_dir
+    from tuneloop.training.run import run_training, task_data_dir
 
     torch.set_num_threads(os.cpu_count() or 1)
     result: dict = {"data": "demo (support_intents.csv + sentiment.csv)", "cores": os.cpu_count()}

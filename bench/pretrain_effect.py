@@ -40,8 +40,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from tuneloop.config import load_config
-    from tuneloop.train.mlm import pretrain
-    from tuneloop.train.run import new_run_dir, run_training
+    from tuneloop.training.mlm import pretrain
+    from tuneloop.training.run import new_run_dir, run_training
 
     frame = pd.read_csv(SHARED / "waimai_10k" / "waimai_10k.csv").rename(columns={"review": "text"})
     frame = frame[["text", "label"]].astype(str)

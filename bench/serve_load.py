@@ -174,7 +174,7 @@ def naive_server(folder: Path, port: int, threads: int) -> None:
 def train_quick_model(home: Path) -> str:
     from tuneloop.config import load_config
     from tuneloop.registry.store import Registry
-    from tuneloop.train.run import run_training
+    from tuneloop.training.run import run_training
 
     train = pd.read_csv(SHARED / "banking77" / "train.csv").rename(columns={"category": "label"})
     path = home / "banking77-train.csv"

@@ -32,8 +32,8 @@ def main() -> None:
     from tuneloop.demo import packaged_file
     from tuneloop.generate import GenerationSettings, ReplyModel
     from tuneloop.models.lm import ensure_smollm2
-    from tuneloop.train.run import new_run_dir
-    from tuneloop.train.sft import fine_tune_lm
+    from tuneloop.training.run import new_run_dir
+    from tuneloop.training.sft import fine_tune_lm
 
     source = packaged_file("demo", "data", "support_replies.jsonl")
     pairs = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]

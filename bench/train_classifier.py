@@ -72,8 +72,8 @@ def continue_pretraining(train: pd.DataFrame, work: Path, overrides: list[str], 
     """MLM on the training texts from the encoder the fine-tune would start from; (its registry ref, figures)."""
     from tuneloop.config import load_config
     from tuneloop.models.encoders import choose_encoder_name
-    from tuneloop.train.mlm import pretrain
-    from tuneloop.train.run import new_run_dir
+    from tuneloop.training.mlm import pretrain
+    from tuneloop.training.run import new_run_dir
 
     texts = train["text"].tolist()
     (work / "corpus.txt").write_text("\n".join(t.replace("\n", " ") for t in texts), encoding="utf-8")
@@ -102,7 +102,7 @@ def run_tuneloop(
 ) -> dict:
     from tuneloop.config import load_config
     from tuneloop.models.classifier import predict_proba
-    from tuneloop.train.run import run_training
+    from tuneloop.training.run import run_training
 
     train.to_csv(work / "train.csv", index=False)
     test.to_csv(work / "test.csv", index=False)

@@ -100,7 +100,7 @@ def tiny_overrides(tiny_encoder, toy_csv, home) -> list[str]:
 def production_home(tiny_encoder, tmp_path_factory) -> Path:
     """A home with toy@1 trained on the toy task and promoted; copy it before changing anything."""
     from tuneloop.registry import Registry
-    from tuneloop.train import classification
+    from tuneloop.training import classification
 
     folder = tmp_path_factory.mktemp("production")
     data = folder / "toy.csv"
@@ -139,7 +139,7 @@ templates:
 def assistant_template(production_home, tiny_encoder, tmp_path_factory) -> Path:
     """production_home plus a tiny sentiment model 'mood', a toy FAQ and an assistant definition."""
     from tuneloop.registry import Registry
-    from tuneloop.train import classification
+    from tuneloop.training import classification
 
     folder = tmp_path_factory.mktemp("assistant")
     shutil.copytree(production_home, folder, dirs_exist_ok=True)

@@ -11,8 +11,21 @@ import pytest
 
 # Top to bottom: a package may import the ones below it, never one above. Names in one tuple are siblings
 # that must not import each other.
-LAYERS = ("cli", "demo", "serve", "assistant", "feedback", "train", "evaluate", "models", "registry", "db", "data",
-          "config", ("errors", "atomic"))
+LAYERS = (
+    "cli",
+    "demo",
+    "serve",
+    "assistant",
+    "feedback",
+    "training",
+    "evaluate",
+    "models",
+    "registry",
+    "db",
+    "data",
+    "config",
+    ("errors", "atomic"),
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +35,18 @@ def graph() -> grimp.ImportGraph:
 
 def test_no_module_is_part_of_an_import_cycle(graph):
     modules = sorted(graph.modules)
-    cycles = [(a, b) for a, b in itertools.combinations(modules, 2)
-              if graph.find_shortest_chain(importer=a, imported=b) and graph.find_shortest_chain(importer=b, imported=a)]
+    cycles = [
+        (a, b)
+        for a, b in itertools.combinations(modules, 2)
+        if graph.find_shortest_chain(importer=a, imported=b) and graph.find_shortest_chain(importer=b, imported=a)
+    ]
     assert cycles == []
 
 
 def test_packages_only_import_the_layers_below_them(graph):
-    layers = [grimp.Layer(*layer, independent=True) if isinstance(layer, tuple) else grimp.Layer(layer)
-              for layer in LAYERS]
+    layers = [
+        grimp.Layer(*layer, independent=True) if isinstance(layer, tuple) else grimp.Layer(layer) for layer in LAYERS
+    ]
     illegal = graph.find_illegal_dependencies_for_layers(layers=layers, containers={"tuneloop"})
     assert not illegal, [(d.importer, d.imported, [r.heads for r in d.routes]) for d in illegal]
 

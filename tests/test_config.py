@@ -22,14 +22,24 @@ from tuneloop.config import (
 from tuneloop.errors import TuneloopError
 
 # The command each shipped YAML is for, by the first word of its file name.
-ROOT_OF = {"train": ClassifierRecipe, "demo": ClassifierRecipe, "pretrain": PretrainRecipe, "sft": SftRecipe,
-           "serve": ServerSettings, "gate": GateSettings}
+ROOT_OF = {
+    "train": ClassifierRecipe,
+    "demo": ClassifierRecipe,
+    "pretrain": PretrainRecipe,
+    "sft": SftRecipe,
+    "serve": ServerSettings,
+    "gate": GateSettings,
+}
 
 
 def test_defaults_are_the_documented_ones():
     config = load_config()
     assert (config.name, config.model.name, config.model.head, config.model.max_length) == (
-        "classifier", "auto", "cosine", 128)
+        "classifier",
+        "auto",
+        "cosine",
+        128,
+    )
     assert (config.train.epochs, config.train.lr, config.train.head_lr, config.train.patience) == (3, 1e-4, 2e-3, 2)
     assert (config.data.val_size, config.data.test_size, config.feedback.holdout) == (0.1, 0.15, 0.3)
 
@@ -73,8 +83,15 @@ def test_missing_config_file():
 
 
 def test_resolved_recipe_round_trips_without_the_registry(tmp_path):
-    config = load_config(None, ["name=x", "train.epochs=2", f"data.path={tmp_path / 'd.csv'}",
-                                "registry.database_url=postgresql+psycopg://user:secret@db/tl"])
+    config = load_config(
+        None,
+        [
+            "name=x",
+            "train.epochs=2",
+            f"data.path={tmp_path / 'd.csv'}",
+            "registry.database_url=postgresql+psycopg://user:secret@db/tl",
+        ],
+    )
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_config(config))
     assert "registry" not in path.read_text() and "secret" not in path.read_text()
@@ -126,8 +143,13 @@ def test_server_settings_come_from_the_file_then_the_environment_then_the_defaul
 
 
 def test_a_recipe_stored_by_an_older_version_loses_the_sections_it_never_used():
-    old = load_config().model_dump(mode="json") | {"serve": {"port": 1}, "gate": {}, "sft": {}, "pretrain": {},
-                                                     "registry": {"home": "/old"}}
+    old = load_config().model_dump(mode="json") | {
+        "serve": {"port": 1},
+        "gate": {},
+        "sft": {},
+        "pretrain": {},
+        "registry": {"home": "/old"},
+    }
     with pytest.raises(TuneloopError, match="unknown key"):
         load_config(None, [], base=old)
     assert load_config(None, ["train.epochs=1"], base=stored_recipe(old)).train.epochs == 1

@@ -14,7 +14,7 @@ from tuneloop.cli import app as cli
 from tuneloop.feedback.log import PredictionLog
 from tuneloop.registry import Registry
 from tuneloop.serve.app import create_app
-from tuneloop.train import classification
+from tuneloop.training import classification
 
 GOOD_RECIPE = ["model.head_init=centroids", "train.lr=1e-3", "train.head_lr=1e-2", "train.epochs=6"]
 

@@ -26,12 +26,12 @@ if TYPE_CHECKING:
     from tuneloop.errors import TuneloopError
     from tuneloop.models.predictor import Predictor, load_model
     from tuneloop.registry import Registry
-    from tuneloop.train.classification import run as train
+    from tuneloop.training.classification import run as train
 
 _EXPORTS = {
     "load_config": ("tuneloop.config", "load_config"),
     "ClassifierRecipe": ("tuneloop.config", "ClassifierRecipe"),
-    "train": ("tuneloop.train.classification", "run"),
+    "train": ("tuneloop.training.classification", "run"),
     "load_model": ("tuneloop.models.predictor", "load_model"),
     "Predictor": ("tuneloop.models.predictor", "Predictor"),
     "Registry": ("tuneloop.registry", "Registry"),

@@ -37,7 +37,7 @@ from tuneloop.errors import TuneloopError
 if TYPE_CHECKING:
     from tuneloop.models.predictor import Prediction
     from tuneloop.registry import ModelVersion, Registry
-    from tuneloop.train.classification import ClassifierOutcome
+    from tuneloop.training.classification import ClassifierOutcome
 
 app = typer.Typer(
     help="From labelled texts to a served classifier that learns from its users' corrections.",
@@ -174,7 +174,7 @@ def data_inspect(
 ) -> None:
     """Clean, deduplicate and split in memory; print the data report."""
     from tuneloop.registry import Registry
-    from tuneloop.train.classification import prepare_for_model
+    from tuneloop.training.classification import prepare_for_model
 
     recipe = _config(ClassifierRecipe, config, overrides, data)
     prepared, encoder = prepare_for_model(recipe, Registry(recipe.registry))
@@ -196,7 +196,7 @@ def data_prepare(
     """Write cleaned train/val/test splits (jsonl) and data_report.json to a folder."""
     from tuneloop.data.prepare import save_prepared
     from tuneloop.registry import Registry
-    from tuneloop.train.classification import prepare_for_model
+    from tuneloop.training.classification import prepare_for_model
 
     recipe = _config(ClassifierRecipe, config, overrides, data)
     prepared, _ = prepare_for_model(recipe, Registry(recipe.registry))
@@ -214,7 +214,7 @@ def train(
     register: Annotated[bool, typer.Option(help="Register the result as a candidate version.")] = True,
 ) -> None:
     """Fine-tune a classifier, evaluate it on the test split and register it."""
-    from tuneloop.train import classification
+    from tuneloop.training import classification
 
     outcome = classification.run(_config(ClassifierRecipe, config, overrides, data), resume=resume, register=register)
     _print_test_scores(outcome)
@@ -241,7 +241,7 @@ def pretrain(
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="New tokenizer and small BERT.")] = False,
 ) -> None:
     """Masked-language-model pretraining on unlabelled text; the encoder is registered for `train` to start from."""
-    from tuneloop.train import mlm
+    from tuneloop.training import mlm
 
     recipe = _config(PretrainRecipe, config, overrides)
     if data:
@@ -271,7 +271,7 @@ def sft(
     ] = None,
 ) -> None:
     """Fine-tune the small causal LM on (prompt, reply) pairs or chats; loss on the replies only."""
-    from tuneloop.train import sft as sft_recipe
+    from tuneloop.training import sft as sft_recipe
 
     recipe = _config(SftRecipe, config, overrides)
     if data:
@@ -572,7 +572,7 @@ def _serve(settings: ServerSettings) -> None:
     import uvicorn
 
     from tuneloop.serve.app import create_app
-    from tuneloop.train.common import use_threads
+    from tuneloop.training.common import use_threads
 
     use_threads(settings.serve.threads)
     application = create_app(settings)

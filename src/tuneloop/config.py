@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -299,7 +299,7 @@ class Recipe(StrictModel):
     name: str = Field("classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Registry model name.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
-    def stored(self) -> dict:
+    def stored(self) -> dict[str, Any]:
         """The recipe as a version stores it: without the registry section, which says where this machine
         keeps things (and may hold a database password), not how the model was made."""
         return self.model_dump(mode="json", exclude={"registry"})
@@ -392,7 +392,7 @@ class ServerSettings(BaseSettings):
 LEGACY_SECTIONS = ("registry", "serve", "gate", "sft", "pretrain")
 
 
-def _set_dotted(tree: dict, dotted: str, value: object) -> None:
+def _set_dotted(tree: dict[str, Any], dotted: str, value: object) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -438,9 +438,9 @@ def explain_validation_error(error: ValidationError, model: type[BaseModel]) -> 
     return "invalid config: " + "; ".join(problems)
 
 
-def parse_overrides(pairs: list[str]) -> dict:
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """Turn ["train.lr=3e-5", "name=support"] into a nested dict, values parsed as YAML scalars."""
-    tree: dict = {}
+    tree: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
             raise TuneloopError(f"override '{pair}' must look like key=value, e.g. train.lr=3e-5")
@@ -468,7 +468,7 @@ def is_override(token: str, root: type[BaseModel]) -> bool:
     return "=" in token and _top_key(token) in root.model_fields and " " not in token.split("=", 1)[0]
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -478,7 +478,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def read_yaml_mapping(path: Path, what: str = "config file") -> dict:
+def read_yaml_mapping(path: Path, what: str = "config file") -> dict[str, Any]:
     """A YAML file's top-level mapping; a missing file, bad YAML or a list is one clear error."""
     path = Path(path)
     if not path.is_file():
@@ -495,7 +495,7 @@ def read_yaml_mapping(path: Path, what: str = "config file") -> dict:
 Root = TypeVar("Root", bound=BaseModel)
 
 
-def validated(root: type[Root], tree: dict, where: str = "") -> Root:
+def validated(root: type[Root], tree: dict[str, Any], where: str = "") -> Root:
     """`tree` as a `root`; a validation error becomes one line naming every bad key."""
     try:
         return root.model_validate(tree)
@@ -514,7 +514,7 @@ def _section_of(annotation: object) -> type[BaseModel] | None:
     return None
 
 
-def anchor_paths(tree: dict, root: type[BaseModel], folder: Path) -> dict:
+def anchor_paths(tree: dict[str, Any], root: type[BaseModel], folder: Path) -> dict[str, Any]:
     """`tree` with the relative paths of `root`'s path fields taken from `folder` (the YAML file's), so a
     config and its data travel together whatever directory the command runs in."""
     anchored = dict(tree)
@@ -546,12 +546,34 @@ def _anchored(value: object, folder: Path) -> object:
     return value
 
 
+@overload
+def load_config(
+    path: Path | None = None, overrides: list[str] | None = None, *, base: dict[str, Any] | None = None
+) -> ClassifierRecipe: ...
+
+
+@overload
+def load_config(
+    path: Path | None, overrides: list[str] | None, root: type[Root], base: dict[str, Any] | None = None
+) -> Root: ...
+
+
+@overload
 def load_config(
     path: Path | None = None,
     overrides: list[str] | None = None,
-    root: type[Root] = ClassifierRecipe,  # type: ignore[assignment]
-    base: dict | None = None,
-) -> Root:
+    *,
+    root: type[Root],
+    base: dict[str, Any] | None = None,
+) -> Root: ...
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: list[str] | None = None,
+    root: type[BaseModel] = ClassifierRecipe,
+    base: dict[str, Any] | None = None,
+) -> BaseModel:
     """Load a YAML config (optional), apply dotted overrides, validate as `root`; errors name the key.
 
     Relative paths in the file are taken from the file's folder; in overrides, from the working directory.
@@ -562,7 +584,7 @@ def load_config(
     return validated(root, _merge(_merge(base or {}, tree), parse_overrides(overrides or [])))
 
 
-def stored_recipe(stored: dict) -> dict:
+def stored_recipe(stored: dict[str, Any]) -> dict[str, Any]:
     """A recipe tree as a version stored it, without the sections older versions stored but never used."""
     return {key: value for key, value in stored.items() if key not in LEGACY_SECTIONS}
 

@@ -9,7 +9,7 @@ from helpers import tiny_config
 from tuneloop.config import GateConfig, GateSettings, load_config
 from tuneloop.feedback.gate import compare, run_gate
 from tuneloop.registry import Registry
-from tuneloop.train import classification
+from tuneloop.training import classification
 
 # A model that has learned nothing: random cosine head, learning rates too small to move it.
 CRIPPLED = ("model.head_init=random", "train.lr=1e-9", "train.head_lr=1e-9", "train.epochs=1")

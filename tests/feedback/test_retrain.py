@@ -15,7 +15,7 @@ from tuneloop.feedback.export import FeedbackExamples
 from tuneloop.feedback.log import LoggedPrediction, PredictionLog, new_prediction_id
 from tuneloop.feedback.retrain import FEEDBACK_ROW, in_holdout, retrain, retraining_data
 from tuneloop.registry import Registry
-from tuneloop.train import classification
+from tuneloop.training import classification
 
 
 def frame(pairs):

@@ -258,3 +258,16 @@ def test_a_version_that_fails_to_load_is_not_promoted_and_the_old_one_keeps_serv
         assert predict(client, "refund", headers=admin)["version"] == 1
         assert client.get("/readyz").status_code == 200
     assert Registry(config.registry).get("toy@production").version == 1
+
+
+def test_a_server_on_its_way_down_answers_503_with_retry_after(client):
+    client.app.state.tuneloop.served.slots["toy"].batcher._stopping = True  # what stop() sets first
+    response = client.post("/v1/predict", json={"texts": ["refund"]})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "shutting down" in response.json()["detail"]
+
+
+def test_openapi_declares_how_to_send_a_key(client):
+    schemes = client.get("/openapi.json").json()["components"]["securitySchemes"]
+    assert schemes["APIKeyHeader"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert schemes["HTTPBearer"]["scheme"] == "bearer"

@@ -3,7 +3,6 @@ with its badges, thumbs down, pick the right intent, and find the feedback in th
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,6 @@ from tuneloop.feedback.log import PredictionLog
 from tuneloop.serve.app import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
-# Kept after the run for a human to look at (build/ is git-ignored).
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "build" / "screenshots"
 CHROMIUM_FLAGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -26,7 +23,7 @@ CHROMIUM_FLAGS = [
 ]
 
 pytestmark = [
-    pytest.mark.integration,
+    pytest.mark.browser,
     pytest.mark.skipif(
         not CHROMIUM.exists(),
         reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium; .ci/run installs it)",
@@ -53,18 +50,14 @@ def test_chat_page_reply_badges_thumbs_down_and_intent_correction(assistant_setu
             reply = page.locator(".msg.bot").first
             reply.wait_for()
             badges = reply.locator(".badge").all_inner_texts()
-            assert any(b.startswith("intent:") or b == "out of scope" for b in badges), badges
+            assert any(b.startswith("intent:") for b in badges), badges
             assert any(b.startswith("sentiment:") for b in badges), badges
             reply.locator("button.thumb.down").click()
             page.wait_for_selector(".msg.bot .thanks:has-text('thanks!')")
             assert reply.locator("button.thumb.down").get_attribute("aria-pressed") == "true"
             reply.locator("select.correct-intent").select_option("password")
             page.wait_for_selector(".msg.bot .thanks:has-text('noted as password')")
-            shot = tmp_path / "chat.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 5_000
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            shutil.copy(shot, SCREENSHOTS / "chat.png")
+            page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)  # kept in the temporary folder
             turn_id = reply.get_attribute("data-turn-id")
         finally:
             browser.close()

@@ -176,7 +176,7 @@ def test_a_multitask_model_gives_intent_and_sentiment_from_one_encoder_pass(assi
     from helpers import MOODS, toy_rows
     from tuneloop.config import load_config
     from tuneloop.registry import Registry
-    from tuneloop.train import classification
+    from tuneloop.training import classification
 
     config, definition = assistant_setup
     folder = definition.parent

@@ -105,7 +105,9 @@ class ChatService:
         """Log both predictions and store the turn."""
         now = utc_now()
         intent_record, sentiment_record = (
-            LoggedPrediction.of(model.name, model.version or 0, model.labels, message, softmax(logits), "chat", now)
+            LoggedPrediction.of(
+                model.name, model.registered_version, model.labels, message, softmax(logits), "chat", now
+            )
             for model, logits in ((seen.intent, seen.intent_logits), (seen.sentiment, seen.sentiment_logits))
         )
         self.prediction_log.record([intent_record, sentiment_record])

@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 
 from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import SQLAlchemyError
 
 from tuneloop.db.schema import Base
 from tuneloop.errors import TuneloopError, first_line
 
 
-def _sqlite_pragmas(connection, _record) -> None:
+def _sqlite_pragmas(connection: DBAPIConnection, _record: object) -> None:
     cursor = connection.cursor()
     # WAL lets the server's log writer and a CLI command (promote, export) use the file at once; the busy
     # timeout makes a writer wait for the other instead of failing with "database is locked".

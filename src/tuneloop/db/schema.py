@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -33,8 +33,8 @@ class ModelVersion(Base):
     stage: Mapped[Stage] = mapped_column(String(20), default="candidate")
     base_model: Mapped[str] = mapped_column(String(500))
     data_fingerprint: Mapped[str] = mapped_column(String(64))
-    config: Mapped[dict] = mapped_column(JSON)
-    metrics: Mapped[dict] = mapped_column(JSON)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     parent: Mapped[str | None] = mapped_column(String(220), nullable=True)
     artifact_dir: Mapped[str] = mapped_column(String(1000))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

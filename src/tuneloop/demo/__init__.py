@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # the assistant pulls in torch and the server; `tuneloop --he
     from tuneloop.assistant.turn import TurnOutcome
     from tuneloop.models.predictor import Prediction
     from tuneloop.registry import ModelVersion, Registry
-    from tuneloop.train.classification import ClassifierOutcome
+    from tuneloop.training.classification import ClassifierOutcome
 
 DEMO_EXAMPLES = [
     "where is my parcel? it was supposed to arrive yesterday",
@@ -109,7 +109,7 @@ def run(
     support assistant built on both. `overrides` apply to both recipes (serve.* ones are the server's)."""
     from tuneloop.models.predictor import load_model
     from tuneloop.registry import Registry
-    from tuneloop.train import classification
+    from tuneloop.training import classification
 
     _, recipe_overrides = split_overrides(overrides or [], SERVER_SECTIONS)
     recipe = demo_config(config_file, recipe_overrides)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -21,7 +22,7 @@ class FeedbackExamples:
     """Labelled examples from feedback, one per distinct text, and what happened to the rest."""
 
     examples: pd.DataFrame
-    conflicts: list[dict] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
@@ -42,7 +43,7 @@ def feedback_examples(
     label. Per distinct text (after cleaning, case-insensitive) the latest example wins; texts that
     received different labels are reported as conflicts.
     """
-    latest: dict[str, dict] = {}
+    latest: dict[str, dict[str, Any]] = {}
     rated_down_without_label = set()
     for feedback, prediction in rows:
         if feedback.corrected_label:
@@ -70,7 +71,7 @@ def feedback_examples(
                     "order": chosen["at"].id,
                 }
             )
-    by_text: dict[str, list[dict]] = {}
+    by_text: dict[str, list[dict[str, Any]]] = {}
     for candidate in sorted(candidates, key=lambda c: (c["feedback_at"], c["order"])):
         by_text.setdefault(dedup_key(candidate["text"]), []).append(candidate)
     kept, conflicts = [], []
@@ -87,7 +88,8 @@ def feedback_examples(
                 }
             )
         kept.append(winner)
-    examples = pd.DataFrame(sorted(kept, key=lambda c: (c["feedback_at"], c["order"])), columns=EXAMPLE_COLUMNS)
+    ordered = sorted(kept, key=lambda c: (c["feedback_at"], c["order"]))
+    examples = pd.DataFrame(ordered, columns=pd.Index(EXAMPLE_COLUMNS))
     counts = {
         "feedback_rows": len(rows),
         "examples": len(examples),

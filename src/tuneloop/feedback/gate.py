@@ -16,6 +16,7 @@ import html
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,26 +47,26 @@ class GateDecision:
     production: str
     passed: bool
     checks: list[GateCheck]
-    metrics: dict[str, dict[str, dict]]
-    per_class: list[dict]
+    metrics: dict[str, dict[str, dict[str, Any]]]
+    per_class: list[dict[str, Any]]
     mcnemar: dict[str, dict[str, float]]
     rows: dict[str, int]
     promoted: bool = False
     report_dir: str | None = None
     notes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _scores(true: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict:
+def _scores(true: np.ndarray, predicted: np.ndarray, labels: list[str]) -> dict[str, Any]:
     if len(true) == 0:
         return {"n": 0, "accuracy": None, "macro_f1": None}
     _, _, f1, _ = precision_recall_fscore_support(true, predicted, labels=labels, average="macro", zero_division=0)
     return {"n": int(len(true)), "accuracy": float((true == predicted).mean()), "macro_f1": float(f1)}
 
 
-def _mcnemar(true: np.ndarray, prod: np.ndarray, cand: np.ndarray) -> dict:
+def _mcnemar(true: np.ndarray, prod: np.ndarray, cand: np.ndarray) -> dict[str, Any]:
     prod_right, cand_right = prod == true, cand == true
     worse = int((prod_right & ~cand_right).sum())  # production right, candidate wrong
     better = int((~prod_right & cand_right).sum())
@@ -73,7 +74,7 @@ def _mcnemar(true: np.ndarray, prod: np.ndarray, cand: np.ndarray) -> dict:
     return {"candidate_only_wrong": worse, "candidate_only_right": better, "p_value_candidate_worse": p_worse}
 
 
-def _per_class(true: np.ndarray, prod: np.ndarray, cand: np.ndarray, config: GateConfig) -> list[dict]:
+def _per_class(true: np.ndarray, prod: np.ndarray, cand: np.ndarray, config: GateConfig) -> list[dict[str, Any]]:
     labels = sorted(set(true))
     prod_prf = precision_recall_fscore_support(true, prod, labels=labels, zero_division=0)
     cand_prf = precision_recall_fscore_support(true, cand, labels=labels, zero_division=0)
@@ -98,7 +99,7 @@ def _per_class(true: np.ndarray, prod: np.ndarray, cand: np.ndarray, config: Gat
 
 def compare(
     true: list[str], production: list[str], candidate: list[str], part: list[str], config: GateConfig
-) -> tuple[list[GateCheck], dict, list[dict], dict]:
+) -> tuple[list[GateCheck], dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """The checks on paired predictions; `part` names each row's origin ("test" or "feedback").
 
     Each part is judged on its own, never pooled: pooled, the candidate's wins on feedback (mostly
@@ -210,7 +211,7 @@ def render_gate_html(decision: GateDecision, limit: float) -> str:
     metric_rows = []
     for part in ("all", "test", "feedback"):
         prod, cand = decision.metrics["production"].get(part), decision.metrics["candidate"].get(part)
-        if prod and prod["n"]:
+        if prod and cand and prod["n"]:
             metric_rows.append(
                 {
                     "examples": part,

@@ -268,4 +268,4 @@ class PredictionLog:
             predictions = predictions.where(PredictionRecord.model_name == model_name)
             feedback = feedback.where(PredictionRecord.model_name == model_name)
         with self._sessions() as session:
-            return {"predictions": session.scalar(predictions), "feedback": session.scalar(feedback)}
+            return {"predictions": session.scalar(predictions) or 0, "feedback": session.scalar(feedback) or 0}

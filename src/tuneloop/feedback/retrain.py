@@ -6,6 +6,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -16,8 +17,8 @@ from tuneloop.errors import TuneloopError
 from tuneloop.feedback.export import FeedbackExamples, load_feedback
 from tuneloop.models.encoders import resolve_encoder
 from tuneloop.registry import Registry
-from tuneloop.train import classification
-from tuneloop.train.classification import ClassifierOutcome, token_counter
+from tuneloop.training import classification
+from tuneloop.training.classification import ClassifierOutcome, token_counter
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ FEEDBACK_ROW = -1
 class RetrainOutcome:
     run: ClassifierOutcome
     parent: str
-    feedback: dict
+    feedback: dict[str, Any]
 
 
 def in_holdout(text: str, fraction: float) -> bool:

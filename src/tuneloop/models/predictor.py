@@ -57,6 +57,13 @@ class Predictor:
         return np.array(self.labels, dtype=object)
 
     @property
+    def registered_version(self) -> int:
+        """The version number; asking a predictor loaded from a folder (which has none) is an error."""
+        if self.version is None:
+            raise TuneloopError(f"{self.name} was loaded from a folder, not from the registry: it has no version")
+        return self.version
+
+    @property
     def ref(self) -> str:
         return self.name if self.version is None else f"{self.name}@{self.version}"
 

@@ -13,6 +13,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -58,8 +59,8 @@ class Registry:
         *,
         base_model: str,
         data_fingerprint: str,
-        config: dict,
-        metrics: dict,
+        config: dict[str, Any],
+        metrics: dict[str, Any],
         parent: str | None = None,
     ) -> ModelVersion:
         """Copy the run's folder into the store (without its checkpoints) and add a candidate version; atomic
@@ -143,7 +144,7 @@ class Registry:
         """Make this version production; the previous production version is archived."""
         target = self.get(ref)
         with self._sessions.begin() as session:
-            row = session.get(ModelVersion, target.id)
+            row = session.get_one(ModelVersion, target.id)
             previous = session.scalar(
                 select(ModelVersion).where(ModelVersion.name == row.name, ModelVersion.stage == "production")
             )
@@ -167,7 +168,7 @@ class Registry:
     def archive(self, ref: str) -> ModelVersion:
         target = self.get(ref)
         with self._sessions.begin() as session:
-            session.get(ModelVersion, target.id).stage = "archived"
+            session.get_one(ModelVersion, target.id).stage = "archived"
         return self.get(target.ref)
 
     def rollback(self, name: str, reason: str = "manual rollback") -> ModelVersion:
@@ -186,10 +187,10 @@ class Registry:
             )
             if change is None or change.previous_version is None:
                 raise Conflict(f"{current.ref} has no earlier production version to roll back to")
-            restored = session.scalar(
+            restored = session.scalars(
                 select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == change.previous_version)
-            )
-            session.get(ModelVersion, current.id).stage = "archived"
+            ).one()
+            session.get_one(ModelVersion, current.id).stage = "archived"
             restored.stage = "production"
             restored.promoted_at = utc_now()
             change.undone = True
@@ -211,7 +212,7 @@ class Registry:
             return list(session.scalars(select(StageChange).where(StageChange.name == name).order_by(StageChange.id)))
 
 
-def describe(version: ModelVersion) -> dict:
+def describe(version: ModelVersion) -> dict[str, Any]:
     """A JSON-friendly view of a version for `models show`."""
     return {
         "name": version.name,

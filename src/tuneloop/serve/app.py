@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 STATUS_OF = {NotFound: 404, Conflict: 409, Unavailable: 503}
 
 
-def _field(location: tuple) -> str:
+def _field(location: tuple[int | str, ...]) -> str:
     parts = [str(p) for p in location if p != "body"]
     return ".".join(parts) or "body"
 
@@ -85,7 +85,7 @@ def _build_state(config: ServerSettings) -> ServerState:
     runtime = AssistantRuntime(load_definition(settings.assistant), registry) if settings.assistant else None
 
     def swapped(loaded: Predictor) -> None:
-        metrics.served_version.labels(loaded.name).set(loaded.version)
+        metrics.served_version.labels(loaded.name).set(loaded.registered_version)
         metrics.swaps.labels(loaded.name).inc()
 
     def prepare(loaded: Predictor) -> None:
@@ -143,7 +143,7 @@ def create_app(config: ServerSettings) -> FastAPI:
         state.prediction_log.start()
         await state.served.start()
         for name, slot in state.served.slots.items():
-            state.metrics.served_version.labels(name).set(slot.current.version)
+            state.metrics.served_version.labels(name).set(slot.current.registered_version)
         try:
             yield
         finally:

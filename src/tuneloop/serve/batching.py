@@ -18,8 +18,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+import numpy as np
+
 log = logging.getLogger(__name__)
-Result = TypeVar("Result")
+Context = TypeVar("Context")
 
 
 class BatcherStopped(RuntimeError):
@@ -27,13 +29,13 @@ class BatcherStopped(RuntimeError):
 
 
 @dataclass
-class _Job:
+class _Job(Generic[Context]):
     texts: list[str]
-    future: asyncio.Future = field(repr=False)
+    future: asyncio.Future[tuple[Context, np.ndarray]] = field(repr=False)
     arrived: float = field(default_factory=time.monotonic)
 
 
-class MicroBatcher(Generic[Result]):
+class MicroBatcher(Generic[Context]):
     """Queue → batches → `run_batch(texts)` on an executor thread → each caller gets its slice.
 
     `run_batch` returns `(context, rows)`, one row per text; a caller receives `(context, its rows)`.
@@ -41,7 +43,7 @@ class MicroBatcher(Generic[Result]):
 
     def __init__(
         self,
-        run_batch: Callable[[list[str]], tuple[object, Result]],
+        run_batch: Callable[[list[str]], tuple[Context, np.ndarray]],
         executor: Executor,
         max_batch_size: int = 32,
         max_wait_ms: float = 5.0,
@@ -52,10 +54,10 @@ class MicroBatcher(Generic[Result]):
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.on_batch = on_batch
-        self._jobs: deque[_Job] = deque()
+        self._jobs: deque[_Job[Context]] = deque()
         self._queued_texts = 0
-        self._arrived: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     @property
@@ -63,10 +65,9 @@ class MicroBatcher(Generic[Result]):
         return self._task is not None and not self._task.done()
 
     def start(self) -> None:
-        self._arrived = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
 
-    async def submit(self, texts: list[str]) -> tuple[object, Result]:
+    async def submit(self, texts: list[str]) -> tuple[Context, np.ndarray]:
         if not self.running or self._stopping:
             raise BatcherStopped("the batcher is not running")
         job = _Job(texts, asyncio.get_running_loop().create_future())
@@ -97,7 +98,7 @@ class MicroBatcher(Generic[Result]):
             except TimeoutError:
                 return
 
-    def _take_batch(self) -> list[_Job]:
+    def _take_batch(self) -> list[_Job[Context]]:
         batch = [self._jobs.popleft()]
         size = len(batch[0].texts)
         while self._jobs and size + len(self._jobs[0].texts) <= self.max_batch_size:

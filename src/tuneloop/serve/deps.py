@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import Depends, Request
 
@@ -42,7 +42,7 @@ class ServerState:
 
 
 def get_state(request: Request) -> ServerState:
-    return request.app.state.tuneloop
+    return cast(ServerState, request.app.state.tuneloop)
 
 
 def get_chat(state: Annotated[ServerState, Depends(get_state)]) -> ChatService:

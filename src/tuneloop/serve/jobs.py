@@ -12,14 +12,16 @@ import subprocess
 import sys
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from tuneloop.errors import Conflict, TuneloopError
 
+JobStatus = Literal["running", "succeeded", "rejected", "failed"]
 # `tuneloop gate` exits with 3 when the candidate is rejected: a result, not a failure.
-OUTCOMES = {0: "succeeded", 3: "rejected"}
+OUTCOMES: dict[int, JobStatus] = {0: "succeeded", 3: "rejected"}
 
 
 @dataclass
@@ -29,28 +31,17 @@ class Job:
     target: str
     log_path: Path
     started_at: datetime
-    status: str = "running"
+    status: JobStatus = "running"
     exit_code: int | None = None
     finished_at: datetime | None = None
-    process: subprocess.Popen | None = field(default=None, repr=False)
 
-    def describe(self, tail: int = 4000) -> dict[str, str | int | None]:
-        """The job's state and the last `tail` characters of its log (none with tail=0)."""
-        text = ""
-        if tail and self.log_path.is_file():
-            with self.log_path.open("rb") as log_file:
-                log_file.seek(max(0, log_file.seek(0, 2) - 4 * tail))  # utf-8: at most 4 bytes a character
-                text = log_file.read().decode("utf-8", errors="replace")[-tail:]
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "target": self.target,
-            "status": self.status,
-            "exit_code": self.exit_code,
-            "started_at": self.started_at.isoformat(),
-            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
-            "log": text[-tail:],
-        }
+    def log_tail(self, tail: int = 4000) -> str:
+        """The last `tail` characters of the job's output."""
+        if not tail or not self.log_path.is_file():
+            return ""
+        with self.log_path.open("rb") as log_file:
+            log_file.seek(max(0, log_file.seek(0, 2) - 4 * tail))  # utf-8: at most 4 bytes a character
+            return log_file.read().decode("utf-8", errors="replace")[-tail:]
 
 
 class JobRunner:
@@ -61,6 +52,7 @@ class JobRunner:
         self.settings = settings
         self.environment = environment or {}
         self.jobs: dict[str, Job] = {}
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
 
     def start(self, kind: str, target: str) -> Job:
@@ -74,7 +66,7 @@ class JobRunner:
             self.folder.mkdir(parents=True, exist_ok=True)
             job = Job(job_id, kind, target, self.folder / f"{job_id}.log", datetime.now(UTC))
             with job.log_path.open("w", encoding="utf-8") as out:
-                job.process = subprocess.Popen(
+                process = subprocess.Popen(
                     # After "--" everything is an argument: a target can never be read as an option.
                     [sys.executable, "-m", "tuneloop", kind, "--", target, *self.settings[kind]],
                     stdout=out,
@@ -83,16 +75,17 @@ class JobRunner:
                     env={**os.environ, **self.environment, "COLUMNS": "100", "NO_COLOR": "1"},
                 )
             self.jobs[job_id] = job
-        threading.Thread(target=self._wait, args=(job,), daemon=True, name=f"job-{job_id}").start()
+            self._processes[job_id] = process
+        threading.Thread(target=self._wait, args=(job, process), daemon=True, name=f"job-{job_id}").start()
         return job
 
-    def _wait(self, job: Job) -> None:
-        code = job.process.wait()
+    def _wait(self, job: Job, process: subprocess.Popen[bytes]) -> None:
+        code = process.wait()
         job.exit_code = code
         job.finished_at = datetime.now(UTC)
         job.status = OUTCOMES.get(code, "failed")
 
     def stop_all(self) -> None:
-        for job in self.jobs.values():
-            if job.status == "running" and job.process is not None:
-                job.process.terminate()
+        for job_id, job in self.jobs.items():
+            if job.status == "running":
+                self._processes[job_id].terminate()

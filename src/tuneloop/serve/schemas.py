@@ -4,7 +4,7 @@ in and what comes out)."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -72,7 +72,7 @@ class ModelInfo(BaseModel):
     stage: str
     base_model: str
     labels: list[str]
-    metrics: dict
+    metrics: dict[str, Any]
     created_at: datetime
     parent: str | None
     loading_version: int | None = Field(None, description="A version being loaded to replace this one.")
@@ -143,7 +143,7 @@ class JobRequest(StrictModel):
 class AdminVersion(BaseModel):
     version: int
     stage: str
-    metrics: dict
+    metrics: dict[str, Any]
     parent: str | None
     base_model: str
     created_at: datetime
@@ -195,4 +195,6 @@ class ErrorResponse(BaseModel):
     errors: list[dict[str, str]] | None = None
 
 
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 503)
+}

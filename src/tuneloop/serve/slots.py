@@ -9,6 +9,7 @@ it starts, so requests in flight finish on the version they started with and non
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,7 @@ class ModelSlot:
         self.max_padding = max_padding
         self.loading: int | None = None
         self.failed: int | None = None  # a version that would not load: the watcher does not retry it
-        self.batcher: MicroBatcher | None = None
+        self.batcher: MicroBatcher[Predictor] | None = None
 
     def infer(self, texts: list[str]) -> tuple[Predictor, np.ndarray]:
         """(version, logits): the version read once, so the whole batch runs on it even if a swap lands now."""
@@ -76,8 +77,8 @@ class ServedModels:
         # would only fight over them. Loading a new version gets its own thread so inference never waits.
         self.inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
-        self._watcher: asyncio.Task | None = None
-        self._swaps: dict[str, asyncio.Task] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self._swaps: dict[str, asyncio.Task[Predictor]] = {}
 
     def names_to_serve(self) -> list[str]:
         if self.config.models:
@@ -113,9 +114,7 @@ class ServedModels:
                 self.inference,
                 self.config.max_batch_size,
                 self.config.max_wait_ms,
-                on_batch=(lambda size, seconds, name=name: self.on_batch(name, size, seconds))
-                if self.on_batch
-                else None,
+                on_batch=functools.partial(self._batched, name),
             )
             slot.batcher.start()
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="registry-watcher")
@@ -130,6 +129,10 @@ class ServedModels:
                 await slot.batcher.stop()
         self.inference.shutdown(wait=True)
         self.loader.shutdown(wait=False, cancel_futures=True)
+
+    def _batched(self, name: str, size: int, seconds: float) -> None:
+        if self.on_batch is not None:
+            self.on_batch(name, size, seconds)
 
     @property
     def ready(self) -> bool:
@@ -146,9 +149,11 @@ class ServedModels:
 
     async def run(self, name: str | None, texts: list[str]) -> tuple[Predictor, np.ndarray]:
         """(the version that answered, logits rows of every task) for cleaned texts, through the name's batcher."""
-        slot = self.slot(name)
+        batcher = self.slot(name).batcher
         try:
-            return await slot.batcher.submit(texts)
+            if batcher is None:
+                raise BatcherStopped("the server has not started")
+            return await batcher.submit(texts)
         except BatcherStopped:
             raise Unavailable("the server is shutting down; retry on another instance") from None
 
@@ -201,7 +206,7 @@ class ServedModels:
             self._switch(slot, replace(loaded, record=promoted))
         return promoted
 
-    def request_swap(self, name: str) -> asyncio.Task:
+    def request_swap(self, name: str) -> asyncio.Task[Predictor]:
         """Start (or join) a swap of `name` to its production version (the watcher's path)."""
         running = self._swaps.get(name)
         if running is None or running.done():
@@ -211,7 +216,7 @@ class ServedModels:
         return running
 
     @staticmethod
-    def _report_failed_swap(task: asyncio.Task) -> None:
+    def _report_failed_swap(task: asyncio.Task[Predictor]) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error("hot swap failed; the previous version keeps serving: %s", task.exception())
 

@@ -7,6 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from tuneloop.errors import NotFound
 from tuneloop.serve.deps import State
+from tuneloop.serve.jobs import Job
 from tuneloop.serve.schemas import (
     ERRORS,
     AdminModel,
@@ -21,6 +22,19 @@ from tuneloop.serve.schemas import (
 from tuneloop.serve.security import require_admin
 
 router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+def job_info(job: Job, tail: int = 4000) -> JobInfo:
+    return JobInfo(
+        id=job.id,
+        kind=job.kind,
+        target=job.target,
+        status=job.status,
+        exit_code=job.exit_code,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        log=job.log_tail(tail),
+    )
 
 
 @router.get("/v1/admin/models", response_model=AdminModelsResponse, responses=ERRORS)
@@ -70,14 +84,13 @@ async def feedback_queue(state: State, limit: int = Query(50, ge=1, le=500)) -> 
 @router.post("/v1/admin/jobs", response_model=JobInfo, status_code=202, responses=ERRORS)
 async def start_job(body: JobRequest, state: State) -> JobInfo:
     """Start `tuneloop retrain NAME` or `tuneloop gate NAME@VERSION` in the background (one at a time)."""
-    job = await run_in_threadpool(state.jobs.start, body.kind, body.target)
-    return JobInfo(**job.describe())
+    return job_info(await run_in_threadpool(state.jobs.start, body.kind, body.target))
 
 
 @router.get("/v1/admin/jobs", response_model=JobsResponse, responses=ERRORS)
 async def list_jobs(state: State) -> JobsResponse:
     jobs = sorted(state.jobs.jobs.values(), key=lambda j: j.started_at, reverse=True)
-    return JobsResponse(jobs=[JobInfo(**job.describe(tail=0)) for job in jobs])
+    return JobsResponse(jobs=[job_info(job, tail=0) for job in jobs])
 
 
 @router.get("/v1/admin/jobs/{job_id}", response_model=JobInfo, responses=ERRORS)
@@ -85,4 +98,4 @@ async def job_status(job_id: str, state: State) -> JobInfo:
     job = state.jobs.jobs.get(job_id)
     if job is None:
         raise NotFound(f"no job '{job_id}'")
-    return JobInfo(**job.describe())
+    return job_info(job)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
@@ -60,7 +60,7 @@ def chat_response(session_id: str, stored: StoredTurn) -> ChatResponse:
     )
 
 
-def event(name: str, data: dict) -> str:
+def event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
@@ -83,7 +83,7 @@ async def chat_turn(
     chat: Chat,
     state: State,
     stream: Annotated[bool, Query(description="Stream the reply as Server-Sent Events.")] = False,
-):
+) -> ChatResponse | StreamingResponse:
     """One turn: intent (with out-of-scope detection), sentiment, FAQ search, reply, escalation.
 
     The intent and sentiment models run through the server's batchers, so chat turns share forward passes

@@ -22,12 +22,13 @@ router = APIRouter(tags=["feedback"])
 )
 async def feedback(body: FeedbackRequest, state: State) -> FeedbackResponse:
     """Correct a prediction's (or a chat turn's intent) label and/or rate it; stored before the answer."""
-    prediction_id, rating = body.prediction_id, body.rating
+    rating = body.rating
     if body.turn_id is not None:
-        turn = await run_in_threadpool(state.conversations.get, body.turn_id) if state.conversations else None
-        if turn is None:
+        conversations = state.conversations
+        turn = await run_in_threadpool(conversations.get, body.turn_id) if conversations else None
+        if conversations is None or turn is None:
             raise NotFound(f"no chat turn with id '{body.turn_id}' (ids come from /v1/chat)")
-        await run_in_threadpool(state.conversations.rate, turn.id, body.rating, body.comment)
+        await run_in_threadpool(conversations.rate, turn.id, body.rating, body.comment)
         prediction_id = turn.intent_prediction_id
         if turn.intent is None:
             # Thumbs on an out-of-scope turn judge the hand-over, not the intent the model guessed: a thumbs-up
@@ -36,6 +37,8 @@ async def feedback(body: FeedbackRequest, state: State) -> FeedbackResponse:
             if body.corrected_label is None:
                 state.metrics.feedback.labels("rating").inc()
                 return FeedbackResponse(feedback_id=None, prediction_id=prediction_id, turn_id=turn.id)
+    else:
+        prediction_id = body.prediction_id or ""  # the request's validator makes sure one of the two is given
     record = await run_in_threadpool(state.prediction_log.get, prediction_id)
     if record is None:
         raise NotFound(f"no prediction with id '{prediction_id}' (ids come from /v1/predict)")

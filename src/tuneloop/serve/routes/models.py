@@ -8,6 +8,7 @@ import logging
 from fastapi import APIRouter, Depends, HTTPException, Response
 from fastapi.concurrency import run_in_threadpool
 
+from tuneloop.registry import ModelVersion
 from tuneloop.serve.deps import State
 from tuneloop.serve.schemas import ERRORS, ModelInfo, ModelsResponse, PromoteRequest, PromoteResponse
 from tuneloop.serve.security import require_admin, require_client
@@ -39,7 +40,7 @@ async def models(state: State) -> ModelsResponse:
     return ModelsResponse(models=infos)
 
 
-def _log_failed_promotion(task: asyncio.Task) -> None:
+def _log_failed_promotion(task: asyncio.Task[ModelVersion]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("promotion over HTTP failed; nothing changed: %s", task.exception())
 

@@ -33,7 +33,7 @@ async def predict(body: PredictRequest, state: State) -> PredictResponse:
     k = min(body.top_k or settings.top_k, len(live.labels))
     now = datetime.now(UTC)
     records = [
-        LoggedPrediction.of(live.name, live.version, live.labels, text, row, "api", now)
+        LoggedPrediction.of(live.name, live.registered_version, live.labels, text, row, "api", now)
         for text, row in zip(body.texts, probs, strict=True)
     ]
     predictions = []
@@ -46,9 +46,9 @@ async def predict(body: PredictRequest, state: State) -> PredictResponse:
                 score=top[0].score,
                 top_k=top,
                 model=live.name,
-                version=live.version,
+                version=live.registered_version,
             )
         )
     state.prediction_log.record(records)
     state.metrics.predictions.labels(live.name).inc(len(predictions))
-    return PredictResponse(model=live.name, version=live.version, predictions=predictions)
+    return PredictResponse(model=live.name, version=live.registered_version, predictions=predictions)

@@ -18,8 +18,8 @@ from tuneloop.cli import app
 from tuneloop.config import PretrainRecipe, load_config
 from tuneloop.errors import TuneloopError
 from tuneloop.models.scratch import bert_config, train_tokenizer
-from tuneloop.train import mlm
-from tuneloop.train.mlm import NO_WORD, mask_batch, pack_blocks, read_corpus, word_numbers
+from tuneloop.training import mlm
+from tuneloop.training.mlm import NO_WORD, mask_batch, pack_blocks, read_corpus, word_numbers
 
 
 def corpus_file(tmp_path, count=160):

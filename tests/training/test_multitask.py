@@ -16,7 +16,7 @@ from tuneloop.errors import TuneloopError
 from tuneloop.models.classifier import TextClassifier, load_task_heads, predict_logits, predict_proba
 from tuneloop.models.predictor import load_model
 from tuneloop.registry import Registry
-from tuneloop.train import classification
+from tuneloop.training import classification
 
 
 @pytest.fixture()

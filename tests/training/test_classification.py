@@ -15,7 +15,7 @@ from tuneloop.models.classifier import TextClassifier, load_encoder, pad_right, 
 from tuneloop.models.encoders import EncoderSource
 from tuneloop.models.trained_rows import TrainedRowsEmbedding, plain_embeddings, train_only_used_rows
 from tuneloop.registry import VersionFolder
-from tuneloop.train.classification import build_classifier, fine_tune, length_grouped_batches
+from tuneloop.training.classification import build_classifier, fine_tune, length_grouped_batches
 
 
 @pytest.fixture()
@@ -62,7 +62,7 @@ def test_training_learns_the_toy_task(setup, tmp_path):
 def test_centroid_head_starts_better_than_chance(setup):
     config, data, encoder = setup
     model, tokenizer = build_classifier(config, encoder, data.labels)
-    from tuneloop.train.classification import embed_all
+    from tuneloop.training.classification import embed_all
 
     ids = tokenize(tokenizer, data.train["text"].tolist(), model.spec)
     label_ids = torch.tensor(data.train["label"].map({label: i for i, label in enumerate(data.labels)}).to_numpy())
@@ -129,7 +129,7 @@ def test_validation_every_n_steps_can_keep_a_model_from_inside_an_epoch(setup, t
         calls.append(len(calls))
         return 0.9 if len(calls) == 2 else 0.01  # the second scoring (step 4) is the best
 
-    monkeypatch.setattr("tuneloop.train.classification.validation_macro_f1", scripted_f1)
+    monkeypatch.setattr("tuneloop.training.classification.validation_macro_f1", scripted_f1)
     at_step_4 = {}
 
     def snapshot(state, model, tokenizer):

@@ -13,7 +13,7 @@ from tuneloop.config import load_config
 from tuneloop.models.classifier import TextClassifier, predict_proba
 from tuneloop.models.encoders import EncoderSource
 from tuneloop.registry import Registry
-from tuneloop.train.classification import build_classifier
+from tuneloop.training.classification import build_classifier
 
 runner = CliRunner()
 TEXTS = ["my parcel is late", "refund my money please", "reset my password", "where is the courier"]

@@ -11,8 +11,8 @@ from tuneloop.cli import app
 from tuneloop.config import SftRecipe, load_config
 from tuneloop.errors import TuneloopError
 from tuneloop.models.lm import GenerationSettings, ReplyModel, cut_at_stop
-from tuneloop.train import sft
-from tuneloop.train.sft import read_conversations, tokenize_conversation
+from tuneloop.training import sft
+from tuneloop.training.sft import read_conversations, tokenize_conversation
 
 runner = CliRunner()
 

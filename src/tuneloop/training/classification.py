@@ -49,7 +49,7 @@ from tuneloop.models.classifier import (
 from tuneloop.models.encoders import EncoderSource, resolve_encoder
 from tuneloop.models.trained_rows import plain_embeddings, train_only_used_rows
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
-from tuneloop.train.common import (
+from tuneloop.training.common import (
     MetricsLog,
     TrainingProgress,
     cpu_supports_bf16,

@@ -28,7 +28,7 @@ from tuneloop.errors import TuneloopError, first_line
 from tuneloop.models.classifier import pad_right
 from tuneloop.models.lm import resolve_lm
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
-from tuneloop.train.common import (
+from tuneloop.training.common import (
     MetricsLog,
     TrainingProgress,
     mean_token_loss,

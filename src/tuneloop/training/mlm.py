@@ -37,7 +37,7 @@ from tuneloop.errors import TuneloopError, first_line
 from tuneloop.models.encoders import EncoderSource, resolve_encoder
 from tuneloop.models.scratch import bert_config, train_tokenizer
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
-from tuneloop.train.common import (
+from tuneloop.training.common import (
     MetricsLog,
     TrainingProgress,
     load_checkpoint,

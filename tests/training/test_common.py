@@ -1,0 +1,71 @@
+"""What the recipes share: the weight-decay rule, progress without a terminal, metrics without TensorBoard."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from tuneloop.registry import VersionFolder
+from tuneloop.training.common import MetricsLog, TrainingProgress, parameter_groups
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = nn.Linear(4, 4)
+        self.LayerNorm = nn.LayerNorm(4)
+        self.norm = nn.LayerNorm(4)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.weight.requires_grad_(False)
+
+
+def test_weights_decay_and_biases_norms_and_frozen_parameters_do_not():
+    block = Block()
+    decayed, plain = parameter_groups(block, lr=1e-3, weight_decay=0.01)
+    assert decayed["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+    assert [id(p) for p in decayed["params"]] == [id(block.dense.weight)]
+    assert {id(p) for p in plain["params"]} == {
+        id(block.dense.bias),
+        id(block.LayerNorm.weight),
+        id(block.LayerNorm.bias),
+        id(block.norm.weight),
+        id(block.norm.bias),
+        id(block.frozen.bias),
+    }
+    skipped = parameter_groups(block, 1e-3, 0.01, skip=[block.dense.weight])
+    assert all(id(p) != id(block.dense.weight) for g in skipped for p in g["params"])
+
+
+def test_without_a_terminal_progress_is_a_line_every_twentieth_of_the_run_with_the_time_left():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+    with TrainingProgress("training", total=100, console=console) as progress:
+        for step in range(100):
+            progress.step(1.0 / (step + 1), "epoch 1/1")
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 20
+    assert re.fullmatch(r"epoch 1/1: step 5/100 \(5%\), loss 0\.200, 0:\d\d elapsed, 0:\d\d left", lines[0]), lines[0]
+    assert lines[-1].startswith("epoch 1/1: step 100/100 (100%)")
+    quiet = io.StringIO()
+    with TrainingProgress("training", total=10, show=False, console=Console(file=quiet)) as progress:
+        progress.step(0.5)
+    assert quiet.getvalue() == ""
+
+
+def test_metrics_are_logged_as_json_lines_with_or_without_tensorboard(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    folder = VersionFolder(tmp_path / "run")
+    folder.root.mkdir()
+    metrics = MetricsLog(folder)
+    metrics.record({"epoch": 1, "step": 3, "train_loss": torch.tensor(0.5).item()})
+    metrics.close()
+    assert [json.loads(line) for line in folder.metrics.read_text().splitlines()] == [
+        {"epoch": 1, "step": 3, "train_loss": 0.5}
+    ]
+    assert not folder.tensorboard.exists()
