@@ -41,7 +41,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 docs: setup
-	$(VENV)/bin/mkdocs build --strict --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 # A local PostgreSQL for the tests that need one (Debian's package; run as root, as CI does).
 postgres:

@@ -13,7 +13,8 @@
 Prints one JSON line: in-scope intent accuracy of the assistant and of the plain classifier (which
 answers everything), the share of in-scope messages answered with the right intent, out-of-scope recall
 and in-scope precision, escalation rate, p50/p95 latency per turn — for each scope score (probability,
-cosine), the first one being what the assistant used.
+cosine), the first one being what the assistant used. Also written to
+bench/results/assistant_eval-threshold.json (assistant_eval-trained-oos.json with --trained-oos).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import add_result_options, load_banking77, publish
+
 OOS_LABEL = "out_of_scope"
-SHARED = ROOT.parent / "shared" / "datasets"
 
 
 def main() -> None:
@@ -52,7 +53,8 @@ def main() -> None:
         action="store_true",
         help="Train the held-out intents' training texts as an out_of_scope intent.",
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="tuneloop config override.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="tuneloop recipe override.")
+    add_result_options(parser)
     args = parser.parse_args()
 
     import torch
@@ -61,14 +63,12 @@ def main() -> None:
     from tuneloop.assistant.runtime import AssistantRuntime
     from tuneloop.config import load_config
     from tuneloop.demo import packaged_file
-    from tuneloop.models.classifier import predict_logits
-    from tuneloop.registry.store import Registry
-    from tuneloop.training.run import run_training
+    from tuneloop.registry import Registry
+    from tuneloop.training import classification
 
     torch.set_num_threads(os.cpu_count() or 1)
     rng = np.random.default_rng(args.seed)
-    train = pd.read_csv(SHARED / "banking77" / "train.csv").rename(columns={"category": "label"})
-    test = pd.read_csv(SHARED / "banking77" / "test.csv").rename(columns={"category": "label"})
+    train, test = load_banking77()
     intents = sorted(train["label"].unique())
     held_out = sorted(rng.choice(intents, size=args.held_out, replace=False).tolist())
     out_share = args.out_share or args.held_out / len(intents)
@@ -98,10 +98,10 @@ def main() -> None:
             ("bank-intents", "intents.csv", "label"),
             ("bank-sentiment", "sentiment.csv", "sentiment"),
         ):
-            config = load_config(
+            recipe = load_config(
                 None, [f"data.path={work / data}", f"data.label_column={label}", f"name={name}", *common]
             )
-            registry.promote(run_training(config, show_progress=False).version.ref)
+            registry.promote(classification.run(recipe, show_progress=False).version.ref)
         training_seconds = time.perf_counter() - started
         # One FAQ entry per known intent, its question a training message of that intent.
         faq = known_train.groupby("label").first().reset_index()
@@ -143,7 +143,7 @@ def main() -> None:
             truth = messages["label"].to_numpy()
             predicted = np.array([o.predicted_intent for o in outcomes])
             accepted = np.array([o.intent is not None for o in outcomes])
-            plain_logits = predict_logits(intent.model, intent.tokenizer, known_test["text"].tolist())
+            plain_logits = intent.own_logits(intent.logits(known_test["text"].tolist()))
             if args.trained_oos:  # the plain classifier answers every message with one of the real intents
                 plain_logits[:, intent.labels.index(OOS_LABEL)] = -np.inf
             plain = plain_logits.argmax(1)
@@ -169,21 +169,18 @@ def main() -> None:
             }
             print(json.dumps({"progress": {score: results[score]}}), file=sys.stderr, flush=True)
 
-    print(
-        json.dumps(
-            {
-                "scope_mode": "trained out_of_scope intent" if args.trained_oos else "threshold",
-                "held_out_intents": held_out,
-                "known_test": len(known_test),
-                "unknown_test": len(unknown_test),
-                "target_precision": args.target_precision,
-                "out_of_scope_share": round(out_share, 4),
-                "training_seconds": round(training_seconds, 1),
-                "cores": os.cpu_count(),
-                **results,
-            }
-        )
-    )
+    result = {
+        "scope_mode": "trained out_of_scope intent" if args.trained_oos else "threshold",
+        "held_out_intents": held_out,
+        "known_test": len(known_test),
+        "unknown_test": len(unknown_test),
+        "target_precision": args.target_precision,
+        "out_of_scope_share": round(out_share, 4),
+        "training_seconds": round(training_seconds, 1),
+        "cores": os.cpu_count(),
+        **results,
+    }
+    publish(args, "assistant_eval-trained-oos" if args.trained_oos else "assistant_eval-threshold", result)
 
 
 def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:

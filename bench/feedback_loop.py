@@ -10,13 +10,16 @@
 3. The server is stopped cleanly; the feedback rows in the database are counted against those sent.
 4. `retrain` trains a candidate on production's data plus the feedback; `gate` decides.
 Prints one JSON line: macro-F1 on the drifted intents and overall (test set), before and after, the gate's
-checks and decision, and the feedback counts (sent / stored / exported / lost).
+checks and decision, and the feedback counts (sent / stored / exported / lost); also written to
+bench/results/feedback_loop.json.
+
+--set takes the recipe's keys (train.epochs=2, ...); serve.* ones go to the server and gate.* ones to the
+gate instead, and registry.* ones to all three.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -29,18 +32,13 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import f1_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import free_port, stop, wait_ready  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "datasets"
+from _common import add_result_options, free_port, load_banking77, publish, stop, wait_ready
 
 
 def scores(registry, ref: str, test: pd.DataFrame, drifted: list[str]) -> dict:
-    from tuneloop.predict import Predictor
+    from tuneloop.models.predictor import load_model
 
-    predictor = Predictor.from_registry(registry, ref)
-    predicted = [p.label for p in predictor.predict(test["text"].tolist(), top_k=1)]
+    predicted = load_model(ref, registry).predict(test["text"].tolist())
     truth = test["label"].tolist()
     return {
         "accuracy": round(float(np.mean([a == b for a, b in zip(predicted, truth, strict=True)])), 4),
@@ -56,20 +54,32 @@ def main() -> None:
     parser.add_argument("--other-holdback", type=float, default=0.1, help="Share of other intents' rows streamed.")
     parser.add_argument("--request-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="tuneloop config override.")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="recipe override; serve.* ones go to the server, gate.* ones to the gate.",
+    )
+    add_result_options(parser)
     args = parser.parse_args()
 
-    from tuneloop.config import load_config
+    from tuneloop.config import GateSettings, ServerSettings, load_config, split_overrides
+    from tuneloop.errors import TuneloopError
     from tuneloop.feedback.export import feedback_examples
     from tuneloop.feedback.gate import run_gate
     from tuneloop.feedback.log import PredictionLog
     from tuneloop.feedback.retrain import retrain
-    from tuneloop.registry.store import Registry
-    from tuneloop.training.run import run_training
+    from tuneloop.registry import Registry
+    from tuneloop.training import classification
+
+    # One --set list, three roots: the recipe (trained and retrained), the server and the gate.
+    serve_overrides, rest = split_overrides(args.overrides, ("serve",))
+    gate_overrides, recipe_overrides = split_overrides(rest, ("gate",))
+    registry_overrides, _ = split_overrides(recipe_overrides, ("registry",))
 
     rng = np.random.default_rng(args.seed)
-    train = pd.read_csv(SHARED / "banking77" / "train.csv").rename(columns={"category": "label"})
-    test = pd.read_csv(SHARED / "banking77" / "test.csv").rename(columns={"category": "label"})
+    train, test = load_banking77()
     intents = sorted(train["label"].unique())
     drifted = sorted(rng.choice(intents, size=args.drifted, replace=False).tolist())
     is_drifted = train["label"].isin(drifted)
@@ -84,18 +94,30 @@ def main() -> None:
         home = work / "home"
         production_rows.to_csv(work / "train.csv", index=False)
         test.to_csv(work / "test.csv", index=False)
-        common = [f"registry.home={home}", "name=banking77", *args.overrides]
-        config = load_config(None, [f"data.path={work / 'train.csv'}", f"data.test_path={work / 'test.csv'}", *common])
+        common = [f"registry.home={home}", "name=banking77", *recipe_overrides]
+        server_settings = [f"registry.home={home}", *registry_overrides, *gate_overrides, *serve_overrides]
+        try:  # all three roots checked before training: a typo fails now, not after the production model trained
+            gate_settings = load_config(
+                None, [f"registry.home={home}", *registry_overrides, *gate_overrides], GateSettings
+            )
+            load_config(None, server_settings, ServerSettings)
+            recipe = load_config(
+                None, [f"data.path={work / 'train.csv'}", f"data.test_path={work / 'test.csv'}", *common]
+            )
+        except TuneloopError as exc:
+            raise SystemExit(f"--set: {exc}") from None
         started = time.perf_counter()
-        production = run_training(config, show_progress=False).version
-        registry = Registry(config.registry)
+        production = classification.run(recipe, show_progress=False).version
+        registry = Registry(recipe.registry)
         registry.promote(production.ref)
         production_seconds = time.perf_counter() - started
         before = scores(registry, production.ref, test, drifted)
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "tuneloop", "serve", "--port", str(port), *common])
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tuneloop", "serve", "--port", str(port), *server_settings], stdout=sys.stderr
+        )  # stdout carries only the result line
         sent = wrong = 0
         try:
             wait_ready(url, server)
@@ -116,7 +138,7 @@ def main() -> None:
         finally:
             stop(server)
 
-        prediction_log = PredictionLog(config.registry.resolved_database_url(), home)
+        prediction_log = PredictionLog(recipe.registry.resolved_database_url(), home)
         stored = prediction_log.count("banking77")
         exported = feedback_examples(prediction_log.feedback_for("banking77"))
         prediction_log.close()
@@ -124,7 +146,7 @@ def main() -> None:
         started = time.perf_counter()
         outcome = retrain("banking77", overrides=common, show_progress=False)
         retrain_seconds = time.perf_counter() - started
-        decision = run_gate(outcome.run.version.ref, load_config(None, common))
+        decision = run_gate(outcome.run.version.ref, gate_settings)
         after = scores(registry, outcome.run.version.ref, test, drifted)
 
     result = {
@@ -153,7 +175,7 @@ def main() -> None:
         "seconds": {"production_training": round(production_seconds, 1), "retrain": round(retrain_seconds, 1)},
         "cores": os.cpu_count(),
     }
-    print(json.dumps(result))
+    publish(args, "feedback_loop", result)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python bench/lora_vs_full.py [--lora-set train.lora_rank=16 ...] [--set train.epochs=3 ...]
 
 Prints one JSON line per method: test accuracy, macro-F1, trainable parameters (and their share of full
-fine-tuning's), training seconds and the size of the saved classifier folder, then the differences.
+fine-tuning's), training seconds and the size of the saved classifier folder, then the differences;
+also written to bench/results/lora_vs_full.json.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pandas as pd
+from _common import add_result_options, load_banking77, publish
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "datasets"
 # LoRA trains few weights from a frozen start, so it takes a larger step (as in the LoRA paper's GLUE runs).
 LORA_DEFAULTS = [
     "train.method=lora",
@@ -38,18 +37,18 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="override for both methods.")
     parser.add_argument("--lora-set", dest="lora", action="append", default=[], help="override for LoRA only.")
     parser.add_argument("--train-limit", type=int, default=None, help="Subsample training rows (smoke runs).")
+    add_result_options(parser)
     args = parser.parse_args()
 
     from tuneloop.config import load_config
-    from tuneloop.models.classifier import MODEL_DIR
     from tuneloop.models.encoders import resolve_encoder
+    from tuneloop.registry import Registry
+    from tuneloop.training import classification
     from tuneloop.training.classification import build_classifier
-    from tuneloop.training.run import run_training
 
-    train = pd.read_csv(SHARED / "banking77" / "train.csv").rename(columns={"category": "label"})
+    train, test = load_banking77()
     if args.train_limit:
         train = train.sample(n=args.train_limit, random_state=0)
-    test = pd.read_csv(SHARED / "banking77" / "test.csv").rename(columns={"category": "label"})
     result: dict = {"dataset": "banking77", "train_rows": len(train), "test_rows": len(test), "cores": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -63,20 +62,19 @@ def main() -> None:
             *args.overrides,
         ]
         for method, extra in (("full", []), ("lora", [*LORA_DEFAULTS, *args.lora])):
-            config = load_config(None, [*common, f"name={method}", *extra])
-            model, _ = build_classifier(
-                config, resolve_encoder(config.model.name, config.registry.home), sorted(train["label"].unique())
-            )
+            recipe = load_config(None, [*common, f"name={method}", *extra])
+            encoder = resolve_encoder(recipe.model.name, Registry(recipe.registry))
+            model, _ = build_classifier(recipe, encoder, sorted(train["label"].unique()))
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             del model
-            outcome = run_training(config, show_progress=False, register=False)
+            outcome = classification.run(recipe, show_progress=False, register=False)
             metrics = outcome.report["test"]
             result[method] = {
                 "accuracy": round(metrics["accuracy"], 4),
                 "macro_f1": round(metrics["macro_f1"], 4),
                 "trainable_parameters": trainable,
                 "train_seconds": round(outcome.train.train_seconds, 1),
-                "artifact_bytes": folder_bytes(outcome.run_dir / MODEL_DIR),
+                "artifact_bytes": folder_bytes(outcome.folder.model),
                 "settings": extra,
             }
             print(json.dumps({"progress": {method: result[method]}}), flush=True, file=sys.stderr)
@@ -85,7 +83,7 @@ def main() -> None:
     result["lora_trainable_share"] = round(lora["trainable_parameters"] / full["trainable_parameters"], 4)
     result["lora_artifact_share"] = round(lora["artifact_bytes"] / full["artifact_bytes"], 4)
     result["lora_time_ratio"] = round(lora["train_seconds"] / full["train_seconds"], 3)
-    print(json.dumps(result))
+    publish(args, "lora_vs_full", result)
 
 
 if __name__ == "__main__":

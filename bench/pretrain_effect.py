@@ -8,7 +8,7 @@ waimai_10k (Chinese food-delivery reviews, positive/negative), a seeded stratifi
   (b) the same encoder after continued MLM on all ~12k reviews, without their labels;
   (c) a small BERT pretrained from scratch (character tokenizer) on the same text.
 Prints one JSON line with each one's test accuracy and macro-F1 on the fixed 20% split, the pretraining
-perplexities and times.
+perplexities and times; also written to bench/results/pretrain_effect.json.
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 from sklearn.model_selection import train_test_split
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "datasets"
+from _common import add_result_options, load_waimai, publish
 
 
 def main() -> None:
@@ -37,14 +35,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--corpus-limit", type=int, default=None, help="Use fewer unlabelled texts (smoke runs).")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="fine-tuning override.")
+    add_result_options(parser)
     args = parser.parse_args()
 
-    from tuneloop.config import load_config
-    from tuneloop.training.mlm import pretrain
-    from tuneloop.training.run import new_run_dir, run_training
+    from tuneloop.config import PretrainRecipe, load_config
+    from tuneloop.training import classification, mlm
 
-    frame = pd.read_csv(SHARED / "waimai_10k" / "waimai_10k.csv").rename(columns={"review": "text"})
-    frame = frame[["text", "label"]].astype(str)
+    frame = load_waimai()
     pool, test = train_test_split(frame, test_size=0.2, stratify=frame["label"], random_state=args.seed)
     labelled, _ = train_test_split(pool, train_size=args.labels, stratify=pool["label"], random_state=args.seed)
     corpus = (
@@ -62,13 +59,13 @@ def main() -> None:
         labelled.to_csv(work / "labelled.csv", index=False)
         test.to_csv(work / "test.csv", index=False)
         (work / "corpus.txt").write_text("\n".join(t.replace("\n", " ") for t in corpus), encoding="utf-8")
-        common = [f"registry.home={home}", f"pretrain.paths=[{work / 'corpus.txt'}]"]
+        where = f"registry.home={home}"
 
         def fine_tune(encoder: str, name: str) -> dict:
-            config = load_config(
+            recipe = load_config(
                 None,
                 [
-                    *common,
+                    where,
                     f"data.path={work / 'labelled.csv'}",
                     f"data.test_path={work / 'test.csv'}",
                     f"model.name={encoder}",
@@ -79,7 +76,7 @@ def main() -> None:
                     *args.overrides,
                 ],
             )
-            outcome = run_training(config, show_progress=False, register=False)
+            outcome = classification.run(recipe, show_progress=False, register=False)
             test_metrics = outcome.report["test"]
             return {
                 "accuracy": round(test_metrics["accuracy"], 4),
@@ -88,9 +85,11 @@ def main() -> None:
             }
 
         def pretrained(name: str, settings: list[str]) -> tuple[str, dict]:
-            config = load_config(None, [*common, f"name={name}", *settings])
+            recipe = load_config(
+                None, [where, f"pretrain.paths=[{work / 'corpus.txt'}]", f"name={name}", *settings], PretrainRecipe
+            )
             started = time.perf_counter()
-            outcome = pretrain(config, new_run_dir(config), show_progress=False)
+            outcome = mlm.run(recipe, show_progress=False)
             return outcome.version.ref, {
                 "pretrain_seconds": round(time.perf_counter() - started, 1),
                 "heldout_perplexity": [round(h["heldout_perplexity"], 2) for h in outcome.history],
@@ -125,7 +124,7 @@ def main() -> None:
     result["b_minus_a_points"] = round(
         100 * (result["b_continued_mlm"]["accuracy"] - result["a_packaged_encoder"]["accuracy"]), 2
     )
-    print(json.dumps(result))
+    publish(args, "pretrain_effect", result)
 
 
 if __name__ == "__main__":

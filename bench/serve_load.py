@@ -11,6 +11,8 @@ transformers feature-extraction pipeline per request and applies the same poolin
 that both servers give the same labels, loads it the same way and prints the ratio.
 
 Without --home, a model is trained first (all-MiniLM-L6-v2 on Banking77, 1 epoch) into a temporary home.
+--set takes `tuneloop serve` settings (serve.*, registry.*, gate.*). The result is also written to
+bench/results/serve_load-RUNTIME.json (serve.runtime: torch, onnx or onnx-int8).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,41 +29,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "datasets"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, process: subprocess.Popen, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"server at {url} not ready after {seconds}s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGINT)  # a clean shutdown: the prediction log is flushed
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+from _common import add_result_options, free_port, load_banking77, publish, stop, wait_ready
 
 
 async def load(
@@ -173,16 +142,16 @@ def naive_server(folder: Path, port: int, threads: int) -> None:
 
 def train_quick_model(home: Path) -> str:
     from tuneloop.config import load_config
-    from tuneloop.registry.store import Registry
-    from tuneloop.training.run import run_training
+    from tuneloop.registry import Registry
+    from tuneloop.training import classification
 
-    train = pd.read_csv(SHARED / "banking77" / "train.csv").rename(columns={"category": "label"})
+    train, _ = load_banking77()
     path = home / "banking77-train.csv"
     home.mkdir(parents=True, exist_ok=True)
     train.to_csv(path, index=False)
-    config = load_config(None, [f"data.path={path}", f"registry.home={home}", "name=banking77", "train.epochs=1"])
-    outcome = run_training(config, show_progress=False)
-    Registry(config.registry).promote(outcome.version.ref)
+    recipe = load_config(None, [f"data.path={path}", f"registry.home={home}", "name=banking77", "train.epochs=1"])
+    outcome = classification.run(recipe, show_progress=False)
+    Registry(recipe.registry).promote(outcome.version.ref)
     return "banking77"
 
 
@@ -195,28 +164,46 @@ def main() -> None:
     parser.add_argument("--baseline", choices=["naive"])
     parser.add_argument("--home", type=Path, help="A tuneloop home with a production version to serve.")
     parser.add_argument("--model", default=None, help="Model name in --home.")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="tuneloop serve override.")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="tuneloop serve setting (serve.*, registry.*)."
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--naive-server", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    add_result_options(parser)
     args = parser.parse_args()
     if args.naive_server:
         naive_server(args.naive_server, args.port, args.threads)
         return
 
-    texts = pd.read_csv(SHARED / "banking77" / "test.csv")["text"].astype(str).tolist()
+    from tuneloop.config import RegistryConfig, ServerSettings, load_config
+    from tuneloop.errors import TuneloopError
+
+    # The server's settings, checked before a model is trained for it: a typo fails now, not minutes later.
+    try:
+        runtime = load_config(None, args.overrides, ServerSettings).serve.runtime
+    except TuneloopError as exc:
+        raise SystemExit(f"--set: {exc}") from None
+    _, test = load_banking77()
+    texts = test["text"].astype(str).tolist()
     with tempfile.TemporaryDirectory() as tmp:
         home = args.home or Path(tmp) / "home"
         name = args.model or (train_quick_model(home) if args.home is None else None)
-        from tuneloop.config import RegistryConfig
-        from tuneloop.models.classifier import MODEL_DIR
-        from tuneloop.registry.store import Registry
+        from tuneloop.registry import Registry
 
         registry = Registry(RegistryConfig(home=home))
         version = (
-            registry.get(f"{name}@production") if name else next(v for v in registry.versions() if v.stage == "production")
+            registry.get(f"{name}@production")
+            if name
+            else next(v for v in registry.versions() if v.stage == "production")
         )
-        result = {"model": version.ref, "clients": args.clients, "seconds": args.seconds, "cores": os.cpu_count()}
+        result = {
+            "model": version.ref,
+            "runtime": runtime,
+            "clients": args.clients,
+            "seconds": args.seconds,
+            "cores": os.cpu_count(),
+        }
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -266,7 +253,7 @@ def main() -> None:
                     sys.executable,
                     __file__,
                     "--naive-server",
-                    str(registry.artifacts(version) / MODEL_DIR),
+                    str(registry.folder(version).model),
                     "--port",
                     str(port),
                     "--threads",
@@ -304,7 +291,7 @@ def main() -> None:
             )
             result["ratio_req_per_s"] = round(ours["req_per_s"] / theirs["req_per_s"], 2)
             result["ratio_p95_latency"] = round(ours["p95_ms"] / theirs["p95_ms"], 3)
-    print(json.dumps(result))
+    publish(args, f"serve_load-{runtime}", result)
 
 
 if __name__ == "__main__":

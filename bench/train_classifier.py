@@ -8,6 +8,7 @@ accuracy (test scored every --eval-every steps; scoring time is not counted as t
 tuneloop and, with --baseline, for the Trainer, plus the ratios. With --pretrain-epochs, tuneloop first
 continues the encoder's MLM pretraining on the training split's texts (never the test texts, no labels) and
 fine-tunes from that; the pretraining time is reported apart from the training time.
+The result is also written to bench/results/train_classifier-DATASET[-mlm][-hf-trainer].json.
 """
 
 from __future__ import annotations
@@ -25,23 +26,19 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "datasets"
+from _common import add_result_options, load_banking77, load_sst2, load_waimai, publish
+
 TARGET_ACCURACY = 0.90
 
 
 def load_dataset(name: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(train, test) frames with columns text, label."""
     if name == "banking77":
-        train = pd.read_csv(SHARED / "banking77" / "train.csv").rename(columns={"category": "label"})
-        test = pd.read_csv(SHARED / "banking77" / "test.csv").rename(columns={"category": "label"})
+        train, test = load_banking77()
     elif name == "sst2":
-        train, test = (
-            pd.read_csv(SHARED / "sst2" / f, sep="\t", quoting=3).rename(columns={"sentence": "text"})
-            for f in ("train.tsv", "dev.tsv")
-        )
+        train, test = load_sst2()
     elif name == "waimai_10k":
-        frame = pd.read_csv(SHARED / "waimai_10k" / "waimai_10k.csv").rename(columns={"review": "text"})
+        frame = load_waimai()
         train, test = train_test_split(frame, test_size=0.2, stratify=frame["label"], random_state=seed)
     else:
         raise SystemExit(f"unknown dataset {name}")
@@ -68,29 +65,41 @@ class TestScorer:
         return hit["train_seconds"] if hit else None
 
 
+def pretrain_overrides(overrides: list[str]) -> list[str]:
+    """The share of --set that the pretraining recipe takes: where versions live, the encoder to start from,
+    pretrain.*, and the thread count (train.threads, which pretraining read before the recipes were split)."""
+    chosen = []
+    for pair in overrides:
+        key = pair.split("=", 1)[0].strip()
+        if key == "train.threads":
+            chosen.append("pretrain.threads=" + pair.split("=", 1)[1])
+        elif key == "model.name" or key.split(".", 1)[0] in ("registry", "pretrain"):
+            chosen.append(pair)
+    return chosen
+
+
 def continue_pretraining(train: pd.DataFrame, work: Path, overrides: list[str], epochs: int) -> tuple[str, dict]:
     """MLM on the training texts from the encoder the fine-tune would start from; (its registry ref, figures)."""
-    from tuneloop.config import load_config
+    from tuneloop.config import PretrainRecipe, load_config
     from tuneloop.models.encoders import choose_encoder_name
-    from tuneloop.training.mlm import pretrain
-    from tuneloop.training.run import new_run_dir
+    from tuneloop.training import mlm
 
     texts = train["text"].tolist()
     (work / "corpus.txt").write_text("\n".join(t.replace("\n", " ") for t in texts), encoding="utf-8")
     settings = [
         f"registry.home={work / 'home'}",
         "name=bench-mlm",
-        *overrides,
+        *pretrain_overrides(overrides),
         f"pretrain.paths=[{work / 'corpus.txt'}]",
         f"pretrain.epochs={epochs}",
     ]
-    config = load_config(None, settings)
-    if config.model.name == "auto":
-        config = load_config(None, [*settings, f"model.name={choose_encoder_name(texts)}"])
+    recipe = load_config(None, settings, PretrainRecipe)
+    if recipe.model.name == "auto":
+        recipe = load_config(None, [*settings, f"model.name={choose_encoder_name(texts)}"], PretrainRecipe)
     started = time.perf_counter()
-    outcome = pretrain(config, new_run_dir(config), show_progress=False)
+    outcome = mlm.run(recipe, show_progress=False)
     return outcome.version.ref, {
-        "encoder": config.model.name,
+        "encoder": recipe.model.name,
         "epochs": epochs,
         "pretrain_seconds": round(time.perf_counter() - started, 1),
         "heldout_perplexity": [round(h["heldout_perplexity"], 2) for h in outcome.history],
@@ -100,25 +109,26 @@ def continue_pretraining(train: pd.DataFrame, work: Path, overrides: list[str], 
 def run_tuneloop(
     train: pd.DataFrame, test: pd.DataFrame, work: Path, overrides: list[str], eval_every: int, pretrain_epochs: int = 0
 ) -> dict:
-    from tuneloop.config import load_config
+    from tuneloop.config import load_config, split_overrides
     from tuneloop.models.classifier import predict_proba
-    from tuneloop.training.run import run_training
+    from tuneloop.training import classification
 
     train.to_csv(work / "train.csv", index=False)
     test.to_csv(work / "test.csv", index=False)
     pretraining = None
+    _, classifier_overrides = split_overrides(overrides, ("pretrain",))  # pretrain.* is the MLM recipe's
     if pretrain_epochs:
         ref, pretraining = continue_pretraining(train, work, overrides, pretrain_epochs)
         print(json.dumps({"progress": {"pretraining": pretraining}}), file=sys.stderr, flush=True)
-        overrides = [*overrides, f"model.name={ref}"]
-    config = load_config(
+        classifier_overrides = [*classifier_overrides, f"model.name={ref}"]
+    recipe = load_config(
         None,
         [
             f"data.path={work / 'train.csv'}",
             f"data.test_path={work / 'test.csv'}",
             f"registry.home={work / 'home'}",
             "name=bench",
-            *overrides,
+            *classifier_overrides,
         ],
     )
     scorer = TestScorer(test["text"].tolist(), test["label"].tolist())
@@ -127,7 +137,9 @@ def run_tuneloop(
         probs = predict_proba(model, tokenizer, scorer.texts)
         scorer.record(state["global_step"], state["train_seconds"], [model.spec.labels[i] for i in probs.argmax(1)])
 
-    outcome = run_training(config, register=False, show_progress=False, step_callback=score, callback_every=eval_every)
+    outcome = classification.run(
+        recipe, register=False, show_progress=False, step_callback=score, callback_every=eval_every
+    )
     metrics = outcome.report["test"]
     return {
         "accuracy": round(metrics["accuracy"], 4),
@@ -247,9 +259,8 @@ def main() -> None:
         help="Continue MLM pretraining on the training texts for this many epochs first.",
     )
     parser.add_argument("--seed", type=int, default=42)
+    add_result_options(parser)
     args = parser.parse_args()
-    if not SHARED.is_dir():
-        raise SystemExit(f"datasets not found at {SHARED}")
 
     train, test = load_dataset(args.dataset, args.seed)
     if args.train_limit:
@@ -264,9 +275,12 @@ def main() -> None:
             "tuneloop": run_tuneloop(train, test, work, args.overrides, args.eval_every, args.pretrain_epochs),
         }
         if args.baseline:
+            from tuneloop.config import RegistryConfig
             from tuneloop.models.encoders import resolve_encoder
+            from tuneloop.registry import Registry
 
-            encoder = resolve_encoder(result["tuneloop"]["encoder"], work / "home")
+            registry = Registry(RegistryConfig(home=work / "home"))
+            encoder = resolve_encoder(result["tuneloop"]["encoder"], registry)
             baseline = run_hf_trainer(
                 train, test, work, encoder.path, args.baseline_lr, args.baseline_epochs, args.eval_every
             )
@@ -281,7 +295,8 @@ def main() -> None:
                     else None
                 ),
             }
-    print(json.dumps(result, default=lambda value: value.item()))  # numpy scalars from the report
+    name = f"train_classifier-{args.dataset}" + ("-mlm" if args.pretrain_epochs else "")
+    publish(args, name + (f"-{args.baseline}" if args.baseline else ""), result)
 
 
 if __name__ == "__main__":

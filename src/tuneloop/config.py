@@ -35,16 +35,22 @@ class DataConfig(StrictModel):
     """Where the labelled texts are and how to split them."""
 
     path: Path | None = Field(None, description="csv, tsv, jsonl or parquet file of labelled texts.")
-    format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = "auto"
-    text_column: str = "text"
-    label_column: str = "label"
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = Field(
+        "auto", description="File format; auto reads it from the extension."
+    )
+    text_column: str = Field("text", description="Column holding the texts.")
+    label_column: str = Field("label", description="Column holding the labels.")
     split_column: str | None = Field(
         None, description="Optional column with train/val/test values; a given test split is kept as is."
     )
     test_path: Path | None = Field(None, description="Optional separate file used as the test split.")
-    val_size: float = Field(0.1, gt=0, lt=0.5)
-    test_size: float = Field(0.15, gt=0, lt=0.5)
-    seed: int = 42
+    val_size: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of rows for the validation split (early stopping, the scope threshold)."
+    )
+    test_size: float = Field(
+        0.15, gt=0, lt=0.5, description="Share of rows for the test split (the report and the gate)."
+    )
+    seed: int = Field(42, description="Seed of the split.")
     conflicts: Literal["drop", "majority"] = Field(
         "drop", description="Texts seen with different labels: drop them all, or keep the majority label."
     )
@@ -64,30 +70,44 @@ class EncoderConfig(StrictModel):
 class ModelConfig(EncoderConfig):
     """Which encoder to start from and the classification head on top."""
 
-    pooling: Literal["mean", "cls"] = "mean"
-    dropout: float = Field(0.1, ge=0, lt=1)
+    pooling: Literal["mean", "cls"] = Field(
+        "mean",
+        description="mean: average of the token vectors (how the packaged sentence encoders were trained); "
+        "cls: the first token's.",
+    )
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the head.")
     head: Literal["cosine", "linear"] = Field(
         "cosine", description="cosine: scaled cosine similarity to learned class vectors."
     )
     head_init: Literal["centroids", "random"] = Field(
         "centroids", description="centroids: start each class vector at its training examples' mean embedding."
     )
-    cosine_scale: float = Field(25.0, gt=0)
-    max_length: int = Field(128, ge=8, le=512)
+    cosine_scale: float = Field(
+        25.0, gt=0, description="Cosine head: logits are this times the cosine to each class vector (a temperature)."
+    )
+    max_length: int = Field(128, ge=8, le=512, description="Longer texts are cut to this many tokens.")
 
 
 class TrainConfig(StrictModel):
     """Optimisation of the classifier."""
 
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(3, ge=1, description="Most passes over the training split (early stopping may end sooner).")
+    batch_size: int = Field(32, ge=1, description="Texts per optimiser step.")
     lr: float = Field(1e-4, gt=0, description="Encoder learning rate.")
-    head_lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    grad_clip: float = Field(1.0, gt=0)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    head_lr: float = Field(
+        2e-3,
+        gt=0,
+        description="Learning rate of the classification head (it starts far from its optimum, the encoder does not).",
+    )
+    weight_decay: float = Field(
+        0.01, ge=0, description="AdamW weight decay on weights (not on biases and normalisation weights)."
+    )
+    warmup_ratio: float = Field(
+        0.06, ge=0, lt=1, description="Share of the steps over which the learning rate rises from zero."
+    )
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warmup.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradients are clipped to this norm.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
     class_weighted: bool = Field(False, description="Weight the loss by inverse class frequency.")
     patience: int = Field(2, ge=1, description="Epochs without a better validation macro-F1 before stopping.")
     eval_every: int | None = Field(
@@ -105,16 +125,18 @@ class TrainConfig(StrictModel):
     )
     bf16: bool = Field(True, description="bf16 autocast, used only where the CPU supports it natively.")
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores.")
-    seed: int = 42
-    length_grouping: bool = True
+    seed: int = Field(42, description="Seed of initialisation, shuffling and dropout.")
+    length_grouping: bool = Field(
+        True, description="Batch texts of similar length together (less padding); batches are still shuffled."
+    )
     method: Literal["full", "lora"] = Field(
         "full",
         description="full: update every encoder weight; lora: train low-rank adapters (peft) and the head, "
         "and store only those (the version points at its base encoder).",
     )
-    lora_rank: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    lora_rank: int = Field(8, ge=1, description="LoRA: rank of the adapters.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA: scaling of the adapters (alpha / rank).")
+    lora_dropout: float = Field(0.1, ge=0, lt=1, description="LoRA: dropout on the adapters' input.")
     lora_targets: list[str] = Field(
         default_factory=lambda: ["query", "value"],
         description="Names of the encoder's linear layers that get adapters.",
@@ -144,11 +166,11 @@ class PretrainConfig(StrictModel):
         "one token per character.",
     )
     vocab_size: int = Field(16_000, ge=100, description="From scratch: WordPiece vocabulary size.")
-    mask_probability: float = Field(0.15, gt=0, lt=1)
+    mask_probability: float = Field(0.15, gt=0, lt=1, description="Share of tokens (or whole words) masked.")
     whole_word: bool = Field(False, description="Mask whole words (Chinese words found by jieba) instead of pieces.")
     block_size: int = Field(128, ge=16, le=512, description="Texts are packed into blocks of this many tokens.")
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(1, ge=1, description="Passes over the corpus.")
+    batch_size: int = Field(32, ge=1, description="Blocks per optimiser step.")
     lr: float = Field(5e-5, gt=0, description="Peak learning rate of the encoder (from scratch wants ~5e-4).")
     head_lr: float = Field(
         1e-3,
@@ -156,12 +178,14 @@ class PretrainConfig(StrictModel):
         description="Learning rate of the MLM head: the packaged sentence encoders ship without one, so "
         "it starts random and must catch up before its gradients mean anything to the encoder.",
     )
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay on weights.")
+    warmup_ratio: float = Field(
+        0.06, ge=0, lt=1, description="Share of the steps over which the learning rate rises from zero."
+    )
     holdout: float = Field(0.05, gt=0, lt=0.5, description="Share of texts kept out to measure perplexity.")
-    checkpoint_every: int = Field(200, ge=1)
+    checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores.")
-    seed: int = 42
+    seed: int = Field(42, description="Seed of the held-out split, masking and dropout.")
 
 
 class SftConfig(StrictModel):
@@ -174,27 +198,32 @@ class SftConfig(StrictModel):
     model: str = Field("SmolLM2-135M-Instruct", description="The packaged SmolLM2, a version NAME@VERSION, a folder.")
     system_prompt: str | None = Field(None, description="Put first in every conversation that has no system turn.")
     method: Literal["full", "lora"] = Field("lora", description="lora stores ~2 MB of adapters; full ~540 MB.")
-    lora_rank: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(8, ge=1)
+    lora_rank: int = Field(16, ge=1, description="LoRA: rank of the adapters.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA: scaling of the adapters (alpha / rank).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA: dropout on the adapters' input.")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Names of the model's linear layers that get adapters.",
+    )
+    epochs: int = Field(3, ge=1, description="Passes over the training conversations.")
+    batch_size: int = Field(8, ge=1, description="Conversations per optimiser step.")
     lr: float = Field(2e-4, gt=0, description="2e-4 suits LoRA; full fine-tuning wants ~2e-5.")
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on weights.")
+    warmup_ratio: float = Field(
+        0.05, ge=0, lt=1, description="Share of the steps over which the learning rate rises from zero."
+    )
     max_length: int = Field(384, ge=16, description="Longer conversations keep their last max_length tokens.")
     val_size: float = Field(0.1, ge=0, lt=0.5, description="Conversations held out for loss and perplexity.")
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores.")
-    seed: int = 42
+    seed: int = Field(42, description="Seed of the held-out split, shuffling and dropout.")
 
 
 class EvalConfig(StrictModel):
     """What the evaluation report contains."""
 
-    calibration_bins: int = Field(15, ge=2)
-    top_confusions: int = Field(10, ge=1)
-    examples_per_confusion: int = Field(3, ge=1)
+    calibration_bins: int = Field(15, ge=2, description="Confidence bins of the reliability diagram and ECE.")
+    top_confusions: int = Field(10, ge=1, description="How many of the most frequent confusions the report lists.")
+    examples_per_confusion: int = Field(3, ge=1, description="Example texts shown per confusion.")
     suspect_confidence: float = Field(
         0.9, gt=0.5, le=1, description="A wrong prediction at least this confident is listed as a possible label error."
     )
@@ -221,8 +250,8 @@ class RegistryConfig(StrictModel):
 class ServeConfig(StrictModel):
     """The HTTP server: which models, how requests are batched, limits and API keys."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="Address to bind; 127.0.0.1 answers this machine only.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     models: list[str] = Field(
         default_factory=list,
         description="Model names to serve (their production version); empty: every "

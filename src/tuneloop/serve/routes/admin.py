@@ -89,12 +89,14 @@ async def start_job(body: JobRequest, state: State) -> JobInfo:
 
 @router.get("/v1/admin/jobs", response_model=JobsResponse, responses=ERRORS)
 async def list_jobs(state: State) -> JobsResponse:
+    """Every job this server started, newest first (without their output)."""
     jobs = sorted(state.jobs.jobs.values(), key=lambda j: j.started_at, reverse=True)
     return JobsResponse(jobs=[job_info(job, tail=0) for job in jobs])
 
 
 @router.get("/v1/admin/jobs/{job_id}", response_model=JobInfo, responses=ERRORS)
 async def job_status(job_id: str, state: State) -> JobInfo:
+    """One job: its state and the end of its output."""
     job = state.jobs.jobs.get(job_id)
     if job is None:
         raise NotFound(f"no job '{job_id}'")

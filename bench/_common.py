@@ -1,0 +1,252 @@
+"""What the benchmark scripts share: where the datasets are, their loaders, the local server helpers, and
+how a run's result is written down.
+
+Every script prints exactly one JSON line of results on stdout (progress goes to stderr) and, unless
+--no-results, also writes it to bench/results/<name>.json with what is needed to read it later: the exact
+command, the date, the commit (marked +dirty when src/ or bench/ had uncommitted changes) and the machine.
+Scripts run as `python bench/X.py`, so this module is importable as `_common` from the script's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+# The benchmark datasets are never copied into the repository: TUNELOOP_DATASETS, or ../shared/datasets beside it.
+DATASETS = Path(os.environ.get("TUNELOOP_DATASETS", ROOT.parent / "shared" / "datasets"))
+# CPU features that decide how fast training and inference run here (bf16 autocast needs avx512_bf16 or AMX).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+RESULT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+# --- datasets ----------------------------------------------------------------------------------------
+
+
+def dataset_file(*parts: str) -> Path:
+    """A file of the benchmark datasets; exits with a message saying where they are looked for if missing."""
+    path = DATASETS.joinpath(*parts)
+    if not path.is_file():
+        raise SystemExit(
+            f"dataset file not found: {path}\n"
+            f"The benchmarks read their datasets from {DATASETS} (banking77/, sst2/, waimai_10k/); "
+            f"set TUNELOOP_DATASETS to the folder that holds them."
+        )
+    return path
+
+
+def load_banking77() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Banking77's official (train, test) splits, columns text and label (the intent)."""
+    train, test = (
+        pd.read_csv(dataset_file("banking77", f"{split}.csv")).rename(columns={"category": "label"})
+        for split in ("train", "test")
+    )
+    return train, test
+
+
+def load_sst2() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """SST-2's (train, dev) phrases, columns label and text; the dev set serves as the test set."""
+    train, dev = (
+        pd.read_csv(dataset_file("sst2", name), sep="\t", quoting=3).rename(columns={"sentence": "text"})
+        for name in ("train.tsv", "dev.tsv")
+    )
+    return train, dev
+
+
+def load_waimai() -> pd.DataFrame:
+    """All of waimai_10k (no split is given), columns text and label as strings."""
+    frame = pd.read_csv(dataset_file("waimai_10k", "waimai_10k.csv")).rename(columns={"review": "text"})
+    return frame[["text", "label"]].astype(str)
+
+
+# --- a local server ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, seconds: float = 300) -> None:
+    """Until `tuneloop serve` at `url` answers /readyz; exits if the server dies or takes too long."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"server at {url} not ready after {seconds}s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)  # a clean shutdown: the prediction log is flushed
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# --- where and how it ran ----------------------------------------------------------------------------
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine() -> dict[str, Any]:
+    """The machine the figures come from: cores, CPU model and flags, memory, and the library versions."""
+    model, flags, memory = None, set(), None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model is None:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = round(int(line.split()[1]) / 2**20, 1)  # kB → GiB
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model or platform.processor() or None,
+        "flags": {flag: flag in flags for flag in CPU_FLAGS},
+        "memory_gib": memory,
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
+        "onnxruntime": _version("onnxruntime"),
+    }
+
+
+def commit() -> str:
+    """The repository's short HEAD, +dirty when src/ or bench/ has uncommitted changes; unknown outside git."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "src", "bench")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+# --- results -----------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what the reports hold besides plain types: numpy scalars and arrays, paths."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _script() -> Path:
+    main = sys.modules.get("__main__")
+    return Path(getattr(main, "__file__", None) or sys.argv[0])
+
+
+def result_name(value: str) -> str:
+    """argparse type of --results-name: the name becomes a file name under bench/results/."""
+    if not RESULT_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"'{value}' must be letters, digits and . _ + - (it names a file)")
+    return value
+
+
+def add_result_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--results-name",
+        type=result_name,
+        default=None,
+        help="Write bench/results/NAME.json instead of the variant's default name.",
+    )
+    parser.add_argument(
+        "--no-results", action="store_true", help="Only print the result line; write no file (smoke runs)."
+    )
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """The one JSON line of results on stdout."""
+    print(json.dumps(result, default=_plain, ensure_ascii=False), flush=True)
+
+
+def write_result(name: str, result: dict[str, Any], argv: list[str]) -> Path:
+    """Print the result line, and write it with how it was made to bench/results/<name>.json (atomically)."""
+    print_result(result)
+    script = _script()
+    record = {
+        "benchmark": script.stem,
+        "name": name,
+        "command": " ".join(["python", f"bench/{script.name}", shlex.join(argv)]).rstrip(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": commit(),
+        "machine": machine(),
+        "result": result,
+    }
+    text = json.dumps(record, default=_plain, ensure_ascii=False, indent=2) + "\n"
+    if not RESULT_NAME.fullmatch(name):
+        raise ValueError(f"result name '{name}' must be letters, digits and . _ + - (it names a file)")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    target = RESULTS / f"{name}.json"
+    handle, temporary = tempfile.mkstemp(dir=RESULTS, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide the result from other readers (docs build)
+        os.replace(temporary, target)  # a reader sees the old file or the new one, never half of one
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    print(f"result written to {target}", file=sys.stderr)
+    return target
+
+
+def publish(args: argparse.Namespace, name: str, result: dict[str, Any]) -> Path | None:
+    """The end of every script: the result line on stdout and, unless --no-results, its file."""
+    if args.no_results:
+        print_result(result)
+        return None
+    return write_result(args.results_name or name, result, sys.argv[1:])

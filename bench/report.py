@@ -1,0 +1,251 @@
+"""The benchmarks page and the README's headline table, rendered from bench/results/*.json.
+
+    python bench/report.py --readme     rewrite the README's results table from the files
+    python bench/report.py --check      exit 1 if the README's table is not what the files say
+
+Every figure in the documentation comes from a results file that a benchmark script wrote (with the command,
+the date, the commit and the machine), never from a hand-copied number. The docs build (docs/hooks.py)
+renders `benchmarks_markdown()` into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+Format = Callable[[Any], str]
+
+
+def percent(value: Any) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def seconds(value: Any) -> str:
+    return f"{value:,.0f} s"
+
+
+def times(value: Any) -> str:
+    return f"{value:.2f}×"
+
+
+def plain(value: Any) -> str:
+    return f"{value:,.1f}" if isinstance(value, float) else str(value)
+
+
+# Per benchmark (its results name, or the name's first part), the figures worth a table row:
+# (label, dotted path into the result, format).
+FIGURES: dict[str, list[tuple[str, str, Format]]] = {
+    "train_classifier": [
+        ("dataset", "dataset", plain),
+        ("encoder", "tuneloop.encoder", plain),
+        ("training rows", "train_rows", plain),
+        ("test rows", "test_rows", plain),
+        ("test accuracy", "tuneloop.accuracy", percent),
+        ("test macro-F1", "tuneloop.macro_f1", percent),
+        ("training time", "tuneloop.train_seconds", seconds),
+        ("time to 90% test accuracy", "tuneloop.seconds_to_90", seconds),
+        ("HF Trainer accuracy", "hf_trainer.accuracy", percent),
+        ("HF Trainer time to 90%", "hf_trainer.seconds_to_90", seconds),
+        ("time to 90%, tuneloop / HF Trainer", "ratios.seconds_to_90", times),
+    ],
+    "serve_load": [
+        ("model", "model", plain),
+        ("clients", "clients", plain),
+        ("tuneloop req/s", "tuneloop.req_per_s", plain),
+        ("p50 / p95 / p99 ms", "tuneloop", lambda r: f"{r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f}"),
+        ("naive FastAPI + pipeline req/s", "naive.req_per_s", plain),
+        ("req/s, tuneloop / naive", "ratio_req_per_s", times),
+        ("same predictions", "same_predictions", percent),
+    ],
+    "feedback_loop": [
+        ("drifted intents macro-F1 before", "before.drifted_macro_f1", percent),
+        ("drifted intents macro-F1 after", "after.drifted_macro_f1", percent),
+        ("overall macro-F1 before", "before.macro_f1", percent),
+        ("overall macro-F1 after", "after.macro_f1", percent),
+        ("change on the drifted intents", "delta_points.drifted_macro_f1", lambda v: f"{v:+.2f} points"),
+        ("corrections sent / stored / lost", "feedback", lambda f: f"{f['sent']} / {f['stored']} / {f['lost']}"),
+        ("gate", "gate", lambda g: "passed, promoted" if g["promoted"] else ("passed" if g["passed"] else "rejected")),
+    ],
+    "assistant_eval": [
+        ("scope", "scope_mode", plain),
+        ("in-scope / out-of-scope test messages", "known_test", plain),
+        ("in-scope accuracy (probability score)", "probability.in_scope_accuracy", percent),
+        ("out-of-scope recall", "probability.out_of_scope_recall", percent),
+        ("in-scope precision", "probability.in_scope_precision", percent),
+        ("p50 / p95 ms per turn", "probability.latency_ms", lambda t: f"{t['p50']:.0f} / {t['p95']:.0f}"),
+    ],
+    "multitask": [
+        ("two models: intent / sentiment accuracy", "separate", lambda s: _pair(s, "accuracy")),
+        ("one multi-task model: intent / sentiment accuracy", "multitask", lambda s: _pair(s, "accuracy")),
+        (
+            "model time per turn (p50), two models / one",
+            "turn_ms_p50",
+            lambda t: f"{t['two_models']:.1f} / {t['multitask']:.1f} ms",
+        ),
+    ],
+    "sft_reply": [
+        ("held-out loss before", "heldout_loss_before", plain),
+        ("held-out loss after", "heldout_loss_after", plain),
+        ("held-out perplexity before", "heldout_perplexity_before", plain),
+        ("held-out perplexity after", "heldout_perplexity_after", plain),
+        ("training time", "train_seconds", seconds),
+    ],
+}
+
+
+def _pair(section: dict, key: str) -> str:
+    return " / ".join(percent(section[task][key]) for task in ("intent", "sentiment") if task in section)
+
+
+def _lookup(result: dict, path: str) -> Any:
+    value: Any = result
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def load_results(folder: Path = RESULTS) -> list[dict]:
+    """Every results file, by name."""
+    return [json.loads(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("*.json"))]
+
+
+def _figures_of(entry: dict) -> list[tuple[str, str, Format]]:
+    return FIGURES.get(entry["name"]) or FIGURES.get(entry["benchmark"], [])
+
+
+def _rows(entry: dict) -> list[tuple[str, str]]:
+    rows = []
+    for label, path, fmt in _figures_of(entry):
+        value = _lookup(entry["result"], path)
+        if value is not None:
+            try:
+                rows.append((label, fmt(value)))
+            except (KeyError, TypeError, ValueError):
+                continue
+    if not rows:  # no spec: the top-level numbers
+        rows = [(key, plain(value)) for key, value in entry["result"].items() if isinstance(value, int | float)]
+    return rows
+
+
+def machine_line(machine: dict) -> str:
+    flags = ", ".join(flag for flag, present in machine.get("flags", {}).items() if present)
+    return (
+        f"{machine.get('cores', '?')} cores, {machine.get('cpu', 'unknown CPU')}"
+        + (f" ({flags})" if flags else "")
+        + f", {machine.get('memory_gib', '?')} GiB"
+    )
+
+
+def benchmarks_markdown(folder: Path = RESULTS) -> str:
+    """One section per results file: what ran, where, when, on which commit, and its figures."""
+    entries = load_results(folder)
+    if not entries:
+        return "*No results yet: run a script in bench/ and it writes bench/results/NAME.json.*"
+    out: list[str] = []
+    for entry in entries:
+        out += [
+            f"### {entry['name']}",
+            "",
+            f"`{entry['command']}`  ",
+            f"{entry['date'][:10]}, commit `{entry['commit']}`, {machine_line(entry.get('machine', {}))}",
+            "",
+            "| | |",
+            "|---|---|",
+            *(f"| {label} | {value} |" for label, value in _rows(entry)),
+            "",
+            '??? note "the whole result"',
+            "",
+            "    ```json",
+            *("    " + line for line in json.dumps(entry["result"], indent=2, ensure_ascii=False).splitlines()),
+            "    ```",
+            "",
+        ]
+    return "\n".join(out)
+
+
+# The README's headline rows: (results name, what, how the figure reads).
+HEADLINES: list[tuple[str, str, Callable[[dict], str]]] = [
+    (
+        "train_classifier-banking77-hf-trainer",
+        "Banking77, 77 intents, all-MiniLM-L6-v2 (22M)",
+        lambda r: (
+            f"{percent(r['tuneloop']['accuracy'])} test accuracy in {seconds(r['tuneloop']['train_seconds'])}; "
+            f"90% reached in {times(r['ratios']['seconds_to_90'])} the time of a plain HF Trainer"
+        ),
+    ),
+    (
+        "train_classifier-waimai_10k",
+        "waimai_10k, Chinese reviews, multilingual-e5-small",
+        lambda r: f"{percent(r['tuneloop']['accuracy'])} test accuracy in {seconds(r['tuneloop']['train_seconds'])}",
+    ),
+    (
+        "serve_load-onnx",
+        "Serving Banking77 over HTTP, 16 clients, ONNX Runtime",
+        lambda r: (
+            f"{r['tuneloop']['req_per_s']:.0f} req/s, {times(r['ratio_req_per_s'])} a naive FastAPI + "
+            f"pipeline server, same predictions"
+        ),
+    ),
+    (
+        "feedback_loop",
+        "The loop: users correct a drifted model, retrain, gate",
+        lambda r: (
+            f"drifted intents macro-F1 {percent(r['before']['drifted_macro_f1'])} → "
+            f"{percent(r['after']['drifted_macro_f1'])}, {r['feedback']['lost']} corrections lost, gate "
+            + ("promoted" if r["gate"]["promoted"] else "did not promote")
+        ),
+    ),
+    (
+        "assistant_eval-trained-oos",
+        "Assistant: out-of-scope detection (Banking77, 10 intents held out)",
+        lambda r: (
+            f"{percent(r['probability']['out_of_scope_recall'])} recall at "
+            f"{percent(r['probability']['in_scope_precision'])} in-scope precision"
+        ),
+    ),
+]
+
+
+def readme_table(folder: Path = RESULTS) -> str:
+    """The README's results table: the headline rows whose results exist."""
+    entries = {entry["name"]: entry for entry in load_results(folder)}
+    rows = ["| | measured on 2 CPU cores, no GPU |", "|---|---|"]
+    for name, what, reads in HEADLINES:
+        if name in entries:
+            rows.append(f"| {what} | {reads(entries[name]['result'])} |")
+    return "\n".join(rows)
+
+
+def rendered_readme(readme: str, folder: Path = RESULTS) -> str:
+    before, rest = readme.split(START, 1)
+    _, after = rest.split(END, 1)
+    return f"{before}{START}\n{readme_table(folder)}\n{END}{after}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readme", action="store_true", help="Rewrite the README's results table.")
+    parser.add_argument("--check", action="store_true", help="Exit 1 if the README's table is out of date.")
+    args = parser.parse_args()
+    current = README.read_text(encoding="utf-8")
+    wanted = rendered_readme(current)
+    if args.check:
+        sys.exit(0 if current == wanted else 1)
+    if args.readme:
+        README.write_text(wanted, encoding="utf-8")
+    else:
+        print(benchmarks_markdown())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The front door: the README's results come from bench/results/, it stays short, and its links resolve."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def bench_report():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_readme_results_table_is_what_the_results_files_say():
+    report = bench_report()
+    text = README.read_text(encoding="utf-8")
+    assert report.START in text and report.END in text
+    assert text == report.rendered_readme(text), "run: python bench/report.py --readme"
+
+
+def test_a_hand_edited_figure_is_caught(tmp_path):
+    report = bench_report()
+    text = README.read_text(encoding="utf-8")
+    tampered = text.replace(report.END, "| edited by hand | 99.99% |\n" + report.END)
+    assert tampered != report.rendered_readme(tampered)
+
+
+def test_the_readme_is_a_front_door():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.encode("utf-8")) <= 12 * 1024
+    assert text.splitlines()[3:5] == [
+        "make demo    # fresh machine with Python 3.11: creates .venv, installs CPU torch + tuneloop, runs the demo",
+        "make test    # the same set-up, then every test tier (unit, integration, browser; PostgreSQL when configured)",
+    ]
+    for word in ("this session", "this change", "the issue", "target"):
+        assert word not in text.lower(), word
+
+
+def test_every_local_link_and_image_in_the_readme_and_the_docs_exists():
+    pages = [README, *(ROOT / "docs").rglob("*.md")]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to {target}"
