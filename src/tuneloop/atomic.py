@@ -1,37 +1,53 @@
-"""Folder writes that are all or nothing: `target` is only ever the complete old or the complete new folder.
+"""Writes that are all or nothing: a file or folder is only ever the complete old or the complete new one.
 
-Between the two renames `target` is briefly absent (the old folder is at `target.old`); it is never half
-written.
+Everything is written under a unique temporary name beside its target and renamed into place, so a crash
+leaves at most a `.NAME.<random>.tmp` leftover, and two processes writing the same target (a server and a
+benchmark) never write into each other's staging copy.
 """
 
 from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_dir_atomically(write: Callable[[Path], None], target: Path) -> None:
-    """Call `write(staging)` to fill a fresh folder, then swap it in for `target` by renames."""
-    staging = target.with_name(target.name + ".tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
-    write(staging)
-    previous = target.with_name(target.name + ".old")
-    if previous.exists():
-        shutil.rmtree(previous)
-    if target.exists():
-        target.rename(previous)
-    staging.rename(target)
-    if previous.exists():
-        shutil.rmtree(previous)
+def _beside(target: Path, suffix: str) -> Path:
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex}.{suffix}")
+
+
+@contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """A temporary path beside `target` to write; it replaces `target` when the block ends without an error
+    and is removed when it does not."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _beside(target, "tmp")
+    try:
+        yield staging
+        staging.replace(target)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def write_text_atomically(target: Path, text: str) -> None:
-    """Write a file under a temporary name, then rename it over `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A unique staging name: two processes writing the same file (a server and a benchmark) never collide.
-    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    staging.write_text(text, encoding="utf-8")
-    staging.replace(target)
+    with atomic_file(target) as staging:
+        staging.write_text(text, encoding="utf-8")
+
+
+def write_dir_atomically(write: Callable[[Path], None], target: Path) -> None:
+    """Call `write(staging)` to fill a fresh folder, then swap it in for `target` by renames.
+
+    Between the two renames `target` is briefly absent (the old folder is beside it under a `.old` name); it
+    is never half written.
+    """
+    staging, previous = _beside(target, "tmp"), _beside(target, "old")
+    try:
+        write(staging)
+        if target.exists():
+            target.rename(previous)
+        staging.rename(target)
+    finally:
+        for leftover in (staging, previous):
+            shutil.rmtree(leftover, ignore_errors=True)

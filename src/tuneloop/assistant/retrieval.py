@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
+from tuneloop.atomic import atomic_file
 from tuneloop.data.clean import clean_text
 from tuneloop.data.load import read_table
 from tuneloop.errors import TuneloopError
@@ -108,10 +108,8 @@ class FaqIndex:
                 log.warning("unreadable FAQ vector cache %s: embedding again", cached)
         vectors = self.embedder.encode(questions)
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            staging = cached.with_name(f".{cached.stem}.{uuid.uuid4().hex}.npy")
-            np.save(staging, vectors)
-            staging.replace(cached)
+            with atomic_file(cached) as staging, staging.open("wb") as out:
+                np.save(out, vectors)
         return vectors
 
     def search(

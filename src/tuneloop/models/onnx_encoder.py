@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutput
 
-from tuneloop.atomic import write_dir_atomically
+from tuneloop.atomic import atomic_file, write_dir_atomically
 from tuneloop.errors import TuneloopError
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,8 @@ def quantize_int8(folder: Path) -> None:
     can change where two classes are nearly tied."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    staging = folder / f".{INT8_FILE}.tmp"
-    quantize_dynamic(folder / ONNX_FILE, staging, weight_type=QuantType.QInt8)
-    staging.replace(folder / INT8_FILE)
+    with atomic_file(folder / INT8_FILE) as staging:
+        quantize_dynamic(folder / ONNX_FILE, staging, weight_type=QuantType.QInt8)
 
 
 def onnx_encoder(
