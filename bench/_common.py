@@ -27,6 +27,12 @@ from typing import Any
 
 import pandas as pd
 
+# As the `tuneloop` command does for its process (these scripts are programs too; torch loads after this):
+# weights only from installed packages, and OpenMP threads that wait passively instead of spinning, which
+# slowed training ~7x whenever another process shared the 2 cores.
+for _variable, _value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("OMP_WAIT_POLICY", "PASSIVE")):
+    os.environ.setdefault(_variable, _value)
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
