@@ -44,6 +44,12 @@ def test_a_version_folder_and_an_exported_folder_load_the_same_model(registry, t
         np.testing.assert_allclose(loaded.predict_proba(TEXTS), from_registry.predict_proba(TEXTS), atol=1e-6)
 
 
+def test_a_folder_named_like_a_model_does_not_shadow_it(registry, tmp_path, monkeypatch):
+    (tmp_path / "toy").mkdir()  # e.g. the project's own folder
+    monkeypatch.chdir(tmp_path)
+    assert load_model("toy", registry).ref == "toy@1"
+
+
 def test_a_reference_is_looked_up_in_the_given_registry_only(registry, tmp_path):
     elsewhere = Registry(server_settings(tmp_path / "other-home").registry)
     with pytest.raises(NotFound, match="no model named 'toy'"):

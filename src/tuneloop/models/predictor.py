@@ -132,7 +132,9 @@ def load_model(
     if runtime not in RUNTIMES:
         raise TuneloopError(f"unknown runtime '{runtime}': use one of {', '.join(RUNTIMES)}")
     record, folder = None, None
-    if isinstance(source, Path) or (isinstance(source, str) and Path(source).is_dir()):
+    # A string is a folder only when it holds a classifier: a directory that happens to share a model's name
+    # (a project folder called "tickets") must not shadow the registered model.
+    if isinstance(source, Path) or (isinstance(source, str) and _holds_a_classifier(Path(source))):
         path = Path(source)
         folder = VersionFolder(path) if HeadSpec.exists(VersionFolder(path).model) else None
         model_dir = folder.model if folder else path
@@ -151,3 +153,7 @@ def load_model(
         )
     # After the swap: the other tasks' heads share whichever encoder the model runs.
     return Predictor(name, version, model, tokenizer, record, folder, load_task_heads(model_dir, model))
+
+
+def _holds_a_classifier(path: Path) -> bool:
+    return path.is_dir() and (HeadSpec.exists(path) or HeadSpec.exists(VersionFolder(path).model))
