@@ -51,10 +51,12 @@ models_app = typer.Typer(
 )
 feedback_app = typer.Typer(help="Turn user feedback into labelled examples.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys for the server.", no_args_is_help=True)
+db_app = typer.Typer(help="The database behind the registry and the prediction log.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
 
 console = Console()
 errors = Console(stderr=True)
@@ -667,8 +669,27 @@ def keys_new(scope: Annotated[str, typer.Option(help="client or admin.")] = "cli
     console.print(f'config: serve.{scope}_key_hashes=["{hash_key(key)}"]', highlight=False)
 
 
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Bring the database to the schema this tuneloop needs (a shared PostgreSQL database is only upgraded by
+    this command; stop its servers first). A SQLite home upgrades itself when opened."""
+    from sqlalchemy import create_engine
+
+    from tuneloop.db.engine import redacted
+    from tuneloop.db.migrate import upgrade
+
+    url = _config(RegistrySettings, config, overrides).registry.resolved_database_url()
+    engine = create_engine(url)
+    try:
+        before, after = upgrade(engine)
+    finally:
+        engine.dispose()
+    change = "already" if before == after else f"upgraded from {before or 'an empty or pre-migration database'};"
+    console.print(f"{redacted(url)}: {change} at schema revision {after}")
+
+
 # Every command gets the same error handling, instead of a decorator on each.
-for _typer in (app, data_app, models_app, feedback_app, keys_app):
+for _typer in (app, data_app, models_app, feedback_app, keys_app, db_app):
     for _command in _typer.registered_commands:
         _command.callback = friendly(_command.callback)
 

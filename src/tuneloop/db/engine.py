@@ -1,4 +1,5 @@
-"""Opening the database: one engine per URL per process, every tuneloop table created (SQLite by default)."""
+"""Opening the database: one engine per URL per process, its schema at the revision this tuneloop expects
+(SQLite in the home by default)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import SQLAlchemyError
 
-from tuneloop.db.schema import Base
+from tuneloop.db.migrate import ensure_current
 from tuneloop.errors import TuneloopError, first_line
 
 
@@ -24,16 +25,16 @@ def _sqlite_pragmas(connection: DBAPIConnection, _record: object) -> None:
 
 @functools.cache
 def open_database(url: str) -> Engine:
-    """The process's engine for `url`, with every tuneloop table created; errors name the URL.
+    """The process's engine for `url`, its schema brought up to date (see `migrate`); errors name the URL.
 
     Cached: the registry, the prediction log and the conversation store of one process share a connection
-    pool instead of each opening its own (and creating the tables again).
+    pool instead of each opening its own (and checking the schema again).
     """
     try:
         engine = create_engine(url)
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(engine)
+        ensure_current(engine, redacted(url))
     except SQLAlchemyError as exc:
         raise TuneloopError(f"cannot open the database {redacted(url)}: {first_line(exc)}") from exc
     return engine
