@@ -7,6 +7,7 @@ benchmark) never write into each other's staging copy.
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -51,3 +52,21 @@ def write_dir_atomically(write: Callable[[Path], None], target: Path) -> None:
     finally:
         for leftover in (staging, previous):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def fsync_directory(folder: Path) -> None:
+    """Make a folder's entries (a file created or renamed in it) survive a power cut."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def fsync_tree(root: Path) -> None:
+    """Make every file and folder under `root` survive a power cut (before a database row points at them)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_directory(Path(folder))

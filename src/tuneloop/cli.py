@@ -685,7 +685,7 @@ def db_upgrade(config: ConfigOption = None, overrides: Overrides = None) -> None
     finally:
         engine.dispose()
     change = "already" if before == after else f"upgraded from {before or 'an empty or pre-migration database'};"
-    console.print(f"{redacted(url)}: {change} at schema revision {after}")
+    console.print(f"{redacted(url)}: {change} at schema revision {after}", soft_wrap=True)
 
 
 # Every command gets the same error handling, instead of a decorator on each.

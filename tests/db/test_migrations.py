@@ -4,14 +4,17 @@ recognised and kept; a database at a revision this tuneloop does not know is ref
 from __future__ import annotations
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner
 
 from tuneloop.cli import app
 from tuneloop.db import engine as db_engine
-from tuneloop.db.migrate import head_revision
+from tuneloop.db.migrate import FIRST_REVISION, head_revision
+from tuneloop.db.migrate import _config as migration_config
 from tuneloop.db.schema import Base
 from tuneloop.errors import TuneloopError
 
@@ -19,6 +22,26 @@ from tuneloop.errors import TuneloopError
 def opened(url: str):
     db_engine.open_database.cache_clear()  # each test opens its database afresh, as a new process would
     return db_engine.open_database(url)
+
+
+def pre_migration_home(url: str):
+    """A database as every home held it before migrations existed: revision 0001's tables, no revision."""
+    old = create_engine(url)
+    with old.begin() as connection:
+        command.upgrade(migration_config(connection), FIRST_REVISION)
+        connection.execute(text("drop table alembic_version"))
+    return old
+
+
+def add_version(connection, number: int, stage: str, promoted_at: str | None) -> None:
+    connection.execute(
+        text(
+            "insert into model_versions (name, version, stage, base_model, data_fingerprint, config, metrics, "
+            "artifact_dir, created_at, promoted_at) values ('toy', :n, :stage, 'm', 'f', '{}', '{}', 'models/toy', "
+            "'2026-11-01', :at)"
+        ),
+        {"n": number, "stage": stage, "at": promoted_at},
+    )
 
 
 def test_a_new_database_is_built_by_the_migrations_and_matches_the_schema_module(tmp_path):
@@ -31,20 +54,32 @@ def test_a_new_database_is_built_by_the_migrations_and_matches_the_schema_module
 
 def test_a_home_from_before_migrations_keeps_its_rows_and_gets_a_revision(tmp_path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
-    old = create_engine(url)
-    Base.metadata.create_all(old)  # what every home held before migrations existed
+    old = pre_migration_home(url)
     with old.begin() as connection:
         connection.execute(
             text(
-                "insert into predictions (id, created_at, model_name, model_version, text, label, "
-                "scores, source) values ('p1', '2026-11-01', 'toy', 1, 'hi', 'a', '{}', 'api')"
+                "insert into predictions (id, created_at, model_name, model_version, text, label, scores, source) "
+                "values ('p1', '2026-11-01', 'toy', 1, 'hi', 'a', '{}', 'api')"
             )
         )
+        # Two production rows for one name, as concurrent promotions could leave them before revision 0002.
+        add_version(connection, 1, "production", "2026-11-01 10:00")
+        add_version(connection, 2, "production", "2026-11-02 10:00")
     old.dispose()
     engine = opened(url)
     with engine.connect() as connection:
         assert MigrationContext.configure(connection).get_current_revision() == head_revision()
         assert connection.execute(text("select text from predictions")).scalar_one() == "hi"
+        stages = dict(connection.execute(text("select version, stage from model_versions")).all())
+    assert stages == {1: "archived", 2: "production"}  # the one promoted last stays production
+
+
+def test_the_database_holds_at_most_one_production_version_per_name(tmp_path):
+    engine = opened(f"sqlite:///{tmp_path / 'one.db'}")
+    with engine.begin() as connection:
+        add_version(connection, 1, "production", None)
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        add_version(connection, 2, "production", None)
 
 
 def test_a_database_at_an_unknown_revision_is_refused_and_left_alone(tmp_path):

@@ -101,3 +101,26 @@ def test_a_worse_candidate_is_rejected_and_a_better_one_promoted(served, tiny_en
     assert decision.metrics["candidate"]["test"]["accuracy"] > decision.metrics["production"]["test"]["accuracy"]
     assert registry.get("toy@production").version == better.version
     assert registry.history("toy")[-1].reason.startswith(f"gate passed against {worse.ref}")
+
+
+def test_a_promotion_made_while_the_gate_ran_is_never_overwritten(served, tiny_encoder, monkeypatch):
+    """The gate judged the candidate against toy@1; someone promoted toy@2 meanwhile: the candidate passed
+    against a version that is no longer production, so it is not promoted over toy@2."""
+    from tuneloop.feedback import gate
+
+    config, home = served
+    registry = Registry(config.registry)
+    recipe = tiny_config(tiny_encoder, home.parent / "toy.csv", home)
+    meanwhile, candidate = (classification.run(recipe, show_progress=False).version for _ in range(2))
+    judged = gate.evaluate_gate
+
+    def slow_gate(*args, **kwargs):
+        decision = judged(*args, **kwargs)
+        registry.promote(meanwhile.ref, reason="by hand, while the gate ran")
+        return decision
+
+    monkeypatch.setattr(gate, "evaluate_gate", slow_gate)
+    decision = run_gate(candidate.ref, load_config(None, [f"registry.home={home}"], GateSettings))
+    assert decision.passed and not decision.promoted
+    assert any("production of toy changed" in note for note in decision.notes)
+    assert registry.get("toy@production").version == meanwhile.version

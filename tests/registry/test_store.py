@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import errno
+import os
+import subprocess
+import sys
+import threading
+
 import pytest
 from sqlalchemy.exc import SQLAlchemyError
 
 from tuneloop.config import RegistryConfig
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import Conflict, TuneloopError
 from tuneloop.registry import Registry, VersionFolder
 
 
@@ -95,17 +101,18 @@ def test_failed_commit_leaves_no_version_and_no_files(registry, artifacts, monke
     assert folders == ["v1"]
 
 
-def test_folder_left_by_a_crash_is_replaced(registry, artifacts):
+def test_a_folder_without_a_row_is_never_removed_and_its_number_is_skipped(registry, artifacts):
+    # Left by a crash between rename and commit, or a registration in another process about to commit.
     orphan = registry.home / "models" / "intent" / "v1"
     orphan.mkdir(parents=True)
-    (orphan / "half-written").write_text("x")
+    (orphan / "weights.bin").write_text("someone else's")
     version = register(registry, artifacts)
-    assert version.version == 1
-    assert not (registry.folder(version).root / "half-written").exists()
+    assert version.version == 2 and (registry.folder(version).model / "weights.bin").read_bytes() == b"w"
+    assert (orphan / "weights.bin").read_text() == "someone else's"
 
 
 def test_failed_copy_leaves_nothing(registry, tmp_path):
-    with pytest.raises(TuneloopError, match="cannot store artifacts"):
+    with pytest.raises(TuneloopError, match="cannot store the artifacts of intent.*nothing was registered"):
         registry.register(
             "intent", VersionFolder(tmp_path / "missing"), base_model="m", data_fingerprint="f", config={}, metrics={}
         )
@@ -141,3 +148,100 @@ def test_rollback_needs_a_production_version(registry, artifacts):
     register(registry, artifacts)
     with pytest.raises(TuneloopError, match="has no production version"):
         registry.rollback("intent")
+
+
+def test_a_full_disk_while_copying_is_one_clear_error_and_the_registry_is_untouched(registry, artifacts, monkeypatch):
+    register(registry, artifacts)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("tuneloop.registry.store.shutil.copytree", disk_full)
+    with pytest.raises(TuneloopError, match="No space left on device; nothing was registered"):
+        register(registry, artifacts)
+    assert [v.version for v in registry.versions()] == [1]
+    assert sorted(p.name for p in (registry.home / "models" / "intent").iterdir()) == ["v1"]
+
+
+def test_files_are_synced_before_the_row_that_points_at_them_commits(registry, artifacts, monkeypatch):
+    events = []
+    real_fsync = os.fsync
+    monkeypatch.setattr("tuneloop.atomic.os.fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    real_begin = registry._sessions.begin
+    monkeypatch.setattr(registry._sessions, "begin", lambda: (events.append("commit"), real_begin())[1])
+    register(registry, artifacts)
+    assert events.count("fsync") >= 3 and events[-1] == "commit" and "commit" not in events[:-1]
+
+
+def test_concurrent_promotions_leave_exactly_one_production_version(registry, artifacts):
+    for _ in range(6):
+        register(registry, artifacts)
+    registry.promote("intent@1")
+    barrier = threading.Barrier(5)
+    outcomes = []
+
+    def promote(number: int) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(registry.promote(f"intent@{number}", replacing=1).version)
+        except Conflict as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=promote, args=(n,)) for n in range(2, 7)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [o for o in outcomes if isinstance(o, int)]
+    assert len(winners) == 1, outcomes
+    assert all("changed while" in o for o in outcomes if isinstance(o, str))
+    stages = {v.version: v.stage for v in registry.versions("intent")}
+    assert list(stages.values()).count("production") == 1 and stages[winners[0]] == "production"
+    assert [c.version for c in registry.history("intent")] == [1, winners[0]]
+
+
+def test_a_promotion_computed_from_a_stale_production_is_refused(registry, artifacts):
+    for _ in range(3):
+        register(registry, artifacts)
+    registry.promote("intent@1")
+    registry.promote("intent@2")  # meanwhile, elsewhere
+    with pytest.raises(Conflict, match=r"expected v1, now v2"):
+        registry.promote("intent@3", replacing=1)
+    assert registry.get("intent@production").version == 2
+    with pytest.raises(Conflict, match=r"expected none, now v2"):
+        registry.promote("intent@3", replacing=None)
+
+
+REGISTER_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from tuneloop.config import RegistryConfig
+from tuneloop.registry import Registry, VersionFolder
+registry = Registry(RegistryConfig(home=Path(sys.argv[1])))
+for _ in range(3):
+    print(registry.register("intent", VersionFolder(Path(sys.argv[2])), base_model="m", data_fingerprint="f",
+                            config={}, metrics={}).version, flush=True)
+"""
+
+
+def test_processes_registering_one_name_at_once_get_distinct_complete_versions(registry, artifacts):
+    register(registry, artifacts)  # the database and the name's folder exist
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", REGISTER_IN_A_PROCESS, str(registry.home), str(artifacts.root)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    numbers = []
+    for process in processes:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        numbers += [int(line) for line in out.split()]
+    assert sorted(numbers) == list(range(2, 11))
+    rows = {v.version: v for v in registry.versions("intent")}
+    assert sorted(rows) == list(range(1, 11))
+    for version in rows.values():
+        assert (registry.folder(version).model / "weights.bin").read_bytes() == b"w"

@@ -27,7 +27,7 @@ from tuneloop.atomic import write_dir_atomically
 from tuneloop.config import GateConfig, GateSettings
 from tuneloop.data.clean import dedup_key
 from tuneloop.data.prepare import load_prepared
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import Conflict, TuneloopError
 from tuneloop.evaluate import plots
 from tuneloop.evaluate.report import html_image, html_page, html_table
 from tuneloop.models.predictor import load_model
@@ -277,7 +277,13 @@ def run_gate(ref: str, config: GateSettings, promote: bool = True) -> GateDecisi
     decision = evaluate_gate(registry, candidate, production, config.gate)
     if decision.passed and promote:
         summary = decision.checks[0].detail  # test: macro-F1
-        registry.promote(candidate.ref, reason=f"gate passed against {production.ref}: {summary}")
-        decision.promoted = True
+        try:
+            # Only over the version it was judged against: one promoted while the gate ran was never compared.
+            registry.promote(
+                candidate.ref, reason=f"gate passed against {production.ref}: {summary}", replacing=production.version
+            )
+            decision.promoted = True
+        except Conflict as exc:
+            decision.notes.append(f"not promoted: {exc}; gate it again against the new production version")
     write_gate_report(decision, registry.folder(candidate), config.gate.max_class_drop)
     return decision

@@ -9,21 +9,46 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import ColumnElement, CursorResult, Engine, Update, exists, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from tuneloop.atomic import fsync_directory, fsync_tree
 from tuneloop.config import RegistryConfig
 from tuneloop.db import open_database
 from tuneloop.db.schema import ModelVersion, StageChange, utc_now
-from tuneloop.errors import Conflict, NotFound, TuneloopError
+from tuneloop.errors import Conflict, NotFound, TuneloopError, first_line
 from tuneloop.registry.folder import VersionFolder
+
+# `promote(replacing=CURRENT)`: replace whatever is production when the call starts.
+CURRENT = object()
+
+
+def _no_production(name: str) -> ColumnElement[bool]:
+    """No version of `name` is production (over an alias: inside an UPDATE of the same table, a bare subquery
+    would correlate to the row being updated)."""
+    other = aliased(ModelVersion)
+    return ~exists().where(other.name == name, other.stage == "production")
+
+
+def _rows_changed(session: Session, statement: Update) -> int:
+    return cast(CursorResult[Any], session.execute(statement)).rowcount
+
+
+class _ProductionMoved(Exception):
+    """Inside a stage change: the production version is not the one the change was computed from."""
+
+
+class _NothingToRestore(Exception):
+    """Inside a rollback: the current production version replaced nothing."""
+
 
 _REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(@(?P<which>v?\d+|production|latest))?$")
 
@@ -63,23 +88,28 @@ class Registry:
         metrics: dict[str, Any],
         parent: str | None = None,
     ) -> ModelVersion:
-        """Copy the run's folder into the store (without its checkpoints) and add a candidate version; atomic
-        as described above."""
-        with self._sessions() as session:
-            latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name)) or 0
-        number = latest + 1
-        relative = Path("models") / name / f"v{number}"
-        target = self.home / relative
-        if target.exists():
-            shutil.rmtree(target)  # left by a crash after the rename and before the commit: has no row
-        staging = target.with_name(f".v{number}.{uuid.uuid4().hex}.tmp")
-        staging.parent.mkdir(parents=True, exist_ok=True)
+        """Copy the run's folder into the store (without its checkpoints) and add a candidate version.
+
+        The copy is written and synced under a private name first; the version number is then claimed by
+        renaming it to `vN`, which fails when another process holds that number (its folder is there), so two
+        registrations of one name at once get two numbers and two complete folders. No folder this call did
+        not create is ever removed: one left by a crash between rename and commit keeps its number unused.
+        """
+        models = self.home / "models" / name
+        models.mkdir(parents=True, exist_ok=True)
+        staging = models / f".v-{uuid.uuid4().hex}.tmp"
         try:
-            shutil.copytree(run.root, staging, ignore=shutil.ignore_patterns(*VersionFolder.NOT_REGISTERED))
-            staging.rename(target)
-        except OSError as exc:
+            try:
+                shutil.copytree(run.root, staging, ignore=shutil.ignore_patterns(*VersionFolder.NOT_REGISTERED))
+                fsync_tree(staging)  # the files are on disk before a row can point at them
+                number = self._claim_number(name, staging)
+            except OSError as exc:
+                raise TuneloopError(
+                    f"cannot store the artifacts of {name} in {models}: {exc}; nothing was registered"
+                ) from exc
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
-            raise TuneloopError(f"cannot store artifacts of {name} v{number} in {target}: {exc}") from exc
+        target = models / f"v{number}"
         row = ModelVersion(
             name=name,
             version=number,
@@ -89,16 +119,32 @@ class Registry:
             config=config,
             metrics=metrics,
             parent=parent,
-            artifact_dir=relative.as_posix(),
+            artifact_dir=target.relative_to(self.home).as_posix(),
             created_at=utc_now(),
         )
         try:
             with self._sessions.begin() as session:
                 session.add(row)
-        except (IntegrityError, SQLAlchemyError) as exc:
-            shutil.rmtree(target, ignore_errors=True)
-            raise TuneloopError(f"registering {name} v{number} failed, nothing was stored: {exc}") from exc
+        except SQLAlchemyError as exc:
+            shutil.rmtree(target, ignore_errors=True)  # this call's own folder
+            raise TuneloopError(f"registering {name} v{number} failed, nothing was stored: {first_line(exc)}") from exc
         return row
+
+    def _claim_number(self, name: str, staging: Path) -> int:
+        """The first number above the registered ones whose folder this process could rename `staging` to."""
+        with self._sessions() as session:
+            number = (session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name)) or 0) + 1
+        while True:
+            target = staging.parent / f"v{number}"
+            try:
+                os.rename(staging, target)  # atomic, and refused when `target` is a folder with files in it
+            except OSError:
+                if not target.exists():
+                    raise
+                number += 1
+                continue
+            fsync_directory(staging.parent)
+            return number
 
     def versions(self, name: str | None = None) -> list[ModelVersion]:
         """Registered versions, by name then number; only `name`'s when given."""
@@ -140,71 +186,140 @@ class Registry:
                 return version
         raise NotFound(f"'{name}' has no version {number}; versions: {', '.join(str(v.version) for v in versions)}")
 
-    def promote(self, ref: str, reason: str = "manual") -> ModelVersion:
-        """Make this version production; the previous production version is archived."""
+    def promote(self, ref: str, reason: str = "manual", *, replacing: int | None | object = CURRENT) -> ModelVersion:
+        """Make a version production; the one it replaces is archived, in the same transaction.
+
+        A compare-and-swap: it replaces the production version this call saw when it started, or `replacing`
+        (the version number a caller such as the gate judged against; None for "no production version"),
+        and refuses with Conflict when production changed in between. The database itself holds at most one
+        production version per name, whatever runs at once.
+        """
         target = self.get(ref)
-        with self._sessions.begin() as session:
-            row = session.get_one(ModelVersion, target.id)
-            previous = session.scalar(
-                select(ModelVersion).where(ModelVersion.name == row.name, ModelVersion.stage == "production")
-            )
-            if previous is None or previous.id != row.id:
-                if previous is not None:
-                    previous.stage = "archived"
-                row.stage = "production"
-                row.promoted_at = utc_now()
+        expected = self._production_number(target.name) if replacing is CURRENT else replacing
+        if expected == target.version:
+            return target
+        now = utc_now()
+        try:
+            with self._sessions.begin() as session:
+                # The first statement writes, so SQLite takes its write lock here instead of failing to upgrade a
+                # read transaction that another writer (the prediction log) overtook.
+                if expected is None:
+                    taken = _rows_changed(
+                        session,
+                        update(ModelVersion)
+                        .where(
+                            ModelVersion.id == target.id,
+                            _no_production(target.name),
+                        )
+                        .values(stage="production", promoted_at=now),
+                    )
+                else:
+                    session.execute(
+                        update(ModelVersion)
+                        .where(
+                            ModelVersion.name == target.name,
+                            ModelVersion.stage == "production",
+                            ModelVersion.version == expected,
+                        )
+                        .values(stage="archived")
+                    )
+                    taken = _rows_changed(
+                        session,
+                        update(ModelVersion)
+                        .where(
+                            ModelVersion.id == target.id,
+                            _no_production(target.name),
+                        )
+                        .values(stage="production", promoted_at=now),
+                    )
+                if taken != 1:
+                    raise _ProductionMoved
                 session.add(
                     StageChange(
-                        name=row.name,
-                        version=row.version,
+                        name=target.name,
+                        version=target.version,
+                        previous_version=expected,
                         kind="promote",
                         reason=reason,
-                        at=utc_now(),
-                        previous_version=previous.version if previous is not None else None,
+                        at=now,
                     )
                 )
+        except (_ProductionMoved, IntegrityError) as exc:
+            seen = f"v{expected}" if expected is not None else "none"
+            raise Conflict(
+                f"production of {target.name} changed while {target.ref} was being promoted (expected "
+                f"{seen}, now {self._production_text(target.name)}); nothing changed"
+            ) from exc
         return self.get(target.ref)
 
     def archive(self, ref: str) -> ModelVersion:
         target = self.get(ref)
         with self._sessions.begin() as session:
-            session.get_one(ModelVersion, target.id).stage = "archived"
+            session.execute(update(ModelVersion).where(ModelVersion.id == target.id).values(stage="archived"))
         return self.get(target.ref)
 
     def rollback(self, name: str, reason: str = "manual rollback") -> ModelVersion:
-        """Put back the version that was production before the current one; repeatable, step by step."""
+        """Put back the version that was production before the current one; repeatable, step by step. Like
+        promote, a compare-and-swap on the production version this call saw."""
         current = self.get(f"{name}@production")
-        with self._sessions.begin() as session:
-            change = session.scalar(
-                select(StageChange)
-                .where(
-                    StageChange.name == name,
-                    StageChange.version == current.version,
-                    StageChange.kind == "promote",
-                    StageChange.undone.is_(False),
+        now = utc_now()
+        try:
+            with self._sessions.begin() as session:
+                archived = _rows_changed(
+                    session,
+                    update(ModelVersion)
+                    .where(ModelVersion.id == current.id, ModelVersion.stage == "production")
+                    .values(stage="archived"),
                 )
-                .order_by(StageChange.id.desc())
-            )
-            if change is None or change.previous_version is None:
-                raise Conflict(f"{current.ref} has no earlier production version to roll back to")
-            restored = session.scalars(
-                select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == change.previous_version)
-            ).one()
-            session.get_one(ModelVersion, current.id).stage = "archived"
-            restored.stage = "production"
-            restored.promoted_at = utc_now()
-            change.undone = True
-            session.add(
-                StageChange(
-                    name=name,
-                    version=restored.version,
-                    previous_version=current.version,
-                    kind="rollback",
-                    reason=reason,
-                    at=utc_now(),
+                if archived != 1:
+                    raise _ProductionMoved
+                change = session.scalar(
+                    select(StageChange)
+                    .where(
+                        StageChange.name == name,
+                        StageChange.version == current.version,
+                        StageChange.kind == "promote",
+                        StageChange.undone.is_(False),
+                    )
+                    .order_by(StageChange.id.desc())
                 )
+                if change is None or change.previous_version is None:
+                    raise _NothingToRestore
+                session.execute(
+                    update(ModelVersion)
+                    .where(ModelVersion.name == name, ModelVersion.version == change.previous_version)
+                    .values(stage="production", promoted_at=now)
+                )
+                change.undone = True
+                restored = change.previous_version
+                session.add(
+                    StageChange(
+                        name=name,
+                        version=restored,
+                        previous_version=current.version,
+                        kind="rollback",
+                        reason=reason,
+                        at=now,
+                    )
+                )
+        except _NothingToRestore:
+            raise Conflict(f"{current.ref} has no earlier production version to roll back to") from None
+        except (_ProductionMoved, IntegrityError) as exc:
+            raise Conflict(
+                f"production of {name} changed while rolling back from {current.ref} (now "
+                f"{self._production_text(name)}); nothing changed"
+            ) from exc
+        return self.get(f"{name}@{restored}")
+
+    def _production_number(self, name: str) -> int | None:
+        with self._sessions() as session:
+            return session.scalar(
+                select(ModelVersion.version).where(ModelVersion.name == name, ModelVersion.stage == "production")
             )
-        return self.get(f"{name}@{change.previous_version}")
+
+    def _production_text(self, name: str) -> str:
+        number = self._production_number(name)
+        return "none" if number is None else f"v{number}"
 
     def history(self, name: str) -> list[StageChange]:
         """Production changes of a model, oldest first."""

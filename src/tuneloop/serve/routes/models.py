@@ -8,6 +8,7 @@ import logging
 from fastapi import APIRouter, Depends, HTTPException, Response
 from fastapi.concurrency import run_in_threadpool
 
+from tuneloop.errors import Conflict
 from tuneloop.registry import ModelVersion
 from tuneloop.serve.deps import State
 from tuneloop.serve.schemas import ERRORS, ModelInfo, ModelsResponse, PromoteRequest, PromoteResponse
@@ -67,6 +68,8 @@ async def promote(name: str, body: PromoteRequest, response: Response, state: St
         )
     try:
         record = await asyncio.shield(task)  # a client that hangs up does not cancel the promotion
+    except Conflict:
+        raise  # production changed meanwhile (another promotion): 409, nothing changed
     except Exception as exc:
         raise HTTPException(500, f"{target.ref} could not be loaded, so it was not promoted: {exc}") from None
     return PromoteResponse(name=name, version=record.version, stage=record.stage, serving_version=slot.current.version)
