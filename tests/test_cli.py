@@ -217,3 +217,31 @@ def test_gate_rejection_exits_non_zero_and_keeps_production(trained, tiny_overri
     assert json.loads(invoke("models", "show", "toy@production").output)["version"] == 1
     assert_clean_failure(invoke("gate", "toy@1"), "already production")
     assert_clean_failure(invoke("retrain", "toy"), "no feedback with a label for 'toy'")
+
+
+def test_log_import_writes_rescue_files_into_the_database(trained, home):
+    from datetime import UTC, datetime
+
+    from tuneloop.config import RegistryConfig
+    from tuneloop.feedback.log import LoggedPrediction, PredictionLog
+
+    url = RegistryConfig(home=home).resolved_database_url()
+    log = PredictionLog(url, home)
+    log._rescue(
+        [
+            LoggedPrediction(
+                id="x" * 32,
+                created_at=datetime.now(UTC),
+                model_name="toy",
+                model_version=1,
+                text="t",
+                label="refund",
+                scores={"refund": 1.0},
+            )
+        ],
+        "test",
+    )
+    log.close()
+    result = invoke("log", "import")
+    assert result.exit_code == 0 and "imported 1 predictions from 1 rescue files" in result.output, result.output
+    assert PredictionLog(url, home).count("toy")["predictions"] == 1

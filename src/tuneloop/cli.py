@@ -52,11 +52,13 @@ models_app = typer.Typer(
 feedback_app = typer.Typer(help="Turn user feedback into labelled examples.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys for the server.", no_args_is_help=True)
 db_app = typer.Typer(help="The database behind the registry and the prediction log.", no_args_is_help=True)
+log_app = typer.Typer(help="The prediction log.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
+app.add_typer(log_app, name="log")
 
 console = Console()
 errors = Console(stderr=True)
@@ -688,8 +690,23 @@ def db_upgrade(config: ConfigOption = None, overrides: Overrides = None) -> None
     console.print(f"{redacted(url)}: {change} at schema revision {after}", soft_wrap=True)
 
 
+@log_app.command("import")
+def log_import(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Write the rescue files in the home (predictions the database could not take) into the database; a server
+    does this when it starts."""
+    from tuneloop.feedback.log import PredictionLog
+
+    registry = _config(RegistrySettings, config, overrides).registry
+    prediction_log = PredictionLog(registry.resolved_database_url(), registry.home)
+    try:
+        rows, files = prediction_log.import_rescued()
+    finally:
+        prediction_log.close()
+    console.print(f"imported {rows} predictions from {files} rescue files in {registry.home}")
+
+
 # Every command gets the same error handling, instead of a decorator on each.
-for _typer in (app, data_app, models_app, feedback_app, keys_app, db_app):
+for _typer in (app, data_app, models_app, feedback_app, keys_app, db_app, log_app):
     for _command in _typer.registered_commands:
         _command.callback = friendly(_command.callback)
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import sqlite3
 import threading
 import time
 from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import insert, text
+from sqlalchemy.exc import OperationalError
 
 from tuneloop.db import Base
 from tuneloop.errors import TuneloopError
@@ -115,16 +118,79 @@ def test_one_refused_row_goes_to_the_rescue_file_and_does_not_block_the_others(t
     log.close()
 
 
-def test_a_long_outage_moves_the_backlog_to_a_rescue_file(tmp_path):
+def test_a_long_outage_moves_the_oldest_rows_past_the_bound_to_a_rescue_file_and_they_come_back(tmp_path):
     log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=10, max_backlog=3).start()
     with log.engine.begin() as connection:
         connection.execute(text("DROP TABLE feedback"))
         connection.execute(text("DROP TABLE predictions"))
-    log.record(predictions(5))
+    rows = predictions(5)
+    log.record(rows)
     wait_for(lambda: list(tmp_path.glob("unsaved-predictions-*.jsonl")))
-    wait_for(lambda: log.backlog == 0)
+    wait_for(lambda: log.backlog == 3)  # memory stays bounded; the newest wait for the database
     [rescue] = tmp_path.glob("unsaved-predictions-*.jsonl")
-    assert len(rescue.read_text().splitlines()) == 5
+    assert [json.loads(line)["id"] for line in rescue.read_text().splitlines()] == [r.id for r in rows[:2]]
+    Base.metadata.create_all(log.engine)  # the database is back
+    wait_for(lambda: log.written == 3)
+    assert log.import_rescued() == (2, 1) and not list(tmp_path.glob("unsaved-predictions-*.jsonl"))
+    assert log.count()["predictions"] == 5 and log.dropped == 0
+    log.close()
+
+
+def test_a_locked_database_retries_the_whole_batch_and_rescues_nothing(tmp_path, monkeypatch):
+    """Regression: "database is locked" was taken for bad rows: the batch was retried row by row, and the
+    rows that timed out while the lock was held went to rescue files."""
+    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=10)
+    real_insert, calls = log._insert, []
+
+    def locked_for_a_while(batch):
+        calls.append(len(batch))
+        if len(calls) <= 3:
+            raise OperationalError("INSERT INTO predictions ...", {}, sqlite3.OperationalError("database is locked"))
+        real_insert(batch)
+
+    monkeypatch.setattr(log, "_insert", locked_for_a_while)
+    log.record(predictions(6))
+    log.start()
+    wait_for(lambda: log.written == 6)
+    assert calls == [6, 6, 6, 6]  # the batch, whole, until the lock was gone
+    assert not list(tmp_path.glob("unsaved-predictions-*.jsonl")) and log.count()["predictions"] == 6
+    log.close()
+
+
+def test_the_writer_outlives_a_rescue_file_that_cannot_be_written(tmp_path, monkeypatch):
+    """Regression: a full disk while writing a rescue file killed the writer thread; logging then stopped
+    silently and memory grew without bound."""
+    dropped = []
+    log = PredictionLog(
+        f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=10, max_backlog=2, on_dropped=dropped.append
+    ).start()
+    with log.engine.begin() as connection:
+        connection.execute(text("DROP TABLE feedback"))
+        connection.execute(text("DROP TABLE predictions"))
+
+    def disk_full(target, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("tuneloop.feedback.log.write_text_atomically", disk_full)
+    log.record(predictions(5))
+    wait_for(lambda: log.dropped == 3)
+    assert sum(dropped) == 3 and log.backlog == 2 and log._thread.is_alive()
+    Base.metadata.create_all(log.engine)
+    log.record(predictions(1))
+    wait_for(lambda: log.written == 3)  # the writer is still at work
+    log.close()
+
+
+def test_importing_rescue_files_is_idempotent_and_keeps_what_it_cannot_read(tmp_path):
+    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=60_000)
+    rows = predictions(3)
+    log.record(rows[:1])
+    log.flush()  # already in the database: an import after a crash between commit and removal
+    log._rescue(rows, "test")
+    (tmp_path / "unsaved-predictions-broken.jsonl").write_text("{not json\n")
+    assert log.import_rescued() == (2, 1)
+    assert log.count()["predictions"] == 3
+    assert [p.name for p in tmp_path.glob("unsaved-predictions-*.jsonl")] == ["unsaved-predictions-broken.jsonl"]
     log.close()
 
 

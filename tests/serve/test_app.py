@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
@@ -271,3 +272,26 @@ def test_openapi_declares_how_to_send_a_key(client):
     schemes = client.get("/openapi.json").json()["components"]["securitySchemes"]
     assert schemes["APIKeyHeader"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
     assert schemes["HTTPBearer"]["scheme"] == "bearer"
+
+
+def test_predictions_rescued_by_an_earlier_run_are_imported_when_the_server_starts(served):
+    from tuneloop.feedback.log import LoggedPrediction
+
+    config, home = served
+    log = PredictionLog(config.registry.resolved_database_url(), home)
+    rescued = LoggedPrediction(
+        id="r" * 32,
+        created_at=datetime.now(UTC),
+        model_name="toy",
+        model_version=1,
+        text="from a rescue file",
+        label="refund",
+        scores={"refund": 1.0},
+    )
+    log._rescue([rescued], "the database was unavailable at shutdown")
+    log.close()
+    assert list(home.glob("unsaved-predictions-*.jsonl"))
+    with TestClient(create_app(config)) as client:
+        sent = client.post("/v1/feedback", json={"prediction_id": rescued.id, "corrected_label": "delivery"})
+        assert sent.status_code == 201, sent.text
+    assert not list(home.glob("unsaved-predictions-*.jsonl"))

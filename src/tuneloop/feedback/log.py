@@ -1,9 +1,8 @@
 """The prediction log: every served prediction and every piece of feedback on it, in the database.
 
 Predictions are written in batches by a background thread so that the request path never waits on the
-database; feedback is rare and precious, so it is committed before the request returns. A clean close
-flushes everything; if the database refuses the last batch, the rows go to a JSONL file in the home
-folder instead of being dropped.
+database; feedback is rare and precious, so it is committed before the request returns. `PredictionLog`
+states what is guaranteed.
 """
 
 from __future__ import annotations
@@ -11,20 +10,21 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import func, insert, select
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from tuneloop.atomic import write_text_atomically
 from tuneloop.db import open_database
 from tuneloop.db.schema import FeedbackRecord, PredictionRecord, utc_now
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import TuneloopError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +70,48 @@ def new_prediction_id() -> str:
     return uuid.uuid4().hex
 
 
+# Rescue files in the home: rows the database could not take, waiting to be imported.
+RESCUE_PREFIX = "unsaved-predictions-"
+
+
+def _rescued_row(line: str) -> LoggedPrediction:
+    row = json.loads(line)
+    return LoggedPrediction(**{**row, "created_at": datetime.fromisoformat(row["created_at"])})
+
+
 class PredictionLog:
-    """Buffered prediction writes plus synchronous feedback writes over one database."""
+    """Buffered prediction writes plus synchronous feedback writes over one database.
+
+    What it guarantees (tested, with the server killed by SIGKILL too):
+    - feedback is committed before its request is answered, and the prediction it refers to first: a
+      prediction still in the buffer is written before its feedback, so acknowledged feedback is never lost
+      and never points at a missing prediction;
+    - a prediction without feedback waits in memory for at most one flush window (`flush_ms`) before it is
+      written, so a process killed without warning loses at most that window's predictions;
+    - while the database is down or locked, rows wait in memory and the whole batch is retried with backoff;
+      past `max_backlog` rows the oldest are moved to a rescue file in the home, and only if that file
+      cannot be written either (a full disk) are rows dropped, counted in `dropped` and logged;
+    - rescue files are read back into the database by `import_rescued` (at every server start, and by
+      `tuneloop log import`);
+    - a row the database refuses for itself (a repeated id) goes to a rescue file without holding up the rest.
+    """
 
     def __init__(
-        self, database_url: str, home: Path, flush_ms: float = 200.0, max_batch: int = 512, max_backlog: int = 200_000
+        self,
+        database_url: str,
+        home: Path,
+        flush_ms: float = 200.0,
+        max_batch: int = 512,
+        max_backlog: int = 200_000,
+        on_dropped: Callable[[int], None] | None = None,
     ) -> None:
         self.engine = open_database(database_url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.home = Path(home)
         self.flush_seconds = flush_ms / 1000
         self.max_batch = max_batch
-        # While the database is down rows wait in memory; past this many they are moved to a rescue file.
         self.max_backlog = max_backlog
+        self.on_dropped = on_dropped
         self._pending: list[LoggedPrediction] = []
         self._pending_lock = threading.Lock()
         self._write_lock = threading.Lock()  # one writer at a time: the thread, flush() or close()
@@ -90,6 +119,7 @@ class PredictionLog:
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
         self.written = 0
+        self.dropped = 0
 
     def start(self) -> PredictionLog:
         if self._thread is None:
@@ -113,21 +143,38 @@ class PredictionLog:
             return len(self._pending)
 
     def _run(self) -> None:
+        delay = self.flush_seconds
         while not self._closed.is_set():
-            self._wake.wait(self.flush_seconds)
+            self._wake.wait(delay)
             self._wake.clear()
             try:
                 self.flush()
-            except Exception:  # the writer must outlive any error: the rows are back in the buffer
-                log.exception("prediction log: write failed, %d rows kept in memory", self.backlog)
-                if self.backlog > self.max_backlog:
-                    self._rescue(self._take_pending(), "the database stayed unavailable")
-                time.sleep(min(self.flush_seconds * 5, 2.0))
+                delay = self.flush_seconds
+            except Exception as exc:  # the writer must outlive any error: the rows are back in the buffer
+                log.warning("prediction log: write failed (%s); %d rows wait in memory", first_line(exc), self.backlog)
+                delay = min(max(delay * 2, self.flush_seconds), 2.0)  # back off while the database is away
+            try:
+                self._shed_overflow()
+            except Exception:
+                log.exception("prediction log: could not shed the backlog")
 
     def _take_pending(self) -> list[LoggedPrediction]:
         with self._pending_lock:
             batch, self._pending = self._pending, []
         return batch
+
+    def _put_back(self, batch: list[LoggedPrediction]) -> None:
+        with self._pending_lock:
+            self._pending = batch + self._pending
+
+    def _shed_overflow(self) -> None:
+        """Past `max_backlog` rows, move the oldest to a rescue file (or, if it cannot be written, drop them)."""
+        with self._pending_lock:
+            excess = len(self._pending) - self.max_backlog
+            if excess <= 0:
+                return
+            oldest, self._pending = self._pending[:excess], self._pending[excess:]
+        self._rescue(oldest, "the database stayed unavailable")
 
     def _insert(self, batch: list[LoggedPrediction]) -> None:
         # NUL cannot be stored in a PostgreSQL text column; it carries no meaning in a message anyway.
@@ -135,21 +182,13 @@ class PredictionLog:
         with self._sessions.begin() as session:
             session.execute(insert(PredictionRecord), rows)
 
-    def _database_answers(self) -> bool:
-        try:
-            with self.engine.connect() as connection:
-                connection.execute(select(1))
-            return True
-        except Exception:
-            return False
-
     def flush(self) -> int:
         """Write every pending prediction now; returns how many were written.
 
-        If the batch fails while the database answers, the rows are written one by one: when only some are
-        refused the fault is theirs, and they go to a rescue file so that they cannot block the rest. When
-        the database does not answer, or refuses every row (a missing table, a full disk), the batch goes
-        back to the buffer and the error is raised.
+        A batch the database cannot take (it is down, locked by another writer, a table is missing) goes
+        back to the buffer whole and the error is raised: the writer retries it with backoff. Only when the
+        database refuses the rows themselves (a repeated id) are they written one by one, and the refused
+        ones go to a rescue file, so that they cannot block the rest.
         """
         with self._write_lock:
             batch = self._take_pending()
@@ -157,42 +196,96 @@ class PredictionLog:
                 return 0
             try:
                 self._insert(batch)
-            except Exception:
-                refused = batch
-                if self._database_answers():
-                    refused = []
-                    for prediction in batch:
-                        try:
-                            self._insert([prediction])
-                        except Exception:
-                            refused.append(prediction)
-                if len(refused) == len(batch):
-                    with self._pending_lock:
-                        self._pending = batch + self._pending
-                    raise
+            except (IntegrityError, DataError):
+                written, refused = self._insert_each(batch)
                 self._rescue(refused, "the database refused these rows")
-                batch = [p for p in batch if p not in refused]
+                self.written += written
+                return written
+            except Exception:
+                self._put_back(batch)
+                raise
             self.written += len(batch)
             return len(batch)
 
+    def _insert_each(self, batch: list[LoggedPrediction]) -> tuple[int, list[LoggedPrediction]]:
+        """Row by row: (rows written, rows the database refused). Any other error puts the rest back."""
+        written, refused = 0, []
+        for index, prediction in enumerate(batch):
+            try:
+                self._insert([prediction])
+                written += 1
+            except (IntegrityError, DataError):
+                refused.append(prediction)
+            except Exception:
+                self._put_back(batch[index:])
+                self.written += written
+                self._rescue(refused, "the database refused these rows")
+                raise
+        return written, refused
+
     def _rescue(self, batch: list[LoggedPrediction], why: str) -> Path | None:
-        """Write rows to a new JSONL file in the home: kept for a human, never dropped. The file appears
-        complete or not at all (written under another name, then renamed)."""
+        """Write rows to a new JSONL file in the home, to be imported later. The file appears complete or
+        not at all; if it cannot be written (a full disk), the rows are dropped, counted and logged."""
         if not batch:
             return None
-        rescue = self.home / f"unsaved-predictions-{utc_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}.jsonl"
-        write_text_atomically(
-            rescue,
-            "".join(
-                json.dumps({**vars(p), "created_at": p.created_at.isoformat()}, ensure_ascii=False) + "\n"
-                for p in batch
-            ),
+        rescue = self.home / f"{RESCUE_PREFIX}{utc_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}.jsonl"
+        lines = "".join(
+            json.dumps({**vars(p), "created_at": p.created_at.isoformat()}, ensure_ascii=False) + "\n" for p in batch
         )
-        log.error("prediction log: %s; %d rows saved to %s", why, len(batch), rescue)
+        try:
+            write_text_atomically(rescue, lines)
+        except OSError as exc:
+            self.dropped += len(batch)
+            if self.on_dropped is not None:
+                self.on_dropped(len(batch))
+            log.error(
+                "prediction log: %s, and the rescue file %s could not be written (%s): %d rows dropped",
+                why,
+                rescue,
+                exc,
+                len(batch),
+            )
+            return None
+        log.error(
+            "prediction log: %s; %d rows saved to %s (imported at the next start or by tuneloop log import)",
+            why,
+            len(batch),
+            rescue,
+        )
         return rescue
 
+    def import_rescued(self) -> tuple[int, int]:
+        """Rescue files of earlier runs, back into the database: (rows imported, files imported).
+
+        Idempotent: rows already there are skipped, and a file is removed only after its rows are committed.
+        A file the database still refuses stays where it is (and is logged)."""
+        imported, files = 0, 0
+        for path in sorted(self.home.glob(f"{RESCUE_PREFIX}*.jsonl")):
+            try:
+                rows = [_rescued_row(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                with self._sessions.begin() as session:
+                    there = set(
+                        session.scalars(
+                            select(PredictionRecord.id).where(PredictionRecord.id.in_([row.id for row in rows]))
+                        )
+                    )
+                    new = [row for row in rows if row.id not in there]
+                    if new:
+                        session.execute(
+                            insert(PredictionRecord), [{**vars(p), "text": p.text.replace("\x00", "")} for p in new]
+                        )
+            except (OSError, ValueError, KeyError, TypeError, SQLAlchemyError) as exc:
+                log.error("prediction log: could not import %s (%s); it is kept", path, first_line(exc))
+                continue
+            path.unlink()
+            imported += len(new)
+            files += 1
+        if files:
+            log.info("prediction log: imported %d rows from %d rescue files", imported, files)
+        return imported, files
+
     def close(self) -> None:
-        """Stop the writer and flush; rows the database refuses are saved to a JSONL file."""
+        """Stop the writer and flush; what the database will not take goes to a rescue file."""
         if self._closed.is_set():
             return
         self._closed.set()

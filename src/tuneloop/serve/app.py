@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -99,7 +100,10 @@ def _build_state(config: ServerSettings) -> ServerState:
     )
     served.load()
     prediction_log = PredictionLog(
-        config.registry.resolved_database_url(), config.registry.home, flush_ms=settings.log_flush_ms
+        config.registry.resolved_database_url(),
+        config.registry.home,
+        flush_ms=settings.log_flush_ms,
+        on_dropped=metrics.log_dropped.inc,
     )
     conversations = chat = None
     if runtime is not None:
@@ -140,6 +144,8 @@ def create_app(config: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Rows an earlier run could not write (its database was away at shutdown) go in before new ones.
+        await run_in_threadpool(state.prediction_log.import_rescued)
         state.prediction_log.start()
         await state.served.start()
         for name, slot in state.served.slots.items():

@@ -60,6 +60,11 @@ class ServerMetrics:
         self.log_backlog = Gauge(
             "tuneloop_prediction_log_backlog", "Predictions waiting to be written", registry=self.registry
         )
+        self.log_dropped = Counter(
+            "tuneloop_prediction_log_dropped",
+            "Predictions dropped because neither the database nor a rescue file could take them",
+            registry=self.registry,
+        )
 
     def observe_batch(self, model: str, size: int, seconds: float) -> None:
         self.batch_size.labels(model).observe(size)
