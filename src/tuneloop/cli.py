@@ -584,7 +584,14 @@ def _serve(settings: ServerSettings) -> None:
     url = f"http://{settings.serve.host}:{settings.serve.port}"
     pages = f"; chat: {url}/, admin: {url}/admin" if settings.serve.assistant else f"; admin: {url}/admin"
     console.print(f"serving [bold]{served}[/bold] on {url} (API docs: {url}/docs{pages}); Ctrl+C stops")
-    uvicorn.run(application, host=settings.serve.host, port=settings.serve.port, log_level="warning")
+    uvicorn.run(
+        application,
+        host=settings.serve.host,
+        port=settings.serve.port,
+        log_level="warning",
+        limit_concurrency=settings.serve.max_connections,
+        timeout_keep_alive=settings.serve.keep_alive_seconds,
+    )
 
 
 @feedback_app.command("export")

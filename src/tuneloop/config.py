@@ -276,6 +276,23 @@ class ServeConfig(StrictModel):
         2.0, gt=0, description="How often the registry is checked for a new production version (hot swap)."
     )
     top_k: int = Field(3, ge=1, description="Default number of ranked labels per text.")
+    max_queue: int = Field(
+        256,
+        ge=1,
+        description="Most texts waiting for one model; a request that would pass it gets 503 with "
+        "Retry-After at once instead of waiting behind a queue the server cannot clear.",
+    )
+    request_timeout_seconds: float = Field(
+        30.0, gt=0, description="A request not answered by then gets 503 with Retry-After (its work is dropped)."
+    )
+    max_streams: int = Field(8, ge=1, description="Most chat replies streamed at once; more get 503.")
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="Most open connections; uvicorn answers more with 503 (slow or idle clients "
+        "cannot hold every socket).",
+    )
+    keep_alive_seconds: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
     max_texts: int = Field(64, ge=1, description="More texts in one request get 413.")
     max_text_chars: int = Field(2000, ge=1, description="A longer text gets 422.")

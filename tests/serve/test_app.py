@@ -295,3 +295,34 @@ def test_predictions_rescued_by_an_earlier_run_are_imported_when_the_server_star
         sent = client.post("/v1/feedback", json={"prediction_id": rescued.id, "corrected_label": "delivery"})
         assert sent.status_code == 201, sent.text
     assert not list(home.glob("unsaved-predictions-*.jsonl"))
+
+
+def test_overload_is_answered_at_once_with_503_and_retry_after(served, monkeypatch):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    config, _ = served
+    config.serve.max_queue = 1
+    app = create_app(config)
+    slot = app.state.tuneloop.served.slots["toy"]
+    release, started = threading.Event(), threading.Event()
+    real_infer = slot.infer
+
+    def blocked_infer(texts):
+        started.set()
+        release.wait(timeout=30)
+        return real_infer(texts)
+
+    monkeypatch.setattr(slot, "infer", blocked_infer)
+    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(client.post, "/v1/predict", json={"texts": ["refund"]})
+        assert started.wait(30)
+        queued = pool.submit(client.post, "/v1/predict", json={"texts": ["parcel"]})
+        while slot.batcher._queued_texts < 1:
+            time.sleep(0.005)
+        refused = client.post("/v1/predict", json={"texts": ["password"]})  # while the model is still busy
+        assert not first.done()
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "overloaded" in refused.json()["detail"] and "serve.max_queue=1" in refused.json()["detail"]
+        release.set()
+        assert first.result().status_code == 200 and queued.result().status_code == 200

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tuneloop.serve.batching import BatcherStopped, MicroBatcher
+from tuneloop.serve.batching import BatcherStopped, MicroBatcher, Overloaded
 
 
 class FakeModel:
@@ -107,3 +108,60 @@ def test_the_first_request_waits_for_company_only_up_to_max_wait(max_wait_ms, ba
 
     run(scenario())
     assert len(model.batches) == batches
+
+
+class BlockedModel:
+    """A model whose first forward pass waits until the test releases it: the queue behind it fills up."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.batches: list[list[str]] = []
+
+    def __call__(self, texts: list[str]):
+        self.batches.append(list(texts))
+        self.release.wait(timeout=30)
+        return len(self.batches), [text.upper() for text in texts]
+
+
+def test_a_full_queue_refuses_at_once_and_the_queued_requests_are_still_answered():
+    async def scenario():
+        model = BlockedModel()
+        batcher = MicroBatcher(model, ThreadPoolExecutor(1), max_batch_size=2, max_wait_ms=0, max_queue=3)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(["a", "b"]))  # the pass that blocks
+        while not model.batches:
+            await asyncio.sleep(0.001)
+        queued = [asyncio.ensure_future(batcher.submit([t])) for t in ("c", "d", "e")]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded, match="3 texts are waiting"):
+            await batcher.submit(["f"])  # refused while the model is still blocked: no waiting in line
+        assert not running.done()
+        model.release.set()
+        answers = [await running, *[await q for q in queued]]
+        await batcher.stop()
+        return answers
+
+    answers = run(scenario())
+    assert [rows for _, rows in answers] == [["A", "B"], ["C"], ["D"], ["E"]]
+
+
+def test_a_request_past_its_deadline_is_refused_and_leaves_the_queue():
+    async def scenario():
+        model = BlockedModel()
+        batcher = MicroBatcher(model, ThreadPoolExecutor(1), max_batch_size=1, max_wait_ms=0, deadline_seconds=0.05)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(["a"]))
+        while not model.batches:
+            await asyncio.sleep(0.001)
+        with pytest.raises(Overloaded, match="no answer within"):
+            await batcher.submit(["late"])
+        assert batcher._queued_texts == 0  # the refused request holds no place in the queue
+        model.release.set()
+        with pytest.raises(Overloaded):
+            await first  # it waited past its deadline too: its answer is dropped
+        answer = await asyncio.wait_for(batcher.submit(["next"]), 5)
+        await batcher.stop()
+        return answer, model.batches
+
+    (_, rows), batches = run(scenario())
+    assert rows == ["NEXT"] and ["late"] not in batches

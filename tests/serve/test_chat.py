@@ -224,3 +224,16 @@ def test_a_multitask_model_gives_intent_and_sentiment_from_one_encoder_pass(assi
         assert log.count("nlu")["predictions"] == 2 and log.count("nlu:sentiment")["predictions"] == 1
     finally:
         log.close()
+
+
+def test_streamed_replies_are_bounded_and_each_ends_its_count(chat_app):
+    client, config = chat_app
+    chat = client.app.state.tuneloop.chat
+    body = {"session_id": "busy", "message": "refund money back"}
+    chat.streaming = config.serve.max_streams  # as many replies as allowed are being streamed
+    refused = client.post("/v1/chat?stream=true", json=body)
+    assert refused.status_code == 503 and "serve.max_streams" in refused.json()["detail"]
+    chat.streaming = 0
+    answered = client.post("/v1/chat?stream=true", json=body)
+    assert answered.status_code == 200 and "event: done" in answered.text
+    assert chat.streaming == 0

@@ -21,6 +21,7 @@ from tuneloop.assistant.store import ConversationStore
 from tuneloop.assistant.turn import TurnOutcome
 from tuneloop.data.clean import clean_text
 from tuneloop.db.schema import ChatTurn, utc_now
+from tuneloop.errors import Unavailable
 from tuneloop.feedback.log import LoggedPrediction, PredictionLog
 from tuneloop.models.classifier import softmax
 from tuneloop.models.predictor import Predictor
@@ -63,13 +64,18 @@ class ChatService:
         conversations: ConversationStore,
         prediction_log: PredictionLog,
         on_turn: Callable[[TurnOutcome], None] | None = None,
+        max_streams: int | None = None,
     ) -> None:
+        """`max_streams`: most replies streamed at once (a generating LM holds the CPU for seconds); more are
+        refused with Unavailable."""
         self.runtime = runtime
         self.classify = classify
         self.embed = embed
         self.conversations = conversations
         self.prediction_log = prediction_log
         self.on_turn = on_turn
+        self.max_streams = max_streams
+        self.streaming = 0
 
     async def understand(self, session_id: str, message: str) -> Understood:
         """Intent (and sentiment, unless the intent model has a sentiment head), the FAQ embedding and the
@@ -148,8 +154,11 @@ class ChatService:
         turn. Understanding and deciding happen before this returns, so their errors come before any answer
         is streamed. A client that goes away mid-reply stops the generation, and the turn is still stored
         with what was said so far."""
+        if self.max_streams is not None and self.streaming >= self.max_streams:
+            raise Unavailable(f"{self.streaming} replies are being streamed (serve.max_streams); retry shortly")
         seen = await self.understand(session_id, message)
         outcome = await run_in_threadpool(self.plan, seen)
+        self.streaming += 1  # until the stream ends (the response iterates it at once)
         return self._streamed(session_id, message, seen, outcome)
 
     async def _streamed(
@@ -169,6 +178,7 @@ class ChatService:
             recorded = True
             yield stored
         finally:
+            self.streaming -= 1
             if not recorded:
                 with contextlib.suppress(ValueError, AttributeError):
                     pieces.close()  # a generator stops its model thread when closed

@@ -119,6 +119,7 @@ def _build_state(config: ServerSettings) -> ServerState:
             conversations,
             prediction_log,
             on_turn=counted,
+            max_streams=settings.max_streams,
         )
     jobs = JobRunner(
         config.registry.home / "jobs",

@@ -28,6 +28,11 @@ class BatcherStopped(RuntimeError):
     """Raised to callers that arrive after stop() began."""
 
 
+class Overloaded(RuntimeError):
+    """Raised at once when the queue is full, or when a request's deadline passes before its answer: under
+    more load than the model can take, a quick refusal the client can retry beats a hang."""
+
+
 @dataclass
 class _Job(Generic[Context]):
     texts: list[str]
@@ -48,12 +53,18 @@ class MicroBatcher(Generic[Context]):
         max_batch_size: int = 32,
         max_wait_ms: float = 5.0,
         on_batch: Callable[[int, float], None] | None = None,
+        max_queue: int | None = None,
+        deadline_seconds: float | None = None,
     ) -> None:
+        """`max_queue`: most texts waiting (a request that would pass it is refused, unless the queue is empty);
+        `deadline_seconds`: most time a request waits for its answer."""
         self.run_batch = run_batch
         self.executor = executor
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.on_batch = on_batch
+        self.max_queue = max_queue
+        self.deadline = deadline_seconds
         self._jobs: deque[_Job[Context]] = deque()
         self._queued_texts = 0
         self._arrived = asyncio.Event()
@@ -70,11 +81,25 @@ class MicroBatcher(Generic[Context]):
     async def submit(self, texts: list[str]) -> tuple[Context, np.ndarray]:
         if not self.running or self._stopping:
             raise BatcherStopped("the batcher is not running")
+        if self.max_queue is not None and self._queued_texts and self._queued_texts + len(texts) > self.max_queue:
+            raise Overloaded(
+                f"{self._queued_texts} texts are waiting for this model (serve.max_queue={self.max_queue})"
+            )
         job = _Job(texts, asyncio.get_running_loop().create_future())
         self._jobs.append(job)
         self._queued_texts += len(texts)
         self._arrived.set()
-        return await job.future
+        if self.deadline is None:
+            return await job.future
+        try:
+            # shield: on timeout the future is left for the batch loop, which skips callers that are done.
+            return await asyncio.wait_for(asyncio.shield(job.future), self.deadline)
+        except TimeoutError:
+            job.future.cancel()
+            if job in self._jobs:  # still queued: it will not take a place in a batch
+                self._jobs.remove(job)
+                self._queued_texts -= len(texts)
+            raise Overloaded(f"no answer within {self.deadline:g} s (serve.request_timeout_seconds)") from None
 
     async def stop(self) -> None:
         """Finish every queued request, then stop."""
@@ -119,6 +144,8 @@ class MicroBatcher(Generic[Context]):
                 continue
             if self.max_wait > 0:
                 await self._wait_for_company()
+            if not self._jobs:  # the ones waiting passed their deadline meanwhile
+                continue
             batch = self._take_batch()
             texts = [text for job in batch for text in job.texts]
             started = time.perf_counter()

@@ -21,7 +21,7 @@ from tuneloop.config import ServeConfig
 from tuneloop.errors import NotFound, TuneloopError, Unavailable
 from tuneloop.models.predictor import Predictor, load_model
 from tuneloop.registry import ModelVersion, Registry
-from tuneloop.serve.batching import BatcherStopped, MicroBatcher
+from tuneloop.serve.batching import BatcherStopped, MicroBatcher, Overloaded
 
 log = logging.getLogger(__name__)
 AUTO_MAX_PADDING = 0.25
@@ -115,6 +115,8 @@ class ServedModels:
                 self.config.max_batch_size,
                 self.config.max_wait_ms,
                 on_batch=functools.partial(self._batched, name),
+                max_queue=self.config.max_queue,
+                deadline_seconds=self.config.request_timeout_seconds,
             )
             slot.batcher.start()
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="registry-watcher")
@@ -156,6 +158,8 @@ class ServedModels:
             return await batcher.submit(texts)
         except BatcherStopped:
             raise Unavailable("the server is shutting down; retry on another instance") from None
+        except Overloaded as exc:
+            raise Unavailable(f"model '{name or next(iter(self.slots))}' is overloaded: {exc}; retry shortly") from None
 
     async def on_inference_thread(self, work: Callable[[list[str]], np.ndarray], texts: list[str]) -> np.ndarray:
         """Run other model work (the assistant's FAQ embedding) on the thread that runs the forward passes."""
