@@ -245,3 +245,20 @@ def test_log_import_writes_rescue_files_into_the_database(trained, home):
     result = invoke("log", "import")
     assert result.exit_code == 0 and "imported 1 predictions from 1 rescue files" in result.output, result.output
     assert PredictionLog(url, home).count("toy")["predictions"] == 1
+
+
+def test_promote_and_rollback_refuse_a_version_that_does_not_load(trained, home, tmp_path):
+    from tuneloop.config import RegistryConfig
+    from tuneloop.registry import Registry, VersionFolder
+
+    registry = Registry(RegistryConfig(home=home))
+    (tmp_path / "broken" / "model").mkdir(parents=True)
+    broken = registry.register(
+        "toy", VersionFolder(tmp_path / "broken"), base_model="tiny", data_fingerprint="x", config={}, metrics={}
+    )
+    assert_clean_failure(invoke("models", "promote", broken.ref), f"{broken.ref} does not load")
+    assert registry._production_number("toy") is None
+    registry.promote(broken.ref)  # straight in the registry, as before the check existed
+    assert invoke("models", "promote", "toy@1").exit_code == 0
+    assert_clean_failure(invoke("models", "rollback", "toy"), f"{broken.ref} does not load")
+    assert registry.get("toy@production").version == 1

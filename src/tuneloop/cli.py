@@ -391,8 +391,12 @@ def models_show(ref: str, config: ConfigOption = None, overrides: Overrides = No
 
 @models_app.command("promote")
 def models_promote(ref: str, config: ConfigOption = None, overrides: Overrides = None) -> None:
-    """Make a version production (the previous production version is archived)."""
-    version = _registry(config, overrides).promote(ref)
+    """Make a version production (the previous production version is archived), after checking that it loads."""
+    from tuneloop.models.predictor import verify_loads
+
+    registry = _registry(config, overrides)
+    verify_loads(registry.get(ref), registry)
+    version = registry.promote(ref)
     console.print(f"{version.ref} is now production")
 
 
@@ -400,9 +404,12 @@ def models_promote(ref: str, config: ConfigOption = None, overrides: Overrides =
 def models_rollback(
     name: Annotated[str, typer.Argument(help="Model name.")], config: ConfigOption = None, overrides: Overrides = None
 ) -> None:
-    """Put back the version that was production before the current one."""
+    """Put back the version that was production before the current one, after checking that it loads."""
+    from tuneloop.models.predictor import verify_loads
+
     registry = _registry(config, overrides)
     current = registry.get(f"{name}@production")
+    verify_loads(registry.previous_production(name), registry)
     restored = registry.rollback(name)
     console.print(f"{restored.ref} is production again ({current.ref} archived)")
 

@@ -326,3 +326,35 @@ def test_overload_is_answered_at_once_with_503_and_retry_after(served, monkeypat
         assert "overloaded" in refused.json()["detail"] and "serve.max_queue=1" in refused.json()["detail"]
         release.set()
         assert first.result().status_code == 200 and queued.result().status_code == 200
+
+
+def test_a_production_version_that_does_not_load_leaves_the_others_served(served, tmp_path):
+    """Regression: one broken production version stopped the whole server from starting."""
+    config, home = served
+    registry = Registry(config.registry)
+    toy = registry.get("toy@1")
+    copy = registry.register(
+        "other", registry.folder(toy), base_model=toy.base_model, data_fingerprint="f", config={}, metrics={}
+    )
+    registry.promote(copy.ref)
+    (tmp_path / "broken" / "model").mkdir(parents=True)
+    broken = registry.register(
+        "broken", VersionFolder(tmp_path / "broken"), base_model="tiny", data_fingerprint="x", config={}, metrics={}
+    )
+    registry.promote(broken.ref)  # straight in the registry, as a version promoted before the check existed
+    with TestClient(create_app(config)) as client:
+        assert predict(client, "refund", model="toy")["version"] == 1
+        assert predict(client, "refund", model="other")["model"] == "other"
+        refused = client.post("/v1/predict", json={"texts": ["a"], "model": "broken"})
+        assert refused.status_code == 503 and "broken@1 could not be loaded" in refused.json()["detail"]
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "broken" in ready.json()["unavailable"]
+        fixed = registry.register(
+            "broken", registry.folder(toy), base_model=toy.base_model, data_fingerprint="f", config={}, metrics={}
+        )
+        registry.promote(fixed.ref)  # the watcher notices and serves it
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the fixed version was never served"
+            time.sleep(0.05)
+        assert predict(client, "refund", model="broken")["version"] == 2

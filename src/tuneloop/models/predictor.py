@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tuneloop.config import RegistryConfig
 from tuneloop.data.clean import clean_text
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import TuneloopError, first_line
 from tuneloop.models.classifier import HeadSpec, TextClassifier, load_task_heads, predict_logits, softmax
 from tuneloop.models.onnx_encoder import onnx_encoder
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
@@ -157,3 +157,22 @@ def load_model(
 
 def _holds_a_classifier(path: Path) -> bool:
     return path.is_dir() and (HeadSpec.exists(path) or HeadSpec.exists(VersionFolder(path).model))
+
+
+def verify_loads(version: ModelVersion, registry: Registry) -> None:
+    """Load a version as what it is (a classifier, an encoder from pretraining, a causal LM from sft) and
+    raise TuneloopError naming it if it does not load: checked before it becomes production."""
+    from tuneloop.models.classifier import load_encoder
+    from tuneloop.models.lm import load_lm
+
+    kind = version.metrics.get("kind", "classifier")
+    folder = registry.folder(version).model
+    try:
+        if kind == "encoder":
+            load_encoder(folder)
+        elif kind == "generator":
+            load_lm(folder)
+        else:
+            load_model(version, registry)
+    except Exception as exc:
+        raise TuneloopError(f"{version.ref} does not load ({first_line(exc)}); production is unchanged") from exc

@@ -311,6 +311,24 @@ class Registry:
             ) from exc
         return self.get(f"{name}@{restored}")
 
+    def previous_production(self, name: str) -> ModelVersion:
+        """The version a rollback of `name` would put back."""
+        current = self.get(f"{name}@production")
+        with self._sessions() as session:
+            change = session.scalar(
+                select(StageChange)
+                .where(
+                    StageChange.name == name,
+                    StageChange.version == current.version,
+                    StageChange.kind == "promote",
+                    StageChange.undone.is_(False),
+                )
+                .order_by(StageChange.id.desc())
+            )
+        if change is None or change.previous_version is None:
+            raise Conflict(f"{current.ref} has no earlier production version to roll back to")
+        return self.get(f"{name}@{change.previous_version}")
+
     def _production_number(self, name: str) -> int | None:
         with self._sessions() as session:
             return session.scalar(

@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from tuneloop.config import ServeConfig
-from tuneloop.errors import NotFound, TuneloopError, Unavailable
+from tuneloop.errors import NotFound, TuneloopError, Unavailable, first_line
 from tuneloop.models.predictor import Predictor, load_model
 from tuneloop.registry import ModelVersion, Registry
 from tuneloop.serve.batching import BatcherStopped, MicroBatcher, Overloaded
@@ -73,6 +73,10 @@ class ServedModels:
         self.prepare = prepare
         self.required = required
         self.slots: dict[str, ModelSlot] = {}
+        # Served names whose production version does not load, and why; the watcher tries again when
+        # production moves to another version.
+        self.unavailable: dict[str, str] = {}
+        self._failed_versions: dict[str, int | None] = {}
         # One inference thread: torch already spreads a forward pass over the cores, and two passes at once
         # would only fight over them. Loading a new version gets its own thread so inference never waits.
         self.inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
@@ -94,12 +98,22 @@ class ServedModels:
         return names
 
     def load(self) -> None:
-        """Load every served name's production version (blocking; called once at start-up)."""
+        """Load every served name's production version (blocking; called once at start-up). One that does not
+        load is reported as unavailable and the others are served."""
         for name in self.names_to_serve():
-            self.slots[name] = ModelSlot(
-                self._load_ready(self.registry.get(f"{name}@production")), batch_padding(self.config)
-            )
-            log.info("serving %s", self.slots[name].current.ref)
+            version = None
+            try:
+                version = self.registry.get(f"{name}@production")
+                self.slots[name] = ModelSlot(self._load_ready(version), batch_padding(self.config))
+                log.info("serving %s", self.slots[name].current.ref)
+            except Exception as exc:
+                self._mark_unavailable(name, version, exc)
+
+    def _mark_unavailable(self, name: str, version: ModelVersion | None, error: BaseException) -> None:
+        what = version.ref if version is not None else name
+        self.unavailable[name] = f"{what} could not be loaded: {first_line(error)}"
+        self._failed_versions[name] = version.version if version is not None else None
+        log.error("not serving %s: %s", name, self.unavailable[name])
 
     def _load_ready(self, version: ModelVersion) -> Predictor:
         loaded = load_model(version, self.registry, self.config.runtime, self.config.threads)
@@ -109,16 +123,7 @@ class ServedModels:
 
     async def start(self) -> None:
         for name, slot in self.slots.items():
-            slot.batcher = MicroBatcher(
-                slot.infer,
-                self.inference,
-                self.config.max_batch_size,
-                self.config.max_wait_ms,
-                on_batch=functools.partial(self._batched, name),
-                max_queue=self.config.max_queue,
-                deadline_seconds=self.config.request_timeout_seconds,
-            )
-            slot.batcher.start()
+            self._start_batcher(name, slot)
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="registry-watcher")
 
     async def stop(self) -> None:
@@ -132,21 +137,42 @@ class ServedModels:
         self.inference.shutdown(wait=True)
         self.loader.shutdown(wait=False, cancel_futures=True)
 
+    def _start_batcher(self, name: str, slot: ModelSlot) -> None:
+        slot.batcher = MicroBatcher(
+            slot.infer,
+            self.inference,
+            self.config.max_batch_size,
+            self.config.max_wait_ms,
+            on_batch=functools.partial(self._batched, name),
+            max_queue=self.config.max_queue,
+            deadline_seconds=self.config.request_timeout_seconds,
+        )
+        slot.batcher.start()
+
     def _batched(self, name: str, size: int, seconds: float) -> None:
         if self.on_batch is not None:
             self.on_batch(name, size, seconds)
 
     @property
     def ready(self) -> bool:
-        return bool(self.slots) and all(s.batcher is not None and s.batcher.running for s in self.slots.values())
+        """Every served name loaded, with its batcher running."""
+        return (
+            bool(self.slots)
+            and not self.unavailable
+            and all(s.batcher is not None and s.batcher.running for s in self.slots.values())
+        )
 
     def slot(self, name: str | None) -> ModelSlot:
         if name is None:
-            if len(self.slots) == 1:
-                return next(iter(self.slots.values()))
-            raise TuneloopError(f"this server serves several models ({', '.join(self.slots)}): name one in 'model'")
+            names = [*self.slots, *self.unavailable]
+            if len(names) != 1:
+                raise TuneloopError(f"this server serves several models ({', '.join(names)}): name one in 'model'")
+            name = names[0]
+        if name in self.unavailable:
+            raise Unavailable(f"model '{name}' is unavailable: {self.unavailable[name]}")
         if name not in self.slots:
-            raise NotFound(f"model '{name}' is not served here; served: {', '.join(self.slots)}")
+            served = ", ".join(self.slots) or "none"
+            raise NotFound(f"model '{name}' is not served here; served: {served}")
         return self.slots[name]
 
     async def run(self, name: str | None, texts: list[str]) -> tuple[Predictor, np.ndarray]:
@@ -229,6 +255,8 @@ class ServedModels:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.reload_poll_seconds)
+            for name in list(self.unavailable):
+                await self._retry(name)
             for name, slot in self.slots.items():
                 try:
                     live = await loop.run_in_executor(None, self.registry.get, f"{name}@production")
@@ -239,3 +267,25 @@ class ServedModels:
                     continue
                 if live.version not in (slot.current.version, slot.loading, slot.failed):
                     self.request_swap(name)
+
+    async def _retry(self, name: str) -> None:
+        """Serve a name that was unavailable once its production version is another one that loads."""
+        loop = asyncio.get_running_loop()
+        try:
+            version = await loop.run_in_executor(None, self.registry.get, f"{name}@production")
+        except Exception:
+            return  # still no production version (or the database is away): try at the next poll
+        if version.version == self._failed_versions.get(name):
+            return
+        try:
+            loaded = await loop.run_in_executor(self.loader, self._load_ready, version)
+        except Exception as exc:
+            self._mark_unavailable(name, version, exc)
+            return
+        slot = ModelSlot(loaded, batch_padding(self.config))
+        self._start_batcher(name, slot)
+        self.slots[name] = slot
+        del self.unavailable[name]
+        log.info("serving %s (it was unavailable)", loaded.ref)
+        if self.on_swap:
+            self.on_swap(loaded)

@@ -22,11 +22,11 @@ router = APIRouter(tags=["chat"])
 async def assistant_info(chat: Chat, state: State) -> AssistantInfo:
     """What the chat page needs: the assistant's name, languages and the intents a user may pick."""
     definition = chat.runtime.definition
-    intent = state.served.slots[definition.intent_model].current
+    intent = state.served.slot(definition.intent_model).current
     sentiment = (
         f"{definition.intent_model}:{definition.sentiment_task}@{intent.version}"
         if chat.runtime.multitask
-        else state.served.slots[definition.sentiment_model].current.ref
+        else state.served.slot(definition.sentiment_model).current.ref
     )
     return AssistantInfo(
         name=definition.name,

@@ -18,9 +18,13 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(state: State) -> JSONResponse:
-    """Every served model is loaded and its batcher is running."""
+    """Every served model is loaded and its batcher is running; `unavailable` says which is not, and why."""
     served = state.served
-    body = {"ready": served.ready, "models": {n: s.current.version for n, s in served.slots.items()}}
+    body = {
+        "ready": served.ready,
+        "models": {n: s.current.version for n, s in served.slots.items()},
+        "unavailable": served.unavailable,
+    }
     return JSONResponse(body, status_code=200 if served.ready else 503)
 
 
