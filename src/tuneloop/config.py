@@ -23,6 +23,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from tuneloop.errors import TuneloopError
 
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+# A registry model name: also a folder name and part of NAME@VERSION references and URLs.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$"
 
 
 class StrictModel(BaseModel):
@@ -342,7 +344,7 @@ class GateConfig(StrictModel):
 class Recipe(StrictModel):
     """What every recipe has: the registry name of what it makes, and where versions live."""
 
-    name: str = Field("classifier", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Registry model name.")
+    name: str = Field("classifier", pattern=MODEL_NAME_PATTERN, description="Registry model name.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     def stored(self) -> dict[str, Any]:
@@ -390,7 +392,7 @@ class ClassifierRecipe(Recipe):
 class PretrainRecipe(Recipe):
     """Masked-language-model pretraining of an encoder (`tuneloop pretrain`)."""
 
-    name: str = Field("encoder", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Registry model name.")
+    name: str = Field("encoder", pattern=MODEL_NAME_PATTERN, description="Registry model name.")
     model: EncoderConfig = Field(default_factory=EncoderConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
 
@@ -398,7 +400,7 @@ class PretrainRecipe(Recipe):
 class SftRecipe(Recipe):
     """Supervised fine-tuning of a small causal LM (`tuneloop sft`)."""
 
-    name: str = Field("replies", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Registry model name.")
+    name: str = Field("replies", pattern=MODEL_NAME_PATTERN, description="Registry model name.")
     sft: SftConfig = Field(default_factory=SftConfig)
 
 

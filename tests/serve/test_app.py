@@ -142,7 +142,7 @@ def test_models_health_ready_and_metrics(client):
     assert [(m["name"], m["version"], m["stage"]) for m in models] == [("toy", 1, "production")]
     assert set(models[0]["labels"]) == LABELS and models[0]["loading_version"] is None
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"ready": True, "models": {"toy": 1}}
+    assert client.get("/readyz").json() == {"ready": True, "models": {"toy": 1}, "unavailable": {}}
     predict(client, "a", "b", "c")
     client.get("/nowhere/at/all")
     text = client.get("/metrics").text
@@ -255,7 +255,7 @@ def test_a_version_that_fails_to_load_is_not_promoted_and_the_old_one_keeps_serv
     with TestClient(create_app(config)) as client:
         admin = {"X-API-Key": "root"}
         response = client.post("/v1/models/toy/promote", json={"version": 2, "wait": True}, headers=admin)
-        assert response.status_code == 500 and "could not be loaded, so it was not promoted" in response.text
+        assert response.status_code == 422 and "could not be loaded, so it was not promoted" in response.text
         assert predict(client, "refund", headers=admin)["version"] == 1
         assert client.get("/readyz").status_code == 200
     assert Registry(config.registry).get("toy@production").version == 1
@@ -272,6 +272,38 @@ def test_openapi_declares_how_to_send_a_key(client):
     schemes = client.get("/openapi.json").json()["components"]["securitySchemes"]
     assert schemes["APIKeyHeader"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
     assert schemes["HTTPBearer"]["scheme"] == "bearer"
+
+
+def test_the_openapi_document_says_what_this_server_requires(served, tmp_path):
+    """Keys only where the server asks for them, `model` required once several are served, the limits."""
+    config, _ = served
+    config.admin_keys = "root"
+    config.serve.max_texts = 7
+    with TestClient(create_app(config)) as client:
+        document = client.get("/openapi.json").json()
+        assert "security" not in document["paths"]["/v1/predict"]["post"]  # no client keys: predict is open
+        assert "security" in document["paths"]["/v1/models/{name}/promote"]["post"]
+        request = document["components"]["schemas"]["PredictRequest"]
+        assert request["required"] == ["texts"] and request["properties"]["texts"]["maxItems"] == 7
+    register_copy(config)  # a second name beside toy
+    registry = Registry(config.registry)
+    second = registry.register(
+        "other", registry.folder(registry.get("toy@1")), base_model="tiny", data_fingerprint="x", config={}, metrics={}
+    )
+    registry.promote(second.ref)
+    config.client_keys = "client"
+    with TestClient(create_app(config)) as client:
+        document = client.get("/openapi.json").json()
+        assert "security" in document["paths"]["/v1/predict"]["post"]
+        request = document["components"]["schemas"]["PredictRequest"]
+        assert "model" in request["required"] and request["properties"]["model"]["enum"] == ["other", "toy"]
+        response = client.post("/v1/predict", json={"texts": ["a"]}, headers={"X-API-Key": "client"})
+        assert response.status_code == 422 and "name one in 'model'" in response.text
+
+
+def test_times_carry_their_time_zone(client):
+    created = client.get("/v1/models").json()["models"][0]["created_at"]
+    assert datetime.fromisoformat(created).utcoffset() is not None, created
 
 
 def test_predictions_rescued_by_an_earlier_run_are_imported_when_the_server_starts(served):

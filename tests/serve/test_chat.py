@@ -131,6 +131,8 @@ def test_admin_api_lists_versions_and_runs_one_job_at_a_time(chat_app):
     assert listed["id"] == job_id and listed["log"] == ""  # the list stays small: logs come one job at a time
     bad = client.post("/v1/admin/jobs", json={"kind": "gate", "target": "--config=x.yaml"}, headers=ADMIN)
     assert bad.status_code == 422
+    unknown = client.post("/v1/admin/jobs", json={"kind": "gate", "target": "toy@9"}, headers=ADMIN)
+    assert unknown.status_code == 404 and len(client.get("/v1/admin/jobs", headers=ADMIN).json()["jobs"]) == 1
 
 
 def sse(text):

@@ -7,14 +7,51 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 Stage = Literal["candidate", "production", "archived"]
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A moment in UTC, time zone included when read back on every database.
+
+    SQLite keeps no time zone and hands back naive datetimes, which JSON then shows without an offset (not an
+    RFC 3339 date-time); PostgreSQL's timestamptz keeps it. Same column type (no migration), same values out.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"a naive datetime ({value}) would be stored without knowing its time zone")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
@@ -47,8 +84,8 @@ class ModelVersion(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     parent: Mapped[str | None] = mapped_column(String(220), nullable=True)
     artifact_dir: Mapped[str] = mapped_column(String(1000))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    promoted_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
     @property
     def ref(self) -> str:
@@ -71,7 +108,7 @@ class StageChange(Base):
     kind: Mapped[str] = mapped_column(String(20))  # promote | rollback
     reason: Mapped[str] = mapped_column(String(500), default="")
     undone: Mapped[bool] = mapped_column(Boolean, default=False)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class PredictionRecord(Base):
@@ -80,7 +117,7 @@ class PredictionRecord(Base):
     __tablename__ = "predictions"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
     model_name: Mapped[str] = mapped_column(String(200), index=True)
     model_version: Mapped[int] = mapped_column(Integer)
     text: Mapped[str] = mapped_column(Text)
@@ -96,7 +133,7 @@ class FeedbackRecord(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), index=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), index=True)
     corrected_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     rating: Mapped[int | None] = mapped_column(Integer, nullable=True)
     comment: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -110,7 +147,7 @@ class ChatTurn(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
     session_id: Mapped[str] = mapped_column(String(100), index=True)
     assistant: Mapped[str] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utc_now)
     message: Mapped[str] = mapped_column(Text)
     reply: Mapped[str] = mapped_column(Text)
     lang: Mapped[str] = mapped_column(String(8))

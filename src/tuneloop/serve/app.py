@@ -29,6 +29,7 @@ from tuneloop.registry import Registry
 from tuneloop.serve.deps import ServerState
 from tuneloop.serve.jobs import JobRunner
 from tuneloop.serve.metrics import RequestMetrics, ServerMetrics
+from tuneloop.serve.openapi import serve_live_document
 from tuneloop.serve.routes import admin, chat, feedback, models, ops, pages, predict
 from tuneloop.serve.security import BodySizeLimit, KeyRing
 from tuneloop.serve.slots import ServedModels
@@ -170,8 +171,10 @@ def create_app(config: ServerSettings) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.serve.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
-    for route_module in (predict, feedback, models, chat, admin, ops, pages):
-        app.include_router(route_module.router)
+    routers = [module.router for module in (predict, feedback, models, chat, admin, ops, pages)]
+    for router in routers:
+        app.include_router(router)
     app.mount("/assets", StaticFiles(directory=str(pages.SERVER_WEB)), name="assets")
     app.mount("/assistant-assets", StaticFiles(directory=str(pages.ASSISTANT_WEB)), name="assistant-assets")
+    serve_live_document(app, routers, state)
     return app

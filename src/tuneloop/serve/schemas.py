@@ -4,11 +4,12 @@ in and what comes out)."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
-from tuneloop.config import StrictModel
+from tuneloop.config import MODEL_NAME_PATTERN, StrictModel
 
 
 class PredictRequest(StrictModel):
@@ -38,15 +39,35 @@ class PredictResponse(BaseModel):
 
 
 class FeedbackRequest(StrictModel):
-    prediction_id: str | None = Field(None, min_length=1, max_length=64, description="From /v1/predict.")
-    turn_id: str | None = Field(
-        None, min_length=1, max_length=64, description="From /v1/chat: the feedback is about that turn's intent."
+    # The two rules below are in the JSON schema too, so a client generated from it cannot send a body that
+    # the server then refuses. (null is read as "not given"; the schema shows the fields as absent-or-set.)
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [{"required": ["prediction_id"]}, {"required": ["turn_id"]}],
+            "anyOf": [
+                {"required": ["corrected_label"]},
+                {"required": ["rating"]},
+                {"required": ["comment"], "properties": {"comment": {"minLength": 1}}},
+            ],
+        }
     )
-    corrected_label: str | None = Field(
+
+    prediction_id: str | SkipJsonSchema[None] = Field(
+        None, min_length=1, max_length=64, description="From /v1/predict. Give this or turn_id."
+    )
+    turn_id: str | SkipJsonSchema[None] = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="From /v1/chat: the feedback is about that turn's intent. Give this or prediction_id.",
+    )
+    corrected_label: str | SkipJsonSchema[None] = Field(
         None, min_length=1, max_length=200, description="The right label (for a chat turn: the right intent)."
     )
-    rating: int | None = Field(None, ge=-1, le=1, description="-1 wrong / unhelpful (thumbs down), 0, 1 right (up).")
-    comment: str | None = Field(None, max_length=2000)
+    rating: Annotated[int, Field(ge=-1, le=1)] | SkipJsonSchema[None] = Field(
+        None, description="-1 wrong / unhelpful (thumbs down), 0, 1 right (up)."
+    )
+    comment: str | SkipJsonSchema[None] = Field(None, max_length=2000)
 
     @model_validator(mode="after")
     def _about_one_thing_and_says_something(self) -> FeedbackRequest:
@@ -136,7 +157,8 @@ class AssistantInfo(BaseModel):
 class JobRequest(StrictModel):
     kind: Literal["retrain", "gate"]
     target: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}(@\d+)?$", description="retrain: a model name; gate: NAME@VERSION."
+        pattern=MODEL_NAME_PATTERN.removesuffix("$") + r"(@\d+)?$",
+        description="retrain: a model name; gate: NAME@VERSION.",
     )
 
 
@@ -195,6 +217,22 @@ class ErrorResponse(BaseModel):
     errors: list[dict[str, str]] | None = None
 
 
+class ReadyResponse(BaseModel):
+    ready: bool
+    models: dict[str, int] = Field(description="Served model name: version.")
+    unavailable: dict[str, str] = Field(description="A model that is not served: why.")
+
+
+_ERROR_MEANINGS = {
+    400: "The body is not JSON (or not UTF-8).",
+    401: "No API key, or not a valid one.",
+    403: "The key does not have this route's scope, or admin routes are disabled.",
+    404: "No such model, version, prediction, turn or job.",
+    409: "The state changed underneath the request (e.g. production moved); read it again and retry.",
+    413: "The body or the number of texts is over the server's limits.",
+    422: "A field is missing or out of range; `errors` names each one.",
+    503: "Overloaded, or the model is not loaded; retry after the `Retry-After` header's seconds.",
+}
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 413, 422, 503)
+    code: {"model": ErrorResponse, "description": meaning} for code, meaning in _ERROR_MEANINGS.items()
 }

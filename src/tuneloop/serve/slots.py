@@ -162,9 +162,14 @@ class ServedModels:
             and all(s.batcher is not None and s.batcher.running for s in self.slots.values())
         )
 
+    @property
+    def names(self) -> list[str]:
+        """Every name this server answers for, loaded or not."""
+        return sorted([*self.slots, *self.unavailable])
+
     def slot(self, name: str | None) -> ModelSlot:
         if name is None:
-            names = [*self.slots, *self.unavailable]
+            names = self.names
             if len(names) != 1:
                 raise TuneloopError(f"this server serves several models ({', '.join(names)}): name one in 'model'")
             name = names[0]

@@ -84,6 +84,7 @@ async def feedback_queue(state: State, limit: int = Query(50, ge=1, le=500)) -> 
 @router.post("/v1/admin/jobs", response_model=JobInfo, status_code=202, responses=ERRORS)
 async def start_job(body: JobRequest, state: State) -> JobInfo:
     """Start `tuneloop retrain NAME` or `tuneloop gate NAME@VERSION` in the background (one at a time)."""
+    await run_in_threadpool(state.registry.get, body.target)  # an unknown model is a 404 now, not a failed job
     return job_info(await run_in_threadpool(state.jobs.start, body.kind, body.target))
 
 

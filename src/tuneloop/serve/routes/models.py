@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Response
+from fastapi import APIRouter, Depends, Response
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 
-from tuneloop.errors import Conflict
+from tuneloop.config import MODEL_NAME_PATTERN
+from tuneloop.errors import Conflict, TuneloopError, first_line
 from tuneloop.registry import ModelVersion
 from tuneloop.serve.deps import State
 from tuneloop.serve.schemas import ERRORS, ModelInfo, ModelsResponse, PromoteRequest, PromoteResponse
@@ -49,7 +52,9 @@ def _log_failed_promotion(task: asyncio.Task[ModelVersion]) -> None:
 @router.post(
     "/v1/models/{name}/promote", response_model=PromoteResponse, responses=ERRORS, dependencies=[Depends(require_admin)]
 )
-async def promote(name: str, body: PromoteRequest, response: Response, state: State) -> PromoteResponse:
+async def promote(
+    name: Annotated[str, PathParam(pattern=MODEL_NAME_PATTERN)], body: PromoteRequest, response: Response, state: State
+) -> PromoteResponse:
     """Make a version production. A served model's new version is loaded first, beside the live one, and
     only then promoted and switched to; requests in flight finish on the old one. With `wait` the answer
     comes after the switch (200), otherwise at once (202)."""
@@ -71,5 +76,5 @@ async def promote(name: str, body: PromoteRequest, response: Response, state: St
     except Conflict:
         raise  # production changed meanwhile (another promotion): 409, nothing changed
     except Exception as exc:
-        raise HTTPException(500, f"{target.ref} could not be loaded, so it was not promoted: {exc}") from None
+        raise TuneloopError(f"{target.ref} could not be loaded, so it was not promoted: {first_line(exc)}") from None
     return PromoteResponse(name=name, version=record.version, stage=record.stage, serving_version=slot.current.version)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from tuneloop.serve.deps import State
+from tuneloop.serve.schemas import ReadyResponse
 
 router = APIRouter(tags=["ops"])
 
@@ -16,19 +17,27 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=ReadyResponse,
+    responses={503: {"model": ReadyResponse, "description": "A served model is not loaded or not running."}},
+)
 async def readyz(state: State) -> JSONResponse:
     """Every served model is loaded and its batcher is running; `unavailable` says which is not, and why."""
     served = state.served
-    body = {
-        "ready": served.ready,
-        "models": {n: s.current.version for n, s in served.slots.items()},
-        "unavailable": served.unavailable,
-    }
-    return JSONResponse(body, status_code=200 if served.ready else 503)
+    body = ReadyResponse(
+        ready=served.ready,
+        models={n: s.current.version for n, s in served.slots.items()},
+        unavailable=served.unavailable,
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if served.ready else 503)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def prometheus_metrics(state: State) -> Response:
     """Prometheus text format."""
     state.metrics.log_backlog.set(state.prediction_log.backlog)
