@@ -25,6 +25,11 @@ from tuneloop.errors import TuneloopError
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 # A registry model name: also a folder name and part of NAME@VERSION references and URLs.
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$"
+KEEP_CHECKPOINTS = (
+    "Finished (registered) runs of this model whose run folder, resumable checkpoint included, stays under "
+    "runs/; older ones are deleted once a run registers (the registered version keeps everything but the "
+    "checkpoint). Runs that did not finish are never deleted: they are what --resume continues."
+)
 
 
 class StrictModel(BaseModel):
@@ -120,6 +125,7 @@ class TrainConfig(StrictModel):
         "counts epochs.",
     )
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")
+    keep_checkpoints: int = Field(0, ge=0, description=KEEP_CHECKPOINTS)
     freeze_embeddings: bool = Field(
         False,
         description="Freeze the word embeddings. Otherwise only the rows of tokens that occur in the "
@@ -186,6 +192,7 @@ class PretrainConfig(StrictModel):
     )
     holdout: float = Field(0.05, gt=0, lt=0.5, description="Share of texts kept out to measure perplexity.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")
+    keep_checkpoints: int = Field(0, ge=0, description=KEEP_CHECKPOINTS)
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores.")
     seed: int = Field(42, description="Seed of the held-out split, masking and dropout.")
 

@@ -1,4 +1,5 @@
-"""What the recipes share: the weight-decay rule, progress without a terminal, metrics without TensorBoard."""
+"""What the recipes share: the weight-decay rule, progress without a terminal, metrics without TensorBoard,
+which run folders stay."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from tuneloop.config import load_config
 from tuneloop.registry import VersionFolder
+from tuneloop.training import classification
 from tuneloop.training.common import MetricsLog, TrainingProgress, parameter_groups
 
 
@@ -69,3 +72,33 @@ def test_metrics_are_logged_as_json_lines_with_or_without_tensorboard(tmp_path, 
         {"epoch": 1, "step": 3, "train_loss": 0.5}
     ]
     assert not folder.tensorboard.exists()
+
+
+def test_registered_runs_beyond_keep_checkpoints_are_deleted_and_unfinished_ones_never(tiny_overrides, home):
+    """Regression: every run folder (model copy and a checkpoint with the optimiser's state) stayed forever."""
+    config = load_config(None, [*tiny_overrides, "train.epochs=1", "train.keep_checkpoints=1"])
+    runs = home / "runs"
+    unfinished = VersionFolder(runs / "toy-20250101-000000-000000")  # what --resume continues
+    (unfinished.checkpoints).mkdir(parents=True)
+    (unfinished.checkpoints / "state.pt").write_bytes(b"resumable")
+    first = classification.run(config, show_progress=False)
+    second = classification.run(config, show_progress=False)
+    finished = sorted(r.name for r in runs.iterdir() if (r / "registered-as.txt").is_file())
+    assert len(finished) == 1 and (runs / finished[0] / "registered-as.txt").read_text().strip() == "toy@2"
+    assert (runs / finished[0] / "checkpoint").is_dir()  # the kept run can still be looked into
+    assert (unfinished.checkpoints / "state.pt").read_bytes() == b"resumable"
+    for outcome in (first, second):  # what the outcome points at is the registered version, complete
+        assert (outcome.folder.model / "classifier.json").is_file() and outcome.report_html.is_file()
+    assert not list(runs.glob(".deleting-*"))
+
+    classification.run(load_config(None, [*tiny_overrides, "train.epochs=1"]), show_progress=False)  # keep 0
+    assert sorted(r.name for r in runs.iterdir()) == [unfinished.root.name]
+
+
+def test_a_deletion_cut_short_leaves_nothing_that_looks_like_a_run(tiny_overrides, home, monkeypatch):
+    config = load_config(None, [*tiny_overrides, "train.epochs=1"])
+    runs = home / "runs"
+    leftover = runs / ".deleting-0123"  # renamed out of the runs' pattern, then the process died
+    (leftover / "checkpoint").mkdir(parents=True)
+    classification.run(config, show_progress=False)
+    assert not leftover.exists() and list(runs.iterdir()) == []

@@ -61,6 +61,11 @@ class VersionFolder:
         return self.root / "checkpoint"
 
     @property
+    def registered_as(self) -> Path:
+        """Written in a run folder once the run is registered: the NAME@VERSION it became."""
+        return self.root / "registered-as.txt"
+
+    @property
     def gate(self) -> Path:
         """The promotion gate's report on this candidate."""
         return self.root / "gate"

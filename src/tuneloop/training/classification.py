@@ -87,7 +87,7 @@ class TrainResult:
 
 @dataclass
 class ClassifierOutcome:
-    folder: VersionFolder
+    folder: VersionFolder  # the registered version's folder once registered, else the run's
     report: dict
     report_html: Path
     version: ModelVersion | None
@@ -580,7 +580,14 @@ def register_classifier(
     # A multi-task version's data is all its tasks' splits: the fingerprint covers each in order.
     data_fingerprint = fingerprints[0] if len(fingerprints) == 1 else fingerprint(fingerprints)
     return register_run(
-        registry, recipe, run, base_model=encoder.name, fingerprint=data_fingerprint, metrics=metrics, parent=parent
+        registry,
+        recipe,
+        run,
+        base_model=encoder.name,
+        fingerprint=data_fingerprint,
+        metrics=metrics,
+        keep_checkpoints=recipe.train.keep_checkpoints,
+        parent=parent,
     )
 
 
@@ -651,7 +658,8 @@ def run(
     if register:
         fingerprints = [d.fingerprint for d in (data, *others.values())]
         version = register_classifier(registry, recipe, folder, report, result, encoder, fingerprints, parent)
-        html = registry.folder(version).report_html
+        folder = registry.folder(version)  # the run folder may be gone (train.keep_checkpoints)
+        html = folder.report_html
     return ClassifierOutcome(
         folder=folder, report=report, report_html=html, version=version, train=result, cross_validation=cross_validation
     )

@@ -11,7 +11,9 @@ import logging
 import os
 import random
 import re
+import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,7 +27,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 from transformers.trainer_pt_utils import get_parameter_names
 
-from tuneloop.atomic import write_dir_atomically
+from tuneloop.atomic import write_dir_atomically, write_text_atomically
 from tuneloop.config import Recipe, dump_config
 from tuneloop.errors import TuneloopError
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
@@ -89,12 +91,17 @@ def new_run_folder(recipe: Recipe) -> VersionFolder:
     return VersionFolder(recipe.registry.home / "runs" / f"{recipe.name}-{stamp}")
 
 
-def latest_run_folder(recipe: Recipe, checkpoint: str) -> VersionFolder:
-    """The newest run of `recipe.name` that has `checkpoint` to resume from."""
+def runs_of(recipe: Recipe) -> list[VersionFolder]:
+    """The run folders of `recipe.name`, oldest first."""
     # The exact stamp pattern, so that runs of "toy-2" never count as runs of "toy".
     own = re.compile(re.escape(recipe.name) + r"-\d{8}-\d{6}-\d{6}")
     runs = sorted(r for r in (recipe.registry.home / "runs").glob(f"{recipe.name}-*") if own.fullmatch(r.name))
-    resumable = [VersionFolder(r) for r in runs if (VersionFolder(r).checkpoints / checkpoint).is_file()]
+    return [VersionFolder(r) for r in runs]
+
+
+def latest_run_folder(recipe: Recipe, checkpoint: str) -> VersionFolder:
+    """The newest run of `recipe.name` that has `checkpoint` to resume from."""
+    resumable = [r for r in runs_of(recipe) if (r.checkpoints / checkpoint).is_file() and not r.registered_as.exists()]
     if not resumable:
         raise TuneloopError(f"no run of '{recipe.name}' to resume under {recipe.registry.home / 'runs'}")
     return resumable[-1]
@@ -140,10 +147,12 @@ def register_run(
     base_model: str,
     fingerprint: str,
     metrics: dict,
+    keep_checkpoints: int,
     parent: str | None = None,
 ) -> ModelVersion:
-    """The run's folder as a new candidate version of `recipe.name`, with the recipe it was trained with."""
-    return registry.register(
+    """The run's folder as a new candidate version of `recipe.name`, with the recipe it was trained with;
+    then finished runs beyond the newest `keep_checkpoints` are deleted (see prune_finished_runs)."""
+    version = registry.register(
         recipe.name,
         run,
         base_model=base_model,
@@ -152,6 +161,36 @@ def register_run(
         metrics=metrics,
         parent=parent,
     )
+    write_text_atomically(run.registered_as, version.ref + "\n")
+    prune_finished_runs(recipe, keep_checkpoints)
+    return version
+
+
+def prune_finished_runs(recipe: Recipe, keep: int) -> list[Path]:
+    """Delete the run folders of `recipe.name` that were registered, all but the newest `keep`.
+
+    A registered run's folder is a copy of its version's folder plus its last checkpoint (for an e5 encoder,
+    weights and two AdamW moments: over a gigabyte), so without this every retrain would leave one behind.
+    A run that was not registered is never touched: it is either training now or what --resume continues.
+    Each folder is first renamed out of the runs' naming pattern, so a process killed half-way through the
+    deletion leaves nothing that looks like a run; such leftovers go the next time.
+    """
+    runs = recipe.registry.home / "runs"
+    finished = [r for r in runs_of(recipe) if r.registered_as.is_file()]
+    doomed = finished[: len(finished) - keep] if keep else finished
+    deleted = []
+    for folder in doomed:
+        trash = runs / f".deleting-{uuid.uuid4().hex}"
+        try:
+            os.rename(folder.root, trash)
+        except FileNotFoundError:
+            continue  # another process finishing a run of the same model got there first
+        deleted.append(folder.root)
+    for leftover in runs.glob(".deleting-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if deleted:
+        log.info("deleted %d finished run folder(s) of %s (train.keep_checkpoints=%d)", len(deleted), recipe.name, keep)
+    return deleted
 
 
 @torch.no_grad()

@@ -63,7 +63,7 @@ BIG_VOCABULARY = 100_000
 
 @dataclass
 class PretrainOutcome:
-    folder: VersionFolder
+    folder: VersionFolder  # the registered version's folder once registered, else the run's
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     version: ModelVersion | None = None
@@ -408,6 +408,8 @@ def run(
                 "train_seconds": state["train_seconds"],
                 "kind": "encoder",
             },
+            keep_checkpoints=settings.keep_checkpoints,
             parent=recipe.model.name if "@" in recipe.model.name else None,
         )
+        outcome.folder = registry.folder(outcome.version)  # the run folder may be gone (keep_checkpoints)
     return outcome

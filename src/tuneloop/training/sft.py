@@ -46,7 +46,7 @@ Message = dict[str, str]
 
 @dataclass
 class SftOutcome:
-    folder: VersionFolder
+    folder: VersionFolder  # the registered version's folder once registered, else the run's
     history: list[dict] = field(default_factory=list)
     heldout_loss_before: float | None = None
     train_seconds: float = 0.0
@@ -258,6 +258,9 @@ def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) ->
                 "heldout_loss": last.get("heldout_loss"),
                 "heldout_perplexity": last.get("heldout_perplexity"),
             },
+            # No checkpoints to keep: the run folder is the registered version's copy.
+            keep_checkpoints=0,
             parent=settings.model if "@" in settings.model else None,
         )
+        outcome.folder = registry.folder(outcome.version)
     return outcome
