@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-from helpers import MOODS, TOY_PAIRS, server_settings, tiny_config, toy_rows
+from helpers import MOODS, NO_POSTGRES, POSTGRES_URL, TOY_PAIRS, copy_rows, server_settings, tiny_config, toy_rows
 
 
 @pytest.fixture(scope="session")
@@ -117,6 +119,49 @@ def served(production_home, tmp_path):
     shutil.copytree(production_home, tmp_path / "copy")
     home = tmp_path / "copy" / "home"
     return server_settings(home), home
+
+
+@dataclass(frozen=True)
+class DatabaseUnderTest:
+    kind: str
+    url: str | None  # None: SQLite in the home, the default
+
+    def url_for(self, home: Path) -> str:
+        return self.url or f"sqlite:///{(home / 'registry.db').resolve()}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database(request, monkeypatch):
+    """A test that asks for this runs on SQLite and again on a fresh PostgreSQL database, whose URL is also
+    TUNELOOP_DATABASE_URL for every config the test builds (skipped, with the reason, without a server)."""
+    monkeypatch.delenv("TUNELOOP_DATABASE_URL", raising=False)
+    if request.param == "sqlite":
+        yield DatabaseUnderTest("sqlite", None)
+        return
+    if not POSTGRES_URL:
+        pytest.skip(NO_POSTGRES)
+    from sqlalchemy import create_engine, make_url, text
+
+    name = f"tl_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"create database {name}"))
+    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    monkeypatch.setenv("TUNELOOP_DATABASE_URL", url)
+    yield DatabaseUnderTest("postgresql", url)
+    with admin.connect() as connection:
+        connection.execute(text(f"drop database {name} with (force)"))
+    admin.dispose()
+
+
+@pytest.fixture()
+def served_on_each_database(served, database):
+    """`served` on SQLite, then with its registry moved to a fresh PostgreSQL database."""
+    config, home = served
+    if database.url is None:
+        return config, home
+    copy_rows(f"sqlite:///{home / 'registry.db'}", database.url)
+    return server_settings(home, f"registry.database_url={database.url}"), home
 
 
 ASSISTANT_YAML = """

@@ -83,3 +83,28 @@ def server_settings(home: Path, *extra: str):
         ],
         ServerSettings,
     )
+
+
+POSTGRES_URL = os.environ.get("TUNELOOP_TEST_DATABASE_URL")
+NO_POSTGRES = (
+    "set TUNELOOP_TEST_DATABASE_URL to a PostgreSQL database (.ci/run starts one; make postgres does it locally)"
+)
+
+
+def copy_rows(source_url: str, target_url: str) -> None:
+    """Every row of a tuneloop database into another (built by the migrations on open), ids included."""
+    from sqlalchemy import Integer, create_engine, func, select, text
+
+    from tuneloop.db import Base, open_database
+
+    source, target = create_engine(source_url), open_database(target_url)
+    with source.connect() as reading, target.begin() as writing:
+        for table in Base.metadata.sorted_tables:
+            rows = [dict(row._mapping) for row in reading.execute(select(table))]
+            if rows:
+                writing.execute(table.insert(), rows)
+            if target.dialect.name == "postgresql" and "id" in table.c and isinstance(table.c.id.type, Integer):
+                top = writing.execute(select(func.max(table.c.id))).scalar()
+                if top:  # explicit ids do not move PostgreSQL's sequence: the next insert would collide
+                    writing.execute(text(f"select setval(pg_get_serial_sequence('{table.name}', 'id'), {top})"))
+    source.dispose()

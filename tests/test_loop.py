@@ -19,7 +19,7 @@ from tuneloop.training import classification
 GOOD_RECIPE = ["model.head_init=centroids", "train.lr=1e-3", "train.head_lr=1e-2", "train.epochs=6"]
 
 
-def test_corrections_flow_into_a_promoted_version_that_the_server_then_answers_with(tiny_encoder, tmp_path):
+def test_corrections_flow_into_a_promoted_version_that_the_server_then_answers_with(tiny_encoder, tmp_path, database):
     data = tmp_path / "toy.csv"
     pd.DataFrame(toy_rows(per_label=40, seed=3)).to_csv(data, index=False)
     home = tmp_path / "home"

@@ -81,8 +81,8 @@ def test_metrics_are_reported_per_part():
     assert metrics["candidate"]["feedback"]["n"] == 2
 
 
-def test_a_worse_candidate_is_rejected_and_a_better_one_promoted(served, tiny_encoder):
-    config, home = served
+def test_a_worse_candidate_is_rejected_and_a_better_one_promoted(served_on_each_database, tiny_encoder):
+    config, home = served_on_each_database
     data = home.parent / "toy.csv"
     registry = Registry(config.registry)
     worse = classification.run(tiny_config(tiny_encoder, data, home, *CRIPPLED), show_progress=False).version
@@ -103,12 +103,12 @@ def test_a_worse_candidate_is_rejected_and_a_better_one_promoted(served, tiny_en
     assert registry.history("toy")[-1].reason.startswith(f"gate passed against {worse.ref}")
 
 
-def test_a_promotion_made_while_the_gate_ran_is_never_overwritten(served, tiny_encoder, monkeypatch):
+def test_a_promotion_made_while_the_gate_ran_is_never_overwritten(served_on_each_database, tiny_encoder, monkeypatch):
     """The gate judged the candidate against toy@1; someone promoted toy@2 meanwhile: the candidate passed
     against a version that is no longer production, so it is not promoted over toy@2."""
     from tuneloop.feedback import gate
 
-    config, home = served
+    config, home = served_on_each_database
     registry = Registry(config.registry)
     recipe = tiny_config(tiny_encoder, home.parent / "toy.csv", home)
     meanwhile, candidate = (classification.run(recipe, show_progress=False).version for _ in range(2))

@@ -35,8 +35,14 @@ def predictions(count: int, model: str = "intent") -> list[LoggedPrediction]:
 
 
 @pytest.fixture()
-def prediction_log(tmp_path):
-    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=10).start()
+def url(tmp_path, database):
+    """Each test on SQLite and again on PostgreSQL."""
+    return database.url_for(tmp_path)
+
+
+@pytest.fixture()
+def prediction_log(tmp_path, url):
+    log = PredictionLog(url, tmp_path, flush_ms=10).start()
     yield log
     log.close()
 
@@ -54,17 +60,17 @@ def test_the_background_writer_stores_rows_without_being_asked(prediction_log):
     assert prediction_log.count("intent") == {"predictions": 25, "feedback": 0}
 
 
-def test_close_flushes_everything(tmp_path):
-    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=60_000).start()
+def test_close_flushes_everything(tmp_path, url):
+    log = PredictionLog(url, tmp_path, flush_ms=60_000).start()
     log.record(predictions(7))
     log.close()
-    reopened = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path)
+    reopened = PredictionLog(url, tmp_path)
     assert reopened.count() == {"predictions": 7, "feedback": 0}
     reopened.close()
 
 
-def test_feedback_needs_an_existing_prediction_and_finds_pending_ones(tmp_path):
-    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=60_000).start()
+def test_feedback_needs_an_existing_prediction_and_finds_pending_ones(tmp_path, url):
+    log = PredictionLog(url, tmp_path, flush_ms=60_000).start()
     pending = predictions(1)[0]
     log.record([pending])
     row = log.add_feedback(pending.id, corrected_label="b", rating=-1, comment="wrong")
@@ -89,8 +95,8 @@ def test_a_failing_database_keeps_rows_until_it_recovers(prediction_log):
     assert prediction_log.count()["predictions"] == 5
 
 
-def test_rows_the_database_refuses_at_shutdown_go_to_a_rescue_file(tmp_path):
-    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=60_000).start()
+def test_rows_the_database_refuses_at_shutdown_go_to_a_rescue_file(tmp_path, url):
+    log = PredictionLog(url, tmp_path, flush_ms=60_000).start()
     with log.engine.begin() as connection:
         connection.execute(text("DROP TABLE feedback"))
         connection.execute(text("DROP TABLE predictions"))
@@ -104,8 +110,8 @@ def test_rows_the_database_refuses_at_shutdown_go_to_a_rescue_file(tmp_path):
         log.record(predictions(1))
 
 
-def test_one_refused_row_goes_to_the_rescue_file_and_does_not_block_the_others(tmp_path):
-    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=60_000)
+def test_one_refused_row_goes_to_the_rescue_file_and_does_not_block_the_others(tmp_path, url):
+    log = PredictionLog(url, tmp_path, flush_ms=60_000)
     first = predictions(1)[0]
     log.record([first])
     log.flush()
@@ -118,8 +124,8 @@ def test_one_refused_row_goes_to_the_rescue_file_and_does_not_block_the_others(t
     log.close()
 
 
-def test_a_long_outage_moves_the_oldest_rows_past_the_bound_to_a_rescue_file_and_they_come_back(tmp_path):
-    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=10, max_backlog=3).start()
+def test_a_long_outage_moves_the_oldest_rows_past_the_bound_to_a_rescue_file_and_they_come_back(tmp_path, url):
+    log = PredictionLog(url, tmp_path, flush_ms=10, max_backlog=3).start()
     with log.engine.begin() as connection:
         connection.execute(text("DROP TABLE feedback"))
         connection.execute(text("DROP TABLE predictions"))
@@ -136,10 +142,10 @@ def test_a_long_outage_moves_the_oldest_rows_past_the_bound_to_a_rescue_file_and
     log.close()
 
 
-def test_a_locked_database_retries_the_whole_batch_and_rescues_nothing(tmp_path, monkeypatch):
+def test_a_locked_database_retries_the_whole_batch_and_rescues_nothing(tmp_path, url, monkeypatch):
     """Regression: "database is locked" was taken for bad rows: the batch was retried row by row, and the
     rows that timed out while the lock was held went to rescue files."""
-    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=10)
+    log = PredictionLog(url, tmp_path, flush_ms=10)
     real_insert, calls = log._insert, []
 
     def locked_for_a_while(batch):
@@ -157,13 +163,11 @@ def test_a_locked_database_retries_the_whole_batch_and_rescues_nothing(tmp_path,
     log.close()
 
 
-def test_the_writer_outlives_a_rescue_file_that_cannot_be_written(tmp_path, monkeypatch):
+def test_the_writer_outlives_a_rescue_file_that_cannot_be_written(tmp_path, url, monkeypatch):
     """Regression: a full disk while writing a rescue file killed the writer thread; logging then stopped
     silently and memory grew without bound."""
     dropped = []
-    log = PredictionLog(
-        f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=10, max_backlog=2, on_dropped=dropped.append
-    ).start()
+    log = PredictionLog(url, tmp_path, flush_ms=10, max_backlog=2, on_dropped=dropped.append).start()
     with log.engine.begin() as connection:
         connection.execute(text("DROP TABLE feedback"))
         connection.execute(text("DROP TABLE predictions"))
@@ -181,8 +185,8 @@ def test_the_writer_outlives_a_rescue_file_that_cannot_be_written(tmp_path, monk
     log.close()
 
 
-def test_importing_rescue_files_is_idempotent_and_keeps_what_it_cannot_read(tmp_path):
-    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=60_000)
+def test_importing_rescue_files_is_idempotent_and_keeps_what_it_cannot_read(tmp_path, url):
+    log = PredictionLog(url, tmp_path, flush_ms=60_000)
     rows = predictions(3)
     log.record(rows[:1])
     log.flush()  # already in the database: an import after a crash between commit and removal
@@ -194,9 +198,9 @@ def test_importing_rescue_files_is_idempotent_and_keeps_what_it_cannot_read(tmp_
     log.close()
 
 
-def test_get_waits_for_a_batch_the_writer_is_committing(tmp_path):
+def test_get_waits_for_a_batch_the_writer_is_committing(tmp_path, url):
     """Regression: feedback sent while its prediction was mid-write got a 404."""
-    log = PredictionLog(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, flush_ms=60_000)
+    log = PredictionLog(url, tmp_path, flush_ms=60_000)
     row = predictions(1)[0]
     log.record([row])
     found = []

@@ -96,8 +96,8 @@ def log_feedback(config, corrections):
     log.close()
 
 
-def test_retrain_trains_a_candidate_on_production_data_plus_feedback(served):
-    config, home = served
+def test_retrain_trains_a_candidate_on_production_data_plus_feedback(served_on_each_database):
+    config, home = served_on_each_database
     with pytest.raises(TuneloopError, match="no feedback with a label for 'toy'"):
         retrain("toy", overrides=[f"registry.home={home}"], show_progress=False)
     log_feedback(
@@ -122,9 +122,9 @@ def test_retrain_trains_a_candidate_on_production_data_plus_feedback(served):
     assert len(data.train) == len(parent_data.train) + outcome.feedback["train"]
 
 
-def test_retrain_from_a_cross_validated_production(served, tiny_encoder):
+def test_retrain_from_a_cross_validated_production(served_on_each_database, tiny_encoder):
     """Regression: a production version trained with data.kfold made retrain crash with KeyError."""
-    config, home = served
+    config, home = served_on_each_database
     kfold = tiny_config(tiny_encoder, home.parent / "toy.csv", home, "data.kfold=2", "train.epochs=1")
     version = classification.run(kfold, show_progress=False).version
     Registry(config.registry).promote(version.ref)

@@ -15,7 +15,8 @@ from tuneloop.registry import Registry, VersionFolder
 
 
 @pytest.fixture()
-def registry(tmp_path):
+def registry(tmp_path, database):
+    """A registry on SQLite, and again on PostgreSQL (through TUNELOOP_DATABASE_URL, which subprocesses inherit)."""
     return Registry(RegistryConfig(home=tmp_path / "home"))
 
 

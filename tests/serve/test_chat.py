@@ -8,7 +8,9 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from helpers import copy_rows, server_settings
 from tuneloop.assistant.scope import ScopeThreshold
+from tuneloop.db.lease import model_job_lease
 from tuneloop.feedback.export import feedback_examples
 from tuneloop.feedback.log import PredictionLog
 from tuneloop.serve.app import create_app
@@ -25,14 +27,28 @@ def chat_app(assistant_setup):
         yield client, config
 
 
+@pytest.fixture()
+def chat_app_on_each_database(assistant_setup, database):
+    """chat_app on SQLite, then with the registry, log and chat turns on a fresh PostgreSQL database."""
+    config, definition = assistant_setup
+    if database.url is not None:
+        home = config.registry.home
+        copy_rows(f"sqlite:///{home / 'registry.db'}", database.url)
+        config = server_settings(home, f"registry.database_url={database.url}")
+    config.serve.assistant = definition
+    config.admin_keys = "root"
+    with TestClient(create_app(config)) as client:
+        yield client, config
+
+
 def say(client, message, session="s1"):
     response = client.post("/v1/chat", json={"session_id": session, "message": message})
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def test_a_turn_answers_with_intent_sentiment_sources_and_an_id(chat_app):
-    client, config = chat_app
+def test_a_turn_answers_with_intent_sentiment_sources_and_an_id(chat_app_on_each_database):
+    client, config = chat_app_on_each_database
     info = client.get("/v1/assistant").json()
     assert info["name"] == "shop" and info["intents"] == ["delivery", "password", "refund"]
     assert info["intent_model"] == "toy@1" and info["sentiment_model"] == "mood@1"
@@ -58,8 +74,8 @@ def test_asking_for_a_person_and_a_run_of_anger_escalate(chat_app):
     assert second["reply"].startswith("I'm sorry about this")
 
 
-def test_feedback_on_a_turn_reaches_the_retraining_export(chat_app):
-    client, config = chat_app
+def test_feedback_on_a_turn_reaches_the_retraining_export(chat_app_on_each_database):
+    client, config = chat_app_on_each_database
     turn = say(client, "where is my parcel courier late")
     sent = client.post("/v1/feedback", json={"turn_id": turn["turn_id"], "rating": -1, "corrected_label": "password"})
     assert sent.status_code == 201 and sent.json()["turn_id"] == turn["turn_id"]
@@ -74,8 +90,8 @@ def test_feedback_on_a_turn_reaches_the_retraining_export(chat_app):
     assert queue[0]["corrected_label"] == "password" and queue[0]["source"] == "chat"
 
 
-def test_thumbs_on_an_out_of_scope_turn_stay_on_the_turn_and_never_become_a_label(chat_app):
-    client, config = chat_app
+def test_thumbs_on_an_out_of_scope_turn_stay_on_the_turn_and_never_become_a_label(chat_app_on_each_database):
+    client, config = chat_app_on_each_database
     client.app.state.tuneloop.chat.runtime.thresholds["toy@1"] = _reject_everything()
     turn = say(client, "what is the weather tomorrow")
     assert turn["intent"] is None
@@ -112,8 +128,8 @@ def test_chat_limits_and_missing_assistant(chat_app, served):
         assert plain.get("/").status_code == 404
 
 
-def test_admin_api_lists_versions_and_runs_one_job_at_a_time(chat_app):
-    client, _ = chat_app
+def test_admin_api_lists_versions_and_runs_one_job_at_a_time(chat_app_on_each_database):
+    client, _ = chat_app_on_each_database
     assert client.get("/v1/admin/models").status_code == 401
     models = {m["name"]: m for m in client.get("/v1/admin/models", headers=ADMIN).json()["models"]}
     assert models["toy"]["serving"] == 1 and models["toy"]["versions"][0]["stage"] == "production"
@@ -133,6 +149,9 @@ def test_admin_api_lists_versions_and_runs_one_job_at_a_time(chat_app):
     assert bad.status_code == 422
     unknown = client.post("/v1/admin/jobs", json={"kind": "gate", "target": "toy@9"}, headers=ADMIN)
     assert unknown.status_code == 404 and len(client.get("/v1/admin/jobs", headers=ADMIN).json()["jobs"]) == 1
+    with model_job_lease(client.app.state.tuneloop.registry.engine, "toy", "retrain toy (cron)"):
+        elsewhere = client.post("/v1/admin/jobs", json={"kind": "gate", "target": "toy@1"}, headers=ADMIN)
+    assert elsewhere.status_code == 409 and "'retrain toy (cron)'" in elsewhere.json()["detail"]
 
 
 def sse(text):
@@ -143,8 +162,8 @@ def sse(text):
     return events
 
 
-def test_a_streamed_turn_sends_what_was_understood_then_the_reply_then_the_stored_answer(chat_app):
-    client, _ = chat_app
+def test_a_streamed_turn_sends_what_was_understood_then_the_reply_then_the_stored_answer(chat_app_on_each_database):
+    client, _ = chat_app_on_each_database
     response = client.post("/v1/chat?stream=true", json={"session_id": "s", "message": "refund money back"})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
     events = sse(response.text)

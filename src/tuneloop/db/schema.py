@@ -165,3 +165,16 @@ class ChatTurn(Base):
     # The user's verdict on the reply itself (thumbs), latest wins; corrections go to the intent prediction.
     rating: Mapped[int | None] = mapped_column(Integer, nullable=True)
     comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class Lease(Base):
+    """Who holds a named lease (one retrain or gate per model at a time, whatever process or machine runs it)
+    and until when: a holder renews it while it works, so one killed outright frees it once it expires."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(250), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    purpose: Mapped[str] = mapped_column(String(500))
+    acquired_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())

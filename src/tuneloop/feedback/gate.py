@@ -27,6 +27,7 @@ from tuneloop.atomic import write_dir_atomically
 from tuneloop.config import GateConfig, GateSettings
 from tuneloop.data.clean import dedup_key
 from tuneloop.data.prepare import load_prepared
+from tuneloop.db.lease import model_job_lease
 from tuneloop.errors import Conflict, TuneloopError
 from tuneloop.evaluate import plots
 from tuneloop.evaluate.report import html_image, html_page, html_table
@@ -271,6 +272,11 @@ def run_gate(ref: str, config: GateSettings, promote: bool = True) -> GateDecisi
     """Gate NAME@VERSION against NAME's production version; promote it if it passes (and `promote`)."""
     registry = Registry(config.registry)
     candidate = registry.get(ref)
+    with model_job_lease(registry.engine, candidate.name, f"gate {candidate.ref}"):
+        return _gate(registry, candidate, config, promote)
+
+
+def _gate(registry: Registry, candidate: ModelVersion, config: GateSettings, promote: bool) -> GateDecision:
     production = registry.get(f"{candidate.name}@production")
     if production.id == candidate.id:
         raise TuneloopError(f"{candidate.ref} is already production; gate a newer candidate")

@@ -13,6 +13,7 @@ import pandas as pd
 from tuneloop.config import FeedbackConfig, load_config, stored_recipe
 from tuneloop.data.clean import dedup_key
 from tuneloop.data.prepare import PreparedData, fingerprint_of, length_percentiles, load_prepared, split_summary
+from tuneloop.db.lease import model_job_lease
 from tuneloop.errors import TuneloopError
 from tuneloop.feedback.export import FeedbackExamples, load_feedback
 from tuneloop.models.encoders import resolve_encoder
@@ -98,6 +99,14 @@ def retrain(
     it (a new learning rate, say) and say where the registry is.
     """
     registry = Registry(load_config(config_file, overrides).registry)
+    # One retrain or gate of a model at a time, wherever it is started (server job, cron, a shell).
+    with model_job_lease(registry.engine, name, f"retrain {name}"):
+        return _retrain(registry, name, config_file, overrides, show_progress)
+
+
+def _retrain(
+    registry: Registry, name: str, config_file: Path | None, overrides: list[str] | None, show_progress: bool
+) -> RetrainOutcome:
     production = registry.get(f"{name}@production")
     stored = stored_recipe(production.config)
     if stored.get("tasks"):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query
 from fastapi.concurrency import run_in_threadpool
 
-from tuneloop.errors import NotFound
+from tuneloop.db.lease import model_job_running
+from tuneloop.errors import Conflict, NotFound
 from tuneloop.serve.deps import State
 from tuneloop.serve.jobs import Job
 from tuneloop.serve.schemas import (
@@ -84,7 +85,11 @@ async def feedback_queue(state: State, limit: int = Query(50, ge=1, le=500)) -> 
 @router.post("/v1/admin/jobs", response_model=JobInfo, status_code=202, responses=ERRORS)
 async def start_job(body: JobRequest, state: State) -> JobInfo:
     """Start `tuneloop retrain NAME` or `tuneloop gate NAME@VERSION` in the background (one at a time)."""
-    await run_in_threadpool(state.registry.get, body.target)  # an unknown model is a 404 now, not a failed job
+    target = await run_in_threadpool(state.registry.get, body.target)  # unknown: a 404 now, not a failed job
+    # The job takes the model's lease itself; a job elsewhere (another replica, cron) is a 409 here at once.
+    running = await run_in_threadpool(model_job_running, state.registry.engine, target.name)
+    if running:
+        raise Conflict(f"{running} is working on {target.name}; start this once it has finished")
     return job_info(await run_in_threadpool(state.jobs.start, body.kind, body.target))
 
 
