@@ -583,6 +583,7 @@ def _serve(settings: ServerSettings) -> None:
     import uvicorn
 
     from tuneloop.serve.app import create_app
+    from tuneloop.serve.http import uvicorn_config
     from tuneloop.training.common import use_threads
 
     use_threads(settings.serve.threads)
@@ -591,14 +592,10 @@ def _serve(settings: ServerSettings) -> None:
     url = f"http://{settings.serve.host}:{settings.serve.port}"
     pages = f"; chat: {url}/, admin: {url}/admin" if settings.serve.assistant else f"; admin: {url}/admin"
     console.print(f"serving [bold]{served}[/bold] on {url} (API docs: {url}/docs{pages}); Ctrl+C stops")
-    uvicorn.run(
-        application,
-        host=settings.serve.host,
-        port=settings.serve.port,
-        log_level="warning",
-        limit_concurrency=settings.serve.max_connections,
-        timeout_keep_alive=settings.serve.keep_alive_seconds,
-    )
+    server = uvicorn.Server(uvicorn_config(application, settings.serve))
+    server.run()
+    if not server.started:  # the port is taken, say (uvicorn has logged why)
+        raise typer.Exit(3)
 
 
 @feedback_app.command("export")

@@ -302,8 +302,14 @@ class ServeConfig(StrictModel):
         "cannot hold every socket).",
     )
     keep_alive_seconds: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this.")
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A connection whose request headers are not complete this long after it opened (or after "
+        "its previous answer) is closed: slow or silent clients cannot hold connections (slowloris).",
+    )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
-    max_texts: int = Field(64, ge=1, description="More texts in one request get 413.")
+    max_texts: int = Field(64, ge=1, description="More texts in one request get 422.")
     max_text_chars: int = Field(2000, ge=1, description="A longer text gets 422.")
     client_key_hashes: list[str] = Field(
         default_factory=list,

@@ -8,11 +8,13 @@ import time
 import uvicorn
 
 from tuneloop.registry import Registry
+from tuneloop.serve.http import uvicorn_config
 
 
 class LiveServer:
     def __init__(self, app) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        # The server `tuneloop serve` runs (its protocol and limits), on a free port of this machine only.
+        self.server = uvicorn.Server(uvicorn_config(app, app.state.tuneloop.config.serve, host="127.0.0.1", port=0))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:

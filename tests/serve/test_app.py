@@ -109,7 +109,7 @@ def test_feedback_errors(client, body, status, message):
     [
         ({"texts": []}, 422, "texts"),
         ({"texts": "just one string"}, 422, "texts"),
-        ({"texts": ["a"] * 65}, 413, "at most 64"),
+        ({"texts": ["a"] * 65}, 422, "at most 64"),
         ({"texts": ["a", "x" * 2001]}, 422, "texts.1 has 2001 characters"),
         ({"texts": ["a"], "model": "other"}, 404, "model 'other' is not served"),
         ({"texts": ["a"], "top_k": 0}, 422, "top_k"),

@@ -229,8 +229,8 @@ _ERROR_MEANINGS = {
     403: "The key does not have this route's scope, or admin routes are disabled.",
     404: "No such model, version, prediction, turn or job.",
     409: "The state changed underneath the request (e.g. production moved); read it again and retry.",
-    413: "The body or the number of texts is over the server's limits.",
-    422: "A field is missing or out of range; `errors` names each one.",
+    413: "The body is larger than serve.max_body_bytes.",
+    422: "A field is missing or out of range (the document states the ranges); `errors` names each one.",
     503: "Overloaded, or the model is not loaded; retry after the `Retry-After` header's seconds.",
 }
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import numpy as np
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends
 
 from tuneloop.data.clean import clean_text
+from tuneloop.errors import TuneloopError
 from tuneloop.feedback.log import LoggedPrediction
 from tuneloop.models.classifier import softmax
 from tuneloop.serve.deps import State
@@ -21,10 +22,10 @@ router = APIRouter(tags=["predict"])
 async def predict(body: PredictRequest, state: State) -> PredictResponse:
     """Classify texts with a model's production version; every prediction gets an id for feedback."""
     settings = state.config.serve
-    if len(body.texts) > settings.max_texts:
-        raise HTTPException(
-            413,
-            f"{len(body.texts)} texts in one request; at most {settings.max_texts}: split them over several requests",
+    if len(body.texts) > settings.max_texts:  # the document's maxItems: a validation error like any other
+        raise TuneloopError(
+            f"{len(body.texts)} texts in one request; at most {settings.max_texts} (serve.max_texts): "
+            "split them over several requests"
         )
     for index, text in enumerate(body.texts):
         check_text_length(text, settings.max_text_chars, f"texts.{index}")
