@@ -36,7 +36,7 @@ def test_the_readme_is_a_front_door():
     assert len(text.encode("utf-8")) <= 12 * 1024
     assert text.splitlines()[3:5] == [
         "make demo    # fresh machine with Python 3.11: creates .venv, installs CPU torch + tuneloop, runs the demo",
-        "make test    # the same set-up, then every test tier: unit, integration, browser, fuzz, PostgreSQL if set up",
+        "make test    # the same set-up, then every test tier: unit, integration, browser, fuzz, faults, PostgreSQL",
     ]
     for word in ("this session", "this change", "the issue", "target"):
         assert word not in text.lower(), word

@@ -1,10 +1,16 @@
-"""Helpers for server tests: a real uvicorn server on 127.0.0.1 in a thread, and a cheap second version."""
+"""Helpers for server tests: a real uvicorn server on 127.0.0.1 in a thread or in its own process, and a cheap
+second version."""
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
+import httpx
 import uvicorn
 
 from tuneloop.registry import Registry
@@ -46,3 +52,64 @@ def register_copy(config, ref: str = "toy@1"):
         metrics=source.metrics,
         parent=source.ref,
     )
+
+
+class ServerProcess:
+    """`tuneloop serve` in its own process on 127.0.0.1 (killable like a real one); ready when /readyz says so."""
+
+    def __init__(self, *overrides: str, port: int | None = None) -> None:
+        self.overrides = overrides
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, seconds: float = 120) -> ServerProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tuneloop", "serve", "--port", str(self.port), *self.overrides],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"tuneloop serve exited with {self.process.returncode}: {self.process.stderr.read()}"
+                )
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tuneloop serve was not ready after {seconds}s")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handler runs, as in a power cut or the OOM killer."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGINT: a clean shutdown, which finishes queued requests and flushes the prediction log."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
