@@ -93,7 +93,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, seconds: float = 300) -> None:
+def wait_ready(url: str, process: subprocess.Popen, seconds: float = 300, interval: float = 0.5) -> None:
     """Until `tuneloop serve` at `url` answers /readyz; exits if the server dies or takes too long."""
     import httpx
 
@@ -106,7 +106,7 @@ def wait_ready(url: str, process: subprocess.Popen, seconds: float = 300) -> Non
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
+        time.sleep(interval)
     raise SystemExit(f"server at {url} not ready after {seconds}s")
 
 

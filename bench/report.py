@@ -40,6 +40,14 @@ def plain(value: Any) -> str:
     return f"{value:,.1f}" if isinstance(value, float) else str(value)
 
 
+def _dropped(run: dict) -> str:
+    return f"{run['dropped_outside_kill_window']} / {run['dropped_in_kill_window']}"
+
+
+def _acknowledged(acknowledged: str, found: str) -> Callable[[dict], str]:
+    return lambda run: f"{run[acknowledged]} / {run[found]} / {run[acknowledged] - run[found]}"
+
+
 # Per benchmark (its results name, or the name's first part), the figures worth a table row:
 # (label, dotted path into the result, format).
 FIGURES: dict[str, list[tuple[str, str, Format]]] = {
@@ -89,6 +97,32 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
             "model time per turn (p50), two models / one",
             "turn_ms_p50",
             lambda t: f"{t['two_models']:.1f} / {t['multitask']:.1f} ms",
+        ),
+    ],
+    "soak": [
+        ("model, database", "model", plain),
+        ("clients, seconds", "main", lambda m: f"{m['clients']}, {m['requests']} requests"),
+        ("req/s at 200 clients / at 16", "ratio_req_per_s", times),
+        ("req/s", "main.req_per_s", plain),
+        ("p50 / p99 ms", "main", lambda m: f"{m['p50_ms']:.0f} / {m['p99_ms']:.0f}"),
+        ("server errors (500/502/504)", "main.server_errors", plain),
+        ("overload 503s", "main.overload_503", plain),
+        ("dropped connections outside / inside the kill", "main", _dropped),
+        ("feedback acknowledged / found / lost", "main", _acknowledged("feedback_acknowledged", "feedback_found")),
+        (
+            "predictions acknowledged / stored / lost",
+            "main",
+            _acknowledged("predictions_acknowledged", "predictions_stored"),
+        ),
+        (
+            "killed after, restart until answering",
+            "main.kill",
+            lambda k: f"{k['after_s']:.0f} s, {k['restart_to_ready_s']:.1f} s",
+        ),
+        (
+            "lost predictions answered at most … before the kill",
+            "main.kill.lost_predictions_oldest_ms_before_kill",
+            lambda v: f"{v:.0f} ms",
         ),
     ],
     "sft_reply": [
@@ -203,6 +237,14 @@ HEADLINES: list[tuple[str, str, Callable[[dict], str]]] = [
             f"drifted intents macro-F1 {percent(r['before']['drifted_macro_f1'])} → "
             f"{percent(r['after']['drifted_macro_f1'])}, {r['feedback']['lost']} corrections lost, gate "
             + ("promoted" if r["gate"]["promoted"] else "did not promote")
+        ),
+    ),
+    (
+        "soak-postgresql-kill",
+        "200 clients for 60 s on PostgreSQL, server SIGKILLed mid-run",
+        lambda r: (
+            f"{r['main']['feedback_lost']} acknowledged feedback lost, {r['main']['server_errors']} server errors; "
+            f"answering again {r['main']['kill']['restart_to_ready_s']:.1f} s after the restart"
         ),
     ),
     (

@@ -593,7 +593,11 @@ def _serve(settings: ServerSettings) -> None:
     pages = f"; chat: {url}/, admin: {url}/admin" if settings.serve.assistant else f"; admin: {url}/admin"
     console.print(f"serving [bold]{served}[/bold] on {url} (API docs: {url}/docs{pages}); Ctrl+C stops")
     server = uvicorn.Server(uvicorn_config(application, settings.serve))
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn has shut down cleanly, then passes on the signal it caught
+        console.print("stopped: queued requests were answered and the prediction log flushed")
+        return
     if not server.started:  # the port is taken, say (uvicorn has logged why)
         raise typer.Exit(3)
 

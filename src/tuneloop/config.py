@@ -322,6 +322,12 @@ class ServeConfig(StrictModel):
         "API need one.",
     )
     log_flush_ms: float = Field(200.0, gt=0, description="Prediction log: most time a row waits in memory.")
+    log_max_backlog: int = Field(
+        200_000,
+        ge=1,
+        description="Predictions waiting in memory for the database (while it is down or locked); past it the "
+        "oldest go to a rescue file in the home, re-imported at the next start.",
+    )
     assistant: Path | None = Field(
         None, description="An assistant definition (YAML): adds /v1/chat, the chat page / and the admin page /admin."
     )

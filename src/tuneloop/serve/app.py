@@ -104,6 +104,7 @@ def _build_state(config: ServerSettings) -> ServerState:
         config.registry.resolved_database_url(),
         config.registry.home,
         flush_ms=settings.log_flush_ms,
+        max_backlog=settings.log_max_backlog,
         on_dropped=metrics.log_dropped.inc,
     )
     conversations = chat = None
