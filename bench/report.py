@@ -207,7 +207,8 @@ def benchmarks_markdown(folder: Path = RESULTS) -> str:
     return "\n".join(out)
 
 
-# The README's headline rows: (results name, what, how the figure reads).
+# The README's headline rows, five at most (the rest is on the benchmarks page): (results name, what, how the
+# figure reads).
 HEADLINES: list[tuple[str, str, Callable[[dict], str]]] = [
     (
         "train_classifier-banking77-hf-trainer",
@@ -245,14 +246,6 @@ HEADLINES: list[tuple[str, str, Callable[[dict], str]]] = [
         lambda r: (
             f"{r['main']['feedback_lost']} acknowledged feedback lost, {r['main']['server_errors']} server errors; "
             f"answering again {r['main']['kill']['restart_to_ready_s']:.1f} s after the restart"
-        ),
-    ),
-    (
-        "assistant_eval-trained-oos",
-        "Assistant: out-of-scope detection (Banking77, 10 intents held out)",
-        lambda r: (
-            f"{percent(r['probability']['out_of_scope_recall'])} recall at "
-            f"{percent(r['probability']['in_scope_precision'])} in-scope precision"
         ),
     ),
 ]

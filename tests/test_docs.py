@@ -34,6 +34,7 @@ def test_a_hand_edited_figure_is_caught(tmp_path):
 def test_the_readme_is_a_front_door():
     text = README.read_text(encoding="utf-8")
     assert len(text.encode("utf-8")) <= 12 * 1024
+    assert len(bench_report().HEADLINES) <= 5  # a headline table, not the benchmarks page
     assert text.splitlines()[3:5] == [
         "make demo    # fresh machine with Python 3.11: creates .venv, installs CPU torch + tuneloop, runs the demo",
         "make test    # the same set-up, then every test tier: unit, integration, browser, fuzz, faults, PostgreSQL",
