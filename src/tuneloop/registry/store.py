@@ -273,16 +273,7 @@ class Registry:
                 )
                 if archived != 1:
                     raise _ProductionMoved
-                change = session.scalar(
-                    select(StageChange)
-                    .where(
-                        StageChange.name == name,
-                        StageChange.version == current.version,
-                        StageChange.kind == "promote",
-                        StageChange.undone.is_(False),
-                    )
-                    .order_by(StageChange.id.desc())
-                )
+                change = _last_promotion(session, current)
                 if change is None or change.previous_version is None:
                     raise _NothingToRestore
                 session.execute(
@@ -315,16 +306,7 @@ class Registry:
         """The version a rollback of `name` would put back."""
         current = self.get(f"{name}@production")
         with self._sessions() as session:
-            change = session.scalar(
-                select(StageChange)
-                .where(
-                    StageChange.name == name,
-                    StageChange.version == current.version,
-                    StageChange.kind == "promote",
-                    StageChange.undone.is_(False),
-                )
-                .order_by(StageChange.id.desc())
-            )
+            change = _last_promotion(session, current)
         if change is None or change.previous_version is None:
             raise Conflict(f"{current.ref} has no earlier production version to roll back to")
         return self.get(f"{name}@{change.previous_version}")
@@ -364,3 +346,18 @@ def describe(version: ModelVersion) -> dict[str, Any]:
 
 def to_json(version: ModelVersion) -> str:
     return json.dumps(describe(version), indent=2, ensure_ascii=False)
+
+
+def _last_promotion(session: Session, production: ModelVersion) -> StageChange | None:
+    """The promotion that made `production` production and has not been rolled back: it names the version
+    a rollback restores."""
+    return session.scalar(
+        select(StageChange)
+        .where(
+            StageChange.name == production.name,
+            StageChange.version == production.version,
+            StageChange.kind == "promote",
+            StageChange.undone.is_(False),
+        )
+        .order_by(StageChange.id.desc())
+    )
