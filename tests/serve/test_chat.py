@@ -7,6 +7,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
 from helpers import copy_rows, server_settings
 from tuneloop.assistant.scope import ScopeThreshold
@@ -88,6 +89,26 @@ def test_feedback_on_a_turn_reaches_the_retraining_export(chat_app_on_each_datab
     assert exported.examples[["text", "label"]].values.tolist() == [["where is my parcel courier late", "password"]]
     queue = client.get("/v1/admin/feedback", headers=ADMIN).json()["items"]
     assert queue[0]["corrected_label"] == "password" and queue[0]["source"] == "chat"
+
+
+def test_a_stored_turn_always_has_its_predictions_in_the_database(assistant_setup):
+    """Regression: a turn was committed while its two predictions waited in the log's buffer, so a crash
+    right after left turns whose feedback could never find the prediction."""
+    config, definition = assistant_setup
+    config.serve.assistant = definition
+    config.serve.log_flush_ms = 60_000  # the background writer will not get to them in this test
+    with TestClient(create_app(config)) as client:
+        turn = say(client, "refund money back please")
+        engine = client.app.state.tuneloop.prediction_log.engine
+        with engine.connect() as connection:
+            stored = connection.execute(
+                text("select intent_prediction_id, sentiment_prediction_id from chat_turns where id = :id"),
+                {"id": turn["turn_id"]},
+            ).one()
+            found = connection.execute(
+                text("select count(*) from predictions where id in (:a, :b)"), {"a": stored[0], "b": stored[1]}
+            ).scalar()
+        assert found == 2
 
 
 def test_thumbs_on_an_out_of_scope_turn_stay_on_the_turn_and_never_become_a_label(chat_app_on_each_database):

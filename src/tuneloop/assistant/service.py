@@ -108,7 +108,8 @@ class ChatService:
         )
 
     async def record(self, session_id: str, message: str, seen: Understood, outcome: TurnOutcome) -> StoredTurn:
-        """Log both predictions and store the turn."""
+        """Log both predictions and store the turn, the predictions committed first: a turn in the database
+        always has its predictions, so feedback on it after a crash never finds them missing."""
         now = utc_now()
         intent_record, sentiment_record = (
             LoggedPrediction.of(
@@ -117,6 +118,7 @@ class ChatService:
             for model, logits in ((seen.intent, seen.intent_logits), (seen.sentiment, seen.sentiment_logits))
         )
         self.prediction_log.record([intent_record, sentiment_record])
+        await run_in_threadpool(self.prediction_log.flush)
         turn = await run_in_threadpool(
             self.conversations.add,
             ChatTurn(
