@@ -102,3 +102,31 @@ def test_a_deletion_cut_short_leaves_nothing_that_looks_like_a_run(tiny_override
     (leftover / "checkpoint").mkdir(parents=True)
     classification.run(config, show_progress=False)
     assert not leftover.exists() and list(runs.iterdir()) == []
+
+
+class Payload:
+    """What a crafted checkpoint could carry: unpickling it runs a command."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_is_more_than_tensors_is_refused_and_runs_nothing(tmp_path):
+    """Regression: checkpoints were loaded with weights_only=False, so a crafted run folder ran code."""
+    import pytest
+
+    from tuneloop.errors import TuneloopError
+    from tuneloop.training.common import load_checkpoint
+
+    folder = VersionFolder(tmp_path / "run")
+    folder.checkpoints.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "rng": Payload(str(marker))}, folder.checkpoints / "trainer.pt")
+    with pytest.raises(TuneloopError, match="holds more than tensors and plain values"):
+        load_checkpoint(folder, "trainer.pt")
+    assert not marker.exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -45,12 +46,23 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain types, so a checkpoint loads with torch's weights_only."""
+    numpy = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            **numpy,
+            "state": {**numpy["state"], "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64))},
+        },
+        "torch": torch.get_rng_state(),
+    }
 
 
 def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    key = numpy["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state({**numpy, "state": {**numpy["state"], "key": key}})
     torch.set_rng_state(state["torch"])
 
 
@@ -134,9 +146,15 @@ def save_checkpoint(folder: VersionFolder, filename: str, payload: dict) -> None
 
 
 def load_checkpoint(folder: VersionFolder, filename: str) -> dict:
-    # weights_only=False: the payload holds Python and NumPy RNG states besides tensors. Checkpoints are read
-    # only from the caller's own run folders.
-    return torch.load(folder.checkpoints / filename, weights_only=False)
+    """A run's checkpoint: tensors and plain types only (weights_only), so a crafted run folder cannot run
+    code through pickle; one written before that rule is one clear error."""
+    try:
+        return torch.load(folder.checkpoints / filename, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise TuneloopError(
+            f"{folder.checkpoints / filename} holds more than tensors and plain values (written by an older "
+            f"tuneloop, or not by tuneloop), so it is not loaded; start the run again without --resume"
+        ) from exc
 
 
 def register_run(
