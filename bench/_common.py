@@ -177,6 +177,10 @@ def commit() -> str:
 # --- results -----------------------------------------------------------------------------------------
 
 
+# Read when the script starts: the code that ran, even if the tree changes during a long run.
+STARTED_ON = commit()
+
+
 def _plain(value: Any) -> Any:
     """JSON for what the reports hold besides plain types: numpy scalars and arrays, paths."""
     if hasattr(value, "tolist"):
@@ -226,7 +230,7 @@ def write_result(name: str, result: dict[str, Any], argv: list[str]) -> Path:
         "name": name,
         "command": " ".join(["python", f"bench/{script.name}", shlex.join(argv)]).rstrip(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "commit": commit(),
+        "commit": STARTED_ON,
         "machine": machine(),
         "result": result,
     }
