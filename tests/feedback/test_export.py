@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pandas as pd
+
 from tuneloop.feedback.export import feedback_examples
 from tuneloop.feedback.log import FeedbackRecord, PredictionRecord
 
@@ -87,3 +89,19 @@ def test_save_csv_and_jsonl(tmp_path):
     exported.save(tmp_path / "f.jsonl")
     assert "我的快递没到,delivery,corrected,p1" in (tmp_path / "f.csv").read_text(encoding="utf-8")
     assert '"label":"delivery"' in (tmp_path / "f.jsonl").read_text(encoding="utf-8")
+
+
+def test_a_csv_export_cannot_carry_a_spreadsheet_formula(tmp_path):
+    """Regression: a user's text '=HYPERLINK(...)' went into the CSV as is and ran in a spreadsheet."""
+    s = Stream()
+    for pid, text in [("p1", '=HYPERLINK("http://evil.example","refund")'), ("p2", "+1 card"), ("p3", "@me")]:
+        s.predict(pid, text, "refund")
+        s.say(pid, corrected_label="-delivery")
+    exported = feedback_examples(s.rows)
+    exported.save(tmp_path / "f.csv")
+    exported.save(tmp_path / "f.jsonl")
+    cells = pd.read_csv(tmp_path / "f.csv", dtype=str)
+    assert not any(str(v).startswith(("=", "+", "-", "@")) for v in cells[["text", "label"]].to_numpy().ravel())
+    assert sorted(cells["text"]) == sorted(['\'=HYPERLINK("http://evil.example","refund")', "'+1 card", "'@me"])
+    exact = pd.read_json(tmp_path / "f.jsonl", lines=True)["text"]
+    assert sorted(exact) == sorted(['=HYPERLINK("http://evil.example","refund")', "+1 card", "@me"])  # jsonl: exact

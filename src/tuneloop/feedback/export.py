@@ -15,6 +15,13 @@ from tuneloop.db.schema import FeedbackRecord, PredictionRecord
 from tuneloop.feedback.log import PredictionLog
 
 EXAMPLE_COLUMNS = ["text", "label", "source", "prediction_id", "model_version", "feedback_at"]
+# A cell starting with one of these is a formula to a spreadsheet (CSV injection): users' texts are not.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text a spreadsheet shows as text: a leading ' before a formula start (OWASP's advice)."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 @dataclass
@@ -28,10 +35,10 @@ class FeedbackExamples:
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         frame = self.examples.assign(feedback_at=self.examples["feedback_at"].map(lambda t: t.isoformat()))
-        if path.suffix.lower() == ".jsonl":
+        if path.suffix.lower() == ".jsonl":  # exact texts; only spreadsheets evaluate cells
             frame.to_json(path, orient="records", lines=True, force_ascii=False)
         else:
-            frame.to_csv(path, index=False)
+            frame.map(spreadsheet_safe).to_csv(path, index=False)
 
 
 def feedback_examples(
