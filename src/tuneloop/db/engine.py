@@ -31,7 +31,8 @@ def open_database(url: str) -> Engine:
     pool instead of each opening its own (and checking the schema again).
     """
     try:
-        engine = create_engine(url)
+        # hide_parameters: an error's message (which reaches logs and answers) never carries users' texts.
+        engine = create_engine(url, hide_parameters=True)
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
         ensure_current(engine, redacted(url))
