@@ -137,6 +137,18 @@ def test_pages_and_assets_are_served_without_any_outside_host(chat_app):
         assert "http://" not in response.text and "https://" not in response.text, path
 
 
+def test_pages_forbid_framing_and_foreign_scripts_and_every_answer_carries_the_safety_headers(chat_app):
+    """Regression: no page had a content-security policy or a frame rule (clickjacking the admin page)."""
+    client, _ = chat_app
+    for path in ("/", "/admin"):
+        policy = client.get(path).headers["content-security-policy"]
+        assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy, path
+    for path in ("/", "/admin", "/v1/assistant", "/assets/style.css", "/nowhere"):
+        headers = client.get(path).headers
+        assert headers["x-content-type-options"] == "nosniff", path
+        assert headers["x-frame-options"] == "DENY" and headers["referrer-policy"] == "no-referrer", path
+
+
 def test_chat_limits_and_missing_assistant(chat_app, served):
     client, _ = chat_app
     too_long = client.post("/v1/chat", json={"session_id": "s", "message": "x" * 2001})

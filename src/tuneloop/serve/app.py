@@ -31,7 +31,7 @@ from tuneloop.serve.jobs import JobRunner
 from tuneloop.serve.metrics import RequestMetrics, ServerMetrics
 from tuneloop.serve.openapi import serve_live_document
 from tuneloop.serve.routes import admin, chat, feedback, models, ops, pages, predict
-from tuneloop.serve.security import BodySizeLimit, KeyRing
+from tuneloop.serve.security import BodySizeLimit, KeyRing, SecurityHeaders
 from tuneloop.serve.slots import ServedModels
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ def create_app(config: ServerSettings) -> FastAPI:
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.serve.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
+    app.add_middleware(SecurityHeaders)
     routers = [module.router for module in (predict, feedback, models, chat, admin, ops, pages)]
     for router in routers:
         app.include_router(router)

@@ -16,8 +16,18 @@ SERVER_WEB = resources.files("tuneloop.serve") / "web"
 ASSISTANT_WEB = resources.files("tuneloop.assistant") / "web"
 
 
+# The pages load only their own scripts, styles and API (no inline code), so nothing injected into them runs,
+# and no other site may frame them (clickjacking the admin page's buttons).
+PAGE_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+
+
 def page(folder: Traversable, name: str) -> HTMLResponse:
-    return HTMLResponse(folder.joinpath(name).read_text(encoding="utf-8"))
+    return HTMLResponse(
+        folder.joinpath(name).read_text(encoding="utf-8"), headers={"Content-Security-Policy": PAGE_POLICY}
+    )
 
 
 @router.get("/")
