@@ -316,6 +316,11 @@ class ServeConfig(StrictModel):
         description="sha256 hex of client API keys (tuneloop keys new); with none (and no client_keys), "
         "predict and feedback are open.",
     )
+    allow_open: bool = Field(
+        False,
+        description="Serve on an address other machines can reach with no client keys (anyone who reaches it "
+        "may predict, chat and send feedback that trains the model). Without it such a server refuses to start.",
+    )
     admin_key_hashes: list[str] = Field(
         default_factory=list,
         description="sha256 hex of admin API keys (also valid as client keys); promotion over HTTP and the admin "

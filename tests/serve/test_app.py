@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from live_server import register_copy
 
+from tuneloop.errors import TuneloopError
 from tuneloop.feedback.log import PredictionLog
 from tuneloop.registry import Registry, VersionFolder
 from tuneloop.serve.app import create_app
@@ -390,3 +391,24 @@ def test_a_production_version_that_does_not_load_leaves_the_others_served(served
             assert time.monotonic() < deadline, "the fixed version was never served"
             time.sleep(0.05)
         assert predict(client, "refund", model="broken")["version"] == 2
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "shop.internal"])
+def test_an_open_server_on_a_reachable_address_refuses_to_start_unless_allowed(served, host):
+    """Regression: with no client keys the server served anyone who could reach it, on any address."""
+    config, _ = served
+    config.serve.host = host
+    with pytest.raises(TuneloopError, match=f"serve.host={host} can be reached from other machines"):
+        create_app(config)
+    config.client_keys = "client-secret"
+    create_app(config)  # keys configured: fine
+    config.client_keys = None
+    config.serve.allow_open = True
+    create_app(config)  # said so: fine
+
+
+def test_loopback_addresses_need_no_keys(served):
+    config, _ = served
+    for host in ("127.0.0.1", "::1", "localhost"):
+        config.serve.host = host
+        create_app(config)

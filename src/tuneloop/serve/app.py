@@ -31,7 +31,7 @@ from tuneloop.serve.jobs import JobRunner
 from tuneloop.serve.metrics import RequestMetrics, ServerMetrics
 from tuneloop.serve.openapi import serve_live_document
 from tuneloop.serve.routes import admin, chat, feedback, models, ops, pages, predict
-from tuneloop.serve.security import BodySizeLimit, KeyRing, SecurityHeaders
+from tuneloop.serve.security import BodySizeLimit, KeyRing, SecurityHeaders, refuse_open_exposure
 from tuneloop.serve.slots import ServedModels
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ def _build_state(config: ServerSettings) -> ServerState:
 
 def create_app(config: ServerSettings) -> FastAPI:
     """Load the served models and the assistant (errors surface here, before any port is opened)."""
+    refuse_open_exposure(config, KeyRing(config))
     state = _build_state(config)
 
     @asynccontextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 from typing import Annotated
@@ -94,6 +95,27 @@ def require_admin(request: Request, key: Annotated[str | None, Depends(presented
     if "admin" not in scopes:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "an admin API key is required", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def refuse_open_exposure(config: ServerSettings, keys: KeyRing) -> None:
+    """An open server (no client keys) reachable from other machines only when serve.allow_open says so."""
+    host = config.serve.host
+    if keys.client_open and not is_loopback(host) and not config.serve.allow_open:
+        raise TuneloopError(
+            f"serve.host={host} can be reached from other machines, but no client keys are configured: anyone "
+            "could predict, chat and send feedback that trains the model. Create keys (tuneloop keys new) and "
+            "set serve.client_key_hashes or TUNELOOP_CLIENT_KEYS, serve on 127.0.0.1 behind your own gateway, "
+            "or set serve.allow_open=true to accept it"
         )
 
 
