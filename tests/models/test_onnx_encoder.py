@@ -43,3 +43,24 @@ def test_int8_runtime_runs_a_quantized_copy_with_close_logits(toy_version):
     logits = predict_logits(loaded.model, loaded.tokenizer, TEXTS)
     assert not np.array_equal(logits, exact)  # it really runs the int8 copy...
     np.testing.assert_allclose(logits, exact, atol=0.5)  # ...which stays close to the exact model
+
+
+def test_an_export_is_never_reused_for_other_weights(toy_version, tmp_path):
+    """Regression: exports were cached by NAME-vN only, so a registry rebuilt (or another one sharing the
+    home) whose toy@1 has other weights ran the old export: other predictions, silently."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    registry, version, exact = toy_version
+    load_model(version, registry, runtime="onnx", threads=1)
+    weights = next(registry.folder(version).model.rglob("model.safetensors"))
+    changed = {
+        k: (v + 0.05 * torch.randn_like(v)) if v.is_floating_point() else v for k, v in load_file(weights).items()
+    }
+    save_file(changed, weights)
+    now = load_model(version, registry, threads=1)  # torch, from the changed weights
+    onnx = load_model(version, registry, runtime="onnx", threads=1)
+    expected = predict_logits(now.model, now.tokenizer, TEXTS)
+    assert not np.allclose(expected, exact, atol=1e-3)  # the change is visible...
+    np.testing.assert_allclose(predict_logits(onnx.model, onnx.tokenizer, TEXTS), expected, atol=1e-4)  # ...to ONNX
+    assert len(list((registry.home / "cache" / "onnx").glob(f"*/{ONNX_FILE}"))) == 2

@@ -7,6 +7,7 @@ assistant all load and predict through `load_model`. Its surface follows scikit-
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from tuneloop.models.onnx_encoder import onnx_encoder
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
 
 RUNTIMES = ("torch", "onnx", "onnx-int8")
+ONNX_CACHE = "onnx"  # beside a folder's model (an export's: inside it), where its ONNX exports are kept
 
 
 @dataclass(frozen=True)
@@ -139,13 +141,14 @@ def load_model(
         folder = VersionFolder(path) if HeadSpec.exists(VersionFolder(path).model) else None
         model_dir = folder.model if folder else path
         name, version = (folder.root if folder else path).resolve().name, None
-        cache = (folder.root if folder else path) / "onnx"
+        cache = (folder.root if folder else path) / ONNX_CACHE / content_key(model_dir)
     else:
         registry = registry or Registry(RegistryConfig())
         record = source if isinstance(source, ModelVersion) else registry.get(source)
         folder = registry.folder(record)
         model_dir, name, version = folder.model, record.name, record.version
-        cache = registry.home / "cache" / "onnx" / f"{record.name}-v{record.version}"
+        # By content too: another registry (a database rebuilt, or shared) may hold a different NAME@N.
+        cache = registry.home / "cache" / "onnx" / f"{record.name}-v{record.version}-{content_key(model_dir)}"
     model, tokenizer = TextClassifier.load(model_dir)
     if runtime != "torch":
         model.encoder = onnx_encoder(
@@ -153,6 +156,18 @@ def load_model(
         )
     # After the swap: the other tasks' heads share whichever encoder the model runs.
     return Predictor(name, version, model, tokenizer, record, folder, load_task_heads(model_dir, model))
+
+
+def content_key(model_dir: Path) -> str:
+    """A short digest of every file of a saved model (names and bytes): what an export derived from it is
+    keyed by, so an export is never reused for other weights."""
+    digest = hashlib.sha256()
+    files = [p for p in model_dir.rglob("*") if p.is_file() and p.relative_to(model_dir).parts[0] != ONNX_CACHE]
+    for file in sorted(files):
+        digest.update(file.relative_to(model_dir).as_posix().encode() + b"\0")
+        with file.open("rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()[:16]
 
 
 def _holds_a_classifier(path: Path) -> bool:
