@@ -291,3 +291,25 @@ def test_streamed_replies_are_bounded_and_each_ends_its_count(chat_app):
     answered = client.post("/v1/chat?stream=true", json=body)
     assert answered.status_code == 200 and "event: done" in answered.text
     assert chat.streaming == 0
+
+
+def test_a_stream_never_iterated_still_gives_its_slot_back_and_stores_its_turn(chat_app):
+    """A client can leave before its response's first byte, and then the reply's generator never starts:
+    the route's background task ends the turn all the same (a generator-only release would leak the slot,
+    and after serve.max_streams of them every streamed reply would be a 503)."""
+    client, config = chat_app
+    chat = client.app.state.tuneloop.chat
+
+    async def abandon() -> None:
+        turn = await chat.stream("gone", "refund money back")
+        assert chat.streaming == 1
+        await turn.end()
+        await turn.end()  # idempotent: the generator's own ending may come too
+
+    for _ in range(config.serve.max_streams + 1):
+        client.portal.call(abandon)
+    assert chat.streaming == 0
+    deadline = time.monotonic() + 10
+    while len(client.app.state.tuneloop.conversations.recent("gone", 100)) < config.serve.max_streams + 1:
+        assert time.monotonic() < deadline, "the abandoned turns were not stored"
+        time.sleep(0.05)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,42 +151,75 @@ class ChatService:
             outcome.reply = await run_in_threadpool(self.runtime.generator.generate, outcome.request)
         return await self.record(session_id, message, seen, outcome)
 
-    async def stream(self, session_id: str, message: str) -> AsyncIterator[TurnOutcome | str | StoredTurn]:
-        """The turn as it happens: the decision (a TurnOutcome), then pieces of the reply (str), then the stored
-        turn. Understanding and deciding happen before this returns, so their errors come before any answer
-        is streamed. A client that goes away mid-reply stops the generation, and the turn is still stored
-        with what was said so far."""
+    async def stream(self, session_id: str, message: str) -> StreamedTurn:
+        """The turn as it happens (see StreamedTurn). Understanding and deciding happen before this returns,
+        so their errors come before any answer is streamed."""
         if self.max_streams is not None and self.streaming >= self.max_streams:
             raise Unavailable(f"{self.streaming} replies are being streamed (serve.max_streams); retry shortly")
         seen = await self.understand(session_id, message)
         outcome = await run_in_threadpool(self.plan, seen)
-        self.streaming += 1  # until the stream ends (the response iterates it at once)
-        return self._streamed(session_id, message, seen, outcome)
+        return StreamedTurn(self, session_id, message, seen, outcome)
 
-    async def _streamed(
-        self, session_id: str, message: str, seen: Understood, outcome: TurnOutcome
-    ) -> AsyncIterator[TurnOutcome | str | StoredTurn]:
-        generator = self.runtime.generator
-        pieces = iter([outcome.reply] if outcome.request is None else generator.stream(outcome.request))
-        words: list[str] = []
-        recorded = False
+
+class StreamedTurn:
+    """A streamed turn holds one of the service's stream slots from creation until `end()`.
+
+    Iterating it gives the decision (a TurnOutcome), then pieces of the reply (str), then the stored turn. A
+    client that goes away mid-reply stops the generation, and the turn is still stored with what was said
+    so far. `end()` is idempotent and runs when the iteration finishes; the HTTP route also runs it after
+    the response, because a client that leaves before the first byte means the iteration never starts, and
+    the slot must come back all the same.
+    """
+
+    def __init__(self, service: ChatService, session_id: str, message: str, seen: Understood, outcome: TurnOutcome):
+        self.service, self.session_id, self.message, self.seen, self.outcome = (
+            service,
+            session_id,
+            message,
+            seen,
+            outcome,
+        )
+        self.words: list[str] = []
+        self.pieces: Iterator[str] | None = None
+        self.recorded = self.ended = False
+        service.streaming += 1
+
+    def __aiter__(self) -> AsyncIterator[TurnOutcome | str | StoredTurn]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[TurnOutcome | str | StoredTurn]:
+        outcome, generator = self.outcome, self.service.runtime.generator
+        self.pieces = iter([outcome.reply] if outcome.request is None else generator.stream(outcome.request))
         try:
             yield outcome
-            while (piece := await run_in_threadpool(next, pieces, None)) is not None:
-                words.append(piece)
+            while (piece := await run_in_threadpool(next, self.pieces, None)) is not None:
+                self.words.append(piece)
                 yield piece
-            outcome.reply = "".join(words).strip()
-            stored = await self.record(session_id, message, seen, outcome)
-            recorded = True
+            outcome.reply = "".join(self.words).strip()
+            stored = await self.service.record(self.session_id, self.message, self.seen, outcome)
+            self.recorded = True
             yield stored
         finally:
-            self.streaming -= 1
-            if not recorded:
-                with contextlib.suppress(ValueError, AttributeError):
-                    pieces.close()  # a generator stops its model thread when closed
-                outcome.reply = "".join(words).strip() or outcome.reply
-                task = asyncio.get_running_loop().create_task(self.record(session_id, message, seen, outcome))
-                task.add_done_callback(_log_failed_record)
+            self._end()
+
+    async def end(self) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.service.streaming -= 1
+        if self.recorded:
+            return
+        if self.pieces is not None:
+            with contextlib.suppress(ValueError, AttributeError):
+                self.pieces.close()  # type: ignore[attr-defined]  # a generator stops its model thread when closed
+        self.outcome.reply = "".join(self.words).strip() or self.outcome.reply
+        task = asyncio.get_running_loop().create_task(
+            self.service.record(self.session_id, self.message, self.seen, self.outcome)
+        )
+        task.add_done_callback(_log_failed_record)
 
 
 def _log_failed_record(task: asyncio.Task) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from tuneloop.assistant.service import StoredTurn
 from tuneloop.assistant.turn import TurnOutcome
@@ -94,10 +95,10 @@ async def chat_turn(
     if not stream:
         return chat_response(body.session_id, await chat.reply(body.session_id, body.message))
 
-    items = await chat.stream(body.session_id, body.message)
+    turn = await chat.stream(body.session_id, body.message)
 
     async def events() -> AsyncIterator[str]:
-        async for item in items:
+        async for item in turn:
             if isinstance(item, TurnOutcome):
                 yield event(
                     "turn",
@@ -116,4 +117,5 @@ async def chat_turn(
             else:
                 yield event("done", chat_response(body.session_id, item).model_dump(mode="json"))
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    # The background task runs after the response even when the client left before its first byte.
+    return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(turn.end))
