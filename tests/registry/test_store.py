@@ -246,3 +246,15 @@ def test_processes_registering_one_name_at_once_get_distinct_complete_versions(r
     assert sorted(rows) == list(range(1, 11))
     for version in rows.values():
         assert (registry.folder(version).model / "weights.bin").read_bytes() == b"w"
+
+
+def test_a_promotion_over_a_version_archived_meanwhile_is_refused(registry, artifacts):
+    """Review finding: the gate judged v2 against production v1; v1 was archived by hand meanwhile; the
+    promotion went through and recorded v1 as what a rollback restores."""
+    for _ in range(2):
+        register(registry, artifacts)
+    registry.promote("intent@1")
+    registry.archive("intent@1")
+    with pytest.raises(Conflict, match=r"expected v1, now none"):
+        registry.promote("intent@2", replacing=1)
+    assert [v.stage for v in registry.versions("intent")] == ["archived", "candidate"]

@@ -214,15 +214,18 @@ class Registry:
                         .values(stage="production", promoted_at=now),
                     )
                 else:
-                    session.execute(
+                    archived = _rows_changed(
+                        session,
                         update(ModelVersion)
                         .where(
                             ModelVersion.name == target.name,
                             ModelVersion.stage == "production",
                             ModelVersion.version == expected,
                         )
-                        .values(stage="archived")
+                        .values(stage="archived"),
                     )
+                    if archived != 1:  # the expected version is no longer production (replaced, or archived)
+                        raise _ProductionMoved
                     taken = _rows_changed(
                         session,
                         update(ModelVersion)
