@@ -302,11 +302,12 @@ class ServeConfig(StrictModel):
         "cannot hold every socket).",
     )
     keep_alive_seconds: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this.")
-    header_timeout_seconds: float = Field(
+    read_timeout_seconds: float = Field(
         10.0,
         gt=0,
-        description="A connection whose request headers are not complete this long after it opened (or after "
-        "its previous answer) is closed: slow or silent clients cannot hold connections (slowloris).",
+        description="A connection whose request (headers and body) has not fully arrived this long after it "
+        "opened, or after its previous answer, is closed: slow or silent clients cannot hold connections "
+        "(slowloris).",
     )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
     max_texts: int = Field(64, ge=1, description="More texts in one request get 422.")

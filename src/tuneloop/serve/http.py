@@ -1,9 +1,9 @@
 """The HTTP server around the app: uvicorn, with limits on what one client can hold.
 
-uvicorn closes an idle keep-alive connection, but a connection whose request headers never finish (sent a
-byte at a time, or not at all: slowloris) is kept forever, and enough of them take every connection slot.
-`HeaderDeadline` closes a connection whose request headers are not complete within
-`serve.header_timeout_seconds` of it opening, or of its previous response.
+uvicorn closes an idle keep-alive connection, but a connection whose request never finishes arriving
+(headers or body sent a byte at a time, or nothing at all: slowloris) is kept forever, and enough of them
+take every connection slot. `ReadDeadline` closes a connection whose request (headers and body) has not
+fully arrived within `serve.read_timeout_seconds` of the connection opening, or of its previous response.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from tuneloop.config import ServeConfig
 log = logging.getLogger(__name__)
 
 
-class HeaderDeadline(H11Protocol):
-    header_timeout: float = 10.0  # set per server by `uvicorn_config`
+class ReadDeadline(H11Protocol):
+    read_timeout: float = 10.0  # set per server by `uvicorn_config`
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -31,23 +31,25 @@ class HeaderDeadline(H11Protocol):
 
     def _arm(self) -> None:
         self._disarm()
-        self._deadline = self.loop.call_later(self.header_timeout, self._too_slow)
+        self._deadline = self.loop.call_later(self.read_timeout, self._too_slow)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
 
+    def _reading(self) -> bool:
+        """The client is still sending this request (or has not begun it)."""
+        return self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
+
     def _too_slow(self) -> None:
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            log.info(
-                "closed a connection from %s: no complete request headers in %.0fs", self.client, self.header_timeout
-            )
+        if self._reading() and not self.transport.is_closing():
+            log.info("closed a connection from %s: no whole request in %.0fs", self.client, self.read_timeout)
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # the headers are in: the request runs on its own timeout
+        if not self._reading():  # all of it is in: the request runs on its own deadline from here
             self._disarm()
 
     def on_response_complete(self) -> None:
@@ -62,7 +64,7 @@ class HeaderDeadline(H11Protocol):
 
 def uvicorn_config(app: Any, settings: ServeConfig, **overrides: Any) -> uvicorn.Config:
     """How `tuneloop serve` (and the tests' live servers) run the app."""
-    protocol = type("ServerHeaderDeadline", (HeaderDeadline,), {"header_timeout": settings.header_timeout_seconds})
+    protocol = type("ServerReadDeadline", (ReadDeadline,), {"read_timeout": settings.read_timeout_seconds})
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
