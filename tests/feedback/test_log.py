@@ -198,6 +198,17 @@ def test_importing_rescue_files_is_idempotent_and_keeps_what_it_cannot_read(tmp_
     log.close()
 
 
+def test_a_rescue_file_as_large_as_the_whole_backlog_comes_back(tmp_path, url):
+    """Review finding: a file was imported with one IN list of all its ids, more bound parameters than
+    PostgreSQL takes (65,535), so a file written at a full backlog could never be imported there."""
+    log = PredictionLog(url, tmp_path, flush_ms=60_000)
+    rows = predictions(70_000)
+    log._rescue(rows, "test")
+    assert log.import_rescued() == (70_000, 1)
+    assert log.count()["predictions"] == 70_000
+    log.close()
+
+
 def test_get_waits_for_a_batch_the_writer_is_committing(tmp_path, url):
     """Regression: feedback sent while its prediction was mid-write got a 404."""
     log = PredictionLog(url, tmp_path, flush_ms=60_000)

@@ -66,6 +66,11 @@ class LoggedPrediction:
         )
 
 
+# Rows per statement when rescue files come back: a file can hold the whole backlog (200,000 rows), more
+# bound parameters than PostgreSQL (65,535) or SQLite (32,766 in many builds) take in one statement.
+IMPORT_SLICE = 2_000
+
+
 def new_prediction_id() -> str:
     return uuid.uuid4().hex
 
@@ -263,17 +268,19 @@ class PredictionLog:
         for path in sorted(self.home.glob(f"{RESCUE_PREFIX}*.jsonl")):
             try:
                 rows = [_rescued_row(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-                with self._sessions.begin() as session:
-                    there = set(
-                        session.scalars(
-                            select(PredictionRecord.id).where(PredictionRecord.id.in_([row.id for row in rows]))
-                        )
-                    )
-                    new = [row for row in rows if row.id not in there]
-                    if new:
-                        session.execute(
-                            insert(PredictionRecord), [{**vars(p), "text": p.text.replace("\x00", "")} for p in new]
-                        )
+                new = []
+                with self._sessions.begin() as session:  # one transaction per file, in slices of bounded size
+                    for start in range(0, len(rows), IMPORT_SLICE):
+                        part = rows[start : start + IMPORT_SLICE]
+                        ids = [row.id for row in part]
+                        there = set(session.scalars(select(PredictionRecord.id).where(PredictionRecord.id.in_(ids))))
+                        fresh = [row for row in part if row.id not in there]
+                        if fresh:
+                            session.execute(
+                                insert(PredictionRecord),
+                                [{**vars(p), "text": p.text.replace("\x00", "")} for p in fresh],
+                            )
+                        new += fresh
             except (OSError, ValueError, KeyError, TypeError, SQLAlchemyError) as exc:
                 log.error("prediction log: could not import %s (%s); it is kept", path, first_line(exc))
                 continue
