@@ -382,6 +382,7 @@ def test_a_production_version_that_does_not_load_leaves_the_others_served(served
         assert refused.status_code == 503 and "broken@1 could not be loaded" in refused.json()["detail"]
         ready = client.get("/readyz")
         assert ready.status_code == 503 and "broken" in ready.json()["unavailable"]
+        assert str(tmp_path) not in refused.text + ready.text  # why is in the server log, not in public answers
         fixed = registry.register(
             "broken", registry.folder(toy), base_model=toy.base_model, data_fingerprint="f", config={}, metrics={}
         )

@@ -111,9 +111,11 @@ class ServedModels:
 
     def _mark_unavailable(self, name: str, version: ModelVersion | None, error: BaseException) -> None:
         what = version.ref if version is not None else name
-        self.unavailable[name] = f"{what} could not be loaded: {first_line(error)}"
+        # Clients (and the public /readyz) get the fact; the reason, which may name paths or database hosts,
+        # goes to the server log.
+        self.unavailable[name] = f"{what} could not be loaded (the server log says why)"
         self._failed_versions[name] = version.version if version is not None else None
-        log.error("not serving %s: %s", name, self.unavailable[name])
+        log.error("not serving %s: %s could not be loaded: %s", name, what, first_line(error))
 
     def _load_ready(self, version: ModelVersion) -> Predictor:
         loaded = load_model(version, self.registry, self.config.runtime, self.config.threads)
@@ -232,7 +234,16 @@ class ServedModels:
         slot = self.slots[name]
         loop = asyncio.get_running_loop()
         target = await loop.run_in_executor(None, self.registry.get, f"{name}@{version}")
-        loaded = slot.current if target.version == slot.current.version else await self._load(slot, target)
+        if target.version == slot.current.version:
+            loaded = slot.current
+        else:
+            try:
+                loaded = await self._load(slot, target)
+            except Exception as exc:
+                log.error("%s could not be loaded: %s", target.ref, exc)
+                raise TuneloopError(
+                    f"{target.ref} could not be loaded, so it was not promoted: {first_line(exc)}"
+                ) from exc
         promoted = await loop.run_in_executor(None, self.registry.promote, target.ref, reason)
         # No await between the registry change and the switch: the watcher cannot see them apart.
         if loaded is slot.current:

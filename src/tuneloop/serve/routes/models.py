@@ -11,7 +11,6 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 
 from tuneloop.config import MODEL_NAME_PATTERN
-from tuneloop.errors import Conflict, TuneloopError, first_line
 from tuneloop.registry import ModelVersion
 from tuneloop.serve.deps import State
 from tuneloop.serve.schemas import ERRORS, ModelInfo, ModelsResponse, PromoteRequest, PromoteResponse
@@ -25,7 +24,7 @@ router = APIRouter(tags=["models"])
 async def models(state: State) -> ModelsResponse:
     """The served models: the version answering now and the one being loaded, if any."""
     infos = []
-    for name, slot in state.served.slots.items():
+    for name, slot in list(state.served.slots.items()):  # a model may start being served meanwhile
         # Read again: a rollback or an archive elsewhere changes the stage of the version being served.
         record = await run_in_threadpool(state.registry.get, slot.current.ref)
         infos.append(
@@ -71,10 +70,7 @@ async def promote(
         return PromoteResponse(
             name=name, version=target.version, stage=target.stage, serving_version=slot.current.version
         )
-    try:
-        record = await asyncio.shield(task)  # a client that hangs up does not cancel the promotion
-    except Conflict:
-        raise  # production changed meanwhile (another promotion): 409, nothing changed
-    except Exception as exc:
-        raise TuneloopError(f"{target.ref} could not be loaded, so it was not promoted: {first_line(exc)}") from None
+    # A client that hangs up does not cancel the promotion. A version that does not load is a 422, production
+    # changed meanwhile a 409 (nothing changed either way); anything else (the database away) a 500.
+    record = await asyncio.shield(task)
     return PromoteResponse(name=name, version=record.version, stage=record.stage, serving_version=slot.current.version)
