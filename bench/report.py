@@ -103,7 +103,7 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("model, database", "model", plain),
         ("clients, seconds", "main", lambda m: f"{m['clients']}, {m['requests']} requests"),
         ("req/s at 200 clients / at 16", "ratio_req_per_s", times),
-        ("req/s", "main.req_per_s", plain),
+        ("successful req/s", "main.req_per_s", plain),
         ("p50 / p99 ms", "main", lambda m: f"{m['p50_ms']:.0f} / {m['p99_ms']:.0f}"),
         ("server errors (500/502/504)", "main.server_errors", plain),
         ("overload 503s", "main.overload_503", plain),

@@ -13,7 +13,7 @@ stopped cleanly and the database is read back.
 One JSON line: requests and req/s, status counts (503s from deliberate overload apart, connections dropped
 inside the kill's window apart from any other), p50/p99, feedback acknowledged vs rows found, predictions
 acknowledged vs stored (and how long before the kill the lost ones were answered), how long the restarted
-server took to answer. The same run with --baseline-clients (16) gives the req/s ratio C vs 16.
+server took to answer. Without a kill, the same run at --baseline-clients (16) gives the req/s ratio C vs 16.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Tally:
     """What the clients saw."""
 
     statuses: Counter = field(default_factory=Counter)  # "predict 200", "feedback 201", "dropped", ...
-    latencies: list[float] = field(default_factory=list)  # seconds, every answered request
+    latencies: list[float] = field(default_factory=list)  # seconds, every successful (2xx) request
     predictions: dict[str, float] = field(default_factory=dict)  # acknowledged id → when (monotonic)
     feedback: set[str] = field(default_factory=set)  # prediction ids whose feedback was acknowledged
     drop_times: list[float] = field(default_factory=list)
@@ -88,7 +88,8 @@ async def clients_loop(url: str, texts: list[tuple[str, str]], clients: int, unt
             try:
                 async with http.post(path, json=body) as response:
                     answer = await response.json(content_type=None) if response.status < 300 else {}
-                    tally.latencies.append(time.monotonic() - started)
+                    if response.status < 300:  # a fast refusal (503) must not flatter the latency
+                        tally.latencies.append(time.monotonic() - started)
                     tally.statuses[f"{kind} {response.status}"] += 1
                     return response.status, answer
             except (aiohttp.ClientError, TimeoutError):
@@ -164,7 +165,8 @@ def summary(tally: Tally, kill: dict, found: dict) -> dict:
     in_window = sum(1 for t in tally.drop_times if window and window[0] <= t <= window[1])
     result = {
         "requests": answered,
-        "req_per_s": round(answered / kill["elapsed"], 1),
+        # Successful requests per second of the whole run (a kill's downtime included).
+        "req_per_s": round(len(tally.latencies) / kill["elapsed"], 1),
         "statuses": dict(sorted(tally.statuses.items())),
         "server_errors": sum(n for key, n in tally.statuses.items() if key.split()[-1] in map(str, SERVER_ERRORS)),
         "overload_503": sum(n for key, n in tally.statuses.items() if key.endswith(" 503")),
@@ -179,12 +181,15 @@ def summary(tally: Tally, kill: dict, found: dict) -> dict:
         "predictions_stored": len(set(tally.predictions) & found["predictions"]),
         "predictions_lost": len(set(tally.predictions) - found["predictions"]),
     }
+    lost = set(tally.predictions) - found["predictions"]
     if "at" in kill:
-        lost_ages = [kill["at"] - tally.predictions[p] for p in set(tally.predictions) - found["predictions"]]
+        ages = [kill["at"] - tally.predictions[p] for p in lost]
+        before = [age for age in ages if age >= 0]
         result["kill"] = {
             "after_s": round(kill["at"] - kill["started"], 1),
             "restart_to_ready_s": kill["restart_to_ready_s"],
-            "lost_predictions_oldest_ms_before_kill": round(max(lost_ages) * 1000, 1) if lost_ages else None,
+            "lost_predictions_oldest_ms_before_kill": round(max(before) * 1000, 1) if before else None,
+            "lost_predictions_answered_after_the_kill": len(ages) - len(before),  # must be 0: a clean stop
         }
     return result
 
@@ -232,7 +237,8 @@ def main() -> None:
             "cores": os.cpu_count(),
         }
         runs = [("main", args.clients, args.kill_after)]
-        if args.baseline_clients:
+        baseline = bool(args.baseline_clients) and args.kill_after is None  # a kill's downtime is no comparison
+        if baseline:
             runs.append(("baseline", args.baseline_clients, None))
         for label, clients, kill_after in runs:
             server = Server(overrides)
@@ -243,11 +249,12 @@ def main() -> None:
                 assert server.process is not None
                 stop(server.process)  # clean: every buffered prediction is written before counting
             outcome = summary(tally, kill, stored(database_url, tally))
+            outcome["clean_stop"] = server.process.returncode == 0  # not: stop() had to kill it
             outcome["clients"] = clients
             outcome["start_to_ready_s"] = round(first_start, 2)
             result[label] = outcome
             print(f"{label}: {outcome}", file=sys.stderr)
-        if args.baseline_clients:
+        if baseline:
             result["ratio_req_per_s"] = round(result["main"]["req_per_s"] / result["baseline"]["req_per_s"], 3)
     name = f"soak-{result['database']}" + ("-kill" if args.kill_after is not None else "")
     publish(args, name, result)
