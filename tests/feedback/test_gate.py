@@ -7,6 +7,7 @@ import json
 
 from helpers import tiny_config
 from tuneloop.config import GateConfig, GateSettings, load_config
+from tuneloop.db.lease import HeldLease
 from tuneloop.feedback.gate import compare, run_gate
 from tuneloop.registry import Registry
 from tuneloop.training import classification
@@ -124,3 +125,25 @@ def test_a_promotion_made_while_the_gate_ran_is_never_overwritten(served_on_each
     assert decision.passed and not decision.promoted
     assert any("production of toy changed" in note for note in decision.notes)
     assert registry.get("toy@production").version == meanwhile.version
+
+
+def test_a_gate_that_lost_its_lease_while_it_ran_does_not_promote(served_on_each_database, tiny_encoder, monkeypatch):
+    """Review finding: a gate whose lease expired (the database away longer than it lives) went on to promote,
+    while another job might hold the model."""
+    from tuneloop.feedback import gate
+
+    config, home = served_on_each_database
+    registry = Registry(config.registry)
+    candidate = classification.run(tiny_config(tiny_encoder, home.parent / "toy.csv", home), show_progress=False)
+
+    class LostMeanwhile(HeldLease):
+        def __enter__(self):
+            super().__enter__()
+            self.lost = True  # what the renewer sets when it finds the lease taken by another holder
+            return self
+
+    monkeypatch.setattr(gate, "model_job_lease", lambda engine, model, purpose: LostMeanwhile(engine, model, purpose))
+    decision = run_gate(candidate.version.ref, load_config(None, [f"registry.home={home}"], GateSettings))
+    assert decision.passed and not decision.promoted
+    assert any("lost its hold on toy" in note for note in decision.notes)
+    assert registry.get("toy@production").version == 1

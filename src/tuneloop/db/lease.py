@@ -13,16 +13,25 @@ import os
 import socket
 import threading
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from tuneloop.db.schema import Lease, utc_now
 from tuneloop.errors import Conflict
 
 log = logging.getLogger(__name__)
+
+
+def database_now(connection: Connection) -> datetime:
+    """The time leases are judged by: PostgreSQL's clock, which every machine sharing it reads alike (their
+    own clocks may disagree by more than a lease lives); SQLite's users are on one machine anyway."""
+    if connection.dialect.name == "postgresql":
+        now: datetime = connection.execute(select(func.now())).scalar_one()
+        return now.astimezone(UTC)
+    return utc_now()
 
 
 class HeldLease:
@@ -39,8 +48,8 @@ class HeldLease:
         self._renewer: threading.Thread | None = None
 
     def __enter__(self) -> HeldLease:
-        now = utc_now()
         with self.engine.begin() as connection:  # an expired lease is anyone's
+            now = database_now(connection)
             connection.execute(delete(Lease).where(Lease.name == self.name, Lease.expires_at < now))
         try:
             with self.engine.begin() as connection:
@@ -77,7 +86,7 @@ class HeldLease:
                     renewed = connection.execute(
                         update(Lease)
                         .where(Lease.name == self.name, Lease.holder == self.holder)
-                        .values(expires_at=utc_now() + self.ttl)
+                        .values(expires_at=database_now(connection) + self.ttl)
                     ).rowcount
             except Exception as exc:  # the database is away for a moment: try again at the next interval
                 log.warning("could not renew the lease %s: %s", self.name, exc)
@@ -110,6 +119,6 @@ def model_job_running(engine: Engine, model: str) -> str | None:
     """What holds `model`'s job lease right now (purpose and holder), or None when it is free."""
     with engine.connect() as connection:
         row = connection.execute(
-            select(Lease).where(Lease.name == _model_jobs(model), Lease.expires_at >= utc_now())
+            select(Lease).where(Lease.name == _model_jobs(model), Lease.expires_at >= database_now(connection))
         ).first()
     return None if row is None else f"'{row.purpose}' (holder {row.holder})"

@@ -27,7 +27,7 @@ from tuneloop.atomic import write_dir_atomically
 from tuneloop.config import GateConfig, GateSettings
 from tuneloop.data.clean import dedup_key
 from tuneloop.data.prepare import load_prepared
-from tuneloop.db.lease import model_job_lease
+from tuneloop.db.lease import HeldLease, model_job_lease
 from tuneloop.errors import Conflict, TuneloopError
 from tuneloop.evaluate import plots
 from tuneloop.evaluate.report import html_image, html_page, html_table
@@ -272,16 +272,21 @@ def run_gate(ref: str, config: GateSettings, promote: bool = True) -> GateDecisi
     """Gate NAME@VERSION against NAME's production version; promote it if it passes (and `promote`)."""
     registry = Registry(config.registry)
     candidate = registry.get(ref)
-    with model_job_lease(registry.engine, candidate.name, f"gate {candidate.ref}"):
-        return _gate(registry, candidate, config, promote)
+    with model_job_lease(registry.engine, candidate.name, f"gate {candidate.ref}") as lease:
+        return _gate(registry, candidate, config, promote, lease)
 
 
-def _gate(registry: Registry, candidate: ModelVersion, config: GateSettings, promote: bool) -> GateDecision:
+def _gate(
+    registry: Registry, candidate: ModelVersion, config: GateSettings, promote: bool, lease: HeldLease
+) -> GateDecision:
     production = registry.get(f"{candidate.name}@production")
     if production.id == candidate.id:
         raise TuneloopError(f"{candidate.ref} is already production; gate a newer candidate")
     decision = evaluate_gate(registry, candidate, production, config.gate)
-    if decision.passed and promote:
+    if decision.passed and promote and lease.lost:
+        # The lease expired while the gate ran (the database was away): another job may be working on the model.
+        decision.notes.append(f"not promoted: this gate lost its hold on {candidate.name} while it ran; gate it again")
+    elif decision.passed and promote:
         summary = decision.checks[0].detail  # test: macro-F1
         try:
             # Only over the version it was judged against: one promoted while the gate ran was never compared.
