@@ -98,3 +98,49 @@ def test_db_upgrade_command_reports_the_revision(tmp_path):
     result = CliRunner().invoke(app, ["db", "upgrade", f"registry.home={tmp_path}"])
     assert result.exit_code == 0, result.output
     assert f"at schema revision {head_revision()}" in result.output
+
+
+OPEN_AT = """
+import sys, time
+from tuneloop.db import open_database
+while time.time() < float(sys.argv[2]):
+    time.sleep(0.001)
+open_database(sys.argv[1])
+"""
+
+
+def test_processes_opening_a_new_home_at_once_all_get_the_whole_schema(tmp_path):
+    """Review finding, reproduced: four processes opening a new SQLite home at the same moment (a server and
+    a CLI command, say) failed with 'table ... already exists' or left a revision over missing tables."""
+    import subprocess
+    import sys
+    import time
+
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    start = str(time.time() + 3)
+    processes = [
+        subprocess.Popen([sys.executable, "-c", OPEN_AT, url, start], stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0, 0], errors
+    with opened(url).connect() as connection:
+        assert MigrationContext.configure(connection).get_current_revision() == head_revision()
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+
+
+def test_a_migration_cut_short_leaves_the_database_as_it_was(tmp_path, monkeypatch):
+    """On SQLite every statement of a migration is one transaction: no tables without their revision."""
+    from tuneloop.db import migrate
+
+    real_upgrade = migrate.command.upgrade
+
+    def upgrade_then_die(config, revision):
+        real_upgrade(config, revision)
+        raise RuntimeError("killed half-way")
+
+    monkeypatch.setattr(migrate.command, "upgrade", upgrade_then_die)
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    with pytest.raises(RuntimeError, match="killed half-way"):
+        migrate.upgrade(create_engine(url))
+    assert inspect(create_engine(url)).get_table_names() == []

@@ -52,8 +52,14 @@ def current_revision(connection: Connection) -> str | None:
 def upgrade(engine: Engine) -> tuple[str | None, str]:
     """Bring the database to the head revision; (the revision it was at, the head)."""
     with engine.begin() as connection:
+        # One process migrates at a time, and the others then find the work done (the revision is read
+        # under the lock). On SQLite, BEGIN IMMEDIATE takes the write lock and makes every statement of the
+        # migration one transaction (sqlite3 would otherwise commit each CREATE as it runs): a process killed
+        # half-way leaves the database as it was, not tables without a revision.
         if engine.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+        elif engine.dialect.name == "sqlite":
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         before = current_revision(connection)
         if before is None and set(Base.metadata.tables) & set(inspect(connection).get_table_names()):
             command.stamp(_config(connection), FIRST_REVISION)  # a home from before migrations

@@ -31,7 +31,7 @@ def upgrade() -> None:
     rows = connection.execute(
         sa.select(versions.c.id, versions.c.name)
         .where(versions.c.stage == "production")
-        .order_by(versions.c.name, versions.c.promoted_at.desc(), versions.c.id.desc())
+        .order_by(versions.c.name, versions.c.promoted_at.desc().nulls_last(), versions.c.id.desc())
     ).all()
     seen: set[str] = set()
     for row_id, name in rows:
