@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -85,6 +86,24 @@ def test_unknown_references(registry, artifacts, ref, message):
     register(registry, artifacts)
     with pytest.raises(TuneloopError, match=message):
         registry.get(ref)
+
+
+def test_a_commit_whose_answer_was_lost_keeps_its_files(registry, artifacts, monkeypatch):
+    """Review finding: when the commit went through but its answer was lost (a dropped connection), the
+    folder was deleted under a row that points at it."""
+    register(registry, artifacts)
+    real_begin = registry._sessions.begin
+
+    @contextlib.contextmanager
+    def committed_then_lost():
+        with real_begin() as session:
+            yield session
+        raise SQLAlchemyError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(registry._sessions, "begin", committed_then_lost)
+    version = register(registry, artifacts)
+    monkeypatch.undo()
+    assert version.version == 2 and (registry.folder(version).model / "weights.bin").read_bytes() == b"w"
 
 
 def test_failed_commit_leaves_no_version_and_no_files(registry, artifacts, monkeypatch):

@@ -7,6 +7,7 @@ row, which the next registration of that version number removes; it never leaves
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -126,6 +127,14 @@ class Registry:
             with self._sessions.begin() as session:
                 session.add(row)
         except SQLAlchemyError as exc:
+            # The commit may have happened with only its answer lost (a connection dropped): then the row
+            # points at the folder, which must stay.
+            with contextlib.suppress(SQLAlchemyError), self._sessions() as session:
+                stored = session.scalar(
+                    select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == number)
+                )
+                if stored is not None:
+                    return stored
             shutil.rmtree(target, ignore_errors=True)  # this call's own folder
             raise TuneloopError(f"registering {name} v{number} failed, nothing was stored: {first_line(exc)}") from exc
         return row
