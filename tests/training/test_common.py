@@ -130,3 +130,37 @@ def test_a_checkpoint_that_is_more_than_tensors_is_refused_and_runs_nothing(tmp_
     with pytest.raises(TuneloopError, match="holds more than tensors and plain values"):
         load_checkpoint(folder, "trainer.pt")
     assert not marker.exists()
+
+
+def test_a_run_killed_while_being_registered_is_not_resumed_into_a_second_version(tiny_overrides, home, monkeypatch):
+    """Review finding: a crash between the registry's commit and the run's mark left a run that --resume
+    latest continued and registered again."""
+    import pytest
+
+    from tuneloop.errors import TuneloopError
+    from tuneloop.training import common
+
+    config = load_config(None, [*tiny_overrides, "train.epochs=1"])
+
+    class Killed(BaseException):
+        pass
+
+    def killed_after_commit(*args, **kwargs):
+        raise Killed  # as if the process died right after the registry committed
+
+    real_prune = common.prune_finished_runs
+    monkeypatch.setattr(
+        common,
+        "write_text_atomically",
+        lambda path, text: path.write_text(text) if text == common.REGISTERING else killed_after_commit(),
+    )
+    with pytest.raises(Killed):
+        classification.run(config, show_progress=False)
+    monkeypatch.undo()
+    [run] = [r for r in (home / "runs").iterdir()]
+    assert (run / "registered-as.txt").read_text() == common.REGISTERING
+    with pytest.raises(TuneloopError, match="no run of 'toy' to resume"):
+        classification.run(config, resume="latest", show_progress=False)
+    with pytest.raises(TuneloopError, match="stopped while it was being registered"):
+        classification.run(config, resume=run, show_progress=False)
+    assert real_prune(config, 0) == []  # not finished as far as pruning goes either: it is left for a person

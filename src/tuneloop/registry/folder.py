@@ -18,7 +18,7 @@ class VersionFolder:
     root: Path
 
     # Parts of a run that registration leaves behind: resumable state, k-fold models, interrupted writes.
-    NOT_REGISTERED = ("checkpoint", "fold-*", "*.tmp", "*.old")
+    NOT_REGISTERED = ("checkpoint", "fold-*", "*.tmp", "*.old", "registered-as.txt")
 
     @property
     def model(self) -> Path:

@@ -97,6 +97,9 @@ def parameter_groups(
     return [g for g in groups if g["params"]]
 
 
+REGISTERING = "registering\n"  # what a run's registered-as mark holds until the registry has committed
+
+
 def new_run_folder(recipe: Recipe) -> VersionFolder:
     """A fresh folder for one run under the home's runs/, named after the model and the time."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
@@ -122,6 +125,14 @@ def latest_run_folder(recipe: Recipe, checkpoint: str) -> VersionFolder:
 def resume_folder(recipe: Recipe, resume: str | Path, checkpoint: str) -> VersionFolder:
     """The run `--resume` names: 'latest', or a run folder (which must hold `checkpoint`)."""
     folder = latest_run_folder(recipe, checkpoint) if str(resume) == "latest" else VersionFolder(Path(resume))
+    mark = registered_as(folder)
+    if mark == REGISTERING:
+        raise TuneloopError(
+            f"{folder.root} stopped while it was being registered: see tuneloop models list {recipe.name}; if no "
+            f"version came from it, delete {folder.registered_as.name} there and resume again"
+        )
+    if mark is not None:
+        raise TuneloopError(f"{folder.root} finished and was registered as {mark.strip()}: nothing to resume")
     if not folder.config.is_file():
         raise TuneloopError(f"{folder.root} is not a tuneloop run folder (no {folder.config.name})")
     if not (folder.checkpoints / checkpoint).is_file():
@@ -170,18 +181,33 @@ def register_run(
 ) -> ModelVersion:
     """The run's folder as a new candidate version of `recipe.name`, with the recipe it was trained with;
     then finished runs beyond the newest `keep_checkpoints` are deleted (see prune_finished_runs)."""
-    version = registry.register(
-        recipe.name,
-        run,
-        base_model=base_model,
-        data_fingerprint=fingerprint,
-        config=recipe.stored(),
-        metrics=metrics,
-        parent=parent,
-    )
+    # Marked first: a process killed between the registry's commit and the final mark leaves a run that
+    # --resume will not continue (it would register the same training twice).
+    write_text_atomically(run.registered_as, REGISTERING)
+    try:
+        version = registry.register(
+            recipe.name,
+            run,
+            base_model=base_model,
+            data_fingerprint=fingerprint,
+            config=recipe.stored(),
+            metrics=metrics,
+            parent=parent,
+        )
+    except TuneloopError:
+        run.registered_as.unlink(missing_ok=True)  # nothing was stored: the run stays resumable
+        raise
     write_text_atomically(run.registered_as, version.ref + "\n")
     prune_finished_runs(recipe, keep_checkpoints)
     return version
+
+
+def registered_as(run: VersionFolder) -> str | None:
+    """NAME@VERSION the run became, REGISTERING if it stopped while being registered, None if it was not."""
+    try:
+        return run.registered_as.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
 
 
 def prune_finished_runs(recipe: Recipe, keep: int) -> list[Path]:
@@ -194,7 +220,7 @@ def prune_finished_runs(recipe: Recipe, keep: int) -> list[Path]:
     deletion leaves nothing that looks like a run; such leftovers go the next time.
     """
     runs = recipe.registry.home / "runs"
-    finished = [r for r in runs_of(recipe) if r.registered_as.is_file()]
+    finished = [r for r in runs_of(recipe) if registered_as(r) not in (None, REGISTERING)]
     doomed = finished[: len(finished) - keep] if keep else finished
     deleted = []
     for folder in doomed:
