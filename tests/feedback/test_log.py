@@ -142,6 +142,32 @@ def test_a_long_outage_moves_the_oldest_rows_past_the_bound_to_a_rescue_file_and
     log.close()
 
 
+def test_memory_stays_bounded_while_a_write_hangs(tmp_path, url, monkeypatch):
+    """Review finding: the bound was applied only between writes, so while one write hung (a database
+    that does not answer) every new prediction stayed in memory."""
+    log = PredictionLog(url, tmp_path, flush_ms=10, max_backlog=50).start()
+    hanging, release = threading.Event(), threading.Event()
+    real_insert = log._insert
+
+    def hang(batch):
+        hanging.set()
+        release.wait(timeout=30)
+        real_insert(batch)
+
+    monkeypatch.setattr(log, "_insert", hang)
+    log.record(predictions(1))
+    assert hanging.wait(10)
+    rows = predictions(500)
+    for start in range(0, 500, 10):
+        log.record(rows[start : start + 10])
+    wait_for(lambda: log.backlog <= 50)
+    assert log.backlog <= 50
+    release.set()
+    log.close()
+    rescued = sum(len(p.read_text().splitlines()) for p in tmp_path.glob("unsaved-predictions-*.jsonl"))
+    assert log.count()["predictions"] + rescued == 501  # nothing lost: the database, or a rescue file
+
+
 def test_a_locked_database_retries_the_whole_batch_and_rescues_nothing(tmp_path, url, monkeypatch):
     """Regression: "database is locked" was taken for bad rows: the batch was retried row by row, and the
     rows that timed out while the lock was held went to rescue files."""

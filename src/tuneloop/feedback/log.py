@@ -119,6 +119,7 @@ class PredictionLog:
         self.on_dropped = on_dropped
         self._pending: list[LoggedPrediction] = []
         self._pending_lock = threading.Lock()
+        self._shedding = False  # a shedding thread started by record() is running
         self._write_lock = threading.Lock()  # one writer at a time: the thread, flush() or close()
         self._wake = threading.Event()
         self._closed = threading.Event()
@@ -139,8 +140,14 @@ class PredictionLog:
         with self._pending_lock:
             self._pending.extend(predictions)
             backlog = len(self._pending)
+            shed = backlog > self.max_backlog and not self._shedding
+            self._shedding = self._shedding or shed
         if backlog >= self.max_batch:
             self._wake.set()
+        if shed:
+            # The writer sheds between writes; while one write hangs (a database that does not answer), this
+            # keeps memory bounded, off the caller's thread.
+            threading.Thread(target=self._shed_now, name="prediction-log-shed", daemon=True).start()
 
     @property
     def backlog(self) -> int:
@@ -171,6 +178,18 @@ class PredictionLog:
     def _put_back(self, batch: list[LoggedPrediction]) -> None:
         with self._pending_lock:
             self._pending = batch + self._pending
+
+    def _shed_now(self) -> None:
+        """Shed until the backlog is within its bound (rows recorded meanwhile included)."""
+        while True:
+            try:
+                self._shed_overflow()
+            except Exception:
+                log.exception("prediction log: could not shed the backlog")
+            with self._pending_lock:
+                if len(self._pending) <= self.max_backlog:
+                    self._shedding = False
+                    return
 
     def _shed_overflow(self) -> None:
         """Past `max_backlog` rows, move the oldest to a rescue file (or, if it cannot be written, drop them)."""
