@@ -204,10 +204,12 @@ def test_the_writer_outlives_a_rescue_file_that_cannot_be_written(tmp_path, url,
     monkeypatch.setattr("tuneloop.feedback.log.write_text_atomically", disk_full)
     log.record(predictions(5))
     wait_for(lambda: log.dropped == 3)
-    assert sum(dropped) == 3 and log.backlog == 2 and log._thread.is_alive()
+    wait_for(lambda: log.backlog == 2)  # between the writer's retries (a retry takes them out for a moment)
+    assert sum(dropped) == 3 and log._thread.is_alive()
     Base.metadata.create_all(log.engine)
+    wait_for(lambda: log.written == 2)  # the writer is still at work: the two it kept...
     log.record(predictions(1))
-    wait_for(lambda: log.written == 3)  # the writer is still at work
+    wait_for(lambda: log.written == 3)  # ...and new ones
     log.close()
 
 
