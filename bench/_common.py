@@ -161,14 +161,15 @@ def machine() -> dict[str, Any]:
 
 
 def commit() -> str:
-    """The repository's short HEAD, +dirty when src/ or bench/ has uncommitted changes; unknown outside git."""
+    """The repository's short HEAD, +dirty when src/ or bench/ has uncommitted changes (results written by
+    other runs do not count); unknown outside git."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", "src", "bench")
+        dirty = git("status", "--porcelain", "--", "src", "bench", ":(exclude)bench/results")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
