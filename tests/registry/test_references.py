@@ -3,16 +3,11 @@ the command was given, never by one built from the home folder alone."""
 
 from __future__ import annotations
 
-import os
-import uuid
-
-import pytest
 from typer.testing import CliRunner
 
 from tuneloop.cli import app
 
 runner = CliRunner()
-POSTGRES_URL = os.environ.get("TUNELOOP_TEST_DATABASE_URL")
 
 
 def _train_twice_on_a_database_outside_the_home(tiny_overrides, database_url: str, base: str, derived: str) -> None:
@@ -35,19 +30,7 @@ def _train_twice_on_a_database_outside_the_home(tiny_overrides, database_url: st
     assert f'"base_model": "{base}@1"' in shown.output
 
 
-def test_a_registered_encoder_is_found_in_the_configured_database(tiny_overrides, tmp_path):
-    _train_twice_on_a_database_outside_the_home(
-        tiny_overrides, f"sqlite:///{tmp_path / 'elsewhere.db'}", "base", "derived"
-    )
-
-
-@pytest.mark.postgres
-@pytest.mark.skipif(
-    not POSTGRES_URL,
-    reason="set TUNELOOP_TEST_DATABASE_URL to a PostgreSQL database "
-    "(.ci/run starts one; make postgres does it locally)",
-)
-def test_a_registered_encoder_is_found_in_a_postgresql_registry(tiny_overrides):
-    # Names no other run uses: the database is shared between test runs.
-    suffix = uuid.uuid4().hex[:8]
-    _train_twice_on_a_database_outside_the_home(tiny_overrides, POSTGRES_URL, f"base-{suffix}", f"derived-{suffix}")
+def test_a_registered_encoder_is_found_in_the_configured_database(tiny_overrides, database, tmp_path):
+    # SQLite: a database file outside the home; PostgreSQL: a fresh database for this test alone.
+    url = database.url or f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    _train_twice_on_a_database_outside_the_home(tiny_overrides, url, "base", "derived")
