@@ -82,6 +82,34 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("corrections sent / stored / lost", "feedback", lambda f: f"{f['sent']} / {f['stored']} / {f['lost']}"),
         ("gate", "gate", lambda g: "passed, promoted" if g["promoted"] else ("passed" if g["passed"] else "rejected")),
     ],
+    "poisoning": [
+        (
+            "feedback policy",
+            "feedback.policy",
+            lambda p: p["use"] + (f", agreement {p['agreement']}" if p["agreement"] else ""),
+        ),
+        (
+            "attacker's corrections sent / waiting in the review queue",
+            "attack",
+            lambda a: f"{a['corrections_sent']} / {a['review_queue']['attacker_rows_pending']}",
+        ),
+        (
+            "test texts the trigger turns into the target intent, before → after",
+            "attack.trigger_flips_share",
+            lambda t: f"{percent(t['before'])} → {percent(t['after'])}",
+        ),
+        (
+            "drifted intents macro-F1 before → after",
+            "",
+            lambda r: f"{percent(r['before']['drifted_macro_f1'])} → {percent(r['after']['drifted_macro_f1'])}",
+        ),
+        (
+            "overall macro-F1 before → after",
+            "",
+            lambda r: f"{percent(r['before']['macro_f1'])} → {percent(r['after']['macro_f1'])}",
+        ),
+        ("gate", "gate", lambda g: "passed, promoted" if g["promoted"] else ("passed" if g["passed"] else "rejected")),
+    ],
     "assistant_eval": [
         ("scope", "scope_mode", plain),
         ("in-scope / out-of-scope test messages", "known_test", plain),
@@ -140,8 +168,9 @@ def _pair(section: dict, key: str) -> str:
 
 
 def _lookup(result: dict, path: str) -> Any:
+    """The value at a dotted path; the path "" is the whole result."""
     value: Any = result
-    for part in path.split("."):
+    for part in path.split(".") if path else []:
         if not isinstance(value, dict) or part not in value:
             return None
         value = value[part]

@@ -50,6 +50,11 @@ def test_corrections_flow_into_a_promoted_version_that_the_server_then_answers_w
         assert corrected >= 20
 
         overrides = [f"registry.home={home}"]
+        # The users sent no key, so their corrections wait for an admin: reviewed, then approved by sender.
+        queue = runner.invoke(cli, ["feedback", "review", "toy", *overrides])
+        assert f"{corrected} feedback rows in" in queue.output, queue.output
+        approved = runner.invoke(cli, ["feedback", "approve", "toy", "--sender", "anonymous", *overrides])
+        assert approved.exit_code == 0 and f"approved {corrected} feedback rows" in approved.output, approved.output
         exported = runner.invoke(cli, ["feedback", "export", "toy", "--out", str(tmp_path / "fb.csv"), *overrides])
         assert exported.exit_code == 0, exported.output
         assert len(pd.read_csv(tmp_path / "fb.csv")) == len(corrected_texts)  # deduplicated, none lost

@@ -35,6 +35,8 @@ from tuneloop.config import (
 from tuneloop.errors import TuneloopError
 
 if TYPE_CHECKING:
+    from tuneloop.feedback.log import PredictionLog
+    from tuneloop.feedback.review import Decision
     from tuneloop.models.predictor import Prediction
     from tuneloop.registry import ModelVersion, Registry
     from tuneloop.training.classification import ClassifierOutcome
@@ -613,7 +615,7 @@ def feedback_export(
     from tuneloop.feedback.export import load_feedback
 
     recipe = _config(ClassifierRecipe, config, overrides)
-    exported = load_feedback(recipe.registry, name, recipe.feedback.include_confirmed)
+    exported = load_feedback(recipe.registry, name, recipe.feedback)
     exported.save(out)
     console.print(", ".join(f"{key.replace('_', ' ')} {value}" for key, value in exported.counts.items()))
     for conflict in exported.conflicts[:10]:
@@ -622,6 +624,99 @@ def feedback_export(
             f"kept the latest: {conflict['kept_label']}"
         )
     console.print(f"wrote {len(exported.examples)} examples to {out}")
+
+
+def _prediction_log(config: Path | None, overrides: list[str] | None) -> PredictionLog:
+    from tuneloop.feedback.log import PredictionLog
+
+    registry = _config(RegistrySettings, config, overrides).registry
+    return PredictionLog(registry.resolved_database_url(), registry.home)
+
+
+@feedback_app.command("review")
+def feedback_review(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+    limit: Annotated[int, typer.Option(help="Most groups to show.")] = 50,
+) -> None:
+    """Show NAME's feedback that waits for a decision before it may train, grouped by text and proposed label,
+    with its senders and flags; decide with tuneloop feedback approve/reject NAME --group ID."""
+    from tuneloop.feedback.review import review_queue
+
+    prediction_log = _prediction_log(config, overrides)
+    try:
+        groups = review_queue(name, prediction_log.feedback_for(name))
+    finally:
+        prediction_log.close()
+    if not groups:
+        console.print(f"no feedback on {name} waits for review")
+        return
+    for group in groups[:limit]:
+        senders = ", ".join(f"{sender} ×{count}" for sender, count in list(group.senders.items())[:5])
+        console.print(
+            f"[bold]{group.group}[/bold]  {group.pending} pending: {escape(repr(group.text[:80]))} → "
+            f"[bold]{escape(group.label)}[/bold] (model said {escape(group.predicted)})",
+            soft_wrap=True,
+        )
+        console.print(f"  from {escape(senders)}" + (" …" if len(group.senders) > 5 else ""), soft_wrap=True)
+        for flag in group.flags:
+            console.print(f"  [yellow]flag:[/yellow] {escape(flag)}", soft_wrap=True)
+    console.print(f"{sum(g.pending for g in groups)} feedback rows in {len(groups)} groups wait for review")
+
+
+def _decide(
+    decision: Decision,
+    name: str,
+    groups: list[str] | None,
+    ids: list[int] | None,
+    sender: str | None,
+    config: Path | None,
+    overrides: list[str] | None,
+) -> None:
+    import getpass
+
+    from tuneloop.feedback.review import decide
+
+    prediction_log = _prediction_log(config, overrides)
+    try:
+        decided = decide(prediction_log, name, decision, f"cli:{getpass.getuser()}", groups, ids, sender)
+    finally:
+        prediction_log.close()
+    console.print(f"{decision}d {decided} feedback rows on {name}")
+
+
+GroupOption = Annotated[list[str] | None, typer.Option("--group", help="A group id from tuneloop feedback review.")]
+IdOption = Annotated[list[int] | None, typer.Option("--id", help="A feedback id.")]
+SenderOption = Annotated[
+    str | None, typer.Option("--sender", help="Every feedback from this sender (key:… or anonymous).")
+]
+
+
+@feedback_app.command("approve")
+def feedback_approve(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    group: GroupOption = None,
+    feedback_id: IdOption = None,
+    sender: SenderOption = None,
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Let feedback on NAME train (by group, id or sender; all or nothing)."""
+    _decide("approve", name, group, feedback_id, sender, config, overrides)
+
+
+@feedback_app.command("reject")
+def feedback_reject(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    group: GroupOption = None,
+    feedback_id: IdOption = None,
+    sender: SenderOption = None,
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Keep feedback on NAME out of training for good, whoever sent it (by group, id or sender)."""
+    _decide("reject", name, group, feedback_id, sender, config, overrides)
 
 
 @app.command()
@@ -675,15 +770,25 @@ def gate(
 
 
 @keys_app.command("new")
-def keys_new(scope: Annotated[str, typer.Option(help="client or admin.")] = "client") -> None:
-    """Make an API key; prints the key (shown once) and the hash to put in the config."""
-    from tuneloop.serve.security import hash_key, new_key
+def keys_new(
+    scope: Annotated[str, typer.Option(help="client or admin.")] = "client",
+    trusted: Annotated[
+        bool, typer.Option(help="Its feedback trains without review (your own staff's tools; admin keys always).")
+    ] = False,
+) -> None:
+    """Make an API key; prints the key (shown once), its id (as feedback records its sender) and the hash to put
+    in the config."""
+    from tuneloop.serve.security import hash_key, key_id, new_key
 
     if scope not in ("client", "admin"):
         raise TuneloopError(f"--scope must be client or admin, not '{scope}'")
     key = new_key()
+    digest = hash_key(key)
     console.print(f"key (give it to the {scope}; it is not stored anywhere): [bold]{key}[/bold]")
-    console.print(f'config: serve.{scope}_key_hashes=["{hash_key(key)}"]', highlight=False)
+    console.print(f"id: {key_id(digest)}", highlight=False)
+    console.print(f'config: serve.{scope}_key_hashes=["{digest}"]', highlight=False)
+    if trusted and scope == "client":
+        console.print(f'config: serve.trusted_key_hashes=["{digest}"]', highlight=False)
 
 
 @db_app.command("upgrade")

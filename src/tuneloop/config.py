@@ -327,6 +327,11 @@ class ServeConfig(StrictModel):
         description="sha256 hex of admin API keys (also valid as client keys); promotion over HTTP and the admin "
         "API need one.",
     )
+    trusted_key_hashes: list[str] = Field(
+        default_factory=list,
+        description="sha256 hex of client keys whose feedback trains without review (tuneloop keys new --trusted); "
+        "admin keys are trusted too. Feedback from any other sender waits in the review queue.",
+    )
     log_flush_ms: float = Field(200.0, gt=0, description="Prediction log: most time a row waits in memory.")
     log_max_backlog: int = Field(
         200_000,
@@ -338,6 +343,17 @@ class ServeConfig(StrictModel):
         None, description="An assistant definition (YAML): adds /v1/chat, the chat page / and the admin page /admin."
     )
 
+    @field_validator("client_key_hashes", "admin_key_hashes", "trusted_key_hashes")
+    @classmethod
+    def _key_hashes_are_sha256_hex(cls, hashes: list[str]) -> list[str]:
+        for digest in hashes:
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                raise ValueError(
+                    f"'{digest[:80]}' is not the sha256 hex of a key (64 hex digits); "
+                    "tuneloop keys new prints a key and its hash"
+                )
+        return [digest.lower() for digest in hashes]
+
 
 class FeedbackConfig(StrictModel):
     """How user corrections become training and gate data."""
@@ -346,13 +362,26 @@ class FeedbackConfig(StrictModel):
         0.3,
         ge=0,
         lt=1,
-        description="Share of feedback examples kept out of retraining for the gate; chosen "
-        "by a hash of the text, so an example stays on the same side across retrains.",
+        description="Share of feedback examples kept out of retraining for the gate; chosen by a keyed hash of "
+        "the text (the key is the home's holdout.secret), so an example stays on the same side across retrains "
+        "and no sender can tell which side its texts fall on.",
     )
     include_confirmed: bool = Field(
         True, description="Also use predictions users rated up without correcting (their label was right)."
     )
     repeat: int = Field(1, ge=1, description="Times each feedback example appears in the retraining set.")
+    use: Literal["reviewed", "all"] = Field(
+        "reviewed",
+        description="reviewed: only feedback an admin approved, or sent with a trusted key, trains (the rest waits "
+        "in the review queue); all: every feedback not rejected trains (only for a server whose every client is "
+        "trusted).",
+    )
+    agreement: int | None = Field(
+        None,
+        ge=2,
+        description="Also train on an unreviewed correction once this many distinct senders (API keys; every "
+        "anonymous sender counts as one) gave the same text the same label; null: review or trust only.",
+    )
 
 
 class GateConfig(StrictModel):

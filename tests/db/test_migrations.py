@@ -144,3 +144,23 @@ def test_a_migration_cut_short_leaves_the_database_as_it_was(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="killed half-way"):
         migrate.upgrade(create_engine(url))
     assert inspect(create_engine(url)).get_table_names() == []
+
+
+def test_feedback_stored_before_provenance_waits_for_review_as_anonymous(tmp_path):
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    old = create_engine(url)
+    with old.begin() as connection:
+        command.upgrade(migration_config(connection), "0003")
+        connection.execute(
+            text(
+                "insert into predictions (id, created_at, model_name, model_version, text, label, scores, source) "
+                "values ('p1', '2026-11-01', 'toy', 1, 'hello', 'a', '{}', 'api')"
+            )
+        )
+        connection.execute(
+            text("insert into feedback (prediction_id, created_at, corrected_label) values ('p1', '2026-11-01', 'b')")
+        )
+    old.dispose()
+    with opened(url).connect() as connection:
+        row = connection.execute(text("select sender, trusted, review, reviewed_by from feedback")).one()
+    assert tuple(row) == ("anonymous", False, "pending", None)

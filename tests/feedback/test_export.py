@@ -1,4 +1,5 @@
-"""Feedback → labelled examples: latest correction wins, conflicts are reported, ratings confirm or withdraw."""
+"""Feedback → labelled examples: only trusted or approved feedback teaches, latest correction wins, conflicts are
+reported, ratings confirm or withdraw."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 
+from tuneloop.config import FeedbackConfig
 from tuneloop.feedback.export import feedback_examples
 from tuneloop.feedback.log import FeedbackRecord, PredictionRecord
 
@@ -24,7 +26,16 @@ class Stream:
             id=pid, created_at=START, model_name="m", model_version=1, text=text, label=label, scores={}, source="api"
         )
 
-    def say(self, pid: str, corrected_label=None, rating=None, comment=None) -> None:
+    def say(
+        self,
+        pid: str,
+        corrected_label=None,
+        rating=None,
+        comment=None,
+        sender="key:staff",
+        trusted=True,
+        review="pending",
+    ) -> None:
         number = len(self.rows) + 1
         feedback = FeedbackRecord(
             id=number,
@@ -33,6 +44,9 @@ class Stream:
             corrected_label=corrected_label,
             rating=rating,
             comment=comment,
+            sender=sender,
+            trusted=trusted,
+            review=review,
         )
         self.rows.append((feedback, self.predictions[pid]))
 
@@ -77,7 +91,7 @@ def test_up_ratings_confirm_down_ratings_withdraw_and_comments_alone_teach_nothi
     exported = feedback_examples(s.rows)
     assert as_pairs(exported) == [("reset password", "password", "confirmed")]
     assert exported.counts["rated_down_without_label"] == 1
-    assert as_pairs(feedback_examples(s.rows, include_confirmed=False)) == []
+    assert as_pairs(feedback_examples(s.rows, FeedbackConfig(include_confirmed=False))) == []
 
 
 def test_save_csv_and_jsonl(tmp_path):
@@ -105,3 +119,41 @@ def test_a_csv_export_cannot_carry_a_spreadsheet_formula(tmp_path):
     assert sorted(cells["text"]) == sorted(['\'=HYPERLINK("http://evil.example","refund")', "'+1 card", "'@me"])
     exact = pd.read_json(tmp_path / "f.jsonl", lines=True)["text"]
     assert sorted(exact) == sorted(['=HYPERLINK("http://evil.example","refund")', "+1 card", "@me"])  # jsonl: exact
+
+
+def test_untrusted_feedback_waits_for_review_however_often_it_is_repeated():
+    s = Stream()
+    for number in range(50):
+        s.predict(f"p{number}", "cancel my order", "cancel_order")
+        s.say(f"p{number}", corrected_label="refund", sender="key:mallory", trusted=False)
+    s.predict("q", "where is my parcel", "refund")
+    s.say("q", corrected_label="delivery")  # a trusted staff key
+    exported = feedback_examples(s.rows)
+    assert as_pairs(exported) == [("where is my parcel", "delivery", "corrected")]
+    assert exported.counts["awaiting_review"] == 50
+
+
+def test_approved_feedback_teaches_and_rejected_never_does_even_from_a_trusted_key():
+    s = Stream()
+    s.predict("p1", "cancel my order", "refund")
+    s.say("p1", corrected_label="cancel_order", sender="anonymous", trusted=False, review="approved")
+    s.predict("p2", "where is my parcel", "refund")
+    s.say("p2", corrected_label="refund_now", review="rejected")
+    exported = feedback_examples(s.rows)
+    assert as_pairs(exported) == [("cancel my order", "cancel_order", "corrected")]
+    assert exported.counts["rejected"] == 1
+    everything = feedback_examples(s.rows, FeedbackConfig(use="all"))
+    assert as_pairs(everything) == [("cancel my order", "cancel_order", "corrected")]
+
+
+def test_agreement_of_distinct_senders_admits_a_correction_nobody_reviewed():
+    s = Stream()
+    for number, sender in enumerate(["key:a", "key:a", "key:a", "key:b"]):
+        s.predict(f"p{number}", "Cancel my order", "refund")
+        s.say(f"p{number}", corrected_label="cancel_order", sender=sender, trusted=False)
+    assert feedback_examples(s.rows, FeedbackConfig(agreement=3)).examples.empty  # two senders, however often
+    s.predict("p9", "cancel my order ", "refund")
+    s.say("p9", corrected_label="cancel_order", sender="anonymous", trusted=False)
+    assert as_pairs(feedback_examples(s.rows, FeedbackConfig(agreement=3))) == [
+        ("cancel my order", "cancel_order", "corrected")
+    ]

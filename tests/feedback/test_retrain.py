@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 
 import pandas as pd
@@ -13,7 +16,7 @@ from tuneloop.data.prepare import PreparedData, load_prepared
 from tuneloop.errors import TuneloopError
 from tuneloop.feedback.export import FeedbackExamples
 from tuneloop.feedback.log import LoggedPrediction, PredictionLog, new_prediction_id
-from tuneloop.feedback.retrain import FEEDBACK_ROW, in_holdout, retrain, retraining_data
+from tuneloop.feedback.retrain import FEEDBACK_ROW, holdout_secret, in_holdout, retrain, retraining_data
 from tuneloop.registry import Registry
 from tuneloop.training import classification
 
@@ -47,18 +50,40 @@ def feedback(pairs) -> FeedbackExamples:
     return FeedbackExamples(examples=pd.DataFrame(rows), counts={"examples": len(rows)})
 
 
+SECRET = b"0" * 64
+
+
 def test_holdout_choice_is_stable_and_roughly_the_asked_share():
     texts = [f"message number {i}" for i in range(2000)]
-    chosen = [in_holdout(t, 0.3) for t in texts]
-    assert chosen == [in_holdout(t, 0.3) for t in texts]
+    chosen = [in_holdout(t, 0.3, SECRET) for t in texts]
+    assert chosen == [in_holdout(t, 0.3, SECRET) for t in texts]
     assert 0.25 < sum(chosen) / len(chosen) < 0.35
-    assert in_holdout("Hello", 0.5) == in_holdout("hello", 0.5)  # same text after case folding
-    assert not any(in_holdout(t, 0.0) for t in texts)
+    assert in_holdout("Hello", 0.5, SECRET) == in_holdout("hello", 0.5, SECRET)  # same text after case folding
+    assert not any(in_holdout(t, 0.0, SECRET) for t in texts)
+
+
+def test_the_holdout_is_chosen_by_the_homes_secret_not_by_a_public_hash(tmp_path):
+    """Regression: a plain SHA-256 of the text let a sender compute which of its texts the gate never sees."""
+    texts = [f"message number {i}" for i in range(400)]
+    public = [int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "big") / 2**64 < 0.3 for t in texts]
+    first, second = holdout_secret(tmp_path / "a"), holdout_secret(tmp_path / "b")
+    assert first != second and holdout_secret(tmp_path / "a") == first  # one per home, kept
+    assert (tmp_path / "a" / "holdout.secret").stat().st_mode & 0o777 == 0o600
+    by_first = [in_holdout(t, 0.3, first) for t in texts]
+    assert by_first != [in_holdout(t, 0.3, second) for t in texts] and by_first != public
+
+
+def test_processes_making_the_holdout_secret_at_once_all_get_the_same_one(tmp_path):
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        made = set(pool.map(holdout_secret, [tmp_path] * 8))
+    assert len(made) == 1 and not [p for p in tmp_path.iterdir() if p.name != "holdout.secret"]
 
 
 def test_feedback_joins_training_replaces_same_texts_and_never_touches_the_test_split():
     examples = feedback([("WHERE is my card", "lost"), ("Card never came", "lost"), ("new kind of message", "fraud")])
-    data = retraining_data(frozen(), examples, FeedbackConfig(holdout=0.0, repeat=2), source="toy@1 + feedback")
+    data = retraining_data(
+        frozen(), examples, FeedbackConfig(holdout=0.0, repeat=2), source="toy@1 + feedback", secret=SECRET
+    )
     assert data.test.equals(frozen().test)
     train = data.train
     assert "where is my card" not in set(train["text"])  # superseded by the user's correction
@@ -72,7 +97,7 @@ def test_feedback_joins_training_replaces_same_texts_and_never_touches_the_test_
 
 def test_held_out_feedback_stays_out_of_training():
     examples = feedback([(f"complaint {i}", "refund") for i in range(40)])
-    data = retraining_data(frozen(), examples, FeedbackConfig(holdout=0.5), source="x")
+    data = retraining_data(frozen(), examples, FeedbackConfig(holdout=0.5), source="x", secret=SECRET)
     held = set(data.holdout["text"])
     assert 5 < len(held) < 35
     assert not held & set(data.train["text"])
@@ -92,7 +117,7 @@ def log_feedback(config, corrections):
             scores={},
         )
         log.record([prediction])
-        log.add_feedback(prediction.id, corrected_label=right)
+        log.add_feedback(prediction.id, corrected_label=right, sender="key:staff", trusted=True)
     log.close()
 
 

@@ -93,13 +93,13 @@ def test_feedback_correction_rating_and_comment_are_stored(client, served):
         ({"prediction_id": "ID", "corrected_label": "weather"}, 422, "is not a label of toy"),
         ({"prediction_id": "ID", "rating": 5}, 422, "rating"),
         ({"prediction_id": "ID", "rating": 1, "extra": 1}, 422, "extra"),
+        ({"prediction_id": None, "turn_id": "nope", "rating": 1}, 404, "no chat turn with id 'nope'"),  # null: absent
+        ({"prediction_id": "nope", "corrected_label": None, "rating": 1}, 404, "no prediction with id 'nope'"),
     ],
 )
 def test_feedback_errors(client, body, status, message):
-    body = {
-        **body,
-        "prediction_id": body["prediction_id"].replace("ID", predict(client, "x")["predictions"][0]["prediction_id"]),
-    }
+    if body["prediction_id"] == "ID":
+        body = {**body, "prediction_id": predict(client, "x")["predictions"][0]["prediction_id"]}
     response = client.post("/v1/feedback", json=body)
     assert response.status_code == status, response.text
     assert message in response.json()["detail"]

@@ -1,5 +1,6 @@
-"""The chat page in a real browser (Debian's Chromium driven by Playwright): send a message, see the reply
-with its badges, thumbs down, pick the right intent, and find the feedback in the database."""
+"""The pages in a real browser (Debian's Chromium driven by Playwright): on the chat page send a message, see
+the reply with its badges, thumbs down, pick the right intent; on the admin page find that correction in the
+review queue and approve it; then find the feedback, approved, in the database."""
 
 from __future__ import annotations
 
@@ -31,10 +32,11 @@ pytestmark = [
 ]
 
 
-def test_chat_page_reply_badges_thumbs_down_and_intent_correction(assistant_setup, tmp_path):
+def test_chat_page_correction_then_approved_in_the_admin_review_queue(assistant_setup, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     config, definition = assistant_setup
     config.serve.assistant = definition
+    config.admin_keys = "root"
     app = create_app(config)
     # The thumbs-down must land on an in-scope turn (an out-of-scope turn's rating is not stored); whether the
     # toy model's tuned threshold accepts this message varied between runs, so the scope check is off here.
@@ -59,10 +61,26 @@ def test_chat_page_reply_badges_thumbs_down_and_intent_correction(assistant_setu
             page.wait_for_selector(".msg.bot .thanks:has-text('noted as password')")
             page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)  # kept in the temporary folder
             turn_id = reply.get_attribute("data-turn-id")
+
+            page.goto(server.url + "/admin")
+            page.fill("#key", "root")
+            page.press("#key", "Enter")
+            page.dispatch_event("#key", "change")
+            queued = page.locator("#review table.review tbody tr")
+            queued.first.wait_for()
+            assert queued.count() == 1 and "where is my parcel courier late" in queued.first.inner_text()
+            assert "password" in queued.first.inner_text() and "anonymous ×1" in queued.first.inner_text()
+            queued.first.locator("button:has-text('approve')").click()
+            page.wait_for_selector("#status:has-text('approved 1 feedback rows on toy')")
+            page.wait_for_selector("#review:has-text('Nothing waits for review.')")
+            page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
         finally:
             browser.close()
     log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
     rows = log.feedback_for("toy")
     log.close()
-    assert [(f.rating, f.corrected_label) for f, _ in rows] == [(-1, None), (None, "password")]
+    assert [(f.rating, f.corrected_label, f.review) for f, _ in rows] == [
+        (-1, None, "pending"),  # a rating alone teaches no label: nothing to approve
+        (None, "password", "approved"),
+    ]
     assert rows[0][1].text == "where is my parcel courier late" and turn_id

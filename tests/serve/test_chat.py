@@ -84,11 +84,17 @@ def test_feedback_on_a_turn_reaches_the_retraining_export(chat_app_on_each_datab
     both = client.post("/v1/feedback", json={"turn_id": turn["turn_id"], "prediction_id": "x", "rating": 1})
     assert both.status_code == 422 and "exactly one of prediction_id or turn_id" in both.json()["detail"]
     log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    unreviewed = feedback_examples(log.feedback_for("toy"))  # an anonymous sender: it waits for an admin
+    assert unreviewed.examples.empty and unreviewed.counts["awaiting_review"] == 1
+    queue = client.get("/v1/admin/feedback", headers=ADMIN).json()["items"]
+    assert queue[0]["corrected_label"] == "password" and queue[0]["source"] == "chat"
+    assert queue[0]["sender"] == "anonymous" and queue[0]["review"] == "pending"
+    [group] = client.get("/v1/admin/review", params={"model": "toy"}, headers=ADMIN).json()["groups"]
+    decision = {"model": "toy", "decision": "approve", "groups": [group["group"]]}
+    assert client.post("/v1/admin/review", json=decision, headers=ADMIN).json() == {"decided": 1}
     exported = feedback_examples(log.feedback_for("toy"))
     log.close()
     assert exported.examples[["text", "label"]].values.tolist() == [["where is my parcel courier late", "password"]]
-    queue = client.get("/v1/admin/feedback", headers=ADMIN).json()["items"]
-    assert queue[0]["corrected_label"] == "password" and queue[0]["source"] == "chat"
 
 
 def test_a_stored_turn_always_has_its_predictions_in_the_database(assistant_setup):

@@ -25,6 +25,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 Stage = Literal["candidate", "production", "archived"]
+# An admin's verdict on a piece of feedback; only approved (or trusted and not rejected) feedback trains.
+Review = Literal["pending", "approved", "rejected"]
+ANONYMOUS = "anonymous"  # the sender of feedback sent without a known API key
 
 
 def utc_now() -> datetime:
@@ -127,9 +130,11 @@ class PredictionRecord(Base):
 
 
 class FeedbackRecord(Base):
-    """What a user said about a prediction: the right label, a rating (-1, 0, 1) and/or a comment."""
+    """What a user said about a prediction: the right label, a rating (-1, 0, 1) and/or a comment; who said it
+    (the API key's id, or anonymous), whether that key was trusted then, and an admin's review."""
 
     __tablename__ = "feedback"
+    __table_args__ = (Index("ix_feedback_sender_created_at", "sender", "created_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     prediction_id: Mapped[str] = mapped_column(ForeignKey("predictions.id"), index=True)
@@ -137,6 +142,11 @@ class FeedbackRecord(Base):
     corrected_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     rating: Mapped[int | None] = mapped_column(Integer, nullable=True)
     comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sender: Mapped[str] = mapped_column(String(80), default=ANONYMOUS, server_default=ANONYMOUS)
+    trusted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    review: Mapped[Review] = mapped_column(String(10), default="pending", server_default="pending")
+    reviewed_by: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    reviewed_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
 class ChatTurn(Base):

@@ -1,4 +1,5 @@
-"""Turn feedback on predictions into labelled examples: latest correction wins, conflicts reported."""
+"""Turn feedback on predictions into labelled examples: only what was trusted or approved, latest correction
+wins, conflicts reported."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from tuneloop.config import RegistryConfig
+from tuneloop.config import FeedbackConfig, RegistryConfig
 from tuneloop.data.clean import clean_text, dedup_key
 from tuneloop.db.schema import FeedbackRecord, PredictionRecord
 from tuneloop.feedback.log import PredictionLog
@@ -41,15 +42,63 @@ class FeedbackExamples:
             frame.map(spreadsheet_safe).to_csv(path, index=False)
 
 
+def proposed_label(feedback: FeedbackRecord, prediction: PredictionRecord) -> str | None:
+    """The label a piece of feedback would teach: its correction, or the prediction's own label when rated up."""
+    if feedback.corrected_label:
+        return feedback.corrected_label
+    return prediction.label if feedback.rating is not None and feedback.rating > 0 else None
+
+
+def text_key(prediction: PredictionRecord) -> str:
+    """Under which key feedback on this prediction's text is merged with feedback on the same text."""
+    return dedup_key(clean_text(prediction.text))
+
+
+def admitted(
+    rows: list[tuple[FeedbackRecord, PredictionRecord]], config: FeedbackConfig
+) -> tuple[list[tuple[FeedbackRecord, PredictionRecord]], dict[str, int]]:
+    """The feedback allowed to teach, and counts of what was held back.
+
+    Rejected feedback never teaches; approved feedback always does; feedback nobody reviewed teaches when its
+    sender was trusted, when `use` is "all", or when `agreement` distinct senders proposed the same label for
+    the same text. Everything else waits in the review queue: one sender, however many times it repeats a
+    correction, cannot teach the model on its own.
+    """
+    senders: dict[tuple[str, str], set[str]] = {}
+    if config.agreement:
+        for feedback, prediction in rows:
+            label = proposed_label(feedback, prediction)
+            if label is not None and feedback.review != "rejected":
+                senders.setdefault((text_key(prediction), label), set()).add(feedback.sender)
+
+    def agreed(feedback: FeedbackRecord, prediction: PredictionRecord) -> bool:
+        key = (text_key(prediction), proposed_label(feedback, prediction) or "")
+        return bool(config.agreement) and len(senders.get(key, ())) >= (config.agreement or 0)
+
+    kept, held = [], Counter[str]()
+    for feedback, prediction in rows:
+        if feedback.review == "rejected":
+            held["rejected"] += 1
+        elif feedback.review == "approved" or feedback.trusted or config.use == "all" or agreed(feedback, prediction):
+            kept.append((feedback, prediction))
+        else:
+            held["awaiting_review"] += 1
+    return kept, {"awaiting_review": held["awaiting_review"], "rejected": held["rejected"]}
+
+
 def feedback_examples(
-    rows: list[tuple[FeedbackRecord, PredictionRecord]], include_confirmed: bool = True
+    rows: list[tuple[FeedbackRecord, PredictionRecord]], config: FeedbackConfig | None = None
 ) -> FeedbackExamples:
-    """Examples from (feedback, prediction) pairs given oldest first.
+    """Examples from (feedback, prediction) pairs given oldest first, from the feedback `config` admits.
 
     Per prediction the latest correction counts; with no correction, an up-rating confirms the predicted
     label. Per distinct text (after cleaning, case-insensitive) the latest example wins; texts that
     received different labels are reported as conflicts.
     """
+    config = config or FeedbackConfig()
+    include_confirmed = config.include_confirmed
+    all_rows = rows
+    rows, held_back = admitted(rows, config)
     latest: dict[str, dict[str, Any]] = {}
     rated_down_without_label = set()
     for feedback, prediction in rows:
@@ -98,7 +147,8 @@ def feedback_examples(
     ordered = sorted(kept, key=lambda c: (c["feedback_at"], c["order"]))
     examples = pd.DataFrame(ordered, columns=pd.Index(EXAMPLE_COLUMNS))
     counts = {
-        "feedback_rows": len(rows),
+        "feedback_rows": len(all_rows),
+        **held_back,
         "examples": len(examples),
         "corrected": int((examples["source"] == "corrected").sum()),
         "confirmed": int((examples["source"] == "confirmed").sum()),
@@ -109,10 +159,10 @@ def feedback_examples(
     return FeedbackExamples(examples=examples.reset_index(drop=True), conflicts=conflicts, counts=counts)
 
 
-def load_feedback(registry: RegistryConfig, name: str, include_confirmed: bool = True) -> FeedbackExamples:
-    """The labelled examples in `name`'s feedback, read from the registry's database."""
+def load_feedback(registry: RegistryConfig, name: str, config: FeedbackConfig) -> FeedbackExamples:
+    """The labelled examples in `name`'s feedback that `config` admits, read from the registry's database."""
     prediction_log = PredictionLog(registry.resolved_database_url(), registry.home)
     try:
-        return feedback_examples(prediction_log.feedback_for(name), include_confirmed)
+        return feedback_examples(prediction_log.feedback_for(name), config)
     finally:
         prediction_log.close()

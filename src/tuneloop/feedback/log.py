@@ -17,14 +17,14 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from tuneloop.atomic import write_text_atomically
 from tuneloop.db import open_database
-from tuneloop.db.schema import FeedbackRecord, PredictionRecord, utc_now
-from tuneloop.errors import TuneloopError, first_line
+from tuneloop.db.schema import ANONYMOUS, FeedbackRecord, PredictionRecord, Review, utc_now
+from tuneloop.errors import NotFound, TuneloopError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -340,8 +340,11 @@ class PredictionLog:
         corrected_label: str | None = None,
         rating: int | None = None,
         comment: str | None = None,
+        sender: str = ANONYMOUS,
+        trusted: bool = False,
     ) -> FeedbackRecord:
-        """Commit one piece of feedback; the prediction must exist (pending ones are flushed first)."""
+        """Commit one piece of feedback from `sender` (an API key's id, or anonymous); the prediction must exist
+        (pending ones are flushed first). Untrusted feedback waits for review before it trains."""
         if self.get(prediction_id) is None:
             raise TuneloopError(f"no prediction with id '{prediction_id}'")
         row = FeedbackRecord(
@@ -350,6 +353,9 @@ class PredictionLog:
             corrected_label=corrected_label,
             rating=rating,
             comment=comment,
+            sender=sender,
+            trusted=trusted,
+            review="pending",
         )
         with self._sessions.begin() as session:
             session.add(row)
@@ -366,6 +372,23 @@ class PredictionLog:
                 .order_by(FeedbackRecord.created_at, FeedbackRecord.id)
             )
             return [(f, p) for f, p in session.execute(query)]
+
+    def set_review(self, feedback_ids: list[int], review: Review, reviewer: str) -> int:
+        """Record an admin's verdict on these feedback rows, all or none; returns how many there were."""
+        if not feedback_ids:
+            return 0
+        with self._sessions.begin() as session:
+            found = set(session.scalars(select(FeedbackRecord.id).where(FeedbackRecord.id.in_(feedback_ids))))
+            missing = sorted(set(feedback_ids) - found)
+            if missing:
+                shown = ", ".join(map(str, missing[:10])) + (" …" if len(missing) > 10 else "")
+                raise NotFound(f"no feedback with id {shown}; nothing was changed (ids come from the review queue)")
+            session.execute(
+                update(FeedbackRecord)
+                .where(FeedbackRecord.id.in_(feedback_ids))
+                .values(review=review, reviewed_by=reviewer, reviewed_at=utc_now())
+            )
+        return len(found)
 
     def recent_feedback(self, limit: int) -> list[tuple[FeedbackRecord, PredictionRecord]]:
         """The latest feedback across all models, newest first, with the prediction it is about."""

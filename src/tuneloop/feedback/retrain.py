@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
+import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,26 +37,54 @@ class RetrainOutcome:
     feedback: dict[str, Any]
 
 
-def in_holdout(text: str, fraction: float) -> bool:
+HOLDOUT_SECRET_FILE = "holdout.secret"
+
+
+def holdout_secret(home: Path) -> bytes:
+    """The home's secret for choosing the gate's holdout, made on first use (owner-readable only).
+
+    Every process of the home gets the same one: it is written whole beside its place and linked there, which
+    fails if another process got there first, whose secret is then read instead.
+    """
+    path = Path(home) / HOLDOUT_SECRET_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            staging.touch(mode=0o600)
+            staging.write_text(secrets.token_hex(32), encoding="ascii")
+            os.link(staging, path)
+        except FileExistsError:
+            pass
+        finally:
+            staging.unlink(missing_ok=True)
+    secret = path.read_text(encoding="ascii").strip()
+    if len(secret) < 32:
+        raise TuneloopError(f"{path} does not hold a holdout secret; delete it and a new one is made")
+    return secret.encode()
+
+
+def in_holdout(text: str, fraction: float, secret: bytes) -> bool:
     """Whether a feedback text is kept out of training for the gate.
 
-    Decided by a hash of the text, not a random draw, so an example stays on the same side in every
-    retrain: no later candidate trains on what an earlier gate scored.
+    Decided by a keyed hash (HMAC) of the text, not a random draw, so an example stays on the same side in every
+    retrain (no later candidate trains on what an earlier gate scored); keyed with the home's secret, so whoever
+    writes the feedback cannot choose texts the gate will never see.
     """
-    digest = hashlib.sha256(dedup_key(text).encode()).digest()
+    digest = hmac.new(secret, dedup_key(text).encode(), hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def retraining_data(
-    frozen: PreparedData, feedback: FeedbackExamples, config: FeedbackConfig, source: str
+    frozen: PreparedData, feedback: FeedbackExamples, config: FeedbackConfig, source: str, secret: bytes
 ) -> PreparedData:
     """Production's splits plus feedback: corrections replace training rows with the same text, the
-    test split stays exactly as it was, and a hash-chosen share of the feedback is held out."""
+    test split stays exactly as it was, and a share of the feedback chosen by `secret` is held out."""
     examples = feedback.examples
     keys = examples["text"].map(dedup_key)
     in_test = keys.isin(set(frozen.test["text"].map(dedup_key)))
     usable = examples[~in_test]
-    held = usable["text"].map(lambda t: in_holdout(t, config.holdout)).astype(bool)
+    held = usable["text"].map(lambda t: in_holdout(t, config.holdout, secret)).astype(bool)
     learn, holdout = usable[~held], usable[held]
     superseded = set(keys[~in_test])
 
@@ -118,15 +149,24 @@ def _retrain(
     recipe = load_config(config_file, overrides, base=stored)
     recipe.name = name  # a name in the caller's config file must not send the candidate elsewhere
     recipe.data.kfold = None  # the splits are given; folds of production's own data do not apply
-    examples = load_feedback(recipe.registry, name, recipe.feedback.include_confirmed)
+    examples = load_feedback(recipe.registry, name, recipe.feedback)
     if examples.examples.empty:
-        raise TuneloopError(f"no feedback with a label for '{name}' yet: send corrections to /v1/feedback first")
+        waiting = examples.counts.get("awaiting_review", 0)
+        raise TuneloopError(
+            f"no feedback with a label for '{name}' may train yet"
+            + (
+                f": {waiting} feedback rows await review (tuneloop feedback review {name})"
+                if waiting
+                else ": send corrections to /v1/feedback first"
+            )
+        )
     frozen = load_prepared(registry.folder(production).data())
     data = retraining_data(
         frozen,
         examples,
         recipe.feedback,
         source=f"{production.ref} frozen splits + {len(examples.examples)} feedback examples",
+        secret=holdout_secret(recipe.registry.home),
     )
     encoder = resolve_encoder(production.base_model, registry)
     data.report["text_length"] = length_percentiles(

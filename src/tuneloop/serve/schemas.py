@@ -52,22 +52,20 @@ class FeedbackRequest(StrictModel):
         }
     )
 
-    prediction_id: str | SkipJsonSchema[None] = Field(
-        None, min_length=1, max_length=64, description="From /v1/predict. Give this or turn_id."
+    # Constraints sit on the str inside the union: on the field they would be applied to an explicit null too.
+    prediction_id: Annotated[str, Field(min_length=1, max_length=64)] | SkipJsonSchema[None] = Field(
+        None, description="From /v1/predict. Give this or turn_id."
     )
-    turn_id: str | SkipJsonSchema[None] = Field(
-        None,
-        min_length=1,
-        max_length=64,
-        description="From /v1/chat: the feedback is about that turn's intent. Give this or prediction_id.",
+    turn_id: Annotated[str, Field(min_length=1, max_length=64)] | SkipJsonSchema[None] = Field(
+        None, description="From /v1/chat: the feedback is about that turn's intent. Give this or prediction_id."
     )
-    corrected_label: str | SkipJsonSchema[None] = Field(
-        None, min_length=1, max_length=200, description="The right label (for a chat turn: the right intent)."
+    corrected_label: Annotated[str, Field(min_length=1, max_length=200)] | SkipJsonSchema[None] = Field(
+        None, description="The right label (for a chat turn: the right intent)."
     )
     rating: Annotated[int, Field(ge=-1, le=1)] | SkipJsonSchema[None] = Field(
         None, description="-1 wrong / unhelpful (thumbs down), 0, 1 right (up)."
     )
-    comment: str | SkipJsonSchema[None] = Field(None, max_length=2000)
+    comment: Annotated[str, Field(max_length=2000)] | SkipJsonSchema[None] = None
 
     @model_validator(mode="after")
     def _about_one_thing_and_says_something(self) -> FeedbackRequest:
@@ -191,10 +189,69 @@ class FeedbackItem(BaseModel):
     rating: int | None
     comment: str | None
     source: str = Field(description="Where the prediction was made: api or chat.")
+    sender: str = Field(description="Who sent the feedback: the API key's id (key:…) or anonymous.")
+    trusted: bool = Field(description="The sender's key was trusted: its feedback trains without review.")
+    review: Literal["pending", "approved", "rejected"]
 
 
 class FeedbackQueue(BaseModel):
     items: list[FeedbackItem]
+
+
+class ReviewGroupInfo(BaseModel):
+    group: str = Field(description="The group's id, stable for the same text and label; decide on it by id.")
+    text: str
+    label: str = Field(description="The label this feedback would teach.")
+    kind: Literal["corrected", "confirmed"] = Field(description="A correction, or an up-rating of the prediction.")
+    predicted: str = Field(description="What the model said.")
+    count: int
+    pending: int = Field(description="How many of them wait for a decision (not reviewed, not from a trusted key).")
+    senders: dict[str, int] = Field(description="Feedback per sender.")
+    trusted_senders: list[str]
+    feedback_ids: list[int]
+    first_at: datetime
+    last_at: datetime
+    flags: list[str] = Field(description="Why it looks suspicious: one sender repeating it, disagreeing labels.")
+
+
+class ReviewQueueResponse(BaseModel):
+    model: str
+    groups: list[ReviewGroupInfo]
+
+
+class ReviewDecisionRequest(StrictModel):
+    # "Say which feedback" is in the JSON schema too, as for FeedbackRequest.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["groups"], "properties": {"groups": {"minItems": 1}}},
+                {"required": ["feedback_ids"], "properties": {"feedback_ids": {"minItems": 1}}},
+                {"required": ["sender"], "properties": {"sender": {"minLength": 1}}},
+            ]
+        }
+    )
+
+    model: str = Field(pattern=MODEL_NAME_PATTERN, description="The model whose feedback is decided on.")
+    decision: Literal["approve", "reject"]
+    groups: list[Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=list, max_length=1000, description="Group ids from the review queue: all their feedback."
+    )
+    feedback_ids: list[Annotated[int, Field(ge=1, le=2**63 - 1)]] = Field(
+        default_factory=list, max_length=10_000, description="Single feedback rows."
+    )
+    sender: Annotated[str, Field(min_length=1, max_length=80)] | SkipJsonSchema[None] = Field(
+        None, description="All this sender's feedback on the model."
+    )
+
+    @model_validator(mode="after")
+    def _says_which(self) -> ReviewDecisionRequest:
+        if not (self.groups or self.feedback_ids or self.sender):
+            raise ValueError("say which feedback to decide on: groups, feedback_ids or sender")
+        return self
+
+
+class ReviewDecisionResponse(BaseModel):
+    decided: int = Field(description="Feedback rows now approved or rejected.")
 
 
 class JobInfo(BaseModel):

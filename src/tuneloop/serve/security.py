@@ -7,6 +7,7 @@ import hmac
 import ipaddress
 import json
 import secrets
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request, Security, status
@@ -16,6 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tuneloop.config import ServerSettings
+from tuneloop.db.schema import ANONYMOUS
 from tuneloop.errors import TuneloopError
 
 # Declared as security schemes, so the OpenAPI document (and /docs' Authorize button) shows how to send a key.
@@ -38,26 +40,55 @@ def _hashed(plain: SecretStr | None) -> set[str]:
     return {hash_key(k) for k in (plain.get_secret_value() if plain else "").split(",") if k.strip()}
 
 
+def key_id(digest: str) -> str:
+    """A key's public name, as feedback records its sender: a prefix of its hash (which the config holds anyway),
+    never the key."""
+    return f"key:{digest[:12]}"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the key's id (or anonymous: no key, or one this server does not know), its scopes,
+    and whether its feedback trains without review."""
+
+    sender: str
+    scopes: frozenset[str]
+    trusted: bool
+
+
+ANONYMOUS_CALLER = Caller(ANONYMOUS, frozenset(), trusted=False)
+
+
 class KeyRing:
-    """Which hashed keys grant which scope; the plain keys are never kept."""
+    """Which hashed keys grant which scope, and which are trusted to teach; the plain keys are never kept."""
 
     def __init__(self, config: ServerSettings) -> None:
-        self.admin = {h.lower() for h in config.serve.admin_key_hashes} | _hashed(config.admin_keys)
-        self.client = {h.lower() for h in config.serve.client_key_hashes} | _hashed(config.client_keys)
+        self.admin = set(config.serve.admin_key_hashes) | _hashed(config.admin_keys)
+        self.client = set(config.serve.client_key_hashes) | _hashed(config.client_keys)
+        unknown = set(config.serve.trusted_key_hashes) - self.client - self.admin
+        if unknown:
+            raise TuneloopError(
+                f"serve.trusted_key_hashes has {len(unknown)} hash(es) that are not client or admin keys "
+                f"({', '.join(sorted(h[:12] + '…' for h in unknown))}): add the key to serve.client_key_hashes too"
+            )
+        self.trusted = set(config.serve.trusted_key_hashes) | self.admin
 
     @property
     def client_open(self) -> bool:
         """With no client keys configured, predict and feedback need none (a trusted network)."""
         return not self.client
 
-    def scopes_of(self, key: str | None) -> set[str]:
+    def caller(self, key: str | None) -> Caller:
         if not key:
-            return set()
+            return ANONYMOUS_CALLER
         digest = hash_key(key)
         # Every stored hash is compared (no early exit), so the time taken does not say which one matched.
         is_admin = sum(hmac.compare_digest(digest, h) for h in self.admin) > 0
         is_client = sum(hmac.compare_digest(digest, h) for h in self.client) > 0
-        return {"admin", "client"} if is_admin else ({"client"} if is_client else set())
+        if not (is_admin or is_client):
+            return ANONYMOUS_CALLER
+        scopes = frozenset({"admin", "client"} if is_admin else {"client"})
+        return Caller(key_id(digest), scopes, trusted=digest in self.trusted)
 
 
 def presented_key(
@@ -70,10 +101,12 @@ def presented_key(
     return bearer.credentials.strip() if bearer else None
 
 
-def require_client(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> None:
+def require_client(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> Caller:
+    """The caller of a client route: anyone when no client keys are configured, else a client or admin key."""
     keys: KeyRing = request.app.state.tuneloop.keys
-    if keys.client_open or "client" in keys.scopes_of(key):
-        return
+    caller = keys.caller(key)
+    if keys.client_open or "client" in caller.scopes:
+        return caller
     raise HTTPException(
         status.HTTP_401_UNAUTHORIZED,
         "a valid API key is required (Authorization: Bearer <key>)",
@@ -81,7 +114,7 @@ def require_client(request: Request, key: Annotated[str | None, Depends(presente
     )
 
 
-def require_admin(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> None:
+def require_admin(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> Caller:
     keys: KeyRing = request.app.state.tuneloop.keys
     if not keys.admin:
         raise HTTPException(
@@ -89,13 +122,15 @@ def require_admin(request: Request, key: Annotated[str | None, Depends(presented
             "admin routes are disabled: configure an admin key "
             "(serve.admin_key_hashes or TUNELOOP_ADMIN_KEYS; tuneloop keys new --scope admin)",
         )
-    scopes = keys.scopes_of(key)
+    caller = keys.caller(key)
+    scopes = caller.scopes
     if "client" in scopes and "admin" not in scopes:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this key has the client scope; this route needs an admin key")
     if "admin" not in scopes:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "an admin API key is required", headers={"WWW-Authenticate": "Bearer"}
         )
+    return caller
 
 
 def is_loopback(host: str) -> bool:

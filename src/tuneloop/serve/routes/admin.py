@@ -1,12 +1,16 @@
-"""The admin API: versions and their metrics, the feedback queue, retrain and gate jobs."""
+"""The admin API: versions and their metrics, the feedback and its review queue, retrain and gate jobs."""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.concurrency import run_in_threadpool
 
+from tuneloop.config import MODEL_NAME_PATTERN
 from tuneloop.db.lease import model_job_running
 from tuneloop.errors import Conflict, NotFound
+from tuneloop.feedback import review
 from tuneloop.serve.deps import State
 from tuneloop.serve.jobs import Job
 from tuneloop.serve.schemas import (
@@ -19,8 +23,12 @@ from tuneloop.serve.schemas import (
     JobInfo,
     JobRequest,
     JobsResponse,
+    ReviewDecisionRequest,
+    ReviewDecisionResponse,
+    ReviewGroupInfo,
+    ReviewQueueResponse,
 )
-from tuneloop.serve.security import require_admin
+from tuneloop.serve.security import Caller, require_admin
 
 router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -76,10 +84,45 @@ async def feedback_queue(state: State, limit: int = Query(50, ge=1, le=500)) -> 
                 rating=f.rating,
                 comment=f.comment,
                 source=p.source,
+                sender=f.sender,
+                trusted=f.trusted,
+                review=f.review,
             )
             for f, p in rows
         ]
     )
+
+
+@router.get("/v1/admin/review", response_model=ReviewQueueResponse, responses=ERRORS)
+async def review_queue(
+    state: State,
+    model: str = Query(pattern=MODEL_NAME_PATTERN, description="Model name."),
+    limit: int = Query(100, ge=1, le=1000),
+) -> ReviewQueueResponse:
+    """Feedback that waits for a decision before it may train, grouped by text and proposed label, most first,
+    with who sent it and flags where it looks like poisoning."""
+    rows = await run_in_threadpool(state.prediction_log.feedback_for, model)
+    groups = review.review_queue(model, rows)[:limit]
+    return ReviewQueueResponse(model=model, groups=[ReviewGroupInfo(**vars(group)) for group in groups])
+
+
+@router.post("/v1/admin/review", response_model=ReviewDecisionResponse, responses=ERRORS)
+async def decide_on_feedback(
+    body: ReviewDecisionRequest, state: State, caller: Annotated[Caller, Depends(require_admin)]
+) -> ReviewDecisionResponse:
+    """Approve or reject feedback by group, id or sender, all or nothing (an unknown one is a 404, nothing
+    changed). Rejected feedback never trains, whoever sent it."""
+    decided = await run_in_threadpool(
+        review.decide,
+        state.prediction_log,
+        body.model,
+        body.decision,
+        caller.sender,
+        body.groups,
+        body.feedback_ids,
+        body.sender,
+    )
+    return ReviewDecisionResponse(decided=decided)
 
 
 @router.post("/v1/admin/jobs", response_model=JobInfo, status_code=202, responses=ERRORS)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
 from tuneloop.errors import NotFound, TuneloopError
 from tuneloop.serve.deps import State
 from tuneloop.serve.schemas import ERRORS, FeedbackRequest, FeedbackResponse
-from tuneloop.serve.security import require_client
+from tuneloop.serve.security import Caller, require_client
 
 router = APIRouter(tags=["feedback"])
 
@@ -18,10 +20,12 @@ router = APIRouter(tags=["feedback"])
     response_model=FeedbackResponse,
     status_code=201,
     responses=ERRORS,
-    dependencies=[Depends(require_client)],
 )
-async def feedback(body: FeedbackRequest, state: State) -> FeedbackResponse:
-    """Correct a prediction's (or a chat turn's intent) label and/or rate it; stored before the answer."""
+async def feedback(
+    body: FeedbackRequest, state: State, caller: Annotated[Caller, Depends(require_client)]
+) -> FeedbackResponse:
+    """Correct a prediction's (or a chat turn's intent) label and/or rate it; stored before the answer, with the
+    sender's key id. Unless that key is trusted, it trains a model only once an admin approves it."""
     rating = body.rating
     if body.turn_id is not None:
         conversations = state.conversations
@@ -52,7 +56,13 @@ async def feedback(body: FeedbackRequest, state: State) -> FeedbackResponse:
                 f"labels: {', '.join(sorted(allowed))}"
             )
     row = await run_in_threadpool(
-        state.prediction_log.add_feedback, prediction_id, body.corrected_label, rating, body.comment
+        state.prediction_log.add_feedback,
+        prediction_id,
+        body.corrected_label,
+        rating,
+        body.comment,
+        caller.sender,
+        caller.trusted,
     )
     kind = "correction" if body.corrected_label else ("rating" if body.rating is not None else "comment")
     state.metrics.feedback.labels(kind).inc()

@@ -1,4 +1,4 @@
-// The admin page: versions and metrics, the feedback queue, and retrain → gate → promote.
+// The admin page: versions and metrics, the review queue, the latest feedback, and retrain → gate → promote.
 "use strict";
 
 const keyInput = document.getElementById("key");
@@ -43,6 +43,7 @@ const percent = (value) => (typeof value === "number" ? (value * 100).toFixed(1)
 
 async function loadModels() {
   const { models } = await call("/v1/admin/models");
+  await loadReview(models.map((m) => m.name));
   const root = document.getElementById("models");
   root.replaceChildren();
   for (const model of models) {
@@ -76,16 +77,60 @@ async function loadModels() {
 
 async function loadFeedback() {
   const { items } = await call("/v1/admin/feedback?limit=50");
-  const t = table(["when", "model", "text", "predicted", "corrected", "rating", "comment"]);
+  const t = table(["when", "model", "text", "predicted", "corrected", "rating", "comment", "sender", "review"]);
   const body = t.createTBody();
   for (const f of items) {
     const row = body.insertRow();
     for (const value of [f.at.slice(0, 19).replace("T", " "), f.model, f.text, f.predicted, f.corrected_label,
-                         f.rating === null ? "" : (f.rating > 0 ? "👍" : f.rating < 0 ? "👎" : "0"), f.comment]) {
+                         f.rating === null ? "" : (f.rating > 0 ? "👍" : f.rating < 0 ? "👎" : "0"), f.comment,
+                         f.sender, f.trusted ? "trusted" : f.review]) {
       cell(row, value);
     }
   }
   document.getElementById("feedback").replaceChildren(items.length ? t : "No feedback yet.");
+}
+
+// One table per model: feedback waiting for a decision, grouped by text and proposed label; decide per group
+// or on every checked group at once.
+async function loadReview(names) {
+  const root = document.getElementById("review");
+  const parts = [];
+  for (const name of names) {
+    const { groups } = await call(`/v1/admin/review?model=${encodeURIComponent(name)}&limit=200`);
+    if (!groups.length) continue;
+    const decide = async (decision, chosen) => {
+      if (!chosen.length) return;
+      const { decided } = await call("/v1/admin/review", { model: name, decision, groups: chosen });
+      show(`${decision}d ${decided} feedback rows on ${name}`);
+      await loadReview(names);
+    };
+    const t = table(["", "text", "label (model said)", "pending", "senders", "flags", ""]);
+    t.className = "review";
+    const body = t.createTBody();
+    for (const g of groups) {
+      const row = body.insertRow();
+      row.dataset.group = g.group;
+      const box = document.createElement("input");
+      box.type = "checkbox";
+      box.value = g.group;
+      cell(row, box);
+      cell(row, g.text);
+      cell(row, `${g.label} (${g.predicted})`);
+      cell(row, String(g.pending));
+      cell(row, Object.entries(g.senders).map(([s, n]) => `${s} ×${n}`).join(", "));
+      cell(row, g.flags.join("; ")).className = g.flags.length ? "flag" : "";
+      const actions = cell(row, "");
+      actions.append(button("approve", () => decide("approve", [g.group])), " ",
+                     button("reject", () => decide("reject", [g.group])));
+    }
+    const checked = () => [...t.querySelectorAll("input:checked")].map((box) => box.value);
+    const title = document.createElement("h3");
+    title.textContent = `${name} `;
+    title.append(button("approve checked", () => decide("approve", checked())), " ",
+                 button("reject checked", () => decide("reject", checked())));
+    parts.push(title, t);
+  }
+  root.replaceChildren(...(parts.length ? parts : ["Nothing waits for review."]));
 }
 
 async function loadJobs() {
