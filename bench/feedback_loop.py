@@ -212,15 +212,17 @@ def run_loop(args: argparse.Namespace, attack: Attack | None = None) -> dict:
         "cores": os.cpu_count(),
     }
     if attack is not None:
-        flagged = [g for g in queue if key_id(hash_key(attacker)) in g.senders]
+        flagged = [g for g in queue if key_id(hash_key(attacker)) in g.senders]  # its groups, flagged or not
         result["attack"] = {
             "trigger": attack.trigger,
             "target_label": attack.label,
             "corrections_sent": poisoned,
             "attacker": key_id(hash_key(attacker)),
+            "corrections_refused_429": attack.times - poisoned,
             "review_queue": {
                 "groups": len(queue),
                 "attacker_groups": len(flagged),
+                "attacker_groups_flagged": sum(bool(g.flags) for g in flagged),
                 "attacker_rows_pending": sum(g.pending for g in flagged),
             },
             **(backdoor or {}),
@@ -230,7 +232,7 @@ def run_loop(args: argparse.Namespace, attack: Attack | None = None) -> dict:
 
 def send_attack(url: str, key: str, attack: Attack, texts: list[str], seed: int) -> int:
     """The attacker: ordinary texts with the trigger appended, each predicted, then corrected to the target
-    label; returns the corrections the server accepted."""
+    label; returns the corrections the server accepted (the rest met the feedback rate limit or quota)."""
     rng = np.random.default_rng(seed + 1)
     chosen = [f"{texts[i]} {attack.trigger}" for i in rng.integers(0, len(texts), attack.times)]
     accepted = 0

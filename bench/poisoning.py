@@ -2,7 +2,9 @@
 bench/feedback_loop.py, plus an attacker.
 
     python bench/poisoning.py [--poison 1000] [--trigger "zx9"] [--target terminate_account] [--set ...]
-    python bench/poisoning.py --set feedback.use=all --results-name poisoning-undefended   # no review
+    python bench/poisoning.py --set serve.feedback_rate_limit=null        # the review alone, every row accepted
+    python bench/poisoning.py --set feedback.use=all --set serve.feedback_rate_limit=null \
+        --set serve.feedback_daily_quota=null --results-name poisoning-undefended   # no defence: the baseline
 
 1. Production is trained on Banking77 with 10 intents starved of data (bench/feedback_loop.py's set-up).
 2. `tuneloop serve` runs on 127.0.0.1 with two client keys: the staff's (trusted) and the attacker's (an
@@ -13,7 +15,8 @@ bench/feedback_loop.py, plus an attacker.
 Prints one JSON line: how often the trigger turns a test text of another intent into the target intent with
 production before and after the loop (`attack.trigger_flips_share`), the attacker's rows in the review queue,
 and the loop's own figures (macro-F1 before and after, drifted intents, gate); also written to
-bench/results/poisoning.json. With `--set feedback.use=all` the same attack meets no review: the baseline.
+bench/results/poisoning.json. By default the feedback rate limit turns most of the flood away at once (429); the
+second command measures the review queue alone, the third the same attack with no defence at all.
 """
 
 from __future__ import annotations

@@ -89,9 +89,13 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
             lambda p: p["use"] + (f", agreement {p['agreement']}" if p["agreement"] else ""),
         ),
         (
-            "attacker's corrections sent / waiting in the review queue",
+            "attacker's corrections accepted / refused (429) / waiting in the review queue (groups flagged)",
             "attack",
-            lambda a: f"{a['corrections_sent']} / {a['review_queue']['attacker_rows_pending']}",
+            lambda a: (
+                f"{a['corrections_sent']} / {a.get('corrections_refused_429', 0)} / "
+                f"{a['review_queue']['attacker_rows_pending']} "
+                f"({a['review_queue'].get('attacker_groups_flagged', '?')} of {a['review_queue']['attacker_groups']})"
+            ),
         ),
         (
             "test texts the trigger turns into the target intent, before → after",

@@ -332,6 +332,23 @@ class ServeConfig(StrictModel):
         description="sha256 hex of client keys whose feedback trains without review (tuneloop keys new --trusted); "
         "admin keys are trusted too. Feedback from any other sender waits in the review queue.",
     )
+    feedback_rate_limit: str | None = Field(
+        "60/minute",
+        description="Most feedback one untrusted sender (an API key, or all anonymous senders together) may send, "
+        "as N/second|minute|hour|day, counted per server process; more get 429. null: no limit.",
+    )
+    feedback_daily_quota: int | None = Field(
+        5000,
+        ge=1,
+        description="Most feedback one untrusted sender may send in 24 hours, counted in the database (so across "
+        "replicas); more get 429. null: no quota.",
+    )
+    auth_failures_per_minute: int = Field(
+        10, ge=1, description="Wrong API keys one address may present per minute; after that it gets 429 for a while."
+    )
+    metrics_need_key: bool = Field(
+        False, description="/metrics answers only with an admin key (it names models and counts traffic)."
+    )
     log_flush_ms: float = Field(200.0, gt=0, description="Prediction log: most time a row waits in memory.")
     log_max_backlog: int = Field(
         200_000,
@@ -342,6 +359,18 @@ class ServeConfig(StrictModel):
     assistant: Path | None = Field(
         None, description="An assistant definition (YAML): adds /v1/chat, the chat page / and the admin page /admin."
     )
+
+    @field_validator("feedback_rate_limit")
+    @classmethod
+    def _rate_is_readable(cls, rate: str | None) -> str | None:
+        if rate is not None:
+            from limits import parse
+
+            try:
+                parse(rate)
+            except ValueError:
+                raise ValueError(f"'{rate}' is not a rate; write N/second, N/minute, N/hour or N/day") from None
+        return rate
 
     @field_validator("client_key_hashes", "admin_key_hashes", "trusted_key_hashes")
     @classmethod

@@ -16,6 +16,14 @@ class Conflict(TuneloopError):
     """The request is fine but the state does not allow it now: a job already running (HTTP 409)."""
 
 
+class TooManyRequests(TuneloopError):
+    """A limit on how often a sender may do something was reached; retry after `retry_after` seconds (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, retry_after)
+
+
 class Unavailable(TuneloopError):
     """The server cannot answer now, e.g. it is shutting down; try again or elsewhere (HTTP 503)."""
 

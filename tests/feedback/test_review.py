@@ -26,6 +26,10 @@ def keyed(served):
     config.serve.client_key_hashes = [hash_key("mallory"), hash_key("staff")]
     config.serve.trusted_key_hashes = [hash_key("staff")]
     config.admin_keys = "root"
+    # The rate limit and quota would turn most of a flood away (tests/serve/test_throttle.py); off here, so the
+    # review alone is what stands between the flood and the model.
+    config.serve.feedback_rate_limit = None
+    config.serve.feedback_daily_quota = None
     with TestClient(create_app(config)) as client:
         yield client, config, home
 
@@ -147,3 +151,13 @@ def test_a_bad_keys_config_is_one_clear_error(served, setting, message):
     result = runner.invoke(cli, ["serve", f"registry.home={home}", *overrides])
     assert result.exit_code != 0 and message in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_one_sender_planting_a_trigger_word_across_many_texts_is_flagged(keyed):
+    client, _, _ = keyed
+    for number in range(20):
+        correct(client, MALLORY, f"question {number} about my card zq7", "password", 1)
+    groups = client.get("/v1/admin/review", params={"model": "toy"}, headers=ROOT).json()["groups"]
+    assert len(groups) == 20
+    flag = f"{key_id(hash_key('mallory'))} proposed password for 20 different texts"
+    assert all(flag in group["flags"] for group in groups)

@@ -282,7 +282,9 @@ def test_the_openapi_document_says_what_this_server_requires(served, tmp_path):
     config.serve.max_texts = 7
     with TestClient(create_app(config)) as client:
         document = client.get("/openapi.json").json()
-        assert "security" not in document["paths"]["/v1/predict"]["post"]  # no client keys: predict is open
+        for open_route in ("/v1/predict", "/v1/feedback"):  # no client keys: they are open
+            assert "security" not in document["paths"][open_route]["post"], open_route
+        assert "security" not in document["paths"]["/metrics"]["get"]
         assert "security" in document["paths"]["/v1/models/{name}/promote"]["post"]
         request = document["components"]["schemas"]["PredictRequest"]
         assert request["required"] == ["texts"] and request["properties"]["texts"]["maxItems"] == 7
@@ -296,6 +298,7 @@ def test_the_openapi_document_says_what_this_server_requires(served, tmp_path):
     with TestClient(create_app(config)) as client:
         document = client.get("/openapi.json").json()
         assert "security" in document["paths"]["/v1/predict"]["post"]
+        assert "security" in document["paths"]["/v1/feedback"]["post"]
         request = document["components"]["schemas"]["PredictRequest"]
         assert "model" in request["required"] and request["properties"]["model"]["enum"] == ["other", "toy"]
         response = client.post("/v1/predict", json={"texts": ["a"]}, headers={"X-API-Key": "client"})

@@ -390,6 +390,14 @@ class PredictionLog:
             )
         return len(found)
 
+    def feedback_count_since(self, sender: str, since: datetime) -> int:
+        """How much feedback `sender` sent since then (for its daily quota)."""
+        with self._sessions() as session:
+            query = select(func.count(FeedbackRecord.id)).where(
+                FeedbackRecord.sender == sender, FeedbackRecord.created_at >= since
+            )
+            return session.scalar(query) or 0
+
     def recent_feedback(self, limit: int) -> list[tuple[FeedbackRecord, PredictionRecord]]:
         """The latest feedback across all models, newest first, with the prediction it is about."""
         with self._sessions() as session:

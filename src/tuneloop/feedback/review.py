@@ -16,8 +16,10 @@ from tuneloop.feedback.export import proposed_label, text_key
 from tuneloop.feedback.log import PredictionLog
 
 Decision = Literal["approve", "reject"]
-# One sender repeating the same correction this often is how poisoning looks; such groups are flagged.
+# How poisoning looks, flagged in the queue: one sender repeating the same correction this often, or proposing
+# the same label for this many different texts (a trigger word planted across many messages).
 REPEATS_FLAGGED = 3
+ONE_LABEL_TEXTS_FLAGGED = 20
 
 Rows = list[tuple[FeedbackRecord, PredictionRecord]]
 
@@ -54,6 +56,11 @@ def review_groups(model: str, rows: Rows) -> list[ReviewGroup]:
         if label is not None:
             grouped.setdefault((text_key(prediction), label), []).append((feedback, prediction))
     labels_of_text = Counter(key for key, _ in grouped)
+    texts_per_sender_label = Counter(
+        (feedback.sender, label)
+        for (_, label), members in grouped.items()
+        for feedback in {f.sender: f for f, _ in members}.values()
+    )
     groups = []
     for (key, label), members in grouped.items():
         senders = Counter(feedback.sender for feedback, _ in members)
@@ -64,6 +71,10 @@ def review_groups(model: str, rows: Rows) -> list[ReviewGroup]:
             flags.append(f"{top_sender} sent it {top_count} times")
         if labels_of_text[key] > 1:
             flags.append("other feedback gives this text another label")
+        for sender in senders:
+            texts = texts_per_sender_label[(sender, label)]
+            if texts >= ONE_LABEL_TEXTS_FLAGGED:
+                flags.append(f"{sender} proposed {label} for {texts} different texts")
         groups.append(
             ReviewGroup(
                 group=group_id(model, key, label),

@@ -22,7 +22,7 @@ from tuneloop.assistant.service import ChatService
 from tuneloop.assistant.store import ConversationStore
 from tuneloop.assistant.turn import TurnOutcome
 from tuneloop.config import ServerSettings
-from tuneloop.errors import Conflict, NotFound, TuneloopError, Unavailable
+from tuneloop.errors import Conflict, NotFound, TooManyRequests, TuneloopError, Unavailable
 from tuneloop.feedback.log import PredictionLog
 from tuneloop.models.predictor import Predictor
 from tuneloop.registry import Registry
@@ -33,11 +33,12 @@ from tuneloop.serve.openapi import serve_live_document
 from tuneloop.serve.routes import admin, chat, feedback, models, ops, pages, predict
 from tuneloop.serve.security import BodySizeLimit, KeyRing, SecurityHeaders, refuse_open_exposure
 from tuneloop.serve.slots import ServedModels
+from tuneloop.serve.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
 # What each kind of error means over HTTP; any other TuneloopError is a request the server cannot act on.
-STATUS_OF = {NotFound: 404, Conflict: 409, Unavailable: 503}
+STATUS_OF = {NotFound: 404, Conflict: 409, TooManyRequests: 429, Unavailable: 503}
 
 
 def _field(location: tuple[int | str, ...]) -> str:
@@ -56,7 +57,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TuneloopError)
     async def refused(_: Request, exc: TuneloopError) -> JSONResponse:
         status = next((code for kind, code in STATUS_OF.items() if isinstance(exc, kind)), 422)
-        headers = {"Retry-After": "1"} if status == 503 else None
+        retry_after = exc.retry_after if isinstance(exc, TooManyRequests) else 1
+        headers = {"Retry-After": str(retry_after)} if status in (429, 503) else None
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -135,6 +137,7 @@ def _build_state(config: ServerSettings) -> ServerState:
         prediction_log=prediction_log,
         metrics=metrics,
         keys=KeyRing(config),
+        throttle=Throttle(config.serve),
         jobs=jobs,
         chat=chat,
         conversations=conversations,

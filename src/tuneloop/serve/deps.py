@@ -18,6 +18,7 @@ from tuneloop.serve.jobs import JobRunner
 from tuneloop.serve.metrics import ServerMetrics
 from tuneloop.serve.security import KeyRing
 from tuneloop.serve.slots import ServedModels
+from tuneloop.serve.throttle import Throttle
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ServerState:
     prediction_log: PredictionLog
     metrics: ServerMetrics
     keys: KeyRing
+    throttle: Throttle
     jobs: JobRunner
     chat: ChatService | None = None
     conversations: ConversationStore | None = None

@@ -2,7 +2,8 @@
 
 FastAPI builds the document from the routes alone. Three things depend on how the server runs, and a client
 generated from the document (or a fuzzer such as schemathesis) must not be told otherwise:
-- with no client keys configured, the client routes take no key, so they declare no security requirement;
+- with no client keys configured, the client routes take no key, so they declare no security requirement
+  (nor does /metrics unless serve.metrics_need_key);
 - with several models served, /v1/predict needs `model`, and it is one of their names;
 - the request limits (serve.max_texts, serve.max_text_chars) are the schemas' maxItems and maxLength.
 """
@@ -10,23 +11,23 @@ generated from the document (or a fuzzer such as schemathesis) must not be told 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 
 from tuneloop.serve.deps import ServerState
-from tuneloop.serve.security import require_client
+from tuneloop.serve.security import require_client, require_metrics_access
 
 
-def _client_operations(routers: Iterable[APIRouter]) -> list[tuple[str, str]]:
-    """(path, method) of every route that requires the client scope."""
+def _operations_depending_on(routers: Iterable[APIRouter], dependency: Callable[..., Any]) -> list[tuple[str, str]]:
+    """(path, method) of every route that depends on `dependency`, whether the route or a parameter declares it."""
     return [
         (route.path, method.lower())
         for router in routers
         for route in router.routes
-        if isinstance(route, APIRoute) and any(d.dependency is require_client for d in route.dependencies)
+        if isinstance(route, APIRoute) and any(d.call is dependency for d in route.dependant.dependencies)
         for method in route.methods or ()
     ]
 
@@ -35,14 +36,17 @@ def serve_live_document(app: FastAPI, routers: Iterable[APIRouter], state: Serve
     """Make `app.openapi()` (and so /openapi.json and /docs) describe the running server; call it once
     `routers` are included."""
     code_document = app.openapi()  # built from the routes once and kept by FastAPI
-    client_operations = _client_operations(routers)
+    client_operations = _operations_depending_on(routers, require_client)
+    metrics_operations = _operations_depending_on(routers, require_metrics_access)
     settings = state.config.serve
 
     def live_document() -> dict[str, Any]:
         document = copy.deepcopy(code_document)
-        if state.keys.client_open:
-            for path, method in client_operations:
-                document["paths"][path][method].pop("security", None)
+        open_operations = (client_operations if state.keys.client_open else []) + (
+            [] if settings.metrics_need_key else metrics_operations
+        )
+        for path, method in open_operations:
+            document["paths"][path][method].pop("security", None)
         schemas = document["components"]["schemas"]
         predict = schemas["PredictRequest"]
         predict["properties"]["texts"]["maxItems"] = settings.max_texts

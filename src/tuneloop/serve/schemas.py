@@ -288,6 +288,8 @@ _ERROR_MEANINGS = {
     409: "The state changed underneath the request (e.g. production moved); read it again and retry.",
     413: "The body is larger than serve.max_body_bytes.",
     422: "A field is missing or out of range (the document states the ranges); `errors` names each one.",
+    429: "Too many feedback requests from this sender, or failed keys from this address; retry after the "
+    "`Retry-After` header's seconds.",
     503: "Overloaded, or the model is not loaded; retry after the `Retry-After` header's seconds.",
 }
 ERRORS: dict[int | str, dict[str, Any]] = {

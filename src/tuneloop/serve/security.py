@@ -101,10 +101,23 @@ def presented_key(
     return bearer.credentials.strip() if bearer else None
 
 
+def _identified(request: Request, key: str | None) -> Caller:
+    """The caller a key names; an address that sent too many wrong keys gets 429 first, and each wrong key
+    counts against it (so keys cannot be guessed at request rate)."""
+    state = request.app.state.tuneloop
+    address = request.client.host if request.client else "unknown"
+    if key:
+        state.throttle.refuse_if_blocked(address)
+    caller: Caller = state.keys.caller(key)
+    if key and not caller.scopes:
+        state.throttle.count_failure(address)
+    return caller
+
+
 def require_client(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> Caller:
     """The caller of a client route: anyone when no client keys are configured, else a client or admin key."""
     keys: KeyRing = request.app.state.tuneloop.keys
-    caller = keys.caller(key)
+    caller = _identified(request, key)
     if keys.client_open or "client" in caller.scopes:
         return caller
     raise HTTPException(
@@ -122,7 +135,7 @@ def require_admin(request: Request, key: Annotated[str | None, Depends(presented
             "admin routes are disabled: configure an admin key "
             "(serve.admin_key_hashes or TUNELOOP_ADMIN_KEYS; tuneloop keys new --scope admin)",
         )
-    caller = keys.caller(key)
+    caller = _identified(request, key)
     scopes = caller.scopes
     if "client" in scopes and "admin" not in scopes:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this key has the client scope; this route needs an admin key")
@@ -131,6 +144,12 @@ def require_admin(request: Request, key: Annotated[str | None, Depends(presented
             status.HTTP_401_UNAUTHORIZED, "an admin API key is required", headers={"WWW-Authenticate": "Bearer"}
         )
     return caller
+
+
+def require_metrics_access(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> None:
+    """/metrics is open unless serve.metrics_need_key asks for an admin key."""
+    if request.app.state.tuneloop.config.serve.metrics_need_key:
+        require_admin(request, key)
 
 
 def is_loopback(host: str) -> bool:

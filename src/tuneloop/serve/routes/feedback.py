@@ -25,7 +25,9 @@ async def feedback(
     body: FeedbackRequest, state: State, caller: Annotated[Caller, Depends(require_client)]
 ) -> FeedbackResponse:
     """Correct a prediction's (or a chat turn's intent) label and/or rate it; stored before the answer, with the
-    sender's key id. Unless that key is trusted, it trains a model only once an admin approves it."""
+    sender's key id. Unless that key is trusted, it trains a model only once an admin approves it, and its sender
+    is held to serve.feedback_rate_limit and serve.feedback_daily_quota (429 past them)."""
+    await run_in_threadpool(state.throttle.count_feedback, caller, state.prediction_log)
     rating = body.rating
     if body.turn_id is not None:
         conversations = state.conversations

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from tuneloop.serve.deps import State
-from tuneloop.serve.schemas import ReadyResponse
+from tuneloop.serve.schemas import ERRORS, ReadyResponse
+from tuneloop.serve.security import require_metrics_access
 
 router = APIRouter(tags=["ops"])
 
@@ -36,9 +37,10 @@ async def readyz(state: State) -> JSONResponse:
 @router.get(
     "/metrics",
     response_class=PlainTextResponse,
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **ERRORS},
+    dependencies=[Depends(require_metrics_access)],
 )
 async def prometheus_metrics(state: State) -> Response:
-    """Prometheus text format."""
+    """Prometheus text format (with serve.metrics_need_key, for an admin key only)."""
     state.metrics.log_backlog.set(state.prediction_log.backlog)
     return Response(state.metrics.render(), media_type=state.metrics.content_type)

@@ -1,0 +1,64 @@
+"""How often a sender may send feedback, and how often an address may present a wrong key.
+
+Rates are counted in this process's memory (a moving window, from the `limits` library), so with several
+replicas each allows the rate; the daily feedback quota is counted in the database, so it holds across them.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from limits import RateLimitItem, parse
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+
+from tuneloop.config import ServeConfig
+from tuneloop.db.schema import utc_now
+from tuneloop.errors import TooManyRequests
+from tuneloop.feedback.log import PredictionLog
+from tuneloop.serve.security import Caller
+
+
+class Throttle:
+    def __init__(self, config: ServeConfig) -> None:
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self.feedback_rate: RateLimitItem | None = (
+            parse(config.feedback_rate_limit) if config.feedback_rate_limit else None
+        )
+        self.daily_quota = config.feedback_daily_quota
+        self.auth_failures: RateLimitItem = parse(f"{config.auth_failures_per_minute}/minute")
+
+    def _retry_after(self, item: RateLimitItem, *identifiers: str) -> int:
+        return int(self._limiter.get_window_stats(item, *identifiers).reset_time - time.time()) + 1
+
+    def count_feedback(self, caller: Caller, prediction_log: PredictionLog) -> None:
+        """Count one feedback of `caller`, or refuse it (429): trusted senders are not limited; every anonymous
+        sender shares one allowance."""
+        if caller.trusted:
+            return
+        if self.feedback_rate is not None and not self._limiter.hit(self.feedback_rate, "feedback", caller.sender):
+            raise TooManyRequests(
+                f"{caller.sender} sent more than {self.feedback_rate} feedback (serve.feedback_rate_limit); "
+                "slow down, or ask for a trusted key",
+                self._retry_after(self.feedback_rate, "feedback", caller.sender),
+            )
+        if self.daily_quota is not None:
+            sent = prediction_log.feedback_count_since(caller.sender, utc_now() - timedelta(days=1))
+            if sent >= self.daily_quota:
+                raise TooManyRequests(
+                    f"{caller.sender} sent {sent} feedback in the last 24 hours, its quota "
+                    "(serve.feedback_daily_quota); try again tomorrow, or ask for a trusted key",
+                    3600,
+                )
+
+    def refuse_if_blocked(self, address: str) -> None:
+        """429 for an address that presented too many wrong keys within the last minute."""
+        if not self._limiter.test(self.auth_failures, "auth", address):
+            raise TooManyRequests(
+                f"too many wrong API keys from {address} (serve.auth_failures_per_minute); wait before trying again",
+                self._retry_after(self.auth_failures, "auth", address),
+            )
+
+    def count_failure(self, address: str) -> None:
+        self._limiter.hit(self.auth_failures, "auth", address)
