@@ -79,6 +79,8 @@ def server_settings(home: Path, *extra: str):
             "serve.max_wait_ms=2",
             "serve.reload_poll_seconds=0.2",
             "serve.log_flush_ms=20",
+            # TestClient's requests name the host "testserver"; live servers are reached at 127.0.0.1.
+            'serve.allowed_hosts=["testserver", "127.0.0.1", "localhost"]',
             *extra,
         ],
         ServerSettings,

@@ -557,8 +557,8 @@ def demo(
         f"chat with it: tuneloop serve serve.assistant={outcome.assistant} registry.home={home}", soft_wrap=True
     )
     console.print(
-        f"  then open http://{server.serve.host}:{server.serve.port}/ (chat) and /admin (versions, "
-        f"feedback, retrain → gate → promote); API docs at /docs"
+        f"  then open http://{server.serve.host}:{server.serve.port}/ (chat) and /admin (versions, feedback "
+        f"review, retrain → gate → promote; the first start prints its admin key); API docs at /docs"
     )
     if serve_after:
         _serve(server)
@@ -586,10 +586,19 @@ def _serve(settings: ServerSettings) -> None:
 
     from tuneloop.serve.app import create_app
     from tuneloop.serve.http import uvicorn_config
+    from tuneloop.serve.security import HOME_ADMIN_KEYS, KeyRing, make_first_admin_key
     from tuneloop.training.common import use_threads
 
     use_threads(settings.serve.threads)
-    application = create_app(settings)
+    application = create_app(settings)  # a config that cannot serve fails before a key is made
+    admin_key = make_first_admin_key(settings)
+    if admin_key is not None:
+        application.state.tuneloop.keys = KeyRing(settings)  # now with the home's new key
+        console.print(
+            f"no admin key was configured, so one was made; it is shown this once (only its hash is kept, in "
+            f"{settings.registry.home / HOME_ADMIN_KEYS}): [bold]{admin_key}[/bold]",
+            soft_wrap=True,
+        )
     served = ", ".join(slot.current.ref for slot in application.state.tuneloop.served.slots.values())
     url = f"http://{settings.serve.host}:{settings.serve.port}"
     pages = f"; chat: {url}/, admin: {url}/admin" if settings.serve.assistant else f"; admin: {url}/admin"

@@ -261,6 +261,12 @@ class ServeConfig(StrictModel):
 
     host: str = Field("127.0.0.1", description="Address to bind; 127.0.0.1 answers this machine only.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names clients reach this server by (the Host header; '*.example.com' and '*' work); "
+        "others get 400, which stops DNS rebinding. Empty: the names of serve.host (localhost, 127.0.0.1 and "
+        "[::1] for a loopback address), or any host when it is 0.0.0.0 or ::, where naming them here is wiser.",
+    )
     models: list[str] = Field(
         default_factory=list,
         description="Model names to serve (their production version); empty: every "
@@ -326,6 +332,11 @@ class ServeConfig(StrictModel):
         default_factory=list,
         description="sha256 hex of admin API keys (also valid as client keys); promotion over HTTP and the admin "
         "API need one.",
+    )
+    make_admin_key: bool = Field(
+        True,
+        description="tuneloop serve with no admin key anywhere makes one, prints it once and keeps its hash in "
+        "the home (admin-key-hashes.txt), so the admin page works from the first start.",
     )
     trusted_key_hashes: list[str] = Field(
         default_factory=list,

@@ -74,3 +74,35 @@ def test_an_unreadable_rate_is_one_clear_error(served, rate):
     _, home = served
     result = CliRunner().invoke(cli, ["serve", f"registry.home={home}", f"serve.feedback_rate_limit={rate}"])
     assert result.exit_code != 0 and "is not a rate; write N/second" in result.output, result.output
+
+
+def test_a_request_naming_another_host_is_refused(served):
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 reaches a loopback server from
+    the user's browser; its requests still name evil.example."""
+    config, _ = served
+    config.serve.allowed_hosts = []  # the default: the names of serve.host, 127.0.0.1
+    app = create_app(config)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/healthz", headers={"host": "localhost:8000"}).status_code == 200
+        assert client.get("/healthz", headers={"host": "[::1]:8000"}).status_code == 200
+        refused = client.post("/v1/predict", json={"texts": ["a"]}, headers={"host": "evil.example"})
+        assert refused.status_code == 400 and "Invalid host header" in refused.text
+
+
+@pytest.mark.parametrize(
+    "host, configured, allowed",
+    [
+        ("127.0.0.1", [], ["127.0.0.1", "[::1]", "localhost"]),
+        ("::1", [], ["127.0.0.1", "[::1]", "localhost"]),
+        ("10.0.0.5", [], ["10.0.0.5"]),
+        ("Api.Internal", [], ["api.internal"]),
+        ("0.0.0.0", [], ["*"]),
+        ("0.0.0.0", ["api.example.com"], ["api.example.com"]),
+    ],
+)
+def test_allowed_hosts_follow_the_listening_address(host, configured, allowed):
+    from tuneloop.config import ServeConfig
+    from tuneloop.serve.security import allowed_hosts
+
+    assert allowed_hosts(ServeConfig(host=host, allowed_hosts=configured)) == allowed

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from tuneloop import __version__
 from tuneloop.assistant.definition import load_definition
@@ -31,7 +32,13 @@ from tuneloop.serve.jobs import JobRunner
 from tuneloop.serve.metrics import RequestMetrics, ServerMetrics
 from tuneloop.serve.openapi import serve_live_document
 from tuneloop.serve.routes import admin, chat, feedback, models, ops, pages, predict
-from tuneloop.serve.security import BodySizeLimit, KeyRing, SecurityHeaders, refuse_open_exposure
+from tuneloop.serve.security import (
+    BodySizeLimit,
+    KeyRing,
+    SecurityHeaders,
+    allowed_hosts,
+    refuse_open_exposure,
+)
 from tuneloop.serve.slots import ServedModels
 from tuneloop.serve.throttle import Throttle
 
@@ -177,6 +184,9 @@ def create_app(config: ServerSettings) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=config.serve.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
     app.add_middleware(SecurityHeaders)
+    # Outermost: a request naming a host this server is not (a DNS-rebinding page in a user's browser) is
+    # refused before anything else sees it.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(config.serve))
     routers = [module.router for module in (predict, feedback, models, chat, admin, ops, pages)]
     for router in routers:
         app.include_router(router)

@@ -6,8 +6,10 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import os
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request, Security, status
@@ -16,7 +18,7 @@ from pydantic import SecretStr
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tuneloop.config import ServerSettings
+from tuneloop.config import ServeConfig, ServerSettings
 from tuneloop.db.schema import ANONYMOUS
 from tuneloop.errors import TuneloopError
 
@@ -59,11 +61,54 @@ class Caller:
 ANONYMOUS_CALLER = Caller(ANONYMOUS, frozenset(), trusted=False)
 
 
+# The hashes of admin keys a first start made, one per line, in the home (never the keys themselves).
+HOME_ADMIN_KEYS = "admin-key-hashes.txt"
+
+
+def home_admin_hashes(home: Path) -> set[str]:
+    path = home / HOME_ADMIN_KEYS
+    if not path.is_file():
+        return set()
+    return {line.strip().lower() for line in path.read_text(encoding="ascii").splitlines() if line.strip()}
+
+
+def make_first_admin_key(config: ServerSettings) -> str | None:
+    """A new admin key when none is configured anywhere (config, environment, the home), for a newcomer's admin
+    page; only its hash is stored, in the home, readable by its owner alone. Returns the key to show once, or
+    None when there already is one (or serve.make_admin_key is off).
+
+    Two servers starting at once make one file: each writes its own beside it and links it into place, which
+    only the first can do; the other returns None and uses the winner's key."""
+    home = config.registry.home
+    if (
+        not config.serve.make_admin_key
+        or config.serve.admin_key_hashes
+        or _hashed(config.admin_keys)
+        or home_admin_hashes(home)
+    ):
+        return None
+    key = new_key()
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / HOME_ADMIN_KEYS
+    staging = home / f".{HOME_ADMIN_KEYS}.{secrets.token_hex(8)}.tmp"
+    try:
+        staging.touch(mode=0o600)
+        staging.write_text(hash_key(key) + "\n", encoding="ascii")
+        os.link(staging, target)
+    except FileExistsError:
+        return None
+    finally:
+        staging.unlink(missing_ok=True)
+    return key
+
+
 class KeyRing:
     """Which hashed keys grant which scope, and which are trusted to teach; the plain keys are never kept."""
 
     def __init__(self, config: ServerSettings) -> None:
-        self.admin = set(config.serve.admin_key_hashes) | _hashed(config.admin_keys)
+        self.admin = (
+            set(config.serve.admin_key_hashes) | _hashed(config.admin_keys) | home_admin_hashes(config.registry.home)
+        )
         self.client = set(config.serve.client_key_hashes) | _hashed(config.client_keys)
         unknown = set(config.serve.trusted_key_hashes) - self.client - self.admin
         if unknown:
@@ -133,7 +178,8 @@ def require_admin(request: Request, key: Annotated[str | None, Depends(presented
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             "admin routes are disabled: configure an admin key "
-            "(serve.admin_key_hashes or TUNELOOP_ADMIN_KEYS; tuneloop keys new --scope admin)",
+            "(serve.admin_key_hashes or TUNELOOP_ADMIN_KEYS; tuneloop keys new --scope admin), or start "
+            "tuneloop serve once without serve.make_admin_key=false to get one",
         )
     caller = _identified(request, key)
     scopes = caller.scopes
@@ -159,6 +205,19 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve to anything
         return False
+
+
+def allowed_hosts(serve: ServeConfig) -> list[str]:
+    """The Host header values this server answers: serve.allowed_hosts, or by default the names of the address
+    it listens on (the loopback names for a loopback address); any, when it listens on every address."""
+    if serve.allowed_hosts:
+        return serve.allowed_hosts
+    host = serve.host.strip("[]")
+    if host in ("0.0.0.0", "::", ""):
+        return ["*"]
+    names = {"localhost", "127.0.0.1", "[::1]"} if is_loopback(host) else set()
+    names.add(f"[{host}]" if ":" in host else host.lower())
+    return sorted(names)
 
 
 def refuse_open_exposure(config: ServerSettings, keys: KeyRing) -> None:
