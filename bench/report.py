@@ -265,12 +265,15 @@ HEADLINES: list[tuple[str, str, Callable[[dict], str]]] = [
         ),
     ),
     (
-        "feedback_loop",
-        "The loop: users correct a drifted model, retrain, gate",
+        "poisoning",
+        "The loop under attack: staff correct a drifted model, one untrusted key sends 1,000 backdoor corrections",
         lambda r: (
             f"drifted intents macro-F1 {percent(r['before']['drifted_macro_f1'])} → "
-            f"{percent(r['after']['drifted_macro_f1'])}, {r['feedback']['lost']} corrections lost, gate "
+            f"{percent(r['after']['drifted_macro_f1'])}, gate "
             + ("promoted" if r["gate"]["promoted"] else "did not promote")
+            + f"; the trigger turns {percent(r['attack']['trigger_flips_share']['after'])} of test texts into the "
+            f"attacker's intent ({r['attack']['review_queue']['attacker_rows_pending']:,} poisoned corrections "
+            "held for review)"
         ),
     ),
     (
