@@ -42,8 +42,10 @@ def chat_app_on_each_database(assistant_setup, database):
         yield client, config
 
 
-def say(client, message, session="s1"):
-    response = client.post("/v1/chat", json={"session_id": session, "message": message})
+def say(client, message, session=None, headers=None):
+    """One turn; a new session unless `session` names one the server issued."""
+    body = {"message": message} if session is None else {"session_id": session, "message": message}
+    response = client.post("/v1/chat", json=body, headers=headers)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -54,7 +56,7 @@ def test_a_turn_answers_with_intent_sentiment_sources_and_an_id(chat_app_on_each
     assert info["name"] == "shop" and info["intents"] == ["delivery", "password", "refund"]
     assert info["intent_model"] == "toy@1" and info["sentiment_model"] == "mood@1"
     turn = say(client, "refund money back please")
-    assert turn["turn_id"] and turn["session_id"] == "s1" and turn["model"] == "toy@1" and turn["lang"] == "en"
+    assert turn["turn_id"] and len(turn["session_id"]) == 32 and turn["model"] == "toy@1" and turn["lang"] == "en"
     assert turn["predicted_intent"] in info["intents"] and turn["sentiment"] in {"negative", "neutral", "positive"}
     assert turn["reply"] and len(turn["sources"]) == 2 and 0 <= turn["confidence"] <= 1  # the English entries
     assert list((config.registry.home / "assistants" / "shop" / "scope").glob("toy@1-*.json"))
@@ -62,15 +64,15 @@ def test_a_turn_answers_with_intent_sentiment_sources_and_an_id(chat_app_on_each
 
 def test_asking_for_a_person_and_a_run_of_anger_escalate(chat_app):
     client, _ = chat_app
-    human = say(client, "can I talk to a human", session="h")
+    human = say(client, "can I talk to a human")
     assert human["escalate"] and human["reason"] == "asked for a person"
     assistant = client.app.state.tuneloop.chat.runtime
     assistant.thresholds["toy@1"] = None  # only the mood rule may fire in what follows
     assistant.definition.escalation.min_confidence = 0.0
-    first = say(client, "angry terrible worst awful hate", session="angry")
+    first = say(client, "angry terrible worst awful hate")
     assert first["sentiment"] == "negative" and first["reason"] is None
-    assert say(client, "angry terrible worst awful hate", session="other")["reason"] is None  # a new session
-    second = say(client, "useless awful terrible angry", session="angry")
+    assert say(client, "angry terrible worst awful hate")["reason"] is None  # a new session
+    second = say(client, "useless awful terrible angry", session=first["session_id"])
     assert second["sentiment"] == "negative" and second["reason"] == "negative for 2 turns in a row"
     assert second["reply"].startswith("I'm sorry about this")
 
@@ -157,12 +159,12 @@ def test_pages_forbid_framing_and_foreign_scripts_and_every_answer_carries_the_s
 
 def test_chat_limits_and_missing_assistant(chat_app, served):
     client, _ = chat_app
-    too_long = client.post("/v1/chat", json={"session_id": "s", "message": "x" * 2001})
+    too_long = client.post("/v1/chat", json={"message": "x" * 2001})
     assert too_long.status_code == 422 and "message has 2001 characters" in too_long.json()["detail"]
-    assert client.post("/v1/chat", json={"session_id": "s", "message": ""}).status_code == 422
+    assert client.post("/v1/chat", json={"message": ""}).status_code == 422
     config, _ = served
     with TestClient(create_app(config)) as plain:
-        response = plain.post("/v1/chat", json={"session_id": "s", "message": "hi"})
+        response = plain.post("/v1/chat", json={"message": "hi"})
         assert response.status_code == 404 and "no assistant is configured" in response.json()["detail"]
         assert plain.get("/").status_code == 404
 
@@ -203,7 +205,7 @@ def sse(text):
 
 def test_a_streamed_turn_sends_what_was_understood_then_the_reply_then_the_stored_answer(chat_app_on_each_database):
     client, _ = chat_app_on_each_database
-    response = client.post("/v1/chat?stream=true", json={"session_id": "s", "message": "refund money back"})
+    response = client.post("/v1/chat?stream=true", json={"message": "refund money back"})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
     events = sse(response.text)
     assert [name for name, _ in events][0] == "turn" and events[-1][0] == "done"
@@ -220,11 +222,9 @@ def test_a_local_language_model_writes_the_reply_and_streams_it(assistant_setup,
     with TestClient(create_app(config)) as client:
         client.app.state.tuneloop.chat.runtime.thresholds["toy@1"] = None
         client.app.state.tuneloop.chat.runtime.definition.escalation.min_confidence = 0.0
-        whole = say(client, "refund money back", session="local")
+        whole = say(client, "refund money back")
         assert whole["reply"] and not whole["escalate"]
-        streamed = sse(
-            client.post("/v1/chat?stream=true", json={"session_id": "x", "message": "refund money back"}).text
-        )
+        streamed = sse(client.post("/v1/chat?stream=true", json={"message": "refund money back"}).text)
         pieces = [data["text"] for name, data in streamed if name == "token"]
         assert pieces and streamed[-1][1]["reply"] == "".join(pieces).strip()
         assert streamed[-1][1]["reply"] == whole["reply"]  # greedy: the same words either way
@@ -289,7 +289,7 @@ def test_a_multitask_model_gives_intent_and_sentiment_from_one_encoder_pass(assi
 def test_streamed_replies_are_bounded_and_each_ends_its_count(chat_app):
     client, config = chat_app
     chat = client.app.state.tuneloop.chat
-    body = {"session_id": "busy", "message": "refund money back"}
+    body = {"message": "refund money back"}
     chat.streaming = config.serve.max_streams  # as many replies as allowed are being streamed
     refused = client.post("/v1/chat?stream=true", json=body)
     assert refused.status_code == 503 and "serve.max_streams" in refused.json()["detail"]
@@ -319,3 +319,27 @@ def test_a_stream_never_iterated_still_gives_its_slot_back_and_stores_its_turn(c
     while len(client.app.state.tuneloop.conversations.recent("gone", 100)) < config.serve.max_streams + 1:
         assert time.monotonic() < deadline, "the abandoned turns were not stored"
         time.sleep(0.05)
+
+
+def test_sessions_are_issued_by_the_server_and_continue_only_for_the_key_that_opened_them(assistant_setup):
+    """Regression: session ids were chosen by the client and tied to nothing, so anyone who sent another user's
+    id (or guessed one like "s1") had that user's recent turns recalled into their own reply's prompt."""
+    config, definition = assistant_setup
+    config.serve.assistant = definition
+    config.client_keys = "alice,bob"
+    with TestClient(create_app(config)) as client:
+        alice, bob = {"X-API-Key": "alice"}, {"X-API-Key": "bob"}
+        opened = say(client, "refund money back please", headers=alice)
+        session = opened["session_id"]
+        assert (
+            len(session) == 32
+            and say(client, "and my parcel?", session=session, headers=alice)["session_id"] == session
+        )
+        recalled = client.app.state.tuneloop.conversations.recent(session, 10)
+        assert [t.message for t in recalled] == ["refund money back please", "and my parcel?"]
+        for headers, named in ((bob, session), (alice, "s1")):
+            refused = client.post(
+                "/v1/chat", json={"session_id": named, "message": "what did they say?"}, headers=headers
+            )
+            assert refused.status_code == 404 and "no chat session" in refused.json()["detail"]
+        assert len(client.app.state.tuneloop.conversations.recent(session, 10)) == 2  # nothing read, nothing added

@@ -11,6 +11,7 @@ without an answer.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +44,24 @@ class ReplyGenerator(Protocol):
     def stream(self, request: ReplyRequest) -> Iterator[str]: ...
 
 
-def grounded_messages(request: ReplyRequest) -> list[dict[str, str]]:
+# Role and control markers of common chat templates (ChatML as SmolLM2 and Qwen write it, Llama 3, Mistral,
+# Gemma). Written into a user's text, they would let the user open a system or assistant turn of their own.
+CONTROL_MARKERS = re.compile(
+    r"<\|[A-Za-z_]+\|>|\[/?INST\]|<</?SYS>>|</?s>|<(?:start|end)_of_turn>",
+)
+
+
+def without_control_markers(text: str, special: frozenset[str] = frozenset()) -> str:
+    """`text` with chat-template role and control markers taken out: the common ones, and `special`, the
+    tokenizer's own special tokens when the model is local."""
+    for token in sorted(special, key=len, reverse=True):
+        text = text.replace(token, " ")
+    return CONTROL_MARKERS.sub(" ", text)
+
+
+def grounded_messages(request: ReplyRequest, special: frozenset[str] = frozenset()) -> list[dict[str, str]]:
     """Chat messages for an LM: what the turn understood and the FAQ answer in the system message, a few
-    earlier turns, the user's message."""
+    earlier turns, the user's message. What users wrote goes in without role or control markers."""
     language = "Chinese (Simplified)" if request.lang == "zh" else "English"
     facts = (
         f"Answer from this FAQ entry, and do not invent policies: {request.faq_answer}"
@@ -60,8 +76,11 @@ def grounded_messages(request: ReplyRequest) -> list[dict[str, str]]:
     )
     chat = [{"role": "system", "content": system}]
     for user, assistant in request.history[-4:]:
-        chat += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    return chat + [{"role": "user", "content": request.message}]
+        chat += [
+            {"role": "user", "content": without_control_markers(user, special)},
+            {"role": "assistant", "content": without_control_markers(assistant, special)},
+        ]
+    return chat + [{"role": "user", "content": without_control_markers(request.message, special)}]
 
 
 def compose(request: ReplyRequest) -> str:
@@ -88,6 +107,7 @@ class LocalGenerator:
 
     def __init__(self, folder: Path, max_new_tokens: int = 160, temperature: float = 0.0) -> None:
         self.model = ReplyModel(folder)
+        self.special = frozenset(t for t in self.model.tokenizer.all_special_tokens if len(t) > 1)
         # Stop where a model would start writing the customer's next line itself.
         self.settings = GenerationSettings(
             max_new_tokens=max_new_tokens, temperature=temperature, stop=["<|im_start|>", "\nUser:", "\nCustomer:"]
@@ -99,7 +119,7 @@ class LocalGenerator:
     def stream(self, request: ReplyRequest) -> Iterator[str]:
         produced = False
         try:
-            for piece in self.model.stream(grounded_messages(request), self.settings):
+            for piece in self.model.stream(grounded_messages(request, self.special), self.settings):
                 produced = produced or bool(piece.strip())
                 yield piece
         except Exception as exc:  # a reply must come: the template takes over (and the log says why)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
@@ -20,8 +21,8 @@ from tuneloop.assistant.runtime import AssistantRuntime
 from tuneloop.assistant.store import ConversationStore
 from tuneloop.assistant.turn import TurnOutcome
 from tuneloop.data.clean import clean_text
-from tuneloop.db.schema import ChatTurn, utc_now
-from tuneloop.errors import Unavailable
+from tuneloop.db.schema import ANONYMOUS, ChatTurn, utc_now
+from tuneloop.errors import NotFound, Unavailable
 from tuneloop.feedback.log import LoggedPrediction, PredictionLog
 from tuneloop.models.classifier import softmax
 from tuneloop.models.predictor import Predictor
@@ -77,6 +78,19 @@ class ChatService:
         self.max_streams = max_streams
         self.streaming = 0
 
+    async def session_for(self, session_id: str | None, sender: str) -> str:
+        """The session a turn belongs to: a new one (its id made here, unguessable) when none is named, else the
+        named one if `sender` opened it. Another sender's session is "not found", never read: its turns would
+        reach the reply generator's prompt."""
+        if session_id is None:
+            return uuid.uuid4().hex
+        if await run_in_threadpool(self.conversations.owner, session_id) != sender:
+            raise NotFound(
+                f"no chat session '{session_id}' opened with this key: leave session_id out to start one "
+                "(its id comes back in the answer)"
+            )
+        return session_id
+
     async def understand(self, session_id: str, message: str) -> Understood:
         """Intent (and sentiment, unless the intent model has a sentiment head), the FAQ embedding and the
         session's recent turns, all at once."""
@@ -107,7 +121,9 @@ class ChatService:
             [(t.message, t.reply) for t in seen.recent],
         )
 
-    async def record(self, session_id: str, message: str, seen: Understood, outcome: TurnOutcome) -> StoredTurn:
+    async def record(
+        self, session_id: str, message: str, seen: Understood, outcome: TurnOutcome, sender: str
+    ) -> StoredTurn:
         """Log both predictions and store the turn, the predictions committed first: a turn in the database
         always has its predictions, so feedback on it after a crash never finds them missing."""
         now = utc_now()
@@ -123,6 +139,7 @@ class ChatService:
             self.conversations.add,
             ChatTurn(
                 session_id=session_id,
+                sender=sender,
                 assistant=self.runtime.definition.name,
                 message=message,
                 reply=outcome.reply,
@@ -143,22 +160,22 @@ class ChatService:
             self.on_turn(outcome)
         return StoredTurn(outcome, turn)
 
-    async def reply(self, session_id: str, message: str) -> StoredTurn:
+    async def reply(self, session_id: str, message: str, sender: str = ANONYMOUS) -> StoredTurn:
         """One whole turn: understood, decided, the reply generated, stored."""
         seen = await self.understand(session_id, message)
         outcome = await run_in_threadpool(self.plan, seen)
         if outcome.request is not None:
             outcome.reply = await run_in_threadpool(self.runtime.generator.generate, outcome.request)
-        return await self.record(session_id, message, seen, outcome)
+        return await self.record(session_id, message, seen, outcome, sender)
 
-    async def stream(self, session_id: str, message: str) -> StreamedTurn:
+    async def stream(self, session_id: str, message: str, sender: str = ANONYMOUS) -> StreamedTurn:
         """The turn as it happens (see StreamedTurn). Understanding and deciding happen before this returns,
         so their errors come before any answer is streamed."""
         if self.max_streams is not None and self.streaming >= self.max_streams:
             raise Unavailable(f"{self.streaming} replies are being streamed (serve.max_streams); retry shortly")
         seen = await self.understand(session_id, message)
         outcome = await run_in_threadpool(self.plan, seen)
-        return StreamedTurn(self, session_id, message, seen, outcome)
+        return StreamedTurn(self, session_id, message, seen, outcome, sender)
 
 
 class StreamedTurn:
@@ -171,13 +188,22 @@ class StreamedTurn:
     the slot must come back all the same.
     """
 
-    def __init__(self, service: ChatService, session_id: str, message: str, seen: Understood, outcome: TurnOutcome):
-        self.service, self.session_id, self.message, self.seen, self.outcome = (
+    def __init__(
+        self,
+        service: ChatService,
+        session_id: str,
+        message: str,
+        seen: Understood,
+        outcome: TurnOutcome,
+        sender: str = ANONYMOUS,
+    ):
+        self.service, self.session_id, self.message, self.seen, self.outcome, self.sender = (
             service,
             session_id,
             message,
             seen,
             outcome,
+            sender,
         )
         self.words: list[str] = []
         self.pieces: Iterator[str] | None = None
@@ -196,7 +222,7 @@ class StreamedTurn:
                 self.words.append(piece)
                 yield piece
             outcome.reply = "".join(self.words).strip()
-            stored = await self.service.record(self.session_id, self.message, self.seen, outcome)
+            stored = await self.service.record(self.session_id, self.message, self.seen, outcome, self.sender)
             self.recorded = True
             yield stored
         finally:
@@ -217,7 +243,7 @@ class StreamedTurn:
                 self.pieces.close()  # type: ignore[attr-defined]  # a generator stops its model thread when closed
         self.outcome.reply = "".join(self.words).strip() or self.outcome.reply
         task = asyncio.get_running_loop().create_task(
-            self.service.record(self.session_id, self.message, self.seen, self.outcome)
+            self.service.record(self.session_id, self.message, self.seen, self.outcome, self.sender)
         )
         task.add_done_callback(_log_failed_record)
 

@@ -28,6 +28,11 @@ class ConversationStore:
             )
             return list(rows)[::-1]
 
+    def owner(self, session_id: str) -> str | None:
+        """Who opened the session (None: there is no such session)."""
+        with self._sessions() as session:
+            return session.scalar(select(ChatTurn.sender).where(ChatTurn.session_id == session_id).limit(1))
+
     def rate(self, turn_id: str, rating: int | None, comment: str | None) -> None:
         with self._sessions.begin() as session:
             turn = session.get(ChatTurn, turn_id)

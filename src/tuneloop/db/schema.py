@@ -156,6 +156,8 @@ class ChatTurn(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: uuid.uuid4().hex)
     session_id: Mapped[str] = mapped_column(String(100), index=True)
+    # The key that opened the session (its id, or anonymous): only it may continue the session.
+    sender: Mapped[str] = mapped_column(String(80), default=ANONYMOUS, server_default=ANONYMOUS)
     assistant: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utc_now)
     message: Mapped[str] = mapped_column(Text)

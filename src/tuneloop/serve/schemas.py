@@ -116,7 +116,11 @@ class PromoteResponse(BaseModel):
 
 
 class ChatRequest(StrictModel):
-    session_id: str = Field(min_length=1, max_length=100, description="Any id the client keeps for one conversation.")
+    session_id: Annotated[str, Field(min_length=1, max_length=100)] | SkipJsonSchema[None] = Field(
+        None,
+        description="Leave it out to start a conversation: the answer carries the session_id the server issued; "
+        "send it back to continue. Only the key that opened a session may continue it.",
+    )
     message: str = Field(min_length=1)
 
 
@@ -129,7 +133,7 @@ class FaqSource(BaseModel):
 
 class ChatResponse(BaseModel):
     turn_id: str = Field(description="Send it back to /v1/feedback with a rating or the right intent.")
-    session_id: str
+    session_id: str = Field(description="The conversation's id (issued by the server); send it with the next message.")
     reply: str
     lang: str
     intent: str | None = Field(description="null when the message is out of scope.")

@@ -1,8 +1,8 @@
 // The chat page: one POST /v1/chat per message; thumbs and "wrong intent?" go to /v1/feedback.
 "use strict";
 
-const sessionId = sessionStorage.getItem("tuneloop-session") || crypto.randomUUID();
-sessionStorage.setItem("tuneloop-session", sessionId);
+// The server issues the session on the first message; this tab keeps it to continue the conversation.
+let sessionId = sessionStorage.getItem("tuneloop-session");
 let intents = [];
 
 function headers() {
@@ -94,7 +94,16 @@ async function send(event) {
   button.disabled = true;
   status.textContent = "";
   try {
-    addReply(await call("/v1/chat", { session_id: sessionId, message: text }));
+    let turn;
+    try {
+      turn = await call("/v1/chat", sessionId ? { session_id: sessionId, message: text } : { message: text });
+    } catch (error) {  // a session the server no longer knows (or from an older page): start a new one
+      if (!sessionId || !error.message.includes("no chat session")) throw error;
+      turn = await call("/v1/chat", { message: text });
+    }
+    sessionId = turn.session_id;
+    sessionStorage.setItem("tuneloop-session", sessionId);
+    addReply(turn);
   } catch (error) {
     status.textContent = error.message;
   } finally {

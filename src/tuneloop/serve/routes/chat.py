@@ -14,7 +14,7 @@ from tuneloop.assistant.service import StoredTurn
 from tuneloop.assistant.turn import TurnOutcome
 from tuneloop.serve.deps import Chat, State
 from tuneloop.serve.schemas import ERRORS, AssistantInfo, ChatRequest, ChatResponse, FaqSource
-from tuneloop.serve.security import check_text_length, require_client
+from tuneloop.serve.security import Caller, check_text_length, require_client
 
 router = APIRouter(tags=["chat"])
 
@@ -68,7 +68,6 @@ def event(name: str, data: dict[str, Any]) -> str:
 @router.post(
     "/v1/chat",
     response_model=ChatResponse,
-    dependencies=[Depends(require_client)],
     responses={
         **ERRORS,
         200: {
@@ -83,19 +82,22 @@ async def chat_turn(
     body: ChatRequest,
     chat: Chat,
     state: State,
+    caller: Annotated[Caller, Depends(require_client)],
     stream: Annotated[bool, Query(description="Stream the reply as Server-Sent Events.")] = False,
 ) -> ChatResponse | StreamingResponse:
     """One turn: intent (with out-of-scope detection), sentiment, FAQ search, reply, escalation.
 
     The intent and sentiment models run through the server's batchers, so chat turns share forward passes
     with each other and with /v1/predict. Every turn is stored with its session (a streamed one once its
-    reply is complete, or the client has gone).
+    reply is complete, or the client has gone). A session is issued by the server on a first message and
+    continues only for the key that opened it (404 for any other).
     """
     check_text_length(body.message, state.config.serve.max_text_chars, "message")
+    session_id = await chat.session_for(body.session_id, caller.sender)
     if not stream:
-        return chat_response(body.session_id, await chat.reply(body.session_id, body.message))
+        return chat_response(session_id, await chat.reply(session_id, body.message, caller.sender))
 
-    turn = await chat.stream(body.session_id, body.message)
+    turn = await chat.stream(session_id, body.message, caller.sender)
 
     async def events() -> AsyncIterator[str]:
         async for item in turn:
@@ -115,7 +117,7 @@ async def chat_turn(
             elif isinstance(item, str):
                 yield event("token", {"text": item})
             else:
-                yield event("done", chat_response(body.session_id, item).model_dump(mode="json"))
+                yield event("done", chat_response(session_id, item).model_dump(mode="json"))
 
     # The background task runs after the response even when the client left before its first byte.
     return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(turn.end))
