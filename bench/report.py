@@ -114,6 +114,35 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ),
         ("gate", "gate", lambda g: "passed, promoted" if g["promoted"] else ("passed" if g["passed"] else "rejected")),
     ],
+    "pii": [
+        (
+            "labelled messages (Chinese / English)",
+            "languages",
+            lambda n: f"{n['zh'] + n['en']} ({n['zh']} / {n['en']})",
+        ),
+        ("pieces of personal data labelled", "pieces_labelled", plain),
+        ("recall / precision", "", lambda r: f"{percent(r['recall'])} / {percent(r['precision'])}"),
+        (
+            "recall per kind",
+            "per_kind",
+            lambda k: ", ".join(f"{kind} {percent(v['recall'])}" for kind, v in k.items()),
+        ),
+        (
+            "messages without personal data masked anyway",
+            "",
+            lambda r: f"{r['of_them_masked_anyway']} of {r['messages_without_personal_data']}",
+        ),
+        (
+            "Banking77 test messages changed",
+            "",
+            lambda r: f"{r['banking77_test_messages_changed']} of {r['banking77_test_messages']}",
+        ),
+        (
+            "µs per message: labelled set / Banking77",
+            "microseconds_per_message",
+            lambda m: f"{m['labelled_set']:.0f} / {m['banking77_test']:.0f}",
+        ),
+    ],
     "assistant_eval": [
         ("scope", "scope_mode", plain),
         ("in-scope / out-of-scope test messages", "known_test", plain),

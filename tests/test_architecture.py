@@ -22,7 +22,7 @@ LAYERS = (
     "models",
     "registry",
     "db",
-    "data",
+    ("data", "privacy"),
     "config",
     ("errors", "atomic"),
 )

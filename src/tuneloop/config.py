@@ -395,6 +395,35 @@ class ServeConfig(StrictModel):
         return [digest.lower() for digest in hashes]
 
 
+PiiType = Literal["email", "url", "iban", "card", "cn_id", "ip", "phone"]
+
+
+class PrivacyConfig(StrictModel):
+    """Personal data in texts: which kinds are replaced by placeholders ([EMAIL], [PHONE], ...) before anything
+    is written (prepared training data, the prediction log, chat turns, feedback comments)."""
+
+    mask: list[PiiType] = Field(
+        default_factory=lambda: list(get_args(PiiType)),
+        description="Kinds to mask: email, url (one carrying a token or password), iban, card (Luhn-checked), "
+        "cn_id (Chinese resident ID, checksum), ip, phone; [] masks nothing.",
+    )
+    phone_regions: list[str] = Field(
+        default_factory=lambda: ["CN", "US", "GB"],
+        description="Countries (ISO 3166 codes) whose national phone numbers, written without +, are recognised; "
+        "numbers with + are recognised for every country.",
+    )
+
+    @field_validator("phone_regions")
+    @classmethod
+    def _regions_are_known(cls, regions: list[str]) -> list[str]:
+        import phonenumbers
+
+        unknown = [r for r in regions if r.upper() not in phonenumbers.SUPPORTED_REGIONS]
+        if unknown:
+            raise ValueError(f"unknown region code(s) {', '.join(unknown)}; use ISO 3166 codes such as CN, US, GB")
+        return [r.upper() for r in regions]
+
+
 class FeedbackConfig(StrictModel):
     """How user corrections become training and gate data."""
 
@@ -462,6 +491,7 @@ class ClassifierRecipe(Recipe):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="after")
     def _split_sizes_leave_training_data(self) -> ClassifierRecipe:
@@ -521,6 +551,7 @@ class ServerSettings(BaseSettings):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     gate: GateConfig = Field(default_factory=GateConfig, description="The rules of gate jobs started from /admin.")
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     client_keys: SecretStr | None = Field(
         None, description="Plain client API keys, comma-separated (env TUNELOOP_CLIENT_KEYS); hashed at start."
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import sessionmaker
 
@@ -9,10 +11,13 @@ from tuneloop.db.schema import ChatTurn
 
 
 class ConversationStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, mask: Callable[[str], str] | None = None) -> None:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self.mask = mask  # privacy.mask: personal data in messages, replies and comments, replaced before storing
 
     def add(self, turn: ChatTurn) -> ChatTurn:
+        if self.mask is not None:
+            turn.message, turn.reply = self.mask(turn.message), self.mask(turn.reply)
         with self._sessions.begin() as session:
             session.add(turn)
         return turn
@@ -39,7 +44,7 @@ class ConversationStore:
             if rating is not None:
                 turn.rating = rating
             if comment:
-                turn.comment = comment
+                turn.comment = self.mask(comment) if self.mask is not None else comment
 
     def get(self, turn_id: str) -> ChatTurn | None:
         with self._sessions() as session:

@@ -177,15 +177,25 @@ def split_summary(splits: dict[str, pd.DataFrame], labels: list[str]) -> dict:
     }
 
 
-def prepare_data(config: DataConfig, count_tokens: Callable[[list[str]], list[int]] | None = None) -> PreparedData:
-    """Load, clean, deduplicate, resolve conflicting labels, split and report.
+def prepare_data(
+    config: DataConfig,
+    count_tokens: Callable[[list[str]], list[int]] | None = None,
+    mask: Callable[[str], str] | None = None,
+) -> PreparedData:
+    """Load, clean, mask personal data, deduplicate, resolve conflicting labels, split and report.
 
-    `count_tokens` (texts → token counts) makes the length percentiles use the model's tokenizer.
+    `count_tokens` (texts → token counts) makes the length percentiles use the model's tokenizer; `mask`
+    (privacy.mask) replaces personal data by placeholders before anything is split or saved.
     """
     frame = _load(config)
     total = len(frame)
     _normalise_given_splits(frame)
     frame, dropped = clean_rows(frame, config.path)
+    masked = 0
+    if mask is not None:
+        texts = frame["text"].map(mask)
+        masked = int((texts != frame["text"]).sum())
+        frame = frame.assign(text=texts)
 
     frame = frame.assign(key=frame["text"].map(dedup_key))
     frame, conflicts = _drop_conflicts(frame, config.conflicts)
@@ -246,6 +256,7 @@ def prepare_data(config: DataConfig, count_tokens: Callable[[list[str]], list[in
         "rows_read": total,
         "rows_kept": int(len(frame)),
         "dropped": dropped,
+        "texts_with_personal_data_masked": masked,
         "conflicts": conflicts[:50],
         "conflict_policy": config.conflicts,
         **split_summary(splits, labels),

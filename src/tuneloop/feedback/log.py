@@ -109,8 +109,10 @@ class PredictionLog:
         max_batch: int = 512,
         max_backlog: int = 200_000,
         on_dropped: Callable[[int], None] | None = None,
+        mask: Callable[[str], str] | None = None,
     ) -> None:
         self.engine = open_database(database_url)
+        self.mask = mask  # privacy.mask: personal data in texts and comments, replaced before they are kept
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.home = Path(home)
         self.flush_seconds = flush_ms / 1000
@@ -200,9 +202,15 @@ class PredictionLog:
             oldest, self._pending = self._pending[:excess], self._pending[excess:]
         self._rescue(oldest, "the database stayed unavailable")
 
+    def _stored_text(self, text: str) -> str:
+        """A text as it is written (to the database or a rescue file): personal data masked (on the writer's
+        thread, not the request's), and without NUL, which a PostgreSQL text column cannot hold and which carries
+        no meaning in a message anyway."""
+        text = text.replace("\x00", "")
+        return self.mask(text) if self.mask is not None else text
+
     def _insert(self, batch: list[LoggedPrediction]) -> None:
-        # NUL cannot be stored in a PostgreSQL text column; it carries no meaning in a message anyway.
-        rows = [{**vars(p), "text": p.text.replace("\x00", "")} for p in batch]
+        rows = [{**vars(p), "text": self._stored_text(p.text)} for p in batch]
         with self._sessions.begin() as session:
             session.execute(insert(PredictionRecord), rows)
 
@@ -254,7 +262,12 @@ class PredictionLog:
             return None
         rescue = self.home / f"{RESCUE_PREFIX}{utc_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}.jsonl"
         lines = "".join(
-            json.dumps({**vars(p), "created_at": p.created_at.isoformat()}, ensure_ascii=False) + "\n" for p in batch
+            json.dumps(
+                {**vars(p), "text": self._stored_text(p.text), "created_at": p.created_at.isoformat()},
+                ensure_ascii=False,
+            )
+            + "\n"
+            for p in batch
         )
         try:
             write_text_atomically(rescue, lines)
@@ -352,7 +365,7 @@ class PredictionLog:
             created_at=utc_now(),
             corrected_label=corrected_label,
             rating=rating,
-            comment=comment,
+            comment=self.mask(comment) if comment and self.mask is not None else comment,
             sender=sender,
             trusted=trusted,
             review="pending",

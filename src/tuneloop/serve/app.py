@@ -26,6 +26,7 @@ from tuneloop.config import ServerSettings
 from tuneloop.errors import Conflict, NotFound, TooManyRequests, TuneloopError, Unavailable
 from tuneloop.feedback.log import PredictionLog
 from tuneloop.models.predictor import Predictor
+from tuneloop.privacy.mask import masker
 from tuneloop.registry import Registry
 from tuneloop.serve.deps import ServerState
 from tuneloop.serve.jobs import JobRunner
@@ -109,16 +110,18 @@ def _build_state(config: ServerSettings) -> ServerState:
         registry, settings, on_batch=metrics.observe_batch, on_swap=swapped, prepare=prepare, required=required
     )
     served.load()
+    mask = masker(config.privacy)
     prediction_log = PredictionLog(
         config.registry.resolved_database_url(),
         config.registry.home,
         flush_ms=settings.log_flush_ms,
         max_backlog=settings.log_max_backlog,
         on_dropped=metrics.log_dropped.inc,
+        mask=mask,
     )
     conversations = chat = None
     if runtime is not None:
-        conversations = ConversationStore(prediction_log.engine)
+        conversations = ConversationStore(prediction_log.engine, mask)
 
         def counted(outcome: TurnOutcome) -> None:
             metrics.chat_turns.labels(str(outcome.escalate).lower()).inc()

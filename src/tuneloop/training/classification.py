@@ -48,6 +48,7 @@ from tuneloop.models.classifier import (
 )
 from tuneloop.models.encoders import EncoderSource, resolve_encoder
 from tuneloop.models.trained_rows import plain_embeddings, train_only_used_rows
+from tuneloop.privacy.mask import masker
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
 from tuneloop.training.common import (
     MetricsLog,
@@ -116,7 +117,8 @@ def prepare_tasks(
     tasks: dict[str, DataConfig], recipe: ClassifierRecipe, registry: Registry
 ) -> tuple[dict[str, PreparedData], EncoderSource]:
     """Prepare each task's data on its own, and pick the one encoder for all (auto looks at their texts)."""
-    first_pass = {name: prepare_data(data) for name, data in tasks.items()}
+    mask = masker(recipe.privacy)
+    first_pass = {name: prepare_data(data, mask=mask) for name, data in tasks.items()}
     texts = [t for prepared in first_pass.values() for t in prepared.train["text"]]
     encoder = resolve_encoder(recipe.model.name, registry, texts)
     lengths = token_counter(encoder)

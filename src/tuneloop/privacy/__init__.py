@@ -1,0 +1,1 @@
+"""Personal data: masked before anything is written (`mask`)."""

@@ -1,0 +1,109 @@
+"""Personal data is masked before anything is written: measured on a labelled set of English and Chinese
+messages (bench/data/pii_messages.jsonl), and checked where tuneloop writes texts."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from tuneloop.config import DataConfig, PrivacyConfig
+from tuneloop.data.prepare import prepare_data
+from tuneloop.feedback.log import LoggedPrediction, PredictionLog
+from tuneloop.privacy.mask import PII_TYPES, find_pii, mask_text, masker
+from tuneloop.serve.app import create_app
+
+LABELLED = Path(__file__).parents[2] / "bench" / "data" / "pii_messages.jsonl"
+
+
+def labelled() -> list[dict]:
+    return [json.loads(line) for line in LABELLED.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_every_kind_of_personal_data_in_the_labelled_set_is_found_and_nothing_else():
+    rows = labelled()
+    assert {kind for row in rows for kind, _ in row["pii"]} == set(PII_TYPES)
+    assert sum(not row["pii"] for row in rows) >= 40  # order numbers, amounts, dates in both languages
+    missed, extra = [], []
+    for row in rows:
+        found = [(f.kind, row["text"][f.start : f.end]) for f in find_pii(row["text"])]
+        wanted = [tuple(pair) for pair in row["pii"]]
+        missed += [pair for pair in wanted if pair not in found]
+        extra += [pair for pair in found if pair not in wanted]
+    assert missed == [] and extra == []
+
+
+@pytest.mark.parametrize(
+    "text, masked",
+    [
+        ("mail jane@example.com or call (212) 555-0147", "mail [EMAIL] or call [PHONE]"),
+        ("我的手机是138 0013 8000，邮箱 wang@qq.com", "我的手机是[PHONE]，邮箱 [EMAIL]"),
+        (
+            "订单号 202311051234，金额 ¥1,299.00，日期 2023年11月5日",
+            "订单号 202311051234，金额 ¥1,299.00，日期 2023年11月5日",
+        ),
+        (
+            "card 4111 1111 1111 1112 is not a card: its Luhn sum is wrong",
+            "card 4111 1111 1111 1112 is not a card: its Luhn sum is wrong",
+        ),
+    ],
+)
+def test_masking_replaces_each_piece_by_its_placeholder(text, masked):
+    assert mask_text(text) == masked
+
+
+def test_only_the_asked_kinds_are_masked_and_none_means_no_work():
+    text = "jane@example.com, 203.0.113.45"
+    assert mask_text(text, ["ip"]) == "jane@example.com, [IP]"
+    assert masker(PrivacyConfig(mask=[])) is None
+
+
+def test_prepared_training_data_never_holds_the_personal_data(tmp_path):
+    rows = [{"text": f"refund for order {i}, mail me at buyer{i}@example.com", "label": "refund"} for i in range(20)]
+    rows += [{"text": f"parcel {i} is late, call +44 20 7946 09{i:02d}", "label": "delivery"} for i in range(20)]
+    pd.DataFrame(rows).to_csv(tmp_path / "data.csv", index=False)
+    prepared = prepare_data(DataConfig(path=tmp_path / "data.csv"), mask=masker(PrivacyConfig()))
+    texts = " ".join(pd.concat([split["text"] for split in prepared.splits.values()]))
+    assert "@example.com" not in texts and "7946" not in texts and "[EMAIL]" in texts and "[PHONE]" in texts
+    assert prepared.report["texts_with_personal_data_masked"] == 40
+
+
+def test_the_server_keeps_predictions_turns_and_comments_masked(assistant_setup):
+    config, definition = assistant_setup
+    config.serve.assistant = definition
+    with TestClient(create_app(config)) as client:
+        said = "refund to card 4526 0181 5908 3012 please, jane@example.com"
+        prediction = client.post("/v1/predict", json={"texts": [said], "model": "toy"}).json()["predictions"][0]
+        comment = {"prediction_id": prediction["prediction_id"], "rating": -1, "comment": "call me: +1 646 555 0123"}
+        assert client.post("/v1/feedback", json=comment).status_code == 201
+        turn = client.post("/v1/chat", json={"message": "my email is li.wei@example.cn, where is my refund"}).json()
+        stored_turn = client.app.state.tuneloop.conversations.get(turn["turn_id"])
+    assert stored_turn.message == "my email is [EMAIL], where is my refund"
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    try:
+        [(feedback, stored)] = [row for row in log.feedback_for("toy") if row[1].id == prediction["prediction_id"]]
+        assert stored.text == "refund to card [CARD] please, [EMAIL]" and feedback.comment == "call me: [PHONE]"
+        chat_prediction = log.get(stored_turn.intent_prediction_id)
+        assert chat_prediction.text == "my email is [EMAIL], where is my refund"
+    finally:
+        log.close()
+
+
+def test_a_rescue_file_holds_the_masked_texts_too(tmp_path):
+    log = PredictionLog(f"sqlite:///{tmp_path / 'log.db'}", tmp_path, flush_ms=60_000, mask=masker(PrivacyConfig()))
+    log.start()
+    with log.engine.begin() as connection:
+        connection.execute(text("DROP TABLE feedback"))
+        connection.execute(text("DROP TABLE predictions"))
+    log.record(
+        [LoggedPrediction.of("m", 1, ["a", "b"], "call 13812345678", np.array([0.9, 0.1]), "api", datetime.now(UTC))]
+    )
+    log.close()  # the database is gone: the row goes to a rescue file
+    [rescue] = tmp_path.glob("unsaved-predictions-*.jsonl")
+    assert json.loads(rescue.read_text())["text"] == "call [PHONE]"
