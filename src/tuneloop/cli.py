@@ -36,6 +36,7 @@ from tuneloop.errors import TuneloopError
 
 if TYPE_CHECKING:
     from tuneloop.feedback.log import PredictionLog
+    from tuneloop.feedback.retention import Erased
     from tuneloop.feedback.review import Decision
     from tuneloop.models.predictor import Prediction
     from tuneloop.registry import ModelVersion, Registry
@@ -55,12 +56,14 @@ feedback_app = typer.Typer(help="Turn user feedback into labelled examples.", no
 keys_app = typer.Typer(help="API keys for the server.", no_args_is_help=True)
 db_app = typer.Typer(help="The database behind the registry and the prediction log.", no_args_is_help=True)
 log_app = typer.Typer(help="The prediction log.", no_args_is_help=True)
+privacy_app = typer.Typer(help="Users' texts: how long they are kept, and erasing one.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 app.add_typer(log_app, name="log")
+app.add_typer(privacy_app, name="privacy")
 
 console = Console()
 errors = Console(stderr=True)
@@ -111,6 +114,9 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show i
     # passive waiting costs nothing when the machine is idle. Only effective before torch loads, which the
     # commands below do lazily.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Everything tuneloop writes (registry database, version folders with users' texts, rescue files, keys'
+    # hashes) is readable by its owner only.
+    os.umask(0o077)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(message)s",
@@ -834,8 +840,46 @@ def log_import(config: ConfigOption = None, overrides: Overrides = None) -> None
     console.print(f"imported {rows} predictions from {files} rescue files in {registry.home}")
 
 
+def _erased_line(erased: Erased) -> str:
+    return (
+        f"removed {erased.predictions} predictions, {erased.feedback} feedback rows, {erased.chat_turns} chat turns "
+        f"and {erased.rescued_rows} rows of rescue files"
+    )
+
+
+@privacy_app.command("purge")
+def privacy_purge(config: ConfigOption = None, overrides: Overrides = None) -> None:
+    """Remove users' texts older than privacy.retention_days (a running server also does it daily)."""
+    from tuneloop.feedback.retention import purge
+
+    settings = _config(ServerSettings, config, overrides)
+    console.print(_erased_line(purge(settings.registry, settings.privacy)))
+
+
+@privacy_app.command("forget")
+def privacy_forget(
+    text: Annotated[str | None, typer.Option("--text", help="A text, exactly as the user wrote it.")] = None,
+    session: Annotated[str | None, typer.Option("--session", help="A chat session id.")] = None,
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Erase a text or a chat session from the prediction log, feedback, chat turns and rescue files, and name the
+    registered versions whose frozen training data still hold it."""
+    from tuneloop.feedback.retention import forget
+
+    settings = _config(ServerSettings, config, overrides)
+    erased = forget(settings.registry, settings.privacy, text=text, session_id=session)
+    console.print(_erased_line(erased))
+    if erased.versions_holding_it:
+        console.print(
+            f"[yellow]still in the frozen data of[/yellow] {', '.join(erased.versions_holding_it)}: those versions "
+            "were trained or judged on it; delete them, or retrain without it, to remove it there",
+            soft_wrap=True,
+        )
+
+
 # Every command gets the same error handling, instead of a decorator on each.
-for _typer in (app, data_app, models_app, feedback_app, keys_app, db_app, log_app):
+for _typer in (app, data_app, models_app, feedback_app, keys_app, db_app, log_app, privacy_app):
     for _command in _typer.registered_commands:
         _command.callback = friendly(_command.callback)
 

@@ -407,6 +407,12 @@ class PrivacyConfig(StrictModel):
         description="Kinds to mask: email, url (one carrying a token or password), iban, card (Luhn-checked), "
         "cn_id (Chinese resident ID, checksum), ip, phone; [] masks nothing.",
     )
+    retention_days: int | None = Field(
+        None,
+        ge=1,
+        description="Users' texts (predictions with their feedback, chat turns, rescued rows) older than this are "
+        "removed by tuneloop privacy purge and by a running server once a day; null: kept until purged by hand.",
+    )
     phone_regions: list[str] = Field(
         default_factory=lambda: ["CN", "US", "GB"],
         description="Countries (ISO 3166 codes) whose national phone numbers, written without +, are recognised; "

@@ -3,6 +3,7 @@ FastAPI app; the routes live in `serve/routes/`, one module per resource."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,8 +24,9 @@ from tuneloop.assistant.service import ChatService
 from tuneloop.assistant.store import ConversationStore
 from tuneloop.assistant.turn import TurnOutcome
 from tuneloop.config import ServerSettings
-from tuneloop.errors import Conflict, NotFound, TooManyRequests, TuneloopError, Unavailable
+from tuneloop.errors import Conflict, NotFound, TooManyRequests, TuneloopError, Unavailable, first_line
 from tuneloop.feedback.log import PredictionLog
+from tuneloop.feedback.retention import purge
 from tuneloop.models.predictor import Predictor
 from tuneloop.privacy.mask import masker
 from tuneloop.registry import Registry
@@ -154,6 +156,19 @@ def _build_state(config: ServerSettings) -> ServerState:
     )
 
 
+async def _purge_daily(config: ServerSettings) -> None:
+    """privacy.retention_days applied at start and then once a day (every replica does it; purging twice removes
+    nothing more)."""
+    while True:
+        try:
+            erased = await run_in_threadpool(purge, config.registry, config.privacy)
+            if erased.removed:
+                log.info("privacy: purged %d rows older than %d days", erased.removed, config.privacy.retention_days)
+        except Exception as exc:  # the database may be away for a while; the next day tries again
+            log.warning("privacy: the daily purge failed (%s)", first_line(exc))
+        await asyncio.sleep(24 * 3600)
+
+
 def create_app(config: ServerSettings) -> FastAPI:
     """Load the served models and the assistant (errors surface here, before any port is opened)."""
     refuse_open_exposure(config, KeyRing(config))
@@ -167,9 +182,12 @@ def create_app(config: ServerSettings) -> FastAPI:
         await state.served.start()
         for name, slot in state.served.slots.items():
             state.metrics.served_version.labels(name).set(slot.current.registered_version)
+        purging = asyncio.create_task(_purge_daily(config)) if config.privacy.retention_days is not None else None
         try:
             yield
         finally:
+            if purging is not None:
+                purging.cancel()
             state.jobs.stop_all()
             await state.served.stop()  # finishes queued requests first
             state.prediction_log.close()  # then every logged prediction reaches the database
