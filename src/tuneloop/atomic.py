@@ -37,6 +37,25 @@ def write_text_atomically(target: Path, text: str) -> None:
         staging.write_text(text, encoding="utf-8")
 
 
+def create_once(target: Path, text: str, mode: int = 0o600) -> bool:
+    """Write `target` whole unless it already exists; True when this call made it.
+
+    Of processes racing to make it exactly one does, and none ever reads it half-written: the text is written
+    beside it and hard-linked into place, which fails when the target is already there.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _beside(target, "tmp")
+    try:
+        staging.touch(mode=mode)
+        staging.write_text(text, encoding="utf-8")
+        os.link(staging, target)
+    except FileExistsError:
+        return False
+    finally:
+        staging.unlink(missing_ok=True)
+    return True
+
+
 def write_dir_atomically(write: Callable[[Path], None], target: Path) -> None:
     """Call `write(staging)` to fill a fresh folder, then swap it in for `target` by renames.
 

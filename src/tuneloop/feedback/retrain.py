@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from tuneloop.atomic import create_once
 from tuneloop.config import FeedbackConfig, load_config, stored_recipe
 from tuneloop.data.clean import dedup_key
 from tuneloop.data.prepare import PreparedData, fingerprint_of, length_percentiles, load_prepared, split_summary
@@ -43,21 +43,12 @@ HOLDOUT_SECRET_FILE = "holdout.secret"
 def holdout_secret(home: Path) -> bytes:
     """The home's secret for choosing the gate's holdout, made on first use (owner-readable only).
 
-    Every process of the home gets the same one: it is written whole beside its place and linked there, which
-    fails if another process got there first, whose secret is then read instead.
+    Every process of the home gets the same one: of processes making it at once, one does (create_once) and the
+    others read it.
     """
     path = Path(home) / HOLDOUT_SECRET_FILE
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        try:
-            staging.touch(mode=0o600)
-            staging.write_text(secrets.token_hex(32), encoding="ascii")
-            os.link(staging, path)
-        except FileExistsError:
-            pass
-        finally:
-            staging.unlink(missing_ok=True)
+        create_once(path, secrets.token_hex(32))
     secret = path.read_text(encoding="ascii").strip()
     if len(secret) < 32:
         raise TuneloopError(f"{path} does not hold a holdout secret; delete it and a new one is made")

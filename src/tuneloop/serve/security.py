@@ -6,7 +6,6 @@ import hashlib
 import hmac
 import ipaddress
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pydantic import SecretStr
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tuneloop.atomic import create_once
 from tuneloop.config import ServeConfig, ServerSettings
 from tuneloop.db.schema import ANONYMOUS
 from tuneloop.errors import TuneloopError
@@ -77,8 +77,7 @@ def make_first_admin_key(config: ServerSettings) -> str | None:
     page; only its hash is stored, in the home, readable by its owner alone. Returns the key to show once, or
     None when there already is one (or serve.make_admin_key is off).
 
-    Two servers starting at once make one file: each writes its own beside it and links it into place, which
-    only the first can do; the other returns None and uses the winner's key."""
+    Of two servers starting at once, one makes the file (create_once); the other returns None and uses that key."""
     home = config.registry.home
     if (
         not config.serve.make_admin_key
@@ -88,18 +87,7 @@ def make_first_admin_key(config: ServerSettings) -> str | None:
     ):
         return None
     key = new_key()
-    home.mkdir(parents=True, exist_ok=True)
-    target = home / HOME_ADMIN_KEYS
-    staging = home / f".{HOME_ADMIN_KEYS}.{secrets.token_hex(8)}.tmp"
-    try:
-        staging.touch(mode=0o600)
-        staging.write_text(hash_key(key) + "\n", encoding="ascii")
-        os.link(staging, target)
-    except FileExistsError:
-        return None
-    finally:
-        staging.unlink(missing_ok=True)
-    return key
+    return key if create_once(home / HOME_ADMIN_KEYS, hash_key(key) + "\n") else None
 
 
 class KeyRing:
