@@ -164,3 +164,25 @@ def test_feedback_stored_before_provenance_waits_for_review_as_anonymous(tmp_pat
     with opened(url).connect() as connection:
         row = connection.execute(text("select sender, trusted, review, reviewed_by from feedback")).one()
     assert tuple(row) == ("anonymous", False, "pending", None)
+
+
+def test_opening_waits_for_a_lock_held_longer_than_sqlites_default_wait(tmp_path):
+    """CI failure, reproduced: switching a new file to WAL ran before the busy timeout was set, so a process
+    opening a home while another held the write lock (migrating it, say) for more than sqlite3's default 5 s
+    failed with "database is locked"."""
+    import sqlite3
+    import threading
+
+    path = tmp_path / "new.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("create table busy (x)")
+    holder.execute("begin exclusive")
+    releaser = threading.Timer(7.0, lambda: holder.execute("commit"))
+    releaser.start()
+    try:
+        engine = opened(f"sqlite:///{path}")
+        with engine.connect() as connection:
+            assert MigrationContext.configure(connection).get_current_revision() == head_revision()
+    finally:
+        releaser.join()
+        holder.close()

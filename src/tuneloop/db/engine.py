@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import functools
+import sqlite3
+import time
 
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -12,13 +14,26 @@ from sqlalchemy.exc import SQLAlchemyError
 from tuneloop.db.migrate import ensure_current
 from tuneloop.errors import TuneloopError, first_line
 
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
 
 def _sqlite_pragmas(connection: DBAPIConnection, _record: object) -> None:
     cursor = connection.cursor()
-    # WAL lets the server's log writer and a CLI command (promote, export) use the file at once; the busy
-    # timeout makes a writer wait for the other instead of failing with "database is locked".
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    # The busy timeout makes a writer wait for another instead of failing with "database is locked"; it comes
+    # first, because switching a new file to WAL needs the lock too (and another process may be migrating it).
+    # WAL lets the server's log writer and a CLI command (promote, export) use the file at once.
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    # Switching to WAL needs the file to itself, and SQLite reports a conflict there at once instead of calling
+    # the busy handler (four processes opening a new home together failed this way): retried, as waiting would.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
