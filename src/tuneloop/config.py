@@ -475,6 +475,8 @@ class Recipe(StrictModel):
 
     name: str = Field("classifier", pattern=MODEL_NAME_PATTERN, description="Registry model name.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    # Every recipe reads users' texts (labelled data, a pretraining corpus, reply pairs): masked as they are read.
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     def stored(self) -> dict[str, Any]:
         """The recipe as a version stores it: without the registry section, which says where this machine
@@ -497,7 +499,6 @@ class ClassifierRecipe(Recipe):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
-    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="after")
     def _split_sizes_leave_training_data(self) -> ClassifierRecipe:

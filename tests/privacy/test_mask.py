@@ -107,3 +107,21 @@ def test_a_rescue_file_holds_the_masked_texts_too(tmp_path):
     log.close()  # the database is gone: the row goes to a rescue file
     [rescue] = tmp_path.glob("unsaved-predictions-*.jsonl")
     assert json.loads(rescue.read_text())["text"] == "call [PHONE]"
+
+
+def test_pretraining_corpora_and_reply_pairs_are_masked_as_they_are_read(tmp_path):
+    from tuneloop.training.mlm import read_corpus
+    from tuneloop.training.sft import read_conversations
+
+    mask = masker(PrivacyConfig())
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("write to jane@example.com\n我的手机是13812345678\n", encoding="utf-8")
+    assert read_corpus([corpus], "text", mask) == ["write to [EMAIL]", "我的手机是[PHONE]"]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        json.dumps({"prompt": "card 4526 0181 5908 3012 was charged", "reply": "We called you on +1 646 555 0123."})
+        + "\n",
+        encoding="utf-8",
+    )
+    [conversation] = read_conversations([pairs], None, mask)
+    assert [m["content"] for m in conversation] == ["card [CARD] was charged", "We called you on [PHONE]."]

@@ -36,6 +36,7 @@ from tuneloop.data.prepare import fingerprint
 from tuneloop.errors import TuneloopError, first_line
 from tuneloop.models.encoders import EncoderSource, resolve_encoder
 from tuneloop.models.scratch import bert_config, train_tokenizer
+from tuneloop.privacy.mask import masker
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
 from tuneloop.training.common import (
     MetricsLog,
@@ -70,8 +71,9 @@ class PretrainOutcome:
     corpus: dict = field(default_factory=dict)
 
 
-def read_corpus(paths: list[Path], text_column: str) -> list[str]:
-    """Cleaned, de-duplicated texts from .txt files (a text per line) and tables (their text column)."""
+def read_corpus(paths: list[Path], text_column: str, mask: Callable[[str], str] | None = None) -> list[str]:
+    """Cleaned, de-duplicated texts from .txt files (a text per line) and tables (their text column), personal
+    data masked (`mask`, privacy.mask)."""
     if not paths:
         raise TuneloopError("no unlabelled text given: pretrain.paths=[file.txt] (or --data file.txt)")
     texts, seen = [], set()
@@ -86,6 +88,7 @@ def read_corpus(paths: list[Path], text_column: str) -> list[str]:
         else:
             raw = select_columns(read_table(path), path, text_column, text_column)["text"].tolist()
         for text in map(clean_text, raw):
+            text = mask(text) if mask is not None and text else text
             if text and dedup_key(text) not in seen:
                 seen.add(dedup_key(text))
                 texts.append(text)
@@ -244,7 +247,7 @@ def run(
     settings = recipe.pretrain
     use_threads(settings.threads)
     seed_everything(settings.seed)
-    texts = read_corpus(settings.paths, settings.text_column)
+    texts = read_corpus(settings.paths, settings.text_column, masker(recipe.privacy))
     order = np.random.default_rng(settings.seed).permutation(len(texts))
     held = max(1, int(round(settings.holdout * len(texts))))
     heldout_texts = [texts[i] for i in order[:held]]

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tuneloop.data.prepare import fingerprint
 from tuneloop.errors import TuneloopError, first_line
 from tuneloop.models.classifier import pad_right
 from tuneloop.models.lm import resolve_lm
+from tuneloop.privacy.mask import masker
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
 from tuneloop.training.common import (
     MetricsLog,
@@ -54,8 +56,11 @@ class SftOutcome:
     examples: dict = field(default_factory=dict)
 
 
-def read_conversations(paths: list[Path], system_prompt: str | None) -> list[list[Message]]:
-    """Conversations from jsonl rows ({"prompt", "reply"} or {"messages": [...]}) or tables (prompt, reply)."""
+def read_conversations(
+    paths: list[Path], system_prompt: str | None, mask: Callable[[str], str] | None = None
+) -> list[list[Message]]:
+    """Conversations from jsonl rows ({"prompt", "reply"} or {"messages": [...]}) or tables (prompt, reply), with
+    personal data masked in every message (`mask`, privacy.mask: a reply model must not learn to repeat it)."""
     if not paths:
         raise TuneloopError("no training conversations given: sft.paths=[pairs.jsonl] (or --data pairs.jsonl)")
     conversations = []
@@ -77,6 +82,8 @@ def read_conversations(paths: list[Path], system_prompt: str | None) -> list[lis
                 )
             if not any(m["role"] == "assistant" for m in messages):
                 raise TuneloopError(f"{path} row {number}: no assistant message to learn from")
+            if mask is not None:
+                messages = [{**m, "content": mask(m["content"])} for m in messages]
             if system_prompt and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": system_prompt}, *messages]
             conversations.append(messages)
@@ -174,7 +181,7 @@ def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) ->
     seed_everything(settings.seed)
     folder = new_run_folder(recipe)
     start_run(recipe, folder)
-    conversations = read_conversations(settings.paths, settings.system_prompt)
+    conversations = read_conversations(settings.paths, settings.system_prompt, masker(recipe.privacy))
     model, tokenizer = build_model(recipe, resolve_lm(settings.model, registry))
     examples = [tokenize_conversation(tokenizer, c, settings.max_length) for c in conversations]
     examples = [e for e in examples if any(label != -100 for label in e[1])]
