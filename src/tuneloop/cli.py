@@ -829,15 +829,12 @@ def db_upgrade(config: ConfigOption = None, overrides: Overrides = None) -> None
 def log_import(config: ConfigOption = None, overrides: Overrides = None) -> None:
     """Write the rescue files in the home (predictions the database could not take) into the database; a server
     does this when it starts."""
-    from tuneloop.feedback.log import PredictionLog
-
-    registry = _config(RegistrySettings, config, overrides).registry
-    prediction_log = PredictionLog(registry.resolved_database_url(), registry.home)
+    prediction_log = _prediction_log(config, overrides)
     try:
         rows, files = prediction_log.import_rescued()
     finally:
         prediction_log.close()
-    console.print(f"imported {rows} predictions from {files} rescue files in {registry.home}")
+    console.print(f"imported {rows} predictions from {files} rescue files in {prediction_log.home}")
 
 
 def _erased_line(erased: Erased) -> str:

@@ -396,6 +396,7 @@ class ServeConfig(StrictModel):
 
 
 PiiType = Literal["email", "url", "iban", "card", "cn_id", "ip", "phone"]
+DEFAULT_PHONE_REGIONS = ("CN", "US", "GB")
 
 
 class PrivacyConfig(StrictModel):
@@ -414,7 +415,7 @@ class PrivacyConfig(StrictModel):
         "removed by tuneloop privacy purge and by a running server once a day; null: kept until purged by hand.",
     )
     phone_regions: list[str] = Field(
-        default_factory=lambda: ["CN", "US", "GB"],
+        default_factory=lambda: list(DEFAULT_PHONE_REGIONS),
         description="Countries (ISO 3166 codes) whose national phone numbers, written without +, are recognised; "
         "numbers with + are recognised for every country.",
     )

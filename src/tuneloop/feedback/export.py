@@ -97,11 +97,10 @@ def feedback_examples(
     """
     config = config or FeedbackConfig()
     include_confirmed = config.include_confirmed
-    all_rows = rows
-    rows, held_back = admitted(rows, config)
+    teaching, held_back = admitted(rows, config)
     latest: dict[str, dict[str, Any]] = {}
     rated_down_without_label = set()
-    for feedback, prediction in rows:
+    for feedback, prediction in teaching:
         if feedback.corrected_label:
             latest[prediction.id] = {"label": feedback.corrected_label, "source": "corrected", "at": feedback}
         elif feedback.rating is not None and latest.get(prediction.id, {}).get("source") != "corrected":
@@ -110,7 +109,7 @@ def feedback_examples(
             elif feedback.rating < 0:
                 latest.pop(prediction.id, None)  # "that was wrong" withdraws an earlier confirmation
                 rated_down_without_label.add(prediction.id)
-    predictions = {p.id: p for _, p in rows}
+    predictions = {p.id: p for _, p in teaching}
     candidates = []
     for prediction_id, chosen in latest.items():
         prediction = predictions[prediction_id]
@@ -147,7 +146,7 @@ def feedback_examples(
     ordered = sorted(kept, key=lambda c: (c["feedback_at"], c["order"]))
     examples = pd.DataFrame(ordered, columns=pd.Index(EXAMPLE_COLUMNS))
     counts = {
-        "feedback_rows": len(all_rows),
+        "feedback_rows": len(rows),
         **held_back,
         "examples": len(examples),
         "corrected": int((examples["source"] == "corrected").sum()),

@@ -66,9 +66,9 @@ class LoggedPrediction:
         )
 
 
-# Rows per statement when rescue files come back: a file can hold the whole backlog (200,000 rows), more
-# bound parameters than PostgreSQL (65,535) or SQLite (32,766 in many builds) take in one statement.
-IMPORT_SLICE = 2_000
+# Rows per statement where many are written or deleted at once (a rescue file can hold the whole backlog,
+# 200,000 rows): more bound parameters than PostgreSQL (65,535) or SQLite (32,766 in many builds) take.
+ROWS_PER_STATEMENT = 2_000
 
 
 def new_prediction_id() -> str:
@@ -209,8 +209,11 @@ class PredictionLog:
         text = text.replace("\x00", "")
         return self.mask(text) if self.mask is not None else text
 
+    def _rows(self, batch: list[LoggedPrediction]) -> list[dict[str, object]]:
+        return [{**vars(p), "text": self._stored_text(p.text)} for p in batch]
+
     def _insert(self, batch: list[LoggedPrediction]) -> None:
-        rows = [{**vars(p), "text": self._stored_text(p.text)} for p in batch]
+        rows = self._rows(batch)
         with self._sessions.begin() as session:
             session.execute(insert(PredictionRecord), rows)
 
@@ -302,16 +305,13 @@ class PredictionLog:
                 rows = [_rescued_row(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
                 new = []
                 with self._sessions.begin() as session:  # one transaction per file, in slices of bounded size
-                    for start in range(0, len(rows), IMPORT_SLICE):
-                        part = rows[start : start + IMPORT_SLICE]
+                    for start in range(0, len(rows), ROWS_PER_STATEMENT):
+                        part = rows[start : start + ROWS_PER_STATEMENT]
                         ids = [row.id for row in part]
                         there = set(session.scalars(select(PredictionRecord.id).where(PredictionRecord.id.in_(ids))))
                         fresh = [row for row in part if row.id not in there]
                         if fresh:
-                            session.execute(
-                                insert(PredictionRecord),
-                                [{**vars(p), "text": p.text.replace("\x00", "")} for p in fresh],
-                            )
+                            session.execute(insert(PredictionRecord), self._rows(fresh))
                         new += fresh
             except (OSError, ValueError, KeyError, TypeError, SQLAlchemyError) as exc:
                 log.error("prediction log: could not import %s (%s); it is kept", path, first_line(exc))

@@ -26,7 +26,7 @@ from tuneloop.data.prepare import load_prepared
 from tuneloop.db import open_database
 from tuneloop.db.schema import ChatTurn, FeedbackRecord, PredictionRecord, utc_now
 from tuneloop.errors import NotFound, TuneloopError
-from tuneloop.feedback.log import RESCUE_PREFIX
+from tuneloop.feedback.log import RESCUE_PREFIX, ROWS_PER_STATEMENT
 from tuneloop.privacy.mask import masker
 from tuneloop.registry import Registry
 
@@ -53,8 +53,8 @@ def _deleted(session: Session, statement: Delete) -> int:
 
 def _delete_predictions(session: Session, prediction_ids: set[str], erased: Erased) -> None:
     ids = sorted(prediction_ids)
-    for start in range(0, len(ids), 1000):  # bounded statements, as the log's rescue import does
-        part = ids[start : start + 1000]
+    for start in range(0, len(ids), ROWS_PER_STATEMENT):
+        part = ids[start : start + ROWS_PER_STATEMENT]
         erased.feedback += _deleted(session, delete(FeedbackRecord).where(FeedbackRecord.prediction_id.in_(part)))
         erased.predictions += _deleted(session, delete(PredictionRecord).where(PredictionRecord.id.in_(part)))
 

@@ -57,9 +57,7 @@ def review_groups(model: str, rows: Rows) -> list[ReviewGroup]:
             grouped.setdefault((text_key(prediction), label), []).append((feedback, prediction))
     labels_of_text = Counter(key for key, _ in grouped)
     texts_per_sender_label = Counter(
-        (feedback.sender, label)
-        for (_, label), members in grouped.items()
-        for feedback in {f.sender: f for f, _ in members}.values()
+        (sender, label) for (_, label), members in grouped.items() for sender in {f.sender for f, _ in members}
     )
     groups = []
     for (key, label), members in grouped.items():

@@ -21,7 +21,7 @@ import phonenumbers
 from stdnum import iban, luhn
 from stdnum.cn import ric
 
-from tuneloop.config import PiiType, PrivacyConfig
+from tuneloop.config import DEFAULT_PHONE_REGIONS, PiiType, PrivacyConfig
 
 PII_TYPES: tuple[PiiType, ...] = get_args(PiiType)
 PLACEHOLDER: dict[PiiType, str] = {
@@ -91,37 +91,12 @@ def _cards(text: str) -> Iterable[Found]:
 # The first two digits of a resident ID: its province (stdnum's own check also wants the district in its table,
 # which misses districts created since, and personal data must not slip through for that).
 CN_PROVINCES = {
-    11,
-    12,
-    13,
-    14,
-    15,
-    21,
-    22,
-    23,
-    31,
-    32,
-    33,
-    34,
-    35,
-    36,
-    37,
-    41,
-    42,
-    43,
-    44,
-    45,
-    46,
-    50,
-    51,
-    52,
-    53,
-    54,
-    61,
-    62,
-    63,
-    64,
-    65,
+    *range(11, 16),
+    *range(21, 24),
+    *range(31, 38),
+    *range(41, 47),
+    *range(50, 55),
+    *range(61, 66),
     71,
     81,
     82,
@@ -181,7 +156,7 @@ FINDERS: dict[PiiType, Callable[[str, tuple[str, ...]], Iterable[Found]]] = {
 
 
 def find_pii(
-    text: str, types: Iterable[PiiType] = PII_TYPES, regions: Iterable[str] = ("CN", "US", "GB")
+    text: str, types: Iterable[PiiType] = PII_TYPES, regions: Iterable[str] = DEFAULT_PHONE_REGIONS
 ) -> list[Found]:
     """Non-overlapping spans of personal data in `text`, in order."""
     wanted, regions = set(types), tuple(regions)
@@ -195,7 +170,7 @@ def find_pii(
     return sorted(claimed, key=lambda f: f.start)
 
 
-def mask_text(text: str, types: Iterable[PiiType] = PII_TYPES, regions: Iterable[str] = ("CN", "US", "GB")) -> str:
+def mask_text(text: str, types: Iterable[PiiType] = PII_TYPES, regions: Iterable[str] = DEFAULT_PHONE_REGIONS) -> str:
     """`text` with each piece of personal data replaced by its placeholder ([EMAIL], [PHONE], ...)."""
     pieces, last = [], 0
     for found in find_pii(text, types, regions):
