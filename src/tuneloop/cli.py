@@ -170,6 +170,12 @@ def _print_test_scores(outcome: ClassifierOutcome) -> None:
         f"ECE {test['calibration']['ece']:.3f}[/green] (trained {outcome.train.train_seconds:.0f}s, "
         f"best epoch {outcome.train.best_epoch})"
     )
+    privacy = outcome.train.privacy
+    if privacy:
+        console.print(
+            f"differential privacy: ε = {privacy['epsilon']:.2f} spent of {privacy['target_epsilon']:g} "
+            f"(δ = {privacy['delta']:.1e}, noise multiplier {privacy['noise_multiplier']:.3f})"
+        )
     for task, task_report in outcome.report.get("tasks", {}).items():
         console.print(
             f"[green]task {task}: test accuracy {task_report['test']['accuracy']:.4f}, "

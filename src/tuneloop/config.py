@@ -95,6 +95,33 @@ class ModelConfig(EncoderConfig):
     max_length: int = Field(128, ge=8, le=512, description="Longer texts are cut to this many tokens.")
 
 
+class DPConfig(StrictModel):
+    """Differentially private training (DP-SGD with Opacus): each step clips every example's gradient, adds
+    Gaussian noise sized for the budget below and draws its batch by Poisson sampling, so that the weights
+    reveal little about any one training text. train.batch_size is the expected batch."""
+
+    epsilon: float = Field(
+        description="Privacy budget ε of the whole run (smaller is more private and less accurate; 1-10 is usual).",
+        gt=0,
+    )
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="Privacy δ; default 1/n, n the training texts (smaller is stronger)."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Each example's gradient is clipped to this norm.")
+    accountant: Literal["prv", "rdp"] = Field(
+        "prv", description="How ε is counted: prv (tight, Opacus's default) or rdp (Rényi, a looser bound)."
+    )
+    physical_batch_size: int = Field(
+        32, ge=1, description="Texts per forward pass; a step's batch is split into these to bound memory."
+    )
+    centroid_noise: float | None = Field(
+        3.0,
+        gt=0,
+        description="With model.head_init=centroids, the class vectors start at the training centroids plus "
+        "Gaussian noise of this multiplier (a Gaussian mechanism, counted in ε); null: they start random.",
+    )
+
+
 class TrainConfig(StrictModel):
     """Optimisation of the classifier."""
 
@@ -148,6 +175,11 @@ class TrainConfig(StrictModel):
     lora_targets: list[str] = Field(
         default_factory=lambda: ["query", "value"],
         description="Names of the encoder's linear layers that get adapters.",
+    )
+    dp: DPConfig | None = Field(
+        None,
+        description="Differential privacy (e.g. dp.epsilon=8): DP-SGD for full fine-tuning or LoRA; "
+        "see the security page of the docs.",
     )
 
     @field_validator("freeze_embeddings", mode="before")

@@ -120,6 +120,16 @@ def report_sections(report: dict) -> list[str]:
         "<h2>Summary</h2>",
         html_table(headline, ["metric", "value"]),
     ]
+    privacy = report.get("privacy")
+    if privacy:
+        sections += [
+            "<h2>Differential privacy</h2>",
+            f"<p>Trained with DP-SGD: (ε = {privacy['epsilon']:.2f}, δ = {privacy['delta']:.1e}) spent of a budget of "
+            f"ε = {privacy['target_epsilon']:g} ({privacy['accountant']} accountant; {privacy['steps']} steps, "
+            f"noise multiplier {privacy['noise_multiplier']:.3f}, each text's gradient clipped to "
+            f"{privacy['max_grad_norm']:g}, sample rate {privacy['sample_rate']:.4f}). The guarantee covers the "
+            f"weights; this page and the run folder show data itself.</p>",
+        ]
     gap = report.get("overfitting")
     if gap:
         verdict = "<b>likely overfitting</b>" if gap["likely_overfitting"] else "no strong sign of overfitting"

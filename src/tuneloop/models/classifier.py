@@ -85,6 +85,22 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
+class CosineHead(nn.Linear):
+    """One vector per class; a text's logit for a class is `scale` × the cosine of the two.
+
+    It is a module of its own, not a formula in the classifier's forward, so that tools which follow modules
+    (Opacus computing per-example gradients, exporters) see the head being called. Its weights are saved as a
+    linear layer's (no bias), as they always were.
+    """
+
+    def __init__(self, hidden: int, classes: int, scale: float) -> None:
+        super().__init__(hidden, classes, bias=False)
+        self.scale = scale
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(pooled, dim=-1) @ F.normalize(self.weight, dim=-1).T
+
+
 class TextClassifier(nn.Module):
     """Encoder + pooling + head; logits are scaled cosines when head == "cosine"."""
 
@@ -94,7 +110,11 @@ class TextClassifier(nn.Module):
         self.spec = spec
         self.dropout = nn.Dropout(spec.dropout)
         hidden = encoder.config.hidden_size
-        self.head = nn.Linear(hidden, len(spec.labels), bias=spec.head == "linear")
+        self.head = (
+            CosineHead(hidden, len(spec.labels), spec.cosine_scale)
+            if spec.head == "cosine"
+            else nn.Linear(hidden, len(spec.labels))
+        )
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -103,10 +123,7 @@ class TextClassifier(nn.Module):
         return mean_pool(hidden, attention_mask)
 
     def logits_from_embeddings(self, pooled: torch.Tensor) -> torch.Tensor:
-        pooled = self.dropout(pooled)
-        if self.spec.head == "cosine":
-            return self.spec.cosine_scale * F.normalize(pooled, dim=-1) @ F.normalize(self.head.weight, dim=-1).T
-        return self.head(pooled)
+        return self.head(self.dropout(pooled))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.logits_from_embeddings(self.embed(input_ids, attention_mask))
@@ -119,10 +136,17 @@ class TextClassifier(nn.Module):
         classifier instead of random logits; this is most of why it gets accurate in the first epoch.
         """
         normalised = F.normalize(embeddings.float(), dim=-1)
+        vectors = self.head.weight.detach().clone()
         for index in range(len(self.spec.labels)):
             members = normalised[label_ids == index]
             if len(members):
-                self.head.weight[index] = F.normalize(members.mean(0), dim=-1)
+                vectors[index] = members.mean(0)
+        self.set_class_vectors(vectors)
+
+    @torch.no_grad()
+    def set_class_vectors(self, vectors: torch.Tensor) -> None:
+        """Point each class at a direction in embedding space (a linear head gets the cosine head's logits)."""
+        self.head.weight.copy_(F.normalize(vectors.float(), dim=-1))
         if self.spec.head == "linear":
             self.head.weight.mul_(self.spec.cosine_scale)
             self.head.bias.zero_()

@@ -84,6 +84,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     stopped_early: bool = False
+    privacy: dict | None = None  # what a train.dp run spent (PrivacySpent)
 
 
 @dataclass
@@ -300,6 +301,12 @@ def fine_tune(
     seed_everything(tc.seed)
     run.root.mkdir(parents=True, exist_ok=True)
     model, tokenizer = build_classifier(recipe, encoder, data.labels, task_name if other_tasks else "")
+    if tc.dp:
+        # Only private runs need Opacus; importing it costs seconds.
+        from tuneloop.training import private as dpsgd
+
+        dpsgd.check_private_recipe(recipe, len(data.train))
+        dpsgd.freeze_embedding_tables(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # The other tasks' classifiers share the model's encoder object: one set of encoder weights learns them all.
     heads = {
@@ -312,7 +319,11 @@ def fine_tune(
     ]
     train_only_used_rows(model.encoder, [ids for task in tasks for ids in task.train_ids])
 
-    steps_per_epoch = sum(-(-len(task.train_ids) // tc.batch_size) for task in tasks)
+    steps_per_epoch = (
+        dpsgd.steps_per_epoch(len(data.train), tc.batch_size)
+        if tc.dp
+        else sum(-(-len(task.train_ids) // tc.batch_size) for task in tasks)
+    )
     total_steps = steps_per_epoch * tc.epochs
     optimizer = _optimizer(model, recipe, list(heads.values()))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
@@ -322,7 +333,21 @@ def fine_tune(
         num_warmup_steps=int(tc.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    use_bf16 = tc.bf16 and cpu_supports_bf16()
+    # DP-SGD clips each text's gradient in fp32: no autocast under it.
+    use_bf16 = tc.bf16 and cpu_supports_bf16() and not tc.dp
+    private = None
+    if tc.dp:
+        private = dpsgd.PrivateTraining(
+            tc.dp,
+            model,
+            optimizer,
+            tasks[0].loss_fn,
+            len(data.train),
+            tc.batch_size,
+            total_steps,
+            tc.seed,
+            centroid_init=recipe.model.head_init == "centroids",
+        )
 
     state = {
         "epoch": 0,
@@ -351,9 +376,19 @@ def fine_tune(
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = {**state, **saved["state"]}  # keys added since that checkpoint keep their defaults
+        if private:
+            private.load_state_dict(saved["private"], mid_epoch=state["step_in_epoch"] > 0)
         restore_rng(saved["rng"])
         log.info("resuming at epoch %d step %d", state["epoch"], state["step_in_epoch"])
-    elif recipe.model.head_init == "centroids":
+    elif private and private.centroid_noise:
+        started = time.perf_counter()
+        model.set_class_vectors(
+            private.noisy_centroids(
+                embed_all(model, tasks[0].train_ids, pad_id), torch.tensor(tasks[0].train_labels), len(data.labels)
+            )
+        )
+        state["train_seconds"] += time.perf_counter() - started
+    elif recipe.model.head_init == "centroids" and not private:
         started = time.perf_counter()
         for task in tasks:
             task.classifier.init_head_from_centroids(
@@ -382,6 +417,7 @@ def fine_tune(
                 "scheduler": scheduler.state_dict(),
                 "state": state,
                 "rng": rng_state(),
+                "private": private.state_dict() if private else None,
             },
         )
 
@@ -413,33 +449,44 @@ def fine_tune(
     with TrainingProgress("training", total_steps, state["global_step"], show_progress) as progress:
         while state["epoch"] < tc.epochs and not state["stopped_early"]:
             epoch = state["epoch"]
-            batches = _epoch_batches(tasks, tc.batch_size, tc.seed + epoch, tc.length_grouping)
+            batches = (
+                [(tasks[0], batch) for batch in private.epoch_batches(len(data.train))]
+                if private
+                else _epoch_batches(tasks, tc.batch_size, tc.seed + epoch, tc.length_grouping)
+            )
             running, seen = 0.0, 0
             epoch_start = time.perf_counter()
             for index in range(state["step_in_epoch"], len(batches)):
                 started = time.perf_counter()
                 task, chosen = batches[index]
-                input_ids, mask = pad_right([task.train_ids[i] for i in chosen], pad_id)
-                target = torch.as_tensor(task.train_labels[chosen])
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = task.classifier(input_ids, mask)
-                loss = task.loss_fn(logits.float(), target)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
-                optimizer.step()
+
+                def forward(rows: list[int], task: Task = task) -> tuple[torch.Tensor, torch.Tensor]:
+                    input_ids, mask = pad_right([task.train_ids[i] for i in rows], pad_id)
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                        logits = task.classifier(input_ids, mask)
+                    return logits, torch.as_tensor(task.train_labels[rows])
+
+                if private:
+                    running += private.step(forward, chosen)
+                else:
+                    logits, target = forward(chosen)
+                    loss = task.loss_fn(logits.float(), target)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    running += loss.item() * len(chosen)
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 state["train_seconds"] += time.perf_counter() - started
                 state["global_step"] += 1
                 state["step_in_epoch"] = index + 1
-                running += loss.item() * len(chosen)
                 seen += len(chosen)
-                progress.step(running / seen, f"epoch {epoch + 1}/{tc.epochs}")
+                progress.step(running / max(seen, 1), f"epoch {epoch + 1}/{tc.epochs}")
                 if tc.eval_every and state["global_step"] % tc.eval_every == 0 and index + 1 < len(batches):
                     entry = {
                         "epoch": epoch + 1,
                         "step": state["global_step"],
-                        "train_loss": running / seen,
+                        "train_loss": running / max(seen, 1),
                         "lr": scheduler.get_last_lr()[0],
                         "train_seconds": state["train_seconds"],
                     }
@@ -486,6 +533,7 @@ def fine_tune(
         history=state["history"],
         train_seconds=state["train_seconds"],
         stopped_early=state["stopped_early"],
+        privacy=private.spent().as_dict() if private else None,
     )
 
 
@@ -556,6 +604,8 @@ def evaluate_run(
     )
     if cross_validation:
         report["cross_validation"] = cross_validation
+    if result.privacy:
+        report["privacy"] = result.privacy
     write_report(report, run.root)
     return report
 
@@ -577,6 +627,8 @@ def register_classifier(
         train_seconds=result.train_seconds,
         best_val_macro_f1=result.best_val_macro_f1,
     )
+    if result.privacy:
+        metrics.update(dp_epsilon=result.privacy["epsilon"], dp_delta=result.privacy["delta"])
     for name, task_report in report.get("tasks", {}).items():
         metrics.update({f"{name}.{k}": task_report["test"][k] for k in ("accuracy", "macro_f1")})
     # A multi-task version's data is all its tasks' splits: the fingerprint covers each in order.
