@@ -91,16 +91,24 @@ def config_reference() -> str:
         out += [f"## {root.__name__}", "", f"*{commands}.* {inspect.getdoc(root) or ''}", ""]
         out += _fields_table(root, "")
         # The shared registry section last: each root's own sections first.
-        for name, field in sorted(root.model_fields.items(), key=lambda item: item[0] == "registry"):
-            section = _section_model(field.annotation)
-            if section is None:
-                continue
-            keyed = get_origin(field.annotation) is dict
-            prefix = f"{name}.<task>." if keyed else f"{name}."
-            out += ["", f"### `{prefix.rstrip('.')}`", "", inspect.getdoc(section) or "", ""]
-            out += _fields_table(section, prefix)
+        out += _sections(root, "", sorted(root.model_fields.items(), key=lambda item: item[0] == "registry"))
         out.append("")
     return "\n".join(out)
+
+
+def _sections(model: type[BaseModel], prefix: str, fields: list[tuple[str, Any]]) -> list[str]:
+    """A table per section of `model`, and per section within it (train.dp)."""
+    out: list[str] = []
+    for name, field in fields:
+        section = _section_model(field.annotation)
+        if section is None:
+            continue
+        keyed = get_origin(field.annotation) is dict
+        inner = f"{prefix}{name}.<task>." if keyed else f"{prefix}{name}."
+        out += ["", f"### `{inner.rstrip('.')}`", "", inspect.getdoc(section) or "", ""]
+        out += _fields_table(section, inner)
+        out += _sections(section, inner, list(section.model_fields.items()))
+    return out
 
 
 # --- command reference -------------------------------------------------------------------------------
