@@ -115,7 +115,7 @@ class DPConfig(StrictModel):
         32, ge=1, description="Texts per forward pass; a step's batch is split into these to bound memory."
     )
     centroid_noise: float | None = Field(
-        3.0,
+        2.0,
         gt=0,
         description="With model.head_init=centroids, the class vectors start at the training centroids plus "
         "Gaussian noise of this multiplier (a Gaussian mechanism, counted in ε); null: they start random.",
