@@ -110,3 +110,26 @@ def copy_rows(source_url: str, target_url: str) -> None:
                 if top:  # explicit ids do not move PostgreSQL's sequence: the next insert would collide
                     writing.execute(text(f"select setval(pg_get_serial_sequence('{table.name}', 'id'), {top})"))
     source.dispose()
+
+
+class Crash(Exception):
+    """Raised from a step callback to stand for a process killed in the middle of training."""
+
+
+def crashed_then_resumed(config, data, encoder, folder: Path, at_step: int):
+    """Train into `folder` until step `at_step` "crashes" it, then resume from its checkpoint: the resumed
+    run's result."""
+    import pytest
+
+    from tuneloop.registry import VersionFolder
+    from tuneloop.training.classification import fine_tune
+
+    def crash(state, model, tokenizer):
+        if state["global_step"] == at_step:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fine_tune(
+            config, data, encoder, VersionFolder(folder), show_progress=False, step_callback=crash, callback_every=1
+        )
+    return fine_tune(config, data, encoder, VersionFolder(folder), resume=True, show_progress=False)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import toy_rows
+from helpers import crashed_then_resumed, toy_rows
 from tuneloop.config import DataConfig, load_config
 from tuneloop.data.prepare import prepare_data
 from tuneloop.errors import TuneloopError
@@ -80,25 +80,7 @@ def test_resume_continues_exactly(setup, tmp_path, eval_every):
     config.train.checkpoint_every = 4
     config.train.eval_every = eval_every
     straight = fine_tune(config, data, encoder, VersionFolder(tmp_path / "straight"), show_progress=False)
-
-    class Crash(Exception):
-        pass
-
-    def crash(state, model, tokenizer):
-        if state["global_step"] == 7:
-            raise Crash
-
-    with pytest.raises(Crash):
-        fine_tune(
-            config,
-            data,
-            encoder,
-            VersionFolder(tmp_path / "crashed"),
-            show_progress=False,
-            step_callback=crash,
-            callback_every=1,
-        )
-    resumed = fine_tune(config, data, encoder, VersionFolder(tmp_path / "crashed"), resume=True, show_progress=False)
+    resumed = crashed_then_resumed(config, data, encoder, tmp_path / "crashed", at_step=7)
     assert [h["train_loss"] for h in resumed.history] == pytest.approx(
         [h["train_loss"] for h in straight.history], abs=1e-6
     )

@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from helpers import crashed_then_resumed
 from tuneloop.cli import app
 from tuneloop.config import DataConfig, DPConfig, load_config
 from tuneloop.data.prepare import prepare_data
@@ -117,25 +118,7 @@ def test_a_private_run_resumes_exactly(setup, tmp_path, clipping):
     config, data, encoder = setup
     config.train.checkpoint_every = 2
     straight = fine_tune(config, data, encoder, VersionFolder(tmp_path / "straight"), show_progress=False)
-
-    class Crash(Exception):
-        pass
-
-    def crash(state, model, tokenizer):
-        if state["global_step"] == 5:
-            raise Crash
-
-    with pytest.raises(Crash):
-        fine_tune(
-            config,
-            data,
-            encoder,
-            VersionFolder(tmp_path / "crashed"),
-            show_progress=False,
-            step_callback=crash,
-            callback_every=1,
-        )
-    resumed = fine_tune(config, data, encoder, VersionFolder(tmp_path / "crashed"), resume=True, show_progress=False)
+    resumed = crashed_then_resumed(config, data, encoder, tmp_path / "crashed", at_step=5)
     assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in straight.history])
     assert resumed.privacy == straight.privacy
     a, _ = TextClassifier.load(straight.best_dir)
