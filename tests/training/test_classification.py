@@ -77,7 +77,7 @@ def test_centroid_head_starts_better_than_chance(setup):
 def test_resume_continues_exactly(setup, tmp_path, eval_every):
     config, data, encoder = setup
     config.train.epochs = 3
-    config.train.checkpoint_every = 4
+    config.train.checkpoint_every = 3  # the last checkpoint before the crash is in the middle of epoch 2
     config.train.eval_every = eval_every
     straight = fine_tune(config, data, encoder, VersionFolder(tmp_path / "straight"), show_progress=False)
     resumed = crashed_then_resumed(config, data, encoder, tmp_path / "crashed", at_step=7)

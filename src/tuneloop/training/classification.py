@@ -361,6 +361,9 @@ def fine_tune(
         "stopped_early": False,
         "history": [],
         "train_seconds": 0.0,
+        # the epoch's loss so far, kept in checkpoints so that a resumed epoch reports its whole mean loss
+        "epoch_loss_sum": 0.0,
+        "epoch_texts": 0,
     }
     if resume:
         saved = load_checkpoint(run, CHECKPOINT)
@@ -454,7 +457,8 @@ def fine_tune(
                 if private
                 else _epoch_batches(tasks, tc.batch_size, tc.seed + epoch, tc.length_grouping)
             )
-            running, seen = 0.0, 0
+            if state["step_in_epoch"] == 0:
+                state["epoch_loss_sum"], state["epoch_texts"] = 0.0, 0
             epoch_start = time.perf_counter()
             for index in range(state["step_in_epoch"], len(batches)):
                 started = time.perf_counter()
@@ -467,7 +471,7 @@ def fine_tune(
                     return logits, torch.as_tensor(task.train_labels[rows])
 
                 if private:
-                    running += private.step(forward, chosen)
+                    state["epoch_loss_sum"] += private.step(forward, chosen)
                 else:
                     logits, target = forward(chosen)
                     loss = task.loss_fn(logits.float(), target)
@@ -475,18 +479,19 @@ def fine_tune(
                     torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    running += loss.item() * len(chosen)
+                    state["epoch_loss_sum"] += loss.item() * len(chosen)
                 scheduler.step()
                 state["train_seconds"] += time.perf_counter() - started
                 state["global_step"] += 1
                 state["step_in_epoch"] = index + 1
-                seen += len(chosen)
-                progress.step(running / max(seen, 1), f"epoch {epoch + 1}/{tc.epochs}")
+                state["epoch_texts"] += len(chosen)
+                epoch_loss = state["epoch_loss_sum"] / max(state["epoch_texts"], 1)
+                progress.step(epoch_loss, f"epoch {epoch + 1}/{tc.epochs}")
                 if tc.eval_every and state["global_step"] % tc.eval_every == 0 and index + 1 < len(batches):
                     entry = {
                         "epoch": epoch + 1,
                         "step": state["global_step"],
-                        "train_loss": running / max(seen, 1),
+                        "train_loss": epoch_loss,
                         "lr": scheduler.get_last_lr()[0],
                         "train_seconds": state["train_seconds"],
                     }
@@ -502,7 +507,7 @@ def fine_tune(
             entry = {
                 "epoch": epoch + 1,
                 "step": state["global_step"],
-                "train_loss": running / max(seen, 1),
+                "train_loss": state["epoch_loss_sum"] / max(state["epoch_texts"], 1),
                 "lr": scheduler.get_last_lr()[0],
                 "epoch_seconds": time.perf_counter() - epoch_start,
                 "train_seconds": state["train_seconds"],
