@@ -336,6 +336,7 @@ def fine_tune(
     # DP-SGD clips each text's gradient in fp32: no autocast under it.
     use_bf16 = tc.bf16 and cpu_supports_bf16() and not tc.dp
     private = None
+    train_lengths = [len(ids) for ids in tasks[0].train_ids]
     if tc.dp:
         private = dpsgd.PrivateTraining(
             tc.dp,
@@ -471,7 +472,7 @@ def fine_tune(
                     return logits, torch.as_tensor(task.train_labels[rows])
 
                 if private:
-                    state["epoch_loss_sum"] += private.step(forward, chosen)
+                    state["epoch_loss_sum"] += private.step(forward, chosen, lengths=train_lengths)
                 else:
                     logits, target = forward(chosen)
                     loss = task.loss_fn(logits.float(), target)
