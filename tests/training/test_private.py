@@ -81,7 +81,7 @@ def test_each_texts_influence_on_a_step_is_clipped(clipping):
         model,
         optimizer,
         torch.nn.CrossEntropyLoss(),
-        100,
+        [1] * 100,
         10,
         1,
         seed=0,
@@ -99,8 +99,10 @@ def test_each_texts_influence_on_a_step_is_clipped(clipping):
 def test_batches_are_poisson_samples():
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    private = PrivateTraining(DPConfig(epsilon=8), model, optimizer, torch.nn.CrossEntropyLoss(), 1000, 50, 100, 0)
-    sizes = [len(batch) for _ in range(5) for batch in private.epoch_batches(1000)]
+    private = PrivateTraining(
+        DPConfig(epsilon=8), model, optimizer, torch.nn.CrossEntropyLoss(), [1] * 1000, 50, 100, 0
+    )
+    sizes = [len(batch) for _ in range(5) for batch in private.epoch_batches()]
     assert len(sizes) == 5 * 20 and len(set(sizes)) > 5  # sizes vary, as every text joins by a coin toss
     assert 45 < sum(sizes) / len(sizes) < 55
 
@@ -108,7 +110,7 @@ def test_batches_are_poisson_samples():
 def test_an_empty_batch_still_steps_with_noise_and_is_counted(clipping):
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    private = PrivateTraining(DPConfig(epsilon=8), model, optimizer, torch.nn.CrossEntropyLoss(), 100, 10, 10, 0)
+    private = PrivateTraining(DPConfig(epsilon=8), model, optimizer, torch.nn.CrossEntropyLoss(), [1] * 100, 10, 10, 0)
     before = model.weight.detach().clone()
     private.step(lambda rows: (model(torch.randn(len(rows), 4)), torch.zeros(len(rows), dtype=torch.long)), [])
     assert not torch.equal(model.weight, before) and private.spent().steps == 1
@@ -173,7 +175,7 @@ def test_noisy_centroids_are_paid_for_from_the_same_budget():
         model = torch.nn.Linear(4, 2)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         return PrivateTraining(
-            DPConfig(epsilon=3), model, optimizer, torch.nn.CrossEntropyLoss(), 1000, 50, 100, 0, centroid_init
+            DPConfig(epsilon=3), model, optimizer, torch.nn.CrossEntropyLoss(), [1] * 1000, 50, 100, 0, centroid_init
         )
 
     plain, with_centroids = private(False), private(True)

@@ -336,14 +336,13 @@ def fine_tune(
     # DP-SGD clips each text's gradient in fp32: no autocast under it.
     use_bf16 = tc.bf16 and cpu_supports_bf16() and not tc.dp
     private = None
-    train_lengths = [len(ids) for ids in tasks[0].train_ids]
     if tc.dp:
         private = dpsgd.PrivateTraining(
             tc.dp,
             model,
             optimizer,
             tasks[0].loss_fn,
-            len(data.train),
+            [len(ids) for ids in tasks[0].train_ids],
             tc.batch_size,
             total_steps,
             tc.seed,
@@ -454,7 +453,7 @@ def fine_tune(
         while state["epoch"] < tc.epochs and not state["stopped_early"]:
             epoch = state["epoch"]
             batches = (
-                [(tasks[0], batch) for batch in private.epoch_batches(len(data.train))]
+                [(tasks[0], batch) for batch in private.epoch_batches()]
                 if private
                 else _epoch_batches(tasks, tc.batch_size, tc.seed + epoch, tc.length_grouping)
             )
@@ -472,7 +471,7 @@ def fine_tune(
                     return logits, torch.as_tensor(task.train_labels[rows])
 
                 if private:
-                    state["epoch_loss_sum"] += private.step(forward, chosen, lengths=train_lengths)
+                    state["epoch_loss_sum"] += private.step(forward, chosen)
                 else:
                     logits, target = forward(chosen)
                     loss = task.loss_fn(logits.float(), target)

@@ -128,13 +128,16 @@ class PrivateTraining:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         loss_fn: nn.Module,
-        train_size: int,
+        text_lengths: Sequence[int],
         batch_size: int,
         total_steps: int,
         seed: int,
         centroid_init: bool = False,
     ) -> None:
         self.settings = settings
+        # Tokens in each training text: their number is n, and a step's texts are batched by length.
+        self.text_lengths = text_lengths
+        train_size = len(text_lengths)
         self.delta = settings.delta if settings.delta is not None else 1.0 / train_size
         self.sample_rate = batch_size / train_size
         self.steps_per_epoch = steps_per_epoch(train_size, batch_size)
@@ -220,24 +223,27 @@ class PrivateTraining:
         most 1, so the noise multiplier is the noise's standard deviation. Counted by the accountant."""
         assert self.centroid_noise is not None
         sums = torch.zeros(classes, embeddings.shape[1]).index_add_(0, labels, F.normalize(embeddings.float(), dim=-1))
-        self.accountant.history.append((self.centroid_noise, 1.0, 1))
+        self.accountant.history.extend(self.releases)  # what the noise multiplier was planned for
         return sums + self.centroid_noise * torch.randn(sums.shape)
 
-    def epoch_batches(self, train_size: int) -> list[list[int]]:
+    def epoch_batches(self) -> list[list[int]]:
         """This epoch's Poisson batches (drawn at once, so that a resumed run draws the same ones)."""
         self._epoch_start = self.generator.get_state()
         sampler = UniformWithReplacementSampler(
-            num_samples=train_size, sample_rate=self.sample_rate, generator=self.generator, steps=self.steps_per_epoch
+            num_samples=len(self.text_lengths),
+            sample_rate=self.sample_rate,
+            generator=self.generator,
+            steps=self.steps_per_epoch,
         )
         return [list(batch) for batch in sampler]
 
-    def step(self, forward: Forward, batch: list[int], lengths: Sequence[int] | None = None) -> float:
+    def step(self, forward: Forward, batch: list[int]) -> float:
         """One DP-SGD step on a Poisson batch: physical chunks whose clipped gradients add up, then one noisy
         update. Returns the summed loss of the batch's texts."""
         chunk = self.settings.physical_batch_size
         # Texts of similar length share a forward pass, so little of it is padding (a Poisson batch is a random
         # mix of lengths); the step's sum of clipped gradients does not depend on the order.
-        batch = sorted(batch, key=lengths.__getitem__) if lengths is not None else batch
+        batch = sorted(batch, key=self.text_lengths.__getitem__)
         parts = [batch[i : i + chunk] for i in range(0, len(batch), chunk)]
         total = 0.0
         for index, part in enumerate(parts):
