@@ -69,9 +69,17 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("clients", "clients", plain),
         ("tuneloop req/s", "tuneloop.req_per_s", plain),
         ("p50 / p95 / p99 ms", "tuneloop", lambda r: f"{r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f}"),
+        ("runtime that served", "runtime", plain),
+        ("mean batch size", "tuneloop.mean_batch_size", plain),
+        ("share of the fp32 compute ceiling", "share_of_fp32_ceiling", percent),
         ("naive FastAPI + pipeline req/s", "naive.req_per_s", plain),
         ("req/s, tuneloop / naive", "ratio_req_per_s", times),
         ("same predictions", "same_predictions", percent),
+        (
+            "test accuracy, tuneloop / naive",
+            "",
+            lambda r: f"{percent(r['tuneloop']['accuracy'])} / {percent(r['naive']['accuracy'])}",
+        ),
     ],
     "feedback_loop": [
         ("drifted intents macro-F1 before", "before.drifted_macro_f1", percent),

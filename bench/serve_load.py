@@ -4,15 +4,18 @@
 
 Starts `tuneloop serve` on 127.0.0.1 in a subprocess and runs N concurrent clients, each sending one
 Banking77 test text per request, for a bounded time and a bounded number of requests; prints one JSON
-line with req/s, p50/p95/p99 latency, the mean batch size (from the server's /metrics) and the load
-generator's own CPU time per request (it runs on the same cores). With
---baseline naive it also starts, in a second subprocess, a FastAPI app whose endpoint calls a
-transformers feature-extraction pipeline per request and applies the same pooling and head, checks
-that both servers give the same labels, loads it the same way and prints the ratio.
+line with req/s, p50/p95/p99 latency, the mean batch size (from the server's /metrics), the load
+generator's own CPU time per request (it runs on the same cores), and the share of the fp32 compute
+ceiling reached: texts/s of the version's fp32 ONNX encoder run in-process on full batches of the same
+texts (no HTTP, no queue). With --baseline naive it also starts, in a second subprocess, a FastAPI app
+whose endpoint calls a transformers feature-extraction pipeline per request and applies the same pooling
+and head, loads it the same way, and prints the ratio; the two servers' labels are compared on every test
+text (one request each) and both accuracies given.
 
-Without --home, a model is trained first (all-MiniLM-L6-v2 on Banking77, 1 epoch) into a temporary home.
---set takes `tuneloop serve` settings (serve.*, registry.*, gate.*). The result is also written to
-bench/results/serve_load-RUNTIME.json (serve.runtime: torch, onnx or onnx-int8).
+Without --home, a model is trained first (all-MiniLM-L6-v2 on Banking77, 1 epoch, the default recipe, so
+the server runs what the version's end-of-training check chose) into a temporary home. --set takes
+`tuneloop serve` settings (serve.*, registry.*). The result is also written to
+bench/results/serve_load-RUNTIME.json, RUNTIME being what served (torch, onnx or onnx-int8).
 """
 
 from __future__ import annotations
@@ -107,6 +110,23 @@ def labels_from(url: str, path: str, body_of, parse, texts: list[str]) -> list[s
         return [parse(http.post(path, json=body_of(t)).json()) for t in texts]
 
 
+def accuracy(predicted: list[str], truth: list[str]) -> float:
+    return round(float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)])), 4)
+
+
+def fp32_ceiling(registry, version, texts: list[str], threads: int, batch_size: int = 32) -> float:
+    """Texts per second of the version's fp32 ONNX encoder and head on full batches, in this process: the
+    most any server could answer with this model on these cores, one text per request, in fp32."""
+    from tuneloop.models.predictor import load_model
+
+    predictor = load_model(version, registry, runtime="onnx", threads=threads)
+    sample = texts[:1024]
+    predictor.logits(sample[:batch_size], batch_size=batch_size)  # warm up
+    started = time.perf_counter()
+    predictor.logits(sample, batch_size=batch_size)
+    return round(len(sample) / (time.perf_counter() - started), 1)
+
+
 class NaiveRequest(BaseModel):
     text: str
 
@@ -185,7 +205,7 @@ def main() -> None:
     except TuneloopError as exc:
         raise SystemExit(f"--set: {exc}") from None
     _, test = load_banking77()
-    texts = test["text"].astype(str).tolist()
+    texts, truth = test["text"].astype(str).tolist(), test["label"].astype(str).tolist()
     with tempfile.TemporaryDirectory() as tmp:
         home = args.home or Path(tmp) / "home"
         name = args.model or (train_quick_model(home) if args.home is None else None)
@@ -199,7 +219,7 @@ def main() -> None:
         )
         result = {
             "model": version.ref,
-            "runtime": runtime,
+            "serve.runtime": runtime,
             "clients": args.clients,
             "seconds": args.seconds,
             "cores": os.cpu_count(),
@@ -237,13 +257,17 @@ def main() -> None:
                 )
             )
             ours.update(batch_stats(url))
-            sample = texts[:200]
+            served = httpx.get(url + "/v1/models").json()["models"][0]
+            result["runtime"] = served["runtime"]
             our_labels = labels_from(
-                url, "/v1/predict", lambda t: {"texts": [t]}, lambda r: r["predictions"][0]["label"], sample
+                url, "/v1/predict", lambda t: {"texts": [t]}, lambda r: r["predictions"][0]["label"], texts
             )
         finally:
             stop(server)
+        ours["accuracy"] = accuracy(our_labels, truth)
         result["tuneloop"] = ours
+        result["fp32_ceiling_texts_per_s"] = fp32_ceiling(registry, version, texts, args.threads)
+        result["share_of_fp32_ceiling"] = round(ours["req_per_s"] / result["fp32_ceiling_texts_per_s"], 3)
 
         if args.baseline == "naive":
             port = free_port()
@@ -282,16 +306,17 @@ def main() -> None:
                         args.warmup,
                     )
                 )
-                their_labels = labels_from(url, "/predict", lambda t: {"text": t}, lambda r: r["label"], sample)
+                their_labels = labels_from(url, "/predict", lambda t: {"text": t}, lambda r: r["label"], texts)
             finally:
                 stop(naive)
+            theirs["accuracy"] = accuracy(their_labels, truth)
             result["naive"] = theirs
             result["same_predictions"] = round(
                 float(np.mean([a == b for a, b in zip(our_labels, their_labels, strict=True)])), 4
             )
             result["ratio_req_per_s"] = round(ours["req_per_s"] / theirs["req_per_s"], 2)
             result["ratio_p95_latency"] = round(ours["p95_ms"] / theirs["p95_ms"], 3)
-    publish(args, f"serve_load-{runtime}", result)
+    publish(args, f"serve_load-{result['runtime']}", result)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ def tiny_overrides(tiny_encoder, toy_csv, home) -> list[str]:
         "name=toy",
         "train.threads=1",
         "train.patience=5",
+        "serving.runtime=torch",  # ONNX export and the int8 check have tests of their own
     ]
 
 

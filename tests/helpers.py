@@ -63,6 +63,7 @@ def tiny_config(tiny_encoder: Path, data: Path, home: Path, *extra: str):
             "model.max_length=32",
             "train.threads=1",
             "train.patience=10",
+            "serving.runtime=torch",  # ONNX export and the int8 check have tests of their own
             *extra,
         ],
     )

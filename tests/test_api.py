@@ -34,6 +34,7 @@ def test_the_five_line_example_trains_registers_promotes_and_predicts(tiny_encod
             f"registry.home={tmp_path / 'home'}",
             "train.epochs=2",
             "train.threads=1",
+            "serving.runtime=torch",
         ],
     )
     outcome = tuneloop.train(recipe, show_progress=False)

@@ -45,7 +45,9 @@ def test_minilm_finetunes_on_a_banking77_slice(tmp_path, home):
 
 def test_demo_trains_both_models_and_builds_the_assistant(tiny_encoder, home):
     """The demo end to end with the tiny encoder for speed (the FAQ search still uses packaged e5)."""
-    result = CliRunner().invoke(app, ["demo", f"model.name={tiny_encoder}", "train.epochs=1", "train.threads=1"])
+    result = CliRunner().invoke(
+        app, ["demo", f"model.name={tiny_encoder}", "train.epochs=1", "train.threads=1", "serving.runtime=torch"]
+    )
     assert result.exit_code == 0, result.output
     assert "registered and promoted: support-intents@1" in result.output
     assert "support-sentiment@1" in result.output and "A few turns" in result.output

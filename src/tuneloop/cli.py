@@ -164,12 +164,16 @@ def _print_label_suspects(metrics: dict) -> None:
 
 
 def _print_test_scores(outcome: ClassifierOutcome) -> None:
+    from tuneloop.evaluate.serving import describe
+
     test = outcome.report["test"]
     console.print(
         f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
         f"ECE {test['calibration']['ece']:.3f}[/green] (trained {outcome.train.train_seconds:.0f}s, "
         f"best epoch {outcome.train.best_epoch})"
     )
+    if outcome.report.get("serving"):
+        console.print(f"scored as it serves: {describe(outcome.report['serving'])}", markup=False)
     privacy = outcome.train.privacy
     if privacy:
         console.print(

@@ -272,6 +272,24 @@ class EvalConfig(StrictModel):
     train_sample: int = Field(2000, ge=1, description="Training rows re-scored for the train-vs-test gap.")
 
 
+class ServingConfig(StrictModel):
+    """The runtime a version is served with. It is built and checked at the end of training, and the test
+    report (and later the promotion gate) scores the version with it: what serves is what was evaluated."""
+
+    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "onnx-int8",
+        description="onnx: the encoder exported to ONNX Runtime (same labels as PyTorch, less overhead per "
+        "call); onnx-int8: int8 weights on top (about twice as fast), kept only when it passes the two checks "
+        "below, else fp32 ONNX serves and the report says why; torch: eager PyTorch.",
+    )
+    int8_min_agreement: float = Field(
+        0.995, gt=0, le=1, description="Share of the validation split the int8 encoder must label as fp32 does."
+    )
+    int8_max_accuracy_drop: float = Field(
+        0.002, ge=0, le=1, description="Most test accuracy (a fraction: 0.002 = 0.2 points) int8 may lose to fp32."
+    )
+
+
 class RegistryConfig(StrictModel):
     """Where versions and their artifacts live."""
 
@@ -313,11 +331,11 @@ class ServeConfig(StrictModel):
         "one pass under PyTorch (where grouping measured no faster).",
     )
     threads: int | None = Field(None, ge=1, description="torch threads for inference; default: all cores.")
-    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
-        "torch",
-        description="onnx: run the encoders with ONNX Runtime (exported once per version into the home; "
-        "same predictions, less overhead per batch); onnx-int8: int8 linear layers on top, faster still, labels "
-        "may change where classes are nearly tied. Needs tuneloop[onnx].",
+    runtime: Literal["version", "torch", "onnx", "onnx-int8"] = Field(
+        "version",
+        description="version: each version as it was built, checked and evaluated at the end of training "
+        "(its serving.runtime; ONNX Runtime for versions without that record); torch, onnx: that runtime for "
+        "every version; onnx-int8: the int8 encoder where the version's check accepted it, fp32 ONNX otherwise.",
     )
     reload_poll_seconds: float = Field(
         2.0, gt=0, description="How often the registry is checked for a new production version (hot swap)."
@@ -531,6 +549,7 @@ class ClassifierRecipe(Recipe):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
 
     @model_validator(mode="after")

@@ -51,14 +51,14 @@ def test_grouping_by_length_does_not_change_the_logits(production_home, tiny_enc
 
 
 @pytest.mark.parametrize(
-    ("settings", "expected"),
+    ("setting", "runtime", "expected"),
     [
-        ({}, None),  # PyTorch: one pass per batch
-        ({"runtime": "onnx"}, AUTO_MAX_PADDING),
-        ({"runtime": "onnx-int8"}, AUTO_MAX_PADDING),
-        ({"runtime": "onnx", "max_padding": None}, None),
-        ({"max_padding": 0.5}, 0.5),
+        ("auto", "torch", None),  # PyTorch: one pass per batch
+        ("auto", "onnx", AUTO_MAX_PADDING),
+        ("auto", "onnx-int8", AUTO_MAX_PADDING),
+        (None, "onnx", None),
+        (0.5, "torch", 0.5),
     ],
 )
-def test_auto_padding_bound_follows_the_runtime(settings, expected):
-    assert batch_padding(ServeConfig(**settings)) == expected
+def test_auto_padding_bound_follows_the_runtime_each_version_runs(setting, runtime, expected):
+    assert batch_padding(ServeConfig(max_padding=setting).max_padding, runtime) == expected

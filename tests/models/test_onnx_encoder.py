@@ -1,17 +1,23 @@
-"""serve.runtime=onnx: the encoder under ONNX Runtime gives the same logits as PyTorch (onnx-int8: close)."""
+"""Serving runtimes: the encoder under ONNX Runtime gives PyTorch's logits; an int8 copy serves only where the
+end-of-training check accepted it, and the report scores the version with the runtime that serves it."""
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 
 import numpy as np
 import pytest
 
 from helpers import tiny_config
+from tuneloop.config import ServingConfig
+from tuneloop.evaluate import serving
 from tuneloop.models.classifier import predict_logits
-from tuneloop.models.onnx_encoder import INT8_FILE, ONNX_FILE, OnnxEncoder
+from tuneloop.models.onnx_encoder import INT8_FILE, INT8_PLANS, ONNX_FILE, OnnxEncoder, int8_nodes
 from tuneloop.models.predictor import load_model
 from tuneloop.registry import Registry
+from tuneloop.training import classification
 
 TEXTS = ["refund money back please", "where is my parcel", "reset", "my login password is locked again today"]
 
@@ -22,7 +28,13 @@ def toy_version(production_home, tiny_encoder, tmp_path):
     registry = Registry(tiny_config(tiny_encoder, tmp_path / "copy" / "toy.csv", tmp_path / "copy" / "home").registry)
     version = registry.get("toy@production")
     exact = load_model(version, registry)
+    assert exact.runtime == "torch"  # as its recipe said (serving.runtime=torch)
     return registry, version, predict_logits(exact.model, exact.tokenizer, TEXTS)
+
+
+def exports(registry, version, name=ONNX_FILE):
+    """Exports belong to the version: they live in its folder."""
+    return list((registry.folder(version).root / "onnx").glob(f"*/{name}"))
 
 
 def test_onnx_runtime_predicts_what_torch_predicts_and_exports_once(toy_version):
@@ -30,19 +42,19 @@ def test_onnx_runtime_predicts_what_torch_predicts_and_exports_once(toy_version)
     loaded = load_model(version, registry, runtime="onnx", threads=1)
     assert isinstance(loaded.model.encoder, OnnxEncoder)
     np.testing.assert_allclose(predict_logits(loaded.model, loaded.tokenizer, TEXTS), exact, atol=1e-4)
-    [exported] = (registry.home / "cache" / "onnx").glob(f"*/{ONNX_FILE}")
+    [exported] = exports(registry, version)
     stamp = exported.stat().st_mtime_ns
     load_model(version, registry, runtime="onnx", threads=1)
     assert exported.stat().st_mtime_ns == stamp  # the second load reuses the export
 
 
-def test_int8_runtime_runs_a_quantized_copy_with_close_logits(toy_version):
+def test_int8_never_serves_a_version_whose_check_did_not_accept_it(toy_version, caplog):
     registry, version, exact = toy_version
-    loaded = load_model(version, registry, runtime="onnx-int8", threads=1)
-    assert list((registry.home / "cache" / "onnx").glob(f"*/{INT8_FILE}"))
-    logits = predict_logits(loaded.model, loaded.tokenizer, TEXTS)
-    assert not np.array_equal(logits, exact)  # it really runs the int8 copy...
-    np.testing.assert_allclose(logits, exact, atol=0.5)  # ...which stays close to the exact model
+    with caplog.at_level(logging.WARNING):
+        loaded = load_model(version, registry, runtime="onnx-int8", threads=1)
+    assert loaded.runtime == "onnx" and not exports(registry, version, INT8_FILE)
+    np.testing.assert_allclose(predict_logits(loaded.model, loaded.tokenizer, TEXTS), exact, atol=1e-4)
+    assert "serves fp32 ONNX, not int8: it was never checked" in caplog.text
 
 
 def test_an_export_is_never_reused_for_other_weights(toy_version, tmp_path):
@@ -63,4 +75,85 @@ def test_an_export_is_never_reused_for_other_weights(toy_version, tmp_path):
     expected = predict_logits(now.model, now.tokenizer, TEXTS)
     assert not np.allclose(expected, exact, atol=1e-3)  # the change is visible...
     np.testing.assert_allclose(predict_logits(onnx.model, onnx.tokenizer, TEXTS), expected, atol=1e-4)  # ...to ONNX
-    assert len(list((registry.home / "cache" / "onnx").glob(f"*/{ONNX_FILE}"))) == 2
+    assert len(exports(registry, version)) == 2
+
+
+@pytest.fixture()
+def toy_data(production_home, tmp_path):
+    shutil.copy(production_home / "toy.csv", tmp_path / "toy.csv")
+    return tmp_path / "toy.csv"
+
+
+def train(tiny_encoder, toy_data, tmp_path, *settings):
+    config = tiny_config(tiny_encoder, toy_data, tmp_path / "home", "train.epochs=2", *settings)
+    outcome = classification.run(config, show_progress=False)
+    return Registry(config.registry), outcome
+
+
+def test_a_version_serves_and_is_scored_with_the_int8_copy_its_check_accepted(tiny_encoder, toy_data, tmp_path):
+    registry, outcome = train(
+        tiny_encoder,
+        toy_data,
+        tmp_path,
+        "serving.runtime=onnx-int8",
+        "serving.int8_min_agreement=0.5",
+        "serving.int8_max_accuracy_drop=0.5",
+    )
+    record = json.loads(registry.folder(outcome.version).serving.read_text())
+    assert record["runtime"] == "onnx-int8" and record["int8"]["plan"] == INT8_PLANS[0]
+    assert outcome.report["serving"] == record  # the report says what it was scored with
+    assert exports(registry, outcome.version, INT8_FILE)  # registered with the version
+
+    served = load_model(outcome.version, registry)  # the default: what the version was checked with
+    assert served.runtime == "onnx-int8"
+    test = registry.folder(outcome.version).data() / "test.jsonl"
+    rows = [json.loads(line) for line in test.read_text().splitlines()]
+    predicted = served.predict([r["text"] for r in rows], cleaned=True)
+    accuracy = np.mean([p == r["label"] for p, r in zip(predicted, rows, strict=True)])
+    assert accuracy == pytest.approx(outcome.report["test"]["accuracy"])  # what serves is what was evaluated
+    torch_logits = predict_logits(
+        *(lambda m: (m.model, m.tokenizer))(load_model(outcome.version, registry, "torch")), TEXTS
+    )
+    assert not np.allclose(predict_logits(served.model, served.tokenizer, TEXTS), torch_logits, atol=1e-4)
+
+
+def test_a_rejected_int8_copy_leaves_fp32_serving_and_says_why(tiny_encoder, toy_data, tmp_path, monkeypatch):
+    verdicts = []
+
+    def reject(*args):
+        verdicts.append(args)
+        return False, "rejected by the test"
+
+    monkeypatch.setattr(serving, "int8_verdict", reject)
+    registry, outcome = train(tiny_encoder, toy_data, tmp_path, "serving.runtime=onnx-int8")
+    record = outcome.report["serving"]
+    assert record["runtime"] == "onnx" and [t["plan"] for t in record["int8_tried"]] == list(INT8_PLANS)
+    assert record["int8"] == {**record["int8_tried"][-1], "accepted": False}
+    assert len(verdicts) == len(INT8_PLANS)
+    assert not exports(registry, outcome.version, INT8_FILE) and exports(registry, outcome.version)
+    assert load_model(outcome.version, registry).runtime == "onnx"
+    assert load_model(outcome.version, registry, "onnx-int8").runtime == "onnx"  # asked for: still refused
+
+
+@pytest.mark.parametrize(
+    ("agreement", "fp32", "int8", "accepted", "says"),
+    [
+        (0.999, 0.90, 0.899, True, "agrees with fp32 on 99.90%"),
+        (0.990, 0.90, 0.900, False, "99.00% of the validation split"),
+        (1.000, 0.90, 0.897, False, "0.30 points below fp32"),
+        (0.995, 0.90, 0.898, True, "test accuracy 89.80% (fp32 90.00%)"),
+    ],
+)
+def test_int8_verdict_needs_both_agreement_and_accuracy(agreement, fp32, int8, accepted, says):
+    verdict, reason = serving.int8_verdict(agreement, fp32, int8, ServingConfig())
+    assert verdict is accepted and says in reason
+
+
+def test_int8_plans_keep_the_feed_forward_outputs_in_fp32_only_where_asked(toy_version, tmp_path):
+    registry, version, _ = toy_version
+    load_model(version, registry, runtime="onnx", threads=1)
+    [exported] = exports(registry, version)
+    every, fewer = int8_nodes(exported, "all"), int8_nodes(exported, "ffn-output-fp32")
+    layers = 2  # the tiny encoder's
+    assert len(every) == 6 * layers  # q, k, v, attention output, feed-forward in and out
+    assert set(fewer) < set(every) and len(every) - len(fewer) == layers

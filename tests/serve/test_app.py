@@ -142,6 +142,7 @@ def test_models_health_ready_and_metrics(client):
     models = client.get("/v1/models").json()["models"]
     assert [(m["name"], m["version"], m["stage"]) for m in models] == [("toy", 1, "production")]
     assert set(models[0]["labels"]) == LABELS and models[0]["loading_version"] is None
+    assert models[0]["runtime"] == "torch"  # what its recipe's serving.runtime built it for
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"ready": True, "models": {"toy": 1}, "unavailable": {}}
     predict(client, "a", "b", "c")

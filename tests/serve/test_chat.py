@@ -253,6 +253,7 @@ def test_a_multitask_model_gives_intent_and_sentiment_from_one_encoder_pass(assi
             "train.head_lr=1e-2",
             "model.max_length=32",
             "train.threads=1",
+            "serving.runtime=torch",
             f"tasks.intent.path={folder / 'intents.csv'}",
             f"tasks.sentiment.path={folder / 'mood.csv'}",
         ],

@@ -118,6 +118,7 @@ def test_mlm_lowers_the_loss_and_registers_an_encoder_train_can_start_from(tiny_
             "train.epochs=1",
             "model.max_length=32",
             "train.threads=1",
+            "serving.runtime=torch",
         ],
     )
     assert result.exit_code == 0, result.output

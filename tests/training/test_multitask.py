@@ -33,6 +33,7 @@ def two_tasks(tmp_path, tiny_encoder, home) -> list[str]:
         "train.head_lr=1e-2",
         "model.max_length=32",
         "train.threads=1",
+        "serving.runtime=torch",
         "train.patience=10",
         f"tasks.intent.path={tmp_path / 'intents.csv'}",
         f"tasks.sentiment.path={tmp_path / 'moods.csv'}",

@@ -15,6 +15,7 @@ from tuneloop.config import ClassifierRecipe, EvalConfig
 from tuneloop.data.prepare import labelled_rows, load_prepared
 from tuneloop.evaluate import plots
 from tuneloop.evaluate.metrics import classification_metrics
+from tuneloop.evaluate.serving import describe
 from tuneloop.models.classifier import TextClassifier, predict_proba
 from tuneloop.models.predictor import load_model
 from tuneloop.registry import Registry
@@ -120,6 +121,8 @@ def report_sections(report: dict) -> list[str]:
         "<h2>Summary</h2>",
         html_table(headline, ["metric", "value"]),
     ]
+    if report.get("serving"):
+        sections.append(f"<p>Scored as it serves: {html.escape(describe(report['serving']))}.</p>")
     privacy = report.get("privacy")
     if privacy:
         sections += [

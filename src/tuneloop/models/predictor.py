@@ -8,6 +8,8 @@ assistant all load and predict through `load_model`. Its surface follows scikit-
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from tuneloop.models.classifier import HeadSpec, TextClassifier, load_task_heads
 from tuneloop.models.onnx_encoder import onnx_encoder
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
 
+log = logging.getLogger(__name__)
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 ONNX_CACHE = "onnx"  # beside a folder's model (an export's: inside it), where its ONNX exports are kept
 
@@ -48,6 +51,7 @@ class Predictor:
     folder: VersionFolder | None = None
     # A multi-task model's other heads on the same encoder; `logits` returns their columns after the model's.
     tasks: dict[str, TextClassifier] = field(default_factory=dict)
+    runtime: str = "torch"  # what runs the encoder: torch, onnx or onnx-int8
 
     @property
     def labels(self) -> list[str]:
@@ -121,18 +125,19 @@ class Predictor:
 def load_model(
     source: str | Path | ModelVersion,
     registry: Registry | None = None,
-    runtime: str = "torch",
+    runtime: str | None = None,
     threads: int | None = None,
 ) -> Predictor:
     """A classifier ready to predict.
 
     `source` is a registered version (NAME, NAME@3, NAME@production, or its row), looked up in `registry`
     (default: the one TUNELOOP_HOME / TUNELOOP_DATABASE_URL point at), or a folder: a version's, a run's,
-    or one written by `tuneloop models export`. `runtime` "onnx" runs the encoder with ONNX Runtime
-    (exported once, cached in the home), "onnx-int8" with int8 weights.
+    or one written by `tuneloop models export`. `runtime` None (or "version") runs the encoder as the
+    version was evaluated (its serving record; ONNX Runtime when it has none); "torch", "onnx" and
+    "onnx-int8" choose, except that int8 runs only where the version's check accepted it.
     """
-    if runtime not in RUNTIMES:
-        raise TuneloopError(f"unknown runtime '{runtime}': use one of {', '.join(RUNTIMES)}")
+    if runtime not in (None, "version", *RUNTIMES):
+        raise TuneloopError(f"unknown runtime '{runtime}': use one of version, {', '.join(RUNTIMES)}")
     record, folder = None, None
     # A string is a folder only when it holds a classifier: a directory that happens to share a model's name
     # (a project folder called "tickets") must not shadow the registered model.
@@ -141,21 +146,43 @@ def load_model(
         folder = VersionFolder(path) if HeadSpec.exists(VersionFolder(path).model) else None
         model_dir = folder.model if folder else path
         name, version = (folder.root if folder else path).resolve().name, None
-        cache = (folder.root if folder else path) / ONNX_CACHE / content_key(model_dir)
     else:
         registry = registry or Registry(RegistryConfig())
         record = source if isinstance(source, ModelVersion) else registry.get(source)
         folder = registry.folder(record)
         model_dir, name, version = folder.model, record.name, record.version
-        # By content too: another registry (a database rebuilt, or shared) may hold a different NAME@N.
-        cache = registry.home / "cache" / "onnx" / f"{record.name}-v{record.version}-{content_key(model_dir)}"
+    # Exports live with what they were made from (a version's folder is registered with its run's), keyed by
+    # content too: they are never reused for other weights.
+    cache = (folder.root if folder else model_dir) / ONNX_CACHE / content_key(model_dir)
+    serving = read_serving(folder)
+    chosen = serving_runtime(runtime, serving, name if version is None else f"{name}@{version}")
     model, tokenizer = TextClassifier.load(model_dir)
-    if runtime != "torch":
-        model.encoder = onnx_encoder(
-            model.encoder, tokenizer, cache, threads or os.cpu_count() or 1, int8=runtime == "onnx-int8"
-        )
+    if chosen != "torch":
+        plan = serving["int8"]["plan"] if chosen == "onnx-int8" else None
+        model.encoder = onnx_encoder(model.encoder, tokenizer, cache, threads or os.cpu_count() or 1, int8_plan=plan)
     # After the swap: the other tasks' heads share whichever encoder the model runs.
-    return Predictor(name, version, model, tokenizer, record, folder, load_task_heads(model_dir, model))
+    tasks = load_task_heads(model_dir, model)
+    return Predictor(name, version, model, tokenizer, record, folder, tasks, runtime=chosen)
+
+
+def read_serving(folder: VersionFolder | None) -> dict | None:
+    """A version's serving record (written at the end of training), or None for one made without it."""
+    if folder is None or not folder.serving.is_file():
+        return None
+    return json.loads(folder.serving.read_text())
+
+
+def serving_runtime(requested: str | None, serving: dict | None, ref: str) -> str:
+    """The runtime that runs: the version's own unless one is requested; int8 only where its check passed."""
+    if requested in (None, "version"):
+        return serving["runtime"] if serving else "onnx"
+    if requested == "onnx-int8":
+        check = (serving or {}).get("int8")
+        if not check or not check.get("accepted"):
+            why = check["reason"] if check else "it was never checked (retrain it to check int8)"
+            log.warning("%s serves fp32 ONNX, not int8: %s", ref, why)
+            return "onnx"
+    return requested
 
 
 def content_key(model_dir: Path) -> str:

@@ -40,6 +40,11 @@ class VersionFolder:
         return self.root / "encoder.json"
 
     @property
+    def serving(self) -> Path:
+        """Which runtime the version serves with and why (JSON): built and checked at the end of training."""
+        return self.root / "serving.json"
+
+    @property
     def report_html(self) -> Path:
         return self.root / "report.html"
 

@@ -91,6 +91,7 @@ class ModelInfo(BaseModel):
     stage: str
     base_model: str
     labels: list[str]
+    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(description="What runs this version's encoder now.")
     metrics: dict[str, Any]
     created_at: datetime
     parent: str | None

@@ -27,21 +27,22 @@ log = logging.getLogger(__name__)
 AUTO_MAX_PADDING = 0.25
 
 
-def batch_padding(config: ServeConfig) -> float | None:
-    """serve.max_padding with "auto" resolved. Measured with bench/serve_load.py (Banking77, 16 clients):
-    ONNX Runtime served 147 and 142 req/s with 0.25 against 127 with one pass per batch; PyTorch 79 and 89
-    with 0.25 against 90 with one pass, no gain, so it keeps one pass."""
-    if config.max_padding == "auto":
-        return AUTO_MAX_PADDING if config.runtime.startswith("onnx") else None
-    return config.max_padding
+def batch_padding(setting: float | str | None, runtime: str) -> float | None:
+    """serve.max_padding with "auto" resolved for the runtime a version runs on. Measured with
+    bench/serve_load.py (Banking77, 16 clients): ONNX Runtime served 147 and 142 req/s with 0.25 against 127
+    with one pass per batch; PyTorch 79 and 89 with 0.25 against 90 with one pass, no gain, so it keeps one
+    pass."""
+    if setting == "auto":
+        return AUTO_MAX_PADDING if runtime.startswith("onnx") else None
+    return None if setting is None else float(setting)
 
 
 class ModelSlot:
     """The live version of one model name plus its batcher."""
 
-    def __init__(self, loaded: Predictor, max_padding: float | None = None) -> None:
+    def __init__(self, loaded: Predictor, max_padding: float | str | None = None) -> None:
         self.current = loaded
-        self.max_padding = max_padding
+        self.max_padding = max_padding  # serve.max_padding, resolved per version (each has its runtime)
         self.loading: int | None = None
         self.failed: int | None = None  # a version that would not load: the watcher does not retry it
         self.batcher: MicroBatcher[Predictor] | None = None
@@ -49,7 +50,8 @@ class ModelSlot:
     def infer(self, texts: list[str]) -> tuple[Predictor, np.ndarray]:
         """(version, logits): the version read once, so the whole batch runs on it even if a swap lands now."""
         live = self.current
-        return live, live.logits(texts, batch_size=max(len(texts), 1), max_padding=self.max_padding)
+        padding = batch_padding(self.max_padding, live.runtime)
+        return live, live.logits(texts, batch_size=max(len(texts), 1), max_padding=padding)
 
 
 class ServedModels:
@@ -104,7 +106,7 @@ class ServedModels:
             version = None
             try:
                 version = self.registry.get(f"{name}@production")
-                self.slots[name] = ModelSlot(self._load_ready(version), batch_padding(self.config))
+                self.slots[name] = ModelSlot(self._load_ready(version), self.config.max_padding)
                 log.info("serving %s", self.slots[name].current.ref)
             except Exception as exc:
                 self._mark_unavailable(name, version, exc)
@@ -298,7 +300,7 @@ class ServedModels:
         except Exception as exc:
             self._mark_unavailable(name, version, exc)
             return
-        slot = ModelSlot(loaded, batch_padding(self.config))
+        slot = ModelSlot(loaded, self.config.max_padding)
         self._start_batcher(name, slot)
         self.slots[name] = slot
         del self.unavailable[name]

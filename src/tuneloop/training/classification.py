@@ -35,18 +35,19 @@ from tuneloop.data.prepare import (
 )
 from tuneloop.errors import TuneloopError, first_line
 from tuneloop.evaluate.report import evaluate_classifier, write_report
+from tuneloop.evaluate.serving import choose_runtime
 from tuneloop.models.classifier import (
     HeadSpec,
     TextClassifier,
     length_groups,
     load_encoder,
-    load_task_heads,
     pad_right,
     predict_proba,
     save_task_heads,
     tokenize,
 )
 from tuneloop.models.encoders import EncoderSource, resolve_encoder
+from tuneloop.models.predictor import load_model
 from tuneloop.models.trained_rows import plain_embeddings, train_only_used_rows
 from tuneloop.privacy.mask import masker
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
@@ -585,17 +586,20 @@ def evaluate_run(
     others: dict[str, PreparedData],
     cross_validation: dict | None,
 ) -> dict:
-    """The test report of the run's best model (and of each other task's head), written into the run."""
-    model, tokenizer = TextClassifier.load(result.best_dir)
+    """The test report of the run's best model (and of each other task's head), written into the run, scored
+    on the runtime it will serve with."""
+    serving = choose_runtime(run, data, recipe.serving, recipe.train.threads)
+    served = load_model(run.root, threads=recipe.train.threads)
+    model, tokenizer = served.model, served.tokenizer
     title = f"{recipe.name}: test report" + (f" — task {model.spec.task}" if others else "")
     report = evaluate_classifier(
         model, tokenizer, data.test, recipe.eval, train=data.train, history=result.history, title=title
     )
+    report["serving"] = serving
     if others:
-        heads = load_task_heads(result.best_dir, model)
         report["tasks"] = {
             name: evaluate_classifier(
-                heads[name],
+                served.tasks[name],
                 tokenizer,
                 task_data.test,
                 recipe.eval,
@@ -632,6 +636,7 @@ def register_classifier(
         train_seconds=result.train_seconds,
         best_val_macro_f1=result.best_val_macro_f1,
     )
+    metrics["runtime"] = report["serving"]["runtime"]
     if result.privacy:
         metrics.update(dp_epsilon=result.privacy["epsilon"], dp_delta=result.privacy["delta"])
     for name, task_report in report.get("tasks", {}).items():

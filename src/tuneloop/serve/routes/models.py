@@ -34,6 +34,7 @@ async def models(state: State) -> ModelsResponse:
                 stage=record.stage,
                 base_model=record.base_model,
                 labels=slot.current.labels,
+                runtime=slot.current.runtime,
                 metrics=record.metrics,
                 created_at=record.created_at,
                 parent=record.parent,
