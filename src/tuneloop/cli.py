@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from tuneloop.feedback.retention import Erased
     from tuneloop.feedback.review import Decision
     from tuneloop.models.predictor import Prediction
-    from tuneloop.registry import ModelVersion, Registry
+    from tuneloop.registry import ModelVersion, Registry, VersionFolder
     from tuneloop.training.classification import ClassifierOutcome
 
 app = typer.Typer(
@@ -163,6 +163,14 @@ def _print_label_suspects(metrics: dict) -> None:
         )
 
 
+def _print_profile(summary: dict, folder: VersionFolder) -> None:
+    from tuneloop.profiling import PROFILE_FOLDER, TRACE_FILE, ProfileSummary
+
+    console.print(f"[bold]where the time went[/bold] (trace: {folder.root / PROFILE_FOLDER / TRACE_FILE})")
+    for line in ProfileSummary.from_dict(summary).lines():
+        console.print(line, markup=False, highlight=False)
+
+
 def _print_test_scores(outcome: ClassifierOutcome) -> None:
     from tuneloop.evaluate.serving import describe
 
@@ -234,11 +242,19 @@ def train(
     overrides: Overrides = None,
     resume: ResumeOption = None,
     register: Annotated[bool, typer.Option(help="Register the result as a candidate version.")] = True,
+    profile: Annotated[
+        bool, typer.Option("--profile", help="Profile the first train.profile_steps steps (train.profile=true).")
+    ] = False,
 ) -> None:
     """Fine-tune a classifier, evaluate it on the test split and register it."""
     from tuneloop.training import classification
 
-    outcome = classification.run(_config(ClassifierRecipe, config, overrides, data), resume=resume, register=register)
+    recipe = _config(ClassifierRecipe, config, overrides, data)
+    if profile:
+        recipe.train.profile = True
+    outcome = classification.run(recipe, resume=resume, register=register)
+    if outcome.train.profile:
+        _print_profile(outcome.train.profile, outcome.folder)
     _print_test_scores(outcome)
     if outcome.cross_validation:
         cv = outcome.cross_validation

@@ -181,6 +181,12 @@ class TrainConfig(StrictModel):
         description="Differential privacy (e.g. dp.epsilon=8): DP-SGD for full fine-tuning or LoRA; "
         "see the security page of the docs.",
     )
+    profile: bool = Field(
+        False,
+        description="Record the first profile_steps steps with torch.profiler (tuneloop train --profile): a "
+        "trace for TensorBoard or Perfetto in the run's profile/ folder and a summary of the time per stage.",
+    )
+    profile_steps: int = Field(30, ge=1, description="Training steps the profile records.")
 
     @field_validator("freeze_embeddings", mode="before")
     @classmethod
@@ -337,6 +343,12 @@ class ServeConfig(StrictModel):
         "(its serving.runtime; ONNX Runtime for versions without that record); torch, onnx: that runtime for "
         "every version; onnx-int8: the int8 encoder where the version's check accepted it, fp32 ONNX otherwise.",
     )
+    profile: bool = Field(
+        False,
+        description="Record the first profile_batches batches each served model runs with torch.profiler: a "
+        "trace (TensorBoard, Perfetto) and a summary of the time per stage in <home>/profiles/, logged too.",
+    )
+    profile_batches: int = Field(200, ge=1, description="Batches per served model the profile records.")
     reload_poll_seconds: float = Field(
         2.0, gt=0, description="How often the registry is checked for a new production version (hot swap)."
     )

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tuneloop.errors import TuneloopError
+from tuneloop.profiling import stage
 
 HEAD_FILE = "head.safetensors"
 META_FILE = "classifier.json"
@@ -260,13 +261,16 @@ def predict_logits(
     real tokens (see `length_groups`).
     """
     model.eval()
-    encoded = tokenize(tokenizer, texts, model.spec)
+    with stage("tokenise"):
+        encoded = tokenize(tokenizer, texts, model.spec)
     out = np.zeros((len(texts), len(model.spec.labels) + sum(len(h.spec.labels) for h in heads)), dtype=np.float32)
     for chosen in length_groups([len(ids) for ids in encoded], batch_size, max_padding):
-        input_ids, attention_mask = pad_right([encoded[i] for i in chosen], tokenizer.pad_token_id or 0)
-        pooled = model.embed(input_ids, attention_mask)
-        logits = [classifier.logits_from_embeddings(pooled) for classifier in (model, *heads)]
-        out[chosen] = torch.cat(logits, dim=-1).float().numpy()
+        with stage("data"):
+            input_ids, attention_mask = pad_right([encoded[i] for i in chosen], tokenizer.pad_token_id or 0)
+        with stage("forward"):
+            pooled = model.embed(input_ids, attention_mask)
+            logits = [classifier.logits_from_embeddings(pooled) for classifier in (model, *heads)]
+            out[chosen] = torch.cat(logits, dim=-1).float().numpy()
     return out
 
 

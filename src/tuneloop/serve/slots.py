@@ -14,12 +14,14 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import numpy as np
 
 from tuneloop.config import ServeConfig
 from tuneloop.errors import NotFound, TuneloopError, Unavailable, first_line
 from tuneloop.models.predictor import Predictor, load_model
+from tuneloop.profiling import Profiler
 from tuneloop.registry import ModelVersion, Registry
 from tuneloop.serve.batching import BatcherStopped, MicroBatcher, Overloaded
 
@@ -40,18 +42,27 @@ def batch_padding(setting: float | str | None, runtime: str) -> float | None:
 class ModelSlot:
     """The live version of one model name plus its batcher."""
 
-    def __init__(self, loaded: Predictor, max_padding: float | str | None = None) -> None:
+    def __init__(
+        self, loaded: Predictor, max_padding: float | str | None = None, profiler: Profiler | None = None
+    ) -> None:
         self.current = loaded
         self.max_padding = max_padding  # serve.max_padding, resolved per version (each has its runtime)
         self.loading: int | None = None
         self.failed: int | None = None  # a version that would not load: the watcher does not retry it
         self.batcher: MicroBatcher[Predictor] | None = None
+        self.profiler = profiler  # serve.profile: records this model's first batches
 
     def infer(self, texts: list[str]) -> tuple[Predictor, np.ndarray]:
         """(version, logits): the version read once, so the whole batch runs on it even if a swap lands now."""
         live = self.current
         padding = batch_padding(self.max_padding, live.runtime)
-        return live, live.logits(texts, batch_size=max(len(texts), 1), max_padding=padding)
+        profiler = self.profiler
+        if profiler is not None and profiler.summary is None and not profiler.active:
+            profiler.start()  # on the inference thread, where the batches run
+        logits = live.logits(texts, batch_size=max(len(texts), 1), max_padding=padding)
+        if profiler is not None:
+            profiler.step()
+        return live, logits
 
 
 class ServedModels:
@@ -106,7 +117,7 @@ class ServedModels:
             version = None
             try:
                 version = self.registry.get(f"{name}@production")
-                self.slots[name] = ModelSlot(self._load_ready(version), self.config.max_padding)
+                self.slots[name] = ModelSlot(self._load_ready(version), self.config.max_padding, self._profiler(name))
                 log.info("serving %s", self.slots[name].current.ref)
             except Exception as exc:
                 self._mark_unavailable(name, version, exc)
@@ -118,6 +129,12 @@ class ServedModels:
         self.unavailable[name] = f"{what} could not be loaded (the server log says why)"
         self._failed_versions[name] = version.version if version is not None else None
         log.error("not serving %s: %s could not be loaded: %s", name, what, first_line(error))
+
+    def _profiler(self, name: str) -> Profiler | None:
+        if not self.config.profile:
+            return None
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        return Profiler(self.registry.home / "profiles" / f"serve-{name}-{stamp}", self.config.profile_batches)
 
     def _load_ready(self, version: ModelVersion) -> Predictor:
         loaded = load_model(version, self.registry, self.config.runtime, self.config.threads)
@@ -138,6 +155,8 @@ class ServedModels:
         for slot in self.slots.values():
             if slot.batcher is not None:
                 await slot.batcher.stop()
+            if slot.profiler is not None:  # fewer batches than serve.profile_batches: write what was recorded
+                await asyncio.get_running_loop().run_in_executor(self.inference, slot.profiler.finish)
         self.inference.shutdown(wait=True)
         self.loader.shutdown(wait=False, cancel_futures=True)
 
@@ -300,7 +319,7 @@ class ServedModels:
         except Exception as exc:
             self._mark_unavailable(name, version, exc)
             return
-        slot = ModelSlot(loaded, self.config.max_padding)
+        slot = ModelSlot(loaded, self.config.max_padding, self._profiler(name))
         self._start_batcher(name, slot)
         self.slots[name] = slot
         del self.unavailable[name]

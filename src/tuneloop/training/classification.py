@@ -50,6 +50,7 @@ from tuneloop.models.encoders import EncoderSource, resolve_encoder
 from tuneloop.models.predictor import load_model
 from tuneloop.models.trained_rows import plain_embeddings, train_only_used_rows
 from tuneloop.privacy.mask import masker
+from tuneloop.profiling import PROFILE_FOLDER, Profiler, stage
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
 from tuneloop.training.common import (
     MetricsLog,
@@ -86,6 +87,7 @@ class TrainResult:
     train_seconds: float = 0.0
     stopped_early: bool = False
     privacy: dict | None = None  # what a train.dp run spent (PrivacySpent)
+    profile: dict | None = None  # train.profile: the summary (ProfileSummary), the trace beside it
 
 
 @dataclass
@@ -314,10 +316,14 @@ def fine_tune(
         name: TextClassifier(model.encoder, head_spec(recipe, encoder, extra.labels, name))
         for name, extra in (other_tasks or {}).items()
     }
-    tasks = [
-        _task(task_name, model, data, tokenizer, recipe),
-        *(_task(name, heads[name], extra, tokenizer, recipe) for name, extra in (other_tasks or {}).items()),
-    ]
+    profiler = Profiler(run.root / PROFILE_FOLDER, tc.profile_steps) if tc.profile else None
+    if profiler:
+        profiler.start()
+    with stage("tokenise"):
+        tasks = [
+            _task(task_name, model, data, tokenizer, recipe),
+            *(_task(name, heads[name], extra, tokenizer, recipe) for name, extra in (other_tasks or {}).items()),
+        ]
     train_only_used_rows(model.encoder, [ids for task in tasks for ids in task.train_ids])
 
     steps_per_epoch = (
@@ -466,22 +472,29 @@ def fine_tune(
                 task, chosen = batches[index]
 
                 def forward(rows: list[int], task: Task = task) -> tuple[torch.Tensor, torch.Tensor]:
-                    input_ids, mask = pad_right([task.train_ids[i] for i in rows], pad_id)
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                    with stage("data"):
+                        input_ids, mask = pad_right([task.train_ids[i] for i in rows], pad_id)
+                        target = torch.as_tensor(task.train_labels[rows])
+                    with stage("forward"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                         logits = task.classifier(input_ids, mask)
-                    return logits, torch.as_tensor(task.train_labels[rows])
+                    return logits, target
 
                 if private:
-                    state["epoch_loss_sum"] += private.step(forward, chosen)
+                    with stage("dp step"):  # forward, backward, per-text clipping, noise and the step
+                        state["epoch_loss_sum"] += private.step(forward, chosen)
                 else:
                     logits, target = forward(chosen)
-                    loss = task.loss_fn(logits.float(), target)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    with stage("backward"):
+                        loss = task.loss_fn(logits.float(), target)
+                        loss.backward()
+                    with stage("optimizer"):
+                        torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
                     state["epoch_loss_sum"] += loss.item() * len(chosen)
                 scheduler.step()
+                if profiler:
+                    profiler.step()
                 state["train_seconds"] += time.perf_counter() - started
                 state["global_step"] += 1
                 state["step_in_epoch"] = index + 1
@@ -531,6 +544,7 @@ def fine_tune(
                 log.info("early stop: no validation improvement for %d epochs", tc.patience)
                 break
     metrics.close()
+    summary = profiler.finish() if profiler else None  # a run shorter than the profiled window
     return TrainResult(
         best_dir=run.model,
         best_epoch=state["best_epoch"],
@@ -540,6 +554,7 @@ def fine_tune(
         train_seconds=state["train_seconds"],
         stopped_early=state["stopped_early"],
         privacy=private.spent().as_dict() if private else None,
+        profile=summary.as_dict() if summary else None,
     )
 
 
