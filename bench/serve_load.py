@@ -12,8 +12,8 @@ whose endpoint calls a transformers feature-extraction pipeline per request and 
 and head, loads it the same way, and prints the ratio; the two servers' labels are compared on every test
 text (one request each) and both accuracies given.
 
-Without --home, a model is trained first (all-MiniLM-L6-v2 on Banking77, 1 epoch, the default recipe, so
-the server runs what the version's end-of-training check chose) into a temporary home. --set takes
+Without --home, a model is trained first into a temporary home: all-MiniLM-L6-v2 on Banking77 with the
+default recipe, so the server runs what the version's end-of-training check chose. --set takes
 `tuneloop serve` settings (serve.*, registry.*). The result is also written to
 bench/results/serve_load-RUNTIME.json, RUNTIME being what served (torch, onnx or onnx-int8).
 """
@@ -169,7 +169,7 @@ def train_quick_model(home: Path) -> str:
     path = home / "banking77-train.csv"
     home.mkdir(parents=True, exist_ok=True)
     train.to_csv(path, index=False)
-    recipe = load_config(None, [f"data.path={path}", f"registry.home={home}", "name=banking77", "train.epochs=1"])
+    recipe = load_config(None, [f"data.path={path}", f"registry.home={home}", "name=banking77"])
     outcome = classification.run(recipe, show_progress=False)
     Registry(recipe.registry).promote(outcome.version.ref)
     return "banking77"
