@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,8 +15,8 @@ from helpers import tiny_config
 from tuneloop.config import ServingConfig
 from tuneloop.evaluate import serving
 from tuneloop.models.classifier import predict_logits
-from tuneloop.models.onnx_encoder import INT8_FILE, INT8_PLANS, ONNX_FILE, OnnxEncoder, int8_nodes
-from tuneloop.models.predictor import load_model
+from tuneloop.models.onnx_encoder import INT8_FILE, ONNX_FILE, OnnxEncoder, int8_nodes, onnx_encoder
+from tuneloop.models.predictor import load_model, top_two_gap
 from tuneloop.registry import Registry
 from tuneloop.training import classification
 
@@ -100,7 +101,7 @@ def test_a_version_serves_and_is_scored_with_the_int8_copy_its_check_accepted(ti
         "serving.int8_max_accuracy_drop=0.5",
     )
     record = json.loads(registry.folder(outcome.version).serving.read_text())
-    assert record["runtime"] == "onnx-int8" and record["int8"]["plan"] == INT8_PLANS[0]
+    assert record["runtime"] == "onnx-int8" and record["int8"]["plan"] == "int8"
     assert outcome.report["serving"] == record  # the report says what it was scored with
     assert exports(registry, outcome.version, INT8_FILE)  # registered with the version
 
@@ -127,9 +128,10 @@ def test_a_rejected_int8_copy_leaves_fp32_serving_and_says_why(tiny_encoder, toy
     monkeypatch.setattr(serving, "int8_verdict", reject)
     registry, outcome = train(tiny_encoder, toy_data, tmp_path, "serving.runtime=onnx-int8")
     record = outcome.report["serving"]
-    assert record["runtime"] == "onnx" and [t["plan"] for t in record["int8_tried"]] == list(INT8_PLANS)
-    assert record["int8"] == {**record["int8_tried"][-1], "accepted": False}
-    assert len(verdicts) == len(INT8_PLANS)
+    assert record["runtime"] == "onnx" and record["int8_tried"][0]["plan"] == "int8"
+    assert [t["plan"] for t in record["int8_tried"]][1:] in ([], ["int8, fp32 for close calls"])
+    assert record["int8"] == record["int8_tried"][-1] and not record["int8"]["accepted"]
+    assert len(verdicts) == len(record["int8_tried"])
     assert not exports(registry, outcome.version, INT8_FILE) and exports(registry, outcome.version)
     assert load_model(outcome.version, registry).runtime == "onnx"
     assert load_model(outcome.version, registry, "onnx-int8").runtime == "onnx"  # asked for: still refused
@@ -149,11 +151,41 @@ def test_int8_verdict_needs_both_agreement_and_accuracy(agreement, fp32, int8, a
     assert verdict is accepted and says in reason
 
 
-def test_int8_plans_keep_the_feed_forward_outputs_in_fp32_only_where_asked(toy_version, tmp_path):
+def test_int8_quantizes_every_weight_matmul_and_nothing_else(toy_version):
     registry, version, _ = toy_version
     load_model(version, registry, runtime="onnx", threads=1)
     [exported] = exports(registry, version)
-    every, fewer = int8_nodes(exported, "all"), int8_nodes(exported, "ffn-output-fp32")
     layers = 2  # the tiny encoder's
-    assert len(every) == 6 * layers  # q, k, v, attention output, feed-forward in and out
-    assert set(fewer) < set(every) and len(every) - len(fewer) == layers
+    assert len(int8_nodes(exported)) == 6 * layers  # q, k, v, attention output, feed-forward in and out
+
+
+def test_close_calls_are_answered_by_the_fp32_fallback(toy_version):
+    registry, version, _ = toy_version
+    exact = load_model(version, registry, runtime="onnx", threads=1)
+    fast = load_model(version, registry, runtime="torch", threads=1)
+    fast.model.encoder = onnx_encoder(
+        fast.model.encoder, fast.tokenizer, exports(registry, version)[0].parent, 1, int8=True
+    )
+    fp32_rows, int8_rows = exact.logits(TEXTS), fast.logits(TEXTS)
+    assert not np.allclose(fp32_rows, int8_rows, atol=1e-5)
+    gaps = top_two_gap(int8_rows)
+    cut = float(np.median(gaps))
+    mixed = replace(fast, fallback=exact, fallback_margin=cut).logits(TEXTS)
+    close = gaps < cut
+    assert close.any() and not close.all()
+    np.testing.assert_allclose(mixed[close], fp32_rows[close], atol=1e-6)  # close calls: fp32's answer
+    np.testing.assert_allclose(mixed[~close], int8_rows[~close], atol=1e-6)  # the rest: int8's
+
+
+def test_the_fallback_margin_covers_every_disagreement_and_its_agreement_is_measured_out_of_sample():
+    rng = np.random.default_rng(0)
+    fp32 = rng.normal(size=(400, 5)) * 3
+    int8 = fp32 + rng.normal(scale=0.3, size=fp32.shape)  # quantization noise: flips only close calls
+    wrong = fp32.argmax(1) != int8.argmax(1)
+    assert 0 < wrong.sum() < 40
+    margin = serving.fallback_margin(fp32, int8)
+    assert (top_two_gap(int8)[wrong] < margin).all()
+    served, share, agreement = serving.cross_fitted_fallback(fp32, int8)
+    assert served == margin and 0 < share < 0.5  # the larger half's margin is the whole set's
+    assert 1 - wrong.mean() < agreement <= 1.0  # better than int8 alone; not 100% by construction
+    assert serving.fallback_margin(fp32, fp32) == 0.0  # nothing to fall back for

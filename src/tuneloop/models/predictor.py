@@ -52,6 +52,10 @@ class Predictor:
     # A multi-task model's other heads on the same encoder; `logits` returns their columns after the model's.
     tasks: dict[str, TextClassifier] = field(default_factory=dict)
     runtime: str = "torch"  # what runs the encoder: torch, onnx or onnx-int8
+    # int8 with fp32 for close calls: texts whose two best labels are nearer than this (in logits) get the
+    # fallback's (fp32) answer instead; chosen per version by its int8 check (tuneloop.evaluate.serving).
+    fallback: Predictor | None = None
+    fallback_margin: float = 0.0
 
     @property
     def labels(self) -> list[str]:
@@ -75,7 +79,7 @@ class Predictor:
 
     def logits(self, texts: list[str], batch_size: int = 64, max_padding: float | None = None) -> np.ndarray:
         """Logits of every task, the model's own first, for texts already cleaned (one encoder pass each)."""
-        return predict_logits(
+        rows = predict_logits(
             self.model,
             self.tokenizer,
             texts,
@@ -83,6 +87,11 @@ class Predictor:
             heads=list(self.tasks.values()),
             max_padding=max_padding,
         )
+        if self.fallback is not None and len(texts):
+            close = np.flatnonzero(top_two_gap(self.own_logits(rows)) < self.fallback_margin)
+            if len(close):
+                rows[close] = self.fallback.logits([texts[i] for i in close], batch_size, max_padding)
+        return rows
 
     def own_logits(self, rows: np.ndarray) -> np.ndarray:
         """The model's own task's columns of `logits` rows."""
@@ -158,11 +167,23 @@ def load_model(
     chosen = serving_runtime(runtime, serving, name if version is None else f"{name}@{version}")
     model, tokenizer = TextClassifier.load(model_dir)
     if chosen != "torch":
-        plan = serving["int8"]["plan"] if chosen == "onnx-int8" else None
-        model.encoder = onnx_encoder(model.encoder, tokenizer, cache, threads or os.cpu_count() or 1, int8_plan=plan)
+        model.encoder = onnx_encoder(
+            model.encoder, tokenizer, cache, threads or os.cpu_count() or 1, int8=chosen == "onnx-int8"
+        )
     # After the swap: the other tasks' heads share whichever encoder the model runs.
     tasks = load_task_heads(model_dir, model)
-    return Predictor(name, version, model, tokenizer, record, folder, tasks, runtime=chosen)
+    fallback, margin = None, 0.0
+    if chosen == "onnx-int8" and serving and serving["int8"].get("fallback_margin"):
+        fallback, margin = load_model(source, registry, "onnx", threads), serving["int8"]["fallback_margin"]
+    return Predictor(name, version, model, tokenizer, record, folder, tasks, chosen, fallback, margin)
+
+
+def top_two_gap(logits: np.ndarray) -> np.ndarray:
+    """Per row, how far the best label's logit is ahead of the second's (inf with a single label)."""
+    if logits.shape[-1] < 2:
+        return np.full(logits.shape[:-1], np.inf)
+    top = np.partition(logits, -2, axis=-1)
+    return top[..., -1] - top[..., -2]
 
 
 def read_serving(folder: VersionFolder | None) -> dict | None:
