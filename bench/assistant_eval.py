@@ -4,8 +4,12 @@
 
 1. 10 intents (seeded) are held out. The intent model (all-MiniLM-L6-v2) trains on the other 67; a small
    English sentiment model trains on the demo's sentiment data; the FAQ has one entry per known intent.
+   The intent model trains with the default recipe, so with outlier exposure on tuneloop's shipped
+   off-topic messages (train.outlier_exposure; --set train.outlier_exposure=0 measures without).
 2. The scope threshold is tuned on the model's validation split plus the held-out intents' *training*
-   texts; everything is then measured on the official *test* split (known and held-out intents).
+   texts (and the shipped off-topic messages' tuning part, scope.shipped_off_topic); everything is then
+   measured on the official *test* split (known and held-out intents), and on the shipped off-topic
+   messages' held-out part (English), which nothing trains or tunes on.
    With --trained-oos those training texts are instead trained as one more intent, out_of_scope
    (scope.label), and the threshold is tuned on the validation split alone (its out_of_scope share).
 3. Every test message goes through a whole turn (three forward passes, FAQ search, reply, escalation
@@ -62,6 +66,7 @@ def main() -> None:
     from tuneloop.assistant.definition import AssistantDefinition
     from tuneloop.assistant.runtime import AssistantRuntime
     from tuneloop.config import load_config
+    from tuneloop.data.off_topic import off_topic_messages
     from tuneloop.demo import packaged_file
     from tuneloop.registry import Registry
     from tuneloop.training import classification
@@ -103,6 +108,9 @@ def main() -> None:
             )
             registry.promote(classification.run(recipe, show_progress=False).version.ref)
         training_seconds = time.perf_counter() - started
+        exposure = json.loads(registry.folder(registry.get("bank-intents@production")).report_json.read_text()).get(
+            "outlier_exposure"
+        )
         # One FAQ entry per known intent, its question a training message of that intent.
         faq = known_train.groupby("label").first().reset_index()
         pd.DataFrame(
@@ -149,6 +157,12 @@ def main() -> None:
             plain = plain_logits.argmax(1)
             plain_accuracy = float(np.mean(np.array(intent.labels)[plain] == known_test["label"].to_numpy()))
             scores = np.array([o.scope_score for o in outcomes])
+            # The shipped off-topic messages' held-out part: never trained on nor tuned on by tuneloop.
+            generic = off_topic_messages("heldout", ["en"])
+            generic_accepted = np.array([runtime.respond(t, intent, mood).intent is not None for t in generic["text"]])
+            by_domain = (
+                pd.Series(~generic_accepted, index=generic["domain"].to_numpy()).groupby(level=0).mean().sort_values()
+            )
             results[score] = {
                 "threshold": round(threshold.threshold, 4),
                 "tuning": {k: round(v, 4) if isinstance(v, float) else v for k, v in threshold.to_dict().items()},
@@ -166,6 +180,11 @@ def main() -> None:
                     "p95": round(1000 * float(np.percentile(latencies, 95)), 1),
                 },
                 "auroc_in_vs_out": round(float(_auroc(scores[known], scores[~known])), 4),
+                "shipped_off_topic_heldout": {
+                    "messages": len(generic),
+                    "recall": round(float(np.mean(~generic_accepted)), 4),
+                    "lowest_recall_domains": {d: round(float(r), 3) for d, r in by_domain.head(5).items()},
+                },
             }
             print(json.dumps({"progress": {score: results[score]}}), file=sys.stderr, flush=True)
 
@@ -177,6 +196,7 @@ def main() -> None:
         "target_precision": args.target_precision,
         "out_of_scope_share": round(out_share, 4),
         "training_seconds": round(training_seconds, 1),
+        "outlier_exposure": exposure and {k: v for k, v in exposure.items() if k != "examples_left_out"},
         "cores": os.cpu_count(),
         **results,
     }

@@ -166,6 +166,13 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("out-of-scope recall", "probability.out_of_scope_recall", percent),
         ("in-scope precision", "probability.in_scope_precision", percent),
         ("p50 / p95 ms per turn", "probability.latency_ms", lambda t: f"{t['p50']:.0f} / {t['p95']:.0f}"),
+        ("plain classifier accuracy (answers everything)", "probability.plain_classifier_accuracy", percent),
+        ("outlier exposure: off-topic messages shown", "outlier_exposure.messages", plain),
+        (
+            "recall on the shipped off-topic set's held-out part",
+            "probability.shipped_off_topic_heldout",
+            lambda h: f"{percent(h['recall'])} of {h['messages']}",
+        ),
     ],
     "multitask": [
         ("two models: intent / sentiment accuracy", "separate", lambda s: _pair(s, "accuracy")),

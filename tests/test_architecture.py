@@ -24,7 +24,7 @@ LAYERS = (
     "db",
     ("data", "privacy"),
     "config",
-    ("errors", "atomic"),
+    ("errors", "atomic", "profiling"),
 )
 
 

@@ -181,6 +181,21 @@ class TrainConfig(StrictModel):
         description="Differential privacy (e.g. dp.epsilon=8): DP-SGD for full fine-tuning or LoRA; "
         "see the security page of the docs.",
     )
+    outlier_exposure: float = Field(
+        0.5,
+        ge=0,
+        description="Weight of the outlier-exposure loss: each step also shows the model a few of tuneloop's "
+        "shipped off-topic messages (weather, sport, small talk...) in the data's languages and pushes its "
+        "answer on them towards uncertainty (uniform over the labels), so a scope threshold can refuse what the "
+        "labels do not cover. 0 turns it off; off under train.dp.",
+    )
+    outlier_exposure_max_similarity: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Off-topic messages this close (cosine of the untrained encoder's embeddings) to a training "
+        "text are left out: a business whose intents cover one of their topics keeps it.",
+    )
     profile: bool = Field(
         False,
         description="Record the first profile_steps steps with torch.profiler (tuneloop train --profile): a "

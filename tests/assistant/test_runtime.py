@@ -49,7 +49,8 @@ def test_scope_threshold_is_tuned_once_per_intent_version_and_cached(assistant_s
     runtime = AssistantRuntime(load_definition(path), Registry(config.registry))
     intent, _ = runtime.load_models()
     threshold = runtime.calibrate(intent)
-    assert threshold.out_of_scope_examples == 6 and threshold.in_scope_examples > 0
+    shipped = runtime.shipped_off_topic()
+    assert threshold.out_of_scope_examples == 6 + len(shipped) and threshold.in_scope_examples > 0
     # A real tuning, not the degenerate "reject everything": most in-scope messages pass, off-topic ones do not.
     assert threshold.precision >= 0.95 and threshold.in_scope_recall >= 0.5 and threshold.out_of_scope_recall > 0
     [cached] = (runtime.folder / "scope").glob("toy@1-*.json")
@@ -57,6 +58,27 @@ def test_scope_threshold_is_tuned_once_per_intent_version_and_cached(assistant_s
     fresh = AssistantRuntime(load_definition(path), Registry(config.registry))
     cached.write_text(json.dumps({**threshold.to_dict(), "threshold": 0.123}))
     assert fresh.calibrate(intent).threshold == 0.123  # read back, not recomputed
+
+
+def test_without_examples_of_its_own_the_scope_is_tuned_on_the_shipped_off_topic_messages(assistant_setup):
+    config, path = assistant_setup
+    bare = path.parent / "bare.yaml"  # beside the FAQ its paths name
+    bare.write_text("\n".join(line for line in path.read_text().splitlines() if "out_of_scope_examples" not in line))
+    runtime = AssistantRuntime(load_definition(bare), Registry(config.registry))
+    intent, _ = runtime.load_models()
+    threshold = runtime.calibrate(intent)
+    assert threshold is not None and threshold.out_of_scope_examples == len(runtime.shipped_off_topic()) > 500
+    assert threshold.out_of_scope_recall > 0.5  # weather and football are not the toy shop's intents
+
+    english = path.parent / "english.yaml"
+    english.write_text(bare.read_text() + "\nlanguages: [en]\n")
+    only_english = AssistantRuntime(load_definition(english), Registry(config.registry)).shipped_off_topic()
+    assert 0 < len(only_english) < len(runtime.shipped_off_topic())
+    assert not any("\u4e00" <= ch <= "\u9fff" for text in only_english for ch in text)
+
+    without = path.parent / "without.yaml"
+    without.write_text(bare.read_text() + "\nscope: {shipped_off_topic: false}\n")
+    assert AssistantRuntime(load_definition(without), Registry(config.registry)).calibrate(intent) is None
 
 
 def test_a_whole_turn_with_the_models_run_directly(assistant_setup):

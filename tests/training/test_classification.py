@@ -216,3 +216,15 @@ def test_a_saved_model_holds_the_trained_rows_in_a_plain_embedding(setup, tmp_pa
     unused = sorted(set(range(len(original))) - set(used))
     assert (trained[used] - original[used]).abs().max() > 1e-3  # more than weight decay alone would move them
     assert torch.equal(trained[unused], original[unused])
+
+
+def test_max_length_is_capped_at_the_encoders_positions(tiny_overrides, tmp_path, tiny_encoder):
+    """Regression: model.max_length=128 on an encoder with 64 positions failed on the first long text."""
+    rows = toy_rows() + [{"text": " ".join(["refund money back please"] * 30), "label": "refund"}] * 4
+    path = tmp_path / "long.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    config = load_config(None, [*tiny_overrides, f"data.path={path}", "model.max_length=128", "train.epochs=1"])
+    data = prepare_data(config.data)
+    result = fine_tune(config, data, EncoderSource("tiny", tiny_encoder), VersionFolder(tmp_path / "run"))
+    model, _ = TextClassifier.load(result.best_dir)
+    assert model.spec.max_length == 64  # the tiny encoder's max_position_embeddings

@@ -32,6 +32,12 @@ class ScopeConfig(StrictModel):
         "probability", description="Confidence measure: top class probability, or cosine to the closest class."
     )
     label: str | None = Field(None, description="An intent label that itself means out of scope (trained).")
+    shipped_off_topic: bool = Field(
+        True,
+        description="Add the tuning part of tuneloop's shipped off-topic messages (weather, sport, small talk... "
+        "in the assistant's languages) to the out-of-scope side, so a threshold exists without examples of "
+        "one's own.",
+    )
 
 
 class RetrievalConfig(StrictModel):

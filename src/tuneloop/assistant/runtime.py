@@ -30,6 +30,7 @@ from tuneloop.assistant.turn import (
 from tuneloop.atomic import write_text_atomically
 from tuneloop.data.clean import clean_text
 from tuneloop.data.load import read_table
+from tuneloop.data.off_topic import off_topic_messages
 from tuneloop.data.prepare import load_prepared
 from tuneloop.errors import TuneloopError
 from tuneloop.models.classifier import HeadSpec
@@ -121,16 +122,17 @@ class AssistantRuntime:
                 f"scope.score=cosine needs a cosine head, and {intent.ref} has a "
                 f"{intent.model.spec.head} head; use scope.score=probability"
             )
-        if not self.out_of_scope and not scope.label:
+        out_of_scope = self.out_of_scope + self.shipped_off_topic()
+        if not out_of_scope and not scope.label:
             log.warning(
-                "%s: no out_of_scope_examples and no scope.label, so no scope threshold: every message "
-                "counts as in scope",
+                "%s: no out-of-scope examples (out_of_scope_examples, scope.shipped_off_topic) and no "
+                "scope.label, so no scope threshold: every message counts as in scope",
                 self.definition.name,
             )
             self.thresholds[intent.ref] = None
             return None
         # Keyed by everything the threshold depends on, so editing the definition or the examples re-tunes it.
-        inputs = json.dumps([scope.model_dump(), self.out_of_scope], ensure_ascii=False)
+        inputs = json.dumps([scope.model_dump(), out_of_scope], ensure_ascii=False)
         cached = self.folder / "scope" / f"{intent.ref}-{hashlib.sha256(inputs.encode()).hexdigest()[:12]}.json"
         threshold = self._read_cached(cached)
         if threshold is None:
@@ -141,7 +143,7 @@ class AssistantRuntime:
             # Validation messages labelled with the trained out-of-scope intent belong on the other side.
             trained_out = (split["label"] == scope.label).to_numpy() if scope.label else np.zeros(len(split), bool)
             in_texts = split.loc[~trained_out, "text"].tolist()
-            out_texts = split.loc[trained_out, "text"].tolist() + self.out_of_scope
+            out_texts = split.loc[trained_out, "text"].tolist() + out_of_scope
             scores = tuning_scores(intent.own_logits(intent.logits(in_texts + out_texts)), intent.model.spec, scope)
             threshold = tune_threshold(
                 scores[: len(in_texts)], scores[len(in_texts) :], scope.target_precision, scope.out_of_scope_share
@@ -155,6 +157,12 @@ class AssistantRuntime:
         )
         self.thresholds[intent.ref] = threshold
         return threshold
+
+    def shipped_off_topic(self) -> list[str]:
+        """The shipped off-topic messages' tuning part in the assistant's languages (scope.shipped_off_topic)."""
+        if not self.definition.scope.shipped_off_topic:
+            return []
+        return off_topic_messages("tune", self.definition.languages)["text"].map(clean_text).tolist()
 
     @property
     def multitask(self) -> bool:

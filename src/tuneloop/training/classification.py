@@ -13,17 +13,20 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
 from tuneloop.atomic import write_dir_atomically
 from tuneloop.config import ClassifierRecipe, DataConfig, read_yaml_mapping, stored_recipe, validated
+from tuneloop.data.clean import clean_text
+from tuneloop.data.off_topic import languages_of, off_topic_messages
 from tuneloop.data.prepare import (
     PreparedData,
     fingerprint,
@@ -88,6 +91,7 @@ class TrainResult:
     stopped_early: bool = False
     privacy: dict | None = None  # what a train.dp run spent (PrivacySpent)
     profile: dict | None = None  # train.profile: the summary (ProfileSummary), the trace beside it
+    outlier_exposure: dict | None = None  # which off-topic messages train.outlier_exposure showed the model
 
 
 @dataclass
@@ -161,6 +165,48 @@ def embed_all(model: TextClassifier, ids: list[list[int]], pad_id: int, batch_si
     return out
 
 
+def off_topic_rows(
+    model: TextClassifier,
+    tokenizer: PreTrainedTokenizerBase,
+    data: PreparedData,
+    train_embeddings: torch.Tensor,
+    pad_id: int,
+    recipe: ClassifierRecipe,
+) -> tuple[list[list[int]], dict]:
+    """The shipped off-topic messages outlier exposure shows this model, tokenised: the training part in the
+    data's languages, less those as close to a training text as train.outlier_exposure_max_similarity (a
+    business whose intents cover cooking keeps its recipes in scope); and a record of what was used."""
+    languages = languages_of(data.train["text"].tolist())
+    texts = [clean_text(t) for t in off_topic_messages("train", languages)["text"]]
+    ids = tokenize(tokenizer, texts, model.spec)
+    off = F.normalize(embed_all(model, ids, pad_id), dim=-1)
+    known = F.normalize(train_embeddings, dim=-1)
+    closest = torch.cat([(chunk @ known.T).max(dim=1).values for chunk in off.split(512)])
+    kept = (closest < recipe.train.outlier_exposure_max_similarity).nonzero().flatten().tolist()
+    record = {
+        "weight": recipe.train.outlier_exposure,
+        "languages": list(languages),
+        "messages": len(kept),
+        "left_out_as_too_close": len(ids) - len(kept),
+        "examples_left_out": [
+            texts[i]
+            for i in (closest >= recipe.train.outlier_exposure_max_similarity).nonzero().flatten().tolist()[:10]
+        ],
+    }
+    log.info(
+        "outlier exposure: %d off-topic messages (%d left out as too close to the training texts)",
+        len(kept),
+        len(ids) - len(kept),
+    )
+    return [ids[i] for i in kept], record
+
+
+def uniform_target_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the uniform distribution over the labels (Hendrycks et al., 2019, outlier
+    exposure): smallest when the model is equally unsure of every label."""
+    return -torch.log_softmax(logits, dim=-1).mean(dim=-1).mean()
+
+
 def _optimizer(model: TextClassifier, recipe: ClassifierRecipe, heads: list[TextClassifier]) -> torch.optim.AdamW:
     head_parameters = [p for m in (model, *heads) for p in m.head.parameters()]
     groups = parameter_groups(model.encoder, recipe.train.lr, recipe.train.weight_decay)
@@ -196,9 +242,14 @@ def build_classifier(
     spec = head_spec(recipe, encoder, labels, task)
     try:
         tokenizer = AutoTokenizer.from_pretrained(encoder.path)
-        model = TextClassifier(load_encoder(encoder.path), spec)
+        loaded = load_encoder(encoder.path)
     except (OSError, ValueError) as exc:
         raise TuneloopError(f"cannot load encoder from {encoder.path}: {first_line(exc)}") from exc
+    # No longer than the encoder has positions for (RoBERTa-style encoders keep two for the padding offset):
+    # a longer model.max_length would fail on the first long text.
+    offset = 2 if loaded.config.model_type in ("roberta", "xlm-roberta") else 0
+    positions = getattr(loaded.config, "max_position_embeddings", spec.max_length + offset) - offset
+    model = TextClassifier(loaded, replace(spec, max_length=min(spec.max_length, positions)))
     settings = recipe.train
     if settings.method == "lora":
         from peft import LoraConfig, get_peft_model  # only LoRA runs need peft
@@ -372,6 +423,18 @@ def fine_tune(
         "epoch_loss_sum": 0.0,
         "epoch_texts": 0,
     }
+    # From the untrained encoder, before any checkpoint loads, so a resumed run filters the same messages.
+    own_embeddings = None
+    centroids = recipe.model.head_init == "centroids" and not resume
+    if not private and (centroids or tc.outlier_exposure):
+        started = time.perf_counter()
+        own_embeddings = embed_all(model, tasks[0].train_ids, pad_id)
+        state["train_seconds"] += time.perf_counter() - started
+    off_topic, exposure = [], None
+    if tc.outlier_exposure and not private:
+        started = time.perf_counter()
+        off_topic, exposure = off_topic_rows(model, tokenizer, data, own_embeddings, pad_id, recipe)
+        state["train_seconds"] += time.perf_counter() - started
     if resume:
         saved = load_checkpoint(run, CHECKPOINT)
         try:
@@ -401,9 +464,8 @@ def fine_tune(
     elif recipe.model.head_init == "centroids" and not private:
         started = time.perf_counter()
         for task in tasks:
-            task.classifier.init_head_from_centroids(
-                embed_all(model, task.train_ids, pad_id), torch.tensor(task.train_labels)
-            )
+            embeddings = own_embeddings if task is tasks[0] else embed_all(model, task.train_ids, pad_id)
+            task.classifier.init_head_from_centroids(embeddings, torch.tensor(task.train_labels))
         state["train_seconds"] += time.perf_counter() - started
 
     def train_mode() -> None:
@@ -454,6 +516,18 @@ def fine_tune(
             write_dir_atomically(save_model, run.model)
         train_mode()
 
+    def off_topic_loss(classifier: TextClassifier) -> torch.Tensor:
+        """Outlier exposure: a few off-topic messages (drawn by seed and step, so a resumed run draws the
+        same), their answer pulled towards uniform over the labels."""
+        shown = np.random.default_rng([tc.seed, state["global_step"]]).choice(
+            len(off_topic), size=min(max(2, tc.batch_size // 4), len(off_topic)), replace=False
+        )
+        with stage("data"):
+            input_ids, mask = pad_right([off_topic[i] for i in shown], pad_id)
+        with stage("forward"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            logits = classifier(input_ids, mask)
+        return uniform_target_loss(logits.float())
+
     metrics = MetricsLog(run)
     train_mode()
     with TrainingProgress("training", total_steps, state["global_step"], show_progress) as progress:
@@ -484,9 +558,12 @@ def fine_tune(
                         state["epoch_loss_sum"] += private.step(forward, chosen)
                 else:
                     logits, target = forward(chosen)
+                    loss = task.loss_fn(logits.float(), target)
+                    total = loss
+                    if off_topic and task is tasks[0]:
+                        total = loss + tc.outlier_exposure * off_topic_loss(task.classifier)
                     with stage("backward"):
-                        loss = task.loss_fn(logits.float(), target)
-                        loss.backward()
+                        total.backward()
                     with stage("optimizer"):
                         torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
                         optimizer.step()
@@ -555,6 +632,7 @@ def fine_tune(
         stopped_early=state["stopped_early"],
         privacy=private.spent().as_dict() if private else None,
         profile=summary.as_dict() if summary else None,
+        outlier_exposure=exposure,
     )
 
 
@@ -630,6 +708,8 @@ def evaluate_run(
         report["cross_validation"] = cross_validation
     if result.privacy:
         report["privacy"] = result.privacy
+    if result.outlier_exposure:
+        report["outlier_exposure"] = result.outlier_exposure
     write_report(report, run.root)
     return report
 
