@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
@@ -21,7 +20,7 @@ from tuneloop.atomic import atomic_file
 from tuneloop.config import ServingConfig
 from tuneloop.data.prepare import PreparedData
 from tuneloop.models.onnx_encoder import INT8_FILE, onnx_encoder
-from tuneloop.models.predictor import ONNX_CACHE, Predictor, content_key, load_model, top_two_gap
+from tuneloop.models.predictor import Predictor, load_model, onnx_cache, top_two_gap
 from tuneloop.registry import VersionFolder
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,9 @@ def _check_int8(run: VersionFolder, data: PreparedData, settings: ServingConfig,
     passes serves, else fp32."""
     fp32 = load_model(run.root, runtime="onnx", threads=threads)
     int8 = load_model(run.root, runtime="torch", threads=threads)
-    int8.model.encoder = onnx_encoder(int8.model.encoder, int8.tokenizer, fp32_cache(run), threads, int8=True)
+    int8.model.encoder = onnx_encoder(
+        int8.model.encoder, int8.tokenizer, onnx_cache(run.root, run.model), threads, int8=True
+    )
     val, test = list(data.val.text), list(data.test.text)
     truth = data.test.label.to_numpy()
     fp32_val, int8_val = (p.own_logits(p.logits(val)) for p in (fp32, int8))
@@ -115,7 +116,7 @@ def _check_int8(run: VersionFolder, data: PreparedData, settings: ServingConfig,
             )
     if tried[-1]["accepted"]:
         return {"runtime": "onnx-int8", "int8": tried[-1], "int8_tried": tried}
-    (fp32_cache(run) / INT8_FILE).unlink(missing_ok=True)
+    (onnx_cache(run.root, run.model) / INT8_FILE).unlink(missing_ok=True)
     log.warning("int8 does not serve this version (%s): fp32 ONNX serves", tried[-1]["reason"])
     return {"runtime": "onnx", "int8": tried[-1], "int8_tried": tried}
 
@@ -148,7 +149,3 @@ def _accuracy(predictor: Predictor, texts: list[str], truth: np.ndarray) -> floa
     if not texts:
         return 0.0
     return float(np.mean(np.array(predictor.predict(texts, cleaned=True), dtype=object) == truth))
-
-
-def fp32_cache(run: VersionFolder) -> Path:
-    return run.root / ONNX_CACHE / content_key(run.model)

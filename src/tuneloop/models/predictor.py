@@ -160,9 +160,7 @@ def load_model(
         record = source if isinstance(source, ModelVersion) else registry.get(source)
         folder = registry.folder(record)
         model_dir, name, version = folder.model, record.name, record.version
-    # Exports live with what they were made from (a version's folder is registered with its run's), keyed by
-    # content too: they are never reused for other weights.
-    cache = (folder.root if folder else model_dir) / ONNX_CACHE / content_key(model_dir)
+    cache = onnx_cache(folder.root if folder else model_dir, model_dir)
     serving = read_serving(folder)
     chosen = serving_runtime(runtime, serving, name if version is None else f"{name}@{version}")
     model, tokenizer = TextClassifier.load(model_dir)
@@ -204,6 +202,13 @@ def serving_runtime(requested: str | None, serving: dict | None, ref: str) -> st
             log.warning("%s serves fp32 ONNX, not int8: %s", ref, why)
             return "onnx"
     return requested
+
+
+def onnx_cache(root: Path, model_dir: Path) -> Path:
+    """Where the ONNX exports of the model in `model_dir` live: with what they were made from, under `root`
+    (a version's folder, registered with its run's), keyed by content too, so they are never reused for
+    other weights."""
+    return root / ONNX_CACHE / content_key(model_dir)
 
 
 def content_key(model_dir: Path) -> str:
