@@ -34,9 +34,9 @@ class ScopeConfig(StrictModel):
     label: str | None = Field(None, description="An intent label that itself means out of scope (trained).")
     shipped_off_topic: bool = Field(
         True,
-        description="Add the tuning part of tuneloop's shipped off-topic messages (weather, sport, small talk... "
-        "in the assistant's languages) to the out-of-scope side, so a threshold exists without examples of "
-        "one's own.",
+        description="Without out_of_scope_examples or scope.label, tune the threshold on the tuning part of "
+        "tuneloop's shipped off-topic messages (weather, sport, small talk... in the assistant's languages), so "
+        "a threshold exists without examples of one's own.",
     )
 
 
