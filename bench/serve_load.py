@@ -265,6 +265,9 @@ def main() -> None:
         finally:
             stop(server)
         ours["accuracy"] = accuracy(our_labels, truth)
+        serving = registry.folder(version).serving
+        if serving.is_file():  # what the version's end-of-training check chose, and why
+            result["serving"] = {k: v for k, v in json.loads(serving.read_text()).items() if k != "int8_tried"}
         result["tuneloop"] = ours
         result["fp32_ceiling_texts_per_s"] = fp32_ceiling(registry, version, texts, args.threads)
         result["share_of_fp32_ceiling"] = round(ours["req_per_s"] / result["fp32_ceiling_texts_per_s"], 3)
