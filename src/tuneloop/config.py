@@ -300,8 +300,8 @@ class ServingConfig(StrictModel):
     runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
         "onnx-int8",
         description="onnx: the encoder exported to ONNX Runtime (same labels as PyTorch, less overhead per "
-        "call); onnx-int8: int8 weights on top (about twice as fast), kept only when it passes the two checks "
-        "below, else fp32 ONNX serves and the report says why; torch: eager PyTorch.",
+        "call); onnx-int8: int8 weights on top (1.5-2x as fast), kept only when it, or int8 with fp32 for close "
+        "calls, passes the two checks below, else fp32 ONNX serves and the report says why; torch: eager PyTorch.",
     )
     int8_min_agreement: float = Field(
         0.995, gt=0, le=1, description="Share of the validation split the int8 encoder must label as fp32 does."

@@ -3,7 +3,7 @@
 The encoder is exported once per version with torch's dynamo exporter (hidden states match PyTorch's to
 ~1e-6, so predictions are the same) into the version's folder; ONNX Runtime's fused CPU kernels then run it
 with less per-call overhead than eager PyTorch, which matters most for the small batches a server sees. An
-int8 copy (weights quantized per output channel) runs about twice as fast again; whether a version may
+int8 copy (weights quantized per output channel) runs 1.5-2x as fast again; whether a version may
 serve it is measured at the end of training (tuneloop.evaluate.serving).
 """
 
