@@ -24,7 +24,8 @@ LAYERS = (
     "db",
     ("data", "privacy"),
     "config",
-    ("errors", "atomic", "profiling"),
+    "profiling",
+    ("errors", "atomic"),
 )
 
 

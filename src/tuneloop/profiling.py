@@ -17,6 +17,8 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from tuneloop.atomic import atomic_file, write_text_atomically
+
 log = logging.getLogger(__name__)
 
 # The stages the training loop and the server mark, in the order they happen.
@@ -112,9 +114,9 @@ class Profiler:
             stages={name: stages[name] for name in STAGES if name in stages},
             top_operators=[(e.key, e.self_cpu_time_total / 1000, e.count) for e in operators[: self.top]],
         )
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._profile.export_chrome_trace(str(self.folder / TRACE_FILE))
-        (self.folder / SUMMARY_FILE).write_text(json.dumps(self.summary.as_dict(), indent=2))
+        with atomic_file(self.folder / TRACE_FILE) as staging:  # a kill mid-write leaves no half trace
+            self._profile.export_chrome_trace(str(staging))
+        write_text_atomically(self.folder / SUMMARY_FILE, json.dumps(self.summary.as_dict(), indent=2))
         self._profile = None
         log.info("profile written to %s\n%s", self.folder, "\n".join(self.summary.lines()))
         return self.summary
