@@ -7,7 +7,7 @@
    The intent model trains with the default recipe, so with outlier exposure on tuneloop's shipped
    off-topic messages (train.outlier_exposure; --set train.outlier_exposure=0 measures without).
 2. The scope threshold is tuned on the model's validation split plus the held-out intents' *training*
-   texts (and the shipped off-topic messages' tuning part, scope.shipped_off_topic); everything is then
+   texts (the assistant's own examples: the shipped off-topic messages are not mixed in); everything is then
    measured on the official *test* split (known and held-out intents), and on the shipped off-topic
    messages' held-out part (English), which nothing trains or tunes on. Without --trained-oos the
    scope is measured a second time as for a user who brings no out-of-scope examples: the threshold tuned
@@ -123,6 +123,8 @@ def main() -> None:
             }
         ).to_csv(work / "faq.csv", index=False)
 
+        # The shipped off-topic messages' held-out part: never trained on nor tuned on by tuneloop.
+        generic = off_topic_messages("heldout", ["en"])
         results = {}
         # Scope thresholds tuned on the held-out intents' training texts (examples like the real off-topic
         # traffic), and, as for a user who brings none, on the shipped off-topic messages' tuning part.
@@ -165,8 +167,6 @@ def main() -> None:
             plain = plain_logits.argmax(1)
             plain_accuracy = float(np.mean(np.array(intent.labels)[plain] == known_test["label"].to_numpy()))
             scores = np.array([o.scope_score for o in outcomes])
-            # The shipped off-topic messages' held-out part: never trained on nor tuned on by tuneloop.
-            generic = off_topic_messages("heldout", ["en"])
             generic_accepted = np.array([runtime.respond(t, intent, mood).intent is not None for t in generic["text"]])
             by_domain = (
                 pd.Series(~generic_accepted, index=generic["domain"].to_numpy()).groupby(level=0).mean().sort_values()

@@ -110,8 +110,9 @@ def labels_from(url: str, path: str, body_of, parse, texts: list[str]) -> list[s
         return [parse(http.post(path, json=body_of(t)).json()) for t in texts]
 
 
-def accuracy(predicted: list[str], truth: list[str]) -> float:
-    return round(float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)])), 4)
+def share_equal(labels: list[str], others: list[str]) -> float:
+    """The share of positions where two label lists agree: accuracy against the truth, or agreement."""
+    return round(float(np.mean([a == b for a, b in zip(labels, others, strict=True)])), 4)
 
 
 def fp32_ceiling(registry, version, texts: list[str], threads: int, batch_size: int = 32) -> float:
@@ -264,7 +265,7 @@ def main() -> None:
             )
         finally:
             stop(server)
-        ours["accuracy"] = accuracy(our_labels, truth)
+        ours["accuracy"] = share_equal(our_labels, truth)
         serving = registry.folder(version).serving
         if serving.is_file():  # what the version's end-of-training check chose, and why
             result["serving"] = {k: v for k, v in json.loads(serving.read_text()).items() if k != "int8_tried"}
@@ -312,11 +313,9 @@ def main() -> None:
                 their_labels = labels_from(url, "/predict", lambda t: {"text": t}, lambda r: r["label"], texts)
             finally:
                 stop(naive)
-            theirs["accuracy"] = accuracy(their_labels, truth)
+            theirs["accuracy"] = share_equal(their_labels, truth)
             result["naive"] = theirs
-            result["same_predictions"] = round(
-                float(np.mean([a == b for a, b in zip(our_labels, their_labels, strict=True)])), 4
-            )
+            result["same_predictions"] = share_equal(our_labels, their_labels)
             result["ratio_req_per_s"] = round(ours["req_per_s"] / theirs["req_per_s"], 2)
             result["ratio_p95_latency"] = round(ours["p95_ms"] / theirs["p95_ms"], 3)
     publish(args, f"serve_load-{result['runtime']}", result)

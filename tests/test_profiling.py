@@ -7,6 +7,7 @@ import json
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from helpers import server_settings
 from tuneloop.cli import app
 from tuneloop.profiling import SUMMARY_FILE, TRACE_FILE
 from tuneloop.serve.app import create_app
@@ -37,8 +38,8 @@ def test_a_run_shorter_than_the_window_still_writes_its_profile(tiny_overrides, 
 
 
 def test_served_batches_are_profiled_then_the_server_runs_unprofiled(served):
-    config, home = served
-    config = config.model_copy(update={"serve": replace_serve(config, profile=True, profile_batches=3)})
+    _, home = served
+    config = server_settings(home, "serve.profile=true", "serve.profile_batches=3")
     with TestClient(create_app(config)) as client:
         for text in ("refund please", "my parcel", "password reset", "one more after the window"):
             assert client.post("/v1/predict", json={"texts": [text]}).status_code == 200
@@ -50,14 +51,10 @@ def test_served_batches_are_profiled_then_the_server_runs_unprofiled(served):
 
 
 def test_a_server_stopped_inside_the_window_writes_what_it_recorded(served):
-    config, home = served
-    config = config.model_copy(update={"serve": replace_serve(config, profile=True, profile_batches=100)})
+    _, home = served
+    config = server_settings(home, "serve.profile=true", "serve.profile_batches=100")
     with TestClient(create_app(config)) as client:
         assert client.post("/v1/predict", json={"texts": ["refund please"]}).status_code == 200
         assert not (home / "profiles").exists() or not list((home / "profiles").rglob(SUMMARY_FILE))
     [summary] = (home / "profiles").rglob(SUMMARY_FILE)
     assert json.loads(summary.read_text())["steps"] == 1
-
-
-def replace_serve(config, **changes):
-    return config.serve.model_copy(update=changes)
