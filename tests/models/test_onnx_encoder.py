@@ -13,6 +13,7 @@ import pytest
 
 from helpers import tiny_config
 from tuneloop.config import ServingConfig
+from tuneloop.errors import TuneloopError
 from tuneloop.evaluate import serving
 from tuneloop.models.classifier import predict_logits
 from tuneloop.models.onnx_encoder import INT8_FILE, ONNX_FILE, OnnxEncoder, int8_nodes, onnx_encoder
@@ -189,3 +190,16 @@ def test_the_fallback_margin_covers_every_disagreement_and_its_agreement_is_meas
     assert served == margin and 0 < share < 0.5  # the larger half's margin is the whole set's
     assert 1 - wrong.mean() < agreement <= 1.0  # better than int8 alone; not 100% by construction
     assert serving.fallback_margin(fp32, fp32) == 0.0  # nothing to fall back for
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"runtime": "onnx-int8"', '{"runtime": "gpu"}', '{"runtime": "onnx-int8", "int8": {"accepted": false}}', "[]"],
+)
+def test_a_damaged_or_forged_serving_record_is_one_clear_error(toy_version, content):
+    """A half-copied or hand-edited serving.json must not crash with a traceback, nor make int8 serve
+    without its check."""
+    registry, version, _ = toy_version
+    registry.folder(version).serving.write_text(content)
+    with pytest.raises(TuneloopError, match="is not a serving record tuneloop wrote .*delete it"):
+        load_model(version, registry, threads=1)

@@ -188,7 +188,16 @@ def read_serving(folder: VersionFolder | None) -> dict | None:
     """A version's serving record (written at the end of training), or None for one made without it."""
     if folder is None or not folder.serving.is_file():
         return None
-    return json.loads(folder.serving.read_text())
+    try:
+        record = json.loads(folder.serving.read_text())
+        if record["runtime"] not in RUNTIMES or (record["runtime"] == "onnx-int8" and not record["int8"]["accepted"]):
+            raise ValueError(f"runtime {record['runtime']!r}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TuneloopError(
+            f"{folder.serving} is not a serving record tuneloop wrote ({first_line(exc)}); delete it to serve "
+            f"fp32 ONNX, or retrain"
+        ) from exc
+    return record
 
 
 def serving_runtime(requested: str | None, serving: dict | None, ref: str) -> str:
