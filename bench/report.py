@@ -40,6 +40,10 @@ def plain(value: Any) -> str:
     return f"{value:,.1f}" if isinstance(value, float) else str(value)
 
 
+def _share(speed: dict) -> str:
+    return percent(speed["planted_found"] / speed["planted_at_threshold"])
+
+
 def _dropped(run: dict) -> str:
     return f"{run['dropped_outside_kill_window']} / {run['dropped_in_kill_window']}"
 
@@ -63,6 +67,41 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("HF Trainer accuracy", "hf_trainer.accuracy", percent),
         ("HF Trainer time to 90%", "hf_trainer.seconds_to_90", seconds),
         ("time to 90%, tuneloop / HF Trainer", "ratios.seconds_to_90", times),
+        (
+            "test rows with a near-duplicate in training: accuracy on them / on the rest",
+            "tuneloop.leakage",
+            lambda v: f"{v['rows']}: {percent(v['accuracy_leaked'])} / {percent(v['accuracy_not_leaked'])}",
+        ),
+        (
+            "test ECE before / after temperature scaling (T)",
+            "tuneloop.calibration",
+            lambda c: f"{c['ece_before']:.3f} / {c['ece']:.3f} (T = {c['temperature']:.2f})",
+        ),
+    ],
+    "leakage": [
+        ("near-duplicate: Jaccard similarity of words and word pairs at least", "threshold", plain),
+        *(
+            (
+                f"{name}: test rows with a near-duplicate in training",
+                f"datasets.{name}",
+                lambda d: f"{d['test_rows_leaked']} of {d['test_rows']} ({percent(d['test_share_leaked'])})",
+            )
+            for name in ("banking77", "sst2", "waimai_10k")
+        ),
+        *(
+            (
+                f"{name}: TF-IDF accuracy on those rows / on the rest",
+                f"datasets.{name}",
+                lambda d: f"{percent(d['tfidf_accuracy_leaked'])} / {percent(d['tfidf_accuracy_not_leaked'])}",
+            )
+            for name in ("banking77", "sst2", "waimai_10k")
+        ),
+        ("speed: texts, seconds", "speed", lambda v: f"{v['texts']:,} texts in {v['seconds']:.1f} s"),
+        (
+            "speed: planted reworded copies found",
+            "speed",
+            lambda v: f"{v['planted_found']:,} of {v['planted_at_threshold']:,} ({_share(v)})",
+        ),
     ],
     "serve_load": [
         ("model", "model", plain),

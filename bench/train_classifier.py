@@ -150,6 +150,13 @@ def run_tuneloop(
         "best_step": outcome.train.best_step,
         "epochs_run": max((h["epoch"] for h in outcome.train.history), default=0),
         "encoder": outcome.report["base_model"],
+        # Test rows with a near-duplicate in training, and the accuracy on them and on the rest.
+        "leakage": metrics.get("leakage"),
+        "calibration": {
+            "temperature": metrics.get("temperature", 1.0),
+            "ece": round(metrics["calibration"]["ece"], 4),
+            "ece_before": round(metrics["calibration_before"]["ece"], 4) if "calibration_before" in metrics else None,
+        },
         "pretraining": pretraining,
         "curve": scorer.curve,
     }

@@ -149,9 +149,28 @@ def _print_data_report(report: dict) -> None:
     )
     for conflict in report["conflicts"][:5]:
         console.print(
-            f"[yellow]conflicting labels[/yellow] {conflict['labels']} for: {conflict['text'][:80]!r} "
+            f"[yellow]conflicting labels[/yellow] {escape(str(conflict['labels']))} for: "
+            f"{escape(repr(conflict['text'][:80]))} "
             f"(rows {conflict['rows']}, kept: {conflict['kept_label']})"
         )
+    near = report.get("near_duplicates")  # absent from data reports written before the check existed
+    if near and near["clusters"]:
+        console.print(
+            f"near-duplicates (Jaccard ≥ {near['threshold']}): {near['clusters']} clusters, "
+            f"{near['rows_in_clusters']} rows, {near['clusters_with_different_labels']} with different labels"
+            + (f"; {near['dropped']} rows dropped" if "dropped" in near else " (data.near_duplicates=drop keeps one)")
+        )
+    leakage = report.get("leakage")
+    if leakage:
+        for name in ("val", "test"):
+            found = leakage[name]
+            if found["rows"]:
+                verb = "dropped" if leakage["policy"] == "drop" else "have"
+                console.print(
+                    f"[yellow]leakage[/yellow]: {found['rows']} {name} rows ({found['share']:.1%}) {verb} a "
+                    f"near-duplicate in train, e.g. {escape(repr(found['examples'][0]['text'][:60]))} ~ "
+                    f"{escape(repr(found['examples'][0]['train_text'][:60]))}"
+                )
 
 
 def _print_label_suspects(metrics: dict) -> None:
@@ -172,6 +191,7 @@ def _print_profile(summary: dict, folder: VersionFolder) -> None:
 
 
 def _print_test_scores(outcome: ClassifierOutcome) -> None:
+    from tuneloop.evaluate.report import calibration_line, leakage_line
     from tuneloop.evaluate.serving import describe
 
     test = outcome.report["test"]
@@ -182,6 +202,11 @@ def _print_test_scores(outcome: ClassifierOutcome) -> None:
     )
     if outcome.report.get("serving"):
         console.print(f"scored as it serves: {describe(outcome.report['serving'])}", markup=False)
+    if "calibration_before" in test:
+        console.print(calibration_line(test), markup=False)
+    leakage = test.get("leakage")
+    if leakage and leakage["rows"]:
+        console.print(leakage_line(leakage, test["n"]), markup=False)
     privacy = outcome.train.privacy
     if privacy:
         console.print(

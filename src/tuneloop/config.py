@@ -62,6 +62,22 @@ class DataConfig(StrictModel):
         "drop", description="Texts seen with different labels: drop them all, or keep the majority label."
     )
     kfold: int | None = Field(None, ge=2, description="k-fold cross-validation instead of a single val split.")
+    near_duplicate_threshold: float = Field(
+        0.8,
+        ge=0.5,
+        le=1.0,
+        description="Two texts are near-duplicates when this share of their words and word pairs is shared "
+        "(Jaccard similarity; a Chinese character counts as a word).",
+    )
+    near_duplicates: Literal["keep", "drop"] = Field(
+        "keep",
+        description="Near-duplicate rows: keep them (listed in the data report), or keep one per cluster and label.",
+    )
+    leakage: Literal["report", "drop"] = Field(
+        "report",
+        description="Validation and test rows with a near-duplicate in training: report them (the test report "
+        "scores them apart), or drop them from those splits.",
+    )
 
 
 class EncoderConfig(StrictModel):
@@ -284,6 +300,11 @@ class EvalConfig(StrictModel):
     """What the evaluation report contains."""
 
     calibration_bins: int = Field(15, ge=2, description="Confidence bins of the reliability diagram and ECE.")
+    calibrate: bool = Field(
+        True,
+        description="At the end of training, fit a temperature on the validation split (temperature scaling) "
+        "so that probabilities are calibrated wherever the version is used; labels never change.",
+    )
     top_confusions: int = Field(10, ge=1, description="How many of the most frequent confusions the report lists.")
     examples_per_confusion: int = Field(3, ge=1, description="Example texts shown per confusion.")
     suspect_confidence: float = Field(

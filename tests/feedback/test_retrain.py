@@ -82,7 +82,12 @@ def test_processes_making_the_holdout_secret_at_once_all_get_the_same_one(tmp_pa
 def test_feedback_joins_training_replaces_same_texts_and_never_touches_the_test_split():
     examples = feedback([("WHERE is my card", "lost"), ("Card never came", "lost"), ("new kind of message", "fraud")])
     data = retraining_data(
-        frozen(), examples, FeedbackConfig(holdout=0.0, repeat=2), source="toy@1 + feedback", secret=SECRET
+        frozen(),
+        examples,
+        FeedbackConfig(holdout=0.0, repeat=2),
+        source="toy@1 + feedback",
+        secret=SECRET,
+        near_duplicate_threshold=0.8,
     )
     assert data.test.equals(frozen().test)
     train = data.train
@@ -90,14 +95,33 @@ def test_feedback_joins_training_replaces_same_texts_and_never_touches_the_test_
     assert (train[train["text"] == "WHERE is my card"]["label"] == "lost").all()
     assert (train["row"] == FEEDBACK_ROW).sum() == 4  # two usable feedback examples, repeated twice
     assert "Card never came" not in set(train["text"])  # it is a test text: training on it would leak
-    assert data.report["dropped"] == {"superseded_by_feedback": 1, "feedback_in_test_split": 1}
+    assert data.report["dropped"] == {
+        "superseded_by_feedback": 1,
+        "feedback_in_test_split": 1,
+        "feedback_near_duplicate_of_test": 0,
+    }
     assert data.labels == ["arrival", "fraud", "lost", "refund"]
     assert data.fingerprint != "f" and data.holdout.empty
 
 
+def test_feedback_reworded_from_a_test_text_stays_out_of_training():
+    """Regression: only exact copies of test texts were kept out, so a reworded test row sent as feedback was
+    trained on and lifted the gate's score on the very text it had seen."""
+    examples = feedback([("card never came!!", "arrival"), ("Card never, ever came", "arrival"), ("hi", "refund")])
+    data = retraining_data(
+        frozen(), examples, FeedbackConfig(holdout=0.0), source="x", secret=SECRET, near_duplicate_threshold=0.8
+    )
+    assert "card never came!!" not in set(data.train["text"])
+    assert {"Card never, ever came", "hi"} <= set(data.train["text"])  # Jaccard 0.5 with the test text: kept
+    assert data.report["dropped"]["feedback_near_duplicate_of_test"] == 1
+    assert data.report["leakage"]["test"]["rows"] == 0
+
+
 def test_held_out_feedback_stays_out_of_training():
     examples = feedback([(f"complaint {i}", "refund") for i in range(40)])
-    data = retraining_data(frozen(), examples, FeedbackConfig(holdout=0.5), source="x", secret=SECRET)
+    data = retraining_data(
+        frozen(), examples, FeedbackConfig(holdout=0.5), source="x", secret=SECRET, near_duplicate_threshold=0.8
+    )
     held = set(data.holdout["text"])
     assert 5 < len(held) < 35
     assert not held & set(data.train["text"])

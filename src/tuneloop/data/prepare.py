@@ -14,11 +14,16 @@ import pandas as pd
 from tuneloop.config import DataConfig
 from tuneloop.data.clean import clean_text, dedup_key
 from tuneloop.data.load import read_table, select_columns
+from tuneloop.data.near_duplicates import best_matches, clusters, near_duplicate_pairs
 from tuneloop.data.split import kfold_assignment, stratified_split
 from tuneloop.errors import TuneloopError
 
 SPLITS = ("train", "val", "test")
 HOLDOUT_FILE = "feedback_holdout.jsonl"
+# Rows listed per finding in the data report (the counts cover all of them).
+EXAMPLES_LISTED = 20
+# Which copy of a duplicate survives: a text given as test must stay test.
+_SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2, "": 3}
 _SPLIT_ALIASES = {
     "train": "train",
     "training": "train",
@@ -202,13 +207,14 @@ def prepare_data(
     dropped["conflicting_label"] = sum(len(c["rows"]) for c in conflicts) - sum(
         1 for c in conflicts if c["kept_label"] is not None
     )
-    # A text given as test must stay test, so duplicates keep their test row first.
     if "split" in frame:
-        frame = frame.sort_values("split", key=lambda s: s.map({"test": 0, "val": 1, "train": 2, "": 3}), kind="stable")
+        frame = frame.sort_values("split", key=lambda s: s.map(_SPLIT_PRIORITY), kind="stable")
     before = len(frame)
     frame = frame.drop_duplicates(subset=["key", "label"], keep="first").sort_index()
     dropped["duplicate"] = dropped.get("duplicate", 0) + before - len(frame)
-    frame = frame.drop(columns="key")
+    frame = frame.drop(columns="key").reset_index(drop=True)
+    frame, near_duplicates = _near_duplicates(frame, config)
+    dropped["near_duplicate"] = near_duplicates.get("dropped", 0)
 
     counts = frame["label"].value_counts()
     if len(counts) < 2:
@@ -238,6 +244,14 @@ def prepare_data(
     frame = frame.assign(split=assignment)
 
     splits = {name: frame[frame["split"] == name][["row", "text", "label"]].reset_index(drop=True) for name in SPLITS}
+    leakage = split_leakage(splits, config.near_duplicate_threshold)
+    leakage["policy"] = config.leakage
+    if config.leakage == "drop":
+        for name in ("val", "test"):
+            found = leakage[name]
+            splits[name] = splits[name].drop(index=found["positions"]).reset_index(drop=True)
+            dropped[f"near_duplicate_of_train_in_{name}"] = found["rows"]
+            found["positions"] = []  # none left: the positions were those of the rows now dropped
     for name in ("train", "test"):
         if splits[name].empty:
             raise TuneloopError(f"{config.path}: the {name} split is empty; add data or adjust data.test_size")
@@ -259,6 +273,8 @@ def prepare_data(
         "texts_with_personal_data_masked": masked,
         "conflicts": conflicts[:50],
         "conflict_policy": config.conflicts,
+        "near_duplicates": near_duplicates,
+        "leakage": leakage,
         **split_summary(splits, labels),
         "text_length": length_percentiles(frame["text"].tolist(), count_tokens),
         "kfold": config.kfold,
@@ -268,6 +284,81 @@ def prepare_data(
     )
     report["fingerprint"] = prepared.fingerprint
     return prepared
+
+
+def _near_duplicates(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFrame, dict]:
+    """Clusters of near-duplicate rows for the report; with data.near_duplicates=drop, one row per cluster and
+    label is kept (its given test row first). Rows of one cluster with different labels all stay: they may be
+    different requests worded alike, or label errors, and the report lists them for a person to judge."""
+    pairs = near_duplicate_pairs(frame["text"].tolist(), config.near_duplicate_threshold)
+    groups = clusters(len(frame), pairs)
+    rank = frame["split"].map(_SPLIT_PRIORITY) if "split" in frame else pd.Series(0, index=frame.index)
+    extra = []
+    for group in groups:
+        seen: set[str] = set()
+        for position in sorted(group, key=lambda i: (rank.iat[i], i)):
+            label = frame["label"].iat[position]
+            if label in seen:
+                extra.append(position)
+            seen.add(label)
+    report = {
+        "threshold": config.near_duplicate_threshold,
+        "policy": config.near_duplicates,
+        "clusters": len(groups),
+        "rows_in_clusters": sum(len(group) for group in groups),
+        "clusters_with_different_labels": sum(frame["label"].iloc[group].nunique() > 1 for group in groups),
+        "examples": [
+            {
+                "rows": frame["row"].iloc[group].tolist()[:5],
+                "texts": frame["text"].iloc[group].tolist()[:5],
+                "labels": frame["label"].iloc[group].tolist()[:5],
+                "size": len(group),
+            }
+            for group in groups[:EXAMPLES_LISTED]
+        ],
+    }
+    if config.near_duplicates == "drop":
+        report["dropped"] = len(extra)
+        frame = frame.drop(index=frame.index[extra])
+    return frame, report
+
+
+def split_leakage(splits: dict[str, pd.DataFrame], threshold: float) -> dict:
+    """Validation and test rows with a near-duplicate in the training split: how many, where (`positions`
+    in the split, for scoring them apart), and the closest training row of the most similar ones."""
+    train = splits["train"]
+    checked = ("val", "test")
+    texts = [text for name in checked for text in splits[name]["text"]]
+    matches = best_matches(train["text"].tolist(), texts, threshold)
+    leakage: dict = {"threshold": threshold}
+    offset = 0
+    for name in checked:
+        split = splits[name]
+        found = {p.second - offset: p for p in matches.values() if offset <= p.second < offset + len(split)}
+        offset += len(split)
+        closest = sorted(found, key=lambda i: -found[i].similarity)[:EXAMPLES_LISTED]
+        leakage[name] = {
+            "rows": len(found),
+            "share": len(found) / len(split) if len(split) else 0.0,
+            "positions": sorted(found),
+            "examples": [
+                {
+                    "text": split["text"].iat[i],
+                    "label": split["label"].iat[i],
+                    "train_text": train["text"].iat[found[i].first],
+                    "train_label": train["label"].iat[found[i].first],
+                    "similarity": round(found[i].similarity, 3),
+                }
+                for i in closest
+            ],
+        }
+    return leakage
+
+
+def leaked_positions(report: dict, split: str = "test") -> list[int] | None:
+    """Positions of a split's rows with a near-duplicate in training, from a data report (None: not checked,
+    as in data reports written before the check existed)."""
+    return report.get("leakage", {}).get(split, {}).get("positions")
 
 
 def save_prepared(prepared: PreparedData, folder: Path) -> None:

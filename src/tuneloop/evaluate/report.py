@@ -12,11 +12,11 @@ import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
 from tuneloop.config import ClassifierRecipe, EvalConfig
-from tuneloop.data.prepare import labelled_rows, load_prepared
+from tuneloop.data.prepare import labelled_rows, leaked_positions, load_prepared
 from tuneloop.evaluate import plots
-from tuneloop.evaluate.metrics import classification_metrics
+from tuneloop.evaluate.metrics import calibration, classification_metrics
 from tuneloop.evaluate.serving import describe
-from tuneloop.models.classifier import TextClassifier, predict_proba
+from tuneloop.models.classifier import TextClassifier, predict_logits, softmax
 from tuneloop.models.predictor import load_model
 from tuneloop.registry import Registry
 
@@ -25,14 +25,21 @@ OVERFIT_GAP = 0.08
 
 
 def score_split(
-    model: TextClassifier, tokenizer: PreTrainedTokenizerBase, split: pd.DataFrame, config: EvalConfig
+    model: TextClassifier,
+    tokenizer: PreTrainedTokenizerBase,
+    split: pd.DataFrame,
+    config: EvalConfig,
+    leaked: list[int] | None = None,
 ) -> dict:
+    """Metrics of `split`; `leaked` (positions of rows with a near-duplicate in training) adds the accuracy
+    on those rows and on the rest, so a user sees how much the paraphrases seen in training lift the score."""
     labels = model.spec.labels
     index = {label: i for i, label in enumerate(labels)}
     unknown = sorted(set(split["label"]) - set(index))
     known = split[split["label"].isin(index)]
     texts = known["text"].tolist()
-    probs = predict_proba(model, tokenizer, texts) if texts else np.zeros((0, len(labels)))
+    logits = predict_logits(model, tokenizer, texts) if texts else np.zeros((0, len(labels)))
+    probs = softmax(logits)
     metrics = classification_metrics(
         known["label"].map(index).to_numpy(),
         probs,
@@ -44,9 +51,33 @@ def score_split(
         config.suspect_confidence,
         config.suspects_listed,
     )
+    temperature = model.spec.temperature
+    if temperature != 1.0 and len(texts):
+        # The logits are the trained ones divided by the temperature: what the model said before calibration.
+        raw = softmax(logits * temperature)
+        truth = known["label"].map(index).to_numpy()
+        metrics["calibration_before"] = calibration(raw.max(1), raw.argmax(1) == truth, config.calibration_bins)
+        metrics["temperature"] = temperature
+    if leaked is not None:
+        metrics["leakage"] = leakage_scores(known["label"].map(index).to_numpy(), probs, known.index, leaked)
     if unknown:
         metrics["skipped_unknown_labels"] = {"labels": unknown, "rows": int(len(split) - len(known))}
     return metrics
+
+
+def leakage_scores(truth: np.ndarray, probs: np.ndarray, positions: pd.Index, leaked: list[int]) -> dict:
+    """Accuracy on the scored rows whose split position is in `leaked`, and on the others."""
+    is_leaked = positions.isin(leaked)
+    correct = probs.argmax(axis=1) == truth if len(truth) else np.zeros(0, dtype=bool)
+
+    def accuracy(rows: np.ndarray) -> float | None:
+        return float(correct[rows].mean()) if rows.any() else None
+
+    return {
+        "rows": int(is_leaked.sum()),
+        "accuracy_leaked": accuracy(is_leaked),
+        "accuracy_not_leaked": accuracy(~is_leaked),
+    }
 
 
 def evaluate_classifier(
@@ -57,13 +88,15 @@ def evaluate_classifier(
     train: pd.DataFrame | None = None,
     history: list[dict] | None = None,
     title: str = "tuneloop evaluation",
+    leaked: list[int] | None = None,
 ) -> dict:
-    """Test metrics, and the train-vs-test gap when training rows are given."""
+    """Test metrics (scored apart on the `leaked` test rows when given), and the train-vs-test gap when
+    training rows are given."""
     report: dict = {
         "title": title,
         "labels": model.spec.labels,
         "base_model": model.spec.base_model,
-        "test": score_split(model, tokenizer, test, config),
+        "test": score_split(model, tokenizer, test, config, leaked),
     }
     if train is not None and len(train):
         sample = train.sample(n=min(config.train_sample, len(train)), random_state=0)
@@ -142,6 +175,13 @@ def report_sections(report: dict) -> list[str]:
             f"(gap {gap['accuracy_gap']:+.3f}, {gap['train_rows_scored']} training rows re-scored): "
             f"{verdict}.</p>",
         ]
+    leakage = test.get("leakage")
+    if leakage and leakage["rows"]:
+        sections += [
+            "<h2>Test rows seen in training</h2>",
+            f"<p>{html.escape(leakage_line(leakage, test['n']))}. The score on the other rows is the better guide "
+            "to new text; the data report lists the pairs (data.leakage=drop leaves them out of the test split).</p>",
+        ]
     sections += [
         "<h2>Per class</h2>",
         html_table(test["per_class"], ["label", "precision", "recall", "f1", "support"]),
@@ -149,7 +189,7 @@ def report_sections(report: dict) -> list[str]:
         "<h2>Confusion matrix</h2>",
         html_image(plots.confusion_matrix_png(test["confusion_matrix"], report["labels"]), "confusion matrix"),
         "<h2>Calibration</h2>",
-        html_image(plots.reliability_png(test["calibration"]["bins"], test["calibration"]["ece"]), "reliability"),
+        *calibration_section(test, report.get("calibration")),
         "<h2>Most frequent confusions</h2>",
     ]
     confusion_rows = [
@@ -173,6 +213,42 @@ def report_sections(report: dict) -> list[str]:
     if report.get("training_history"):
         sections += ["<h2>Training</h2>", html_image(plots.training_curve_png(report["training_history"]), "training")]
     return sections
+
+
+def calibration_section(test: dict, fitted: dict | None) -> list[str]:
+    """The reliability diagram as served and, when a temperature was fitted, the one before it."""
+    after = html_image(plots.reliability_png(test["calibration"]["bins"], test["calibration"]["ece"]), "reliability")
+    before = test.get("calibration_before")
+    if before is None:
+        why = f" No temperature was fitted: {fitted['reason']}." if fitted and not fitted["fitted"] else ""
+        return [f"<p>Probabilities as the model gives them.{html.escape(why)}</p>", after]
+    return [
+        f"<p>{html.escape(calibration_line(test))}. Left: before; right: as served.</p>",
+        '<div style="display:flex;gap:1em">',
+        html_image(plots.reliability_png(before["bins"], before["ece"]), "reliability before calibration"),
+        after,
+        "</div>",
+    ]
+
+
+def calibration_line(test: dict) -> str:
+    """One sentence on temperature scaling's effect on the test split (the report of a calibrated model)."""
+    return (
+        f"Temperature scaling (T = {test['temperature']:.2f}, fitted on the validation split): test ECE "
+        f"{test['calibration_before']['ece']:.3f} before, {test['calibration']['ece']:.3f} after"
+    )
+
+
+def leakage_line(leakage: dict, scored: int) -> str:
+    """One sentence on the test rows with a near-duplicate in training and the accuracy on each part."""
+
+    def shown(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2%}"
+
+    return (
+        f"{leakage['rows']} of {scored} test rows have a near-duplicate in the training split: accuracy "
+        f"{shown(leakage['accuracy_leaked'])} on them, {shown(leakage['accuracy_not_leaked'])} on the other rows"
+    )
 
 
 def html_page(title: str, sections: list[str]) -> str:
@@ -218,9 +294,9 @@ def evaluate_version(
     folder = predictor.folder
     if data is None:
         frozen = load_prepared(folder.data())
-        test, train = frozen.test, frozen.train
+        test, train, leaked = frozen.test, frozen.train, leaked_positions(frozen.report)
     else:
-        test, train = labelled_rows(recipe.data, data), None
+        test, train, leaked = labelled_rows(recipe.data, data), None, None
     report = evaluate_classifier(
         predictor.model,
         predictor.tokenizer,
@@ -228,5 +304,6 @@ def evaluate_version(
         recipe.eval,
         train=train,
         title=f"{predictor.ref}: evaluation on {data or 'its test split'}",
+        leaked=leaked,
     )
     return report, write_report(report, out or folder.evaluation(data))

@@ -15,7 +15,15 @@ import pandas as pd
 from tuneloop.atomic import create_once
 from tuneloop.config import FeedbackConfig, load_config, stored_recipe
 from tuneloop.data.clean import dedup_key
-from tuneloop.data.prepare import PreparedData, fingerprint_of, length_percentiles, load_prepared, split_summary
+from tuneloop.data.near_duplicates import best_matches
+from tuneloop.data.prepare import (
+    PreparedData,
+    fingerprint_of,
+    length_percentiles,
+    load_prepared,
+    split_leakage,
+    split_summary,
+)
 from tuneloop.db.lease import model_job_lease
 from tuneloop.errors import TuneloopError
 from tuneloop.feedback.export import FeedbackExamples, load_feedback
@@ -67,17 +75,27 @@ def in_holdout(text: str, fraction: float, secret: bytes) -> bool:
 
 
 def retraining_data(
-    frozen: PreparedData, feedback: FeedbackExamples, config: FeedbackConfig, source: str, secret: bytes
+    frozen: PreparedData,
+    feedback: FeedbackExamples,
+    config: FeedbackConfig,
+    source: str,
+    secret: bytes,
+    near_duplicate_threshold: float,
 ) -> PreparedData:
     """Production's splits plus feedback: corrections replace training rows with the same text, the
-    test split stays exactly as it was, and a share of the feedback chosen by `secret` is held out."""
+    test split stays exactly as it was, and a share of the feedback chosen by `secret` is held out.
+
+    Feedback that is a test text, or a near-duplicate of one, is not trained on: the gate scores the
+    candidate on the test split, and a paraphrase seen in training would lift that score."""
     examples = feedback.examples
     keys = examples["text"].map(dedup_key)
     in_test = keys.isin(set(frozen.test["text"].map(dedup_key)))
-    usable = examples[~in_test]
+    near = best_matches(frozen.test["text"].tolist(), examples["text"].tolist(), near_duplicate_threshold)
+    near_test = pd.Series(range(len(examples)), index=examples.index).isin(list(near)) & ~in_test
+    usable = examples[~in_test & ~near_test]
     held = usable["text"].map(lambda t: in_holdout(t, config.holdout, secret)).astype(bool)
     learn, holdout = usable[~held], usable[held]
-    superseded = set(keys[~in_test])
+    superseded = set(keys[~in_test & ~near_test])
 
     def without_feedback_texts(split: pd.DataFrame) -> pd.DataFrame:
         return split[~split["text"].map(dedup_key).isin(superseded)]
@@ -97,6 +115,7 @@ def retraining_data(
         "dropped": {
             "superseded_by_feedback": len(frozen.train) + len(frozen.val) - len(train) - len(val),
             "feedback_in_test_split": int(in_test.sum()),
+            "feedback_near_duplicate_of_test": int(near_test.sum()),
         },
         "conflicts": feedback.conflicts[:50],
         "conflict_policy": "latest feedback wins",
@@ -105,6 +124,7 @@ def retraining_data(
         "kfold": None,
         "feedback": {**feedback.counts, "train": len(learn), "holdout": len(holdout), "repeat": config.repeat},
     }
+    report["leakage"] = {**split_leakage(splits, near_duplicate_threshold), "policy": "report"}
     report["fingerprint"] = fingerprint_of(splits)
     holdout_frame = holdout[["text", "label", "source", "prediction_id"]].reset_index(drop=True)
     return PreparedData(
@@ -158,6 +178,7 @@ def _retrain(
         recipe.feedback,
         source=f"{production.ref} frozen splits + {len(examples.examples)} feedback examples",
         secret=holdout_secret(recipe.registry.home),
+        near_duplicate_threshold=recipe.data.near_duplicate_threshold,
     )
     encoder = resolve_encoder(production.base_model, registry)
     data.report["text_length"] = length_percentiles(

@@ -37,6 +37,9 @@ class HeadSpec:
     text_prefix: str = ""
     base_model: str = ""
     task: str = ""  # the task's name in a multi-task model; empty in a single-task one
+    # Logits are divided by this (temperature scaling, fitted on the validation split after training) so that
+    # probabilities are calibrated; 1 while training and in versions made before calibration existed.
+    temperature: float = 1.0
 
     @staticmethod
     def exists(folder: Path) -> bool:
@@ -50,8 +53,11 @@ class HeadSpec:
             raise TuneloopError(f"{folder} is not a tuneloop classifier (no {META_FILE})")
         return cls(**json.loads((folder / META_FILE).read_text()))
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, ensure_ascii=False)
+
     def write(self, folder: Path) -> None:
-        (folder / META_FILE).write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False))
+        (folder / META_FILE).write_text(self.to_json())
 
 
 def load_encoder(path: Path) -> PreTrainedModel:
@@ -124,7 +130,8 @@ class TextClassifier(nn.Module):
         return mean_pool(hidden, attention_mask)
 
     def logits_from_embeddings(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(pooled))
+        logits = self.head(self.dropout(pooled))
+        return logits if self.spec.temperature == 1.0 else logits / self.spec.temperature
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.logits_from_embeddings(self.embed(input_ids, attention_mask))
@@ -175,8 +182,12 @@ def save_task_heads(folder: Path, heads: dict[str, TextClassifier]) -> None:
     """Next to a saved classifier: the heads of the other tasks trained on its encoder."""
     for task, head in heads.items():
         save_file({k: v.contiguous() for k, v in head.head.state_dict().items()}, folder / f"head-{task}.safetensors")
-    specs = {task: asdict(head.spec) for task, head in heads.items()}
-    (folder / TASKS_FILE).write_text(json.dumps(specs, indent=2, ensure_ascii=False))
+    (folder / TASKS_FILE).write_text(task_specs_json(heads))
+
+
+def task_specs_json(heads: dict[str, TextClassifier]) -> str:
+    """The specs of a multi-task model's other heads, as saved beside it."""
+    return json.dumps({task: asdict(head.spec) for task, head in heads.items()}, indent=2, ensure_ascii=False)
 
 
 def load_task_heads(folder: Path, model: TextClassifier) -> dict[str, TextClassifier]:

@@ -31,12 +31,14 @@ from tuneloop.data.prepare import (
     PreparedData,
     fingerprint,
     fingerprint_of,
+    leaked_positions,
     length_percentiles,
     load_prepared,
     prepare_data,
     save_prepared,
 )
 from tuneloop.errors import TuneloopError, first_line
+from tuneloop.evaluate.calibrate import calibrate_run
 from tuneloop.evaluate.report import evaluate_classifier, write_report
 from tuneloop.evaluate.serving import choose_runtime
 from tuneloop.models.classifier import (
@@ -681,14 +683,30 @@ def evaluate_run(
 ) -> dict:
     """The test report of the run's best model (and of each other task's head), written into the run, scored
     on the runtime it will serve with."""
+    calibration = None
+    if recipe.eval.calibrate:
+        # Under k-fold the kept model trained on the other folds: its own fold is the split it never saw.
+        val = _fold_data(data, cross_validation["selected_fold"]).val if cross_validation else data.val
+        vals = {next(iter(recipe.tasks), ""): val, **{name: task_data.val for name, task_data in others.items()}}
+        calibration = calibrate_run(run, vals, recipe.eval.calibration_bins)
     serving = choose_runtime(run, data, recipe.serving, recipe.train.threads)
     served = load_model(run.root, threads=recipe.train.threads)
     model, tokenizer = served.model, served.tokenizer
     title = f"{recipe.name}: test report" + (f" — task {model.spec.task}" if others else "")
     report = evaluate_classifier(
-        model, tokenizer, data.test, recipe.eval, train=data.train, history=result.history, title=title
+        model,
+        tokenizer,
+        data.test,
+        recipe.eval,
+        train=data.train,
+        history=result.history,
+        title=title,
+        leaked=leaked_positions(data.report),
     )
     report["serving"] = serving
+    if calibration:
+        own, *_ = calibration.values()
+        report["calibration"] = own
     if others:
         report["tasks"] = {
             name: evaluate_classifier(
@@ -698,9 +716,13 @@ def evaluate_run(
                 recipe.eval,
                 train=task_data.train,
                 title=f"{recipe.name}: task {name}",
+                leaked=leaked_positions(task_data.report),
             )
             for name, task_data in others.items()
         }
+        for name in others:
+            if calibration:
+                report["tasks"][name]["calibration"] = calibration[name]
     report.update(
         train_seconds=result.train_seconds, best_epoch=result.best_epoch, best_step=result.best_step, data=data.report
     )

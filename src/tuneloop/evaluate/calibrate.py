@@ -1,0 +1,98 @@
+"""Temperature scaling (Guo et al., 2017): one number that divides a classifier's logits so that its
+probabilities say how often it is right, fitted on the validation split at the end of training.
+
+A fine-tuned encoder is usually over-confident (a cosine head's scale of 25 makes most answers look ~99%
+sure), while three decisions read its probabilities: the assistant's out-of-scope threshold, escalation below
+`escalation.min_confidence`, and the report's possible label errors. The temperature is stored in the
+version's head spec, so every path that loads the version (predict, the server, the gate, the assistant)
+applies it; dividing all logits by one positive number never changes which label wins.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
+
+from tuneloop.atomic import write_text_atomically
+from tuneloop.evaluate.metrics import calibration
+from tuneloop.models.classifier import (
+    META_FILE,
+    TASKS_FILE,
+    TextClassifier,
+    load_task_heads,
+    predict_logits,
+    softmax,
+    task_specs_json,
+)
+from tuneloop.registry import VersionFolder
+
+log = logging.getLogger(__name__)
+
+# Fewer validation rows than this and one fitted number would follow the noise of a handful of texts.
+MIN_ROWS = 30
+# The search range: from 4x sharper to 20x flatter than the trained logits. Fine-tuned encoders are
+# over-confident (T > 1); a sharper temperature than this would push float32 probabilities to exactly 1, and
+# the assistant's out-of-scope threshold could no longer tell answers apart.
+BOUNDS = (1 / 4, 20.0)
+
+
+def fit_temperature(logits: np.ndarray, truth: np.ndarray) -> float:
+    """The temperature T minimising the negative log-likelihood of `truth` under softmax(logits / T)."""
+
+    def nll(log_t: float) -> float:
+        scaled = log_softmax(logits / np.exp(log_t), axis=1)
+        return float(-scaled[np.arange(len(truth)), truth].mean())
+
+    fitted = minimize_scalar(nll, bounds=tuple(np.log(BOUNDS)), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(fitted.x))
+
+
+def calibrate_head(classifier: TextClassifier, tokenizer, val: pd.DataFrame, bins: int) -> dict:
+    """Fit `classifier`'s temperature on `val` and set it on its spec; what was fitted, or why not."""
+    classifier.spec.temperature = 1.0  # fitted on the trained logits, whatever an earlier attempt set
+    index = {label: i for i, label in enumerate(classifier.spec.labels)}
+    known = val[val["label"].isin(index)]
+    if len(known) < MIN_ROWS:
+        return {
+            "temperature": 1.0,
+            "fitted": False,
+            "reason": f"{len(known)} validation rows, fewer than the {MIN_ROWS} a temperature is fitted on",
+        }
+    logits = predict_logits(classifier, tokenizer, known["text"].tolist())
+    truth = known["label"].map(index).to_numpy()
+    correct = logits.argmax(1) == truth
+    if correct.all():
+        # Without a single error the likelihood only grows as the temperature falls: there is no fit to find.
+        return {"temperature": 1.0, "fitted": False, "reason": "the model is right on every validation row"}
+    temperature = fit_temperature(logits, truth)
+    before = calibration(softmax(logits).max(1), correct, bins)["ece"]
+    after = calibration(softmax(logits / temperature).max(1), correct, bins)["ece"]
+    classifier.spec.temperature = temperature
+    return {
+        "temperature": temperature,
+        "fitted": True,
+        "rows": len(known),
+        "val_ece_before": before,
+        "val_ece_after": after,
+    }
+
+
+def calibrate_run(run: VersionFolder, vals: dict[str, pd.DataFrame], bins: int) -> dict:
+    """Fit a temperature for each task's head of the run's model on its validation split (`vals`: task name →
+    split, the model's own task first) and store them in the model's specs. Returns task → record."""
+    model, tokenizer = TextClassifier.load(run.model)
+    heads = {"": model, **load_task_heads(run.model, model)}
+    own, *others = vals
+    records = {}
+    for task, val in vals.items():
+        classifier = heads[""] if task == own else heads[task]
+        records[task] = calibrate_head(classifier, tokenizer, val, bins)
+        log.info("calibration%s: %s", f" of task {task}" if task else "", records[task])
+    write_text_atomically(run.model / META_FILE, model.spec.to_json())
+    if others:
+        write_text_atomically(run.model / TASKS_FILE, task_specs_json({t: heads[t] for t in others}))
+    return records
