@@ -78,6 +78,53 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
             lambda c: f"{c['ece_before']:.3f} / {c['ece']:.3f} (T = {c['temperature']:.2f})",
         ),
     ],
+    "explain_faithfulness": [
+        *(
+            row
+            for name in ("banking77", "waimai_10k")
+            for row in (
+                (
+                    f"{name}: AOPC (mean probability drop, k = 1..5 words deleted) — Integrated Gradients / "
+                    "attention / random",
+                    f"datasets.{name}.aopc",
+                    lambda a: f"{a['integrated_gradients']:.3f} / {a['attention']:.3f} / {a['random']:.3f}",
+                ),
+                (
+                    f"{name}: probability drop after deleting the top word, IG / attention / random",
+                    f"datasets.{name}.probability_drop_at_k",
+                    lambda d: " / ".join(f"{d[m][0]:.3f}" for m in ("integrated_gradients", "attention", "random")),
+                ),
+                (
+                    f"{name}: texts, mean |completeness error|, seconds per explanation",
+                    f"datasets.{name}",
+                    lambda d: (
+                        f"{d['texts']}, {d['mean_completeness_error']:.4f}, {d['explain_seconds_per_text']:.2f} s"
+                    ),
+                ),
+            )
+        ),
+    ],
+    "label_audit": [
+        ("training rows audited", "rows_audited", plain),
+        ("flagged as likely mislabelled", "", lambda r: f"{r['flagged']} ({percent(r['flagged_share'])})"),
+        (
+            "hand-checked sample: plainly wrong / mixed / right",
+            "verdicts",
+            lambda v: f"{v['wrong']} / {v['mixed']} / {v['right']}",
+        ),
+        ("test accuracy, all training rows", "trained.all_rows.test_accuracy", percent),
+        (
+            "test accuracy, without the rows confirmed wrong",
+            "trained.without_confirmed",
+            lambda t: f"{percent(t['test_accuracy'])} ({t['excluded']} rows left out)",
+        ),
+        (
+            "test accuracy, without every flagged row",
+            "trained.without_all_flagged",
+            lambda t: f"{percent(t['test_accuracy'])} ({t['excluded']} rows left out)",
+        ),
+        ("audit time", "audit_seconds", seconds),
+    ],
     "leakage": [
         ("near-duplicate: Jaccard similarity of words and word pairs at least", "threshold", plain),
         *(

@@ -117,6 +117,25 @@ def test_data_inspect_and_prepare(tiny_overrides, tmp_path):
     assert (tmp_path / "prepared" / "train.jsonl").is_file()
 
 
+def test_data_audit_writes_the_ranked_csv_and_explain_shades_words(tiny_overrides, tmp_path, home):
+    result = invoke("data", "audit", "--out", tmp_path / "issues.csv", *tiny_overrides, "data.kfold=3")
+    assert result.exit_code == 0, result.output
+    assert "training rows" in result.output and "look mislabelled" in result.output
+    assert "confirmed = yes" in " ".join(result.output.split())
+    assert list(pd.read_csv(tmp_path / "issues.csv").columns)[-1] == "confirmed"
+    refused = invoke("data", "audit", "--out", tmp_path / "x.csv", *tiny_overrides, "data.kfold=40")
+    assert refused.exit_code == 1 and "audit's 40 folds" in refused.output
+
+    assert invoke("train", *tiny_overrides).exit_code == 0
+    shaded = invoke("explain", "-m", "toy", "refund my money please", f"registry.home={home}")
+    assert shaded.exit_code == 0, shaded.output
+    assert "refund my money please" in shaded.output and "baseline" in shaded.output
+    as_json = json.loads(invoke("explain", "-m", "toy", "--json", "refund my money", f"registry.home={home}").output)
+    assert [w["word"] for w in as_json["words"]] == ["refund", "my", "money"] and as_json["model"] == "toy@1"
+    empty = invoke("explain", "-m", "toy", f"registry.home={home}")
+    assert empty.exit_code == 1 and "nothing to explain" in empty.output
+
+
 def test_resume_latest(tiny_overrides, home):
     first = invoke("train", "--no-register", *tiny_overrides)
     assert first.exit_code == 0, first.output

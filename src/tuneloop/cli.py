@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from tuneloop.config import (
     ClassifierRecipe,
@@ -35,6 +36,7 @@ from tuneloop.config import (
 from tuneloop.errors import TuneloopError
 
 if TYPE_CHECKING:
+    from tuneloop.evaluate.explain import Explanation
     from tuneloop.feedback.log import PredictionLog
     from tuneloop.feedback.retention import Erased
     from tuneloop.feedback.review import Decision
@@ -241,6 +243,53 @@ def data_inspect(
     console.print(f"encoder for this data: [bold]{encoder.name}[/bold]; fingerprint {prepared.fingerprint}")
 
 
+@data_app.command("audit")
+def data_audit(
+    config: ConfigOption = None,
+    data: DataOption = None,
+    overrides: Overrides = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Where to write the ranked, editable CSV of likely label errors.")
+    ] = Path("label_issues.csv"),
+    show: Annotated[int, typer.Option("--show", min=0, help="Rows to print, most suspicious first.")] = 15,
+) -> None:
+    """Find training rows whose label is probably wrong (confident learning on out-of-fold probabilities)."""
+    from tuneloop.evaluate.audit import audit_training_labels
+    from tuneloop.registry import Registry
+    from tuneloop.training.classification import prepare_for_model
+
+    recipe = _config(ClassifierRecipe, config, overrides, data)
+    prepared, encoder = prepare_for_model(recipe, Registry(recipe.registry))
+    audit = audit_training_labels(prepared, encoder, recipe.data.kfold, recipe.data.seed)
+    audit.write_csv(out)
+    _print_audit(audit.summary, show)
+    console.print(
+        f"wrote {out}: mark the rows you confirm (confirmed = yes), then train with data.exclude={out}", markup=False
+    )
+
+
+def _print_audit(summary: dict, show: int) -> None:
+    console.print(
+        f"{summary['flagged']} of {summary['rows_audited']} training rows ({summary['share']:.1%}) look mislabelled "
+        f"({summary['method']}, {summary['folds']} folds)",
+        markup=False,
+    )
+    if not summary["flagged"] or not show:
+        return
+    table = Table(title="Likely label errors, most suspicious first")
+    for column in ("row", "text", "label", "suggested", "p(label)"):
+        table.add_column(column)
+    for issue in summary["top"][:show]:
+        table.add_row(
+            str(issue["row"]),
+            escape(str(issue["text"])[:100]),
+            escape(issue["label"]),
+            escape(issue["suggested"]),
+            f"{issue['label_probability']:.2f}",
+        )
+    console.print(table)
+
+
 @data_app.command("prepare")
 def data_prepare(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the splits and report.")],
@@ -270,6 +319,9 @@ def train(
     profile: Annotated[
         bool, typer.Option("--profile", help="Profile the first train.profile_steps steps (train.profile=true).")
     ] = False,
+    audit: Annotated[
+        bool, typer.Option("--audit", help="Rank likely label errors in the training data first (train.audit=true).")
+    ] = False,
 ) -> None:
     """Fine-tune a classifier, evaluate it on the test split and register it."""
     from tuneloop.training import classification
@@ -277,7 +329,11 @@ def train(
     recipe = _config(ClassifierRecipe, config, overrides, data)
     if profile:
         recipe.train.profile = True
+    if audit:
+        recipe.train.audit = True
     outcome = classification.run(recipe, resume=resume, register=register)
+    if "label_audit" in outcome.report["data"]:
+        _print_audit(outcome.report["data"]["label_audit"], show=5)
     if outcome.train.profile:
         _print_profile(outcome.train.profile, outcome.folder)
     _print_test_scores(outcome)
@@ -546,6 +602,59 @@ def predict(
     for r in results:
         table.add_row(r.text, r.label, f"{r.probability:.3f}", ", ".join(f"{lab} {p:.2f}" for lab, p in r.top_k))
     console.print(table)
+
+
+@app.command()
+def explain(
+    model: Annotated[str, typer.Option("--model", "-m", help="NAME, NAME@VERSION or NAME@production.")],
+    texts: Annotated[
+        list[str] | None, typer.Argument(help="Texts to explain (and optional registry.* overrides).")
+    ] = None,
+    label: Annotated[
+        str | None, typer.Option("--label", "-l", help="Explain this label instead of the predicted one.")
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", min=4, max=1000, help="Integration steps (more: closer).")] = 50,
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per text.")] = False,
+) -> None:
+    """Which words made the model choose its label: Integrated Gradients per word (green: for, red: against)."""
+    from tuneloop.data.clean import clean_text
+    from tuneloop.evaluate.explain import explain as explain_texts
+    from tuneloop.models.predictor import load_model
+
+    items = list(texts or [])
+    overrides = [t for t in items if is_override(t, RegistrySettings)]
+    items = [clean_text(t) for t in items if not is_override(t, RegistrySettings)]
+    if not items:
+        raise TuneloopError('nothing to explain: give texts as arguments, e.g. tuneloop explain -m NAME "my text"')
+    predictor = load_model(model, _registry(config, overrides), runtime="torch")  # gradients need PyTorch
+    explained = explain_texts(predictor.model, predictor.tokenizer, items, [label] * len(items), steps)
+    for explanation in explained:
+        if as_json:
+            print(json.dumps({**explanation.as_dict(), "model": predictor.ref}, ensure_ascii=False))
+            continue
+        console.print(
+            f"[bold]{escape(explanation.label)}[/bold] {explanation.probability:.3f} "
+            f"(all-padding baseline {explanation.baseline_probability:.3f})"
+        )
+        console.print(shaded(explanation), soft_wrap=True)
+
+
+def shaded(explanation: Explanation) -> Text:
+    """The text with each word's background shaded by its attribution: green adds to the label, red takes
+    away; the strongest word in either direction is the most saturated."""
+    text = Text()
+    strongest = max((abs(w.score) for w in explanation.words), default=0.0) or 1.0
+    cursor = 0
+    for word in explanation.words:
+        text.append(explanation.text[cursor : word.start])
+        strength = min(abs(word.score) / strongest, 1.0)
+        mix = int(255 * (1 - 0.75 * strength))
+        background = f"rgb({mix},255,{mix})" if word.score >= 0 else f"rgb(255,{mix},{mix})"
+        text.append(explanation.text[word.start : word.end], style=f"black on {background}")
+        cursor = word.end
+    text.append(explanation.text[cursor:])
+    return text
 
 
 class RichDemoReport:

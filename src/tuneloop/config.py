@@ -73,6 +73,11 @@ class DataConfig(StrictModel):
         "keep",
         description="Near-duplicate rows: keep them (listed in the data report), or keep one per cluster and label.",
     )
+    exclude: Path | None = Field(
+        None,
+        description="A label audit's CSV (tuneloop data audit) in which a person marked rows confirmed "
+        "(yes/y/true/1/x): those texts are left out.",
+    )
     leakage: Literal["report", "drop"] = Field(
         "report",
         description="Validation and test rows with a near-duplicate in training: report them (the test report "
@@ -212,6 +217,11 @@ class TrainConfig(StrictModel):
         description="Off-topic messages this close (cosine of the untrained encoder's embeddings) to a training "
         "text are left out: a business whose intents cover one of their topics keeps it.",
     )
+    audit: bool = Field(
+        False,
+        description="Before training, rank the training rows whose label looks wrong (tuneloop train --audit, "
+        "as tuneloop data audit): label_issues.csv in the run, a summary in the data report.",
+    )
     profile: bool = Field(
         False,
         description="Record the first profile_steps steps with torch.profiler (tuneloop train --profile): a "
@@ -311,6 +321,12 @@ class EvalConfig(StrictModel):
         0.9, gt=0.5, le=1, description="A wrong prediction at least this confident is listed as a possible label error."
     )
     suspects_listed: int = Field(20, ge=0, description="How many possible label errors the report shows.")
+    explanations: int = Field(
+        10,
+        ge=0,
+        description="Texts of the most frequent confusions and possible label errors whose words the report "
+        "shades by attribution (Integrated Gradients); 0: none.",
+    )
     train_sample: int = Field(2000, ge=1, description="Training rows re-scored for the train-vs-test gap.")
 
 
@@ -416,6 +432,15 @@ class ServeConfig(StrictModel):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
     max_texts: int = Field(64, ge=1, description="More texts in one request get 422.")
     max_text_chars: int = Field(2000, ge=1, description="A longer text gets 422.")
+    explain_max_texts: int = Field(
+        4,
+        ge=0,
+        description='Most texts per /v1/predict request with "explain": true (each costs explain_steps forward '
+        "and backward passes on PyTorch, on the inference thread); more get 422, 0 turns explanations off.",
+    )
+    explain_steps: int = Field(
+        32, ge=4, le=1000, description="Integrated Gradients steps per explained text (more: closer, slower)."
+    )
     client_key_hashes: list[str] = Field(
         default_factory=list,
         description="sha256 hex of client API keys (tuneloop keys new); with none (and no client_keys), "

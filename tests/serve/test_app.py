@@ -52,6 +52,22 @@ def test_predict_answers_per_text_with_ids_top_k_and_version(client):
     assert len(predict(client, "refund")["predictions"][0]["top_k"]) == 3  # serve.top_k default
 
 
+def test_predict_explains_each_texts_label_word_by_word_on_request(client):
+    plain = predict(client, "please refund my money back")["predictions"][0]
+    assert plain["explanation"] is None
+    body = predict(client, "please refund my money back", "where is my parcel", explain=True)
+    for prediction, text in zip(
+        body["predictions"], ("please refund my money back", "where is my parcel"), strict=True
+    ):
+        explanation = prediction["explanation"]
+        assert explanation["text"] == text and explanation["label"] == prediction["label"]
+        assert [w["word"] for w in explanation["words"]] == text.split()
+        assert [text[w["start"] : w["end"]] for w in explanation["words"]] == text.split()
+        total = sum(w["score"] for w in explanation["words"])
+        assert total == pytest.approx(explanation["probability"] - explanation["baseline_probability"], abs=0.05)
+        assert explanation["probability"] == pytest.approx(prediction["score"], abs=1e-3)
+
+
 def test_every_prediction_is_logged_by_shutdown(served):
     config, _ = served
     with TestClient(create_app(config)) as client:
@@ -115,6 +131,8 @@ def test_feedback_errors(client, body, status, message):
         ({"texts": ["a"], "model": "other"}, 404, "model 'other' is not served"),
         ({"texts": ["a"], "top_k": 0}, 422, "top_k"),
         ({"texts": ["a"], "unexpected": True}, 422, "unexpected"),
+        ({"texts": ["a"] * 5, "explain": True}, 422, "at most 4 per request (serve.explain_max_texts)"),
+        ({"texts": ["refund", " <b></b> "], "explain": True}, 422, "cannot explain an empty text"),
     ],
 )
 def test_predict_errors(client, body, status, message):

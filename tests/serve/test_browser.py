@@ -73,6 +73,13 @@ def test_chat_page_correction_then_approved_in_the_admin_review_queue(assistant_
             queued.first.locator("button:has-text('approve')").click()
             page.wait_for_selector("#status:has-text('approved 1 feedback rows on toy')")
             page.wait_for_selector("#review:has-text('Nothing waits for review.')")
+            # Why the turn got its intent: the text shaded word by word in the latest feedback's table.
+            page.locator("#feedback tbody tr").first.locator("button:has-text('why')").click()
+            words = page.locator("#feedback tbody tr").first.locator(".explained span")
+            words.first.wait_for()
+            assert words.all_inner_texts() == ["where", "is", "my", "parcel", "courier", "late"]
+            colours = words.evaluate_all("spans => spans.map((s) => getComputedStyle(s).backgroundColor)")
+            assert any(c.startswith("rgba(26, 127, 55") or c.startswith("rgba(207, 34, 46") for c in colours)
             page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
         finally:
             browser.close()

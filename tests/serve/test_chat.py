@@ -99,6 +99,27 @@ def test_feedback_on_a_turn_reaches_the_retraining_export(chat_app_on_each_datab
     assert exported.examples[["text", "label"]].values.tolist() == [["where is my parcel courier late", "password"]]
 
 
+def test_the_admin_page_explains_the_label_a_chat_turn_was_given(chat_app):
+    client, _ = chat_app
+    turn = say(client, "where is my parcel courier late")
+    client.post("/v1/feedback", json={"turn_id": turn["turn_id"], "corrected_label": "password"})
+    [item] = client.get("/v1/admin/feedback", headers=ADMIN).json()["items"]
+    body = {"model": item["model"], "text": item["text"], "label": item["predicted"]}
+    explained = client.post("/v1/admin/explain", json=body, headers=ADMIN)
+    assert explained.status_code == 200, explained.text
+    explanation = explained.json()
+    assert explanation["label"] == item["predicted"] and explanation["text"] == item["text"]
+    assert [w["word"] for w in explanation["words"]] == item["text"].split()
+    assert client.post("/v1/admin/explain", json=body).status_code in (401, 403)  # admins only
+    for bad, status, message in [
+        ({**body, "label": "nope"}, 422, "'nope' is not one of this model's labels"),
+        ({**body, "text": " <p></p> "}, 422, "cannot explain an empty text"),
+        ({**body, "model": "toy@99"}, 404, "'toy' has no version 99"),
+    ]:
+        answer = client.post("/v1/admin/explain", json=bad, headers=ADMIN)
+        assert answer.status_code == status and message in answer.json()["detail"], answer.text
+
+
 def test_a_stored_turn_always_has_its_predictions_in_the_database(assistant_setup):
     """Regression: a turn was committed while its two predictions waited in the log's buffer, so a crash
     right after left turns whose feedback could never find the prediction."""

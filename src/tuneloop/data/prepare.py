@@ -203,6 +203,10 @@ def prepare_data(
         frame = frame.assign(text=texts)
 
     frame = frame.assign(key=frame["text"].map(dedup_key))
+    if config.exclude is not None:
+        excluded = frame["key"].isin(confirmed_exclusions(config.exclude))
+        dropped["excluded"] = int(excluded.sum())
+        frame = frame[~excluded]
     frame, conflicts = _drop_conflicts(frame, config.conflicts)
     dropped["conflicting_label"] = sum(len(c["rows"]) for c in conflicts) - sum(
         1 for c in conflicts if c["kept_label"] is not None
@@ -284,6 +288,24 @@ def prepare_data(
     )
     report["fingerprint"] = prepared.fingerprint
     return prepared
+
+
+CONFIRMED = {"yes", "y", "true", "1", "x"}
+
+
+def confirmed_exclusions(path: Path) -> set[str]:
+    """Dedup keys of the texts a person confirmed in an audit CSV (its `confirmed` column marked)."""
+    if not Path(path).is_file():
+        raise TuneloopError(f"data.exclude file not found: {path} (a label audit's CSV: tuneloop data audit)")
+    frame = read_table(path, "csv")
+    missing = {"text", "confirmed"} - set(frame.columns)
+    if missing:
+        raise TuneloopError(
+            f"{path}: data.exclude needs the columns text and confirmed (a label audit's CSV from tuneloop data "
+            f"audit); missing: {', '.join(sorted(missing))}"
+        )
+    marked = frame["confirmed"].fillna("").astype(str).str.strip().str.lower().isin(CONFIRMED)
+    return {dedup_key(clean_text(str(text))) for text in frame.loc[marked, "text"]}
 
 
 def _near_duplicates(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFrame, dict]:

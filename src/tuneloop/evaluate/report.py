@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from tuneloop.config import ClassifierRecipe, EvalConfig
 from tuneloop.data.prepare import labelled_rows, leaked_positions, load_prepared
 from tuneloop.evaluate import plots
+from tuneloop.evaluate.explain import explain
 from tuneloop.evaluate.metrics import calibration, classification_metrics
 from tuneloop.evaluate.serving import describe
 from tuneloop.models.classifier import TextClassifier, predict_logits, softmax
@@ -210,6 +211,20 @@ def report_sections(report: dict) -> list[str]:
             f"check them before reading every one as a model error (most confident first).</p>",
             html_table(suspects["rows"], ["text", "label", "predicted", "probability"]),
         ]
+    if report.get("explanations"):
+        sections += [
+            "<h2>Why: word attributions</h2>",
+            "<p>For the most frequent confusions and the possible label errors: how much each word moved the model "
+            "towards the label it chose (green) or away from it (red), by Integrated Gradients from an all-padding "
+            "baseline. Hover a word for its score.</p>",
+            "<table><thead><tr><th>kind</th><th>given</th><th>predicted</th><th>text</th></tr></thead><tbody>",
+            *(
+                f"<tr><td>{html.escape(e['kind'])}</td><td>{html.escape(e['true'])}</td>"
+                f"<td>{html.escape(e['label'])}</td><td>{shaded_html(e)}</td></tr>"
+                for e in report["explanations"]
+            ),
+            "</tbody></table>",
+        ]
     if report.get("training_history"):
         sections += ["<h2>Training</h2>", html_image(plots.training_curve_png(report["training_history"]), "training")]
     return sections
@@ -284,6 +299,42 @@ def write_report(report: dict, folder: Path) -> Path:
     return page
 
 
+def add_explanations(report: dict, model: TextClassifier, tokenizer: PreTrainedTokenizerBase, limit: int) -> None:
+    """Word attributions of the predicted label for the first example of each frequent confusion and for the
+    most confident possible label errors (half each, as far as there are), into report["explanations"].
+    `model` must run on PyTorch (gradients)."""
+    test = report["test"]
+    confusions = [("confusion", c["true"], c["predicted"], c["examples"][0]) for c in test["top_confusions"]]
+    suspects = [("possible label error", r["label"], r["predicted"], r["text"]) for r in test["label_suspects"]["rows"]]
+    take = max(limit - min(len(suspects), limit // 2), limit // 2)
+    chosen = [*confusions[:take], *suspects][:limit]
+    if not chosen:
+        return
+    explained = explain(model, tokenizer, [text for *_, text in chosen], [predicted for _, _, predicted, _ in chosen])
+    report["explanations"] = [
+        {"kind": kind, "true": true, **explanation.as_dict()}
+        for (kind, true, _, _), explanation in zip(chosen, explained, strict=True)
+    ]
+
+
+def shaded_html(explanation: dict) -> str:
+    """The text with each word's background shaded by its attribution: green adds to the label, red takes away."""
+    text, words = explanation["text"], explanation["words"]
+    strongest = max((abs(w["score"]) for w in words), default=0.0) or 1.0
+    out, cursor = [], 0
+    for word in words:
+        out.append(html.escape(text[cursor : word["start"]]))
+        alpha = min(abs(word["score"]) / strongest, 1.0) * 0.8
+        colour = f"rgba(46,125,50,{alpha:.2f})" if word["score"] >= 0 else f"rgba(198,40,40,{alpha:.2f})"
+        out.append(
+            f'<span title="{word["score"]:+.3f}" style="background:{colour}">'
+            f"{html.escape(text[word['start'] : word['end']])}</span>"
+        )
+        cursor = word["end"]
+    out.append(html.escape(text[cursor:]))
+    return "".join(out)
+
+
 def evaluate_version(
     registry: Registry, ref: str, recipe: ClassifierRecipe, data: Path | None = None, out: Path | None = None
 ) -> tuple[dict, Path]:
@@ -306,4 +357,7 @@ def evaluate_version(
         title=f"{predictor.ref}: evaluation on {data or 'its test split'}",
         leaked=leaked,
     )
+    if recipe.eval.explanations:
+        on_torch, _ = TextClassifier.load(folder.model)  # the explanations need gradients: PyTorch, not ONNX
+        add_explanations(report, on_torch, predictor.tokenizer, recipe.eval.explanations)
     return report, write_report(report, out or folder.evaluation(data))

@@ -16,11 +16,32 @@ class PredictRequest(StrictModel):
     texts: list[str] = Field(min_length=1, description="Texts to classify.")
     model: str | None = Field(None, description="Model name; optional when the server serves one model.")
     top_k: int | None = Field(None, ge=1, le=100, description="Ranked labels per text (default serve.top_k).")
+    explain: bool = Field(
+        False,
+        description="Add each text's word attributions (Integrated Gradients) for its label; at most "
+        "serve.explain_max_texts texts per request.",
+    )
 
 
 class LabelScore(BaseModel):
     label: str
     score: float
+
+
+class WordScore(BaseModel):
+    word: str
+    start: int = Field(description="Character offset of the word in the cleaned text.")
+    end: int
+    score: float = Field(description="What the word adds to the label's probability (negative: takes away).")
+
+
+class TextExplanation(BaseModel):
+    text: str = Field(description="The text as the model read it (cleaned).")
+    label: str
+    probability: float
+    baseline_probability: float = Field(description="The label's probability with every word replaced by padding.")
+    delta: float = Field(description="Sum of the word scores minus (probability - baseline_probability).")
+    words: list[WordScore]
 
 
 class TextPrediction(BaseModel):
@@ -30,6 +51,7 @@ class TextPrediction(BaseModel):
     top_k: list[LabelScore]
     model: str
     version: int
+    explanation: TextExplanation | None = Field(None, description='With "explain": true.')
 
 
 class PredictResponse(BaseModel):
@@ -163,6 +185,15 @@ class JobRequest(StrictModel):
         pattern=MODEL_NAME_PATTERN.removesuffix("$") + r"(@\d+)?$",
         description="retrain: a model name; gate: NAME@VERSION.",
     )
+
+
+class ExplainRequest(StrictModel):
+    model: str = Field(
+        pattern=MODEL_NAME_PATTERN.removesuffix("$") + r"(@\d+)?$",
+        description="NAME (its production version) or NAME@VERSION (the version that answered).",
+    )
+    text: str = Field(min_length=1, description="The text to explain.")
+    label: str | None = Field(None, max_length=200, description="The label to explain; default: the predicted one.")
 
 
 class AdminVersion(BaseModel):

@@ -20,6 +20,7 @@ import numpy as np
 
 from tuneloop.config import ServeConfig
 from tuneloop.errors import NotFound, TuneloopError, Unavailable, first_line
+from tuneloop.evaluate.explain import Explanation, explain
 from tuneloop.models.predictor import Predictor, load_model
 from tuneloop.profiling import Profiler
 from tuneloop.registry import ModelVersion, Registry
@@ -96,6 +97,9 @@ class ServedModels:
         self.loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self._watcher: asyncio.Task[None] | None = None
         self._swaps: dict[str, asyncio.Task[Predictor]] = {}
+        # PyTorch copies of served versions for explanations (ONNX Runtime has no gradients): by ref, loaded on
+        # first use; a version swapped out is let go at the next load.
+        self._explainers: dict[str, Predictor] = {}
 
     def names_to_serve(self) -> list[str]:
         if self.config.models:
@@ -220,6 +224,30 @@ class ServedModels:
         try:
             return await asyncio.get_running_loop().run_in_executor(self.inference, work, texts)
         except RuntimeError:  # the executor is shut down: the server is stopping
+            raise Unavailable("the server is shutting down; retry on another instance") from None
+
+    async def explain(
+        self, version: ModelVersion, texts: list[str], labels: list[str | None], steps: int
+    ) -> list[Explanation]:
+        """Integrated Gradients of each text's label (None: the predicted one) on `version`: a PyTorch copy
+        of it (ONNX Runtime has no gradients), loaded on the loader thread the first time and kept while the
+        version is served, run on the inference thread (between batches, not against them)."""
+        loop = asyncio.get_running_loop()
+        explainer = self._explainers.get(version.ref)
+        if explainer is None:
+            explainer = await loop.run_in_executor(
+                self.loader, functools.partial(load_model, version, self.registry, "torch", self.config.threads)
+            )
+            current = {slot.current.ref for slot in self.slots.values()}
+            self._explainers = {ref: kept for ref, kept in self._explainers.items() if ref in current}
+            self._explainers[version.ref] = explainer
+        try:
+            return await loop.run_in_executor(
+                self.inference, explain, explainer.model, explainer.tokenizer, texts, labels, steps
+            )
+        except RuntimeError as exc:  # the executor is shut down: the server is stopping
+            if "shutdown" not in str(exc):
+                raise
             raise Unavailable("the server is shutting down; retry on another instance") from None
 
     async def _load(self, slot: ModelSlot, target: ModelVersion) -> Predictor:

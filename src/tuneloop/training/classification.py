@@ -38,8 +38,9 @@ from tuneloop.data.prepare import (
     save_prepared,
 )
 from tuneloop.errors import TuneloopError, first_line
+from tuneloop.evaluate.audit import AUDIT_FILE, audit_training_labels
 from tuneloop.evaluate.calibrate import calibrate_run
-from tuneloop.evaluate.report import evaluate_classifier, write_report
+from tuneloop.evaluate.report import add_explanations, evaluate_classifier, write_report
 from tuneloop.evaluate.serving import choose_runtime
 from tuneloop.models.classifier import (
     HeadSpec,
@@ -704,6 +705,9 @@ def evaluate_run(
         leaked=leaked_positions(data.report),
     )
     report["serving"] = serving
+    if recipe.eval.explanations:
+        on_torch, _ = TextClassifier.load(run.model)  # the explanations need gradients: PyTorch, not ONNX
+        add_explanations(report, on_torch, tokenizer, recipe.eval.explanations)
     if calibration:
         own, *_ = calibration.values()
         report["calibration"] = own
@@ -807,8 +811,15 @@ def run(
         else:
             data, encoder = prepared or prepare_for_model(recipe, registry)
             others = {}
+        # Audited before the run folder exists, so data it cannot audit leaves nothing behind.
+        audit = (
+            audit_training_labels(data, encoder, recipe.data.kfold, recipe.data.seed) if recipe.train.audit else None
+        )
         folder = new_run_folder(recipe)
         start_run(recipe, folder)
+        if audit is not None:
+            audit.write_csv(folder.root / AUDIT_FILE)
+            data.report["label_audit"] = audit.summary
         save_prepared(data, folder.data())
         for name, task_data in others.items():
             save_prepared(task_data, folder.data(name))

@@ -8,8 +8,9 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.concurrency import run_in_threadpool
 
 from tuneloop.config import MODEL_NAME_PATTERN
+from tuneloop.data.clean import clean_text
 from tuneloop.db.lease import model_job_running
-from tuneloop.errors import Conflict, NotFound
+from tuneloop.errors import Conflict, NotFound, TuneloopError
 from tuneloop.feedback import review
 from tuneloop.serve.deps import State
 from tuneloop.serve.jobs import Job
@@ -18,6 +19,7 @@ from tuneloop.serve.schemas import (
     AdminModel,
     AdminModelsResponse,
     AdminVersion,
+    ExplainRequest,
     FeedbackItem,
     FeedbackQueue,
     JobInfo,
@@ -27,8 +29,9 @@ from tuneloop.serve.schemas import (
     ReviewDecisionResponse,
     ReviewGroupInfo,
     ReviewQueueResponse,
+    TextExplanation,
 )
-from tuneloop.serve.security import Caller, require_admin
+from tuneloop.serve.security import Caller, check_text_length, require_admin
 
 router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -150,3 +153,21 @@ async def job_status(job_id: str, state: State) -> JobInfo:
     if job is None:
         raise NotFound(f"no job '{job_id}'")
     return job_info(job)
+
+
+@router.post("/v1/admin/explain", response_model=TextExplanation, responses=ERRORS)
+async def explain_text(body: ExplainRequest, state: State) -> TextExplanation:
+    """Word attributions (Integrated Gradients) of a label for a text: why a version answered what it did,
+    for a prediction or chat turn on the admin page. Nothing is logged."""
+    settings = state.config.serve
+    if not settings.explain_max_texts:
+        raise TuneloopError("explanations are turned off on this server (serve.explain_max_texts=0)")
+    check_text_length(body.text, settings.max_text_chars, "text")
+    text = clean_text(body.text)
+    if not text:
+        raise TuneloopError("cannot explain an empty text: send the words to explain")
+    version = await run_in_threadpool(
+        state.registry.get, body.model if "@" in body.model else f"{body.model}@production"
+    )
+    (explained,) = await state.served.explain(version, [text], [body.label], settings.explain_steps)
+    return TextExplanation.model_validate(explained.as_dict())

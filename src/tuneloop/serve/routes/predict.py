@@ -12,7 +12,14 @@ from tuneloop.errors import TuneloopError
 from tuneloop.feedback.log import LoggedPrediction
 from tuneloop.models.classifier import softmax
 from tuneloop.serve.deps import State
-from tuneloop.serve.schemas import ERRORS, LabelScore, PredictRequest, PredictResponse, TextPrediction
+from tuneloop.serve.schemas import (
+    ERRORS,
+    LabelScore,
+    PredictRequest,
+    PredictResponse,
+    TextExplanation,
+    TextPrediction,
+)
 from tuneloop.serve.security import check_text_length, require_client
 
 router = APIRouter(tags=["predict"])
@@ -27,9 +34,19 @@ async def predict(body: PredictRequest, state: State) -> PredictResponse:
             f"{len(body.texts)} texts in one request; at most {settings.max_texts} (serve.max_texts): "
             "split them over several requests"
         )
+    if body.explain and len(body.texts) > settings.explain_max_texts:
+        raise TuneloopError(
+            f"{len(body.texts)} texts with explain: true; at most {settings.explain_max_texts} per request "
+            "(serve.explain_max_texts): explain a few texts at a time"
+            if settings.explain_max_texts
+            else "explanations are turned off on this server (serve.explain_max_texts=0)"
+        )
     for index, text in enumerate(body.texts):
         check_text_length(text, settings.max_text_chars, f"texts.{index}")
-    live, rows = await state.served.run(body.model, [clean_text(t) for t in body.texts])
+    cleaned = [clean_text(t) for t in body.texts]
+    if body.explain and not all(cleaned):
+        raise TuneloopError("cannot explain an empty text: every text needs words when explain is true")
+    live, rows = await state.served.run(body.model, cleaned)
     probs = softmax(live.own_logits(rows))
     k = min(body.top_k or settings.top_k, len(live.labels))
     now = datetime.now(UTC)
@@ -37,8 +54,14 @@ async def predict(body: PredictRequest, state: State) -> PredictResponse:
         LoggedPrediction.of(live.name, live.registered_version, live.labels, text, row, "api", now)
         for text, row in zip(body.texts, probs, strict=True)
     ]
+    explanations: list[TextExplanation | None] = [None] * len(cleaned)
+    if body.explain:
+        answered: list[str | None] = [live.labels[i] for i in probs.argmax(1)]
+        version = live.record or state.registry.get(live.ref)
+        explained = await state.served.explain(version, cleaned, answered, settings.explain_steps)
+        explanations = [TextExplanation.model_validate(e.as_dict()) for e in explained]
     predictions = []
-    for record, row in zip(records, probs, strict=True):
+    for record, row, explanation in zip(records, probs, explanations, strict=True):
         top = [LabelScore(label=live.labels[i], score=float(row[i])) for i in np.argsort(-row)[:k]]
         predictions.append(
             TextPrediction(
@@ -48,6 +71,7 @@ async def predict(body: PredictRequest, state: State) -> PredictResponse:
                 top_k=top,
                 model=live.name,
                 version=live.registered_version,
+                explanation=explanation,
             )
         )
     state.prediction_log.record(records)

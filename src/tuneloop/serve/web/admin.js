@@ -75,17 +75,42 @@ async function loadModels() {
   }
 }
 
+// The text with each word's background shaded by what it added to the label (green) or took away (red); the
+// page's policy allows no inline style attributes, so the colours are set through the DOM.
+function shaded(explanation) {
+  const out = document.createElement("span");
+  out.className = "explained";
+  const strongest = Math.max(...explanation.words.map((w) => Math.abs(w.score)), 0) || 1;
+  let cursor = 0;
+  for (const word of explanation.words) {
+    out.append(explanation.text.slice(cursor, word.start));
+    const span = document.createElement("span");
+    span.textContent = explanation.text.slice(word.start, word.end);
+    const alpha = (0.8 * Math.min(Math.abs(word.score) / strongest, 1)).toFixed(2);
+    span.style.backgroundColor = word.score >= 0 ? `rgba(26,127,55,${alpha})` : `rgba(207,34,46,${alpha})`;
+    span.title = `${word.score >= 0 ? "+" : ""}${word.score.toFixed(3)}`;
+    out.append(span);
+    cursor = word.end;
+  }
+  out.append(explanation.text.slice(cursor));
+  return out;
+}
+
 async function loadFeedback() {
   const { items } = await call("/v1/admin/feedback?limit=50");
   const t = table(["when", "model", "text", "predicted", "corrected", "rating", "comment", "sender", "review"]);
   const body = t.createTBody();
   for (const f of items) {
     const row = body.insertRow();
-    for (const value of [f.at.slice(0, 19).replace("T", " "), f.model, f.text, f.predicted, f.corrected_label,
-                         f.rating === null ? "" : (f.rating > 0 ? "👍" : f.rating < 0 ? "👎" : "0"), f.comment,
-                         f.sender, f.trusted ? "trusted" : f.review]) {
-      cell(row, value);
-    }
+    const values = [f.at.slice(0, 19).replace("T", " "), f.model, f.text, f.predicted, f.corrected_label,
+                    f.rating === null ? "" : (f.rating > 0 ? "👍" : f.rating < 0 ? "👎" : "0"), f.comment,
+                    f.sender, f.trusted ? "trusted" : f.review];
+    const cells = values.map((value) => cell(row, value));
+    // Why the version that answered chose its label, word by word (Integrated Gradients on the server).
+    cells[3].append(" ", button("why", async () => {
+      const explanation = await call("/v1/admin/explain", { model: f.model, text: f.text, label: f.predicted });
+      cells[2].replaceChildren(shaded(explanation));
+    }));
   }
   document.getElementById("feedback").replaceChildren(items.length ? t : "No feedback yet.");
 }
