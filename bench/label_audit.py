@@ -5,8 +5,9 @@
 
 waimai_10k is split 80/20 as bench/train_classifier.py does. `tuneloop data audit`'s method ranks the
 training rows whose label looks wrong; a seeded sample of 50 flagged rows was read by a person and judged
-(bench/data/waimai_audit_checked.csv: wrong = the label is plainly wrong, right = the label is right,
-mixed = a review either label could fit). Then three classifiers train with the default recipe: on all
+(bench/data/waimai_audit_checked.csv, each review by the first 16 hex digits of its text's SHA-256 so that
+no dataset text is copied here: wrong = the label is plainly wrong, right = the label is right, mixed = a
+review either label could fit). Then three classifiers train with the default recipe: on all
 training rows, without the rows confirmed wrong in the sample, and without every flagged row (trusting the
 audit blindly); each is scored on the same, untouched test split.
 The result is written to bench/results/label_audit.json.
@@ -15,6 +16,7 @@ The result is written to bench/results/label_audit.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import tempfile
 import time
@@ -27,6 +29,10 @@ from train_classifier import load_dataset
 
 CHECKED = BENCH / "data" / "waimai_audit_checked.csv"
 SAMPLE = 50
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def train_accuracy(work: Path, name: str, exclude: Path | None) -> dict:
@@ -79,16 +85,16 @@ def main() -> None:
         audit_seconds = time.perf_counter() - started
         flagged = audit.issues
         sample = flagged.sample(n=min(SAMPLE, len(flagged)), random_state=0)
+        sample = sample.assign(text_sha256=sample["text"].map(digest))
         if args.sample_only:
-            sample[["text", "label", "suggested"]].assign(verdict="").to_csv(sys.stdout, index=False)
+            sample[["text_sha256", "text", "label", "suggested"]].assign(verdict="").to_csv(sys.stdout, index=False)
             return
         checked = pd.read_csv(CHECKED, dtype=str)
-        if sorted(checked["text"]) != sorted(sample["text"]):
+        if sorted(checked["text_sha256"]) != sorted(sample["text_sha256"]):
             raise SystemExit(f"{CHECKED} does not hold this run's sample: re-check it (--sample-only prints it)")
         verdicts = checked["verdict"].value_counts().to_dict()
-        confirmed = flagged.assign(
-            confirmed=flagged["text"].isin(checked.loc[checked["verdict"] == "wrong", "text"]).map({True: "yes"})
-        )
+        wrong = set(checked.loc[checked["verdict"] == "wrong", "text_sha256"])
+        confirmed = flagged.assign(confirmed=flagged["text"].map(lambda t: "yes" if digest(t) in wrong else ""))
         confirmed.to_csv(work / "confirmed.csv", index=False)
         everything = flagged.assign(confirmed="yes")
         everything.to_csv(work / "all_flagged.csv", index=False)

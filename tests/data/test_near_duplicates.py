@@ -17,7 +17,7 @@ from tuneloop.data.near_duplicates import (
     pairs_across,
     shingles,
 )
-from tuneloop.data.prepare import leaked_positions, prepare_data
+from tuneloop.data.prepare import leaked_positions, prepare_data, split_leakage
 from tuneloop.evaluate.report import leakage_line, leakage_scores
 
 # fmt: off
@@ -164,3 +164,17 @@ def test_accuracy_is_scored_apart_on_leaked_rows():
         "2 of 4 test rows have a near-duplicate in the training split: accuracy 100.00% on them, 50.00% on the "
         "other rows"
     )
+
+
+@pytest.mark.parametrize("near_duplicates", ["keep", "drop"])
+def test_leakage_from_the_one_search_before_splitting_matches_a_search_of_the_splits(tmp_path, near_duplicates):
+    rng = random.Random(3)
+    rows = distinct_rows(seed=3, per_label=40)
+    rows += [{"text": reworded(rows[i]["text"]), "label": rows[i]["label"]} for i in rng.sample(range(120), 30)]
+    rows += [{"text": reworded(rows[i]["text"]), "label": "a"} for i in rng.sample(range(120), 10)]
+    prepared = prepare_data(DataConfig(path=write(tmp_path, rows), near_duplicates=near_duplicates))
+    searched = split_leakage(prepared.splits, 0.8)
+    for name in ("val", "test"):
+        found = prepared.report["leakage"][name]
+        assert found["positions"] == searched[name]["positions"] and found["rows"] == searched[name]["rows"]
+    assert prepared.report["leakage"]["test"]["rows"] + prepared.report["leakage"]["val"]["rows"] > 0

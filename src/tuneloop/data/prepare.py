@@ -14,7 +14,7 @@ import pandas as pd
 from tuneloop.config import DataConfig
 from tuneloop.data.clean import clean_text, dedup_key
 from tuneloop.data.load import read_table, select_columns
-from tuneloop.data.near_duplicates import best_matches, clusters, near_duplicate_pairs
+from tuneloop.data.near_duplicates import Pair, best_matches, clusters, near_duplicate_pairs
 from tuneloop.data.split import kfold_assignment, stratified_split
 from tuneloop.errors import TuneloopError
 
@@ -22,6 +22,8 @@ SPLITS = ("train", "val", "test")
 HOLDOUT_FILE = "feedback_holdout.jsonl"
 # Rows listed per finding in the data report (the counts cover all of them).
 EXAMPLES_LISTED = 20
+# The splits checked for rows that have a near-duplicate in training.
+LEAKAGE_CHECKED = ("val", "test")
 # Which copy of a duplicate survives: a text given as test must stay test.
 _SPLIT_PRIORITY = {"test": 0, "val": 1, "train": 2, "": 3}
 _SPLIT_ALIASES = {
@@ -217,7 +219,7 @@ def prepare_data(
     frame = frame.drop_duplicates(subset=["key", "label"], keep="first").sort_index()
     dropped["duplicate"] = dropped.get("duplicate", 0) + before - len(frame)
     frame = frame.drop(columns="key").reset_index(drop=True)
-    frame, near_duplicates = _near_duplicates(frame, config)
+    frame, near_duplicates, pairs = _near_duplicates(frame, config)
     dropped["near_duplicate"] = near_duplicates.get("dropped", 0)
 
     counts = frame["label"].value_counts()
@@ -248,7 +250,9 @@ def prepare_data(
     frame = frame.assign(split=assignment)
 
     splits = {name: frame[frame["split"] == name][["row", "text", "label"]].reset_index(drop=True) for name in SPLITS}
-    leakage = split_leakage(splits, config.near_duplicate_threshold)
+    # One search over every row serves both the clusters and the leakage: each split's rows, by search position.
+    origins = {name: frame.index[frame["split"] == name] for name in SPLITS}
+    leakage = leakage_report(splits, cross_split_matches(pairs, origins), config.near_duplicate_threshold)
     leakage["policy"] = config.leakage
     if config.leakage == "drop":
         for name in ("val", "test"):
@@ -308,10 +312,11 @@ def confirmed_exclusions(path: Path) -> set[str]:
     return {dedup_key(clean_text(str(text))) for text in frame.loc[marked, "text"]}
 
 
-def _near_duplicates(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFrame, dict]:
+def _near_duplicates(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFrame, dict, list[Pair]]:
     """Clusters of near-duplicate rows for the report; with data.near_duplicates=drop, one row per cluster and
     label is kept (its given test row first). Rows of one cluster with different labels all stay: they may be
-    different requests worded alike, or label errors, and the report lists them for a person to judge."""
+    different requests worded alike, or label errors, and the report lists them for a person to judge. Also
+    returns the pairs, by position in `frame` (a RangeIndex), for the leakage check after splitting."""
     pairs = near_duplicate_pairs(frame["text"].tolist(), config.near_duplicate_threshold)
     groups = clusters(len(frame), pairs)
     rank = frame["split"].map(_SPLIT_PRIORITY) if "split" in frame else pd.Series(0, index=frame.index)
@@ -342,34 +347,63 @@ def _near_duplicates(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFr
     if config.near_duplicates == "drop":
         report["dropped"] = len(extra)
         frame = frame.drop(index=frame.index[extra])
-    return frame, report
+    return frame, report, pairs
 
 
 def split_leakage(splits: dict[str, pd.DataFrame], threshold: float) -> dict:
-    """Validation and test rows with a near-duplicate in the training split: how many, where (`positions`
-    in the split, for scoring them apart), and the closest training row of the most similar ones."""
+    """Validation and test rows with a near-duplicate in the training split (see `leakage_report`)."""
     train = splits["train"]
-    checked = ("val", "test")
-    texts = [text for name in checked for text in splits[name]["text"]]
+    texts = [text for name in LEAKAGE_CHECKED for text in splits[name]["text"]]
     matches = best_matches(train["text"].tolist(), texts, threshold)
-    leakage: dict = {"threshold": threshold}
+    found: dict[str, dict[int, Pair]] = {}
     offset = 0
-    for name in checked:
-        split = splits[name]
-        found = {p.second - offset: p for p in matches.values() if offset <= p.second < offset + len(split)}
-        offset += len(split)
-        closest = sorted(found, key=lambda i: -found[i].similarity)[:EXAMPLES_LISTED]
+    for name in LEAKAGE_CHECKED:
+        size = len(splits[name])
+        found[name] = {
+            p.second - offset: Pair(p.first, p.second - offset, p.similarity)
+            for p in matches.values()
+            if offset <= p.second < offset + size
+        }
+        offset += size
+    return leakage_report(splits, found, threshold)
+
+
+def cross_split_matches(pairs: list[Pair], origins: dict[str, pd.Index]) -> dict[str, dict[int, Pair]]:
+    """From near-duplicate pairs found over every row before splitting (`origins`: each split's rows, as
+    positions in that search, in split order): per checked split, each leaked row's closest training row."""
+    where = {int(i): (name, position) for name, index in origins.items() for position, i in enumerate(index)}
+    found: dict[str, dict[int, Pair]] = {name: {} for name in LEAKAGE_CHECKED}
+    for pair in pairs:
+        first, second = where.get(pair.first), where.get(pair.second)
+        if first is None or second is None:
+            continue  # a row dropped after the search (a near-duplicate kept once)
+        for (split, position), (other, other_position) in ((first, second), (second, first)):
+            if split == "train" and other in found:
+                best = found[other].get(other_position)
+                if best is None or pair.similarity > best.similarity:
+                    found[other][other_position] = Pair(position, other_position, pair.similarity)
+    return found
+
+
+def leakage_report(splits: dict[str, pd.DataFrame], found: dict[str, dict[int, Pair]], threshold: float) -> dict:
+    """Per checked split: how many rows have a near-duplicate in training, where (`positions` in the split,
+    for scoring them apart), and the closest training row of the most similar ones."""
+    train = splits["train"]
+    leakage: dict = {"threshold": threshold}
+    for name in LEAKAGE_CHECKED:
+        split, matched = splits[name], found[name]
+        closest = sorted(matched, key=lambda i: -matched[i].similarity)[:EXAMPLES_LISTED]
         leakage[name] = {
-            "rows": len(found),
-            "share": len(found) / len(split) if len(split) else 0.0,
-            "positions": sorted(found),
+            "rows": len(matched),
+            "share": len(matched) / len(split) if len(split) else 0.0,
+            "positions": sorted(matched),
             "examples": [
                 {
                     "text": split["text"].iat[i],
                     "label": split["label"].iat[i],
-                    "train_text": train["text"].iat[found[i].first],
-                    "train_label": train["label"].iat[found[i].first],
-                    "similarity": round(found[i].similarity, 3),
+                    "train_text": train["text"].iat[matched[i].first],
+                    "train_label": train["label"].iat[matched[i].first],
+                    "similarity": round(matched[i].similarity, 3),
                 }
                 for i in closest
             ],

@@ -305,7 +305,12 @@ def add_explanations(report: dict, model: TextClassifier, tokenizer: PreTrainedT
     `model` must run on PyTorch (gradients)."""
     test = report["test"]
     confusions = [("confusion", c["true"], c["predicted"], c["examples"][0]) for c in test["top_confusions"]]
-    suspects = [("possible label error", r["label"], r["predicted"], r["text"]) for r in test["label_suspects"]["rows"]]
+    shown = {text for *_, text in confusions}
+    suspects = [
+        ("possible label error", r["label"], r["predicted"], r["text"])
+        for r in test["label_suspects"]["rows"]
+        if r["text"] not in shown  # a confusion's example can be a suspect too: explained once
+    ]
     take = max(limit - min(len(suspects), limit // 2), limit // 2)
     chosen = [*confusions[:take], *suspects][:limit]
     if not chosen:
