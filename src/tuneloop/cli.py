@@ -627,6 +627,8 @@ def explain(
     items = [clean_text(t) for t in items if not is_override(t, RegistrySettings)]
     if not items:
         raise TuneloopError('nothing to explain: give texts as arguments, e.g. tuneloop explain -m NAME "my text"')
+    if not all(items):
+        raise TuneloopError("cannot explain an empty text (nothing is left after cleaning): give the words to explain")
     predictor = load_model(model, _registry(config, overrides), runtime="torch")  # gradients need PyTorch
     explained = explain_texts(predictor.model, predictor.tokenizer, items, [label] * len(items), steps)
     for explanation in explained:

@@ -66,6 +66,8 @@ def test_predict_explains_each_texts_label_word_by_word_on_request(client):
         total = sum(w["score"] for w in explanation["words"])
         assert total == pytest.approx(explanation["probability"] - explanation["baseline_probability"], abs=0.05)
         assert explanation["probability"] == pytest.approx(prediction["score"], abs=1e-3)
+    nothing = predict(client, " <b></b> ", explain=True)["predictions"][0]["explanation"]  # no words left
+    assert nothing["words"] == [] and nothing["delta"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_every_prediction_is_logged_by_shutdown(served):
@@ -132,7 +134,6 @@ def test_feedback_errors(client, body, status, message):
         ({"texts": ["a"], "top_k": 0}, 422, "top_k"),
         ({"texts": ["a"], "unexpected": True}, 422, "unexpected"),
         ({"texts": ["a"] * 5, "explain": True}, 422, "at most 4 per request (serve.explain_max_texts)"),
-        ({"texts": ["refund", " <b></b> "], "explain": True}, 422, "cannot explain an empty text"),
     ],
 )
 def test_predict_errors(client, body, status, message):
@@ -307,6 +308,8 @@ def test_the_openapi_document_says_what_this_server_requires(served, tmp_path):
         assert "security" in document["paths"]["/v1/models/{name}/promote"]["post"]
         request = document["components"]["schemas"]["PredictRequest"]
         assert request["required"] == ["texts"] and request["properties"]["texts"]["maxItems"] == 7
+        assert request["if"]["properties"]["explain"] == {"const": True}
+        assert request["then"]["properties"]["texts"]["maxItems"] == 4  # serve.explain_max_texts
     register_copy(config)  # a second name beside toy
     registry = Registry(config.registry)
     second = registry.register(

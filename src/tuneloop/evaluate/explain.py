@@ -97,15 +97,13 @@ def explain(
     steps: int = STEPS,
 ) -> list[Explanation]:
     """An explanation of each text's predicted label (or of `labels[i]` where given and not None), for texts
-    cleaned as the model's inputs are (clean_text)."""
+    cleaned as the model's inputs are (clean_text). A text without words gets an explanation without words
+    (its input is the baseline)."""
     from captum.attr import LayerIntegratedGradients  # half a second to import: only when explaining
 
     embeddings = _gradient_path(model)
     if not tokenizer.is_fast:
         raise TuneloopError("explanations need a fast tokenizer (character offsets); this model's is not")
-    for text in texts:
-        if not text.strip():
-            raise TuneloopError("cannot explain an empty text: send the words to explain")
     index = {label: i for i, label in enumerate(model.spec.labels)}
     model.eval()
 

@@ -5,7 +5,8 @@ generated from the document (or a fuzzer such as schemathesis) must not be told 
 - with no client keys configured, the client routes take no key, so they declare no security requirement
   (nor does /metrics unless serve.metrics_need_key);
 - with several models served, /v1/predict needs `model`, and it is one of their names;
-- the request limits (serve.max_texts, serve.max_text_chars) are the schemas' maxItems and maxLength.
+- the request limits (serve.max_texts, serve.max_text_chars, serve.explain_max_texts) are the schemas'
+  maxItems and maxLength.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def serve_live_document(app: FastAPI, routers: Iterable[APIRouter], state: Serve
         predict = schemas["PredictRequest"]
         predict["properties"]["texts"]["maxItems"] = settings.max_texts
         predict["properties"]["texts"]["items"]["maxLength"] = settings.max_text_chars
+        if settings.explain_max_texts:  # explanations cost far more than predictions: fewer texts per request
+            predict["if"] = {"properties": {"explain": {"const": True}}, "required": ["explain"]}
+            predict["then"] = {"properties": {"texts": {"maxItems": settings.explain_max_texts}}}
+        else:
+            predict["properties"]["explain"]["const"] = False
         if "ChatRequest" in schemas:
             schemas["ChatRequest"]["properties"]["message"]["maxLength"] = settings.max_text_chars
         names = state.served.names

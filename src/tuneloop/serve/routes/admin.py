@@ -164,8 +164,6 @@ async def explain_text(body: ExplainRequest, state: State) -> TextExplanation:
         raise TuneloopError("explanations are turned off on this server (serve.explain_max_texts=0)")
     check_text_length(body.text, settings.max_text_chars, "text")
     text = clean_text(body.text)
-    if not text:
-        raise TuneloopError("cannot explain an empty text: send the words to explain")
     version = await run_in_threadpool(
         state.registry.get, body.model if "@" in body.model else f"{body.model}@production"
     )

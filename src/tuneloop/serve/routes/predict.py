@@ -44,8 +44,6 @@ async def predict(body: PredictRequest, state: State) -> PredictResponse:
     for index, text in enumerate(body.texts):
         check_text_length(text, settings.max_text_chars, f"texts.{index}")
     cleaned = [clean_text(t) for t in body.texts]
-    if body.explain and not all(cleaned):
-        raise TuneloopError("cannot explain an empty text: every text needs words when explain is true")
     live, rows = await state.served.run(body.model, cleaned)
     probs = softmax(live.own_logits(rows))
     k = min(body.top_k or settings.top_k, len(live.labels))
