@@ -553,6 +553,14 @@ def models_archive(ref: str, config: ConfigOption = None, overrides: Overrides =
     console.print(f"{version.ref} archived")
 
 
+def _texts_and_overrides(arguments: list[str] | None) -> tuple[list[str], list[str]]:
+    """A command's positional arguments split into texts and registry.* overrides (which may follow them)."""
+    items = list(arguments or [])
+    return [t for t in items if not is_override(t, RegistrySettings)], [
+        t for t in items if is_override(t, RegistrySettings)
+    ]
+
+
 @app.command()
 def predict(
     model: Annotated[str, typer.Option("--model", "-m", help="NAME, NAME@VERSION or NAME@production.")],
@@ -567,9 +575,7 @@ def predict(
     """Classify texts with a registered model: label, probability and top-k."""
     from tuneloop.models.predictor import load_model
 
-    items = list(texts or [])
-    overrides = [t for t in items if is_override(t, RegistrySettings)]
-    items = [t for t in items if not is_override(t, RegistrySettings)]
+    items, overrides = _texts_and_overrides(texts)
     if input_file is not None:
         if not input_file.is_file():
             raise TuneloopError(f"input file not found: {input_file}")
@@ -622,9 +628,8 @@ def explain(
     from tuneloop.evaluate.explain import explain as explain_texts
     from tuneloop.models.predictor import load_model
 
-    items = list(texts or [])
-    overrides = [t for t in items if is_override(t, RegistrySettings)]
-    items = [clean_text(t) for t in items if not is_override(t, RegistrySettings)]
+    items, overrides = _texts_and_overrides(texts)
+    items = [clean_text(t) for t in items]
     if not items:
         raise TuneloopError('nothing to explain: give texts as arguments, e.g. tuneloop explain -m NAME "my text"')
     if not all(items):
