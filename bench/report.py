@@ -95,7 +95,7 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
                     lambda d: " / ".join(f"{d[m][0]:.3f}" for m in ("integrated_gradients", "attention", "random")),
                 ),
                 (
-                    f"{name}: texts, mean |completeness error|, seconds per explanation",
+                    f"{name}: texts, mean absolute completeness error, seconds per explanation",
                     f"datasets.{name}",
                     lambda d: (
                         f"{d['texts']}, {d['mean_completeness_error']:.4f}, {d['explain_seconds_per_text']:.2f} s"
