@@ -143,6 +143,11 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
             )
             for name in ("banking77", "sst2", "waimai_10k")
         ),
+        (
+            "whole data stage (read, clean, deduplicate, near-duplicates, split) of banking77 / sst2 / waimai_10k",
+            "datasets",
+            lambda d: " / ".join(f"{d[n]['data_stage_seconds']:.1f} s" for n in ("banking77", "sst2", "waimai_10k")),
+        ),
         ("speed: texts, seconds", "speed", lambda v: f"{v['texts']:,} texts in {v['seconds']:.1f} s"),
         (
             "speed: planted reworded copies found",
