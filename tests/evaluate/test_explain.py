@@ -69,6 +69,7 @@ def test_merging_sums_pieces_and_shares_a_token_spanning_chinese_words():
     per_character = merge_into_words(text, [(0, 1), (1, 2), (2, 3), (3, 4)], np.array([0.1, 0.2, 0.3, 0.4]))
     assert [round(w.score, 3) for w in per_character] == [0.3, 0.7]
     assert [w for w, _, _ in words_of("refund!! 🙂 ok")] == ["refund", "!", "!", "🙂", "ok"]
+    assert [w for w, _, _ in words_of("it's late, 'really'")] == ["it's", "late", ",", "'", "really", "'"]
 
 
 def test_bad_input_is_one_clear_error(trained):

@@ -23,9 +23,10 @@ from tuneloop.models.classifier import TextClassifier
 # Steps of the integral: 50 keeps |delta| around 1e-2 of the probability on the packaged encoders.
 STEPS = 50
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-# A person's words: a run of CJK characters (cut further by jieba), a run of letters/digits, or one other
-# visible character (punctuation and emoji count, since a "!" can carry a sentiment).
-_WORD = re.compile(rf"[{_CJK}]+|[^\W_{_CJK}]+|[^\s\w]|_")
+# A person's words: a run of CJK characters (cut further by jieba), a run of letters/digits (with inner
+# apostrophes: "it's", "don't"), or one other visible character (punctuation and emoji count, since a "!" can
+# carry a sentiment).
+_WORD = re.compile(rf"[{_CJK}]+|[^\W_{_CJK}]+(?:['’][^\W_{_CJK}]+)*|[^\s\w]|_")
 
 
 @dataclass(frozen=True)
