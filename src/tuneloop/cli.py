@@ -650,17 +650,17 @@ def explain(
 def shaded(explanation: Explanation) -> Text:
     """The text with each word's background shaded by its attribution: green adds to the label, red takes
     away; the strongest word in either direction is the most saturated."""
+    from tuneloop.evaluate.explain import shaded_pieces
+
     text = Text()
-    strongest = max((abs(w.score) for w in explanation.words), default=0.0) or 1.0
-    cursor = 0
-    for word in explanation.words:
-        text.append(explanation.text[cursor : word.start])
-        strength = min(abs(word.score) / strongest, 1.0)
+    words = [(w.start, w.end, w.score) for w in explanation.words]
+    for piece, score, strength in shaded_pieces(explanation.text, words):
+        if score is None:
+            text.append(piece)
+            continue
         mix = int(255 * (1 - 0.75 * strength))
-        background = f"rgb({mix},255,{mix})" if word.score >= 0 else f"rgb(255,{mix},{mix})"
-        text.append(explanation.text[word.start : word.end], style=f"black on {background}")
-        cursor = word.end
-    text.append(explanation.text[cursor:])
+        background = f"rgb({mix},255,{mix})" if score >= 0 else f"rgb(255,{mix},{mix})"
+        text.append(piece, style=f"black on {background}")
     return text
 
 

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from live_server import register_copy
 
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import TuneloopError, Unavailable
 from tuneloop.feedback.log import PredictionLog
 from tuneloop.registry import Registry, VersionFolder
 from tuneloop.serve.app import create_app
@@ -287,6 +287,25 @@ def test_a_server_on_its_way_down_answers_503_with_retry_after(client):
     response = client.post("/v1/predict", json={"texts": ["refund"]})
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert "shutting down" in response.json()["detail"]
+
+
+def test_work_on_the_inference_thread_reports_a_shutdown_as_such_and_its_own_errors_as_themselves(client):
+    """Regression: any RuntimeError of the work itself (a torch error in an explanation, say) was reported as
+    the server shutting down."""
+    served = client.app.state.tuneloop.served
+    run = client.portal.call  # the app's event loop
+
+    def fails(texts):
+        raise RuntimeError("a shape mismatch")
+
+    with pytest.raises(RuntimeError, match="a shape mismatch"):
+        run(served.on_inference_thread, fails, ["x"])
+    served.inference.shutdown()
+    with pytest.raises(Unavailable, match="shutting down"):
+        run(served.on_inference_thread, len, ["x"])
+    live = served.slots["toy"].current.record
+    with pytest.raises(Unavailable, match="shutting down"):
+        run(served.explain, live, ["refund"], [None], 4)
 
 
 def test_openapi_declares_how_to_send_a_key(client):

@@ -255,7 +255,7 @@ def prepare_data(
     leakage = leakage_report(splits, cross_split_matches(pairs, origins), config.near_duplicate_threshold)
     leakage["policy"] = config.leakage
     if config.leakage == "drop":
-        for name in ("val", "test"):
+        for name in LEAKAGE_CHECKED:
             found = leakage[name]
             splits[name] = splits[name].drop(index=found["positions"]).reset_index(drop=True)
             dropped[f"near_duplicate_of_train_in_{name}"] = found["rows"]

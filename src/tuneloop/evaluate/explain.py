@@ -81,6 +81,20 @@ def merge_into_words(text: str, offsets: list[tuple[int, int]], scores: np.ndarr
     ]
 
 
+def shaded_pieces(text: str, words: list[tuple[int, int, float]]) -> list[tuple[str, float | None, float]]:
+    """The text cut into (piece, score, strength) for shading: each attributed word (start, end, score) with its
+    strength relative to the strongest word in either direction (0..1), and the text between words with
+    score None. How the terminal, the report and the admin page shade an explanation."""
+    strongest = max((abs(score) for _, _, score in words), default=0.0) or 1.0
+    pieces: list[tuple[str, float | None, float]] = []
+    cursor = 0
+    for start, end, score in words:
+        pieces += [(text[cursor:start], None, 0.0), (text[start:end], score, min(abs(score) / strongest, 1.0))]
+        cursor = end
+    pieces.append((text[cursor:], None, 0.0))
+    return pieces
+
+
 def _gradient_path(model: TextClassifier) -> torch.nn.Module:
     if not isinstance(model.encoder, torch.nn.Module) or not hasattr(model.encoder, "get_input_embeddings"):
         raise TuneloopError(

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from tuneloop.config import ClassifierRecipe, EvalConfig
 from tuneloop.data.prepare import labelled_rows, leaked_positions, load_prepared
 from tuneloop.evaluate import plots
-from tuneloop.evaluate.explain import explain
+from tuneloop.evaluate.explain import explain, shaded_pieces
 from tuneloop.evaluate.metrics import calibration, classification_metrics
 from tuneloop.evaluate.serving import describe
 from tuneloop.models.classifier import TextClassifier, predict_logits, softmax
@@ -39,10 +39,11 @@ def score_split(
     unknown = sorted(set(split["label"]) - set(index))
     known = split[split["label"].isin(index)]
     texts = known["text"].tolist()
+    truth = known["label"].map(index).to_numpy()
     logits = predict_logits(model, tokenizer, texts) if texts else np.zeros((0, len(labels)))
     probs = softmax(logits)
     metrics = classification_metrics(
-        known["label"].map(index).to_numpy(),
+        truth,
         probs,
         labels,
         texts,
@@ -56,11 +57,10 @@ def score_split(
     if temperature != 1.0 and len(texts):
         # The logits are the trained ones divided by the temperature: what the model said before calibration.
         raw = softmax(logits * temperature)
-        truth = known["label"].map(index).to_numpy()
         metrics["calibration_before"] = calibration(raw.max(1), raw.argmax(1) == truth, config.calibration_bins)
         metrics["temperature"] = temperature
     if leaked is not None:
-        metrics["leakage"] = leakage_scores(known["label"].map(index).to_numpy(), probs, known.index, leaked)
+        metrics["leakage"] = leakage_scores(truth, probs, known.index, leaked)
     if unknown:
         metrics["skipped_unknown_labels"] = {"labels": unknown, "rows": int(len(split) - len(known))}
     return metrics
@@ -69,7 +69,7 @@ def score_split(
 def leakage_scores(truth: np.ndarray, probs: np.ndarray, positions: pd.Index, leaked: list[int]) -> dict:
     """Accuracy on the scored rows whose split position is in `leaked`, and on the others."""
     is_leaked = positions.isin(leaked)
-    correct = probs.argmax(axis=1) == truth if len(truth) else np.zeros(0, dtype=bool)
+    correct = probs.argmax(axis=1) == truth
 
     def accuracy(rows: np.ndarray) -> float | None:
         return float(correct[rows].mean()) if rows.any() else None
@@ -324,19 +324,15 @@ def add_explanations(report: dict, model: TextClassifier, tokenizer: PreTrainedT
 
 def shaded_html(explanation: dict) -> str:
     """The text with each word's background shaded by its attribution: green adds to the label, red takes away."""
-    text, words = explanation["text"], explanation["words"]
-    strongest = max((abs(w["score"]) for w in words), default=0.0) or 1.0
-    out, cursor = [], 0
-    for word in words:
-        out.append(html.escape(text[cursor : word["start"]]))
-        alpha = min(abs(word["score"]) / strongest, 1.0) * 0.8
-        colour = f"rgba(46,125,50,{alpha:.2f})" if word["score"] >= 0 else f"rgba(198,40,40,{alpha:.2f})"
-        out.append(
-            f'<span title="{word["score"]:+.3f}" style="background:{colour}">'
-            f"{html.escape(text[word['start'] : word['end']])}</span>"
-        )
-        cursor = word["end"]
-    out.append(html.escape(text[cursor:]))
+    words = [(w["start"], w["end"], w["score"]) for w in explanation["words"]]
+    out = []
+    for piece, score, strength in shaded_pieces(explanation["text"], words):
+        if score is None:
+            out.append(html.escape(piece))
+            continue
+        alpha = strength * 0.8
+        colour = f"rgba(46,125,50,{alpha:.2f})" if score >= 0 else f"rgba(198,40,40,{alpha:.2f})"
+        out.append(f'<span title="{score:+.3f}" style="background:{colour}">{html.escape(piece)}</span>')
     return "".join(out)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from tuneloop.registry import ModelVersion, Registry
 from tuneloop.serve.batching import BatcherStopped, MicroBatcher, Overloaded
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 AUTO_MAX_PADDING = 0.25
 
 
@@ -219,12 +221,15 @@ class ServedModels:
         except Overloaded as exc:
             raise Unavailable(f"model '{name or next(iter(self.slots))}' is overloaded: {exc}; retry shortly") from None
 
-    async def on_inference_thread(self, work: Callable[[list[str]], np.ndarray], texts: list[str]) -> np.ndarray:
-        """Run other model work (the assistant's FAQ embedding) on the thread that runs the forward passes."""
+    async def on_inference_thread(self, work: Callable[[list[str]], T], texts: list[str]) -> T:
+        """Run other model work (the assistant's FAQ embedding, explanations) on the thread that runs the
+        forward passes."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.inference, work, texts)
+            # Submitting is what fails once the executor is shut down; an error of the work itself is its own.
+            running = asyncio.get_running_loop().run_in_executor(self.inference, work, texts)
         except RuntimeError:  # the executor is shut down: the server is stopping
             raise Unavailable("the server is shutting down; retry on another instance") from None
+        return await running
 
     async def explain(
         self, version: ModelVersion, texts: list[str], labels: list[str | None], steps: int
@@ -241,14 +246,8 @@ class ServedModels:
             current = {slot.current.ref for slot in self.slots.values()}
             self._explainers = {ref: kept for ref, kept in self._explainers.items() if ref in current}
             self._explainers[version.ref] = explainer
-        try:
-            return await loop.run_in_executor(
-                self.inference, explain, explainer.model, explainer.tokenizer, texts, labels, steps
-            )
-        except RuntimeError as exc:  # the executor is shut down: the server is stopping
-            if "shutdown" not in str(exc):
-                raise
-            raise Unavailable("the server is shutting down; retry on another instance") from None
+        work = functools.partial(explain, explainer.model, explainer.tokenizer, labels=labels, steps=steps)
+        return await self.on_inference_thread(work, texts)
 
     async def _load(self, slot: ModelSlot, target: ModelVersion) -> Predictor:
         slot.loading = target.version
