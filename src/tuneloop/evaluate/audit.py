@@ -11,11 +11,13 @@ the ones they confirm, and `data.exclude=FILE` leaves those out of the next trai
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
+from tuneloop.atomic import write_text_atomically
 from tuneloop.data.prepare import PreparedData
 from tuneloop.data.split import kfold_assignment
 from tuneloop.errors import TuneloopError
@@ -32,8 +34,9 @@ class LabelAudit:
     issues: pd.DataFrame  # COLUMNS, most suspicious first; `confirmed` empty for a person to fill in
     summary: dict
 
-    def write_csv(self, path) -> None:
-        self.issues.to_csv(path, index=False, encoding="utf-8")
+    def write_csv(self, path: Path) -> None:
+        """The issues as CSV, whole or not at all (a person edits this file; a half-written one would lose rows)."""
+        write_text_atomically(Path(path), self.issues.to_csv(index=False))
 
 
 def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: np.ndarray, classes: int) -> np.ndarray:
