@@ -33,7 +33,7 @@ from tuneloop.config import (
     load_config,
     split_overrides,
 )
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import TuneloopError, first_line
 
 if TYPE_CHECKING:
     from tuneloop.evaluate.explain import Explanation
@@ -847,6 +847,87 @@ def feedback_review(
     console.print(f"{sum(g.pending for g in groups)} feedback rows in {len(groups)} groups wait for review")
 
 
+@feedback_app.command("suggest")
+def feedback_suggest(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    budget: Annotated[int, typer.Option("--budget", "-n", min=1, help="How many predictions to suggest.")] = 20,
+    window: Annotated[int, typer.Option(min=1, help="Latest predictions looked at.")] = 5_000,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write them to this CSV, with a label column to fill in.")
+    ] = None,
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Which of NAME's production predictions a person should label next: unsure ones, not near-copies of each
+    other, from classes with little training data. Fill in --out's label column, then tuneloop feedback label."""
+    import pandas as pd
+
+    from tuneloop.atomic import write_text_atomically
+    from tuneloop.feedback.export import spreadsheet_safe
+    from tuneloop.feedback.suggest import suggestions_for
+
+    registry = _registry(config, overrides)
+    prediction_log = _prediction_log(config, overrides)
+    try:
+        chosen = suggestions_for(name, registry, prediction_log, budget, window)
+    finally:
+        prediction_log.close()
+    if not chosen:
+        console.print(f"nothing of {name}'s latest {window} predictions is left to label")
+        return
+    table = Table(title=f"Worth a label, most useful first ({len(chosen)})")
+    for column in ("prediction", "text", "model said", "why"):
+        table.add_column(column)
+    for suggestion in chosen:
+        table.add_row(
+            suggestion.prediction_id[:8],
+            escape(suggestion.text[:100]),
+            escape(f"{suggestion.predicted} {suggestion.confidence:.2f}"),
+            escape(suggestion.why),
+        )
+    console.print(table)
+    if out is not None:
+        columns = ["prediction_id", "text", "predicted", "confidence", "runner_up", "why"]
+        frame = pd.DataFrame([{c: s.to_dict()[c] for c in columns} for s in chosen]).assign(label="")
+        write_text_atomically(out, frame.map(spreadsheet_safe).to_csv(index=False))
+        console.print(f"wrote {out}: fill in the label column, then tuneloop feedback label {name} {out}", markup=False)
+
+
+@feedback_app.command("label")
+def feedback_label(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    file: Annotated[Path, typer.Argument(help="A CSV from tuneloop feedback suggest --out, label column filled.")],
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Record the labels filled in a suggestions CSV as trusted feedback (all or none); they train at the next
+    retrain, through the gate like any feedback."""
+    import getpass
+
+    import pandas as pd
+
+    from tuneloop.feedback.suggest import record_labels, registered_labels
+
+    try:
+        frame = pd.read_csv(file, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise TuneloopError(f"cannot read {file}: {first_line(exc)}") from None
+    if not {"prediction_id", "label"} <= set(frame.columns):
+        raise TuneloopError(f"{file} needs prediction_id and label columns (as tuneloop feedback suggest writes)")
+    filled = frame[frame["label"].str.strip() != ""]
+    labels = dict(zip(filled["prediction_id"].str.strip(), filled["label"].str.strip(), strict=True))
+    if not labels:
+        console.print(f"no label is filled in {file}: nothing recorded")
+        return
+    registry = _registry(config, overrides)
+    prediction_log = _prediction_log(config, overrides)
+    try:
+        recorded = record_labels(prediction_log, name, labels, f"cli:{getpass.getuser()}", registered_labels(registry))
+    finally:
+        prediction_log.close()
+    console.print(f"recorded {recorded} labels on {name} (trusted feedback; retrain with tuneloop retrain {name})")
+
+
 def _decide(
     decision: Decision,
     name: str,
@@ -949,6 +1030,51 @@ def gate(
     else:
         console.print(f"[red]{decision.candidate} rejected[/red]; {decision.production} stays in production")
         raise typer.Exit(3)
+
+
+@app.command()
+def monitor(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    last: Annotated[int, typer.Option("--last", min=1, help="Latest predictions to look at.")] = 5_000,
+    since: Annotated[
+        str | None, typer.Option(help="Only predictions made at or after this time (ISO 8601, e.g. 2026-12-01).")
+    ] = None,
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Has NAME's production drifted from its training data? Predicted labels, confidences, unfamiliar
+    messages and the texts themselves compared; an HTML report, the server's drift gauges, and what to do."""
+    from datetime import UTC, datetime
+
+    from tuneloop.feedback.monitor import monitor_folder, watch, write_drift_report
+
+    try:
+        start = datetime.fromisoformat(since) if since else None
+    except ValueError:
+        raise TuneloopError(f"--since '{since}' is not a time: write it as 2026-12-01 or 2026-12-01T08:00") from None
+    if start is not None and start.tzinfo is None:
+        start = start.replace(tzinfo=UTC)
+    registry = _registry(config, overrides)
+    prediction_log = _prediction_log(config, overrides)
+    try:
+        report = watch(name, registry, prediction_log, last, since=start)
+    finally:
+        prediction_log.close()
+    written = write_drift_report(report, monitor_folder(registry.home, name))
+    auc = "–" if report.domain_auc is None else f"{report.domain_auc:.2f}"
+    console.print(
+        f"{report.model}: {report.window_size} predictions from {report.window_start:%Y-%m-%d %H:%M} to "
+        f"{report.window_end:%Y-%m-%d %H:%M} UTC\n"
+        f"  predicted labels PSI {report.label_psi:.3f}, confidence PSI {report.confidence_psi:.3f} "
+        f"(mean {report.reference_confidence:.2f} → {report.window_confidence:.2f}), unfamiliar "
+        f"{report.unfamiliar_share:.1%}, texts told apart from training: AUC {auc}",
+        markup=False,
+    )
+    for flag in report.flags:
+        console.print(f"  [yellow]flag:[/yellow] {escape(flag)}", soft_wrap=True)
+    colour = {"retrain": "red", "collect labels": "yellow"}.get(report.recommendation, "green")
+    console.print(f"[{colour}]{escape(report.recommendation)}[/{colour}]: {escape(report.reason)}", soft_wrap=True)
+    console.print(f"report: {written}", markup=False)
 
 
 @keys_app.command("new")

@@ -1,6 +1,6 @@
 """The pages in a real browser (Debian's Chromium driven by Playwright): on the chat page send a message, see
 the reply with its badges, thumbs down, pick the right intent; on the admin page find that correction in the
-review queue and approve it; then find the feedback, approved, in the database."""
+review queue and approve it, label a suggested message; then find that feedback in the database."""
 
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ def test_chat_page_correction_then_approved_in_the_admin_review_queue(assistant_
             page.wait_for_selector(".msg.bot .thanks:has-text('noted as password')")
             page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)  # kept in the temporary folder
             turn_id = reply.get_attribute("data-turn-id")
+            page.fill("#message", "my account got locked after travel")  # unlabelled: a suggestion to label
+            page.click("#send")
+            page.locator(".msg.bot").nth(1).wait_for()
 
             page.goto(server.url + "/admin")
             page.fill("#key", "root")
@@ -80,6 +83,14 @@ def test_chat_page_correction_then_approved_in_the_admin_review_queue(assistant_
             assert words.all_inner_texts() == ["where", "is", "my", "parcel", "courier", "late"]
             colours = words.evaluate_all("spans => spans.map((s) => getComputedStyle(s).backgroundColor)")
             assert any(c.startswith("rgba(26, 127, 55") or c.startswith("rgba(207, 34, 46") for c in colours)
+            # To label: the unlabelled message is suggested; a label chosen and saved leaves the table.
+            suggested = page.locator("xpath=//h3[text()='toy']/following-sibling::table[1]/tbody/tr")
+            suggested.first.wait_for()
+            assert "my account got locked after travel" in suggested.all_inner_texts()[0]
+            assert "where is my parcel courier late" not in " ".join(suggested.all_inner_texts())  # has feedback
+            suggested.first.locator("select").select_option("password")
+            suggested.first.locator("button:has-text('save')").click()
+            page.wait_for_selector("#status:has-text('as password')")
             page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
         finally:
             browser.close()
@@ -89,5 +100,7 @@ def test_chat_page_correction_then_approved_in_the_admin_review_queue(assistant_
     assert [(f.rating, f.corrected_label, f.review) for f, _ in rows] == [
         (-1, None, "pending"),  # a rating alone teaches no label: nothing to approve
         (None, "password", "approved"),
+        (None, "password", "pending"),  # the admin's label: trusted, so it trains without review
     ]
+    assert rows[2][0].trusted and rows[2][1].text == "my account got locked after travel"
     assert rows[0][1].text == "where is my parcel courier late" and turn_id

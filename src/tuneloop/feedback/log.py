@@ -386,6 +386,36 @@ class PredictionLog:
             )
             return [(f, p) for f, p in session.execute(query)]
 
+    def recent_predictions(
+        self, model_name: str, limit: int, since: datetime | None = None, until: datetime | None = None
+    ) -> list[PredictionRecord]:
+        """The latest `limit` predictions of a model name (every version), newest first; only those made at or
+        after `since` and before `until` when they are given. What monitoring and the labelling suggestions
+        look at."""
+        self.flush()
+        query = select(PredictionRecord).where(PredictionRecord.model_name == model_name)
+        if since is not None:
+            query = query.where(PredictionRecord.created_at >= since)
+        if until is not None:
+            query = query.where(PredictionRecord.created_at < until)
+        query = query.order_by(PredictionRecord.created_at.desc(), PredictionRecord.id).limit(limit)
+        with self._sessions() as session:
+            return list(session.scalars(query))
+
+    def feedback_for_predictions(self, prediction_ids: list[str]) -> list[tuple[FeedbackRecord, PredictionRecord]]:
+        """All feedback on these predictions, oldest first, with the prediction it is about."""
+        rows: list[tuple[FeedbackRecord, PredictionRecord]] = []
+        with self._sessions() as session:
+            for start in range(0, len(prediction_ids), ROWS_PER_STATEMENT):
+                query = (
+                    select(FeedbackRecord, PredictionRecord)
+                    .join(PredictionRecord, FeedbackRecord.prediction_id == PredictionRecord.id)
+                    .where(FeedbackRecord.prediction_id.in_(prediction_ids[start : start + ROWS_PER_STATEMENT]))
+                    .order_by(FeedbackRecord.created_at, FeedbackRecord.id)
+                )
+                rows += [(f, p) for f, p in session.execute(query)]
+        return rows
+
     def set_review(self, feedback_ids: list[int], review: Review, reviewer: str) -> int:
         """Record an admin's verdict on these feedback rows, all or none; returns how many there were."""
         if not feedback_ids:

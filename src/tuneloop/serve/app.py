@@ -26,6 +26,7 @@ from tuneloop.assistant.turn import TurnOutcome
 from tuneloop.config import ServerSettings
 from tuneloop.errors import Conflict, NotFound, TooManyRequests, TuneloopError, Unavailable, first_line
 from tuneloop.feedback.log import PredictionLog
+from tuneloop.feedback.monitor import latest_reports
 from tuneloop.feedback.retention import purge
 from tuneloop.models.predictor import Predictor
 from tuneloop.privacy.mask import masker
@@ -112,6 +113,7 @@ def _build_state(config: ServerSettings) -> ServerState:
         registry, settings, on_batch=metrics.observe_batch, on_swap=swapped, prepare=prepare, required=required
     )
     served.load()
+    metrics.watch_drift(lambda: latest_reports(registry.home, list(served.slots)))
     mask = masker(config.privacy)
     prediction_log = PredictionLog(
         config.registry.resolved_database_url(),

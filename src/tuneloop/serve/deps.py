@@ -10,9 +10,10 @@ from fastapi import Depends, Request
 from tuneloop.assistant.service import ChatService
 from tuneloop.assistant.store import ConversationStore
 from tuneloop.config import ServerSettings
+from tuneloop.db.schema import PredictionRecord
 from tuneloop.errors import NotFound
 from tuneloop.feedback.log import PredictionLog
-from tuneloop.models.classifier import HeadSpec
+from tuneloop.feedback.suggest import version_labels
 from tuneloop.registry import Registry
 from tuneloop.serve.jobs import JobRunner
 from tuneloop.serve.metrics import ServerMetrics
@@ -38,9 +39,15 @@ class ServerState:
     def labels_of(self, name: str, version: int) -> frozenset[str]:
         """The labels of any registered version (feedback may be about one no longer served)."""
         if (name, version) not in self._labels:
-            folder = self.registry.folder(self.registry.get(f"{name}@{version}"))
-            self._labels[name, version] = frozenset(HeadSpec.read(folder.model).labels)
+            self._labels[name, version] = version_labels(self.registry, name, version)
         return self._labels[name, version]
+
+    def allowed_labels(self, prediction: PredictionRecord) -> frozenset[str]:
+        """The labels feedback may give a prediction: its version's, or those of the version now served."""
+        slot = self.served.slots.get(prediction.model_name)
+        return self.labels_of(prediction.model_name, prediction.model_version) | set(
+            slot.current.labels if slot else ()
+        )
 
 
 def get_state(request: Request) -> ServerState:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -66,12 +71,68 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+    def watch_drift(self, reports: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
+        """Export the drift gauges from these reports (model name → the latest report's figures)."""
+        self.registry.register(DriftCollector(reports))
+
     def observe_batch(self, model: str, size: int, seconds: float) -> None:
         self.batch_size.labels(model).observe(size)
         self.batch_seconds.labels(model).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# The drift figures exported from the latest `tuneloop monitor` report of each served model: name, help, key.
+DRIFT_GAUGES = (
+    ("tuneloop_drift_label_psi", "Population stability index of the predicted labels against training", "label_psi"),
+    ("tuneloop_drift_confidence_psi", "Population stability index of the confidences", "confidence_psi"),
+    ("tuneloop_drift_window_confidence", "Mean confidence over the monitored window", "window_confidence"),
+    (
+        "tuneloop_drift_unfamiliar_share",
+        "Share of the window below the reference's 5th percentile of confidence",
+        "unfamiliar_share",
+    ),
+    (
+        "tuneloop_drift_domain_auc",
+        "AUC of a classifier telling the window's texts from training's (0.5: alike)",
+        "domain_auc",
+    ),
+)
+
+
+class DriftCollector(Collector):
+    """Gauges read, at each scrape, from the latest monitoring report of every served model (`tuneloop monitor`
+    writes them; a cron job keeps them fresh), so every replica exports the same figures."""
+
+    def __init__(self, reports: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:
+        self.reports = reports
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            reports = self.reports()
+        except Exception:  # a scrape must never fail because a report file is being replaced or is unreadable
+            logging.getLogger(__name__).exception("could not read the monitoring reports")
+            reports = {}
+        for metric, documentation, key in DRIFT_GAUGES:
+            family = GaugeMetricFamily(metric, documentation, labels=["model"])
+            for model, report in reports.items():
+                if isinstance(report.get(key), int | float):
+                    family.add_metric([model], float(report[key]))
+            yield family
+        flagged = GaugeMetricFamily("tuneloop_drift_flags", "Drift flags raised by the latest report", labels=["model"])
+        advice = GaugeMetricFamily(
+            "tuneloop_drift_recommendation", "1 for the latest report's recommendation", labels=["model", "action"]
+        )
+        checked = GaugeMetricFamily(
+            "tuneloop_drift_window_end_seconds", "When the latest monitored window ended", labels=["model"]
+        )
+        for model, report in reports.items():
+            flagged.add_metric([model], float(len(report.get("flags", []))))
+            advice.add_metric([model, str(report.get("recommendation", ""))], 1.0)
+            if isinstance(report.get("window_end_seconds"), int | float):
+                checked.add_metric([model], float(report["window_end_seconds"]))
+        yield from (flagged, advice, checked)
 
 
 class RequestMetrics:

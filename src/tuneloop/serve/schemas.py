@@ -255,6 +255,36 @@ class ReviewQueueResponse(BaseModel):
     groups: list[ReviewGroupInfo]
 
 
+class SuggestionInfo(BaseModel):
+    prediction_id: str
+    text: str
+    predicted: str = Field(description="What the model said.")
+    confidence: float = Field(description="Its calibrated probability.")
+    runner_up: str = Field(description="The second most probable label.")
+    margin: float = Field(description="Difference of the two best probabilities: small means unsure.")
+    near_copies: int = Field(description="Other messages of the window this label answers too.")
+    trained_rows: int = Field(description="Training rows of the predicted label.")
+    priority: float
+    why: str
+
+
+class SuggestionsResponse(BaseModel):
+    model: str
+    labels: list[str] = Field(description="The labels of the version in production, to choose from.")
+    suggestions: list[SuggestionInfo]
+
+
+class LabelsRequest(StrictModel):
+    model: str = Field(pattern=MODEL_NAME_PATTERN, description="The model whose predictions are labelled.")
+    labels: dict[Annotated[str, Field(max_length=32)], Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        min_length=1, max_length=1000, description="Prediction id → the right label, from the suggestions."
+    )
+
+
+class LabelsResponse(BaseModel):
+    recorded: int = Field(description="Labels recorded (one already given by the same admin is not repeated).")
+
+
 class ReviewDecisionRequest(StrictModel):
     # "Say which feedback" is in the JSON schema too, as for FeedbackRequest.
     model_config = ConfigDict(

@@ -11,7 +11,7 @@ from tuneloop.config import MODEL_NAME_PATTERN
 from tuneloop.data.clean import clean_text
 from tuneloop.db.lease import model_job_running
 from tuneloop.errors import Conflict, NotFound, TuneloopError
-from tuneloop.feedback import review
+from tuneloop.feedback import review, suggest
 from tuneloop.serve.deps import State
 from tuneloop.serve.jobs import Job
 from tuneloop.serve.schemas import (
@@ -25,10 +25,14 @@ from tuneloop.serve.schemas import (
     JobInfo,
     JobRequest,
     JobsResponse,
+    LabelsRequest,
+    LabelsResponse,
     ReviewDecisionRequest,
     ReviewDecisionResponse,
     ReviewGroupInfo,
     ReviewQueueResponse,
+    SuggestionInfo,
+    SuggestionsResponse,
     TextExplanation,
 )
 from tuneloop.serve.security import Caller, check_text_length, require_admin
@@ -126,6 +130,37 @@ async def decide_on_feedback(
         body.sender,
     )
     return ReviewDecisionResponse(decided=decided)
+
+
+@router.get("/v1/admin/suggestions", response_model=SuggestionsResponse, responses=ERRORS)
+async def suggestions(
+    state: State,
+    model: str = Query(pattern=MODEL_NAME_PATTERN, description="Model name."),
+    budget: int = Query(20, ge=1, le=1000, description="How many predictions to suggest."),
+    window: int = Query(suggest.DEFAULT_WINDOW, ge=1, le=100_000, description="Latest predictions looked at."),
+) -> SuggestionsResponse:
+    """Production predictions worth a label, most useful first: unsure, not near-copies of each other, from
+    classes with little training data. Labels given for them (POST /v1/admin/labels) are trusted feedback."""
+    chosen = await run_in_threadpool(
+        suggest.suggestions_for, model, state.registry, state.prediction_log, budget, window
+    )
+    production = await run_in_threadpool(state.registry.get, f"{model}@production")
+    labels = await run_in_threadpool(state.labels_of, model, production.version)
+    return SuggestionsResponse(
+        model=model, labels=sorted(labels), suggestions=[SuggestionInfo(**s.to_dict()) for s in chosen]
+    )
+
+
+@router.post("/v1/admin/labels", response_model=LabelsResponse, responses=ERRORS)
+async def give_labels(
+    body: LabelsRequest, state: State, caller: Annotated[Caller, Depends(require_admin)]
+) -> LabelsResponse:
+    """Labels for suggested predictions, recorded as trusted feedback from this admin: all or none (an unknown
+    prediction is a 404, a label the model does not have a 422)."""
+    recorded = await run_in_threadpool(
+        suggest.record_labels, state.prediction_log, body.model, body.labels, caller.sender, state.allowed_labels
+    )
+    return LabelsResponse(recorded=recorded)
 
 
 @router.post("/v1/admin/jobs", response_model=JobInfo, status_code=202, responses=ERRORS)

@@ -49,9 +49,7 @@ async def feedback(
     if record is None:
         raise NotFound(f"no prediction with id '{prediction_id}' (ids come from /v1/predict)")
     if body.corrected_label is not None:
-        allowed = await run_in_threadpool(state.labels_of, record.model_name, record.model_version)
-        slot = state.served.slots.get(record.model_name)
-        allowed = allowed | set(slot.current.labels if slot else ())
+        allowed = await run_in_threadpool(state.allowed_labels, record)
         if body.corrected_label not in allowed:
             raise TuneloopError(
                 f"corrected_label '{body.corrected_label}' is not a label of {record.model_name}; "

@@ -43,7 +43,7 @@ const percent = (value) => (typeof value === "number" ? (value * 100).toFixed(1)
 
 async function loadModels() {
   const { models } = await call("/v1/admin/models");
-  await loadReview(models.map((m) => m.name));
+  await Promise.all([loadReview(models.map((m) => m.name)), loadSuggestions(models.map((m) => m.name))]);
   const root = document.getElementById("models");
   root.replaceChildren();
   for (const model of models) {
@@ -156,6 +156,40 @@ async function loadReview(names) {
     parts.push(title, t);
   }
   root.replaceChildren(...(parts.length ? parts : ["Nothing waits for review."]));
+}
+
+// One table per model in production: the predictions most worth a label; choose the right one and save.
+async function loadSuggestions(names) {
+  const parts = [];
+  for (const name of names) {
+    let answer;
+    try {
+      answer = await call(`/v1/admin/suggestions?model=${encodeURIComponent(name)}&budget=20`);
+    } catch (error) { continue; }  // no production version, or nothing served yet
+    if (!answer.suggestions.length) continue;
+    const t = table(["text", "model said", "why", "right label", ""]);
+    t.className = "suggestions";
+    const body = t.createTBody();
+    for (const s of answer.suggestions) {
+      const row = body.insertRow();
+      row.dataset.prediction = s.prediction_id;
+      cell(row, s.text);
+      cell(row, `${s.predicted} (${percent(s.confidence)})`);
+      cell(row, s.why);
+      const choice = document.createElement("select");
+      for (const label of answer.labels) choice.add(new Option(label, label, false, label === s.predicted));
+      cell(row, choice);
+      cell(row, button("save", async () => {
+        await call("/v1/admin/labels", { model: name, labels: { [s.prediction_id]: choice.value } });
+        show(`labelled "${s.text.slice(0, 40)}" as ${choice.value}`);
+        row.remove();
+      }));
+    }
+    const title = document.createElement("h3");
+    title.textContent = name;
+    parts.push(title, t);
+  }
+  document.getElementById("suggestions").replaceChildren(...(parts.length ? parts : ["Nothing to label yet."]));
 }
 
 async function loadJobs() {
