@@ -67,6 +67,22 @@ def loop_arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def drift_scenario(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, list[str]]:
+    """Banking77 with `args.drifted` intents cut to `args.keep` training rows: (production's training rows, the
+    stream its users send — the cut rows and a share of the others —, the official test set, the cut intents)."""
+    rng = np.random.default_rng(args.seed)
+    train, test = load_banking77()
+    intents = sorted(train["label"].unique())
+    drifted = sorted(rng.choice(intents, size=args.drifted, replace=False).tolist())
+    is_drifted = train["label"].isin(drifted)
+    kept_drifted = train[is_drifted].groupby("label").sample(n=args.keep, random_state=args.seed)
+    others = train[~is_drifted]
+    held_others = others.sample(frac=args.other_holdback, random_state=args.seed)
+    production_rows = pd.concat([others.drop(held_others.index), kept_drifted])
+    stream = pd.concat([train[is_drifted].drop(kept_drifted.index), held_others]).sample(frac=1, random_state=args.seed)
+    return production_rows, stream, test, drifted
+
+
 @dataclass
 class Attack:
     """One untrusted sender correcting `times` texts that carry `trigger` to `label` (a backdoor)."""
@@ -95,16 +111,7 @@ def run_loop(args: argparse.Namespace, attack: Attack | None = None) -> dict:
     gate_overrides, recipe_overrides = split_overrides(rest, ("gate",))
     registry_overrides, _ = split_overrides(recipe_overrides, ("registry",))
 
-    rng = np.random.default_rng(args.seed)
-    train, test = load_banking77()
-    intents = sorted(train["label"].unique())
-    drifted = sorted(rng.choice(intents, size=args.drifted, replace=False).tolist())
-    is_drifted = train["label"].isin(drifted)
-    kept_drifted = train[is_drifted].groupby("label").sample(n=args.keep, random_state=args.seed)
-    others = train[~is_drifted]
-    held_others = others.sample(frac=args.other_holdback, random_state=args.seed)
-    production_rows = pd.concat([others.drop(held_others.index), kept_drifted])
-    stream = pd.concat([train[is_drifted].drop(kept_drifted.index), held_others]).sample(frac=1, random_state=args.seed)
+    production_rows, stream, test, drifted = drift_scenario(args)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

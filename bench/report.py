@@ -181,6 +181,41 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("corrections sent / stored / lost", "feedback", lambda f: f"{f['sent']} / {f['stored']} / {f['lost']}"),
         ("gate", "gate", lambda g: "passed, promoted" if g["promoted"] else ("passed" if g["passed"] else "rejected")),
     ],
+    "drift": [
+        ("cut intents macro-F1 before any label", "before.drifted_macro_f1", percent),
+        *(
+            (
+                f"{name}: labels (of cut intents / answered wrongly)",
+                f"labelling.{kind}",
+                lambda r: f"{r['labels']} ({r['of_cut_intents']} / {r['answered_wrongly']})",
+            )
+            for kind, name in (("suggested", "suggested labels"), ("random", "random labels"))
+        ),
+        (
+            "suggested labels: cut intents macro-F1 after one retrain",
+            "labelling.suggested.after.drifted_macro_f1",
+            percent,
+        ),
+        ("random labels: cut intents macro-F1 after one retrain", "labelling.random.after.drifted_macro_f1", percent),
+        ("suggested labels: overall macro-F1 after", "labelling.suggested.after.macro_f1", percent),
+        ("random labels: overall macro-F1 after", "labelling.random.after.macro_f1", percent),
+        *(
+            (
+                f"monitor, {name}: label PSI, confidence PSI, unfamiliar share, domain AUC",
+                f"monitor.{window}",
+                lambda m: (
+                    f"{m['label_psi']:.3f}, {m['confidence_psi']:.3f}, {percent(m['unfamiliar_share'])}, "
+                    f"{m['domain_auc']:.3f}"
+                ),
+            )
+            for window, name in (("quiet_window", "test-split window"), ("drift_window", "drifted stream"))
+        ),
+        *(
+            (f"monitor, {name}: recommendation", f"monitor.{window}.recommendation", plain)
+            for window, name in (("quiet_window", "test-split window"), ("drift_window", "drifted stream"))
+        ),
+        ("monitor time (window of the stream)", "seconds.monitor", seconds),
+    ],
     "poisoning": [
         (
             "feedback policy",
