@@ -216,6 +216,18 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ),
         ("monitor time (window of the stream)", "seconds.monitor", seconds),
     ],
+    "batch_predict": [
+        ("model, runtime", "", lambda r: f"{r['model']}, {r['runtime']}"),
+        *(
+            (
+                f"{name} texts: rows/s, peak memory of the process",
+                f"runs.{size}",
+                lambda r: f"{r['rows']:,} rows: {r['rows_per_second']:,.0f} rows/s, {r['peak_memory_mib']:,.0f} MiB",
+            )
+            for size, name in (("small", "fewer"), ("large", "more"))
+        ),
+        ("peak memory, larger file / smaller file", "peak_memory_ratio_large_to_small", times),
+    ],
     "poisoning": [
         (
             "feedback policy",

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from tuneloop.feedback.log import PredictionLog
     from tuneloop.feedback.retention import Erased
     from tuneloop.feedback.review import Decision
-    from tuneloop.models.predictor import Prediction
+    from tuneloop.models.predictor import Prediction, Predictor
     from tuneloop.registry import ModelVersion, Registry, VersionFolder
     from tuneloop.training.classification import ClassifierOutcome
 
@@ -567,15 +567,38 @@ def predict(
     texts: Annotated[
         list[str] | None, typer.Argument(help="Texts to classify (and optional registry.* overrides).")
     ] = None,
-    input_file: Annotated[Path | None, typer.Option("--input", "-i", help="File with one text per line.")] = None,
+    input_file: Annotated[
+        Path | None,
+        typer.Option("--input", "-i", help="File with one text per line; with --output any csv/tsv/jsonl/parquet."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Predict the whole --input file into this parquet/csv/jsonl file (streamed, resumable).",
+        ),
+    ] = None,
+    text_column: Annotated[str, typer.Option(help="The --input file's text column.")] = "text",
+    chunk_rows: Annotated[int, typer.Option(min=1, help="Rows read, predicted and written at a time.")] = 10_000,
+    runtime: Annotated[
+        str | None, typer.Option(help="torch, onnx or onnx-int8 (default: what the version was evaluated with).")
+    ] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 3,
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per text.")] = False,
 ) -> None:
-    """Classify texts with a registered model: label, probability and top-k."""
+    """Classify texts with a registered model: label, probability and top-k; or a whole file with --output."""
     from tuneloop.models.predictor import load_model
 
     items, overrides = _texts_and_overrides(texts)
+    if output is not None:
+        if input_file is None or items:
+            raise TuneloopError("--output predicts a whole file: give it --input FILE and no texts")
+        _predict_file(
+            load_model(model, _registry(config, overrides), runtime), input_file, output, text_column, chunk_rows
+        )
+        return
     if input_file is not None:
         if not input_file.is_file():
             raise TuneloopError(f"input file not found: {input_file}")
@@ -585,7 +608,7 @@ def predict(
             raise TuneloopError(f"{input_file} is not valid UTF-8; re-save it as UTF-8") from None
     if not items:
         raise TuneloopError("nothing to classify: give texts as arguments or --input file.txt")
-    predictor = load_model(model, _registry(config, overrides))
+    predictor = load_model(model, _registry(config, overrides), runtime)
     results = predictor.rank(items, top_k=top_k)
     if as_json:
         for r in results:
@@ -608,6 +631,23 @@ def predict(
     for r in results:
         table.add_row(r.text, r.label, f"{r.probability:.3f}", ", ".join(f"{lab} {p:.2f}" for lab, p in r.top_k))
     console.print(table)
+
+
+def _predict_file(predictor: Predictor, input_file: Path, output: Path, text_column: str, chunk_rows: int) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from tuneloop.models.batch import count_rows, predict_file
+
+    total = count_rows(input_file) if input_file.is_file() else None  # a missing file: predict_file says so
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"{predictor.ref} ({predictor.runtime})", total=total)
+        outcome = predict_file(
+            predictor, input_file, output, text_column, chunk_rows, lambda rows: progress.advance(task, rows)
+        )
+    resumed = f", {outcome.chunks_resumed} of {outcome.chunks} chunks from an interrupted run"
+    said = f"wrote {outcome.rows} predictions to {output}{resumed if outcome.chunks_resumed else ''}"
+    console.print(said, markup=False, soft_wrap=True)
 
 
 @app.command()
