@@ -47,7 +47,7 @@ class Suggestion:
     confidence: float
     runner_up: str
     margin: float  # the two best probabilities' difference: small = unsure
-    near_copies: int  # other messages in the window this label also answers
+    near_copies: int  # near-copies of it in the window, which it stands for (never suggested themselves)
     trained_rows: int  # training rows of the predicted class
     priority: float
     why: str
@@ -98,7 +98,7 @@ def suggest_labels(
         label, top, _, second = margin_of(newest[key].scores)
         return (1.0 - (top - second)) * rarity_lift(trained_counts.get(label, 0), typical)
 
-    # Near-copies: one message per cluster, its most uncertain, answering for the cluster's every copy.
+    # Near-copies: one message per cluster, its most uncertain, standing for the whole cluster.
     groups = clusters(len(keys), near_duplicate_pairs(texts, NEAR_COPY_THRESHOLD))
     grouped = {i for group in groups for i in group}
     groups += [[i] for i in range(len(keys)) if i not in grouped]
@@ -120,7 +120,7 @@ def suggest_labels(
         if rarity_lift(trained, typical) > 1.0:
             reasons.append(f"{label} has {trained} training rows")
         if near_copies:
-            reasons.append(f"answers {near_copies} near-copies too")
+            reasons.append(f"stands for {near_copies} near-copies")
         suggestion = Suggestion(
             prediction_id=prediction.id,
             text=clean_text(prediction.text),

@@ -262,7 +262,9 @@ class SuggestionInfo(BaseModel):
     confidence: float = Field(description="Its calibrated probability.")
     runner_up: str = Field(description="The second most probable label.")
     margin: float = Field(description="Difference of the two best probabilities: small means unsure.")
-    near_copies: int = Field(description="Other messages of the window this label answers too.")
+    near_copies: int = Field(
+        description="Near-copies of it in the window, which it stands for (they are not suggested)."
+    )
     trained_rows: int = Field(description="Training rows of the predicted label.")
     priority: float
     why: str
