@@ -332,6 +332,8 @@ def train(
     if audit:
         recipe.train.audit = True
     outcome = classification.run(recipe, resume=resume, register=register)
+    if not outcome.report:  # another rank than 0 of a torchrun launch: rank 0 reports
+        return
     if "label_audit" in outcome.report["data"]:
         _print_audit(outcome.report["data"]["label_audit"], show=5)
     if outcome.train.profile:

@@ -74,6 +74,16 @@ from tuneloop.training.common import (
     start_run,
     use_threads,
 )
+from tuneloop.training.distributed import (
+    ONE_PROCESS,
+    World,
+    batch_normaliser,
+    check_recipe,
+    current_world,
+    join_world,
+    leave_world,
+    shard_loss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -323,12 +333,20 @@ def _epoch_batches(tasks: list[Task], batch_size: int, seed: int, grouped: bool)
 
 
 def validation_macro_f1(
-    model: TextClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str], label_ids: np.ndarray
+    model: TextClassifier,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    label_ids: np.ndarray,
+    world: World = ONE_PROCESS,
 ) -> float:
-    probs = predict_proba(model, tokenizer, texts)
-    return float(
-        f1_score(label_ids, probs.argmax(1), average="macro", labels=range(len(model.spec.labels)), zero_division=0)
-    )
+    """Macro-F1 on the validation texts, each rank predicting its share; rank 0's figure, on every rank."""
+    mine = np.arange(len(texts))[world.rank :: world.size]
+    predicted = predict_proba(model, tokenizer, [texts[i] for i in mine]).argmax(1) if len(mine) else mine
+    shares = world.gather((mine, predicted))
+    rows = np.concatenate([rows for rows, _ in shares])
+    said = np.concatenate([said for _, said in shares])
+    f1 = f1_score(label_ids[rows], said, average="macro", labels=range(len(model.spec.labels)), zero_division=0)
+    return float(world.broadcast(f1))
 
 
 def fine_tune(
@@ -354,6 +372,7 @@ def fine_tune(
     callback itself); benchmarks use it to score the test set during training.
     """
     tc = recipe.train
+    world = current_world()
     use_threads(tc.threads)
     seed_everything(tc.seed)
     run.root.mkdir(parents=True, exist_ok=True)
@@ -370,7 +389,7 @@ def fine_tune(
         name: TextClassifier(model.encoder, head_spec(recipe, encoder, extra.labels, name))
         for name, extra in (other_tasks or {}).items()
     }
-    profiler = Profiler(run.root / PROFILE_FOLDER, tc.profile_steps) if tc.profile else None
+    profiler = Profiler(run.root / PROFILE_FOLDER, tc.profile_steps) if tc.profile and world.main else None
     if profiler:
         profiler.start()
     with stage("tokenise"):
@@ -471,6 +490,12 @@ def fine_tune(
             task.classifier.init_head_from_centroids(embeddings, torch.tensor(task.train_labels))
         state["train_seconds"] += time.perf_counter() - started
 
+    # Under torchrun: rank 0's weights broadcast to every rank, then the ranks' gradients averaged at each step.
+    parallel = torch.nn.parallel.DistributedDataParallel(model) if world.distributed else None
+    per_row_loss = torch.nn.CrossEntropyLoss(
+        weight=tasks[0].loss_fn.weight, label_smoothing=tasks[0].loss_fn.label_smoothing, reduction="none"
+    )
+
     def train_mode() -> None:
         for task in tasks:  # validation switched every head (and the shared encoder) to eval mode
             task.classifier.train()
@@ -482,6 +507,8 @@ def fine_tune(
             save_task_heads(folder, heads)
 
     def checkpoint() -> None:
+        if not world.main:
+            return
         save_checkpoint(
             run,
             CHECKPOINT,
@@ -503,7 +530,7 @@ def fine_tune(
         scored = [task for task in tasks if len(task.val_texts)]
         if scored:
             scores = {
-                task.name: validation_macro_f1(task.classifier, tokenizer, task.val_texts, task.val_labels)
+                task.name: validation_macro_f1(task.classifier, tokenizer, task.val_texts, task.val_labels, world)
                 for task in scored
             }
             if heads:
@@ -516,7 +543,8 @@ def fine_tune(
             state["best_epoch"] = state["epoch"] + 1
             state["best_step"] = state["global_step"]
             state["improved_in_epoch"] = True
-            write_dir_atomically(save_model, run.model)
+            if world.main:
+                write_dir_atomically(save_model, run.model)
         train_mode()
 
     def off_topic_loss(classifier: TextClassifier) -> torch.Tensor:
@@ -525,15 +553,16 @@ def fine_tune(
         shown = np.random.default_rng([tc.seed, state["global_step"]]).choice(
             len(off_topic), size=min(max(2, tc.batch_size // 4), len(off_topic)), replace=False
         )
+        rows, weight = world.share(shown.tolist())  # one process: all of them, weight 1
         with stage("data"):
-            input_ids, mask = pad_right([off_topic[i] for i in shown], pad_id)
+            input_ids, mask = pad_right([off_topic[i] for i in rows], pad_id)
         with stage("forward"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             logits = classifier(input_ids, mask)
-        return uniform_target_loss(logits.float())
+        return uniform_target_loss(logits.float()) * (weight * world.size * len(rows) / len(shown))
 
-    metrics = MetricsLog(run)
+    metrics = MetricsLog(run) if world.main else None
     train_mode()
-    with TrainingProgress("training", total_steps, state["global_step"], show_progress) as progress:
+    with TrainingProgress("training", total_steps, state["global_step"], show_progress and world.main) as progress:
         while state["epoch"] < tc.epochs and not state["stopped_early"]:
             epoch = state["epoch"]
             batches = (
@@ -553,15 +582,25 @@ def fine_tune(
                         input_ids, mask = pad_right([task.train_ids[i] for i in rows], pad_id)
                         target = torch.as_tensor(task.train_labels[rows])
                     with stage("forward"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                        logits = task.classifier(input_ids, mask)
+                        logits = (parallel if parallel is not None else task.classifier)(input_ids, mask)
                     return logits, target
 
                 if private:
                     with stage("dp step"):  # forward, backward, per-text clipping, noise and the step
                         state["epoch_loss_sum"] += private.step(forward, chosen)
                 else:
-                    logits, target = forward(chosen)
-                    loss = task.loss_fn(logits.float(), target)
+                    if parallel is not None:
+                        rows, weight = world.share(chosen)
+                        logits, target = forward(rows)
+                        normaliser = batch_normaliser(task.train_labels[chosen], per_row_loss.weight)
+                        per_row = per_row_loss(logits.float(), target)
+                        loss = shard_loss(per_row, weight, normaliser, world)
+                        # The whole batch's mean loss, for the log: the ranks' shares summed.
+                        logged = world.total(weight * float(per_row.detach().sum())) / normaliser
+                    else:
+                        logits, target = forward(chosen)
+                        loss = task.loss_fn(logits.float(), target)
+                        logged = float(loss.detach())
                     total = loss
                     if off_topic and task is tasks[0]:
                         total = loss + tc.outlier_exposure * off_topic_loss(task.classifier)
@@ -571,7 +610,7 @@ def fine_tune(
                         torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                    state["epoch_loss_sum"] += loss.item() * len(chosen)
+                    state["epoch_loss_sum"] += logged * len(chosen)
                 scheduler.step()
                 if profiler:
                     profiler.step()
@@ -591,7 +630,8 @@ def fine_tune(
                     }
                     validate(entry)
                     state["history"].append(entry)
-                    metrics.record(entry)
+                    if metrics:
+                        metrics.record(entry)
                 if state["global_step"] % tc.checkpoint_every == 0:
                     checkpoint()
                 if step_callback and callback_every and state["global_step"] % callback_every == 0:
@@ -608,7 +648,8 @@ def fine_tune(
             }
             validate(entry)
             state["history"].append(entry)
-            metrics.record(entry)
+            if metrics:
+                metrics.record(entry)
             log.info("epoch %d: %s", epoch + 1, entry)
             state["bad_epochs"] = 0 if state["improved_in_epoch"] else state["bad_epochs"] + 1
             state["improved_in_epoch"] = False
@@ -623,7 +664,8 @@ def fine_tune(
                 checkpoint()
                 log.info("early stop: no validation improvement for %d epochs", tc.patience)
                 break
-    metrics.close()
+    if metrics:
+        metrics.close()
     summary = profiler.finish() if profiler else None  # a run shorter than the profiled window
     return TrainResult(
         best_dir=run.model,
@@ -776,6 +818,63 @@ def register_classifier(
     )
 
 
+def _start_run_folder(
+    recipe: ClassifierRecipe,
+    data: PreparedData,
+    others: dict[str, PreparedData],
+    encoder: EncoderSource,
+    parent: str | None,
+) -> VersionFolder:
+    """A new run folder holding the recipe, the frozen splits and the encoder the run starts from."""
+    # Audited before the run folder exists, so data it cannot audit leaves nothing behind.
+    audit = audit_training_labels(data, encoder, recipe.data.kfold, recipe.data.seed) if recipe.train.audit else None
+    folder = new_run_folder(recipe)
+    start_run(recipe, folder)
+    if audit is not None:
+        audit.write_csv(folder.root / AUDIT_FILE)
+        data.report["label_audit"] = audit.summary
+    save_prepared(data, folder.data())
+    for name, task_data in others.items():
+        save_prepared(task_data, folder.data(name))
+    folder.encoder.write_text(
+        json.dumps(
+            {"name": encoder.name, "path": str(encoder.path), "text_prefix": encoder.text_prefix, "parent": parent}
+        )
+    )
+    return folder
+
+
+def _prepared_by_rank_zero(
+    recipe: ClassifierRecipe,
+    registry: Registry,
+    world: World,
+    prepared: tuple[PreparedData, EncoderSource] | None,
+    parent: str | None,
+) -> tuple[VersionFolder, PreparedData, EncoderSource]:
+    """Under torchrun: rank 0 prepares the data and the run folder, the other ranks read them from it. Rank 0's
+    error (bad data, say) is every rank's, so none waits for a folder that will never come."""
+    made: tuple[str, str] = ("", "")
+    if world.main:
+        try:
+            data, encoder = prepared or prepare_for_model(recipe, registry)
+            made = ("folder", str(_start_run_folder(recipe, data, {}, encoder, parent).root))
+        except TuneloopError as exc:
+            made = ("error", str(exc))
+            raise
+        finally:
+            made = world.broadcast(made)
+    else:
+        made = world.broadcast(made)
+    kind, value = made
+    if kind == "error":
+        raise TuneloopError(value)
+    folder = VersionFolder(Path(value))
+    if world.main:
+        return folder, data, encoder
+    started_from = json.loads(folder.encoder.read_text())
+    return folder, load_prepared(folder.data()), resolve_encoder(started_from["name"], registry)
+
+
 def run(
     recipe: ClassifierRecipe,
     resume: str | Path | None = None,
@@ -793,7 +892,12 @@ def run(
     With `recipe.tasks` it trains one encoder for all the tasks (multi-task); the first is the model's own.
     """
     registry = Registry(recipe.registry)
-    if resume is not None:
+    world = join_world()  # one process, or one of torchrun's
+    check_recipe(recipe, world)
+    if resume is None and world.distributed:
+        folder, data, encoder = _prepared_by_rank_zero(recipe, registry, world, prepared, parent)
+        others = {}
+    elif resume is not None:
         folder = resume_folder(recipe, resume, CHECKPOINT)
         # The run continues with the recipe it started with; where things live is the caller's.
         saved = stored_recipe(read_yaml_mapping(folder.config))
@@ -811,23 +915,7 @@ def run(
         else:
             data, encoder = prepared or prepare_for_model(recipe, registry)
             others = {}
-        # Audited before the run folder exists, so data it cannot audit leaves nothing behind.
-        audit = (
-            audit_training_labels(data, encoder, recipe.data.kfold, recipe.data.seed) if recipe.train.audit else None
-        )
-        folder = new_run_folder(recipe)
-        start_run(recipe, folder)
-        if audit is not None:
-            audit.write_csv(folder.root / AUDIT_FILE)
-            data.report["label_audit"] = audit.summary
-        save_prepared(data, folder.data())
-        for name, task_data in others.items():
-            save_prepared(task_data, folder.data(name))
-        folder.encoder.write_text(
-            json.dumps(
-                {"name": encoder.name, "path": str(encoder.path), "text_prefix": encoder.text_prefix, "parent": parent}
-            )
-        )
+        folder = _start_run_folder(recipe, data, others, encoder, parent)
 
     cross_validation = None
     if recipe.data.kfold and resume is None:
@@ -845,6 +933,10 @@ def run(
             other_tasks=others,
             task_name=next(iter(recipe.tasks), ""),
         )
+    if not world.main:  # rank 0 scores the test split, writes the report and registers
+        leave_world()
+        return ClassifierOutcome(folder=folder, report={}, report_html=folder.report_html, version=None, train=result)
+    leave_world()
     report = evaluate_run(recipe, folder, result, data, others, cross_validation)
     version, html = None, folder.report_html
     if register:

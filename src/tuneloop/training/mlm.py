@@ -54,6 +54,7 @@ from tuneloop.training.common import (
     start_run,
     use_threads,
 )
+from tuneloop.training.distributed import refuse_launch
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "pretrain.pt"
@@ -236,6 +237,7 @@ def run(
     `resume` ('latest' or a run folder) continues a run from its checkpoint, with the recipe it started with.
     `step_callback(state)` runs after every step.
     """
+    refuse_launch("pretrain")
     registry = Registry(recipe.registry)
     if resume is not None:
         folder = resume_folder(recipe, resume, CHECKPOINT)

@@ -41,6 +41,7 @@ from tuneloop.training.common import (
     start_run,
     use_threads,
 )
+from tuneloop.training.distributed import refuse_launch
 
 log = logging.getLogger(__name__)
 Message = dict[str, str]
@@ -175,6 +176,7 @@ def build_model(recipe: SftRecipe, folder: Path) -> tuple[PreTrainedModel, PreTr
 
 def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) -> SftOutcome:
     """Fine-tune, report held-out loss before and after, save (adapters or full weights) and register."""
+    refuse_launch("sft")
     settings = recipe.sft
     registry = Registry(recipe.registry)
     use_threads(settings.threads)

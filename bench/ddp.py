@@ -1,0 +1,87 @@
+"""Benchmark: data-parallel training on one machine's CPU cores, against one process using them all.
+
+    python bench/ddp.py [--processes 2] [--set train.epochs=2 ...]
+
+Banking77 with all-MiniLM-L6-v2 is trained twice with the same recipe (global batch, epochs, seed):
+`tuneloop train` in one process with `--processes` threads, and `torchrun --standalone --nproc-per-node N -m
+tuneloop train` with one thread per process (gloo). On one machine's cores no speed-up is expected — the point
+is the same result through a working launch. Prints one JSON line: test accuracy and macro-F1 of each (scored
+by rank 0 on the same test split), the difference in points, training and wall seconds of each; also written
+to bench/results/ddp.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import add_result_options, load_banking77, publish
+
+
+def train(command: list[str], overrides: list[str], home: Path, threads: int) -> dict:
+    from tuneloop.config import load_config
+    from tuneloop.registry import Registry
+
+    started = time.perf_counter()
+    subprocess.run(
+        [*command, "train", *overrides, f"registry.home={home}", f"train.threads={threads}"],
+        check=True,
+        stdout=sys.stderr,  # stdout carries only the result line
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+    )
+    wall = time.perf_counter() - started
+    (version,) = Registry(load_config(None, [f"registry.home={home}"]).registry).versions("banking77")
+    return {
+        "accuracy": round(version.metrics["accuracy"], 4),
+        "macro_f1": round(version.metrics["macro_f1"], 4),
+        "train_seconds": round(version.metrics["train_seconds"], 1),
+        "wall_seconds": round(wall, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override")
+    add_result_options(parser)
+    args = parser.parse_args()
+
+    train_rows, test_rows = load_banking77()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        train_rows.to_csv(work / "train.csv", index=False)
+        test_rows.to_csv(work / "test.csv", index=False)
+        recipe = [
+            f"data.path={work / 'train.csv'}",
+            f"data.test_path={work / 'test.csv'}",
+            "name=banking77",
+            *args.overrides,
+        ]
+        one = train([sys.executable, "-m", "tuneloop"], recipe, work / "one", threads=args.processes)
+        torchrun = Path(sys.executable).with_name("torchrun")
+        launch = [str(torchrun), "--standalone", "--nproc-per-node", str(args.processes), "-m", "tuneloop"]
+        many = train(launch, recipe, work / "many", threads=1)
+
+    publish(
+        args,
+        "ddp",
+        {
+            "dataset": "banking77",
+            "encoder": "all-MiniLM-L6-v2",
+            "overrides": args.overrides,
+            "one_process": {"threads": args.processes, **one},
+            "data_parallel": {"processes": args.processes, "threads_each": 1, "backend": "gloo", **many},
+            "accuracy_difference_points": round(100 * (many["accuracy"] - one["accuracy"]), 2),
+            "time_ratio": round(many["train_seconds"] / one["train_seconds"], 2),
+            "cores": os.cpu_count(),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
