@@ -26,9 +26,9 @@ setup-bench: setup
 demo: setup
 	$(VENV)/bin/tuneloop demo
 
-# Every tier: unit, integration (packaged models, datasets), browser (Chromium), fuzz (schemathesis), faults
-# (killed and replicated server processes), PostgreSQL when
-# TUNELOOP_TEST_DATABASE_URL names one (`make postgres` starts one and prints the variable).
+# Every tier: unit, integration (packaged models, datasets), browser (Chromium), fuzz (schemathesis), distributed
+# (torchrun), faults (killed and replicated server processes), PostgreSQL when TUNELOOP_TEST_DATABASE_URL names
+# one (`make postgres` starts one and prints the variable).
 test: setup
 	$(PY) -m pytest -q -m ""
 

@@ -228,6 +228,23 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ),
         ("peak memory, larger file / smaller file", "peak_memory_ratio_large_to_small", times),
     ],
+    "ddp": [
+        ("dataset, encoder", "", lambda r: f"{r['dataset']}, {r['encoder']}"),
+        (
+            "one process: test accuracy, training time",
+            "one_process",
+            lambda r: f"{percent(r['accuracy'])}, {seconds(r['train_seconds'])} ({r['threads']} threads)",
+        ),
+        (
+            "torchrun, data parallel: test accuracy, training time",
+            "data_parallel",
+            lambda r: (
+                f"{percent(r['accuracy'])}, {seconds(r['train_seconds'])} ({r['processes']} processes × 1 thread)"
+            ),
+        ),
+        ("accuracy difference", "accuracy_difference_points", lambda v: f"{v:+.2f} points"),
+        ("training time, data parallel / one process", "time_ratio", times),
+    ],
     "poisoning": [
         (
             "feedback policy",
