@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from _common import free_port, publish, stop, wait_ready
-from feedback_loop import drift_scenario, loop_arguments, scores
+from feedback_loop import drift_scenario, loop_arguments, promoted_production, scores
 
 
 def send(url: str, texts: list[str], request_size: int) -> list[dict]:
@@ -70,7 +70,6 @@ def main() -> None:
     from tuneloop.feedback.retrain import retrain
     from tuneloop.feedback.suggest import record_labels, registered_labels, suggestions_for
     from tuneloop.registry import Registry
-    from tuneloop.training import classification
 
     production_rows, stream, test, drifted = drift_scenario(args)
     quiet = quiet_window(test, production_rows, args.quiet_window, args.seed)
@@ -82,11 +81,7 @@ def main() -> None:
         common = ["name=banking77", *args.overrides]
         data = [f"data.path={work / 'train.csv'}", f"data.test_path={work / 'test.csv'}"]
         recipe = load_config(None, [*data, f"registry.home={home}", *common])
-        started = time.perf_counter()
-        production = classification.run(recipe, show_progress=False).version
-        registry = Registry(recipe.registry)
-        registry.promote(production.ref)
-        production_seconds = time.perf_counter() - started
+        production, registry, production_seconds = promoted_production(recipe)
         before = scores(registry, production.ref, test, drifted)
 
         port = free_port()

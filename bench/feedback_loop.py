@@ -83,6 +83,18 @@ def drift_scenario(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame
     return production_rows, stream, test, drifted
 
 
+def promoted_production(recipe) -> tuple:
+    """Train the production version on `recipe` and promote it: (version, registry, seconds it took)."""
+    from tuneloop.registry import Registry
+    from tuneloop.training import classification
+
+    started = time.perf_counter()
+    production = classification.run(recipe, show_progress=False).version
+    registry = Registry(recipe.registry)
+    registry.promote(production.ref)
+    return production, registry, time.perf_counter() - started
+
+
 @dataclass
 class Attack:
     """One untrusted sender correcting `times` texts that carry `trigger` to `label` (a backdoor)."""
@@ -102,9 +114,7 @@ def run_loop(args: argparse.Namespace, attack: Attack | None = None) -> dict:
     from tuneloop.feedback.log import PredictionLog
     from tuneloop.feedback.retrain import retrain
     from tuneloop.feedback.review import review_queue
-    from tuneloop.registry import Registry
     from tuneloop.serve.security import hash_key, key_id, new_key
-    from tuneloop.training import classification
 
     # One --set list, three roots: the recipe (trained and retrained), the server and the gate.
     serve_overrides, rest = split_overrides(args.overrides, ("serve",))
@@ -138,11 +148,7 @@ def run_loop(args: argparse.Namespace, attack: Attack | None = None) -> dict:
             )
         except TuneloopError as exc:
             raise SystemExit(f"--set: {exc}") from None
-        started = time.perf_counter()
-        production = classification.run(recipe, show_progress=False).version
-        registry = Registry(recipe.registry)
-        registry.promote(production.ref)
-        production_seconds = time.perf_counter() - started
+        production, registry, production_seconds = promoted_production(recipe)
         before = scores(registry, production.ref, test, drifted)
 
         port = free_port()
