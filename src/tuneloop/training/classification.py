@@ -858,8 +858,8 @@ def _prepared_by_rank_zero(
         try:
             data, encoder = prepared or prepare_for_model(recipe, registry)
             made = ("folder", str(_start_run_folder(recipe, data, {}, encoder, parent).root))
-        except TuneloopError as exc:
-            made = ("error", str(exc))
+        except Exception as exc:  # any failure: the other ranks stop with its message instead of waiting
+            made = ("error", first_line(exc) or type(exc).__name__)
             raise
         finally:
             made = world.broadcast(made)
