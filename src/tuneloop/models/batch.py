@@ -15,7 +15,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -221,7 +221,3 @@ def _join(parts: list[Path], output: Path, kind: str) -> None:
                 else:
                     frame.to_json(out, orient="records", lines=True, force_ascii=False)
                     out.write("" if frame.empty else "\n")
-
-
-def describe(outcome: BatchOutcome) -> dict[str, object]:
-    return {**asdict(outcome), "output": str(outcome.output)}

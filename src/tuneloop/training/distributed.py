@@ -72,10 +72,6 @@ class World:
         dist.all_reduce(summed)
         return float(summed.item())
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
 
 ONE_PROCESS = World()
 _joined_here: list[bool] = []  # whether join_world started the process group (and leave_world should end it)
