@@ -11,6 +11,7 @@ Labels given for a suggestion are trusted feedback: they go through the same exp
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -94,9 +95,11 @@ def suggest_labels(
     texts = [clean_text(newest[key].text) for key in keys]
     typical = median(trained_counts.values()) if trained_counts else 1.0
 
-    def priority(key: str) -> float:
+    def priority_of(key: str) -> float:
         label, top, _, second = margin_of(newest[key].scores)
         return (1.0 - (top - second)) * rarity_lift(trained_counts.get(label, 0), typical)
+
+    priority = {key: priority_of(key) for key in keys}
 
     # Near-copies: one message per cluster, its most uncertain, standing for the whole cluster.
     groups = clusters(len(keys), near_duplicate_pairs(texts, NEAR_COPY_THRESHOLD))
@@ -104,9 +107,9 @@ def suggest_labels(
     groups += [[i] for i in range(len(keys)) if i not in grouped]
     representatives: list[tuple[str, int]] = []
     for group in groups:
-        chosen = max(group, key=lambda i: priority(keys[i]))
+        chosen = max(group, key=lambda i: priority[keys[i]])
         representatives.append((keys[chosen], sum(copies[keys[i]] for i in group) - 1))
-    pool = sorted(representatives, key=lambda item: priority(item[0]), reverse=True)[: POOL_BUDGETS * budget]
+    pool = sorted(representatives, key=lambda item: priority[item[0]], reverse=True)[: POOL_BUDGETS * budget]
 
     # The n-th message of a predicted class counts 1/n: the budget spreads over the classes in the pool.
     seen_in_class = Counter[str]()
@@ -130,7 +133,7 @@ def suggest_labels(
             margin=round(top - second, 4),
             near_copies=near_copies,
             trained_rows=trained,
-            priority=round(priority(key), 4),
+            priority=round(priority[key], 4),
             why="; ".join(reasons),
         )
         spread.append((suggestion.priority / seen_in_class[label], suggestion))
@@ -162,10 +165,12 @@ def version_labels(registry: Registry, name: str, version: int | str) -> frozens
 def registered_labels(registry: Registry) -> Callable[[PredictionRecord], frozenset[str]]:
     """The labels a person may give a prediction outside the server: its version's or production's."""
 
+    @functools.cache
+    def allowed_for(name: str, version: int) -> frozenset[str]:  # read once per version, not once per row
+        return version_labels(registry, name, version) | version_labels(registry, name, "production")
+
     def allowed(prediction: PredictionRecord) -> frozenset[str]:
-        return version_labels(registry, prediction.model_name, prediction.model_version) | version_labels(
-            registry, prediction.model_name, "production"
-        )
+        return allowed_for(prediction.model_name, prediction.model_version)
 
     return allowed
 
