@@ -370,6 +370,8 @@ def pretrain(
     if from_scratch:
         recipe.pretrain.from_scratch = True
     outcome = mlm.run(recipe, resume=resume)
+    if outcome.version is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
+        return
     last = outcome.history[-1]
     console.print(
         f"[green]held-out perplexity {last['heldout_perplexity']:.2f}[/green] (loss {last['heldout_loss']:.3f}, "
@@ -398,6 +400,8 @@ def sft(
     if data:
         recipe.sft.paths = list(data)
     outcome = sft_recipe.run(recipe)
+    if outcome.version is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
+        return
     last = outcome.history[-1]
     if outcome.heldout_loss_before is not None:
         console.print(

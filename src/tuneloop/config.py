@@ -228,6 +228,12 @@ class TrainConfig(StrictModel):
         "trace for TensorBoard or Perfetto in the run's profile/ folder and a summary of the time per stage.",
     )
     profile_steps: int = Field(30, ge=1, description="Training steps the profile records.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp keeps a whole copy of the model in every process; fsdp shards weights, "
+        "gradients and optimizer state over the processes (torch's fully_shard), for an encoder too large for "
+        "one process's memory. Both take the same steps; fsdp needs torchrun with at least 2 processes.",
+    )
 
     @field_validator("freeze_embeddings", mode="before")
     @classmethod

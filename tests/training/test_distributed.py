@@ -87,10 +87,13 @@ def toy_data(tmp_path) -> Path:
     return path
 
 
-def test_two_processes_follow_one_process_and_only_rank_zero_registers(without_dropout, toy_data, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_follow_one_process_and_only_rank_zero_registers(strategy, without_dropout, toy_data, tmp_path):
+    """ddp replicates the model, fsdp shards it: either way the steps are one process's."""
     one = launch(1, ["train", *overrides(without_dropout, toy_data, tmp_path / "one")], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = launch(2, ["train", *overrides(without_dropout, toy_data, tmp_path / "two")], tmp_path)
+    two_processes = ["train", *overrides(without_dropout, toy_data, tmp_path / "two", f"train.strategy={strategy}")]
+    two = launch(2, two_processes, tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("registered toy@1") == 1  # rank 0 reports; rank 1 says nothing
 
@@ -107,6 +110,12 @@ def test_two_processes_follow_one_process_and_only_rank_zero_registers(without_d
     # Rank 1 wrote no run folder of its own: the home holds the one registered version's.
     runs = [p for p in (tmp_path / "two").rglob("metrics.jsonl")]
     assert len(runs) == 1 and registry.versions("toy")[0].stage == "candidate"
+    # The test split was scored by both processes, each its share, into the report one process writes.
+    one_report, two_report = (json.loads(next((tmp_path / h).rglob("report.json")).read_text()) for h in ("one", "two"))
+    assert two_report["processes"] == {"count": 2, "strategy": strategy, "test_scored_by": 2}
+    assert "processes" not in one_report
+    assert two_report["test"]["accuracy"] == pytest.approx(one_report["test"]["accuracy"])
+    assert two_report["test"]["confusion_matrix"] == one_report["test"]["confusion_matrix"]
 
 
 def test_a_batch_that_does_not_divide_among_the_processes_is_refused_before_anything_is_written(
@@ -160,3 +169,84 @@ def test_a_run_with_a_killed_rank_resumes_with_another_number_of_processes(witho
     _, whole_weights, _ = trained(tmp_path / "whole")
     for name, weight in whole_weights.items():
         np.testing.assert_allclose(resumed_weights[name], weight, atol=WEIGHT_TOLERANCE, err_msg=name)
+
+
+SHARD_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+from tuneloop.models.classifier import HeadSpec, TextClassifier, load_encoder
+from tuneloop.training.distributed import shard_model
+
+dist.init_process_group("gloo")
+model = TextClassifier(load_encoder(sys.argv[1]), HeadSpec(labels=["a", "b", "c"]))
+whole = {name: list(p.shape) for name, p in model.named_parameters()}
+shard_model(model, model.encoder)
+held = {name: list(p.to_local().shape) for name, p in model.named_parameters()}
+Path(sys.argv[2], f"rank-{dist.get_rank()}.json").write_text(json.dumps({"whole": whole, "held": held}))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_leaves_each_process_a_shard_of_every_weight(tiny_encoder, tmp_path):
+    script = tmp_path / "shard.py"
+    script.write_text(SHARD_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script), str(tiny_encoder), str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    for name, (rows, *rest) in ranks[0]["whole"].items():
+        held = [rank["held"][name] for rank in ranks]
+        # Split on the first dimension: rank 0 the first ceil(rows / 2) rows, rank 1 the rest, nobody the whole.
+        assert held == [[-(-rows // 2), *rest], [rows // 2, *rest]], name
+
+
+def test_an_fsdp_run_killed_mid_way_resumes_with_twice_the_processes(without_dropout, tmp_path):
+    """FSDP checkpoints hold whole weights and optimizer state: a run killed on 2 processes finishes on 4, where an
+    uninterrupted 2-process run ends."""
+    import psutil
+
+    data = tmp_path / "more.csv"
+    pd.DataFrame(toy_rows(per_label=150, seed=6)).to_csv(data, index=False)
+    extra = ("train.epochs=2", "train.checkpoint_every=4", "train.patience=5", "train.strategy=fsdp")
+    whole = launch(2, ["train", *overrides(without_dropout, data, tmp_path / "whole", *extra)], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    home = tmp_path / "home"
+    arguments = ["train", *overrides(without_dropout, data, home, *extra)]
+    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "tuneloop", *arguments]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(home.rglob("trainer.pt")) and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.02)
+    ranks = psutil.Process(launcher.pid).children()
+    assert launcher.poll() is None and len(ranks) == 2, "the run ended before a rank could be killed"
+    ranks[0].kill()
+    assert launcher.wait(timeout=120) != 0
+    assert not Registry(load_config(None, [f"registry.home={home}"]).registry).versions("toy")
+
+    resumed = launch(4, ["train", "--resume", "latest", *overrides(without_dropout, data, home)], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, resumed_weights, _ = trained(home)
+    _, whole_weights, _ = trained(tmp_path / "whole")
+    for name, weight in whole_weights.items():
+        np.testing.assert_allclose(resumed_weights[name], weight, atol=WEIGHT_TOLERANCE, err_msg=name)
+
+
+def test_resuming_with_a_strategy_the_checkpoint_was_not_written_with_is_refused(without_dropout, toy_data, tmp_path):
+    """A ddp checkpoint keeps optimizer state by position and an fsdp one by name: a run whose recipe was switched
+    between them cannot resume, and says what to do."""
+    home = tmp_path / "home"
+    first = launch(1, ["train", "--no-register", *overrides(without_dropout, toy_data, home)], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (config,) = home.rglob("config.yaml")
+    config.write_text(config.read_text().replace("strategy: ddp", "strategy: fsdp"))
+    refused = launch(
+        2, ["train", "--resume", str(config.parent), *overrides(without_dropout, toy_data, home)], tmp_path
+    )
+    assert refused.returncode != 0
+    said = refused.stdout + refused.stderr
+    assert "written with train.strategy=ddp" in said and "Traceback" not in refused.stdout
+    assert not Registry(load_config(None, [f"registry.home={home}"]).registry).versions("toy")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tuneloop.config import PretrainRecipe, SftRecipe, load_config
+from tuneloop.config import load_config
 from tuneloop.errors import TuneloopError
-from tuneloop.training import mlm, sft
-from tuneloop.training.distributed import World, check_recipe
+from tuneloop.training.distributed import World, check_recipe, launched_world_size
 
 
 def test_every_rank_gets_a_share_of_similar_lengths_and_a_rank_left_without_rows_a_weightless_stand_in():
@@ -31,10 +30,27 @@ def test_what_cannot_run_distributed_is_refused_with_one_line(override, said, tm
     check_recipe(recipe, World())  # one process: all of it allowed
 
 
-def test_pretrain_and_sft_under_torchrun_are_refused_before_anything_is_written(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(TuneloopError, match="tuneloop pretrain trains in one process"):
-        mlm.run(load_config(None, [f"registry.home={tmp_path}"], PretrainRecipe))
-    with pytest.raises(TuneloopError, match="tuneloop sft trains in one process"):
-        sft.run(load_config(None, [f"registry.home={tmp_path}"], SftRecipe))
-    assert not any(tmp_path.iterdir())
+def test_fsdp_needs_several_processes_and_is_refused_with_lora(tmp_path):
+    sharded = load_config(None, [f"registry.home={tmp_path}", "train.strategy=fsdp"])
+    with pytest.raises(TuneloopError, match="train.strategy=fsdp shards the model over several processes"):
+        check_recipe(sharded, World())
+    check_recipe(sharded, World(0, 2))
+    with_lora = load_config(None, [f"registry.home={tmp_path}", "train.strategy=fsdp", "train.method=lora"])
+    with pytest.raises(TuneloopError, match="train.method=lora with train.strategy=fsdp"):
+        check_recipe(with_lora, World(0, 2))
+
+
+def test_processes_started_by_mpirun_are_refused_instead_of_each_training_alone(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    with pytest.raises(TuneloopError, match="started by mpirun"):
+        launched_world_size()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's variables win: mpirun may have started torchrun itself
+    assert launched_world_size() == 2
+
+
+def test_every_rank_scores_as_many_rows_and_keeps_its_own():
+    shares = [World(rank, 3).even_share(7) for rank in range(3)]
+    assert [len(rows) for rows, _ in shares] == [3, 3, 3]
+    assert sorted(int(row) for rows, real in shares for row in rows[:real]) == list(range(7))
+    assert World(1, 2).even_share(1)[1] == 0 and len(World(1, 2).even_share(1)[0]) == 1

@@ -31,16 +31,24 @@ def score_split(
     split: pd.DataFrame,
     config: EvalConfig,
     leaked: list[int] | None = None,
+    logits: np.ndarray | None = None,
 ) -> dict:
     """Metrics of `split`; `leaked` (positions of rows with a near-duplicate in training) adds the accuracy
-    on those rows and on the rest, so a user sees how much the paraphrases seen in training lift the score."""
+    on those rows and on the rest, so a user sees how much the paraphrases seen in training lift the score.
+    `logits` are the model's for every row of `split` when they were computed elsewhere (by several processes)."""
     labels = model.spec.labels
     index = {label: i for i, label in enumerate(labels)}
     unknown = sorted(set(split["label"]) - set(index))
-    known = split[split["label"].isin(index)]
+    is_known = split["label"].isin(index).to_numpy()
+    known = split[is_known]
     texts = known["text"].tolist()
     truth = known["label"].map(index).to_numpy()
-    logits = predict_logits(model, tokenizer, texts) if texts else np.zeros((0, len(labels)))
+    if logits is not None:
+        logits = logits[is_known]
+    elif texts:
+        logits = predict_logits(model, tokenizer, texts)
+    else:
+        logits = np.zeros((0, len(labels)))
     probs = softmax(logits)
     metrics = classification_metrics(
         truth,
@@ -90,14 +98,15 @@ def evaluate_classifier(
     history: list[dict] | None = None,
     title: str = "tuneloop evaluation",
     leaked: list[int] | None = None,
+    test_logits: np.ndarray | None = None,
 ) -> dict:
     """Test metrics (scored apart on the `leaked` test rows when given), and the train-vs-test gap when
-    training rows are given."""
+    training rows are given. `test_logits`: the test rows' logits, when several processes computed them."""
     report: dict = {
         "title": title,
         "labels": model.spec.labels,
         "base_model": model.spec.base_model,
-        "test": score_split(model, tokenizer, test, config, leaked),
+        "test": score_split(model, tokenizer, test, config, leaked, test_logits),
     }
     if train is not None and len(train):
         sample = train.sample(n=min(config.train_sample, len(train)), random_state=0)

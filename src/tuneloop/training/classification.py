@@ -8,6 +8,7 @@ for bit.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -48,6 +49,7 @@ from tuneloop.models.classifier import (
     length_groups,
     load_encoder,
     pad_right,
+    predict_logits,
     predict_proba,
     save_task_heads,
     tokenize,
@@ -80,9 +82,13 @@ from tuneloop.training.distributed import (
     batch_normaliser,
     check_recipe,
     current_world,
+    full_optimizer_state,
+    full_weights,
     join_world,
     leave_world,
+    load_full_optimizer_state,
     shard_loss,
+    shard_model,
 )
 
 log = logging.getLogger(__name__)
@@ -340,13 +346,26 @@ def validation_macro_f1(
     world: World = ONE_PROCESS,
 ) -> float:
     """Macro-F1 on the validation texts, each rank predicting its share; rank 0's figure, on every rank."""
-    mine = np.arange(len(texts))[world.rank :: world.size]
-    predicted = predict_proba(model, tokenizer, [texts[i] for i in mine]).argmax(1) if len(mine) else mine
-    shares = world.gather((mine, predicted))
+    mine, real = world.even_share(len(texts))
+    predicted = predict_proba(model, tokenizer, [texts[i] for i in mine]).argmax(1)[:real]
+    shares = world.gather((mine[:real], predicted))
     rows = np.concatenate([rows for rows, _ in shares])
     said = np.concatenate([said for _, said in shares])
     f1 = f1_score(label_ids[rows], said, average="macro", labels=range(len(model.spec.labels)), zero_division=0)
     return float(world.broadcast(f1))
+
+
+def shared_logits(
+    model: TextClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str], world: World
+) -> tuple[np.ndarray, int]:
+    """Every text's logits, each rank predicting its share, on every rank; and how many ranks predicted."""
+    mine = np.arange(len(texts))[world.rank :: world.size]
+    logits = predict_logits(model, tokenizer, [texts[i] for i in mine]) if len(mine) else None
+    out = np.zeros((len(texts), len(model.spec.labels)), dtype=np.float32)
+    shares = [(rows, share) for rows, share in world.gather((mine, logits)) if share is not None]
+    for rows, share in shares:
+        out[rows] = share
+    return out, len(shares)
 
 
 def fine_tune(
@@ -405,29 +424,8 @@ def fine_tune(
         else sum(-(-len(task.train_ids) // tc.batch_size) for task in tasks)
     )
     total_steps = steps_per_epoch * tc.epochs
-    optimizer = _optimizer(model, recipe, list(heads.values()))
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    scheduler = get_scheduler(
-        "constant_with_warmup" if tc.schedule == "constant" else tc.schedule,
-        optimizer,
-        num_warmup_steps=int(tc.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
     # DP-SGD clips each text's gradient in fp32: no autocast under it.
     use_bf16 = tc.bf16 and cpu_supports_bf16() and not tc.dp
-    private = None
-    if tc.dp:
-        private = dpsgd.PrivateTraining(
-            tc.dp,
-            model,
-            optimizer,
-            tasks[0].loss_fn,
-            [len(ids) for ids in tasks[0].train_ids],
-            tc.batch_size,
-            total_steps,
-            tc.seed,
-            centroid_init=recipe.model.head_init == "centroids",
-        )
 
     state = {
         "epoch": 0,
@@ -444,21 +442,31 @@ def fine_tune(
         # the epoch's loss so far, kept in checkpoints so that a resumed epoch reports its whole mean loss
         "epoch_loss_sum": 0.0,
         "epoch_texts": 0,
+        # how the checkpoint's optimizer state is laid out: by parameter position (ddp) or by name (fsdp)
+        "strategy": tc.strategy,
     }
+    # The model's starting weights are settled on the whole, unsharded model; the optimizer is built after
+    # FSDP has sharded it, over the shards.
     # From the untrained encoder, before any checkpoint loads, so a resumed run filters the same messages.
     own_embeddings = None
     centroids = recipe.model.head_init == "centroids" and not resume
-    if not private and (centroids or tc.outlier_exposure):
+    if not tc.dp and (centroids or tc.outlier_exposure):
         started = time.perf_counter()
         own_embeddings = embed_all(model, tasks[0].train_ids, pad_id)
         state["train_seconds"] += time.perf_counter() - started
     off_topic, exposure = [], None
-    if tc.outlier_exposure and not private:
+    if tc.outlier_exposure and not tc.dp:
         started = time.perf_counter()
         off_topic, exposure = off_topic_rows(model, tokenizer, data, own_embeddings, pad_id, recipe)
         state["train_seconds"] += time.perf_counter() - started
-    if resume:
-        saved = load_checkpoint(run, CHECKPOINT)
+    saved = load_checkpoint(run, CHECKPOINT) if resume else None
+    if saved:
+        if saved["state"].get("strategy", "ddp") != tc.strategy:
+            raise TuneloopError(
+                f"cannot resume {run.root}: its checkpoint was written with train.strategy="
+                f"{saved['state'].get('strategy', 'ddp')}, and the run's recipe now says train.strategy="
+                f"{tc.strategy}; put the strategy back in {run.config}, or start the run again without --resume"
+            )
         try:
             model.load_state_dict(saved["model"])
         except RuntimeError as exc:  # e.g. a checkpoint from before the embeddings trained by rows
@@ -468,7 +476,48 @@ def fine_tune(
             ) from exc
         for name, head in heads.items():
             head.head.load_state_dict(saved["heads"][name])
-        optimizer.load_state_dict(saved["optimizer"])
+    elif centroids and not tc.dp:
+        started = time.perf_counter()
+        for task in tasks:
+            embeddings = own_embeddings if task is tasks[0] else embed_all(model, task.train_ids, pad_id)
+            task.classifier.init_head_from_centroids(embeddings, torch.tensor(task.train_labels))
+        state["train_seconds"] += time.perf_counter() - started
+
+    # Under torchrun with ddp, rank 0's weights are broadcast to every rank, then the ranks' gradients averaged at
+    # each step; with fsdp each rank keeps its shard, and rank 0 a whole copy to save the model from.
+    sharded = world.distributed and tc.strategy == "fsdp"
+    whole_copy = copy.deepcopy(model) if sharded and world.main else None
+    if sharded:
+        shard_model(model, model.encoder)
+        parallel: torch.nn.Module | None = model
+    else:
+        parallel = torch.nn.parallel.DistributedDataParallel(model) if world.distributed else None
+    optimizer = _optimizer(model, recipe, list(heads.values()))
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    scheduler = get_scheduler(
+        "constant_with_warmup" if tc.schedule == "constant" else tc.schedule,
+        optimizer,
+        num_warmup_steps=int(tc.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    private = None
+    if tc.dp:
+        private = dpsgd.PrivateTraining(
+            tc.dp,
+            model,
+            optimizer,
+            tasks[0].loss_fn,
+            [len(ids) for ids in tasks[0].train_ids],
+            tc.batch_size,
+            total_steps,
+            tc.seed,
+            centroid_init=recipe.model.head_init == "centroids",
+        )
+    if saved:
+        if sharded:
+            load_full_optimizer_state(model, optimizer, saved["optimizer"])
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = {**state, **saved["state"]}  # keys added since that checkpoint keep their defaults
         if private:
@@ -483,15 +532,7 @@ def fine_tune(
             )
         )
         state["train_seconds"] += time.perf_counter() - started
-    elif recipe.model.head_init == "centroids" and not private:
-        started = time.perf_counter()
-        for task in tasks:
-            embeddings = own_embeddings if task is tasks[0] else embed_all(model, task.train_ids, pad_id)
-            task.classifier.init_head_from_centroids(embeddings, torch.tensor(task.train_labels))
-        state["train_seconds"] += time.perf_counter() - started
 
-    # Under torchrun: rank 0's weights broadcast to every rank, then the ranks' gradients averaged at each step.
-    parallel = torch.nn.parallel.DistributedDataParallel(model) if world.distributed else None
     per_row_loss = torch.nn.CrossEntropyLoss(
         weight=tasks[0].loss_fn.weight, label_smoothing=tasks[0].loss_fn.label_smoothing, reduction="none"
     )
@@ -501,21 +542,25 @@ def fine_tune(
             task.classifier.train()
 
     def save_model(folder: Path) -> None:
-        with plain_embeddings(model.encoder):
-            model.save(folder, tokenizer)
+        saved_model = whole_copy or model
+        with plain_embeddings(saved_model.encoder):
+            saved_model.save(folder, tokenizer)
         if heads:
             save_task_heads(folder, heads)
 
     def checkpoint() -> None:
+        # Under fsdp every rank sends its shards to rank 0, which alone writes.
+        weights = full_weights(model) if sharded else model.state_dict()
+        optimizer_state = full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
         if not world.main:
             return
         save_checkpoint(
             run,
             CHECKPOINT,
             {
-                "model": model.state_dict(),
+                "model": weights,
                 "heads": {n: h.head.state_dict() for n, h in heads.items()},
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "state": state,
                 "rng": rng_state(),
@@ -543,6 +588,10 @@ def fine_tune(
             state["best_epoch"] = state["epoch"] + 1
             state["best_step"] = state["global_step"]
             state["improved_in_epoch"] = True
+            if sharded:
+                weights = full_weights(model)  # every rank takes part in gathering the shards
+                if whole_copy is not None:
+                    whole_copy.load_state_dict(weights)
             if world.main:
                 write_dir_atomically(save_model, run.model)
         train_mode()
@@ -723,18 +772,30 @@ def evaluate_run(
     data: PreparedData,
     others: dict[str, PreparedData],
     cross_validation: dict | None,
+    world: World = ONE_PROCESS,
 ) -> dict:
     """The test report of the run's best model (and of each other task's head), written into the run, scored
-    on the runtime it will serve with."""
-    calibration = None
-    if recipe.eval.calibrate:
-        # Under k-fold the kept model trained on the other folds: its own fold is the split it never saw.
-        val = _fold_data(data, cross_validation["selected_fold"]).val if cross_validation else data.val
-        vals = {next(iter(recipe.tasks), ""): val, **{name: task_data.val for name, task_data in others.items()}}
-        calibration = calibrate_run(run, vals, recipe.eval.calibration_bins)
-    serving = choose_runtime(run, data, recipe.serving, recipe.train.threads)
+    on the runtime it will serve with. Under torchrun rank 0 calibrates and picks the runtime, every rank scores
+    its share of the test split, and rank 0 writes the report (the other ranks return an empty one)."""
+
+    def settle_serving() -> tuple[dict | None, dict]:
+        calibration = None
+        if recipe.eval.calibrate:
+            # Under k-fold the kept model trained on the other folds: its own fold is the split it never saw.
+            val = _fold_data(data, cross_validation["selected_fold"]).val if cross_validation else data.val
+            vals = {next(iter(recipe.tasks), ""): val, **{name: task_data.val for name, task_data in others.items()}}
+            calibration = calibrate_run(run, vals, recipe.eval.calibration_bins)
+        return calibration, choose_runtime(run, data, recipe.serving, recipe.train.threads)
+
+    settled = world.on_rank_zero(settle_serving)
     served = load_model(run.root, threads=recipe.train.threads)
     model, tokenizer = served.model, served.tokenizer
+    test_logits, scorers = None, 1
+    if world.distributed:
+        test_logits, scorers = shared_logits(model, tokenizer, data.test["text"].tolist(), world)
+    if not world.main or settled is None:
+        return {}
+    calibration, serving = settled
     title = f"{recipe.name}: test report" + (f" — task {model.spec.task}" if others else "")
     report = evaluate_classifier(
         model,
@@ -745,8 +806,11 @@ def evaluate_run(
         history=result.history,
         title=title,
         leaked=leaked_positions(data.report),
+        test_logits=test_logits,
     )
     report["serving"] = serving
+    if world.distributed:
+        report["processes"] = {"count": world.size, "strategy": recipe.train.strategy, "test_scored_by": scorers}
     if recipe.eval.explanations:
         on_torch, _ = TextClassifier.load(run.model)  # the explanations need gradients: PyTorch, not ONNX
         add_explanations(report, on_torch, tokenizer, recipe.eval.explanations)
@@ -851,26 +915,17 @@ def _prepared_by_rank_zero(
     prepared: tuple[PreparedData, EncoderSource] | None,
     parent: str | None,
 ) -> tuple[VersionFolder, PreparedData, EncoderSource]:
-    """Under torchrun: rank 0 prepares the data and the run folder, the other ranks read them from it. Rank 0's
-    error (bad data, say) is every rank's, so none waits for a folder that will never come."""
-    made: tuple[str, str] = ("", "")
-    if world.main:
-        try:
-            data, encoder = prepared or prepare_for_model(recipe, registry)
-            made = ("folder", str(_start_run_folder(recipe, data, {}, encoder, parent).root))
-        except Exception as exc:  # any failure: the other ranks stop with its message instead of waiting
-            made = ("error", first_line(exc) or type(exc).__name__)
-            raise
-        finally:
-            made = world.broadcast(made)
-    else:
-        made = world.broadcast(made)
-    kind, value = made
-    if kind == "error":
-        raise TuneloopError(value)
-    folder = VersionFolder(Path(value))
-    if world.main:
-        return folder, data, encoder
+    """Under torchrun: rank 0 prepares the data and the run folder, the other ranks read them from it."""
+
+    def prepare() -> tuple[VersionFolder, PreparedData, EncoderSource]:
+        data, encoder = prepared or prepare_for_model(recipe, registry)
+        return _start_run_folder(recipe, data, {}, encoder, parent), data, encoder
+
+    made = world.on_rank_zero(prepare)
+    if made:
+        world.broadcast(str(made[0].root))
+        return made
+    folder = VersionFolder(Path(world.broadcast(None)))
     started_from = json.loads(folder.encoder.read_text())
     return folder, load_prepared(folder.data()), resolve_encoder(started_from["name"], registry)
 
@@ -933,11 +988,10 @@ def run(
             other_tasks=others,
             task_name=next(iter(recipe.tasks), ""),
         )
-    if not world.main:  # rank 0 scores the test split, writes the report and registers
-        leave_world()
-        return ClassifierOutcome(folder=folder, report={}, report_html=folder.report_html, version=None, train=result)
+    report = evaluate_run(recipe, folder, result, data, others, cross_validation, world)
     leave_world()
-    report = evaluate_run(recipe, folder, result, data, others, cross_validation)
+    if not world.main:  # rank 0 writes the report and registers
+        return ClassifierOutcome(folder=folder, report={}, report_html=folder.report_html, version=None, train=result)
     version, html = None, folder.report_html
     if register:
         fingerprints = [d.fingerprint for d in (data, *others.values())]

@@ -15,7 +15,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +32,7 @@ from tuneloop.atomic import write_dir_atomically, write_text_atomically
 from tuneloop.config import Recipe, dump_config
 from tuneloop.errors import TuneloopError
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
+from tuneloop.training.distributed import ONE_PROCESS, World
 
 log = logging.getLogger(__name__)
 
@@ -239,17 +240,22 @@ def prune_finished_runs(recipe: Recipe, keep: int) -> list[Path]:
 
 @torch.no_grad()
 def mean_token_loss(
-    loss_and_count: Callable[..., tuple[torch.Tensor, int]], module: nn.Module, batches: list[tuple[torch.Tensor, ...]]
+    loss_and_count: Callable[..., tuple[torch.Tensor, int]],
+    module: nn.Module,
+    batches: Sequence[tuple[torch.Tensor, ...]],
+    world: World = ONE_PROCESS,
 ) -> float:
-    """Loss per counted token over held-out batches (a model's own mean is per batch, so weight by counts)."""
+    """Loss per counted token over held-out batches, each rank scoring every N-th batch and the sums added up
+    over the ranks (a model's own mean is per batch, so weight by counts)."""
     module.eval()
     total, count = 0.0, 0
-    for batch in batches:
-        loss, counted = loss_and_count(*batch)
-        total += float(loss) * counted
-        count += counted
+    with torch.no_grad():
+        for batch in batches[world.rank :: world.size]:
+            loss, counted = loss_and_count(*batch)
+            total += float(loss) * counted
+            count += counted
     module.train()
-    return total / max(count, 1)
+    return world.total(total) / max(world.total(count), 1)
 
 
 class MetricsLog:

@@ -10,21 +10,37 @@ floating-point sums. Rank 0 alone prepares the data, writes the run folder, logs
 the registry row; validation is scored on shares and gathered, and rank 0's decision (keep the model, stop
 early) is broadcast. A checkpoint records the global position (epoch, step in epoch), so a run resumes with the
 same or a different number of processes.
+
+`train.strategy=fsdp` shards instead of replicating (torch's `fully_shard`): each encoder layer, the encoder and
+the head keep 1/N of their weights, gradients and optimizer state on each rank and gather a layer's weights just
+before using it, for an encoder too large for one process's memory. The steps are the same as DDP's — the
+gradients are averaged in a reduce-scatter — so the same semantics hold; checkpoints hold full (unsharded)
+weights and optimizer state, so an FSDP run resumes with any number of processes.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
 
 from tuneloop.config import ClassifierRecipe
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import TuneloopError, first_line
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,15 @@ class World:
         mine = list(rows[self.rank :: self.size])
         return (mine, 1.0) if mine else ([rows[0]], 0.0)
 
+    def even_share(self, count: int) -> tuple[np.ndarray, int]:
+        """This rank's positions among `count` rows to score, padded by repeating its first to the same number on
+        every rank, and how many are its own: FSDP gathers a layer's weights from all ranks for every forward
+        pass, so every rank must run as many. Every rank gets at least one row."""
+        mine = np.arange(count)[self.rank :: self.size]
+        padded = -(-count // self.size) or 1
+        first = mine[:1] if len(mine) else np.zeros(1, dtype=int)
+        return np.concatenate([mine, np.repeat(first, padded - len(mine))]), len(mine)
+
     def broadcast(self, value: Any) -> Any:
         """Rank 0's `value`, on every rank."""
         if not self.distributed:
@@ -55,6 +80,26 @@ class World:
         holder = [value]
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
+
+    def on_rank_zero(self, work: Callable[[], T]) -> T | None:
+        """`work()` done by rank 0 alone while the other ranks wait (its result on rank 0, None elsewhere). Rank
+        0's failure is every rank's — its message raised on the others — so none waits for what will not come."""
+        if not self.main:
+            failed = self.broadcast(None)
+            if failed is not None:
+                raise TuneloopError(failed)
+            return None
+        try:
+            done = work()
+        except Exception as exc:
+            self.broadcast(first_line(exc) or type(exc).__name__)
+            raise
+        self.broadcast(None)
+        return done
+
+    def from_rank_zero(self, make: Callable[[], T]) -> T:
+        """`make()` done by rank 0 alone (as `on_rank_zero`), its result on every rank."""
+        return self.broadcast(self.on_rank_zero(make))
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value`, in rank order, on every rank."""
@@ -77,19 +122,24 @@ ONE_PROCESS = World()
 _joined_here: list[bool] = []  # whether join_world started the process group (and leave_world should end it)
 
 
+# What MPI launchers (mpirun, and `accelerate launch` for several CPU processes, which goes through it) set
+# instead of torchrun's WORLD_SIZE.
+_MPI_WORLD_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 def launched_world_size() -> int:
-    """How many processes the launcher started (torchrun and accelerate set WORLD_SIZE; none: 1)."""
+    """How many processes the launcher started (torchrun and accelerate's GPU launch set WORLD_SIZE; none: 1)."""
+    mpi_sizes = [os.environ.get(name, "") for name in _MPI_WORLD_SIZE]
+    if "WORLD_SIZE" not in os.environ and any(size.isdigit() and int(size) > 1 for size in mpi_sizes):
+        # Each MPI process would otherwise train alone and register its own version.
+        raise TuneloopError(
+            "started by mpirun (or accelerate's multi-CPU launch): tuneloop joins torchrun's process group; "
+            "start it with torchrun --nproc-per-node N -m tuneloop …"
+        )
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         raise TuneloopError(f"WORLD_SIZE='{os.environ['WORLD_SIZE']}' is not a number of processes") from None
-
-
-def refuse_launch(command: str) -> None:
-    """For a recipe that trains in one process only: under torchrun every rank would run all of it and write the
-    same run folder and registry row."""
-    if launched_world_size() > 1:
-        raise TuneloopError(f"tuneloop {command} trains in one process: start it without torchrun")
 
 
 def join_world() -> World:
@@ -97,7 +147,9 @@ def join_world() -> World:
     if launched_world_size() <= 1:
         return ONE_PROCESS
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # gloo even on a machine with GPUs: tuneloop's recipes keep their tensors on the CPU, and NCCL moves
+        # only CUDA tensors.
+        dist.init_process_group("gloo")
         _joined_here.append(True)
     return World(dist.get_rank(), dist.get_world_size())
 
@@ -116,18 +168,31 @@ def leave_world() -> None:
         _joined_here.clear()
 
 
+def check_batch_divides(setting: str, batch_size: int, world: World) -> None:
+    """Every process takes an equal share of each global batch."""
+    if world.distributed and batch_size % world.size:
+        raise TuneloopError(
+            f"{setting}={batch_size} does not divide among {world.size} processes: make it a multiple of "
+            f"{world.size} (the global batch stays what the recipe says, whatever the number of processes)"
+        )
+
+
 def check_recipe(recipe: ClassifierRecipe, world: World) -> None:
     """What data-parallel training cannot do, said before anything is prepared or written."""
+    tc = recipe.train
+    if tc.strategy == "fsdp" and not world.distributed:
+        raise TuneloopError(
+            "train.strategy=fsdp shards the model over several processes: start it with torchrun "
+            "--nproc-per-node N (N ≥ 2), or train in one process with train.strategy=ddp"
+        )
+    check_batch_divides("train.batch_size", tc.batch_size, world)
     if not world.distributed:
         return
-    tc = recipe.train
-    if tc.batch_size % world.size:
-        raise TuneloopError(
-            f"train.batch_size={tc.batch_size} does not divide among {world.size} processes: make it a multiple "
-            f"of {world.size} (the global batch stays what the recipe says, whatever the number of processes)"
-        )
     refused = {
         "train.dp (differentially private training)": tc.dp is not None,
+        "train.method=lora with train.strategy=fsdp (LoRA's few weights need no sharding: use train.strategy=ddp)": (
+            tc.method == "lora" and tc.strategy == "fsdp"
+        ),
         "several tasks (multi-task training)": len(recipe.tasks) > 1,
         "data.kfold (k-fold cross-validation)": bool(recipe.data.kfold),
     }
@@ -147,3 +212,36 @@ def batch_normaliser(labels: np.ndarray, class_weights: torch.Tensor | None) -> 
     if class_weights is None:
         return float(len(labels))
     return float(class_weights[torch.as_tensor(labels)].sum())
+
+
+def shard_model(model: nn.Module, encoder: nn.Module) -> None:
+    """FSDP: shard `model` in place over the process group — each of the encoder's layers (the blocks its
+    `_no_split_modules` names) one unit, gathered only while it runs, then the rest of the encoder and each other
+    child (the head) — so that a rank holds 1/N of the weights between uses."""
+    blocks = set(getattr(encoder, "_no_split_modules", None) or [])
+    for module in list(encoder.modules())[1:]:
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(encoder)
+    for child in model.children():
+        if child is not encoder and any(True for _ in child.parameters()):
+            fully_shard(child)
+
+
+# Full (unsharded) state, gathered on rank 0 only and kept in CPU memory: what a checkpoint or a saved model holds.
+_FULL_ON_RANK_ZERO = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """An FSDP model's whole weights on rank 0 (an empty dict on the other ranks); every rank must call it."""
+    return get_model_state_dict(model, options=_FULL_ON_RANK_ZERO)
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """An FSDP optimizer's whole state, keyed by parameter name, on rank 0; every rank must call it."""
+    return get_optimizer_state_dict(model, optimizer, options=_FULL_ON_RANK_ZERO)
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Each rank takes its shard of a whole optimizer state (as `full_optimizer_state` wrote it)."""
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -6,6 +6,12 @@ fixed-size blocks (no padding wasted), masks are drawn afresh for every batch (d
 optionally whole words are masked (Chinese words found by jieba, the segmenter Chinese whole-word-masking
 BERTs were trained with). Perplexity on held-out texts is measured with fixed masks, so epochs compare.
 
+Under `torchrun --nproc-per-node N -m tuneloop pretrain …` it trains data-parallel as `train` does (see
+training.distributed): rank 0 alone reads the corpus, writes the run folder, logs, checkpoints and registers;
+every rank masks the whole global batch (`pretrain.batch_size` blocks, whatever N is) with the same generator
+and keeps its share of the rows, and the loss is divided by the whole batch's masked tokens, so N processes
+take one process's steps. Held-out batches are scored in shares and summed over the ranks.
+
 CPU edge: multilingual-e5-small has a 250k-token vocabulary, and a full softmax over it for every masked
 token would dominate each step. A company corpus uses a small part of it, so the output layer is limited
 to the tokens that occur in the corpus (exact for those texts, far cheaper); perplexity is reported over
@@ -29,7 +35,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, BertForMaskedLM, PreTrainedTokenizerBase, get_scheduler
 
 from tuneloop.atomic import write_dir_atomically
-from tuneloop.config import PretrainRecipe, read_yaml_mapping, validated
+from tuneloop.config import PretrainConfig, PretrainRecipe, read_yaml_mapping, validated
 from tuneloop.data.clean import clean_text, dedup_key
 from tuneloop.data.load import read_table, select_columns
 from tuneloop.data.prepare import fingerprint
@@ -54,7 +60,7 @@ from tuneloop.training.common import (
     start_run,
     use_threads,
 )
-from tuneloop.training.distributed import refuse_launch
+from tuneloop.training.distributed import World, check_batch_divides, join_world, leave_world, shard_loss
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "pretrain.pt"
@@ -186,43 +192,81 @@ class CorpusVocabularyHead(torch.nn.Module):
         self.position = torch.full((model.config.vocab_size,), -100, dtype=torch.long)
         self.position[self.vocabulary] = torch.arange(len(vocabulary))
 
-    def loss(self, input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _masked_logits(
+        self, input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits over the corpus vocabulary at the masked tokens, and their targets' positions in it."""
         hidden = self.model.bert(input_ids=input_ids, attention_mask=attention).last_hidden_state
         where = labels != -100
-        if not where.any():
-            return hidden.sum() * 0.0, 0
         predictions = self.model.cls.predictions
         transformed = predictions.transform(hidden[where])
         weight = predictions.decoder.weight[self.vocabulary]
         logits = transformed @ weight.T + predictions.bias[self.vocabulary]
-        targets = self.position[labels[where]]
-        return F.cross_entropy(logits.float(), targets), int(where.sum())
+        return logits.float(), self.position[labels[where]]
+
+    def forward(self, input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each masked token's loss. A share without masked tokens gives none, yet reaches every weight, as
+        DistributedDataParallel needs of every rank's step."""
+        logits, targets = self._masked_logits(input_ids, attention, labels)
+        return F.cross_entropy(logits, targets, reduction="none")
+
+    def loss(self, input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The mean loss over the masked tokens, and their number."""
+        logits, targets = self._masked_logits(input_ids, attention, labels)
+        if not len(targets):
+            return torch.zeros(()), 0
+        return F.cross_entropy(logits, targets), len(targets)
 
 
-def _build_model(
-    recipe: PretrainRecipe, registry: Registry, texts: list[str], run: VersionFolder
-) -> tuple[BertForMaskedLM, PreTrainedTokenizerBase, EncoderSource]:
+def _held_out_split(texts: list[str], settings: PretrainConfig) -> tuple[list[str], list[str]]:
+    """(held-out texts, training texts), drawn by the seed."""
+    order = np.random.default_rng(settings.seed).permutation(len(texts))
+    held = max(1, int(round(settings.holdout * len(texts))))
+    return [texts[i] for i in order[:held]], [texts[i] for i in order[held:]]
+
+
+def _encoder_source(recipe: PretrainRecipe, registry: Registry, texts: list[str], run: VersionFolder) -> EncoderSource:
+    """The encoder the run starts from; from scratch, a tokenizer trained on `texts` into the run folder."""
     settings = recipe.pretrain
     if settings.from_scratch:
         # On resume the saved tokenizer is reused: the checkpoint's embedding rows are indexed by its ids.
-        tokenizer = (
-            AutoTokenizer.from_pretrained(run.tokenizer)
-            if (run.tokenizer / "tokenizer.json").is_file()
-            else train_tokenizer(texts, settings.tokenizer, settings.vocab_size, run.tokenizer)
-        )
-        model = BertForMaskedLM(bert_config(settings.size, len(tokenizer)))
-        source = EncoderSource(f"scratch-{settings.size}-{settings.tokenizer}", run.tokenizer)
-        return model, tokenizer, source
+        if not (run.tokenizer / "tokenizer.json").is_file():
+            train_tokenizer(texts, settings.tokenizer, settings.vocab_size, run.tokenizer)
+        return EncoderSource(f"scratch-{settings.size}-{settings.tokenizer}", run.tokenizer)
     source = resolve_encoder(recipe.model.name, registry, texts)
     model_type = json.loads((source.path / "config.json").read_text()).get("model_type")
     if model_type != "bert":
         raise TuneloopError(f"MLM pretraining supports BERT encoders; {source.name} is '{model_type}'")
+    return source
+
+
+def _load_model(settings: PretrainConfig, source: EncoderSource) -> tuple[BertForMaskedLM, PreTrainedTokenizerBase]:
+    """Every rank's model: a new BERT sized for the trained tokenizer (from scratch), or the encoder's own."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path)
-        model = BertForMaskedLM.from_pretrained(source.path)
+        if settings.from_scratch:
+            return BertForMaskedLM(bert_config(settings.size, len(tokenizer))), tokenizer
+        return BertForMaskedLM.from_pretrained(source.path), tokenizer
     except (OSError, ValueError) as exc:
         raise TuneloopError(f"cannot load {source.path} as a BERT encoder for MLM: {first_line(exc)}") from exc
-    return model, tokenizer, source
+
+
+def _started_run(
+    recipe: PretrainRecipe, registry: Registry, resume: str | Path | None, world: World
+) -> tuple[PretrainRecipe, VersionFolder, list[str], EncoderSource]:
+    """The run's recipe and folder (a new one, or the one resumed with the recipe it started with), its corpus and
+    the encoder it starts from: rank 0's work under torchrun."""
+    folder = new_run_folder(recipe) if resume is None else resume_folder(recipe, resume, CHECKPOINT)
+    if resume is not None:
+        saved = read_yaml_mapping(folder.config)
+        recipe = validated(PretrainRecipe, {**saved, "registry": recipe.registry.model_dump()}, f"{folder.config}: ")
+    check_batch_divides("pretrain.batch_size", recipe.pretrain.batch_size, world)  # before a new folder is written
+    if resume is None:
+        start_run(recipe, folder)
+    settings = recipe.pretrain
+    texts = read_corpus(settings.paths, settings.text_column, masker(recipe.privacy))
+    _, train_texts = _held_out_split(texts, settings)
+    return recipe, folder, texts, _encoder_source(recipe, registry, train_texts, folder)
 
 
 def run(
@@ -234,27 +278,18 @@ def run(
 ) -> PretrainOutcome:
     """Pretrain (or continue pretraining) an encoder by MLM; save it as a registry version train can start from.
 
-    `resume` ('latest' or a run folder) continues a run from its checkpoint, with the recipe it started with.
-    `step_callback(state)` runs after every step.
+    `resume` ('latest' or a run folder) continues a run from its checkpoint, with the recipe it started with, in
+    any number of processes. `step_callback(state)` runs after every step. Under torchrun rank 0's outcome holds
+    the registered version, the other ranks' none.
     """
-    refuse_launch("pretrain")
     registry = Registry(recipe.registry)
-    if resume is not None:
-        folder = resume_folder(recipe, resume, CHECKPOINT)
-        saved = read_yaml_mapping(folder.config)
-        recipe = validated(PretrainRecipe, {**saved, "registry": recipe.registry.model_dump()}, f"{folder.config}: ")
-    else:
-        folder = new_run_folder(recipe)
-        start_run(recipe, folder)
+    world = join_world()  # one process, or one of torchrun's
+    recipe, folder, texts, source = world.from_rank_zero(lambda: _started_run(recipe, registry, resume, world))
     settings = recipe.pretrain
     use_threads(settings.threads)
     seed_everything(settings.seed)
-    texts = read_corpus(settings.paths, settings.text_column, masker(recipe.privacy))
-    order = np.random.default_rng(settings.seed).permutation(len(texts))
-    held = max(1, int(round(settings.holdout * len(texts))))
-    heldout_texts = [texts[i] for i in order[:held]]
-    train_texts = [texts[i] for i in order[held:]]
-    model, tokenizer, source = _build_model(recipe, registry, train_texts, folder)
+    heldout_texts, train_texts = _held_out_split(texts, settings)
+    model, tokenizer = _load_model(settings, source)
     special = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
     train_blocks, heldout_blocks = (
         pack_blocks(
@@ -300,6 +335,8 @@ def run(
     scheduler = get_scheduler(
         "linear", optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total
     )
+    # Global figures (the position in the epochs, the masking generator, the losses summed over the ranks), so a
+    # checkpoint resumes with any number of processes.
     state = {
         "epoch": 0,
         "step_in_epoch": 0,
@@ -320,8 +357,12 @@ def run(
         generator.setstate(state["generator"])
         restore_rng(saved_state["rng"])  # dropout draws from torch's generator
         log.info("resuming pretraining at epoch %d step %d", state["epoch"], state["step_in_epoch"])
+    # Under torchrun: rank 0's weights broadcast to every rank, then the ranks' gradients averaged at each step.
+    trainer = torch.nn.parallel.DistributedDataParallel(head) if world.distributed else head
 
     def checkpoint() -> None:
+        if not world.main:
+            return
         state["generator"] = generator.getstate()
         save_checkpoint(
             folder,
@@ -335,20 +376,25 @@ def run(
             },
         )
 
-    metrics = MetricsLog(folder, prefix="pretrain/")
+    metrics = MetricsLog(folder, prefix="pretrain/") if world.main else None
     head.train()
-    with TrainingProgress("pretraining", total, state["global_step"], show_progress) as progress:
+    with TrainingProgress("pretraining", total, state["global_step"], show_progress and world.main) as progress:
         while state["epoch"] < settings.epochs:
             epoch = state["epoch"]
             batches = np.random.default_rng(settings.seed + epoch).permutation(len(train_blocks))
             for index in range(state["step_in_epoch"] * settings.batch_size, len(batches), settings.batch_size):
                 started = time.perf_counter()
                 chosen = [train_blocks[i] for i in batches[index : index + settings.batch_size]]
+                # Every rank masks the whole batch with the same generator, then keeps its rows: a block is masked
+                # the same way whatever the number of processes.
                 input_ids, attention, labels = mask_batch(
                     chosen, special, tokenizer.mask_token_id, vocabulary, settings.mask_probability, generator
                 )
-                loss, masked = head.loss(input_ids, attention, labels)
-                loss.backward()
+                rows, weight = world.share(range(len(chosen)))
+                token_losses = trainer(input_ids[rows], attention[rows], labels[rows])
+                masked = int((labels != -100).sum())
+                # The mean over the whole batch's masked tokens, not over this rank's.
+                shard_loss(token_losses, weight, max(masked, 1), world).backward()
                 torch.nn.utils.clip_grad_norm_(parameters, 1.0)
                 optimizer.step()
                 scheduler.step()
@@ -356,14 +402,14 @@ def run(
                 state["train_seconds"] += time.perf_counter() - started
                 state["global_step"] += 1
                 state["step_in_epoch"] += 1
-                state["running"] += loss.item() * masked
+                state["running"] += world.total(weight * float(token_losses.detach().sum()))
                 state["counted"] += masked
                 progress.step(state["running"] / max(state["counted"], 1), f"epoch {epoch + 1}/{settings.epochs}")
                 if state["global_step"] % settings.checkpoint_every == 0:
                     checkpoint()
                 if step_callback:
                     step_callback(state)
-            held_loss = mean_token_loss(head.loss, head, heldout_masks)
+            held_loss = mean_token_loss(head.loss, head, heldout_masks, world)
             entry = {
                 "epoch": epoch + 1,
                 "step": state["global_step"],
@@ -373,11 +419,19 @@ def run(
                 "train_seconds": state["train_seconds"],
             }
             state["history"].append(entry)
-            metrics.record(entry)
+            if metrics:
+                metrics.record(entry)
             log.info("epoch %d: %s", epoch + 1, entry)
             state["epoch"], state["step_in_epoch"], state["running"], state["counted"] = epoch + 1, 0, 0.0, 0
             checkpoint()
-    metrics.close()
+    if metrics:
+        metrics.close()
+    # DistributedDataParallel goes before the process group it holds: freed after leave_world, the group's gloo
+    # threads would wait for the interpreter lock this thread holds, and the run would hang at its end.
+    del trainer
+    leave_world()
+    if not world.main:  # rank 0 saves the encoder and registers it
+        return PretrainOutcome(folder=folder, history=state["history"], train_seconds=state["train_seconds"])
 
     def save_encoder(target: Path) -> None:
         target.mkdir(parents=True)

@@ -5,6 +5,12 @@ tokens (its replies and their end-of-turn marks), so the model learns to answer,
 Which tokens are the assistant's is found by rendering the conversation up to each reply and measuring,
 which works for any template that renders prefixes consistently (ChatML does). LoRA by default: a 135M
 model trains on a CPU either way, but LoRA versions are megabytes, not half a gigabyte.
+
+Under `torchrun --nproc-per-node N -m tuneloop sft …` it trains data-parallel as `train` does (see
+training.distributed), LoRA or full: rank 0 alone reads the conversations, writes the run folder, logs and
+registers; every rank takes its share of each global batch (`sft.batch_size` conversations, whatever N is), and
+the loss is divided by the whole batch's reply tokens, so N processes take one process's steps. Held-out batches
+are scored in shares and summed over the ranks.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from tuneloop.atomic import write_dir_atomically
@@ -41,7 +48,7 @@ from tuneloop.training.common import (
     start_run,
     use_threads,
 )
-from tuneloop.training.distributed import refuse_launch
+from tuneloop.training.distributed import World, check_batch_divides, join_world, leave_world, shard_loss
 
 log = logging.getLogger(__name__)
 Message = dict[str, str]
@@ -145,6 +152,14 @@ def reply_loss(model: PreTrainedModel):
     return loss_and_count
 
 
+def _predicted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each position's loss at predicting the next token, as the model's own loss counts them (0 where the
+    next label is -100)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="none"
+    )
+
+
 def build_model(recipe: SftRecipe, folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     settings = recipe.sft
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -174,17 +189,31 @@ def build_model(recipe: SftRecipe, folder: Path) -> tuple[PreTrainedModel, PreTr
     return model, tokenizer
 
 
-def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) -> SftOutcome:
-    """Fine-tune, report held-out loss before and after, save (adapters or full weights) and register."""
-    refuse_launch("sft")
+def _started_run(
+    recipe: SftRecipe, registry: Registry, world: World
+) -> tuple[VersionFolder, list[list[Message]], Path]:
+    """The new run folder, the conversations and the model folder the run starts from: rank 0's work under
+    torchrun."""
     settings = recipe.sft
-    registry = Registry(recipe.registry)
-    use_threads(settings.threads)
-    seed_everything(settings.seed)
+    check_batch_divides("sft.batch_size", settings.batch_size, world)  # before the run folder is written
     folder = new_run_folder(recipe)
     start_run(recipe, folder)
     conversations = read_conversations(settings.paths, settings.system_prompt, masker(recipe.privacy))
-    model, tokenizer = build_model(recipe, resolve_lm(settings.model, registry))
+    return folder, conversations, resolve_lm(settings.model, registry)
+
+
+def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) -> SftOutcome:
+    """Fine-tune, report held-out loss before and after, save (adapters or full weights) and register.
+
+    Under torchrun rank 0's outcome holds the registered version, the other ranks' none.
+    """
+    settings = recipe.sft
+    registry = Registry(recipe.registry)
+    world = join_world()  # one process, or one of torchrun's
+    use_threads(settings.threads)
+    seed_everything(settings.seed)
+    folder, conversations, model_folder = world.from_rank_zero(lambda: _started_run(recipe, registry, world))
+    model, tokenizer = build_model(recipe, model_folder)
     examples = [tokenize_conversation(tokenizer, c, settings.max_length) for c in conversations]
     examples = [e for e in examples if any(label != -100 for label in e[1])]
     order = np.random.default_rng(settings.seed).permutation(len(examples))
@@ -194,7 +223,7 @@ def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) ->
         raise TuneloopError(f"{len(examples)} usable conversation(s): too few to train on")
     heldout = _batches(examples, settings.batch_size, tokenizer.pad_token_id, heldout_order) if held else []
     loss_and_count = reply_loss(model)
-    before = mean_token_loss(loss_and_count, model, heldout) if heldout else None
+    before = mean_token_loss(loss_and_count, model, heldout, world) if heldout else None
 
     steps_per_epoch = -(-len(train_order) // settings.batch_size)
     total = steps_per_epoch * settings.epochs
@@ -203,10 +232,12 @@ def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) ->
     scheduler = get_scheduler(
         "linear", optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total
     )
+    # Under torchrun: rank 0's weights broadcast to every rank, then the ranks' gradients averaged at each step.
+    parallel = torch.nn.parallel.DistributedDataParallel(model) if world.distributed else None
     history, train_seconds, step = [], 0.0, 0
-    metrics = MetricsLog(folder, prefix="sft/")
+    metrics = MetricsLog(folder, prefix="sft/") if world.main else None
     model.train()
-    with TrainingProgress("fine-tuning", total, show=show_progress) as progress:
+    with TrainingProgress("fine-tuning", total, show=show_progress and world.main) as progress:
         for epoch in range(settings.epochs):
             shuffled = np.random.default_rng(settings.seed + epoch).permutation(train_order)
             running, steps = 0.0, 0
@@ -214,14 +245,25 @@ def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) ->
                 examples, settings.batch_size, tokenizer.pad_token_id, shuffled
             ):
                 started = time.perf_counter()
-                loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+                if parallel is not None:
+                    rows, weight = world.share(range(len(input_ids)))
+                    logits = parallel(input_ids=input_ids[rows], attention_mask=attention[rows]).logits
+                    token_losses = _predicted_token_losses(logits, labels[rows])
+                    # The mean over the whole batch's reply tokens (the model's own loss in one process), not over
+                    # this rank's.
+                    replies = max(int((labels[:, 1:] != -100).sum()), 1)
+                    loss = shard_loss(token_losses, weight, replies, world)
+                    logged = world.total(weight * float(token_losses.detach().sum())) / replies
+                else:
+                    loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+                    logged = float(loss.detach())
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(parameters, 1.0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 train_seconds += time.perf_counter() - started
-                running += loss.item()
+                running += logged
                 steps += 1
                 step += 1
                 progress.step(running / steps, f"epoch {epoch + 1}/{settings.epochs}")
@@ -232,12 +274,20 @@ def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) ->
                 "train_seconds": train_seconds,
             }
             if heldout:
-                entry["heldout_loss"] = mean_token_loss(loss_and_count, model, heldout)
+                entry["heldout_loss"] = mean_token_loss(loss_and_count, model, heldout, world)
                 entry["heldout_perplexity"] = math.exp(min(entry["heldout_loss"], 50))
             history.append(entry)
-            metrics.record(entry)
+            if metrics:
+                metrics.record(entry)
             log.info("epoch %d: %s", epoch + 1, entry)
-    metrics.close()
+    if metrics:
+        metrics.close()
+    # DistributedDataParallel goes before the process group it holds: freed after leave_world, the group's gloo
+    # threads would wait for the interpreter lock this thread holds, and the run would hang at its end.
+    del parallel
+    leave_world()
+    if not world.main:  # rank 0 saves the model and registers it
+        return SftOutcome(folder=folder, history=history, heldout_loss_before=before, train_seconds=train_seconds)
 
     def save(target: Path) -> None:
         target.mkdir(parents=True)
