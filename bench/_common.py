@@ -93,6 +93,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Runs a command and prints its peak resident memory (KiB on Linux) — that of the largest process it started, a
+# torchrun's ranks included — so that each run's own figure is measured, whatever ran before it.
+_PEAK_OF = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:], stdout=sys.stderr).returncode; "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
+)
+
+
+def run_with_peak_memory(command: list[str], env: dict[str, str] | None = None) -> float:
+    """Run `command` (its output on stderr, so stdout stays the result line) and return its peak memory, MiB."""
+    finished = subprocess.run(
+        [sys.executable, "-c", _PEAK_OF, *command], check=True, stdout=subprocess.PIPE, text=True, env=env
+    )
+    return round(int(finished.stdout.strip().splitlines()[-1]) / 1024, 1)
+
+
 def wait_ready(url: str, process: subprocess.Popen, seconds: float = 300, interval: float = 0.5) -> None:
     """Until `tuneloop serve` at `url` answers /readyz; exits if the server dies or takes too long."""
     import httpx

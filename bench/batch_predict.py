@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,14 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from _common import add_result_options, load_banking77, load_sst2, publish
-
-# Runs a command and prints its peak resident memory (KiB on Linux): each prediction's own figure, whatever ran
-# before it in this process.
-PEAK_OF = (
-    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
-)
+from _common import add_result_options, load_banking77, load_sst2, publish, run_with_peak_memory
 
 
 def run_predict(model: str, home: Path, source: Path, output: Path, runtime: str, chunk_rows: int) -> dict:
@@ -39,17 +31,14 @@ def run_predict(model: str, home: Path, source: Path, output: Path, runtime: str
         *("--runtime", runtime, "--chunk-rows", str(chunk_rows), f"registry.home={home}"),
     ]
     started = time.perf_counter()
-    finished = subprocess.run(
-        [sys.executable, "-c", PEAK_OF, *command], check=True, stdout=subprocess.PIPE, stderr=sys.stderr, text=True
-    )
+    peak_mib = run_with_peak_memory(command)
     seconds = time.perf_counter() - started
-    peak_kib = int(finished.stdout.strip().splitlines()[-1])
     rows = len(pd.read_parquet(output, columns=["label"]))
     return {
         "rows": rows,
         "seconds": round(seconds, 1),
         "rows_per_second": round(rows / seconds, 1),
-        "peak_memory_mib": round(peak_kib / 1024, 1),
+        "peak_memory_mib": peak_mib,
     }
 
 

@@ -2,25 +2,25 @@
 
     python bench/ddp.py [--processes 2] [--set train.epochs=2 ...]
 
-Banking77 with all-MiniLM-L6-v2 is trained twice with the same recipe (global batch, epochs, seed):
-`tuneloop train` in one process with `--processes` threads, and `torchrun --standalone --nproc-per-node N -m
-tuneloop train` with one thread per process (gloo). On one machine's cores no speed-up is expected — the point
-is the same result through a working launch. Prints one JSON line: test accuracy and macro-F1 of each (scored
-by rank 0 on the same test split), the difference in points, training and wall seconds of each; also written
-to bench/results/ddp.json.
+Banking77 with all-MiniLM-L6-v2 is trained three times with the same recipe (global batch, epochs, seed):
+`tuneloop train` in one process with `--processes` threads; `torchrun --standalone --nproc-per-node N -m
+tuneloop train` with one thread per process (gloo), replicating the model (train.strategy=ddp); and the same
+launch sharding it (train.strategy=fsdp). On one machine's cores no speed-up is expected — the point is the same
+result through a working launch. Prints one JSON line: test accuracy and macro-F1 of each, the difference in
+points, training and wall seconds, and the peak resident memory of the largest process of each run; also
+written to bench/results/ddp.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import add_result_options, load_banking77, publish
+from _common import add_result_options, load_banking77, publish, run_with_peak_memory
 
 
 def train(command: list[str], overrides: list[str], home: Path, threads: int) -> dict:
@@ -28,10 +28,8 @@ def train(command: list[str], overrides: list[str], home: Path, threads: int) ->
     from tuneloop.registry import Registry
 
     started = time.perf_counter()
-    subprocess.run(
+    peak_mib = run_with_peak_memory(
         [*command, "train", *overrides, f"registry.home={home}", f"train.threads={threads}"],
-        check=True,
-        stdout=sys.stderr,  # stdout carries only the result line
         env={**os.environ, "OMP_NUM_THREADS": str(threads)},
     )
     wall = time.perf_counter() - started
@@ -41,6 +39,7 @@ def train(command: list[str], overrides: list[str], home: Path, threads: int) ->
         "macro_f1": round(version.metrics["macro_f1"], 4),
         "train_seconds": round(version.metrics["train_seconds"], 1),
         "wall_seconds": round(wall, 1),
+        "peak_memory_mib": peak_mib,
     }
 
 
@@ -66,6 +65,7 @@ def main() -> None:
         torchrun = Path(sys.executable).with_name("torchrun")
         launch = [str(torchrun), "--standalone", "--nproc-per-node", str(args.processes), "-m", "tuneloop"]
         many = train(launch, recipe, work / "many", threads=1)
+        sharded = train(launch, [*recipe, "train.strategy=fsdp"], work / "sharded", threads=1)
 
     publish(
         args,
@@ -76,8 +76,11 @@ def main() -> None:
             "overrides": args.overrides,
             "one_process": {"threads": args.processes, **one},
             "data_parallel": {"processes": args.processes, "threads_each": 1, "backend": "gloo", **many},
+            "sharded": {"processes": args.processes, "threads_each": 1, "strategy": "fsdp", **sharded},
             "accuracy_difference_points": round(100 * (many["accuracy"] - one["accuracy"]), 2),
+            "sharded_accuracy_difference_points": round(100 * (sharded["accuracy"] - one["accuracy"]), 2),
             "time_ratio": round(many["train_seconds"] / one["train_seconds"], 2),
+            "sharded_time_ratio": round(sharded["train_seconds"] / one["train_seconds"], 2),
             "cores": os.cpu_count(),
         },
     )

@@ -36,6 +36,10 @@ def times(value: Any) -> str:
     return f"{value:.2f}×"
 
 
+def points(value: Any) -> str:
+    return f"{value:+.2f} points"
+
+
 def plain(value: Any) -> str:
     return f"{value:,.1f}" if isinstance(value, float) else str(value)
 
@@ -177,7 +181,7 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("drifted intents macro-F1 after", "after.drifted_macro_f1", percent),
         ("overall macro-F1 before", "before.macro_f1", percent),
         ("overall macro-F1 after", "after.macro_f1", percent),
-        ("change on the drifted intents", "delta_points.drifted_macro_f1", lambda v: f"{v:+.2f} points"),
+        ("change on the drifted intents", "delta_points.drifted_macro_f1", points),
         ("corrections sent / stored / lost", "feedback", lambda f: f"{f['sent']} / {f['stored']} / {f['lost']}"),
         ("gate", "gate", lambda g: "passed, promoted" if g["promoted"] else ("passed" if g["passed"] else "rejected")),
     ],
@@ -242,8 +246,24 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
                 f"{percent(r['accuracy'])}, {seconds(r['train_seconds'])} ({r['processes']} processes × 1 thread)"
             ),
         ),
-        ("accuracy difference", "accuracy_difference_points", lambda v: f"{v:+.2f} points"),
+        (
+            "torchrun, sharded (train.strategy=fsdp): test accuracy, training time",
+            "sharded",
+            lambda r: (
+                f"{percent(r['accuracy'])}, {seconds(r['train_seconds'])} ({r['processes']} processes × 1 thread)"
+            ),
+        ),
+        ("accuracy difference, data parallel − one process", "accuracy_difference_points", points),
+        ("accuracy difference, sharded − one process", "sharded_accuracy_difference_points", points),
         ("training time, data parallel / one process", "time_ratio", times),
+        ("training time, sharded / one process", "sharded_time_ratio", times),
+        (
+            "peak memory of the largest process: one process, data parallel, sharded",
+            "",
+            lambda r: " · ".join(
+                f"{r[run]['peak_memory_mib']:.0f} MiB" for run in ("one_process", "data_parallel", "sharded")
+            ),
+        ),
     ],
     "poisoning": [
         (
