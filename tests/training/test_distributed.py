@@ -250,3 +250,42 @@ def test_resuming_with_a_strategy_the_checkpoint_was_not_written_with_is_refused
     said = refused.stdout + refused.stderr
     assert "written with train.strategy=ddp" in said and "Traceback" not in refused.stdout
     assert not Registry(load_config(None, [f"registry.home={home}"]).registry).versions("toy")
+
+
+def test_two_nodes_meeting_through_a_rendezvous_train_as_two_processes_on_one(without_dropout, toy_data, tmp_path):
+    """Several machines: one torchrun per node (here two on loopback, one process each) meeting at a c10d
+    rendezvous, as docs/scale-out.md says to start them; they follow one process's training like a single
+    launcher's two processes, and only the first node's rank 0 registers."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    one = launch(1, ["train", *overrides(without_dropout, toy_data, tmp_path / "one")], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    home = tmp_path / "nodes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNELOOP_HOME": str(tmp_path / "unused-home")}
+    nodes = [
+        subprocess.Popen(
+            [
+                *(str(TORCHRUN), "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1"),
+                *("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "tuneloop-test"),
+                *("-m", "tuneloop", "train", *overrides(without_dropout, toy_data, home)),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert sum(out.count("registered toy@1") for out, _ in outputs) == 1
+    one_history, one_weights, _ = trained(tmp_path / "one")
+    nodes_history, nodes_weights, _ = trained(home)
+    np.testing.assert_allclose(
+        [e["train_loss"] for e in nodes_history], [e["train_loss"] for e in one_history], atol=LOSS_TOLERANCE
+    )
+    for name, weight in one_weights.items():
+        np.testing.assert_allclose(nodes_weights[name], weight, atol=WEIGHT_TOLERANCE, err_msg=name)

@@ -1,7 +1,7 @@
 """Data-parallel training on torch.distributed: the same recipe, run folder and registry under torchrun.
 
-`torchrun --nproc-per-node N -m tuneloop train …` (or `accelerate launch`, which sets the same environment)
-starts N copies of the command; each joins one process group (gloo on CPUs, NCCL on GPUs). Every rank walks
+`torchrun --nproc-per-node N -m tuneloop train …` starts N copies of the command; each joins one gloo process
+group (the recipes train on CPUs; `pretrain` and `sft` follow the same rules with their own batches). Every rank walks
 the same global batches — the recipe's `train.batch_size`, whatever N is — and takes its share of each: every
 N-th text of a batch already sorted by length, so the shares have similar lengths. DistributedDataParallel
 averages the ranks' gradients, and each rank's loss is scaled so that this average is the gradient of the
