@@ -14,7 +14,17 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
-from helpers import MOODS, NO_POSTGRES, POSTGRES_URL, TOY_PAIRS, copy_rows, server_settings, tiny_config, toy_rows
+from helpers import (
+    MOODS,
+    NO_POSTGRES,
+    POSTGRES_URL,
+    TOY_PAIRS,
+    copy_rows,
+    drop_test_database,
+    server_settings,
+    tiny_config,
+    toy_rows,
+)
 
 
 @pytest.fixture(scope="session")
@@ -150,8 +160,7 @@ def database(request, monkeypatch):
     url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
     monkeypatch.setenv("TUNELOOP_DATABASE_URL", url)
     yield DatabaseUnderTest("postgresql", url)
-    with admin.connect() as connection:
-        connection.execute(text(f"drop database {name} with (force)"))
+    drop_test_database(admin, name)
     admin.dispose()
 
 

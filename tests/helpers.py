@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 # The benchmark datasets (never copied into the repository): TUNELOOP_DATASETS, or ../shared/datasets beside it.
@@ -134,3 +137,36 @@ def crashed_then_resumed(config, data, encoder, folder: Path, at_step: int):
             config, data, encoder, VersionFolder(folder), show_progress=False, step_callback=crash, callback_every=1
         )
     return fine_tune(config, data, encoder, VersionFolder(folder), resume=True, show_progress=False)
+
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def launch(processes: int, arguments: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """`tuneloop ARGUMENTS` in one plain process, or under torchrun with `processes` gloo processes."""
+    command = (
+        [str(TORCHRUN), "--standalone", "--nproc-per-node", str(processes), "-m", "tuneloop"]
+        if processes > 1
+        else [sys.executable, "-m", "tuneloop"]
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNELOOP_HOME": str(tmp_path / "unused-home")}
+    return subprocess.run([*command, *arguments], capture_output=True, text=True, env=env, timeout=600)
+
+
+def drop_test_database(admin, name: str) -> None:
+    """Drop a test's PostgreSQL database, its connections with it. A fresh database draws an autovacuum worker,
+    which runs as the server's superuser and which our user may not terminate: FORCE then fails until the
+    worker is done (a second or so), so try again for up to 30 s."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import ProgrammingError
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with admin.connect() as connection:
+                connection.execute(text(f"drop database {name} with (force)"))
+            return
+        except ProgrammingError as exc:
+            if "pg_signal_backend" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

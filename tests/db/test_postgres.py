@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, make_url, text
 from typer.testing import CliRunner
 
 from db.test_migrations import opened, pre_migration_home
+from helpers import drop_test_database
 from tuneloop.cli import app
 from tuneloop.db.migrate import head_revision
 from tuneloop.errors import TuneloopError
@@ -34,8 +35,7 @@ def fresh_database():
     with admin.connect() as connection:
         connection.execute(text(f"create database {name}"))
     yield make_url(URL).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as connection:
-        connection.execute(text(f"drop database {name} with (force)"))
+    drop_test_database(admin, name)
     admin.dispose()
 
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,29 +15,16 @@ import pandas as pd
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import toy_rows
+from helpers import TORCHRUN, launch, toy_rows
 from tuneloop.config import load_config
 from tuneloop.registry import Registry
 
 pytestmark = pytest.mark.distributed
 
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 # Tolerances: the two runs differ only in the order floating-point sums are taken (a gradient summed over a
 # batch in one process, or over two halves and then across processes).
 LOSS_TOLERANCE = 1e-4
 WEIGHT_TOLERANCE = 1e-4
-
-
-@pytest.fixture()
-def without_dropout(tiny_encoder, tmp_path) -> Path:
-    """The tiny encoder with dropout off (and the head's, below): with it, one process and two draw different masks
-    for the same text, so their trainings could only be compared statistically."""
-    folder = tmp_path / "tiny-no-dropout"
-    shutil.copytree(tiny_encoder, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
 
 
 def overrides(encoder: Path, data: Path, home: Path, *extra: str) -> list[str]:
@@ -59,16 +44,6 @@ def overrides(encoder: Path, data: Path, home: Path, *extra: str) -> list[str]:
         "serving.runtime=torch",
         *extra,
     ]
-
-
-def launch(processes: int, arguments: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    command = (
-        [str(TORCHRUN), "--standalone", "--nproc-per-node", str(processes), "-m", "tuneloop"]
-        if processes > 1
-        else [sys.executable, "-m", "tuneloop"]
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNELOOP_HOME": str(tmp_path / "unused-home")}
-    return subprocess.run([*command, *arguments], capture_output=True, text=True, env=env, timeout=600)
 
 
 def trained(home: Path) -> tuple[list[dict], dict[str, np.ndarray], Registry]:
@@ -138,11 +113,28 @@ def test_bad_data_on_rank_zero_stops_every_rank_with_its_message(without_dropout
     assert "text" in said and "column" in said and "Traceback" not in refused.stdout
 
 
+def kill_a_rank_after_its_first_checkpoint(arguments: list[str], home: Path, rank: int) -> None:
+    """Start two processes under torchrun and SIGKILL one (torchrun then stops the other) once a checkpoint is
+    written: nothing may be registered."""
+    import psutil
+
+    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "tuneloop", *arguments]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    # The checkpoint in its place, not the staging folder it is written in first (a kill there leaves none).
+    while not list(home.rglob("checkpoint/trainer.pt")) and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.02)
+    ranks = psutil.Process(launcher.pid).children()
+    assert launcher.poll() is None and len(ranks) == 2, "the run ended before a rank could be killed"
+    ranks[rank].kill()
+    assert launcher.wait(timeout=120) != 0
+    assert not Registry(load_config(None, [f"registry.home={home}"]).registry).versions("toy")
+
+
 def test_a_run_with_a_killed_rank_resumes_with_another_number_of_processes(without_dropout, tmp_path):
     """SIGKILL one of two ranks mid-run (torchrun then stops the other): nothing is registered; `--resume latest`
     in one process finishes the run from its last checkpoint, and ends where an uninterrupted run ends."""
-    import psutil
-
     data = tmp_path / "more.csv"
     pd.DataFrame(toy_rows(per_label=300, seed=6)).to_csv(data, index=False)
     extra = ("train.epochs=2", "train.checkpoint_every=4", "train.patience=5")
@@ -150,18 +142,7 @@ def test_a_run_with_a_killed_rank_resumes_with_another_number_of_processes(witho
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     home = tmp_path / "home"
-    arguments = ["train", *overrides(without_dropout, data, home, *extra)]
-    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "tuneloop", *arguments]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not list(home.rglob("trainer.pt")) and time.monotonic() < deadline and launcher.poll() is None:
-        time.sleep(0.02)
-    ranks = psutil.Process(launcher.pid).children()
-    assert launcher.poll() is None and len(ranks) == 2, "the run ended before a rank could be killed"
-    ranks[-1].kill()
-    assert launcher.wait(timeout=120) != 0
-    assert not Registry(load_config(None, [f"registry.home={home}"]).registry).versions("toy")
+    kill_a_rank_after_its_first_checkpoint(["train", *overrides(without_dropout, data, home, *extra)], home, -1)
 
     resumed = launch(1, ["train", "--resume", "latest", *overrides(without_dropout, data, home)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -205,8 +186,6 @@ def test_fsdp_leaves_each_process_a_shard_of_every_weight(tiny_encoder, tmp_path
 def test_an_fsdp_run_killed_mid_way_resumes_with_twice_the_processes(without_dropout, tmp_path):
     """FSDP checkpoints hold whole weights and optimizer state: a run killed on 2 processes finishes on 4, where an
     uninterrupted 2-process run ends."""
-    import psutil
-
     data = tmp_path / "more.csv"
     pd.DataFrame(toy_rows(per_label=150, seed=6)).to_csv(data, index=False)
     extra = ("train.epochs=2", "train.checkpoint_every=4", "train.patience=5", "train.strategy=fsdp")
@@ -214,18 +193,7 @@ def test_an_fsdp_run_killed_mid_way_resumes_with_twice_the_processes(without_dro
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     home = tmp_path / "home"
-    arguments = ["train", *overrides(without_dropout, data, home, *extra)]
-    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "tuneloop", *arguments]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not list(home.rglob("trainer.pt")) and time.monotonic() < deadline and launcher.poll() is None:
-        time.sleep(0.02)
-    ranks = psutil.Process(launcher.pid).children()
-    assert launcher.poll() is None and len(ranks) == 2, "the run ended before a rank could be killed"
-    ranks[0].kill()
-    assert launcher.wait(timeout=120) != 0
-    assert not Registry(load_config(None, [f"registry.home={home}"]).registry).versions("toy")
+    kill_a_rank_after_its_first_checkpoint(["train", *overrides(without_dropout, data, home, *extra)], home, 0)
 
     resumed = launch(4, ["train", "--resume", "latest", *overrides(without_dropout, data, home)], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

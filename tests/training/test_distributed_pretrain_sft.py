@@ -5,38 +5,23 @@ batch that does not divide among the processes is refused before anything is wri
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from helpers import MOODS, Crash, toy_rows
+from helpers import MOODS, Crash, launch, toy_rows
 from tuneloop.config import PretrainRecipe, load_config
 from tuneloop.registry import Registry
 from tuneloop.training import mlm
 
 pytestmark = pytest.mark.distributed
 
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 # The two runs differ only in the order floating-point sums are taken (a gradient summed over a batch in one
 # process, or over two shares and then across processes).
 LOSS_TOLERANCE = 1e-4
 WEIGHT_TOLERANCE = 1e-4
-
-
-def launch(processes: int, arguments: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    command = (
-        [str(TORCHRUN), "--standalone", "--nproc-per-node", str(processes), "-m", "tuneloop"]
-        if processes > 1
-        else [sys.executable, "-m", "tuneloop"]
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TUNELOOP_HOME": str(tmp_path / "unused-home")}
-    return subprocess.run([*command, *arguments], capture_output=True, text=True, env=env, timeout=300)
 
 
 def registered(home: Path, name: str, weights_file: str) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -58,17 +43,6 @@ def assert_same_training(one: tuple[list[dict], dict], two: tuple[list[dict], di
     assert one_weights.keys() == two_weights.keys()
     for name, weight in one_weights.items():
         np.testing.assert_allclose(two_weights[name], weight, atol=WEIGHT_TOLERANCE, err_msg=name)
-
-
-@pytest.fixture()
-def encoder_without_dropout(tiny_encoder, tmp_path) -> Path:
-    """The tiny encoder with dropout off: with it, one process and two would drop different units of a block."""
-    folder = tmp_path / "tiny-no-dropout"
-    shutil.copytree(tiny_encoder, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
 
 
 @pytest.fixture()
@@ -113,10 +87,10 @@ def sft_arguments(model: Path, pairs: Path, home: Path, *extra: str) -> list[str
     ]
 
 
-def test_pretraining_in_two_processes_follows_one_process_and_registers_once(encoder_without_dropout, corpus, tmp_path):
-    one = launch(1, pretrain_arguments(encoder_without_dropout, corpus, tmp_path / "one"), tmp_path)
+def test_pretraining_in_two_processes_follows_one_process_and_registers_once(without_dropout, corpus, tmp_path):
+    one = launch(1, pretrain_arguments(without_dropout, corpus, tmp_path / "one"), tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = launch(2, pretrain_arguments(encoder_without_dropout, corpus, tmp_path / "two"), tmp_path)
+    two = launch(2, pretrain_arguments(without_dropout, corpus, tmp_path / "two"), tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("registered toy-mlm@1") == 1  # rank 0 reports; rank 1 says nothing
 
@@ -129,13 +103,13 @@ def test_pretraining_in_two_processes_follows_one_process_and_registers_once(enc
 
 
 def test_pretraining_stopped_in_one_process_resumes_in_two_and_ends_where_an_uninterrupted_run_ends(
-    encoder_without_dropout, corpus, tmp_path
+    without_dropout, corpus, tmp_path
 ):
     """The checkpoint holds the global position (mid-epoch here) and the masking generator, not a rank's."""
-    whole = launch(1, pretrain_arguments(encoder_without_dropout, corpus, tmp_path / "whole"), tmp_path)
+    whole = launch(1, pretrain_arguments(without_dropout, corpus, tmp_path / "whole"), tmp_path)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
-    arguments = pretrain_arguments(encoder_without_dropout, corpus, tmp_path / "home", "pretrain.checkpoint_every=3")
+    arguments = pretrain_arguments(without_dropout, corpus, tmp_path / "home", "pretrain.checkpoint_every=3")
 
     def crash(state: dict) -> None:
         if state["global_step"] == 6:  # in the second epoch, just after a checkpoint
