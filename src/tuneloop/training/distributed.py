@@ -185,14 +185,16 @@ def check_recipe(recipe: ClassifierRecipe, world: World) -> None:
             "train.strategy=fsdp shards the model over several processes: start it with torchrun "
             "--nproc-per-node N (N ≥ 2), or train in one process with train.strategy=ddp"
         )
+    if tc.strategy == "fsdp" and tc.method == "lora":
+        raise TuneloopError(
+            "train.method=lora with train.strategy=fsdp: LoRA's few trainable weights need no sharding; "
+            "use train.strategy=ddp"
+        )
     check_batch_divides("train.batch_size", tc.batch_size, world)
     if not world.distributed:
         return
     refused = {
         "train.dp (differentially private training)": tc.dp is not None,
-        "train.method=lora with train.strategy=fsdp (LoRA's few weights need no sharding: use train.strategy=ddp)": (
-            tc.method == "lora" and tc.strategy == "fsdp"
-        ),
         "several tasks (multi-task training)": len(recipe.tasks) > 1,
         "data.kfold (k-fold cross-validation)": bool(recipe.data.kfold),
     }
