@@ -132,6 +132,17 @@ def kill_a_rank_after_its_first_checkpoint(arguments: list[str], home: Path, ran
     assert not Registry(load_config(None, [f"registry.home={home}"]).registry).versions("toy")
 
 
+def resume_and_compare(processes: int, arguments: list[str], home: Path, whole: Path, tmp_path: Path) -> None:
+    """`--resume latest` on `processes` processes finishes the killed run in `home` at the weights of the
+    uninterrupted run registered in `whole`."""
+    resumed = launch(processes, ["train", "--resume", "latest", *arguments], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, resumed_weights, _ = trained(home)
+    _, whole_weights, _ = trained(whole)
+    for name, weight in whole_weights.items():
+        np.testing.assert_allclose(resumed_weights[name], weight, atol=WEIGHT_TOLERANCE, err_msg=name)
+
+
 def test_a_run_with_a_killed_rank_resumes_with_another_number_of_processes(without_dropout, tmp_path):
     """SIGKILL one of two ranks mid-run (torchrun then stops the other): nothing is registered; `--resume latest`
     in one process finishes the run from its last checkpoint, and ends where an uninterrupted run ends."""
@@ -144,12 +155,7 @@ def test_a_run_with_a_killed_rank_resumes_with_another_number_of_processes(witho
     home = tmp_path / "home"
     kill_a_rank_after_its_first_checkpoint(["train", *overrides(without_dropout, data, home, *extra)], home, -1)
 
-    resumed = launch(1, ["train", "--resume", "latest", *overrides(without_dropout, data, home)], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _, resumed_weights, _ = trained(home)
-    _, whole_weights, _ = trained(tmp_path / "whole")
-    for name, weight in whole_weights.items():
-        np.testing.assert_allclose(resumed_weights[name], weight, atol=WEIGHT_TOLERANCE, err_msg=name)
+    resume_and_compare(1, overrides(without_dropout, data, home), home, tmp_path / "whole", tmp_path)
 
 
 SHARD_SCRIPT = """
@@ -195,12 +201,7 @@ def test_an_fsdp_run_killed_mid_way_resumes_with_twice_the_processes(without_dro
     home = tmp_path / "home"
     kill_a_rank_after_its_first_checkpoint(["train", *overrides(without_dropout, data, home, *extra)], home, 0)
 
-    resumed = launch(4, ["train", "--resume", "latest", *overrides(without_dropout, data, home)], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _, resumed_weights, _ = trained(home)
-    _, whole_weights, _ = trained(tmp_path / "whole")
-    for name, weight in whole_weights.items():
-        np.testing.assert_allclose(resumed_weights[name], weight, atol=WEIGHT_TOLERANCE, err_msg=name)
+    resume_and_compare(4, overrides(without_dropout, data, home), home, tmp_path / "whole", tmp_path)
 
 
 def test_resuming_with_a_strategy_the_checkpoint_was_not_written_with_is_refused(without_dropout, toy_data, tmp_path):
