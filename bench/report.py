@@ -81,6 +81,47 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
             "tuneloop.calibration",
             lambda c: f"{c['ece_before']:.3f} / {c['ece']:.3f} (T = {c['temperature']:.2f})",
         ),
+        ("encoder layers / max_length", "tuneloop", lambda t: f"{t['layers']} / {t['max_length']}"),
+        (
+            "test texts longer than 60 characters: count, accuracy, ms per text",
+            "tuneloop.long_texts",
+            lambda v: f"{v['count']}, {percent(v['accuracy'])}, {v['ms_per_text']:.1f} ms",
+        ),
+        ("default recipe (no --set): test accuracy", "default_recipe.accuracy", percent),
+        ("default recipe: training time", "default_recipe.train_seconds", seconds),
+        (
+            "default recipe: texts longer than 60 characters, accuracy, ms per text",
+            "default_recipe.long_texts",
+            lambda v: f"{percent(v['accuracy'])}, {v['ms_per_text']:.1f} ms",
+        ),
+        ("training speed-up over the default recipe", "ratios.speed_up", times),
+        ("accuracy change over the default recipe", "ratios.accuracy_delta_points", points),
+        ("long texts: accuracy change over the default recipe", "ratios.long_texts_accuracy_delta_points", points),
+    ],
+    "oos_scores": [
+        ("in-scope / unseen-intent test messages", "", lambda r: f"{r['known_test']} / {r['unknown_test']}"),
+        ("recipe overrides", "overrides", lambda o: ", ".join(o) or "none (outlier exposure on)"),
+        ("in-scope accuracy", "in_scope_accuracy", percent),
+        *(
+            (
+                f"{score}: AUROC / unseen recall at 95% precision / in-scope rejected / recall at 10% rejected",
+                f"scores.{score}",
+                lambda v: (
+                    f"{v['auroc']:.3f} / {percent(v['out_of_scope_recall'])} / "
+                    f"{percent(v['in_scope_rejected'])} / {percent(v['out_of_scope_recall_at_10_percent_rejected'])}"
+                ),
+            )
+            for score in (
+                "probability",
+                "cosine",
+                "energy",
+                "knn-1",
+                "knn-10",
+                "mahalanobis",
+                "relative mahalanobis",
+                "probability + relative mahalanobis",
+            )
+        ),
     ],
     "explain_faithfulness": [
         *(

@@ -2,12 +2,16 @@
 
     python bench/train_classifier.py --dataset banking77 [--baseline hf-trainer] [--set train.epochs=4 ...]
     python bench/train_classifier.py --dataset waimai_10k --pretrain-epochs 1   # continued MLM first
+    python bench/train_classifier.py --dataset waimai_10k --set model.layers=6 --baseline default-recipe
 
 Prints one JSON line: test accuracy, macro-F1, training seconds and seconds to first reach 90% test
 accuracy (test scored every --eval-every steps; scoring time is not counted as training time), for
 tuneloop and, with --baseline, for the Trainer, plus the ratios. With --pretrain-epochs, tuneloop first
 continues the encoder's MLM pretraining on the training split's texts (never the test texts, no labels) and
-fine-tunes from that; the pretraining time is reported apart from the training time.
+fine-tunes from that; the pretraining time is reported apart from the training time. With --baseline
+default-recipe, the recipe without --set is trained second in the same run (the --set recipe's speed-up and
+accuracy change against it). Each tuneloop run also reports its accuracy on the test texts longer than
+--long-chars characters and the milliseconds per text to predict them (PyTorch, batches of 64, this CPU).
 The result is also written to bench/results/train_classifier-DATASET[-mlm][-hf-trainer].json.
 """
 
@@ -107,12 +111,19 @@ def continue_pretraining(train: pd.DataFrame, work: Path, overrides: list[str], 
 
 
 def run_tuneloop(
-    train: pd.DataFrame, test: pd.DataFrame, work: Path, overrides: list[str], eval_every: int, pretrain_epochs: int = 0
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    work: Path,
+    overrides: list[str],
+    eval_every: int,
+    pretrain_epochs: int = 0,
+    long_chars: int = 60,
 ) -> dict:
     from tuneloop.config import load_config, split_overrides
-    from tuneloop.models.classifier import predict_proba
+    from tuneloop.models.classifier import TextClassifier, predict_proba
     from tuneloop.training import classification
 
+    work.mkdir(parents=True, exist_ok=True)
     train.to_csv(work / "train.csv", index=False)
     test.to_csv(work / "test.csv", index=False)
     pretraining = None
@@ -141,6 +152,11 @@ def run_tuneloop(
         recipe, register=False, show_progress=False, step_callback=score, callback_every=eval_every
     )
     metrics = outcome.report["test"]
+    long = test[test["text"].str.len() > long_chars]
+    model, tokenizer = TextClassifier.load(outcome.train.best_dir)
+    started = time.perf_counter()
+    probs = predict_proba(model, tokenizer, long["text"].tolist())
+    long_seconds = time.perf_counter() - started
     return {
         "accuracy": round(metrics["accuracy"], 4),
         "macro_f1": round(metrics["macro_f1"], 4),
@@ -158,6 +174,16 @@ def run_tuneloop(
             "ece_before": round(metrics["calibration_before"]["ece"], 4) if "calibration_before" in metrics else None,
         },
         "pretraining": pretraining,
+        "layers": model.encoder.config.num_hidden_layers,
+        "max_length": model.spec.max_length,
+        "long_texts": {
+            "longer_than_chars": long_chars,
+            "count": len(long),
+            "accuracy": round(float(accuracy_score(long["label"], [model.spec.labels[i] for i in probs.argmax(1)])), 4)
+            if len(long)
+            else None,
+            "ms_per_text": round(1000 * long_seconds / max(len(long), 1), 2),
+        },
         "curve": scorer.curve,
     }
 
@@ -248,7 +274,12 @@ def run_hf_trainer(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=["banking77", "sst2", "waimai_10k"], required=True)
-    parser.add_argument("--baseline", choices=["hf-trainer"])
+    parser.add_argument(
+        "--baseline",
+        choices=["hf-trainer", "default-recipe"],
+        help="hf-trainer: a plain Hugging Face Trainer; default-recipe: tuneloop without --set.",
+    )
+    parser.add_argument("--long-chars", type=int, default=60, help="Test texts longer than this are reported apart.")
     parser.add_argument(
         "--baseline-lr",
         type=float,
@@ -279,9 +310,30 @@ def main() -> None:
             "train_rows": len(train),
             "test_rows": len(test),
             "cores": os.cpu_count(),
-            "tuneloop": run_tuneloop(train, test, work, args.overrides, args.eval_every, args.pretrain_epochs),
+            "tuneloop": run_tuneloop(
+                train, test, work, args.overrides, args.eval_every, args.pretrain_epochs, args.long_chars
+            ),
         }
-        if args.baseline:
+        if args.baseline == "default-recipe":
+            ours = result["tuneloop"]
+            theirs = result["default_recipe"] = run_tuneloop(
+                train, test, work / "default", [], args.eval_every, long_chars=args.long_chars
+            )
+            result["ratios"] = {
+                "accuracy_delta_points": round(100 * (ours["accuracy"] - theirs["accuracy"]), 2),
+                "speed_up": round(theirs["train_seconds"] / ours["train_seconds"], 2),
+                "long_texts_accuracy_delta_points": round(
+                    100 * (ours["long_texts"]["accuracy"] - theirs["long_texts"]["accuracy"]), 2
+                )
+                if ours["long_texts"]["count"]
+                else None,
+                "long_texts_prediction_speed_up": round(
+                    theirs["long_texts"]["ms_per_text"] / ours["long_texts"]["ms_per_text"], 2
+                )
+                if ours["long_texts"]["count"]
+                else None,
+            }
+        elif args.baseline:
             from tuneloop.config import RegistryConfig
             from tuneloop.models.encoders import resolve_encoder
             from tuneloop.registry import Registry

@@ -98,3 +98,22 @@ def test_the_report_explains_confusions_and_possible_label_errors(trained):
     report = {"test": test}
     add_explanations(report, model, tokenizer, limit=0)
     assert "explanations" not in report
+
+
+def test_a_long_text_is_explained_over_the_tokens_the_model_sees(trained):
+    from dataclasses import replace
+
+    _, _, model, tokenizer = trained
+    text = " ".join(["please"] * 40 + ["refund", "money"])
+    model.spec = replace(model.spec, truncation="head_tail")
+    try:
+        (explained,) = explain(model, tokenizer, [text])
+    finally:
+        model.spec = replace(model.spec, truncation="head")
+    # 30 places for the text: its first 7 words and last 23 are explained (the tail ends with refund money),
+    # the middle 12 were cut and score nothing.
+    scored = [w.score != 0 for w in explained.words]
+    assert scored == [True] * 7 + [False] * 12 + [True] * 23
+    assert [w.word for w in explained.words][-2:] == ["refund", "money"]
+    total = sum(w.score for w in explained.words)
+    assert total == pytest.approx(explained.probability - explained.baseline_probability, abs=0.02)

@@ -62,3 +62,28 @@ def test_grouping_by_length_does_not_change_the_logits(production_home, tiny_enc
 )
 def test_auto_padding_bound_follows_the_runtime_each_version_runs(setting, runtime, expected):
     assert batch_padding(ServeConfig(max_padding=setting).max_padding, runtime) == expected
+
+
+def test_head_tail_keeps_the_start_and_the_end_of_a_long_text_and_the_special_tokens(tiny_encoder):
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from tuneloop.models.classifier import HeadSpec, kept_tokens, tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    words = ["where", "is", "my", "parcel", "refund", "money", "back", "please", "password"]
+    text = " ".join(words * 3)  # 27 words, one token each in the tiny vocabulary
+    spec = HeadSpec(labels=["a"], max_length=10)
+    (head,) = tokenize(tokenizer, [text], spec)
+    (head_tail,) = tokenize(tokenizer, [text], replace(spec, truncation="head_tail"))
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    as_ids = tokenizer.convert_tokens_to_ids
+    assert head == [cls, *as_ids((words * 3)[:8]), sep]
+    # 8 places for the text: its first 2 tokens and its last 6.
+    assert head_tail == [cls, *as_ids((words * 3)[:2]), *as_ids((words * 3)[-6:]), sep]
+    # Texts that fit are not touched, whatever the mode.
+    (short,) = tokenize(tokenizer, ["where is my parcel"], replace(spec, truncation="head_tail"))
+    assert short == tokenize(tokenizer, ["where is my parcel"], spec)[0]
+    # In head mode the positions kept are what the tokenizer's own truncation keeps (explanations rely on it).
+    assert kept_tokens([1, *[0] * 27, 1], 10, "head") == [0, *range(1, 9), 28]

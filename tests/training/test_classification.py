@@ -228,3 +228,39 @@ def test_max_length_is_capped_at_the_encoders_positions(tiny_overrides, tmp_path
     result = fine_tune(config, data, EncoderSource("tiny", tiny_encoder), VersionFolder(tmp_path / "run"))
     model, _ = TextClassifier.load(result.best_dir)
     assert model.spec.max_length == 64  # the tiny encoder's max_position_embeddings
+
+
+def test_model_layers_trains_saves_and_serves_the_lower_layers_only(setup, tiny_overrides, tmp_path):
+    _, data, encoder = setup
+    config = load_config(None, [*tiny_overrides, "model.layers=1"])
+    result = fine_tune(config, data, encoder, VersionFolder(tmp_path / "run"), show_progress=False)
+    kept, tokenizer = TextClassifier.load(result.best_dir)
+    assert kept.encoder.config.num_hidden_layers == 1
+    assert len(kept.encoder.encoder.layer) == 1
+    whole = load_encoder(encoder.path)
+    # The kept layer is the encoder's lowest one, fine-tuned from its pretrained weights (same shapes, moved).
+    before = whole.encoder.layer[0].attention.self.query.weight
+    after = kept.encoder.encoder.layer[0].attention.self.query.weight
+    assert before.shape == after.shape and not torch.equal(before, after)
+    texts = data.val["text"].tolist()
+    again, _ = TextClassifier.load(result.best_dir)
+    assert np.allclose(predict_proba(kept, tokenizer, texts), predict_proba(again, tokenizer, texts), atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", [0, 3])
+def test_model_layers_outside_the_encoder_is_one_clear_error(setup, tiny_overrides, layers):
+    encoder = setup[2]
+    if layers < 1:
+        with pytest.raises(TuneloopError, match="'model.layers': Input should be greater than or equal to 1"):
+            load_config(None, [*tiny_overrides, f"model.layers={layers}"])
+        return
+    config = load_config(None, [*tiny_overrides, f"model.layers={layers}"])
+    with pytest.raises(TuneloopError, match="model.layers=3, and the encoder has 2 layers: use 1 to 2"):
+        build_classifier(config, encoder, ["a", "b"])
+
+
+def test_model_layers_with_lora_is_refused(setup, tiny_overrides):
+    encoder = setup[2]
+    config = load_config(None, [*tiny_overrides, "model.layers=1", "train.method=lora"])
+    with pytest.raises(TuneloopError, match="model.layers does not go with train.method=lora"):
+        build_classifier(config, encoder, ["a", "b"])

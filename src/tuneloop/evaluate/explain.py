@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tuneloop.errors import TuneloopError
-from tuneloop.models.classifier import TextClassifier
+from tuneloop.models.classifier import TextClassifier, kept_tokens
 
 # Steps of the integral: 50 keeps |delta| around 1e-2 of the probability on the packaged encoders.
 STEPS = 50
@@ -129,15 +129,14 @@ def explain(
     explanations = []
     for position, text in enumerate(texts):
         encoded = tokenizer(
-            model.spec.text_prefix + text,
-            truncation=True,
-            max_length=model.spec.max_length,
-            return_offsets_mapping=True,
-            return_special_tokens_mask=True,
-            return_tensors="pt",
+            model.spec.text_prefix + text, return_offsets_mapping=True, return_special_tokens_mask=True, verbose=False
         )
-        input_ids, mask = encoded["input_ids"], encoded["attention_mask"]
-        baseline = torch.where(encoded["special_tokens_mask"].bool(), input_ids, tokenizer.pad_token_id or 0)
+        # The tokens the classifier sees (tokenize's truncation), with their character offsets.
+        kept = kept_tokens(encoded["special_tokens_mask"], model.spec.max_length, model.spec.truncation)
+        input_ids = torch.tensor([[encoded["input_ids"][i] for i in kept]])
+        special = torch.tensor([[encoded["special_tokens_mask"][i] for i in kept]], dtype=torch.bool)
+        mask = torch.ones_like(input_ids)
+        baseline = torch.where(special, input_ids, tokenizer.pad_token_id or 0)
         with torch.no_grad():
             probs = probability(input_ids, mask)[0]
             base_probs = probability(baseline, mask)[0]
@@ -157,7 +156,7 @@ def explain(
         per_token = attributions.sum(dim=-1)[0].detach().numpy()
         prefix = len(model.spec.text_prefix)
         # Offsets are into prefix + text: shift them back onto the text (the prefix's tokens fall off).
-        offsets = [(max(s - prefix, 0), max(e - prefix, 0)) for s, e in encoded["offset_mapping"][0].tolist()]
+        offsets = [(max(s - prefix, 0), max(e - prefix, 0)) for s, e in (encoded["offset_mapping"][i] for i in kept)]
         explanations.append(
             Explanation(
                 text=text,

@@ -34,6 +34,7 @@ class HeadSpec:
     dropout: float = 0.1
     cosine_scale: float = 20.0
     max_length: int = 128
+    truncation: str = "head"  # which tokens of a longer text are kept: "head" or "head_tail" (see kept_tokens)
     text_prefix: str = ""
     base_model: str = ""
     task: str = ""  # the task's name in a multi-task model; empty in a single-task one
@@ -66,6 +67,30 @@ def load_encoder(path: Path) -> PreTrainedModel:
         return AutoModel.from_pretrained(path, add_pooling_layer=False)
     except TypeError:
         return AutoModel.from_pretrained(path)
+
+
+def encoder_layers(encoder: PreTrainedModel) -> nn.ModuleList:
+    """The encoder's stack of transformer layers (BERT's encoder.layer, DistilBERT's transformer.layer...): the
+    one module list as long as the config's layer count."""
+    count = getattr(encoder.config, "num_hidden_layers", None)
+    stacks = [m for m in encoder.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
+    if len(stacks) != 1:
+        raise TuneloopError(
+            f"cannot tell which modules of this {encoder.config.model_type} encoder are its {count} layers; "
+            f"leave model.layers unset"
+        )
+    return stacks[0]
+
+
+def keep_lower_layers(encoder: PreTrainedModel, count: int) -> None:
+    """Drop every transformer layer above the lowest `count`. Upper layers specialise in the pretraining
+    objective; a classifier fine-tuned on the lower ones loses little and trains and serves proportionally
+    faster (Sajjad et al. 2023, "On the effect of dropping layers of pre-trained transformer models")."""
+    layers = encoder_layers(encoder)
+    if not 1 <= count <= len(layers):
+        raise TuneloopError(f"model.layers={count}, and the encoder has {len(layers)} layers: use 1 to {len(layers)}")
+    del layers[count:]
+    encoder.config.num_hidden_layers = count
 
 
 def is_adapter(folder: Path) -> bool:
@@ -217,9 +242,34 @@ def export_classifier(folder: Path, out: Path, merge: bool) -> None:
         shutil.copytree(folder, out, dirs_exist_ok=True)
 
 
+def kept_tokens(special: Sequence[int], max_length: int, truncation: str) -> list[int]:
+    """Positions of the tokens a classifier keeps from one tokenised text (`special`: its special-tokens mask):
+    all of them when they fit in `max_length`; otherwise the special tokens around the text and, of the text's
+    own tokens, the first ones (truncation=head) or the first quarter of the room and the last three quarters
+    (head_tail), since long reviews and complaints often say what they mean at the end (Sun et al. 2019, "How
+    to fine-tune BERT for text classification": head + tail beat either alone on long reviews)."""
+    if len(special) <= max_length:
+        return list(range(len(special)))
+    content = [i for i, flag in enumerate(special) if not flag]
+    if not content:
+        return list(range(max_length))
+    room = max(max_length - (len(special) - len(content)), 1)
+    head = room if truncation == "head" else room // 4
+    chosen = set(content[:head] + content[len(content) - (room - head) :])
+    return [i for i, flag in enumerate(special) if flag or i in chosen]
+
+
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], spec: HeadSpec) -> list[list[int]]:
-    """Token ids of each text as the classifier sees it (prefix added, truncated), unpadded."""
-    return tokenizer([spec.text_prefix + t for t in texts], truncation=True, max_length=spec.max_length)["input_ids"]
+    """Token ids of each text as the classifier sees it (prefix added, truncated), unpadded. Training,
+    evaluation, serving and batch prediction all cut long texts here, the same way (spec.truncation)."""
+    prefixed = [spec.text_prefix + t for t in texts]
+    if spec.truncation == "head":
+        return tokenizer(prefixed, truncation=True, max_length=spec.max_length)["input_ids"]
+    encoded = tokenizer(prefixed, return_special_tokens_mask=True, verbose=False)
+    return [
+        [ids[i] for i in kept_tokens(special, spec.max_length, spec.truncation)]
+        for ids, special in zip(encoded["input_ids"], encoded["special_tokens_mask"], strict=True)
+    ]
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

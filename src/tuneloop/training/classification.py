@@ -46,6 +46,7 @@ from tuneloop.evaluate.serving import choose_runtime
 from tuneloop.models.classifier import (
     HeadSpec,
     TextClassifier,
+    keep_lower_layers,
     length_groups,
     load_encoder,
     pad_right,
@@ -248,6 +249,7 @@ def head_spec(recipe: ClassifierRecipe, encoder: EncoderSource, labels: list[str
         dropout=model.dropout,
         cosine_scale=model.cosine_scale,
         max_length=model.max_length,
+        truncation=model.truncation,
         text_prefix=encoder.text_prefix,
         base_model=encoder.name,
         task=task,
@@ -270,6 +272,13 @@ def build_classifier(
     positions = getattr(loaded.config, "max_position_embeddings", spec.max_length + offset) - offset
     model = TextClassifier(loaded, replace(spec, max_length=min(spec.max_length, positions)))
     settings = recipe.train
+    if recipe.model.layers is not None:
+        if settings.method == "lora":
+            raise TuneloopError(
+                "model.layers does not go with train.method=lora: a LoRA version points at its whole base "
+                "encoder; use train.method=full or unset model.layers"
+            )
+        keep_lower_layers(model.encoder, recipe.model.layers)
     if settings.method == "lora":
         from peft import LoraConfig, get_peft_model  # only LoRA runs need peft
 
