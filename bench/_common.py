@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 # As the `tuneloop` command does for its process (these scripts are programs too; torch loads after this):
@@ -65,6 +66,15 @@ def load_banking77() -> tuple[pd.DataFrame, pd.DataFrame]:
         for split in ("train", "test")
     )
     return train, test
+
+
+def banking77_held_out(count: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Banking77's (train, test) and `count` of its intents drawn by `seed` to play the unseen, out-of-scope
+    ones: the split bench/assistant_eval.py and bench/oos_scores.py share."""
+    train, test = load_banking77()
+    intents = sorted(train["label"].unique())
+    held_out = sorted(np.random.default_rng(seed).choice(intents, size=count, replace=False).tolist())
+    return train, test, held_out
 
 
 def load_sst2() -> tuple[pd.DataFrame, pd.DataFrame]:

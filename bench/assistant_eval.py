@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from _common import add_result_options, load_banking77, publish
+from _common import add_result_options, banking77_held_out, publish
 
 OOS_LABEL = "out_of_scope"
 
@@ -74,11 +74,8 @@ def main() -> None:
     from tuneloop.training import classification
 
     torch.set_num_threads(os.cpu_count() or 1)
-    rng = np.random.default_rng(args.seed)
-    train, test = load_banking77()
-    intents = sorted(train["label"].unique())
-    held_out = sorted(rng.choice(intents, size=args.held_out, replace=False).tolist())
-    out_share = args.out_share or args.held_out / len(intents)
+    train, test, held_out = banking77_held_out(args.held_out, args.seed)
+    out_share = args.out_share or args.held_out / train["label"].nunique()
     known_train = train[~train["label"].isin(held_out)]
     if args.train_limit:
         per_intent = max(2, args.train_limit // known_train["label"].nunique())

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import add_result_options, load_banking77, publish
+from _common import add_result_options, banking77_held_out, publish
 
 
 def main() -> None:
@@ -51,18 +51,16 @@ def main() -> None:
     from tuneloop.training import classification
 
     torch.set_num_threads(os.cpu_count() or 1)
-    rng = np.random.default_rng(args.seed)
-    train, test = load_banking77()
-    intents = sorted(train["label"].unique())
-    held_out = sorted(rng.choice(intents, size=args.held_out, replace=False).tolist())
-    share = args.held_out / len(intents)
+    train, test, held_out = banking77_held_out(args.held_out, args.seed)
+    intents = train["label"].nunique()
+    share = args.held_out / intents
     unseen = train["label"].isin(held_out)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         known_train = train[~unseen]
         if args.train_limit:
-            known_train = known_train.groupby("label").head(max(2, args.train_limit // (len(intents) - args.held_out)))
+            known_train = known_train.groupby("label").head(max(2, args.train_limit // (intents - args.held_out)))
         known_train.to_csv(work / "intents.csv", index=False)
         common = [f"registry.home={work / 'home'}", "model.name=all-MiniLM-L6-v2", *args.overrides]
         recipe = load_config(None, [f"data.path={work / 'intents.csv'}", "data.label_column=label", *common])
