@@ -25,6 +25,10 @@ pytestmark = pytest.mark.distributed
 # batch in one process, or over two halves and then across processes).
 LOSS_TOLERANCE = 1e-4
 WEIGHT_TOLERANCE = 1e-4
+# A killed run resumed on another number of processes takes its steps on two process counts, and the kill can
+# land after the first or a later checkpoint: after ~225 AdamW steps one weight of 2,048 was seen 1.2e-4 off
+# (a fresh-clone CI run). A skipped or repeated step moves weights by about the learning rate (1e-3 here).
+RESUMED_WEIGHT_TOLERANCE = 3e-4
 
 
 def overrides(encoder: Path, data: Path, home: Path, *extra: str) -> list[str]:
@@ -140,7 +144,7 @@ def resume_and_compare(processes: int, arguments: list[str], home: Path, whole: 
     _, resumed_weights, _ = trained(home)
     _, whole_weights, _ = trained(whole)
     for name, weight in whole_weights.items():
-        np.testing.assert_allclose(resumed_weights[name], weight, atol=WEIGHT_TOLERANCE, err_msg=name)
+        np.testing.assert_allclose(resumed_weights[name], weight, atol=RESUMED_WEIGHT_TOLERANCE, err_msg=name)
 
 
 def test_a_run_with_a_killed_rank_resumes_with_another_number_of_processes(without_dropout, tmp_path):
