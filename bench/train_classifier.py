@@ -9,10 +9,11 @@ accuracy (test scored every --eval-every steps; scoring time is not counted as t
 tuneloop and, with --baseline, for the Trainer, plus the ratios. With --pretrain-epochs, tuneloop first
 continues the encoder's MLM pretraining on the training split's texts (never the test texts, no labels) and
 fine-tunes from that; the pretraining time is reported apart from the training time. With --baseline
-default-recipe, the recipe without --set is trained second in the same run (the --set recipe's speed-up and
-accuracy change against it). Each tuneloop run also reports its accuracy on the test texts longer than
---long-chars characters and the milliseconds per text to predict them (PyTorch, batches of 64, this CPU).
-The result is also written to bench/results/train_classifier-DATASET[-mlm][-hf-trainer].json.
+default-recipe, the recipe without --set (and without --pretrain-epochs) is trained second in the same run
+(the --set recipe's speed-up and accuracy change against it). Each tuneloop run also reports its accuracy on
+the test texts longer than --long-chars characters and the milliseconds per text to predict them (PyTorch,
+batches of 64, this CPU).
+The result is also written to bench/results/train_classifier-DATASET[-mlm][-hf-trainer|-default-recipe].json.
 """
 
 from __future__ import annotations
