@@ -52,6 +52,22 @@ def _dropped(run: dict) -> str:
     return f"{run['dropped_outside_kill_window']} / {run['dropped_in_kill_window']}"
 
 
+def _teachers(teachers: list[dict]) -> str:
+    return ", ".join(f"{t['seed']}: {percent(t['accuracy'])} ({t['layers']} layers)" for t in teachers)
+
+
+def _fewer_layers(ratio: str) -> Format:
+    """A student's speed-up, shown only for a student with fewer layers than its teacher: at the same depth the
+    two times differ by run-to-run variation alone."""
+
+    def shown(result: dict) -> str:
+        if result["tuneloop"]["layers"] >= result["teachers"][0]["layers"]:
+            raise ValueError("a student as deep as its teacher: no speed-up to show")
+        return times(result["ratios"][ratio])
+
+    return shown
+
+
 def _acknowledged(acknowledged: str, found: str) -> Callable[[dict], str]:
     return lambda run: f"{run[acknowledged]} / {run[found]} / {run[acknowledged] - run[found]}"
 
@@ -97,6 +113,17 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("training speed-up over the default recipe", "ratios.speed_up", times),
         ("accuracy change over the default recipe", "ratios.accuracy_delta_points", points),
         ("long texts: accuracy change over the default recipe", "ratios.long_texts_accuracy_delta_points", points),
+        ("distilled from (teachers' seeds: test accuracy)", "teachers", _teachers),
+        ("teachers' ensemble (averaged answers): test accuracy", "teacher_ensemble.accuracy", percent),
+        (
+            "student: accuracy change over the first teacher (the default recipe)",
+            "ratios.accuracy_delta_points_vs_default_recipe",
+            points,
+        ),
+        ("student: accuracy change over the teachers' ensemble", "ratios.accuracy_delta_points_vs_ensemble", points),
+        ("student: training speed-up over the default recipe", "", _fewer_layers("speed_up_vs_default_recipe")),
+        ("student and teachers: training time together", "ratios.train_seconds_with_teachers", seconds),
+        ("student: prediction speed-up on long texts", "", _fewer_layers("long_texts_prediction_speed_up")),
     ],
     "oos_scores": [
         ("in-scope / unseen-intent test messages", "", lambda r: f"{r['known_test']} / {r['unknown_test']}"),

@@ -3,6 +3,8 @@
     python bench/train_classifier.py --dataset banking77 [--baseline hf-trainer] [--set train.epochs=4 ...]
     python bench/train_classifier.py --dataset waimai_10k --pretrain-epochs 1   # continued MLM first
     python bench/train_classifier.py --dataset waimai_10k --set model.layers=6 --baseline default-recipe
+    python bench/train_classifier.py --dataset banking77 --teachers 2       # self-distillation from 2 seeds
+    python bench/train_classifier.py --dataset waimai_10k --set model.layers=6 --teachers 1   # 12 layers into 6
 
 Prints one JSON line: test accuracy, macro-F1, training seconds and seconds to first reach 90% test
 accuracy (test scored every --eval-every steps; scoring time is not counted as training time), for
@@ -10,10 +12,14 @@ tuneloop and, with --baseline, for the Trainer, plus the ratios. With --pretrain
 continues the encoder's MLM pretraining on the training split's texts (never the test texts, no labels) and
 fine-tunes from that; the pretraining time is reported apart from the training time. With --baseline
 default-recipe, the recipe without --set (and without --pretrain-epochs) is trained second in the same run
-(the --set recipe's speed-up and accuracy change against it). Each tuneloop run also reports its accuracy on
+(the --set recipe's speed-up and accuracy change against it). With --teachers N, N teachers are trained first
+with the default recipe (seeds 42, 43...), and the --set recipe learns from their averaged answers
+(train.teachers); the result names each teacher's figures, their ensemble's test accuracy, the student's, and
+the training time with and without the teachers'. Each tuneloop run also reports its accuracy on
 the test texts longer than --long-chars characters and the milliseconds per text to predict them (PyTorch,
 batches of 64, this CPU).
-The result is also written to bench/results/train_classifier-DATASET[-mlm][-hf-trainer|-default-recipe].json.
+The result is also written to
+bench/results/train_classifier-DATASET[-mlm][-hf-trainer|-default-recipe|-distilled].json.
 """
 
 from __future__ import annotations
@@ -119,7 +125,8 @@ def run_tuneloop(
     eval_every: int,
     pretrain_epochs: int = 0,
     long_chars: int = 60,
-) -> dict:
+) -> tuple[dict, Path]:
+    """The run's figures, and its folder (a teacher for later runs)."""
     from tuneloop.config import load_config, split_overrides
     from tuneloop.models.classifier import TextClassifier, predict_proba
     from tuneloop.training import classification
@@ -158,7 +165,7 @@ def run_tuneloop(
     started = time.perf_counter()
     probs = predict_proba(model, tokenizer, long["text"].tolist())
     long_seconds = time.perf_counter() - started
-    return {
+    figures = {
         "accuracy": round(metrics["accuracy"], 4),
         "macro_f1": round(metrics["macro_f1"], 4),
         "train_seconds": round(outcome.train.train_seconds, 1),
@@ -185,8 +192,38 @@ def run_tuneloop(
             else None,
             "ms_per_text": round(1000 * long_seconds / max(len(long), 1), 2),
         },
+        "distillation": outcome.report.get("distillation"),
         "curve": scorer.curve,
     }
+    return figures, outcome.folder.root
+
+
+def train_teachers(
+    train: pd.DataFrame, test: pd.DataFrame, work: Path, count: int, eval_every: int, long_chars: int
+) -> tuple[list[dict], list[Path], dict]:
+    """`count` teachers: the default recipe, then the same with seeds 43, 44...; their figures, folders, and the
+    test accuracy of their averaged answers (the ensemble a distilled student tries to match)."""
+    from tuneloop.config import TrainConfig
+    from tuneloop.models.classifier import TextClassifier, predict_proba
+
+    seed = TrainConfig().seed
+    figures, folders = [], []
+    for i in range(count):
+        settings = [f"train.seed={seed + i}"] if i else []
+        taught, folder = run_tuneloop(train, test, work / f"teacher-{i}", settings, eval_every, long_chars=long_chars)
+        figures.append({"seed": seed + i, **taught})
+        folders.append(folder)
+        print(json.dumps({"progress": {"teacher": i, "accuracy": taught["accuracy"]}}), file=sys.stderr, flush=True)
+    averaged, labels = 0, None
+    for folder in folders:
+        model, tokenizer = TextClassifier.load(folder / "model")
+        averaged = averaged + predict_proba(model, tokenizer, test["text"].tolist())
+        labels = model.spec.labels
+    ensemble = {
+        "teachers": count,
+        "accuracy": round(float(accuracy_score(test["label"], [labels[i] for i in averaged.argmax(1)])), 4),
+    }
+    return figures, folders, ensemble
 
 
 def run_hf_trainer(
@@ -280,6 +317,13 @@ def main() -> None:
         choices=["hf-trainer", "default-recipe"],
         help="hf-trainer: a plain Hugging Face Trainer; default-recipe: tuneloop without --set.",
     )
+    parser.add_argument(
+        "--teachers",
+        type=int,
+        default=0,
+        help="Distillation: first train this many teachers with the default recipe (seeds 42, 43...), then the "
+        "--set recipe as their student (train.teachers); the first teacher is the default-recipe baseline.",
+    )
     parser.add_argument("--long-chars", type=int, default=60, help="Test texts longer than this are reported apart.")
     parser.add_argument(
         "--baseline-lr",
@@ -304,22 +348,45 @@ def main() -> None:
     train, test = load_dataset(args.dataset, args.seed)
     if args.train_limit:
         train = train.sample(n=args.train_limit, random_state=args.seed).reset_index(drop=True)
+    if args.teachers and args.baseline:
+        raise SystemExit("--teachers brings its own baseline (the first teacher): leave out --baseline")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        result = {
-            "dataset": args.dataset,
-            "train_rows": len(train),
-            "test_rows": len(test),
-            "cores": os.cpu_count(),
-            "tuneloop": run_tuneloop(
-                train, test, work, args.overrides, args.eval_every, args.pretrain_epochs, args.long_chars
-            ),
-        }
-        if args.baseline == "default-recipe":
-            ours = result["tuneloop"]
-            theirs = result["default_recipe"] = run_tuneloop(
-                train, test, work / "default", [], args.eval_every, long_chars=args.long_chars
+        result = {"dataset": args.dataset, "train_rows": len(train), "test_rows": len(test), "cores": os.cpu_count()}
+        overrides = args.overrides
+        if args.teachers:
+            teachers, folders, ensemble = train_teachers(
+                train, test, work, args.teachers, args.eval_every, args.long_chars
             )
+            result.update(teachers=teachers, teacher_ensemble=ensemble)
+            overrides = [*overrides, f"train.teachers=[{', '.join(str(f) for f in folders)}]"]
+        result["tuneloop"], _ = run_tuneloop(
+            train,
+            test,
+            work / "student" if args.teachers else work,
+            overrides,
+            args.eval_every,
+            args.pretrain_epochs,
+            args.long_chars,
+        )
+        if args.teachers:
+            ours, baseline = result["tuneloop"], result["teachers"][0]
+            teaching = sum(t["train_seconds"] for t in result["teachers"])
+            result["ratios"] = {
+                "accuracy_delta_points_vs_default_recipe": round(100 * (ours["accuracy"] - baseline["accuracy"]), 2),
+                "accuracy_delta_points_vs_ensemble": round(100 * (ours["accuracy"] - ensemble["accuracy"]), 2),
+                "speed_up_vs_default_recipe": round(baseline["train_seconds"] / ours["train_seconds"], 2),
+                "train_seconds_with_teachers": round(teaching + ours["train_seconds"], 1),
+                "long_texts_prediction_speed_up": round(
+                    baseline["long_texts"]["ms_per_text"] / ours["long_texts"]["ms_per_text"], 2
+                )
+                if ours["long_texts"]["count"]
+                else None,
+            }
+        elif args.baseline == "default-recipe":
+            ours = result["tuneloop"]
+            theirs, _ = run_tuneloop(train, test, work / "default", [], args.eval_every, long_chars=args.long_chars)
+            result["default_recipe"] = theirs
             result["ratios"] = {
                 "accuracy_delta_points": round(100 * (ours["accuracy"] - theirs["accuracy"]), 2),
                 "speed_up": round(theirs["train_seconds"] / ours["train_seconds"], 2),
@@ -356,7 +423,9 @@ def main() -> None:
                 ),
             }
     name = f"train_classifier-{args.dataset}" + ("-mlm" if args.pretrain_epochs else "")
-    publish(args, name + (f"-{args.baseline}" if args.baseline else ""), result)
+    publish(
+        args, name + (f"-{args.baseline}" if args.baseline else "") + ("-distilled" if args.teachers else ""), result
+    )
 
 
 if __name__ == "__main__":

@@ -229,6 +229,26 @@ class TrainConfig(StrictModel):
         description="Off-topic messages this close (cosine of the untrained encoder's embeddings) to a training "
         "text are left out: a business whose intents cover one of their topics keeps it.",
     )
+    teachers: list[str] = Field(
+        default_factory=list,
+        description="Knowledge distillation: registered versions (NAME@N) or version folders trained on the same "
+        "labels; the model also learns their averaged answers on the training texts (soft labels). One "
+        "teacher with more layers makes a faster student of model.layers; several seeds of the same recipe "
+        "make one model as good as their ensemble. Not with train.dp (the teachers saw the data without it).",
+    )
+    distill_weight: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="With train.teachers: the share of the loss that matches the teachers' soft labels; the "
+        "rest is the usual cross-entropy with the true labels.",
+    )
+    distill_temperature: float = Field(
+        2.0,
+        gt=0,
+        description="With train.teachers: teachers' and model's logits are divided by this before comparing, "
+        "so the teachers' second and third choices carry weight (Hinton et al., 2015).",
+    )
     audit: bool = Field(
         False,
         description="Before training, rank the training rows whose label looks wrong (tuneloop train --audit, "
@@ -253,6 +273,15 @@ class TrainConfig(StrictModel):
         # Versions registered before embedding rows were trainable cheaply stored null ("freeze only a big
         # vocabulary"); retraining one of them now trains its embeddings like any new run.
         return False if value is None else value
+
+    @model_validator(mode="after")
+    def _teachers_are_not_private(self) -> TrainConfig:
+        if self.teachers and self.dp is not None:
+            raise ValueError(
+                "train.teachers with train.dp: the teachers learnt the training texts without privacy, and their "
+                "answers would carry that into the private model; leave train.teachers empty under train.dp"
+            )
+        return self
 
 
 class PretrainConfig(StrictModel):

@@ -180,3 +180,20 @@ def test_retrain_from_a_cross_validated_production(served_on_each_database, tiny
     log_feedback(config, [("refund back money order", "delivery", "refund")])
     outcome = retrain("toy", overrides=[f"registry.home={home}", "train.epochs=1"], show_progress=False)
     assert outcome.run.version.parent == version.ref and outcome.run.cross_validation is None
+
+
+def test_retraining_a_distilled_production_learns_from_the_feedback_not_the_old_teachers(
+    served_on_each_database, tiny_encoder
+):
+    """The teachers answer the corrected texts as they did before the corrections: a retrain that kept them
+    would pull the candidate back towards the mistakes the feedback fixes."""
+    config, home = served_on_each_database
+    student = tiny_config(tiny_encoder, home.parent / "toy.csv", home, "train.teachers=[toy@1]", "train.epochs=1")
+    version = classification.run(student, show_progress=False).version
+    assert version.config["train"]["teachers"] == ["toy@1"]
+    Registry(config.registry).promote(version.ref)
+    log_feedback(config, [("refund back money order", "delivery", "refund")])
+    outcome = retrain("toy", overrides=[f"registry.home={home}", "train.epochs=1"], show_progress=False)
+    assert outcome.run.version.parent == version.ref
+    assert outcome.run.version.config["train"]["teachers"] == []
+    assert "distillation" not in outcome.run.report

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import crashed_then_resumed, toy_rows
+from helpers import MOODS, crashed_then_resumed, toy_rows
 from tuneloop.config import DataConfig, load_config
 from tuneloop.data.prepare import prepare_data
 from tuneloop.errors import TuneloopError
@@ -86,6 +86,27 @@ def test_resume_continues_exactly(setup, tmp_path, eval_every):
     )
     a, _ = TextClassifier.load(straight.best_dir)
     b, _ = TextClassifier.load(resumed.best_dir)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_a_one_layer_student_of_a_teacher_resumes_exactly(setup, tiny_overrides, tmp_path):
+    """The teachers are asked again on resume, and the layers dropped again: the resumed run is the straight one."""
+    config, data, encoder = setup
+    fine_tune(config, data, encoder, VersionFolder(tmp_path / "teacher"), show_progress=False)
+    student = load_config(
+        None,
+        [*tiny_overrides, "model.layers=1", f"train.teachers=[{tmp_path / 'teacher'}]", "train.epochs=3"],
+    )
+    student.train.checkpoint_every = 3
+    straight = fine_tune(student, data, encoder, VersionFolder(tmp_path / "straight"), show_progress=False)
+    resumed = crashed_then_resumed(student, data, encoder, tmp_path / "crashed", at_step=7)
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx(
+        [h["train_loss"] for h in straight.history], abs=1e-6
+    )
+    a, _ = TextClassifier.load(straight.best_dir)
+    b, _ = TextClassifier.load(resumed.best_dir)
+    assert a.encoder.config.num_hidden_layers == 1
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.allclose(x, y, atol=1e-6), name
 
@@ -264,3 +285,56 @@ def test_model_layers_with_lora_is_refused(setup, tiny_overrides):
     config = load_config(None, [*tiny_overrides, "model.layers=1", "train.method=lora"])
     with pytest.raises(TuneloopError, match="model.layers does not go with train.method=lora"):
         build_classifier(config, encoder, ["a", "b"])
+
+
+def _answers(model_dir, texts: list[str]) -> list[str]:
+    model, tokenizer = TextClassifier.load(model_dir)
+    return [model.spec.labels[i] for i in predict_proba(model, tokenizer, texts).argmax(1)]
+
+
+def test_a_student_learns_its_teachers_answers_not_only_its_labels(setup, tiny_overrides, tmp_path):
+    """The student's data has every label moved to the next one; learning only from the teacher's soft labels
+    (distill_weight=1), it answers as the teacher does, by label name, and not as its own labels say. (No
+    validation split: validating against the moved labels would keep the epoch that learnt the least.)"""
+    _, _, encoder = setup
+    rows = pd.DataFrame(toy_rows(per_label=30, seed=1))
+    rows.to_csv(tmp_path / "teacher.csv", index=False)
+    teacher_data = prepare_data(DataConfig(path=tmp_path / "teacher.csv"))
+    config = load_config(None, [*tiny_overrides, "train.epochs=8"])
+    teacher = fine_tune(config, teacher_data, encoder, VersionFolder(tmp_path / "teacher"), show_progress=False)
+
+    names = sorted(rows["label"].unique())
+    moved = rows.assign(label=rows["label"].map(dict(zip(names, names[1:] + names[:1], strict=True))))
+    moved.to_csv(tmp_path / "student.csv", index=False)
+    data = prepare_data(DataConfig(path=tmp_path / "student.csv"))
+    data.splits["val"] = data.val.iloc[:0]
+    texts = data.train["text"].tolist()
+    student = load_config(
+        None,
+        [*tiny_overrides, "train.epochs=8", f"train.teachers=[{tmp_path / 'teacher'}]", "train.distill_weight=1"],
+    )
+    result = fine_tune(student, data, encoder, VersionFolder(tmp_path / "student"), show_progress=False)
+
+    assert result.distillation["teachers"] == ["teacher"]
+    assert result.distillation["teachers_agree_with_training_labels"] < 0.2  # every label was moved
+    answers = _answers(result.best_dir, texts)
+    assert np.mean(np.array(answers) == np.array(_answers(teacher.best_dir, texts))) >= 0.9
+    assert np.mean(np.array(answers) == data.train["label"].to_numpy()) < 0.2
+
+
+def test_a_teacher_trained_on_other_labels_is_one_clear_error(setup, tiny_overrides, tmp_path):
+    _, data, encoder = setup
+    moods = tmp_path / "moods.csv"
+    pd.DataFrame(toy_rows(per_label=10, topics=MOODS)).to_csv(moods, index=False)
+    config = load_config(None, tiny_overrides)
+    fine_tune(
+        config, prepare_data(DataConfig(path=moods)), encoder, VersionFolder(tmp_path / "moods"), show_progress=False
+    )
+    student = load_config(None, [*tiny_overrides, f"train.teachers=[{tmp_path / 'moods'}]"])
+    with pytest.raises(TuneloopError, match="train.teachers: moods was trained on other labels than this data's"):
+        fine_tune(student, data, encoder, VersionFolder(tmp_path / "student"), show_progress=False)
+
+
+def test_teachers_under_differential_privacy_are_refused(tiny_overrides):
+    with pytest.raises(TuneloopError, match="train.teachers with train.dp"):
+        load_config(None, [*tiny_overrides, "train.teachers=[toy@1]", "train.dp.epsilon=8"])

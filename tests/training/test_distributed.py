@@ -97,6 +97,27 @@ def test_two_processes_follow_one_process_and_only_rank_zero_registers(strategy,
     assert two_report["test"]["confusion_matrix"] == one_report["test"]["confusion_matrix"]
 
 
+def test_a_distilled_student_takes_the_same_steps_on_two_processes(without_dropout, toy_data, tmp_path):
+    """Each process matches the teachers' soft labels on its share of the batch only: the loss still adds up to
+    one process's."""
+    teacher = launch(1, ["train", *overrides(without_dropout, toy_data, tmp_path / "teacher")], tmp_path)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    _, _, registry = trained(tmp_path / "teacher")
+    taught = [f"train.teachers=[{registry.folder(registry.versions('toy')[0]).root}]", "train.distill_weight=0.7"]
+    one = launch(1, ["train", *overrides(without_dropout, toy_data, tmp_path / "one", *taught)], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = launch(2, ["train", *overrides(without_dropout, toy_data, tmp_path / "two", *taught)], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    (_, teacher_weights, _), (_, one_weights, _), (_, two_weights, _) = (
+        trained(tmp_path / home) for home in ("teacher", "one", "two")
+    )
+    assert any(not np.allclose(one_weights[n], w, atol=1e-3) for n, w in teacher_weights.items())
+    for name, weight in one_weights.items():
+        np.testing.assert_allclose(two_weights[name], weight, atol=WEIGHT_TOLERANCE, err_msg=name)
+    report = json.loads(next((tmp_path / "two").rglob("report.json")).read_text())
+    assert report["distillation"]["weight"] == 0.7
+
+
 def test_a_batch_that_does_not_divide_among_the_processes_is_refused_before_anything_is_written(
     without_dropout, toy_data, tmp_path
 ):

@@ -160,6 +160,10 @@ def _retrain(
     recipe = load_config(config_file, overrides, base=stored)
     recipe.name = name  # a name in the caller's config file must not send the candidate elsewhere
     recipe.data.kfold = None  # the splits are given; folds of production's own data do not apply
+    # The teachers answer the corrected texts as they did before the corrections: their soft labels would pull
+    # the candidate back towards the mistakes the feedback fixes. The candidate keeps production's shape
+    # (model.layers) and learns from the labels alone.
+    recipe.train.teachers = []
     examples = load_feedback(recipe.registry, name, recipe.feedback)
     if examples.examples.empty:
         waiting = examples.counts.get("awaiting_review", 0)
