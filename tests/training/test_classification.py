@@ -73,6 +73,17 @@ def test_centroid_head_starts_better_than_chance(setup):
     assert (predicted == label_ids.numpy()).mean() > 1 / len(data.labels) + 0.15
 
 
+def assert_same_run(straight, resumed) -> None:
+    """A resumed run logged the straight run's losses and kept its weights."""
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx(
+        [h["train_loss"] for h in straight.history], abs=1e-6
+    )
+    a, _ = TextClassifier.load(straight.best_dir)
+    b, _ = TextClassifier.load(resumed.best_dir)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.allclose(x, y, atol=1e-6), name
+
+
 @pytest.mark.parametrize("eval_every", [None, 3])
 def test_resume_continues_exactly(setup, tmp_path, eval_every):
     config, data, encoder = setup
@@ -81,13 +92,7 @@ def test_resume_continues_exactly(setup, tmp_path, eval_every):
     config.train.eval_every = eval_every
     straight = fine_tune(config, data, encoder, VersionFolder(tmp_path / "straight"), show_progress=False)
     resumed = crashed_then_resumed(config, data, encoder, tmp_path / "crashed", at_step=7)
-    assert [h["train_loss"] for h in resumed.history] == pytest.approx(
-        [h["train_loss"] for h in straight.history], abs=1e-6
-    )
-    a, _ = TextClassifier.load(straight.best_dir)
-    b, _ = TextClassifier.load(resumed.best_dir)
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert torch.allclose(x, y, atol=1e-6), name
+    assert_same_run(straight, resumed)
 
 
 def test_a_one_layer_student_of_a_teacher_resumes_exactly(setup, tiny_overrides, tmp_path):
@@ -101,14 +106,8 @@ def test_a_one_layer_student_of_a_teacher_resumes_exactly(setup, tiny_overrides,
     student.train.checkpoint_every = 3
     straight = fine_tune(student, data, encoder, VersionFolder(tmp_path / "straight"), show_progress=False)
     resumed = crashed_then_resumed(student, data, encoder, tmp_path / "crashed", at_step=7)
-    assert [h["train_loss"] for h in resumed.history] == pytest.approx(
-        [h["train_loss"] for h in straight.history], abs=1e-6
-    )
-    a, _ = TextClassifier.load(straight.best_dir)
-    b, _ = TextClassifier.load(resumed.best_dir)
-    assert a.encoder.config.num_hidden_layers == 1
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert torch.allclose(x, y, atol=1e-6), name
+    assert_same_run(straight, resumed)
+    assert TextClassifier.load(resumed.best_dir)[0].encoder.config.num_hidden_layers == 1
 
 
 def test_resuming_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(setup, tmp_path):
