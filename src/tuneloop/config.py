@@ -232,9 +232,10 @@ class TrainConfig(StrictModel):
     teachers: list[str] = Field(
         default_factory=list,
         description="Knowledge distillation: registered versions (NAME@N) or version folders trained on the same "
-        "labels; the model also learns their averaged answers on the training texts (soft labels). One "
-        "teacher with more layers makes a faster student of model.layers; several seeds of the same recipe "
-        "make one model as good as their ensemble. Not with train.dp (the teachers saw the data without it).",
+        "labels (with tasks, the first task's); the model also learns their averaged answers on the training "
+        "texts (soft labels). A teacher with more layers for a faster student of model.layers, or several "
+        "seeds of one recipe for one model that learns their ensemble's answers. Not with train.dp (the "
+        "teachers saw the data without it).",
     )
     distill_weight: float = Field(
         0.5,
