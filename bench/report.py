@@ -97,7 +97,11 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
             "tuneloop.calibration",
             lambda c: f"{c['ece_before']:.3f} / {c['ece']:.3f} (T = {c['temperature']:.2f})",
         ),
-        ("encoder layers / max_length", "tuneloop", lambda t: f"{t['layers']} / {t['max_length']}"),
+        (
+            "encoder layers (frozen) / max_length",
+            "tuneloop",
+            lambda t: f"{t['layers']} ({t.get('frozen_layers', 0)}) / {t['max_length']}",
+        ),
         (
             "test texts longer than 60 characters: count, accuracy, ms per text",
             "tuneloop.long_texts",

@@ -5,6 +5,7 @@
     python bench/train_classifier.py --dataset waimai_10k --set model.layers=6 --baseline default-recipe
     python bench/train_classifier.py --dataset banking77 --teachers 2       # self-distillation from 2 seeds
     python bench/train_classifier.py --dataset waimai_10k --set model.layers=6 --teachers 1   # 12 layers into 6
+    python bench/train_classifier.py --dataset waimai_10k --set train.frozen_layers=6 --baseline default-recipe
 
 Prints one JSON line: test accuracy, macro-F1, training seconds and seconds to first reach 90% test
 accuracy (test scored every --eval-every steps; scoring time is not counted as training time), for
@@ -183,6 +184,7 @@ def run_tuneloop(
         },
         "pretraining": pretraining,
         "layers": model.encoder.config.num_hidden_layers,
+        "frozen_layers": recipe.train.frozen_layers,
         "max_length": model.spec.max_length,
         "long_texts": {
             "longer_than_chars": long_chars,

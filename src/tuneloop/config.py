@@ -191,6 +191,13 @@ class TrainConfig(StrictModel):
         description="Freeze the word embeddings. Otherwise only the rows of tokens that occur in the "
         "training texts are trained (no other row would get a gradient), which keeps e5's 250k-row matrix cheap.",
     )
+    frozen_layers: int = Field(
+        0,
+        ge=0,
+        description="Freeze the encoder's embeddings and its lowest this many layers for the whole run: the "
+        "backward pass stops above them, so each step takes less time, and the upper layers and the head still "
+        "learn. 0: train every layer. Not with train.method=lora, whose adapters already train few weights.",
+    )
     bf16: bool = Field(True, description="bf16 autocast, used only where the CPU supports it natively.")
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores.")
     seed: int = Field(42, description="Seed of initialisation, shuffling and dropout.")
@@ -274,6 +281,15 @@ class TrainConfig(StrictModel):
         # Versions registered before embedding rows were trainable cheaply stored null ("freeze only a big
         # vocabulary"); retraining one of them now trains its embeddings like any new run.
         return False if value is None else value
+
+    @model_validator(mode="after")
+    def _frozen_layers_are_full_fine_tuning(self) -> TrainConfig:
+        if self.frozen_layers and self.method == "lora":
+            raise ValueError(
+                "train.frozen_layers with train.method=lora: LoRA already freezes the encoder and trains small "
+                "adapters in every layer; use one or the other"
+            )
+        return self
 
     @model_validator(mode="after")
     def _teachers_are_not_private(self) -> TrainConfig:

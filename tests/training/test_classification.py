@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from tuneloop.models.encoders import EncoderSource
 from tuneloop.models.predictor import load_model
 from tuneloop.models.trained_rows import TrainedRowsEmbedding, plain_embeddings, train_only_used_rows
 from tuneloop.registry import VersionFolder
+from tuneloop.training import classification
 from tuneloop.training.classification import build_classifier, fine_tune, length_grouped_batches
 
 
@@ -109,6 +111,41 @@ def test_a_one_layer_student_of_a_teacher_resumes_exactly(setup, tiny_overrides,
     resumed = crashed_then_resumed(student, data, encoder, tmp_path / "crashed", at_step=7)
     assert_same_run(straight, resumed)
     assert TextClassifier.load(resumed.best_dir)[0].encoder.config.num_hidden_layers == 1
+
+
+def test_frozen_lower_layers_keep_their_pretrained_weights_and_resume_exactly(setup, tiny_overrides, tmp_path):
+    """train.frozen_layers=1 on the 2-layer encoder: the embeddings and layer 0 never move, layer 1 and the head
+    learn, and a killed-and-resumed run freezes them again and ends as the straight one."""
+    _, data, encoder = setup
+    config = load_config(None, [*tiny_overrides, "train.frozen_layers=1", "train.epochs=3"])
+    config.train.checkpoint_every = 3
+    straight = fine_tune(config, data, encoder, VersionFolder(tmp_path / "straight"), show_progress=False)
+    resumed = crashed_then_resumed(config, data, encoder, tmp_path / "crashed", at_step=7)
+    assert_same_run(straight, resumed)
+    pretrained = load_encoder(encoder.path).state_dict()
+    trained = TextClassifier.load(resumed.best_dir)[0].encoder.state_dict()
+    moved = {name for name, weight in pretrained.items() if not torch.equal(weight, trained[name])}
+    assert moved, "nothing learnt"
+    assert all(name.startswith("encoder.layer.1.") for name in moved), sorted(moved)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (["train.frozen_layers=3"], "train.frozen_layers=3, and the encoder has 2 layers"),
+        (["model.layers=1", "train.frozen_layers=2"], "train.frozen_layers=2, and the encoder has 1 layers"),
+    ],
+)
+def test_freezing_more_layers_than_the_encoder_has_is_one_clear_error(setup, tiny_overrides, overrides, says):
+    _, data, encoder = setup
+    config = load_config(None, [*tiny_overrides, *overrides])
+    with pytest.raises(TuneloopError, match=re.escape(says)):
+        build_classifier(config, encoder, data.labels)
+
+
+def test_frozen_layers_with_lora_are_refused(tiny_overrides):
+    with pytest.raises(TuneloopError, match="train.frozen_layers with train.method=lora"):
+        load_config(None, [*tiny_overrides, "train.frozen_layers=1", "train.method=lora"])
 
 
 def test_resuming_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(setup, tmp_path):
@@ -329,6 +366,28 @@ def test_a_teacher_trained_on_other_labels_is_one_clear_error(setup, tiny_overri
     student = load_config(None, [*tiny_overrides, f"train.teachers=[{tmp_path / 'moods'}]"])
     with pytest.raises(TuneloopError, match="train.teachers: moods was trained on other labels than this data's"):
         fine_tune(student, data, encoder, VersionFolder(tmp_path / "student"), show_progress=False)
+
+
+@pytest.mark.parametrize(
+    ("teacher", "says"),
+    [
+        ("nosuch@9", "no model named 'nosuch'"),
+        ("toy@production", "no model named 'toy'"),
+        ("'; DROP TABLE x;--", "is not a model reference"),
+        ("../../etc", "is not a model reference"),
+    ],
+)
+def test_a_teacher_that_names_no_model_is_refused_before_the_data_is_prepared(
+    tiny_overrides, monkeypatch, teacher, says
+):
+    def prepared(*_args, **_kwargs):
+        raise AssertionError("the data was prepared before the teachers were checked")
+
+    monkeypatch.setattr(classification, "prepare_for_model", prepared)
+    recipe = load_config(None, tiny_overrides)
+    recipe.train.teachers = [teacher]
+    with pytest.raises(TuneloopError, match=f"^train.teachers: {re.escape(teacher)}: .*{re.escape(says)}"):
+        classification.run(recipe, show_progress=False)
 
 
 def test_teachers_under_differential_privacy_are_refused(tiny_overrides):

@@ -69,15 +69,15 @@ def load_encoder(path: Path) -> PreTrainedModel:
         return AutoModel.from_pretrained(path)
 
 
-def encoder_layers(encoder: PreTrainedModel) -> nn.ModuleList:
+def encoder_layers(encoder: PreTrainedModel, setting: str = "model.layers") -> nn.ModuleList:
     """The encoder's stack of transformer layers (BERT's encoder.layer, DistilBERT's transformer.layer...): the
-    one module list as long as the config's layer count."""
+    one module list as long as the config's layer count. `setting` is the one to leave unset if there is none."""
     count = getattr(encoder.config, "num_hidden_layers", None)
     stacks = [m for m in encoder.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
     if len(stacks) != 1:
         raise TuneloopError(
             f"cannot tell which modules of this {encoder.config.model_type} encoder are its {count} layers; "
-            f"leave model.layers unset"
+            f"leave {setting} unset"
         )
     return stacks[0]
 
@@ -91,6 +91,27 @@ def keep_lower_layers(encoder: PreTrainedModel, count: int) -> None:
         raise TuneloopError(f"model.layers={count}, and the encoder has {len(layers)} layers: use 1 to {len(layers)}")
     del layers[count:]
     encoder.config.num_hidden_layers = count
+
+
+def freeze_lower_layers(encoder: PreTrainedModel, count: int) -> None:
+    """Freeze the embeddings and the lowest `count` transformer layers. Nothing below the first trained layer
+    needs a gradient, so the backward pass stops there: a step costs the forward pass plus the trained layers'
+    backward. Lower layers hold the general features that fine-tuning changes least (Lee et al. 2019, "What
+    would Elsa do? Freezing layers during transformer fine-tuning")."""
+    layers = encoder_layers(encoder, "train.frozen_layers")
+    embeddings = getattr(encoder, "embeddings", None)
+    if not isinstance(embeddings, nn.Module):
+        raise TuneloopError(
+            f"cannot tell which module of this {encoder.config.model_type} encoder is its embeddings; "
+            "leave train.frozen_layers unset"
+        )
+    if not 1 <= count <= len(layers):
+        raise TuneloopError(
+            f"train.frozen_layers={count}, and the encoder has {len(layers)} layers (model.layers counted): "
+            f"use 1 to {len(layers)}, or 0 to train them all"
+        )
+    for module in (embeddings, *layers[:count]):
+        module.requires_grad_(False)
 
 
 def is_adapter(folder: Path) -> bool:

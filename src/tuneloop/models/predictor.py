@@ -147,19 +147,11 @@ def load_model(
     """
     if runtime not in (None, "version", *RUNTIMES):
         raise TuneloopError(f"unknown runtime '{runtime}': use one of version, {', '.join(RUNTIMES)}")
-    record, folder = None, None
-    # A string is a folder only when it holds a classifier: a directory that happens to share a model's name
-    # (a project folder called "tickets") must not shadow the registered model.
-    if isinstance(source, Path) or (isinstance(source, str) and _holds_a_classifier(Path(source))):
-        path = Path(source)
-        folder = VersionFolder(path) if HeadSpec.exists(VersionFolder(path).model) else None
-        model_dir = folder.model if folder else path
-        name, version = (folder.root if folder else path).resolve().name, None
+    record, folder, model_dir = locate_model(source, registry)
+    if record is not None:
+        name, version = record.name, record.version
     else:
-        registry = registry or Registry(RegistryConfig())
-        record = source if isinstance(source, ModelVersion) else registry.get(source)
-        folder = registry.folder(record)
-        model_dir, name, version = folder.model, record.name, record.version
+        name, version = (folder.root if folder else model_dir).resolve().name, None
     cache = onnx_cache(folder.root if folder else model_dir, model_dir)
     serving = read_serving(folder)
     chosen = serving_runtime(runtime, serving, name if version is None else f"{name}@{version}")
@@ -174,6 +166,24 @@ def load_model(
     if chosen == "onnx-int8" and serving and serving["int8"].get("fallback_margin"):
         fallback, margin = load_model(source, registry, "onnx", threads), serving["int8"]["fallback_margin"]
     return Predictor(name, version, model, tokenizer, record, folder, tasks, chosen, fallback, margin)
+
+
+def locate_model(
+    source: str | Path | ModelVersion, registry: Registry | None = None
+) -> tuple[ModelVersion | None, VersionFolder | None, Path]:
+    """Where `source` (as load_model takes it) lives, without loading it: its registry row (None for a folder),
+    its version folder (None for a bare exported model folder) and the folder of its weights. Raises
+    TuneloopError for a reference that names no registered version."""
+    # A string is a folder only when it holds a classifier: a directory that happens to share a model's name
+    # (a project folder called "tickets") must not shadow the registered model.
+    if isinstance(source, Path) or (isinstance(source, str) and _holds_a_classifier(Path(source))):
+        path = Path(source)
+        folder = VersionFolder(path) if HeadSpec.exists(VersionFolder(path).model) else None
+        return None, folder, folder.model if folder else path
+    registry = registry or Registry(RegistryConfig())
+    record = source if isinstance(source, ModelVersion) else registry.get(source)
+    folder = registry.folder(record)
+    return record, folder, folder.model
 
 
 def top_two_gap(logits: np.ndarray) -> np.ndarray:

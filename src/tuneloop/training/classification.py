@@ -8,12 +8,13 @@ for bit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from tuneloop.evaluate.serving import choose_runtime
 from tuneloop.models.classifier import (
     HeadSpec,
     TextClassifier,
+    freeze_lower_layers,
     keep_lower_layers,
     length_groups,
     load_encoder,
@@ -56,7 +58,7 @@ from tuneloop.models.classifier import (
     tokenize,
 )
 from tuneloop.models.encoders import EncoderSource, resolve_encoder
-from tuneloop.models.predictor import load_model
+from tuneloop.models.predictor import load_model, locate_model
 from tuneloop.models.trained_rows import plain_embeddings, train_only_used_rows
 from tuneloop.privacy.mask import masker
 from tuneloop.profiling import PROFILE_FOLDER, Profiler, stage
@@ -228,6 +230,23 @@ def uniform_target_loss(logits: torch.Tensor) -> torch.Tensor:
     return -torch.log_softmax(logits, dim=-1).mean(dim=-1).mean()
 
 
+@contextlib.contextmanager
+def _as_teacher(ref: str) -> Iterator[None]:
+    """A teacher that does not resolve or load is named as one of train.teachers; the registry's or loader's
+    own message says what is wrong with it."""
+    try:
+        yield
+    except TuneloopError as exc:
+        raise type(exc)(f"train.teachers: {ref}: {exc}") from None
+
+
+def check_teachers(recipe: ClassifierRecipe, registry: Registry) -> None:
+    """Every teacher names a registered version or a model folder: said before the data is prepared."""
+    for ref in recipe.train.teachers:
+        with _as_teacher(ref):
+            locate_model(ref, registry)
+
+
 def teacher_targets(
     recipe: ClassifierRecipe, texts: list[str], labels: list[str], train_labels: np.ndarray
 ) -> tuple[torch.Tensor, dict]:
@@ -239,7 +258,8 @@ def teacher_targets(
     names = []
     for ref in tc.teachers:
         # fp32 ONNX Runtime: the teacher's own answers, about twice as fast as PyTorch on a CPU.
-        teacher = load_model(ref, registry, runtime="onnx", threads=tc.threads)
+        with _as_teacher(ref):
+            teacher = load_model(ref, registry, runtime="onnx", threads=tc.threads)
         missing = sorted(set(labels) - set(teacher.labels))
         if missing or len(teacher.labels) != len(labels):
             raise TuneloopError(
@@ -327,6 +347,8 @@ def build_classifier(
                 "encoder; use train.method=full or unset model.layers"
             )
         keep_lower_layers(model.encoder, recipe.model.layers)
+    if settings.frozen_layers:
+        freeze_lower_layers(model.encoder, settings.frozen_layers)
     if settings.method == "lora":
         from peft import LoraConfig, get_peft_model  # only LoRA runs need peft
 
@@ -1022,6 +1044,7 @@ def run(
     registry = Registry(recipe.registry)
     world = join_world()  # one process, or one of torchrun's
     check_recipe(recipe, world)
+    check_teachers(recipe, registry)
     if resume is None and world.distributed:
         folder, data, encoder = _prepared_by_rank_zero(recipe, registry, world, prepared, parent)
         others = {}
