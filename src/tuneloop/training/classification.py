@@ -1044,7 +1044,8 @@ def run(
     registry = Registry(recipe.registry)
     world = join_world()  # one process, or one of torchrun's
     check_recipe(recipe, world)
-    check_teachers(recipe, registry)
+    if resume is None:  # a resumed run asks the teachers of the recipe it started with, read below
+        check_teachers(recipe, registry)
     if resume is None and world.distributed:
         folder, data, encoder = _prepared_by_rank_zero(recipe, registry, world, prepared, parent)
         others = {}
