@@ -257,6 +257,13 @@ class TrainConfig(StrictModel):
         description="With train.teachers: teachers' and model's logits are divided by this before comparing, "
         "so the teachers' second and third choices carry weight (Hinton et al., 2015).",
     )
+    rdrop: float = Field(
+        0.0,
+        ge=0,
+        description="R-Drop (Liang et al., 2021): each step sees every text twice, with different dropout, and "
+        "this weight times the symmetric KL between the two answers joins the loss, so the model learns to "
+        "answer the same whatever dropout removes. About twice the compute per step; 0: off. Not with train.dp.",
+    )
     audit: bool = Field(
         False,
         description="Before training, rank the training rows whose label looks wrong (tuneloop train --audit, "
@@ -288,6 +295,15 @@ class TrainConfig(StrictModel):
             raise ValueError(
                 "train.frozen_layers with train.method=lora: LoRA already freezes the encoder and trains small "
                 "adapters in every layer; use one or the other"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _rdrop_is_not_private(self) -> TrainConfig:
+        if self.rdrop and self.dp is not None:
+            raise ValueError(
+                "train.rdrop with train.dp: DP-SGD bounds each text's share of a step, and R-Drop puts every text "
+                "in its batch twice; set train.rdrop=0 under train.dp"
             )
         return self
 

@@ -129,6 +129,47 @@ def test_frozen_lower_layers_keep_their_pretrained_weights_and_resume_exactly(se
     assert all(name.startswith("encoder.layer.1.") for name in moved), sorted(moved)
 
 
+def test_rdrop_loss_is_the_symmetric_kl_between_the_two_passes():
+    first, second = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]), torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]])
+    p, q = torch.softmax(first, -1), torch.softmax(second, -1)
+    expected = ((p * (p / q).log()).sum(-1) + (q * (q / p).log()).sum(-1)) / 2
+    assert torch.allclose(classification.rdrop_loss(first, second), expected)
+    assert torch.allclose(classification.rdrop_loss(second, first), expected)
+    assert expected[0] > 0.1 and expected[1] == 0  # identical answers cost nothing
+
+
+def test_rdrop_without_dropout_takes_the_plain_runs_steps(tiny_overrides, without_dropout, toy_csv, tmp_path):
+    """With nothing for dropout to remove, both passes answer alike: R-Drop's term is zero and the twice-seen batch
+    weighs what it weighs once, so the run is the plain run. That pins the loss's scale."""
+    data = prepare_data(DataConfig(path=toy_csv))
+    encoder = EncoderSource("tiny", without_dropout)
+    runs = {}
+    for rdrop in (0, 1):
+        config = load_config(None, [*tiny_overrides, "model.dropout=0", "train.bf16=false", f"train.rdrop={rdrop}"])
+        runs[rdrop] = fine_tune(config, data, encoder, VersionFolder(tmp_path / str(rdrop)), show_progress=False)
+    assert_same_run(runs[0], runs[1])
+
+
+def test_rdrop_changes_what_is_learnt_and_resumes_exactly(setup, tiny_overrides, tmp_path):
+    """With dropout, the two passes differ and R-Drop's term moves the weights; a run killed mid-way and resumed
+    draws the same dropout masks and ends as the straight run."""
+    _, data, encoder = setup
+    runs = {}
+    for rdrop in (0, 1):
+        config = load_config(None, [*tiny_overrides, f"train.rdrop={rdrop}", "train.epochs=3"])
+        config.train.checkpoint_every = 3
+        runs[rdrop] = fine_tune(config, data, encoder, VersionFolder(tmp_path / str(rdrop)), show_progress=False)
+    resumed = crashed_then_resumed(config, data, encoder, tmp_path / "crashed", at_step=7)
+    assert_same_run(runs[1], resumed)
+    plain, rdropped = (TextClassifier.load(runs[r].best_dir)[0].state_dict() for r in (0, 1))
+    assert max(float((plain[n] - rdropped[n]).abs().max()) for n in plain) > 1e-3
+
+
+def test_rdrop_under_differential_privacy_is_refused(tiny_overrides):
+    with pytest.raises(TuneloopError, match="train.rdrop with train.dp"):
+        load_config(None, [*tiny_overrides, "train.rdrop=1", "train.dp.epsilon=8"])
+
+
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [

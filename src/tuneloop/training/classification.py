@@ -295,6 +295,15 @@ def distillation_loss(logits: torch.Tensor, soft_targets: torch.Tensor, temperat
     return F.kl_div(log_student, soft_targets, reduction="none").sum(-1) * temperature**2
 
 
+def rdrop_loss(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Per text, the symmetric KL between the model's answers on two dropout passes over it (Liang et al., 2021,
+    R-Drop): zero when dropout changes nothing in the answer."""
+    p, q = torch.log_softmax(first, dim=-1), torch.log_softmax(second, dim=-1)
+    forward = F.kl_div(q, p, log_target=True, reduction="none").sum(-1)  # KL(p ‖ q)
+    backward = F.kl_div(p, q, log_target=True, reduction="none").sum(-1)  # KL(q ‖ p)
+    return (forward + backward) / 2
+
+
 def _optimizer(model: TextClassifier, recipe: ClassifierRecipe, heads: list[TextClassifier]) -> torch.optim.AdamW:
     head_parameters = [p for m in (model, *heads) for p in m.head.parameters()]
     groups = parameter_groups(model.encoder, recipe.train.lr, recipe.train.weight_decay)
@@ -724,24 +733,30 @@ def fine_tune(
                     with stage("dp step"):  # forward, backward, per-text clipping, noise and the step
                         state["epoch_loss_sum"] += private.step(forward, chosen)
                 else:
+                    # R-Drop: the batch twice in one forward pass (dropout draws anew for the second copy); each
+                    # copy's loss counts half, so the losses keep their one-pass size.
+                    passes = 2 if tc.rdrop else 1
                     if parallel is not None:
                         rows, weight = world.share(chosen)
-                        logits, target = forward(rows)
-                        normaliser = batch_normaliser(task.train_labels[chosen], per_row_loss.weight)
+                        logits, target = forward(rows * passes)
+                        normaliser = passes * batch_normaliser(task.train_labels[chosen], per_row_loss.weight)
                         per_row = per_row_loss(logits.float(), target)
                         loss = shard_loss(per_row, weight, normaliser, world)
                         # The whole batch's mean loss, for the log: the ranks' shares summed.
                         logged = world.total(weight * float(per_row.detach().sum())) / normaliser
                     else:
                         rows, weight = chosen, 1.0
-                        logits, target = forward(chosen)
+                        logits, target = forward(chosen * passes)
                         loss = task.loss_fn(logits.float(), target)
                         logged = float(loss.detach())
                     if soft_targets is not None and task is tasks[0]:
-                        taught = distillation_loss(logits.float(), soft_targets[rows], tc.distill_temperature)
+                        taught = distillation_loss(logits.float(), soft_targets[rows * passes], tc.distill_temperature)
                         loss = (1 - tc.distill_weight) * loss + tc.distill_weight * shard_loss(
-                            taught, weight, len(chosen), world
+                            taught, weight, passes * len(chosen), world
                         )
+                    if tc.rdrop:
+                        first, second = logits.float().chunk(2)
+                        loss = loss + tc.rdrop * shard_loss(rdrop_loss(first, second), weight, len(chosen), world)
                     total = loss
                     if off_topic and task is tasks[0]:
                         total = loss + tc.outlier_exposure * off_topic_loss(task.classifier)
