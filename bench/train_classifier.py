@@ -185,6 +185,7 @@ def run_tuneloop(
         "pretraining": pretraining,
         "layers": model.encoder.config.num_hidden_layers,
         "frozen_layers": recipe.train.frozen_layers,
+        "rdrop": recipe.train.rdrop,
         "max_length": model.spec.max_length,
         "long_texts": {
             "longer_than_chars": long_chars,
