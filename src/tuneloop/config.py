@@ -172,7 +172,12 @@ class TrainConfig(StrictModel):
     warmup_ratio: float = Field(
         0.06, ge=0, lt=1, description="Share of the steps over which the learning rate rises from zero."
     )
-    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="Learning-rate decay after warmup.")
+    schedule: Literal["linear", "cosine", "constant", "cosine_restarts"] = Field(
+        "linear",
+        description="Learning-rate decay after warmup. cosine_restarts: train.cycles cosine decays, each starting "
+        "again from the peak (SGDR, Loshchilov & Hutter, 2017); the best model of any cycle is kept.",
+    )
+    cycles: int = Field(2, ge=1, description="With train.schedule=cosine_restarts: how many cosine decays.")
     grad_clip: float = Field(1.0, gt=0, description="Gradients are clipped to this norm.")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
     class_weighted: bool = Field(False, description="Weight the loss by inverse class frequency.")

@@ -253,6 +253,7 @@ def test_early_stopping_with_patience(setup, tmp_path):
     [
         {"class_weighted": True, "label_smoothing": 0.1, "schedule": "cosine"},
         {"length_grouping": False, "schedule": "constant"},
+        {"schedule": "cosine_restarts", "cycles": 3},
     ],
 )
 def test_training_options_run(setup, tmp_path, options):
@@ -263,6 +264,22 @@ def test_training_options_run(setup, tmp_path, options):
     config.model.head_init = "random"
     result = fine_tune(config, data, encoder, VersionFolder(tmp_path / "run"), show_progress=False)
     assert np.isfinite(result.history[-1]["train_loss"])
+
+
+def test_cosine_restarts_decay_to_zero_then_start_again_from_the_peak(tiny_overrides):
+    config = load_config(None, [*tiny_overrides, "train.schedule=cosine_restarts", "train.cycles=2"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = classification.learning_rate_schedule(config.train, optimizer, total_steps=200)
+    rates = []
+    for _ in range(200):
+        rates.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    warmup = int(config.train.warmup_ratio * 200)
+    assert rates[0] == 0 and max(rates) == pytest.approx(1.0, abs=0.01)
+    middle = warmup + (200 - warmup) // 2  # the end of the first cycle
+    assert rates[middle - 1] < 0.01 and rates[middle + 1] > 0.99
+    assert rates[-1] < 0.01
 
 
 def test_frozen_embeddings_get_no_gradient(setup):

@@ -26,7 +26,14 @@ from sklearn.metrics import f1_score
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
 from tuneloop.atomic import write_dir_atomically
-from tuneloop.config import ClassifierRecipe, DataConfig, read_yaml_mapping, stored_recipe, validated
+from tuneloop.config import (
+    ClassifierRecipe,
+    DataConfig,
+    TrainConfig,
+    read_yaml_mapping,
+    stored_recipe,
+    validated,
+)
 from tuneloop.data.clean import clean_text
 from tuneloop.data.off_topic import languages_of, off_topic_messages
 from tuneloop.data.prepare import (
@@ -311,6 +318,20 @@ def _optimizer(model: TextClassifier, recipe: ClassifierRecipe, heads: list[Text
     return torch.optim.AdamW(groups)
 
 
+def learning_rate_schedule(
+    tc: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup over train.warmup_ratio of the steps, then train.schedule's decay (transformers' schedules)."""
+    name = {"constant": "constant_with_warmup", "cosine_restarts": "cosine_with_restarts"}.get(tc.schedule, tc.schedule)
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=int(tc.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs={"num_cycles": tc.cycles} if tc.schedule == "cosine_restarts" else None,
+    )
+
+
 def _class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
     counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
     weights = len(labels) / (num_labels * np.maximum(counts, 1))
@@ -589,12 +610,7 @@ def fine_tune(
         parallel = torch.nn.parallel.DistributedDataParallel(model) if world.distributed else None
     optimizer = _optimizer(model, recipe, list(heads.values()))
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    scheduler = get_scheduler(
-        "constant_with_warmup" if tc.schedule == "constant" else tc.schedule,
-        optimizer,
-        num_warmup_steps=int(tc.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
+    scheduler = learning_rate_schedule(tc, optimizer, total_steps)
     private = None
     if tc.dp:
         private = dpsgd.PrivateTraining(
