@@ -56,6 +56,19 @@ def _teachers(teachers: list[dict]) -> str:
     return ", ".join(f"{t['seed']}: {percent(t['accuracy'])} ({t['layers']} layers)" for t in teachers)
 
 
+def _when_on(value: Any) -> str:
+    if not value:
+        raise ValueError("off: no row")
+    return plain(value)
+
+
+def _served(serving: dict) -> str:
+    if "int8_accuracy" not in serving:
+        return serving["runtime"]
+    int8, fp32 = percent(serving["int8_accuracy"]), percent(serving["fp32_accuracy"])
+    return f"{serving['runtime']}; int8 {int8} against fp32 {fp32}, labels agreeing on {percent(serving['agreement'])}"
+
+
 def _fewer_layers(ratio: str) -> Format:
     """A student's speed-up, shown only for a student with fewer layers than its teacher: at the same depth the
     two times differ by run-to-run variation alone."""
@@ -102,6 +115,8 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
             "tuneloop",
             lambda t: f"{t['layers']} ({t.get('frozen_layers', 0)}) / {t['max_length']}",
         ),
+        ("R-Drop weight (train.rdrop)", "tuneloop.rdrop", _when_on),
+        ("served by (int8 and fp32 ONNX test accuracy; labels agreeing on validation)", "tuneloop.serving", _served),
         (
             "test texts longer than 60 characters: count, accuracy, ms per text",
             "tuneloop.long_texts",
