@@ -101,7 +101,8 @@ def evaluate_classifier(
     test_logits: np.ndarray | None = None,
 ) -> dict:
     """Test metrics (scored apart on the `leaked` test rows when given), and the train-vs-test gap when
-    training rows are given. `test_logits`: the test rows' logits, when several processes computed them."""
+    training rows are given. `test_logits`: the test rows' logits, when computed elsewhere (as the
+    version serves them, by several processes)."""
     report: dict = {
         "title": title,
         "labels": model.spec.labels,

@@ -59,13 +59,12 @@ from tuneloop.models.classifier import (
     length_groups,
     load_encoder,
     pad_right,
-    predict_logits,
     predict_proba,
     save_task_heads,
     tokenize,
 )
 from tuneloop.models.encoders import EncoderSource, resolve_encoder
-from tuneloop.models.predictor import load_model, locate_model
+from tuneloop.models.predictor import Predictor, load_model, locate_model
 from tuneloop.models.trained_rows import plain_embeddings, train_only_used_rows
 from tuneloop.privacy.mask import masker
 from tuneloop.profiling import PROFILE_FOLDER, Profiler, stage
@@ -464,14 +463,13 @@ def validation_macro_f1(
     return float(world.broadcast(f1))
 
 
-def shared_logits(
-    model: TextClassifier, tokenizer: PreTrainedTokenizerBase, texts: list[str], world: World
-) -> tuple[np.ndarray, int]:
-    """Every text's logits, each rank predicting its share, on every rank; and how many ranks predicted."""
+def shared_logits(predictor: Predictor, texts: list[str], world: World) -> tuple[np.ndarray, int]:
+    """Every text's logits as `predictor` serves them (every task's columns, the model's own first), each rank
+    predicting its share, on every rank; and how many ranks predicted."""
     mine = np.arange(len(texts))[world.rank :: world.size]
-    logits = predict_logits(model, tokenizer, [texts[i] for i in mine]) if len(mine) else None
-    out = np.zeros((len(texts), len(model.spec.labels)), dtype=np.float32)
+    logits = predictor.logits([texts[i] for i in mine]) if len(mine) else None
     shares = [(rows, share) for rows, share in world.gather((mine, logits)) if share is not None]
+    out = np.zeros((len(texts), shares[0][1].shape[1] if shares else len(predictor.labels)), dtype=np.float32)
     for rows, share in shares:
         out[rows] = share
     return out, len(shares)
@@ -914,9 +912,8 @@ def evaluate_run(
     settled = world.on_rank_zero(settle_serving)
     served = load_model(run.root, threads=recipe.train.threads)
     model, tokenizer = served.model, served.tokenizer
-    test_logits, scorers = None, 1
-    if world.distributed:
-        test_logits, scorers = shared_logits(model, tokenizer, data.test["text"].tolist(), world)
+    # Scored through the predictor, not its bare model: int8 serving may answer close calls with fp32.
+    test_logits, scorers = shared_logits(served, data.test["text"].tolist(), world)
     if not world.main or settled is None:
         return {}
     calibration, serving = settled
@@ -930,7 +927,7 @@ def evaluate_run(
         history=result.history,
         title=title,
         leaked=leaked_positions(data.report),
-        test_logits=test_logits,
+        test_logits=served.own_logits(test_logits),
     )
     report["serving"] = serving
     if world.distributed:
@@ -942,18 +939,19 @@ def evaluate_run(
         own, *_ = calibration.values()
         report["calibration"] = own
     if others:
-        report["tasks"] = {
-            name: evaluate_classifier(
-                served.tasks[name],
+        report["tasks"] = {}
+        for name, task_data in others.items():
+            head, head_logits = served.task(name, served.logits(task_data.test["text"].tolist()))
+            report["tasks"][name] = evaluate_classifier(
+                head.model,
                 tokenizer,
                 task_data.test,
                 recipe.eval,
                 train=task_data.train,
                 title=f"{recipe.name}: task {name}",
                 leaked=leaked_positions(task_data.report),
+                test_logits=head_logits,
             )
-            for name, task_data in others.items()
-        }
         for name in others:
             if calibration:
                 report["tasks"][name]["calibration"] = calibration[name]
