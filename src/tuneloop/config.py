@@ -267,7 +267,7 @@ class TrainConfig(StrictModel):
         ge=0,
         description="R-Drop (Liang et al., 2021): each step sees every text twice, with different dropout, and "
         "this weight times the symmetric KL between the two answers joins the loss, so the model learns to "
-        "answer the same whatever dropout removes. About twice the compute per step; 0: off. Not with train.dp.",
+        "answer the same whatever dropout removes. Up to twice the compute per step; 0: off. Not with train.dp.",
     )
     audit: bool = Field(
         False,
