@@ -304,20 +304,18 @@ class TrainConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _rdrop_is_not_private(self) -> TrainConfig:
-        if self.rdrop and self.dp is not None:
-            raise ValueError(
-                "train.rdrop with train.dp: DP-SGD bounds each text's share of a step, and R-Drop puts every text "
-                "in its batch twice; set train.rdrop=0 under train.dp"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _teachers_are_not_private(self) -> TrainConfig:
-        if self.teachers and self.dp is not None:
+    def _nothing_private_training_cannot_keep(self) -> TrainConfig:
+        if self.dp is None:
+            return self
+        if self.teachers:
             raise ValueError(
                 "train.teachers with train.dp: the teachers learnt the training texts without privacy, and their "
                 "answers would carry that into the private model; leave train.teachers empty under train.dp"
+            )
+        if self.rdrop:
+            raise ValueError(
+                "train.rdrop with train.dp: DP-SGD bounds each text's share of a step, and R-Drop puts every text "
+                "in its batch twice; set train.rdrop=0 under train.dp"
             )
         return self
 
