@@ -718,6 +718,9 @@ def fine_tune(
             logits = classifier(input_ids, mask)
         return uniform_target_loss(logits.float()) * (weight * world.size * len(rows) / len(shown))
 
+    # R-Drop: each batch twice in one forward pass (dropout draws anew for the second copy); each copy's loss
+    # counts half, so the losses keep their one-pass size.
+    passes = 2 if tc.rdrop else 1
     metrics = MetricsLog(run) if world.main else None
     train_mode()
     with TrainingProgress("training", total_steps, state["global_step"], show_progress and world.main) as progress:
@@ -747,9 +750,6 @@ def fine_tune(
                     with stage("dp step"):  # forward, backward, per-text clipping, noise and the step
                         state["epoch_loss_sum"] += private.step(forward, chosen)
                 else:
-                    # R-Drop: the batch twice in one forward pass (dropout draws anew for the second copy); each
-                    # copy's loss counts half, so the losses keep their one-pass size.
-                    passes = 2 if tc.rdrop else 1
                     if parallel is not None:
                         rows, weight = world.share(chosen)
                         logits, target = forward(rows * passes)
@@ -952,7 +952,6 @@ def evaluate_run(
                 leaked=leaked_positions(task_data.report),
                 test_logits=head_logits,
             )
-        for name in others:
             if calibration:
                 report["tasks"][name]["calibration"] = calibration[name]
     report.update(
