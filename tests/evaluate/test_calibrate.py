@@ -78,11 +78,11 @@ def test_training_fits_a_temperature_that_the_loaded_version_applies(calibrated_
 
 def test_a_deliberately_over_confident_model_gets_a_lower_ece(calibrated_run):
     _, outcome = calibrated_run
-    model, tokenizer = TextClassifier.load(outcome.folder.model)
-    model.head.scale *= 8  # far sharper than it was trained: near 100% sure of every answer
+    predictor = load_model(outcome.folder.root, runtime="torch")
+    predictor.model.head.scale *= 8  # far sharper than it was trained: near 100% sure of every answer
     frozen = load_prepared(outcome.folder.data())
     rows = pd.concat([frozen.val, frozen.test])  # more rows than validation alone: a steadier ECE
-    fitted = calibrate_head(model, tokenizer, rows, bins=15)
+    fitted = calibrate_head(predictor, rows, bins=15)
     assert fitted["temperature"] > 5
     # At least a quarter lower. On a tiny model's few dozen rows the exact cut moves with the installed
     # packages' numerics (a fresh install measured a third lower, where an earlier one passed 40%).
@@ -92,19 +92,17 @@ def test_a_deliberately_over_confident_model_gets_a_lower_ece(calibrated_run):
 def test_a_model_right_on_every_validation_row_is_left_as_trained(calibrated_run):
     """Without an error the likelihood keeps rising as the temperature falls: the fit would only sharpen."""
     _, outcome = calibrated_run
-    model, tokenizer = TextClassifier.load(outcome.folder.model)
-    model.spec.temperature = 1.0
+    predictor = load_model(outcome.folder.root, runtime="torch")
     val = load_prepared(outcome.folder.data()).val
-    predicted = predict_logits(model, tokenizer, val["text"].tolist()).argmax(1)
-    agreeing = val.assign(label=[model.spec.labels[i] for i in predicted])
-    fitted = calibrate_head(model, tokenizer, agreeing, bins=15)
+    agreeing = val.assign(label=predictor.predict(val["text"].tolist(), cleaned=True))
+    fitted = calibrate_head(predictor, agreeing, bins=15)
     assert not fitted["fitted"] and fitted["temperature"] == 1.0 and "every validation row" in fitted["reason"]
 
 
 def test_too_few_validation_rows_keep_the_trained_probabilities(calibrated_run):
     _, outcome = calibrated_run
-    model, tokenizer = TextClassifier.load(outcome.folder.model)
+    predictor = load_model(outcome.folder.root, runtime="torch")
     val = load_prepared(outcome.folder.data()).val.head(MIN_ROWS - 1)
-    fitted = calibrate_head(model, tokenizer, val, bins=15)
+    fitted = calibrate_head(predictor, val, bins=15)
     assert not fitted["fitted"] and fitted["temperature"] == 1.0 and "fewer than" in fitted["reason"]
-    assert model.spec.temperature == 1.0
+    assert predictor.temperature == 1.0

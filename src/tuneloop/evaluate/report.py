@@ -17,8 +17,8 @@ from tuneloop.evaluate import plots
 from tuneloop.evaluate.explain import explain, shaded_pieces
 from tuneloop.evaluate.metrics import calibration, classification_metrics
 from tuneloop.evaluate.serving import describe
-from tuneloop.models.classifier import TextClassifier, predict_logits, softmax
-from tuneloop.models.predictor import load_model
+from tuneloop.models.classifier import TextClassifier, softmax
+from tuneloop.models.predictor import Predictor, load_model, read_serving
 from tuneloop.registry import Registry
 
 # Train accuracy this much above test accuracy is reported as a sign of overfitting.
@@ -26,17 +26,17 @@ OVERFIT_GAP = 0.08
 
 
 def score_split(
-    model: TextClassifier,
-    tokenizer: PreTrainedTokenizerBase,
+    predictor: Predictor,
     split: pd.DataFrame,
     config: EvalConfig,
     leaked: list[int] | None = None,
     logits: np.ndarray | None = None,
 ) -> dict:
-    """Metrics of `split`; `leaked` (positions of rows with a near-duplicate in training) adds the accuracy
-    on those rows and on the rest, so a user sees how much the paraphrases seen in training lift the score.
-    `logits` are the model's for every row of `split` when they were computed elsewhere (by several processes)."""
-    labels = model.spec.labels
+    """Metrics of `predictor` (as it serves: runtime, fallback, temperature) on `split`; `leaked` (positions of
+    rows with a near-duplicate in training) adds the accuracy on those rows and on the rest, so a user sees how
+    much the paraphrases seen in training lift the score. `logits` are the predictor's own for every row of
+    `split` when they were computed elsewhere (by several processes)."""
+    labels = predictor.labels
     index = {label: i for i, label in enumerate(labels)}
     unknown = sorted(set(split["label"]) - set(index))
     is_known = split["label"].isin(index).to_numpy()
@@ -46,7 +46,7 @@ def score_split(
     if logits is not None:
         logits = logits[is_known]
     elif texts:
-        logits = predict_logits(model, tokenizer, texts)
+        logits = predictor.own_logits(predictor.logits(texts))
     else:
         logits = np.zeros((0, len(labels)))
     probs = softmax(logits)
@@ -61,7 +61,7 @@ def score_split(
         config.suspect_confidence,
         config.suspects_listed,
     )
-    temperature = model.spec.temperature
+    temperature = predictor.temperature
     if temperature != 1.0 and len(texts):
         # The logits are the trained ones divided by the temperature: what the model said before calibration.
         raw = softmax(logits * temperature)
@@ -90,8 +90,7 @@ def leakage_scores(truth: np.ndarray, probs: np.ndarray, positions: pd.Index, le
 
 
 def evaluate_classifier(
-    model: TextClassifier,
-    tokenizer: PreTrainedTokenizerBase,
+    predictor: Predictor,
     test: pd.DataFrame,
     config: EvalConfig,
     train: pd.DataFrame | None = None,
@@ -101,17 +100,17 @@ def evaluate_classifier(
     test_logits: np.ndarray | None = None,
 ) -> dict:
     """Test metrics (scored apart on the `leaked` test rows when given), and the train-vs-test gap when
-    training rows are given. `test_logits`: the test rows' logits, when computed elsewhere (as the
-    version serves them, by several processes)."""
+    training rows are given. `test_logits`: the test rows' logits, when computed elsewhere (by several
+    processes)."""
     report: dict = {
         "title": title,
-        "labels": model.spec.labels,
-        "base_model": model.spec.base_model,
-        "test": score_split(model, tokenizer, test, config, leaked, test_logits),
+        "labels": predictor.labels,
+        "base_model": predictor.model.spec.base_model,
+        "test": score_split(predictor, test, config, leaked, test_logits),
     }
     if train is not None and len(train):
         sample = train.sample(n=min(config.train_sample, len(train)), random_state=0)
-        train_metrics = score_split(model, tokenizer, sample, config)
+        train_metrics = score_split(predictor, sample, config)
         gap = train_metrics["accuracy"] - report["test"]["accuracy"]
         report["overfitting"] = {
             "train_accuracy": train_metrics["accuracy"],
@@ -349,8 +348,8 @@ def shaded_html(explanation: dict) -> str:
 def evaluate_version(
     registry: Registry, ref: str, recipe: ClassifierRecipe, data: Path | None = None, out: Path | None = None
 ) -> tuple[dict, Path]:
-    """Score a registered version on its frozen test split, or on every row of `data` (read with the
-    recipe's data columns); the report goes into the version's eval/ (or eval-<file>/) folder, or `out`.
+    """Score a registered version as it serves on its frozen test split, or on every row of `data` (read with
+    the recipe's data columns); the report goes into the version's eval/ (or eval-<file>/) folder, or `out`.
     Returns the report and the page's path."""
     predictor = load_model(ref, registry)
     folder = predictor.folder
@@ -360,8 +359,7 @@ def evaluate_version(
     else:
         test, train, leaked = labelled_rows(recipe.data, data), None, None
     report = evaluate_classifier(
-        predictor.model,
-        predictor.tokenizer,
+        predictor,
         test,
         recipe.eval,
         train=train,
@@ -371,4 +369,5 @@ def evaluate_version(
     if recipe.eval.explanations:
         on_torch, _ = TextClassifier.load(folder.model)  # the explanations need gradients: PyTorch, not ONNX
         add_explanations(report, on_torch, predictor.tokenizer, recipe.eval.explanations)
+    report["serving"] = read_serving(folder)
     return report, write_report(report, out or folder.evaluation(data))

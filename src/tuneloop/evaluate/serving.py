@@ -19,8 +19,8 @@ import numpy as np
 from tuneloop.atomic import atomic_file
 from tuneloop.config import ServingConfig
 from tuneloop.data.prepare import PreparedData
-from tuneloop.models.onnx_encoder import INT8_FILE, onnx_encoder
-from tuneloop.models.predictor import Predictor, load_model, onnx_cache, top_two_gap
+from tuneloop.models.onnx_encoder import INT8_FILE
+from tuneloop.models.predictor import Predictor, load_unchecked, onnx_cache, top_two_gap
 from tuneloop.registry import VersionFolder
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def choose_runtime(run: VersionFolder, data: PreparedData, settings: ServingConf
     if settings.runtime == "onnx-int8":
         record.update(_check_int8(run, data, settings, threads or os.cpu_count() or 1))
     elif settings.runtime == "onnx":
-        load_model(run.root, runtime="onnx", threads=threads)  # exported now, not by the first request
+        load_unchecked(run, "onnx", threads)  # exported now, not by the first request
     record["seconds"] = round(time.perf_counter() - started, 1)
     with atomic_file(run.serving) as staging:
         staging.write_text(json.dumps(record, indent=2))
@@ -79,11 +79,8 @@ def choose_runtime(run: VersionFolder, data: PreparedData, settings: ServingConf
 def _check_int8(run: VersionFolder, data: PreparedData, settings: ServingConfig, threads: int) -> dict:
     """int8 alone against fp32 ONNX; if it falls short, int8 with fp32 for its close calls. The first that
     passes serves, else fp32."""
-    fp32 = load_model(run.root, runtime="onnx", threads=threads)
-    int8 = load_model(run.root, runtime="torch", threads=threads)
-    int8.model.encoder = onnx_encoder(
-        int8.model.encoder, int8.tokenizer, onnx_cache(run.root, run.model), threads, int8=True
-    )
+    fp32 = load_unchecked(run, "onnx", threads)
+    int8 = load_unchecked(run, "onnx-int8", threads)
     val, test = list(data.val.text), list(data.test.text)
     truth = data.test.label.to_numpy()
     fp32_val, int8_val = (p.own_logits(p.logits(val)) for p in (fp32, int8))

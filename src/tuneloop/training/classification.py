@@ -911,16 +911,14 @@ def evaluate_run(
 
     settled = world.on_rank_zero(settle_serving)
     served = load_model(run.root, threads=recipe.train.threads)
-    model, tokenizer = served.model, served.tokenizer
     # Scored through the predictor, not its bare model: int8 serving may answer close calls with fp32.
     test_logits, scorers = shared_logits(served, data.test["text"].tolist(), world)
     if not world.main or settled is None:
         return {}
     calibration, serving = settled
-    title = f"{recipe.name}: test report" + (f" — task {model.spec.task}" if others else "")
+    title = f"{recipe.name}: test report" + (f" — task {served.model.spec.task}" if others else "")
     report = evaluate_classifier(
-        model,
-        tokenizer,
+        served,
         data.test,
         recipe.eval,
         train=data.train,
@@ -934,7 +932,7 @@ def evaluate_run(
         report["processes"] = {"count": world.size, "strategy": recipe.train.strategy, "test_scored_by": scorers}
     if recipe.eval.explanations:
         on_torch, _ = TextClassifier.load(run.model)  # the explanations need gradients: PyTorch, not ONNX
-        add_explanations(report, on_torch, tokenizer, recipe.eval.explanations)
+        add_explanations(report, on_torch, served.tokenizer, recipe.eval.explanations)
     if calibration:
         own, *_ = calibration.values()
         report["calibration"] = own
@@ -943,8 +941,7 @@ def evaluate_run(
         for name, task_data in others.items():
             head, head_logits = served.task(name, served.logits(task_data.test["text"].tolist()))
             report["tasks"][name] = evaluate_classifier(
-                head.model,
-                tokenizer,
+                head,
                 task_data.test,
                 recipe.eval,
                 train=task_data.train,
