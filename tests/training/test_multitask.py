@@ -101,7 +101,7 @@ def test_resume_continues_a_multitask_run(two_tasks, tmp_path):
         pass
 
     def crash(state, *_):
-        if state["global_step"] == 30:  # into epoch 2 (24 steps an epoch), after the epoch-end checkpoint
+        if state.global_step == 30:  # into epoch 2 (24 steps an epoch), after the epoch-end checkpoint
             raise Crash
 
     with pytest.raises(Crash):

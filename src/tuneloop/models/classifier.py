@@ -69,15 +69,15 @@ def load_encoder(path: Path) -> PreTrainedModel:
         return AutoModel.from_pretrained(path)
 
 
-def encoder_layers(encoder: PreTrainedModel, setting: str = "model.layers") -> nn.ModuleList:
+def encoder_layers(encoder: PreTrainedModel) -> nn.ModuleList:
     """The encoder's stack of transformer layers (BERT's encoder.layer, DistilBERT's transformer.layer...): the
-    one module list as long as the config's layer count. `setting` is the one to leave unset if there is none."""
+    one module list as long as the config's layer count."""
     count = getattr(encoder.config, "num_hidden_layers", None)
     stacks = [m for m in encoder.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
     if len(stacks) != 1:
         raise TuneloopError(
             f"cannot tell which modules of this {encoder.config.model_type} encoder are its {count} layers; "
-            f"leave {setting} unset"
+            "leave model.layers unset"
         )
     return stacks[0]
 
@@ -91,27 +91,6 @@ def keep_lower_layers(encoder: PreTrainedModel, count: int) -> None:
         raise TuneloopError(f"model.layers={count}, and the encoder has {len(layers)} layers: use 1 to {len(layers)}")
     del layers[count:]
     encoder.config.num_hidden_layers = count
-
-
-def freeze_lower_layers(encoder: PreTrainedModel, count: int) -> None:
-    """Freeze the embeddings and the lowest `count` transformer layers. Nothing below the first trained layer
-    needs a gradient, so the backward pass stops there: a step costs the forward pass plus the trained layers'
-    backward. Lower layers hold the general features that fine-tuning changes least (Lee et al. 2019, "What
-    would Elsa do? Freezing layers during transformer fine-tuning")."""
-    layers = encoder_layers(encoder, "train.frozen_layers")
-    embeddings = getattr(encoder, "embeddings", None)
-    if not isinstance(embeddings, nn.Module):
-        raise TuneloopError(
-            f"cannot tell which module of this {encoder.config.model_type} encoder is its embeddings; "
-            "leave train.frozen_layers unset"
-        )
-    if not 1 <= count <= len(layers):
-        raise TuneloopError(
-            f"train.frozen_layers={count}, and the encoder has {len(layers)} layers (model.layers counted): "
-            f"use 1 to {len(layers)}, or 0 to train them all"
-        )
-    for module in (embeddings, *layers[:count]):
-        module.requires_grad_(False)
 
 
 def is_adapter(folder: Path) -> bool:
@@ -209,7 +188,7 @@ class TextClassifier(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, folder / HEAD_FILE)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, folder / HEAD_FILE)
         self.spec.write(folder)
 
     @classmethod
@@ -227,7 +206,8 @@ class TextClassifier(nn.Module):
 def save_task_heads(folder: Path, heads: dict[str, TextClassifier]) -> None:
     """Next to a saved classifier: the heads of the other tasks trained on its encoder."""
     for task, head in heads.items():
-        save_file({k: v.contiguous() for k, v in head.head.state_dict().items()}, folder / f"head-{task}.safetensors")
+        weights = {k: v.detach().cpu().contiguous() for k, v in head.head.state_dict().items()}
+        save_file(weights, folder / f"head-{task}.safetensors")
     (folder / TASKS_FILE).write_text(task_specs_json(heads))
 
 
@@ -343,6 +323,7 @@ def predict_logits(
     real tokens (see `length_groups`).
     """
     model.eval()
+    device = model.head.weight.device  # a model still on the GPU it trained on (validation); else the CPU
     with stage("tokenise"):
         encoded = tokenize(tokenizer, texts, model.spec)
     out = np.zeros((len(texts), len(model.spec.labels) + sum(len(h.spec.labels) for h in heads)), dtype=np.float32)
@@ -350,9 +331,9 @@ def predict_logits(
         with stage("data"):
             input_ids, attention_mask = pad_right([encoded[i] for i in chosen], tokenizer.pad_token_id or 0)
         with stage("forward"):
-            pooled = model.embed(input_ids, attention_mask)
+            pooled = model.embed(input_ids.to(device), attention_mask.to(device))
             logits = [classifier.logits_from_embeddings(pooled) for classifier in (model, *heads)]
-            out[chosen] = torch.cat(logits, dim=-1).float().numpy()
+            out[chosen] = torch.cat(logits, dim=-1).float().cpu().numpy()
     return out
 
 

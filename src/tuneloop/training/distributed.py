@@ -20,6 +20,7 @@ weights and optimizer state, so an FSDP run resumes with any number of processes
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -142,14 +143,14 @@ def launched_world_size() -> int:
         raise TuneloopError(f"WORLD_SIZE='{os.environ['WORLD_SIZE']}' is not a number of processes") from None
 
 
-def join_world() -> World:
-    """Join the launcher's process group (once per process), or be the one process of a plain run."""
+def join_world(backend: str = "gloo") -> World:
+    """Join the launcher's process group (once per process), or be the one process of a plain run. gloo moves CPU
+    tensors (pretraining and sft, and the objects every recipe's ranks exchange); a classifier that trains on GPUs
+    asks for NCCL beside it ("cpu:gloo,cuda:nccl")."""
     if launched_world_size() <= 1:
         return ONE_PROCESS
     if not dist.is_initialized():
-        # gloo even on a machine with GPUs: tuneloop's recipes keep their tensors on the CPU, and NCCL moves
-        # only CUDA tensors.
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend)
         _joined_here.append(True)
     return World(dist.get_rank(), dist.get_world_size())
 
@@ -162,8 +163,14 @@ def current_world() -> World:
 
 
 def leave_world() -> None:
-    """Leave the process group this module joined (one a caller set up itself is the caller's to end)."""
+    """Leave the process group this module joined (one a caller set up itself is the caller's to end).
+
+    Whatever still holds the group goes first: a DDP or FSDP model in a reference cycle (FSDP's hooks make one)
+    would otherwise be freed by a later garbage collection — after the group, or while the interpreter shuts
+    down, when the gloo threads finishing its last collectives wait for an interpreter lock that is gone and the
+    process aborts ("terminate called without an active exception")."""
     if _joined_here and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
         _joined_here.clear()
 

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,8 +42,12 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
-from tuneloop.config import ClassifierRecipe, DPConfig
+from tuneloop.config import ClassifierRecipe, DPConfig, TrainConfig
 from tuneloop.errors import TuneloopError, first_line
+from tuneloop.models.classifier import TextClassifier, pad_right
+from tuneloop.profiling import stage
+from tuneloop.training.devices import DevicePlan
+from tuneloop.training.loop import Task
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +299,76 @@ class PrivateTraining:
         independent draws for the accountant's count to hold)."""
         self.accountant.load_state_dict(state["accountant"])
         self.generator.set_state(state["generator_at_epoch_start" if mid_epoch else "generator"])
+
+
+class PrivateStepper:
+    """The loop's stepper for DP-SGD: one task, Poisson batches drawn by `PrivateTraining`, each step its noisy
+    clipped update; the cross-entropy is the only loss (nothing else may read the training texts without noise)."""
+
+    def __init__(
+        self,
+        task: Task,
+        plan: DevicePlan,
+        pad_id: int,
+        optimizer: torch.optim.Optimizer,
+        train: TrainConfig,
+        centroid_init: bool,
+    ) -> None:
+        assert train.dp is not None
+        self.task, self.plan, self.pad_id, self.optimizer = task, plan, pad_id, optimizer
+        per_epoch = steps_per_epoch(len(task.train_ids), train.batch_size)
+        self.private = PrivateTraining(
+            train.dp,
+            task.classifier,
+            optimizer,
+            torch.nn.CrossEntropyLoss(label_smoothing=train.label_smoothing),
+            [len(ids) for ids in task.train_ids],
+            train.batch_size,
+            per_epoch * train.epochs,
+            train.seed,
+            centroid_init=centroid_init,
+        )
+
+    def start_head(self, embeddings: torch.Tensor) -> None:
+        """A fresh run's class vectors: the training centroids plus noise (counted in ε), when the recipe asks."""
+        if self.private.centroid_noise:
+            labels = torch.tensor(self.task.train_labels)
+            self.task.classifier.set_class_vectors(
+                self.private.noisy_centroids(embeddings, labels, len(self.task.classifier.spec.labels))
+            )
+
+    def steps_per_epoch(self, tasks: list[Task]) -> int:
+        return self.private.steps_per_epoch
+
+    def epoch_batches(self, tasks: list[Task], epoch: int) -> list[tuple[Task, list[int]]]:
+        return [(self.task, batch) for batch in self.private.epoch_batches()]
+
+    def step(self, task: Task, batch: list[int], step: int) -> float:
+        def forward(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            input_ids, mask = pad_right([task.train_ids[i] for i in rows], self.pad_id)
+            logits = task.classifier(self.plan.to_device(input_ids), self.plan.to_device(mask))
+            return logits, torch.as_tensor(task.train_labels[rows], device=logits.device)
+
+        with stage("dp step"):  # forward, backward, per-text clipping, noise and the step
+            total = self.private.step(forward, batch)
+        return total / len(batch) if batch else 0.0
+
+    def model_to_save(self) -> TextClassifier:
+        return self.task.classifier
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "model": self.task.classifier.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "private": self.private.state_dict(),
+        }
+
+    def load_checkpoint_state(self, saved: dict[str, Any], mid_epoch: bool) -> None:
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.private.load_state_dict(saved["private"], mid_epoch=mid_epoch)
+
+    def privacy(self) -> dict[str, Any]:
+        return self.private.spent().as_dict()
 
 
 def _layers(exc: NotImplementedError) -> str:
