@@ -161,27 +161,27 @@ def run_tuneloop(
     outcome = classification.run(
         recipe, register=False, show_progress=False, step_callback=score, callback_every=eval_every
     )
-    metrics = outcome.report["test"]
+    metrics = outcome.report.test
     long = test[test["text"].str.len() > long_chars]
     model, tokenizer = TextClassifier.load(outcome.train.best_dir)
     started = time.perf_counter()
     probs = predict_proba(model, tokenizer, long["text"].tolist())
     long_seconds = time.perf_counter() - started
     figures = {
-        "accuracy": round(metrics["accuracy"], 4),
-        "macro_f1": round(metrics["macro_f1"], 4),
+        "accuracy": round(metrics.accuracy, 4),
+        "macro_f1": round(metrics.macro_f1, 4),
         "train_seconds": round(outcome.train.train_seconds, 1),
         "seconds_to_90": scorer.seconds_to_target(),
         "best_epoch": outcome.train.best_epoch,
         "best_step": outcome.train.best_step,
         "epochs_run": max((h["epoch"] for h in outcome.train.history), default=0),
-        "encoder": outcome.report["base_model"],
+        "encoder": outcome.report.base_model,
         # Test rows with a near-duplicate in training, and the accuracy on them and on the rest.
-        "leakage": metrics.get("leakage"),
+        "leakage": metrics.leakage.model_dump() if metrics.leakage else None,
         "calibration": {
-            "temperature": metrics.get("temperature", 1.0),
-            "ece": round(metrics["calibration"]["ece"], 4),
-            "ece_before": round(metrics["calibration_before"]["ece"], 4) if "calibration_before" in metrics else None,
+            "temperature": metrics.temperature or 1.0,
+            "ece": round(metrics.calibration.ece, 4),
+            "ece_before": round(metrics.calibration_before.ece, 4) if metrics.calibration_before else None,
         },
         "pretraining": pretraining,
         "layers": model.encoder.config.num_hidden_layers,
@@ -195,10 +195,10 @@ def run_tuneloop(
             else None,
             "ms_per_text": round(1000 * long_seconds / max(len(long), 1), 2),
         },
-        "distillation": outcome.report.get("distillation"),
+        "distillation": outcome.report.distillation.model_dump() if outcome.report.distillation else None,
         # What serves and how int8 compared with fp32 on the test texts: the curve above is PyTorch fp32 on the raw
         # texts, the accuracy the served runtime's on the cleaned ones.
-        "serving": serving_figures(outcome.report.get("serving")),
+        "serving": serving_figures(outcome.report.serving),
         "curve": scorer.curve,
     }
     return figures, outcome.folder.root

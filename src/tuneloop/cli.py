@@ -37,6 +37,7 @@ from tuneloop.errors import TuneloopError, first_line
 
 if TYPE_CHECKING:
     from tuneloop.evaluate.explain import Explanation
+    from tuneloop.evaluate.schema import SplitScores
     from tuneloop.feedback.log import PredictionLog
     from tuneloop.feedback.retention import Erased
     from tuneloop.feedback.review import Decision
@@ -175,11 +176,11 @@ def _print_data_report(report: dict) -> None:
                 )
 
 
-def _print_label_suspects(metrics: dict) -> None:
-    suspects = metrics["label_suspects"]
-    if suspects["count"]:
+def _print_label_suspects(metrics: SplitScores) -> None:
+    suspects = metrics.label_suspects
+    if suspects and suspects.count:
         console.print(
-            f"{suspects['count']} test rows may be mislabelled (the model is ≥ {suspects['confidence']:.2f} "
+            f"{suspects.count} test rows may be mislabelled (the model is ≥ {suspects.confidence:.2f} "
             f"sure of another label): listed under 'Possible label errors' in the report"
         )
 
@@ -196,29 +197,29 @@ def _print_test_scores(outcome: ClassifierOutcome) -> None:
     from tuneloop.evaluate.report import calibration_line, leakage_line
     from tuneloop.evaluate.serving import describe
 
-    test = outcome.report["test"]
+    assert outcome.report is not None
+    test = outcome.report.test
     console.print(
-        f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
-        f"ECE {test['calibration']['ece']:.3f}[/green] (trained {outcome.train.train_seconds:.0f}s, "
-        f"best epoch {outcome.train.best_epoch})"
+        f"[green]test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f}, "
+        f"ECE {test.calibration.ece:.3f}[/green] (trained {outcome.train.train_seconds:.0f}s on "
+        f"{outcome.train.device}, best epoch {outcome.train.best_epoch})"
     )
-    if outcome.report.get("serving"):
-        console.print(f"scored as it serves: {describe(outcome.report['serving'])}", markup=False)
-    if "calibration_before" in test:
+    if outcome.report.serving:
+        console.print(f"scored as it serves: {describe(outcome.report.serving)}", markup=False)
+    if test.calibration_before is not None:
         console.print(calibration_line(test), markup=False)
-    leakage = test.get("leakage")
-    if leakage and leakage["rows"]:
-        console.print(leakage_line(leakage, test["n"]), markup=False)
+    if test.leakage and test.leakage.rows:
+        console.print(leakage_line(test.leakage, test.n), markup=False)
     privacy = outcome.train.privacy
     if privacy:
         console.print(
-            f"differential privacy: ε = {privacy['epsilon']:.2f} spent of {privacy['target_epsilon']:g} "
-            f"(δ = {privacy['delta']:.1e}, noise multiplier {privacy['noise_multiplier']:.3f})"
+            f"differential privacy: ε = {privacy.epsilon:.2f} spent of {privacy.target_epsilon:g} "
+            f"(δ = {privacy.delta:.1e}, noise multiplier {privacy.noise_multiplier:.3f})"
         )
-    for task, task_report in outcome.report.get("tasks", {}).items():
+    for task, task_report in outcome.report.other_tasks().items():
         console.print(
-            f"[green]task {task}: test accuracy {task_report['test']['accuracy']:.4f}, "
-            f"macro-F1 {task_report['test']['macro_f1']:.4f}[/green]"
+            f"[green]task {task}: test accuracy {task_report.test.accuracy:.4f}, "
+            f"macro-F1 {task_report.test.macro_f1:.4f}[/green]"
         )
 
 
@@ -332,19 +333,17 @@ def train(
     if audit:
         recipe.train.audit = True
     outcome = classification.run(recipe, resume=resume, register=register)
-    if not outcome.report:  # another rank than 0 of a torchrun launch: rank 0 reports
+    if outcome.report is None:  # another rank than 0 of a torchrun launch: rank 0 reports
         return
-    if "label_audit" in outcome.report["data"]:
-        _print_audit(outcome.report["data"]["label_audit"], show=5)
+    if "label_audit" in (outcome.report.data or {}):
+        _print_audit(outcome.report.data["label_audit"], show=5)
     if outcome.train.profile:
         _print_profile(outcome.train.profile, outcome.folder)
     _print_test_scores(outcome)
     if outcome.cross_validation:
         cv = outcome.cross_validation
-        console.print(
-            f"{cv['k']}-fold validation macro-F1 {cv['mean_val_macro_f1']:.4f} ± {cv['std_val_macro_f1']:.4f}"
-        )
-    _print_label_suspects(outcome.report["test"])
+        console.print(f"{cv.k}-fold validation macro-F1 {cv.mean_val_macro_f1:.4f} ± {cv.std_val_macro_f1:.4f}")
+    _print_label_suspects(outcome.report.test)
     console.print(f"report: {outcome.report_html}")
     if outcome.version:
         console.print(
@@ -462,14 +461,16 @@ def evaluate(
 
     recipe = _config(ClassifierRecipe, config, overrides)
     report, page = evaluate_version(Registry(recipe.registry), model, recipe, data=data, out=out)
-    metrics = report["test"]
+    metrics = report.test
     console.print(
-        f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, weighted-F1 "
-        f"{metrics['weighted_f1']:.4f}, ECE {metrics['calibration']['ece']:.3f} on {metrics['n']} rows"
+        f"accuracy {metrics.accuracy:.4f}, macro-F1 {metrics.macro_f1:.4f}, weighted-F1 "
+        f"{metrics.weighted_f1:.4f}, ECE {metrics.calibration.ece:.3f} on {metrics.n} rows"
     )
-    if "skipped_unknown_labels" in metrics:
+    skipped = metrics.skipped_unknown_labels
+    if skipped:
         console.print(
-            f"[yellow]skipped rows with labels the model does not know:[/yellow] {metrics['skipped_unknown_labels']}"
+            f"[yellow]skipped {skipped.rows} rows with labels the model does not know:[/yellow] "
+            f"{', '.join(skipped.labels)}"
         )
     _print_label_suspects(metrics)
     console.print(f"report: {page}")
@@ -717,10 +718,11 @@ class RichDemoReport:
         console.rule(f"tuneloop demo {number}/3: {title}")
 
     def intents_trained(self, outcome: ClassifierOutcome, version: ModelVersion, examples: list[Prediction]) -> None:
-        _print_data_report(outcome.report["data"])
-        test = outcome.report["test"]
+        assert outcome.report is not None
+        _print_data_report(outcome.report.data or {})
+        test = outcome.report.test
         console.print(
-            f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}[/green] "
+            f"[green]test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f}[/green] "
             f"in {outcome.train.train_seconds:.0f}s of training"
         )
         console.print(f"report: {outcome.report_html}")
@@ -733,9 +735,10 @@ class RichDemoReport:
         console.print(table)
 
     def sentiment_trained(self, outcome: ClassifierOutcome, version: ModelVersion) -> None:
-        test = outcome.report["test"]
+        assert outcome.report is not None
+        test = outcome.report.test
         console.print(
-            f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}[/green]; "
+            f"[green]test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f}[/green]; "
             f"registered and promoted: [bold]{version.ref}[/bold]; report: {outcome.report_html}"
         )
 
@@ -1044,8 +1047,9 @@ def retrain(
         f"confirmed, {used['conflicts']} conflicts): {used['train']} to train, {used['holdout']} held out "
         f"for the gate"
     )
-    test = outcome.run.report["test"]
-    console.print(f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}[/green]")
+    assert outcome.run.report is not None
+    test = outcome.run.report.test
+    console.print(f"[green]test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f}[/green]")
     console.print(
         f"registered [bold]{outcome.run.version.ref}[/bold] (candidate, parent {outcome.parent}); "
         f"next: tuneloop gate {outcome.run.version.ref}"

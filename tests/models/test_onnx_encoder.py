@@ -105,7 +105,7 @@ def test_a_version_serves_and_is_scored_with_the_int8_copy_its_check_accepted(ti
     )
     record = json.loads(registry.folder(outcome.version).serving.read_text())
     assert record["runtime"] == "onnx-int8" and record["int8"]["plan"] == "int8"
-    assert outcome.report["serving"] == record  # the report says what it was scored with
+    assert outcome.report.serving == record  # the report says what it was scored with
     assert exports(registry, outcome.version, INT8_FILE)  # registered with the version
 
     served = load_model(outcome.version, registry)  # the default: what the version was checked with
@@ -114,7 +114,7 @@ def test_a_version_serves_and_is_scored_with_the_int8_copy_its_check_accepted(ti
     rows = [json.loads(line) for line in test.read_text().splitlines()]
     predicted = served.predict([r["text"] for r in rows], cleaned=True)
     accuracy = np.mean([p == r["label"] for p, r in zip(predicted, rows, strict=True)])
-    assert accuracy == pytest.approx(outcome.report["test"]["accuracy"])  # what serves is what was evaluated
+    assert accuracy == pytest.approx(outcome.report.test.accuracy)  # what serves is what was evaluated
     torch_logits = predict_logits(
         *(lambda m: (m.model, m.tokenizer))(load_model(outcome.version, registry, "torch")), TEXTS
     )
@@ -130,7 +130,7 @@ def test_a_version_served_by_int8_with_fp32_for_close_calls_is_scored_with_the_f
     monkeypatch.setattr(serving, "int8_verdict", lambda *args: next(verdicts))
     monkeypatch.setattr(serving, "cross_fitted_fallback", lambda fp32, int8: (1e9, 0.0, 1.0))
     registry, outcome = train(tiny_encoder, toy_data, tmp_path, "serving.runtime=onnx-int8")
-    assert outcome.report["serving"]["int8"]["plan"] == "int8, fp32 for close calls"
+    assert outcome.report.serving["int8"]["plan"] == "int8, fp32 for close calls"
     served = load_model(outcome.version, registry)
     assert served.runtime == "onnx-int8" and served.fallback is not None
     test = pd.read_json(registry.folder(outcome.version).data() / "test.jsonl", lines=True)
@@ -138,11 +138,11 @@ def test_a_version_served_by_int8_with_fp32_for_close_calls_is_scored_with_the_f
     fp32 = load_model(outcome.version, registry, "onnx")
     as_served = score_split(served, test, eval_config)
     int8_alone = score_split(replace(served, fallback=None), test, eval_config)
-    assert as_served["calibration"]["ece"] == pytest.approx(score_split(fp32, test, eval_config)["calibration"]["ece"])
-    assert int8_alone["calibration"]["ece"] != pytest.approx(as_served["calibration"]["ece"], abs=1e-6)  # it can fail
+    assert as_served.calibration.ece == pytest.approx(score_split(fp32, test, eval_config).calibration.ece)
+    assert int8_alone.calibration.ece != pytest.approx(as_served.calibration.ece, abs=1e-6)  # it can fail
     for key in ("accuracy", "macro_f1", "confusion_matrix"):
-        assert outcome.report["test"][key] == as_served[key], key
-    assert outcome.report["test"]["calibration"]["ece"] == pytest.approx(as_served["calibration"]["ece"], abs=1e-9)
+        assert getattr(outcome.report.test, key) == getattr(as_served, key), key
+    assert outcome.report.test.calibration.ece == pytest.approx(as_served.calibration.ece, abs=1e-9)
 
 
 def test_eval_of_a_version_served_by_int8_with_fp32_for_close_calls_scores_what_serves(
@@ -157,10 +157,8 @@ def test_eval_of_a_version_served_by_int8_with_fp32_for_close_calls_scores_what_
     recipe = tiny_config(tiny_encoder, toy_data, tmp_path / "home", "eval.explanations=0")
     evaluated, _ = evaluate_version(registry, outcome.version.ref, recipe, out=tmp_path / "eval")
     # The training report scores through the predictor (what serves): eval must say the same, to the digit.
-    assert evaluated["test"]["calibration"]["ece"] == pytest.approx(
-        outcome.report["test"]["calibration"]["ece"], abs=1e-9
-    )
-    assert evaluated["test"]["confusion_matrix"] == outcome.report["test"]["confusion_matrix"]
+    assert evaluated.test.calibration.ece == pytest.approx(outcome.report.test.calibration.ece, abs=1e-9)
+    assert evaluated.test.confusion_matrix == outcome.report.test.confusion_matrix
 
 
 def test_a_rejected_int8_copy_leaves_fp32_serving_and_says_why(tiny_encoder, toy_data, tmp_path, monkeypatch):
@@ -172,7 +170,7 @@ def test_a_rejected_int8_copy_leaves_fp32_serving_and_says_why(tiny_encoder, toy
 
     monkeypatch.setattr(serving, "int8_verdict", reject)
     registry, outcome = train(tiny_encoder, toy_data, tmp_path, "serving.runtime=onnx-int8")
-    record = outcome.report["serving"]
+    record = outcome.report.serving
     assert record["runtime"] == "onnx" and record["int8_tried"][0]["plan"] == "int8"
     assert [t["plan"] for t in record["int8_tried"]][1:] in ([], ["int8, fp32 for close calls"])
     assert record["int8"] == record["int8_tried"][-1] and not record["int8"]["accepted"]

@@ -313,8 +313,8 @@ def test_a_student_learns_its_teachers_answers_not_only_its_labels(setup, tiny_o
     )
     result = fine_tune(student, data, encoder, VersionFolder(tmp_path / "student"), show_progress=False)
 
-    assert result.distillation["teachers"] == ["teacher"]
-    assert result.distillation["teachers_agree_with_training_labels"] < 0.2  # every label was moved
+    assert result.distillation.teachers == ["teacher"]
+    assert result.distillation.teachers_agree_with_training_labels < 0.2  # every label was moved
     answers = load_model(result.best_dir, runtime="torch").predict(texts, cleaned=True)
     teacher_answers = load_model(teacher.best_dir, runtime="torch").predict(texts, cleaned=True)
     assert np.mean(np.array(answers) == np.array(teacher_answers)) >= 0.9

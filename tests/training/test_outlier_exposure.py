@@ -87,7 +87,7 @@ def test_outlier_exposure_lowers_confidence_on_unseen_off_topic_messages(setup, 
         assert (result.outlier_exposure is None) == (weight == 0)
     assert confidence[1] < confidence[0] - 0.1, confidence
     assert confidence[1] < 0.5  # three labels: 1/3 is as unsure as it gets
-    assert result.outlier_exposure["messages"] == len(shown) and result.outlier_exposure["languages"] == ["en"]
+    assert result.outlier_exposure.messages == len(shown) and result.outlier_exposure.languages == ["en"]
 
 
 def test_off_topic_messages_close_to_the_training_texts_are_left_out(setup, tmp_path, monkeypatch):
@@ -100,8 +100,8 @@ def test_off_topic_messages_close_to_the_training_texts_are_left_out(setup, tmp_
     monkeypatch.setattr(losses, "off_topic_messages", lambda part, languages: shown)
     config = load_config(None, [*overrides, "train.epochs=1", "train.outlier_exposure_max_similarity=0.999"])
     exposure = fine_tune(config, data, encoder, VersionFolder(tmp_path / "run"), show_progress=False).outlier_exposure
-    assert exposure["left_out_as_too_close"] == len(planted) and exposure["messages"] == len(moods)
-    assert exposure["examples_left_out"] == planted
+    assert exposure.left_out_as_too_close == len(planted) and exposure.messages == len(moods)
+    assert exposure.examples_left_out == planted
 
 
 def test_the_report_says_what_outlier_exposure_showed(tiny_overrides, home):

@@ -43,6 +43,16 @@ from tuneloop.errors import TuneloopError, first_line
 from tuneloop.evaluate.audit import AUDIT_FILE, audit_training_labels
 from tuneloop.evaluate.calibrate import calibrate_run
 from tuneloop.evaluate.report import add_explanations, evaluate_classifier, write_report
+from tuneloop.evaluate.schema import (
+    ClassifierReport,
+    CrossValidationReport,
+    DistillationReport,
+    Fold,
+    OutlierExposureReport,
+    PrivacyReport,
+    Processes,
+    TemperatureFit,
+)
 from tuneloop.evaluate.serving import choose_runtime
 from tuneloop.models.classifier import (
     HeadSpec,
@@ -91,21 +101,21 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     stopped_early: bool = False
-    privacy: dict | None = None  # what a train.dp run spent (PrivacySpent)
+    privacy: PrivacyReport | None = None  # what a train.dp run spent
     profile: dict | None = None  # train.profile: the summary (ProfileSummary), the trace beside it
-    outlier_exposure: dict | None = None  # which off-topic messages train.outlier_exposure showed the model
-    distillation: dict | None = None  # train.teachers: who taught, and how
+    outlier_exposure: OutlierExposureReport | None = None  # which off-topic messages it was shown
+    distillation: DistillationReport | None = None  # train.teachers: who taught, and how
     device: str = "cpu in fp32"  # where it trained, and in which precision (DevicePlan.describe)
 
 
 @dataclass
 class ClassifierOutcome:
     folder: VersionFolder  # the registered version's folder once registered, else the run's
-    report: dict
+    report: ClassifierReport | None  # None on a torchrun rank other than 0 (rank 0 reports)
     report_html: Path
     version: ModelVersion | None
     train: TrainResult
-    cross_validation: dict | None = None
+    cross_validation: CrossValidationReport | None = None
 
 
 def token_counter(encoder: EncoderSource) -> Callable[[list[str]], list[int]]:
@@ -262,8 +272,8 @@ class Preparation:
 
     seconds: float = 0.0
     embeddings: torch.Tensor | None = None  # the first task's training texts, by the untrained encoder
-    outlier_exposure: dict | None = None
-    distillation: dict | None = None
+    outlier_exposure: OutlierExposureReport | None = None
+    distillation: DistillationReport | None = None
 
 
 def prepare_terms(
@@ -458,27 +468,44 @@ def _fold_data(data: PreparedData, fold: int) -> PreparedData:
 
 def cross_validate(
     recipe: ClassifierRecipe, data: PreparedData, encoder: EncoderSource, run: VersionFolder, show_progress: bool
-) -> tuple[TrainResult, dict]:
+) -> tuple[TrainResult, CrossValidationReport]:
     """k-fold cross-validation on train + val: one model per fold; the best fold's model becomes the run's."""
     folds = []
     for index in range(recipe.data.kfold or 0):
         result = fine_tune(recipe, _fold_data(data, index), encoder, run.fold(index), show_progress=show_progress)
-        folds.append({"fold": index, "val_macro_f1": result.best_val_macro_f1, "best_epoch": result.best_epoch})
-    scores = np.array([f["val_macro_f1"] for f in folds], dtype=float)
+        folds.append(Fold(fold=index, val_macro_f1=result.best_val_macro_f1, best_epoch=result.best_epoch))
+    scores = np.array([f.val_macro_f1 for f in folds], dtype=float)
     best = int(scores.argmax())
-    summary = {
-        "k": recipe.data.kfold,
-        "folds": folds,
-        "mean_val_macro_f1": float(scores.mean()),
-        "std_val_macro_f1": float(scores.std()),
-        "selected_fold": best,
-    }
-    run.cross_validation.write_text(json.dumps(summary, indent=2))
+    summary = CrossValidationReport(
+        k=len(folds),
+        folds=folds,
+        mean_val_macro_f1=float(scores.mean()),
+        std_val_macro_f1=float(scores.std()),
+        selected_fold=best,
+    )
+    run.cross_validation.write_text(summary.model_dump_json(indent=2))
     shutil.copytree(run.fold(best).model, run.model)
     result = TrainResult(
-        best_dir=run.model, best_epoch=folds[best]["best_epoch"], best_val_macro_f1=folds[best]["val_macro_f1"]
+        best_dir=run.model, best_epoch=folds[best].best_epoch, best_val_macro_f1=folds[best].val_macro_f1
     )
     return result, summary
+
+
+def settle_serving(
+    recipe: ClassifierRecipe,
+    run: VersionFolder,
+    data: PreparedData,
+    others: dict[str, PreparedData],
+    cross_validation: CrossValidationReport | None,
+) -> tuple[dict[str, TemperatureFit], dict]:
+    """Calibrate the run's heads on their validation splits, then build and check what will serve it."""
+    calibration = {}
+    if recipe.eval.calibrate:
+        # Under k-fold the kept model trained on the other folds: its own fold is the split it never saw.
+        val = _fold_data(data, cross_validation.selected_fold).val if cross_validation else data.val
+        vals = {next(iter(recipe.tasks), ""): val, **{name: task_data.val for name, task_data in others.items()}}
+        calibration = calibrate_run(run, vals, recipe.eval.calibration_bins)
+    return calibration, choose_runtime(run, data, recipe.serving, recipe.train.threads)
 
 
 def evaluate_run(
@@ -487,28 +514,18 @@ def evaluate_run(
     result: TrainResult,
     data: PreparedData,
     others: dict[str, PreparedData],
-    cross_validation: dict | None,
+    cross_validation: CrossValidationReport | None,
     world: World = ONE_PROCESS,
-) -> dict:
+) -> ClassifierReport | None:
     """The test report of the run's best model (and of each other task's head), written into the run, scored
-    on the runtime it will serve with. Under torchrun rank 0 calibrates and picks the runtime, every rank scores
-    its share of the test split, and rank 0 writes the report (the other ranks return an empty one)."""
-
-    def settle_serving() -> tuple[dict | None, dict]:
-        calibration = None
-        if recipe.eval.calibrate:
-            # Under k-fold the kept model trained on the other folds: its own fold is the split it never saw.
-            val = _fold_data(data, cross_validation["selected_fold"]).val if cross_validation else data.val
-            vals = {next(iter(recipe.tasks), ""): val, **{name: task_data.val for name, task_data in others.items()}}
-            calibration = calibrate_run(run, vals, recipe.eval.calibration_bins)
-        return calibration, choose_runtime(run, data, recipe.serving, recipe.train.threads)
-
-    settled = world.on_rank_zero(settle_serving)
+    as it will serve. Under torchrun rank 0 calibrates and picks the runtime, every rank scores its share of the
+    test split, and rank 0 writes the report (the other ranks return None)."""
+    settled = world.on_rank_zero(lambda: settle_serving(recipe, run, data, others, cross_validation))
     served = load_model(run.root, threads=recipe.train.threads)
     # Scored through the predictor, not its bare model: int8 serving may answer close calls with fp32.
     test_logits, scorers = shared_logits(served, data.test["text"].tolist(), world)
     if not world.main or settled is None:
-        return {}
+        return None
     calibration, serving = settled
     title = f"{recipe.name}: test report" + (f" — task {served.model.spec.task}" if others else "")
     report = evaluate_classifier(
@@ -521,42 +538,53 @@ def evaluate_run(
         leaked=leaked_positions(data.report),
         test_logits=served.own_logits(test_logits),
     )
-    report["serving"] = serving
+    report.serving = serving
     if world.distributed:
-        report["processes"] = {"count": world.size, "strategy": recipe.train.strategy, "test_scored_by": scorers}
+        report.processes = Processes(count=world.size, strategy=recipe.train.strategy, test_scored_by=scorers)
     if recipe.eval.explanations:
         on_torch, _ = TextClassifier.load(run.model)  # the explanations need gradients: PyTorch, not ONNX
         add_explanations(report, on_torch, served.tokenizer, recipe.eval.explanations)
-    if calibration:
-        own, *_ = calibration.values()
-        report["calibration"] = own
+    report.calibration = calibration.get(next(iter(recipe.tasks), ""))
     if others:
-        report["tasks"] = {}
-        for name, task_data in others.items():
-            head, head_logits = served.task(name, served.logits(task_data.test["text"].tolist()))
-            report["tasks"][name] = evaluate_classifier(
-                head,
-                task_data.test,
-                recipe.eval,
-                train=task_data.train,
-                title=f"{recipe.name}: task {name}",
-                leaked=leaked_positions(task_data.report),
-                test_logits=head_logits,
-            )
-            if calibration:
-                report["tasks"][name]["calibration"] = calibration[name]
-    report.update(
-        train_seconds=result.train_seconds, best_epoch=result.best_epoch, best_step=result.best_step, data=data.report
+        report.tasks = {name: _task_report(recipe, served, name, extra, calibration) for name, extra in others.items()}
+    report.train_seconds, report.best_epoch, report.best_step = (
+        result.train_seconds,
+        result.best_epoch,
+        result.best_step,
     )
-    if cross_validation:
-        report["cross_validation"] = cross_validation
-    if result.privacy:
-        report["privacy"] = result.privacy
-    if result.outlier_exposure:
-        report["outlier_exposure"] = result.outlier_exposure
-    if result.distillation:
-        report["distillation"] = result.distillation
+    report.device, report.data = result.device, data.report
+    for name, value in (
+        ("cross_validation", cross_validation),
+        ("privacy", result.privacy),
+        ("outlier_exposure", result.outlier_exposure),
+        ("distillation", result.distillation),
+    ):
+        if value is not None:
+            setattr(report, name, value)
     write_report(report, run.root)
+    return report
+
+
+def _task_report(
+    recipe: ClassifierRecipe,
+    served: Predictor,
+    name: str,
+    task_data: PreparedData,
+    calibration: dict[str, TemperatureFit],
+) -> ClassifierReport:
+    """The report of a multi-task model's other task `name`, scored through the same predictor."""
+    head, head_logits = served.task(name, served.logits(task_data.test["text"].tolist()))
+    report = evaluate_classifier(
+        head,
+        task_data.test,
+        recipe.eval,
+        train=task_data.train,
+        title=f"{recipe.name}: task {name}",
+        leaked=leaked_positions(task_data.report),
+        test_logits=head_logits,
+    )
+    if name in calibration:
+        report.calibration = calibration[name]
     return report
 
 
@@ -564,24 +592,27 @@ def register_classifier(
     registry: Registry,
     recipe: ClassifierRecipe,
     run: VersionFolder,
-    report: dict,
+    report: ClassifierReport,
     result: TrainResult,
     encoder: EncoderSource,
     fingerprints: list[str],
     parent: str | None,
 ) -> ModelVersion:
     """The run as a candidate version, its headline metrics (and each other task's) in the registry row."""
-    metrics = {k: report["test"][k] for k in ("accuracy", "macro_f1", "weighted_f1")}
-    metrics.update(
-        ece=report["test"]["calibration"]["ece"],
-        train_seconds=result.train_seconds,
-        best_val_macro_f1=result.best_val_macro_f1,
-    )
-    metrics["runtime"] = report["serving"]["runtime"]
+    test = report.test
+    metrics: dict[str, object] = {
+        "accuracy": test.accuracy,
+        "macro_f1": test.macro_f1,
+        "weighted_f1": test.weighted_f1,
+        "ece": test.calibration.ece,
+        "train_seconds": result.train_seconds,
+        "best_val_macro_f1": result.best_val_macro_f1,
+        "runtime": (report.serving or {}).get("runtime"),
+    }
     if result.privacy:
-        metrics.update(dp_epsilon=result.privacy["epsilon"], dp_delta=result.privacy["delta"])
-    for name, task_report in report.get("tasks", {}).items():
-        metrics.update({f"{name}.{k}": task_report["test"][k] for k in ("accuracy", "macro_f1")})
+        metrics.update(dp_epsilon=result.privacy.epsilon, dp_delta=result.privacy.delta)
+    for name, task_report in report.other_tasks().items():
+        metrics.update({f"{name}.accuracy": task_report.test.accuracy, f"{name}.macro_f1": task_report.test.macro_f1})
     # A multi-task version's data is all its tasks' splits: the fingerprint covers each in order.
     data_fingerprint = fingerprints[0] if len(fingerprints) == 1 else fingerprint(fingerprints)
     return register_run(
@@ -751,8 +782,8 @@ def _run(
             task_name=next(iter(recipe.tasks), ""),
         )
     report = evaluate_run(recipe, folder, result, data, others, cross_validation, world)
-    if not world.main:  # rank 0 writes the report and registers
-        return ClassifierOutcome(folder=folder, report={}, report_html=folder.report_html, version=None, train=result)
+    if report is None:  # rank 0 writes the report and registers
+        return ClassifierOutcome(folder=folder, report=None, report_html=folder.report_html, version=None, train=result)
     version, html = None, folder.report_html
     if register:
         fingerprints = [d.fingerprint for d in (data, *others.values())]

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tuneloop.atomic import write_dir_atomically
 from tuneloop.config import TrainConfig
+from tuneloop.evaluate.schema import PrivacyReport
 from tuneloop.models.classifier import TextClassifier, predict_proba, save_task_heads
 from tuneloop.models.trained_rows import plain_embeddings
 from tuneloop.profiling import Profiler
@@ -107,7 +108,7 @@ class Stepper(Protocol):
 
     def load_checkpoint_state(self, saved: dict[str, Any], mid_epoch: bool) -> None: ...
 
-    def privacy(self) -> dict[str, Any] | None: ...
+    def privacy(self) -> PrivacyReport | None: ...
 
 
 # Called with the loop's state, the model and its tokenizer every `callback_every` steps and after each epoch;

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tuneloop.data.clean import clean_text
 from tuneloop.data.off_topic import languages_of, off_topic_messages
+from tuneloop.evaluate.schema import OutlierExposureReport
 from tuneloop.models.classifier import TextClassifier, tokenize
 from tuneloop.training.distributed import World
 
@@ -157,7 +158,7 @@ def outlier_exposure(
     max_similarity: float,
     batch_size: int,
     seed: int,
-) -> tuple[OutlierExposure | None, dict]:
+) -> tuple[OutlierExposure | None, OutlierExposureReport]:
     """The term that shows this model the shipped off-topic messages in the data's languages, less those as close
     to a training text as `max_similarity` (a business whose intents cover cooking keeps its recipes in scope),
     or None when none is left; and a record of what was shown and left out, for the report."""
@@ -169,13 +170,13 @@ def outlier_exposure(
     closest = torch.cat([(chunk @ known.T).max(dim=1).values for chunk in off.split(512)])
     too_close = (closest >= max_similarity).nonzero().flatten().tolist()
     kept = (closest < max_similarity).nonzero().flatten().tolist()
-    record = {
-        "weight": weight,
-        "languages": list(languages),
-        "messages": len(kept),
-        "left_out_as_too_close": len(too_close),
-        "examples_left_out": [texts[i] for i in too_close[:10]],
-    }
+    record = OutlierExposureReport(
+        weight=weight,
+        languages=list(languages),
+        messages=len(kept),
+        left_out_as_too_close=len(too_close),
+        examples_left_out=[texts[i] for i in too_close[:10]],
+    )
     log.info(
         "outlier exposure: %d off-topic messages (%d left out as too close to the training texts)",
         len(kept),

@@ -44,6 +44,7 @@ from torch import nn
 
 from tuneloop.config import ClassifierRecipe, DPConfig, TrainConfig
 from tuneloop.errors import TuneloopError, first_line
+from tuneloop.evaluate.schema import PrivacyReport
 from tuneloop.models.classifier import TextClassifier, pad_right
 from tuneloop.profiling import stage
 from tuneloop.training.devices import DevicePlan
@@ -367,8 +368,8 @@ class PrivateStepper:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.private.load_state_dict(saved["private"], mid_epoch=mid_epoch)
 
-    def privacy(self) -> dict[str, Any]:
-        return self.private.spent().as_dict()
+    def privacy(self) -> PrivacyReport:
+        return PrivacyReport.model_validate(self.private.spent().as_dict())
 
 
 def _layers(exc: NotImplementedError) -> str:

@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from tuneloop.config import ClassifierRecipe
+from tuneloop.evaluate.schema import PrivacyReport
 from tuneloop.models.classifier import TextClassifier, pad_right
 from tuneloop.profiling import stage
 from tuneloop.training.devices import DevicePlan
@@ -112,7 +113,7 @@ class GradientStepper:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def privacy(self) -> dict[str, Any] | None:
+    def privacy(self) -> PrivacyReport | None:
         return None  # what a private run spent; a plain one promises nothing
 
     def clip_and_step(self) -> None:

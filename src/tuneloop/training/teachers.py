@@ -15,6 +15,7 @@ import torch
 
 from tuneloop.config import ClassifierRecipe
 from tuneloop.errors import TuneloopError
+from tuneloop.evaluate.schema import DistillationReport
 from tuneloop.models.predictor import load_model, locate_model
 from tuneloop.registry import Registry
 
@@ -40,7 +41,7 @@ def check_teachers(recipe: ClassifierRecipe, registry: Registry) -> None:
 
 def teacher_targets(
     recipe: ClassifierRecipe, texts: list[str], labels: list[str], train_labels: np.ndarray
-) -> tuple[torch.Tensor, dict]:
+) -> tuple[torch.Tensor, DistillationReport]:
     """The teachers' soft labels for the training texts: each teacher's softmax at train.distill_temperature,
     columns in this model's label order, averaged over the teachers; and a record of who taught."""
     tc = recipe.train
@@ -63,17 +64,17 @@ def teacher_targets(
         summed += torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / tc.distill_temperature, -1).numpy()
         names.append(teacher.ref)
     soft = torch.as_tensor(summed / len(tc.teachers), dtype=torch.float32)
-    record = {
-        "teachers": names,
-        "weight": tc.distill_weight,
-        "temperature": tc.distill_temperature,
+    record = DistillationReport(
+        teachers=names,
+        weight=tc.distill_weight,
+        temperature=tc.distill_temperature,
         # How far the teachers are from the training labels: where they disagree, the soft labels pull the
         # model away from a label that may be wrong.
-        "teachers_agree_with_training_labels": round(float((soft.argmax(1).numpy() == train_labels).mean()), 4),
-    }
+        teachers_agree_with_training_labels=round(float((soft.argmax(1).numpy() == train_labels).mean()), 4),
+    )
     log.info(
         "distillation from %s: they agree with %.2f%% of the training labels",
         ", ".join(names),
-        100 * record["teachers_agree_with_training_labels"],
+        100 * record.teachers_agree_with_training_labels,
     )
     return soft, record
