@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from tuneloop import __version__
 from tuneloop.assistant.definition import load_definition
@@ -210,6 +211,9 @@ def create_app(config: ServerSettings) -> FastAPI:
     # Outermost: a request naming a host this server is not (a DNS-rebinding page in a user's browser) is
     # refused before anything else sees it.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(config.serve))
+    if config.serve.trusted_proxies:
+        # The client's address and scheme from the proxies named, and from nobody else.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=config.serve.trusted_proxies)
     routers = [module.router for module in (predict, feedback, models, chat, admin, ops, pages)]
     for router in routers:
         app.include_router(router)

@@ -51,14 +51,13 @@ def key_id(digest: str) -> str:
 @dataclass(frozen=True)
 class Caller:
     """Who sent a request: the key's id (or anonymous: no key, or one this server does not know), its scopes,
-    and whether its feedback trains without review."""
+    whether its feedback trains without review, and the client's address (the TCP peer's, or the one a trusted
+    proxy forwarded: serve.trusted_proxies)."""
 
     sender: str
     scopes: frozenset[str]
     trusted: bool
-
-
-ANONYMOUS_CALLER = Caller(ANONYMOUS, frozenset(), trusted=False)
+    address: str = "unknown"
 
 
 # The hashes of admin keys a first start made, one per line, in the home (never the keys themselves).
@@ -111,20 +110,26 @@ class KeyRing:
         """With no client keys configured, predict and feedback need none (a trusted network)."""
         return not self.client
 
-    def caller(self, key: str | None) -> Caller:
+    def caller(self, key: str | None, address: str = "unknown") -> Caller:
+        anonymous = Caller(ANONYMOUS, frozenset(), trusted=False, address=address)
         if not key:
-            return ANONYMOUS_CALLER
+            return anonymous
         digest = hash_key(key)
         # Every stored hash is compared (no early exit), so the time taken does not say which one matched.
         is_admin = sum(hmac.compare_digest(digest, h) for h in self.admin) > 0
         is_client = sum(hmac.compare_digest(digest, h) for h in self.client) > 0
         if not (is_admin or is_client):
-            return ANONYMOUS_CALLER
+            return anonymous
         scopes = frozenset({"admin", "client"} if is_admin else {"client"})
-        return Caller(key_id(digest), scopes, trusted=digest in self.trusted)
+        return Caller(key_id(digest), scopes, trusted=digest in self.trusted, address=address)
+
+    @property
+    def trusted_senders(self) -> set[str]:
+        """The ids of the keys whose feedback trains without review."""
+        return {key_id(digest) for digest in self.trusted}
 
 
-def presented_key(
+async def presented_key(
     x_api_key: Annotated[str | None, Security(API_KEY_HEADER)] = None,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None,
 ) -> str | None:
@@ -135,19 +140,25 @@ def presented_key(
 
 
 def _identified(request: Request, key: str | None) -> Caller:
-    """The caller a key names; an address that sent too many wrong keys gets 429 first, and each wrong key
-    counts against it (so keys cannot be guessed at request rate)."""
+    """The caller a key names. A wrong key from an address that sent too many gets 429, and each wrong key counts
+    against its address, so keys cannot be guessed at request rate; a right key is never refused for what others
+    sent from the same address (a NAT, a proxy, a fuzzer run beside it).
+
+    The address is the TCP peer's: X-Forwarded-For counts only from a proxy named in serve.trusted_proxies
+    (`ProxyHeadersMiddleware`), so a client cannot pick a new address for every guess."""
     state = request.app.state.tuneloop
     address = request.client.host if request.client else "unknown"
-    if key:
-        state.throttle.refuse_if_blocked(address)
-    caller: Caller = state.keys.caller(key)
+    caller: Caller = state.keys.caller(key, address)
     if key and not caller.scopes:
+        state.throttle.refuse_if_blocked(address)
         state.throttle.count_failure(address)
     return caller
 
 
-def require_client(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> Caller:
+# The key checks are coroutines, not plain functions: FastAPI runs a plain dependency on the thread pool that
+# replies and database calls share, and with that pool busy (a burst of chat turns) every route would wait for
+# its key to be checked. They only hash and compare in memory.
+async def require_client(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> Caller:
     """The caller of a client route: anyone when no client keys are configured, else a client or admin key."""
     keys: KeyRing = request.app.state.tuneloop.keys
     caller = _identified(request, key)
@@ -160,7 +171,7 @@ def require_client(request: Request, key: Annotated[str | None, Depends(presente
     )
 
 
-def require_admin(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> Caller:
+async def require_admin(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> Caller:
     keys: KeyRing = request.app.state.tuneloop.keys
     if not keys.admin:
         raise HTTPException(
@@ -180,10 +191,10 @@ def require_admin(request: Request, key: Annotated[str | None, Depends(presented
     return caller
 
 
-def require_metrics_access(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> None:
+async def require_metrics_access(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> None:
     """/metrics is open unless serve.metrics_need_key asks for an admin key."""
     if request.app.state.tuneloop.config.serve.metrics_need_key:
-        require_admin(request, key)
+        await require_admin(request, key)
 
 
 def is_loopback(host: str) -> bool:
