@@ -505,7 +505,12 @@ class ServeConfig(StrictModel):
     request_timeout_seconds: float = Field(
         30.0, gt=0, description="A request not answered by then gets 503 with Retry-After (its work is dropped)."
     )
-    max_streams: int = Field(8, ge=1, description="Most chat replies streamed at once; more get 503.")
+    max_streams: int = Field(
+        8,
+        ge=1,
+        description="Most chat turns answered at once, whole or streamed (a generating LM holds a thread and the "
+        "CPU for seconds); more get 503 with Retry-After at once.",
+    )
     max_connections: int = Field(
         1000,
         ge=1,
