@@ -368,6 +368,28 @@ def test_a_stream_never_iterated_still_gives_its_slot_back_and_stores_its_turn(c
         time.sleep(0.05)
 
 
+def test_feedback_on_a_turn_comes_only_from_its_key_and_changes_nothing_when_refused(assistant_setup):
+    """Any key could rate or correct another key's turn, and a correction refused with 422 had already rated the
+    turn (the review's L2)."""
+    config, definition = assistant_setup
+    config.serve.assistant = definition
+    config.client_keys = "alice,bob"
+    alice, bob = {"X-API-Key": "alice"}, {"X-API-Key": "bob"}
+    with TestClient(create_app(config)) as client:
+        turn = say(client, "refund money back", headers=alice)
+        stolen = client.post("/v1/feedback", json={"turn_id": turn["turn_id"], "rating": -1}, headers=bob)
+        assert stolen.status_code == 404
+        wrong = {"turn_id": turn["turn_id"], "rating": -1, "comment": "bad", "corrected_label": "no-such-label"}
+        assert client.post("/v1/feedback", json=wrong, headers=alice).status_code == 422
+        stored = client.app.state.tuneloop.conversations.get(turn["turn_id"])
+        assert (stored.rating, stored.comment) == (None, None)
+        assert (
+            client.post("/v1/feedback", json={"turn_id": turn["turn_id"], "rating": 1}, headers=alice).status_code
+            == 201
+        )
+        assert client.app.state.tuneloop.conversations.get(turn["turn_id"]).rating == 1
+
+
 def test_sessions_are_issued_by_the_server_and_continue_only_for_the_key_that_opened_them(assistant_setup):
     """Regression: session ids were chosen by the client and tied to nothing, so anyone who sent another user's
     id (or guessed one like "s1") had that user's recent turns recalled into their own reply's prompt."""
