@@ -115,7 +115,7 @@ def test_the_admin_page_explains_the_label_a_chat_turn_was_given(chat_app):
     assert [w["word"] for w in explanation["words"]] == item["text"].split()
     assert client.post("/v1/admin/explain", json=body).status_code in (401, 403)  # admins only
     for bad, status, message in [
-        ({**body, "label": "nope"}, 422, "'nope' is not one of this model's labels"),
+        ({**body, "label": "nope"}, 404, "'nope' is not one of this model's labels"),
         ({**body, "model": "toy@99"}, 404, "'toy' has no version 99"),
     ]:
         answer = client.post("/v1/admin/explain", json=bad, headers=ADMIN)

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,16 @@ from tuneloop.config import ServeConfig, ServerSettings
 from tuneloop.db.schema import ANONYMOUS
 from tuneloop.errors import TuneloopError
 
+log = logging.getLogger(__name__)
+
 # Declared as security schemes, so the OpenAPI document (and /docs' Authorize button) shows how to send a key.
 API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False)
 BEARER = HTTPBearer(auto_error=False)
+
+
+# A presented key this long cannot have been guessed at any request rate (`tuneloop keys new` makes 46
+# characters); a shorter one (a plain key an operator chose for TUNELOOP_ADMIN_KEYS) might have been.
+UNGUESSABLE_KEY_CHARS = 32
 
 
 def hash_key(key: str) -> str:
@@ -104,6 +112,18 @@ class KeyRing:
                 f"({', '.join(sorted(h[:12] + '…' for h in unknown))}): add the key to serve.client_key_hashes too"
             )
         self.trusted = set(config.serve.trusted_key_hashes) | self.admin
+        plain = [
+            k
+            for secret in (config.admin_keys, config.client_keys)
+            if secret
+            for k in secret.get_secret_value().split(",")
+        ]
+        if any(0 < len(k.strip()) < UNGUESSABLE_KEY_CHARS for k in plain):
+            log.warning(
+                "TUNELOOP_ADMIN_KEYS / TUNELOOP_CLIENT_KEYS hold a key shorter than %d characters: after wrong keys "
+                "from an address its holder is refused there for a while; make keys with tuneloop keys new",
+                UNGUESSABLE_KEY_CHARS,
+            )
 
     @property
     def client_open(self) -> bool:
@@ -140,18 +160,29 @@ async def presented_key(
 
 
 def _identified(request: Request, key: str | None) -> Caller:
-    """The caller a key names. A wrong key from an address that sent too many gets 429, and each wrong key counts
-    against its address, so keys cannot be guessed at request rate; a right key is never refused for what others
-    sent from the same address (a NAT, a proxy, a fuzzer run beside it).
+    """The caller a key names, with a limit on guessing: each wrong key counts against its address, and past
+    serve.auth_failures_per_minute the address's keys are refused (401 with Retry-After) for the rest of the
+    minute, unless they are right and long enough that no guessing finds them. So a right key from
+    `tuneloop keys new` is never refused for what others sent from the same address (a NAT, a proxy, a fuzzer run
+    beside it), while a short key cannot be found by guessing at request rate.
 
     The address is the TCP peer's: X-Forwarded-For counts only from a proxy named in serve.trusted_proxies
     (`ProxyHeadersMiddleware`), so a client cannot pick a new address for every guess."""
     state = request.app.state.tuneloop
     address = request.client.host if request.client else "unknown"
     caller: Caller = state.keys.caller(key, address)
-    if key and not caller.scopes:
-        state.throttle.refuse_if_blocked(address)
+    if not key or (caller.scopes and len(key.strip()) >= UNGUESSABLE_KEY_CHARS):
+        return caller
+    wait = state.throttle.blocked_for(address)
+    if not caller.scopes:
         state.throttle.count_failure(address)
+    if wait is not None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            f"too many wrong API keys from {address} (serve.auth_failures_per_minute): its keys are refused for "
+            f"{wait} s, except long random ones (tuneloop keys new)",
+            headers={"WWW-Authenticate": "Bearer", "Retry-After": str(wait)},
+        )
     return caller
 
 

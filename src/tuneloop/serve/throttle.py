@@ -65,13 +65,12 @@ class Throttle:
                     3600,
                 )
 
-    def refuse_if_blocked(self, address: str) -> None:
-        """429 for an address that presented too many wrong keys within the last minute."""
-        if not self._limiter.test(self.auth_failures, "auth", address):
-            raise TooManyRequests(
-                f"too many wrong API keys from {address} (serve.auth_failures_per_minute); wait before trying again",
-                self._retry_after(self.auth_failures, "auth", address),
-            )
+    def blocked_for(self, address: str) -> int | None:
+        """Seconds until an address that presented too many wrong keys within the last minute may try again, or
+        None when it is not blocked."""
+        if self._limiter.test(self.auth_failures, "auth", address):
+            return None
+        return self._retry_after(self.auth_failures, "auth", address)
 
     def count_failure(self, address: str) -> None:
         self._limiter.hit(self.auth_failures, "auth", address)
