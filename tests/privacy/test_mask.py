@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from tuneloop.config import DataConfig, PrivacyConfig
+from tuneloop.data.clean import clean_text
 from tuneloop.data.prepare import prepare_data
 from tuneloop.feedback.log import LoggedPrediction, PredictionLog
 from tuneloop.privacy.mask import PII_TYPES, find_pii, mask_text, masker
@@ -93,6 +94,33 @@ def test_the_server_keeps_predictions_turns_and_comments_masked(assistant_setup)
         assert chat_prediction.text == "my email is [EMAIL], where is my refund"
     finally:
         log.close()
+
+
+DISGUISED = (
+    "refund alice&#64;example.com, card 4111\u00ad1111\u00ad1111\u00ad1111, iban <b>GB82 WEST</b> 1234 5698 7654 32"
+)
+
+
+def test_personal_data_that_cleaning_reveals_is_masked_where_it_is_kept(assistant_setup):
+    """An entity-escaped address and a card cut by soft hyphens passed the masker and became plain data once
+    cleaned, as training reads them (the review's M1): what is kept is the cleaned text, masked."""
+    config, definition = assistant_setup
+    config.serve.assistant = definition
+    with TestClient(create_app(config)) as client:
+        prediction = client.post("/v1/predict", json={"texts": [DISGUISED], "model": "toy"}).json()["predictions"][0]
+        comment = {"prediction_id": prediction["prediction_id"], "rating": -1, "comment": "bob&#64;example.org"}
+        assert client.post("/v1/feedback", json=comment).status_code == 201
+        turn = client.post("/v1/chat", json={"message": DISGUISED}).json()
+        stored_turn = client.app.state.tuneloop.conversations.get(turn["turn_id"])
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    try:
+        [(feedback, stored)] = [row for row in log.feedback_for("toy") if row[1].id == prediction["prediction_id"]]
+    finally:
+        log.close()
+    for kept in (stored.text, stored_turn.message, feedback.comment):
+        revealed = clean_text(kept)
+        assert "@example" not in revealed and "4111" not in revealed and "GB82" not in revealed, kept
+    assert stored.text == "refund [EMAIL], card [CARD], iban [IBAN]"
 
 
 def test_a_rescue_file_holds_the_masked_texts_too(tmp_path):
