@@ -59,6 +59,32 @@ def test_masking_replaces_each_piece_by_its_placeholder(text, masked):
     assert mask_text(text) == masked
 
 
+@pytest.mark.parametrize(
+    "text, masked",
+    [
+        # Spans stop where the value stops: at Chinese text and at a sentence's full stop.
+        ("链接 https://shop.example.com/reset?token=abc123之后页面打不开", "链接 [URL]之后页面打不开"),
+        ("open https://shop.example.com/login?auth=7d1e9b.", "open [URL]."),
+        # Links that carry somebody's token in the path, or a user or event in the parameters.
+        (
+            "activate at https://shop.example.com/activate/3f2b8c1e-9a4d-4e6b-8f7a-2c5d9e1b0a44 now",
+            "activate at [URL] now",
+        ),
+        ("tracking link https://mail.example.com/t?uid=88231&event=open", "tracking link [URL]"),
+        ("我的账户GB82WEST12345698765432请退款", "我的账户[IBAN]请退款"),  # an IBAN right against Chinese
+        ("call +44 (0)7700 900872 tonight", "call [PHONE] tonight"),  # the trunk prefix in brackets
+        ("we run version 4.2.1.7 now", "we run version 4.2.1.7 now"),  # versions are never addresses
+        ("固件版本V1.0.2.15升级失败", "固件版本V1.0.2.15升级失败"),
+        ("blocked from 203.0.113.5.", "blocked from [IP]."),  # a documentation-range address ending a sentence
+        ("订单号 010-8251-3344 还没到", "订单号 010-8251-3344 还没到"),  # a dashed order number, not a phone
+        ("card 30569309025904 was declined", "card [CARD] was declined"),  # Diners: issuers beyond Visa and Mastercard
+    ],
+)
+def test_the_failure_kinds_an_independent_test_found(text, masked):
+    """The kinds of failure the second security review's independent messages showed (not its texts)."""
+    assert mask_text(text) == masked
+
+
 def test_only_the_asked_kinds_are_masked_and_none_means_no_work():
     text = "jane@example.com, 203.0.113.45"
     assert mask_text(text, ["ip"]) == "jane@example.com, [IP]"
