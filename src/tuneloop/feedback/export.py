@@ -12,17 +12,11 @@ import pandas as pd
 
 from tuneloop.config import FeedbackConfig, RegistryConfig
 from tuneloop.data.clean import clean_text, dedup_key
+from tuneloop.data.spreadsheet import spreadsheet_safe
 from tuneloop.db.schema import ANONYMOUS, FeedbackRecord, PredictionRecord
 from tuneloop.feedback.log import PredictionLog
 
 EXAMPLE_COLUMNS = ["text", "label", "source", "prediction_id", "model_version", "feedback_at"]
-# A cell starting with one of these is a formula to a spreadsheet (CSV injection): users' texts are not.
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def spreadsheet_safe(value: Any) -> Any:
-    """A text a spreadsheet shows as text: a leading ' before a formula start (OWASP's advice)."""
-    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 @dataclass
