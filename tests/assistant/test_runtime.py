@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import httpx
@@ -276,14 +277,9 @@ def test_a_generator_on_another_machine_never_sees_personal_data():
     generator = OpenAICompatibleGenerator(
         "http://llm/v1", "qwen", client=httpx.Client(transport=httpx.MockTransport(answer))
     )
-    request = ReplyRequest(
+    request = dataclasses.replace(
+        openai_request(),
         message="refund to card 4111 1111 1111 1111, mail jane@example.com",
-        lang="en",
-        intent="refund",
-        sentiment="neutral",
-        faq_answer=None,
-        template="Refunds take 5-7 days.",
-        tone="",
         history=[("my phone is +44 20 7946 0958", "thanks")],
     )
     assert generator.generate(request) == "We will call you back."
