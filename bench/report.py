@@ -393,33 +393,39 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("noise multiplier, full / LoRA", "", lambda r: _noise(r)),
     ],
     "pii": [
-        (
-            "labelled messages (Chinese / English)",
-            "languages",
-            lambda n: f"{n['zh'] + n['en']} ({n['zh']} / {n['en']})",
+        *(
+            row
+            for name, title in (
+                ("written_alongside", "written with the masker"),
+                ("not_written_here", "not written here"),
+            )
+            for row in (
+                (
+                    f"{title}: messages (Chinese / English), pieces",
+                    name,
+                    lambda r: (
+                        f"{r['messages']} ({r['languages']['zh']} / {r['languages']['en']}), {r['pieces_labelled']}"
+                    ),
+                ),
+                (
+                    f"{title}: masked away / exact recall / precision",
+                    name,
+                    lambda r: f"{percent(r['masked_away'])} / {percent(r['recall'])} / {percent(r['precision'])}",
+                ),
+                (
+                    f"{title}: masked away per kind",
+                    f"{name}.per_kind",
+                    lambda k: ", ".join(f"{kind} {percent(v['masked_away'])}" for kind, v in k.items()),
+                ),
+                (
+                    f"{title}: messages without personal data altered",
+                    name,
+                    lambda r: f"{r['of_them_altered']} of {r['messages_without_personal_data']}",
+                ),
+                (f"{title}: µs per message", f"{name}.microseconds_per_message", lambda m: f"{m:.0f}"),
+            )
         ),
-        ("pieces of personal data labelled", "pieces_labelled", plain),
-        ("recall / precision", "", lambda r: f"{percent(r['recall'])} / {percent(r['precision'])}"),
-        (
-            "recall per kind",
-            "per_kind",
-            lambda k: ", ".join(f"{kind} {percent(v['recall'])}" for kind, v in k.items()),
-        ),
-        (
-            "messages without personal data masked anyway",
-            "",
-            lambda r: f"{r['of_them_masked_anyway']} of {r['messages_without_personal_data']}",
-        ),
-        (
-            "Banking77 test messages changed",
-            "",
-            lambda r: f"{r['banking77_test_messages_changed']} of {r['banking77_test_messages']}",
-        ),
-        (
-            "µs per message: labelled set / Banking77",
-            "microseconds_per_message",
-            lambda m: f"{m['labelled_set']:.0f} / {m['banking77_test']:.0f}",
-        ),
+        ("Banking77 test messages changed", "banking77_test", lambda r: f"{r['changed']} of {r['messages']}"),
     ],
     "assistant_eval": [
         ("scope", "scope_mode", plain),

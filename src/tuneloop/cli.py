@@ -912,7 +912,7 @@ def feedback_suggest(
     import pandas as pd
 
     from tuneloop.atomic import write_text_atomically
-    from tuneloop.feedback.export import spreadsheet_safe
+    from tuneloop.data.spreadsheet import spreadsheet_safe
     from tuneloop.feedback.suggest import suggestions_for
 
     registry = _registry(config, overrides)

@@ -10,6 +10,7 @@ names it and suggests the closest one.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Iterable
@@ -476,6 +477,13 @@ class ServeConfig(StrictModel):
         "others get 400, which stops DNS rebinding. Empty: the names of serve.host (localhost, 127.0.0.1 and "
         "[::1] for a loopback address), or any host when it is 0.0.0.0 or ::, where naming them here is wiser.",
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses or networks (10.0.0.0/8) of the reverse proxies in front of this server: only from "
+        "them are X-Forwarded-For and X-Forwarded-Proto read, for the client's address (which the wrong-key and "
+        "keyless feedback limits count by) and scheme. Empty: those headers are ignored, and the address is the "
+        "connection's.",
+    )
     models: list[str] = Field(
         default_factory=list,
         description="Model names to serve (their production version); empty: every "
@@ -515,7 +523,12 @@ class ServeConfig(StrictModel):
     request_timeout_seconds: float = Field(
         30.0, gt=0, description="A request not answered by then gets 503 with Retry-After (its work is dropped)."
     )
-    max_streams: int = Field(8, ge=1, description="Most chat replies streamed at once; more get 503.")
+    max_streams: int = Field(
+        8,
+        ge=1,
+        description="Most chat turns answered at once, whole or streamed (a generating LM holds a thread and the "
+        "CPU for seconds); more get 503 with Retry-After at once.",
+    )
     max_connections: int = Field(
         1000,
         ge=1,
@@ -569,17 +582,21 @@ class ServeConfig(StrictModel):
     )
     feedback_rate_limit: str | None = Field(
         "60/minute",
-        description="Most feedback one untrusted sender (an API key, or all anonymous senders together) may send, "
-        "as N/second|minute|hour|day, counted per server process; more get 429. null: no limit.",
+        description="Most feedback one untrusted sender (an API key; without a key, one client address) may "
+        "send, as N/second|minute|hour|day, counted per server process; more get 429. null: no limit.",
     )
     feedback_daily_quota: int | None = Field(
         5000,
         ge=1,
-        description="Most feedback one untrusted sender may send in 24 hours, counted in the database (so across "
-        "replicas); more get 429. null: no quota.",
+        description="Most feedback one untrusted sender may send in 24 hours: for an API key counted in the "
+        "database (so across replicas), without a key per client address in each server process; more get 429. "
+        "null: no quota.",
     )
     auth_failures_per_minute: int = Field(
-        10, ge=1, description="Wrong API keys one address may present per minute; after that it gets 429 for a while."
+        10,
+        ge=1,
+        description="Wrong API keys one address may present per minute; after that its wrong keys get 429 for a "
+        "while (a right key is still answered).",
     )
     metrics_need_key: bool = Field(
         False, description="/metrics answers only with an admin key (it names models and counts traffic)."
@@ -606,6 +623,19 @@ class ServeConfig(StrictModel):
             except ValueError:
                 raise ValueError(f"'{rate}' is not a rate; write N/second, N/minute, N/hour or N/day") from None
         return rate
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_addresses(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"'{proxy[:80]}' is not an IP address or network (127.0.0.1, 10.0.0.0/8, ::1); '*' is not "
+                    "accepted: every client could then choose the address its limits are counted by"
+                ) from None
+        return proxies
 
     @field_validator("client_key_hashes", "admin_key_hashes", "trusted_key_hashes")
     @classmethod
@@ -679,8 +709,8 @@ class FeedbackConfig(StrictModel):
     agreement: int | None = Field(
         None,
         ge=2,
-        description="Also train on an unreviewed correction once this many distinct senders (API keys; every "
-        "anonymous sender counts as one) gave the same text the same label; null: review or trust only.",
+        description="Also train on an unreviewed correction once this many distinct API keys gave the same text the "
+        "same label (feedback without a key never counts: anyone can send it); null: review or trust only.",
     )
 
 

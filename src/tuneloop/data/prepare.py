@@ -16,6 +16,7 @@ from tuneloop.data.clean import clean_text, dedup_key
 from tuneloop.data.load import read_table, select_columns
 from tuneloop.data.near_duplicates import Pair, best_matches, clusters, near_duplicate_pairs
 from tuneloop.data.split import kfold_assignment, stratified_split
+from tuneloop.data.spreadsheet import from_spreadsheet
 from tuneloop.errors import TuneloopError
 
 SPLITS = ("train", "val", "test")
@@ -309,7 +310,7 @@ def confirmed_exclusions(path: Path) -> set[str]:
             f"audit); missing: {', '.join(sorted(missing))}"
         )
     marked = frame["confirmed"].fillna("").astype(str).str.strip().str.lower().isin(CONFIRMED)
-    return {dedup_key(clean_text(str(text))) for text in frame.loc[marked, "text"]}
+    return {dedup_key(clean_text(from_spreadsheet(str(text)))) for text in frame.loc[marked, "text"]}
 
 
 def _near_duplicates(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFrame, dict, list[Pair]]:

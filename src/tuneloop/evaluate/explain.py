@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import NotFound, TuneloopError
 from tuneloop.models.classifier import TextClassifier, kept_tokens
 
 # Steps of the integral: 50 keeps |delta| around 1e-2 of the probability on the packaged encoders.
@@ -142,7 +142,7 @@ def explain(
             base_probs = probability(baseline, mask)[0]
         asked = labels[position] if labels else None
         if asked is not None and asked not in index:
-            raise TuneloopError(f"'{asked}' is not one of this model's labels ({', '.join(model.spec.labels)})")
+            raise NotFound(f"'{asked}' is not one of this model's labels ({', '.join(model.spec.labels)})")
         target = index[asked] if asked is not None else int(probs.argmax())
         attributions, delta = attributor.attribute(
             input_ids,

@@ -28,6 +28,7 @@ from tuneloop.db.lease import model_job_lease
 from tuneloop.errors import TuneloopError
 from tuneloop.feedback.export import FeedbackExamples, load_feedback
 from tuneloop.models.encoders import resolve_encoder
+from tuneloop.privacy.mask import Masker, masker
 from tuneloop.registry import Registry
 from tuneloop.training import classification
 from tuneloop.training.classification import ClassifierOutcome, token_counter
@@ -81,13 +82,18 @@ def retraining_data(
     source: str,
     secret: bytes,
     near_duplicate_threshold: float,
+    mask: Masker | None = None,
 ) -> PreparedData:
     """Production's splits plus feedback: corrections replace training rows with the same text, the
     test split stays exactly as it was, and a share of the feedback chosen by `secret` is held out.
 
     Feedback that is a test text, or a near-duplicate of one, is not trained on: the gate scores the
-    candidate on the test split, and a paraphrase seen in training would lift that score."""
+    candidate on the test split, and a paraphrase seen in training would lift that score. With `mask`
+    (privacy.mask), feedback texts are masked again as they are cleaned for training: a text stored before
+    stored texts were cleaned, or escaped twice, holds personal data only cleaning reveals."""
     examples = feedback.examples
+    if mask is not None:
+        examples = examples.assign(text=examples["text"].map(mask))
     keys = examples["text"].map(dedup_key)
     in_test = keys.isin(set(frozen.test["text"].map(dedup_key)))
     near = best_matches(frozen.test["text"].tolist(), examples["text"].tolist(), near_duplicate_threshold)
@@ -183,6 +189,7 @@ def _retrain(
         source=f"{production.ref} frozen splits + {len(examples.examples)} feedback examples",
         secret=holdout_secret(recipe.registry.home),
         near_duplicate_threshold=recipe.data.near_duplicate_threshold,
+        mask=masker(recipe.privacy),
     )
     encoder = resolve_encoder(production.base_model, registry)
     data.report["text_length"] = length_percentiles(

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tuneloop.atomic import atomic_file, write_text_atomically
+from tuneloop.data.spreadsheet import spreadsheet_safe
 from tuneloop.errors import TuneloopError
 from tuneloop.models.predictor import Predictor
 
@@ -216,8 +217,8 @@ def _join(parts: list[Path], output: Path, kind: str) -> None:
         with temporary.open("w", encoding="utf-8", newline="") as out:
             for number, part in enumerate(parts):
                 frame = pd.read_parquet(part)
-                if kind == "csv":
-                    frame.to_csv(out, index=False, header=number == 0)
+                if kind == "csv":  # for a spreadsheet: texts must not run as formulas there
+                    frame.map(spreadsheet_safe).to_csv(out, index=False, header=number == 0)
                 else:
                     frame.to_json(out, orient="records", lines=True, force_ascii=False)
                     out.write("" if frame.empty else "\n")

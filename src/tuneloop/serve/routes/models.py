@@ -50,7 +50,13 @@ def _log_failed_promotion(task: asyncio.Task[ModelVersion]) -> None:
 
 
 @router.post(
-    "/v1/models/{name}/promote", response_model=PromoteResponse, responses=ERRORS, dependencies=[Depends(require_admin)]
+    "/v1/models/{name}/promote",
+    response_model=PromoteResponse,
+    responses={
+        **ERRORS,
+        202: {"model": PromoteResponse, "description": "Without wait: the new version is loading; it answers soon."},
+    },
+    dependencies=[Depends(require_admin)],
 )
 async def promote(
     name: Annotated[str, PathParam(pattern=MODEL_NAME_PATTERN)], body: PromoteRequest, response: Response, state: State
