@@ -71,10 +71,23 @@ def export_encoder(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     write_dir_atomically(write, folder)
 
 
+def execution_providers(int8: bool, available: list[str] | None = None) -> list[str]:
+    """Where ONNX Runtime runs an encoder: on a CUDA GPU when the `gpu` extra (onnxruntime-gpu) is installed and
+    sees one, else on the CPU. int8 stays on the CPU: its quantized MatMuls are CPU kernels, and on a GPU fp32
+    is the faster of the two anyway."""
+    if available is None:
+        import onnxruntime
+
+        available = onnxruntime.get_available_providers()
+    if not int8 and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 class OnnxEncoder(nn.Module):
     """Stands in for the PyTorch encoder inside a TextClassifier: same call, same output field."""
 
-    def __init__(self, path: Path, config, threads: int) -> None:
+    def __init__(self, path: Path, config, threads: int, providers: list[str] | None = None) -> None:
         super().__init__()
         import onnxruntime
 
@@ -84,8 +97,14 @@ class OnnxEncoder(nn.Module):
         # Idle worker threads would otherwise spin waiting for work, taking the cores the event loop needs
         # between batches (measured: 2 spinning threads ran 1.8x slower per text while anything else ran).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        chosen = providers or execution_providers(int8=path.name == INT8_FILE)
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=chosen)
         self.config = config
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that runs it (CUDAExecutionProvider or CPUExecutionProvider)."""
+        return self.session.get_providers()[0]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BaseModelOutput:
         hidden = self.session.run(None, {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()})[0]

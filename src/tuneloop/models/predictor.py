@@ -62,6 +62,12 @@ class Predictor:
         return self.model.spec.labels
 
     @property
+    def device(self) -> str:
+        """Where the encoder runs: "cpu", or "cuda" when ONNX Runtime's CUDA provider runs it."""
+        provider = getattr(self.model.encoder, "provider", "CPUExecutionProvider")
+        return "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+
+    @property
     def temperature(self) -> float:
         """What the model's logits are divided by (its fitted temperature; 1 before calibration)."""
         return self.model.spec.temperature
@@ -193,7 +199,9 @@ def _assemble(
     # After the swap: the other tasks' heads share whichever encoder the model runs.
     tasks = load_task_heads(model_dir, model)
     fallback = _assemble(record, folder, model_dir, "onnx", threads, 0.0) if fallback_margin else None
-    return Predictor(name, version, model, tokenizer, record, folder, tasks, runtime, fallback, fallback_margin)
+    loaded = Predictor(name, version, model, tokenizer, record, folder, tasks, runtime, fallback, fallback_margin)
+    log.info("%s runs on %s (%s)", loaded.ref, loaded.device, runtime)
+    return loaded
 
 
 def locate_model(
