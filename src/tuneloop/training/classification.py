@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -64,12 +65,13 @@ from tuneloop.models.classifier import (
     tokenize,
 )
 from tuneloop.models.encoders import EncoderSource, resolve_encoder
-from tuneloop.models.predictor import Predictor, load_model
+from tuneloop.models.predictor import Predictor, ServingRecord, load_model
 from tuneloop.models.trained_rows import train_only_used_rows
 from tuneloop.privacy.mask import masker
-from tuneloop.profiling import PROFILE_FOLDER, Profiler, stage
+from tuneloop.profiling import PROFILE_FOLDER, Profiler, SummaryJson, stage
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
 from tuneloop.training.common import (
+    HistoryEntry,
     load_checkpoint,
     new_run_folder,
     parameter_groups,
@@ -98,11 +100,11 @@ class TrainResult:
     best_epoch: int
     best_val_macro_f1: float | None
     best_step: int | None = None
-    history: list[dict] = field(default_factory=list)
+    history: list[HistoryEntry] = field(default_factory=list)
     train_seconds: float = 0.0
     stopped_early: bool = False
     privacy: PrivacyReport | None = None  # what a train.dp run spent
-    profile: dict | None = None  # train.profile: the summary (ProfileSummary), the trace beside it
+    profile: SummaryJson | None = None  # train.profile: the summary (ProfileSummary), the trace beside it
     outlier_exposure: OutlierExposureReport | None = None  # which off-topic messages it was shown
     distillation: DistillationReport | None = None  # train.teachers: who taught, and how
     device: str = "cpu in fp32"  # where it trained, and in which precision (DevicePlan.describe)
@@ -177,9 +179,10 @@ def learning_rate_schedule(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup over train.warmup_ratio of the steps, then train.schedule's decay (transformers' schedules)."""
     name = {"constant": "constant_with_warmup"}.get(tc.schedule, tc.schedule)
-    return get_scheduler(
+    schedule: torch.optim.lr_scheduler.LambdaLR = get_scheduler(
         name, optimizer, num_warmup_steps=int(tc.warmup_ratio * total_steps), num_training_steps=total_steps
     )
+    return schedule
 
 
 def head_spec(recipe: ClassifierRecipe, encoder: EncoderSource, labels: list[str], task: str = "") -> HeadSpec:
@@ -220,7 +223,7 @@ def build_classifier(
                 "model.layers does not go with train.method=lora: a LoRA version points at its whole base "
                 "encoder; use train.method=full or unset model.layers"
             )
-        keep_lower_layers(model.encoder, recipe.model.layers)
+        keep_lower_layers(loaded, recipe.model.layers)
     if settings.method == "lora":
         from peft import LoraConfig, get_peft_model  # only LoRA runs need peft
 
@@ -238,7 +241,7 @@ def build_classifier(
             ) from exc
         return model, tokenizer
     if settings.freeze_embeddings:
-        model.encoder.get_input_embeddings().weight.requires_grad_(False)
+        loaded.get_input_embeddings().weight.requires_grad_(False)
     return model, tokenizer
 
 
@@ -347,7 +350,7 @@ def make_stepper(
     return kind(model, plan, world, recipe, pad_id, make_optimizer)
 
 
-def restore_weights(saved: dict, tasks: list[Task], run: VersionFolder, strategy: str) -> None:
+def restore_weights(saved: dict[str, Any], tasks: list[Task], run: VersionFolder, strategy: str) -> None:
     """A checkpoint's weights into the model and the other tasks' heads, before any wrapping or sharding."""
     if saved["state"].get("strategy", "ddp") != strategy:
         raise TuneloopError(
@@ -407,7 +410,7 @@ def fine_tune(
             # The other tasks' classifiers share the model's encoder object: one set of encoder weights learns them.
             head = TextClassifier(model.encoder, head_spec(recipe, encoder, extra.labels, name))
             tasks.append(_task(name, head, extra, tokenizer, recipe))
-    train_only_used_rows(model.encoder, [ids for task in tasks for ids in task.train_ids])
+    train_only_used_rows(model.torch_encoder, [ids for task in tasks for ids in task.train_ids])
     model.to(plan.device)
     saved = load_checkpoint(run, CHECKPOINT) if resume else None
     prepared = prepare_terms(recipe, tasks[0], data, tokenizer, pad_id, fresh=not saved)
@@ -458,9 +461,11 @@ def shared_logits(predictor: Predictor, texts: list[str], world: World) -> tuple
 
 def _fold_data(data: PreparedData, fold: int) -> PreparedData:
     pool = pd.concat([data.train, data.val], ignore_index=True)
+    folds = data.folds
+    assert folds is not None  # prepared with data.kfold, as a cross-validated run is
     splits = {
-        "train": pool[data.folds != fold].reset_index(drop=True),
-        "val": pool[data.folds == fold].reset_index(drop=True),
+        "train": pool[folds != fold].reset_index(drop=True),
+        "val": pool[folds == fold].reset_index(drop=True),
         "test": data.test,
     }
     return PreparedData(splits=splits, labels=data.labels, report=data.report, fingerprint=fingerprint_of(splits))
@@ -497,7 +502,7 @@ def settle_serving(
     data: PreparedData,
     others: dict[str, PreparedData],
     cross_validation: CrossValidationReport | None,
-) -> tuple[dict[str, TemperatureFit], dict]:
+) -> tuple[dict[str, TemperatureFit], ServingRecord]:
     """Calibrate the run's heads on their validation splits, then build and check what will serve it."""
     calibration = {}
     if recipe.eval.calibrate:

@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -117,8 +117,16 @@ class PrivacySpent:
     steps: int
     accountant: str
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+
+class PrivateState(TypedDict):
+    """What a checkpoint holds of a private run besides the model and optimiser."""
+
+    accountant: dict[str, Any]  # Opacus's accountant's state
+    generator: torch.Tensor  # the batch sampler's generator, now
+    generator_at_epoch_start: torch.Tensor
 
 
 class PrivateTraining:
@@ -287,19 +295,19 @@ class PrivateTraining:
             accountant=self.settings.accountant,
         )
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> PrivateState:
         return {
             "accountant": self.accountant.state_dict(),
             "generator": self.generator.get_state(),
             "generator_at_epoch_start": self._epoch_start,
         }
 
-    def load_state_dict(self, state: dict, mid_epoch: bool) -> None:
+    def load_state_dict(self, state: PrivateState, mid_epoch: bool) -> None:
         """Continue a checkpointed run: the ε spent so far and, in the middle of an epoch, that epoch's
         batches drawn again as they were (a finished epoch's are never drawn twice: batches must be
         independent draws for the accountant's count to hold)."""
         self.accountant.load_state_dict(state["accountant"])
-        self.generator.set_state(state["generator_at_epoch_start" if mid_epoch else "generator"])
+        self.generator.set_state(state["generator_at_epoch_start"] if mid_epoch else state["generator"])
 
 
 class PrivateStepper:

@@ -51,7 +51,7 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, g
     if not grouped:
         return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     mega = batch_size * 50
-    batches = []
+    batches: list[list[int]] = []
     for start in range(0, len(order), mega):
         chunk = sorted(order[start : start + mega].tolist(), key=lambda i: -lengths[i])
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
@@ -92,7 +92,8 @@ class GradientStepper:
             input_ids, mask = pad_right(ids, self.pad_id)
             input_ids, mask = self.plan.to_device(input_ids), self.plan.to_device(mask)
         with stage("forward"), self.plan.autocast():
-            return module(input_ids, mask).float()
+            logits: torch.Tensor = module(input_ids, mask)
+            return logits.float()
 
     def step(self, task: Task, batch: list[int], step: int) -> float:
         """One optimiser step on `batch` of `task`; returns the batch's mean first loss term (for the log)."""
