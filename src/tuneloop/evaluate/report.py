@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -100,7 +102,7 @@ def evaluate_classifier(
     test: pd.DataFrame,
     config: EvalConfig,
     train: pd.DataFrame | None = None,
-    history: list[dict] | None = None,
+    history: list[dict[str, Any]] | None = None,
     title: str = "tuneloop evaluation",
     leaked: list[int] | None = None,
     test_logits: np.ndarray | None = None,
@@ -136,7 +138,7 @@ def html_image(png: bytes, alt: str) -> str:
     return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def html_table(rows: list[dict], columns: list[str]) -> str:
+def html_table(rows: Sequence[Mapping[str, Any]], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for row in rows:
@@ -264,7 +266,7 @@ def calibration_section(test: SplitScores, fitted: TemperatureFit | None) -> lis
     ]
 
 
-def _bins(calibrated: Calibration) -> list[dict]:
+def _bins(calibrated: Calibration) -> list[dict[str, Any]]:
     return [row.model_dump() for row in calibrated.bins]
 
 
@@ -337,7 +339,7 @@ def add_explanations(
     ]
 
 
-def shaded_html(explanation: dict) -> str:
+def shaded_html(explanation: dict[str, Any]) -> str:
     """The text with each word's background shaded by its attribution: green adds to the label, red takes away."""
     words = [(w["start"], w["end"], w["score"]) for w in explanation["words"]]
     out = []
@@ -359,6 +361,7 @@ def evaluate_version(
     Returns the report and the page's path."""
     predictor = load_model(ref, registry)
     folder = predictor.folder
+    assert folder is not None  # a registered version's
     if data is None:
         frozen = load_prepared(folder.data())
         test, train, leaked = frozen.test, frozen.train, leaked_positions(frozen.report)
