@@ -128,6 +128,12 @@ def _drop_conflicts(frame: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, lis
     return frame[keep], report
 
 
+def measure_lengths(prepared: PreparedData, count_tokens: Callable[[list[str]], list[int]]) -> None:
+    """The data report's text lengths over every split, counted with `count_tokens` (a model's tokenizer)."""
+    texts = pd.concat([prepared.splits[name]["text"] for name in prepared.splits]).tolist()
+    prepared.report["text_length"] = length_percentiles(texts, count_tokens)
+
+
 def length_percentiles(texts: list[str], count_tokens: Callable[[list[str]], list[int]] | None) -> dict:
     lengths = np.array(count_tokens(texts) if count_tokens else [len(t) for t in texts])
     if lengths.size == 0:
