@@ -529,6 +529,22 @@ def _lookup(result: dict, path: str) -> Any:
     return value
 
 
+FORMATS: dict[str, Format] = {"percent": percent, "seconds": seconds, "times": times, "points": points, "plain": plain}
+
+
+def figure(name: str, path: str, how: str, folder: Path = RESULTS, page: str = "benchmarks.md") -> str:
+    """One figure of one results file, for a sentence in the guides (`{{ result NAME PATH FORMAT }}`): it fails
+    the docs build when the file or the figure is not there, so a guide can never cite a number nobody measured.
+    """
+    file = folder / f"{name}.json"
+    if not file.is_file():
+        raise KeyError(f"no results file {file.name}: run the benchmark that writes it")
+    value = _lookup(json.loads(file.read_text(encoding="utf-8"))["result"], path)
+    if value is None:
+        raise KeyError(f"{file.name} has no figure at {path}")
+    return f"[{FORMATS[how](value)}]({page}#{name})"
+
+
 def load_results(folder: Path = RESULTS) -> list[dict]:
     """Every results file, by name."""
     return [json.loads(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("*.json"))]

@@ -233,8 +233,8 @@ def data_inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Clean, deduplicate and split in memory; print the data report."""
+    from tuneloop.models.encoders import prepare_for_model
     from tuneloop.registry import Registry
-    from tuneloop.training.classification import prepare_for_model
 
     recipe = _config(ClassifierRecipe, config, overrides, data)
     prepared, encoder = prepare_for_model(recipe, Registry(recipe.registry))
@@ -258,8 +258,8 @@ def data_audit(
 ) -> None:
     """Find training rows whose label is probably wrong (confident learning on out-of-fold probabilities)."""
     from tuneloop.evaluate.audit import audit_training_labels
+    from tuneloop.models.encoders import prepare_for_model
     from tuneloop.registry import Registry
-    from tuneloop.training.classification import prepare_for_model
 
     recipe = _config(ClassifierRecipe, config, overrides, data)
     prepared, encoder = prepare_for_model(recipe, Registry(recipe.registry))
@@ -302,8 +302,8 @@ def data_prepare(
 ) -> None:
     """Write cleaned train/val/test splits (jsonl) and data_report.json to a folder."""
     from tuneloop.data.prepare import save_prepared
+    from tuneloop.models.encoders import prepare_for_model
     from tuneloop.registry import Registry
-    from tuneloop.training.classification import prepare_for_model
 
     recipe = _config(ClassifierRecipe, config, overrides, data)
     prepared, _ = prepare_for_model(recipe, Registry(recipe.registry))

@@ -132,6 +132,12 @@ def _drop_conflicts(frame: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, lis
     return frame[keep], report
 
 
+def measure_lengths(prepared: PreparedData, count_tokens: Callable[[list[str]], list[int]]) -> None:
+    """The data report's text lengths over every split, counted with `count_tokens` (a model's tokenizer)."""
+    texts = pd.concat([prepared.splits[name]["text"] for name in prepared.splits]).tolist()
+    prepared.report["text_length"] = length_percentiles(texts, count_tokens)
+
+
 def length_percentiles(
     texts: list[str], count_tokens: Callable[[list[str]], list[int]] | None
 ) -> dict[str, str | float]:

@@ -12,7 +12,6 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
 from tuneloop.config import (
     ClassifierRecipe,
-    DataConfig,
     TrainConfig,
     read_yaml_mapping,
     stored_recipe,
@@ -35,9 +33,7 @@ from tuneloop.data.prepare import (
     fingerprint,
     fingerprint_of,
     leaked_positions,
-    length_percentiles,
     load_prepared,
-    prepare_data,
     save_prepared,
 )
 from tuneloop.errors import TuneloopError, first_line
@@ -64,10 +60,9 @@ from tuneloop.models.classifier import (
     pad_right,
     tokenize,
 )
-from tuneloop.models.encoders import EncoderSource, resolve_encoder
+from tuneloop.models.encoders import EncoderSource, prepare_for_model, prepare_tasks, resolve_encoder
 from tuneloop.models.predictor import Predictor, ServingRecord, load_model
 from tuneloop.models.trained_rows import train_only_used_rows
-from tuneloop.privacy.mask import masker
 from tuneloop.profiling import PROFILE_FOLDER, Profiler, SummaryJson, stage
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
 from tuneloop.training.common import (
@@ -118,39 +113,6 @@ class ClassifierOutcome:
     version: ModelVersion | None
     train: TrainResult
     cross_validation: CrossValidationReport | None = None
-
-
-def token_counter(encoder: EncoderSource) -> Callable[[list[str]], list[int]]:
-    """texts → token counts with the encoder's tokenizer, for the data report."""
-    tokenizer = AutoTokenizer.from_pretrained(encoder.path)
-    return lambda texts: [len(ids) for ids in tokenizer([encoder.text_prefix + t for t in texts])["input_ids"]]
-
-
-def prepare_for_model(recipe: ClassifierRecipe, registry: Registry) -> tuple[PreparedData, EncoderSource]:
-    """Prepare the data and pick the encoder (auto looks at the cleaned texts)."""
-    if recipe.tasks:
-        raise TuneloopError(
-            f"this config trains several tasks ({', '.join(recipe.tasks)}); look at each task's "
-            f"data on its own: tuneloop data inspect --data FILE"
-        )
-    prepared, encoder = prepare_tasks({"": recipe.data}, recipe, registry)
-    return prepared[""], encoder
-
-
-def prepare_tasks(
-    tasks: dict[str, DataConfig], recipe: ClassifierRecipe, registry: Registry
-) -> tuple[dict[str, PreparedData], EncoderSource]:
-    """Prepare each task's data on its own, and pick the one encoder for all (auto looks at their texts)."""
-    mask = masker(recipe.privacy)
-    first_pass = {name: prepare_data(data, mask=mask) for name, data in tasks.items()}
-    texts = [t for prepared in first_pass.values() for t in prepared.train["text"]]
-    encoder = resolve_encoder(recipe.model.name, registry, texts)
-    lengths = token_counter(encoder)
-    # The report's token lengths need the tokenizer, which "auto" can only pick after reading the data.
-    for prepared in first_pass.values():
-        texts = pd.concat([prepared.splits[name]["text"] for name in prepared.splits]).tolist()
-        prepared.report["text_length"] = length_percentiles(texts, lengths)
-    return first_pass, encoder
 
 
 @torch.no_grad()
