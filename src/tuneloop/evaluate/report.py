@@ -174,34 +174,7 @@ def report_sections(report: ClassifierReport) -> list[str]:
         "<h2>Summary</h2>",
         html_table(headline, ["metric", "value"]),
     ]
-    if report.serving:
-        sections.append(f"<p>Scored as it serves: {html.escape(describe(report.serving))}.</p>")
-    privacy = report.privacy
-    if privacy:
-        sections += [
-            "<h2>Differential privacy</h2>",
-            f"<p>Trained with DP-SGD: (ε = {privacy.epsilon:.2f}, δ = {privacy.delta:.1e}) spent of a budget of "
-            f"ε = {privacy.target_epsilon:g} ({privacy.accountant} accountant; {privacy.steps} steps, "
-            f"noise multiplier {privacy.noise_multiplier:.3f}, each text's gradient clipped to "
-            f"{privacy.max_grad_norm:g}, sample rate {privacy.sample_rate:.4f}). The guarantee covers the "
-            f"weights; this page and the run folder show data itself.</p>",
-        ]
-    gap = report.overfitting
-    if gap:
-        verdict = "<b>likely overfitting</b>" if gap.likely_overfitting else "no strong sign of overfitting"
-        sections += [
-            "<h2>Train vs test</h2>",
-            f"<p>Train accuracy {gap.train_accuracy:.3f} vs test {gap.test_accuracy:.3f} "
-            f"(gap {gap.accuracy_gap:+.3f}, {gap.train_rows_scored} training rows re-scored): "
-            f"{verdict}.</p>",
-        ]
-    leakage = test.leakage
-    if leakage and leakage.rows:
-        sections += [
-            "<h2>Test rows seen in training</h2>",
-            f"<p>{html.escape(leakage_line(leakage, test.n))}. The score on the other rows is the better guide "
-            "to new text; the data report lists the pairs (data.leakage=drop leaves them out of the test split).</p>",
-        ]
+    sections += caveat_sections(report)
     per_class = [row.model_dump() for row in test.per_class]
     sections += [
         "<h2>Per class</h2>",
@@ -247,6 +220,41 @@ def report_sections(report: ClassifierReport) -> list[str]:
         ]
     if report.training_history:
         sections += ["<h2>Training</h2>", html_image(plots.training_curve_png(report.training_history), "training")]
+    return sections
+
+
+def caveat_sections(report: ClassifierReport) -> list[str]:
+    """What a reader needs before trusting the figures: what they were scored with, privacy spent, overfitting,
+    test rows seen in training."""
+    sections = []
+    if report.serving:
+        sections.append(f"<p>Scored as it serves: {html.escape(describe(report.serving))}.</p>")
+    privacy = report.privacy
+    if privacy:
+        sections += [
+            "<h2>Differential privacy</h2>",
+            f"<p>Trained with DP-SGD: (ε = {privacy.epsilon:.2f}, δ = {privacy.delta:.1e}) spent of a budget of "
+            f"ε = {privacy.target_epsilon:g} ({privacy.accountant} accountant; {privacy.steps} steps, "
+            f"noise multiplier {privacy.noise_multiplier:.3f}, each text's gradient clipped to "
+            f"{privacy.max_grad_norm:g}, sample rate {privacy.sample_rate:.4f}). The guarantee covers the "
+            f"weights; this page and the run folder show data itself.</p>",
+        ]
+    gap = report.overfitting
+    if gap:
+        verdict = "<b>likely overfitting</b>" if gap.likely_overfitting else "no strong sign of overfitting"
+        sections += [
+            "<h2>Train vs test</h2>",
+            f"<p>Train accuracy {gap.train_accuracy:.3f} vs test {gap.test_accuracy:.3f} "
+            f"(gap {gap.accuracy_gap:+.3f}, {gap.train_rows_scored} training rows re-scored): "
+            f"{verdict}.</p>",
+        ]
+    leakage = report.test.leakage
+    if leakage and leakage.rows:
+        sections += [
+            "<h2>Test rows seen in training</h2>",
+            f"<p>{html.escape(leakage_line(leakage, report.test.n))}. The score on the other rows is the better guide "
+            "to new text; the data report lists the pairs (data.leakage=drop leaves them out of the test split).</p>",
+        ]
     return sections
 
 

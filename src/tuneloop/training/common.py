@@ -85,15 +85,6 @@ def use_threads(threads: int | None) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
-def cpu_supports_bf16() -> bool:
-    """True where bf16 matmuls run natively (AVX512-BF16 or AMX); elsewhere autocast only slows down."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def parameter_groups(
     module: nn.Module, lr: float, weight_decay: float, skip: Iterable[nn.Parameter] = ()
 ) -> list[dict[str, Any]]:

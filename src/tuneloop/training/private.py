@@ -29,7 +29,6 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, TypedDict
 
 import numpy as np
@@ -102,23 +101,6 @@ def freeze_embedding_tables(model: nn.Module) -> None:
 def steps_per_epoch(train_size: int, batch_size: int) -> int:
     """Poisson batches per epoch: an epoch sees each text once in expectation."""
     return max(1, round(train_size / batch_size))
-
-
-@dataclass
-class PrivacySpent:
-    """The guarantee a private run ends with (written to its report and registry row)."""
-
-    epsilon: float
-    delta: float
-    target_epsilon: float
-    noise_multiplier: float
-    max_grad_norm: float
-    sample_rate: float
-    steps: int
-    accountant: str
-
-    def as_dict(self) -> dict[str, object]:
-        return dict(self.__dict__)
 
 
 class PrivateState(TypedDict):
@@ -280,11 +262,12 @@ class PrivateTraining:
             self.optimizer.zero_grad(set_to_none=True)
         return total
 
-    def spent(self) -> PrivacySpent:
+    def spent(self) -> PrivacyReport:
+        """The guarantee the run has spent so far (its report and registry row)."""
         steps = sum(count for _, rate, count in self.accountant.history if rate < 1.0)
         with _accounting():
             epsilon = self.accountant.get_epsilon(delta=self.delta) if self.accountant.history else 0.0
-        return PrivacySpent(
+        return PrivacyReport(
             epsilon=float(epsilon),
             delta=self.delta,
             target_epsilon=self.settings.epsilon,
@@ -377,7 +360,7 @@ class PrivateStepper:
         self.private.load_state_dict(saved["private"], mid_epoch=mid_epoch)
 
     def privacy(self) -> PrivacyReport:
-        return PrivacyReport.model_validate(self.private.spent().as_dict())
+        return self.private.spent()
 
 
 def _layers(exc: NotImplementedError) -> str:

@@ -14,6 +14,7 @@ terms summed, backward, clipping, an optimiser step.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,10 +66,24 @@ class GradientStepper:
     optimizer: torch.optim.Optimizer
     module: torch.nn.Module  # what the first task's forward pass runs through (a DDP wrapper, a sharded model)
 
-    def __init__(self, model: TextClassifier, plan: DevicePlan, world: World, recipe: ClassifierRecipe, pad_id: int):
+    def __init__(
+        self,
+        model: TextClassifier,
+        plan: DevicePlan,
+        world: World,
+        recipe: ClassifierRecipe,
+        pad_id: int,
+        make_optimizer: OptimizerFactory,
+    ):
         self.model, self.plan, self.world, self.pad_id = model, plan, world, pad_id
         self.batch_size, self.seed = recipe.train.batch_size, recipe.train.seed
         self.grouped, self.grad_clip = recipe.train.length_grouping, recipe.train.grad_clip
+        self.module = self.place(model)
+        self.optimizer = make_optimizer()  # over the parameters as placed (on the device, or sharded)
+
+    def place(self, model: TextClassifier) -> torch.nn.Module:
+        """Put the model where it trains; returns what the first task's forward pass runs through."""
+        raise NotImplementedError
 
     def steps_per_epoch(self, tasks: list[Task]) -> int:
         return sum(-(-len(task.train_ids) // self.batch_size) for task in tasks)
@@ -127,21 +142,17 @@ class GradientStepper:
 class ReplicatedStepper(GradientStepper):
     """One process, or a whole copy of the model in each of torchrun's processes (DDP), through Accelerate."""
 
-    def __init__(
-        self,
-        model: TextClassifier,
-        plan: DevicePlan,
-        world: World,
-        recipe: ClassifierRecipe,
-        pad_id: int,
-        make_optimizer: OptimizerFactory,
-    ):
-        super().__init__(model, plan, world, recipe, pad_id)
-        self.accelerator = accelerator_for(plan)
-        self.module = self.accelerator.prepare_model(model)
-        self.optimizer = make_optimizer()
-        # Accelerate's wrapper steps through the gradient scaler in fp16; the schedule drives the optimizer itself.
-        self.stepping = self.accelerator.prepare_optimizer(self.optimizer)
+    def place(self, model: TextClassifier) -> torch.nn.Module:
+        self.accelerator = accelerator_for(self.plan)
+        placed: torch.nn.Module = self.accelerator.prepare_model(model)
+        return placed
+
+    @functools.cached_property
+    def stepping(self) -> torch.optim.Optimizer:
+        """Accelerate's wrapper of the optimizer, which steps through the gradient scaler in fp16 (the schedule
+        drives the optimizer itself)."""
+        wrapped: torch.optim.Optimizer = self.accelerator.prepare_optimizer(self.optimizer)
+        return wrapped
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -166,21 +177,11 @@ class ShardedStepper(GradientStepper):
     """FSDP: each process keeps its shard of every layer, gathered just before the layer runs; rank 0 also keeps a
     whole copy to save the model from."""
 
-    def __init__(
-        self,
-        model: TextClassifier,
-        plan: DevicePlan,
-        world: World,
-        recipe: ClassifierRecipe,
-        pad_id: int,
-        make_optimizer: OptimizerFactory,
-    ):
-        super().__init__(model, plan, world, recipe, pad_id)
-        self.whole_copy = copy.deepcopy(model) if world.main else None  # on the CPU, where the saved model goes
-        model.to(plan.device)
+    def place(self, model: TextClassifier) -> torch.nn.Module:
+        self.whole_copy = copy.deepcopy(model).cpu() if self.world.main else None  # where the saved model goes
+        model.to(self.plan.device)
         shard_model(model, model.encoder)
-        self.module = model
-        self.optimizer = make_optimizer()  # over the shards
+        return model
 
     def model_to_save(self) -> TextClassifier | None:
         weights = full_weights(self.model)  # every rank takes part in gathering the shards
