@@ -196,7 +196,7 @@ def _print_profile(summary: SummaryJson, folder: VersionFolder) -> None:
 
 
 def _print_test_scores(outcome: ClassifierOutcome) -> None:
-    from tuneloop.evaluate.report import calibration_line, leakage_line
+    from tuneloop.evaluate.report import calibration_line, leakage_line, regime_line
     from tuneloop.evaluate.serving import describe
 
     assert outcome.report is not None
@@ -208,6 +208,8 @@ def _print_test_scores(outcome: ClassifierOutcome) -> None:
     )
     if outcome.report.serving:
         console.print(f"scored as it serves: {describe(outcome.report.serving)}", markup=False)
+    if outcome.report.regime:
+        console.print(regime_line(outcome.report.regime), markup=False)
     if test.calibration_before is not None:
         console.print(calibration_line(test), markup=False)
     if test.leakage and test.leakage.rows:
