@@ -39,11 +39,8 @@ from train_classifier import load_dataset
 
 def drawn(train: pd.DataFrame, per_label: int, seed: int) -> pd.DataFrame:
     """`per_label` rows of each label (all of a label's rows when it has fewer), seeded."""
-    return (
-        train.groupby("label", group_keys=False)
-        .apply(lambda rows: rows.sample(n=min(per_label, len(rows)), random_state=seed))
-        .reset_index(drop=True)
-    )
+    groups = [rows.sample(n=min(per_label, len(rows)), random_state=seed) for _, rows in train.groupby("label")]
+    return pd.concat(groups, ignore_index=True)
 
 
 def scored(truth: pd.Series, predicted: list[str], seconds: float) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
@@ -15,9 +16,9 @@ from tuneloop.config import FeedbackConfig
 from tuneloop.data.clean import dedup_key
 from tuneloop.db.schema import PredictionRecord
 from tuneloop.errors import TuneloopError
-from tuneloop.feedback.export import feedback_examples
+from tuneloop.feedback.export import feedback_examples, next_retrain
 from tuneloop.feedback.log import PredictionLog
-from tuneloop.feedback.suggest import suggest_labels
+from tuneloop.feedback.suggest import labels_from_frame, suggest_labels, suggestions_frame
 from tuneloop.serve.app import create_app
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -110,6 +111,58 @@ def test_a_budget_below_one_is_refused():
         suggest_labels([], 0, TRAINED, set())
 
 
+def topic_vectors(texts: list[str]) -> np.ndarray:
+    """A stand-in sentence encoder: texts about cards point one way, about pins another, the rest each their own."""
+    out = np.zeros((len(texts), len(texts) + 3))
+    for i, text in enumerate(texts):
+        out[i, 0 if "card" in text else 1 if "pin" in text else i + 2] = 1.0
+        out[i, -1] = 0.1 * (i % 3)  # near-copies of a topic are close, not equal
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_messages_similar_to_a_chosen_one_are_listed_with_it_not_suggested_again():
+    """Diversity and label propagation: the budget covers different requests, and each suggestion brings the
+    messages a person can give the same label in one click."""
+    cards = [logged(i, f"my card {WORDS[i]} never came {i}", {"a": 0.5, "b": 0.45, "c": 0.05}) for i in range(4)]
+    pins = [logged(10 + i, f"forgot pin {WORDS[i]} again {i}", {"b": 0.9, "a": 0.05, "c": 0.05}) for i in range(3)]
+    other = logged(20, "is it raining", {"c": 0.9, "a": 0.05, "b": 0.05})
+    chosen = suggest_labels(cards + pins + [other], 3, TRAINED, set(), embed=topic_vectors)
+    assert len(chosen) == 3 and sum(s.prediction_id in {p.id for p in cards} for s in chosen) == 1
+    by_id = {s.prediction_id: s for s in chosen}
+    card = next(s for s in chosen if s.prediction_id in {p.id for p in cards})
+    assert {near.prediction_id for near in card.similar} == {p.id for p in cards} - {card.prediction_id}
+    assert all(near.similarity >= 0.8 for near in card.similar)
+    listed = [near.prediction_id for s in chosen for near in s.similar]
+    assert len(listed) == len(set(listed)) and not set(listed) & set(by_id)  # one suggestion each, never suggested
+    without = suggest_labels(cards + pins + [other], 3, TRAINED, set())
+    assert sum(s.prediction_id in {p.id for p in cards} for s in without) > 1  # what the embeddings changed
+
+
+def test_an_encoder_that_finds_everything_similar_still_fills_the_budget():
+    predictions = [logged(i, distinct_text(i), {"a": 0.5, "b": 0.5}) for i in range(5)]
+    alike = lambda texts: np.ones((len(texts), 2)) / np.sqrt(2)  # noqa: E731
+    chosen = suggest_labels(predictions, 3, TRAINED, set(), embed=alike)
+    assert len(chosen) == 3
+
+
+def test_a_similar_row_takes_its_suggestions_label_only_when_asked():
+    cards = [logged(i, f"my card {WORDS[i]} never came {i}", {"a": 0.5, "b": 0.45, "c": 0.05}) for i in range(3)]
+    others = [logged(10 + i, distinct_text(10 + i), {"c": 0.9, "a": 0.05, "b": 0.05}) for i in range(4)]
+    (suggestion,) = suggest_labels(cards + others, 1, TRAINED, set(), embed=topic_vectors)
+    frame = suggestions_frame([suggestion])
+    assert list(frame["same_as"]) == ["", suggestion.prediction_id, suggestion.prediction_id]
+    frame = frame.astype(str)
+    frame.loc[0, "label"] = "b"
+    assert labels_from_frame(frame, similar=False, source="f.csv") == {suggestion.prediction_id: "b"}
+    kept = frame.drop(index=2)  # the person removed a row that does not share the label
+    assert labels_from_frame(kept, similar=True, source="f.csv") == {
+        suggestion.prediction_id: "b",
+        frame.loc[1, "prediction_id"]: "b",
+    }
+    with pytest.raises(TuneloopError, match="needs prediction_id and label columns"):
+        labels_from_frame(frame.drop(columns="label"), similar=True, source="f.csv")
+
+
 NEW_TEXTS = ["hmm what now", "no idea what this is", "is it raining", "zq maybe the account", "what about it"]
 
 
@@ -185,3 +238,22 @@ def test_suggest_writes_a_csv_and_label_records_what_a_person_filled_in(admin, t
     frame.to_csv(out, index=False)
     recorded = runner.invoke(cli, ["feedback", "label", "toy", str(out), f"registry.home={home}"])
     assert recorded.exit_code == 0 and "recorded 1 labels" in recorded.output, recorded.output
+
+
+def test_the_admin_api_lists_similar_messages_and_the_next_retrain_counts_the_labels(admin):
+    client, config, home = admin
+    root = {"X-API-Key": "root"}
+    body = client.get("/v1/admin/suggestions?model=toy&budget=2", headers=root).json()
+    assert all(isinstance(s["similar"], list) for s in body["suggestions"])
+    first = body["suggestions"][0]
+    labels = {
+        first["prediction_id"]: body["labels"][0],
+        **{n["prediction_id"]: body["labels"][0] for n in first["similar"]},
+    }
+    client.post("/v1/admin/labels", json={"model": "toy", "labels": labels}, headers=root)
+    prediction_log = PredictionLog(config.registry.resolved_database_url(), home)
+    try:
+        coming = next_retrain(prediction_log, "toy", FeedbackConfig())
+    finally:
+        prediction_log.close()
+    assert coming["examples"] == len(labels) and coming["labels"] == {body["labels"][0]: len(labels)}

@@ -159,3 +159,17 @@ def load_feedback(registry: RegistryConfig, name: str, config: FeedbackConfig) -
         return feedback_examples(prediction_log.feedback_for(name), config)
     finally:
         prediction_log.close()
+
+
+def next_retrain(prediction_log: PredictionLog, name: str, config: FeedbackConfig) -> dict[str, Any]:
+    """What the next `tuneloop retrain NAME` would learn from feedback, before its holdout and test-split checks:
+    the labelled examples (corrected, confirmed), how many per label, and how many feedback rows await review."""
+    exported = feedback_examples(prediction_log.feedback_for(name), config)
+    per_label = exported.examples["label"].value_counts()
+    return {
+        "examples": len(exported.examples),
+        "corrected": exported.counts["corrected"],
+        "confirmed": exported.counts["confirmed"],
+        "labels": {str(label): int(count) for label, count in per_label.items()},
+        "awaiting_review": exported.counts.get("awaiting_review", 0),
+    }

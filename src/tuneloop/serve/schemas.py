@@ -291,6 +291,13 @@ class ReviewQueueResponse(BaseModel):
     groups: list[ReviewGroupInfo]
 
 
+class SimilarInfo(BaseModel):
+    prediction_id: str
+    text: str
+    predicted: str = Field(description="What the model said of it.")
+    similarity: float = Field(description="Cosine to the suggestion's text (the version's base sentence encoder).")
+
+
 class SuggestionInfo(BaseModel):
     prediction_id: str
     text: str
@@ -304,6 +311,11 @@ class SuggestionInfo(BaseModel):
     trained_rows: int = Field(description="Training rows of the predicted label.")
     priority: float
     why: str
+    similar: list[SimilarInfo] = Field(
+        default_factory=list,
+        description="Messages of the window close to this one, most similar first: the label given to this one can "
+        "be given to them in the same POST /v1/admin/labels (one click), after a person has looked at them.",
+    )
 
 
 class SuggestionsResponse(BaseModel):
