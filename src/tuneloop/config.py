@@ -176,7 +176,7 @@ class FewShotConfig(StrictModel):
         "minutes, which a set with more examples per label earns little from).",
     )
     contrastive_steps: int = Field(
-        300,
+        100,
         ge=0,
         description="Steps of the contrastive stage before the classifier trains (0: none). Each step draws "
         "labels_per_batch labels and texts_per_label texts of each, and pulls texts of a label together, away from "
@@ -184,7 +184,7 @@ class FewShotConfig(StrictModel):
     )
     labels_per_batch: int = Field(16, ge=2, description="Contrastive stage: labels drawn per step.")
     texts_per_label: int = Field(4, ge=2, description="Contrastive stage: texts drawn per label and step.")
-    lr: float = Field(2e-5, gt=0, description="Contrastive stage: the encoder's learning rate (warmup, linear decay).")
+    lr: float = Field(5e-5, gt=0, description="Contrastive stage: the encoder's learning rate (warmup, linear decay).")
     temperature: float = Field(
         0.05, gt=0, description="Contrastive stage: cosine similarities are divided by this (smaller: sharper)."
     )
@@ -194,7 +194,7 @@ class FewShotConfig(StrictModel):
         "only names with letters (not 0/1).",
     )
     min_steps: int = Field(
-        300,
+        100,
         ge=0,
         description="The classifier loop runs at least this many optimiser steps (more epochs than train.epochs "
         "when the data is small); early stopping may only stop it after them.",

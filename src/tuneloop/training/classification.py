@@ -379,6 +379,36 @@ def restore_weights(saved: dict[str, Any], tasks: list[Task], run: VersionFolder
         task.classifier.head.load_state_dict(saved["heads"][task.name])
 
 
+def build_tasks(
+    recipe: ClassifierRecipe,
+    model: TextClassifier,
+    tokenizer: PreTrainedTokenizerBase,
+    encoder: EncoderSource,
+    datasets: dict[str, PreparedData],
+) -> list[Task]:
+    """A task per labelled set (tokenised once), the first one the model's own; the others get their own heads on the
+    model's encoder object, so that one set of encoder weights learns them all."""
+    (first, data), *others = datasets.items()
+    with stage("tokenise"):
+        tasks = [_task(first, model, data, tokenizer, recipe)]
+        for name, extra in others:
+            head = TextClassifier(model.encoder, head_spec(recipe, encoder, extra.labels, name))
+            tasks.append(_task(name, head, extra, tokenizer, recipe))
+    return tasks
+
+
+def resumed_state(
+    saved: dict[str, Any], stepper: Stepper, scheduler: torch.optim.lr_scheduler.LRScheduler
+) -> LoopState:
+    """A checkpoint's loop state, with the stepper's optimizer, the schedule and the random generators restored."""
+    state = LoopState.restored(saved["state"])
+    stepper.load_checkpoint_state(saved, mid_epoch=state.step_in_epoch > 0)
+    scheduler.load_state_dict(saved["scheduler"])
+    restore_rng(saved["rng"])
+    log.info("resuming at epoch %d step %d", state.epoch, state.step_in_epoch)
+    return state
+
+
 def fine_tune(
     recipe: ClassifierRecipe,
     data: PreparedData,
@@ -405,7 +435,6 @@ def fine_tune(
     seed_everything(tc.seed)
     run.root.mkdir(parents=True, exist_ok=True)
     regime = choose_regime(recipe, data, world, multitask=bool(other_tasks))
-    log.info("regime: %s (%s)", regime.name, regime.why)
     data = with_label_names(data, regime, tc.few_shot.label_names)
     model, tokenizer = build_classifier(recipe, encoder, data.labels, task_name if other_tasks else "")
     if tc.dp:
@@ -417,12 +446,7 @@ def fine_tune(
     profiler = Profiler(run.root / PROFILE_FOLDER, tc.profile_steps) if tc.profile and world.main else None
     if profiler:
         profiler.start()
-    with stage("tokenise"):
-        tasks = [_task(task_name, model, data, tokenizer, recipe)]
-        for name, extra in (other_tasks or {}).items():
-            # The other tasks' classifiers share the model's encoder object: one set of encoder weights learns them.
-            head = TextClassifier(model.encoder, head_spec(recipe, encoder, extra.labels, name))
-            tasks.append(_task(name, head, extra, tokenizer, recipe))
+    tasks = build_tasks(recipe, model, tokenizer, encoder, {task_name: data, **(other_tasks or {})})
     train_only_used_rows(model.torch_encoder, [ids for task in tasks for ids in task.train_ids])
     model.to(plan.device)
     saved = load_checkpoint(run, CHECKPOINT) if resume else None
@@ -433,26 +457,11 @@ def fine_tune(
     regime.epochs = epochs_for(regime, tc.epochs, stepper.steps_per_epoch(tasks))
     scheduler = learning_rate_schedule(tc, stepper.optimizer, stepper.steps_per_epoch(tasks) * regime.epochs)
     if saved:
-        state = LoopState.restored(saved["state"])
-        stepper.load_checkpoint_state(saved, mid_epoch=state.step_in_epoch > 0)
-        scheduler.load_state_dict(saved["scheduler"])
-        restore_rng(saved["rng"])
-        log.info("resuming at epoch %d step %d", state.epoch, state.step_in_epoch)
+        state = resumed_state(saved, stepper, scheduler)
     log.info("training on %s (%s)", plan.describe(), type(stepper).__name__)
-    training = Training(
-        tc.model_copy(update={"epochs": regime.epochs}),
-        tasks,
-        stepper,
-        scheduler,
-        tokenizer,
-        run,
-        world,
-        profiler,
-        step_callback,
-        callback_every,
-        min_steps=regime.min_steps or 0,
-        smoothing=regime.smoothing,
-    )
+    loop_settings = tc.model_copy(update={"epochs": regime.epochs})
+    parts = (tasks, stepper, scheduler, tokenizer, run, world, profiler, step_callback, callback_every)
+    training = Training(loop_settings, *parts, min_steps=regime.min_steps or 0, smoothing=regime.smoothing)
     state = fit(training, state, show_progress)
     summary = profiler.finish() if profiler else None  # a run shorter than the profiled window
     return TrainResult(

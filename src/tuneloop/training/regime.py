@@ -8,6 +8,7 @@ by a smoothed validation score. The standard regime is the loop as it always was
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 
@@ -18,6 +19,8 @@ from tuneloop.data.prepare import PreparedData
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate.schema import TrainingRegime
 from tuneloop.training.distributed import World
+
+log = logging.getLogger(__name__)
 
 # A label name worth reading as text has a letter in it (waimai's 0 and 1 do not).
 READABLE = re.compile(r"[^\W\d_]")
@@ -51,6 +54,7 @@ def choose_regime(recipe: ClassifierRecipe, data: PreparedData, world: World, mu
     if settings.mode == "auto" and median > settings.max_per_label:
         return TrainingRegime(name="standard", why=f"{counted}, more than {limit}", median_per_label=median)
     why = "train.few_shot.mode=on" if settings.mode == "on" else f"{counted}, at most {limit}"
+    log.info("the few-shot regime: %s", why)
     return TrainingRegime(
         name="few-shot", why=why, median_per_label=median, min_steps=settings.min_steps, smoothing=settings.smoothing
     )
