@@ -108,7 +108,7 @@ def test_a_few_shot_run_resumes_exactly(few, tmp_path):
 def test_the_report_and_the_registry_say_which_regime_trained(few, tiny_overrides, tmp_path):
     config, _, _ = few
     outcome = classification.run(config, show_progress=False)
-    assert outcome.report.regime.name == "few-shot"
+    assert outcome.report.regime.name == "few-shot" and outcome.version.metrics["regime"] == "few-shot"
     page = outcome.report_html.read_text()
     assert "Trained in the few-shot regime: the median label has" in page and "a contrastive stage of 12 steps" in page
     off = load_config(None, [*tiny_overrides, f"data.path={config.data.path}", "train.few_shot.mode=off"])

@@ -648,6 +648,7 @@ def register_classifier(
         "train_seconds": result.train_seconds,
         "best_val_macro_f1": result.best_val_macro_f1,
         "runtime": (report.serving or {}).get("runtime"),
+        "regime": result.regime.name if result.regime else None,
     }
     if result.privacy:
         metrics.update(dp_epsilon=result.privacy.epsilon, dp_delta=result.privacy.delta)
