@@ -968,6 +968,7 @@ def feedback_label(
 
     import pandas as pd
 
+    from tuneloop.config import stored_recipe
     from tuneloop.feedback.export import next_retrain
     from tuneloop.feedback.suggest import labels_from_frame, record_labels, registered_labels
 
@@ -986,9 +987,11 @@ def feedback_label(
     finally:
         prediction_log.close()
     console.print(f"recorded {recorded} labels on {name} (trusted feedback; retrain with tuneloop retrain {name})")
+    # Counted with the feedback policy the retrain will use: the production version's recipe's.
+    policy = load_config(None, None, base=stored_recipe(registry.get(f"{name}@production").config)).feedback
     prediction_log = _prediction_log(config, overrides)
     try:
-        coming = next_retrain(prediction_log, name, _config(ClassifierRecipe, config, overrides).feedback)
+        coming = next_retrain(prediction_log, name, policy)
     finally:
         prediction_log.close()
     console.print(

@@ -238,6 +238,7 @@ def test_suggest_writes_a_csv_and_label_records_what_a_person_filled_in(admin, t
     frame.to_csv(out, index=False)
     recorded = runner.invoke(cli, ["feedback", "label", "toy", str(out), f"registry.home={home}"])
     assert recorded.exit_code == 0 and "recorded 1 labels" in recorded.output, recorded.output
+    assert "the next retrain learns 1 labelled examples of 1 labels" in recorded.output
 
 
 def test_the_admin_api_lists_similar_messages_and_the_next_retrain_counts_the_labels(admin):
