@@ -18,7 +18,7 @@ from tuneloop.db.schema import PredictionRecord
 from tuneloop.errors import TuneloopError
 from tuneloop.feedback.export import feedback_examples, next_retrain
 from tuneloop.feedback.log import PredictionLog
-from tuneloop.feedback.suggest import labels_from_frame, suggest_labels, suggestions_frame
+from tuneloop.feedback.suggest import labels_from_frame, remembered, suggest_labels, suggestions_frame
 from tuneloop.serve.app import create_app
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -161,6 +161,20 @@ def test_a_similar_row_takes_its_suggestions_label_only_when_asked():
     }
     with pytest.raises(TuneloopError, match="needs prediction_id and label columns"):
         labels_from_frame(frame.drop(columns="label"), similar=True, source="f.csv")
+
+
+def test_sentence_vectors_are_computed_once_per_version_and_text():
+    asked: list[list[str]] = []
+
+    def embed(texts: list[str]) -> np.ndarray:
+        asked.append(texts)
+        return np.array([[len(t), t.count("p")] for t in texts], dtype=float)
+
+    first = remembered("toy@1", embed)(["my card", "my pin", "my card"])
+    again = remembered("toy@1", embed)(["my pin", "is it raining"])
+    other = remembered("toy@2", embed)(["my pin"])
+    assert asked == [["my card", "my pin"], ["is it raining"], ["my pin"]]
+    assert np.allclose(first[1], again[0]) and np.allclose(first[0], first[2]) and len(other) == 1
 
 
 NEW_TEXTS = ["hmm what now", "no idea what this is", "is it raining", "zq maybe the account", "what about it"]

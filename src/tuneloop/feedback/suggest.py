@@ -240,8 +240,29 @@ def suggestions_for(
     if not predictions:
         raise TuneloopError(f"no predictions of {name} are logged yet: serve it, then ask again")
     trained_counts = {str(label): int(count) for label, count in train["label"].value_counts().items()}
-    embed = version_embedder(registry.folder(version), registry) if similar else None
+    embed = remembered(version.ref, version_embedder(registry.folder(version), registry)) if similar else None
     return suggest_labels(predictions, budget, trained_counts, labelled, embed)
+
+
+# Sentence vectors already computed, by (version, text): the admin page asks for suggestions again and again over
+# a window that moves little, and embedding 5,000 texts takes a minute on two cores. Bounded: cleared when full.
+_VECTORS: dict[tuple[str, str], np.ndarray] = {}
+VECTORS_KEPT = 100_000
+
+
+def remembered(ref: str, embed: Embed) -> Embed:
+    """`embed`, computing only the texts it has not seen for `ref` before."""
+
+    def embed_new(texts: list[str]) -> np.ndarray:
+        new = list(dict.fromkeys(t for t in texts if (ref, t) not in _VECTORS))
+        if len(_VECTORS) + len(new) > VECTORS_KEPT:
+            _VECTORS.clear()
+            new = list(dict.fromkeys(texts))
+        if new:
+            _VECTORS.update({(ref, t): v for t, v in zip(new, embed(new), strict=True)})
+        return np.stack([_VECTORS[(ref, t)] for t in texts]) if texts else np.zeros((0, 1))
+
+    return embed_new
 
 
 def version_labels(registry: Registry, name: str, version: int | str) -> frozenset[str]:
