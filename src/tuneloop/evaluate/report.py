@@ -29,7 +29,7 @@ from tuneloop.evaluate.schema import (
 )
 from tuneloop.evaluate.serving import describe
 from tuneloop.models.classifier import TextClassifier, softmax
-from tuneloop.models.predictor import Predictor, load_model, read_serving
+from tuneloop.models.predictor import Predictor, load_model, load_unchecked, read_serving
 from tuneloop.registry import Registry
 
 # Train accuracy this much above test accuracy is reported as a sign of overfitting.
@@ -401,7 +401,7 @@ def evaluate_version(
         leaked=leaked,
     )
     if recipe.eval.explanations:
-        on_torch, _ = TextClassifier.load(folder.model)  # the explanations need gradients: PyTorch, not ONNX
-        add_explanations(report, on_torch, predictor.tokenizer, recipe.eval.explanations)
+        on_torch = load_unchecked(folder, "torch")  # the explanations need gradients: PyTorch, not ONNX
+        add_explanations(report, on_torch.model, on_torch.tokenizer, recipe.eval.explanations)
     report.serving = read_serving(folder)
     return report, write_report(report, out or folder.evaluation(data))

@@ -63,7 +63,7 @@ from tuneloop.models.classifier import (
     tokenize,
 )
 from tuneloop.models.encoders import EncoderSource, prepare_for_model, prepare_tasks, resolve_encoder
-from tuneloop.models.predictor import Predictor, ServingRecord, load_model
+from tuneloop.models.predictor import Predictor, ServingRecord, load_model, load_unchecked
 from tuneloop.models.trained_rows import train_only_used_rows
 from tuneloop.profiling import PROFILE_FOLDER, Profiler, SummaryJson, stage
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
@@ -581,8 +581,8 @@ def evaluate_run(
     if world.distributed:
         report.processes = Processes(count=world.size, strategy=recipe.train.strategy, test_scored_by=scorers)
     if recipe.eval.explanations:
-        on_torch, _ = TextClassifier.load(run.model)  # the explanations need gradients: PyTorch, not ONNX
-        add_explanations(report, on_torch, served.tokenizer, recipe.eval.explanations)
+        on_torch = load_unchecked(run, "torch")  # the explanations need gradients: PyTorch, not ONNX
+        add_explanations(report, on_torch.model, on_torch.tokenizer, recipe.eval.explanations)
     report.calibration = calibration.get(next(iter(recipe.tasks), ""))
     if others:
         report.tasks = {name: _task_report(recipe, served, name, extra, calibration) for name, extra in others.items()}
