@@ -968,8 +968,7 @@ def feedback_label(
 
     import pandas as pd
 
-    from tuneloop.config import stored_recipe
-    from tuneloop.feedback.export import next_retrain
+    from tuneloop.feedback.export import next_retrain, production_policy
     from tuneloop.feedback.suggest import labels_from_frame, record_labels, registered_labels
 
     try:
@@ -984,16 +983,10 @@ def feedback_label(
     prediction_log = _prediction_log(config, overrides)
     try:
         recorded = record_labels(prediction_log, name, labels, f"cli:{getpass.getuser()}", registered_labels(registry))
+        coming = next_retrain(prediction_log, name, production_policy(registry, name))
     finally:
         prediction_log.close()
     console.print(f"recorded {recorded} labels on {name} (trusted feedback; retrain with tuneloop retrain {name})")
-    # Counted with the feedback policy the retrain will use: the production version's recipe's.
-    policy = load_config(None, None, base=stored_recipe(registry.get(f"{name}@production").config)).feedback
-    prediction_log = _prediction_log(config, overrides)
-    try:
-        coming = next_retrain(prediction_log, name, policy)
-    finally:
-        prediction_log.close()
     console.print(
         f"the next retrain learns {coming['examples']} labelled examples of {len(coming['labels'])} labels"
         + (f"; {coming['awaiting_review']} feedback rows await review" if coming["awaiting_review"] else ""),

@@ -240,27 +240,31 @@ def suggestions_for(
     if not predictions:
         raise TuneloopError(f"no predictions of {name} are logged yet: serve it, then ask again")
     trained_counts = {str(label): int(count) for label, count in train["label"].value_counts().items()}
-    embed = remembered(version.ref, version_embedder(registry.folder(version), registry)) if similar else None
+    folder = registry.folder(version)
+    # Keyed by the version's folder, not its ref: two homes (or a home rebuilt) can each have a toy@1.
+    embed = remembered(str(folder.root.resolve()), version_embedder(folder, registry)) if similar else None
     return suggest_labels(predictions, budget, trained_counts, labelled, embed)
 
 
-# Sentence vectors already computed, by (version, text): the admin page asks for suggestions again and again over
+# Sentence vectors already computed, by (version folder, text): the admin page asks for suggestions again and again over
 # a window that moves little, and embedding 5,000 texts takes a minute on two cores. Bounded: cleared when full.
 _VECTORS: dict[tuple[str, str], np.ndarray] = {}
 VECTORS_KEPT = 100_000
 
 
-def remembered(ref: str, embed: Embed) -> Embed:
-    """`embed`, computing only the texts it has not seen for `ref` before."""
+def remembered(version: str, embed: Embed) -> Embed:
+    """`embed`, computing only the texts it has not seen for `version` (its folder) before."""
 
     def embed_new(texts: list[str]) -> np.ndarray:
-        new = list(dict.fromkeys(t for t in texts if (ref, t) not in _VECTORS))
-        if len(_VECTORS) + len(new) > VECTORS_KEPT:
-            _VECTORS.clear()
-            new = list(dict.fromkeys(texts))
+        # Read into a local dict first: another request (the server's thread pool) may clear the cache meanwhile.
+        known = {t: _VECTORS[(version, t)] for t in dict.fromkeys(texts) if (version, t) in _VECTORS}
+        new = [t for t in dict.fromkeys(texts) if t not in known]
         if new:
-            _VECTORS.update({(ref, t): v for t, v in zip(new, embed(new), strict=True)})
-        return np.stack([_VECTORS[(ref, t)] for t in texts]) if texts else np.zeros((0, 1))
+            known.update(zip(new, embed(new), strict=True))
+            if len(_VECTORS) + len(new) > VECTORS_KEPT:
+                _VECTORS.clear()
+            _VECTORS.update({(version, t): known[t] for t in new})
+        return np.stack([known[t] for t in texts]) if texts else np.zeros((0, 1))
 
     return embed_new
 

@@ -331,8 +331,21 @@ class LabelsRequest(RequestBody):
     )
 
 
+class NextRetrainInfo(BaseModel):
+    """What the next retrain of the model would learn from feedback (its production recipe's feedback policy)."""
+
+    examples: int = Field(description="Labelled examples: corrections, and confirmations where the policy counts them.")
+    corrected: int
+    confirmed: int
+    labels: dict[str, int] = Field(description="Examples per label.")
+    awaiting_review: int = Field(description="Feedback rows that train only once an admin approves them.")
+
+
 class LabelsResponse(BaseModel):
     recorded: int = Field(description="Labels recorded (one already given by the same admin is not repeated).")
+    next_retrain: NextRetrainInfo = Field(
+        description="What the next retrain learns from feedback, these labels included: a labelling page's progress."
+    )
 
 
 class ReviewDecisionRequest(RequestBody):
