@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import replace
 
 import pandas as pd
 
@@ -79,15 +80,7 @@ def with_label_names(data: PreparedData, regime: TrainingRegime, wanted: bool) -
     regime.label_names_added = len(rows)
     if rows.empty:
         return data
-    splits = {**data.splits, "train": pd.concat([data.train, rows], ignore_index=True)}
-    return PreparedData(
-        splits=splits,
-        labels=data.labels,
-        report=data.report,
-        fingerprint=data.fingerprint,
-        folds=data.folds,
-        holdout=data.holdout,
-    )
+    return replace(data, splits={**data.splits, "train": pd.concat([data.train, rows], ignore_index=True)})
 
 
 def epochs_for(regime: TrainingRegime, epochs: int, steps_per_epoch: int) -> int:
