@@ -141,7 +141,7 @@ def _build_state(config: ServerSettings) -> ServerState:
     )
     conversations = chat = None
     if runtime is not None:
-        conversations = ConversationStore(prediction_log.engine, mask)
+        conversations = ConversationStore(prediction_log.engine, mask, prediction_log.secret)
 
         def counted(outcome: TurnOutcome) -> None:
             metrics.chat_turns.labels(str(outcome.escalate).lower()).inc()
