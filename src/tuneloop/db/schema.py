@@ -28,6 +28,7 @@ Stage = Literal["candidate", "production", "archived"]
 # An admin's verdict on a piece of feedback; only approved (or trusted and not rejected) feedback trains.
 Review = Literal["pending", "approved", "rejected"]
 ANONYMOUS = "anonymous"  # the sender of feedback sent without a known API key
+KEY_SENDER_PREFIX = "key:"  # an API key's id as a sender (serve.security.key_id); the CLI's senders are "cli:user"
 # Who asked for a prediction logged before requesters were recorded (migration 0006).
 UNKNOWN_REQUESTER = "unknown"
 # The owner of chat sessions opened before they had owners (their ids were chosen by clients, so guessable):

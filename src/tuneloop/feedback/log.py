@@ -17,14 +17,23 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from tuneloop.atomic import write_text_atomically
 from tuneloop.data.clean import clean_text, dedup_key
 from tuneloop.db import open_database
-from tuneloop.db.schema import ANONYMOUS, UNKNOWN_REQUESTER, FeedbackRecord, PredictionRecord, Review, utc_now
+from tuneloop.db.schema import (
+    ANONYMOUS,
+    KEY_SENDER_PREFIX,
+    UNKNOWN_REQUESTER,
+    FeedbackRecord,
+    PredictionRecord,
+    Review,
+    TrustedSender,
+    utc_now,
+)
 from tuneloop.errors import NotFound, TuneloopError, first_line
 from tuneloop.privacy.keyed import home_secret, keyed_digest
 
@@ -77,6 +86,8 @@ class LoggedPrediction:
             requester=requester,
         )
 
+
+Row = tuple[FeedbackRecord, PredictionRecord]
 
 # Rows masked and committed together: the writer takes this many at a time and masks them with no lock held, so
 # a request waiting for its own row waits at most for one slice, never for the whole backlog to be masked.
@@ -458,8 +469,35 @@ class PredictionLog:
             session.add(row)
         return row
 
+    def record_trusted_senders(self, senders: Collection[str]) -> None:
+        """Make these API keys' ids the ones whose feedback trains without review (a server does it as it starts,
+        with its keys): feedback of a key left out stops counting as trusted, however long ago it was sent."""
+        wanted = set(senders)
+        for attempt in (1, 2):  # two replicas starting at once may both add the same sender
+            try:
+                with self._sessions.begin() as session:
+                    session.execute(delete(TrustedSender).where(TrustedSender.sender.not_in(wanted)))
+                    there = set(session.scalars(select(TrustedSender.sender)))
+                    session.add_all(TrustedSender(sender=sender, since=utc_now()) for sender in wanted - there)
+                return
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+
+    @staticmethod
+    def _trust_now(session: Session, rows: list[Row]) -> list[Row]:
+        """The rows, detached, with `trusted` as it stands now: feedback an API key sent while trusted is trusted
+        only while that key still is (trusted_senders); what a person recorded with the CLI stays trusted."""
+        trusted = set(session.scalars(select(TrustedSender.sender)))
+        session.expunge_all()  # changed below for the caller only, never written back
+        for feedback, _ in rows:
+            if feedback.trusted and feedback.sender.startswith(KEY_SENDER_PREFIX) and feedback.sender not in trusted:
+                feedback.trusted = False
+        return rows
+
     def feedback_for(self, model_name: str) -> list[tuple[FeedbackRecord, PredictionRecord]]:
-        """All feedback on predictions of a model name, oldest first, with the prediction it is about."""
+        """All feedback on predictions of a model name, oldest first, with the prediction it is about (trusted as it
+        stands now)."""
         self.flush()
         with self._sessions() as session:
             query = (
@@ -468,7 +506,7 @@ class PredictionLog:
                 .where(PredictionRecord.model_name == model_name)
                 .order_by(FeedbackRecord.created_at, FeedbackRecord.id)
             )
-            return [(f, p) for f, p in session.execute(query)]
+            return self._trust_now(session, [(f, p) for f, p in session.execute(query)])
 
     def recent_predictions(
         self, model_name: str, limit: int, since: datetime | None = None, until: datetime | None = None
@@ -498,7 +536,7 @@ class PredictionLog:
                     .order_by(FeedbackRecord.created_at, FeedbackRecord.id)
                 )
                 rows += [(f, p) for f, p in session.execute(query)]
-        return rows
+            return self._trust_now(session, rows)
 
     def set_review(self, feedback_ids: list[int], review: Review, reviewer: str) -> int:
         """Record an admin's verdict on these feedback rows, all or none; returns how many there were."""
@@ -534,7 +572,7 @@ class PredictionLog:
                 .order_by(FeedbackRecord.created_at.desc(), FeedbackRecord.id.desc())
                 .limit(limit)
             )
-            return [(f, p) for f, p in session.execute(query)]
+            return self._trust_now(session, [(f, p) for f, p in session.execute(query)])
 
     def count(self, model_name: str | None = None) -> dict[str, int]:
         """Stored predictions and feedback rows (optionally for one model name)."""

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tuneloop.atomic import create_once
 from tuneloop.config import ServeConfig, ServerSettings
-from tuneloop.db.schema import ANONYMOUS
+from tuneloop.db.schema import ANONYMOUS, KEY_SENDER_PREFIX
 from tuneloop.errors import TuneloopError
 from tuneloop.privacy.keyed import home_secret, keyed_digest
 
@@ -54,7 +54,7 @@ def _hashed(plain: SecretStr | None) -> set[str]:
 def key_id(digest: str) -> str:
     """A key's public name, as feedback records its sender: a prefix of its hash (which the config holds anyway),
     never the key."""
-    return f"key:{digest[:12]}"
+    return f"{KEY_SENDER_PREFIX}{digest[:12]}"
 
 
 def address_pseudonym(secret: bytes, address: str) -> str:
