@@ -93,6 +93,9 @@ Row = tuple[FeedbackRecord, PredictionRecord]
 # a request waiting for its own row waits at most for one slice, never for the whole backlog to be masked.
 SLICE_ROWS = 64
 
+# How far back recent_predictions_in_turns looks, in windows: a requester's flood past it pushes the others out.
+TURNS_SCAN = 10
+
 # Rows per statement where many are written or deleted at once (a rescue file can hold the whole backlog,
 # 200,000 rows): more bound parameters than PostgreSQL (65,535) or SQLite (32,766 in many builds) take.
 ROWS_PER_STATEMENT = 2_000
@@ -523,6 +526,32 @@ class PredictionLog:
         query = query.order_by(PredictionRecord.created_at.desc(), PredictionRecord.id).limit(limit)
         with self._sessions() as session:
             return list(session.scalars(query))
+
+    def recent_predictions_in_turns(self, model_name: str, limit: int) -> list[PredictionRecord]:
+        """Up to `limit` recent predictions of a model name, newest first, chosen in turns from each requester (each
+        one's newest first) among the latest TURNS_SCAN × `limit`: one requester's flood takes its share of the
+        window, not all of it. With one requester, the latest `limit`."""
+        self.flush()
+        latest = (
+            select(PredictionRecord.id, PredictionRecord.requester, PredictionRecord.created_at)
+            .where(PredictionRecord.model_name == model_name)
+            .order_by(PredictionRecord.created_at.desc(), PredictionRecord.id)
+            .limit(limit * TURNS_SCAN)
+            .subquery()
+        )
+        turn = func.row_number().over(
+            partition_by=latest.c.requester, order_by=(latest.c.created_at.desc(), latest.c.id)
+        )
+        ranked = select(latest.c.id, turn.label("turn")).subquery()
+        query = (
+            select(PredictionRecord)
+            .join(ranked, PredictionRecord.id == ranked.c.id)
+            .order_by(ranked.c.turn, PredictionRecord.created_at.desc(), PredictionRecord.id)
+            .limit(limit)
+        )
+        with self._sessions() as session:
+            chosen = list(session.scalars(query))
+        return sorted(chosen, key=lambda p: (p.created_at, p.id), reverse=True)
 
     def feedback_for_predictions(self, prediction_ids: list[str]) -> list[tuple[FeedbackRecord, PredictionRecord]]:
         """All feedback on these predictions, oldest first, with the prediction it is about."""
