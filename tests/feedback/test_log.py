@@ -7,7 +7,7 @@ import json
 import sqlite3
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
@@ -316,3 +316,16 @@ def test_rows_keep_who_asked_and_a_digest_of_the_text_they_came_with(tmp_path, u
         != text_digest(log.secret, "card 4111 1111 1111 1112")
     )
     log.close()
+
+
+def test_the_recent_window_takes_turns_between_requesters(prediction_log):
+    """The labelling suggestions' window: a requester's newer flood does not push an earlier requester out."""
+    honest, flood = predictions(5), predictions(50)
+    start = datetime.now(UTC)
+    for number, row in enumerate(honest + flood):
+        row.requester = "key:app" if number < 5 else "key:flood"
+        row.created_at = start + timedelta(seconds=number)
+    prediction_log.record(honest + flood)
+    chosen = prediction_log.recent_predictions_in_turns("intent", 10)
+    assert {p.id for p in chosen} == {p.id for p in honest} | {p.id for p in flood[-5:]}
+    assert [p.created_at for p in chosen] == sorted((p.created_at for p in chosen), reverse=True)
