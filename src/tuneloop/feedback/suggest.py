@@ -48,7 +48,8 @@ NEAR_COPY_THRESHOLD = 0.8
 MOST_RARITY_LIFT = 2.0
 DEFAULT_WINDOW = 5_000
 # Window messages at this cosine or above to a suggestion (the version's base sentence encoder) are listed as its
-# similar messages: on Banking77 most pairs this close carry the same intent (docs/guide/loop.md has the figure).
+# similar messages: among 2,000 Banking77 training texts under all-MiniLM-L6-v2, nine pairs in ten this close share
+# an intent (four in five at 0.75), and a person unticks the others before the label is given.
 SIMILAR_MIN_COSINE = 0.8
 SIMILAR_LISTED = 20  # per suggestion, the most similar first
 # Texts → L2-normalised sentence vectors (feedback.monitor.version_embedder).
