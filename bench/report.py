@@ -69,6 +69,11 @@ def _served(serving: dict) -> str:
     return f"{serving['runtime']}; int8 {int8} against fp32 {fp32}, labels agreeing on {percent(serving['agreement'])}"
 
 
+def _only(kinds: dict) -> str:
+    """'phone 12, url 3' (pieces per kind one side found exactly and the other did not), or 'none'."""
+    return ", ".join(f"{kind} {found['pieces']}" for kind, found in sorted(kinds.items())) or "none"
+
+
 def _fewer_layers(ratio: str) -> Format:
     """A student's speed-up, shown only for a student with fewer layers than its teacher: at the same depth the
     two times differ by run-to-run variation alone."""
@@ -397,7 +402,8 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
             row
             for name, title in (
                 ("written_alongside", "written with the masker"),
-                ("not_written_here", "not written here"),
+                ("public_tuned_on", "public, rules tuned on it"),
+                ("held_out", "held out (masker frozen first)"),
             )
             for row in (
                 (
@@ -423,6 +429,21 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
                     lambda r: f"{r['of_them_altered']} of {r['messages_without_personal_data']}",
                 ),
                 (f"{title}: µs per message", f"{name}.microseconds_per_message", lambda m: f"{m:.0f}"),
+                (
+                    f"{title}: Presidio's pattern recognisers, masked away / exact recall / precision",
+                    f"{name}.presidio",
+                    lambda r: f"{percent(r['masked_away'])} / {percent(r['recall'])} / {percent(r['precision'])}",
+                ),
+                (
+                    f"{title}: Presidio, messages without personal data altered; µs per message",
+                    f"{name}.presidio",
+                    lambda r: (
+                        f"{r['of_them_altered']} of {r['messages_without_personal_data']}; "
+                        f"{r['microseconds_per_message']:.0f}"
+                    ),
+                ),
+                (f"{title}: pieces only tuneloop finds", f"{name}.presidio.only_tuneloop", _only),
+                (f"{title}: pieces only Presidio finds", f"{name}.presidio.only_presidio", _only),
             )
         ),
         ("Banking77 test messages changed", "banking77_test", lambda r: f"{r['changed']} of {r['messages']}"),
