@@ -69,6 +69,10 @@ def _served(serving: dict) -> str:
     return f"{serving['runtime']}; int8 {int8} against fp32 {fp32}, labels agreeing on {percent(serving['agreement'])}"
 
 
+def _spread(times: dict) -> str:
+    return f"{times['p50_ms']} / {times['p99_ms']} / {times['max_ms']}"
+
+
 def _only(kinds: dict) -> str:
     """'phone 12, url 3' (pieces per kind one side found exactly and the other did not), or 'none'."""
     return ", ".join(f"{kind} {found['pieces']}" for kind, found in sorted(kinds.items())) or "none"
@@ -507,6 +511,23 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
             "main.kill.lost_predictions_oldest_ms_before_kill",
             lambda v: f"{v:.0f} ms",
         ),
+    ],
+    "burst": [
+        (
+            "chat users (local generator) / predict → feedback users, seconds",
+            "",
+            lambda r: f"{r['chat_clients']} / {r['predict_feedback_clients']}, {r['seconds']:.0f} s",
+        ),
+        (
+            "chat turns answered, p50 / p99 ms",
+            "chat",
+            lambda c: f"{c['answered']}, {c['p50_ms']:.0f} / {c['p99_ms']:.0f}",
+        ),
+        ("predict and feedback requests", "predict_feedback.requests", plain),
+        ("refused with 503 (a bound reached)", "refused_503", plain),
+        ("server errors (500/502/504) / dropped connections", "", lambda r: f"{r['server_errors']} / {r['dropped']}"),
+        ("/readyz p50 / p99 / max ms, idle", "readyz_idle", _spread),
+        ("/readyz p50 / p99 / max ms, during the burst", "readyz_during_burst", _spread),
     ],
     "sft_reply": [
         ("held-out loss before", "heldout_loss_before", plain),
