@@ -56,6 +56,10 @@ def _teachers(teachers: list[dict]) -> str:
     return ", ".join(f"{t['seed']}: {percent(t['accuracy'])} ({t['layers']} layers)" for t in teachers)
 
 
+def _accuracy_and_time(run: dict) -> str:
+    return f"{percent(run['accuracy'])}, {seconds(run['train_seconds'])}"
+
+
 def _when_on(value: Any) -> str:
     if not value:
         raise ValueError("off: no row")
@@ -151,6 +155,11 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("student: accuracy change over the teachers' ensemble", "ratios.accuracy_delta_points_vs_ensemble", points),
         ("student: training speed-up over the default recipe", "", _fewer_layers("speed_up_vs_default_recipe")),
         ("student and teachers: training time together", "ratios.train_seconds_with_teachers", seconds),
+        ("trained on (device, precision)", "tuneloop.device", plain),
+        ("the same command at an older commit", "against.commit", plain),
+        ("older commit: test accuracy, training time", "against.tuneloop", _accuracy_and_time),
+        ("accuracy change over the older commit", "against_ratios.accuracy_delta_points", points),
+        ("training time / the older commit's", "against_ratios.train_seconds", times),
         ("student: prediction speed-up on long texts", "", _fewer_layers("long_texts_prediction_speed_up")),
     ],
     "oos_scores": [
@@ -330,6 +339,20 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
     ],
     "ddp": [
         ("dataset, encoder", "", lambda r: f"{r['dataset']}, {r['encoder']}"),
+        ("the same launches at an older commit", "against.commit", plain),
+        (
+            "older commit: one process, data parallel, sharded (test accuracy, training time)",
+            "against",
+            lambda r: " · ".join(_accuracy_and_time(r[run]) for run in ("one_process", "data_parallel", "sharded")),
+        ),
+        (
+            "accuracy change and training time over the older commit: one process, data parallel, sharded",
+            "against_ratios",
+            lambda r: " · ".join(
+                f"{points(r[run]['accuracy_delta_points'])}, {times(r[run]['train_seconds'])}"
+                for run in ("one_process", "data_parallel", "sharded")
+            ),
+        ),
         (
             "one process: test accuracy, training time",
             "one_process",
@@ -569,6 +592,22 @@ def _lookup(result: dict, path: str) -> Any:
             return None
         value = value[part]
     return value
+
+
+FORMATS: dict[str, Format] = {"percent": percent, "seconds": seconds, "times": times, "points": points, "plain": plain}
+
+
+def figure(name: str, path: str, how: str, folder: Path = RESULTS, page: str = "benchmarks.md") -> str:
+    """One figure of one results file, for a sentence in the guides (`{{ result NAME PATH FORMAT }}`): it fails
+    the docs build when the file or the figure is not there, so a guide can never cite a number nobody measured.
+    """
+    file = folder / f"{name}.json"
+    if not file.is_file():
+        raise KeyError(f"no results file {file.name}: run the benchmark that writes it")
+    value = _lookup(json.loads(file.read_text(encoding="utf-8"))["result"], path)
+    if value is None:
+        raise KeyError(f"{file.name} has no figure at {path}")
+    return f"[{FORMATS[how](value)}]({page}#{name})"
 
 
 def load_results(folder: Path = RESULTS) -> list[dict]:

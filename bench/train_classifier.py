@@ -397,7 +397,7 @@ def main() -> None:
         if before:
             ours, theirs = result["tuneloop"], before["result"]["tuneloop"]
             result["against"] = {"commit": before["commit"], "tuneloop": theirs}
-            result["ratios"] = {
+            result["against_ratios"] = {
                 "accuracy_delta_points": round(100 * (ours["accuracy"] - theirs["accuracy"]), 2),
                 "train_seconds": round(ours["train_seconds"] / theirs["train_seconds"], 3),
             }

@@ -38,12 +38,14 @@ from tuneloop.config import (
 from tuneloop.errors import TuneloopError, first_line
 
 if TYPE_CHECKING:
+    from tuneloop.data.prepare import DataReport
     from tuneloop.evaluate.explain import Explanation
     from tuneloop.evaluate.schema import SplitScores
     from tuneloop.feedback.log import PredictionLog
     from tuneloop.feedback.retention import Erased
     from tuneloop.feedback.review import Decision
     from tuneloop.models.predictor import Prediction, Predictor
+    from tuneloop.profiling import SummaryJson
     from tuneloop.registry import ModelVersion, Registry, VersionFolder
     from tuneloop.training.classification import ClassifierOutcome
 
@@ -134,7 +136,7 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show i
     transformers.logging.disable_progress_bar()
 
 
-def _print_data_report(report: dict) -> None:
+def _print_data_report(report: DataReport) -> None:
     table = Table(title=f"Data: {report['source']}")
     for column in ("label", "train", "val", "test"):
         table.add_column(column, justify="left" if column == "label" else "right")
@@ -187,7 +189,7 @@ def _print_label_suspects(metrics: SplitScores) -> None:
         )
 
 
-def _print_profile(summary: dict, folder: VersionFolder) -> None:
+def _print_profile(summary: SummaryJson, folder: VersionFolder) -> None:
     from tuneloop.profiling import PROFILE_FOLDER, TRACE_FILE, ProfileSummary
 
     console.print(f"[bold]where the time went[/bold] (trace: {folder.root / PROFILE_FOLDER / TRACE_FILE})")
@@ -233,8 +235,8 @@ def data_inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Clean, deduplicate and split in memory; print the data report."""
+    from tuneloop.models.encoders import prepare_for_model
     from tuneloop.registry import Registry
-    from tuneloop.training.classification import prepare_for_model
 
     recipe = _config(ClassifierRecipe, config, overrides, data)
     prepared, encoder = prepare_for_model(recipe, Registry(recipe.registry))
@@ -258,8 +260,8 @@ def data_audit(
 ) -> None:
     """Find training rows whose label is probably wrong (confident learning on out-of-fold probabilities)."""
     from tuneloop.evaluate.audit import audit_training_labels
+    from tuneloop.models.encoders import prepare_for_model
     from tuneloop.registry import Registry
-    from tuneloop.training.classification import prepare_for_model
 
     recipe = _config(ClassifierRecipe, config, overrides, data)
     prepared, encoder = prepare_for_model(recipe, Registry(recipe.registry))
@@ -271,7 +273,7 @@ def data_audit(
     )
 
 
-def _print_audit(summary: dict, show: int) -> None:
+def _print_audit(summary: dict[str, Any], show: int) -> None:
     console.print(
         f"{summary['flagged']} of {summary['rows_audited']} training rows ({summary['share']:.1%}) look mislabelled "
         f"({summary['method']}, {summary['folds']} folds)",
@@ -302,8 +304,8 @@ def data_prepare(
 ) -> None:
     """Write cleaned train/val/test splits (jsonl) and data_report.json to a folder."""
     from tuneloop.data.prepare import save_prepared
+    from tuneloop.models.encoders import prepare_for_model
     from tuneloop.registry import Registry
-    from tuneloop.training.classification import prepare_for_model
 
     recipe = _config(ClassifierRecipe, config, overrides, data)
     prepared, _ = prepare_for_model(recipe, Registry(recipe.registry))
@@ -337,8 +339,9 @@ def train(
     outcome = classification.run(recipe, resume=resume, register=register)
     if outcome.report is None:  # another rank than 0 of a torchrun launch: rank 0 reports
         return
-    if "label_audit" in (outcome.report.data or {}):
-        _print_audit(outcome.report.data["label_audit"], show=5)
+    data_report = outcome.report.data or {}
+    if "label_audit" in data_report:
+        _print_audit(data_report["label_audit"], show=5)
     if outcome.train.profile:
         _print_profile(outcome.train.profile, outcome.folder)
     _print_test_scores(outcome)
@@ -374,6 +377,7 @@ def pretrain(
     if outcome.version is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
         return
     last = outcome.history[-1]
+    assert outcome.corpus is not None  # the rank that registers has saved the encoder and its corpus summary
     console.print(
         f"[green]held-out perplexity {last['heldout_perplexity']:.2f}[/green] (loss {last['heldout_loss']:.3f}, "
         f"over the corpus's {outcome.corpus['corpus_vocabulary']} tokens) after {outcome.train_seconds:.0f}s; "
@@ -1058,7 +1062,7 @@ def retrain(
         f"confirmed, {used['conflicts']} conflicts): {used['train']} to train, {used['holdout']} held out "
         f"for the gate"
     )
-    assert outcome.run.report is not None
+    assert outcome.run.report is not None and outcome.run.version is not None  # retrain registers its candidate
     test = outcome.run.report.test
     console.print(f"[green]test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f}[/green]")
     console.print(
@@ -1243,6 +1247,7 @@ def privacy_forget(
 # Every command gets the same error handling, instead of a decorator on each.
 for _typer in (app, data_app, models_app, feedback_app, keys_app, db_app, log_app, privacy_app):
     for _command in _typer.registered_commands:
+        assert _command.callback is not None  # each command is a function
         _command.callback = friendly(_command.callback)
 
 

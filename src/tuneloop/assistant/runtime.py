@@ -38,7 +38,7 @@ from tuneloop.models.embedder import SentenceEmbedder
 from tuneloop.models.encoders import resolve_encoder
 from tuneloop.models.lm import resolve_lm
 from tuneloop.models.predictor import Predictor, load_model
-from tuneloop.registry import Registry
+from tuneloop.registry import Home, Registry
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class AssistantRuntime:
     def __init__(self, definition: AssistantDefinition, registry: Registry) -> None:
         self.definition = definition
         self.registry = registry
-        self.folder = registry.home / "assistants" / definition.name
+        self.folder = Home(registry.home).assistant(definition.name)
         entries = load_faq(definition.faq)
         source = resolve_encoder(definition.retrieval.encoder, registry, [e.question for e in entries])
         self.embedder = SentenceEmbedder(source)

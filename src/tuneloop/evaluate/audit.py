@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,7 +34,7 @@ COLUMNS = ["row", "split", "text", "label", "suggested", "label_probability", "s
 @dataclass(frozen=True)
 class LabelAudit:
     issues: pd.DataFrame  # COLUMNS, most suspicious first; `confirmed` empty for a person to fill in
-    summary: dict
+    summary: dict[str, Any]  # as JSON: the data report's label_audit
 
     def write_csv(self, path: Path) -> None:
         """The issues as CSV, whole or not at all (a person edits this file; a half-written one would lose rows),

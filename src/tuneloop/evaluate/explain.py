@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tuneloop.errors import NotFound, TuneloopError
 from tuneloop.models.classifier import TextClassifier, kept_tokens
+from tuneloop.models.onnx_encoder import OnnxEncoder
 
 # Steps of the integral: 50 keeps |delta| around 1e-2 of the probability on the packaged encoders.
 STEPS = 50
@@ -46,7 +48,8 @@ class Explanation:
     delta: float  # sum of attributions minus (probability - baseline_probability)
     words: list[WordAttribution]
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
+        """As JSON holds it (the report, the CLI's output, the server's answer)."""
         return asdict(self)
 
 
@@ -96,7 +99,7 @@ def shaded_pieces(text: str, words: list[tuple[int, int, float]]) -> list[tuple[
 
 
 def _gradient_path(model: TextClassifier) -> torch.nn.Module:
-    if not isinstance(model.encoder, torch.nn.Module) or not hasattr(model.encoder, "get_input_embeddings"):
+    if isinstance(model.encoder, OnnxEncoder):
         raise TuneloopError(
             "this model runs on ONNX Runtime, which gives no gradients to explain with: load it with "
             "runtime=torch (tuneloop explain does)"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,7 +28,7 @@ from tuneloop.evaluate.schema import (
 )
 from tuneloop.evaluate.serving import describe
 from tuneloop.models.classifier import TextClassifier, softmax
-from tuneloop.models.predictor import Predictor, load_model, read_serving
+from tuneloop.models.predictor import Predictor, load_model, load_unchecked, read_serving
 from tuneloop.registry import Registry
 
 # Train accuracy this much above test accuracy is reported as a sign of overfitting.
@@ -100,7 +102,7 @@ def evaluate_classifier(
     test: pd.DataFrame,
     config: EvalConfig,
     train: pd.DataFrame | None = None,
-    history: list[dict] | None = None,
+    history: list[dict[str, Any]] | None = None,
     title: str = "tuneloop evaluation",
     leaked: list[int] | None = None,
     test_logits: np.ndarray | None = None,
@@ -136,7 +138,7 @@ def html_image(png: bytes, alt: str) -> str:
     return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def html_table(rows: list[dict], columns: list[str]) -> str:
+def html_table(rows: Sequence[Mapping[str, Any]], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for row in rows:
@@ -172,34 +174,7 @@ def report_sections(report: ClassifierReport) -> list[str]:
         "<h2>Summary</h2>",
         html_table(headline, ["metric", "value"]),
     ]
-    if report.serving:
-        sections.append(f"<p>Scored as it serves: {html.escape(describe(report.serving))}.</p>")
-    privacy = report.privacy
-    if privacy:
-        sections += [
-            "<h2>Differential privacy</h2>",
-            f"<p>Trained with DP-SGD: (ε = {privacy.epsilon:.2f}, δ = {privacy.delta:.1e}) spent of a budget of "
-            f"ε = {privacy.target_epsilon:g} ({privacy.accountant} accountant; {privacy.steps} steps, "
-            f"noise multiplier {privacy.noise_multiplier:.3f}, each text's gradient clipped to "
-            f"{privacy.max_grad_norm:g}, sample rate {privacy.sample_rate:.4f}). The guarantee covers the "
-            f"weights; this page and the run folder show data itself.</p>",
-        ]
-    gap = report.overfitting
-    if gap:
-        verdict = "<b>likely overfitting</b>" if gap.likely_overfitting else "no strong sign of overfitting"
-        sections += [
-            "<h2>Train vs test</h2>",
-            f"<p>Train accuracy {gap.train_accuracy:.3f} vs test {gap.test_accuracy:.3f} "
-            f"(gap {gap.accuracy_gap:+.3f}, {gap.train_rows_scored} training rows re-scored): "
-            f"{verdict}.</p>",
-        ]
-    leakage = test.leakage
-    if leakage and leakage.rows:
-        sections += [
-            "<h2>Test rows seen in training</h2>",
-            f"<p>{html.escape(leakage_line(leakage, test.n))}. The score on the other rows is the better guide "
-            "to new text; the data report lists the pairs (data.leakage=drop leaves them out of the test split).</p>",
-        ]
+    sections += caveat_sections(report)
     per_class = [row.model_dump() for row in test.per_class]
     sections += [
         "<h2>Per class</h2>",
@@ -248,6 +223,41 @@ def report_sections(report: ClassifierReport) -> list[str]:
     return sections
 
 
+def caveat_sections(report: ClassifierReport) -> list[str]:
+    """What a reader needs before trusting the figures: what they were scored with, privacy spent, overfitting,
+    test rows seen in training."""
+    sections = []
+    if report.serving:
+        sections.append(f"<p>Scored as it serves: {html.escape(describe(report.serving))}.</p>")
+    privacy = report.privacy
+    if privacy:
+        sections += [
+            "<h2>Differential privacy</h2>",
+            f"<p>Trained with DP-SGD: (ε = {privacy.epsilon:.2f}, δ = {privacy.delta:.1e}) spent of a budget of "
+            f"ε = {privacy.target_epsilon:g} ({privacy.accountant} accountant; {privacy.steps} steps, "
+            f"noise multiplier {privacy.noise_multiplier:.3f}, each text's gradient clipped to "
+            f"{privacy.max_grad_norm:g}, sample rate {privacy.sample_rate:.4f}). The guarantee covers the "
+            f"weights; this page and the run folder show data itself.</p>",
+        ]
+    gap = report.overfitting
+    if gap:
+        verdict = "<b>likely overfitting</b>" if gap.likely_overfitting else "no strong sign of overfitting"
+        sections += [
+            "<h2>Train vs test</h2>",
+            f"<p>Train accuracy {gap.train_accuracy:.3f} vs test {gap.test_accuracy:.3f} "
+            f"(gap {gap.accuracy_gap:+.3f}, {gap.train_rows_scored} training rows re-scored): "
+            f"{verdict}.</p>",
+        ]
+    leakage = report.test.leakage
+    if leakage and leakage.rows:
+        sections += [
+            "<h2>Test rows seen in training</h2>",
+            f"<p>{html.escape(leakage_line(leakage, report.test.n))}. The score on the other rows is the better guide "
+            "to new text; the data report lists the pairs (data.leakage=drop leaves them out of the test split).</p>",
+        ]
+    return sections
+
+
 def calibration_section(test: SplitScores, fitted: TemperatureFit | None) -> list[str]:
     """The reliability diagram as served and, when a temperature was fitted, the one before it."""
     after = html_image(plots.reliability_png(_bins(test.calibration), test.calibration.ece), "reliability")
@@ -264,7 +274,7 @@ def calibration_section(test: SplitScores, fitted: TemperatureFit | None) -> lis
     ]
 
 
-def _bins(calibrated: Calibration) -> list[dict]:
+def _bins(calibrated: Calibration) -> list[dict[str, Any]]:
     return [row.model_dump() for row in calibrated.bins]
 
 
@@ -337,7 +347,7 @@ def add_explanations(
     ]
 
 
-def shaded_html(explanation: dict) -> str:
+def shaded_html(explanation: dict[str, Any]) -> str:
     """The text with each word's background shaded by its attribution: green adds to the label, red takes away."""
     words = [(w["start"], w["end"], w["score"]) for w in explanation["words"]]
     out = []
@@ -359,6 +369,7 @@ def evaluate_version(
     Returns the report and the page's path."""
     predictor = load_model(ref, registry)
     folder = predictor.folder
+    assert folder is not None  # a registered version's
     if data is None:
         frozen = load_prepared(folder.data())
         test, train, leaked = frozen.test, frozen.train, leaked_positions(frozen.report)
@@ -373,7 +384,7 @@ def evaluate_version(
         leaked=leaked,
     )
     if recipe.eval.explanations:
-        on_torch, _ = TextClassifier.load(folder.model)  # the explanations need gradients: PyTorch, not ONNX
-        add_explanations(report, on_torch, predictor.tokenizer, recipe.eval.explanations)
+        on_torch = load_unchecked(folder, "torch")  # the explanations need gradients: PyTorch, not ONNX
+        add_explanations(report, on_torch.model, on_torch.tokenizer, recipe.eval.explanations)
     report.serving = read_serving(folder)
     return report, write_report(report, out or folder.evaluation(data))

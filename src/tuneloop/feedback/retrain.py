@@ -17,20 +17,20 @@ from tuneloop.data.near_duplicates import best_matches
 from tuneloop.data.prepare import (
     PreparedData,
     fingerprint_of,
-    length_percentiles,
     load_prepared,
+    measure_lengths,
     split_leakage,
     split_summary,
 )
 from tuneloop.db.lease import model_job_lease
 from tuneloop.errors import TuneloopError
 from tuneloop.feedback.export import FeedbackExamples, load_feedback
-from tuneloop.models.encoders import resolve_encoder
+from tuneloop.models.encoders import resolve_encoder, token_counter
 from tuneloop.privacy.keyed import home_secret
 from tuneloop.privacy.mask import Masker, masker
 from tuneloop.registry import Registry
 from tuneloop.training import classification
-from tuneloop.training.classification import ClassifierOutcome, token_counter
+from tuneloop.training.classification import ClassifierOutcome
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +182,7 @@ def _retrain(
         mask=masker(recipe.privacy),
     )
     encoder = resolve_encoder(production.base_model, registry)
-    data.report["text_length"] = length_percentiles(
-        pd.concat([s["text"] for s in data.splits.values()]).tolist(), token_counter(encoder)
-    )
+    measure_lengths(data, token_counter(encoder))
     log.info("retraining %s with %s", production.ref, data.report["feedback"])
     outcome = classification.run(recipe, prepared=(data, encoder), parent=production.ref, show_progress=show_progress)
     return RetrainOutcome(run=outcome, parent=production.ref, feedback=data.report["feedback"])

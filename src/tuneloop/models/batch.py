@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -232,7 +233,9 @@ def _join(parts: list[Path], output: Path, kind: str) -> None:
                     table = pq.read_table(part)
                     if writer is None:
                         writer = pq.ParquetWriter(temporary, table.schema)
-                    writer.write_table(table.cast(writer.schema))
+                    # pyarrow-stubs types the writer's schema as a ParquetSchema; ParquetWriter keeps the Arrow schema
+                    # it was given.
+                    writer.write_table(table.cast(cast(pa.Schema, writer.schema)))
             finally:
                 if writer is not None:
                     writer.close()

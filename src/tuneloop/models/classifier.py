@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import torch
@@ -16,7 +17,15 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tuneloop.errors import TuneloopError
+from tuneloop.models.onnx_encoder import OnnxEncoder
 from tuneloop.profiling import stage
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+# An encoder PyTorch runs: a Hugging Face model, or LoRA adapters over one (peft's wrapper, while they train or when
+# loaded unmerged). A classifier assembled to serve may run its encoder on ONNX Runtime instead (OnnxEncoder).
+TorchEncoder: TypeAlias = "PreTrainedModel | PeftModel"
 
 HEAD_FILE = "head.safetensors"
 META_FILE = "classifier.json"
@@ -64,9 +73,10 @@ class HeadSpec:
 def load_encoder(path: Path) -> PreTrainedModel:
     """Load a bare encoder without its pooler, which mean/CLS pooling never uses."""
     try:
-        return AutoModel.from_pretrained(path, add_pooling_layer=False)
+        encoder: PreTrainedModel = AutoModel.from_pretrained(path, add_pooling_layer=False)
     except TypeError:
-        return AutoModel.from_pretrained(path)
+        encoder = AutoModel.from_pretrained(path)
+    return encoder
 
 
 def encoder_layers(encoder: PreTrainedModel) -> nn.ModuleList:
@@ -102,7 +112,7 @@ def adapter_base(folder: Path) -> Path:
     return Path(json.loads((folder / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
 
 
-def load_adapted_encoder(folder: Path, merge: bool) -> PreTrainedModel:
+def load_adapted_encoder(folder: Path, merge: bool) -> TorchEncoder:
     """Base encoder + the LoRA adapters saved in `folder`; merged, it is a plain encoder again."""
     from peft import PeftModel  # only LoRA versions need peft; importing it costs a second
 
@@ -141,9 +151,9 @@ class CosineHead(nn.Linear):
 class TextClassifier(nn.Module):
     """Encoder + pooling + head; logits are scaled cosines when head == "cosine"."""
 
-    def __init__(self, encoder: PreTrainedModel, spec: HeadSpec) -> None:
+    def __init__(self, encoder: TorchEncoder | OnnxEncoder, spec: HeadSpec) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder: TorchEncoder | OnnxEncoder = encoder
         self.spec = spec
         self.dropout = nn.Dropout(spec.dropout)
         hidden = encoder.config.hidden_size
@@ -153,14 +163,21 @@ class TextClassifier(nn.Module):
             else nn.Linear(hidden, len(spec.labels))
         )
 
+    @property
+    def torch_encoder(self) -> TorchEncoder:
+        """The encoder, for what only PyTorch does: train it, save it, export it. Only a classifier assembled to
+        serve runs its encoder on ONNX Runtime, and nothing trains, saves or exports that one."""
+        assert not isinstance(self.encoder, OnnxEncoder), "an encoder on ONNX Runtime cannot train or be saved"
+        return self.encoder
+
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden: torch.Tensor = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.spec.pooling == "cls":
             return hidden[:, 0]
         return mean_pool(hidden, attention_mask)
 
     def logits_from_embeddings(self, pooled: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.dropout(pooled))
+        logits: torch.Tensor = self.head(self.dropout(pooled))
         return logits if self.spec.temperature == 1.0 else logits / self.spec.temperature
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -191,7 +208,7 @@ class TextClassifier(nn.Module):
 
     def save(self, folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(folder)
+        self.torch_encoder.save_pretrained(str(folder))  # peft's save_pretrained is typed for a str
         tokenizer.save_pretrained(folder)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, folder / HEAD_FILE)
         self.spec.write(folder)
@@ -270,7 +287,8 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], spec: HeadSpe
     evaluation, serving and batch prediction all cut long texts here, the same way (spec.truncation)."""
     prefixed = [spec.text_prefix + t for t in texts]
     if spec.truncation == "head":
-        return tokenizer(prefixed, truncation=True, max_length=spec.max_length)["input_ids"]
+        ids: list[list[int]] = tokenizer(prefixed, truncation=True, max_length=spec.max_length)["input_ids"]
+        return ids
     encoded = tokenizer(prefixed, return_special_tokens_mask=True, verbose=False)
     return [
         [ids[i] for i in kept_tokens(special, spec.max_length, spec.truncation)]
@@ -344,7 +362,8 @@ def predict_logits(
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
+    probabilities: np.ndarray = shifted / shifted.sum(axis=-1, keepdims=True)
+    return probabilities
 
 
 def predict_proba(

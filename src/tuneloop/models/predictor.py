@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -35,6 +36,9 @@ from tuneloop.registry import ModelVersion, Registry, VersionFolder
 log = logging.getLogger(__name__)
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 ONNX_CACHE = "onnx"  # beside a folder's model (an export's: inside it), where its ONNX exports are kept
+# A version's serving record (serving.json, written by tuneloop.evaluate.serving): which runtime serves it and its
+# int8 checks, as JSON; read_serving checks the keys loading relies on.
+ServingRecord = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,12 @@ class Predictor:
     @property
     def labels(self) -> list[str]:
         return self.model.spec.labels
+
+    @property
+    def device(self) -> str:
+        """Where the encoder runs: "cpu", or "cuda" when ONNX Runtime's CUDA provider runs it."""
+        provider = getattr(self.model.encoder, "provider", "CPUExecutionProvider")
+        return "cuda" if provider == "CUDAExecutionProvider" else "cpu"
 
     @property
     def temperature(self) -> float:
@@ -196,12 +206,14 @@ def _assemble(
     if runtime != "torch":
         cache = onnx_cache(folder.root if folder else model_dir, model_dir)
         model.encoder = onnx_encoder(
-            model.encoder, tokenizer, cache, threads or os.cpu_count() or 1, int8=runtime == "onnx-int8"
+            model.torch_encoder, tokenizer, cache, threads or os.cpu_count() or 1, int8=runtime == "onnx-int8"
         )
     # After the swap: the other tasks' heads share whichever encoder the model runs.
     tasks = load_task_heads(model_dir, model)
     fallback = _assemble(record, folder, model_dir, "onnx", threads, 0.0) if fallback_margin else None
-    return Predictor(name, version, model, tokenizer, record, folder, tasks, runtime, fallback, fallback_margin)
+    loaded = Predictor(name, version, model, tokenizer, record, folder, tasks, runtime, fallback, fallback_margin)
+    log.info("%s runs on %s (%s)", loaded.ref, loaded.device, runtime)
+    return loaded
 
 
 def locate_model(
@@ -230,12 +242,12 @@ def top_two_gap(logits: np.ndarray) -> np.ndarray:
     return top[..., -1] - top[..., -2]
 
 
-def read_serving(folder: VersionFolder | None) -> dict | None:
+def read_serving(folder: VersionFolder | None) -> ServingRecord | None:
     """A version's serving record (written at the end of training), or None for one made without it."""
     if folder is None or not folder.serving.is_file():
         return None
     try:
-        record = json.loads(folder.serving.read_text())
+        record: ServingRecord = json.loads(folder.serving.read_text())
         if record["runtime"] not in RUNTIMES or (record["runtime"] == "onnx-int8" and not record["int8"]["accepted"]):
             raise ValueError(f"runtime {record['runtime']!r}")
     except (ValueError, KeyError, TypeError) as exc:
@@ -246,7 +258,7 @@ def read_serving(folder: VersionFolder | None) -> dict | None:
     return record
 
 
-def serving_runtime(requested: str | None, serving: dict | None, ref: str) -> str:
+def serving_runtime(requested: str | None, serving: ServingRecord | None, ref: str) -> str:
     """The runtime that runs: the version's own unless one is requested; int8 only where its check passed."""
     if requested in (None, "version"):
         return serving["runtime"] if serving else "onnx"

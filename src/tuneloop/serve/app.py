@@ -33,7 +33,7 @@ from tuneloop.feedback.monitor import latest_reports
 from tuneloop.feedback.retention import purge
 from tuneloop.models.predictor import Predictor
 from tuneloop.privacy.mask import masker
-from tuneloop.registry import Registry
+from tuneloop.registry import Home, Registry
 from tuneloop.serve.deps import ServerState
 from tuneloop.serve.jobs import JobRunner
 from tuneloop.serve.metrics import RequestMetrics, ServerMetrics
@@ -156,7 +156,7 @@ def _build_state(config: ServerSettings) -> ServerState:
             max_streams=settings.max_streams,
         )
     jobs = JobRunner(
-        config.registry.home / "jobs",
+        Home(config.registry.home).jobs,
         _job_settings(config),
         {"TUNELOOP_DATABASE_URL": config.registry.resolved_database_url()},
     )

@@ -145,6 +145,9 @@ class ModelInfo(BaseModel):
     base_model: str
     labels: list[str]
     runtime: Literal["torch", "onnx", "onnx-int8"] = Field(description="What runs this version's encoder now.")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Where it runs: cuda when the gpu extra (onnxruntime-gpu) finds a GPU, else cpu."
+    )
     metrics: dict[str, Any]
     created_at: datetime
     parent: str | None

@@ -12,9 +12,9 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, get_scheduler
 
 from tuneloop.config import (
     ClassifierRecipe,
-    DataConfig,
     TrainConfig,
     read_yaml_mapping,
     stored_recipe,
@@ -34,9 +33,7 @@ from tuneloop.data.prepare import (
     fingerprint,
     fingerprint_of,
     leaked_positions,
-    length_percentiles,
     load_prepared,
-    prepare_data,
     save_prepared,
 )
 from tuneloop.errors import TuneloopError, first_line
@@ -63,13 +60,13 @@ from tuneloop.models.classifier import (
     pad_right,
     tokenize,
 )
-from tuneloop.models.encoders import EncoderSource, resolve_encoder
-from tuneloop.models.predictor import Predictor, load_model
+from tuneloop.models.encoders import EncoderSource, prepare_for_model, prepare_tasks, resolve_encoder
+from tuneloop.models.predictor import Predictor, ServingRecord, load_model, load_unchecked
 from tuneloop.models.trained_rows import train_only_used_rows
-from tuneloop.privacy.mask import masker
-from tuneloop.profiling import PROFILE_FOLDER, Profiler, stage
+from tuneloop.profiling import PROFILE_FOLDER, Profiler, SummaryJson, stage
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
 from tuneloop.training.common import (
+    HistoryEntry,
     load_checkpoint,
     new_run_folder,
     parameter_groups,
@@ -98,11 +95,11 @@ class TrainResult:
     best_epoch: int
     best_val_macro_f1: float | None
     best_step: int | None = None
-    history: list[dict] = field(default_factory=list)
+    history: list[HistoryEntry] = field(default_factory=list)
     train_seconds: float = 0.0
     stopped_early: bool = False
     privacy: PrivacyReport | None = None  # what a train.dp run spent
-    profile: dict | None = None  # train.profile: the summary (ProfileSummary), the trace beside it
+    profile: SummaryJson | None = None  # train.profile: the summary (ProfileSummary), the trace beside it
     outlier_exposure: OutlierExposureReport | None = None  # which off-topic messages it was shown
     distillation: DistillationReport | None = None  # train.teachers: who taught, and how
     device: str = "cpu in fp32"  # where it trained, and in which precision (DevicePlan.describe)
@@ -116,39 +113,6 @@ class ClassifierOutcome:
     version: ModelVersion | None
     train: TrainResult
     cross_validation: CrossValidationReport | None = None
-
-
-def token_counter(encoder: EncoderSource) -> Callable[[list[str]], list[int]]:
-    """texts → token counts with the encoder's tokenizer, for the data report."""
-    tokenizer = AutoTokenizer.from_pretrained(encoder.path)
-    return lambda texts: [len(ids) for ids in tokenizer([encoder.text_prefix + t for t in texts])["input_ids"]]
-
-
-def prepare_for_model(recipe: ClassifierRecipe, registry: Registry) -> tuple[PreparedData, EncoderSource]:
-    """Prepare the data and pick the encoder (auto looks at the cleaned texts)."""
-    if recipe.tasks:
-        raise TuneloopError(
-            f"this config trains several tasks ({', '.join(recipe.tasks)}); look at each task's "
-            f"data on its own: tuneloop data inspect --data FILE"
-        )
-    prepared, encoder = prepare_tasks({"": recipe.data}, recipe, registry)
-    return prepared[""], encoder
-
-
-def prepare_tasks(
-    tasks: dict[str, DataConfig], recipe: ClassifierRecipe, registry: Registry
-) -> tuple[dict[str, PreparedData], EncoderSource]:
-    """Prepare each task's data on its own, and pick the one encoder for all (auto looks at their texts)."""
-    mask = masker(recipe.privacy)
-    first_pass = {name: prepare_data(data, mask=mask) for name, data in tasks.items()}
-    texts = [t for prepared in first_pass.values() for t in prepared.train["text"]]
-    encoder = resolve_encoder(recipe.model.name, registry, texts)
-    lengths = token_counter(encoder)
-    # The report's token lengths need the tokenizer, which "auto" can only pick after reading the data.
-    for prepared in first_pass.values():
-        texts = pd.concat([prepared.splits[name]["text"] for name in prepared.splits]).tolist()
-        prepared.report["text_length"] = length_percentiles(texts, lengths)
-    return first_pass, encoder
 
 
 @torch.no_grad()
@@ -177,9 +141,10 @@ def learning_rate_schedule(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup over train.warmup_ratio of the steps, then train.schedule's decay (transformers' schedules)."""
     name = {"constant": "constant_with_warmup"}.get(tc.schedule, tc.schedule)
-    return get_scheduler(
+    schedule: torch.optim.lr_scheduler.LambdaLR = get_scheduler(
         name, optimizer, num_warmup_steps=int(tc.warmup_ratio * total_steps), num_training_steps=total_steps
     )
+    return schedule
 
 
 def head_spec(recipe: ClassifierRecipe, encoder: EncoderSource, labels: list[str], task: str = "") -> HeadSpec:
@@ -220,7 +185,7 @@ def build_classifier(
                 "model.layers does not go with train.method=lora: a LoRA version points at its whole base "
                 "encoder; use train.method=full or unset model.layers"
             )
-        keep_lower_layers(model.encoder, recipe.model.layers)
+        keep_lower_layers(loaded, recipe.model.layers)
     if settings.method == "lora":
         from peft import LoraConfig, get_peft_model  # only LoRA runs need peft
 
@@ -238,7 +203,7 @@ def build_classifier(
             ) from exc
         return model, tokenizer
     if settings.freeze_embeddings:
-        model.encoder.get_input_embeddings().weight.requires_grad_(False)
+        loaded.get_input_embeddings().weight.requires_grad_(False)
     return model, tokenizer
 
 
@@ -347,7 +312,7 @@ def make_stepper(
     return kind(model, plan, world, recipe, pad_id, make_optimizer)
 
 
-def restore_weights(saved: dict, tasks: list[Task], run: VersionFolder, strategy: str) -> None:
+def restore_weights(saved: dict[str, Any], tasks: list[Task], run: VersionFolder, strategy: str) -> None:
     """A checkpoint's weights into the model and the other tasks' heads, before any wrapping or sharding."""
     if saved["state"].get("strategy", "ddp") != strategy:
         raise TuneloopError(
@@ -407,7 +372,7 @@ def fine_tune(
             # The other tasks' classifiers share the model's encoder object: one set of encoder weights learns them.
             head = TextClassifier(model.encoder, head_spec(recipe, encoder, extra.labels, name))
             tasks.append(_task(name, head, extra, tokenizer, recipe))
-    train_only_used_rows(model.encoder, [ids for task in tasks for ids in task.train_ids])
+    train_only_used_rows(model.torch_encoder, [ids for task in tasks for ids in task.train_ids])
     model.to(plan.device)
     saved = load_checkpoint(run, CHECKPOINT) if resume else None
     prepared = prepare_terms(recipe, tasks[0], data, tokenizer, pad_id, fresh=not saved)
@@ -458,9 +423,11 @@ def shared_logits(predictor: Predictor, texts: list[str], world: World) -> tuple
 
 def _fold_data(data: PreparedData, fold: int) -> PreparedData:
     pool = pd.concat([data.train, data.val], ignore_index=True)
+    folds = data.folds
+    assert folds is not None  # prepared with data.kfold, as a cross-validated run is
     splits = {
-        "train": pool[data.folds != fold].reset_index(drop=True),
-        "val": pool[data.folds == fold].reset_index(drop=True),
+        "train": pool[folds != fold].reset_index(drop=True),
+        "val": pool[folds == fold].reset_index(drop=True),
         "test": data.test,
     }
     return PreparedData(splits=splits, labels=data.labels, report=data.report, fingerprint=fingerprint_of(splits))
@@ -497,7 +464,7 @@ def settle_serving(
     data: PreparedData,
     others: dict[str, PreparedData],
     cross_validation: CrossValidationReport | None,
-) -> tuple[dict[str, TemperatureFit], dict]:
+) -> tuple[dict[str, TemperatureFit], ServingRecord]:
     """Calibrate the run's heads on their validation splits, then build and check what will serve it."""
     calibration = {}
     if recipe.eval.calibrate:
@@ -542,8 +509,8 @@ def evaluate_run(
     if world.distributed:
         report.processes = Processes(count=world.size, strategy=recipe.train.strategy, test_scored_by=scorers)
     if recipe.eval.explanations:
-        on_torch, _ = TextClassifier.load(run.model)  # the explanations need gradients: PyTorch, not ONNX
-        add_explanations(report, on_torch, served.tokenizer, recipe.eval.explanations)
+        on_torch = load_unchecked(run, "torch")  # the explanations need gradients: PyTorch, not ONNX
+        add_explanations(report, on_torch.model, on_torch.tokenizer, recipe.eval.explanations)
     report.calibration = calibration.get(next(iter(recipe.tasks), ""))
     if others:
         report.tasks = {name: _task_report(recipe, served, name, extra, calibration) for name, extra in others.items()}

@@ -31,7 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    OptimizerStateType,
     StateDictOptions,
+    ValueType,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
@@ -100,7 +102,8 @@ class World:
 
     def from_rank_zero(self, make: Callable[[], T]) -> T:
         """`make()` done by rank 0 alone (as `on_rank_zero`), its result on every rank."""
-        return self.broadcast(self.on_rank_zero(make))
+        made: T = self.broadcast(self.on_rank_zero(make))  # rank 0's, where it was made
+        return made
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value`, in rank order, on every rank."""
@@ -241,16 +244,16 @@ def shard_model(model: nn.Module, encoder: nn.Module) -> None:
 _FULL_ON_RANK_ZERO = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_weights(model: nn.Module) -> dict[str, ValueType]:
     """An FSDP model's whole weights on rank 0 (an empty dict on the other ranks); every rank must call it."""
     return get_model_state_dict(model, options=_FULL_ON_RANK_ZERO)
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> OptimizerStateType:
     """An FSDP optimizer's whole state, keyed by parameter name, on rank 0; every rank must call it."""
     return get_optimizer_state_dict(model, optimizer, options=_FULL_ON_RANK_ZERO)
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: OptimizerStateType) -> None:
     """Each rank takes its shard of a whole optimizer state (as `full_optimizer_state` wrote it)."""
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

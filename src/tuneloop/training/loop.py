@@ -28,7 +28,7 @@ from tuneloop.models.classifier import TextClassifier, predict_proba, save_task_
 from tuneloop.models.trained_rows import plain_embeddings
 from tuneloop.profiling import Profiler
 from tuneloop.registry import VersionFolder
-from tuneloop.training.common import MetricsLog, TrainingProgress, rng_state, save_checkpoint
+from tuneloop.training.common import HistoryEntry, MetricsLog, TrainingProgress, rng_state, save_checkpoint
 from tuneloop.training.distributed import World
 from tuneloop.training.losses import StepInputs
 
@@ -72,7 +72,7 @@ class LoopState:
     improved_in_epoch: bool = False
     bad_epochs: int = 0
     stopped_early: bool = False
-    history: list[dict] = field(default_factory=list)
+    history: list[HistoryEntry] = field(default_factory=list)
     train_seconds: float = 0.0
     # The epoch's loss so far, so that a resumed epoch reports its whole mean loss.
     epoch_loss_sum: float = 0.0
@@ -184,13 +184,13 @@ def fit(training: Training, state: LoopState, show_progress: bool) -> LoopState:
     return state
 
 
-def _score_point(training: Training, state: LoopState, metrics: MetricsLog | None, extra: dict) -> dict:
+def _score_point(training: Training, state: LoopState, metrics: MetricsLog | None, extra: HistoryEntry) -> HistoryEntry:
     """A line of the training history: the loss so far, the learning rate and the validation score."""
-    entry = {
+    entry: HistoryEntry = {
         "epoch": state.epoch + 1,
         "step": state.global_step,
         "train_loss": state.epoch_loss,
-        "lr": training.scheduler.get_last_lr()[0],
+        "lr": float(training.scheduler.get_last_lr()[0]),  # a float (torch types it as one or a tensor)
         **extra,
         "train_seconds": state.train_seconds,
     }
@@ -201,7 +201,7 @@ def _score_point(training: Training, state: LoopState, metrics: MetricsLog | Non
     return entry
 
 
-def validate(training: Training, state: LoopState, entry: dict) -> None:
+def validate(training: Training, state: LoopState, entry: HistoryEntry) -> None:
     """Score the validation split into `entry`; keep the model if it is the best so far (or if there is no
     validation split, in which case the latest model is kept)."""
     improved = True
@@ -243,7 +243,7 @@ def validation_macro_f1(
 
 
 def _save_model(training: Training, whole: TextClassifier, folder: Path) -> None:
-    with plain_embeddings(whole.encoder):
+    with plain_embeddings(whole.torch_encoder):
         whole.save(folder, training.tokenizer)
     heads = {task.name: task.classifier for task in training.tasks[1:]}
     if heads:

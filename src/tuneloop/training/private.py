@@ -29,8 +29,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -104,21 +103,12 @@ def steps_per_epoch(train_size: int, batch_size: int) -> int:
     return max(1, round(train_size / batch_size))
 
 
-@dataclass
-class PrivacySpent:
-    """The guarantee a private run ends with (written to its report and registry row)."""
+class PrivateState(TypedDict):
+    """What a checkpoint holds of a private run besides the model and optimiser."""
 
-    epsilon: float
-    delta: float
-    target_epsilon: float
-    noise_multiplier: float
-    max_grad_norm: float
-    sample_rate: float
-    steps: int
-    accountant: str
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
+    accountant: dict[str, Any]  # Opacus's accountant's state
+    generator: torch.Tensor  # the batch sampler's generator, now
+    generator_at_epoch_start: torch.Tensor
 
 
 class PrivateTraining:
@@ -272,11 +262,12 @@ class PrivateTraining:
             self.optimizer.zero_grad(set_to_none=True)
         return total
 
-    def spent(self) -> PrivacySpent:
+    def spent(self) -> PrivacyReport:
+        """The guarantee the run has spent so far (its report and registry row)."""
         steps = sum(count for _, rate, count in self.accountant.history if rate < 1.0)
         with _accounting():
             epsilon = self.accountant.get_epsilon(delta=self.delta) if self.accountant.history else 0.0
-        return PrivacySpent(
+        return PrivacyReport(
             epsilon=float(epsilon),
             delta=self.delta,
             target_epsilon=self.settings.epsilon,
@@ -287,19 +278,19 @@ class PrivateTraining:
             accountant=self.settings.accountant,
         )
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> PrivateState:
         return {
             "accountant": self.accountant.state_dict(),
             "generator": self.generator.get_state(),
             "generator_at_epoch_start": self._epoch_start,
         }
 
-    def load_state_dict(self, state: dict, mid_epoch: bool) -> None:
+    def load_state_dict(self, state: PrivateState, mid_epoch: bool) -> None:
         """Continue a checkpointed run: the ε spent so far and, in the middle of an epoch, that epoch's
         batches drawn again as they were (a finished epoch's are never drawn twice: batches must be
         independent draws for the accountant's count to hold)."""
         self.accountant.load_state_dict(state["accountant"])
-        self.generator.set_state(state["generator_at_epoch_start" if mid_epoch else "generator"])
+        self.generator.set_state(state["generator_at_epoch_start"] if mid_epoch else state["generator"])
 
 
 class PrivateStepper:
@@ -369,7 +360,7 @@ class PrivateStepper:
         self.private.load_state_dict(saved["private"], mid_epoch=mid_epoch)
 
     def privacy(self) -> PrivacyReport:
-        return PrivacyReport.model_validate(self.private.spent().as_dict())
+        return self.private.spent()
 
 
 def _layers(exc: NotImplementedError) -> str:

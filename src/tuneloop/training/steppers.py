@@ -14,6 +14,7 @@ terms summed, backward, clipping, an optimiser step.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,7 +52,7 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, g
     if not grouped:
         return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     mega = batch_size * 50
-    batches = []
+    batches: list[list[int]] = []
     for start in range(0, len(order), mega):
         chunk = sorted(order[start : start + mega].tolist(), key=lambda i: -lengths[i])
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
@@ -65,10 +66,24 @@ class GradientStepper:
     optimizer: torch.optim.Optimizer
     module: torch.nn.Module  # what the first task's forward pass runs through (a DDP wrapper, a sharded model)
 
-    def __init__(self, model: TextClassifier, plan: DevicePlan, world: World, recipe: ClassifierRecipe, pad_id: int):
+    def __init__(
+        self,
+        model: TextClassifier,
+        plan: DevicePlan,
+        world: World,
+        recipe: ClassifierRecipe,
+        pad_id: int,
+        make_optimizer: OptimizerFactory,
+    ):
         self.model, self.plan, self.world, self.pad_id = model, plan, world, pad_id
         self.batch_size, self.seed = recipe.train.batch_size, recipe.train.seed
         self.grouped, self.grad_clip = recipe.train.length_grouping, recipe.train.grad_clip
+        self.module = self.place(model)
+        self.optimizer = make_optimizer()  # over the parameters as placed (on the device, or sharded)
+
+    def place(self, model: TextClassifier) -> torch.nn.Module:
+        """Put the model where it trains; returns what the first task's forward pass runs through."""
+        raise NotImplementedError
 
     def steps_per_epoch(self, tasks: list[Task]) -> int:
         return sum(-(-len(task.train_ids) // self.batch_size) for task in tasks)
@@ -92,7 +107,8 @@ class GradientStepper:
             input_ids, mask = pad_right(ids, self.pad_id)
             input_ids, mask = self.plan.to_device(input_ids), self.plan.to_device(mask)
         with stage("forward"), self.plan.autocast():
-            return module(input_ids, mask).float()
+            logits: torch.Tensor = module(input_ids, mask)
+            return logits.float()
 
     def step(self, task: Task, batch: list[int], step: int) -> float:
         """One optimiser step on `batch` of `task`; returns the batch's mean first loss term (for the log)."""
@@ -126,21 +142,17 @@ class GradientStepper:
 class ReplicatedStepper(GradientStepper):
     """One process, or a whole copy of the model in each of torchrun's processes (DDP), through Accelerate."""
 
-    def __init__(
-        self,
-        model: TextClassifier,
-        plan: DevicePlan,
-        world: World,
-        recipe: ClassifierRecipe,
-        pad_id: int,
-        make_optimizer: OptimizerFactory,
-    ):
-        super().__init__(model, plan, world, recipe, pad_id)
-        self.accelerator = accelerator_for(plan)
-        self.module = self.accelerator.prepare_model(model)
-        self.optimizer = make_optimizer()
-        # Accelerate's wrapper steps through the gradient scaler in fp16; the schedule drives the optimizer itself.
-        self.stepping = self.accelerator.prepare_optimizer(self.optimizer)
+    def place(self, model: TextClassifier) -> torch.nn.Module:
+        self.accelerator = accelerator_for(self.plan)
+        placed: torch.nn.Module = self.accelerator.prepare_model(model)
+        return placed
+
+    @functools.cached_property
+    def stepping(self) -> torch.optim.Optimizer:
+        """Accelerate's wrapper of the optimizer, which steps through the gradient scaler in fp16 (the schedule
+        drives the optimizer itself)."""
+        wrapped: torch.optim.Optimizer = self.accelerator.prepare_optimizer(self.optimizer)
+        return wrapped
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -165,21 +177,11 @@ class ShardedStepper(GradientStepper):
     """FSDP: each process keeps its shard of every layer, gathered just before the layer runs; rank 0 also keeps a
     whole copy to save the model from."""
 
-    def __init__(
-        self,
-        model: TextClassifier,
-        plan: DevicePlan,
-        world: World,
-        recipe: ClassifierRecipe,
-        pad_id: int,
-        make_optimizer: OptimizerFactory,
-    ):
-        super().__init__(model, plan, world, recipe, pad_id)
-        self.whole_copy = copy.deepcopy(model) if world.main else None  # on the CPU, where the saved model goes
-        model.to(plan.device)
+    def place(self, model: TextClassifier) -> torch.nn.Module:
+        self.whole_copy = copy.deepcopy(model).cpu() if self.world.main else None  # where the saved model goes
+        model.to(self.plan.device)
         shard_model(model, model.encoder)
-        self.module = model
-        self.optimizer = make_optimizer()  # over the shards
+        return model
 
     def model_to_save(self) -> TextClassifier | None:
         weights = full_weights(self.model)  # every rank takes part in gathering the shards

@@ -35,6 +35,7 @@ async def models(state: State) -> ModelsResponse:
                 base_model=record.base_model,
                 labels=slot.current.labels,
                 runtime=slot.current.runtime,
+                device=slot.current.device,
                 metrics=record.metrics,
                 created_at=record.created_at,
                 parent=record.parent,
