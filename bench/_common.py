@@ -39,6 +39,9 @@ BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 # The benchmark datasets are never copied into the repository: TUNELOOP_DATASETS, or ../shared/datasets beside it.
 DATASETS = Path(os.environ.get("TUNELOOP_DATASETS", ROOT.parent / "shared" / "datasets"))
+# Public repositories some benchmarks read test data from, each a git snapshot or clone in a folder named
+# owner+name: TUNELOOP_SOURCES, or ../.mirror beside the repository. Read at a pinned commit, never copied here.
+SOURCES = Path(os.environ.get("TUNELOOP_SOURCES", ROOT.parent / ".mirror"))
 # CPU features that decide how fast training and inference run here (bf16 autocast needs avx512_bf16 or AMX).
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 RESULT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
@@ -57,6 +60,23 @@ def dataset_file(*parts: str) -> Path:
             f"set TUNELOOP_DATASETS to the folder that holds them."
         )
     return path
+
+
+def source_file(repository: str, revision: str, path: str) -> bytes:
+    """A file of a public repository at a pinned commit, read from its snapshot under SOURCES; exits with a
+    message saying how to get the snapshot if it is missing."""
+    folder = SOURCES / repository.replace("/", "+")
+    for git_dir in (folder / "repo" / ".git", folder / "repo", folder / ".git", folder):
+        shown = subprocess.run(
+            ["git", f"--git-dir={git_dir}", "show", f"{revision}:{path}"], capture_output=True, check=False
+        )
+        if shown.returncode == 0:
+            return shown.stdout
+    raise SystemExit(
+        f"{path} of {repository} at {revision[:12]} not found under {folder}\n"
+        f"Clone https://github.com/{repository} into {folder} (it needs that commit), "
+        f"or set TUNELOOP_SOURCES to the folder that holds owner+name clones."
+    )
 
 
 def load_banking77() -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -73,6 +73,15 @@ def _served(serving: dict) -> str:
     return f"{serving['runtime']}; int8 {int8} against fp32 {fp32}, labels agreeing on {percent(serving['agreement'])}"
 
 
+def _spread(times: dict) -> str:
+    return f"{times['p50_ms']} / {times['p99_ms']} / {times['max_ms']}"
+
+
+def _only(kinds: dict) -> str:
+    """'phone 12, url 3' (pieces per kind one side found exactly and the other did not), or 'none'."""
+    return ", ".join(f"{kind} {found['pieces']}" for kind, found in sorted(kinds.items())) or "none"
+
+
 def _fewer_layers(ratio: str) -> Format:
     """A student's speed-up, shown only for a student with fewer layers than its teacher: at the same depth the
     two times differ by run-to-run variation alone."""
@@ -420,7 +429,8 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
             row
             for name, title in (
                 ("written_alongside", "written with the masker"),
-                ("not_written_here", "not written here"),
+                ("public_tuned_on", "public, rules tuned on it"),
+                ("held_out", "held out (masker frozen first)"),
             )
             for row in (
                 (
@@ -446,6 +456,21 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
                     lambda r: f"{r['of_them_altered']} of {r['messages_without_personal_data']}",
                 ),
                 (f"{title}: µs per message", f"{name}.microseconds_per_message", lambda m: f"{m:.0f}"),
+                (
+                    f"{title}: Presidio's pattern recognisers, masked away / exact recall / precision",
+                    f"{name}.presidio",
+                    lambda r: f"{percent(r['masked_away'])} / {percent(r['recall'])} / {percent(r['precision'])}",
+                ),
+                (
+                    f"{title}: Presidio, messages without personal data altered; µs per message",
+                    f"{name}.presidio",
+                    lambda r: (
+                        f"{r['of_them_altered']} of {r['messages_without_personal_data']}; "
+                        f"{r['microseconds_per_message']:.0f}"
+                    ),
+                ),
+                (f"{title}: pieces only tuneloop finds", f"{name}.presidio.only_tuneloop", _only),
+                (f"{title}: pieces only Presidio finds", f"{name}.presidio.only_presidio", _only),
             )
         ),
         ("Banking77 test messages changed", "banking77_test", lambda r: f"{r['changed']} of {r['messages']}"),
@@ -509,6 +534,23 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
             "main.kill.lost_predictions_oldest_ms_before_kill",
             lambda v: f"{v:.0f} ms",
         ),
+    ],
+    "burst": [
+        (
+            "chat users (local generator) / predict → feedback users, seconds",
+            "",
+            lambda r: f"{r['chat_clients']} / {r['predict_feedback_clients']}, {r['seconds']:.0f} s",
+        ),
+        (
+            "chat turns answered, p50 / p99 ms",
+            "chat",
+            lambda c: f"{c['answered']}, {c['p50_ms']:.0f} / {c['p99_ms']:.0f}",
+        ),
+        ("predict and feedback requests", "predict_feedback.requests", plain),
+        ("refused with 503 (a bound reached)", "refused_503", plain),
+        ("server errors (500/502/504) / dropped connections", "", lambda r: f"{r['server_errors']} / {r['dropped']}"),
+        ("/readyz p50 / p99 / max ms, idle", "readyz_idle", _spread),
+        ("/readyz p50 / p99 / max ms, during the burst", "readyz_during_burst", _spread),
     ],
     "sft_reply": [
         ("held-out loss before", "heldout_loss_before", plain),
