@@ -68,13 +68,48 @@ def load_banking77() -> tuple[pd.DataFrame, pd.DataFrame]:
     return train, test
 
 
-def banking77_held_out(count: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """Banking77's (train, test) and `count` of its intents drawn by `seed` to play the unseen, out-of-scope
-    ones: the split bench/assistant_eval.py and bench/oos_scores.py share."""
-    train, test = load_banking77()
+def load_hwu64() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """HWU64's (train, test) splits (its first cross-validation fold), columns text and label (scenario_intent)."""
+    train, test = (pd.read_csv(dataset_file("hwu64", f"{split}.csv"), dtype=str) for split in ("train", "test"))
+    return train, test
+
+
+INTENT_DATASETS = {"banking77": load_banking77, "hwu64": load_hwu64}
+
+
+def intents_held_out(dataset: str, count: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """An intent dataset's (train, test) and `count` of its intents drawn by `seed` to play the unseen,
+    out-of-scope ones: the split bench/assistant_eval.py and bench/oos_scores.py share."""
+    train, test = INTENT_DATASETS[dataset]()
     intents = sorted(train["label"].unique())
     held_out = sorted(np.random.default_rng(seed).choice(intents, size=count, replace=False).tolist())
     return train, test, held_out
+
+
+def trained_once(home: Path, name: str, rows: pd.DataFrame, label: str, overrides: list[str]) -> tuple[str, bool]:
+    """`name`@production in `home`, trained on `rows` with `overrides` unless an earlier run with the same rows
+    and overrides left it there (benchmarks that share a model train it once); returns (ref, reused)."""
+    import hashlib
+
+    from tuneloop.config import load_config
+    from tuneloop.registry import Registry
+    from tuneloop.training import classification
+
+    inputs = hashlib.sha256(
+        (rows.to_csv(index=False) + "\0" + label + "\0" + "\0".join(overrides)).encode()
+    ).hexdigest()
+    marker = home / f"bench-{name}.inputs"
+    registry_overrides = [f"registry.home={home}", *overrides]
+    if marker.is_file() and marker.read_text() == inputs:
+        return Registry(load_config(None, registry_overrides).registry).get(f"{name}@production").ref, True
+    home.mkdir(parents=True, exist_ok=True)
+    data = home / f"bench-{name}.csv"
+    rows.to_csv(data, index=False)
+    recipe = load_config(None, [f"data.path={data}", f"data.label_column={label}", f"name={name}", *registry_overrides])
+    ref = classification.run(recipe, show_progress=False).version.ref
+    Registry(recipe.registry).promote(ref)
+    marker.write_text(inputs)
+    return ref, False
 
 
 def load_sst2() -> tuple[pd.DataFrame, pd.DataFrame]:
