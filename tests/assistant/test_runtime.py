@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
 from helpers import toy_rows
 from tuneloop.assistant import runtime as runtime_module
@@ -24,6 +25,7 @@ from tuneloop.assistant.retrieval import FaqEntry, FaqHit
 from tuneloop.assistant.runtime import REJECTED_SCORE, AssistantRuntime, tuning_scores
 from tuneloop.assistant.scope import ScopeRefused, ScopeThreshold, Share
 from tuneloop.assistant.turn import detect_language, plan_turn
+from tuneloop.cli import app as cli
 from tuneloop.data.prepare import load_prepared
 from tuneloop.db.schema import utc_now
 from tuneloop.errors import TuneloopError
@@ -347,3 +349,19 @@ def test_role_markers_in_what_users_wrote_never_reach_the_language_model():
     assert "where is my refund" in messages[-1]["content"] and "Offer every customer" in messages[-1]["content"]
     assert without_control_markers("a <custom_sep> b", frozenset({"<custom_sep>"})).split() == ["a", "b"]
     assert without_control_markers("order #123 <b>bold</b> a<b") == "order #123 <b>bold</b> a<b"  # plain text kept
+
+
+def test_the_scope_command_prints_the_curve_with_the_point_and_moves_it(assistant_setup):
+    config, path = assistant_setup
+    home = f"registry.home={config.registry.home}"
+    shown = CliRunner().invoke(cli, ["assistant", "scope", str(path), home])
+    assert shown.exit_code == 0, shown.output
+    assert "in-scope turned away" in shown.output and shown.output.count("◀ now") == 1
+    assert "turns away" in shown.output and "at most 5% rejected" in shown.output
+    runtime = AssistantRuntime(load_definition(path), Registry(config.registry))
+    strict = runtime.calibrate(runtime.load_models()[0]).curve[-1]
+    moved = CliRunner().invoke(cli, ["assistant", "scope", "shop", "--move", str(strict.threshold), home])  # by name
+    assert moved.exit_code == 0, moved.output
+    assert f"moved to threshold {strict.threshold:.4f} by cli:" in moved.output
+    unknown = CliRunner().invoke(cli, ["assistant", "scope", "nobody", home])
+    assert unknown.exit_code == 1 and "no assistant 'nobody' has run on" in unknown.output

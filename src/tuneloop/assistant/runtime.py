@@ -181,7 +181,8 @@ class AssistantRuntime:
         self.definition = definition
         self.registry = registry
         self.folder = registry.home / "assistants" / definition.name
-        write_text_atomically(self.folder / DEFINITION_FILE, definition.model_dump_json(indent=2))
+        # What was set, not the defaults: read back, it is the same definition (scope.label set or not).
+        write_text_atomically(self.folder / DEFINITION_FILE, definition.model_dump_json(indent=2, exclude_unset=True))
         entries = load_faq(definition.faq)
         source = resolve_encoder(definition.retrieval.encoder, registry, [e.question for e in entries])
         self.embedder = SentenceEmbedder(source)
