@@ -104,3 +104,64 @@ def test_chat_page_correction_then_approved_in_the_admin_review_queue(assistant_
     ]
     assert rows[2][0].trusted and rows[2][1].text == "my account got locked after travel"
     assert rows[0][1].text == "where is my parcel courier late" and turn_id
+
+
+def test_out_of_scope_from_the_chat_page_and_the_admin_pages_and_the_point_moved_on_the_curve(assistant_setup):
+    playwright = pytest.importorskip("playwright.sync_api")
+    config, definition = assistant_setup
+    config.serve.assistant = definition
+    config.admin_keys = "root"
+    app = create_app(config)
+    with LiveServer(app) as server, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_function("document.getElementById('title').textContent === 'shop'")
+            for message in ("what is the capital of peru", "is it raining in lima"):
+                page.fill("#message", message)
+                page.click("#send")
+                page.locator(".msg.bot").nth(0 if message.startswith("what") else 1).wait_for()
+            reply = page.locator(".msg.bot").first
+            reply.locator("select.correct-intent").select_option(label="out of scope (not for this assistant)")
+            page.wait_for_selector(".msg.bot .thanks:has-text('noted as out of scope')")
+
+            page.goto(server.url + "/admin")
+            page.fill("#key", "root")
+            page.press("#key", "Enter")  # the key is committed: clicking elsewhere later reloads nothing
+            queued = page.locator("#review table.review tbody tr")
+            queued.first.wait_for()
+            assert "what is the capital of peru" in queued.first.inner_text()
+            assert "out_of_scope" in queued.first.inner_text()
+            # To label: nothing preselected for a message the model was unsure of, and out of scope on offer.
+            toy = page.locator("xpath=//h3[text()='toy']/following-sibling::table[1]/tbody/tr")
+            suggested = toy.filter(has_text="is it raining in lima")
+            suggested.wait_for()
+            choice = suggested.locator("select.right-label")
+            assert choice.input_value() == "" and "out of scope" in choice.locator("option").all_inner_texts()
+            suggested.locator("button:has-text('save')").click()
+            page.wait_for_selector("#status:has-text('choose a label')")
+            choice.select_option(label="out of scope")
+            suggested.locator("button:has-text('save')").click()
+            page.wait_for_selector("#status:has-text('as out of scope')")
+            # The curve, its point, and a move with what it is expected to do.
+            page.locator("#scope svg.scope-plot circle.now").wait_for()
+            assert "at most 5% rejected" in page.locator("#scope .scope-summary").inner_text()
+            slider = page.locator("#scope input.scope-slider")
+            before = page.locator("#scope .scope-consequence").inner_text()
+            slider.fill(slider.get_attribute("max"))  # the strictest point
+            after = page.locator("#scope .scope-consequence").inner_text()
+            assert after != before and "turn away 100.0%" in after
+            page.locator("#scope button:has-text('use this point')").click()
+            page.wait_for_selector("#status:has-text('now answers at threshold')")
+            page.wait_for_selector("#scope .scope-moves li:has-text('moved it to threshold')")
+        finally:
+            browser.close()
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    rows = log.feedback_for("toy")
+    log.close()
+    assert sorted((f.corrected_label, f.trusted, p.text) for f, p in rows) == [
+        ("out_of_scope", False, "what is the capital of peru"),
+        ("out_of_scope", True, "is it raining in lima"),
+    ]
+    assert app.state.tuneloop.chat.runtime.moves("toy@1")[-1]["by"].startswith("key:")
