@@ -18,6 +18,7 @@ from tuneloop.assistant.scope import (
     tune_scope,
 )
 from tuneloop.errors import TuneloopError
+from tuneloop.evaluate.metrics import REJECTED_SCORE
 
 
 def precision_at(threshold, in_scope, out, share):
@@ -127,3 +128,14 @@ def test_a_point_that_misses_what_the_definition_asks_says_so():
     assert shortfalls(easy, 0.05, 0.85) == []
     blind = tune_scope(rng.beta(8, 1, 400), np.array([]), max_in_scope_rejected=0.05)
     assert "no out-of-scope examples" in shortfalls(blind, 0.05, 0.85)[0]
+
+
+def test_answers_of_the_out_of_scope_label_spend_the_share_first_and_stay_turned_away():
+    """Review finding: with more validation messages answered out_of_scope than the share allows, the threshold
+    sat on their score, and a message answered out_of_scope no longer counted as caught."""
+    in_scope = np.r_[np.full(8, REJECTED_SCORE), np.linspace(0.5, 1.0, 92)]
+    out = np.r_[np.full(30, REJECTED_SCORE), np.linspace(0.6, 0.9, 70)]
+    threshold = rejecting_at_most(0.05)(in_scope, out)
+    assert REJECTED_SCORE < threshold < 0.5  # nothing else turned away: the label already spent more than 5%
+    assert (out < threshold).sum() == 30
+    assert (in_scope < rejecting_at_most(0.2)(in_scope, out)).mean() == 0.2

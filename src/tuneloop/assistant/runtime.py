@@ -37,6 +37,7 @@ from tuneloop.data.load import read_table
 from tuneloop.data.off_topic import off_topic_messages
 from tuneloop.data.prepare import load_prepared
 from tuneloop.errors import TuneloopError
+from tuneloop.evaluate.metrics import REJECTED_SCORE
 from tuneloop.feedback.export import labelled_texts
 from tuneloop.feedback.log import PredictionLog
 from tuneloop.models.classifier import HeadSpec
@@ -47,9 +48,6 @@ from tuneloop.models.predictor import Predictor, load_model
 from tuneloop.registry import Registry
 
 log = logging.getLogger(__name__)
-
-
-REJECTED_SCORE = -2.0  # below any probability or cosine
 
 
 def tuning_scores(logits: np.ndarray, spec: HeadSpec, scope: ScopeConfig) -> np.ndarray:

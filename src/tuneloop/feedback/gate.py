@@ -31,7 +31,7 @@ from tuneloop.data.prepare import load_prepared
 from tuneloop.db.lease import HeldLease, model_job_lease
 from tuneloop.errors import Conflict, TuneloopError
 from tuneloop.evaluate import plots
-from tuneloop.evaluate.metrics import threshold_rejecting
+from tuneloop.evaluate.metrics import REJECTED_SCORE, threshold_rejecting
 from tuneloop.evaluate.report import html_image, html_page, html_table
 from tuneloop.models.predictor import load_model
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
@@ -189,7 +189,7 @@ def caught(probabilities: np.ndarray, labels: list[str], in_scope: np.ndarray, c
     `in_scope` rows: its top probability below it, or its answer the out-of-scope label."""
     scores = probabilities.max(1)
     if config.out_of_scope_label in labels:
-        scores = np.where(probabilities.argmax(1) == labels.index(config.out_of_scope_label), -1.0, scores)
+        scores = np.where(probabilities.argmax(1) == labels.index(config.out_of_scope_label), REJECTED_SCORE, scores)
     return np.asarray(scores < threshold_rejecting(scores[in_scope], config.in_scope_rejected))
 
 
