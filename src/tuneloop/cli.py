@@ -36,6 +36,7 @@ from tuneloop.config import (
 from tuneloop.errors import TuneloopError, first_line
 
 if TYPE_CHECKING:
+    from tuneloop.assistant.scope import ScopeThreshold
     from tuneloop.evaluate.explain import Explanation
     from tuneloop.feedback.log import PredictionLog
     from tuneloop.feedback.retention import Erased
@@ -766,6 +767,7 @@ def demo(
             result.reply,
         )
     console.print(table)
+    _print_scope(outcome.intents_version.ref, outcome.scope)
     server_overrides, _ = split_overrides(overrides or [], ("registry", *bundled.SERVER_SECTIONS))
     server = load_config(None, [*server_overrides, f"serve.assistant={outcome.assistant}"], ServerSettings)
     home = outcome.recipe.registry.home
@@ -783,6 +785,13 @@ def demo(
     )
     if serve_after:
         _serve(server)
+
+
+def _print_scope(ref: str, threshold: ScopeThreshold) -> None:
+    """What an intent version's out-of-scope threshold is expected to do, and what falls short."""
+    console.print(f"scope of {ref}: {escape(threshold.summary())}", soft_wrap=True)
+    for note in threshold.notes:
+        console.print(f"  [yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
 
 
 @app.command()
@@ -822,9 +831,7 @@ def _serve(settings: ServerSettings) -> None:
         )
     chat = application.state.tuneloop.chat
     for ref, threshold in (chat.runtime.thresholds if chat is not None else {}).items():
-        console.print(f"scope of {ref}: {escape(threshold.summary())}", soft_wrap=True)
-        for note in threshold.notes:
-            console.print(f"  [yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+        _print_scope(ref, threshold)
     served = ", ".join(slot.current.ref for slot in application.state.tuneloop.served.slots.values())
     url = f"http://{settings.serve.host}:{settings.serve.port}"
     pages = f"; chat: {url}/, admin: {url}/admin" if settings.serve.assistant else f"; admin: {url}/admin"
