@@ -31,37 +31,30 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from _common import add_result_options, intents_held_out, publish, trained_once
+from _common import HeldOutSplit, add_result_options, held_out_options, publish, trained_once
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=("banking77", "hwu64"), default="banking77")
-    parser.add_argument("--held-out", type=int, default=10)
+    held_out_options(parser)
     parser.add_argument("--own-examples", type=int, default=100, help="Out-of-scope examples of its own.")
     parser.add_argument(
         "--draws", type=int, default=5, help="Draws of those examples whose start-up estimates are checked."
     )
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="Score only this many test messages (smoke runs).")
-    parser.add_argument("--train-limit", type=int, default=None, help="Train on this many rows (smoke runs).")
-    parser.add_argument("--home", type=Path, default=None, help="Registry home to train in, or reuse models from.")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="tuneloop recipe override.")
     add_result_options(parser)
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    train, test, held_out = intents_held_out(args.dataset, args.held_out, args.seed)
-    unseen = train["label"].isin(held_out)
-    known_train = train[~unseen]
-    if args.train_limit:
-        known_train = known_train.groupby("label").head(max(2, args.train_limit // known_train["label"].nunique()))
+    split = HeldOutSplit.of(args)
+    train, test, held_out, known_train = split.train, split.test, split.held_out, split.known_train
     if args.limit:
         test = test.sample(n=args.limit, random_state=args.seed)
+    unseen = split.unseen_train
     draws = [
-        train[unseen].sample(n=min(args.own_examples, int(unseen.sum())), random_state=args.seed + draw)["text"]
+        unseen.sample(n=min(args.own_examples, len(unseen)), random_state=args.seed + draw)["text"]
         for draw in range(args.draws)
     ]
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,35 +34,27 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import add_result_options, intents_held_out, publish, trained_once
+from _common import HeldOutSplit, add_result_options, held_out_options, publish, trained_once
 
 MIXUP_PAIRS = 4000
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=("banking77", "hwu64"), default="banking77")
-    parser.add_argument("--held-out", type=int, default=10)
+    held_out_options(parser)
     parser.add_argument("--max-rejected", type=float, default=0.05, help="In-scope share the threshold turns away.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-limit", type=int, default=None, help="Train on this many rows (smoke runs).")
-    parser.add_argument("--home", type=Path, default=None, help="Registry home to train in, or reuse a model from.")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="tuneloop recipe override.")
     add_result_options(parser)
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    train, test, held_out = intents_held_out(args.dataset, args.held_out, args.seed)
-    unseen = train["label"].isin(held_out)
-    known_train = train[~unseen]
-    if args.train_limit:
-        known_train = known_train.groupby("label").head(max(2, args.train_limit // known_train["label"].nunique()))
+    split = HeldOutSplit.of(args)
+    train, test, held_out = split.train, split.test, split.held_out
     with tempfile.TemporaryDirectory() as tmp:
         home = args.home or Path(tmp) / "home"
         ref, reused = trained_once(
-            home, "intents", known_train, "label", ["model.name=all-MiniLM-L6-v2", *args.overrides]
+            home, "intents", split.known_train, "label", ["model.name=all-MiniLM-L6-v2", *args.overrides]
         )
         outputs, bank, labels, spec = embedded_parts(home, ref, train, test, held_out)
     scores = Scores(outputs, bank, labels, spec)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +28,16 @@ import httpx
 import numpy as np
 import pandas as pd
 
-from _common import add_result_options, free_port, intents_held_out, publish, stop, wait_ready
+from _common import (
+    HeldOutSplit,
+    add_result_options,
+    free_port,
+    held_out_options,
+    publish,
+    serve_process,
+    stop,
+    wait_ready,
+)
 from assistant_eval import models, write_faq
 
 ASSISTANT = """name: loop
@@ -44,25 +51,17 @@ escalation: {negative_turns: 0, min_confidence: 0.0}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=("banking77", "hwu64"), default="banking77")
-    parser.add_argument("--held-out", type=int, default=10)
+    held_out_options(parser)
     parser.add_argument("--messages", type=int, default=200, help="Off-topic messages sent through /v1/chat.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--home", type=Path, default=None, help="Registry home to train in, or reuse models from.")
-    parser.add_argument("--train-limit", type=int, default=None, help="Train on this many rows (smoke runs).")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="tuneloop recipe override.")
     add_result_options(parser)
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    train, test, held_out = intents_held_out(args.dataset, args.held_out, args.seed)
-    unseen = train["label"].isin(held_out)
-    known_train = train[~unseen]
-    if args.train_limit:
-        known_train = known_train.groupby("label").head(max(2, args.train_limit // known_train["label"].nunique()))
-    sent = train[unseen].sample(n=args.messages, random_state=args.seed)["text"].tolist()
+    split = HeldOutSplit.of(args)
+    test, held_out, known_train = split.test, split.held_out, split.known_train
+    sent = split.unseen_train.sample(n=args.messages, random_state=args.seed)["text"].tolist()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         source = args.home or work / "trained"
@@ -101,20 +100,14 @@ def production_chat(home: Path, work: Path, sent: list[str]) -> dict:
     customer, staff = new_key(), new_key()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
+    server = serve_process(
+        port,
         [
-            sys.executable,
-            "-m",
-            "tuneloop",
-            "serve",
-            "--port",
-            str(port),
             f"registry.home={home}",
             f"serve.assistant={work / 'assistant.yaml'}",
             f'serve.trusted_key_hashes=["{hash_key(staff)}"]',
             "serve.feedback_rate_limit=null",
         ],
-        stdout=sys.stderr,  # stdout carries only the result line
         env={**os.environ, "TUNELOOP_CLIENT_KEYS": f"{customer},{staff}"},  # keys never on a command line
     )
     answered = marked = 0
