@@ -139,3 +139,9 @@ def test_answers_of_the_out_of_scope_label_spend_the_share_first_and_stay_turned
     assert REJECTED_SCORE < threshold < 0.5  # nothing else turned away: the label already spent more than 5%
     assert (out < threshold).sum() == 30
     assert (in_scope < rejecting_at_most(0.2)(in_scope, out)).mean() == 0.2
+    answered = tune_scope(
+        in_scope, out, max_in_scope_rejected=0.05
+    )  # served, and the start says why it turns away more
+    assert (
+        answered.threshold < 0.5 and "answers scope.label for 8.0% of in-scope validation messages" in answered.notes[0]
+    )

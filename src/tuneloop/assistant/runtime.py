@@ -108,7 +108,7 @@ def tune_on(
             "or 'out of scope' on the chat and admin pages), take out examples your intents do cover, or leave "
             f"scope.target_precision out to turn away at most {scope.max_in_scope_rejected:.0%}"
         ) from None
-    return replace(tuned, notes=notes)
+    return replace(tuned, notes=[*notes, *tuned.notes])
 
 
 def not_the_business(
