@@ -154,6 +154,19 @@ def test_thumbs_on_an_out_of_scope_turn_stay_on_the_turn_and_never_become_a_labe
     assert stored.rating == 1 and stored.intent is None
 
 
+def test_an_in_scope_message_it_turned_away_and_a_person_labelled_trains_as_usual(chat_app):
+    client, config = chat_app
+    client.app.state.tuneloop.chat.runtime.thresholds["toy@1"] = _reject_everything()
+    turn = say(client, "refund money back please")
+    assert turn["intent"] is None
+    sent = client.post("/v1/feedback", json={"turn_id": turn["turn_id"], "corrected_label": "refund"}, headers=ADMIN)
+    assert sent.status_code == 201, sent.text
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    examples = feedback_examples(log.feedback_for("toy")).examples
+    log.close()
+    assert list(zip(examples["text"], examples["label"], strict=True)) == [("refund money back please", "refund")]
+
+
 def _reject_everything():
     return ScopeThreshold(2.0, "test", Share.of(1, 1), Share.of(1, 1), 1, 1)
 
