@@ -222,15 +222,18 @@ function wilson(value, messages) {
 const shareText = (share) => `${percent(share.value)} [${percent(share.low)}–${percent(share.high)}]`;
 
 function scopePlot(scope, chosen) {
-  const width = 560, height = 300, left = 48, bottom = 40, top = 12, right = 16, widest = 0.5;
+  const now = scope.curve.find((p) => p.threshold === scope.threshold) || scope.curve[0];
+  // The left half of the curve is where operating points live; the whole of it when a point lies further.
+  const widest = Math.max(now.in_scope_rejected, chosen.in_scope_rejected) > 0.5 ? 1 : 0.5;
+  const width = 560, height = 300, left = 48, bottom = 40, top = 24, right = 16;
   const x = (rejected) => left + Math.min(rejected, widest) / widest * (width - left - right);
   const y = (caught) => height - bottom - caught * (height - bottom - top);
   const plot = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "scope-plot", role: "img",
                             "aria-label": "in-scope messages turned away against out-of-scope messages caught" });
-  for (const tick of [0, 0.1, 0.2, 0.3, 0.4, 0.5]) {
+  for (const tick of [0, 0.2, 0.4, 0.6, 0.8, 1].map((t) => t * widest)) {
     svg("line", { x1: x(tick), x2: x(tick), y1: y(0), y2: y(1), class: "grid" }, plot);
     svg("text", { x: x(tick), y: height - bottom + 16, class: "tick", "text-anchor": "middle" }, plot)
-      .textContent = `${tick * 100}%`;
+      .textContent = `${Math.round(tick * 100)}%`;
   }
   for (const tick of [0, 0.25, 0.5, 0.75, 1]) {
     svg("line", { x1: x(0), x2: x(widest), y1: y(tick), y2: y(tick), class: "grid" }, plot);
@@ -238,7 +241,7 @@ function scopePlot(scope, chosen) {
   }
   svg("text", { x: (left + width) / 2, y: height - 4, class: "axis", "text-anchor": "middle" }, plot)
     .textContent = "in-scope messages turned away";
-  svg("text", { x: 12, y: top + 4, class: "axis" }, plot).textContent = "out-of-scope caught";
+  svg("text", { x: 4, y: 12, class: "axis" }, plot).textContent = "out-of-scope caught";
   svg("line", { x1: x(scope.max_in_scope_rejected), x2: x(scope.max_in_scope_rejected), y1: y(0), y2: y(1),
                 class: "limit" }, plot);
   svg("line", { x1: x(0), x2: x(widest), y1: y(scope.min_out_of_scope_caught), y2: y(scope.min_out_of_scope_caught),
@@ -246,7 +249,6 @@ function scopePlot(scope, chosen) {
   const shown = scope.curve.filter((p) => p.in_scope_rejected <= widest);
   svg("polyline", { points: shown.map((p) => `${x(p.in_scope_rejected)},${y(p.out_of_scope_caught)}`).join(" "),
                     class: "curve" }, plot);
-  const now = scope.curve.find((p) => p.threshold === scope.threshold) || scope.curve[0];
   svg("circle", { cx: x(now.in_scope_rejected), cy: y(now.out_of_scope_caught), r: 6, class: "now" }, plot);
   svg("circle", { cx: x(chosen.in_scope_rejected), cy: y(chosen.out_of_scope_caught), r: 5, class: "chosen" }, plot);
   return plot;
