@@ -27,10 +27,11 @@ demo: setup
 	$(VENV)/bin/tuneloop demo
 
 # Every tier: unit, integration (packaged models, datasets), browser (Chromium), fuzz (schemathesis), distributed
-# (torchrun), faults (killed and replicated server processes), PostgreSQL when TUNELOOP_TEST_DATABASE_URL names
-# one (`make postgres` starts one and prints the variable).
+# (torchrun), faults (killed and replicated server processes), PostgreSQL. Run as root with apt-get it installs
+# Chromium and starts PostgreSQL first (.ci/services.sh); elsewhere those two tiers are skipped and the run ends
+# with a list of what was skipped and the command that enables each.
 test: setup
-	$(PY) -m pytest -q -m ""
+	eval "$$(bash .ci/services.sh)" && $(PY) -m pytest -q -m ""
 
 # The unit tests alone: tiny models built in fixtures, about a minute on 2 cores.
 test-unit: setup

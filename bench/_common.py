@@ -301,6 +301,40 @@ def result_name(value: str) -> str:
     return value
 
 
+def result_at_commit(revision: str, script: str, arguments: list[str]) -> dict[str, Any]:
+    """The result line of `python bench/SCRIPT ARGUMENTS` run with the code of `revision` (a git commit, checked
+    out into a temporary worktree and importing its own src/): the before of a before-and-after comparison, in
+    the same run on the same machine as the after."""
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", f"{revision}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
+    if commit.returncode:
+        raise SystemExit(f"--against {revision}: not a commit of this repository")
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), commit.stdout.strip()],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            env = {**os.environ, "PYTHONPATH": str(tree / "src"), "TUNELOOP_DATASETS": str(DATASETS)}
+            done = subprocess.run(
+                [sys.executable, str(tree / "bench" / script), *arguments, "--no-results"],
+                cwd=tree,
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
+                check=True,
+            )
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"commit": commit.stdout.strip()[:12], "result": result}
+
+
 def add_result_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--results-name",

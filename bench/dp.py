@@ -49,31 +49,31 @@ def run_one(work: Path, name: str, overrides: list[str], test_texts: list[str], 
     )
     curve: list[dict] = []
 
-    def score(state: dict, model, tokenizer) -> None:
+    def score(state, model, tokenizer) -> None:
         predicted = predict_proba(model, tokenizer, test_texts).argmax(1)
         accuracy = accuracy_score(test_labels, [model.spec.labels[i] for i in predicted])
-        curve.append({"epoch": state["epoch"], "step": state["global_step"], "test_accuracy": round(accuracy, 4)})
+        curve.append({"epoch": state.epoch, "step": state.global_step, "test_accuracy": round(accuracy, 4)})
         print(json.dumps({"progress": {name: curve[-1]}}), file=sys.stderr, flush=True)
 
     outcome = classification.run(recipe, register=False, show_progress=False, step_callback=score)
-    test = outcome.report["test"]
+    test = outcome.report.test
     row = {
-        "accuracy": round(test["accuracy"], 4),
-        "macro_f1": round(test["macro_f1"], 4),
+        "accuracy": round(test.accuracy, 4),
+        "macro_f1": round(test.macro_f1, 4),
         "train_seconds": round(outcome.train.train_seconds, 1),
         "best_epoch": outcome.train.best_epoch,
-        "train_rows": outcome.report["data"]["split_sizes"]["train"],
+        "train_rows": outcome.report.data["split_sizes"]["train"],
         "overrides": overrides,
         "curve": curve,
     }
-    privacy = outcome.report.get("privacy")
+    privacy = outcome.report.privacy
     if privacy:
         row.update(
-            epsilon=round(privacy["epsilon"], 3),
-            delta=privacy["delta"],
-            noise_multiplier=round(privacy["noise_multiplier"], 4),
-            steps=privacy["steps"],
-            sample_rate=round(privacy["sample_rate"], 5),
+            epsilon=round(privacy.epsilon, 3),
+            delta=privacy.delta,
+            noise_multiplier=round(privacy.noise_multiplier, 4),
+            steps=privacy.steps,
+            sample_rate=round(privacy.sample_rate, 5),
         )
     print(json.dumps({"progress": {name: {k: v for k, v in row.items() if k != "curve"}}}), file=sys.stderr)
     return row

@@ -130,8 +130,8 @@ def measure(name: str, texts_wanted: int, epochs: int, work: Path) -> dict:
     result = {
         "texts": len(texts),
         "epochs": epochs,
-        "test_accuracy": round(outcome.report["test"]["accuracy"], 4),
-        "encoder": outcome.report["base_model"],
+        "test_accuracy": round(outcome.report.test.accuracy, 4),
+        "encoder": outcome.report.base_model,
         "probability_drop_at_k": {m: [round(v, 4) for v in curve] for m, curve in drops.items()},
         "aopc": {m: round(float(np.mean(curve)), 4) for m, curve in drops.items()},
         "mean_completeness_error": round(float(np.mean([abs(e.delta) for e in explained])), 4),

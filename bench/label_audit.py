@@ -53,9 +53,9 @@ def train_accuracy(work: Path, name: str, exclude: Path | None) -> dict:
     started = time.perf_counter()
     outcome = classification.run(recipe, register=False, show_progress=False)
     result = {
-        "excluded": outcome.report["data"]["dropped"].get("excluded", 0),
-        "test_accuracy": round(outcome.report["test"]["accuracy"], 4),
-        "test_macro_f1": round(outcome.report["test"]["macro_f1"], 4),
+        "excluded": outcome.report.data["dropped"].get("excluded", 0),
+        "test_accuracy": round(outcome.report.test.accuracy, 4),
+        "test_macro_f1": round(outcome.report.test.macro_f1, 4),
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(f"{name}: {result}", file=sys.stderr, flush=True)

@@ -68,10 +68,10 @@ def main() -> None:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             del model
             outcome = classification.run(recipe, show_progress=False, register=False)
-            metrics = outcome.report["test"]
+            metrics = outcome.report.test
             result[method] = {
-                "accuracy": round(metrics["accuracy"], 4),
-                "macro_f1": round(metrics["macro_f1"], 4),
+                "accuracy": round(metrics.accuracy, 4),
+                "macro_f1": round(metrics.macro_f1, 4),
                 "trainable_parameters": trainable,
                 "train_seconds": round(outcome.train.train_seconds, 1),
                 "artifact_bytes": folder_bytes(outcome.folder.model),

@@ -56,12 +56,12 @@ def main() -> None:
         )
         multi = classification.run(multi_recipe, show_progress=False)
 
-        def scores(report: dict, seconds: float | None = None) -> dict:
-            test = report["test"]
+        def scores(report, seconds: float | None = None) -> dict:
+            test = report.test
             out = {
-                "accuracy": round(test["accuracy"], 4),
-                "macro_f1": round(test["macro_f1"], 4),
-                "test_rows": test["n"],
+                "accuracy": round(test.accuracy, 4),
+                "macro_f1": round(test.macro_f1, 4),
+                "test_rows": test.n,
             }
             return out if seconds is None else {**out, "train_seconds": round(seconds, 1)}
 
@@ -71,7 +71,7 @@ def main() -> None:
         }
         result["multitask"] = {
             "intent": scores(multi.report, multi.train.train_seconds),
-            "sentiment": scores(multi.report["tasks"]["sentiment"]),
+            "sentiment": scores(multi.report.tasks["sentiment"]),
         }
 
         registry = Registry(multi_recipe.registry)

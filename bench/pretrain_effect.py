@@ -77,10 +77,10 @@ def main() -> None:
                 ],
             )
             outcome = classification.run(recipe, show_progress=False, register=False)
-            test_metrics = outcome.report["test"]
+            test_metrics = outcome.report.test
             return {
-                "accuracy": round(test_metrics["accuracy"], 4),
-                "macro_f1": round(test_metrics["macro_f1"], 4),
+                "accuracy": round(test_metrics.accuracy, 4),
+                "macro_f1": round(test_metrics.macro_f1, 4),
                 "fine_tune_seconds": round(outcome.train.train_seconds, 1),
             }
 

@@ -56,6 +56,10 @@ def _teachers(teachers: list[dict]) -> str:
     return ", ".join(f"{t['seed']}: {percent(t['accuracy'])} ({t['layers']} layers)" for t in teachers)
 
 
+def _accuracy_and_time(run: dict) -> str:
+    return f"{percent(run['accuracy'])}, {seconds(run['train_seconds'])}"
+
+
 def _when_on(value: Any) -> str:
     if not value:
         raise ValueError("off: no row")
@@ -181,6 +185,11 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("student: accuracy change over the teachers' ensemble", "ratios.accuracy_delta_points_vs_ensemble", points),
         ("student: training speed-up over the default recipe", "", _fewer_layers("speed_up_vs_default_recipe")),
         ("student and teachers: training time together", "ratios.train_seconds_with_teachers", seconds),
+        ("trained on (device, precision)", "tuneloop.device", plain),
+        ("the same command at an older commit", "against.commit", plain),
+        ("older commit: test accuracy, training time", "against.tuneloop", _accuracy_and_time),
+        ("accuracy change over the older commit", "against_ratios.accuracy_delta_points", points),
+        ("training time / the older commit's", "against_ratios.train_seconds", times),
         ("student: prediction speed-up on long texts", "", _fewer_layers("long_texts_prediction_speed_up")),
     ],
     "oos_scores": [
@@ -369,6 +378,20 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
     ],
     "ddp": [
         ("dataset, encoder", "", lambda r: f"{r['dataset']}, {r['encoder']}"),
+        ("the same launches at an older commit", "against.commit", plain),
+        (
+            "older commit: one process, data parallel, sharded (test accuracy, training time)",
+            "against",
+            lambda r: " · ".join(_accuracy_and_time(r[run]) for run in ("one_process", "data_parallel", "sharded")),
+        ),
+        (
+            "accuracy change and training time over the older commit: one process, data parallel, sharded",
+            "against_ratios",
+            lambda r: " · ".join(
+                f"{points(r[run]['accuracy_delta_points'])}, {times(r[run]['train_seconds'])}"
+                for run in ("one_process", "data_parallel", "sharded")
+            ),
+        ),
         (
             "one process: test accuracy, training time",
             "one_process",
@@ -441,33 +464,39 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("noise multiplier, full / LoRA", "", lambda r: _noise(r)),
     ],
     "pii": [
-        (
-            "labelled messages (Chinese / English)",
-            "languages",
-            lambda n: f"{n['zh'] + n['en']} ({n['zh']} / {n['en']})",
+        *(
+            row
+            for name, title in (
+                ("written_alongside", "written with the masker"),
+                ("not_written_here", "not written here"),
+            )
+            for row in (
+                (
+                    f"{title}: messages (Chinese / English), pieces",
+                    name,
+                    lambda r: (
+                        f"{r['messages']} ({r['languages']['zh']} / {r['languages']['en']}), {r['pieces_labelled']}"
+                    ),
+                ),
+                (
+                    f"{title}: masked away / exact recall / precision",
+                    name,
+                    lambda r: f"{percent(r['masked_away'])} / {percent(r['recall'])} / {percent(r['precision'])}",
+                ),
+                (
+                    f"{title}: masked away per kind",
+                    f"{name}.per_kind",
+                    lambda k: ", ".join(f"{kind} {percent(v['masked_away'])}" for kind, v in k.items()),
+                ),
+                (
+                    f"{title}: messages without personal data altered",
+                    name,
+                    lambda r: f"{r['of_them_altered']} of {r['messages_without_personal_data']}",
+                ),
+                (f"{title}: µs per message", f"{name}.microseconds_per_message", lambda m: f"{m:.0f}"),
+            )
         ),
-        ("pieces of personal data labelled", "pieces_labelled", plain),
-        ("recall / precision", "", lambda r: f"{percent(r['recall'])} / {percent(r['precision'])}"),
-        (
-            "recall per kind",
-            "per_kind",
-            lambda k: ", ".join(f"{kind} {percent(v['recall'])}" for kind, v in k.items()),
-        ),
-        (
-            "messages without personal data masked anyway",
-            "",
-            lambda r: f"{r['of_them_masked_anyway']} of {r['messages_without_personal_data']}",
-        ),
-        (
-            "Banking77 test messages changed",
-            "",
-            lambda r: f"{r['banking77_test_messages_changed']} of {r['banking77_test_messages']}",
-        ),
-        (
-            "µs per message: labelled set / Banking77",
-            "microseconds_per_message",
-            lambda m: f"{m['labelled_set']:.0f} / {m['banking77_test']:.0f}",
-        ),
+        ("Banking77 test messages changed", "banking77_test", lambda r: f"{r['changed']} of {r['messages']}"),
     ],
     "assistant_eval": [
         (
@@ -639,6 +668,22 @@ def _lookup(result: dict, path: str) -> Any:
             return None
         value = value[part]
     return value
+
+
+FORMATS: dict[str, Format] = {"percent": percent, "seconds": seconds, "times": times, "points": points, "plain": plain}
+
+
+def figure(name: str, path: str, how: str, folder: Path = RESULTS, page: str = "benchmarks.md") -> str:
+    """One figure of one results file, for a sentence in the guides (`{{ result NAME PATH FORMAT }}`): it fails
+    the docs build when the file or the figure is not there, so a guide can never cite a number nobody measured.
+    """
+    file = folder / f"{name}.json"
+    if not file.is_file():
+        raise KeyError(f"no results file {file.name}: run the benchmark that writes it")
+    value = _lookup(json.loads(file.read_text(encoding="utf-8"))["result"], path)
+    if value is None:
+        raise KeyError(f"{file.name} has no figure at {path}")
+    return f"[{FORMATS[how](value)}]({page}#{name})"
 
 
 def load_results(folder: Path = RESULTS) -> list[dict]:

@@ -5,7 +5,7 @@
     python bench/train_classifier.py --dataset waimai_10k --set model.layers=6 --baseline default-recipe
     python bench/train_classifier.py --dataset banking77 --teachers 2       # self-distillation from 2 seeds
     python bench/train_classifier.py --dataset waimai_10k --set model.layers=6 --teachers 1   # 12 layers into 6
-    python bench/train_classifier.py --dataset waimai_10k --set train.frozen_layers=6 --baseline default-recipe
+    python bench/train_classifier.py --dataset banking77 --against b4e8f90   # the same command at an older commit
 
 Prints one JSON line: test accuracy, macro-F1, training seconds and seconds to first reach 90% test
 accuracy (test scored every --eval-every steps; scoring time is not counted as training time), for
@@ -18,9 +18,10 @@ with the default recipe (seeds 42, 43...), and the --set recipe learns from thei
 (train.teachers); the result names each teacher's figures, their ensemble's test accuracy, the student's, and
 the training time with and without the teachers'. Each tuneloop run also reports its accuracy on
 the test texts longer than --long-chars characters and the milliseconds per text to predict them (PyTorch,
-batches of 64, this CPU).
+batches of 64, this CPU). With --against REV, the same command first runs with the code of commit REV (a
+temporary git worktree), and the result gives both and the change in accuracy and training time.
 The result is also written to
-bench/results/train_classifier-DATASET[-mlm][-hf-trainer|-default-recipe|-distilled].json.
+bench/results/train_classifier-DATASET[-mlm][-hf-trainer|-default-recipe|-distilled][-against].json.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
-from _common import add_result_options, load_banking77, load_sst2, load_waimai, publish
+from _common import add_result_options, load_banking77, load_sst2, load_waimai, publish, result_at_commit
 
 TARGET_ACCURACY = 0.90
 
@@ -155,37 +156,36 @@ def run_tuneloop(
 
     def score(state, model, tokenizer):
         probs = predict_proba(model, tokenizer, scorer.texts)
-        scorer.record(state["global_step"], state["train_seconds"], [model.spec.labels[i] for i in probs.argmax(1)])
+        scorer.record(state.global_step, state.train_seconds, [model.spec.labels[i] for i in probs.argmax(1)])
 
     outcome = classification.run(
         recipe, register=False, show_progress=False, step_callback=score, callback_every=eval_every
     )
-    metrics = outcome.report["test"]
+    metrics = outcome.report.test
     long = test[test["text"].str.len() > long_chars]
     model, tokenizer = TextClassifier.load(outcome.train.best_dir)
     started = time.perf_counter()
     probs = predict_proba(model, tokenizer, long["text"].tolist())
     long_seconds = time.perf_counter() - started
     figures = {
-        "accuracy": round(metrics["accuracy"], 4),
-        "macro_f1": round(metrics["macro_f1"], 4),
+        "accuracy": round(metrics.accuracy, 4),
+        "macro_f1": round(metrics.macro_f1, 4),
         "train_seconds": round(outcome.train.train_seconds, 1),
         "seconds_to_90": scorer.seconds_to_target(),
         "best_epoch": outcome.train.best_epoch,
         "best_step": outcome.train.best_step,
         "epochs_run": max((h["epoch"] for h in outcome.train.history), default=0),
-        "encoder": outcome.report["base_model"],
+        "encoder": outcome.report.base_model,
         # Test rows with a near-duplicate in training, and the accuracy on them and on the rest.
-        "leakage": metrics.get("leakage"),
+        "leakage": metrics.leakage.model_dump() if metrics.leakage else None,
         "calibration": {
-            "temperature": metrics.get("temperature", 1.0),
-            "ece": round(metrics["calibration"]["ece"], 4),
-            "ece_before": round(metrics["calibration_before"]["ece"], 4) if "calibration_before" in metrics else None,
+            "temperature": metrics.temperature or 1.0,
+            "ece": round(metrics.calibration.ece, 4),
+            "ece_before": round(metrics.calibration_before.ece, 4) if metrics.calibration_before else None,
         },
         "pretraining": pretraining,
         "layers": model.encoder.config.num_hidden_layers,
-        "frozen_layers": recipe.train.frozen_layers,
-        "rdrop": recipe.train.rdrop,
+        "device": outcome.train.device,
         "max_length": model.spec.max_length,
         "long_texts": {
             "longer_than_chars": long_chars,
@@ -195,10 +195,10 @@ def run_tuneloop(
             else None,
             "ms_per_text": round(1000 * long_seconds / max(len(long), 1), 2),
         },
-        "distillation": outcome.report.get("distillation"),
+        "distillation": outcome.report.distillation.model_dump() if outcome.report.distillation else None,
         # What serves and how int8 compared with fp32 on the test texts: the curve above is PyTorch fp32 on the raw
         # texts, the accuracy the served runtime's on the cleaned ones.
-        "serving": serving_figures(outcome.report.get("serving")),
+        "serving": serving_figures(outcome.report.serving),
         "curve": scorer.curve,
     }
     return figures, outcome.folder.root
@@ -358,8 +358,17 @@ def main() -> None:
         help="Continue MLM pretraining on the training texts for this many epochs first.",
     )
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--against", metavar="REV", help="Run the same command with the code of this commit first, for comparison."
+    )
     add_result_options(parser)
     args = parser.parse_args()
+    before = None
+    if args.against:
+        if args.baseline or args.teachers:
+            raise SystemExit("--against compares the same command at two commits: leave out --baseline and --teachers")
+        again = [a for a in sys.argv[1:] if a not in ("--against", args.against) and not a.startswith("--against=")]
+        before = result_at_commit(args.against, "train_classifier.py", again)
 
     train, test = load_dataset(args.dataset, args.seed)
     if args.train_limit:
@@ -385,7 +394,14 @@ def main() -> None:
             args.pretrain_epochs,
             args.long_chars,
         )
-        if args.teachers:
+        if before:
+            ours, theirs = result["tuneloop"], before["result"]["tuneloop"]
+            result["against"] = {"commit": before["commit"], "tuneloop": theirs}
+            result["against_ratios"] = {
+                "accuracy_delta_points": round(100 * (ours["accuracy"] - theirs["accuracy"]), 2),
+                "train_seconds": round(ours["train_seconds"] / theirs["train_seconds"], 3),
+            }
+        elif args.teachers:
             ours, baseline = result["tuneloop"], result["teachers"][0]
             teaching = sum(t["train_seconds"] for t in result["teachers"])
             result["ratios"] = {
@@ -439,9 +455,8 @@ def main() -> None:
                 ),
             }
     name = f"train_classifier-{args.dataset}" + ("-mlm" if args.pretrain_epochs else "")
-    publish(
-        args, name + (f"-{args.baseline}" if args.baseline else "") + ("-distilled" if args.teachers else ""), result
-    )
+    variant = f"-{args.baseline}" if args.baseline else "-distilled" if args.teachers else "-against" if before else ""
+    publish(args, name + variant, result)
 
 
 if __name__ == "__main__":

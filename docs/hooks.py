@@ -21,9 +21,14 @@ from pydantic_core import PydanticUndefined
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"^<!-- generated: ([a-z-]+) -->$", re.M)
+# A figure in a sentence, from a results file: {{ result train_classifier-banking77 tuneloop.accuracy percent }}.
+FIGURE = re.compile(r"\{\{ result ([\w.+-]+) ([\w.]+) (\w+) \}\}")
 
 
-def on_page_markdown(markdown: str, **_: Any) -> str:
+def on_page_markdown(markdown: str, page: Any = None, **_: Any) -> str:
+    depth = page.file.src_uri.count("/") if page is not None else 0
+    benchmarks = "../" * depth + "benchmarks.md"
+    markdown = FIGURE.sub(lambda match: _bench_report().figure(*match.groups(), page=benchmarks), markdown)
     return MARKER.sub(lambda match: GENERATORS[match[1]](), markdown)
 
 

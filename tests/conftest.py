@@ -292,3 +292,28 @@ def pairs_file(tmp_path) -> Path:
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps({"prompt": q, "reply": a}) + "\n" for q, a in TOY_PAIRS * 6), encoding="utf-8")
     return path
+
+
+# A tier that cannot run here is named at the end of the run with the command that enables it (make test's
+# promise): the words its skip reason contains, and what to do.
+SKIPPED_TIERS = {
+    "browser": ("chromium", "apt-get install chromium (make test does it when run as root)"),
+    "PostgreSQL": (
+        "TUNELOOP_TEST_DATABASE_URL",
+        "make postgres (as root), then export the TUNELOOP_TEST_DATABASE_URL it prints (make test does both as root)",
+    ),
+}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    counts: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        tier = next((name for name, (words, _) in SKIPPED_TIERS.items() if words in reason), reason)
+        counts[tier] = counts.get(tier, 0) + 1
+    if not counts:
+        return
+    terminalreporter.section("skipped tiers")
+    for tier, count in counts.items():
+        how = SKIPPED_TIERS[tier][1] if tier in SKIPPED_TIERS else "see the reason"
+        terminalreporter.write_line(f"{tier}: {count} tests skipped; to run them: {how}")

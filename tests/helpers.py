@@ -129,7 +129,7 @@ def crashed_then_resumed(config, data, encoder, folder: Path, at_step: int):
     from tuneloop.training.classification import fine_tune
 
     def crash(state, model, tokenizer):
-        if state["global_step"] == at_step:
+        if state.global_step == at_step:
             raise Crash
 
     with pytest.raises(Crash):

@@ -47,12 +47,12 @@ def test_defaults_are_the_documented_ones():
 def test_yaml_then_dotted_overrides_win(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: support\ntrain:\n  lr: 1.0e-5\n  epochs: 3\n")
-    config = load_config(path, ["train.lr=3e-5", "data.text_column=body", "train.bf16=true"])
+    config = load_config(path, ["train.lr=3e-5", "data.text_column=body", "train.precision=bf16"])
     assert config.name == "support"
     assert config.train.lr == pytest.approx(3e-5)
     assert config.train.epochs == 3
     assert config.data.text_column == "body"
-    assert config.train.bf16 is True
+    assert config.train.precision == "bf16"
 
 
 def test_typo_names_the_key_and_suggests():

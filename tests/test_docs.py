@@ -6,6 +6,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
@@ -37,7 +39,7 @@ def test_the_readme_is_a_front_door():
     assert len(bench_report().HEADLINES) <= 5  # a headline table, not the benchmarks page
     assert text.splitlines()[3:5] == [
         "make demo    # fresh machine with Python 3.11: creates .venv, installs CPU torch + tuneloop, runs the demo",
-        "make test    # the same set-up, then every test tier: unit, integration, browser, fuzz, faults, PostgreSQL",
+        "make test    # the same set-up, then every test tier; the browser and PostgreSQL tiers need root (see below)",
     ]
     for word in ("this session", "this change", "the issue", "target"):
         assert word not in text.lower(), word
@@ -49,3 +51,17 @@ def test_every_local_link_and_image_in_the_readme_and_the_docs_exists():
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
             if "://" not in target:
                 assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to {target}"
+
+
+def test_every_figure_a_guide_cites_comes_from_a_results_file():
+    report = bench_report()
+    cited = [
+        match.groups()
+        for page in (ROOT / "docs").rglob("*.md")
+        for match in re.finditer(r"\{\{ result ([\w.+-]+) ([\w.]+) (\w+) \}\}", page.read_text(encoding="utf-8"))
+    ]
+    assert cited
+    for name, path, how in cited:
+        assert report.figure(name, path, how).startswith("[")  # raises for a missing file or figure
+    with pytest.raises(KeyError, match="no figure at"):
+        report.figure(cited[0][0], "no.such.figure", "plain")

@@ -37,11 +37,14 @@ from tuneloop.errors import TuneloopError, first_line
 
 if TYPE_CHECKING:
     from tuneloop.assistant.scope import ScopeThreshold
+    from tuneloop.data.prepare import DataReport
     from tuneloop.evaluate.explain import Explanation
+    from tuneloop.evaluate.schema import SplitScores
     from tuneloop.feedback.log import PredictionLog
     from tuneloop.feedback.retention import Erased
     from tuneloop.feedback.review import Decision
     from tuneloop.models.predictor import Prediction, Predictor
+    from tuneloop.profiling import SummaryJson
     from tuneloop.registry import ModelVersion, Registry, VersionFolder
     from tuneloop.training.classification import ClassifierOutcome
 
@@ -134,7 +137,7 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show i
     transformers.logging.disable_progress_bar()
 
 
-def _print_data_report(report: dict) -> None:
+def _print_data_report(report: DataReport) -> None:
     table = Table(title=f"Data: {report['source']}")
     for column in ("label", "train", "val", "test"):
         table.add_column(column, justify="left" if column == "label" else "right")
@@ -178,16 +181,16 @@ def _print_data_report(report: dict) -> None:
                 )
 
 
-def _print_label_suspects(metrics: dict) -> None:
-    suspects = metrics["label_suspects"]
-    if suspects["count"]:
+def _print_label_suspects(metrics: SplitScores) -> None:
+    suspects = metrics.label_suspects
+    if suspects and suspects.count:
         console.print(
-            f"{suspects['count']} test rows may be mislabelled (the model is ≥ {suspects['confidence']:.2f} "
+            f"{suspects.count} test rows may be mislabelled (the model is ≥ {suspects.confidence:.2f} "
             f"sure of another label): listed under 'Possible label errors' in the report"
         )
 
 
-def _print_profile(summary: dict, folder: VersionFolder) -> None:
+def _print_profile(summary: SummaryJson, folder: VersionFolder) -> None:
     from tuneloop.profiling import PROFILE_FOLDER, TRACE_FILE, ProfileSummary
 
     console.print(f"[bold]where the time went[/bold] (trace: {folder.root / PROFILE_FOLDER / TRACE_FILE})")
@@ -199,29 +202,29 @@ def _print_test_scores(outcome: ClassifierOutcome) -> None:
     from tuneloop.evaluate.report import calibration_line, leakage_line
     from tuneloop.evaluate.serving import describe
 
-    test = outcome.report["test"]
+    assert outcome.report is not None
+    test = outcome.report.test
     console.print(
-        f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}, "
-        f"ECE {test['calibration']['ece']:.3f}[/green] (trained {outcome.train.train_seconds:.0f}s, "
-        f"best epoch {outcome.train.best_epoch})"
+        f"[green]test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f}, "
+        f"ECE {test.calibration.ece:.3f}[/green] (trained {outcome.train.train_seconds:.0f}s on "
+        f"{outcome.train.device}, best epoch {outcome.train.best_epoch})"
     )
-    if outcome.report.get("serving"):
-        console.print(f"scored as it serves: {describe(outcome.report['serving'])}", markup=False)
-    if "calibration_before" in test:
+    if outcome.report.serving:
+        console.print(f"scored as it serves: {describe(outcome.report.serving)}", markup=False)
+    if test.calibration_before is not None:
         console.print(calibration_line(test), markup=False)
-    leakage = test.get("leakage")
-    if leakage and leakage["rows"]:
-        console.print(leakage_line(leakage, test["n"]), markup=False)
+    if test.leakage and test.leakage.rows:
+        console.print(leakage_line(test.leakage, test.n), markup=False)
     privacy = outcome.train.privacy
     if privacy:
         console.print(
-            f"differential privacy: ε = {privacy['epsilon']:.2f} spent of {privacy['target_epsilon']:g} "
-            f"(δ = {privacy['delta']:.1e}, noise multiplier {privacy['noise_multiplier']:.3f})"
+            f"differential privacy: ε = {privacy.epsilon:.2f} spent of {privacy.target_epsilon:g} "
+            f"(δ = {privacy.delta:.1e}, noise multiplier {privacy.noise_multiplier:.3f})"
         )
-    for task, task_report in outcome.report.get("tasks", {}).items():
+    for task, task_report in outcome.report.other_tasks().items():
         console.print(
-            f"[green]task {task}: test accuracy {task_report['test']['accuracy']:.4f}, "
-            f"macro-F1 {task_report['test']['macro_f1']:.4f}[/green]"
+            f"[green]task {task}: test accuracy {task_report.test.accuracy:.4f}, "
+            f"macro-F1 {task_report.test.macro_f1:.4f}[/green]"
         )
 
 
@@ -233,8 +236,8 @@ def data_inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Clean, deduplicate and split in memory; print the data report."""
+    from tuneloop.models.encoders import prepare_for_model
     from tuneloop.registry import Registry
-    from tuneloop.training.classification import prepare_for_model
 
     recipe = _config(ClassifierRecipe, config, overrides, data)
     prepared, encoder = prepare_for_model(recipe, Registry(recipe.registry))
@@ -258,8 +261,8 @@ def data_audit(
 ) -> None:
     """Find training rows whose label is probably wrong (confident learning on out-of-fold probabilities)."""
     from tuneloop.evaluate.audit import audit_training_labels
+    from tuneloop.models.encoders import prepare_for_model
     from tuneloop.registry import Registry
-    from tuneloop.training.classification import prepare_for_model
 
     recipe = _config(ClassifierRecipe, config, overrides, data)
     prepared, encoder = prepare_for_model(recipe, Registry(recipe.registry))
@@ -271,7 +274,7 @@ def data_audit(
     )
 
 
-def _print_audit(summary: dict, show: int) -> None:
+def _print_audit(summary: dict[str, Any], show: int) -> None:
     console.print(
         f"{summary['flagged']} of {summary['rows_audited']} training rows ({summary['share']:.1%}) look mislabelled "
         f"({summary['method']}, {summary['folds']} folds)",
@@ -302,8 +305,8 @@ def data_prepare(
 ) -> None:
     """Write cleaned train/val/test splits (jsonl) and data_report.json to a folder."""
     from tuneloop.data.prepare import save_prepared
+    from tuneloop.models.encoders import prepare_for_model
     from tuneloop.registry import Registry
-    from tuneloop.training.classification import prepare_for_model
 
     recipe = _config(ClassifierRecipe, config, overrides, data)
     prepared, _ = prepare_for_model(recipe, Registry(recipe.registry))
@@ -335,19 +338,18 @@ def train(
     if audit:
         recipe.train.audit = True
     outcome = classification.run(recipe, resume=resume, register=register)
-    if not outcome.report:  # another rank than 0 of a torchrun launch: rank 0 reports
+    if outcome.report is None:  # another rank than 0 of a torchrun launch: rank 0 reports
         return
-    if "label_audit" in outcome.report["data"]:
-        _print_audit(outcome.report["data"]["label_audit"], show=5)
+    data_report = outcome.report.data or {}
+    if "label_audit" in data_report:
+        _print_audit(data_report["label_audit"], show=5)
     if outcome.train.profile:
         _print_profile(outcome.train.profile, outcome.folder)
     _print_test_scores(outcome)
     if outcome.cross_validation:
         cv = outcome.cross_validation
-        console.print(
-            f"{cv['k']}-fold validation macro-F1 {cv['mean_val_macro_f1']:.4f} ± {cv['std_val_macro_f1']:.4f}"
-        )
-    _print_label_suspects(outcome.report["test"])
+        console.print(f"{cv.k}-fold validation macro-F1 {cv.mean_val_macro_f1:.4f} ± {cv.std_val_macro_f1:.4f}")
+    _print_label_suspects(outcome.report.test)
     console.print(f"report: {outcome.report_html}")
     if outcome.version:
         console.print(
@@ -376,6 +378,7 @@ def pretrain(
     if outcome.version is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
         return
     last = outcome.history[-1]
+    assert outcome.corpus is not None  # the rank that registers has saved the encoder and its corpus summary
     console.print(
         f"[green]held-out perplexity {last['heldout_perplexity']:.2f}[/green] (loss {last['heldout_loss']:.3f}, "
         f"over the corpus's {outcome.corpus['corpus_vocabulary']} tokens) after {outcome.train_seconds:.0f}s; "
@@ -465,14 +468,16 @@ def evaluate(
 
     recipe = _config(ClassifierRecipe, config, overrides)
     report, page = evaluate_version(Registry(recipe.registry), model, recipe, data=data, out=out)
-    metrics = report["test"]
+    metrics = report.test
     console.print(
-        f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, weighted-F1 "
-        f"{metrics['weighted_f1']:.4f}, ECE {metrics['calibration']['ece']:.3f} on {metrics['n']} rows"
+        f"accuracy {metrics.accuracy:.4f}, macro-F1 {metrics.macro_f1:.4f}, weighted-F1 "
+        f"{metrics.weighted_f1:.4f}, ECE {metrics.calibration.ece:.3f} on {metrics.n} rows"
     )
-    if "skipped_unknown_labels" in metrics:
+    skipped = metrics.skipped_unknown_labels
+    if skipped:
         console.print(
-            f"[yellow]skipped rows with labels the model does not know:[/yellow] {metrics['skipped_unknown_labels']}"
+            f"[yellow]skipped {skipped.rows} rows with labels the model does not know:[/yellow] "
+            f"{', '.join(skipped.labels)}"
         )
     _print_label_suspects(metrics)
     console.print(f"report: {page}")
@@ -720,10 +725,11 @@ class RichDemoReport:
         console.rule(f"tuneloop demo {number}/3: {title}")
 
     def intents_trained(self, outcome: ClassifierOutcome, version: ModelVersion, examples: list[Prediction]) -> None:
-        _print_data_report(outcome.report["data"])
-        test = outcome.report["test"]
+        assert outcome.report is not None
+        _print_data_report(outcome.report.data or {})
+        test = outcome.report.test
         console.print(
-            f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}[/green] "
+            f"[green]test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f}[/green] "
             f"in {outcome.train.train_seconds:.0f}s of training"
         )
         console.print(f"report: {outcome.report_html}")
@@ -736,9 +742,10 @@ class RichDemoReport:
         console.print(table)
 
     def sentiment_trained(self, outcome: ClassifierOutcome, version: ModelVersion) -> None:
-        test = outcome.report["test"]
+        assert outcome.report is not None
+        test = outcome.report.test
         console.print(
-            f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}[/green]; "
+            f"[green]test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f}[/green]; "
             f"registered and promoted: [bold]{version.ref}[/bold]; report: {outcome.report_html}"
         )
 
@@ -971,7 +978,7 @@ def feedback_suggest(
     import pandas as pd
 
     from tuneloop.atomic import write_text_atomically
-    from tuneloop.feedback.export import spreadsheet_safe
+    from tuneloop.data.spreadsheet import spreadsheet_safe
     from tuneloop.feedback.suggest import suggestions_for
 
     registry = _registry(config, overrides)
@@ -1106,8 +1113,9 @@ def retrain(
         f"confirmed, {used['conflicts']} conflicts): {used['train']} to train, {used['holdout']} held out "
         f"for the gate"
     )
-    test = outcome.run.report["test"]
-    console.print(f"[green]test accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}[/green]")
+    assert outcome.run.report is not None and outcome.run.version is not None  # retrain registers its candidate
+    test = outcome.run.report.test
+    console.print(f"[green]test accuracy {test.accuracy:.4f}, macro-F1 {test.macro_f1:.4f}[/green]")
     console.print(
         f"registered [bold]{outcome.run.version.ref}[/bold] (candidate, parent {outcome.parent}); "
         f"next: tuneloop gate {outcome.run.version.ref}"
@@ -1279,6 +1287,7 @@ def privacy_forget(
 # Every command gets the same error handling, instead of a decorator on each.
 for _typer in (app, data_app, models_app, feedback_app, keys_app, db_app, log_app, privacy_app, assistant_app):
     for _command in _typer.registered_commands:
+        assert _command.callback is not None  # each command is a function
         _command.callback = friendly(_command.callback)
 
 

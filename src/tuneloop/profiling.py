@@ -14,6 +14,7 @@ import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -28,9 +29,24 @@ TRACE_FILE = "trace.json"
 SUMMARY_FILE = "summary.json"
 
 
-def stage(name: str) -> AbstractContextManager:
+def stage(name: str) -> AbstractContextManager[object]:
     """Mark a block as one of STAGES in a profile."""
     return record_function(name)
+
+
+class OperatorTime(TypedDict):
+    name: str
+    self_cpu_ms: float
+    calls: int
+
+
+class SummaryJson(TypedDict):
+    """A ProfileSummary as summary.json (and a training result) holds it."""
+
+    steps: int
+    wall_ms: float
+    stages_ms: dict[str, float]
+    top_operators: list[OperatorTime]
 
 
 @dataclass(frozen=True)
@@ -42,7 +58,7 @@ class ProfileSummary:
     stages: dict[str, float]
     top_operators: list[tuple[str, float, int]]  # name, self CPU ms, calls
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> SummaryJson:
         return {
             "steps": self.steps,
             "wall_ms": round(self.wall_ms, 1),
@@ -51,7 +67,7 @@ class ProfileSummary:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> ProfileSummary:
+    def from_dict(cls, data: SummaryJson) -> ProfileSummary:
         return cls(
             steps=data["steps"],
             wall_ms=data["wall_ms"],

@@ -158,8 +158,8 @@ def test_accuracy_is_scored_apart_on_leaked_rows():
     truth = np.array([0, 1, 1, 0])
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
     scores = leakage_scores(truth, probs, pd.Index([0, 1, 2, 3]), leaked=[0, 2])
-    assert scores == {"rows": 2, "accuracy_leaked": 1.0, "accuracy_not_leaked": 0.5}
-    assert leakage_scores(truth, probs, pd.Index([0, 1, 2, 3]), leaked=[])["accuracy_leaked"] is None
+    assert scores.model_dump() == {"rows": 2, "accuracy_leaked": 1.0, "accuracy_not_leaked": 0.5}
+    assert leakage_scores(truth, probs, pd.Index([0, 1, 2, 3]), leaked=[]).accuracy_leaked is None
     assert leakage_line(scores, 4) == (
         "2 of 4 test rows have a near-duplicate in the training split: accuracy 100.00% on them, 50.00% on the "
         "other rows"

@@ -97,3 +97,24 @@ def test_train_with_audit_keeps_the_ranked_csv_with_the_version(tmp_path, tiny_e
     with pytest.raises(TuneloopError, match="audit's 5 folds"):
         classification.run(refused, show_progress=False)
     assert [v.version for v in classification.Registry(refused.registry).versions()] == [1]
+
+
+def test_the_audit_csv_shows_formulas_as_text_and_still_excludes_them(tmp_path, tiny_encoder):
+    """label_issues.csv is opened in a spreadsheet and may hold users' approved feedback (the review's L1): a text
+    starting with = must not run there, and once confirmed it must still be excluded from training."""
+    path, _ = planted(tmp_path)
+    data = prepare_data(DataConfig(path=path))
+    audit = audit_training_labels(data, EncoderSource("tiny", tiny_encoder), 3, seed=0)
+    formula = '=HYPERLINK("http://evil.example","refund")'
+    issues = audit.issues.copy()
+    original = issues.loc[issues.index[0], "text"]
+    issues.loc[issues.index[0], ["text", "confirmed"]] = [formula, "yes"]
+    csv = tmp_path / AUDIT_FILE
+    type(audit)(issues, audit.summary).write_csv(csv)
+    written = pd.read_csv(csv)
+    assert written.loc[0, "text"] == "'" + formula
+    frame = pd.read_csv(path)
+    frame.loc[frame["text"] == original, "text"] = formula
+    frame.to_csv(path, index=False)
+    kept = set(pd.concat(prepare_data(DataConfig(path=path, exclude=csv)).splits.values())["text"])
+    assert formula not in kept

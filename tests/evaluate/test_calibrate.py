@@ -28,7 +28,7 @@ def synthetic(rng: np.random.Generator, rows: int, sharpness: float) -> tuple[np
 
 def ece(logits: np.ndarray, truth: np.ndarray) -> float:
     probs = softmax(logits)
-    return calibration(probs.max(1), probs.argmax(1) == truth, 15)["ece"]
+    return calibration(probs.max(1), probs.argmax(1) == truth, 15).ece
 
 
 def test_an_over_confident_model_is_cooled_and_an_under_confident_one_sharpened():
@@ -56,14 +56,14 @@ def calibrated_run(tiny_encoder, tmp_path_factory):
 
 def test_training_fits_a_temperature_that_the_loaded_version_applies(calibrated_run):
     config, outcome = calibrated_run
-    fitted = outcome.report["calibration"]
-    assert fitted["fitted"] and fitted["rows"] >= MIN_ROWS and fitted["temperature"] != 1.0
-    assert fitted["val_ece_after"] < fitted["val_ece_before"]
+    fitted = outcome.report.calibration
+    assert fitted.fitted and fitted.rows >= MIN_ROWS and fitted.temperature != 1.0
+    assert fitted.val_ece_after < fitted.val_ece_before
     stored = json.loads((outcome.folder.model / "classifier.json").read_text())
-    assert stored["temperature"] == fitted["temperature"]
+    assert stored["temperature"] == fitted.temperature
 
-    test = outcome.report["test"]
-    assert test["temperature"] == fitted["temperature"] and "calibration_before" in test
+    test = outcome.report.test
+    assert test.temperature == fitted.temperature and test.calibration_before is not None
     assert "Temperature scaling" in outcome.report_html.read_text()
 
     predictor = load_model(outcome.version.ref, Registry(config.registry))
@@ -72,39 +72,37 @@ def test_training_fits_a_temperature_that_the_loaded_version_applies(calibrated_
     raw.spec.temperature = 1.0
     trained = predict_logits(raw, tokenizer, texts)
     served = predictor.predict_proba(texts, cleaned=True)
-    np.testing.assert_allclose(served, softmax(trained / fitted["temperature"]), atol=1e-5)
+    np.testing.assert_allclose(served, softmax(trained / fitted.temperature), atol=1e-5)
     assert (served.argmax(1) == trained.argmax(1)).all()
 
 
 def test_a_deliberately_over_confident_model_gets_a_lower_ece(calibrated_run):
     _, outcome = calibrated_run
-    model, tokenizer = TextClassifier.load(outcome.folder.model)
-    model.head.scale *= 8  # far sharper than it was trained: near 100% sure of every answer
+    predictor = load_model(outcome.folder.root, runtime="torch")
+    predictor.model.head.scale *= 8  # far sharper than it was trained: near 100% sure of every answer
     frozen = load_prepared(outcome.folder.data())
     rows = pd.concat([frozen.val, frozen.test])  # more rows than validation alone: a steadier ECE
-    fitted = calibrate_head(model, tokenizer, rows, bins=15)
-    assert fitted["temperature"] > 5
+    fitted = calibrate_head(predictor, rows, bins=15)
+    assert fitted.temperature > 5
     # At least a quarter lower. On a tiny model's few dozen rows the exact cut moves with the installed
     # packages' numerics (a fresh install measured a third lower, where an earlier one passed 40%).
-    assert fitted["val_ece_after"] < 0.75 * fitted["val_ece_before"]
+    assert fitted.val_ece_after < 0.75 * fitted.val_ece_before
 
 
 def test_a_model_right_on_every_validation_row_is_left_as_trained(calibrated_run):
     """Without an error the likelihood keeps rising as the temperature falls: the fit would only sharpen."""
     _, outcome = calibrated_run
-    model, tokenizer = TextClassifier.load(outcome.folder.model)
-    model.spec.temperature = 1.0
+    predictor = load_model(outcome.folder.root, runtime="torch")
     val = load_prepared(outcome.folder.data()).val
-    predicted = predict_logits(model, tokenizer, val["text"].tolist()).argmax(1)
-    agreeing = val.assign(label=[model.spec.labels[i] for i in predicted])
-    fitted = calibrate_head(model, tokenizer, agreeing, bins=15)
-    assert not fitted["fitted"] and fitted["temperature"] == 1.0 and "every validation row" in fitted["reason"]
+    agreeing = val.assign(label=predictor.predict(val["text"].tolist(), cleaned=True))
+    fitted = calibrate_head(predictor, agreeing, bins=15)
+    assert not fitted.fitted and fitted.temperature == 1.0 and "every validation row" in fitted.reason
 
 
 def test_too_few_validation_rows_keep_the_trained_probabilities(calibrated_run):
     _, outcome = calibrated_run
-    model, tokenizer = TextClassifier.load(outcome.folder.model)
+    predictor = load_model(outcome.folder.root, runtime="torch")
     val = load_prepared(outcome.folder.data()).val.head(MIN_ROWS - 1)
-    fitted = calibrate_head(model, tokenizer, val, bins=15)
-    assert not fitted["fitted"] and fitted["temperature"] == 1.0 and "fewer than" in fitted["reason"]
-    assert model.spec.temperature == 1.0
+    fitted = calibrate_head(predictor, val, bins=15)
+    assert not fitted.fitted and fitted.temperature == 1.0 and "fewer than" in fitted.reason
+    assert predictor.temperature == 1.0

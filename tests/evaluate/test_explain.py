@@ -85,19 +85,19 @@ def test_bad_input_is_one_clear_error(trained):
 
 def test_the_report_explains_confusions_and_possible_label_errors(trained):
     _, outcome, model, tokenizer = trained
-    explained = outcome.report["explanations"]
+    explained = outcome.report.explanations
     kinds = {e["kind"] for e in explained}
     assert kinds <= {"confusion", "possible label error"} and explained
-    test = outcome.report["test"]
+    test = outcome.report.test.model_dump()
     confused = {c["examples"][0] for c in test["top_confusions"]}
     assert {e["text"] for e in explained if e["kind"] == "confusion"} <= confused
     for entry in explained:
         assert entry["label"] != entry["true"]  # the predicted label is explained, not the given one
     page = outcome.report_html.read_text()
     assert "Why: word attributions" in page and 'style="background:rgba(' in page
-    report = {"test": test}
+    report = outcome.report.model_copy(update={"explanations": None})
     add_explanations(report, model, tokenizer, limit=0)
-    assert "explanations" not in report
+    assert report.explanations is None
 
 
 def test_a_long_text_is_explained_over_the_tokens_the_model_sees(trained):

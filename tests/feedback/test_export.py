@@ -152,8 +152,12 @@ def test_agreement_of_distinct_senders_admits_a_correction_nobody_reviewed():
         s.predict(f"p{number}", "Cancel my order", "refund")
         s.say(f"p{number}", corrected_label="cancel_order", sender=sender, trusted=False)
     assert feedback_examples(s.rows, FeedbackConfig(agreement=3)).examples.empty  # two senders, however often
+    s.predict("p8", "cancel my order", "refund")
+    s.say("p8", corrected_label="cancel_order", sender="anonymous", trusted=False)
+    # Anyone can send without a key: a key holder plus the keyless are not two senders (the review's L4).
+    assert feedback_examples(s.rows, FeedbackConfig(agreement=3)).examples.empty
     s.predict("p9", "cancel my order ", "refund")
-    s.say("p9", corrected_label="cancel_order", sender="anonymous", trusted=False)
+    s.say("p9", corrected_label="cancel_order", sender="key:c", trusted=False)
     assert as_pairs(feedback_examples(s.rows, FeedbackConfig(agreement=3))) == [
         ("cancel my order", "cancel_order", "corrected")
     ]

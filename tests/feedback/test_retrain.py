@@ -11,12 +11,13 @@ import pandas as pd
 import pytest
 
 from helpers import tiny_config
-from tuneloop.config import FeedbackConfig
+from tuneloop.config import FeedbackConfig, PrivacyConfig
 from tuneloop.data.prepare import PreparedData, load_prepared
 from tuneloop.errors import TuneloopError
 from tuneloop.feedback.export import FeedbackExamples
 from tuneloop.feedback.log import LoggedPrediction, PredictionLog, new_prediction_id
 from tuneloop.feedback.retrain import FEEDBACK_ROW, holdout_secret, in_holdout, retrain, retraining_data
+from tuneloop.privacy.mask import masker
 from tuneloop.registry import Registry
 from tuneloop.training import classification
 
@@ -102,6 +103,23 @@ def test_feedback_joins_training_replaces_same_texts_and_never_touches_the_test_
     }
     assert data.labels == ["arrival", "fraud", "lost", "refund"]
     assert data.fingerprint != "f" and data.holdout.empty
+
+
+def test_feedback_is_masked_again_as_it_becomes_training_data():
+    """Cleaning reveals what the masker could not see in the stored form (an address escaped twice, a card cut by
+    soft hyphens); the retraining data is masked after that cleaning (the review's M1)."""
+    examples = feedback([("refund to alice@example.com please", "refund"), ("card 4111111111111111 lost", "lost")])
+    data = retraining_data(
+        frozen(),
+        examples,
+        FeedbackConfig(holdout=0.5),
+        source="toy@1 + feedback",
+        secret=SECRET,
+        near_duplicate_threshold=0.8,
+        mask=masker(PrivacyConfig()),
+    )
+    kept = " ".join(pd.concat([data.train["text"], data.holdout["text"]]))
+    assert "alice@" not in kept and "4111" not in kept and "[EMAIL]" in kept and "[CARD]" in kept
 
 
 def test_feedback_reworded_from_a_test_text_stays_out_of_training():

@@ -213,3 +213,12 @@ def test_a_run_killed_outright_resumes_to_the_same_output(served, tmp_path):
     pd.testing.assert_frame_equal(
         pd.read_parquet(tmp_path / "killed.parquet"), pd.read_parquet(tmp_path / "whole.parquet")
     )
+
+
+def test_a_csv_of_predictions_shows_formulas_as_text(predictor, tmp_path):
+    """tuneloop predict -o out.csv is opened in a spreadsheet: a text starting with = must not run there (L1)."""
+    source = tmp_path / "in.csv"
+    pd.DataFrame({"text": ["=1+2", "@SUM(A1)", "where is my parcel"]}).to_csv(source, index=False)
+    predict_file(predictor, source, tmp_path / "out.csv")
+    texts = pd.read_csv(tmp_path / "out.csv")["text"].tolist()
+    assert texts == ["'=1+2", "'@SUM(A1)", "where is my parcel"]

@@ -350,7 +350,7 @@ def test_ensure_e5_model_converts_once_into_home(e5_file, tmp_path, monkeypatch)
     monkeypatch.setattr(e5_convert, "packaged_e5_file", lambda: src)
     home = tmp_path / "home"
     folder = ensure_e5_model(home)
-    assert folder == home / "models" / "multilingual-e5-small"
+    assert folder == home / "packaged" / "multilingual-e5-small"
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert ensure_e5_model(home) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp

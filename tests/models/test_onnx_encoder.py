@@ -16,7 +16,7 @@ from helpers import tiny_config
 from tuneloop.config import ServingConfig
 from tuneloop.errors import TuneloopError
 from tuneloop.evaluate import serving
-from tuneloop.evaluate.report import score_split
+from tuneloop.evaluate.report import evaluate_version, score_split
 from tuneloop.models.classifier import predict_logits
 from tuneloop.models.onnx_encoder import INT8_FILE, ONNX_FILE, OnnxEncoder, int8_nodes, onnx_encoder
 from tuneloop.models.predictor import load_model, top_two_gap
@@ -105,7 +105,7 @@ def test_a_version_serves_and_is_scored_with_the_int8_copy_its_check_accepted(ti
     )
     record = json.loads(registry.folder(outcome.version).serving.read_text())
     assert record["runtime"] == "onnx-int8" and record["int8"]["plan"] == "int8"
-    assert outcome.report["serving"] == record  # the report says what it was scored with
+    assert outcome.report.serving == record  # the report says what it was scored with
     assert exports(registry, outcome.version, INT8_FILE)  # registered with the version
 
     served = load_model(outcome.version, registry)  # the default: what the version was checked with
@@ -114,7 +114,7 @@ def test_a_version_serves_and_is_scored_with_the_int8_copy_its_check_accepted(ti
     rows = [json.loads(line) for line in test.read_text().splitlines()]
     predicted = served.predict([r["text"] for r in rows], cleaned=True)
     accuracy = np.mean([p == r["label"] for p, r in zip(predicted, rows, strict=True)])
-    assert accuracy == pytest.approx(outcome.report["test"]["accuracy"])  # what serves is what was evaluated
+    assert accuracy == pytest.approx(outcome.report.test.accuracy)  # what serves is what was evaluated
     torch_logits = predict_logits(
         *(lambda m: (m.model, m.tokenizer))(load_model(outcome.version, registry, "torch")), TEXTS
     )
@@ -130,21 +130,35 @@ def test_a_version_served_by_int8_with_fp32_for_close_calls_is_scored_with_the_f
     monkeypatch.setattr(serving, "int8_verdict", lambda *args: next(verdicts))
     monkeypatch.setattr(serving, "cross_fitted_fallback", lambda fp32, int8: (1e9, 0.0, 1.0))
     registry, outcome = train(tiny_encoder, toy_data, tmp_path, "serving.runtime=onnx-int8")
-    assert outcome.report["serving"]["int8"]["plan"] == "int8, fp32 for close calls"
+    assert outcome.report.serving["int8"]["plan"] == "int8, fp32 for close calls"
     served = load_model(outcome.version, registry)
     assert served.runtime == "onnx-int8" and served.fallback is not None
     test = pd.read_json(registry.folder(outcome.version).data() / "test.jsonl", lines=True)
     eval_config = tiny_config(tiny_encoder, toy_data, tmp_path / "home").eval
     fp32 = load_model(outcome.version, registry, "onnx")
-    as_served = score_split(served.model, served.tokenizer, test, eval_config, logits=served.logits(list(test.text)))
-    int8_alone = score_split(served.model, served.tokenizer, test, eval_config)
-    assert as_served["calibration"]["ece"] == pytest.approx(
-        score_split(fp32.model, fp32.tokenizer, test, eval_config)["calibration"]["ece"]
-    )
-    assert int8_alone["calibration"]["ece"] != pytest.approx(as_served["calibration"]["ece"], abs=1e-6)  # it can fail
+    as_served = score_split(served, test, eval_config)
+    int8_alone = score_split(replace(served, fallback=None), test, eval_config)
+    assert as_served.calibration.ece == pytest.approx(score_split(fp32, test, eval_config).calibration.ece)
+    assert int8_alone.calibration.ece != pytest.approx(as_served.calibration.ece, abs=1e-6)  # it can fail
     for key in ("accuracy", "macro_f1", "confusion_matrix"):
-        assert outcome.report["test"][key] == as_served[key], key
-    assert outcome.report["test"]["calibration"]["ece"] == pytest.approx(as_served["calibration"]["ece"], abs=1e-9)
+        assert getattr(outcome.report.test, key) == getattr(as_served, key), key
+    assert outcome.report.test.calibration.ece == pytest.approx(as_served.calibration.ece, abs=1e-9)
+
+
+def test_eval_of_a_version_served_by_int8_with_fp32_for_close_calls_scores_what_serves(
+    tiny_encoder, toy_data, tmp_path, monkeypatch
+):
+    """Regression: `tuneloop eval` scored such a version's int8 model alone (evaluate_version handed the bare
+    model to the scorer). Every text is a close call here, so what serves answers as fp32 does."""
+    verdicts = iter([(False, "int8 alone: rejected by the test"), (True, "accepted by the test")])
+    monkeypatch.setattr(serving, "int8_verdict", lambda *args: next(verdicts))
+    monkeypatch.setattr(serving, "cross_fitted_fallback", lambda fp32, int8: (1e9, 0.0, 1.0))
+    registry, outcome = train(tiny_encoder, toy_data, tmp_path, "serving.runtime=onnx-int8", "eval.explanations=0")
+    recipe = tiny_config(tiny_encoder, toy_data, tmp_path / "home", "eval.explanations=0")
+    evaluated, _ = evaluate_version(registry, outcome.version.ref, recipe, out=tmp_path / "eval")
+    # The training report scores through the predictor (what serves): eval must say the same, to the digit.
+    assert evaluated.test.calibration.ece == pytest.approx(outcome.report.test.calibration.ece, abs=1e-9)
+    assert evaluated.test.confusion_matrix == outcome.report.test.confusion_matrix
 
 
 def test_a_rejected_int8_copy_leaves_fp32_serving_and_says_why(tiny_encoder, toy_data, tmp_path, monkeypatch):
@@ -156,7 +170,7 @@ def test_a_rejected_int8_copy_leaves_fp32_serving_and_says_why(tiny_encoder, toy
 
     monkeypatch.setattr(serving, "int8_verdict", reject)
     registry, outcome = train(tiny_encoder, toy_data, tmp_path, "serving.runtime=onnx-int8")
-    record = outcome.report["serving"]
+    record = outcome.report.serving
     assert record["runtime"] == "onnx" and record["int8_tried"][0]["plan"] == "int8"
     assert [t["plan"] for t in record["int8_tried"]][1:] in ([], ["int8, fp32 for close calls"])
     assert record["int8"] == record["int8_tried"][-1] and not record["int8"]["accepted"]

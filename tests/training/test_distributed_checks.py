@@ -54,3 +54,34 @@ def test_every_rank_scores_as_many_rows_and_keeps_its_own():
     assert [len(rows) for rows, _ in shares] == [3, 3, 3]
     assert sorted(int(row) for rows, real in shares for row in rows[:real]) == list(range(7))
     assert World(1, 2).even_share(1)[1] == 0 and len(World(1, 2).even_share(1)[0]) == 1
+
+
+def test_leaving_the_world_frees_what_holds_the_process_group_before_ending_it(tmp_path, monkeypatch):
+    """Regression: a two-process FSDP run's rank 1 aborted at exit ("terminate called without an active exception")
+    on a busy machine. FSDP's hooks keep the sharded model in a reference cycle, which the garbage collector freed
+    after the process group was gone or while the interpreter shut down; leave_world frees such cycles first."""
+    import gc
+
+    import torch.distributed as dist
+
+    from tuneloop.training import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    monkeypatch.setattr(distributed, "_joined_here", [True])
+    seen = []
+
+    class HoldsTheGroup:
+        def __del__(self) -> None:
+            seen.append(dist.is_initialized())
+
+    cycle = HoldsTheGroup()
+    cycle.itself = cycle  # only the garbage collector frees it
+    del cycle
+    gc.disable()  # as if no collection happened to run between the end of training and leave_world
+    try:
+        distributed.leave_world()
+    finally:
+        gc.enable()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert seen == [True]  # freed, and while the group was still there

@@ -54,8 +54,8 @@ def test_both_heads_learn_on_one_encoder_and_register_as_one_version(two_tasks):
     assert list(heads) == ["sentiment"] and set(heads["sentiment"].spec.labels) == set(MOODS)
     assert heads["sentiment"].encoder is model.encoder
     # Each head is scored on its own task's test split, well above chance (1/3) for both.
-    assert outcome.report["test"]["accuracy"] >= 0.8
-    assert outcome.report["tasks"]["sentiment"]["test"]["accuracy"] >= 0.8
+    assert outcome.report.test.accuracy >= 0.8
+    assert outcome.report.tasks["sentiment"].test.accuracy >= 0.8
     sentiment_test = load_prepared(outcome.folder.data("sentiment")).test
     assert accuracy(heads["sentiment"], tokenizer, sentiment_test) >= 0.8
     history = outcome.train.history
@@ -64,7 +64,7 @@ def test_both_heads_learn_on_one_encoder_and_register_as_one_version(two_tasks):
         (history[-1]["val_macro_f1/intent"] + history[-1]["val_macro_f1/sentiment"]) / 2
     )
     assert "task sentiment" in outcome.report_html.read_text()
-    assert outcome.version.metrics["sentiment.accuracy"] == outcome.report["tasks"]["sentiment"]["test"]["accuracy"]
+    assert outcome.version.metrics["sentiment.accuracy"] == outcome.report.tasks["sentiment"].test.accuracy
 
 
 def test_one_encoder_pass_gives_every_tasks_logits(two_tasks):
@@ -101,7 +101,7 @@ def test_resume_continues_a_multitask_run(two_tasks, tmp_path):
         pass
 
     def crash(state, *_):
-        if state["global_step"] == 30:  # into epoch 2 (24 steps an epoch), after the epoch-end checkpoint
+        if state.global_step == 30:  # into epoch 2 (24 steps an epoch), after the epoch-end checkpoint
             raise Crash
 
     with pytest.raises(Crash):

@@ -21,8 +21,9 @@ from tuneloop.errors import TuneloopError
 from tuneloop.models.classifier import TextClassifier, predict_proba
 from tuneloop.models.encoders import EncoderSource
 from tuneloop.registry import VersionFolder
-from tuneloop.training import classification
-from tuneloop.training.classification import fine_tune, uniform_target_loss
+from tuneloop.training import losses
+from tuneloop.training.classification import fine_tune
+from tuneloop.training.losses import uniform_target_loss
 
 
 def test_the_shipped_set_is_bilingual_large_and_split_into_fixed_disjoint_parts():
@@ -67,7 +68,7 @@ def mood_texts(seed: int, count: int) -> list[str]:
 def test_outlier_exposure_lowers_confidence_on_unseen_off_topic_messages(setup, tmp_path, monkeypatch):
     overrides, data, encoder = setup
     shown = pd.DataFrame({"text": mood_texts(seed=1, count=200), "lang": "en", "domain": "mood", "part": "train"})
-    monkeypatch.setattr(classification, "off_topic_messages", lambda part, languages: shown)
+    monkeypatch.setattr(losses, "off_topic_messages", lambda part, languages: shown)
     unseen = [t for t in mood_texts(seed=2, count=200) if t not in set(shown["text"])]
     confidence = {}
     for weight in (0, 1):
@@ -86,7 +87,7 @@ def test_outlier_exposure_lowers_confidence_on_unseen_off_topic_messages(setup, 
         assert (result.outlier_exposure is None) == (weight == 0)
     assert confidence[1] < confidence[0] - 0.1, confidence
     assert confidence[1] < 0.5  # three labels: 1/3 is as unsure as it gets
-    assert result.outlier_exposure["messages"] == len(shown) and result.outlier_exposure["languages"] == ["en"]
+    assert result.outlier_exposure.messages == len(shown) and result.outlier_exposure.languages == ["en"]
 
 
 def test_off_topic_messages_close_to_the_training_texts_are_left_out(setup, tmp_path, monkeypatch):
@@ -96,11 +97,11 @@ def test_off_topic_messages_close_to_the_training_texts_are_left_out(setup, tmp_
     planted = data.train["text"].tolist()[:7]
     moods = mood_texts(seed=1, count=50)
     shown = pd.DataFrame({"text": moods + planted, "lang": "en", "domain": "x", "part": "train"})
-    monkeypatch.setattr(classification, "off_topic_messages", lambda part, languages: shown)
+    monkeypatch.setattr(losses, "off_topic_messages", lambda part, languages: shown)
     config = load_config(None, [*overrides, "train.epochs=1", "train.outlier_exposure_max_similarity=0.999"])
     exposure = fine_tune(config, data, encoder, VersionFolder(tmp_path / "run"), show_progress=False).outlier_exposure
-    assert exposure["left_out_as_too_close"] == len(planted) and exposure["messages"] == len(moods)
-    assert exposure["examples_left_out"] == planted
+    assert exposure.left_out_as_too_close == len(planted) and exposure.messages == len(moods)
+    assert exposure.examples_left_out == planted
 
 
 def test_the_report_says_what_outlier_exposure_showed(tiny_overrides, home):

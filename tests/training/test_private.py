@@ -68,7 +68,7 @@ def test_nothing_reads_the_training_texts_without_noise(setup, tmp_path, tiny_en
             assert torch.equal(module.weight, untouched.encoder.get_submodule(name).weight), name
     layer = "encoder.layer.0.attention.self.query.weight"  # while the transformer layers did train
     assert not torch.equal(trained.encoder.get_parameter(layer), untouched.encoder.get_parameter(layer))
-    assert result.privacy["epsilon"] <= 8 * 1.01
+    assert result.privacy.epsilon <= 8 * 1.01
 
 
 def test_each_texts_influence_on_a_step_is_clipped(clipping):

@@ -13,13 +13,15 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import httpx
 
+from tuneloop.config import PrivacyConfig
 from tuneloop.models.lm import GenerationSettings, ReplyModel
+from tuneloop.privacy.mask import Masker, masker
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class ReplyGenerator(Protocol):
 # Role and control markers of common chat templates (ChatML as SmolLM2 and Qwen write it, Llama 3, Mistral,
 # Gemma). Written into a user's text, they would let the user open a system or assistant turn of their own.
 CONTROL_MARKERS = re.compile(
-    r"<\|[A-Za-z_]+\|>|\[/?INST\]|<</?SYS>>|</?s>|<(?:start|end)_of_turn>",
+    r"<\|[A-Za-z0-9_]+\|>|\[/?INST\]|<</?SYS>>|</?s>|<(?:start|end)_of_turn>",
 )
 
 
@@ -128,8 +130,17 @@ class LocalGenerator:
             yield compose(request)
 
 
+def _masked(request: ReplyRequest, mask: Masker) -> ReplyRequest:
+    """What a generator on another machine may see: the user's words with personal data masked."""
+    history = [(mask(user), mask(assistant)) for user, assistant in request.history]
+    return replace(request, message=mask(request.message), history=history)
+
+
 class OpenAICompatibleGenerator:
-    """POST {base_url}/chat/completions; the FAQ answer and the user's mood go into the system prompt."""
+    """POST {base_url}/chat/completions; the FAQ answer and the user's mood go into the system prompt.
+
+    The text leaves this machine, so the user's message and the recalled turns are sent with personal data masked
+    (`mask`: every kind privacy.mask knows, by default), whatever the server keeps."""
 
     name = "openai"
 
@@ -142,7 +153,9 @@ class OpenAICompatibleGenerator:
         max_tokens: int = 200,
         temperature: float = 0.3,
         client: httpx.Client | None = None,
+        mask: Masker | None = None,
     ) -> None:
+        self.mask = mask or masker(PrivacyConfig())
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.max_tokens = max_tokens
@@ -156,7 +169,7 @@ class OpenAICompatibleGenerator:
                 self.url,
                 json={
                     "model": self.model,
-                    "messages": grounded_messages(request),
+                    "messages": grounded_messages(_masked(request, self.mask) if self.mask else request),
                     "max_tokens": self.max_tokens,
                     "temperature": self.temperature,
                 },

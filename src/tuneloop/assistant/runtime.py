@@ -45,7 +45,7 @@ from tuneloop.models.embedder import SentenceEmbedder
 from tuneloop.models.encoders import resolve_encoder
 from tuneloop.models.lm import resolve_lm
 from tuneloop.models.predictor import Predictor, load_model
-from tuneloop.registry import Registry
+from tuneloop.registry import Home, Registry
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def find_definition(name: str, registry: Registry) -> AssistantDefinition:
     kept in the home's assistants/NAME/ folder)."""
     if Path(name).is_file():
         return load_definition(Path(name))
-    kept = registry.home / "assistants" / name / DEFINITION_FILE
+    kept = Home(registry.home).assistant(name) / DEFINITION_FILE
     if not kept.is_file():
         raise TuneloopError(
             f"no assistant '{name}' has run on {registry.home} (and no such definition file): give its YAML file"
@@ -178,7 +178,7 @@ class AssistantRuntime:
     def __init__(self, definition: AssistantDefinition, registry: Registry) -> None:
         self.definition = definition
         self.registry = registry
-        self.folder = registry.home / "assistants" / definition.name
+        self.folder = Home(registry.home).assistant(definition.name)
         # What was set, not the defaults: read back, it is the same definition (scope.label set or not).
         write_text_atomically(self.folder / DEFINITION_FILE, definition.model_dump_json(indent=2, exclude_unset=True))
         entries = load_faq(definition.faq)

@@ -67,8 +67,8 @@ class ChatService:
         on_turn: Callable[[TurnOutcome], None] | None = None,
         max_streams: int | None = None,
     ) -> None:
-        """`max_streams`: most replies streamed at once (a generating LM holds the CPU for seconds); more are
-        refused with Unavailable."""
+        """`max_streams`: most turns answered at once, whole or streamed (a generating LM holds a thread and the
+        CPU for seconds); more are refused with Unavailable at once, before any work."""
         self.runtime = runtime
         self.classify = classify
         self.embed = embed
@@ -76,7 +76,17 @@ class ChatService:
         self.prediction_log = prediction_log
         self.on_turn = on_turn
         self.max_streams = max_streams
-        self.streaming = 0
+        self.in_progress = 0  # turns between take_slot() and release_slot(); one event loop, so no lock
+
+    def take_slot(self) -> None:
+        """Count one more turn in progress, or refuse it (503) when max_streams are: checked and counted with no
+        await between, so a burst cannot pass the check together."""
+        if self.max_streams is not None and self.in_progress >= self.max_streams:
+            raise Unavailable(f"{self.in_progress} chat turns are being answered (serve.max_streams); retry shortly")
+        self.in_progress += 1
+
+    def release_slot(self) -> None:
+        self.in_progress -= 1
 
     async def session_for(self, session_id: str | None, sender: str) -> str:
         """The session a turn belongs to: a new one (its id made here, unguessable) when none is named, else the
@@ -162,24 +172,31 @@ class ChatService:
 
     async def reply(self, session_id: str, message: str, sender: str = ANONYMOUS) -> StoredTurn:
         """One whole turn: understood, decided, the reply generated, stored."""
-        seen = await self.understand(session_id, message)
-        outcome = await run_in_threadpool(self.plan, seen)
-        if outcome.request is not None:
-            outcome.reply = await run_in_threadpool(self.runtime.generator.generate, outcome.request)
-        return await self.record(session_id, message, seen, outcome, sender)
+        self.take_slot()
+        try:
+            seen = await self.understand(session_id, message)
+            outcome = await run_in_threadpool(self.plan, seen)
+            if outcome.request is not None:
+                outcome.reply = await run_in_threadpool(self.runtime.generator.generate, outcome.request)
+            return await self.record(session_id, message, seen, outcome, sender)
+        finally:
+            self.release_slot()
 
     async def stream(self, session_id: str, message: str, sender: str = ANONYMOUS) -> StreamedTurn:
         """The turn as it happens (see StreamedTurn). Understanding and deciding happen before this returns,
         so their errors come before any answer is streamed."""
-        if self.max_streams is not None and self.streaming >= self.max_streams:
-            raise Unavailable(f"{self.streaming} replies are being streamed (serve.max_streams); retry shortly")
-        seen = await self.understand(session_id, message)
-        outcome = await run_in_threadpool(self.plan, seen)
+        self.take_slot()
+        try:
+            seen = await self.understand(session_id, message)
+            outcome = await run_in_threadpool(self.plan, seen)
+        except BaseException:
+            self.release_slot()
+            raise
         return StreamedTurn(self, session_id, message, seen, outcome, sender)
 
 
 class StreamedTurn:
-    """A streamed turn holds one of the service's stream slots from creation until `end()`.
+    """A streamed turn holds the slot its service took for it (`take_slot`) from creation until `end()`.
 
     Iterating it gives the decision (a TurnOutcome), then pieces of the reply (str), then the stored turn. A
     client that goes away mid-reply stops the generation, and the turn is still stored with what was said
@@ -208,7 +225,6 @@ class StreamedTurn:
         self.words: list[str] = []
         self.pieces: Iterator[str] | None = None
         self.recorded = self.ended = False
-        service.streaming += 1
 
     def __aiter__(self) -> AsyncIterator[TurnOutcome | str | StoredTurn]:
         return self._events()
@@ -235,7 +251,7 @@ class StreamedTurn:
         if self.ended:
             return
         self.ended = True
-        self.service.streaming -= 1
+        self.service.release_slot()
         if self.recorded:
             return
         if self.pieces is not None:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import sessionmaker
 
+from tuneloop.data.clean import clean_text
 from tuneloop.db.schema import ChatTurn
 
 
@@ -15,9 +16,13 @@ class ConversationStore:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self.mask = mask  # privacy.mask: personal data in messages, replies and comments, replaced before storing
 
+    def _stored(self, text: str) -> str:
+        """With masking on, the cleaned text masked (cleaning would otherwise decode `alice&#64;example.com`
+        into an address wherever the text is read back and cleaned)."""
+        return self.mask(clean_text(text)) if self.mask is not None else text
+
     def add(self, turn: ChatTurn) -> ChatTurn:
-        if self.mask is not None:
-            turn.message, turn.reply = self.mask(turn.message), self.mask(turn.reply)
+        turn.message, turn.reply = self._stored(turn.message), self._stored(turn.reply)
         with self._sessions.begin() as session:
             session.add(turn)
         return turn
@@ -44,7 +49,7 @@ class ConversationStore:
             if rating is not None:
                 turn.rating = rating
             if comment:
-                turn.comment = self.mask(comment) if self.mask is not None else comment
+                turn.comment = self._stored(comment)
 
     def get(self, turn_id: str) -> ChatTurn | None:
         with self._sessions() as session:

@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ from tuneloop.data.clean import clean_text, dedup_key
 from tuneloop.data.load import read_table, select_columns
 from tuneloop.data.near_duplicates import Pair, best_matches, clusters, near_duplicate_pairs
 from tuneloop.data.split import kfold_assignment, stratified_split
+from tuneloop.data.spreadsheet import from_spreadsheet
 from tuneloop.errors import TuneloopError
 
 SPLITS = ("train", "val", "test")
@@ -36,6 +38,9 @@ _SPLIT_ALIASES = {
     "test": "test",
     "testing": "test",
 }
+# The data report (data_report.json): what happened to every row, as free-form JSON a person reads; the typed
+# report keeps it as it is (ClassifierReport.data).
+DataReport = dict[str, Any]
 
 
 @dataclass
@@ -44,7 +49,7 @@ class PreparedData:
 
     splits: dict[str, pd.DataFrame]
     labels: list[str]
-    report: dict
+    report: DataReport
     fingerprint: str
     folds: pd.Series | None = field(default=None, repr=False)
     # Feedback examples kept out of training so the promotion gate can score them (retrained versions only).
@@ -101,7 +106,7 @@ def _normalise_given_splits(frame: pd.DataFrame) -> None:
     frame["split"] = mapped
 
 
-def _drop_conflicts(frame: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, list[dict]]:
+def _drop_conflicts(frame: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, list[DataReport]]:
     label_sets = frame.groupby("key")["label"].agg(lambda labels: sorted(set(labels)))
     conflicted = label_sets[label_sets.map(len) > 1]
     report = []
@@ -127,7 +132,15 @@ def _drop_conflicts(frame: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, lis
     return frame[keep], report
 
 
-def length_percentiles(texts: list[str], count_tokens: Callable[[list[str]], list[int]] | None) -> dict:
+def measure_lengths(prepared: PreparedData, count_tokens: Callable[[list[str]], list[int]]) -> None:
+    """The data report's text lengths over every split, counted with `count_tokens` (a model's tokenizer)."""
+    texts = pd.concat([prepared.splits[name]["text"] for name in prepared.splits]).tolist()
+    prepared.report["text_length"] = length_percentiles(texts, count_tokens)
+
+
+def length_percentiles(
+    texts: list[str], count_tokens: Callable[[list[str]], list[int]] | None
+) -> dict[str, str | float]:
     lengths = np.array(count_tokens(texts) if count_tokens else [len(t) for t in texts])
     if lengths.size == 0:
         return {}
@@ -169,7 +182,7 @@ def fingerprint_of(splits: dict[str, pd.DataFrame]) -> str:
     )
 
 
-def split_summary(splits: dict[str, pd.DataFrame], labels: list[str]) -> dict:
+def split_summary(splits: dict[str, pd.DataFrame], labels: list[str]) -> DataReport:
     """Labels, split sizes, class counts per split and the train imbalance ratio, for the data report."""
     class_counts = {
         name: splits[name]["label"].value_counts().reindex(labels, fill_value=0).astype(int).to_dict()
@@ -309,10 +322,10 @@ def confirmed_exclusions(path: Path) -> set[str]:
             f"audit); missing: {', '.join(sorted(missing))}"
         )
     marked = frame["confirmed"].fillna("").astype(str).str.strip().str.lower().isin(CONFIRMED)
-    return {dedup_key(clean_text(str(text))) for text in frame.loc[marked, "text"]}
+    return {dedup_key(clean_text(from_spreadsheet(str(text)))) for text in frame.loc[marked, "text"]}
 
 
-def _near_duplicates(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFrame, dict, list[Pair]]:
+def _near_duplicates(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFrame, DataReport, list[Pair]]:
     """Clusters of near-duplicate rows for the report; with data.near_duplicates=drop, one row per cluster and
     label is kept (its given test row first). Rows of one cluster with different labels all stay: they may be
     different requests worded alike, or label errors, and the report lists them for a person to judge. Also
@@ -324,7 +337,7 @@ def _near_duplicates(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFr
     for group in groups:
         seen: set[str] = set()
         for position in sorted(group, key=lambda i: (rank.iat[i], i)):
-            label = frame["label"].iat[position]
+            label = str(frame["label"].iat[position])  # a str already (select_columns)
             if label in seen:
                 extra.append(position)
             seen.add(label)
@@ -350,7 +363,7 @@ def _near_duplicates(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.DataFr
     return frame, report, pairs
 
 
-def split_leakage(splits: dict[str, pd.DataFrame], threshold: float) -> dict:
+def split_leakage(splits: dict[str, pd.DataFrame], threshold: float) -> DataReport:
     """Validation and test rows with a near-duplicate in the training split (see `leakage_report`)."""
     train = splits["train"]
     texts = [text for name in LEAKAGE_CHECKED for text in splits[name]["text"]]
@@ -385,11 +398,11 @@ def cross_split_matches(pairs: list[Pair], origins: dict[str, pd.Index]) -> dict
     return found
 
 
-def leakage_report(splits: dict[str, pd.DataFrame], found: dict[str, dict[int, Pair]], threshold: float) -> dict:
+def leakage_report(splits: dict[str, pd.DataFrame], found: dict[str, dict[int, Pair]], threshold: float) -> DataReport:
     """Per checked split: how many rows have a near-duplicate in training, where (`positions` in the split,
     for scoring them apart), and the closest training row of the most similar ones."""
     train = splits["train"]
-    leakage: dict = {"threshold": threshold}
+    leakage: DataReport = {"threshold": threshold}
     for name in LEAKAGE_CHECKED:
         split, matched = splits[name], found[name]
         closest = sorted(matched, key=lambda i: -matched[i].similarity)[:EXAMPLES_LISTED]
@@ -411,10 +424,11 @@ def leakage_report(splits: dict[str, pd.DataFrame], found: dict[str, dict[int, P
     return leakage
 
 
-def leaked_positions(report: dict, split: str = "test") -> list[int] | None:
+def leaked_positions(report: DataReport, split: str = "test") -> list[int] | None:
     """Positions of a split's rows with a near-duplicate in training, from a data report (None: not checked,
     as in data reports written before the check existed)."""
-    return report.get("leakage", {}).get(split, {}).get("positions")
+    positions: list[int] | None = report.get("leakage", {}).get(split, {}).get("positions")
+    return positions
 
 
 def save_prepared(prepared: PreparedData, folder: Path) -> None:

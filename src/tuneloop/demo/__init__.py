@@ -119,12 +119,14 @@ def run(
     if report:
         report.stage(1, f"bilingual customer-service intents ({recipe.data.path})")
     intents = classification.run(recipe)
+    assert intents.version is not None  # registered: the demo trains in one process
     intents_version = registry.promote(intents.version.ref)
     if report:
         examples = load_model(f"{intents_version.name}@production", registry).rank(DEMO_EXAMPLES)
         report.intents_trained(intents, intents_version, examples)
         report.stage(2, "sentiment (negative / neutral / positive)")
     sentiment = classification.run(demo_config(None, recipe_overrides, kind="sentiment"))
+    assert sentiment.version is not None
     sentiment_version = registry.promote(sentiment.version.ref)
     if report:
         report.sentiment_trained(sentiment, sentiment_version)

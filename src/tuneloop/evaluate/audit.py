@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from tuneloop.atomic import write_text_atomically
 from tuneloop.data.prepare import PreparedData
 from tuneloop.data.split import kfold_assignment
+from tuneloop.data.spreadsheet import spreadsheet_safe
 from tuneloop.errors import TuneloopError
 from tuneloop.models.embedder import SentenceEmbedder
 from tuneloop.models.encoders import EncoderSource
@@ -32,11 +34,12 @@ COLUMNS = ["row", "split", "text", "label", "suggested", "label_probability", "s
 @dataclass(frozen=True)
 class LabelAudit:
     issues: pd.DataFrame  # COLUMNS, most suspicious first; `confirmed` empty for a person to fill in
-    summary: dict
+    summary: dict[str, Any]  # as JSON: the data report's label_audit
 
     def write_csv(self, path: Path) -> None:
-        """The issues as CSV, whole or not at all (a person edits this file; a half-written one would lose rows)."""
-        write_text_atomically(Path(path), self.issues.to_csv(index=False))
+        """The issues as CSV, whole or not at all (a person edits this file; a half-written one would lose rows),
+        with texts a spreadsheet shows as text (they may be users' approved feedback)."""
+        write_text_atomically(Path(path), self.issues.map(spreadsheet_safe).to_csv(index=False))
 
 
 def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: np.ndarray, classes: int) -> np.ndarray:

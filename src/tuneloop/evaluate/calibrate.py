@@ -19,15 +19,9 @@ from scipy.special import log_softmax
 
 from tuneloop.atomic import write_text_atomically
 from tuneloop.evaluate.metrics import calibration
-from tuneloop.models.classifier import (
-    META_FILE,
-    TASKS_FILE,
-    TextClassifier,
-    load_task_heads,
-    predict_logits,
-    softmax,
-    task_specs_json,
-)
+from tuneloop.evaluate.schema import TemperatureFit
+from tuneloop.models.classifier import META_FILE, TASKS_FILE, softmax, task_specs_json
+from tuneloop.models.predictor import Predictor, load_unchecked
 from tuneloop.registry import VersionFolder
 
 log = logging.getLogger(__name__)
@@ -51,48 +45,46 @@ def fit_temperature(logits: np.ndarray, truth: np.ndarray) -> float:
     return float(np.exp(fitted.x))
 
 
-def calibrate_head(classifier: TextClassifier, tokenizer, val: pd.DataFrame, bins: int) -> dict:
-    """Fit `classifier`'s temperature on `val` and set it on its spec; what was fitted, or why not."""
-    classifier.spec.temperature = 1.0  # fitted on the trained logits, whatever an earlier attempt set
-    index = {label: i for i, label in enumerate(classifier.spec.labels)}
+def calibrate_head(predictor: Predictor, val: pd.DataFrame, bins: int) -> TemperatureFit:
+    """Fit the temperature of `predictor`'s own head on `val` and set it on its spec; what was fitted, or why not."""
+    spec = predictor.model.spec
+    index = {label: i for i, label in enumerate(spec.labels)}
     known = val[val["label"].isin(index)]
     if len(known) < MIN_ROWS:
-        return {
-            "temperature": 1.0,
-            "fitted": False,
-            "reason": f"{len(known)} validation rows, fewer than the {MIN_ROWS} a temperature is fitted on",
-        }
-    logits = predict_logits(classifier, tokenizer, known["text"].tolist())
+        spec.temperature = 1.0
+        return TemperatureFit(
+            temperature=1.0,
+            fitted=False,
+            reason=f"{len(known)} validation rows, fewer than the {MIN_ROWS} a temperature is fitted on",
+        )
+    # Fitted on the trained logits, whatever an earlier fit set: the predictor's are divided by its temperature.
+    logits = predictor.own_logits(predictor.logits(known["text"].tolist())) * spec.temperature
+    spec.temperature = 1.0
     truth = known["label"].map(index).to_numpy()
     correct = logits.argmax(1) == truth
     if correct.all():
         # Without a single error the likelihood only grows as the temperature falls: there is no fit to find.
-        return {"temperature": 1.0, "fitted": False, "reason": "the model is right on every validation row"}
+        return TemperatureFit(temperature=1.0, fitted=False, reason="the model is right on every validation row")
     temperature = fit_temperature(logits, truth)
-    before = calibration(softmax(logits).max(1), correct, bins)["ece"]
-    after = calibration(softmax(logits / temperature).max(1), correct, bins)["ece"]
-    classifier.spec.temperature = temperature
-    return {
-        "temperature": temperature,
-        "fitted": True,
-        "rows": len(known),
-        "val_ece_before": before,
-        "val_ece_after": after,
-    }
+    before = calibration(softmax(logits).max(1), correct, bins).ece
+    after = calibration(softmax(logits / temperature).max(1), correct, bins).ece
+    spec.temperature = temperature
+    return TemperatureFit(
+        temperature=temperature, fitted=True, rows=len(known), val_ece_before=before, val_ece_after=after
+    )
 
 
-def calibrate_run(run: VersionFolder, vals: dict[str, pd.DataFrame], bins: int) -> dict:
+def calibrate_run(run: VersionFolder, vals: dict[str, pd.DataFrame], bins: int) -> dict[str, TemperatureFit]:
     """Fit a temperature for each task's head of the run's model on its validation split (`vals`: task name →
     split, the model's own task first) and store them in the model's specs. Returns task → record."""
-    model, tokenizer = TextClassifier.load(run.model)
-    heads = {"": model, **load_task_heads(run.model, model)}
+    # In PyTorch: the same logits as fp32 ONNX, and no export made before the specs it is keyed by change.
+    predictor = load_unchecked(run, "torch")
     own, *others = vals
     records = {}
     for task, val in vals.items():
-        classifier = heads[""] if task == own else heads[task]
-        records[task] = calibrate_head(classifier, tokenizer, val, bins)
+        records[task] = calibrate_head(predictor if task == own else predictor.head(task), val, bins)
         log.info("calibration%s: %s", f" of task {task}" if task else "", records[task])
-    write_text_atomically(run.model / META_FILE, model.spec.to_json())
+    write_text_atomically(run.model / META_FILE, predictor.model.spec.to_json())
     if others:
-        write_text_atomically(run.model / TASKS_FILE, task_specs_json({t: heads[t] for t in others}))
+        write_text_atomically(run.model / TASKS_FILE, task_specs_json(predictor.tasks))
     return records

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tuneloop.errors import TuneloopError
+from tuneloop.errors import NotFound, TuneloopError
 from tuneloop.models.classifier import TextClassifier, kept_tokens
+from tuneloop.models.onnx_encoder import OnnxEncoder
 
 # Steps of the integral: 50 keeps |delta| around 1e-2 of the probability on the packaged encoders.
 STEPS = 50
@@ -46,7 +48,8 @@ class Explanation:
     delta: float  # sum of attributions minus (probability - baseline_probability)
     words: list[WordAttribution]
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
+        """As JSON holds it (the report, the CLI's output, the server's answer)."""
         return asdict(self)
 
 
@@ -96,7 +99,7 @@ def shaded_pieces(text: str, words: list[tuple[int, int, float]]) -> list[tuple[
 
 
 def _gradient_path(model: TextClassifier) -> torch.nn.Module:
-    if not isinstance(model.encoder, torch.nn.Module) or not hasattr(model.encoder, "get_input_embeddings"):
+    if isinstance(model.encoder, OnnxEncoder):
         raise TuneloopError(
             "this model runs on ONNX Runtime, which gives no gradients to explain with: load it with "
             "runtime=torch (tuneloop explain does)"
@@ -142,7 +145,7 @@ def explain(
             base_probs = probability(baseline, mask)[0]
         asked = labels[position] if labels else None
         if asked is not None and asked not in index:
-            raise TuneloopError(f"'{asked}' is not one of this model's labels ({', '.join(model.spec.labels)})")
+            raise NotFound(f"'{asked}' is not one of this model's labels ({', '.join(model.spec.labels)})")
         target = index[asked] if asked is not None else int(probs.argmax())
         attributions, delta = attributor.attribute(
             input_ids,

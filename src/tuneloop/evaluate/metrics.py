@@ -1,4 +1,4 @@
-"""Classification metrics from labels and predicted probabilities: plain numbers, no plotting."""
+"""Classification metrics from labels and predicted probabilities: numbers in the report's types, no plotting."""
 
 from __future__ import annotations
 
@@ -6,6 +6,16 @@ from collections import Counter
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+from tuneloop.evaluate.schema import (
+    Calibration,
+    CalibrationBin,
+    ClassScores,
+    Confusion,
+    LabelSuspects,
+    SplitScores,
+    Suspect,
+)
 
 # How far below the first in-scope score it keeps a rejection threshold stays at most: further than scores of the
 # same text differ between batches, close enough not to let in messages scored lower.
@@ -32,7 +42,7 @@ def threshold_rejecting(in_scope: np.ndarray, share: float) -> float:
     return float(max((below + ordered[allowed]) / 2, ordered[allowed] - SCORE_MARGIN))
 
 
-def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int) -> dict:
+def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int) -> Calibration:
     """Expected calibration error with equal-width confidence bins, plus the bins for a reliability diagram."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     rows = []
@@ -40,14 +50,14 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int) -> dict:
     for low, high in zip(edges[:-1], edges[1:], strict=True):
         inside = (confidence > low) & (confidence <= high)
         if not inside.any():
-            rows.append({"low": float(low), "high": float(high), "count": 0, "confidence": None, "accuracy": None})
+            rows.append(CalibrationBin(low=float(low), high=float(high), count=0, confidence=None, accuracy=None))
             continue
         conf, acc = float(confidence[inside].mean()), float(correct[inside].mean())
         ece += inside.mean() * abs(conf - acc)
         rows.append(
-            {"low": float(low), "high": float(high), "count": int(inside.sum()), "confidence": conf, "accuracy": acc}
+            CalibrationBin(low=float(low), high=float(high), count=int(inside.sum()), confidence=conf, accuracy=acc)
         )
-    return {"ece": float(ece), "bins": rows}
+    return Calibration(ece=float(ece), bins=rows)
 
 
 def label_suspects(
@@ -58,7 +68,7 @@ def label_suspects(
     texts: list[str],
     confidence: float,
     listed: int,
-) -> dict:
+) -> LabelSuspects:
     """Rows whose given label the model contradicts (`predicted`, with probability `top`) with at least
     `confidence`, most confident first.
 
@@ -68,20 +78,20 @@ def label_suspects(
     """
     suspect = np.flatnonzero((predicted != true_ids) & (top >= confidence))
     ranked = suspect[np.argsort(-top[suspect], kind="stable")]
-    return {
-        "confidence": confidence,
-        "count": int(len(suspect)),
-        "share": float(len(suspect) / max(len(true_ids), 1)),
-        "rows": [
-            {
-                "text": texts[i],
-                "label": labels[true_ids[i]],
-                "predicted": labels[predicted[i]],
-                "probability": float(top[i]),
-            }
+    return LabelSuspects(
+        confidence=confidence,
+        count=int(len(suspect)),
+        share=float(len(suspect) / max(len(true_ids), 1)),
+        rows=[
+            Suspect(
+                text=texts[i],
+                label=labels[true_ids[i]],
+                predicted=labels[predicted[i]],
+                probability=float(top[i]),
+            )
             for i in ranked[:listed]
         ],
-    }
+    )
 
 
 def classification_metrics(
@@ -94,7 +104,7 @@ def classification_metrics(
     examples_per_confusion: int = 3,
     suspect_confidence: float = 0.9,
     suspects_listed: int = 20,
-) -> dict:
+) -> SplitScores:
     """Accuracy, macro/weighted P/R/F1, per-class table, confusion matrix, calibration, top confusions and
     the rows whose label looks wrong."""
     predicted = probs.argmax(1)
@@ -112,23 +122,19 @@ def classification_metrics(
     confusions = []
     for (t, q), count in pairs.most_common(top_confusions):
         examples = [texts[i] for i in np.flatnonzero((true_ids == t) & (predicted == q))[:examples_per_confusion]]
-        confusions.append({"true": labels[t], "predicted": labels[q], "count": count, "examples": examples})
-    return {
-        "n": int(len(true_ids)),
-        "accuracy": float(accuracy_score(true_ids, predicted)),
+        confusions.append(Confusion(true=labels[t], predicted=labels[q], count=count, examples=examples))
+    return SplitScores(
+        n=int(len(true_ids)),
+        accuracy=float(accuracy_score(true_ids, predicted)),
         **summary,
-        "per_class": [
-            {
-                "label": labels[i],
-                "precision": float(p[i]),
-                "recall": float(r[i]),
-                "f1": float(f[i]),
-                "support": int(support[i]),
-            }
+        per_class=[
+            ClassScores(
+                label=labels[i], precision=float(p[i]), recall=float(r[i]), f1=float(f[i]), support=int(support[i])
+            )
             for i in ids
         ],
-        "confusion_matrix": matrix.tolist(),
-        "calibration": calibration(top, predicted == true_ids, bins),
-        "top_confusions": confusions,
-        "label_suspects": label_suspects(true_ids, predicted, top, labels, texts, suspect_confidence, suspects_listed),
-    }
+        confusion_matrix=matrix.tolist(),
+        calibration=calibration(top, predicted == true_ids, bins),
+        top_confusions=confusions,
+        label_suspects=label_suspects(true_ids, predicted, top, labels, texts, suspect_confidence, suspects_listed),
+    )

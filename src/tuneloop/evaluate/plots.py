@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 from collections.abc import Callable
+from typing import Any
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.typing import RcKeyType
 
 # DejaVu has no CJK glyphs; these are tried first so Chinese labels render where such a font exists.
-STYLE = {
+STYLE: dict[RcKeyType, Any] = {
     "font.sans-serif": ["Noto Sans CJK SC", "WenQuanYi Zen Hei", "SimHei", "DejaVu Sans"],
     "axes.unicode_minus": False,
 }
@@ -56,7 +59,7 @@ def confusion_matrix_png(matrix: list[list[int]], labels: list[str]) -> bytes:
                 axis.text(
                     j,
                     i,
-                    int(value),
+                    str(int(value)),
                     ha="center",
                     va="center",
                     fontsize=8,
@@ -67,7 +70,7 @@ def confusion_matrix_png(matrix: list[list[int]], labels: list[str]) -> bytes:
 
 
 @_styled
-def reliability_png(bins: list[dict], ece: float) -> bytes:
+def reliability_png(bins: list[dict[str, Any]], ece: float) -> bytes:
     figure = Figure(figsize=(5, 5))
     axis = figure.subplots()
     centres = [(b["low"] + b["high"]) / 2 for b in bins if b["count"]]
@@ -85,7 +88,7 @@ def reliability_png(bins: list[dict], ece: float) -> bytes:
 
 
 @_styled
-def per_class_f1_png(per_class: list[dict]) -> bytes:
+def per_class_f1_png(per_class: list[dict[str, Any]]) -> bytes:
     ordered = sorted(per_class, key=lambda row: row["f1"])
     figure = Figure(figsize=(6, max(3, 0.22 * len(ordered))))
     axis = figure.subplots()
@@ -98,7 +101,7 @@ def per_class_f1_png(per_class: list[dict]) -> bytes:
 
 
 @_styled
-def training_curve_png(history: list[dict]) -> bytes:
+def training_curve_png(history: list[dict[str, Any]]) -> bytes:
     figure = Figure(figsize=(6, 3.5))
     axis = figure.subplots()
     # Steps, not epochs: with train.eval_every there are several points per epoch.
@@ -108,7 +111,8 @@ def training_curve_png(history: list[dict]) -> bytes:
     axis.set_ylabel("loss")
     if any("val_macro_f1" in h for h in history):
         twin = axis.twinx()
-        twin.plot(steps, [h.get("val_macro_f1") for h in history], "s-", color="#c44e52", label="val macro-F1")
+        scores = [h.get("val_macro_f1", math.nan) for h in history]  # a point without a score is a gap
+        twin.plot(steps, scores, "s-", color="#c44e52", label="val macro-F1")
         twin.set_ylabel("val macro-F1")
         twin.legend(loc="lower right")
     axis.legend(loc="upper right")
@@ -117,7 +121,7 @@ def training_curve_png(history: list[dict]) -> bytes:
 
 
 @_styled
-def per_class_delta_png(rows: list[dict], limit: float) -> bytes:
+def per_class_delta_png(rows: list[dict[str, Any]], limit: float) -> bytes:
     """Candidate minus production F1 per class; bars below -limit are the ones that block promotion."""
     ordered = sorted(rows, key=lambda row: row["delta_f1"])
     figure = Figure(figsize=(6, max(3, 0.22 * len(ordered))))

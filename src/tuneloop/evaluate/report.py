@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 import html
-import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,9 +17,18 @@ from tuneloop.data.prepare import labelled_rows, leaked_positions, load_prepared
 from tuneloop.evaluate import plots
 from tuneloop.evaluate.explain import explain, shaded_pieces
 from tuneloop.evaluate.metrics import calibration, classification_metrics
+from tuneloop.evaluate.schema import (
+    Calibration,
+    ClassifierReport,
+    Leakage,
+    Overfitting,
+    SkippedLabels,
+    SplitScores,
+    TemperatureFit,
+)
 from tuneloop.evaluate.serving import describe
-from tuneloop.models.classifier import TextClassifier, predict_logits, softmax
-from tuneloop.models.predictor import load_model
+from tuneloop.models.classifier import TextClassifier, softmax
+from tuneloop.models.predictor import Predictor, load_model, load_unchecked, read_serving
 from tuneloop.registry import Registry
 
 # Train accuracy this much above test accuracy is reported as a sign of overfitting.
@@ -26,17 +36,17 @@ OVERFIT_GAP = 0.08
 
 
 def score_split(
-    model: TextClassifier,
-    tokenizer: PreTrainedTokenizerBase,
+    predictor: Predictor,
     split: pd.DataFrame,
     config: EvalConfig,
     leaked: list[int] | None = None,
     logits: np.ndarray | None = None,
-) -> dict:
-    """Metrics of `split`; `leaked` (positions of rows with a near-duplicate in training) adds the accuracy
-    on those rows and on the rest, so a user sees how much the paraphrases seen in training lift the score.
-    `logits` are the model's for every row of `split` when they were computed elsewhere (by several processes)."""
-    labels = model.spec.labels
+) -> SplitScores:
+    """Metrics of `predictor` (as it serves: runtime, fallback, temperature) on `split`; `leaked` (positions of
+    rows with a near-duplicate in training) adds the accuracy on those rows and on the rest, so a user sees how
+    much the paraphrases seen in training lift the score. `logits` are the predictor's own for every row of
+    `split` when they were computed elsewhere (by several processes)."""
+    labels = predictor.labels
     index = {label: i for i, label in enumerate(labels)}
     unknown = sorted(set(split["label"]) - set(index))
     is_known = split["label"].isin(index).to_numpy()
@@ -46,7 +56,7 @@ def score_split(
     if logits is not None:
         logits = logits[is_known]
     elif texts:
-        logits = predict_logits(model, tokenizer, texts)
+        logits = predictor.own_logits(predictor.logits(texts))
     else:
         logits = np.zeros((0, len(labels)))
     probs = softmax(logits)
@@ -61,20 +71,20 @@ def score_split(
         config.suspect_confidence,
         config.suspects_listed,
     )
-    temperature = model.spec.temperature
+    temperature = predictor.temperature
     if temperature != 1.0 and len(texts):
         # The logits are the trained ones divided by the temperature: what the model said before calibration.
         raw = softmax(logits * temperature)
-        metrics["calibration_before"] = calibration(raw.max(1), raw.argmax(1) == truth, config.calibration_bins)
-        metrics["temperature"] = temperature
+        metrics.calibration_before = calibration(raw.max(1), raw.argmax(1) == truth, config.calibration_bins)
+        metrics.temperature = temperature
     if leaked is not None:
-        metrics["leakage"] = leakage_scores(truth, probs, known.index, leaked)
+        metrics.leakage = leakage_scores(truth, probs, known.index, leaked)
     if unknown:
-        metrics["skipped_unknown_labels"] = {"labels": unknown, "rows": int(len(split) - len(known))}
+        metrics.skipped_unknown_labels = SkippedLabels(labels=unknown, rows=int(len(split) - len(known)))
     return metrics
 
 
-def leakage_scores(truth: np.ndarray, probs: np.ndarray, positions: pd.Index, leaked: list[int]) -> dict:
+def leakage_scores(truth: np.ndarray, probs: np.ndarray, positions: pd.Index, leaked: list[int]) -> Leakage:
     """Accuracy on the scored rows whose split position is in `leaked`, and on the others."""
     is_leaked = positions.isin(leaked)
     correct = probs.argmax(axis=1) == truth
@@ -82,48 +92,45 @@ def leakage_scores(truth: np.ndarray, probs: np.ndarray, positions: pd.Index, le
     def accuracy(rows: np.ndarray) -> float | None:
         return float(correct[rows].mean()) if rows.any() else None
 
-    return {
-        "rows": int(is_leaked.sum()),
-        "accuracy_leaked": accuracy(is_leaked),
-        "accuracy_not_leaked": accuracy(~is_leaked),
-    }
+    return Leakage(
+        rows=int(is_leaked.sum()), accuracy_leaked=accuracy(is_leaked), accuracy_not_leaked=accuracy(~is_leaked)
+    )
 
 
 def evaluate_classifier(
-    model: TextClassifier,
-    tokenizer: PreTrainedTokenizerBase,
+    predictor: Predictor,
     test: pd.DataFrame,
     config: EvalConfig,
     train: pd.DataFrame | None = None,
-    history: list[dict] | None = None,
+    history: list[dict[str, Any]] | None = None,
     title: str = "tuneloop evaluation",
     leaked: list[int] | None = None,
     test_logits: np.ndarray | None = None,
-) -> dict:
+) -> ClassifierReport:
     """Test metrics (scored apart on the `leaked` test rows when given), and the train-vs-test gap when
-    training rows are given. `test_logits`: the test rows' logits, when computed elsewhere (as the
-    version serves them, by several processes)."""
-    report: dict = {
-        "title": title,
-        "labels": model.spec.labels,
-        "base_model": model.spec.base_model,
-        "test": score_split(model, tokenizer, test, config, leaked, test_logits),
-    }
+    training rows are given. `test_logits`: the test rows' logits, when computed elsewhere (by several
+    processes)."""
+    report = ClassifierReport(
+        title=title,
+        labels=predictor.labels,
+        base_model=predictor.model.spec.base_model,
+        test=score_split(predictor, test, config, leaked, test_logits),
+    )
     if train is not None and len(train):
         sample = train.sample(n=min(config.train_sample, len(train)), random_state=0)
-        train_metrics = score_split(model, tokenizer, sample, config)
-        gap = train_metrics["accuracy"] - report["test"]["accuracy"]
-        report["overfitting"] = {
-            "train_accuracy": train_metrics["accuracy"],
-            "test_accuracy": report["test"]["accuracy"],
-            "train_macro_f1": train_metrics["macro_f1"],
-            "test_macro_f1": report["test"]["macro_f1"],
-            "accuracy_gap": gap,
-            "train_rows_scored": len(sample),
-            "likely_overfitting": gap > OVERFIT_GAP,
-        }
+        train_metrics = score_split(predictor, sample, config)
+        gap = train_metrics.accuracy - report.test.accuracy
+        report.overfitting = Overfitting(
+            train_accuracy=train_metrics.accuracy,
+            test_accuracy=report.test.accuracy,
+            train_macro_f1=train_metrics.macro_f1,
+            test_macro_f1=report.test.macro_f1,
+            accuracy_gap=gap,
+            train_rows_scored=len(sample),
+            likely_overfitting=gap > OVERFIT_GAP,
+        )
     if history:
-        report["training_history"] = history
+        report.training_history = history
     return report
 
 
@@ -131,7 +138,7 @@ def html_image(png: bytes, alt: str) -> str:
     return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def html_table(rows: list[dict], columns: list[str]) -> str:
+def html_table(rows: Sequence[Mapping[str, Any]], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for row in rows:
@@ -144,84 +151,60 @@ def html_table(rows: list[dict], columns: list[str]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def render_html(report: dict) -> str:
+def render_html(report: ClassifierReport) -> str:
     """The page: the model's own task, then any other task trained on the same encoder (multi-task)."""
     sections = report_sections(report)
-    for task_report in report.get("tasks", {}).values():
+    for task_report in report.other_tasks().values():
         sections += report_sections(task_report)
-    return html_page(report["title"], sections)
+    return html_page(report.title, sections)
 
 
-def report_sections(report: dict) -> list[str]:
-    test = report["test"]
+def report_sections(report: ClassifierReport) -> list[str]:
+    test = report.test
     headline = [
-        {"metric": k, "value": test[k]}
+        {"metric": k, "value": getattr(test, k)}
         for k in ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
     ]
-    headline.append({"metric": "ECE", "value": test["calibration"]["ece"]})
+    headline.append({"metric": "ECE", "value": test.calibration.ece})
     sections = [
-        f"<h1>{html.escape(report['title'])}</h1>",
-        f"<p>Base model: {html.escape(report.get('base_model', ''))}; {test['n']} test examples.</p>",
+        f"<h1>{html.escape(report.title)}</h1>",
+        f"<p>Base model: {html.escape(report.base_model)}; {test.n} test examples"
+        + (f"; trained on {html.escape(report.device)}" if report.device else "")
+        + ".</p>",
         "<h2>Summary</h2>",
         html_table(headline, ["metric", "value"]),
     ]
-    if report.get("serving"):
-        sections.append(f"<p>Scored as it serves: {html.escape(describe(report['serving']))}.</p>")
-    privacy = report.get("privacy")
-    if privacy:
-        sections += [
-            "<h2>Differential privacy</h2>",
-            f"<p>Trained with DP-SGD: (ε = {privacy['epsilon']:.2f}, δ = {privacy['delta']:.1e}) spent of a budget of "
-            f"ε = {privacy['target_epsilon']:g} ({privacy['accountant']} accountant; {privacy['steps']} steps, "
-            f"noise multiplier {privacy['noise_multiplier']:.3f}, each text's gradient clipped to "
-            f"{privacy['max_grad_norm']:g}, sample rate {privacy['sample_rate']:.4f}). The guarantee covers the "
-            f"weights; this page and the run folder show data itself.</p>",
-        ]
-    gap = report.get("overfitting")
-    if gap:
-        verdict = "<b>likely overfitting</b>" if gap["likely_overfitting"] else "no strong sign of overfitting"
-        sections += [
-            "<h2>Train vs test</h2>",
-            f"<p>Train accuracy {gap['train_accuracy']:.3f} vs test {gap['test_accuracy']:.3f} "
-            f"(gap {gap['accuracy_gap']:+.3f}, {gap['train_rows_scored']} training rows re-scored): "
-            f"{verdict}.</p>",
-        ]
-    leakage = test.get("leakage")
-    if leakage and leakage["rows"]:
-        sections += [
-            "<h2>Test rows seen in training</h2>",
-            f"<p>{html.escape(leakage_line(leakage, test['n']))}. The score on the other rows is the better guide "
-            "to new text; the data report lists the pairs (data.leakage=drop leaves them out of the test split).</p>",
-        ]
+    sections += caveat_sections(report)
+    per_class = [row.model_dump() for row in test.per_class]
     sections += [
         "<h2>Per class</h2>",
-        html_table(test["per_class"], ["label", "precision", "recall", "f1", "support"]),
-        html_image(plots.per_class_f1_png(test["per_class"]), "per-class F1"),
+        html_table(per_class, ["label", "precision", "recall", "f1", "support"]),
+        html_image(plots.per_class_f1_png(per_class), "per-class F1"),
         "<h2>Confusion matrix</h2>",
-        html_image(plots.confusion_matrix_png(test["confusion_matrix"], report["labels"]), "confusion matrix"),
+        html_image(plots.confusion_matrix_png(test.confusion_matrix, report.labels), "confusion matrix"),
         "<h2>Calibration</h2>",
-        *calibration_section(test, report.get("calibration")),
+        *calibration_section(test, report.calibration),
         "<h2>Most frequent confusions</h2>",
     ]
     confusion_rows = [
-        {"true": c["true"], "predicted": c["predicted"], "count": c["count"], "examples": " | ".join(c["examples"])}
-        for c in test["top_confusions"]
+        {"true": c.true, "predicted": c.predicted, "count": c.count, "examples": " | ".join(c.examples)}
+        for c in test.top_confusions
     ]
     sections.append(
         html_table(confusion_rows, ["true", "predicted", "count", "examples"])
         if confusion_rows
         else "<p>No errors on the test split.</p>"
     )
-    suspects = test.get("label_suspects")  # absent from reports written before it existed
-    if suspects and suspects["count"]:
+    suspects = test.label_suspects  # absent from reports written before it existed
+    if suspects and suspects.count:
         sections += [
             "<h2>Possible label errors</h2>",
-            f"<p>{suspects['count']} test rows ({suspects['share']:.1%}) where the model contradicts the given "
-            f"label with probability ≥ {suspects['confidence']:.2f}. Such rows are often mislabelled: "
+            f"<p>{suspects.count} test rows ({suspects.share:.1%}) where the model contradicts the given "
+            f"label with probability ≥ {suspects.confidence:.2f}. Such rows are often mislabelled: "
             f"check them before reading every one as a model error (most confident first).</p>",
-            html_table(suspects["rows"], ["text", "label", "predicted", "probability"]),
+            html_table([row.model_dump() for row in suspects.rows], ["text", "label", "predicted", "probability"]),
         ]
-    if report.get("explanations"):
+    if report.explanations:
         sections += [
             "<h2>Why: word attributions</h2>",
             "<p>For the most frequent confusions and the possible label errors: how much each word moved the model "
@@ -231,48 +214,88 @@ def report_sections(report: dict) -> list[str]:
             *(
                 f"<tr><td>{html.escape(e['kind'])}</td><td>{html.escape(e['true'])}</td>"
                 f"<td>{html.escape(e['label'])}</td><td>{shaded_html(e)}</td></tr>"
-                for e in report["explanations"]
+                for e in report.explanations
             ),
             "</tbody></table>",
         ]
-    if report.get("training_history"):
-        sections += ["<h2>Training</h2>", html_image(plots.training_curve_png(report["training_history"]), "training")]
+    if report.training_history:
+        sections += ["<h2>Training</h2>", html_image(plots.training_curve_png(report.training_history), "training")]
     return sections
 
 
-def calibration_section(test: dict, fitted: dict | None) -> list[str]:
+def caveat_sections(report: ClassifierReport) -> list[str]:
+    """What a reader needs before trusting the figures: what they were scored with, privacy spent, overfitting,
+    test rows seen in training."""
+    sections = []
+    if report.serving:
+        sections.append(f"<p>Scored as it serves: {html.escape(describe(report.serving))}.</p>")
+    privacy = report.privacy
+    if privacy:
+        sections += [
+            "<h2>Differential privacy</h2>",
+            f"<p>Trained with DP-SGD: (ε = {privacy.epsilon:.2f}, δ = {privacy.delta:.1e}) spent of a budget of "
+            f"ε = {privacy.target_epsilon:g} ({privacy.accountant} accountant; {privacy.steps} steps, "
+            f"noise multiplier {privacy.noise_multiplier:.3f}, each text's gradient clipped to "
+            f"{privacy.max_grad_norm:g}, sample rate {privacy.sample_rate:.4f}). The guarantee covers the "
+            f"weights; this page and the run folder show data itself.</p>",
+        ]
+    gap = report.overfitting
+    if gap:
+        verdict = "<b>likely overfitting</b>" if gap.likely_overfitting else "no strong sign of overfitting"
+        sections += [
+            "<h2>Train vs test</h2>",
+            f"<p>Train accuracy {gap.train_accuracy:.3f} vs test {gap.test_accuracy:.3f} "
+            f"(gap {gap.accuracy_gap:+.3f}, {gap.train_rows_scored} training rows re-scored): "
+            f"{verdict}.</p>",
+        ]
+    leakage = report.test.leakage
+    if leakage and leakage.rows:
+        sections += [
+            "<h2>Test rows seen in training</h2>",
+            f"<p>{html.escape(leakage_line(leakage, report.test.n))}. The score on the other rows is the better guide "
+            "to new text; the data report lists the pairs (data.leakage=drop leaves them out of the test split).</p>",
+        ]
+    return sections
+
+
+def calibration_section(test: SplitScores, fitted: TemperatureFit | None) -> list[str]:
     """The reliability diagram as served and, when a temperature was fitted, the one before it."""
-    after = html_image(plots.reliability_png(test["calibration"]["bins"], test["calibration"]["ece"]), "reliability")
-    before = test.get("calibration_before")
+    after = html_image(plots.reliability_png(_bins(test.calibration), test.calibration.ece), "reliability")
+    before = test.calibration_before
     if before is None:
-        why = f" No temperature was fitted: {fitted['reason']}." if fitted and not fitted["fitted"] else ""
+        why = f" No temperature was fitted: {fitted.reason}." if fitted and not fitted.fitted else ""
         return [f"<p>Probabilities as the model gives them.{html.escape(why)}</p>", after]
     return [
         f"<p>{html.escape(calibration_line(test))}. Left: before; right: as served.</p>",
         '<div style="display:flex;gap:1em">',
-        html_image(plots.reliability_png(before["bins"], before["ece"]), "reliability before calibration"),
+        html_image(plots.reliability_png(_bins(before), before.ece), "reliability before calibration"),
         after,
         "</div>",
     ]
 
 
-def calibration_line(test: dict) -> str:
+def _bins(calibrated: Calibration) -> list[dict[str, Any]]:
+    return [row.model_dump() for row in calibrated.bins]
+
+
+def calibration_line(test: SplitScores) -> str:
     """One sentence on temperature scaling's effect on the test split (the report of a calibrated model)."""
+    assert test.calibration_before is not None and test.temperature is not None
     return (
-        f"Temperature scaling (T = {test['temperature']:.2f}, fitted on the validation split): test ECE "
-        f"{test['calibration_before']['ece']:.3f} before, {test['calibration']['ece']:.3f} after"
+        f"Temperature scaling (T = {test.temperature:.2f}, fitted on the validation split): test ECE "
+        f"{test.calibration_before.ece:.3f} before, {test.calibration.ece:.3f} after"
     )
 
 
-def leakage_line(leakage: dict, scored: int) -> str:
+def leakage_line(leakage: Leakage, scored: int) -> str:
     """One sentence on the test rows with a near-duplicate in training and the accuracy on each part."""
 
     def shown(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.2%}"
 
     return (
-        f"{leakage['rows']} of {scored} test rows have a near-duplicate in the training split: accuracy "
-        f"{shown(leakage['accuracy_leaked'])} on them, {shown(leakage['accuracy_not_leaked'])} on the other rows"
+        f"{leakage.rows} of {scored} test rows have a near-duplicate in the training split: accuracy "
+        f"{shown(leakage.accuracy_leaked)} on them, {shown(leakage.accuracy_not_leaked)} on the other rows"
     )
 
 
@@ -290,49 +313,41 @@ def html_page(title: str, sections: list[str]) -> str:
     )
 
 
-def report_json(report: dict) -> str:
-    # Metrics computed with numpy/sklearn can arrive as numpy scalars (a waimai_10k run's report held an int64).
-    def plain(value: object) -> object:
-        if isinstance(value, np.generic):
-            return value.item()
-        raise TypeError(f"{type(value).__name__} in the report cannot be written as JSON")
-
-    return json.dumps(report, indent=2, ensure_ascii=False, default=plain)
-
-
-def write_report(report: dict, folder: Path) -> Path:
+def write_report(report: ClassifierReport, folder: Path) -> Path:
     """report.json and report.html into `folder`; returns the HTML path."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(report_json(report))
+    (folder / "report.json").write_text(report.to_json())
     page = folder / "report.html"
     page.write_text(render_html(report), encoding="utf-8")
     return page
 
 
-def add_explanations(report: dict, model: TextClassifier, tokenizer: PreTrainedTokenizerBase, limit: int) -> None:
+def add_explanations(
+    report: ClassifierReport, model: TextClassifier, tokenizer: PreTrainedTokenizerBase, limit: int
+) -> None:
     """Word attributions of the predicted label for the first example of each frequent confusion and for the
-    most confident possible label errors (half each, as far as there are), into report["explanations"].
+    most confident possible label errors (half each, as far as there are), into report.explanations.
     `model` must run on PyTorch (gradients)."""
-    test = report["test"]
-    confusions = [("confusion", c["true"], c["predicted"], c["examples"][0]) for c in test["top_confusions"]]
+    test = report.test
+    confusions = [("confusion", c.true, c.predicted, c.examples[0]) for c in test.top_confusions]
     shown = {text for *_, text in confusions}
     suspects = [
-        ("possible label error", r["label"], r["predicted"], r["text"])
-        for r in test["label_suspects"]["rows"]
-        if r["text"] not in shown  # a confusion's example can be a suspect too: explained once
+        ("possible label error", r.label, r.predicted, r.text)
+        for r in (test.label_suspects.rows if test.label_suspects else [])
+        if r.text not in shown  # a confusion's example can be a suspect too: explained once
     ]
     take = max(limit - min(len(suspects), limit // 2), limit // 2)
     chosen = [*confusions[:take], *suspects][:limit]
     if not chosen:
         return
     explained = explain(model, tokenizer, [text for *_, text in chosen], [predicted for _, _, predicted, _ in chosen])
-    report["explanations"] = [
+    report.explanations = [
         {"kind": kind, "true": true, **explanation.as_dict()}
         for (kind, true, _, _), explanation in zip(chosen, explained, strict=True)
     ]
 
 
-def shaded_html(explanation: dict) -> str:
+def shaded_html(explanation: dict[str, Any]) -> str:
     """The text with each word's background shaded by its attribution: green adds to the label, red takes away."""
     words = [(w["start"], w["end"], w["score"]) for w in explanation["words"]]
     out = []
@@ -348,20 +363,20 @@ def shaded_html(explanation: dict) -> str:
 
 def evaluate_version(
     registry: Registry, ref: str, recipe: ClassifierRecipe, data: Path | None = None, out: Path | None = None
-) -> tuple[dict, Path]:
-    """Score a registered version on its frozen test split, or on every row of `data` (read with the
-    recipe's data columns); the report goes into the version's eval/ (or eval-<file>/) folder, or `out`.
+) -> tuple[ClassifierReport, Path]:
+    """Score a registered version as it serves on its frozen test split, or on every row of `data` (read with
+    the recipe's data columns); the report goes into the version's eval/ (or eval-<file>/) folder, or `out`.
     Returns the report and the page's path."""
     predictor = load_model(ref, registry)
     folder = predictor.folder
+    assert folder is not None  # a registered version's
     if data is None:
         frozen = load_prepared(folder.data())
         test, train, leaked = frozen.test, frozen.train, leaked_positions(frozen.report)
     else:
         test, train, leaked = labelled_rows(recipe.data, data), None, None
     report = evaluate_classifier(
-        predictor.model,
-        predictor.tokenizer,
+        predictor,
         test,
         recipe.eval,
         train=train,
@@ -369,6 +384,7 @@ def evaluate_version(
         leaked=leaked,
     )
     if recipe.eval.explanations:
-        on_torch, _ = TextClassifier.load(folder.model)  # the explanations need gradients: PyTorch, not ONNX
-        add_explanations(report, on_torch, predictor.tokenizer, recipe.eval.explanations)
+        on_torch = load_unchecked(folder, "torch")  # the explanations need gradients: PyTorch, not ONNX
+        add_explanations(report, on_torch.model, on_torch.tokenizer, recipe.eval.explanations)
+    report.serving = read_serving(folder)
     return report, write_report(report, out or folder.evaluation(data))

@@ -13,19 +13,33 @@ import logging
 import os
 import time
 from dataclasses import replace
+from typing import NotRequired, TypedDict
 
 import numpy as np
 
 from tuneloop.atomic import atomic_file
 from tuneloop.config import ServingConfig
 from tuneloop.data.prepare import PreparedData
-from tuneloop.models.onnx_encoder import INT8_FILE, onnx_encoder
-from tuneloop.models.predictor import Predictor, load_model, onnx_cache, top_two_gap
+from tuneloop.models.onnx_encoder import INT8_FILE
+from tuneloop.models.predictor import Predictor, ServingRecord, load_unchecked, onnx_cache, top_two_gap
 from tuneloop.registry import VersionFolder
 
 log = logging.getLogger(__name__)
 # Past this share of texts run again in fp32, int8 with a fallback is no faster than fp32 alone.
 MAX_FALLBACK_SHARE = 0.3
+
+
+class Int8Check(TypedDict):
+    """One plan for serving int8 as the serving record keeps it (under "int8", and each tried under "int8_tried")."""
+
+    plan: str
+    agreement: float  # with fp32's labels on the validation split
+    fp32_accuracy: float
+    int8_accuracy: float
+    accepted: bool
+    reason: str
+    fallback_margin: NotRequired[float]  # with an fp32 fallback for close calls
+    fallback_share: NotRequired[float]
 
 
 def int8_verdict(
@@ -49,10 +63,11 @@ def int8_verdict(
     )
 
 
-def describe(record: dict) -> str:
+def describe(record: ServingRecord) -> str:
     """One sentence on what serves the version and why, for the CLI and the report."""
     check = record.get("int8")
     if record["runtime"] == "onnx-int8":
+        assert check is not None  # int8 serves only with its passed check (read_serving requires it)
         how = "int8 weights"
         if check.get("fallback_margin"):
             how += f", fp32 for close calls ({check['fallback_share']:.1%} of the validation texts)"
@@ -62,34 +77,33 @@ def describe(record: dict) -> str:
     return "served by PyTorch"
 
 
-def choose_runtime(run: VersionFolder, data: PreparedData, settings: ServingConfig, threads: int | None) -> dict:
+def choose_runtime(
+    run: VersionFolder, data: PreparedData, settings: ServingConfig, threads: int | None
+) -> ServingRecord:
     """Build the run's serving artifacts, check int8, write the serving record; returns it."""
     started = time.perf_counter()
-    record: dict = {"requested": settings.runtime, "runtime": settings.runtime}
+    record: ServingRecord = {"requested": settings.runtime, "runtime": settings.runtime}
     if settings.runtime == "onnx-int8":
         record.update(_check_int8(run, data, settings, threads or os.cpu_count() or 1))
     elif settings.runtime == "onnx":
-        load_model(run.root, runtime="onnx", threads=threads)  # exported now, not by the first request
+        load_unchecked(run, "onnx", threads)  # exported now, not by the first request
     record["seconds"] = round(time.perf_counter() - started, 1)
     with atomic_file(run.serving) as staging:
         staging.write_text(json.dumps(record, indent=2))
     return record
 
 
-def _check_int8(run: VersionFolder, data: PreparedData, settings: ServingConfig, threads: int) -> dict:
+def _check_int8(run: VersionFolder, data: PreparedData, settings: ServingConfig, threads: int) -> ServingRecord:
     """int8 alone against fp32 ONNX; if it falls short, int8 with fp32 for its close calls. The first that
     passes serves, else fp32."""
-    fp32 = load_model(run.root, runtime="onnx", threads=threads)
-    int8 = load_model(run.root, runtime="torch", threads=threads)
-    int8.model.encoder = onnx_encoder(
-        int8.model.encoder, int8.tokenizer, onnx_cache(run.root, run.model), threads, int8=True
-    )
+    fp32 = load_unchecked(run, "onnx", threads)
+    int8 = load_unchecked(run, "onnx-int8", threads)
     val, test = list(data.val.text), list(data.test.text)
     truth = data.test.label.to_numpy()
     fp32_val, int8_val = (p.own_logits(p.logits(val)) for p in (fp32, int8))
     fp32_accuracy = _accuracy(fp32, test, truth)
 
-    def verdict(plan: str, agreement: float, predictor: Predictor) -> dict:
+    def verdict(plan: str, agreement: float, predictor: Predictor) -> Int8Check:
         int8_accuracy = _accuracy(predictor, test, truth)
         accepted, reason = int8_verdict(agreement, fp32_accuracy, int8_accuracy, settings)
         return {
@@ -102,7 +116,7 @@ def _check_int8(run: VersionFolder, data: PreparedData, settings: ServingConfig,
         }
 
     agreement = float(np.mean(fp32_val.argmax(-1) == int8_val.argmax(-1))) if val else 1.0
-    tried = [verdict("int8", agreement, int8)]
+    tried: list[Int8Check] = [verdict("int8", agreement, int8)]
     if not tried[-1]["accepted"] and len(val) >= 2:
         margin, share, agreement = cross_fitted_fallback(fp32_val, int8_val)
         if share <= MAX_FALLBACK_SHARE:

@@ -12,17 +12,11 @@ import pandas as pd
 
 from tuneloop.config import FeedbackConfig, RegistryConfig
 from tuneloop.data.clean import clean_text, dedup_key
-from tuneloop.db.schema import FeedbackRecord, PredictionRecord
+from tuneloop.data.spreadsheet import spreadsheet_safe
+from tuneloop.db.schema import ANONYMOUS, FeedbackRecord, PredictionRecord
 from tuneloop.feedback.log import PredictionLog
 
 EXAMPLE_COLUMNS = ["text", "label", "source", "prediction_id", "model_version", "feedback_at"]
-# A cell starting with one of these is a formula to a spreadsheet (CSV injection): users' texts are not.
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def spreadsheet_safe(value: Any) -> Any:
-    """A text a spreadsheet shows as text: a leading ' before a formula start (OWASP's advice)."""
-    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 @dataclass
@@ -60,15 +54,15 @@ def admitted(
     """The feedback allowed to teach, and counts of what was held back.
 
     Rejected feedback never teaches; approved feedback always does; feedback nobody reviewed teaches when its
-    sender was trusted, when `use` is "all", or when `agreement` distinct senders proposed the same label for
-    the same text. Everything else waits in the review queue: one sender, however many times it repeats a
-    correction, cannot teach the model on its own.
+    sender was trusted, when `use` is "all", or when `agreement` distinct keys proposed the same label for
+    the same text (feedback without a key never counts: anyone can send it). Everything else waits in the review
+    queue: one sender, however many times it repeats a correction, cannot teach the model on its own.
     """
     senders: dict[tuple[str, str], set[str]] = {}
     if config.agreement:
         for feedback, prediction in rows:
             label = proposed_label(feedback, prediction)
-            if label is not None and feedback.review != "rejected":
+            if label is not None and feedback.review != "rejected" and feedback.sender != ANONYMOUS:
                 senders.setdefault((text_key(prediction), label), set()).add(feedback.sender)
 
     def agreed(feedback: FeedbackRecord, prediction: PredictionRecord) -> bool:

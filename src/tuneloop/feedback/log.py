@@ -22,6 +22,7 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from tuneloop.atomic import write_text_atomically
+from tuneloop.data.clean import clean_text
 from tuneloop.db import open_database
 from tuneloop.db.schema import ANONYMOUS, FeedbackRecord, PredictionRecord, Review, utc_now
 from tuneloop.errors import NotFound, TuneloopError, first_line
@@ -203,11 +204,13 @@ class PredictionLog:
         self._rescue(oldest, "the database stayed unavailable")
 
     def _stored_text(self, text: str) -> str:
-        """A text as it is written (to the database or a rescue file): personal data masked (on the writer's
-        thread, not the request's), and without NUL, which a PostgreSQL text column cannot hold and which carries
-        no meaning in a message anyway."""
+        """A text as it is written (to the database or a rescue file): without NUL, which a PostgreSQL text column
+        cannot hold and which carries no meaning in a message anyway; with masking on, cleaned and then masked
+        (on the writer's thread, not the request's). Cleaned first because cleaning is what training reads: it
+        decodes `alice&#64;example.com` and drops the soft hyphens inside a card number, so a text masked as it
+        came would turn back into personal data in the training set."""
         text = text.replace("\x00", "")
-        return self.mask(text) if self.mask is not None else text
+        return self.mask(clean_text(text)) if self.mask is not None else text
 
     def _rows(self, batch: list[LoggedPrediction]) -> list[dict[str, object]]:
         return [{**vars(p), "text": self._stored_text(p.text)} for p in batch]
@@ -365,7 +368,7 @@ class PredictionLog:
             created_at=utc_now(),
             corrected_label=corrected_label,
             rating=rating,
-            comment=self.mask(comment) if comment and self.mask is not None else comment,
+            comment=self._stored_text(comment) if comment else comment,
             sender=sender,
             trusted=trusted,
             review="pending",

@@ -37,7 +37,7 @@ from tuneloop.feedback.log import PredictionLog
 from tuneloop.models.embedder import SentenceEmbedder
 from tuneloop.models.encoders import resolve_encoder
 from tuneloop.models.predictor import Predictor, load_model
-from tuneloop.registry import Registry, VersionFolder
+from tuneloop.registry import Home, Registry, VersionFolder
 
 Embed = Callable[[list[str]], np.ndarray]
 
@@ -308,7 +308,7 @@ def watch(
 
 def monitor_folder(home: Path, name: str) -> Path:
     """Where `tuneloop monitor NAME` writes its latest report (drift.json, drift.html), which the server exports."""
-    return home / "monitoring" / name
+    return Home(home).monitoring(name)
 
 
 @_styled

@@ -19,18 +19,19 @@ from tuneloop.data.near_duplicates import best_matches
 from tuneloop.data.prepare import (
     PreparedData,
     fingerprint_of,
-    length_percentiles,
     load_prepared,
+    measure_lengths,
     split_leakage,
     split_summary,
 )
 from tuneloop.db.lease import model_job_lease
 from tuneloop.errors import TuneloopError
 from tuneloop.feedback.export import FeedbackExamples, load_feedback
-from tuneloop.models.encoders import resolve_encoder
+from tuneloop.models.encoders import resolve_encoder, token_counter
+from tuneloop.privacy.mask import Masker, masker
 from tuneloop.registry import Registry
 from tuneloop.training import classification
-from tuneloop.training.classification import ClassifierOutcome, token_counter
+from tuneloop.training.classification import ClassifierOutcome
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +82,18 @@ def retraining_data(
     source: str,
     secret: bytes,
     near_duplicate_threshold: float,
+    mask: Masker | None = None,
 ) -> PreparedData:
     """Production's splits plus feedback: corrections replace training rows with the same text, the
     test split stays exactly as it was, and a share of the feedback chosen by `secret` is held out.
 
     Feedback that is a test text, or a near-duplicate of one, is not trained on: the gate scores the
-    candidate on the test split, and a paraphrase seen in training would lift that score."""
+    candidate on the test split, and a paraphrase seen in training would lift that score. With `mask`
+    (privacy.mask), feedback texts are masked again as they are cleaned for training: a text stored before
+    stored texts were cleaned, or escaped twice, holds personal data only cleaning reveals."""
     examples = feedback.examples
+    if mask is not None:
+        examples = examples.assign(text=examples["text"].map(mask))
     keys = examples["text"].map(dedup_key)
     in_test = keys.isin(set(frozen.test["text"].map(dedup_key)))
     near = best_matches(frozen.test["text"].tolist(), examples["text"].tolist(), near_duplicate_threshold)
@@ -183,11 +189,10 @@ def _retrain(
         source=f"{production.ref} frozen splits + {len(examples.examples)} feedback examples",
         secret=holdout_secret(recipe.registry.home),
         near_duplicate_threshold=recipe.data.near_duplicate_threshold,
+        mask=masker(recipe.privacy),
     )
     encoder = resolve_encoder(production.base_model, registry)
-    data.report["text_length"] = length_percentiles(
-        pd.concat([s["text"] for s in data.splits.values()]).tolist(), token_counter(encoder)
-    )
+    measure_lengths(data, token_counter(encoder))
     log.info("retraining %s with %s", production.ref, data.report["feedback"])
     outcome = classification.run(recipe, prepared=(data, encoder), parent=production.ref, show_progress=show_progress)
     return RetrainOutcome(run=outcome, parent=production.ref, feedback=data.report["feedback"])

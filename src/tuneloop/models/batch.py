@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tuneloop.atomic import atomic_file, write_text_atomically
+from tuneloop.data.spreadsheet import spreadsheet_safe
 from tuneloop.errors import TuneloopError
 from tuneloop.models.predictor import Predictor
 
@@ -206,7 +208,9 @@ def _join(parts: list[Path], output: Path, kind: str) -> None:
                     table = pq.read_table(part)
                     if writer is None:
                         writer = pq.ParquetWriter(temporary, table.schema)
-                    writer.write_table(table.cast(writer.schema))
+                    # pyarrow-stubs types the writer's schema as a ParquetSchema; ParquetWriter keeps the Arrow schema
+                    # it was given.
+                    writer.write_table(table.cast(cast(pa.Schema, writer.schema)))
             finally:
                 if writer is not None:
                     writer.close()
@@ -216,8 +220,8 @@ def _join(parts: list[Path], output: Path, kind: str) -> None:
         with temporary.open("w", encoding="utf-8", newline="") as out:
             for number, part in enumerate(parts):
                 frame = pd.read_parquet(part)
-                if kind == "csv":
-                    frame.to_csv(out, index=False, header=number == 0)
+                if kind == "csv":  # for a spreadsheet: texts must not run as formulas there
+                    frame.map(spreadsheet_safe).to_csv(out, index=False, header=number == 0)
                 else:
                     frame.to_json(out, orient="records", lines=True, force_ascii=False)
                     out.write("" if frame.empty else "\n")

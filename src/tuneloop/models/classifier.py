@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import torch
@@ -16,7 +17,15 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from tuneloop.errors import TuneloopError
+from tuneloop.models.onnx_encoder import OnnxEncoder
 from tuneloop.profiling import stage
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+# An encoder PyTorch runs: a Hugging Face model, or LoRA adapters over one (peft's wrapper, while they train or when
+# loaded unmerged). A classifier assembled to serve may run its encoder on ONNX Runtime instead (OnnxEncoder).
+TorchEncoder: TypeAlias = "PreTrainedModel | PeftModel"
 
 HEAD_FILE = "head.safetensors"
 META_FILE = "classifier.json"
@@ -64,20 +73,21 @@ class HeadSpec:
 def load_encoder(path: Path) -> PreTrainedModel:
     """Load a bare encoder without its pooler, which mean/CLS pooling never uses."""
     try:
-        return AutoModel.from_pretrained(path, add_pooling_layer=False)
+        encoder: PreTrainedModel = AutoModel.from_pretrained(path, add_pooling_layer=False)
     except TypeError:
-        return AutoModel.from_pretrained(path)
+        encoder = AutoModel.from_pretrained(path)
+    return encoder
 
 
-def encoder_layers(encoder: PreTrainedModel, setting: str = "model.layers") -> nn.ModuleList:
+def encoder_layers(encoder: PreTrainedModel) -> nn.ModuleList:
     """The encoder's stack of transformer layers (BERT's encoder.layer, DistilBERT's transformer.layer...): the
-    one module list as long as the config's layer count. `setting` is the one to leave unset if there is none."""
+    one module list as long as the config's layer count."""
     count = getattr(encoder.config, "num_hidden_layers", None)
     stacks = [m for m in encoder.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
     if len(stacks) != 1:
         raise TuneloopError(
             f"cannot tell which modules of this {encoder.config.model_type} encoder are its {count} layers; "
-            f"leave {setting} unset"
+            "leave model.layers unset"
         )
     return stacks[0]
 
@@ -93,32 +103,11 @@ def keep_lower_layers(encoder: PreTrainedModel, count: int) -> None:
     encoder.config.num_hidden_layers = count
 
 
-def freeze_lower_layers(encoder: PreTrainedModel, count: int) -> None:
-    """Freeze the embeddings and the lowest `count` transformer layers. Nothing below the first trained layer
-    needs a gradient, so the backward pass stops there: a step costs the forward pass plus the trained layers'
-    backward. Lower layers hold the general features that fine-tuning changes least (Lee et al. 2019, "What
-    would Elsa do? Freezing layers during transformer fine-tuning")."""
-    layers = encoder_layers(encoder, "train.frozen_layers")
-    embeddings = getattr(encoder, "embeddings", None)
-    if not isinstance(embeddings, nn.Module):
-        raise TuneloopError(
-            f"cannot tell which module of this {encoder.config.model_type} encoder is its embeddings; "
-            "leave train.frozen_layers unset"
-        )
-    if not 1 <= count <= len(layers):
-        raise TuneloopError(
-            f"train.frozen_layers={count}, and the encoder has {len(layers)} layers (model.layers counted): "
-            f"use 1 to {len(layers)}, or 0 to train them all"
-        )
-    for module in (embeddings, *layers[:count]):
-        module.requires_grad_(False)
-
-
 def is_adapter(folder: Path) -> bool:
     return (folder / ADAPTER_CONFIG).is_file()
 
 
-def load_adapted_encoder(folder: Path, merge: bool) -> PreTrainedModel:
+def load_adapted_encoder(folder: Path, merge: bool) -> TorchEncoder:
     """Base encoder + the LoRA adapters saved in `folder`; merged, it is a plain encoder again."""
     from peft import PeftModel  # only LoRA versions need peft; importing it costs a second
 
@@ -157,9 +146,9 @@ class CosineHead(nn.Linear):
 class TextClassifier(nn.Module):
     """Encoder + pooling + head; logits are scaled cosines when head == "cosine"."""
 
-    def __init__(self, encoder: PreTrainedModel, spec: HeadSpec) -> None:
+    def __init__(self, encoder: TorchEncoder | OnnxEncoder, spec: HeadSpec) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder: TorchEncoder | OnnxEncoder = encoder
         self.spec = spec
         self.dropout = nn.Dropout(spec.dropout)
         hidden = encoder.config.hidden_size
@@ -169,14 +158,21 @@ class TextClassifier(nn.Module):
             else nn.Linear(hidden, len(spec.labels))
         )
 
+    @property
+    def torch_encoder(self) -> TorchEncoder:
+        """The encoder, for what only PyTorch does: train it, save it, export it. Only a classifier assembled to
+        serve runs its encoder on ONNX Runtime, and nothing trains, saves or exports that one."""
+        assert not isinstance(self.encoder, OnnxEncoder), "an encoder on ONNX Runtime cannot train or be saved"
+        return self.encoder
+
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden: torch.Tensor = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.spec.pooling == "cls":
             return hidden[:, 0]
         return mean_pool(hidden, attention_mask)
 
     def logits_from_embeddings(self, pooled: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.dropout(pooled))
+        logits: torch.Tensor = self.head(self.dropout(pooled))
         return logits if self.spec.temperature == 1.0 else logits / self.spec.temperature
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -207,9 +203,9 @@ class TextClassifier(nn.Module):
 
     def save(self, folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.encoder.save_pretrained(folder)
+        self.torch_encoder.save_pretrained(str(folder))  # peft's save_pretrained is typed for a str
         tokenizer.save_pretrained(folder)
-        save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, folder / HEAD_FILE)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, folder / HEAD_FILE)
         self.spec.write(folder)
 
     @classmethod
@@ -227,7 +223,8 @@ class TextClassifier(nn.Module):
 def save_task_heads(folder: Path, heads: dict[str, TextClassifier]) -> None:
     """Next to a saved classifier: the heads of the other tasks trained on its encoder."""
     for task, head in heads.items():
-        save_file({k: v.contiguous() for k, v in head.head.state_dict().items()}, folder / f"head-{task}.safetensors")
+        weights = {k: v.detach().cpu().contiguous() for k, v in head.head.state_dict().items()}
+        save_file(weights, folder / f"head-{task}.safetensors")
     (folder / TASKS_FILE).write_text(task_specs_json(heads))
 
 
@@ -285,7 +282,8 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], spec: HeadSpe
     evaluation, serving and batch prediction all cut long texts here, the same way (spec.truncation)."""
     prefixed = [spec.text_prefix + t for t in texts]
     if spec.truncation == "head":
-        return tokenizer(prefixed, truncation=True, max_length=spec.max_length)["input_ids"]
+        ids: list[list[int]] = tokenizer(prefixed, truncation=True, max_length=spec.max_length)["input_ids"]
+        return ids
     encoded = tokenizer(prefixed, return_special_tokens_mask=True, verbose=False)
     return [
         [ids[i] for i in kept_tokens(special, spec.max_length, spec.truncation)]
@@ -343,6 +341,7 @@ def predict_logits(
     real tokens (see `length_groups`).
     """
     model.eval()
+    device = model.head.weight.device  # a model still on the GPU it trained on (validation); else the CPU
     with stage("tokenise"):
         encoded = tokenize(tokenizer, texts, model.spec)
     out = np.zeros((len(texts), len(model.spec.labels) + sum(len(h.spec.labels) for h in heads)), dtype=np.float32)
@@ -350,15 +349,16 @@ def predict_logits(
         with stage("data"):
             input_ids, attention_mask = pad_right([encoded[i] for i in chosen], tokenizer.pad_token_id or 0)
         with stage("forward"):
-            pooled = model.embed(input_ids, attention_mask)
+            pooled = model.embed(input_ids.to(device), attention_mask.to(device))
             logits = [classifier.logits_from_embeddings(pooled) for classifier in (model, *heads)]
-            out[chosen] = torch.cat(logits, dim=-1).float().numpy()
+            out[chosen] = torch.cat(logits, dim=-1).float().cpu().numpy()
     return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
+    probabilities: np.ndarray = shifted / shifted.sum(axis=-1, keepdims=True)
+    return probabilities
 
 
 def predict_proba(

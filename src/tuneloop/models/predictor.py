@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -27,6 +28,9 @@ from tuneloop.registry import ModelVersion, Registry, VersionFolder
 log = logging.getLogger(__name__)
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 ONNX_CACHE = "onnx"  # beside a folder's model (an export's: inside it), where its ONNX exports are kept
+# A version's serving record (serving.json, written by tuneloop.evaluate.serving): which runtime serves it and its
+# int8 checks, as JSON; read_serving checks the keys loading relies on.
+ServingRecord = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,17 @@ class Predictor:
     @property
     def labels(self) -> list[str]:
         return self.model.spec.labels
+
+    @property
+    def device(self) -> str:
+        """Where the encoder runs: "cpu", or "cuda" when ONNX Runtime's CUDA provider runs it."""
+        provider = getattr(self.model.encoder, "provider", "CPUExecutionProvider")
+        return "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+
+    @property
+    def temperature(self) -> float:
+        """What the model's logits are divided by (its fitted temperature; 1 before calibration)."""
+        return self.model.spec.temperature
 
     @property
     def classes_(self) -> np.ndarray:
@@ -97,17 +112,21 @@ class Predictor:
         """The model's own task's columns of `logits` rows."""
         return rows[..., : len(self.labels)]
 
-    def task(self, name: str, rows: np.ndarray) -> tuple[Predictor, np.ndarray]:
+    def head(self, name: str) -> Predictor:
         """Another task of a multi-task model, as a predictor of its own (named NAME:TASK, so its logged
-        predictions never mix with the model's own), with its columns of `logits` rows."""
+        predictions never mix with the model's own) on the same encoder."""
         if name not in self.tasks:
             trained = ", ".join(self.tasks) or "none"
             raise TuneloopError(f"{self.ref} has no '{name}' task (its other tasks: {trained})")
+        head = self.tasks[name]
+        return Predictor(f"{self.name}:{name}", self.version, head, self.tokenizer, self.record, self.folder)
+
+    def task(self, name: str, rows: np.ndarray) -> tuple[Predictor, np.ndarray]:
+        """Another task's predictor (see `head`) with its columns of `logits` rows."""
+        view = self.head(name)
         order = list(self.tasks)
         start = len(self.labels) + sum(len(self.tasks[t].spec.labels) for t in order[: order.index(name)])
-        head = self.tasks[name]
-        view = Predictor(f"{self.name}:{name}", self.version, head, self.tokenizer, self.record, self.folder)
-        return view, rows[..., start : start + len(head.spec.labels)]
+        return view, rows[..., start : start + len(view.labels)]
 
     def predict_proba(self, texts: list[str], cleaned: bool = False) -> np.ndarray:
         """Probabilities of the model's own labels (columns in `classes_` order), one row per text.
@@ -148,24 +167,45 @@ def load_model(
     if runtime not in (None, "version", *RUNTIMES):
         raise TuneloopError(f"unknown runtime '{runtime}': use one of version, {', '.join(RUNTIMES)}")
     record, folder, model_dir = locate_model(source, registry)
+    serving = read_serving(folder)
+    ref = record.ref if record is not None else (folder.root if folder else model_dir).resolve().name
+    chosen = serving_runtime(runtime, serving, ref)
+    margin = float(serving["int8"].get("fallback_margin") or 0.0) if chosen == "onnx-int8" and serving else 0.0
+    return _assemble(record, folder, model_dir, chosen, threads, margin)
+
+
+def load_unchecked(run: VersionFolder, runtime: str, threads: int | None = None) -> Predictor:
+    """A run's model on `runtime` whatever its serving record says: what the end-of-training check loads to
+    compare int8 with fp32, before there is a record to follow. Serving never loads this way."""
+    return _assemble(None, run, run.model, runtime, threads, 0.0)
+
+
+def _assemble(
+    record: ModelVersion | None,
+    folder: VersionFolder | None,
+    model_dir: Path,
+    runtime: str,
+    threads: int | None,
+    fallback_margin: float,
+) -> Predictor:
+    """The predictor of the model in `model_dir` on `runtime` (with an fp32 fallback for close calls when
+    `fallback_margin` is set): the one place a classifier is put together for predicting."""
     if record is not None:
         name, version = record.name, record.version
     else:
         name, version = (folder.root if folder else model_dir).resolve().name, None
-    cache = onnx_cache(folder.root if folder else model_dir, model_dir)
-    serving = read_serving(folder)
-    chosen = serving_runtime(runtime, serving, name if version is None else f"{name}@{version}")
     model, tokenizer = TextClassifier.load(model_dir)
-    if chosen != "torch":
+    if runtime != "torch":
+        cache = onnx_cache(folder.root if folder else model_dir, model_dir)
         model.encoder = onnx_encoder(
-            model.encoder, tokenizer, cache, threads or os.cpu_count() or 1, int8=chosen == "onnx-int8"
+            model.torch_encoder, tokenizer, cache, threads or os.cpu_count() or 1, int8=runtime == "onnx-int8"
         )
     # After the swap: the other tasks' heads share whichever encoder the model runs.
     tasks = load_task_heads(model_dir, model)
-    fallback, margin = None, 0.0
-    if chosen == "onnx-int8" and serving and serving["int8"].get("fallback_margin"):
-        fallback, margin = load_model(source, registry, "onnx", threads), serving["int8"]["fallback_margin"]
-    return Predictor(name, version, model, tokenizer, record, folder, tasks, chosen, fallback, margin)
+    fallback = _assemble(record, folder, model_dir, "onnx", threads, 0.0) if fallback_margin else None
+    loaded = Predictor(name, version, model, tokenizer, record, folder, tasks, runtime, fallback, fallback_margin)
+    log.info("%s runs on %s (%s)", loaded.ref, loaded.device, runtime)
+    return loaded
 
 
 def locate_model(
@@ -194,12 +234,12 @@ def top_two_gap(logits: np.ndarray) -> np.ndarray:
     return top[..., -1] - top[..., -2]
 
 
-def read_serving(folder: VersionFolder | None) -> dict | None:
+def read_serving(folder: VersionFolder | None) -> ServingRecord | None:
     """A version's serving record (written at the end of training), or None for one made without it."""
     if folder is None or not folder.serving.is_file():
         return None
     try:
-        record = json.loads(folder.serving.read_text())
+        record: ServingRecord = json.loads(folder.serving.read_text())
         if record["runtime"] not in RUNTIMES or (record["runtime"] == "onnx-int8" and not record["int8"]["accepted"]):
             raise ValueError(f"runtime {record['runtime']!r}")
     except (ValueError, KeyError, TypeError) as exc:
@@ -210,7 +250,7 @@ def read_serving(folder: VersionFolder | None) -> dict | None:
     return record
 
 
-def serving_runtime(requested: str | None, serving: dict | None, ref: str) -> str:
+def serving_runtime(requested: str | None, serving: ServingRecord | None, ref: str) -> str:
     """The runtime that runs: the version's own unless one is requested; int8 only where its check passed."""
     if requested in (None, "version"):
         return serving["runtime"] if serving else "onnx"

@@ -9,7 +9,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+
+from tuneloop.models.classifier import TorchEncoder
 
 
 class TrainedRowsEmbedding(nn.Module):
@@ -20,6 +21,10 @@ class TrainedRowsEmbedding(nn.Module):
     model, and stepping AdamW over all of it took 0.6 s of a 1.1 s step on 2 cores (a few thousand Chinese
     reviews use about 5k rows).
     """
+
+    # Buffers (not saved): each token id's row among the trained ones (-1 for none), and the trained token ids.
+    slot: torch.Tensor
+    token_ids: torch.Tensor
 
     def __init__(self, full: nn.Embedding, token_ids: list[int]) -> None:
         super().__init__()
@@ -43,7 +48,7 @@ class TrainedRowsEmbedding(nn.Module):
         return self.full
 
 
-def train_only_used_rows(encoder: PreTrainedModel, train_ids: list[list[int]]) -> None:
+def train_only_used_rows(encoder: TorchEncoder, train_ids: list[list[int]]) -> None:
     """Swap the encoder's trainable word embeddings for a TrainedRowsEmbedding over the tokens in `train_ids`."""
     embeddings = encoder.get_input_embeddings()
     if isinstance(embeddings, nn.Embedding) and embeddings.weight.requires_grad:
@@ -51,7 +56,7 @@ def train_only_used_rows(encoder: PreTrainedModel, train_ids: list[list[int]]) -
 
 
 @contextmanager
-def plain_embeddings(encoder: PreTrainedModel) -> Iterator[None]:
+def plain_embeddings(encoder: TorchEncoder) -> Iterator[None]:
     """Within it the encoder holds an ordinary nn.Embedding (trained rows merged in), as saved models must."""
     current = encoder.get_input_embeddings()
     if not isinstance(current, TrainedRowsEmbedding):

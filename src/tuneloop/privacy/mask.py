@@ -35,24 +35,58 @@ PLACEHOLDER: dict[PiiType, str] = {
 }
 
 EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
-URL = re.compile(r"https?://[^\s<>\"'，。、；）)]+", re.IGNORECASE)
-# Query parameters and URL user-info that carry a credential; a URL with one is masked whole.
+# A URL ends where the text around it starts again: at white space, quotes or brackets, CJK characters and
+# full-width punctuation (a Chinese sentence goes on right after it), and trailing sentence punctuation.
+URL = re.compile(r"https?://[^\s<>\"'\u3000-\u9fff\uff00-\uffef]+", re.IGNORECASE)
+URL_TRAILING = ".,;:!?)]}'\""
+# Query parameters and URL user-info that carry a credential or name a user; a URL with one is masked whole.
 SECRET_PARAMS = re.compile(
-    r"token|key|secret|password|passwd|pwd|auth|session|sid|sig|signature|code|credential|ticket", re.IGNORECASE
+    r"token|key|secret|password|passwd|pwd|auth|session|sid|sig|signature|code|credential|ticket|"
+    r"^(?:u|user|userid|user_id|uid|member|account|acct|customer|email|mail|phone|mobile|event|invite|reset|"
+    r"verify|verification|activation|confirm|otp|nonce|hash)$",
+    re.IGNORECASE,
 )
-IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,4})?\b")
-CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
-CARD_PREFIXES = re.compile(r"4|5[1-5]|2[2-7]|3[47]|6(?:011|2|4[4-9]|5)|35")
+# A path segment that is somebody's token rather than a page name: a UUID, or a long run of letters and digits
+# mixed (an activation or reset link, a signed download).
+TOKEN_SEGMENT = re.compile(
+    r"^(?:[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}|"
+    r"(?=[A-Za-z0-9_-]*\d)(?=[A-Za-z0-9_-]*[A-Za-z])[A-Za-z0-9_-]{20,})$",
+    re.IGNORECASE,
+)
+# Letters or digits right against a code would make it part of a longer word; CJK characters do not (Chinese
+# writes "账号GB82WEST…" with no space), so these look only at ASCII letters and digits.
+IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,4})?(?![A-Za-z0-9])")
+CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){11,18}\d(?![\d-])")
+# Issuer prefixes (Visa, Mastercard, Amex, Diners, JCB, Discover, UnionPay, Maestro): a Luhn-valid number of 13
+# digits or more with one is a card wherever it is; any other Luhn-valid number only right after a word for a card.
+CARD_PREFIXES = re.compile(r"4|5[0-5]|2[2-7]|3[0478]|35|6|2131|1800")
+CARD_WORDS = re.compile(r"(?:card|cc|credit|debit|visa|mastercard|amex|卡号|卡)[^0-9]{0,16}$", re.IGNORECASE)
 CN_ID = re.compile(r"(?<![0-9A-Za-z])\d{17}[\dXx](?![0-9A-Za-z])")
-IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
+# A dotted quad ends before a sentence's full stop ("from 203.0.113.5."), not before another number part.
+IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\.?\d)")
 IPV6 = re.compile(r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])")
+# What a dotted number after these is: a version (4.2.1.7, V1.0.2.15), never an address.
+VERSION_WORDS = re.compile(r"(?:v|ver\.?|version|release|build|firmware|固件|版本|系统)\s*[:：]?\s*$", re.IGNORECASE)
 CN_MOBILE = re.compile(r"(?<![\dA-Za-z])(?:\+?86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}(?![\dA-Za-z])")
+# "+44 (0)7700 900872": the national trunk prefix written in brackets after the country code, which
+# libphonenumber's matcher does not read; parsed without the "(0)".
+TRUNK_IN_BRACKETS = re.compile(r"\+\d{1,3}[ -]?\(0\)[ -]?\d(?:[ -]?\d){5,12}(?!\d)")
 # A number glued to letters or a code's separators is part of a code (INV-2024-000187), not a phone number.
 ATTACHED_BEFORE = re.compile(r"(?:[A-Za-z][-/#]?|[-/#])$")
 ATTACHED_AFTER = re.compile(r"[A-Za-z]")
 PHONE_WORDS = re.compile(
-    r"(?:call|phone|tel|telephone|mobile|cell|whatsapp|number|reach me|text me|电话|手机|联系|致电|号码|打给)"
-    r"[^0-9+]{0,12}$",
+    r"(?:call|phone|tel|telephone|mobile|cell|whatsapp|fax|desk|reach me|text me|sms|messages? to|answering at|"
+    r"registered|电话|手机|联系|致电|打给|短信)[^0-9+]{0,12}$",
+    re.IGNORECASE,
+)
+NUMBER_WORDS = re.compile(r"(?:number|号码)[^0-9+]{0,12}$", re.IGNORECASE)
+# A label after the number, as signatures and address blocks write them ("082 490 1693-Office").
+PHONE_LABEL_AFTER = re.compile(r"[-\s,]*(?:office|fax|mobile|cell|home|work)\b", re.IGNORECASE)
+# After these, a dashed or grouped number is an order, parcel, invoice or serial number, unless a word for a
+# phone comes closer.
+ORDER_WORDS = re.compile(
+    r"(?:order|tracking|parcel|invoice|ticket|ref|reference|case|booking|serial|no\.|#|订单|单号|快递|运单|工单|序列)"
+    r"[^0-9]{0,16}$",
     re.IGNORECASE,
 )
 
@@ -70,11 +104,17 @@ def _emails(text: str) -> Iterable[Found]:
 
 def _urls(text: str) -> Iterable[Found]:
     for match in URL.finditer(text):
-        parts = urlsplit(match.group())
+        url = match.group().rstrip(URL_TRAILING)
+        parts = urlsplit(url)
         names = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
         fragment = [name for name, _ in parse_qsl(parts.fragment, keep_blank_values=True)]
-        if parts.password or any(SECRET_PARAMS.search(name) for name in names + fragment):
-            yield Found(match.start(), match.end(), "url")
+        segments = [segment for segment in parts.path.split("/") if segment]
+        if (
+            parts.password
+            or any(SECRET_PARAMS.search(name) for name in names + fragment)
+            or any(TOKEN_SEGMENT.match(segment) for segment in segments)
+        ):
+            yield Found(match.start(), match.start() + len(url), "url")
 
 
 def _ibans(text: str) -> Iterable[Found]:
@@ -84,7 +124,10 @@ def _ibans(text: str) -> Iterable[Found]:
 def _cards(text: str) -> Iterable[Found]:
     for match in CARD.finditer(text):
         digits = re.sub(r"\D", "", match.group())
-        if 13 <= len(digits) <= 19 and CARD_PREFIXES.match(digits) and luhn.is_valid(digits):
+        if not (12 <= len(digits) <= 19 and luhn.is_valid(digits)):
+            continue
+        issued = len(digits) >= 13 and CARD_PREFIXES.match(digits)
+        if issued or CARD_WORDS.search(text[: match.start()]):
             yield Found(match.start(), match.end(), "card")
 
 
@@ -104,13 +147,14 @@ CN_PROVINCES = {
 
 
 def is_cn_resident_id(number: str) -> bool:
-    """The ISO 7064 check digit, a real birth date and a province code."""
+    """A real birth date and a province code. The ISO 7064 check digit is not required: an ID with one digit
+    mistyped is still somebody's, and the date and province already set it apart from order numbers."""
     number = number.upper()
     try:
         ric.get_birth_date(number)
     except ValueError:
         return False
-    return number[-1] == ric.calc_check_digit(number) and int(number[:2]) in CN_PROVINCES
+    return int(number[:2]) in CN_PROVINCES
 
 
 def _cn_ids(text: str) -> Iterable[Found]:
@@ -123,6 +167,8 @@ def _ips(text: str) -> Iterable[Found]:
             candidate = match.group()
             if pattern is IPV6 and candidate.count(":") < 2:
                 continue
+            if pattern is IPV4 and VERSION_WORDS.search(text[: match.start()]):
+                continue
             try:
                 ipaddress.ip_address(candidate)
             except ValueError:
@@ -130,15 +176,38 @@ def _ips(text: str) -> Iterable[Found]:
             yield Found(match.start(), match.end(), "ip")
 
 
+def _trunk_prefixed(text: str) -> Iterable[Found]:
+    for match in TRUNK_IN_BRACKETS.finditer(text):
+        try:
+            number = phonenumbers.parse(match.group().replace("(0)", " "), None)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_possible_number(number):
+            yield Found(match.start(), match.end(), "phone")
+
+
 def _phones(text: str, regions: tuple[str, ...]) -> Iterable[Found]:
     yield from (Found(m.start(), m.end(), "phone") for m in CN_MOBILE.finditer(text))
+    yield from _trunk_prefixed(text)
     for region in regions:
-        for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
-            raw = match.raw_string
-            if ATTACHED_BEFORE.search(text[: match.start]) or ATTACHED_AFTER.match(text, match.end):
+        for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.POSSIBLE):
+            raw, before = match.raw_string, text[: match.start]
+            if ATTACHED_BEFORE.search(before) or ATTACHED_AFTER.match(text, match.end):
                 continue
+            named = PHONE_WORDS.search(before) is not None
+            if ORDER_WORDS.search(before) and not named:
+                continue
+            labelled = named or NUMBER_WORDS.search(before) or PHONE_LABEL_AFTER.match(text, match.end)
             written_as_phone = raw.startswith("+") or re.search(r"[ ().-]", raw) is not None
-            if written_as_phone or PHONE_WORDS.search(text[: match.start]):
+            # A + or a word for a phone says what it is (for a number of 7 digits or more: "call a taxi to 124 67
+            # Devon Street" names a street number); otherwise the number must be a real one of the region, written
+            # the way phone numbers are.
+            long_enough = sum(c.isdigit() for c in raw) >= 7
+            if (
+                (raw.startswith("+") or labelled)
+                and long_enough
+                or (written_as_phone and phonenumbers.is_valid_number(match.number))
+            ):
                 yield Found(match.start, match.end, "phone")
 
 

@@ -2,6 +2,7 @@
 
 from tuneloop.db.schema import ModelVersion
 from tuneloop.registry.folder import VersionFolder
+from tuneloop.registry.home import Home
 from tuneloop.registry.store import Registry
 
-__all__ = ["ModelVersion", "Registry", "VersionFolder"]
+__all__ = ["Home", "ModelVersion", "Registry", "VersionFolder"]

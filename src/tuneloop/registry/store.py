@@ -27,6 +27,7 @@ from tuneloop.db import open_database
 from tuneloop.db.schema import ModelVersion, StageChange, utc_now
 from tuneloop.errors import Conflict, NotFound, TuneloopError, first_line
 from tuneloop.registry.folder import VersionFolder
+from tuneloop.registry.home import Home
 
 # `promote(replacing=CURRENT)`: replace whatever is production when the call starts.
 CURRENT = object()
@@ -96,7 +97,7 @@ class Registry:
         registrations of one name at once get two numbers and two complete folders. No folder this call did
         not create is ever removed: one left by a crash between rename and commit keeps its number unused.
         """
-        models = self.home / "models" / name
+        models = Home(self.home).versions(name)
         models.mkdir(parents=True, exist_ok=True)
         staging = models / f".v-{uuid.uuid4().hex}.tmp"
         try:

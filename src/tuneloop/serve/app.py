@@ -16,6 +16,9 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from tuneloop import __version__
 from tuneloop.assistant.definition import load_definition
@@ -30,7 +33,7 @@ from tuneloop.feedback.monitor import latest_reports
 from tuneloop.feedback.retention import purge
 from tuneloop.models.predictor import Predictor
 from tuneloop.privacy.mask import masker
-from tuneloop.registry import Registry
+from tuneloop.registry import Home, Registry
 from tuneloop.serve.deps import ServerState
 from tuneloop.serve.jobs import JobRunner
 from tuneloop.serve.metrics import RequestMetrics, ServerMetrics
@@ -57,7 +60,7 @@ def _field(location: tuple[int | str, ...]) -> str:
     return ".".join(parts) or "body"
 
 
-def _install_error_handlers(app: FastAPI) -> None:
+def _install_error_handlers(app: FastAPI, routes: list[BaseRoute]) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         # The inputs are not echoed back: they may be long, or private.
@@ -73,13 +76,26 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request.scope, routes, headers.get("Allow", "")))
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"detail": "internal server error; the server log has the details"}, status_code=500)
+
+
+def allowed_methods(scope: Scope, routes: list[BaseRoute], named: str) -> list[str]:
+    """Every method a route answers at this path, with those Starlette `named`: its 405 names only the methods of
+    the first route whose path matches, and a path such as /v1/admin/jobs has one route for GET, one for POST."""
+    methods = {method.strip() for method in named.split(",") if method.strip()}
+    for route in routes:
+        if route.matches(scope)[0] != Match.NONE:  # PARTIAL: the path matches, the method does not
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def _job_settings(config: ServerSettings) -> dict[str, list[str]]:
@@ -140,7 +156,7 @@ def _build_state(config: ServerSettings) -> ServerState:
             max_streams=settings.max_streams,
         )
     jobs = JobRunner(
-        config.registry.home / "jobs",
+        Home(config.registry.home).jobs,
         _job_settings(config),
         {"TUNELOOP_DATABASE_URL": config.registry.resolved_database_url()},
     )
@@ -203,14 +219,17 @@ def create_app(config: ServerSettings) -> FastAPI:
         "<key>` or `X-API-Key`.",
     )
     app.state.tuneloop = state
-    _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=config.serve.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
     app.add_middleware(SecurityHeaders)
     # Outermost: a request naming a host this server is not (a DNS-rebinding page in a user's browser) is
     # refused before anything else sees it.
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(config.serve))
+    if config.serve.trusted_proxies:
+        # The client's address and scheme from the proxies named, and from nobody else.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=config.serve.trusted_proxies)
     routers = [module.router for module in (predict, feedback, models, chat, admin, ops, pages)]
+    _install_error_handlers(app, [route for router in routers for route in router.routes])
     for router in routers:
         app.include_router(router)
     app.mount("/assets", StaticFiles(directory=str(pages.SERVER_WEB)), name="assets")

@@ -60,11 +60,11 @@ class ServerState:
         return OUT_OF_SCOPE
 
 
-def get_state(request: Request) -> ServerState:
+async def get_state(request: Request) -> ServerState:
     return cast(ServerState, request.app.state.tuneloop)
 
 
-def get_chat(state: Annotated[ServerState, Depends(get_state)]) -> ChatService:
+async def get_chat(state: Annotated[ServerState, Depends(get_state)]) -> ChatService:
     if state.chat is None:
         raise NotFound("no assistant is configured on this server (serve.assistant=assistant.yaml)")
     return state.chat

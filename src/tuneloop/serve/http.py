@@ -72,5 +72,8 @@ def uvicorn_config(app: Any, settings: ServeConfig, **overrides: Any) -> uvicorn
         "limit_concurrency": settings.max_connections,
         "timeout_keep_alive": settings.keep_alive_seconds,
         "http": protocol,
+        # X-Forwarded-For is read by the app, from serve.trusted_proxies only; uvicorn's own reading would take
+        # it from any peer on this machine (its default FORWARDED_ALLOW_IPS), so a client could choose its address.
+        "proxy_headers": False,
     }
     return uvicorn.Config(app, **{**options, **overrides})

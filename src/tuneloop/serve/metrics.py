@@ -12,6 +12,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# Methods counted by name; any other (a client may send any token as its method) is counted as "other", so a
+# scanner cannot add a series, and its memory, per request.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -160,5 +163,6 @@ class RequestMetrics:
             route = scope.get("route")
             # Unmatched paths share one label so a scanner cannot blow up the series count.
             name = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(name, scope["method"], str(status[0])).inc()
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            self.metrics.requests.labels(name, method, str(status[0])).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - started)

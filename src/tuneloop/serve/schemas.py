@@ -3,20 +3,51 @@ in and what comes out)."""
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from tuneloop.config import MODEL_NAME_PATTERN, StrictModel
 
 
-class PredictRequest(StrictModel):
+def _admits_null(schema: dict[str, Any]) -> bool:
+    return schema.get("type") == "null" or any(_admits_null(option) for option in schema.get("anyOf", []))
+
+
+class RequestBody(StrictModel):
+    """A request's body, read as its schema states it: an optional field whose schema admits no null refuses
+    one, and booleans are StrictBool (`"explain": 0` is not false); a fuzzer or a client generated from the
+    document must never see the server accept what the document calls invalid. (Integers stay lax: JSON Schema
+    calls 1.0 an integer.)"""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_null_where_the_schema_has_none(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            nulls = [name for name, value in data.items() if value is None and name in cls._never_null()]
+            if nulls:
+                raise ValueError(f"leave {', '.join(nulls)} out instead of sending null")
+        return data
+
+    @classmethod
+    @functools.cache
+    def _never_null(cls) -> frozenset[str]:
+        properties = cls.model_json_schema()["properties"]
+        return frozenset(
+            name
+            for name, field in cls.model_fields.items()
+            if not field.is_required() and not _admits_null(properties[name])
+        )
+
+
+class PredictRequest(RequestBody):
     texts: list[str] = Field(min_length=1, description="Texts to classify.")
     model: str | None = Field(None, description="Model name; optional when the server serves one model.")
     top_k: int | None = Field(None, ge=1, le=100, description="Ranked labels per text (default serve.top_k).")
-    explain: bool = Field(
+    explain: StrictBool = Field(
         False,
         description="Add each text's word attributions (Integrated Gradients) for its label; at most "
         "serve.explain_max_texts texts per request.",
@@ -60,7 +91,7 @@ class PredictResponse(BaseModel):
     predictions: list[TextPrediction]
 
 
-class FeedbackRequest(StrictModel):
+class FeedbackRequest(RequestBody):
     # The two rules below are in the JSON schema too, so a client generated from it cannot send a body that
     # the server then refuses. (null is read as "not given"; the schema shows the fields as absent-or-set.)
     model_config = ConfigDict(
@@ -114,6 +145,9 @@ class ModelInfo(BaseModel):
     base_model: str
     labels: list[str]
     runtime: Literal["torch", "onnx", "onnx-int8"] = Field(description="What runs this version's encoder now.")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Where it runs: cuda when the gpu extra (onnxruntime-gpu) finds a GPU, else cpu."
+    )
     metrics: dict[str, Any]
     created_at: datetime
     parent: str | None
@@ -124,9 +158,9 @@ class ModelsResponse(BaseModel):
     models: list[ModelInfo]
 
 
-class PromoteRequest(StrictModel):
+class PromoteRequest(RequestBody):
     version: int = Field(ge=1)
-    wait: bool = Field(False, description="Answer only after the server answers with the new version.")
+    wait: StrictBool = Field(False, description="Answer only after the server answers with the new version.")
 
 
 class PromoteResponse(BaseModel):
@@ -138,7 +172,7 @@ class PromoteResponse(BaseModel):
     )
 
 
-class ChatRequest(StrictModel):
+class ChatRequest(RequestBody):
     session_id: Annotated[str, Field(min_length=1, max_length=100)] | SkipJsonSchema[None] = Field(
         None,
         description="Leave it out to start a conversation: the answer carries the session_id the server issued; "
@@ -182,7 +216,7 @@ class AssistantInfo(BaseModel):
     sentiment_model: str
 
 
-class JobRequest(StrictModel):
+class JobRequest(RequestBody):
     kind: Literal["retrain", "gate"]
     target: str = Field(
         pattern=MODEL_NAME_PATTERN.removesuffix("$") + r"(@\d+)?$",
@@ -190,13 +224,15 @@ class JobRequest(StrictModel):
     )
 
 
-class ExplainRequest(StrictModel):
+class ExplainRequest(RequestBody):
     model: str = Field(
         pattern=MODEL_NAME_PATTERN.removesuffix("$") + r"(@\d+)?$",
         description="NAME (its production version) or NAME@VERSION (the version that answered).",
     )
     text: str = Field(min_length=1, description="The text to explain.")
-    label: str | None = Field(None, max_length=200, description="The label to explain; default: the predicted one.")
+    label: str | None = Field(
+        None, min_length=1, max_length=200, description="The label to explain; default: the predicted one."
+    )
 
 
 class AdminVersion(BaseModel):
@@ -322,7 +358,7 @@ class SuggestionsResponse(BaseModel):
     suggestions: list[SuggestionInfo]
 
 
-class LabelsRequest(StrictModel):
+class LabelsRequest(RequestBody):
     model: str = Field(pattern=MODEL_NAME_PATTERN, description="The model whose predictions are labelled.")
     labels: dict[Annotated[str, Field(max_length=32)], Annotated[str, Field(min_length=1, max_length=200)]] = Field(
         min_length=1, max_length=1000, description="Prediction id → the right label, from the suggestions."
@@ -333,7 +369,7 @@ class LabelsResponse(BaseModel):
     recorded: int = Field(description="Labels recorded (one already given by the same admin is not repeated).")
 
 
-class ReviewDecisionRequest(StrictModel):
+class ReviewDecisionRequest(RequestBody):
     # "Say which feedback" is in the JSON schema too, as for FeedbackRequest.
     model_config = ConfigDict(
         json_schema_extra={
@@ -350,7 +386,7 @@ class ReviewDecisionRequest(StrictModel):
     groups: list[Annotated[str, Field(max_length=64)]] = Field(
         default_factory=list, max_length=1000, description="Group ids from the review queue: all their feedback."
     )
-    feedback_ids: list[Annotated[int, Field(ge=1, le=2**63 - 1)]] = Field(
+    feedback_ids: list[Annotated[int, Field(ge=1, le=2**53 - 1)]] = Field(
         default_factory=list, max_length=10_000, description="Single feedback rows."
     )
     sender: Annotated[str, Field(min_length=1, max_length=80)] | SkipJsonSchema[None] = Field(

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,16 @@ from tuneloop.config import ServeConfig, ServerSettings
 from tuneloop.db.schema import ANONYMOUS
 from tuneloop.errors import TuneloopError
 
+log = logging.getLogger(__name__)
+
 # Declared as security schemes, so the OpenAPI document (and /docs' Authorize button) shows how to send a key.
 API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False)
 BEARER = HTTPBearer(auto_error=False)
+
+
+# A presented key this long cannot have been guessed at any request rate (`tuneloop keys new` makes 46
+# characters); a shorter one (a plain key an operator chose for TUNELOOP_ADMIN_KEYS) might have been.
+UNGUESSABLE_KEY_CHARS = 32
 
 
 def hash_key(key: str) -> str:
@@ -51,14 +59,13 @@ def key_id(digest: str) -> str:
 @dataclass(frozen=True)
 class Caller:
     """Who sent a request: the key's id (or anonymous: no key, or one this server does not know), its scopes,
-    and whether its feedback trains without review."""
+    whether its feedback trains without review, and the client's address (the TCP peer's, or the one a trusted
+    proxy forwarded: serve.trusted_proxies)."""
 
     sender: str
     scopes: frozenset[str]
     trusted: bool
-
-
-ANONYMOUS_CALLER = Caller(ANONYMOUS, frozenset(), trusted=False)
+    address: str = "unknown"
 
 
 # The hashes of admin keys a first start made, one per line, in the home (never the keys themselves).
@@ -105,26 +112,44 @@ class KeyRing:
                 f"({', '.join(sorted(h[:12] + '…' for h in unknown))}): add the key to serve.client_key_hashes too"
             )
         self.trusted = set(config.serve.trusted_key_hashes) | self.admin
+        plain = [
+            k
+            for secret in (config.admin_keys, config.client_keys)
+            if secret
+            for k in secret.get_secret_value().split(",")
+        ]
+        if any(0 < len(k.strip()) < UNGUESSABLE_KEY_CHARS for k in plain):
+            log.warning(
+                "TUNELOOP_ADMIN_KEYS / TUNELOOP_CLIENT_KEYS hold a key shorter than %d characters: after wrong keys "
+                "from an address its holder is refused there for a while; make keys with tuneloop keys new",
+                UNGUESSABLE_KEY_CHARS,
+            )
 
     @property
     def client_open(self) -> bool:
         """With no client keys configured, predict and feedback need none (a trusted network)."""
         return not self.client
 
-    def caller(self, key: str | None) -> Caller:
+    def caller(self, key: str | None, address: str = "unknown") -> Caller:
+        anonymous = Caller(ANONYMOUS, frozenset(), trusted=False, address=address)
         if not key:
-            return ANONYMOUS_CALLER
+            return anonymous
         digest = hash_key(key)
         # Every stored hash is compared (no early exit), so the time taken does not say which one matched.
         is_admin = sum(hmac.compare_digest(digest, h) for h in self.admin) > 0
         is_client = sum(hmac.compare_digest(digest, h) for h in self.client) > 0
         if not (is_admin or is_client):
-            return ANONYMOUS_CALLER
+            return anonymous
         scopes = frozenset({"admin", "client"} if is_admin else {"client"})
-        return Caller(key_id(digest), scopes, trusted=digest in self.trusted)
+        return Caller(key_id(digest), scopes, trusted=digest in self.trusted, address=address)
+
+    @property
+    def trusted_senders(self) -> set[str]:
+        """The ids of the keys whose feedback trains without review."""
+        return {key_id(digest) for digest in self.trusted}
 
 
-def presented_key(
+async def presented_key(
     x_api_key: Annotated[str | None, Security(API_KEY_HEADER)] = None,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)] = None,
 ) -> str | None:
@@ -135,19 +160,36 @@ def presented_key(
 
 
 def _identified(request: Request, key: str | None) -> Caller:
-    """The caller a key names; an address that sent too many wrong keys gets 429 first, and each wrong key
-    counts against it (so keys cannot be guessed at request rate)."""
+    """The caller a key names, with a limit on guessing: each wrong key counts against its address, and past
+    serve.auth_failures_per_minute the address's keys are refused (401 with Retry-After) for the rest of the
+    minute, unless they are right and long enough that no guessing finds them. So a right key from
+    `tuneloop keys new` is never refused for what others sent from the same address (a NAT, a proxy, a fuzzer run
+    beside it), while a short key cannot be found by guessing at request rate.
+
+    The address is the TCP peer's: X-Forwarded-For counts only from a proxy named in serve.trusted_proxies
+    (`ProxyHeadersMiddleware`), so a client cannot pick a new address for every guess."""
     state = request.app.state.tuneloop
     address = request.client.host if request.client else "unknown"
-    if key:
-        state.throttle.refuse_if_blocked(address)
-    caller: Caller = state.keys.caller(key)
-    if key and not caller.scopes:
+    caller: Caller = state.keys.caller(key, address)
+    if not key or (caller.scopes and len(key.strip()) >= UNGUESSABLE_KEY_CHARS):
+        return caller
+    wait = state.throttle.blocked_for(address)
+    if not caller.scopes:
         state.throttle.count_failure(address)
+    if wait is not None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            f"too many wrong API keys from {address} (serve.auth_failures_per_minute): its keys are refused for "
+            f"{wait} s, except long random ones (tuneloop keys new)",
+            headers={"WWW-Authenticate": "Bearer", "Retry-After": str(wait)},
+        )
     return caller
 
 
-def require_client(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> Caller:
+# The key checks are coroutines, not plain functions: FastAPI runs a plain dependency on the thread pool that
+# replies and database calls share, and with that pool busy (a burst of chat turns) every route would wait for
+# its key to be checked. They only hash and compare in memory.
+async def require_client(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> Caller:
     """The caller of a client route: anyone when no client keys are configured, else a client or admin key."""
     keys: KeyRing = request.app.state.tuneloop.keys
     caller = _identified(request, key)
@@ -160,7 +202,7 @@ def require_client(request: Request, key: Annotated[str | None, Depends(presente
     )
 
 
-def require_admin(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> Caller:
+async def require_admin(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> Caller:
     keys: KeyRing = request.app.state.tuneloop.keys
     if not keys.admin:
         raise HTTPException(
@@ -180,10 +222,10 @@ def require_admin(request: Request, key: Annotated[str | None, Depends(presented
     return caller
 
 
-def require_metrics_access(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> None:
+async def require_metrics_access(request: Request, key: Annotated[str | None, Depends(presented_key)]) -> None:
     """/metrics is open unless serve.metrics_need_key asks for an admin key."""
     if request.app.state.tuneloop.config.serve.metrics_need_key:
-        require_admin(request, key)
+        await require_admin(request, key)
 
 
 def is_loopback(host: str) -> bool:

@@ -24,7 +24,7 @@ from tuneloop.errors import NotFound, TuneloopError, Unavailable, first_line
 from tuneloop.evaluate.explain import Explanation, explain
 from tuneloop.models.predictor import Predictor, load_model
 from tuneloop.profiling import Profiler
-from tuneloop.registry import ModelVersion, Registry
+from tuneloop.registry import Home, ModelVersion, Registry
 from tuneloop.serve.batching import BatcherStopped, MicroBatcher, Overloaded
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class ServedModels:
         if not self.config.profile:
             return None
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        return Profiler(self.registry.home / "profiles" / f"serve-{name}-{stamp}", self.config.profile_batches)
+        return Profiler(Home(self.registry.home).profiles / f"serve-{name}-{stamp}", self.config.profile_batches)
 
     def _load_ready(self, version: ModelVersion) -> Predictor:
         loaded = load_model(version, self.registry, self.config.runtime, self.config.threads)

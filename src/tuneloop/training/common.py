@@ -15,29 +15,42 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 from transformers.trainer_pt_utils import get_parameter_names
 
 from tuneloop.atomic import write_dir_atomically, write_text_atomically
 from tuneloop.config import Recipe, dump_config
 from tuneloop.errors import TuneloopError
-from tuneloop.registry import ModelVersion, Registry, VersionFolder
+from tuneloop.registry import Home, ModelVersion, Registry, VersionFolder
 from tuneloop.training.distributed import ONE_PROCESS, World
 
 log = logging.getLogger(__name__)
 
 # transformers' Trainer rule: no weight decay on biases and normalisation weights (LayerNorm, RMSNorm).
 NO_DECAY_NAMES = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+# A line of a run's training history (metrics.jsonl, the report's training_history): epoch, step, losses, scores
+# and seconds, by name.
+HistoryEntry = dict[str, float]
+
+
+class RngState(TypedDict):
+    """Every RNG's state, as a checkpoint holds it."""
+
+    python: tuple[Any, ...]  # random.getstate()
+    numpy: dict[str, Any]  # np.random.get_state(legacy=False), its key as a tensor
+    torch: torch.Tensor
 
 
 def seed_everything(seed: int) -> None:
@@ -46,7 +59,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
+def rng_state() -> RngState:
     """Every RNG's state as tensors and plain types, so a checkpoint loads with torch's weights_only."""
     numpy = np.random.get_state(legacy=False)
     return {
@@ -59,7 +72,7 @@ def rng_state() -> dict:
     }
 
 
-def restore_rng(state: dict) -> None:
+def restore_rng(state: RngState) -> None:
     random.setstate(state["python"])
     numpy = state["numpy"]
     key = numpy["state"]["key"].numpy().astype(np.uint32)
@@ -72,18 +85,9 @@ def use_threads(threads: int | None) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
-def cpu_supports_bf16() -> bool:
-    """True where bf16 matmuls run natively (AVX512-BF16 or AMX); elsewhere autocast only slows down."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def parameter_groups(
     module: nn.Module, lr: float, weight_decay: float, skip: Iterable[nn.Parameter] = ()
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """AdamW groups of `module`'s trainable parameters: weight decay on weights, none on biases and norms.
 
     `skip` leaves out parameters another group already holds (a tied output layer, for instance).
@@ -104,14 +108,14 @@ REGISTERING = "registering\n"  # what a run's registered-as mark holds until the
 def new_run_folder(recipe: Recipe) -> VersionFolder:
     """A fresh folder for one run under the home's runs/, named after the model and the time."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    return VersionFolder(recipe.registry.home / "runs" / f"{recipe.name}-{stamp}")
+    return VersionFolder(Home(recipe.registry.home).runs / f"{recipe.name}-{stamp}")
 
 
 def runs_of(recipe: Recipe) -> list[VersionFolder]:
     """The run folders of `recipe.name`, oldest first."""
     # The exact stamp pattern, so that runs of "toy-2" never count as runs of "toy".
     own = re.compile(re.escape(recipe.name) + r"-\d{8}-\d{6}-\d{6}")
-    runs = sorted(r for r in (recipe.registry.home / "runs").glob(f"{recipe.name}-*") if own.fullmatch(r.name))
+    runs = sorted(r for r in Home(recipe.registry.home).runs.glob(f"{recipe.name}-*") if own.fullmatch(r.name))
     return [VersionFolder(r) for r in runs]
 
 
@@ -119,7 +123,7 @@ def latest_run_folder(recipe: Recipe, checkpoint: str) -> VersionFolder:
     """The newest run of `recipe.name` that has `checkpoint` to resume from."""
     resumable = [r for r in runs_of(recipe) if (r.checkpoints / checkpoint).is_file() and not r.registered_as.exists()]
     if not resumable:
-        raise TuneloopError(f"no run of '{recipe.name}' to resume under {recipe.registry.home / 'runs'}")
+        raise TuneloopError(f"no run of '{recipe.name}' to resume under {Home(recipe.registry.home).runs}")
     return resumable[-1]
 
 
@@ -147,7 +151,7 @@ def start_run(recipe: Recipe, folder: VersionFolder) -> None:
     folder.config.write_text(dump_config(recipe), encoding="utf-8")
 
 
-def save_checkpoint(folder: VersionFolder, filename: str, payload: dict) -> None:
+def save_checkpoint(folder: VersionFolder, filename: str, payload: Mapping[str, object]) -> None:
     """Replace the run's checkpoint folder with one holding `payload` (all or nothing)."""
 
     def write(staging: Path) -> None:
@@ -157,11 +161,12 @@ def save_checkpoint(folder: VersionFolder, filename: str, payload: dict) -> None
     write_dir_atomically(write, folder.checkpoints)
 
 
-def load_checkpoint(folder: VersionFolder, filename: str) -> dict:
+def load_checkpoint(folder: VersionFolder, filename: str) -> dict[str, Any]:
     """A run's checkpoint: tensors and plain types only (weights_only), so a crafted run folder cannot run
     code through pickle; one written before that rule is one clear error."""
     try:
-        return torch.load(folder.checkpoints / filename, weights_only=True)
+        saved: dict[str, Any] = torch.load(folder.checkpoints / filename, weights_only=True)
+        return saved
     except pickle.UnpicklingError as exc:
         raise TuneloopError(
             f"{folder.checkpoints / filename} holds more than tensors and plain values (written by an older "
@@ -176,7 +181,7 @@ def register_run(
     *,
     base_model: str,
     fingerprint: str,
-    metrics: dict,
+    metrics: dict[str, Any],
     keep_checkpoints: int,
     parent: str | None = None,
 ) -> ModelVersion:
@@ -220,7 +225,7 @@ def prune_finished_runs(recipe: Recipe, keep: int) -> list[Path]:
     Each folder is first renamed out of the runs' naming pattern, so a process killed half-way through the
     deletion leaves nothing that looks like a run; such leftovers go the next time.
     """
-    runs = recipe.registry.home / "runs"
+    runs = Home(recipe.registry.home).runs
     finished = [r for r in runs_of(recipe) if registered_as(r) not in (None, REGISTERING)]
     doomed = finished[: len(finished) - keep] if keep else finished
     deleted = []
@@ -272,7 +277,7 @@ class MetricsLog:
         else:
             self.writer = SummaryWriter(str(folder.tensorboard))
 
-    def record(self, entry: dict) -> None:
+    def record(self, entry: HistoryEntry) -> None:
         self.file.write(json.dumps(entry) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -300,7 +305,7 @@ class TrainingProgress:
     show: bool = True
     console: Console = field(default_factory=lambda: Console(stderr=True))
     _bar: Progress | None = field(default=None, init=False, repr=False)
-    _task: int | None = field(default=None, init=False, repr=False)
+    _task: TaskID | None = field(default=None, init=False, repr=False)
     _started: float = field(default=0.0, init=False, repr=False)
     _reported_at: float = field(default=0.0, init=False, repr=False)
     _reported_step: int = field(default=0, init=False, repr=False)
@@ -330,6 +335,7 @@ class TrainingProgress:
         if description:
             self.description = description
         if self._bar is not None:
+            assert self._task is not None  # added with the bar
             self._bar.update(self._task, advance=1, loss=loss, description=self.description)
         elif self.show:
             now = time.monotonic()

@@ -20,6 +20,7 @@ weights and optimizer state, so an FSDP run resumes with any number of processes
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    OptimizerStateType,
     StateDictOptions,
+    ValueType,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
@@ -99,7 +102,8 @@ class World:
 
     def from_rank_zero(self, make: Callable[[], T]) -> T:
         """`make()` done by rank 0 alone (as `on_rank_zero`), its result on every rank."""
-        return self.broadcast(self.on_rank_zero(make))
+        made: T = self.broadcast(self.on_rank_zero(make))  # rank 0's, where it was made
+        return made
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value`, in rank order, on every rank."""
@@ -142,14 +146,14 @@ def launched_world_size() -> int:
         raise TuneloopError(f"WORLD_SIZE='{os.environ['WORLD_SIZE']}' is not a number of processes") from None
 
 
-def join_world() -> World:
-    """Join the launcher's process group (once per process), or be the one process of a plain run."""
+def join_world(backend: str = "gloo") -> World:
+    """Join the launcher's process group (once per process), or be the one process of a plain run. gloo moves CPU
+    tensors (pretraining and sft, and the objects every recipe's ranks exchange); a classifier that trains on GPUs
+    asks for NCCL beside it ("cpu:gloo,cuda:nccl")."""
     if launched_world_size() <= 1:
         return ONE_PROCESS
     if not dist.is_initialized():
-        # gloo even on a machine with GPUs: tuneloop's recipes keep their tensors on the CPU, and NCCL moves
-        # only CUDA tensors.
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend)
         _joined_here.append(True)
     return World(dist.get_rank(), dist.get_world_size())
 
@@ -162,8 +166,14 @@ def current_world() -> World:
 
 
 def leave_world() -> None:
-    """Leave the process group this module joined (one a caller set up itself is the caller's to end)."""
+    """Leave the process group this module joined (one a caller set up itself is the caller's to end).
+
+    Whatever still holds the group goes first: a DDP or FSDP model in a reference cycle (FSDP's hooks make one)
+    would otherwise be freed by a later garbage collection — after the group, or while the interpreter shuts
+    down, when the gloo threads finishing its last collectives wait for an interpreter lock that is gone and the
+    process aborts ("terminate called without an active exception")."""
     if _joined_here and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
         _joined_here.clear()
 
@@ -234,16 +244,16 @@ def shard_model(model: nn.Module, encoder: nn.Module) -> None:
 _FULL_ON_RANK_ZERO = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_weights(model: nn.Module) -> dict[str, ValueType]:
     """An FSDP model's whole weights on rank 0 (an empty dict on the other ranks); every rank must call it."""
     return get_model_state_dict(model, options=_FULL_ON_RANK_ZERO)
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> OptimizerStateType:
     """An FSDP optimizer's whole state, keyed by parameter name, on rank 0; every rank must call it."""
     return get_optimizer_state_dict(model, optimizer, options=_FULL_ON_RANK_ZERO)
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: OptimizerStateType) -> None:
     """Each rank takes its shard of a whole optimizer state (as `full_optimizer_state` wrote it)."""
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from tuneloop.models.scratch import bert_config, train_tokenizer
 from tuneloop.privacy.mask import masker
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
 from tuneloop.training.common import (
+    HistoryEntry,
     MetricsLog,
     TrainingProgress,
     load_checkpoint,
@@ -69,13 +71,38 @@ NO_WORD = -1
 BIG_VOCABULARY = 100_000
 
 
+class CorpusSummary(TypedDict):
+    """What the run trained on (corpus.json in its folder)."""
+
+    texts: int
+    train_blocks: int
+    heldout_blocks: int
+    block_size: int
+    corpus_vocabulary: int
+    tokenizer_vocabulary: int
+    whole_word: bool
+
+
+class PretrainState(TypedDict):
+    """Where pretraining is, in global figures (see `run`); a checkpoint holds it as it is."""
+
+    epoch: int
+    step_in_epoch: int
+    global_step: int
+    history: list[HistoryEntry]
+    train_seconds: float
+    generator: tuple[Any, ...] | None  # the masking generator's random.Random state, set at each checkpoint
+    running: float  # the epoch's summed token losses so far
+    counted: int  # and its masked tokens
+
+
 @dataclass
 class PretrainOutcome:
     folder: VersionFolder  # the registered version's folder once registered, else the run's
-    history: list[dict] = field(default_factory=list)
+    history: list[HistoryEntry] = field(default_factory=list)
     train_seconds: float = 0.0
     version: ModelVersion | None = None
-    corpus: dict = field(default_factory=dict)
+    corpus: CorpusSummary | None = None  # on the rank that saved the encoder
 
 
 def read_corpus(paths: list[Path], text_column: str, mask: Callable[[str], str] | None = None) -> list[str]:
@@ -185,6 +212,8 @@ def mask_batch(
 class CorpusVocabularyHead(torch.nn.Module):
     """BERT's MLM head with the output layer limited to the corpus vocabulary (see the module docstring)."""
 
+    vocabulary: torch.Tensor  # a buffer: the corpus's token ids, ascending
+
     def __init__(self, model: BertForMaskedLM, vocabulary: list[int]) -> None:
         super().__init__()
         self.model = model
@@ -274,7 +303,7 @@ def run(
     resume: str | Path | None = None,
     register: bool = True,
     show_progress: bool = True,
-    step_callback: Callable[[dict], None] | None = None,
+    step_callback: Callable[[PretrainState], None] | None = None,
 ) -> PretrainOutcome:
     """Pretrain (or continue pretraining) an encoder by MLM; save it as a registry version train can start from.
 
@@ -337,7 +366,7 @@ def run(
     )
     # Global figures (the position in the epochs, the masking generator, the losses summed over the ranks), so a
     # checkpoint resumes with any number of processes.
-    state = {
+    state: PretrainState = {
         "epoch": 0,
         "step_in_epoch": 0,
         "global_step": 0,
@@ -354,6 +383,7 @@ def run(
         optimizer.load_state_dict(saved_state["optimizer"])
         scheduler.load_state_dict(saved_state["scheduler"])
         state = saved_state["state"]
+        assert state["generator"] is not None  # set before every checkpoint
         generator.setstate(state["generator"])
         restore_rng(saved_state["rng"])  # dropout draws from torch's generator
         log.info("resuming pretraining at epoch %d step %d", state["epoch"], state["step_in_epoch"])
@@ -410,7 +440,7 @@ def run(
                 if step_callback:
                     step_callback(state)
             held_loss = mean_token_loss(head.loss, head, heldout_masks, world)
-            entry = {
+            entry: HistoryEntry = {
                 "epoch": epoch + 1,
                 "step": state["global_step"],
                 "train_loss": state["running"] / max(state["counted"], 1),
@@ -440,7 +470,7 @@ def run(
 
     write_dir_atomically(save_encoder, folder.model)
     folder.encoder.write_text(json.dumps({"name": source.name, "text_prefix": source.text_prefix}))
-    corpus = {
+    corpus: CorpusSummary = {
         "texts": len(texts),
         "train_blocks": len(train_blocks),
         "heldout_blocks": len(heldout_blocks),

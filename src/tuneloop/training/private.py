@@ -29,7 +29,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -41,8 +41,13 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
-from tuneloop.config import ClassifierRecipe, DPConfig
+from tuneloop.config import ClassifierRecipe, DPConfig, TrainConfig
 from tuneloop.errors import TuneloopError, first_line
+from tuneloop.evaluate.schema import PrivacyReport
+from tuneloop.models.classifier import TextClassifier, pad_right
+from tuneloop.profiling import stage
+from tuneloop.training.devices import DevicePlan
+from tuneloop.training.loop import Task
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +103,12 @@ def steps_per_epoch(train_size: int, batch_size: int) -> int:
     return max(1, round(train_size / batch_size))
 
 
-@dataclass
-class PrivacySpent:
-    """The guarantee a private run ends with (written to its report and registry row)."""
+class PrivateState(TypedDict):
+    """What a checkpoint holds of a private run besides the model and optimiser."""
 
-    epsilon: float
-    delta: float
-    target_epsilon: float
-    noise_multiplier: float
-    max_grad_norm: float
-    sample_rate: float
-    steps: int
-    accountant: str
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
+    accountant: dict[str, Any]  # Opacus's accountant's state
+    generator: torch.Tensor  # the batch sampler's generator, now
+    generator_at_epoch_start: torch.Tensor
 
 
 class PrivateTraining:
@@ -266,11 +262,12 @@ class PrivateTraining:
             self.optimizer.zero_grad(set_to_none=True)
         return total
 
-    def spent(self) -> PrivacySpent:
+    def spent(self) -> PrivacyReport:
+        """The guarantee the run has spent so far (its report and registry row)."""
         steps = sum(count for _, rate, count in self.accountant.history if rate < 1.0)
         with _accounting():
             epsilon = self.accountant.get_epsilon(delta=self.delta) if self.accountant.history else 0.0
-        return PrivacySpent(
+        return PrivacyReport(
             epsilon=float(epsilon),
             delta=self.delta,
             target_epsilon=self.settings.epsilon,
@@ -281,19 +278,89 @@ class PrivateTraining:
             accountant=self.settings.accountant,
         )
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> PrivateState:
         return {
             "accountant": self.accountant.state_dict(),
             "generator": self.generator.get_state(),
             "generator_at_epoch_start": self._epoch_start,
         }
 
-    def load_state_dict(self, state: dict, mid_epoch: bool) -> None:
+    def load_state_dict(self, state: PrivateState, mid_epoch: bool) -> None:
         """Continue a checkpointed run: the ε spent so far and, in the middle of an epoch, that epoch's
         batches drawn again as they were (a finished epoch's are never drawn twice: batches must be
         independent draws for the accountant's count to hold)."""
         self.accountant.load_state_dict(state["accountant"])
-        self.generator.set_state(state["generator_at_epoch_start" if mid_epoch else "generator"])
+        self.generator.set_state(state["generator_at_epoch_start"] if mid_epoch else state["generator"])
+
+
+class PrivateStepper:
+    """The loop's stepper for DP-SGD: one task, Poisson batches drawn by `PrivateTraining`, each step its noisy
+    clipped update; the cross-entropy is the only loss (nothing else may read the training texts without noise)."""
+
+    def __init__(
+        self,
+        task: Task,
+        plan: DevicePlan,
+        pad_id: int,
+        optimizer: torch.optim.Optimizer,
+        train: TrainConfig,
+        centroid_init: bool,
+    ) -> None:
+        assert train.dp is not None
+        self.task, self.plan, self.pad_id, self.optimizer = task, plan, pad_id, optimizer
+        per_epoch = steps_per_epoch(len(task.train_ids), train.batch_size)
+        self.private = PrivateTraining(
+            train.dp,
+            task.classifier,
+            optimizer,
+            torch.nn.CrossEntropyLoss(label_smoothing=train.label_smoothing),
+            [len(ids) for ids in task.train_ids],
+            train.batch_size,
+            per_epoch * train.epochs,
+            train.seed,
+            centroid_init=centroid_init,
+        )
+
+    def start_head(self, embeddings: torch.Tensor) -> None:
+        """A fresh run's class vectors: the training centroids plus noise (counted in ε), when the recipe asks."""
+        if self.private.centroid_noise:
+            labels = torch.tensor(self.task.train_labels)
+            self.task.classifier.set_class_vectors(
+                self.private.noisy_centroids(embeddings, labels, len(self.task.classifier.spec.labels))
+            )
+
+    def steps_per_epoch(self, tasks: list[Task]) -> int:
+        return self.private.steps_per_epoch
+
+    def epoch_batches(self, tasks: list[Task], epoch: int) -> list[tuple[Task, list[int]]]:
+        return [(self.task, batch) for batch in self.private.epoch_batches()]
+
+    def step(self, task: Task, batch: list[int], step: int) -> float:
+        def forward(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            input_ids, mask = pad_right([task.train_ids[i] for i in rows], self.pad_id)
+            logits = task.classifier(self.plan.to_device(input_ids), self.plan.to_device(mask))
+            return logits, torch.as_tensor(task.train_labels[rows], device=logits.device)
+
+        with stage("dp step"):  # forward, backward, per-text clipping, noise and the step
+            total = self.private.step(forward, batch)
+        return total / len(batch) if batch else 0.0
+
+    def model_to_save(self) -> TextClassifier:
+        return self.task.classifier
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "model": self.task.classifier.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "private": self.private.state_dict(),
+        }
+
+    def load_checkpoint_state(self, saved: dict[str, Any], mid_epoch: bool) -> None:
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.private.load_state_dict(saved["private"], mid_epoch=mid_epoch)
+
+    def privacy(self) -> PrivacyReport:
+        return self.private.spent()
 
 
 def _layers(exc: NotImplementedError) -> str:

@@ -22,11 +22,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BatchEncoding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    get_scheduler,
+)
 
 from tuneloop.atomic import write_dir_atomically
 from tuneloop.config import SftRecipe
@@ -38,6 +46,7 @@ from tuneloop.models.lm import resolve_lm
 from tuneloop.privacy.mask import masker
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
 from tuneloop.training.common import (
+    HistoryEntry,
     MetricsLog,
     TrainingProgress,
     mean_token_loss,
@@ -50,6 +59,9 @@ from tuneloop.training.common import (
 )
 from tuneloop.training.distributed import World, check_batch_divides, join_world, leave_world, shard_loss
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 log = logging.getLogger(__name__)
 Message = dict[str, str]
 
@@ -57,11 +69,11 @@ Message = dict[str, str]
 @dataclass
 class SftOutcome:
     folder: VersionFolder  # the registered version's folder once registered, else the run's
-    history: list[dict] = field(default_factory=list)
+    history: list[HistoryEntry] = field(default_factory=list)
     heldout_loss_before: float | None = None
     train_seconds: float = 0.0
     version: ModelVersion | None = None
-    examples: dict = field(default_factory=dict)
+    examples: dict[str, int] = field(default_factory=dict)  # conversations, train, heldout
 
 
 def read_conversations(
@@ -102,6 +114,7 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generat
     encoded = tokenizer.apply_chat_template(
         messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=True
     )
+    assert isinstance(encoded, BatchEncoding)  # return_dict=True: the encoding, not ids or text
     return list(encoded["input_ids"])
 
 
@@ -138,7 +151,9 @@ def _batches(
     return out
 
 
-def reply_loss(model: PreTrainedModel):
+def reply_loss(
+    model: PreTrainedModel | PeftModel,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]:
     """(loss, reply tokens counted) of one batch: the model's mean loss over the tokens it predicts."""
 
     def loss_and_count(
@@ -160,14 +175,14 @@ def _predicted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch
     )
 
 
-def build_model(recipe: SftRecipe, folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def build_model(recipe: SftRecipe, folder: Path) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
     settings = recipe.sft
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.chat_template is None:
         raise TuneloopError(f"{folder} has no chat template; SFT needs one to render conversations")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model: PreTrainedModel | PeftModel = AutoModelForCausalLM.from_pretrained(folder)
     if settings.method == "lora":
         from peft import LoraConfig, get_peft_model  # only LoRA runs need peft
 
@@ -291,7 +306,7 @@ def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) ->
 
     def save(target: Path) -> None:
         target.mkdir(parents=True)
-        model.save_pretrained(target)  # LoRA: the adapters and a pointer to the base; full: every weight
+        model.save_pretrained(str(target))  # LoRA: the adapters and a pointer to the base; full: every weight
         tokenizer.save_pretrained(target)
 
     write_dir_atomically(save, folder.model)

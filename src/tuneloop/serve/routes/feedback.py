@@ -28,21 +28,13 @@ async def feedback(
     sender's key id. Unless that key is trusted, it trains a model only once an admin approves it, and its sender
     is held to serve.feedback_rate_limit and serve.feedback_daily_quota (429 past them)."""
     await run_in_threadpool(state.throttle.count_feedback, caller, state.prediction_log)
-    rating = body.rating
+    turn, conversations = None, state.conversations
     if body.turn_id is not None:
-        conversations = state.conversations
         turn = await run_in_threadpool(conversations.get, body.turn_id) if conversations else None
-        if conversations is None or turn is None:
-            raise NotFound(f"no chat turn with id '{body.turn_id}' (ids come from /v1/chat)")
-        await run_in_threadpool(conversations.rate, turn.id, body.rating, body.comment)
+        # Another key's turn is "not found", as its session is: feedback would change what that user said.
+        if turn is None or turn.sender != caller.sender:
+            raise NotFound(f"no chat turn with id '{body.turn_id}' from this key (ids come from /v1/chat)")
         prediction_id = turn.intent_prediction_id
-        if turn.intent is None:
-            # Thumbs on an out-of-scope turn judge the hand-over, not the intent the model guessed: a thumbs-up
-            # there must never become a "confirmed" training label for that guess.
-            rating = None
-            if body.corrected_label is None:
-                state.metrics.feedback.labels("rating").inc()
-                return FeedbackResponse(feedback_id=None, prediction_id=prediction_id, turn_id=turn.id)
     else:
         prediction_id = body.prediction_id or ""  # the request's validator makes sure one of the two is given
     record = await run_in_threadpool(state.prediction_log.get, prediction_id)
@@ -55,6 +47,16 @@ async def feedback(
                 f"corrected_label '{body.corrected_label}' is not a label of {record.model_name}; "
                 f"labels: {', '.join(sorted(allowed))}"
             )
+    rating = body.rating
+    if turn is not None and conversations is not None:  # written only once the whole request is known to be good
+        await run_in_threadpool(conversations.rate, turn.id, body.rating, body.comment)
+        if turn.intent is None:
+            # Thumbs on an out-of-scope turn judge the hand-over, not the intent the model guessed: a thumbs-up
+            # there must never become a "confirmed" training label for that guess.
+            rating = None
+            if body.corrected_label is None:
+                state.metrics.feedback.labels("rating").inc()
+                return FeedbackResponse(feedback_id=None, prediction_id=prediction_id, turn_id=turn.id)
     row = await run_in_threadpool(
         state.prediction_log.add_feedback,
         prediction_id,

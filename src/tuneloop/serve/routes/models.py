@@ -35,6 +35,7 @@ async def models(state: State) -> ModelsResponse:
                 base_model=record.base_model,
                 labels=slot.current.labels,
                 runtime=slot.current.runtime,
+                device=slot.current.device,
                 metrics=record.metrics,
                 created_at=record.created_at,
                 parent=record.parent,
@@ -50,7 +51,13 @@ def _log_failed_promotion(task: asyncio.Task[ModelVersion]) -> None:
 
 
 @router.post(
-    "/v1/models/{name}/promote", response_model=PromoteResponse, responses=ERRORS, dependencies=[Depends(require_admin)]
+    "/v1/models/{name}/promote",
+    response_model=PromoteResponse,
+    responses={
+        **ERRORS,
+        202: {"model": PromoteResponse, "description": "Without wait: the new version is loading; it answers soon."},
+    },
+    dependencies=[Depends(require_admin)],
 )
 async def promote(
     name: Annotated[str, PathParam(pattern=MODEL_NAME_PATTERN)], body: PromoteRequest, response: Response, state: State
