@@ -12,7 +12,8 @@ from pydantic import Field, model_validator
 
 from tuneloop.config import OUT_OF_SCOPE, StrictModel, anchor_paths, read_yaml_mapping, validated
 
-LANGUAGES = ("en", "zh")
+Language = Literal["en", "zh"]
+LANGUAGES: tuple[Language, ...] = ("en", "zh")
 SENTIMENTS = ("negative", "neutral", "positive")
 Texts = dict[str, str]  # language → text
 
@@ -163,7 +164,7 @@ class AssistantDefinition(StrictModel):
     out_of_scope_examples: Path | None = Field(
         None, description="Messages the assistant should not handle (a text column): tune the scope threshold."
     )
-    languages: list[Literal["en", "zh"]] = Field(default_factory=lambda: list(LANGUAGES))
+    languages: list[Language] = Field(default_factory=lambda: list(LANGUAGES))
     scope: ScopeConfig = Field(default_factory=ScopeConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     escalation: EscalationConfig = Field(default_factory=EscalationConfig)

@@ -21,7 +21,7 @@ import numpy as np
 from tuneloop.assistant.definition import AssistantDefinition, ScopeConfig, load_definition
 from tuneloop.assistant.generate import LocalGenerator, OpenAICompatibleGenerator, ReplyGenerator, TemplateGenerator
 from tuneloop.assistant.retrieval import FaqIndex, load_faq
-from tuneloop.assistant.scope import ScopeRefused, ScopeThreshold, moved_to, shortfalls, tune_scope
+from tuneloop.assistant.scope import ScopeMove, ScopeRefused, ScopeThreshold, moved_to, shortfalls, tune_scope
 from tuneloop.assistant.turn import (
     DEFAULT_FAQ_SIMILARITY,
     FALLBACK_FAQ_SIMILARITY,
@@ -122,19 +122,22 @@ def not_the_business(
     trained = embedder.encode(examples.trained)
 
     def nearest(texts: list[str]) -> np.ndarray:
-        return np.concatenate(
-            [(embedder.encode(texts[i : i + 512]) @ trained.T).max(1) for i in range(0, len(texts), 512)]
-        )
+        similarities: list[np.ndarray] = [
+            (embedder.encode(texts[i : i + 512]) @ trained.T).max(1) for i in range(0, len(texts), 512)
+        ]
+        return np.concatenate(similarities)
 
     close = nearest(examples.shipped) >= np.median(nearest(examples.in_scope))
-    return ~(confident | close)
+    kept: np.ndarray = ~(confident | close)
+    return kept
 
 
 def build_generator(definition: AssistantDefinition, registry: Registry) -> ReplyGenerator:
     settings = definition.generator
-    if settings.kind == "local":
+    # GeneratorConfig's validator made sure each kind has its model (and server); the conditions narrow the types.
+    if settings.kind == "local" and settings.model:
         return LocalGenerator(resolve_lm(settings.model, registry), settings.max_new_tokens, settings.temperature)
-    if settings.kind == "openai":
+    if settings.kind == "openai" and settings.base_url and settings.model:
         key = os.environ.get(settings.api_key_env) if settings.api_key_env else None
         if settings.api_key_env and not key:
             raise TuneloopError(f"generator.api_key_env names {settings.api_key_env}, which is not set")
@@ -256,6 +259,8 @@ class AssistantRuntime:
         out_of_scope_examples file, reviewed 'out of scope' corrections — less any text the version trained on;
         with none of those, the shipped off-topic messages' tuning part (scope.shipped_off_topic)."""
         label = self.definition.scope.label
+        if intent.folder is None:
+            raise TuneloopError(f"{intent.ref} is not a registered version: it has no validation split to tune on")
         data = load_prepared(intent.folder.data())
         split = data.val if len(data.val) else data.test
         if split.empty:
@@ -293,7 +298,7 @@ class AssistantRuntime:
             return []
         return off_topic_messages("tune", self.definition.languages)["text"].map(clean_text).tolist()
 
-    def moves(self, ref: str) -> list[dict]:
+    def moves(self, ref: str) -> list[ScopeMove]:
         """Where admins moved a version's operating point, oldest first (threshold None: back to the policy)."""
         path = self.folder / "scope" / f"{ref}.moves.json"
         try:
@@ -310,7 +315,7 @@ class AssistantRuntime:
         at = datetime.now(UTC).isoformat(timespec="seconds")
         landed = None if threshold is None else moved_to(self.tuned[intent.ref], threshold, by, at).threshold
         with self._moving:  # two admins moving it at once both get their move recorded
-            moves = [*self.moves(intent.ref), {"threshold": landed, "by": by, "at": at}]
+            moves = [*self.moves(intent.ref), ScopeMove(threshold=landed, by=by, at=at)]
             write_text_atomically(self.folder / "scope" / f"{intent.ref}.moves.json", json.dumps(moves, indent=2))
             answering = self.thresholds[intent.ref] = self._answering(intent.ref)
         log.info("%s: scope moved by %s: %s", intent.ref, by, answering.summary())
@@ -328,6 +333,7 @@ class AssistantRuntime:
         model brings the sentiment in its own rows (and there is no sentiment output)."""
         if self.multitask:
             return (intent.own_logits(rows), *intent.task(self.definition.sentiment_task, rows))
+        assert sentiment_output is not None  # only a multi-task intent model brings no sentiment output
         sentiment, sentiment_rows = sentiment_output
         return intent.own_logits(rows), sentiment, sentiment.own_logits(sentiment_rows)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from scipy.stats import binomtest
@@ -110,7 +110,8 @@ def expected_precision(accepted_in: np.ndarray, accepted_out: np.ndarray, out_of
     """In-scope precision from the acceptance rates of each kind, at a share of out-of-scope traffic."""
     kept_in, kept_out = (1 - out_of_scope_share) * accepted_in, out_of_scope_share * accepted_out
     total = kept_in + kept_out
-    return np.divide(kept_in, total, out=np.ones_like(total, dtype=float), where=total > 0)
+    precision: np.ndarray = np.divide(kept_in, total, out=np.ones_like(total, dtype=float), where=total > 0)
+    return precision
 
 
 def rejecting_at_most(share: float) -> Policy:
@@ -220,6 +221,14 @@ def tune_scope(
         curve=scope_curve(in_scope, out_of_scope, threshold),
         notes=notes,
     )
+
+
+class ScopeMove(TypedDict):
+    """An admin's move of a version's operating point, as kept in the home (threshold None: back to the policy)."""
+
+    threshold: float | None
+    by: str
+    at: str  # ISO 8601, UTC
 
 
 def moved_to(tuned: ScopeThreshold, threshold: float, by: str, at: str) -> ScopeThreshold:
