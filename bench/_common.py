@@ -54,8 +54,8 @@ def dataset_file(*parts: str) -> Path:
     if not path.is_file():
         raise SystemExit(
             f"dataset file not found: {path}\n"
-            f"The benchmarks read their datasets from {DATASETS} (banking77/, sst2/, waimai_10k/); "
-            f"set TUNELOOP_DATASETS to the folder that holds them."
+            f"The benchmarks read their datasets from {DATASETS} (banking77/, sst2/, waimai_10k/, and hwu64/, "
+            f"which bench/prepare_hwu64.py writes); set TUNELOOP_DATASETS to the folder that holds them."
         )
     return path
 
