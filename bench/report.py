@@ -544,6 +544,8 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
             lambda r: _before_after(r, "accepted_in_scope_accuracy"),
         ),
         ("plain classifier accuracy, before → after", "", lambda r: _before_after(r, "plain_classifier_accuracy")),
+        ("what it expected at start, before", "before.estimate", plain),
+        ("what it expected at start, after", "after.estimate", plain),
         ("gate", "gate", _gate_verdict),
         ("retraining time", "retrain_seconds", seconds),
     ],
@@ -670,7 +672,18 @@ def _lookup(result: dict, path: str) -> Any:
     return value
 
 
-FORMATS: dict[str, Format] = {"percent": percent, "seconds": seconds, "times": times, "points": points, "plain": plain}
+def decimal(value: Any) -> str:
+    return f"{value:.3f}"
+
+
+FORMATS: dict[str, Format] = {
+    "percent": percent,
+    "seconds": seconds,
+    "times": times,
+    "points": points,
+    "plain": plain,
+    "decimal": decimal,
+}
 
 
 def figure(name: str, path: str, how: str, folder: Path = RESULTS, page: str = "benchmarks.md") -> str:
@@ -684,6 +697,35 @@ def figure(name: str, path: str, how: str, folder: Path = RESULTS, page: str = "
     if value is None:
         raise KeyError(f"{file.name} has no figure at {path}")
     return f"[{FORMATS[how](value)}]({page}#{name})"
+
+
+SCOPE_SETTINGS = (
+    ("no examples of its own", "default policy, no examples of its own"),
+    ("100 examples of its own", "default policy, 100 examples of its own"),
+    ("old default (95% precision), no examples of its own", "old default (95% precision), none of its own"),
+    ("old default (95% precision), 100 examples of its own", "old default (95% precision), 100 of its own"),
+)
+
+
+def scope_table(folder: Path = RESULTS, page: str = "benchmarks.md") -> str:
+    """The assistant guide's table: for each dataset bench/assistant_eval.py ran on, what each setting expected
+    at start beside what the test measured."""
+    rows = [
+        "| dataset (AUROC; plain classifier accuracy) | setting | expected at start: turned away / caught | "
+        "test: turned away / unseen caught / accuracy of accepted / shipped held-out caught |",
+        "|---|---|---|---|",
+    ]
+    for path in sorted(folder.glob("assistant_eval-*.json")):
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        result = entry["result"]
+        if "settings" not in result:  # written before the default scope policy
+            continue
+        dataset = f"[{result['dataset']}]({page}#{entry['name']}) ({decimal(result['auroc'])}; "
+        dataset += f"{percent(result['plain_classifier_accuracy'])})"
+        for key, label in SCOPE_SETTINGS:
+            setting = result["settings"][key]
+            rows.append(f"| {dataset} | {label} | {_expected(setting)} | {_tested(setting)} |")
+    return "\n".join(rows)
 
 
 def load_results(folder: Path = RESULTS) -> list[dict]:
