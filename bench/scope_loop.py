@@ -4,9 +4,10 @@
 
 1. The intent and sentiment models of bench/assistant_eval.py (--home: reused, and copied first, so the loop's
    promotion never reaches them); an assistant with no out-of-scope examples of its own and the default policy.
-2. `tuneloop serve` runs it on 127.0.0.1; an ordinary client key sends --messages off-topic messages (the held-out
-   intents' training texts) through /v1/chat.
-3. A trusted key marks every one the assistant answered (intent not null) 'out of scope' through /v1/feedback.
+2. `tuneloop serve` runs it on 127.0.0.1; a trusted staff key sends --messages off-topic messages (the held-out
+   intents' training texts) through /v1/chat, as a person trying the assistant out would.
+3. The same key marks every one the assistant answered (intent not null) 'out of scope' through /v1/feedback
+   (feedback on a chat turn comes only from the key whose session it is; a customer's marks would wait for review).
 4. The server is stopped cleanly; `retrain` trains a candidate (the corrections teach it the out_of_scope label,
    a share held out for the gate), `gate` decides, and the assistant re-tunes for whichever version serves.
 5. Before and after, with the scope each version tunes at start: the held-out intents' *test* messages caught
@@ -91,13 +92,13 @@ def main() -> None:
 
 
 def production_chat(home: Path, work: Path, sent: list[str]) -> dict:
-    """The off-topic messages through /v1/chat from a customer's key; a trusted key marks those answered."""
+    """The off-topic messages through /v1/chat from a trusted key, which marks those answered."""
     from tuneloop.config import load_config
     from tuneloop.feedback.log import PredictionLog
     from tuneloop.feedback.review import review_queue
     from tuneloop.serve.security import hash_key, new_key
 
-    customer, staff = new_key(), new_key()
+    staff = new_key()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = serve_process(
@@ -108,14 +109,14 @@ def production_chat(home: Path, work: Path, sent: list[str]) -> dict:
             f'serve.trusted_key_hashes=["{hash_key(staff)}"]',
             "serve.feedback_rate_limit=null",
         ],
-        env={**os.environ, "TUNELOOP_CLIENT_KEYS": f"{customer},{staff}"},  # keys never on a command line
+        env={**os.environ, "TUNELOOP_CLIENT_KEYS": staff},  # keys never on a command line
     )
     answered = marked = 0
     try:
         wait_ready(url, server)
         with httpx.Client(base_url=url, timeout=60) as http:
             for text in sent:
-                turn = http.post("/v1/chat", json={"message": text}, headers={"X-API-Key": customer}).json()
+                turn = http.post("/v1/chat", json={"message": text}, headers={"X-API-Key": staff}).json()
                 if turn["intent"] is not None:
                     answered += 1
                     response = http.post(
