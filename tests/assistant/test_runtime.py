@@ -141,6 +141,7 @@ def test_reviewed_out_of_scope_corrections_become_the_assistants_examples(assist
     ]
     prediction_log.record(records)
     prediction_log.flush()
+    prediction_log.record_trusted_senders({"key:staff"})  # as a server whose keys trust it does as it starts
     staff, stranger, reviewed = records
     prediction_log.add_feedback(staff.id, corrected_label="out_of_scope", sender="key:staff", trusted=True)
     prediction_log.add_feedback(stranger.id, corrected_label="out_of_scope", sender="key:anyone", trusted=False)
