@@ -98,6 +98,45 @@ def _acknowledged(acknowledged: str, found: str) -> Callable[[dict], str]:
     return lambda run: f"{run[acknowledged]} / {run[found]} / {run[acknowledged] - run[found]}"
 
 
+def _interval(share: dict) -> str:
+    return f"{percent(share['value'])} [{percent(share['low'])}–{percent(share['high'])}]"
+
+
+def _expected(setting: dict | str) -> str:
+    """The start-up estimate of one assistant_eval setting, or why it was refused."""
+    if isinstance(setting, str):
+        return "refused: " + setting.split(": ", 1)[-1].split(":", 1)[0]
+    estimate = setting["estimate"]
+    return f"{_interval(estimate['in_scope_rejected'])} / {_interval(estimate['out_of_scope_caught'])}"
+
+
+def _tested(setting: dict | str) -> str:
+    if isinstance(setting, str):
+        return "not served"
+    test = setting["test"]
+    return (
+        f"{percent(test['in_scope_rejected'])} / {percent(test['out_of_scope_caught'])} / "
+        f"{percent(test['accepted_in_scope_accuracy'])} / {percent(test['shipped_heldout_caught'])}"
+    )
+
+
+def _stand_ins(caught: dict) -> str:
+    return " / ".join(f"{percent(value)} ({name})" for name, value in caught.items())
+
+
+def _before_after(result: dict, key: str) -> str:
+    return f"{percent(result['before'][key])} → {percent(result['after'][key])}"
+
+
+def _caught_precision(scored: dict) -> str:
+    return f"{percent(scored['out_of_scope_recall'])} / {percent(scored['in_scope_precision'])}"
+
+
+def _gate_verdict(gate: dict) -> str:
+    failed = [name for name, check in gate["checks"].items() if not check["passed"]]
+    return "promoted" if gate["promoted"] else "not promoted: " + ", ".join(failed or ["dry run"])
+
+
 # Per benchmark (its results name, or the name's first part), the figures worth a table row:
 # (label, dotted path into the result, format).
 FIGURES: dict[str, list[tuple[str, str, Format]]] = {
@@ -163,17 +202,18 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("student: prediction speed-up on long texts", "", _fewer_layers("long_texts_prediction_speed_up")),
     ],
     "oos_scores": [
-        ("in-scope / unseen-intent test messages", "", lambda r: f"{r['known_test']} / {r['unknown_test']}"),
+        (
+            "dataset, in-scope / unseen-intent test messages",
+            "",
+            lambda r: f"{r['dataset']}, {r['known_test']} / {r['unknown_test']}",
+        ),
         ("recipe overrides", "overrides", lambda o: ", ".join(o) or "none (outlier exposure on)"),
         ("in-scope accuracy", "in_scope_accuracy", percent),
         *(
             (
-                f"{score}: AUROC / unseen recall at 95% precision / in-scope rejected / recall at 10% rejected",
+                f"{score}: AUROC / unseen caught / in-scope turned away, at the 5%-of-validation threshold",
                 f"scores.{score}",
-                lambda v: (
-                    f"{v['auroc']:.3f} / {percent(v['out_of_scope_recall'])} / "
-                    f"{percent(v['in_scope_rejected'])} / {percent(v['out_of_scope_recall_at_10_percent_rejected'])}"
-                ),
+                lambda v: f"{v['auroc']:.3f} / {percent(v['out_of_scope_caught'])} / {percent(v['in_scope_rejected'])}",
             )
             for score in (
                 "probability",
@@ -181,10 +221,18 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
                 "energy",
                 "knn-1",
                 "knn-10",
+                "knn-intent",
                 "mahalanobis",
                 "relative mahalanobis",
                 "probability + relative mahalanobis",
+                "probability + knn-intent",
+                "mixup",
             )
+        ),
+        (
+            "unseen caught by probability: on the test / estimated from …",
+            "caught_estimated_from.probability",
+            _stand_ins,
         ),
     ],
     "explain_faithfulness": [
@@ -476,29 +524,55 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("Banking77 test messages changed", "banking77_test", lambda r: f"{r['changed']} of {r['messages']}"),
     ],
     "assistant_eval": [
-        ("scope", "scope_mode", plain),
-        ("in-scope / out-of-scope test messages", "known_test", plain),
-        ("in-scope accuracy (probability score)", "probability.in_scope_accuracy", percent),
-        ("out-of-scope recall", "probability.out_of_scope_recall", percent),
-        ("in-scope precision", "probability.in_scope_precision", percent),
-        ("p50 / p95 ms per turn", "probability.latency_ms", lambda t: f"{t['p50']:.0f} / {t['p95']:.0f}"),
-        ("plain classifier accuracy (answers everything)", "probability.plain_classifier_accuracy", percent),
-        ("outlier exposure: off-topic messages shown", "outlier_exposure.messages", plain),
         (
-            "recall on the shipped off-topic set's held-out part",
-            "probability.shipped_off_topic_heldout",
-            lambda h: f"{percent(h['recall'])} of {h['messages']}",
+            "dataset, in-scope / out-of-scope test messages",
+            "",
+            lambda r: f"{r['dataset']}, {r['known_test']} / {r['unknown_test']}",
+        ),
+        ("plain classifier accuracy (answers every in-scope message)", "plain_classifier_accuracy", percent),
+        ("AUROC, in-scope against unseen intents", "auroc", lambda v: f"{v:.3f}"),
+        *(
+            row
+            for setting in (
+                "no examples of its own",
+                "100 examples of its own",
+                "old default (95% precision), 100 examples of its own",
+                "old default (95% precision), no examples of its own",
+            )
+            for row in (
+                (f"{setting}: expected at start, turned away / caught", f"settings.{setting}", _expected),
+                (
+                    f"{setting}: test, turned away / unseen caught / accuracy accepted / shipped held-out caught",
+                    f"settings.{setting}",
+                    _tested,
+                ),
+            )
         ),
         (
-            "no examples of its own: unseen intents' recall / in-scope precision",
-            "probability, no examples of its own",
-            lambda r: f"{percent(r['out_of_scope_recall'])} / {percent(r['in_scope_precision'])}",
+            "100 examples: start-up estimate of caught minus the test, five draws (points)",
+            "estimates_of_draws",
+            lambda d: ", ".join(f"{x:+.1f}" for x in d),
         ),
+        ("p50 / p95 ms per turn", "latency_ms", lambda t: f"{t['p50']:.0f} / {t['p95']:.0f}"),
+    ],
+    "scope_loop": [
         (
-            "no examples of its own: shipped held-out recall / in-scope accuracy",
-            "probability, no examples of its own",
-            lambda r: f"{percent(r['shipped_off_topic_heldout']['recall'])} / {percent(r['in_scope_accuracy'])}",
+            "dataset, off-topic messages sent / answered and marked out of scope",
+            "",
+            lambda r: f"{r['dataset']}, {r['messages_sent']} / {r['marked_out_of_scope']}",
         ),
+        ("unseen intents' test messages caught, before → after", "", lambda r: _before_after(r, "out_of_scope_caught")),
+        ("in-scope test messages turned away, before → after", "", lambda r: _before_after(r, "in_scope_rejected")),
+        (
+            "accuracy of accepted in-scope messages, before → after",
+            "",
+            lambda r: _before_after(r, "accepted_in_scope_accuracy"),
+        ),
+        ("plain classifier accuracy, before → after", "", lambda r: _before_after(r, "plain_classifier_accuracy")),
+        ("what it expected at start, before", "before.estimate", plain),
+        ("what it expected at start, after", "after.estimate", plain),
+        ("gate", "gate", _gate_verdict),
+        ("retraining time", "retrain_seconds", seconds),
     ],
     "multitask": [
         ("two models: intent / sentiment accuracy", "separate", lambda s: _pair(s, "accuracy")),
@@ -561,6 +635,52 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
     ],
 }
 
+# Results written before the default scope policy (at most 5% of in-scope messages turned away), when the
+# threshold met 95% in-scope precision: their own rows, so the guides' figures on outlier exposure stay legible.
+_BEFORE_SCOPE_POLICY: list[tuple[str, str, Format]] = [
+    ("in-scope / out-of-scope test messages", "", lambda r: f"{r['known_test']} / {r['unknown_test']}"),
+    ("in-scope accuracy of accepted messages (95%-precision threshold)", "probability.in_scope_accuracy", percent),
+    ("unseen intents caught / in-scope precision", "probability", _caught_precision),
+    ("plain classifier accuracy (answers everything)", "probability.plain_classifier_accuracy", percent),
+    (
+        "shipped off-topic set's held-out part caught",
+        "probability.shipped_off_topic_heldout",
+        lambda h: f"{percent(h['recall'])} of {h['messages']}",
+    ),
+    (
+        "no examples of its own: unseen intents caught / in-scope precision",
+        "probability, no examples of its own",
+        _caught_precision,
+    ),
+    (
+        "no examples of its own: shipped held-out caught / accuracy accepted",
+        "probability, no examples of its own",
+        lambda r: f"{percent(r['shipped_off_topic_heldout']['recall'])} / {percent(r['in_scope_accuracy'])}",
+    ),
+    ("training time", "training_seconds", seconds),
+]
+FIGURES |= {
+    name: _BEFORE_SCOPE_POLICY
+    for name in (
+        "assistant_eval-threshold",
+        "assistant_eval-threshold-no-outlier-exposure",
+        "assistant_eval-trained-oos",
+    )
+}
+FIGURES["oos_scores-no-outlier-exposure"] = [
+    ("in-scope / unseen-intent test messages", "", lambda r: f"{r['known_test']} / {r['unknown_test']}"),
+    ("recipe overrides", "overrides", lambda o: ", ".join(o)),
+    ("in-scope accuracy", "in_scope_accuracy", percent),
+    *(
+        (
+            f"{score}: AUROC / unseen caught at 95% precision / in-scope rejected",
+            f"scores.{score}",
+            lambda v: f"{v['auroc']:.3f} / {percent(v['out_of_scope_recall'])} / {percent(v['in_scope_rejected'])}",
+        )
+        for score in ("probability", "relative mahalanobis", "probability + relative mahalanobis")
+    ),
+]
+
 
 def _private_runs(method: dict, key: str) -> str:
     """'93.9% / 88.1% at ε = 8 / 85.0% at ε = 3' (or the times) for one method of bench/dp.py."""
@@ -594,7 +714,18 @@ def _lookup(result: dict, path: str) -> Any:
     return value
 
 
-FORMATS: dict[str, Format] = {"percent": percent, "seconds": seconds, "times": times, "points": points, "plain": plain}
+def decimal(value: Any) -> str:
+    return f"{value:.3f}"
+
+
+FORMATS: dict[str, Format] = {
+    "percent": percent,
+    "seconds": seconds,
+    "times": times,
+    "points": points,
+    "plain": plain,
+    "decimal": decimal,
+}
 
 
 def figure(name: str, path: str, how: str, folder: Path = RESULTS, page: str = "benchmarks.md") -> str:
@@ -608,6 +739,35 @@ def figure(name: str, path: str, how: str, folder: Path = RESULTS, page: str = "
     if value is None:
         raise KeyError(f"{file.name} has no figure at {path}")
     return f"[{FORMATS[how](value)}]({page}#{name})"
+
+
+SCOPE_SETTINGS = (
+    ("no examples of its own", "default policy, no examples of its own"),
+    ("100 examples of its own", "default policy, 100 examples of its own"),
+    ("old default (95% precision), no examples of its own", "old default (95% precision), none of its own"),
+    ("old default (95% precision), 100 examples of its own", "old default (95% precision), 100 of its own"),
+)
+
+
+def scope_table(folder: Path = RESULTS, page: str = "benchmarks.md") -> str:
+    """The assistant guide's table: for each dataset bench/assistant_eval.py ran on, what each setting expected
+    at start beside what the test measured."""
+    rows = [
+        "| dataset (AUROC; plain classifier accuracy) | setting | expected at start: turned away / caught | "
+        "test: turned away / unseen caught / accuracy of accepted / shipped held-out caught |",
+        "|---|---|---|---|",
+    ]
+    for path in sorted(folder.glob("assistant_eval-*.json")):
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        result = entry["result"]
+        if "settings" not in result:  # written before the default scope policy
+            continue
+        dataset = f"[{result['dataset']}]({page}#{entry['name']}) ({decimal(result['auroc'])}; "
+        dataset += f"{percent(result['plain_classifier_accuracy'])})"
+        for key, label in SCOPE_SETTINGS:
+            setting = result["settings"][key]
+            rows.append(f"| {dataset} | {label} | {_expected(setting)} | {_tested(setting)} |")
+    return "\n".join(rows)
 
 
 def load_results(folder: Path = RESULTS) -> list[dict]:
