@@ -9,12 +9,20 @@
    drawn in the production's own training mix of intents; then the stream of held-back texts (the cut
    intents' rows and the other held-back rows), as users would send them.
 3. The monitor looks at each window: it should stay quiet on the first and flag the second.
-4. A person labels `--budget` of the stream's predictions (the script knows the truth): the ones
-   `feedback suggest` picks, or as many at random from the same predictions. Each set is recorded as
-   trusted feedback in its own copy of the home, and each copy retrains once.
-Prints one JSON line: both monitor reports' figures, and for each labelling: how many of the chosen texts were
-of the cut intents or answered wrongly, and macro-F1 on the cut intents and overall (test set) after the
-retrain; also written to bench/results/drift.json.
+4. A person labels `--budget` of the stream's predictions (the script knows the truth), in each of these
+   labellings (--labellings):
+   - suggested: the ones `feedback suggest` picks, and of each suggestion's similar messages those that share its
+     label (the person confirms the list in one click, after unticking the others);
+   - suggested_alone: the same suggestions without their similar messages;
+   - random: as many at random from the same predictions;
+   - all_corrections: every wrong answer of the stream corrected (what bench/feedback_loop.py's users do): the
+     reference for how much of the drift a retrain can recover at all.
+   Each set is recorded as trusted feedback in its own copy of the home, and each copy retrains once.
+Prints one JSON line: both monitor reports' figures, and for each labelling: how many labels were given (and, for
+the similar messages, listed, confirmed and unticked), how many of the chosen texts were of the cut intents or
+answered wrongly, macro-F1 on the cut intents and overall (test set) after the retrain, and the share of the drift
+gap it recovered ((after − before) / (all corrections − before), on the cut intents' macro-F1); also written to
+bench/results/drift.json.
 """
 
 from __future__ import annotations
@@ -58,10 +66,45 @@ def quiet_window(test: pd.DataFrame, production_rows: pd.DataFrame, size: int, s
     return test.sample(n=size, weights=weights, replace=False, random_state=seed)
 
 
+LABELLINGS = ("suggested", "suggested_alone", "random", "all_corrections")
+
+
+def person_labels(
+    chosen: list, truth: dict[str, str], said: dict[str, str], budget: int, seed: int
+) -> dict[str, tuple[dict[str, str], dict]]:
+    """Per labelling, the labels a person gives (prediction id → the true label) and what it took."""
+    suggested = {s.prediction_id: truth[s.prediction_id] for s in chosen}
+    listed = [(near.prediction_id, s.prediction_id) for s in chosen for near in s.similar]
+    confirmed = {near: truth[near] for near, of in listed if truth[near] == truth[of]}
+    at_random = np.random.default_rng(seed).choice(list(truth), size=budget, replace=False).tolist()
+    wrong = {p: label for p, label in truth.items() if label != said[p]}
+    return {
+        "suggested": (
+            {**confirmed, **suggested},
+            {
+                "labels": len(suggested),
+                "similar_listed": len(listed),
+                "similar_confirmed": len(confirmed),
+                "similar_unticked": len(listed) - len(confirmed),
+            },
+        ),
+        "suggested_alone": (suggested, {"labels": len(suggested)}),
+        "random": ({p: truth[p] for p in at_random}, {"labels": len(at_random)}),
+        "all_corrections": (wrong, {"labels": len(wrong)}),
+    }
+
+
 def main() -> None:
     parser = loop_arguments(__doc__)
     parser.add_argument("--budget", type=int, default=200, help="Labels a person gives.")
     parser.add_argument("--quiet-window", type=int, default=1000, help="Test texts in the quiet window.")
+    parser.add_argument(
+        "--labellings",
+        nargs="+",
+        choices=LABELLINGS,
+        default=list(LABELLINGS),
+        help="Which labellings retrain (each costs one retrain); all_corrections is the gap's reference.",
+    )
     args = parser.parse_args()
 
     from tuneloop.config import load_config
@@ -109,33 +152,36 @@ def main() -> None:
             quiet_report = watch("banking77", registry, prediction_log, last=len(quiet), until=first_of_stream)
             started = time.perf_counter()
             chosen = suggestions_for("banking77", registry, prediction_log, args.budget, len(stream))
-            suggested = [suggestion.prediction_id for suggestion in chosen]
             suggest_seconds = time.perf_counter() - started
         finally:
             prediction_log.close()
-        rng = np.random.default_rng(args.seed)
-        at_random = rng.choice(list(truth), size=args.budget, replace=False).tolist()
-
+        labellings = person_labels(chosen, truth, said, args.budget, args.seed)
         labelled = {}
-        for name, picked in (("suggested", suggested), ("random", at_random)):
+        for name in args.labellings:
+            given, counts = labellings[name]
             copy = work / f"home-{name}"
             shutil.copytree(home, copy)
             copied = Registry(load_config(None, [f"registry.home={copy}"]).registry)
             log = PredictionLog(copied.database_url, copy)
             try:
-                given = {p: truth[p] for p in picked}
                 record_labels(log, "banking77", given, "bench:person", registered_labels(copied))
             finally:
                 log.close()
             started = time.perf_counter()
             outcome = retrain("banking77", overrides=[f"registry.home={copy}", *common], show_progress=False)
             labelled[name] = {
-                "labels": len(picked),
-                "of_cut_intents": sum(truth[p] in drifted for p in picked),
-                "answered_wrongly": sum(truth[p] != said[p] for p in picked),
+                **counts,
+                "texts_labelled": len(given),
+                "of_cut_intents": sum(truth[p] in drifted for p in given),
+                "answered_wrongly": sum(truth[p] != said[p] for p in given),
                 "after": scores(copied, outcome.run.version.ref, test, drifted),
                 "retrain_seconds": round(time.perf_counter() - started, 1),
             }
+        if "all_corrections" in labelled:
+            gap = labelled["all_corrections"]["after"]["drifted_macro_f1"] - before["drifted_macro_f1"]
+            for figures in labelled.values():
+                recovered = figures["after"]["drifted_macro_f1"] - before["drifted_macro_f1"]
+                figures["drift_gap_recovered"] = round(recovered / gap, 4) if gap > 0 else None
 
     result = {
         "drifted_intents": drifted,
@@ -147,7 +193,9 @@ def main() -> None:
         "suggested_minus_random_points": {
             key: round(100 * (labelled["suggested"]["after"][key] - labelled["random"]["after"][key]), 2)
             for key in before
-        },
+        }
+        if {"suggested", "random"} <= set(labelled)
+        else None,
         "seconds": {
             "production_training": round(production_seconds, 1),
             "monitor": round(monitor_seconds, 1),

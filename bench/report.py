@@ -342,6 +342,28 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("cut intents macro-F1 before any label", "before.drifted_macro_f1", percent),
         *(
             (
+                f"{name}: share of the drift gap recovered (cut intents macro-F1, against all corrections)",
+                f"labelling.{kind}.drift_gap_recovered",
+                percent,
+            )
+            for kind, name in (
+                ("suggested", "suggested labels and their confirmed similar messages"),
+                ("suggested_alone", "suggested labels alone"),
+                ("random", "random labels"),
+            )
+        ),
+        (
+            "suggested labels: similar messages listed / confirmed / unticked",
+            "labelling.suggested",
+            lambda r: f"{r['similar_listed']} / {r['similar_confirmed']} / {r['similar_unticked']}",
+        ),
+        (
+            "all corrections (every wrong answer of the stream): labels, cut intents macro-F1 after",
+            "labelling.all_corrections",
+            lambda r: f"{r['labels']}, {percent(r['after']['drifted_macro_f1'])}",
+        ),
+        *(
+            (
                 f"{name}: labels (of cut intents / answered wrongly)",
                 f"labelling.{kind}",
                 lambda r: f"{r['labels']} ({r['of_cut_intents']} / {r['answered_wrongly']})",
@@ -372,6 +394,30 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
             for window, name in (("quiet_window", "test-split window"), ("drift_window", "drifted stream"))
         ),
         ("monitor time (window of the stream)", "seconds.monitor", seconds),
+    ],
+    "few_shot": [
+        ("dataset, test rows", "", lambda r: f"{r['dataset']}, {r['test_rows']:,}"),
+        *(
+            (
+                f"{per_label} per label: test accuracy (mean of seeds), tuneloop / default recipe / frozen encoder + "
+                "LR / TF-IDF",
+                f"settings.{per_label}.mean",
+                lambda m: " / ".join(
+                    percent(m[k]["accuracy"])
+                    for k in ("tuneloop", "default_recipe", "frozen_encoder", "tfidf")
+                    if k in m
+                ),
+            )
+            for per_label in (5, 10, 20, 50)
+        ),
+        *(
+            (
+                f"{per_label} per label: training time (mean of seeds), tuneloop / default recipe",
+                f"settings.{per_label}.mean",
+                lambda m: " / ".join(seconds(m[k]["train_seconds"]) for k in ("tuneloop", "default_recipe") if k in m),
+            )
+            for per_label in (5, 10, 20, 50)
+        ),
     ],
     "batch_predict": [
         ("model, runtime", "", lambda r: f"{r['model']}, {r['runtime']}"),

@@ -201,7 +201,7 @@ def _print_profile(summary: SummaryJson, folder: VersionFolder) -> None:
 
 
 def _print_test_scores(outcome: ClassifierOutcome) -> None:
-    from tuneloop.evaluate.report import calibration_line, leakage_line
+    from tuneloop.evaluate.report import calibration_line, leakage_line, regime_line
     from tuneloop.evaluate.serving import describe
 
     assert outcome.report is not None
@@ -213,6 +213,8 @@ def _print_test_scores(outcome: ClassifierOutcome) -> None:
     )
     if outcome.report.serving:
         console.print(f"scored as it serves: {describe(outcome.report.serving)}", markup=False)
+    if outcome.report.regime:
+        console.print(regime_line(outcome.report.regime), markup=False)
     if test.calibration_before is not None:
         console.print(calibration_line(test), markup=False)
     if test.leakage and test.leakage.rows:
@@ -986,11 +988,9 @@ def feedback_suggest(
 ) -> None:
     """Which of NAME's production predictions a person should label next: unsure ones, not near-copies of each
     other, from classes with little training data. Fill in --out's label column, then tuneloop feedback label."""
-    import pandas as pd
-
     from tuneloop.atomic import write_text_atomically
     from tuneloop.data.spreadsheet import spreadsheet_safe
-    from tuneloop.feedback.suggest import suggestions_for
+    from tuneloop.feedback.suggest import suggestions_for, suggestions_frame
 
     registry = _registry(config, overrides)
     prediction_log = _prediction_log(config, overrides)
@@ -1009,14 +1009,17 @@ def feedback_suggest(
             suggestion.prediction_id[:8],
             escape(suggestion.text[:100]),
             escape(f"{suggestion.predicted} {suggestion.confidence:.2f}"),
-            escape(suggestion.why),
+            escape(suggestion.why + (f"; {len(suggestion.similar)} similar" if suggestion.similar else "")),
         )
     console.print(table)
     if out is not None:
-        columns = ["prediction_id", "text", "predicted", "confidence", "runner_up", "why"]
-        frame = pd.DataFrame([{c: s.to_dict()[c] for c in columns} for s in chosen]).assign(label="")
+        frame = suggestions_frame(chosen)
         write_text_atomically(out, frame.map(spreadsheet_safe).to_csv(index=False))
-        console.print(f"wrote {out}: fill in the label column, then tuneloop feedback label {name} {out}", markup=False)
+        console.print(
+            f"wrote {out}: fill in the label column, then tuneloop feedback label {name} {out}; rows with a "
+            "same_as take that row's label with --similar (delete those that do not share it first)",
+            markup=False,
+        )
 
 
 @feedback_app.command("label")
@@ -1025,6 +1028,12 @@ def feedback_label(
     file: Annotated[Path, typer.Argument(help="A CSV from tuneloop feedback suggest --out, label column filled.")],
     config: ConfigOption = None,
     overrides: Overrides = None,
+    similar: Annotated[
+        bool,
+        typer.Option(
+            "--similar", help="Rows with a same_as and no label of their own take that row's label (propagation)."
+        ),
+    ] = False,
 ) -> None:
     """Record the labels filled in a suggestions CSV as trusted feedback (all or none); they train at the next
     retrain, through the gate like any feedback."""
@@ -1032,16 +1041,14 @@ def feedback_label(
 
     import pandas as pd
 
-    from tuneloop.feedback.suggest import record_labels, registered_labels
+    from tuneloop.feedback.export import next_retrain, production_policy
+    from tuneloop.feedback.suggest import labels_from_frame, record_labels, registered_labels
 
     try:
         frame = pd.read_csv(file, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as exc:
         raise TuneloopError(f"cannot read {file}: {first_line(exc)}") from None
-    if not {"prediction_id", "label"} <= set(frame.columns):
-        raise TuneloopError(f"{file} needs prediction_id and label columns (as tuneloop feedback suggest writes)")
-    filled = frame[frame["label"].str.strip() != ""]
-    labels = dict(zip(filled["prediction_id"].str.strip(), filled["label"].str.strip(), strict=True))
+    labels = labels_from_frame(frame, similar, str(file))
     if not labels:
         console.print(f"no label is filled in {file}: nothing recorded")
         return
@@ -1049,9 +1056,15 @@ def feedback_label(
     prediction_log = _prediction_log(config, overrides)
     try:
         recorded = record_labels(prediction_log, name, labels, f"cli:{getpass.getuser()}", registered_labels(registry))
+        coming = next_retrain(prediction_log, name, production_policy(registry, name))
     finally:
         prediction_log.close()
     console.print(f"recorded {recorded} labels on {name} (trusted feedback; retrain with tuneloop retrain {name})")
+    console.print(
+        f"the next retrain learns {coming['examples']} labelled examples of {len(coming['labels'])} labels"
+        + (f"; {coming['awaiting_review']} feedback rows await review" if coming["awaiting_review"] else ""),
+        markup=False,
+    )
 
 
 def _decide(

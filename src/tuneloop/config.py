@@ -156,6 +156,63 @@ class DPConfig(StrictModel):
     )
 
 
+class FewShotConfig(StrictModel):
+    """The few-shot regime, for labels with a handful of examples each: a contrastive stage shapes the encoder's
+    embedding space before the classifier trains (supervised contrastive learning, Khosla et al., 2020, as SetFit
+    does with pairs), the label names join the training texts, the loop runs enough optimiser steps, and early
+    stopping follows a smoothed validation score instead of the noise of a validation split with one or two texts
+    per label."""
+
+    mode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="auto: the few-shot regime when the median label has at most few_shot.max_per_label training "
+        "texts (one process, not under train.dp); on / off: always / never (to measure it on its own). The report "
+        "says which regime ran and why.",
+    )
+    max_per_label: int = Field(
+        20,
+        ge=1,
+        description="auto: the few-shot regime up to this many training texts for the median label (its stages cost "
+        "minutes, which a set with more examples per label earns little from).",
+    )
+    contrastive_steps: int = Field(
+        100,
+        ge=0,
+        description="Steps of the contrastive stage before the classifier trains (0: none). Each step draws "
+        "labels_per_batch labels and texts_per_label texts of each, and pulls texts of a label together, away from "
+        "the others.",
+    )
+    labels_per_batch: int = Field(16, ge=2, description="Contrastive stage: labels drawn per step.")
+    texts_per_label: int = Field(4, ge=2, description="Contrastive stage: texts drawn per label and step.")
+    lr: float = Field(5e-5, gt=0, description="Contrastive stage: the encoder's learning rate (warmup, linear decay).")
+    temperature: float = Field(
+        0.05, gt=0, description="Contrastive stage: cosine similarities are divided by this (smaller: sharper)."
+    )
+    label_names: bool = Field(
+        True,
+        description="Each label's name, made readable (card_arrival → 'card arrival'), joins its training texts; "
+        "only names with letters (not 0/1).",
+    )
+    min_steps: int = Field(
+        100,
+        ge=0,
+        description="The classifier loop runs at least this many optimiser steps (more epochs than train.epochs "
+        "when the data is small); early stopping may only stop it after them.",
+    )
+    smoothing: int = Field(
+        3,
+        ge=1,
+        description="The kept model and early stopping follow the mean of the last this many validation scores, "
+        "not one noisy score of a tiny validation split.",
+    )
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: object) -> object:
+        # YAML reads a bare on / off (train.few_shot.mode=off on the command line) as true / false.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 # Settings that measured no gain and left the training loop (figures in docs/guide/train.md): the value at which a
 # recipe stored with one trained as today's loop does (None: any), and why it went.
 RETIRED_TRAIN_SETTINGS: dict[str, tuple[object, str]] = {
@@ -307,6 +364,10 @@ class TrainConfig(StrictModel):
         "trace for TensorBoard or Perfetto in the run's profile/ folder and a summary of the time per stage.",
     )
     profile_steps: int = Field(30, ge=1, description="Training steps the profile records.")
+    few_shot: FewShotConfig = Field(
+        default_factory=FewShotConfig,
+        description="The few-shot regime (a contrastive stage, label names, enough steps, smoothed early stopping).",
+    )
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="Under torchrun: ddp keeps a whole copy of the model in every process; fsdp shards weights, "

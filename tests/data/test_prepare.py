@@ -149,3 +149,48 @@ def test_bad_input_gets_a_clear_error(tmp_path, content, message):
     with pytest.raises(TuneloopError, match=message) as caught:
         prepare_data(DataConfig(path=path))
     assert str(path) in str(caught.value)
+
+
+def test_a_split_column_without_validation_rows_gets_one_carved_from_train(tmp_path, caplog):
+    """Regression: with only train and test values in the split column, no validation split was made, training ran
+    to its end and crashed in the int8 check."""
+    rows = [dict(r, split="test" if i % 10 < 2 else "train") for i, r in enumerate(labelled(10))]
+    config = DataConfig(path=write(tmp_path, rows), split_column="split", seed=7)
+    with caplog.at_level("WARNING"):
+        prepared = prepare_data(config)
+    given_train = {r["text"] for r in rows if r["split"] == "train"}
+    assert set(prepared.val["label"]) == {"a", "b", "c"}  # stratified: every label
+    assert set(prepared.train["text"]) | set(prepared.val["text"]) == given_train  # carved from train only
+    assert set(prepared.test["text"]) == {r["text"] for r in rows if r["split"] == "test"}
+    note = prepared.report["validation_carved"]
+    assert note.startswith("data.split_column 'split' has no validation rows") and "seed 7" in note
+    assert note in caplog.text and "\n" not in note
+    assert prepare_data(config).fingerprint == prepared.fingerprint  # seeded
+
+
+def test_given_validation_rows_are_kept_and_nothing_is_carved(tmp_path):
+    rows = [dict(r, split=("test", "val", "train", "train", "train")[i % 5]) for i, r in enumerate(labelled(10))]
+    prepared = prepare_data(DataConfig(path=write(tmp_path, rows), split_column="split"))
+    assert set(prepared.val["text"]) == {r["text"] for r in rows if r["split"] == "val"}
+    assert "validation_carved" not in prepared.report
+
+
+@pytest.mark.parametrize(
+    ("splits", "message"),
+    [
+        (("train",), "the test split is empty (the report and the gate score it); mark some rows test in split"),
+        (("test",), "the train split is empty; mark rows train"),
+    ],
+)
+def test_splits_that_would_fail_at_the_end_of_training_are_refused_first(tmp_path, splits, message):
+    rows = [dict(r, split=splits[i % len(splits)]) for i, r in enumerate(labelled(10))]
+    with pytest.raises(TuneloopError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        prepare_data(DataConfig(path=write(tmp_path, rows), split_column="split"))
+
+
+def test_a_label_only_in_the_test_split_is_refused_naming_the_fix(tmp_path):
+    rows = [dict(r, split="train") for r in labelled(10)] + [
+        {"text": f"d example {i}", "label": "d", "split": "test"} for i in range(3)
+    ]
+    with pytest.raises(TuneloopError, match=r"\['d'\] have no training example after splitting; add training rows"):
+        prepare_data(DataConfig(path=write(tmp_path, rows), split_column="split"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
@@ -15,9 +16,9 @@ from tuneloop.config import FeedbackConfig
 from tuneloop.data.clean import dedup_key
 from tuneloop.db.schema import PredictionRecord
 from tuneloop.errors import TuneloopError
-from tuneloop.feedback.export import feedback_examples
+from tuneloop.feedback.export import feedback_examples, next_retrain
 from tuneloop.feedback.log import PredictionLog
-from tuneloop.feedback.suggest import suggest_labels
+from tuneloop.feedback.suggest import labels_from_frame, remembered, suggest_labels, suggestions_frame
 from tuneloop.serve.app import create_app
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -110,6 +111,72 @@ def test_a_budget_below_one_is_refused():
         suggest_labels([], 0, TRAINED, set())
 
 
+def topic_vectors(texts: list[str]) -> np.ndarray:
+    """A stand-in sentence encoder: texts about cards point one way, about pins another, the rest each their own."""
+    out = np.zeros((len(texts), len(texts) + 3))
+    for i, text in enumerate(texts):
+        out[i, 0 if "card" in text else 1 if "pin" in text else i + 2] = 1.0
+        out[i, -1] = 0.1 * (i % 3)  # near-copies of a topic are close, not equal
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_messages_similar_to_a_chosen_one_are_listed_with_it_not_suggested_again():
+    """Diversity and label propagation: the budget covers different requests, and each suggestion brings the
+    messages a person can give the same label in one click."""
+    cards = [logged(i, f"my card {WORDS[i]} never came {i}", {"a": 0.5, "b": 0.45, "c": 0.05}) for i in range(4)]
+    pins = [logged(10 + i, f"forgot pin {WORDS[i]} again {i}", {"b": 0.9, "a": 0.05, "c": 0.05}) for i in range(3)]
+    other = logged(20, "is it raining", {"c": 0.9, "a": 0.05, "b": 0.05})
+    chosen = suggest_labels(cards + pins + [other], 3, TRAINED, set(), embed=topic_vectors)
+    assert len(chosen) == 3 and sum(s.prediction_id in {p.id for p in cards} for s in chosen) == 1
+    by_id = {s.prediction_id: s for s in chosen}
+    card = next(s for s in chosen if s.prediction_id in {p.id for p in cards})
+    assert {near.prediction_id for near in card.similar} == {p.id for p in cards} - {card.prediction_id}
+    assert all(near.similarity >= 0.8 for near in card.similar)
+    listed = [near.prediction_id for s in chosen for near in s.similar]
+    assert len(listed) == len(set(listed)) and not set(listed) & set(by_id)  # one suggestion each, never suggested
+    without = suggest_labels(cards + pins + [other], 3, TRAINED, set())
+    assert sum(s.prediction_id in {p.id for p in cards} for s in without) > 1  # what the embeddings changed
+
+
+def test_an_encoder_that_finds_everything_similar_still_fills_the_budget():
+    predictions = [logged(i, distinct_text(i), {"a": 0.5, "b": 0.5}) for i in range(5)]
+    alike = lambda texts: np.ones((len(texts), 2)) / np.sqrt(2)  # noqa: E731
+    chosen = suggest_labels(predictions, 3, TRAINED, set(), embed=alike)
+    assert len(chosen) == 3
+
+
+def test_a_similar_row_takes_its_suggestions_label_only_when_asked():
+    cards = [logged(i, f"my card {WORDS[i]} never came {i}", {"a": 0.5, "b": 0.45, "c": 0.05}) for i in range(3)]
+    others = [logged(10 + i, distinct_text(10 + i), {"c": 0.9, "a": 0.05, "b": 0.05}) for i in range(4)]
+    (suggestion,) = suggest_labels(cards + others, 1, TRAINED, set(), embed=topic_vectors)
+    frame = suggestions_frame([suggestion])
+    assert list(frame["same_as"]) == ["", suggestion.prediction_id, suggestion.prediction_id]
+    frame = frame.astype(str)
+    frame.loc[0, "label"] = "b"
+    assert labels_from_frame(frame, similar=False, source="f.csv") == {suggestion.prediction_id: "b"}
+    kept = frame.drop(index=2)  # the person removed a row that does not share the label
+    assert labels_from_frame(kept, similar=True, source="f.csv") == {
+        suggestion.prediction_id: "b",
+        frame.loc[1, "prediction_id"]: "b",
+    }
+    with pytest.raises(TuneloopError, match="needs prediction_id and label columns"):
+        labels_from_frame(frame.drop(columns="label"), similar=True, source="f.csv")
+
+
+def test_sentence_vectors_are_computed_once_per_version_and_text():
+    asked: list[list[str]] = []
+
+    def embed(texts: list[str]) -> np.ndarray:
+        asked.append(texts)
+        return np.array([[len(t), t.count("p")] for t in texts], dtype=float)
+
+    first = remembered("toy@1", embed)(["my card", "my pin", "my card"])
+    again = remembered("toy@1", embed)(["my pin", "is it raining"])
+    other = remembered("toy@2", embed)(["my pin"])
+    assert asked == [["my card", "my pin"], ["is it raining"], ["my pin"]]
+    assert np.allclose(first[1], again[0]) and np.allclose(first[0], first[2]) and len(other) == 1
+
+
 def test_one_senders_flood_of_unsure_messages_takes_its_turn_and_no_more(served):
     """Review (minor finding): one sender could fill an admin's labelling queue with made-up unsure messages, the
     newest of them pushing everyone else's out of the window the suggestions are chosen from."""
@@ -173,9 +240,9 @@ def test_an_admin_labels_suggestions_and_the_labels_are_trusted_feedback(admin):
     assert missing.status_code == 404
     labels = {first["prediction_id"]: label, second["prediction_id"]: label}
     done = client.post("/v1/admin/labels", json={"model": "toy", "labels": labels}, headers=root)
-    assert done.json() == {"recorded": 2}
+    assert done.json()["recorded"] == 2
     again = client.post("/v1/admin/labels", json={"model": "toy", "labels": labels}, headers=root)
-    assert again.json() == {"recorded": 0}  # nothing twice; the failed calls recorded nothing either
+    assert again.json()["recorded"] == 0  # nothing twice; the failed calls recorded nothing either
 
     prediction_log = PredictionLog(config.registry.resolved_database_url(), home)
     rows = prediction_log.feedback_for("toy")
@@ -214,6 +281,28 @@ def test_suggest_writes_a_csv_and_label_records_what_a_person_filled_in(admin, t
     frame.to_csv(out, index=False)
     recorded = runner.invoke(cli, ["feedback", "label", "toy", str(out), f"registry.home={home}"])
     assert recorded.exit_code == 0 and "recorded 1 labels" in recorded.output, recorded.output
+    assert "the next retrain learns 1 labelled examples of 1 labels" in recorded.output
+
+
+def test_the_admin_api_lists_similar_messages_and_the_next_retrain_counts_the_labels(admin):
+    client, config, home = admin
+    root = {"X-API-Key": "root"}
+    body = client.get("/v1/admin/suggestions?model=toy&budget=2", headers=root).json()
+    assert all(isinstance(s["similar"], list) for s in body["suggestions"])
+    first = body["suggestions"][0]
+    labels = {
+        first["prediction_id"]: body["labels"][0],
+        **{n["prediction_id"]: body["labels"][0] for n in first["similar"]},
+    }
+    answer = client.post("/v1/admin/labels", json={"model": "toy", "labels": labels}, headers=root).json()
+    assert answer["recorded"] == len(labels)
+    coming = answer["next_retrain"]  # what a labelling page shows as its progress
+    assert coming["examples"] == len(labels) and coming["labels"] == {body["labels"][0]: len(labels)}
+    prediction_log = PredictionLog(config.registry.resolved_database_url(), home)
+    try:
+        assert next_retrain(prediction_log, "toy", FeedbackConfig())["examples"] == coming["examples"]
+    finally:
+        prediction_log.close()
 
 
 def test_the_labelling_queue_offers_out_of_scope_and_such_a_label_trains_as_one(admin):
@@ -227,7 +316,7 @@ def test_the_labelling_queue_offers_out_of_scope_and_such_a_label_trains_as_one(
     done = client.post(
         "/v1/admin/labels", json={"model": "toy", "labels": {raining["prediction_id"]: "out_of_scope"}}, headers=root
     )
-    assert done.status_code == 200 and done.json() == {"recorded": 1}, done.text
+    assert done.status_code == 200 and done.json()["recorded"] == 1, done.text
     prediction_log = PredictionLog(config.registry.resolved_database_url(), home)
     exported = feedback_examples(prediction_log.feedback_for("toy"), FeedbackConfig())
     prediction_log.close()

@@ -245,3 +245,38 @@ def test_a_damaged_or_forged_serving_record_is_one_clear_error(toy_version, cont
     registry.folder(version).serving.write_text(content)
     with pytest.raises(TuneloopError, match="is not a serving record tuneloop wrote .*delete it"):
         load_model(version, registry, threads=1)
+
+
+def test_the_int8_check_copes_with_an_empty_validation_split(toy_version):
+    """Regression: a run without validation rows trained to its end, then the int8 check crashed (IndexError in
+    the tokenizer on an empty list) and nothing was registered."""
+    from tuneloop.data.prepare import load_prepared
+
+    registry, version, _ = toy_version
+    folder = registry.folder(version)
+    data = load_prepared(folder.data())
+    data.splits["val"] = data.val.iloc[:0]
+    record = serving.choose_runtime(folder, data, ServingConfig(runtime="onnx-int8"), threads=1)
+    checked = record["int8"]["checked"]
+    assert checked == {"validation": 0, "training": min(serving.MIN_AGREEMENT_TEXTS, len(data.train))}
+    assert f"{checked['training']} training texts" in record["int8"]["reason"]
+
+
+def test_training_with_a_train_test_split_column_and_ten_examples_per_label_serves_int8(tiny_encoder, tmp_path):
+    """Regression: a split column with train and test values only (10 examples per label) trained to the end, then
+    crashed in the int8 check; now a validation split is carved from train, and the run registers."""
+    from helpers import toy_rows
+
+    rows = [dict(r, split="test" if i % 5 == 0 else "train") for i, r in enumerate(toy_rows(per_label=12, seed=5))]
+    data = tmp_path / "split.csv"
+    pd.DataFrame(rows).to_csv(data, index=False)
+    registry, outcome = train(tiny_encoder, data, tmp_path, "serving.runtime=onnx-int8", "data.split_column=split")
+    assert outcome.version is not None and outcome.report.serving["runtime"] in ("onnx-int8", "onnx")
+    assert "no validation rows" in outcome.report.data["validation_carved"]
+    assert outcome.report.serving["int8"]["checked"]["validation"] == len(load_prepared_val(registry, outcome))
+
+
+def load_prepared_val(registry, outcome):
+    from tuneloop.data.prepare import load_prepared
+
+    return load_prepared(registry.folder(outcome.version).data()).val

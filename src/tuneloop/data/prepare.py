@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from tuneloop.data.near_duplicates import Pair, best_matches, clusters, near_dup
 from tuneloop.data.split import kfold_assignment, stratified_split
 from tuneloop.data.spreadsheet import from_spreadsheet
 from tuneloop.errors import TuneloopError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 HOLDOUT_FILE = "feedback_holdout.jsonl"
@@ -197,6 +200,59 @@ def split_summary(splits: dict[str, pd.DataFrame], labels: list[str]) -> DataRep
     }
 
 
+def assign_splits(frame: pd.DataFrame, config: DataConfig) -> tuple[pd.Series, str | None]:
+    """Each row's split: a given one (data.split_column, data.test_path) is kept; the test and validation splits
+    that were not given are carved, stratified and seeded, from the rows without one. When that leaves no
+    validation rows (a split column with only train and test values), the validation split is carved from the
+    training rows instead, and the second value says so in one line."""
+    fixed = frame["split"] if "split" in frame else pd.Series("", index=frame.index)
+    fractions = {"test": config.test_size, "val": config.val_size}
+    for given in ("test", "val"):
+        if (fixed == given).any():
+            fractions.pop(given)
+    assignment = fixed.copy()
+    undecided = frame[fixed == ""]
+    if len(undecided) and fractions:
+        assignment.loc[undecided.index] = stratified_split(undecided, fractions, config.seed)
+    assignment = assignment.replace("", "train")
+    if (assignment == "val").any() or "val" not in fractions:
+        return assignment, None
+    training = frame[assignment == "train"]
+    assignment.loc[training.index] = stratified_split(training, {"val": config.val_size}, config.seed)
+    carved = int((assignment == "val").sum())
+    if not carved:
+        return assignment, None  # no class has the 2 training rows a validation row needs: trained without one
+    where = f"data.split_column '{config.split_column}' has" if config.split_column else "the data has"
+    note = (
+        f"{where} no validation rows: {carved} of the {len(training)} training rows (data.val_size="
+        f"{config.val_size:g} of each label, seed {config.seed}) became the validation split"
+    )
+    log.warning(note)
+    return assignment, note
+
+
+def refuse_untrainable(splits: dict[str, pd.DataFrame], labels: list[str], config: DataConfig) -> None:
+    """Refuse, before any training, splits that would make the run fail at its end: one line naming the fix."""
+    if splits["train"].empty:
+        raise TuneloopError(
+            f"{config.path}: the train split is empty; mark rows train (or leave their split value empty) in "
+            f"{config.split_column or 'the data'}"
+        )
+    if splits["test"].empty:
+        fix = (
+            f"mark some rows test in {config.split_column}, leave some split values empty, or give data.test_path"
+            if config.split_column
+            else "add rows or raise data.test_size"
+        )
+        raise TuneloopError(f"{config.path}: the test split is empty (the report and the gate score it); {fix}")
+    missing_in_train = sorted(set(labels) - set(splits["train"]["label"]))
+    if missing_in_train:
+        raise TuneloopError(
+            f"{config.path}: label(s) {missing_in_train} have no training example after splitting; add training "
+            "rows of them, or remove their rows"
+        )
+
+
 def prepare_data(
     config: DataConfig,
     count_tokens: Callable[[list[str]], list[int]] | None = None,
@@ -249,17 +305,7 @@ def prepare_data(
             f"{config.path}: label(s) with fewer than 2 examples: {listed}; add examples or remove those rows"
         )
 
-    fixed = frame["split"] if "split" in frame else pd.Series("", index=frame.index)
-    undecided = frame[fixed == ""]
-    assignment = fixed.copy()
-    fractions = (
-        {"val": config.val_size} if (fixed == "test").any() else {"test": config.test_size, "val": config.val_size}
-    )
-    if (fixed == "val").any():
-        fractions.pop("val")
-    if len(undecided) and fractions:
-        assignment.loc[undecided.index] = stratified_split(undecided, fractions, config.seed)
-    assignment = assignment.replace("", "train")
+    assignment, carved = assign_splits(frame, config)
     frame = frame.assign(split=assignment)
 
     splits = {name: frame[frame["split"] == name][["row", "text", "label"]].reset_index(drop=True) for name in SPLITS}
@@ -273,13 +319,8 @@ def prepare_data(
             splits[name] = splits[name].drop(index=found["positions"]).reset_index(drop=True)
             dropped[f"near_duplicate_of_train_in_{name}"] = found["rows"]
             found["positions"] = []  # none left: the positions were those of the rows now dropped
-    for name in ("train", "test"):
-        if splits[name].empty:
-            raise TuneloopError(f"{config.path}: the {name} split is empty; add data or adjust data.test_size")
     labels = sorted(counts.index)
-    missing_in_train = sorted(set(labels) - set(splits["train"]["label"]))
-    if missing_in_train:
-        raise TuneloopError(f"{config.path}: label(s) {missing_in_train} have no training example after splitting")
+    refuse_untrainable(splits, labels, config)
 
     folds = None
     if config.kfold:
@@ -300,6 +341,8 @@ def prepare_data(
         "text_length": length_percentiles(frame["text"].tolist(), count_tokens),
         "kfold": config.kfold,
     }
+    if carved:
+        report["validation_carved"] = carved
     prepared = PreparedData(
         splits=splits, labels=labels, report=report, fingerprint=fingerprint_of(splits), folds=folds
     )

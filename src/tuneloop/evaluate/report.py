@@ -25,6 +25,7 @@ from tuneloop.evaluate.schema import (
     SkippedLabels,
     SplitScores,
     TemperatureFit,
+    TrainingRegime,
 )
 from tuneloop.evaluate.serving import describe
 from tuneloop.models.classifier import TextClassifier, softmax
@@ -229,6 +230,8 @@ def caveat_sections(report: ClassifierReport) -> list[str]:
     sections = []
     if report.serving:
         sections.append(f"<p>Scored as it serves: {html.escape(describe(report.serving))}.</p>")
+    if report.regime:
+        sections.append(f"<p>{html.escape(regime_line(report.regime))}.</p>")
     privacy = report.privacy
     if privacy:
         sections += [
@@ -285,6 +288,20 @@ def calibration_line(test: SplitScores) -> str:
         f"Temperature scaling (T = {test.temperature:.2f}, fitted on the validation split): test ECE "
         f"{test.calibration_before.ece:.3f} before, {test.calibration.ece:.3f} after"
     )
+
+
+def regime_line(regime: TrainingRegime) -> str:
+    """One sentence on the regime that trained the model and why (training/regime.py)."""
+    line = f"Trained in the {regime.name} regime: {regime.why}"
+    if regime.name != "few-shot":
+        return line
+    steps = regime.contrastive.steps if regime.contrastive else 0
+    parts = [f"a contrastive stage of {steps} steps" if steps else "no contrastive stage"]
+    if regime.label_names_added:
+        parts.append(f"{regime.label_names_added} label names as training texts")
+    parts.append(f"at least {regime.min_steps} optimiser steps ({regime.epochs} epochs)")
+    parts.append(f"the model kept by the mean of the last {regime.smoothing} validation scores")
+    return f"{line}; " + ", ".join(parts)
 
 
 def leakage_line(leakage: Leakage, scored: int) -> str:

@@ -164,6 +164,32 @@ class DistillationReport(ReportPart):
     teachers_agree_with_training_labels: float
 
 
+class ContrastiveReport(ReportPart):
+    """The few-shot regime's contrastive stage (training/contrastive.py): what it ran and how its loss moved."""
+
+    steps: int
+    seconds: float
+    loss_first: float | None = None  # mean of the first ten steps
+    loss_last: float | None = None  # mean of the last ten
+    labels_per_batch: int
+    texts_per_label: int
+    temperature: float
+    lr: float
+
+
+class TrainingRegime(ReportPart):
+    """Which regime trained the model — standard or few-shot (training/regime.py) — and why."""
+
+    name: str
+    why: str
+    median_per_label: float
+    min_steps: int | None = None
+    smoothing: int = 1
+    epochs: int | None = None  # the loop's epochs, raised to reach min_steps
+    label_names_added: int = 0
+    contrastive: ContrastiveReport | None = None
+
+
 class Fold(ReportPart):
     fold: int
     val_macro_f1: float | None
@@ -203,6 +229,7 @@ class ClassifierReport(ReportPart):
     privacy: PrivacyReport | None = None
     outlier_exposure: OutlierExposureReport | None = None
     distillation: DistillationReport | None = None
+    regime: TrainingRegime | None = None
 
     def to_json(self) -> str:
         # The free-form parts (the data report) can hold numpy scalars: a waimai_10k run's held an int64.

@@ -27,29 +27,39 @@ from tuneloop.registry import VersionFolder
 log = logging.getLogger(__name__)
 # Past this share of texts run again in fp32, int8 with a fallback is no faster than fp32 alone.
 MAX_FALLBACK_SHARE = 0.3
+# Agreement compares int8's labels with fp32's, so any text measures it: a validation split smaller than this (a
+# few-shot run has one or two texts per label) is topped up with training texts, so that the verdict does not rest
+# on a handful of texts.
+MIN_AGREEMENT_TEXTS = 200
 
 
 class Int8Check(TypedDict):
     """One plan for serving int8 as the serving record keeps it (under "int8", and each tried under "int8_tried")."""
 
     plan: str
-    agreement: float  # with fp32's labels on the validation split
+    agreement: float  # with fp32's labels on the validation split (topped up with training texts: see checked)
     fp32_accuracy: float
     int8_accuracy: float
     accepted: bool
     reason: str
     fallback_margin: NotRequired[float]  # with an fp32 fallback for close calls
     fallback_share: NotRequired[float]
+    checked: NotRequired[dict[str, int]]  # the texts the agreement was measured on: validation, training
 
 
 def int8_verdict(
-    agreement: float, fp32_accuracy: float, int8_accuracy: float, settings: ServingConfig
+    agreement: float,
+    fp32_accuracy: float,
+    int8_accuracy: float,
+    settings: ServingConfig,
+    checked: str = "the validation split",
 ) -> tuple[bool, str]:
-    """Whether an int8 copy may serve, and why in one phrase (the report and the server log show it)."""
+    """Whether an int8 copy may serve, and why in one phrase (the report and the server log show it); `checked`
+    names the texts the agreement was measured on."""
     drop = fp32_accuracy - int8_accuracy
     if agreement < settings.int8_min_agreement:
         return False, (
-            f"it labels {agreement:.2%} of the validation split as fp32 does, "
+            f"it labels {agreement:.2%} of {checked} as fp32 does, "
             f"below serving.int8_min_agreement={settings.int8_min_agreement:.2%}"
         )
     if drop > settings.int8_max_accuracy_drop + 1e-9:  # exactly at the limit passes, whatever the float rounding
@@ -58,7 +68,7 @@ def int8_verdict(
             f"(serving.int8_max_accuracy_drop={settings.int8_max_accuracy_drop * 100:.2f} points)"
         )
     return True, (
-        f"agrees with fp32 on {agreement:.2%} of the validation split; test accuracy {int8_accuracy:.2%} "
+        f"agrees with fp32 on {agreement:.2%} of {checked}; test accuracy {int8_accuracy:.2%} "
         f"(fp32 {fp32_accuracy:.2%})"
     )
 
@@ -70,7 +80,7 @@ def describe(record: ServingRecord) -> str:
         assert check is not None  # int8 serves only with its passed check (read_serving requires it)
         how = "int8 weights"
         if check.get("fallback_margin"):
-            how += f", fp32 for close calls ({check['fallback_share']:.1%} of the validation texts)"
+            how += f", fp32 for close calls ({check['fallback_share']:.1%} of the texts checked)"
         return f"served by ONNX Runtime with {how}: {check['reason']}"
     if record["runtime"] == "onnx":
         return "served by ONNX Runtime in fp32" + (f"; int8 was not kept: {check['reason']}" if check else "")
@@ -98,14 +108,19 @@ def _check_int8(run: VersionFolder, data: PreparedData, settings: ServingConfig,
     passes serves, else fp32."""
     fp32 = load_unchecked(run, "onnx", threads)
     int8 = load_unchecked(run, "onnx-int8", threads)
-    val, test = list(data.val.text), list(data.test.text)
-    truth = data.test.label.to_numpy()
-    fp32_val, int8_val = (p.own_logits(p.logits(val)) for p in (fp32, int8))
+    val, checked = agreement_texts(data)
+    test, truth = list(data.test.text), data.test.label.to_numpy()
+    fp32_val, int8_val = (p.own_logits(p.logits(val)) if val else np.zeros((0, len(p.labels))) for p in (fp32, int8))
     fp32_accuracy = _accuracy(fp32, test, truth)
+    described = (
+        "the validation split"
+        if not checked["training"]
+        else f"{checked['validation']} validation and {checked['training']} training texts"
+    )
 
     def verdict(plan: str, agreement: float, predictor: Predictor) -> Int8Check:
         int8_accuracy = _accuracy(predictor, test, truth)
-        accepted, reason = int8_verdict(agreement, fp32_accuracy, int8_accuracy, settings)
+        accepted, reason = int8_verdict(agreement, fp32_accuracy, int8_accuracy, settings, described)
         return {
             "plan": plan,
             "agreement": agreement,
@@ -113,6 +128,7 @@ def _check_int8(run: VersionFolder, data: PreparedData, settings: ServingConfig,
             "int8_accuracy": int8_accuracy,
             "accepted": accepted,
             "reason": reason,
+            "checked": checked,
         }
 
     agreement = float(np.mean(fp32_val.argmax(-1) == int8_val.argmax(-1))) if val else 1.0
@@ -133,6 +149,15 @@ def _check_int8(run: VersionFolder, data: PreparedData, settings: ServingConfig,
     (onnx_cache(run.root, run.model) / INT8_FILE).unlink(missing_ok=True)
     log.warning("int8 does not serve this version (%s): fp32 ONNX serves", tried[-1]["reason"])
     return {"runtime": "onnx", "int8": tried[-1], "int8_tried": tried}
+
+
+def agreement_texts(data: PreparedData) -> tuple[list[str], dict[str, int]]:
+    """The texts int8's labels are compared with fp32's on: the validation split, topped up with a seeded sample of
+    training texts to MIN_AGREEMENT_TEXTS; and how many of each."""
+    val = list(data.val.text)
+    wanted = min(max(0, MIN_AGREEMENT_TEXTS - len(val)), len(data.train))
+    extra = list(data.train.text.sample(n=wanted, random_state=0)) if wanted else []
+    return val + extra, {"validation": len(val), "training": len(extra)}
 
 
 def fallback_margin(fp32_logits: np.ndarray, int8_logits: np.ndarray) -> float:

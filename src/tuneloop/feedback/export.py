@@ -10,11 +10,12 @@ from typing import Any
 
 import pandas as pd
 
-from tuneloop.config import FeedbackConfig, RegistryConfig
+from tuneloop.config import FeedbackConfig, RegistryConfig, load_config, stored_recipe
 from tuneloop.data.clean import clean_text, dedup_key
 from tuneloop.data.spreadsheet import spreadsheet_safe
 from tuneloop.db.schema import ANONYMOUS, FeedbackRecord, PredictionRecord
 from tuneloop.feedback.log import PredictionLog
+from tuneloop.registry import Registry
 
 EXAMPLE_COLUMNS = ["text", "label", "source", "prediction_id", "model_version", "feedback_at"]
 
@@ -168,3 +169,23 @@ def load_feedback(registry: RegistryConfig, name: str, config: FeedbackConfig) -
         return feedback_examples(prediction_log.feedback_for(name), config)
     finally:
         prediction_log.close()
+
+
+def production_policy(registry: Registry, name: str) -> FeedbackConfig:
+    """The feedback policy `tuneloop retrain NAME` applies: the production version's recipe's."""
+    return load_config(None, None, base=stored_recipe(registry.get(f"{name}@production").config)).feedback
+
+
+def next_retrain(prediction_log: PredictionLog, name: str, config: FeedbackConfig) -> dict[str, Any]:
+    """What the next `tuneloop retrain NAME` would learn from feedback under the policy `config`
+    (`production_policy`), before its holdout and test-split checks: the labelled examples (corrected, confirmed),
+    how many per label, and how many feedback rows await review."""
+    exported = feedback_examples(prediction_log.feedback_for(name), config)
+    per_label = exported.examples["label"].value_counts()
+    return {
+        "examples": len(exported.examples),
+        "corrected": exported.counts["corrected"],
+        "confirmed": exported.counts["confirmed"],
+        "labels": {str(label): int(count) for label, count in per_label.items()},
+        "awaiting_review": exported.counts.get("awaiting_review", 0),
+    }

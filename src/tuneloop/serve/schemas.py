@@ -294,6 +294,13 @@ class ReviewQueueResponse(BaseModel):
     groups: list[ReviewGroupInfo]
 
 
+class SimilarInfo(BaseModel):
+    prediction_id: str
+    text: str
+    predicted: str = Field(description="What the model said of it.")
+    similarity: float = Field(description="Cosine to the suggestion's text (the version's base sentence encoder).")
+
+
 class SuggestionInfo(BaseModel):
     prediction_id: str
     text: str
@@ -307,6 +314,11 @@ class SuggestionInfo(BaseModel):
     trained_rows: int = Field(description="Training rows of the predicted label.")
     priority: float
     why: str
+    similar: list[SimilarInfo] = Field(
+        default_factory=list,
+        description="Messages of the window close to this one, most similar first: the label given to this one can "
+        "be given to them in the same POST /v1/admin/labels (one click), after a person has looked at them.",
+    )
 
 
 class ScopeShare(BaseModel):
@@ -365,8 +377,21 @@ class LabelsRequest(RequestBody):
     )
 
 
+class NextRetrainInfo(BaseModel):
+    """What the next retrain of the model would learn from feedback (its production recipe's feedback policy)."""
+
+    examples: int = Field(description="Labelled examples: corrections, and confirmations where the policy counts them.")
+    corrected: int
+    confirmed: int
+    labels: dict[str, int] = Field(description="Examples per label.")
+    awaiting_review: int = Field(description="Feedback rows that train only once an admin approves them.")
+
+
 class LabelsResponse(BaseModel):
     recorded: int = Field(description="Labels recorded (one already given by the same admin is not repeated).")
+    next_retrain: NextRetrainInfo = Field(
+        description="What the next retrain learns from feedback, these labels included: a labelling page's progress."
+    )
 
 
 class ReviewDecisionRequest(RequestBody):

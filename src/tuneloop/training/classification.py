@@ -42,6 +42,7 @@ from tuneloop.evaluate.calibrate import calibrate_run
 from tuneloop.evaluate.report import add_explanations, evaluate_classifier, write_report
 from tuneloop.evaluate.schema import (
     ClassifierReport,
+    ContrastiveReport,
     CrossValidationReport,
     DistillationReport,
     Fold,
@@ -49,6 +50,7 @@ from tuneloop.evaluate.schema import (
     PrivacyReport,
     Processes,
     TemperatureFit,
+    TrainingRegime,
 )
 from tuneloop.evaluate.serving import choose_runtime
 from tuneloop.models.classifier import (
@@ -77,10 +79,12 @@ from tuneloop.training.common import (
     start_run,
     use_threads,
 )
+from tuneloop.training.contrastive import contrastive_stage
 from tuneloop.training.devices import DevicePlan, plan_device, process_group_backend
 from tuneloop.training.distributed import ONE_PROCESS, World, check_recipe, current_world, join_world, leave_world
 from tuneloop.training.loop import CHECKPOINT, LoopState, StepCallback, Stepper, Task, Training, fit
 from tuneloop.training.losses import CrossEntropy, Distillation, class_weights, outlier_exposure
+from tuneloop.training.regime import choose_regime, epochs_for, with_label_names
 from tuneloop.training.steppers import ReplicatedStepper, ShardedStepper
 from tuneloop.training.teachers import check_teachers, teacher_targets
 
@@ -103,6 +107,7 @@ class TrainResult:
     outlier_exposure: OutlierExposureReport | None = None  # which off-topic messages it was shown
     distillation: DistillationReport | None = None  # train.teachers: who taught, and how
     device: str = "cpu in fp32"  # where it trained, and in which precision (DevicePlan.describe)
+    regime: TrainingRegime | None = None  # standard or few-shot, and why
 
 
 @dataclass
@@ -288,6 +293,49 @@ def start_heads(recipe: ClassifierRecipe, tasks: list[Task], own: torch.Tensor |
     return time.perf_counter() - started
 
 
+CONTRASTIVE_FILE = "contrastive.json"  # in the run folder: the stage's record, for a resumed run's report
+
+
+def start_weights(
+    recipe: ClassifierRecipe,
+    regime: TrainingRegime,
+    tasks: list[Task],
+    prepared: Preparation,
+    saved: dict[str, Any] | None,
+    run: VersionFolder,
+    plan: DevicePlan,
+    pad_id: int,
+    show_progress: bool,
+) -> float:
+    """The weights the loop starts from: a checkpoint's; or, fresh, the few-shot regime's contrastive stage and then
+    the class vectors at the training centroids (of the encoder as the stage left it). Returns the seconds spent."""
+    if saved:
+        restore_weights(saved, tasks, run, recipe.train.strategy)
+        if (run.root / CONTRASTIVE_FILE).is_file():
+            regime.contrastive = ContrastiveReport.model_validate_json((run.root / CONTRASTIVE_FILE).read_text())
+        return 0.0
+    settings, embeddings = recipe.train.few_shot, prepared.embeddings
+    if regime.name != "few-shot" or not settings.contrastive_steps:
+        return start_heads(recipe, tasks, embeddings, pad_id)
+    task = tasks[0]
+    regime.contrastive = contrastive_stage(
+        task.classifier,
+        task.train_ids,
+        task.train_labels,
+        settings,
+        plan,
+        pad_id,
+        recipe.train.seed,
+        recipe.train.weight_decay,
+        show_progress,
+    )
+    (run.root / CONTRASTIVE_FILE).write_text(regime.contrastive.model_dump_json(indent=2))
+    started = time.perf_counter()
+    if embeddings is not None:  # the centroids of the encoder the stage trained
+        embeddings = embed_all(task.classifier, task.train_ids, pad_id)
+    return regime.contrastive.seconds + time.perf_counter() - started + start_heads(recipe, tasks, embeddings, pad_id)
+
+
 def make_stepper(
     recipe: ClassifierRecipe,
     tasks: list[Task],
@@ -331,6 +379,36 @@ def restore_weights(saved: dict[str, Any], tasks: list[Task], run: VersionFolder
         task.classifier.head.load_state_dict(saved["heads"][task.name])
 
 
+def build_tasks(
+    recipe: ClassifierRecipe,
+    model: TextClassifier,
+    tokenizer: PreTrainedTokenizerBase,
+    encoder: EncoderSource,
+    datasets: dict[str, PreparedData],
+) -> list[Task]:
+    """A task per labelled set (tokenised once), the first one the model's own; the others get their own heads on the
+    model's encoder object, so that one set of encoder weights learns them all."""
+    (first, data), *others = datasets.items()
+    with stage("tokenise"):
+        tasks = [_task(first, model, data, tokenizer, recipe)]
+        for name, extra in others:
+            head = TextClassifier(model.encoder, head_spec(recipe, encoder, extra.labels, name))
+            tasks.append(_task(name, head, extra, tokenizer, recipe))
+    return tasks
+
+
+def resumed_state(
+    saved: dict[str, Any], stepper: Stepper, scheduler: torch.optim.lr_scheduler.LRScheduler
+) -> LoopState:
+    """A checkpoint's loop state, with the stepper's optimizer, the schedule and the random generators restored."""
+    state = LoopState.restored(saved["state"])
+    stepper.load_checkpoint_state(saved, mid_epoch=state.step_in_epoch > 0)
+    scheduler.load_state_dict(saved["scheduler"])
+    restore_rng(saved["rng"])
+    log.info("resuming at epoch %d step %d", state.epoch, state.step_in_epoch)
+    return state
+
+
 def fine_tune(
     recipe: ClassifierRecipe,
     data: PreparedData,
@@ -356,6 +434,8 @@ def fine_tune(
     use_threads(tc.threads)
     seed_everything(tc.seed)
     run.root.mkdir(parents=True, exist_ok=True)
+    regime = choose_regime(recipe, data, world, multitask=bool(other_tasks))
+    data = with_label_names(data, regime, tc.few_shot.label_names)
     model, tokenizer = build_classifier(recipe, encoder, data.labels, task_name if other_tasks else "")
     if tc.dp:
         from tuneloop.training import private as dpsgd
@@ -366,31 +446,22 @@ def fine_tune(
     profiler = Profiler(run.root / PROFILE_FOLDER, tc.profile_steps) if tc.profile and world.main else None
     if profiler:
         profiler.start()
-    with stage("tokenise"):
-        tasks = [_task(task_name, model, data, tokenizer, recipe)]
-        for name, extra in (other_tasks or {}).items():
-            # The other tasks' classifiers share the model's encoder object: one set of encoder weights learns them.
-            head = TextClassifier(model.encoder, head_spec(recipe, encoder, extra.labels, name))
-            tasks.append(_task(name, head, extra, tokenizer, recipe))
+    tasks = build_tasks(recipe, model, tokenizer, encoder, {task_name: data, **(other_tasks or {})})
     train_only_used_rows(model.torch_encoder, [ids for task in tasks for ids in task.train_ids])
     model.to(plan.device)
     saved = load_checkpoint(run, CHECKPOINT) if resume else None
     prepared = prepare_terms(recipe, tasks[0], data, tokenizer, pad_id, fresh=not saved)
     state = LoopState(strategy=tc.strategy, train_seconds=prepared.seconds)
-    if saved:
-        restore_weights(saved, tasks, run, tc.strategy)
-    else:
-        state.train_seconds += start_heads(recipe, tasks, prepared.embeddings, pad_id)
+    state.train_seconds += start_weights(recipe, regime, tasks, prepared, saved, run, plan, pad_id, show_progress)
     stepper = make_stepper(recipe, tasks, plan, world, pad_id, None if saved else prepared.embeddings)
-    scheduler = learning_rate_schedule(tc, stepper.optimizer, stepper.steps_per_epoch(tasks) * tc.epochs)
+    regime.epochs = epochs_for(regime, tc.epochs, stepper.steps_per_epoch(tasks))
+    scheduler = learning_rate_schedule(tc, stepper.optimizer, stepper.steps_per_epoch(tasks) * regime.epochs)
     if saved:
-        state = LoopState.restored(saved["state"])
-        stepper.load_checkpoint_state(saved, mid_epoch=state.step_in_epoch > 0)
-        scheduler.load_state_dict(saved["scheduler"])
-        restore_rng(saved["rng"])
-        log.info("resuming at epoch %d step %d", state.epoch, state.step_in_epoch)
+        state = resumed_state(saved, stepper, scheduler)
     log.info("training on %s (%s)", plan.describe(), type(stepper).__name__)
-    training = Training(tc, tasks, stepper, scheduler, tokenizer, run, world, profiler, step_callback, callback_every)
+    loop_settings = tc.model_copy(update={"epochs": regime.epochs})
+    parts = (tasks, stepper, scheduler, tokenizer, run, world, profiler, step_callback, callback_every)
+    training = Training(loop_settings, *parts, min_steps=regime.min_steps or 0, smoothing=regime.smoothing)
     state = fit(training, state, show_progress)
     summary = profiler.finish() if profiler else None  # a run shorter than the profiled window
     return TrainResult(
@@ -406,6 +477,7 @@ def fine_tune(
         outlier_exposure=prepared.outlier_exposure,
         distillation=prepared.distillation,
         device=plan.describe(),
+        regime=regime,
     )
 
 
@@ -525,6 +597,7 @@ def evaluate_run(
         ("privacy", result.privacy),
         ("outlier_exposure", result.outlier_exposure),
         ("distillation", result.distillation),
+        ("regime", result.regime),
     ):
         if value is not None:
             setattr(report, name, value)
@@ -575,6 +648,7 @@ def register_classifier(
         "train_seconds": result.train_seconds,
         "best_val_macro_f1": result.best_val_macro_f1,
         "runtime": (report.serving or {}).get("runtime"),
+        "regime": result.regime.name if result.regime else None,
     }
     if result.privacy:
         metrics.update(dp_epsilon=result.privacy.epsilon, dp_delta=result.privacy.delta)

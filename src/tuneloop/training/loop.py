@@ -130,6 +130,8 @@ class Training:
     profiler: Profiler | None = None
     callback: StepCallback | None = None
     callback_every: int = 0
+    min_steps: int = 0  # early stopping may stop the loop only after this many steps
+    smoothing: int = 1  # the validation scores the kept model and early stopping follow (smoothed_score)
 
     @property
     def model(self) -> TextClassifier:
@@ -175,7 +177,7 @@ def fit(training: Training, state: LoopState, show_progress: bool) -> LoopState:
             checkpoint(training, state)
             if training.callback:
                 _call_back(training, state)
-            if state.bad_epochs >= tc.patience:
+            if state.bad_epochs >= tc.patience and state.global_step >= training.min_steps:
                 state.stopped_early = True
                 checkpoint(training, state)
                 log.info("early stop: no validation improvement for %d epochs", tc.patience)
@@ -204,7 +206,7 @@ def _score_point(training: Training, state: LoopState, metrics: MetricsLog | Non
 def validate(training: Training, state: LoopState, entry: HistoryEntry) -> None:
     """Score the validation split into `entry`; keep the model if it is the best so far (or if there is no
     validation split, in which case the latest model is kept)."""
-    improved = True
+    improved, criterion = True, None
     scored = [task for task in training.tasks if len(task.val_texts)]
     if scored:
         scores = {
@@ -216,10 +218,15 @@ def validate(training: Training, state: LoopState, entry: HistoryEntry) -> None:
         if len(training.tasks) > 1:
             entry.update({f"val_macro_f1/{name}": value for name, value in scores.items()})
         f1 = float(np.mean(list(scores.values())))
+        criterion = smoothed_score(
+            [h["val_macro_f1"] for h in state.history if "val_macro_f1" in h], f1, training.smoothing
+        )
         entry["val_macro_f1"] = f1
-        improved = state.best_f1 is None or f1 > state.best_f1
+        if training.smoothing > 1:
+            entry["val_macro_f1_smoothed"] = criterion
+        improved = state.best_f1 is None or criterion > state.best_f1
     if improved:
-        state.best_f1 = entry.get("val_macro_f1")
+        state.best_f1 = criterion
         state.best_epoch = state.epoch + 1
         state.best_step = state.global_step
         state.improved_in_epoch = True
@@ -227,6 +234,14 @@ def validate(training: Training, state: LoopState, entry: HistoryEntry) -> None:
         if whole is not None:
             write_dir_atomically(lambda folder: _save_model(training, whole, folder), training.run.model)
     _train_mode(training)
+
+
+def smoothed_score(earlier: list[float], latest: float, window: int) -> float:
+    """The mean of the latest validation score and the `window` − 1 before it. With one or two validation texts
+    per label a single score moves by whole points with every text, and the best of many noisy scores is mostly
+    luck; a mean over neighbouring points follows the trend (window 1: the latest score alone)."""
+    kept = earlier[-(window - 1) :] if window > 1 else []
+    return float(np.mean([*kept, latest]))
 
 
 def validation_macro_f1(

@@ -12,7 +12,7 @@ from tuneloop.config import MODEL_NAME_PATTERN
 from tuneloop.data.clean import clean_text
 from tuneloop.db.lease import model_job_running
 from tuneloop.errors import Conflict, NotFound, TuneloopError
-from tuneloop.feedback import review, suggest
+from tuneloop.feedback import export, review, suggest
 from tuneloop.models.predictor import Predictor
 from tuneloop.serve.deps import Chat, State
 from tuneloop.serve.jobs import Job
@@ -29,6 +29,7 @@ from tuneloop.serve.schemas import (
     JobsResponse,
     LabelsRequest,
     LabelsResponse,
+    NextRetrainInfo,
     ReviewDecisionRequest,
     ReviewDecisionResponse,
     ReviewGroupInfo,
@@ -168,7 +169,9 @@ async def give_labels(
     recorded = await run_in_threadpool(
         suggest.record_labels, state.prediction_log, body.model, body.labels, caller.sender, state.allowed_labels
     )
-    return LabelsResponse(recorded=recorded)
+    policy = await run_in_threadpool(export.production_policy, state.registry, body.model)
+    coming = await run_in_threadpool(export.next_retrain, state.prediction_log, body.model, policy)
+    return LabelsResponse(recorded=recorded, next_retrain=NextRetrainInfo(**coming))
 
 
 @router.post("/v1/admin/jobs", response_model=JobInfo, status_code=202, responses=ERRORS)
