@@ -1,5 +1,5 @@
-"""Benchmark: few examples per label. tuneloop (its regime chosen automatically) against today's recipe without the
-few-shot regime, a frozen encoder with logistic regression, and TF-IDF, in one run on the same rows.
+"""Benchmark: few examples per label. tuneloop with its few-shot regime chosen automatically against the default
+recipe (the classifier loop alone), a frozen encoder with logistic regression, and TF-IDF, in one run on the same rows.
 
     python bench/few_shot.py [--dataset banking77] [--per-label 5 10 20] [--seeds 0 1 2] [--set train.x=y ...]
     python bench/few_shot.py --dataset waimai_10k --per-label 10 50
@@ -7,8 +7,8 @@ few-shot regime, a frozen encoder with logistic regression, and TF-IDF, in one r
 For each number of examples per label and seed, that many training rows of each label are drawn (seeded) from the
 dataset's training split; tuneloop carves its validation split from them (data.val_size), and every method is
 scored on the whole official test split (waimai_10k: a seeded 20% held out, as bench/train_classifier.py does).
-- tuneloop: the default recipe, which takes the few-shot regime when the median label has few training texts;
-- default recipe: the same with train.few_shot.mode=off (the classifier loop alone, as before the regime existed);
+- tuneloop: train.few_shot.mode=auto, which takes the few-shot regime when the median label has few training texts;
+- default recipe: the same without it (train.few_shot.mode=off, the default until this benchmark measures a gain);
 - frozen encoder + logistic regression: the packaged encoder's mean-pooled embeddings of all the drawn rows, C=20;
 - TF-IDF: word 1-2 and character 2-5 grams of all the drawn rows, logistic regression (C=10).
 Prints one JSON line: per setting and seed each method's test accuracy and macro-F1 (tuneloop's as it serves) and
@@ -136,10 +136,10 @@ def main() -> None:
                 run: dict = {"seed": seed, "rows": len(rows)}
                 place = work / f"{per_label}-{seed}"
                 if "tuneloop" in args.methods:
-                    run["tuneloop"] = tuneloop_run(rows, test, place / "tuneloop", args.overrides)
+                    auto = [*args.overrides, "train.few_shot.mode=auto"]
+                    run["tuneloop"] = tuneloop_run(rows, test, place / "tuneloop", auto)
                 if "default_recipe" in args.methods:
-                    off = [*args.overrides, "train.few_shot.mode=off"]
-                    run["default_recipe"] = tuneloop_run(rows, test, place / "default", off)
+                    run["default_recipe"] = tuneloop_run(rows, test, place / "default", args.overrides)
                 if "frozen_encoder" in args.methods:
                     name = (run.get("tuneloop") or run.get("default_recipe") or {}).get("encoder", "auto")
                     run["frozen_encoder"] = frozen_encoder(rows, test, name, work / "home")

@@ -106,7 +106,6 @@ def tiny_overrides(tiny_encoder, toy_csv, home) -> list[str]:
         "train.threads=1",
         "train.patience=5",
         "serving.runtime=torch",  # ONNX export and the int8 check have tests of their own
-        "train.few_shot.mode=off",  # its own tests turn it on: the toy sets are small enough for it
     ]
 
 

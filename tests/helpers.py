@@ -67,7 +67,6 @@ def tiny_config(tiny_encoder: Path, data: Path, home: Path, *extra: str):
             "train.threads=1",
             "train.patience=10",
             "serving.runtime=torch",  # ONNX export and the int8 check have tests of their own
-            "train.few_shot.mode=off",  # its own tests turn it on: the toy sets are small enough for it
             *extra,
         ],
     )

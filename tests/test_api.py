@@ -35,7 +35,6 @@ def test_the_five_line_example_trains_registers_promotes_and_predicts(tiny_encod
             "train.epochs=2",
             "train.threads=1",
             "serving.runtime=torch",
-            "train.few_shot.mode=off",
         ],
     )
     outcome = tuneloop.train(recipe, show_progress=False)

@@ -164,10 +164,10 @@ class FewShotConfig(StrictModel):
     per label."""
 
     mode: Literal["auto", "on", "off"] = Field(
-        "auto",
+        "off",
         description="auto: the few-shot regime when the median label has at most few_shot.max_per_label training "
-        "texts (one process, not under train.dp); on / off: always / never (to measure it on its own). The report "
-        "says which regime ran and why.",
+        "texts (one process, not under train.dp); on / off: always / never. Off by default until bench/few_shot.py "
+        "measures a gain worth its time. The report says which regime ran and why.",
     )
     max_per_label: int = Field(
         20,

@@ -345,7 +345,6 @@ def test_a_multitask_model_gives_intent_and_sentiment_from_one_encoder_pass(assi
             f"registry.home={config.registry.home}",
             "name=nlu",
             "train.epochs=4",
-            "train.few_shot.mode=off",
             "train.batch_size=8",
             "train.lr=1e-3",
             "train.head_lr=1e-2",

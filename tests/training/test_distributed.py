@@ -38,7 +38,6 @@ def overrides(encoder: Path, data: Path, home: Path, *extra: str) -> list[str]:
         f"registry.home={home}",
         "name=toy",
         "train.epochs=2",
-        "train.few_shot.mode=off",  # one process and several take the same steps (few-shot runs in one)
         "train.batch_size=8",
         "train.lr=1e-3",
         "train.head_lr=1e-2",
