@@ -273,52 +273,12 @@ def prepare_data(
         masked = int((texts != frame["text"]).sum())
         frame = frame.assign(text=texts)
 
-    frame = frame.assign(key=frame["text"].map(dedup_key))
-    if config.exclude is not None:
-        excluded = frame["key"].isin(confirmed_exclusions(config.exclude))
-        dropped["excluded"] = int(excluded.sum())
-        frame = frame[~excluded]
-    frame, conflicts = _drop_conflicts(frame, config.conflicts)
-    dropped["conflicting_label"] = sum(len(c["rows"]) for c in conflicts) - sum(
-        1 for c in conflicts if c["kept_label"] is not None
-    )
-    if "split" in frame:
-        frame = frame.sort_values("split", key=lambda s: s.map(_SPLIT_PRIORITY), kind="stable")
-    before = len(frame)
-    frame = frame.drop_duplicates(subset=["key", "label"], keep="first").sort_index()
-    dropped["duplicate"] = dropped.get("duplicate", 0) + before - len(frame)
-    frame = frame.drop(columns="key").reset_index(drop=True)
-    frame, near_duplicates, pairs = _near_duplicates(frame, config)
-    dropped["near_duplicate"] = near_duplicates.get("dropped", 0)
-
+    frame, conflicts, near_duplicates, pairs = _deduplicated(frame, config, dropped)
     counts = frame["label"].value_counts()
-    if len(counts) < 2:
-        only = counts.index[0] if len(counts) else "none"
-        raise TuneloopError(
-            f"{config.path}: only one label ('{only}') after cleaning; a classifier needs at least two "
-            f"(check data.label_column)"
-        )
-    rare = counts[counts < 2]
-    if len(rare):
-        listed = ", ".join(f"'{label}' ({n})" for label, n in rare.items())
-        raise TuneloopError(
-            f"{config.path}: label(s) with fewer than 2 examples: {listed}; add examples or remove those rows"
-        )
-
+    _refuse_too_few_examples(counts, config)
     assignment, carved = assign_splits(frame, config)
     frame = frame.assign(split=assignment)
-
-    splits = {name: frame[frame["split"] == name][["row", "text", "label"]].reset_index(drop=True) for name in SPLITS}
-    # One search over every row serves both the clusters and the leakage: each split's rows, by search position.
-    origins = {name: frame.index[frame["split"] == name] for name in SPLITS}
-    leakage = leakage_report(splits, cross_split_matches(pairs, origins), config.near_duplicate_threshold)
-    leakage["policy"] = config.leakage
-    if config.leakage == "drop":
-        for name in LEAKAGE_CHECKED:
-            found = leakage[name]
-            splits[name] = splits[name].drop(index=found["positions"]).reset_index(drop=True)
-            dropped[f"near_duplicate_of_train_in_{name}"] = found["rows"]
-            found["positions"] = []  # none left: the positions were those of the rows now dropped
+    splits, leakage = _splits_without_leakage(frame, pairs, config, dropped)
     labels = sorted(counts.index)
     refuse_untrainable(splits, labels, config)
 
@@ -348,6 +308,65 @@ def prepare_data(
     )
     report["fingerprint"] = prepared.fingerprint
     return prepared
+
+
+def _deduplicated(
+    frame: pd.DataFrame, config: DataConfig, dropped: dict[str, int]
+) -> tuple[pd.DataFrame, list[DataReport], DataReport, list[Pair]]:
+    """The rows left after the audit's exclusions, conflicting labels, exact and near duplicates (counted into
+    `dropped`); the conflicts, the near-duplicate summary and the search's pairs (reused for the leakage)."""
+    frame = frame.assign(key=frame["text"].map(dedup_key))
+    if config.exclude is not None:
+        excluded = frame["key"].isin(confirmed_exclusions(config.exclude))
+        dropped["excluded"] = int(excluded.sum())
+        frame = frame[~excluded]
+    frame, conflicts = _drop_conflicts(frame, config.conflicts)
+    dropped["conflicting_label"] = sum(len(c["rows"]) for c in conflicts) - sum(
+        1 for c in conflicts if c["kept_label"] is not None
+    )
+    if "split" in frame:
+        frame = frame.sort_values("split", key=lambda s: s.map(_SPLIT_PRIORITY), kind="stable")
+    before = len(frame)
+    frame = frame.drop_duplicates(subset=["key", "label"], keep="first").sort_index()
+    dropped["duplicate"] = dropped.get("duplicate", 0) + before - len(frame)
+    frame = frame.drop(columns="key").reset_index(drop=True)
+    frame, near_duplicates, pairs = _near_duplicates(frame, config)
+    dropped["near_duplicate"] = near_duplicates.get("dropped", 0)
+    return frame, conflicts, near_duplicates, pairs
+
+
+def _refuse_too_few_examples(counts: pd.Series, config: DataConfig) -> None:
+    if len(counts) < 2:
+        only = counts.index[0] if len(counts) else "none"
+        raise TuneloopError(
+            f"{config.path}: only one label ('{only}') after cleaning; a classifier needs at least two "
+            f"(check data.label_column)"
+        )
+    rare = counts[counts < 2]
+    if len(rare):
+        listed = ", ".join(f"'{label}' ({n})" for label, n in rare.items())
+        raise TuneloopError(
+            f"{config.path}: label(s) with fewer than 2 examples: {listed}; add examples or remove those rows"
+        )
+
+
+def _splits_without_leakage(
+    frame: pd.DataFrame, pairs: list[Pair], config: DataConfig, dropped: dict[str, int]
+) -> tuple[dict[str, pd.DataFrame], DataReport]:
+    """Each split's rows, and which validation and test rows nearly repeat a training row (dropped from their
+    split under data.leakage=drop, counted into `dropped`)."""
+    splits = {name: frame[frame["split"] == name][["row", "text", "label"]].reset_index(drop=True) for name in SPLITS}
+    # One search over every row serves both the clusters and the leakage: each split's rows, by search position.
+    origins = {name: frame.index[frame["split"] == name] for name in SPLITS}
+    leakage = leakage_report(splits, cross_split_matches(pairs, origins), config.near_duplicate_threshold)
+    leakage["policy"] = config.leakage
+    if config.leakage == "drop":
+        for name in LEAKAGE_CHECKED:
+            found = leakage[name]
+            splits[name] = splits[name].drop(index=found["positions"]).reset_index(drop=True)
+            dropped[f"near_duplicate_of_train_in_{name}"] = found["rows"]
+            found["positions"] = []  # none left: the positions were those of the rows now dropped
+    return splits, leakage
 
 
 CONFIRMED = {"yes", "y", "true", "1", "x"}
