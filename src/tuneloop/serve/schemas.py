@@ -7,7 +7,7 @@ import functools
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from tuneloop.config import MODEL_NAME_PATTERN, StrictModel
@@ -19,9 +19,9 @@ def _admits_null(schema: dict[str, Any]) -> bool:
 
 class RequestBody(StrictModel):
     """A request's body, read as its schema states it: an optional field whose schema admits no null refuses
-    one, and booleans are StrictBool (`"explain": 0` is not false); a fuzzer or a client generated from the
-    document must never see the server accept what the document calls invalid. (Integers stay lax: JSON Schema
-    calls 1.0 an integer.)"""
+    one, booleans are StrictBool (`"explain": 0` is not false) and numbers StrictFloat (`false` is not 0); a
+    fuzzer or a client generated from the document must never see the server accept what the document calls
+    invalid. (Integers stay lax: JSON Schema calls 1.0 an integer.)"""
 
     @model_validator(mode="before")
     @classmethod
@@ -357,8 +357,8 @@ class ScopeInfo(BaseModel):
     moves: list[ScopeMove] = Field(description="Where admins moved this version's point, oldest first.")
 
 
-class ScopeMoveRequest(StrictModel):
-    threshold: float | None = Field(
+class ScopeMoveRequest(RequestBody):
+    threshold: StrictFloat | None = Field(
         ge=-1, le=1, description="A threshold on the curve (the nearest curve point is taken); null: the policy's."
     )
 
