@@ -298,6 +298,22 @@ class TrainConfig(StrictModel):
         "gradients and optimizer state over the processes (torch's fully_shard), for an encoder too large for "
         "one process's memory. Both take the same steps; fsdp needs torchrun with at least 2 processes.",
     )
+    baseline: Literal["auto", "off", "only"] = Field(
+        "auto",
+        description="auto: also fit a TF-IDF baseline (character n-grams for Chinese, word and character n-grams "
+        "otherwise; logistic regression) on the training split, show it beside the transformer in the report, and "
+        "serve the blend of the two when it beats the transformer on validation by hybrid_min_gain; off: no "
+        "baseline; only: no fine-tuning, the baseline alone is registered and served (seconds, no encoder). Off "
+        "under train.dp: its vocabulary and weights would carry the training texts without privacy.",
+    )
+    hybrid_min_gain: float = Field(
+        0.002,
+        ge=0,
+        lt=1,
+        description="train.baseline=auto serves the blend of transformer and baseline when its validation "
+        "macro-F1 (the blend's weight chosen on one half of the validation split and scored on the other, both "
+        "ways) beats the transformer's by at least this.",
+    )
 
     @field_validator("freeze_embeddings", mode="before")
     @classmethod
@@ -305,6 +321,12 @@ class TrainConfig(StrictModel):
         # Versions registered before embedding rows were trainable cheaply stored null ("freeze only a big
         # vocabulary"); retraining one of them now trains its embeddings like any new run.
         return False if value is None else value
+
+    @field_validator("baseline", mode="before")
+    @classmethod
+    def _yaml_off_is_off(cls, value: object) -> object:
+        # YAML reads a bare `off` (in a file or a dotted override) as false.
+        return "off" if value is False else value
 
     @model_validator(mode="before")
     @classmethod
@@ -335,6 +357,11 @@ class TrainConfig(StrictModel):
             raise ValueError(
                 "train.teachers with train.dp: the teachers learnt the training texts without privacy, and their "
                 "answers would carry that into the private model; leave train.teachers empty under train.dp"
+            )
+        if self.baseline == "only":
+            raise ValueError(
+                "train.baseline=only with train.dp: the baseline is not trained privately (its vocabulary holds "
+                "the training texts' n-grams); use one or the other"
             )
         return self
 
@@ -773,6 +800,11 @@ class ClassifierRecipe(Recipe):
             raise ValueError("set data.path or tasks, not both: with tasks, the first task is the model's own data")
         if self.tasks and self.data.kfold:
             raise ValueError("data.kfold: cross-validation is for single-task runs, and this config has tasks")
+        if self.train.baseline == "only" and (self.tasks or self.data.kfold or self.train.teachers):
+            raise ValueError(
+                "train.baseline=only fits the baseline alone: not with tasks, data.kfold or train.teachers, which "
+                "are for the transformer; use train.baseline=auto"
+            )
         return self
 
 

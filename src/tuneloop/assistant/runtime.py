@@ -117,10 +117,11 @@ class AssistantRuntime:
                 f"scope.label '{scope.label}' is not a label of {intent.ref} "
                 f"({', '.join(intent.labels)}); train it as an intent or unset scope.label"
             )
-        if scope.score == "cosine" and intent.model.spec.head != "cosine":
+        if scope.score == "cosine" and (intent.spec.head != "cosine" or intent.blend is not None):
             raise TuneloopError(
-                f"scope.score=cosine needs a cosine head, and {intent.ref} has a "
-                f"{intent.model.spec.head} head; use scope.score=probability"
+                f"scope.score=cosine needs a cosine head's scores, and {intent.ref} serves "
+                f"{'a blend with its baseline' if intent.blend else f'a {intent.spec.head} head'}; use "
+                "scope.score=probability"
             )
         out_of_scope = self.out_of_scope + self.shipped_off_topic()
         if not out_of_scope and not scope.label:
@@ -144,7 +145,7 @@ class AssistantRuntime:
             trained_out = (split["label"] == scope.label).to_numpy() if scope.label else np.zeros(len(split), bool)
             in_texts = split.loc[~trained_out, "text"].tolist()
             out_texts = split.loc[trained_out, "text"].tolist() + out_of_scope
-            scores = tuning_scores(intent.own_logits(intent.logits(in_texts + out_texts)), intent.model.spec, scope)
+            scores = tuning_scores(intent.own_logits(intent.logits(in_texts + out_texts)), intent.spec, scope)
             threshold = tune_threshold(
                 scores[: len(in_texts)], scores[len(in_texts) :], scope.target_precision, scope.out_of_scope_share
             )
@@ -215,7 +216,7 @@ class AssistantRuntime:
             lang,
             intent.labels,
             intent_logits,
-            intent.model.spec,
+            intent.spec,
             self.calibrate(intent),
             sentiment.labels,
             sentiment_logits,

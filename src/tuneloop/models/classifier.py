@@ -31,6 +31,8 @@ HEAD_FILE = "head.safetensors"
 META_FILE = "classifier.json"
 ADAPTER_CONFIG = "adapter_config.json"  # peft's: present when the version stores LoRA adapters, not weights
 TASKS_FILE = "tasks.json"  # multi-task: the other tasks' head specs, each head in head-<task>.safetensors
+BASELINE_FOLDER = "baseline"  # the TF-IDF baseline a version serves beside or instead of its encoder (baseline.py)
+BLEND_FILE = "blend.json"  # present when it does: the transformer's share of the served probability
 
 
 @dataclass
@@ -256,6 +258,9 @@ def export_classifier(folder: Path, out: Path, merge: bool) -> None:
         heads = load_task_heads(folder, model)
         if heads:
             save_task_heads(out, heads)
+        if (folder / BLEND_FILE).is_file():  # what the version serves is the blend, not the encoder alone
+            shutil.copy2(folder / BLEND_FILE, out / BLEND_FILE)
+            shutil.copytree(folder / BASELINE_FOLDER, out / BASELINE_FOLDER)
     else:
         shutil.copytree(folder, out, dirs_exist_ok=True)
 

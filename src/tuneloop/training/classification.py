@@ -39,8 +39,9 @@ from tuneloop.data.prepare import (
 from tuneloop.errors import TuneloopError, first_line
 from tuneloop.evaluate.audit import AUDIT_FILE, audit_training_labels
 from tuneloop.evaluate.calibrate import calibrate_run
-from tuneloop.evaluate.report import add_explanations, evaluate_classifier, write_report
+from tuneloop.evaluate.report import evaluate_classifier, explain_report, write_report
 from tuneloop.evaluate.schema import (
+    BaselineReport,
     ClassifierReport,
     CrossValidationReport,
     DistillationReport,
@@ -65,6 +66,7 @@ from tuneloop.models.predictor import Predictor, ServingRecord, load_model
 from tuneloop.models.trained_rows import train_only_used_rows
 from tuneloop.profiling import PROFILE_FOLDER, Profiler, SummaryJson, stage
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
+from tuneloop.training.baseline import fit_alone, settle_baseline
 from tuneloop.training.common import (
     HistoryEntry,
     load_checkpoint,
@@ -103,6 +105,7 @@ class TrainResult:
     outlier_exposure: OutlierExposureReport | None = None  # which off-topic messages it was shown
     distillation: DistillationReport | None = None  # train.teachers: who taught, and how
     device: str = "cpu in fp32"  # where it trained, and in which precision (DevicePlan.describe)
+    baseline: BaselineReport | None = None  # train.baseline=only: the baseline that is the model
 
 
 @dataclass
@@ -458,21 +461,47 @@ def cross_validate(
     return result, summary
 
 
+@dataclass
+class Settled:
+    """What the end of training decides before the test report: temperatures, the baseline's comparison (and the
+    blend it may bring), and the runtime that serves."""
+
+    calibration: dict[str, TemperatureFit]
+    baseline: BaselineReport | None
+    serving: ServingRecord
+
+
+def _baseline_alone(recipe: ClassifierRecipe, data: PreparedData, run: VersionFolder) -> TrainResult:
+    """train.baseline=only: the TF-IDF baseline fitted as the run's model, no encoder trained."""
+    fitted = fit_alone(recipe, run, data)
+    val = fitted.baseline.validation
+    return TrainResult(
+        best_dir=run.model,
+        best_epoch=0,
+        best_val_macro_f1=val.macro_f1 if val else None,
+        train_seconds=fitted.fit_seconds,
+        device="cpu (scikit-learn)",
+        baseline=fitted,
+    )
+
+
 def settle_serving(
     recipe: ClassifierRecipe,
     run: VersionFolder,
     data: PreparedData,
     others: dict[str, PreparedData],
     cross_validation: CrossValidationReport | None,
-) -> tuple[dict[str, TemperatureFit], ServingRecord]:
-    """Calibrate the run's heads on their validation splits, then build and check what will serve it."""
+) -> Settled:
+    """Calibrate the run's heads on their validation splits, weigh the baseline and the blend, then build and
+    check what will serve it."""
     calibration = {}
+    # Under k-fold the kept model trained on the other folds: its own fold is the split it never saw.
+    own = _fold_data(data, cross_validation.selected_fold) if cross_validation else data
     if recipe.eval.calibrate:
-        # Under k-fold the kept model trained on the other folds: its own fold is the split it never saw.
-        val = _fold_data(data, cross_validation.selected_fold).val if cross_validation else data.val
-        vals = {next(iter(recipe.tasks), ""): val, **{name: task_data.val for name, task_data in others.items()}}
+        vals = {next(iter(recipe.tasks), ""): own.val, **{name: task_data.val for name, task_data in others.items()}}
         calibration = calibrate_run(run, vals, recipe.eval.calibration_bins)
-    return calibration, choose_runtime(run, data, recipe.serving, recipe.train.threads)
+    baseline = settle_baseline(recipe, run, own.train, own.val, data.test, data.labels)
+    return Settled(calibration, baseline, choose_runtime(run, data, recipe.serving, recipe.train.threads))
 
 
 def evaluate_run(
@@ -493,8 +522,8 @@ def evaluate_run(
     test_logits, scorers = shared_logits(served, data.test["text"].tolist(), world)
     if not world.main or settled is None:
         return None
-    calibration, serving = settled
-    title = f"{recipe.name}: test report" + (f" — task {served.model.spec.task}" if others else "")
+    calibration, serving = settled.calibration, settled.serving
+    title = f"{recipe.name}: test report" + (f" — task {served.spec.task}" if others else "")
     report = evaluate_classifier(
         served,
         data.test,
@@ -508,9 +537,7 @@ def evaluate_run(
     report.serving = serving
     if world.distributed:
         report.processes = Processes(count=world.size, strategy=recipe.train.strategy, test_scored_by=scorers)
-    if recipe.eval.explanations:
-        on_torch, _ = TextClassifier.load(run.model)  # the explanations need gradients: PyTorch, not ONNX
-        add_explanations(report, on_torch, served.tokenizer, recipe.eval.explanations)
+    explain_report(report, served, recipe.eval.explanations)
     report.calibration = calibration.get(next(iter(recipe.tasks), ""))
     if others:
         report.tasks = {name: _task_report(recipe, served, name, extra, calibration) for name, extra in others.items()}
@@ -525,6 +552,7 @@ def evaluate_run(
         ("privacy", result.privacy),
         ("outlier_exposure", result.outlier_exposure),
         ("distillation", result.distillation),
+        ("baseline", settled.baseline or result.baseline),
     ):
         if value is not None:
             setattr(report, name, value)
@@ -586,7 +614,7 @@ def register_classifier(
         registry,
         recipe,
         run,
-        base_model=encoder.name,
+        base_model=report.base_model or encoder.name,
         fingerprint=data_fingerprint,
         metrics=metrics,
         keep_checkpoints=recipe.train.keep_checkpoints,
@@ -733,7 +761,9 @@ def _run(
     begun = start(recipe, registry, world, resume, prepared, parent)
     recipe, folder, data, others, encoder = begun.recipe, begun.folder, begun.data, begun.others, begun.encoder
     cross_validation = None
-    if recipe.data.kfold and resume is None:
+    if recipe.train.baseline == "only":
+        result = _baseline_alone(recipe, data, folder)
+    elif recipe.data.kfold and resume is None:
         result, cross_validation = cross_validate(recipe, data, encoder, folder, show_progress)
     else:
         result = fine_tune(
