@@ -30,7 +30,7 @@ from tuneloop.evaluate.schema import (
 )
 from tuneloop.evaluate.serving import describe
 from tuneloop.models.classifier import TextClassifier, softmax
-from tuneloop.models.predictor import Predictor, load_model, read_serving
+from tuneloop.models.predictor import Predictor, load_model, load_unchecked, read_serving
 from tuneloop.registry import Registry
 
 # Train accuracy this much above test accuracy is reported as a sign of overfitting.
@@ -431,8 +431,8 @@ def explain_report(report: ClassifierReport, predictor: Predictor, limit: int) -
     which ONNX Runtime has not. A blend's cover its transformer's share; a baseline serving alone has none."""
     if not limit or predictor.model is None or predictor.folder is None:
         return
-    on_torch, tokenizer = TextClassifier.load(predictor.folder.model)
-    add_explanations(report, on_torch, tokenizer, limit)
+    on_torch = load_unchecked(predictor.folder, "torch")
+    add_explanations(report, *on_torch.transformer, limit)
 
 
 def shaded_html(explanation: dict[str, Any]) -> str:
