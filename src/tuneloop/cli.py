@@ -196,7 +196,7 @@ def _print_profile(summary: SummaryJson, folder: VersionFolder) -> None:
 
 
 def _print_test_scores(outcome: ClassifierOutcome) -> None:
-    from tuneloop.evaluate.report import baseline_line, calibration_line, leakage_line
+    from tuneloop.evaluate.report import baseline_line, calibration_line, leakage_line, long_texts_line
     from tuneloop.evaluate.serving import describe
 
     assert outcome.report is not None
@@ -210,6 +210,8 @@ def _print_test_scores(outcome: ClassifierOutcome) -> None:
         console.print(f"scored as it serves: {describe(outcome.report.serving)}", markup=False)
     if outcome.report.baseline:
         console.print(baseline_line(outcome.report.baseline), markup=False)
+    if outcome.report.long_texts:
+        console.print(long_texts_line(outcome.report.long_texts), markup=False)
     if test.calibration_before is not None:
         console.print(calibration_line(test), markup=False)
     if test.leakage and test.leakage.rows:

@@ -115,10 +115,16 @@ class ModelConfig(EncoderConfig):
         25.0, gt=0, description="Cosine head: logits are this times the cosine to each class vector (a temperature)."
     )
     max_length: int = Field(128, ge=8, le=512, description="Longer texts are cut to this many tokens.")
-    truncation: Literal["head", "head_tail"] = Field(
-        "head",
-        description="Which tokens of a text longer than max_length are kept: head (the first ones) or head_tail "
-        "(the first quarter and the last three quarters: long reviews and complaints often end with their point).",
+    truncation: Literal["auto", "head", "head_tail", "windows"] = Field(
+        "auto",
+        description="How a text longer than max_length is read, in training and serving alike: head (its first "
+        "tokens), head_tail (the first quarter and the last three quarters: long reviews often end with their "
+        "point), windows (all of it, in windows of max_length overlapping by a quarter, their logits averaged; each "
+        "window a training example); auto: windows when at least 5% of the training texts are longer than "
+        "max_length, else head (the report says which, why, and the encoder passes per text it costs).",
+    )
+    max_windows: int = Field(
+        8, ge=2, description="truncation=windows: the most windows one text is read in (spread over a longer text)."
     )
     layers: int | None = Field(
         None,
@@ -800,6 +806,11 @@ class ClassifierRecipe(Recipe):
             raise ValueError("set data.path or tasks, not both: with tasks, the first task is the model's own data")
         if self.tasks and self.data.kfold:
             raise ValueError("data.kfold: cross-validation is for single-task runs, and this config has tasks")
+        if self.model.truncation == "windows" and self.train.dp is not None:
+            raise ValueError(
+                "model.truncation=windows with train.dp: a long text would be several training examples, and the "
+                "privacy guarantee is per example; use head or head_tail (auto picks head under train.dp)"
+            )
         if self.train.baseline == "only" and (self.tasks or self.data.kfold or self.train.teachers):
             raise ValueError(
                 "train.baseline=only fits the baseline alone: not with tasks, data.kfold or train.teachers, which "

@@ -22,6 +22,7 @@ from tuneloop.evaluate.schema import (
     Calibration,
     ClassifierReport,
     Leakage,
+    LongTextsReport,
     Overfitting,
     SkippedLabels,
     SplitScores,
@@ -176,6 +177,8 @@ def report_sections(report: ClassifierReport) -> list[str]:
         "<h2>Summary</h2>",
         html_table(headline, ["metric", "value"]),
     ]
+    if report.long_texts:
+        sections.append(f"<p>{html.escape(long_texts_line(report.long_texts))}.</p>")
     sections += caveat_sections(report)
     if report.baseline:
         sections += baseline_section(report.baseline)
@@ -260,6 +263,21 @@ def caveat_sections(report: ClassifierReport) -> list[str]:
             "to new text; the data report lists the pairs (data.leakage=drop leaves them out of the test split).</p>",
         ]
     return sections
+
+
+def long_texts_line(long_texts: LongTextsReport) -> str:
+    """One sentence on how texts longer than max_length were read, why, and at what cost."""
+    limit, share = long_texts.max_length, long_texts.longer_share
+    how = {
+        "head": f"keep their first {limit} tokens",
+        "head_tail": "keep their first and last tokens",
+        "windows": f"are read whole, in windows of {limit} tokens whose logits are averaged",
+    }.get(long_texts.truncation, long_texts.truncation)
+    return (
+        f"Texts longer than {limit} tokens ({share:.1%} of the training split) {how} ({long_texts.reason}): "
+        f"{long_texts.passes_per_test_text:.2f} encoder passes per test text, "
+        f"{long_texts.training_rows_per_text:.2f} training rows per training text"
+    )
 
 
 def baseline_section(baseline: BaselineReport) -> list[str]:

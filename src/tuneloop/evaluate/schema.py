@@ -222,6 +222,17 @@ class BaselineReport(ReportPart):
     reason: str
 
 
+class LongTextsReport(ReportPart):
+    """How texts longer than model.max_length were read (model.truncation), why, and what it costs."""
+
+    truncation: str  # head, head_tail or windows
+    reason: str
+    max_length: int
+    longer_share: float  # of the training texts, longer than max_length tokens
+    training_rows_per_text: float  # rows the training split became (windows: each window is a row)
+    passes_per_test_text: float  # encoder passes per test text (1 but with windows)
+
+
 class ClassifierReport(ReportPart):
     """A version's test report (and, for a multi-task model, each other task's, in `tasks`)."""
 
@@ -246,6 +257,7 @@ class ClassifierReport(ReportPart):
     outlier_exposure: OutlierExposureReport | None = None
     distillation: DistillationReport | None = None
     baseline: BaselineReport | None = None
+    long_texts: LongTextsReport | None = None
 
     def to_json(self) -> str:
         # The free-form parts (the data report) can hold numpy scalars: a waimai_10k run's held an int64.

@@ -46,6 +46,7 @@ from tuneloop.evaluate.schema import (
     CrossValidationReport,
     DistillationReport,
     Fold,
+    LongTextsReport,
     OutlierExposureReport,
     PrivacyReport,
     Processes,
@@ -59,7 +60,7 @@ from tuneloop.models.classifier import (
     length_groups,
     load_encoder,
     pad_right,
-    tokenize,
+    text_windows,
 )
 from tuneloop.models.encoders import EncoderSource, prepare_for_model, prepare_tasks, resolve_encoder
 from tuneloop.models.predictor import Predictor, ServingRecord, load_model
@@ -81,6 +82,7 @@ from tuneloop.training.common import (
 )
 from tuneloop.training.devices import DevicePlan, plan_device, process_group_backend
 from tuneloop.training.distributed import ONE_PROCESS, World, check_recipe, current_world, join_world, leave_world
+from tuneloop.training.long_texts import settle_truncation
 from tuneloop.training.loop import CHECKPOINT, LoopState, StepCallback, Stepper, Task, Training, fit
 from tuneloop.training.losses import CrossEntropy, Distillation, class_weights, outlier_exposure
 from tuneloop.training.steppers import ReplicatedStepper, ShardedStepper
@@ -106,6 +108,7 @@ class TrainResult:
     distillation: DistillationReport | None = None  # train.teachers: who taught, and how
     device: str = "cpu in fp32"  # where it trained, and in which precision (DevicePlan.describe)
     baseline: BaselineReport | None = None  # train.baseline=only: the baseline that is the model
+    long_texts: LongTextsReport | None = None  # how texts longer than model.max_length were read
 
 
 @dataclass
@@ -223,14 +226,16 @@ def _task(
     tc = recipe.train
     weights = class_weights(labels, len(data.labels)) if tc.class_weighted else None
     share = 1 - tc.distill_weight if tc.teachers and not name else 1.0  # distillation takes the rest
+    rows, owners = text_windows(tokenizer, data.train["text"].tolist(), classifier.spec)  # a row per window
     return Task(
         name,
         classifier,
-        tokenize(tokenizer, data.train["text"].tolist(), classifier.spec),
-        labels,
+        rows,
+        labels[owners],
         data.val["text"].tolist(),
         data.val["label"].map(index).to_numpy(),
         [CrossEntropy(share, tc.label_smoothing, weights)],
+        owners,
     )
 
 
@@ -273,8 +278,11 @@ def prepare_terms(
         )
         task.terms += [term] if term else []
     if tc.teachers:
-        soft, done.distillation = teacher_targets(recipe, data.train["text"].tolist(), data.labels, task.train_labels)
-        task.terms.append(Distillation(tc.distill_weight, soft, tc.distill_temperature))
+        texts, text_labels = data.train["text"].tolist(), data.train["label"].map(data.labels.index).to_numpy()
+        soft, done.distillation = teacher_targets(recipe, texts, data.labels, text_labels)
+        # One soft label per row the model reads (a text read in windows has several).
+        assert task.owners is not None  # _task says which text each row reads
+        task.terms.append(Distillation(tc.distill_weight, soft[task.owners], tc.distill_temperature))
     done.seconds = time.perf_counter() - started
     return done
 
@@ -360,6 +368,8 @@ def fine_tune(
     seed_everything(tc.seed)
     run.root.mkdir(parents=True, exist_ok=True)
     model, tokenizer = build_classifier(recipe, encoder, data.labels, task_name if other_tasks else "")
+    long_texts = settle_truncation(recipe, model.spec, tokenizer, data)
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"truncation": long_texts.truncation})})
     if tc.dp:
         from tuneloop.training import private as dpsgd
 
@@ -409,6 +419,7 @@ def fine_tune(
         outlier_exposure=prepared.outlier_exposure,
         distillation=prepared.distillation,
         device=plan.describe(),
+        long_texts=long_texts,
     )
 
 
@@ -553,6 +564,7 @@ def evaluate_run(
         ("outlier_exposure", result.outlier_exposure),
         ("distillation", result.distillation),
         ("baseline", settled.baseline or result.baseline),
+        ("long_texts", result.long_texts),
     ):
         if value is not None:
             setattr(report, name, value)
