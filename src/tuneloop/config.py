@@ -201,13 +201,6 @@ class TrainConfig(StrictModel):
         "linear", description="Learning-rate decay after warmup (transformers' schedules)."
     )
     grad_clip: float = Field(1.0, gt=0, description="Gradients are clipped to this norm.")
-    layer_lr_decay: float = Field(
-        1.0,
-        gt=0,
-        le=1,
-        description="Layer-wise learning-rate decay: each encoder layer learns at this times the rate of the one "
-        "above it (the top one at train.lr, the embeddings below the lowest); 1: one rate for the whole encoder.",
-    )
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
     class_weighted: bool = Field(False, description="Weight the loss by inverse class frequency.")
     patience: int = Field(2, ge=1, description="Epochs without a better validation macro-F1 before stopping.")

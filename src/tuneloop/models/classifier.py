@@ -84,7 +84,7 @@ def load_encoder(path: Path) -> PreTrainedModel:
     return encoder
 
 
-def encoder_layers(encoder: TorchEncoder) -> nn.ModuleList:
+def encoder_layers(encoder: PreTrainedModel) -> nn.ModuleList:
     """The encoder's stack of transformer layers (BERT's encoder.layer, DistilBERT's transformer.layer...): the
     one module list as long as the config's layer count."""
     count = getattr(encoder.config, "num_hidden_layers", None)

@@ -56,8 +56,6 @@ from tuneloop.evaluate.serving import choose_runtime
 from tuneloop.models.classifier import (
     HeadSpec,
     TextClassifier,
-    TorchEncoder,
-    encoder_layers,
     keep_lower_layers,
     length_groups,
     load_encoder,
@@ -139,22 +137,9 @@ def embed_all(model: TextClassifier, ids: list[list[int]], pad_id: int, batch_si
 def adamw(model: TextClassifier, recipe: ClassifierRecipe, heads: list[TextClassifier]) -> torch.optim.AdamW:
     """AdamW over the encoder (weight decay on weights only) and every task's head (its own learning rate)."""
     head_parameters = [p for m in (model, *heads) for p in m.head.parameters()]
-    groups = layer_decayed_groups(model.torch_encoder, recipe.train)
+    groups = parameter_groups(model.encoder, recipe.train.lr, recipe.train.weight_decay)
     groups.append({"params": head_parameters, "lr": recipe.train.head_lr, "weight_decay": 0.0})
     return torch.optim.AdamW(groups)
-
-
-def layer_decayed_groups(encoder: TorchEncoder, tc: TrainConfig) -> list[dict[str, Any]]:
-    """The encoder's AdamW groups, train.lr times train.layer_lr_decay once per layer below the top one (the
-    embeddings below the lowest layer): lower layers hold general features that fine-tuning should move least
-    (Howard & Ruder, 2018; Sun et al., 2019). A decay of 1 is one learning rate for the whole encoder."""
-    if tc.layer_lr_decay == 1.0:
-        return parameter_groups(encoder, tc.lr, tc.weight_decay)
-    layers = encoder_layers(encoder)
-    groups = parameter_groups(encoder, tc.lr * tc.layer_lr_decay ** len(layers), tc.weight_decay, layers.parameters())
-    for depth, layer in enumerate(layers):
-        groups += parameter_groups(layer, tc.lr * tc.layer_lr_decay ** (len(layers) - 1 - depth), tc.weight_decay)
-    return groups
 
 
 def learning_rate_schedule(
