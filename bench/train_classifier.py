@@ -23,8 +23,10 @@ temporary git worktree), and the result gives both and the change in accuracy an
 Every tuneloop run also fits the TF-IDF baseline on the same training split (train.baseline=auto) and serves the
 blend of the two when it wins on validation: the result gives the baseline's, the transformer's and the blend's test
 accuracy, what served, and the milliseconds per test text each costs to serve (the served runtime, this CPU).
---dataset online_shopping_long is the books, phones and computers reviews of online_shopping_10_cats (long Chinese
-reviews; see ../shared/datasets/online_shopping_10_cats/README.md).
+--dataset online_shopping_long is the books, phones and computers reviews of online_shopping_10_cats (10,166 long
+Chinese reviews, 80/20 split as waimai_10k's). It is not among ../shared/datasets: it is ChineseNlpCorpus's
+datasets/online_shopping_10_cats/online_shopping_10_cats.zip (github.com/SophonPlus/ChineseNlpCorpus, for research
+use; the CSV's sha256 starts f6c5b724), unzipped into TUNELOOP_DATASETS/online_shopping_10_cats/ beside the others.
 The result is also written to
 bench/results/train_classifier-DATASET[-mlm][-hf-trainer|-default-recipe|-distilled][-against].json.
 """
