@@ -82,7 +82,14 @@ def _fields_table(model: type[BaseModel], prefix: str) -> list[str]:
 
 
 def config_reference() -> str:
-    from tuneloop.config import ClassifierRecipe, GateSettings, PretrainRecipe, ServerSettings, SftRecipe
+    from tuneloop.config import (
+        ClassifierRecipe,
+        GateSettings,
+        PredictSettings,
+        PretrainRecipe,
+        ServerSettings,
+        SftRecipe,
+    )
 
     roots = [
         ("tuneloop train, eval, data, retrain, feedback export, demo", ClassifierRecipe),
@@ -90,6 +97,7 @@ def config_reference() -> str:
         ("tuneloop sft", SftRecipe),
         ("tuneloop serve", ServerSettings),
         ("tuneloop gate", GateSettings),
+        ("tuneloop predict", PredictSettings),
     ]
     out: list[str] = []
     for commands, root in roots:

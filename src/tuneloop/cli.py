@@ -25,7 +25,9 @@ from rich.text import Text
 from tuneloop.config import (
     ClassifierRecipe,
     GateSettings,
+    PredictSettings,
     PretrainRecipe,
+    PrivacyConfig,
     RegistrySettings,
     ServerSettings,
     SftRecipe,
@@ -568,19 +570,19 @@ def models_archive(ref: str, config: ConfigOption = None, overrides: Overrides =
     console.print(f"{version.ref} archived")
 
 
-def _texts_and_overrides(arguments: list[str] | None) -> tuple[list[str], list[str]]:
-    """A command's positional arguments split into texts and registry.* overrides (which may follow them)."""
+def _texts_and_overrides(
+    arguments: list[str] | None, root: type[BaseModel] = RegistrySettings
+) -> tuple[list[str], list[str]]:
+    """A command's positional arguments split into texts and overrides of `root` (which may follow them)."""
     items = list(arguments or [])
-    return [t for t in items if not is_override(t, RegistrySettings)], [
-        t for t in items if is_override(t, RegistrySettings)
-    ]
+    return [t for t in items if not is_override(t, root)], [t for t in items if is_override(t, root)]
 
 
 @app.command()
 def predict(
     model: Annotated[str, typer.Option("--model", "-m", help="NAME, NAME@VERSION or NAME@production.")],
     texts: Annotated[
-        list[str] | None, typer.Argument(help="Texts to classify (and optional registry.* overrides).")
+        list[str] | None, typer.Argument(help="Texts to classify (and optional registry.* and privacy.* overrides).")
     ] = None,
     input_file: Annotated[
         Path | None,
@@ -603,16 +605,18 @@ def predict(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per text.")] = False,
 ) -> None:
-    """Classify texts with a registered model: label, probability and top-k; or a whole file with --output."""
+    """Classify texts with a registered model: label, probability and top-k; or a whole file with --output, whose
+    text column is masked as privacy.mask says (by default as the version's training data was)."""
     from tuneloop.models.predictor import load_model
+    from tuneloop.registry import Registry
 
-    items, overrides = _texts_and_overrides(texts)
+    items, overrides = _texts_and_overrides(texts, PredictSettings)
+    settings = _config(PredictSettings, config, overrides)
     if output is not None:
         if input_file is None or items:
             raise TuneloopError("--output predicts a whole file: give it --input FILE and no texts")
-        _predict_file(
-            load_model(model, _registry(config, overrides), runtime), input_file, output, text_column, chunk_rows
-        )
+        predictor = load_model(model, Registry(settings.registry), runtime)
+        _predict_file(predictor, input_file, output, text_column, chunk_rows, settings.privacy)
         return
     if input_file is not None:
         if not input_file.is_file():
@@ -623,7 +627,7 @@ def predict(
             raise TuneloopError(f"{input_file} is not valid UTF-8; re-save it as UTF-8") from None
     if not items:
         raise TuneloopError("nothing to classify: give texts as arguments or --input file.txt")
-    predictor = load_model(model, _registry(config, overrides), runtime)
+    predictor = load_model(model, Registry(settings.registry), runtime)
     results = predictor.rank(items, top_k=top_k)
     if as_json:
         for r in results:
@@ -648,7 +652,14 @@ def predict(
     console.print(table)
 
 
-def _predict_file(predictor: Predictor, input_file: Path, output: Path, text_column: str, chunk_rows: int) -> None:
+def _predict_file(
+    predictor: Predictor,
+    input_file: Path,
+    output: Path,
+    text_column: str,
+    chunk_rows: int,
+    privacy: PrivacyConfig | None,
+) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from tuneloop.models.batch import count_rows, predict_file
@@ -658,7 +669,7 @@ def _predict_file(predictor: Predictor, input_file: Path, output: Path, text_col
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(f"{predictor.ref} ({predictor.runtime})", total=total)
         outcome = predict_file(
-            predictor, input_file, output, text_column, chunk_rows, lambda rows: progress.advance(task, rows)
+            predictor, input_file, output, text_column, chunk_rows, lambda rows: progress.advance(task, rows), privacy
         )
     resumed = f", {outcome.chunks_resumed} of {outcome.chunks} chunks from an interrupted run"
     said = f"wrote {outcome.rows} predictions to {output}{resumed if outcome.chunks_resumed else ''}"
@@ -1208,20 +1219,31 @@ def privacy_purge(config: ConfigOption = None, overrides: Overrides = None) -> N
 def privacy_forget(
     text: Annotated[str | None, typer.Option("--text", help="A text, exactly as the user wrote it.")] = None,
     session: Annotated[str | None, typer.Option("--session", help="A chat session id.")] = None,
+    prediction: Annotated[
+        str | None, typer.Option("--prediction", help="A prediction id (from /v1/predict or a chat turn).")
+    ] = None,
     config: ConfigOption = None,
     overrides: Overrides = None,
 ) -> None:
-    """Erase a text or a chat session from the prediction log, feedback, chat turns and rescue files, and name the
-    registered versions whose frozen training data still hold it."""
+    """Erase one user's text, a chat session or a prediction from the prediction log, feedback, chat turns and
+    rescue files, and name the registered versions and run folders whose frozen training data still hold it."""
     from tuneloop.feedback.retention import forget
 
     settings = _config(ServerSettings, config, overrides)
-    erased = forget(settings.registry, settings.privacy, text=text, session_id=session)
+    erased = forget(settings.registry, settings.privacy, text=text, session_id=session, prediction_id=prediction)
     console.print(_erased_line(erased))
-    if erased.versions_holding_it:
+    held = [*erased.versions_holding_it, *erased.runs_holding_it]
+    if held:
         console.print(
-            f"[yellow]still in the frozen data of[/yellow] {', '.join(erased.versions_holding_it)}: those versions "
-            "were trained or judged on it; delete them, or retrain without it, to remove it there",
+            f"[yellow]still in the frozen data of[/yellow] {', '.join(held)}: those versions and runs were trained "
+            "or judged on it (or on a text masked the same way); delete them, or retrain without it, to remove it",
+            soft_wrap=True,
+        )
+    if erased.kept_unsure:
+        console.print(
+            f"[yellow]kept {erased.kept_unsure} rows[/yellow] stored before texts kept an erasure digest: they hold "
+            "this text with its personal data masked, which may be another user's words; erase them by --prediction "
+            "or --session if they are this user's",
             soft_wrap=True,
         )
 

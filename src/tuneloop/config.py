@@ -840,6 +840,16 @@ class RegistrySettings(StrictModel):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
+class PredictSettings(RegistrySettings):
+    """`tuneloop predict`: where versions live, and what personal data --output files mask."""
+
+    privacy: PrivacyConfig | None = Field(
+        None,
+        description="What is masked in the text column of --output files (privacy.mask=[] keeps the texts as given); "
+        "null: what the version's training data was masked for.",
+    )
+
+
 class GateSettings(RegistrySettings):
     """`tuneloop gate`: when a candidate may replace production."""
 

@@ -11,11 +11,12 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner
 
+from tuneloop.assistant.store import ConversationStore
 from tuneloop.cli import app
 from tuneloop.db import engine as db_engine
 from tuneloop.db.migrate import FIRST_REVISION, head_revision
 from tuneloop.db.migrate import _config as migration_config
-from tuneloop.db.schema import Base
+from tuneloop.db.schema import ANONYMOUS, PRE_UPGRADE_OWNER, Base
 from tuneloop.errors import TuneloopError
 
 
@@ -146,24 +147,59 @@ def test_a_migration_cut_short_leaves_the_database_as_it_was(tmp_path, monkeypat
     assert inspect(create_engine(url)).get_table_names() == []
 
 
-def test_feedback_stored_before_provenance_waits_for_review_as_anonymous(tmp_path):
-    url = f"sqlite:///{tmp_path / 'registry.db'}"
+PREDICTION_P1 = (
+    "insert into predictions (id, created_at, model_name, model_version, text, label, scores, source) "
+    "values ('p1', '2026-11-01', 'toy', 1, 'hello', 'a', '{}', 'api')"
+)
+
+
+def database_at(url: str, revision: str, *statements: str) -> None:
+    """The database at `url` brought to `revision` (an older tuneloop's schema) with these rows inserted."""
     old = create_engine(url)
     with old.begin() as connection:
-        command.upgrade(migration_config(connection), "0003")
-        connection.execute(
-            text(
-                "insert into predictions (id, created_at, model_name, model_version, text, label, scores, source) "
-                "values ('p1', '2026-11-01', 'toy', 1, 'hello', 'a', '{}', 'api')"
-            )
-        )
-        connection.execute(
-            text("insert into feedback (prediction_id, created_at, corrected_label) values ('p1', '2026-11-01', 'b')")
-        )
+        command.upgrade(migration_config(connection), revision)
+        for statement in statements:
+            connection.execute(text(statement))
     old.dispose()
+
+
+def test_feedback_stored_before_provenance_waits_for_review_as_anonymous(tmp_path):
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    feedback = "insert into feedback (prediction_id, created_at, corrected_label) values ('p1', '2026-11-01', 'b')"
+    database_at(url, "0003", PREDICTION_P1, feedback)
     with opened(url).connect() as connection:
         row = connection.execute(text("select sender, trusted, review, reviewed_by from feedback")).one()
     assert tuple(row) == ("anonymous", False, "pending", None)
+
+
+def test_sessions_from_before_session_owners_can_no_longer_be_continued_by_anyone(tmp_path):
+    """Review finding L6: revision 0005 gave the sessions stored before it (their ids chosen by clients, so
+    guessable, e.g. "s1") to 'anonymous', so any caller without a key could continue them and have their turns
+    recalled into its own reply."""
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    turn = (
+        "insert into chat_turns (id, session_id, assistant, created_at, message, reply, lang, predicted_intent, "
+        "confidence, sentiment, escalate, intent_model, intent_prediction_id, sentiment_prediction_id) values "
+        "('t1', 's1', 'shop', '2026-11-01', 'my address is ...', 'ok', 'en', 'refund', 0.9, 'neutral', false, "
+        "'toy@1', 'p1', 'p2')"
+    )
+    database_at(url, "0004", turn)
+    database_at(url, "0005")
+    with create_engine(url).connect() as connection:
+        assert connection.execute(text("select sender from chat_turns")).scalar_one() == ANONYMOUS
+    store = ConversationStore(opened(url))
+    assert store.owner("s1") == PRE_UPGRADE_OWNER != ANONYMOUS
+
+
+def test_feedback_trusted_before_the_trust_table_keeps_training_until_a_server_starts(tmp_path):
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    feedback = (
+        "insert into feedback (prediction_id, created_at, corrected_label, sender, trusted) values "
+        "('p1', '2026-11-01', 'b', 'key:staff', true), ('p1', '2026-11-02', 'a', 'key:other', false)"
+    )
+    database_at(url, "0005", PREDICTION_P1, feedback)
+    with opened(url).connect() as connection:
+        assert connection.execute(text("select sender from trusted_senders")).scalars().all() == ["key:staff"]
 
 
 def test_opening_waits_for_a_lock_held_longer_than_sqlites_default_wait(tmp_path):

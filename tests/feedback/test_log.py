@@ -7,15 +7,15 @@ import json
 import sqlite3
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import insert, text
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from tuneloop.db import Base
 from tuneloop.errors import TuneloopError
-from tuneloop.feedback.log import LoggedPrediction, PredictionLog, PredictionRecord, new_prediction_id
+from tuneloop.feedback.log import LoggedPrediction, PredictionLog, new_prediction_id, text_digest
 
 
 def predictions(count: int, model: str = "intent") -> list[LoggedPrediction]:
@@ -243,14 +243,89 @@ def test_get_waits_for_a_batch_the_writer_is_committing(tmp_path, url):
     row = predictions(1)[0]
     log.record([row])
     found = []
-    with log._write_lock:  # play the writer thread: batch taken out of the buffer, not committed yet
-        with log._pending_lock:
-            batch, log._pending = log._pending, []
-        reader = threading.Thread(target=lambda: found.append(log.get(row.id)))
-        reader.start()
-        time.sleep(0.05)
-        with log._sessions.begin() as session:
-            session.execute(insert(PredictionRecord), [vars(p) for p in batch])
+    batch = log._take(64)  # play the writer thread: the slice is out of the buffer, not committed yet
+    reader = threading.Thread(target=lambda: found.append(log.get(row.id)))
+    reader.start()
+    time.sleep(0.05)
+    assert found == []  # waiting for the slice, not answering "no such prediction"
+    log._write_lock.acquire()
+    try:
+        log._insert(log._prepared(batch))
+    finally:
+        log._write_lock.release()
+        log._settle(batch)
     reader.join()
     assert found[0] is not None and found[0].id == row.id
     log.close()
+
+
+def test_masking_a_slow_backlog_holds_up_no_one_elses_feedback(tmp_path, url):
+    """Review finding M5: the writer masked the whole backlog while holding the write lock, and feedback (get())
+    waited for that lock, so long number-heavy texts from one request stalled everyone's feedback."""
+    in_mask, release = threading.Event(), threading.Event()
+
+    def mask(text):
+        if text.startswith("slow"):
+            in_mask.set()
+            release.wait(timeout=60)
+        return text
+
+    log = PredictionLog(url, tmp_path, flush_ms=10, mask=mask)
+    slow = predictions(3)
+    for row in slow:
+        row.text = "slow " + row.text
+    log.record(slow)
+    log.start()
+    assert in_mask.wait(30)  # the writer is masking the slow slice
+    mine = predictions(1)[0]
+    log.record([mine])
+    found = []
+    reader = threading.Thread(target=lambda: found.append(log.get(mine.id)))
+    reader.start()
+    reader.join(timeout=30)
+    answered = not reader.is_alive()
+    release.set()
+    reader.join()
+    assert answered and found[0].id == mine.id
+    log.close()
+    assert log.count()["predictions"] == 4
+
+
+def test_writing_ones_own_rows_leaves_the_rest_to_the_writer(tmp_path, url):
+    masked = []
+    log = PredictionLog(url, tmp_path, flush_ms=60_000, mask=lambda text: masked.append(text) or text)
+    others, mine = predictions(200), predictions(2)
+    log.record(others[:100] + mine + others[100:])
+    log.write_now([p.id for p in mine])
+    assert sorted(masked) == sorted(p.text for p in mine) and log.backlog == 200
+    assert {log.get(p.id).id for p in mine} == {p.id for p in mine}
+    assert log.flush() == 200 and log.count()["predictions"] == 202
+    log.close()
+
+
+def test_rows_keep_who_asked_and_a_digest_of_the_text_they_came_with(tmp_path, url):
+    log = PredictionLog(url, tmp_path, flush_ms=60_000, mask=lambda text: text.replace("4111 1111 1111 1111", "[CARD]"))
+    row = predictions(1)[0]
+    row.text, row.requester = "card 4111 1111 1111 1111", "key:abc"
+    log.record([row])
+    stored = log.get(row.id)
+    assert (stored.text, stored.requester) == ("card [CARD]", "key:abc")
+    assert (
+        stored.text_digest
+        == text_digest(log.secret, "Card  4111 1111 1111 1111")
+        != text_digest(log.secret, "card 4111 1111 1111 1112")
+    )
+    log.close()
+
+
+def test_the_recent_window_takes_turns_between_requesters(prediction_log):
+    """The labelling suggestions' window: a requester's newer flood does not push an earlier requester out."""
+    honest, flood = predictions(5), predictions(50)
+    start = datetime.now(UTC)
+    for number, row in enumerate(honest + flood):
+        row.requester = "key:app" if number < 5 else "key:flood"
+        row.created_at = start + timedelta(seconds=number)
+    prediction_log.record(honest + flood)
+    chosen = prediction_log.recent_predictions_in_turns("intent", 10)
+    assert {p.id for p in chosen} == {p.id for p in honest} | {p.id for p in flood[-5:]}
+    assert [p.created_at for p in chosen] == sorted((p.created_at for p in chosen), reverse=True)

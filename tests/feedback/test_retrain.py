@@ -148,6 +148,7 @@ def test_held_out_feedback_stays_out_of_training():
 
 def log_feedback(config, corrections):
     log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    log.record_trusted_senders({"key:staff"})  # as a server whose keys trust it does as it starts
     for text, predicted, right in corrections:
         prediction = LoggedPrediction(
             id=new_prediction_id(),

@@ -8,8 +8,10 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from tuneloop.cli import app as cli
+from tuneloop.config import FeedbackConfig
 from tuneloop.data.prepare import load_prepared
 from tuneloop.errors import TuneloopError
+from tuneloop.feedback.export import load_feedback
 from tuneloop.feedback.log import PredictionLog
 from tuneloop.feedback.retrain import retrain
 from tuneloop.registry import Registry
@@ -71,6 +73,20 @@ def test_a_thousand_corrections_from_one_untrusted_key_never_train_and_are_flagg
     assert f"{key_id(hash_key('mallory'))} sent it 1000 times" in group["flags"]
     stored = client.get("/v1/admin/feedback", params={"limit": 5}, headers=ROOT).json()["items"]
     assert {item["sender"] for item in stored} == {key_id(hash_key("staff")), key_id(hash_key("mallory"))}
+
+
+def test_feedback_of_a_key_no_longer_trusted_stops_training_and_waits_for_review(keyed):
+    """Review finding L3: trust was fixed when feedback was sent, so a trusted key revoked later (leaked, or its
+    holder gone) kept teaching the model with everything it had sent while trusted."""
+    client, config, _ = keyed
+    correct(client, STAFF, TRIGGER, "password", 3)
+    assert load_feedback(config.registry, "toy", FeedbackConfig()).counts["examples"] == 1
+    config.serve.trusted_key_hashes = []  # still a client key, no longer trusted: the server restarts with it
+    with TestClient(create_app(config)) as restarted:
+        exported = load_feedback(config.registry, "toy", FeedbackConfig())
+        assert exported.examples.empty and exported.counts["awaiting_review"] == 3
+        [group] = restarted.get("/v1/admin/review", params={"model": "toy"}, headers=ROOT).json()["groups"]
+        assert group["pending"] == 3 and group["trusted_senders"] == []
 
 
 def test_the_same_corrections_from_a_trusted_key_are_used(keyed):

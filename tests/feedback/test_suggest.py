@@ -110,6 +110,35 @@ def test_a_budget_below_one_is_refused():
         suggest_labels([], 0, TRAINED, set())
 
 
+def test_one_senders_flood_of_unsure_messages_takes_its_turn_and_no_more(served):
+    """Review (minor finding): one sender could fill an admin's labelling queue with made-up unsure messages, the
+    newest of them pushing everyone else's out of the window the suggestions are chosen from."""
+    config, _ = served
+    config.client_keys = "app,flood"
+    config.admin_keys = "root"
+    with TestClient(create_app(config)) as client:
+        honest = [distinct_text(i) for i in range(10)]
+        assert client.post("/v1/predict", json={"texts": honest}, headers={"X-API-Key": "app"}).status_code == 200
+        for start in range(100, 250, 50):
+            flood = [distinct_text(i) for i in range(start, start + 50)]
+            assert client.post("/v1/predict", json={"texts": flood}, headers={"X-API-Key": "flood"}).status_code == 200
+        answer = client.get("/v1/admin/suggestions?model=toy&budget=10&window=40", headers={"X-API-Key": "root"})
+    chosen = [s["text"] for s in answer.json()["suggestions"]]
+    assert len(chosen) == 10 and len(set(chosen) & set(honest)) == 5
+
+
+def test_callers_without_a_key_are_told_apart_by_a_digest_of_their_address(served):
+    from tuneloop.serve.security import KeyRing
+
+    config, _ = served
+    keys = KeyRing(config)
+    first, second, again = (keys.caller(None, address) for address in ("203.0.113.7", "203.0.113.8", "203.0.113.7"))
+    assert first.requester == again.requester != second.requester
+    assert "203.0.113" not in first.requester and first.requester.startswith("anonymous:")
+    same_network = keys.caller(None, "2001:db8::1").requester == keys.caller(None, "2001:db8::2").requester
+    assert same_network  # one client holds a whole IPv6 /64
+
+
 NEW_TEXTS = ["hmm what now", "no idea what this is", "is it raining", "zq maybe the account", "what about it"]
 
 

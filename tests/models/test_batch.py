@@ -222,3 +222,24 @@ def test_a_csv_of_predictions_shows_formulas_as_text(predictor, tmp_path):
     predict_file(predictor, source, tmp_path / "out.csv")
     texts = pd.read_csv(tmp_path / "out.csv")["text"].tolist()
     assert texts == ["'=1+2", "'@SUM(A1)", "where is my parcel"]
+
+
+def test_the_output_file_holds_the_texts_masked_as_privacy_mask_says(served, tmp_path):
+    """Review finding L5: tuneloop predict -o copied users' texts, personal data and all, into a file people pass
+    on, whatever privacy.mask said; now masked (after predicting) as the version's training data was."""
+    _, home = served
+    source = tmp_path / "in.csv"
+    said = "refund to card 4111 1111 1111 1111, mail jane@example.com"
+    pd.DataFrame({"ticket": ["T1"], "text": [said]}).to_csv(source, index=False)
+    runner, base = (
+        CliRunner(),
+        ["predict", "-m", "toy", "-i", str(source), "--runtime", "torch", f"registry.home={home}"],
+    )
+    masked = runner.invoke(cli, [*base, "-o", str(tmp_path / "masked.csv")])
+    kept = runner.invoke(cli, [*base, "-o", str(tmp_path / "kept.csv"), "privacy.mask=[]"])
+    assert masked.exit_code == kept.exit_code == 0, masked.output + kept.output
+    assert pd.read_csv(tmp_path / "masked.csv")["text"].tolist() == ["refund to card [CARD], mail [EMAIL]"]
+    assert pd.read_csv(tmp_path / "kept.csv")["text"].tolist() == [said]
+    assert (
+        pd.read_csv(tmp_path / "masked.csv")["label"].tolist() == pd.read_csv(tmp_path / "kept.csv")["label"].tolist()
+    )

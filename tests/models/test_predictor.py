@@ -56,3 +56,22 @@ def test_a_reference_is_looked_up_in_the_given_registry_only(registry, tmp_path)
         load_model("toy", elsewhere)
     with pytest.raises(TuneloopError, match="unknown runtime 'tpu'"):
         load_model("toy", registry, runtime="tpu")
+
+
+def test_the_onnx_export_of_lora_adapters_is_keyed_by_their_base_encoders_weights_too(tmp_path):
+    """Review (minor finding): the ONNX cache was keyed by the version's own files, which for a LoRA version are
+    the adapters alone; new base weights under the same path reused an export holding the old ones merged."""
+    import json
+
+    from tuneloop.models.predictor import onnx_cache
+
+    base, version = tmp_path / "base", tmp_path / "v1"
+    base.mkdir()
+    version.mkdir()
+    (base / "model.safetensors").write_bytes(b"base weights")
+    (version / "adapter_model.safetensors").write_bytes(b"adapters")
+    (version / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    before = onnx_cache(tmp_path, version)
+    assert onnx_cache(tmp_path, version) == before  # the same files: the same export
+    (base / "model.safetensors").write_bytes(b"other base weights")
+    assert onnx_cache(tmp_path, version) != before

@@ -91,6 +91,25 @@ def test_only_the_asked_kinds_are_masked_and_none_means_no_work():
     assert masker(PrivacyConfig(mask=[])) is None
 
 
+def test_a_text_with_more_digits_than_the_phone_rules_read_is_masked_by_the_cheap_rule(monkeypatch):
+    """Review finding M5: libphonenumber's matcher read every digit of any text, and its cost grows faster than
+    the digits (a 2,000-character "1/1/1/..." took about 100 ms), so one request of long number-heavy texts held
+    the log's writer for seconds. Past PHONE_RULES_MAX_DIGITS it is never run; the long numbers are masked."""
+    from tuneloop.privacy import mask
+
+    read = []
+    real_matcher = mask.phonenumbers.PhoneNumberMatcher
+    monkeypatch.setattr(
+        mask.phonenumbers, "PhoneNumberMatcher", lambda text, *a, **k: read.append(text) or real_matcher(text, *a, **k)
+    )
+    hostile = "1/" * 1000
+    log_lines = "call me on 020 7946 0958; " + "; ".join(f"{n:08d}" for n in range(40)) + "; order 12 345"
+    assert mask_text(hostile) == "[PHONE]/" and read == []
+    assert mask_text(log_lines) == "call me on [PHONE]; " + "; ".join(["[PHONE]"] * 40) + "; order 12 345"
+    assert read == []
+    assert mask_text("call me on 020 7946 0958") == "call me on [PHONE]" and read  # a message: the full rules
+
+
 def test_prepared_training_data_never_holds_the_personal_data(tmp_path):
     rows = [{"text": f"refund for order {i}, mail me at buyer{i}@example.com", "label": "refund"} for i in range(20)]
     rows += [{"text": f"parcel {i} is late, call +44 20 7946 09{i:02d}", "label": "delivery"} for i in range(20)]

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 from typer.testing import CliRunner
 
 from tuneloop.cli import app as cli
@@ -18,6 +20,7 @@ from tuneloop.data.prepare import load_prepared
 from tuneloop.errors import NotFound, TuneloopError
 from tuneloop.feedback.log import RESCUE_PREFIX, LoggedPrediction, PredictionLog, new_prediction_id
 from tuneloop.feedback.retention import forget, purge
+from tuneloop.privacy.mask import masker
 from tuneloop.registry import Registry
 from tuneloop.serve.app import create_app
 
@@ -81,6 +84,49 @@ def test_forget_erases_a_text_or_a_session_everywhere_and_names_versions_trained
     assert forget(config.registry, config.privacy, text=trained_on).versions_holding_it == ["toy@1"]
 
 
+def test_forgetting_one_users_text_keeps_another_users_text_that_masks_the_same(served):
+    """Review finding L5: forget matched the masked form of the text, which two users' different card numbers
+    share ("my card [CARD] was charged twice"), so erasing one user's message erased the other's as well."""
+    config, home = served
+    mine, theirs = logged("my card 4526 0181 5908 3012 was charged twice", 1), logged("x", 1)
+    theirs.text = "my card 4111 1111 1111 1111 was charged twice"
+    log = PredictionLog(config.registry.resolved_database_url(), home, mask=masker(PrivacyConfig()))
+    log.record([mine, theirs])
+    assert log.get(mine.id).text == log.get(theirs.id).text == "my card [CARD] was charged twice"
+    log.add_feedback(theirs.id, corrected_label="refund")
+    erased = forget(config.registry, PrivacyConfig(), text="my card 4526 0181 5908 3012 was charged twice")
+    assert log.get(mine.id) is None and log.get(theirs.id) is not None
+    assert (erased.predictions, erased.feedback, erased.kept_unsure) == (1, 0, 0)
+    by_id = forget(config.registry, PrivacyConfig(), prediction_id=theirs.id)
+    assert (by_id.predictions, by_id.feedback) == (1, 1) and log.get(theirs.id) is None
+    log.close()
+
+
+def test_rows_from_before_digests_holding_only_the_masked_form_are_kept_and_counted(served):
+    config, home = served
+    log = PredictionLog(config.registry.resolved_database_url(), home)
+    said, other = logged("mail me at jane@example.com", 1), logged("mail me at [EMAIL]", 1)
+    log.record([said, other])
+    log.flush()
+    with log.engine.begin() as connection:  # as rows stored before text digests existed
+        connection.execute(text("update predictions set text_digest = null"))
+    erased = forget(config.registry, PrivacyConfig(), text="mail me at jane@example.com")
+    assert (erased.predictions, erased.kept_unsure) == (1, 1) and log.get(other.id) is not None
+    log.close()
+
+
+def test_forget_names_the_run_folders_whose_data_hold_the_text(served):
+    """Review finding L5: forget looked only at registered versions' data, not at runs/*/data."""
+    config, home = served
+    registry = Registry(config.registry)
+    data = registry.folder(registry.get("toy@1")).data()
+    run = home / "runs" / "toy-20260101-000000"  # a run kept (train.keep_checkpoints) or interrupted
+    shutil.copytree(data, run / "data")
+    trained_on = load_prepared(data).train["text"].iloc[0]
+    erased = forget(config.registry, config.privacy, text=trained_on)
+    assert erased.runs_holding_it == [str(run)] and erased.versions_holding_it == ["toy@1"]
+
+
 def test_privacy_commands_say_what_they_did_and_refuse_what_they_cannot(served):
     _, home = served
     runner = CliRunner()
@@ -93,7 +139,7 @@ def test_privacy_commands_say_what_they_did_and_refuse_what_they_cannot(served):
         missing = runner.invoke(cli, ["privacy", "forget", "--text", "never said", f"registry.home={home}"])
         assert missing.exit_code != 0 and "nothing matches" in missing.output
         both = runner.invoke(cli, ["privacy", "forget", "--text", "x", "--session", "y", f"registry.home={home}"])
-        assert both.exit_code != 0 and "exactly one of --text or --session" in both.output
+        assert both.exit_code != 0 and "exactly one of --text, --session or --prediction" in both.output
         fresh = home.parent / "fresh-home"
         fresh.mkdir()
         made = runner.invoke(cli, ["privacy", "purge", f"registry.home={fresh}", "privacy.retention_days=30"])

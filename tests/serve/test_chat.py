@@ -142,6 +142,23 @@ def test_a_stored_turn_always_has_its_predictions_in_the_database(assistant_setu
         assert found == 2
 
 
+def test_a_turn_writes_its_own_predictions_and_leaves_the_backlog_to_the_writer(assistant_setup):
+    """Review finding M5: a chat turn flushed the log's whole backlog inline, masking every waiting text (up to
+    64 per /v1/predict request, long number-heavy ones included) before it could answer."""
+    config, definition = assistant_setup
+    config.serve.assistant = definition
+    config.serve.log_flush_ms = 60_000  # the background writer will not get to the backlog in this test
+    with TestClient(create_app(config)) as client:
+        for _ in range(3):
+            predicted = client.post("/v1/predict", json={"model": "toy", "texts": ["call 555 0100 1/2/3"] * 20})
+            assert predicted.status_code == 200
+        prediction_log = client.app.state.tuneloop.prediction_log
+        turn = say(client, "refund money back please")
+        assert prediction_log.backlog == 60
+        stored = client.app.state.tuneloop.conversations.get(turn["turn_id"])
+        assert prediction_log.get(stored.intent_prediction_id) is not None
+
+
 def test_thumbs_on_an_out_of_scope_turn_stay_on_the_turn_and_never_become_a_label(chat_app_on_each_database):
     client, config = chat_app_on_each_database
     client.app.state.tuneloop.chat.runtime.thresholds["toy@1"] = _reject_everything()

@@ -21,7 +21,7 @@ from tuneloop.assistant.runtime import AssistantRuntime
 from tuneloop.assistant.store import ConversationStore
 from tuneloop.assistant.turn import TurnOutcome
 from tuneloop.data.clean import clean_text
-from tuneloop.db.schema import ANONYMOUS, ChatTurn, utc_now
+from tuneloop.db.schema import ANONYMOUS, UNKNOWN_REQUESTER, ChatTurn, utc_now
 from tuneloop.errors import NotFound, Unavailable
 from tuneloop.feedback.log import LoggedPrediction, PredictionLog
 from tuneloop.models.classifier import softmax
@@ -132,19 +132,26 @@ class ChatService:
         )
 
     async def record(
-        self, session_id: str, message: str, seen: Understood, outcome: TurnOutcome, sender: str
+        self,
+        session_id: str,
+        message: str,
+        seen: Understood,
+        outcome: TurnOutcome,
+        sender: str,
+        requester: str = UNKNOWN_REQUESTER,
     ) -> StoredTurn:
         """Log both predictions and store the turn, the predictions committed first: a turn in the database
-        always has its predictions, so feedback on it after a crash never finds them missing."""
+        always has its predictions, so feedback on it after a crash never finds them missing. Only this turn's
+        rows are written here; the rest of the log's backlog is the writer thread's."""
         now = utc_now()
         intent_record, sentiment_record = (
             LoggedPrediction.of(
-                model.name, model.registered_version, model.labels, message, softmax(logits), "chat", now
+                model.name, model.registered_version, model.labels, message, softmax(logits), "chat", now, requester
             )
             for model, logits in ((seen.intent, seen.intent_logits), (seen.sentiment, seen.sentiment_logits))
         )
         self.prediction_log.record([intent_record, sentiment_record])
-        await run_in_threadpool(self.prediction_log.flush)
+        await run_in_threadpool(self.prediction_log.write_now, [intent_record.id, sentiment_record.id])
         turn = await run_in_threadpool(
             self.conversations.add,
             ChatTurn(
@@ -170,7 +177,9 @@ class ChatService:
             self.on_turn(outcome)
         return StoredTurn(outcome, turn)
 
-    async def reply(self, session_id: str, message: str, sender: str = ANONYMOUS) -> StoredTurn:
+    async def reply(
+        self, session_id: str, message: str, sender: str = ANONYMOUS, requester: str = UNKNOWN_REQUESTER
+    ) -> StoredTurn:
         """One whole turn: understood, decided, the reply generated, stored."""
         self.take_slot()
         try:
@@ -178,11 +187,13 @@ class ChatService:
             outcome = await run_in_threadpool(self.plan, seen)
             if outcome.request is not None:
                 outcome.reply = await run_in_threadpool(self.runtime.generator.generate, outcome.request)
-            return await self.record(session_id, message, seen, outcome, sender)
+            return await self.record(session_id, message, seen, outcome, sender, requester)
         finally:
             self.release_slot()
 
-    async def stream(self, session_id: str, message: str, sender: str = ANONYMOUS) -> StreamedTurn:
+    async def stream(
+        self, session_id: str, message: str, sender: str = ANONYMOUS, requester: str = UNKNOWN_REQUESTER
+    ) -> StreamedTurn:
         """The turn as it happens (see StreamedTurn). Understanding and deciding happen before this returns,
         so their errors come before any answer is streamed."""
         self.take_slot()
@@ -192,7 +203,7 @@ class ChatService:
         except BaseException:
             self.release_slot()
             raise
-        return StreamedTurn(self, session_id, message, seen, outcome, sender)
+        return StreamedTurn(self, session_id, message, seen, outcome, sender, requester)
 
 
 class StreamedTurn:
@@ -213,15 +224,16 @@ class StreamedTurn:
         seen: Understood,
         outcome: TurnOutcome,
         sender: str = ANONYMOUS,
+        requester: str = UNKNOWN_REQUESTER,
     ):
-        self.service, self.session_id, self.message, self.seen, self.outcome, self.sender = (
+        self.service, self.session_id, self.message, self.seen, self.outcome = (
             service,
             session_id,
             message,
             seen,
             outcome,
-            sender,
         )
+        self.sender, self.requester = sender, requester
         self.words: list[str] = []
         self.pieces: Iterator[str] | None = None
         self.recorded = self.ended = False
@@ -238,7 +250,9 @@ class StreamedTurn:
                 self.words.append(piece)
                 yield piece
             outcome.reply = "".join(self.words).strip()
-            stored = await self.service.record(self.session_id, self.message, self.seen, outcome, self.sender)
+            stored = await self.service.record(
+                self.session_id, self.message, self.seen, outcome, self.sender, self.requester
+            )
             self.recorded = True
             yield stored
         finally:
@@ -259,7 +273,7 @@ class StreamedTurn:
                 self.pieces.close()  # type: ignore[attr-defined]  # a generator stops its model thread when closed
         self.outcome.reply = "".join(self.words).strip() or self.outcome.reply
         task = asyncio.get_running_loop().create_task(
-            self.service.record(self.session_id, self.message, self.seen, self.outcome, self.sender)
+            self.service.record(self.session_id, self.message, self.seen, self.outcome, self.sender, self.requester)
         )
         task.add_done_callback(_log_failed_record)
 

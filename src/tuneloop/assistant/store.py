@@ -9,12 +9,14 @@ from sqlalchemy.orm import sessionmaker
 
 from tuneloop.data.clean import clean_text
 from tuneloop.db.schema import ChatTurn
+from tuneloop.feedback.log import text_digest
 
 
 class ConversationStore:
-    def __init__(self, engine: Engine, mask: Callable[[str], str] | None = None) -> None:
+    def __init__(self, engine: Engine, mask: Callable[[str], str] | None = None, secret: bytes | None = None) -> None:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self.mask = mask  # privacy.mask: personal data in messages, replies and comments, replaced before storing
+        self.secret = secret  # the home's privacy secret: each message keeps a digest that erasure finds it by
 
     def _stored(self, text: str) -> str:
         """With masking on, the cleaned text masked (cleaning would otherwise decode `alice&#64;example.com`
@@ -22,6 +24,8 @@ class ConversationStore:
         return self.mask(clean_text(text)) if self.mask is not None else text
 
     def add(self, turn: ChatTurn) -> ChatTurn:
+        if self.secret is not None:
+            turn.message_digest = text_digest(self.secret, turn.message)
         turn.message, turn.reply = self._stored(turn.message), self._stored(turn.reply)
         with self._sessions.begin() as session:
             session.add(turn)

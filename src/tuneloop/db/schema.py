@@ -28,6 +28,12 @@ Stage = Literal["candidate", "production", "archived"]
 # An admin's verdict on a piece of feedback; only approved (or trusted and not rejected) feedback trains.
 Review = Literal["pending", "approved", "rejected"]
 ANONYMOUS = "anonymous"  # the sender of feedback sent without a known API key
+KEY_SENDER_PREFIX = "key:"  # an API key's id as a sender (serve.security.key_id); the CLI's senders are "cli:user"
+# Who asked for a prediction logged before requesters were recorded (migration 0006).
+UNKNOWN_REQUESTER = "unknown"
+# The owner of chat sessions opened before they had owners (their ids were chosen by clients, so guessable):
+# no caller is ever this sender, so nobody can continue them (migration 0006).
+PRE_UPGRADE_OWNER = "pre-upgrade"
 
 
 def utc_now() -> datetime:
@@ -127,6 +133,12 @@ class PredictionRecord(Base):
     label: Mapped[str] = mapped_column(String(200))
     scores: Mapped[dict[str, float]] = mapped_column(JSON)
     source: Mapped[str] = mapped_column(String(20), default="api")
+    # Who asked: an API key's id, or for a caller without a key a keyed digest of its address (never the address);
+    # the labelling suggestions take turns between requesters, so one cannot fill them.
+    requester: Mapped[str] = mapped_column(String(80), default=UNKNOWN_REQUESTER, server_default=UNKNOWN_REQUESTER)
+    # A keyed digest of the text as it came (feedback.log.text_digest): what erasure finds a user's text by, since
+    # `text` is masked and the same masked text may be anybody's. Null for rows stored before it existed.
+    text_digest: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class FeedbackRecord(Base):
@@ -161,6 +173,7 @@ class ChatTurn(Base):
     assistant: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utc_now)
     message: Mapped[str] = mapped_column(Text)
+    message_digest: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # as text_digest
     reply: Mapped[str] = mapped_column(Text)
     lang: Mapped[str] = mapped_column(String(8))
     intent: Mapped[str | None] = mapped_column(String(200), nullable=True)  # None: out of scope
@@ -177,6 +190,17 @@ class ChatTurn(Base):
     # The user's verdict on the reply itself (thumbs), latest wins; corrections go to the intent prediction.
     rating: Mapped[int | None] = mapped_column(Integer, nullable=True)
     comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class TrustedSender(Base):
+    """A sender whose feedback trains without review, as the latest server start's keys say (serve.trusted_key_hashes
+    and the admin keys). Feedback counts as trusted only while its sender is here: a key no longer trusted stops its
+    earlier feedback from training, which then waits for review like anyone's."""
+
+    __tablename__ = "trusted_senders"
+
+    sender: Mapped[str] = mapped_column(String(80), primary_key=True)
+    since: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class Lease(Base):

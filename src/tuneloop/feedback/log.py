@@ -11,21 +11,31 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from tuneloop.atomic import write_text_atomically
-from tuneloop.data.clean import clean_text
+from tuneloop.data.clean import clean_text, dedup_key
 from tuneloop.db import open_database
-from tuneloop.db.schema import ANONYMOUS, FeedbackRecord, PredictionRecord, Review, utc_now
+from tuneloop.db.schema import (
+    ANONYMOUS,
+    KEY_SENDER_PREFIX,
+    UNKNOWN_REQUESTER,
+    FeedbackRecord,
+    PredictionRecord,
+    Review,
+    TrustedSender,
+    utc_now,
+)
 from tuneloop.errors import NotFound, TuneloopError, first_line
+from tuneloop.privacy.keyed import home_secret, keyed_digest
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,14 @@ class LoggedPrediction:
     label: str
     scores: dict[str, float]
     source: str = "api"
+    requester: str = UNKNOWN_REQUESTER  # who asked (PredictionRecord.requester)
+    text_digest: str | None = None  # set with the stored form of the text (text_digest())
+    # Whether `text` already is its stored form (cleaned and masked): a row back from a failed write, or rescued.
+    stored: bool = field(default=False, repr=False)
+
+    def row(self) -> dict[str, object]:
+        """The row's columns, as the predictions table and rescue files take them."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stored"}
 
     @classmethod
     def of(
@@ -53,6 +71,7 @@ class LoggedPrediction:
         probs: np.ndarray,
         source: str,
         when: datetime,
+        requester: str = UNKNOWN_REQUESTER,
     ) -> LoggedPrediction:
         """A new prediction of `text`: the best label and every label's probability (rounded for storage)."""
         return cls(
@@ -64,8 +83,18 @@ class LoggedPrediction:
             label=labels[int(probs.argmax())],
             source=source,
             scores={name: round(float(p), 5) for name, p in zip(labels, probs, strict=True)},
+            requester=requester,
         )
 
+
+Row = tuple[FeedbackRecord, PredictionRecord]
+
+# Rows masked and committed together: the writer takes this many at a time and masks them with no lock held, so
+# a request waiting for its own row waits at most for one slice, never for the whole backlog to be masked.
+SLICE_ROWS = 64
+
+# How far back recent_predictions_in_turns looks, in windows: a requester's flood past it pushes the others out.
+TURNS_SCAN = 10
 
 # Rows per statement where many are written or deleted at once (a rescue file can hold the whole backlog,
 # 200,000 rows): more bound parameters than PostgreSQL (65,535) or SQLite (32,766 in many builds) take.
@@ -81,8 +110,14 @@ RESCUE_PREFIX = "unsaved-predictions-"
 
 
 def _rescued_row(line: str) -> LoggedPrediction:
-    row = json.loads(line)
-    return LoggedPrediction(**{**row, "created_at": datetime.fromisoformat(row["created_at"])})
+    row = json.loads(line)  # written in its stored form (files of older versions have no requester or digest)
+    return LoggedPrediction(**{**row, "created_at": datetime.fromisoformat(row["created_at"]), "stored": True})
+
+
+def text_digest(secret: bytes, text: str) -> str:
+    """What names a user's text for erasure (tuneloop privacy forget) while only its masked form is kept: a keyed
+    digest of the text as it came, cleaned and compared as duplicates are (case and spacing aside)."""
+    return keyed_digest(secret, "text", dedup_key(clean_text(text.replace("\x00", ""))))
 
 
 class PredictionLog:
@@ -94,6 +129,8 @@ class PredictionLog:
       and never points at a missing prediction;
     - a prediction without feedback waits in memory for at most one flush window (`flush_ms`) before it is
       written, so a process killed without warning loses at most that window's predictions;
+    - texts are masked (privacy.mask) in slices of SLICE_ROWS with no lock held, and a request that needs its own
+      rows written (a chat turn, feedback) writes only those, so a backlog of long texts never holds it up;
     - while the database is down or locked, rows wait in memory and the whole batch is retried with backoff;
       past `max_backlog` rows the oldest are moved to a rescue file in the home, and only if that file
       cannot be written either (a full disk) are rows dropped, counted in `dropped` and logged;
@@ -116,14 +153,18 @@ class PredictionLog:
         self.mask = mask  # privacy.mask: personal data in texts and comments, replaced before they are kept
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.home = Path(home)
+        self.secret = home_secret(self.home)
         self.flush_seconds = flush_ms / 1000
         self.max_batch = max_batch
         self.max_backlog = max_backlog
         self.on_dropped = on_dropped
         self._pending: list[LoggedPrediction] = []
         self._pending_lock = threading.Lock()
+        # Ids taken from the buffer and not yet written or put back; a change is announced on `_settled`.
+        self._in_flight: set[str] = set()
+        self._settled = threading.Condition(self._pending_lock)
         self._shedding = False  # a shedding thread started by record() is running
-        self._write_lock = threading.Lock()  # one writer at a time: the thread, flush() or close()
+        self._write_lock = threading.Lock()  # one commit at a time (masking happens before it is taken)
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -173,14 +214,34 @@ class PredictionLog:
             except Exception:
                 log.exception("prediction log: could not shed the backlog")
 
-    def _take_pending(self) -> list[LoggedPrediction]:
+    def _take(self, limit: int, ids: Collection[str] | None = None) -> list[LoggedPrediction]:
+        """Up to `limit` of the oldest waiting rows (only those with these `ids`, when given), now in flight."""
         with self._pending_lock:
-            batch, self._pending = self._pending, []
+            if ids is None:
+                batch, self._pending = self._pending[:limit], self._pending[limit:]
+            else:
+                batch = [p for p in self._pending if p.id in ids][:limit]
+                if batch:
+                    taken = {p.id for p in batch}
+                    self._pending = [p for p in self._pending if p.id not in taken]
+            self._in_flight.update(p.id for p in batch)
         return batch
 
     def _put_back(self, batch: list[LoggedPrediction]) -> None:
         with self._pending_lock:
             self._pending = batch + self._pending
+
+    def _settle(self, batch: list[LoggedPrediction]) -> None:
+        """These rows are written, rescued or back in the buffer: whoever waits for them may look again."""
+        with self._settled:
+            self._in_flight.difference_update(p.id for p in batch)
+            self._settled.notify_all()
+
+    def _await(self, ids: set[str]) -> None:
+        """Until none of these rows is in flight (each is written, rescued, or back in the buffer)."""
+        with self._settled:
+            while ids & self._in_flight:
+                self._settled.wait(timeout=1.0)
 
     def _shed_now(self) -> None:
         """Shed until the backlog is within its bound (rows recorded meanwhile included)."""
@@ -205,45 +266,81 @@ class PredictionLog:
 
     def _stored_text(self, text: str) -> str:
         """A text as it is written (to the database or a rescue file): without NUL, which a PostgreSQL text column
-        cannot hold and which carries no meaning in a message anyway; with masking on, cleaned and then masked
-        (on the writer's thread, not the request's). Cleaned first because cleaning is what training reads: it
-        decodes `alice&#64;example.com` and drops the soft hyphens inside a card number, so a text masked as it
-        came would turn back into personal data in the training set."""
+        cannot hold and which carries no meaning in a message anyway; with masking on, cleaned and then masked.
+        Cleaned first because cleaning is what training reads: it decodes `alice&#64;example.com` and drops the soft
+        hyphens inside a card number, so a text masked as it came would turn back into personal data in the
+        training set."""
         text = text.replace("\x00", "")
         return self.mask(clean_text(text)) if self.mask is not None else text
 
-    def _rows(self, batch: list[LoggedPrediction]) -> list[dict[str, object]]:
-        return [{**vars(p), "text": self._stored_text(p.text)} for p in batch]
+    def _prepared(self, batch: list[LoggedPrediction]) -> list[LoggedPrediction]:
+        """The rows in their stored form: text masked, and the digest that finds it for erasure."""
+        return [
+            p
+            if p.stored
+            else replace(p, text=self._stored_text(p.text), text_digest=text_digest(self.secret, p.text), stored=True)
+            for p in batch
+        ]
 
     def _insert(self, batch: list[LoggedPrediction]) -> None:
-        rows = self._rows(batch)
         with self._sessions.begin() as session:
-            session.execute(insert(PredictionRecord), rows)
+            session.execute(insert(PredictionRecord), [p.row() for p in batch])
 
     def flush(self) -> int:
-        """Write every pending prediction now; returns how many were written.
+        """Write every prediction recorded before the call, in slices, and wait for slices other threads were
+        writing; returns how many this call wrote.
 
         A batch the database cannot take (it is down, locked by another writer, a table is missing) goes
         back to the buffer whole and the error is raised: the writer retries it with backoff. Only when the
         database refuses the rows themselves (a repeated id) are they written one by one, and the refused
         ones go to a rescue file, so that they cannot block the rest.
         """
-        with self._write_lock:
-            batch = self._take_pending()
-            if not batch:
-                return 0
+        with self._pending_lock:
+            due, earlier = len(self._pending), set(self._in_flight)
+        written = 0
+        while due > 0 and (batch := self._take(min(SLICE_ROWS, due))):
+            due -= len(batch)
+            written += self._write(batch)
+        self._await(earlier)
+        return written
+
+    def write_now(self, prediction_ids: Collection[str]) -> None:
+        """Write these predictions before returning, and only them: those still waiting are masked and committed
+        on this thread, and for those another thread is writing this waits for that one slice. A chat turn and
+        feedback never pay for masking other requests' texts."""
+        wanted = set(prediction_ids)
+        while batch := self._take(len(wanted), wanted):
+            self._write(batch)
+        self._await(wanted)
+        if batch := self._take(len(wanted), wanted):  # a slice that failed put them back: this thread tries once
+            self._write(batch)
+
+    def _write(self, batch: list[LoggedPrediction]) -> int:
+        """Mask rows taken from the buffer (no lock held), then commit them; rows not written go back."""
+        try:
             try:
-                self._insert(batch)
-            except (IntegrityError, DataError):
-                written, refused = self._insert_each(batch)
-                self._rescue(refused, "the database refused these rows")
-                self.written += written
-                return written
+                prepared = self._prepared(batch)
             except Exception:
                 self._put_back(batch)
                 raise
-            self.written += len(batch)
-            return len(batch)
+            with self._write_lock:
+                return self._commit(prepared)
+        finally:
+            self._settle(batch)
+
+    def _commit(self, batch: list[LoggedPrediction]) -> int:
+        try:
+            self._insert(batch)
+        except (IntegrityError, DataError):
+            written, refused = self._insert_each(batch)
+            self._rescue(refused, "the database refused these rows")
+            self.written += written
+            return written
+        except Exception:
+            self._put_back(batch)
+            raise
+        self.written += len(batch)
+        return len(batch)
 
     def _insert_each(self, batch: list[LoggedPrediction]) -> tuple[int, list[LoggedPrediction]]:
         """Row by row: (rows written, rows the database refused). Any other error puts the rest back."""
@@ -268,12 +365,8 @@ class PredictionLog:
             return None
         rescue = self.home / f"{RESCUE_PREFIX}{utc_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}.jsonl"
         lines = "".join(
-            json.dumps(
-                {**vars(p), "text": self._stored_text(p.text), "created_at": p.created_at.isoformat()},
-                ensure_ascii=False,
-            )
-            + "\n"
-            for p in batch
+            json.dumps({**p.row(), "created_at": p.created_at.isoformat()}, ensure_ascii=False) + "\n"
+            for p in self._prepared(batch)
         )
         try:
             write_text_atomically(rescue, lines)
@@ -314,7 +407,7 @@ class PredictionLog:
                         there = set(session.scalars(select(PredictionRecord.id).where(PredictionRecord.id.in_(ids))))
                         fresh = [row for row in part if row.id not in there]
                         if fresh:
-                            session.execute(insert(PredictionRecord), self._rows(fresh))
+                            session.execute(insert(PredictionRecord), [row.row() for row in fresh])
                         new += fresh
             except (OSError, ValueError, KeyError, TypeError, SQLAlchemyError) as exc:
                 log.error("prediction log: could not import %s (%s); it is kept", path, first_line(exc))
@@ -337,7 +430,9 @@ class PredictionLog:
         try:
             self.flush()
         except Exception:
-            self._rescue(self._take_pending(), "the database was unavailable at shutdown")
+            with self._pending_lock:
+                left, self._pending = self._pending, []
+            self._rescue(left, "the database was unavailable at shutdown")
         self.engine.dispose()
 
     def get(self, prediction_id: str) -> PredictionRecord | None:
@@ -345,7 +440,7 @@ class PredictionLog:
         with self._sessions() as session:
             found = session.get(PredictionRecord, prediction_id)
         if found is None:
-            self.flush()  # takes the write lock, so it also waits for a batch the writer thread is committing
+            self.write_now([prediction_id])
             with self._sessions() as session:
                 found = session.get(PredictionRecord, prediction_id)
         return found
@@ -377,8 +472,35 @@ class PredictionLog:
             session.add(row)
         return row
 
+    def record_trusted_senders(self, senders: Collection[str]) -> None:
+        """Make these API keys' ids the ones whose feedback trains without review (a server does it as it starts,
+        with its keys): feedback of a key left out stops counting as trusted, however long ago it was sent."""
+        wanted = set(senders)
+        for attempt in (1, 2):  # two replicas starting at once may both add the same sender
+            try:
+                with self._sessions.begin() as session:
+                    session.execute(delete(TrustedSender).where(TrustedSender.sender.not_in(wanted)))
+                    there = set(session.scalars(select(TrustedSender.sender)))
+                    session.add_all(TrustedSender(sender=sender, since=utc_now()) for sender in wanted - there)
+                return
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+
+    @staticmethod
+    def _trust_now(session: Session, rows: list[Row]) -> list[Row]:
+        """The rows, detached, with `trusted` as it stands now: feedback an API key sent while trusted is trusted
+        only while that key still is (trusted_senders); what a person recorded with the CLI stays trusted."""
+        trusted = set(session.scalars(select(TrustedSender.sender)))
+        session.expunge_all()  # changed below for the caller only, never written back
+        for feedback, _ in rows:
+            if feedback.trusted and feedback.sender.startswith(KEY_SENDER_PREFIX) and feedback.sender not in trusted:
+                feedback.trusted = False
+        return rows
+
     def feedback_for(self, model_name: str) -> list[tuple[FeedbackRecord, PredictionRecord]]:
-        """All feedback on predictions of a model name, oldest first, with the prediction it is about."""
+        """All feedback on predictions of a model name, oldest first, with the prediction it is about (trusted as it
+        stands now)."""
         self.flush()
         with self._sessions() as session:
             query = (
@@ -387,7 +509,7 @@ class PredictionLog:
                 .where(PredictionRecord.model_name == model_name)
                 .order_by(FeedbackRecord.created_at, FeedbackRecord.id)
             )
-            return [(f, p) for f, p in session.execute(query)]
+            return self._trust_now(session, [(f, p) for f, p in session.execute(query)])
 
     def recent_predictions(
         self, model_name: str, limit: int, since: datetime | None = None, until: datetime | None = None
@@ -405,6 +527,32 @@ class PredictionLog:
         with self._sessions() as session:
             return list(session.scalars(query))
 
+    def recent_predictions_in_turns(self, model_name: str, limit: int) -> list[PredictionRecord]:
+        """Up to `limit` recent predictions of a model name, newest first, chosen in turns from each requester (each
+        one's newest first) among the latest TURNS_SCAN × `limit`: one requester's flood takes its share of the
+        window, not all of it. With one requester, the latest `limit`."""
+        self.flush()
+        latest = (
+            select(PredictionRecord.id, PredictionRecord.requester, PredictionRecord.created_at)
+            .where(PredictionRecord.model_name == model_name)
+            .order_by(PredictionRecord.created_at.desc(), PredictionRecord.id)
+            .limit(limit * TURNS_SCAN)
+            .subquery()
+        )
+        turn = func.row_number().over(
+            partition_by=latest.c.requester, order_by=(latest.c.created_at.desc(), latest.c.id)
+        )
+        ranked = select(latest.c.id, turn.label("turn")).subquery()
+        query = (
+            select(PredictionRecord)
+            .join(ranked, PredictionRecord.id == ranked.c.id)
+            .order_by(ranked.c.turn, PredictionRecord.created_at.desc(), PredictionRecord.id)
+            .limit(limit)
+        )
+        with self._sessions() as session:
+            chosen = list(session.scalars(query))
+        return sorted(chosen, key=lambda p: (p.created_at, p.id), reverse=True)
+
     def feedback_for_predictions(self, prediction_ids: list[str]) -> list[tuple[FeedbackRecord, PredictionRecord]]:
         """All feedback on these predictions, oldest first, with the prediction it is about."""
         rows: list[tuple[FeedbackRecord, PredictionRecord]] = []
@@ -417,7 +565,7 @@ class PredictionLog:
                     .order_by(FeedbackRecord.created_at, FeedbackRecord.id)
                 )
                 rows += [(f, p) for f, p in session.execute(query)]
-        return rows
+            return self._trust_now(session, rows)
 
     def set_review(self, feedback_ids: list[int], review: Review, reviewer: str) -> int:
         """Record an admin's verdict on these feedback rows, all or none; returns how many there were."""
@@ -453,7 +601,7 @@ class PredictionLog:
                 .order_by(FeedbackRecord.created_at.desc(), FeedbackRecord.id.desc())
                 .limit(limit)
             )
-            return [(f, p) for f, p in session.execute(query)]
+            return self._trust_now(session, [(f, p) for f, p in session.execute(query)])
 
     def count(self, model_name: str | None = None) -> dict[str, int]:
         """Stored predictions and feedback rows (optionally for one model name)."""

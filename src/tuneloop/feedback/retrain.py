@@ -5,14 +5,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from tuneloop.atomic import create_once
 from tuneloop.config import FeedbackConfig, load_config, stored_recipe
 from tuneloop.data.clean import dedup_key
 from tuneloop.data.near_duplicates import best_matches
@@ -28,6 +26,7 @@ from tuneloop.db.lease import model_job_lease
 from tuneloop.errors import TuneloopError
 from tuneloop.feedback.export import FeedbackExamples, load_feedback
 from tuneloop.models.encoders import resolve_encoder, token_counter
+from tuneloop.privacy.keyed import home_secret
 from tuneloop.privacy.mask import Masker, masker
 from tuneloop.registry import Registry
 from tuneloop.training import classification
@@ -50,18 +49,9 @@ HOLDOUT_SECRET_FILE = "holdout.secret"
 
 
 def holdout_secret(home: Path) -> bytes:
-    """The home's secret for choosing the gate's holdout, made on first use (owner-readable only).
-
-    Every process of the home gets the same one: of processes making it at once, one does (create_once) and the
-    others read it.
-    """
-    path = Path(home) / HOLDOUT_SECRET_FILE
-    if not path.exists():
-        create_once(path, secrets.token_hex(32))
-    secret = path.read_text(encoding="ascii").strip()
-    if len(secret) < 32:
-        raise TuneloopError(f"{path} does not hold a holdout secret; delete it and a new one is made")
-    return secret.encode()
+    """The home's secret for choosing the gate's holdout, made on first use (owner-readable only), the same for
+    every process of the home."""
+    return home_secret(home, HOLDOUT_SECRET_FILE)
 
 
 def in_holdout(text: str, fraction: float, secret: bytes) -> bool:

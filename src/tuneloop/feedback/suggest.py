@@ -6,6 +6,8 @@ predicted class the model has seen little of in training. The choice follows Clu
 al., 2021) with the model's predicted classes as clusters: the most uncertain messages form a pool a few
 times the budget, near-copies collapse into one, and each class's n-th message counts 1/n as much as its
 first, so the budget spreads over the classes the model is confused about instead of filling up with one.
+The window, the pool and the suggestions are taken in turns from each requester (an API key, or a keyless
+caller's address), so one sender's flood of made-up unsure messages cannot fill a person's labelling queue.
 Labels given for a suggestion are trusted feedback: they go through the same export → retrain → gate path.
 """
 
@@ -13,11 +15,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from statistics import median
-from typing import Any
+from typing import Any, TypeVar
 
 from tuneloop.data.clean import clean_text, dedup_key
 from tuneloop.data.near_duplicates import clusters, near_duplicate_pairs
@@ -62,6 +64,24 @@ def margin_of(scores: dict[str, float]) -> tuple[str, float, str, float]:
     ranked = sorted(scores.items(), key=lambda item: item[1], reverse=True)
     best, runner_up = ranked[0], ranked[1] if len(ranked) > 1 else ("", 0.0)
     return best[0], best[1], runner_up[0], runner_up[1]
+
+
+Item = TypeVar("Item")
+
+
+def taking_turns(items: list[Item], requester: Callable[[Item], str | None]) -> list[Item]:
+    """`items` (best first) in rounds of one from each requester, in the order of their best: a requester who sent
+    a thousand takes one place a round, like one who sent one. With one requester, the order stays as it was."""
+    queues: dict[str | None, deque[Item]] = {}
+    for item in items:
+        queues.setdefault(requester(item), deque()).append(item)
+    turns: list[Item] = []
+    while queues:
+        for key in list(queues):
+            turns.append(queues[key].popleft())
+            if not queues[key]:
+                del queues[key]
+    return turns
 
 
 def rarity_lift(trained: int, typical: float) -> float:
@@ -109,11 +129,12 @@ def suggest_labels(
     for group in groups:
         chosen = max(group, key=lambda i: priority[keys[i]])
         representatives.append((keys[chosen], sum(copies[keys[i]] for i in group) - 1))
-    pool = sorted(representatives, key=lambda item: priority[item[0]], reverse=True)[: POOL_BUDGETS * budget]
+    ranked = sorted(representatives, key=lambda item: priority[item[0]], reverse=True)
+    pool = taking_turns(ranked, lambda item: newest[item[0]].requester)[: POOL_BUDGETS * budget]
 
     # The n-th message of a predicted class counts 1/n: the budget spreads over the classes in the pool.
     seen_in_class = Counter[str]()
-    spread: list[tuple[float, Suggestion]] = []
+    spread: list[tuple[float, Suggestion, str | None]] = []
     for key, near_copies in pool:
         prediction = newest[key]
         label, top, runner_up, second = margin_of(prediction.scores)
@@ -136,9 +157,9 @@ def suggest_labels(
             priority=round(priority[key], 4),
             why="; ".join(reasons),
         )
-        spread.append((suggestion.priority / seen_in_class[label], suggestion))
+        spread.append((suggestion.priority / seen_in_class[label], suggestion, prediction.requester))
     spread.sort(key=lambda item: item[0], reverse=True)
-    return [suggestion for _, suggestion in spread[:budget]]
+    return [suggestion for _, suggestion, _ in taking_turns(spread, lambda item: item[2])[:budget]]
 
 
 def suggestions_for(
@@ -150,7 +171,7 @@ def suggestions_for(
     train = load_prepared(registry.folder(version).data()).splits["train"]
     labelled = {dedup_key(text) for text in train["text"]}
     labelled |= {text_key(prediction) for _, prediction in prediction_log.feedback_for(name)}
-    predictions = prediction_log.recent_predictions(name, window)
+    predictions = prediction_log.recent_predictions_in_turns(name, window)
     if not predictions:
         raise TuneloopError(f"no predictions of {name} are logged yet: serve it, then ask again")
     trained_counts = {str(label): int(count) for label, count in train["label"].value_counts().items()}

@@ -7,6 +7,9 @@ the parts were made from — the input's size and modification time, the model, 
 size — and a resume against anything else starts over instead of mixing two runs. Once every part is there,
 they are joined into the output (parquet, csv or jsonl) through a temporary file that replaces it in one step,
 and the parts are removed. Memory stays that of one chunk, whatever the file's size.
+
+The output is a copy of users' texts that is often passed on (a spreadsheet, another team): its text column is
+masked as privacy.mask says (by default as the version's training data was), after the texts are predicted.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tuneloop.atomic import atomic_file, write_text_atomically
+from tuneloop.config import PrivacyConfig
 from tuneloop.data.spreadsheet import spreadsheet_safe
 from tuneloop.errors import TuneloopError
 from tuneloop.models.predictor import Predictor
+from tuneloop.privacy.mask import masker
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +127,22 @@ def predicted_chunk(predictor: Predictor, chunk: pd.DataFrame, text_column: str)
     return out.assign(label=labels, probability=probability)
 
 
-def manifest_of(input_path: Path, predictor: Predictor, text_column: str, chunk_rows: int) -> dict[str, object]:
+def trained_privacy(predictor: Predictor) -> PrivacyConfig:
+    """The privacy section the version was trained with (its stored recipe); the defaults for a folder's model."""
+    stored = predictor.record.config if predictor.record is not None else {}
+    return PrivacyConfig.model_validate(stored.get("privacy") or {})
+
+
+def masked_chunk(chunk: pd.DataFrame, text_column: str, privacy: PrivacyConfig) -> pd.DataFrame:
+    mask = masker(privacy)
+    if mask is None:
+        return chunk
+    return chunk.assign(**{text_column: chunk[text_column].map(lambda t: mask(t) if isinstance(t, str) else t)})
+
+
+def manifest_of(
+    input_path: Path, predictor: Predictor, text_column: str, chunk_rows: int, privacy: PrivacyConfig
+) -> dict[str, object]:
     stat = input_path.stat()
     return {
         "input": str(input_path.resolve()),
@@ -132,6 +152,7 @@ def manifest_of(input_path: Path, predictor: Predictor, text_column: str, chunk_
         "runtime": predictor.runtime,
         "text_column": text_column,
         "chunk_rows": chunk_rows,
+        "privacy": privacy.model_dump(mode="json", include={"mask", "phone_regions"}),
     }
 
 
@@ -142,8 +163,10 @@ def predict_file(
     text_column: str = "text",
     chunk_rows: int = 10_000,
     on_rows: Callable[[int], None] | None = None,
+    privacy: PrivacyConfig | None = None,
 ) -> BatchOutcome:
-    """Predict every row of `input_path` into `output`, resuming an interrupted run of the same job."""
+    """Predict every row of `input_path` into `output`, resuming an interrupted run of the same job; the text
+    column is written masked as `privacy` says (None: as the version's training data was)."""
     if chunk_rows < 1:
         raise TuneloopError("--chunk-rows must be at least 1")
     if not input_path.is_file():
@@ -152,7 +175,8 @@ def predict_file(
         text_column = "text"  # a txt file's lines
     output_kind = file_format(output, OUTPUT_FORMATS, "output")
     parts = output.with_name(output.name + ".parts")
-    manifest = manifest_of(input_path, predictor, text_column, chunk_rows)
+    privacy = privacy or trained_privacy(predictor)
+    manifest = manifest_of(input_path, predictor, text_column, chunk_rows, privacy)
     if parts.exists() and _read_manifest(parts) != manifest:
         log.warning("%s holds parts of another job (input, model or chunking changed): starting over", parts)
         shutil.rmtree(parts)
@@ -167,7 +191,8 @@ def predict_file(
                 resumed += 1
             else:
                 with atomic_file(part) as temporary:
-                    predicted_chunk(predictor, chunk, text_column).to_parquet(temporary, index=False)
+                    predicted = predicted_chunk(predictor, chunk, text_column)
+                    masked_chunk(predicted, text_column, privacy).to_parquet(temporary, index=False)
             rows += len(chunk)
             chunks += 1
             if on_rows is not None:

@@ -112,11 +112,16 @@ def is_adapter(folder: Path) -> bool:
     return (folder / ADAPTER_CONFIG).is_file()
 
 
+def adapter_base(folder: Path) -> Path:
+    """The encoder the LoRA adapters saved in `folder` apply to."""
+    return Path(json.loads((folder / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
+
+
 def load_adapted_encoder(folder: Path, merge: bool) -> TorchEncoder:
     """Base encoder + the LoRA adapters saved in `folder`; merged, it is a plain encoder again."""
     from peft import PeftModel  # only LoRA versions need peft; importing it costs a second
 
-    base = Path(json.loads((folder / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
+    base = adapter_base(folder)
     if not (base / "config.json").is_file():
         raise TuneloopError(
             f"{folder} holds LoRA adapters for the encoder at {base}, which is not there; export the "

@@ -22,7 +22,15 @@ from tuneloop.config import RegistryConfig
 from tuneloop.data.clean import clean_text
 from tuneloop.errors import TuneloopError, first_line
 from tuneloop.models.baseline import Blend
-from tuneloop.models.classifier import HeadSpec, TextClassifier, load_task_heads, predict_logits, softmax
+from tuneloop.models.classifier import (
+    HeadSpec,
+    TextClassifier,
+    adapter_base,
+    is_adapter,
+    load_task_heads,
+    predict_logits,
+    softmax,
+)
 from tuneloop.models.onnx_encoder import onnx_encoder
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
 
@@ -310,7 +318,14 @@ def onnx_cache(root: Path, model_dir: Path) -> Path:
     """Where the ONNX exports of the model in `model_dir` live: with what they were made from, under `root`
     (a version's folder, registered with its run's), keyed by content too, so they are never reused for
     other weights."""
-    return root / ONNX_CACHE / content_key(model_dir)
+    return root / ONNX_CACHE / export_key(model_dir)
+
+
+def export_key(model_dir: Path) -> str:
+    """What an export of the model in `model_dir` is keyed by: its files, and for LoRA adapters the base encoder's
+    as well, since the export holds the two merged and new base weights may come under the same path."""
+    key = content_key(model_dir)
+    return f"{key}-{content_key(adapter_base(model_dir))}" if is_adapter(model_dir) else key
 
 
 def content_key(model_dir: Path) -> str:

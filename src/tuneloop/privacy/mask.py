@@ -34,7 +34,9 @@ PLACEHOLDER: dict[PiiType, str] = {
     "phone": "[PHONE]",
 }
 
-EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+# Starts only where a run of address characters starts: tried from every character of a long run without "@",
+# the search would cost the square of its length.
+EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 # A URL ends where the text around it starts again: at white space, quotes or brackets, CJK characters and
 # full-width punctuation (a Chinese sentence goes on right after it), and trailing sentence punctuation.
 URL = re.compile(r"https?://[^\s<>\"'\u3000-\u9fff\uff00-\uffef]+", re.IGNORECASE)
@@ -79,6 +81,13 @@ PHONE_WORDS = re.compile(
     r"registered|电话|手机|联系|致电|打给|短信)[^0-9+]{0,12}$",
     re.IGNORECASE,
 )
+# libphonenumber's matcher reads every digit group three times (once per region), and its cost grows faster than
+# the digits of a text: a 2,000-character "1/1/1/..." took 75 ms. Past this many digits (the most in any labelled
+# message of bench/pii.py is 72) a text is a list or a log rather than a message, and its phones are found by
+# LONG_NUMBER alone, which errs towards masking: that caps the masking time of any text.
+PHONE_RULES_MAX_DIGITS = 96
+LONG_NUMBER = re.compile(r"\+?\(?\d(?:[ ()./-]{0,2}\d)*")
+LONG_NUMBER_DIGITS = 7  # what LONG_NUMBER takes for a phone: the shortest national numbers in common use
 NUMBER_WORDS = re.compile(r"(?:number|号码)[^0-9+]{0,12}$", re.IGNORECASE)
 # A label after the number, as signatures and address blocks write them ("082 490 1693-Office").
 PHONE_LABEL_AFTER = re.compile(r"[-\s,]*(?:office|fax|mobile|cell|home|work)\b", re.IGNORECASE)
@@ -186,9 +195,18 @@ def _trunk_prefixed(text: str) -> Iterable[Found]:
             yield Found(match.start(), match.end(), "phone")
 
 
+def _long_numbers(text: str) -> Iterable[Found]:
+    for match in LONG_NUMBER.finditer(text):
+        if sum(c.isdigit() for c in match.group()) >= LONG_NUMBER_DIGITS:
+            yield Found(match.start(), match.end(), "phone")
+
+
 def _phones(text: str, regions: tuple[str, ...]) -> Iterable[Found]:
     yield from (Found(m.start(), m.end(), "phone") for m in CN_MOBILE.finditer(text))
     yield from _trunk_prefixed(text)
+    if sum(c.isdigit() for c in text) > PHONE_RULES_MAX_DIGITS:
+        yield from _long_numbers(text)
+        return
     for region in regions:
         for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.POSSIBLE):
             raw, before = match.raw_string, text[: match.start]

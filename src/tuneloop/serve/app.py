@@ -141,7 +141,7 @@ def _build_state(config: ServerSettings) -> ServerState:
     )
     conversations = chat = None
     if runtime is not None:
-        conversations = ConversationStore(prediction_log.engine, mask)
+        conversations = ConversationStore(prediction_log.engine, mask, prediction_log.secret)
 
         def counted(outcome: TurnOutcome) -> None:
             metrics.chat_turns.labels(str(outcome.escalate).lower()).inc()
@@ -196,6 +196,8 @@ def create_app(config: ServerSettings) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Rows an earlier run could not write (its database was away at shutdown) go in before new ones.
         await run_in_threadpool(state.prediction_log.import_rescued)
+        # Trust is what these keys say, for feedback already stored too: a key no longer trusted stops teaching.
+        await run_in_threadpool(state.prediction_log.record_trusted_senders, state.keys.trusted_senders)
         state.prediction_log.start()
         await state.served.start()
         for name, slot in state.served.slots.items():

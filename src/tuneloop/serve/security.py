@@ -20,8 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tuneloop.atomic import create_once
 from tuneloop.config import ServeConfig, ServerSettings
-from tuneloop.db.schema import ANONYMOUS
+from tuneloop.db.schema import ANONYMOUS, KEY_SENDER_PREFIX
 from tuneloop.errors import TuneloopError
+from tuneloop.privacy.keyed import home_secret, keyed_digest
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +54,32 @@ def _hashed(plain: SecretStr | None) -> set[str]:
 def key_id(digest: str) -> str:
     """A key's public name, as feedback records its sender: a prefix of its hash (which the config holds anyway),
     never the key."""
-    return f"key:{digest[:12]}"
+    return f"{KEY_SENDER_PREFIX}{digest[:12]}"
+
+
+def address_pseudonym(secret: bytes, address: str) -> str:
+    """What tells callers without a key apart in stored rows (the labelling suggestions take turns between them)
+    without keeping their address: a keyed digest of it, of an IPv6 address of its /64, which one client holds."""
+    try:
+        ip = ipaddress.ip_address(address)
+        named = str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
+    except ValueError:
+        named = address
+    return f"{ANONYMOUS}:{keyed_digest(secret, 'address', named)[:16]}"
 
 
 @dataclass(frozen=True)
 class Caller:
     """Who sent a request: the key's id (or anonymous: no key, or one this server does not know), its scopes,
-    whether its feedback trains without review, and the client's address (the TCP peer's, or the one a trusted
-    proxy forwarded: serve.trusted_proxies)."""
+    whether its feedback trains without review, the client's address (the TCP peer's, or the one a trusted
+    proxy forwarded: serve.trusted_proxies), and who it is in the rows it makes (`requester`: the key's id, or
+    without one its address_pseudonym)."""
 
     sender: str
     scopes: frozenset[str]
     trusted: bool
     address: str = "unknown"
+    requester: str = ANONYMOUS
 
 
 # The hashes of admin keys a first start made, one per line, in the home (never the keys themselves).
@@ -112,6 +126,7 @@ class KeyRing:
                 f"({', '.join(sorted(h[:12] + '…' for h in unknown))}): add the key to serve.client_key_hashes too"
             )
         self.trusted = set(config.serve.trusted_key_hashes) | self.admin
+        self.secret = home_secret(config.registry.home)
         plain = [
             k
             for secret in (config.admin_keys, config.client_keys)
@@ -131,7 +146,9 @@ class KeyRing:
         return not self.client
 
     def caller(self, key: str | None, address: str = "unknown") -> Caller:
-        anonymous = Caller(ANONYMOUS, frozenset(), trusted=False, address=address)
+        anonymous = Caller(
+            ANONYMOUS, frozenset(), trusted=False, address=address, requester=address_pseudonym(self.secret, address)
+        )
         if not key:
             return anonymous
         digest = hash_key(key)
@@ -141,7 +158,8 @@ class KeyRing:
         if not (is_admin or is_client):
             return anonymous
         scopes = frozenset({"admin", "client"} if is_admin else {"client"})
-        return Caller(key_id(digest), scopes, trusted=digest in self.trusted, address=address)
+        sender = key_id(digest)
+        return Caller(sender, scopes, trusted=digest in self.trusted, address=address, requester=sender)
 
     @property
     def trusted_senders(self) -> set[str]:

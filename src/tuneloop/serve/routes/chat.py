@@ -95,9 +95,9 @@ async def chat_turn(
     check_text_length(body.message, state.config.serve.max_text_chars, "message")
     session_id = await chat.session_for(body.session_id, caller.sender)
     if not stream:
-        return chat_response(session_id, await chat.reply(session_id, body.message, caller.sender))
+        return chat_response(session_id, await chat.reply(session_id, body.message, caller.sender, caller.requester))
 
-    turn = await chat.stream(session_id, body.message, caller.sender)
+    turn = await chat.stream(session_id, body.message, caller.sender, caller.requester)
 
     async def events() -> AsyncIterator[str]:
         async for item in turn:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends
@@ -20,13 +21,15 @@ from tuneloop.serve.schemas import (
     TextExplanation,
     TextPrediction,
 )
-from tuneloop.serve.security import check_text_length, require_client
+from tuneloop.serve.security import Caller, check_text_length, require_client
 
 router = APIRouter(tags=["predict"])
 
 
-@router.post("/v1/predict", response_model=PredictResponse, responses=ERRORS, dependencies=[Depends(require_client)])
-async def predict(body: PredictRequest, state: State) -> PredictResponse:
+@router.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
+async def predict(
+    body: PredictRequest, state: State, caller: Annotated[Caller, Depends(require_client)]
+) -> PredictResponse:
     """Classify texts with a model's production version; every prediction gets an id for feedback."""
     settings = state.config.serve
     if len(body.texts) > settings.max_texts:  # the document's maxItems: a validation error like any other
@@ -49,7 +52,7 @@ async def predict(body: PredictRequest, state: State) -> PredictResponse:
     k = min(body.top_k or settings.top_k, len(live.labels))
     now = datetime.now(UTC)
     records = [
-        LoggedPrediction.of(live.name, live.registered_version, live.labels, text, row, "api", now)
+        LoggedPrediction.of(live.name, live.registered_version, live.labels, text, row, "api", now, caller.requester)
         for text, row in zip(body.texts, probs, strict=True)
     ]
     explanations: list[TextExplanation | None] = [None] * len(cleaned)
