@@ -177,6 +177,12 @@ def run_tuneloop(
         recipe, register=False, show_progress=False, step_callback=score, callback_every=eval_every
     )
     metrics = outcome.report.test
+    if outcome.report.baseline is not None and outcome.report.baseline.served == "baseline":
+        # train.baseline=only: no encoder was trained, so there is no curve, layer count or encoder to time.
+        figures = {"accuracy": round(metrics.accuracy, 4), "macro_f1": round(metrics.macro_f1, 4)}
+        return {**figures, "train_seconds": round(outcome.train.train_seconds, 1), **baseline_figures(outcome)}, (
+            outcome.folder.root
+        )
     long = test[test["text"].str.len() > long_chars]
     model, tokenizer = TextClassifier.load(outcome.train.best_dir)
     started = time.perf_counter()
@@ -242,7 +248,7 @@ def baseline_figures(outcome) -> dict:
     texts = load_prepared(outcome.folder.data()).test["text"].tolist()
     served = load_model(outcome.folder.root)
     costs = {"served": served}
-    if served.blend is not None:
+    if served.blend is not None and not served.blend.baseline_only:
         costs |= {
             "transformer": replace(
                 served, blend=None, fallback=served.fallback and replace(served.fallback, blend=None)
@@ -254,7 +260,8 @@ def baseline_figures(outcome) -> dict:
         predictor.predict_proba(texts, cleaned=True)
         ms[name] = round(1000 * (time.perf_counter() - started) / max(len(texts), 1), 3)
     ms["baseline"] = round(compared.ms_per_text, 3)
-    ms.setdefault("transformer", ms["served"])
+    if compared.transformer is not None:  # a version the baseline serves alone has no transformer to time
+        ms.setdefault("transformer", ms["served"])
     hybrid = compared.hybrid
     return {
         "served_as": compared.served,
@@ -267,7 +274,9 @@ def baseline_figures(outcome) -> dict:
         "transformer_alone": {
             "accuracy": round(compared.transformer.test.accuracy, 4),
             "macro_f1": round(compared.transformer.test.macro_f1, 4),
-        },
+        }
+        if compared.transformer and compared.transformer.test
+        else None,
         "hybrid": {
             "transformer_weight": hybrid.transformer_weight,
             "validation_gain": round(hybrid.gain, 4),
