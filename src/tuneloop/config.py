@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, overload
+from typing import Annotated, Any, Literal, Protocol, TypeVar, get_args, get_origin, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -180,6 +180,28 @@ def _inert(value: object, inert: object) -> bool:
         return False
 
 
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+DEVICE_HELP = (
+    "Where the model trains: auto takes a CUDA GPU when torch sees one (under torchrun, each process the GPU of its "
+    "local rank, and NCCL between them), else the CPU; cuda refuses to start without one."
+)
+PRECISION_HELP = (
+    "Autocast of the forward pass. auto: bf16 on a GPU that has it, else fp16 with a gradient scaler; on a CPU bf16 "
+    "only where it runs natively (AVX512-BF16 or AMX), else fp32."
+)
+
+
+class DeviceSettings(Protocol):
+    """What a recipe section that trains says about where and in which precision (train, pretrain)."""
+
+    @property
+    def device(self) -> Device: ...
+
+    @property
+    def precision(self) -> Precision: ...
+
+
 class TrainConfig(StrictModel):
     """Optimisation of the classifier."""
 
@@ -218,16 +240,9 @@ class TrainConfig(StrictModel):
         description="Freeze the word embeddings. Otherwise only the rows of tokens that occur in the "
         "training texts are trained (no other row would get a gradient), which keeps e5's 250k-row matrix cheap.",
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto",
-        description="Where the model trains: auto takes a CUDA GPU when torch sees one (under torchrun, each process "
-        "the GPU of its local rank, and NCCL between them), else the CPU; cuda refuses to start without one.",
-    )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto",
-        description="Autocast of the forward pass. auto: bf16 on a GPU that has it, else fp16 with a gradient "
-        "scaler; on a CPU bf16 only where it runs natively (AVX512-BF16 or AMX), else fp32. DP-SGD always trains "
-        "in fp32 (it clips each text's gradient).",
+    device: Device = Field("auto", description=DEVICE_HELP)
+    precision: Precision = Field(
+        "auto", description=PRECISION_HELP + " DP-SGD always trains in fp32 (it clips each text's gradient)."
     )
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores.")
     seed: int = Field(42, description="Seed of initialisation, shuffling and dropout.")
@@ -407,6 +422,8 @@ class PretrainConfig(StrictModel):
     holdout: float = Field(0.05, gt=0, lt=0.5, description="Share of texts kept out to measure perplexity.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")
     keep_checkpoints: int = Field(0, ge=0, description=KEEP_CHECKPOINTS)
+    device: Device = Field("auto", description=DEVICE_HELP)
+    precision: Precision = Field("auto", description=PRECISION_HELP)
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores.")
     seed: int = Field(42, description="Seed of the held-out split, masking and dropout.")
 
@@ -437,6 +454,8 @@ class SftConfig(StrictModel):
     )
     max_length: int = Field(384, ge=16, description="Longer conversations keep their last max_length tokens.")
     val_size: float = Field(0.1, ge=0, lt=0.5, description="Conversations held out for loss and perplexity.")
+    device: Device = Field("auto", description=DEVICE_HELP)
+    precision: Precision = Field("auto", description=PRECISION_HELP)
     threads: int | None = Field(None, ge=1, description="torch threads; default: all cores.")
     seed: int = Field(42, description="Seed of the held-out split, shuffling and dropout.")
 

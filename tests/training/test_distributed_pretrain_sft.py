@@ -66,6 +66,7 @@ def pretrain_arguments(encoder: Path, corpus: Path, home: Path, *extra: str) -> 
         "pretrain.head_lr=1e-3",
         "pretrain.epochs=2",
         "pretrain.threads=1",
+        "pretrain.precision=fp32",  # bf16 rounds each process's half-batch differently from the whole batch
         *extra,
     ]
 
@@ -83,6 +84,7 @@ def sft_arguments(model: Path, pairs: Path, home: Path, *extra: str) -> list[str
         "sft.val_size=0.2",
         "sft.lora_dropout=0",
         "sft.threads=1",
+        "sft.precision=fp32",  # bf16 rounds each process's half-batch differently from the whole batch
         *extra,
     ]
 

@@ -190,3 +190,27 @@ def test_sentencepiece_tokens_that_start_on_the_space_keep_to_their_word():
 
 def test_from_scratch_encoders_take_texts_longer_than_the_pretraining_blocks():
     assert bert_config("tiny", 100).max_position_embeddings == 512
+
+
+def test_pretraining_takes_the_gpu_settings_train_takes_and_refuses_what_this_machine_cannot_run(
+    tiny_encoder, tmp_path, home, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = pretrain_config(tiny_encoder, corpus_file(tmp_path), home, "pretrain.device=cuda")
+    with pytest.raises(TuneloopError, match=r"pretrain\.device=cuda, and torch sees no CUDA GPU"):
+        mlm.run(config, show_progress=False)
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())  # refused before a run folder
+
+
+def test_the_limited_output_layer_moves_with_the_model_and_is_not_saved_with_its_weights(tiny_encoder):
+    from transformers import BertForMaskedLM
+
+    head = mlm.CorpusVocabularyHead(BertForMaskedLM.from_pretrained(tiny_encoder), [5, 9, 12]).to("meta")
+    assert head.position.device.type == "meta" and head.vocabulary.device.type == "meta"
+    assert "position" not in head.state_dict()  # checkpoints stay as they were
+
+
+def test_pretraining_in_bf16_autocast_lowers_the_loss(tiny_encoder, tmp_path, home):
+    config = pretrain_config(tiny_encoder, corpus_file(tmp_path), home, "pretrain.precision=bf16")
+    history = mlm.run(config, register=False, show_progress=False).history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
@@ -124,3 +125,18 @@ def test_a_chat_may_open_with_the_assistant(tiny_lm):
         "ships",
         "<|im_end|>",
     ]
+
+
+def test_sft_takes_the_gpu_settings_train_takes_and_refuses_what_this_machine_cannot_run(
+    tiny_lm, pairs_file, home, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TuneloopError, match=r"sft\.device=cuda, and torch sees no CUDA GPU"):
+        sft.run(sft_config(tiny_lm, pairs_file, home, "sft.device=cuda"), show_progress=False)
+    with pytest.raises(TuneloopError, match=r"sft\.precision=fp16 needs a CUDA GPU"):
+        sft.run(sft_config(tiny_lm, pairs_file, home, "sft.precision=fp16"), show_progress=False)
+
+
+def test_fine_tuning_in_bf16_autocast_lowers_the_held_out_loss(tiny_lm, pairs_file, home):
+    outcome = sft.run(sft_config(tiny_lm, pairs_file, home, "sft.precision=bf16"), register=False, show_progress=False)
+    assert outcome.history[-1]["heldout_loss"] < outcome.heldout_loss_before

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tuneloop.config import TrainConfig
+from tuneloop.config import DeviceSettings
 from tuneloop.errors import TuneloopError
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,20 +65,21 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def plan_device(settings: TrainConfig, private: bool = False) -> DevicePlan:
-    """`train.device` and `train.precision` as this machine can run them; one clear error where it cannot."""
+def plan_device(settings: DeviceSettings, private: bool = False, section: str = "train") -> DevicePlan:
+    """`train.device` and `train.precision` (or pretrain's) as this machine can run them; one clear error where it
+    cannot."""
     cuda = torch.cuda.is_available()
     if settings.device == "cuda" and not cuda:
         raise TuneloopError(
-            "train.device=cuda, and torch sees no CUDA GPU (a CPU-only torch build, or no driver): install a CUDA "
-            "build of torch on a machine with a GPU, or use train.device=auto"
+            f"{section}.device=cuda, and torch sees no CUDA GPU (a CPU-only torch build, or no driver): install a "
+            f"CUDA build of torch on a machine with a GPU, or use {section}.device=auto"
         )
     on_gpu = cuda and settings.device != "cpu"
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
-    return DevicePlan(device, _precision(settings.precision, on_gpu, private))
+    return DevicePlan(device, _precision(settings.precision, on_gpu, private, section))
 
 
-def _precision(setting: str, on_gpu: bool, private: bool) -> str:
+def _precision(setting: str, on_gpu: bool, private: bool, section: str) -> str:
     if private:
         if setting in ("bf16", "fp16"):
             raise TuneloopError(
@@ -87,7 +88,7 @@ def _precision(setting: str, on_gpu: bool, private: bool) -> str:
             )
         return "fp32"
     if setting == "fp16" and not on_gpu:
-        raise TuneloopError("train.precision=fp16 needs a CUDA GPU (CPUs have no fp16 autocast); use auto or bf16")
+        raise TuneloopError(f"{section}.precision=fp16 needs a CUDA GPU (CPUs have no fp16 autocast); use auto or bf16")
     if setting != "auto":
         return setting
     if on_gpu:

@@ -1,4 +1,4 @@
-"""Recipe: masked-language-model pretraining on a company's unlabelled text, on a CPU.
+"""Recipe: masked-language-model pretraining on a company's unlabelled text, on a CPU or a GPU (`pretrain.device`).
 
 Continued pretraining adapts a packaged encoder to the company's words before it sees a label; from
 scratch builds a tokenizer and a small BERT where no packaged model fits. Texts are packed into
@@ -62,6 +62,7 @@ from tuneloop.training.common import (
     start_run,
     use_threads,
 )
+from tuneloop.training.devices import DevicePlan, plan_device, process_group_backend
 from tuneloop.training.distributed import World, check_batch_divides, join_world, leave_world, shard_loss
 
 log = logging.getLogger(__name__)
@@ -213,13 +214,16 @@ class CorpusVocabularyHead(torch.nn.Module):
     """BERT's MLM head with the output layer limited to the corpus vocabulary (see the module docstring)."""
 
     vocabulary: torch.Tensor  # a buffer: the corpus's token ids, ascending
+    position: torch.Tensor  # a buffer: each token id's row in the limited output layer, or -100
 
     def __init__(self, model: BertForMaskedLM, vocabulary: list[int]) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("vocabulary", torch.tensor(vocabulary, dtype=torch.long))
-        self.position = torch.full((model.config.vocab_size,), -100, dtype=torch.long)
-        self.position[self.vocabulary] = torch.arange(len(vocabulary))
+        # Not saved with the weights (it follows from the vocabulary), but moved with them to the training device.
+        position = torch.full((model.config.vocab_size,), -100, dtype=torch.long)
+        position[self.vocabulary] = torch.arange(len(vocabulary))
+        self.register_buffer("position", position, persistent=False)
 
     def _masked_logits(
         self, input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor
@@ -298,28 +302,34 @@ def _started_run(
     return recipe, folder, texts, _encoder_source(recipe, registry, train_texts, folder)
 
 
-def run(
-    recipe: PretrainRecipe,
-    resume: str | Path | None = None,
-    register: bool = True,
-    show_progress: bool = True,
-    step_callback: Callable[[PretrainState], None] | None = None,
-) -> PretrainOutcome:
-    """Pretrain (or continue pretraining) an encoder by MLM; save it as a registry version train can start from.
+@dataclass
+class MaskedCorpus:
+    """The corpus as the model reads it: [CLS] … [SEP] blocks of token ids with their word numbers, the vocabulary
+    the output layer is limited to, and the held-out blocks masked once (so epochs compare)."""
 
-    `resume` ('latest' or a run folder) continues a run from its checkpoint, with the recipe it started with, in
-    any number of processes. `step_callback(state)` runs after every step. Under torchrun rank 0's outcome holds
-    the registered version, the other ranks' none.
-    """
-    registry = Registry(recipe.registry)
-    world = join_world()  # one process, or one of torchrun's
-    recipe, folder, texts, source = world.from_rank_zero(lambda: _started_run(recipe, registry, resume, world))
-    settings = recipe.pretrain
-    use_threads(settings.threads)
-    seed_everything(settings.seed)
-    heldout_texts, train_texts = _held_out_split(texts, settings)
-    model, tokenizer = _load_model(settings, source)
-    special = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
+    train_blocks: list[tuple[list[int], list[int]]]
+    heldout_blocks: list[tuple[list[int], list[int]]]
+    vocabulary: list[int]
+    special: set[int]
+    mask_id: int
+    heldout_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+    def summary(self, texts: int, settings: PretrainConfig, tokenizer_vocabulary: int) -> CorpusSummary:
+        return {
+            "texts": texts,
+            "train_blocks": len(self.train_blocks),
+            "heldout_blocks": len(self.heldout_blocks),
+            "block_size": settings.block_size,
+            "corpus_vocabulary": len(self.vocabulary),
+            "tokenizer_vocabulary": tokenizer_vocabulary,
+            "whole_word": settings.whole_word,
+        }
+
+
+def masked_corpus(
+    settings: PretrainConfig, tokenizer: PreTrainedTokenizerBase, train_texts: list[str], heldout_texts: list[str]
+) -> MaskedCorpus:
+    """Pack both parts of the corpus into blocks and mask the held-out ones with a generator of their own."""
     train_blocks, heldout_blocks = (
         pack_blocks(
             encode_corpus(tokenizer, part, settings.whole_word),
@@ -335,12 +345,9 @@ def run(
             f"perplexity; add text or lower pretrain.block_size"
         )
     vocabulary = sorted({t for ids, _ in train_blocks + heldout_blocks for t in ids} | {tokenizer.mask_token_id})
-    head = CorpusVocabularyHead(model, vocabulary)
-    if not settings.from_scratch and model.config.vocab_size > BIG_VOCABULARY:
-        # A 250k-row embedding tied to the output layer: the layers adapt, the vocabulary stays as it was.
-        model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    special = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
     fixed = random.Random(settings.seed + 1)
-    heldout_masks = [
+    heldout_batches = [
         mask_batch(
             heldout_blocks[i : i + settings.batch_size],
             special,
@@ -351,22 +358,11 @@ def run(
         )
         for i in range(0, len(heldout_blocks), settings.batch_size)
     ]
+    return MaskedCorpus(train_blocks, heldout_blocks, vocabulary, special, tokenizer.mask_token_id, heldout_batches)
 
-    steps_per_epoch = -(-len(train_blocks) // settings.batch_size)
-    total = steps_per_epoch * settings.epochs
-    # The MLM head has its own learning rate; its output layer is tied to the word embeddings, which the
-    # encoder's groups already hold.
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model.bert, settings.lr, settings.weight_decay)
-        + parameter_groups(model.cls, settings.head_lr, settings.weight_decay, skip=model.bert.parameters())
-    )
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    scheduler = get_scheduler(
-        "linear", optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total
-    )
-    # Global figures (the position in the epochs, the masking generator, the losses summed over the ranks), so a
-    # checkpoint resumes with any number of processes.
-    state: PretrainState = {
+
+def _fresh_state() -> PretrainState:
+    return {
         "epoch": 0,
         "step_in_epoch": 0,
         "global_step": 0,
@@ -376,115 +372,204 @@ def run(
         "running": 0.0,
         "counted": 0,
     }
-    generator = random.Random(settings.seed)
-    if resume is not None:
-        saved_state = load_checkpoint(folder, CHECKPOINT)
-        head.load_state_dict(saved_state["head"])
-        optimizer.load_state_dict(saved_state["optimizer"])
-        scheduler.load_state_dict(saved_state["scheduler"])
-        state = saved_state["state"]
-        assert state["generator"] is not None  # set before every checkpoint
-        generator.setstate(state["generator"])
-        restore_rng(saved_state["rng"])  # dropout draws from torch's generator
-        log.info("resuming pretraining at epoch %d step %d", state["epoch"], state["step_in_epoch"])
-    # Under torchrun: rank 0's weights broadcast to every rank, then the ranks' gradients averaged at each step.
-    trainer = torch.nn.parallel.DistributedDataParallel(head) if world.distributed else head
 
-    def checkpoint() -> None:
-        if not world.main:
-            return
-        state["generator"] = generator.getstate()
-        save_checkpoint(
-            folder,
-            CHECKPOINT,
-            {
-                "head": head.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "state": state,
-                "rng": rng_state(),
-            },
+
+class Pretraining:
+    """The model being pretrained, its optimiser and where the run is: one optimiser step at a time, a checkpoint
+    that resumes with any number of processes, the held-out score at the end of an epoch.
+
+    Figures are global (the position in the epochs, the masking generator, the losses summed over the ranks). Every
+    rank masks the whole global batch with the same generator and keeps its rows, so a block is masked the same way
+    whatever the number of processes, and the loss is divided by the whole batch's masked tokens.
+    """
+
+    def __init__(
+        self,
+        model: BertForMaskedLM,
+        corpus: MaskedCorpus,
+        settings: PretrainConfig,
+        folder: VersionFolder,
+        world: World,
+        plan: DevicePlan,
+    ) -> None:
+        self.model, self.corpus, self.settings = model, corpus, settings
+        self.folder, self.world, self.plan = folder, world, plan
+        self.head = CorpusVocabularyHead(model, corpus.vocabulary).to(plan.device)
+        if not settings.from_scratch and model.config.vocab_size > BIG_VOCABULARY:
+            # A 250k-row embedding tied to the output layer: the layers adapt, the vocabulary stays as it was.
+            model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+        self.steps_per_epoch = -(-len(corpus.train_blocks) // settings.batch_size)
+        total = self.steps_per_epoch * settings.epochs
+        # The MLM head has its own learning rate; its output layer is tied to the word embeddings, which the
+        # encoder's groups already hold.
+        self.optimizer = torch.optim.AdamW(
+            parameter_groups(model.bert, settings.lr, settings.weight_decay)
+            + parameter_groups(model.cls, settings.head_lr, settings.weight_decay, skip=model.bert.parameters())
         )
+        self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.scheduler = get_scheduler(
+            "linear", self.optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total
+        )
+        # fp16 gradients underflow without loss scaling; a disabled scaler passes everything through unchanged.
+        self.scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.needs_scaler)
+        self.state = _fresh_state()
+        self.generator = random.Random(settings.seed)
+        # Under torchrun: rank 0's weights broadcast to every rank, then the ranks' gradients averaged at each step.
+        self.trainer: torch.nn.Module = self.head
+        if world.distributed:
+            self.trainer = torch.nn.parallel.DistributedDataParallel(
+                self.head, device_ids=[plan.device] if plan.on_gpu else None
+            )
 
-    metrics = MetricsLog(folder, prefix="pretrain/") if world.main else None
-    head.train()
-    with TrainingProgress("pretraining", total, state["global_step"], show_progress and world.main) as progress:
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.settings.epochs
+
+    def resume(self) -> None:
+        saved = load_checkpoint(self.folder, CHECKPOINT)
+        self.head.load_state_dict(saved["head"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.state = saved["state"]
+        assert self.state["generator"] is not None  # set before every checkpoint
+        self.generator.setstate(self.state["generator"])
+        restore_rng(saved["rng"])  # dropout draws from torch's generator
+        log.info("resuming pretraining at epoch %d step %d", self.state["epoch"], self.state["step_in_epoch"])
+
+    def checkpoint(self) -> None:
+        if not self.world.main:
+            return
+        self.state["generator"] = self.generator.getstate()
+        payload = {
+            "head": self.head.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "state": self.state,
+            "rng": rng_state(),
+        }
+        save_checkpoint(self.folder, CHECKPOINT, payload)
+
+    def step(self, chosen: list[tuple[list[int], list[int]]]) -> None:
+        """One optimiser step on a global batch of blocks."""
+        started = time.perf_counter()
+        corpus, settings, world = self.corpus, self.settings, self.world
+        input_ids, attention, labels = mask_batch(
+            chosen, corpus.special, corpus.mask_id, corpus.vocabulary, settings.mask_probability, self.generator
+        )
+        rows, weight = world.share(range(len(chosen)))
+        with self.plan.autocast():
+            token_losses = self.trainer(*(self.plan.to_device(t[rows]) for t in (input_ids, attention, labels)))
+        masked = int((labels != -100).sum())
+        # The mean over the whole batch's masked tokens, not over this rank's.
+        self.scaler.scale(shard_loss(token_losses, weight, max(masked, 1), world)).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state = self.state
+        state["train_seconds"] += time.perf_counter() - started
+        state["global_step"] += 1
+        state["step_in_epoch"] += 1
+        state["running"] += world.total(weight * float(token_losses.detach().sum()))
+        state["counted"] += masked
+
+    def end_epoch(self) -> HistoryEntry:
+        """Score the held-out blocks, record the epoch and start the next one."""
+        state = self.state
+
+        def heldout_loss(*batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+            with self.plan.autocast():
+                return self.head.loss(*map(self.plan.to_device, batch))
+
+        held_loss = mean_token_loss(heldout_loss, self.head, self.corpus.heldout_batches, self.world)
+        entry: HistoryEntry = {
+            "epoch": state["epoch"] + 1,
+            "step": state["global_step"],
+            "train_loss": state["running"] / max(state["counted"], 1),
+            "heldout_loss": held_loss,
+            "heldout_perplexity": math.exp(min(held_loss, 50)),
+            "train_seconds": state["train_seconds"],
+        }
+        state["history"].append(entry)
+        log.info("epoch %d: %s", state["epoch"] + 1, entry)
+        state["epoch"], state["step_in_epoch"], state["running"], state["counted"] = state["epoch"] + 1, 0, 0.0, 0
+        return entry
+
+
+def _train_epochs(
+    training: Pretraining,
+    show_progress: bool,
+    step_callback: Callable[[PretrainState], None] | None,
+) -> None:
+    """The epochs left of the run, from where its state says it is."""
+    settings, state, world = training.settings, training.state, training.world
+    blocks = training.corpus.train_blocks
+    metrics = MetricsLog(training.folder, prefix="pretrain/") if world.main else None
+    training.head.train()
+    shown = show_progress and world.main
+    with TrainingProgress("pretraining", training.total_steps, state["global_step"], shown) as bar:
         while state["epoch"] < settings.epochs:
-            epoch = state["epoch"]
-            batches = np.random.default_rng(settings.seed + epoch).permutation(len(train_blocks))
-            for index in range(state["step_in_epoch"] * settings.batch_size, len(batches), settings.batch_size):
-                started = time.perf_counter()
-                chosen = [train_blocks[i] for i in batches[index : index + settings.batch_size]]
-                # Every rank masks the whole batch with the same generator, then keeps its rows: a block is masked
-                # the same way whatever the number of processes.
-                input_ids, attention, labels = mask_batch(
-                    chosen, special, tokenizer.mask_token_id, vocabulary, settings.mask_probability, generator
-                )
-                rows, weight = world.share(range(len(chosen)))
-                token_losses = trainer(input_ids[rows], attention[rows], labels[rows])
-                masked = int((labels != -100).sum())
-                # The mean over the whole batch's masked tokens, not over this rank's.
-                shard_loss(token_losses, weight, max(masked, 1), world).backward()
-                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["train_seconds"] += time.perf_counter() - started
-                state["global_step"] += 1
-                state["step_in_epoch"] += 1
-                state["running"] += world.total(weight * float(token_losses.detach().sum()))
-                state["counted"] += masked
-                progress.step(state["running"] / max(state["counted"], 1), f"epoch {epoch + 1}/{settings.epochs}")
+            order = np.random.default_rng(settings.seed + state["epoch"]).permutation(len(blocks))
+            for index in range(state["step_in_epoch"] * settings.batch_size, len(order), settings.batch_size):
+                training.step([blocks[i] for i in order[index : index + settings.batch_size]])
+                bar.step(state["running"] / max(state["counted"], 1), f"epoch {state['epoch'] + 1}/{settings.epochs}")
                 if state["global_step"] % settings.checkpoint_every == 0:
-                    checkpoint()
+                    training.checkpoint()
                 if step_callback:
                     step_callback(state)
-            held_loss = mean_token_loss(head.loss, head, heldout_masks, world)
-            entry: HistoryEntry = {
-                "epoch": epoch + 1,
-                "step": state["global_step"],
-                "train_loss": state["running"] / max(state["counted"], 1),
-                "heldout_loss": held_loss,
-                "heldout_perplexity": math.exp(min(held_loss, 50)),
-                "train_seconds": state["train_seconds"],
-            }
-            state["history"].append(entry)
+            entry = training.end_epoch()
             if metrics:
                 metrics.record(entry)
-            log.info("epoch %d: %s", epoch + 1, entry)
-            state["epoch"], state["step_in_epoch"], state["running"], state["counted"] = epoch + 1, 0, 0.0, 0
-            checkpoint()
+            training.checkpoint()
     if metrics:
         metrics.close()
+
+
+def run(
+    recipe: PretrainRecipe,
+    resume: str | Path | None = None,
+    register: bool = True,
+    show_progress: bool = True,
+    step_callback: Callable[[PretrainState], None] | None = None,
+) -> PretrainOutcome:
+    """Pretrain (or continue pretraining) an encoder by MLM; save it as a registry version train can start from.
+
+    `resume` ('latest' or a run folder) continues a run from its checkpoint, with the recipe it started with, in
+    any number of processes. `step_callback(state)` runs after every step. Under torchrun rank 0's outcome holds
+    the registered version, the other ranks' none.
+    """
+    registry = Registry(recipe.registry)
+    plan = plan_device(recipe.pretrain, section="pretrain")
+    world = join_world(process_group_backend(plan))  # one process, or one of torchrun's
+    recipe, folder, texts, source = world.from_rank_zero(lambda: _started_run(recipe, registry, resume, world))
+    settings = recipe.pretrain
+    use_threads(settings.threads)
+    seed_everything(settings.seed)
+    heldout_texts, train_texts = _held_out_split(texts, settings)
+    model, tokenizer = _load_model(settings, source)
+    corpus = masked_corpus(settings, tokenizer, train_texts, heldout_texts)
+    training = Pretraining(model, corpus, settings, folder, world, plan)
+    if resume is not None:
+        training.resume()
+    log.info("pretraining on %s", plan.describe())
+    _train_epochs(training, show_progress, step_callback)
     # DistributedDataParallel goes before the process group it holds: freed after leave_world, the group's gloo
     # threads would wait for the interpreter lock this thread holds, and the run would hang at its end.
-    del trainer
+    del training.trainer
     leave_world()
+    history, seconds = training.state["history"], training.state["train_seconds"]
     if not world.main:  # rank 0 saves the encoder and registers it
-        return PretrainOutcome(folder=folder, history=state["history"], train_seconds=state["train_seconds"])
-
-    def save_encoder(target: Path) -> None:
-        target.mkdir(parents=True)
-        model.bert.save_pretrained(target)
-        tokenizer.save_pretrained(target)
-
-    write_dir_atomically(save_encoder, folder.model)
-    folder.encoder.write_text(json.dumps({"name": source.name, "text_prefix": source.text_prefix}))
-    corpus: CorpusSummary = {
-        "texts": len(texts),
-        "train_blocks": len(train_blocks),
-        "heldout_blocks": len(heldout_blocks),
-        "block_size": settings.block_size,
-        "corpus_vocabulary": len(vocabulary),
-        "tokenizer_vocabulary": len(tokenizer),
-        "whole_word": settings.whole_word,
-    }
-    folder.corpus.write_text(json.dumps(corpus, indent=2))
+        return PretrainOutcome(folder=folder, history=history, train_seconds=seconds)
     outcome = PretrainOutcome(
-        folder=folder, history=state["history"], train_seconds=state["train_seconds"], corpus=corpus
+        folder=folder,
+        history=history,
+        train_seconds=seconds,
+        corpus=_save_encoder(folder, model, tokenizer, source, corpus.summary(len(texts), settings, len(tokenizer))),
     )
     if register:
-        last = state["history"][-1]
+        last = history[-1]
         outcome.version = register_run(
             registry,
             recipe,
@@ -494,7 +579,7 @@ def run(
             metrics={
                 "heldout_perplexity": last["heldout_perplexity"],
                 "heldout_loss": last["heldout_loss"],
-                "train_seconds": state["train_seconds"],
+                "train_seconds": seconds,
                 "kind": "encoder",
             },
             keep_checkpoints=settings.keep_checkpoints,
@@ -502,3 +587,23 @@ def run(
         )
         outcome.folder = registry.folder(outcome.version)  # the run folder may be gone (keep_checkpoints)
     return outcome
+
+
+def _save_encoder(
+    folder: VersionFolder,
+    model: BertForMaskedLM,
+    tokenizer: PreTrainedTokenizerBase,
+    source: EncoderSource,
+    corpus: CorpusSummary,
+) -> CorpusSummary:
+    """The pretrained encoder (without its MLM head) with its tokenizer, where it came from and what it read."""
+
+    def save(target: Path) -> None:
+        target.mkdir(parents=True)
+        model.bert.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+
+    write_dir_atomically(save, folder.model)
+    folder.encoder.write_text(json.dumps({"name": source.name, "text_prefix": source.text_prefix}))
+    folder.corpus.write_text(json.dumps(corpus, indent=2))
+    return corpus

@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from tuneloop.atomic import write_dir_atomically
-from tuneloop.config import SftRecipe
+from tuneloop.config import SftConfig, SftRecipe
 from tuneloop.data.load import read_table
 from tuneloop.data.prepare import fingerprint
 from tuneloop.errors import TuneloopError, first_line
@@ -57,6 +57,7 @@ from tuneloop.training.common import (
     start_run,
     use_threads,
 )
+from tuneloop.training.devices import DevicePlan, plan_device, process_group_backend
 from tuneloop.training.distributed import World, check_batch_divides, join_world, leave_world, shard_loss
 
 if TYPE_CHECKING:
@@ -217,18 +218,22 @@ def _started_run(
     return folder, conversations, resolve_lm(settings.model, registry)
 
 
-def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) -> SftOutcome:
-    """Fine-tune, report held-out loss before and after, save (adapters or full weights) and register.
+@dataclass
+class ReplyExamples:
+    """The conversations as token ids, split by the seed into training and held-out ones."""
 
-    Under torchrun rank 0's outcome holds the registered version, the other ranks' none.
-    """
-    settings = recipe.sft
-    registry = Registry(recipe.registry)
-    world = join_world()  # one process, or one of torchrun's
-    use_threads(settings.threads)
-    seed_everything(settings.seed)
-    folder, conversations, model_folder = world.from_rank_zero(lambda: _started_run(recipe, registry, world))
-    model, tokenizer = build_model(recipe, model_folder)
+    examples: list[tuple[list[int], list[int]]]
+    train_order: np.ndarray
+    heldout: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # batches, empty without sft.val_size
+    heldout_count: int
+
+    def counts(self) -> dict[str, int]:
+        return {"conversations": len(self.examples), "train": len(self.train_order), "heldout": self.heldout_count}
+
+
+def reply_examples(
+    settings: SftConfig, tokenizer: PreTrainedTokenizerBase, conversations: list[list[Message]]
+) -> ReplyExamples:
     examples = [tokenize_conversation(tokenizer, c, settings.max_length) for c in conversations]
     examples = [e for e in examples if any(label != -100 for label in e[1])]
     order = np.random.default_rng(settings.seed).permutation(len(examples))
@@ -237,59 +242,97 @@ def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) ->
     if not len(train_order):
         raise TuneloopError(f"{len(examples)} usable conversation(s): too few to train on")
     heldout = _batches(examples, settings.batch_size, tokenizer.pad_token_id, heldout_order) if held else []
-    loss_and_count = reply_loss(model)
-    before = mean_token_loss(loss_and_count, model, heldout, world) if heldout else None
+    return ReplyExamples(examples, train_order, heldout, held)
 
-    steps_per_epoch = -(-len(train_order) // settings.batch_size)
-    total = steps_per_epoch * settings.epochs
-    optimizer = torch.optim.AdamW(parameter_groups(model, settings.lr, settings.weight_decay))
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    scheduler = get_scheduler(
-        "linear", optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total
-    )
-    # Under torchrun: rank 0's weights broadcast to every rank, then the ranks' gradients averaged at each step.
-    parallel = torch.nn.parallel.DistributedDataParallel(model) if world.distributed else None
-    history, train_seconds, step = [], 0.0, 0
+
+class ReplyTraining:
+    """The model being fine-tuned and its optimiser: one step on a global batch, the held-out loss.
+
+    Every rank takes its share of each global batch, and the loss is the whole batch's reply tokens' mean (the
+    model's own loss in one process), so N processes take one process's steps.
+    """
+
+    def __init__(
+        self, model: PreTrainedModel | PeftModel, settings: SftConfig, steps: int, world: World, plan: DevicePlan
+    ) -> None:
+        # transformers' typing of PreTrainedModel.to (behind a decorator) takes no device; torch's Module.to does.
+        self.model, self.world, self.plan = model, world, plan
+        torch.nn.Module.to(model, plan.device)
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, settings.lr, settings.weight_decay))
+        self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.scheduler = get_scheduler(
+            "linear", self.optimizer, num_warmup_steps=int(settings.warmup_ratio * steps), num_training_steps=steps
+        )
+        # fp16 gradients underflow without loss scaling; a disabled scaler passes everything through unchanged.
+        self.scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.needs_scaler)
+        # Under torchrun: rank 0's weights broadcast to every rank, then the ranks' gradients averaged at each step.
+        self.trainer: torch.nn.Module = model
+        if world.distributed:
+            self.trainer = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[plan.device] if plan.on_gpu else None
+            )
+
+    def step(self, input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor) -> float:
+        """One optimiser step; the batch's mean loss per reply token."""
+        # The mean over the whole batch's reply tokens, which every rank holds, not over this rank's share.
+        replies = max(int((labels[:, 1:] != -100).sum()), 1)
+        rows, weight = self.world.share(range(len(input_ids)))
+        input_ids, attention, labels = (self.plan.to_device(t[rows]) for t in (input_ids, attention, labels))
+        with self.plan.autocast():
+            logits = self.trainer(input_ids=input_ids, attention_mask=attention).logits
+        token_losses = _predicted_token_losses(logits, labels)
+        self.scaler.scale(shard_loss(token_losses, weight, replies, self.world)).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.world.total(weight * float(token_losses.detach().sum())) / replies
+
+    def heldout_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> float:
+        loss_and_count = reply_loss(self.model)
+
+        def on_device(*batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+            with self.plan.autocast():
+                return loss_and_count(*map(self.plan.to_device, batch))
+
+        return mean_token_loss(on_device, self.model, batches, self.world)
+
+
+def _train_epochs(
+    training: ReplyTraining,
+    data: ReplyExamples,
+    settings: SftConfig,
+    pad_id: int,
+    folder: VersionFolder,
+    show_progress: bool,
+) -> tuple[list[HistoryEntry], float]:
+    """Every epoch, its held-out loss at its end; the history and the seconds spent in steps."""
+    world = training.world
+    history: list[HistoryEntry] = []
+    train_seconds, step = 0.0, 0
     metrics = MetricsLog(folder, prefix="sft/") if world.main else None
-    model.train()
+    total = -(-len(data.train_order) // settings.batch_size) * settings.epochs
+    training.model.train()
     with TrainingProgress("fine-tuning", total, show=show_progress and world.main) as progress:
         for epoch in range(settings.epochs):
-            shuffled = np.random.default_rng(settings.seed + epoch).permutation(train_order)
+            shuffled = np.random.default_rng(settings.seed + epoch).permutation(data.train_order)
             running, steps = 0.0, 0
-            for input_ids, attention, labels in _batches(
-                examples, settings.batch_size, tokenizer.pad_token_id, shuffled
-            ):
+            for batch in _batches(data.examples, settings.batch_size, pad_id, shuffled):
                 started = time.perf_counter()
-                if parallel is not None:
-                    rows, weight = world.share(range(len(input_ids)))
-                    logits = parallel(input_ids=input_ids[rows], attention_mask=attention[rows]).logits
-                    token_losses = _predicted_token_losses(logits, labels[rows])
-                    # The mean over the whole batch's reply tokens (the model's own loss in one process), not over
-                    # this rank's.
-                    replies = max(int((labels[:, 1:] != -100).sum()), 1)
-                    loss = shard_loss(token_losses, weight, replies, world)
-                    logged = world.total(weight * float(token_losses.detach().sum())) / replies
-                else:
-                    loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-                    logged = float(loss.detach())
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                running += training.step(*batch)
                 train_seconds += time.perf_counter() - started
-                running += logged
-                steps += 1
-                step += 1
+                steps, step = steps + 1, step + 1
                 progress.step(running / steps, f"epoch {epoch + 1}/{settings.epochs}")
-            entry = {
+            entry: HistoryEntry = {
                 "epoch": epoch + 1,
                 "step": step,
                 "train_loss": running / max(steps, 1),
                 "train_seconds": train_seconds,
             }
-            if heldout:
-                entry["heldout_loss"] = mean_token_loss(loss_and_count, model, heldout, world)
+            if data.heldout:
+                entry["heldout_loss"] = training.heldout_loss(data.heldout)
                 entry["heldout_perplexity"] = math.exp(min(entry["heldout_loss"], 50))
             history.append(entry)
             if metrics:
@@ -297,12 +340,35 @@ def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) ->
             log.info("epoch %d: %s", epoch + 1, entry)
     if metrics:
         metrics.close()
+    return history, train_seconds
+
+
+def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) -> SftOutcome:
+    """Fine-tune, report held-out loss before and after, save (adapters or full weights) and register.
+
+    Under torchrun rank 0's outcome holds the registered version, the other ranks' none.
+    """
+    settings = recipe.sft
+    registry = Registry(recipe.registry)
+    plan = plan_device(settings, section="sft")
+    world = join_world(process_group_backend(plan))  # one process, or one of torchrun's
+    use_threads(settings.threads)
+    seed_everything(settings.seed)
+    folder, conversations, model_folder = world.from_rank_zero(lambda: _started_run(recipe, registry, world))
+    model, tokenizer = build_model(recipe, model_folder)
+    data = reply_examples(settings, tokenizer, conversations)
+    steps = -(-len(data.train_order) // settings.batch_size) * settings.epochs
+    training = ReplyTraining(model, settings, steps, world, plan)
+    log.info("fine-tuning on %s", plan.describe())
+    before = training.heldout_loss(data.heldout) if data.heldout else None
+    history, train_seconds = _train_epochs(training, data, settings, tokenizer.pad_token_id, folder, show_progress)
     # DistributedDataParallel goes before the process group it holds: freed after leave_world, the group's gloo
     # threads would wait for the interpreter lock this thread holds, and the run would hang at its end.
-    del parallel
+    del training.trainer
     leave_world()
+    outcome = SftOutcome(folder=folder, history=history, heldout_loss_before=before, train_seconds=train_seconds)
     if not world.main:  # rank 0 saves the model and registers it
-        return SftOutcome(folder=folder, history=history, heldout_loss_before=before, train_seconds=train_seconds)
+        return outcome
 
     def save(target: Path) -> None:
         target.mkdir(parents=True)
@@ -310,13 +376,7 @@ def run(recipe: SftRecipe, register: bool = True, show_progress: bool = True) ->
         tokenizer.save_pretrained(target)
 
     write_dir_atomically(save, folder.model)
-    outcome = SftOutcome(
-        folder=folder,
-        history=history,
-        heldout_loss_before=before,
-        train_seconds=train_seconds,
-        examples={"conversations": len(examples), "train": len(train_order), "heldout": held},
-    )
+    outcome.examples = data.counts()
     if register:
         last = history[-1]
         outcome.version = register_run(
