@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 # The benchmark datasets are never copied into the repository: TUNELOOP_DATASETS, or ../shared/datasets beside it.
 DATASETS = Path(os.environ.get("TUNELOOP_DATASETS", ROOT.parent / "shared" / "datasets"))
+# Public repositories some benchmarks read test data from, each a git snapshot or clone in a folder named
+# owner+name: TUNELOOP_SOURCES, or ../.mirror beside the repository. Read at a pinned commit, never copied here.
+SOURCES = Path(os.environ.get("TUNELOOP_SOURCES", ROOT.parent / ".mirror"))
 # CPU features that decide how fast training and inference run here (bf16 autocast needs avx512_bf16 or AMX).
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 RESULT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
@@ -53,10 +57,27 @@ def dataset_file(*parts: str) -> Path:
     if not path.is_file():
         raise SystemExit(
             f"dataset file not found: {path}\n"
-            f"The benchmarks read their datasets from {DATASETS} (banking77/, sst2/, waimai_10k/); "
-            f"set TUNELOOP_DATASETS to the folder that holds them."
+            f"The benchmarks read their datasets from {DATASETS} (banking77/, sst2/, waimai_10k/, and hwu64/, "
+            f"which bench/prepare_hwu64.py writes); set TUNELOOP_DATASETS to the folder that holds them."
         )
     return path
+
+
+def source_file(repository: str, revision: str, path: str) -> bytes:
+    """A file of a public repository at a pinned commit, read from its snapshot under SOURCES; exits with a
+    message saying how to get the snapshot if it is missing."""
+    folder = SOURCES / repository.replace("/", "+")
+    for git_dir in (folder / "repo" / ".git", folder / "repo", folder / ".git", folder):
+        shown = subprocess.run(
+            ["git", f"--git-dir={git_dir}", "show", f"{revision}:{path}"], capture_output=True, check=False
+        )
+        if shown.returncode == 0:
+            return shown.stdout
+    raise SystemExit(
+        f"{path} of {repository} at {revision[:12]} not found under {folder}\n"
+        f"Clone https://github.com/{repository} into {folder} (it needs that commit), "
+        f"or set TUNELOOP_SOURCES to the folder that holds owner+name clones."
+    )
 
 
 def load_banking77() -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -68,13 +89,75 @@ def load_banking77() -> tuple[pd.DataFrame, pd.DataFrame]:
     return train, test
 
 
-def banking77_held_out(count: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """Banking77's (train, test) and `count` of its intents drawn by `seed` to play the unseen, out-of-scope
-    ones: the split bench/assistant_eval.py and bench/oos_scores.py share."""
-    train, test = load_banking77()
-    intents = sorted(train["label"].unique())
-    held_out = sorted(np.random.default_rng(seed).choice(intents, size=count, replace=False).tolist())
-    return train, test, held_out
+def load_hwu64() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """HWU64's (train, test) splits (its first cross-validation fold), columns text and label (scenario_intent)."""
+    train, test = (pd.read_csv(dataset_file("hwu64", f"{split}.csv"), dtype=str) for split in ("train", "test"))
+    return train, test
+
+
+INTENT_DATASETS = {"banking77": load_banking77, "hwu64": load_hwu64}
+
+
+def held_out_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks that hold intents out as out of scope (assistant_eval, oos_scores,
+    scope_loop)."""
+    parser.add_argument("--dataset", choices=sorted(INTENT_DATASETS), default="banking77")
+    parser.add_argument("--held-out", type=int, default=10, help="Intents held out as out of scope.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-limit", type=int, default=None, help="Train on this many rows (smoke runs).")
+    parser.add_argument("--home", type=Path, default=None, help="Registry home to train in, or reuse models from.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="tuneloop recipe override.")
+
+
+@dataclass
+class HeldOutSplit:
+    """An intent dataset with `--held-out` of its intents (drawn by `--seed`) playing the unseen, out-of-scope
+    ones: the split bench/assistant_eval.py, bench/oos_scores.py and bench/scope_loop.py share."""
+
+    train: pd.DataFrame
+    test: pd.DataFrame
+    held_out: list[str]
+    known_train: pd.DataFrame  # what the intent model trains on (cut to --train-limit rows for smoke runs)
+
+    @property
+    def unseen_train(self) -> pd.DataFrame:
+        return self.train[self.train["label"].isin(self.held_out)]
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> HeldOutSplit:
+        train, test = INTENT_DATASETS[args.dataset]()
+        intents = sorted(train["label"].unique())
+        held_out = sorted(np.random.default_rng(args.seed).choice(intents, size=args.held_out, replace=False).tolist())
+        known = train[~train["label"].isin(held_out)]
+        if args.train_limit:
+            known = known.groupby("label").head(max(2, args.train_limit // known["label"].nunique()))
+        return cls(train, test, held_out, known)
+
+
+def trained_once(home: Path, name: str, rows: pd.DataFrame, label: str, overrides: list[str]) -> tuple[str, bool]:
+    """`name`@production in `home`, trained on `rows` with `overrides` unless an earlier run with the same rows
+    and overrides left it there (benchmarks that share a model train it once); returns (ref, reused)."""
+    import hashlib
+
+    from tuneloop.config import load_config
+    from tuneloop.registry import Registry
+    from tuneloop.training import classification
+
+    inputs = hashlib.sha256(
+        (rows.to_csv(index=False) + "\0" + label + "\0" + "\0".join(overrides)).encode()
+    ).hexdigest()
+    marker = home / f"bench-{name}.inputs"
+    registry_overrides = [f"registry.home={home}", *overrides]
+    if marker.is_file() and marker.read_text() == inputs:
+        return Registry(load_config(None, registry_overrides).registry).get(f"{name}@production").ref, True
+    home.mkdir(parents=True, exist_ok=True)
+    data = home / f"bench-{name}.csv"
+    rows.to_csv(data, index=False)
+    recipe = load_config(None, [f"data.path={data}", f"data.label_column={label}", f"name={name}", *registry_overrides])
+    ref = classification.run(recipe, show_progress=False).version.ref
+    Registry(recipe.registry).promote(ref)
+    marker.write_text(inputs)
+    return ref, False
 
 
 def load_sst2() -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -130,6 +213,13 @@ def run_with_peak_memory(command: list[str], env: dict[str, str] | None = None) 
         [sys.executable, "-c", _PEAK_OF, *command], check=True, stdout=subprocess.PIPE, text=True, env=env
     )
     return round(int(finished.stdout.strip().splitlines()[-1]) / 1024, 1)
+
+
+def serve_process(port: int, settings: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`tuneloop serve` on 127.0.0.1:`port` with these settings; its output goes to stderr, so stdout carries
+    only the result line."""
+    command = [sys.executable, "-m", "tuneloop", "serve", "--port", str(port), *settings]
+    return subprocess.Popen(command, stdout=sys.stderr, env=env)
 
 
 def wait_ready(url: str, process: subprocess.Popen, seconds: float = 300, interval: float = 0.5) -> None:

@@ -1,32 +1,27 @@
-"""Benchmark: the assistant on Banking77 with 10 intents it has never seen (out of scope).
+"""Benchmark: where the assistant says no, with 10 intents of a dataset it has never seen (out of scope).
 
-    python bench/assistant_eval.py [--held-out 10] [--target-precision 0.95] [--trained-oos] [--set ...]
+    python bench/assistant_eval.py [--dataset banking77|hwu64] [--own-examples 100] [--home DIR] [--set ...]
 
-1. 10 intents (seeded) are held out. The intent model (all-MiniLM-L6-v2) trains on the other 67; a small
-   English sentiment model trains on the demo's sentiment data; the FAQ has one entry per known intent.
-   The intent model trains with the default recipe, so with outlier exposure on tuneloop's shipped
-   off-topic messages (train.outlier_exposure; --set train.outlier_exposure=0 measures without).
-2. The scope threshold is tuned on the model's validation split plus the held-out intents' *training*
-   texts (the assistant's own examples: the shipped off-topic messages are not mixed in); everything is then
-   measured on the official *test* split (known and held-out intents), and on the shipped off-topic
-   messages' held-out part (English), which nothing trains or tunes on. Without --trained-oos the
-   scope is measured a second time as for a user who brings no out-of-scope examples: the threshold tuned
-   on the shipped off-topic messages' tuning part alone ("…, no examples of its own").
-   With --trained-oos those training texts are instead trained as one more intent, out_of_scope
-   (scope.label), and the threshold is tuned on the validation split alone (its out_of_scope share).
-3. Every test message goes through a whole turn (three forward passes, FAQ search, reply, escalation
-   rules), timed one by one on this CPU.
-Prints one JSON line: in-scope intent accuracy of the assistant and of the plain classifier (which
-answers everything), the share of in-scope messages answered with the right intent, out-of-scope recall
-and in-scope precision, escalation rate, p50/p95 latency per turn — for each scope score (probability,
-cosine), the first one being what the assistant used. Also written to
-bench/results/assistant_eval-threshold.json (assistant_eval-trained-oos.json with --trained-oos).
+1. 10 intents (seeded) are held out. The intent model (all-MiniLM-L6-v2) trains on the others with the default
+   recipe (outlier exposure on tuneloop's shipped off-topic messages); a small English sentiment model trains on
+   the demo's sentiment data; the FAQ has one entry per known intent. --home keeps both models for later runs
+   (bench/oos_scores.py trains the same intent model).
+2. Two settings, each with the default scope policy (at most scope.max_in_scope_rejected of in-scope messages
+   turned away): no out-of-scope examples of its own (the start-up estimate then comes from the shipped
+   off-topic messages), and --own-examples of them drawn from the held-out intents' *training* texts. For each,
+   what the assistant says at start: the expected shares turned away and caught, with their intervals.
+   In the same run, the old default (95% in-scope precision at the expected out-of-scope share) as the baseline.
+3. Every official *test* message (known and held-out intents) goes through a whole turn (two forward passes, FAQ
+   search, reply, escalation), timed one by one; each setting's decision is its threshold on the turn's score
+   (the same comparison the turn makes). Also the shipped off-topic messages' held-out part, which nothing trains
+   or tunes on. Measured: in-scope turned away, out-of-scope caught, accuracy of the in-scope messages it accepts
+   against the plain classifier's on all of them, the estimate's distance from the test, and the whole curve.
+Prints one JSON line; written to bench/results/assistant_eval-DATASET.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -36,183 +31,234 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from _common import add_result_options, banking77_held_out, publish
-
-OOS_LABEL = "out_of_scope"
+from _common import HeldOutSplit, add_result_options, held_out_options, publish, trained_once
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--held-out", type=int, default=10)
-    parser.add_argument("--target-precision", type=float, default=0.95)
+    held_out_options(parser)
+    parser.add_argument("--own-examples", type=int, default=100, help="Out-of-scope examples of its own.")
     parser.add_argument(
-        "--out-share",
-        type=float,
-        default=None,
-        help="Expected out-of-scope share of traffic (default: held-out intents / all intents).",
+        "--draws", type=int, default=5, help="Draws of those examples whose start-up estimates are checked."
     )
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="Score only this many test messages (smoke runs).")
-    parser.add_argument("--train-limit", type=int, default=None, help="Train on this many rows (smoke runs).")
-    parser.add_argument(
-        "--trained-oos",
-        action="store_true",
-        help="Train the held-out intents' training texts as an out_of_scope intent.",
-    )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="tuneloop recipe override.")
     add_result_options(parser)
     args = parser.parse_args()
 
     import torch
 
-    from tuneloop.assistant.definition import AssistantDefinition
-    from tuneloop.assistant.runtime import AssistantRuntime
-    from tuneloop.config import load_config
-    from tuneloop.data.off_topic import off_topic_messages
-    from tuneloop.demo import packaged_file
-    from tuneloop.registry import Registry
-    from tuneloop.training import classification
-
     torch.set_num_threads(os.cpu_count() or 1)
-    train, test, held_out = banking77_held_out(args.held_out, args.seed)
-    out_share = args.out_share or args.held_out / train["label"].nunique()
-    known_train = train[~train["label"].isin(held_out)]
-    if args.train_limit:
-        per_intent = max(2, args.train_limit // known_train["label"].nunique())
-        known_train = known_train.groupby("label").head(per_intent)
+    split = HeldOutSplit.of(args)
+    train, test, held_out, known_train = split.train, split.test, split.held_out, split.known_train
     if args.limit:
         test = test.sample(n=args.limit, random_state=args.seed)
-    known_test, unknown_test = test[~test["label"].isin(held_out)], test[test["label"].isin(held_out)]
-
+    unseen = split.unseen_train
+    draws = [
+        unseen.sample(n=min(args.own_examples, len(unseen)), random_state=args.seed + draw)["text"]
+        for draw in range(args.draws)
+    ]
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        home = work / "home"
-        off_topic = train[train["label"].isin(held_out)]
-        if args.trained_oos:
-            pd.concat([known_train, off_topic.assign(label=OOS_LABEL)]).to_csv(work / "intents.csv", index=False)
-        else:
-            known_train.to_csv(work / "intents.csv", index=False)
-            off_topic[["text"]].to_csv(work / "out_of_scope.csv", index=False)
-        sentiment = pd.read_csv(packaged_file("demo", "data", "sentiment.csv"))
-        sentiment[sentiment["lang"] == "en"].to_csv(work / "sentiment.csv", index=False)
-        common = [f"registry.home={home}", "model.name=all-MiniLM-L6-v2", *args.overrides]
-        registry = Registry(load_config(None, common).registry)
+        work, home = Path(tmp), args.home or Path(tmp) / "home"
         started = time.perf_counter()
-        for name, data, label in (
-            ("bank-intents", "intents.csv", "label"),
-            ("bank-sentiment", "sentiment.csv", "sentiment"),
-        ):
-            recipe = load_config(
-                None, [f"data.path={work / data}", f"data.label_column={label}", f"name={name}", *common]
-            )
-            registry.promote(classification.run(recipe, show_progress=False).version.ref)
+        reused = models(home, known_train, args.overrides)
         training_seconds = time.perf_counter() - started
-        exposure = json.loads(registry.folder(registry.get("bank-intents@production")).report_json.read_text()).get(
-            "outlier_exposure"
-        )
-        # One FAQ entry per known intent, its question a training message of that intent.
-        faq = known_train.groupby("label").first().reset_index()
-        pd.DataFrame(
-            {
-                "question": faq["text"],
-                "answer": "About " + faq["label"].str.replace("_", " ") + ": ...",
-                "intent": faq["label"],
-            }
-        ).to_csv(work / "faq.csv", index=False)
+        write_faq(work, known_train)
+        for draw, texts in enumerate(draws):
+            texts.to_frame("text").to_csv(work / f"out_of_scope-{draw}.csv", index=False)
+        result = evaluate(args, home, work, test, held_out, share=args.held_out / train["label"].nunique())
+    publish(
+        args,
+        f"assistant_eval-{args.dataset}",
+        {
+            "dataset": args.dataset,
+            "held_out_intents": held_out,
+            "known_test": int((~test["label"].isin(held_out)).sum()),
+            "unknown_test": int(test["label"].isin(held_out).sum()),
+            "own_examples": len(draws[0]),
+            "training_seconds": round(training_seconds, 1),
+            "models_reused": reused,
+            "cores": os.cpu_count(),
+            **result,
+        },
+    )
 
-        # The shipped off-topic messages' held-out part: never trained on nor tuned on by tuneloop.
-        generic = off_topic_messages("heldout", ["en"])
-        results = {}
-        # Scope thresholds tuned on the held-out intents' training texts (examples like the real off-topic
-        # traffic), and, as for a user who brings none, on the shipped off-topic messages' tuning part.
-        variants = [("probability", True), ("cosine", True)]
-        if not args.trained_oos:
-            variants += [("probability", False), ("cosine", False)]
-        for score, own_examples in variants:
-            key = score if own_examples else f"{score}, no examples of its own"
-            definition = AssistantDefinition(
-                name=f"bank-{score}-{'own' if own_examples else 'shipped'}",
-                intent_model="bank-intents",
-                sentiment_model="bank-sentiment",
-                faq=work / "faq.csv",
-                out_of_scope_examples=work / "out_of_scope.csv" if own_examples and not args.trained_oos else None,
-                languages=["en"],
-                scope={
-                    "target_precision": args.target_precision,
-                    "score": score,
-                    "out_of_scope_share": out_share,
-                    "label": OOS_LABEL if args.trained_oos else None,
-                },
-                escalation={"negative_turns": 0, "min_confidence": 0.0},
-            )
-            runtime = AssistantRuntime(definition, registry)
-            intent, mood = runtime.load_models()
-            threshold = runtime.calibrate(intent)
-            messages = pd.concat([known_test.assign(known=True), unknown_test.assign(known=False)])
-            latencies, outcomes = [], []
-            for text in messages["text"]:
-                turn_started = time.perf_counter()
-                outcomes.append(runtime.respond(text, intent, mood))
-                latencies.append(time.perf_counter() - turn_started)
-            known = messages["known"].to_numpy()
-            truth = messages["label"].to_numpy()
-            predicted = np.array([o.predicted_intent for o in outcomes])
-            accepted = np.array([o.intent is not None for o in outcomes])
-            plain_logits = intent.own_logits(intent.logits(known_test["text"].tolist()))
-            if args.trained_oos:  # the plain classifier answers every message with one of the real intents
-                plain_logits[:, intent.labels.index(OOS_LABEL)] = -np.inf
-            plain = plain_logits.argmax(1)
-            plain_accuracy = float(np.mean(np.array(intent.labels)[plain] == known_test["label"].to_numpy()))
-            scores = np.array([o.scope_score for o in outcomes])
-            generic_accepted = np.array([runtime.respond(t, intent, mood).intent is not None for t in generic["text"]])
-            by_domain = (
-                pd.Series(~generic_accepted, index=generic["domain"].to_numpy()).groupby(level=0).mean().sort_values()
-            )
-            results[key] = {
-                "threshold": round(threshold.threshold, 4),
-                "tuning": {k: round(v, 4) if isinstance(v, float) else v for k, v in threshold.to_dict().items()},
-                "in_scope_accuracy": round(float(np.mean(predicted[known] == truth[known])), 4),
-                "plain_classifier_accuracy": round(plain_accuracy, 4),
-                "in_scope_answered_correctly": round(
-                    float(np.mean(accepted[known] & (predicted[known] == truth[known]))), 4
-                ),
-                "in_scope_rejected": round(float(np.mean(~accepted[known])), 4),
-                "out_of_scope_recall": round(float(np.mean(~accepted[~known])), 4),
-                "in_scope_precision": round(float(known[accepted].mean()) if accepted.any() else 1.0, 4),
-                "escalation_rate": round(float(np.mean([o.escalate for o in outcomes])), 4),
-                "latency_ms": {
-                    "p50": round(1000 * float(np.percentile(latencies, 50)), 1),
-                    "p95": round(1000 * float(np.percentile(latencies, 95)), 1),
-                },
-                "auroc_in_vs_out": round(float(_auroc(scores[known], scores[~known])), 4),
-                "shipped_off_topic_heldout": {
-                    "messages": len(generic),
-                    "recall": round(float(np.mean(~generic_accepted)), 4),
-                    "lowest_recall_domains": {d: round(float(r), 3) for d, r in by_domain.head(5).items()},
-                },
-            }
-            print(json.dumps({"progress": {key: results[key]}}), file=sys.stderr, flush=True)
 
-    result = {
-        "scope_mode": "trained out_of_scope intent" if args.trained_oos else "threshold",
-        "held_out_intents": held_out,
-        "known_test": len(known_test),
-        "unknown_test": len(unknown_test),
-        "target_precision": args.target_precision,
-        "out_of_scope_share": round(out_share, 4),
-        "training_seconds": round(training_seconds, 1),
-        "outlier_exposure": exposure and {k: v for k, v in exposure.items() if k != "examples_left_out"},
-        "cores": os.cpu_count(),
-        **results,
+def models(home: Path, known_train: pd.DataFrame, overrides: list[str]) -> bool:
+    """The intent and sentiment models in production in `home` (trained unless an earlier run left them)."""
+    from tuneloop.demo import packaged_file
+
+    sentiment = pd.read_csv(packaged_file("demo", "data", "sentiment.csv"))
+    common = ["model.name=all-MiniLM-L6-v2", *overrides]
+    _, intents_reused = trained_once(home, "intents", known_train, "label", common)
+    _, mood_reused = trained_once(home, "sentiment", sentiment[sentiment["lang"] == "en"], "sentiment", common)
+    return intents_reused and mood_reused
+
+
+def write_faq(work: Path, known_train: pd.DataFrame) -> None:
+    """One FAQ entry per known intent, its question a training message of that intent."""
+    faq = known_train.groupby("label").first().reset_index()
+    pd.DataFrame(
+        {
+            "question": faq["text"],
+            "answer": "About " + faq["label"].str.replace("_", " ") + ": ...",
+            "intent": faq["label"],
+        }
+    ).to_csv(work / "faq.csv", index=False)
+
+
+def definition(work: Path, name: str, examples: Path | None, scope: dict):
+    """The benchmark's assistant, with these out-of-scope examples of its own (or none)."""
+    from tuneloop.assistant.definition import AssistantDefinition
+
+    return AssistantDefinition(
+        name=name,
+        intent_model="intents",
+        sentiment_model="sentiment",
+        faq=work / "faq.csv",
+        out_of_scope_examples=examples,
+        languages=["en"],
+        scope=scope,
+        escalation={"negative_turns": 0, "min_confidence": 0.0},
+    )
+
+
+def evaluate(args, home: Path, work: Path, test: pd.DataFrame, held_out: list[str], share: float) -> dict:
+    """The settings' start-up estimates, then every test message through a whole turn, then what each setting
+    does to them."""
+    from tuneloop.assistant.runtime import AssistantRuntime
+    from tuneloop.assistant.scope import ScopeRefused
+    from tuneloop.config import load_config
+    from tuneloop.data.off_topic import off_topic_messages
+    from tuneloop.registry import Registry
+
+    registry = Registry(load_config(None, [f"registry.home={home}"]).registry)
+    old_default = {"target_precision": 0.95, "out_of_scope_share": share}
+    own = work / "out_of_scope-0.csv"
+    settings = {
+        "no examples of its own": (None, {}),
+        f"{args.own_examples} examples of its own": (own, {}),
+        f"old default (95% precision), {args.own_examples} examples of its own": (own, old_default),
+        "old default (95% precision), no examples of its own": (None, old_default),
     }
-    publish(args, "assistant_eval-trained-oos" if args.trained_oos else "assistant_eval-threshold", result)
+    runtime = AssistantRuntime(definition(work, "bench-0", None, {}), registry)
+    intent, mood = runtime.load_models()
+    thresholds = {}
+    for index, (key, (examples, scope)) in enumerate(settings.items()):
+        try:
+            thresholds[key] = AssistantRuntime(definition(work, f"bench-{index}", examples, scope), registry).calibrate(
+                intent
+            )
+        except ScopeRefused as refused:
+            thresholds[key] = str(refused)
+        said = thresholds[key]
+        print(f"{key}: {said if isinstance(said, str) else said.summary()}", file=sys.stderr, flush=True)
+    # The first draw's estimate and the other draws': how far from the test a start-up estimate from that many
+    # examples lands.
+    draws = [
+        AssistantRuntime(
+            definition(work, f"bench-draw-{draw}", work / f"out_of_scope-{draw}.csv", {}), registry
+        ).calibrate(intent)
+        for draw in range(args.draws)
+    ]
+    generic = off_topic_messages("heldout", ["en"])  # nothing trains or tunes on this part
+    messages = pd.concat(
+        [
+            test.assign(kind=np.where(test["label"].isin(held_out), "out", "in")),
+            pd.DataFrame({"text": generic["text"], "label": "", "kind": "shipped"}),
+        ],
+        ignore_index=True,
+    )
+    turns = whole_turns(runtime, intent, mood, messages["text"].tolist())
+    messages = messages.assign(score=turns["score"], predicted=turns["predicted"])
+    known = messages[messages["kind"] == "in"]
+    return {
+        # The plain classifier answers every message with its best intent: the turn's predicted intent.
+        "plain_classifier_accuracy": round(float((known["predicted"] == known["label"]).mean()), 4),
+        "latency_ms": turns["latency_ms"],
+        "auroc": round(auroc(known["score"], messages.loc[messages["kind"] == "out", "score"]), 4),
+        "settings": {
+            key: threshold if isinstance(threshold, str) else measured(threshold, messages)
+            for key, threshold in thresholds.items()
+        },
+        "curve": curve(thresholds[f"{args.own_examples} examples of its own"], messages),
+        "estimates_of_draws": [
+            measured(threshold, messages)["estimate_minus_test_points"]["out_of_scope_caught"] for threshold in draws
+        ],
+    }
 
 
-def _auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+def whole_turns(runtime, intent, mood, texts: list[str]) -> dict:
+    """Every message through a whole turn, timed; its scope score and predicted intent."""
+    latencies, scores, predicted = [], [], []
+    for text in texts:
+        started = time.perf_counter()
+        outcome = runtime.respond(text, intent, mood)
+        latencies.append(time.perf_counter() - started)
+        scores.append(outcome.scope_score if outcome.predicted_intent != runtime.definition.scope.label else -2.0)
+        predicted.append(outcome.predicted_intent)
+    return {
+        "score": scores,
+        "predicted": predicted,
+        "latency_ms": {
+            "p50": round(1000 * float(np.percentile(latencies, 50)), 1),
+            "p95": round(1000 * float(np.percentile(latencies, 95)), 1),
+        },
+    }
+
+
+def measured(threshold, messages: pd.DataFrame) -> dict:
+    """What a threshold does to the test messages, beside what the assistant expected at start."""
+    share = {kind: float((part["score"] < threshold.threshold).mean()) for kind, part in messages.groupby("kind")}
+    known = messages[messages["kind"] == "in"]
+    kept = known["score"] >= threshold.threshold
+    right = known["predicted"] == known["label"]
+    estimate = threshold.to_dict()
+    return {
+        "threshold": round(threshold.threshold, 4),
+        "policy": threshold.policy,
+        "estimate": {
+            "in_scope_rejected": estimate["in_scope_rejected"],
+            "out_of_scope_caught": estimate["out_of_scope_caught"],
+            "out_of_scope_examples": threshold.out_of_scope_examples,
+            "notes": threshold.notes,
+        },
+        "test": {
+            "in_scope_rejected": round(share["in"], 4),
+            "out_of_scope_caught": round(share["out"], 4),
+            "accepted_in_scope_accuracy": round(float(right[kept].mean()), 4),
+            "in_scope_answered_correctly": round(float((kept & right).mean()), 4),
+            "shipped_heldout_caught": round(share["shipped"], 4),
+        },
+        "estimate_minus_test_points": {
+            "in_scope_rejected": round(100 * (threshold.in_scope_rejected.value - share["in"]), 2),
+            "out_of_scope_caught": round(100 * (threshold.out_of_scope_caught.value - share["out"]), 2),
+            "out_of_scope_caught_vs_shipped_heldout": round(
+                100 * (threshold.out_of_scope_caught.value - share["shipped"]), 2
+            ),
+        },
+    }
+
+
+def curve(threshold, messages: pd.DataFrame) -> list[dict]:
+    """The whole curve: each point's shares on the tuning data (what the assistant knows) and on the test."""
+    known, unknown = messages[messages["kind"] == "in"], messages[messages["kind"] == "out"]
+    return [
+        {
+            "threshold": round(point.threshold, 5),
+            "tuning_in_scope_rejected": point.in_scope_rejected,
+            "tuning_out_of_scope_caught": point.out_of_scope_caught,
+            "test_in_scope_rejected": round(float((known["score"] < point.threshold).mean()), 4),
+            "test_out_of_scope_caught": round(float((unknown["score"] < point.threshold).mean()), 4),
+        }
+        for point in threshold.curve
+    ]
+
+
+def auroc(positive: pd.Series, negative: pd.Series) -> float:
     """How well the score separates in-scope (higher) from out-of-scope messages, threshold-free."""
     from sklearn.metrics import roc_auc_score
 
-    return roc_auc_score(np.r_[np.ones(len(positive)), np.zeros(len(negative))], np.r_[positive, negative])
+    return float(roc_auc_score(np.r_[np.ones(len(positive)), np.zeros(len(negative))], np.r_[positive, negative]))
 
 
 if __name__ == "__main__":

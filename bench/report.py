@@ -73,6 +73,15 @@ def _served(serving: dict) -> str:
     return f"{serving['runtime']}; int8 {int8} against fp32 {fp32}, labels agreeing on {percent(serving['agreement'])}"
 
 
+def _spread(times: dict) -> str:
+    return f"{times['p50_ms']} / {times['p99_ms']} / {times['max_ms']}"
+
+
+def _only(kinds: dict) -> str:
+    """'phone 12, url 3' (pieces per kind one side found exactly and the other did not), or 'none'."""
+    return ", ".join(f"{kind} {found['pieces']}" for kind, found in sorted(kinds.items())) or "none"
+
+
 def _fewer_layers(ratio: str) -> Format:
     """A student's speed-up, shown only for a student with fewer layers than its teacher: at the same depth the
     two times differ by run-to-run variation alone."""
@@ -87,6 +96,45 @@ def _fewer_layers(ratio: str) -> Format:
 
 def _acknowledged(acknowledged: str, found: str) -> Callable[[dict], str]:
     return lambda run: f"{run[acknowledged]} / {run[found]} / {run[acknowledged] - run[found]}"
+
+
+def _interval(share: dict) -> str:
+    return f"{percent(share['value'])} [{percent(share['low'])}–{percent(share['high'])}]"
+
+
+def _expected(setting: dict | str) -> str:
+    """The start-up estimate of one assistant_eval setting, or why it was refused."""
+    if isinstance(setting, str):
+        return "refused: " + setting.split(": ", 1)[-1].split(":", 1)[0]
+    estimate = setting["estimate"]
+    return f"{_interval(estimate['in_scope_rejected'])} / {_interval(estimate['out_of_scope_caught'])}"
+
+
+def _tested(setting: dict | str) -> str:
+    if isinstance(setting, str):
+        return "not served"
+    test = setting["test"]
+    return (
+        f"{percent(test['in_scope_rejected'])} / {percent(test['out_of_scope_caught'])} / "
+        f"{percent(test['accepted_in_scope_accuracy'])} / {percent(test['shipped_heldout_caught'])}"
+    )
+
+
+def _stand_ins(caught: dict) -> str:
+    return " / ".join(f"{percent(value)} ({name})" for name, value in caught.items())
+
+
+def _before_after(result: dict, key: str) -> str:
+    return f"{percent(result['before'][key])} → {percent(result['after'][key])}"
+
+
+def _caught_precision(scored: dict) -> str:
+    return f"{percent(scored['out_of_scope_recall'])} / {percent(scored['in_scope_precision'])}"
+
+
+def _gate_verdict(gate: dict) -> str:
+    failed = [name for name, check in gate["checks"].items() if not check["passed"]]
+    return "promoted" if gate["promoted"] else "not promoted: " + ", ".join(failed or ["dry run"])
 
 
 # Per benchmark (its results name, or the name's first part), the figures worth a table row:
@@ -179,17 +227,18 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("student: prediction speed-up on long texts", "", _fewer_layers("long_texts_prediction_speed_up")),
     ],
     "oos_scores": [
-        ("in-scope / unseen-intent test messages", "", lambda r: f"{r['known_test']} / {r['unknown_test']}"),
+        (
+            "dataset, in-scope / unseen-intent test messages",
+            "",
+            lambda r: f"{r['dataset']}, {r['known_test']} / {r['unknown_test']}",
+        ),
         ("recipe overrides", "overrides", lambda o: ", ".join(o) or "none (outlier exposure on)"),
         ("in-scope accuracy", "in_scope_accuracy", percent),
         *(
             (
-                f"{score}: AUROC / unseen recall at 95% precision / in-scope rejected / recall at 10% rejected",
+                f"{score}: AUROC / unseen caught / in-scope turned away, at the 5%-of-validation threshold",
                 f"scores.{score}",
-                lambda v: (
-                    f"{v['auroc']:.3f} / {percent(v['out_of_scope_recall'])} / "
-                    f"{percent(v['in_scope_rejected'])} / {percent(v['out_of_scope_recall_at_10_percent_rejected'])}"
-                ),
+                lambda v: f"{v['auroc']:.3f} / {percent(v['out_of_scope_caught'])} / {percent(v['in_scope_rejected'])}",
             )
             for score in (
                 "probability",
@@ -197,10 +246,18 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
                 "energy",
                 "knn-1",
                 "knn-10",
+                "knn-intent",
                 "mahalanobis",
                 "relative mahalanobis",
                 "probability + relative mahalanobis",
+                "probability + knn-intent",
+                "mixup",
             )
+        ),
+        (
+            "unseen caught by probability: on the test / estimated from …",
+            "caught_estimated_from.probability",
+            _stand_ins,
         ),
     ],
     "explain_faithfulness": [
@@ -445,7 +502,8 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
             row
             for name, title in (
                 ("written_alongside", "written with the masker"),
-                ("not_written_here", "not written here"),
+                ("public_tuned_on", "public, rules tuned on it"),
+                ("held_out", "held out (masker frozen first)"),
             )
             for row in (
                 (
@@ -471,34 +529,75 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
                     lambda r: f"{r['of_them_altered']} of {r['messages_without_personal_data']}",
                 ),
                 (f"{title}: µs per message", f"{name}.microseconds_per_message", lambda m: f"{m:.0f}"),
+                (
+                    f"{title}: Presidio's pattern recognisers, masked away / exact recall / precision",
+                    f"{name}.presidio",
+                    lambda r: f"{percent(r['masked_away'])} / {percent(r['recall'])} / {percent(r['precision'])}",
+                ),
+                (
+                    f"{title}: Presidio, messages without personal data altered; µs per message",
+                    f"{name}.presidio",
+                    lambda r: (
+                        f"{r['of_them_altered']} of {r['messages_without_personal_data']}; "
+                        f"{r['microseconds_per_message']:.0f}"
+                    ),
+                ),
+                (f"{title}: pieces only tuneloop finds", f"{name}.presidio.only_tuneloop", _only),
+                (f"{title}: pieces only Presidio finds", f"{name}.presidio.only_presidio", _only),
             )
         ),
         ("Banking77 test messages changed", "banking77_test", lambda r: f"{r['changed']} of {r['messages']}"),
     ],
     "assistant_eval": [
-        ("scope", "scope_mode", plain),
-        ("in-scope / out-of-scope test messages", "known_test", plain),
-        ("in-scope accuracy (probability score)", "probability.in_scope_accuracy", percent),
-        ("out-of-scope recall", "probability.out_of_scope_recall", percent),
-        ("in-scope precision", "probability.in_scope_precision", percent),
-        ("p50 / p95 ms per turn", "probability.latency_ms", lambda t: f"{t['p50']:.0f} / {t['p95']:.0f}"),
-        ("plain classifier accuracy (answers everything)", "probability.plain_classifier_accuracy", percent),
-        ("outlier exposure: off-topic messages shown", "outlier_exposure.messages", plain),
         (
-            "recall on the shipped off-topic set's held-out part",
-            "probability.shipped_off_topic_heldout",
-            lambda h: f"{percent(h['recall'])} of {h['messages']}",
+            "dataset, in-scope / out-of-scope test messages",
+            "",
+            lambda r: f"{r['dataset']}, {r['known_test']} / {r['unknown_test']}",
+        ),
+        ("plain classifier accuracy (answers every in-scope message)", "plain_classifier_accuracy", percent),
+        ("AUROC, in-scope against unseen intents", "auroc", lambda v: f"{v:.3f}"),
+        *(
+            row
+            for setting in (
+                "no examples of its own",
+                "100 examples of its own",
+                "old default (95% precision), 100 examples of its own",
+                "old default (95% precision), no examples of its own",
+            )
+            for row in (
+                (f"{setting}: expected at start, turned away / caught", f"settings.{setting}", _expected),
+                (
+                    f"{setting}: test, turned away / unseen caught / accuracy accepted / shipped held-out caught",
+                    f"settings.{setting}",
+                    _tested,
+                ),
+            )
         ),
         (
-            "no examples of its own: unseen intents' recall / in-scope precision",
-            "probability, no examples of its own",
-            lambda r: f"{percent(r['out_of_scope_recall'])} / {percent(r['in_scope_precision'])}",
+            "100 examples: start-up estimate of caught minus the test, five draws (points)",
+            "estimates_of_draws",
+            lambda d: ", ".join(f"{x:+.1f}" for x in d),
         ),
+        ("p50 / p95 ms per turn", "latency_ms", lambda t: f"{t['p50']:.0f} / {t['p95']:.0f}"),
+    ],
+    "scope_loop": [
         (
-            "no examples of its own: shipped held-out recall / in-scope accuracy",
-            "probability, no examples of its own",
-            lambda r: f"{percent(r['shipped_off_topic_heldout']['recall'])} / {percent(r['in_scope_accuracy'])}",
+            "dataset, off-topic messages sent / answered and marked out of scope",
+            "",
+            lambda r: f"{r['dataset']}, {r['messages_sent']} / {r['marked_out_of_scope']}",
         ),
+        ("unseen intents' test messages caught, before → after", "", lambda r: _before_after(r, "out_of_scope_caught")),
+        ("in-scope test messages turned away, before → after", "", lambda r: _before_after(r, "in_scope_rejected")),
+        (
+            "accuracy of accepted in-scope messages, before → after",
+            "",
+            lambda r: _before_after(r, "accepted_in_scope_accuracy"),
+        ),
+        ("plain classifier accuracy, before → after", "", lambda r: _before_after(r, "plain_classifier_accuracy")),
+        ("what it expected at start, before", "before.estimate", plain),
+        ("what it expected at start, after", "after.estimate", plain),
+        ("gate", "gate", _gate_verdict),
+        ("retraining time", "retrain_seconds", seconds),
     ],
     "multitask": [
         ("two models: intent / sentiment accuracy", "separate", lambda s: _pair(s, "accuracy")),
@@ -535,6 +634,23 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
             lambda v: f"{v:.0f} ms",
         ),
     ],
+    "burst": [
+        (
+            "chat users (local generator) / predict → feedback users, seconds",
+            "",
+            lambda r: f"{r['chat_clients']} / {r['predict_feedback_clients']}, {r['seconds']:.0f} s",
+        ),
+        (
+            "chat turns answered, p50 / p99 ms",
+            "chat",
+            lambda c: f"{c['answered']}, {c['p50_ms']:.0f} / {c['p99_ms']:.0f}",
+        ),
+        ("predict and feedback requests", "predict_feedback.requests", plain),
+        ("refused with 503 (a bound reached)", "refused_503", plain),
+        ("server errors (500/502/504) / dropped connections", "", lambda r: f"{r['server_errors']} / {r['dropped']}"),
+        ("/readyz p50 / p99 / max ms, idle", "readyz_idle", _spread),
+        ("/readyz p50 / p99 / max ms, during the burst", "readyz_during_burst", _spread),
+    ],
     "sft_reply": [
         ("held-out loss before", "heldout_loss_before", plain),
         ("held-out loss after", "heldout_loss_after", plain),
@@ -543,6 +659,52 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("training time", "train_seconds", seconds),
     ],
 }
+
+# Results written before the default scope policy (at most 5% of in-scope messages turned away), when the
+# threshold met 95% in-scope precision: their own rows, so the guides' figures on outlier exposure stay legible.
+_BEFORE_SCOPE_POLICY: list[tuple[str, str, Format]] = [
+    ("in-scope / out-of-scope test messages", "", lambda r: f"{r['known_test']} / {r['unknown_test']}"),
+    ("in-scope accuracy of accepted messages (95%-precision threshold)", "probability.in_scope_accuracy", percent),
+    ("unseen intents caught / in-scope precision", "probability", _caught_precision),
+    ("plain classifier accuracy (answers everything)", "probability.plain_classifier_accuracy", percent),
+    (
+        "shipped off-topic set's held-out part caught",
+        "probability.shipped_off_topic_heldout",
+        lambda h: f"{percent(h['recall'])} of {h['messages']}",
+    ),
+    (
+        "no examples of its own: unseen intents caught / in-scope precision",
+        "probability, no examples of its own",
+        _caught_precision,
+    ),
+    (
+        "no examples of its own: shipped held-out caught / accuracy accepted",
+        "probability, no examples of its own",
+        lambda r: f"{percent(r['shipped_off_topic_heldout']['recall'])} / {percent(r['in_scope_accuracy'])}",
+    ),
+    ("training time", "training_seconds", seconds),
+]
+FIGURES |= {
+    name: _BEFORE_SCOPE_POLICY
+    for name in (
+        "assistant_eval-threshold",
+        "assistant_eval-threshold-no-outlier-exposure",
+        "assistant_eval-trained-oos",
+    )
+}
+FIGURES["oos_scores-no-outlier-exposure"] = [
+    ("in-scope / unseen-intent test messages", "", lambda r: f"{r['known_test']} / {r['unknown_test']}"),
+    ("recipe overrides", "overrides", lambda o: ", ".join(o)),
+    ("in-scope accuracy", "in_scope_accuracy", percent),
+    *(
+        (
+            f"{score}: AUROC / unseen caught at 95% precision / in-scope rejected",
+            f"scores.{score}",
+            lambda v: f"{v['auroc']:.3f} / {percent(v['out_of_scope_recall'])} / {percent(v['in_scope_rejected'])}",
+        )
+        for score in ("probability", "relative mahalanobis", "probability + relative mahalanobis")
+    ),
+]
 
 
 def _private_runs(method: dict, key: str) -> str:
@@ -577,7 +739,18 @@ def _lookup(result: dict, path: str) -> Any:
     return value
 
 
-FORMATS: dict[str, Format] = {"percent": percent, "seconds": seconds, "times": times, "points": points, "plain": plain}
+def decimal(value: Any) -> str:
+    return f"{value:.3f}"
+
+
+FORMATS: dict[str, Format] = {
+    "percent": percent,
+    "seconds": seconds,
+    "times": times,
+    "points": points,
+    "plain": plain,
+    "decimal": decimal,
+}
 
 
 def figure(name: str, path: str, how: str, folder: Path = RESULTS, page: str = "benchmarks.md") -> str:
@@ -591,6 +764,35 @@ def figure(name: str, path: str, how: str, folder: Path = RESULTS, page: str = "
     if value is None:
         raise KeyError(f"{file.name} has no figure at {path}")
     return f"[{FORMATS[how](value)}]({page}#{name})"
+
+
+SCOPE_SETTINGS = (
+    ("no examples of its own", "default policy, no examples of its own"),
+    ("100 examples of its own", "default policy, 100 examples of its own"),
+    ("old default (95% precision), no examples of its own", "old default (95% precision), none of its own"),
+    ("old default (95% precision), 100 examples of its own", "old default (95% precision), 100 of its own"),
+)
+
+
+def scope_table(folder: Path = RESULTS, page: str = "benchmarks.md") -> str:
+    """The assistant guide's table: for each dataset bench/assistant_eval.py ran on, what each setting expected
+    at start beside what the test measured."""
+    rows = [
+        "| dataset (AUROC; plain classifier accuracy) | setting | expected at start: turned away / caught | "
+        "test: turned away / unseen caught / accuracy of accepted / shipped held-out caught |",
+        "|---|---|---|---|",
+    ]
+    for path in sorted(folder.glob("assistant_eval-*.json")):
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        result = entry["result"]
+        if "settings" not in result:  # written before the default scope policy
+            continue
+        dataset = f"[{result['dataset']}]({page}#{entry['name']}) ({decimal(result['auroc'])}; "
+        dataset += f"{percent(result['plain_classifier_accuracy'])})"
+        for key, label in SCOPE_SETTINGS:
+            setting = result["settings"][key]
+            rows.append(f"| {dataset} | {label} | {_expected(setting)} | {_tested(setting)} |")
+    return "\n".join(rows)
 
 
 def load_results(folder: Path = RESULTS) -> list[dict]:

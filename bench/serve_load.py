@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel
 
-from _common import add_result_options, free_port, load_banking77, publish, stop, wait_ready
+from _common import add_result_options, free_port, load_banking77, publish, serve_process, stop, wait_ready
 
 
 async def load(
@@ -228,21 +228,15 @@ def main() -> None:
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen(
+        server = serve_process(
+            port,
             [
-                sys.executable,
-                "-m",
-                "tuneloop",
-                "serve",
-                "--port",
-                str(port),
                 f"registry.home={home}",
                 f"serve.models=[{version.name}]",
                 f"serve.threads={args.threads}",
                 *args.overrides,
             ],
-            stdout=sys.stderr,
-        )  # stdout carries only the result line
+        )
         try:
             wait_ready(url, server)
             ours = asyncio.run(

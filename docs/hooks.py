@@ -204,4 +204,6 @@ GENERATORS = {
     "cli-reference": cli_reference,
     "http-routes": http_routes,
     "benchmarks": benchmarks,
+    # Only the assistant guide (docs/guide/) asks for it: its links go one folder up.
+    "scope-results": lambda: str(_bench_report().scope_table(page="../benchmarks.md")),
 }

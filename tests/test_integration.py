@@ -52,6 +52,7 @@ def test_demo_trains_both_models_and_builds_the_assistant(tiny_encoder, home):
     assert "registered and promoted: support-intents@1" in result.output
     assert "support-sentiment@1" in result.output and "A few turns" in result.output
     assert "chat with it: tuneloop serve serve.assistant=" in result.output
+    assert "scope of support-intents@1: turns away" in result.output  # what it expects, said at start
     assert list((home / "assistants" / "support" / "scope").glob("support-intents@1-*.json"))
 
 

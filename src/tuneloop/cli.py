@@ -38,6 +38,7 @@ from tuneloop.config import (
 from tuneloop.errors import TuneloopError, first_line
 
 if TYPE_CHECKING:
+    from tuneloop.assistant.scope import ScopeThreshold
     from tuneloop.data.prepare import DataReport
     from tuneloop.evaluate.explain import Explanation
     from tuneloop.evaluate.schema import SplitScores
@@ -64,6 +65,7 @@ keys_app = typer.Typer(help="API keys for the server.", no_args_is_help=True)
 db_app = typer.Typer(help="The database behind the registry and the prediction log.", no_args_is_help=True)
 log_app = typer.Typer(help="The prediction log.", no_args_is_help=True)
 privacy_app = typer.Typer(help="Users' texts: how long they are kept, and erasing one.", no_args_is_help=True)
+assistant_app = typer.Typer(help="The support assistant: where it says no.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(feedback_app, name="feedback")
@@ -71,6 +73,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 app.add_typer(log_app, name="log")
 app.add_typer(privacy_app, name="privacy")
+app.add_typer(assistant_app, name="assistant")
 
 console = Console()
 errors = Console(stderr=True)
@@ -786,6 +789,7 @@ def demo(
             result.reply,
         )
     console.print(table)
+    _print_scope(outcome.intents_version.ref, outcome.scope)
     server_overrides, _ = split_overrides(overrides or [], ("registry", *bundled.SERVER_SECTIONS))
     server = load_config(None, [*server_overrides, f"serve.assistant={outcome.assistant}"], ServerSettings)
     home = outcome.recipe.registry.home
@@ -803,6 +807,13 @@ def demo(
     )
     if serve_after:
         _serve(server)
+
+
+def _print_scope(ref: str, threshold: ScopeThreshold) -> None:
+    """What an intent version's out-of-scope threshold is expected to do, and what falls short."""
+    console.print(f"scope of {ref}: {escape(threshold.summary())}", soft_wrap=True)
+    for note in threshold.notes:
+        console.print(f"  [yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
 
 
 @app.command()
@@ -840,6 +851,9 @@ def _serve(settings: ServerSettings) -> None:
             f"{settings.registry.home / HOME_ADMIN_KEYS}): [bold]{admin_key}[/bold]",
             soft_wrap=True,
         )
+    chat = application.state.tuneloop.chat
+    for ref, threshold in (chat.runtime.thresholds if chat is not None else {}).items():
+        _print_scope(ref, threshold)
     served = ", ".join(slot.current.ref for slot in application.state.tuneloop.served.slots.values())
     url = f"http://{settings.serve.host}:{settings.serve.port}"
     pages = f"; chat: {url}/, admin: {url}/admin" if settings.serve.assistant else f"; admin: {url}/admin"
@@ -852,6 +866,54 @@ def _serve(settings: ServerSettings) -> None:
         return
     if not server.started:  # the port is taken, say (uvicorn has logged why)
         raise typer.Exit(3)
+
+
+# The curve's rows `tuneloop assistant scope` prints: these shares of in-scope messages turned away.
+SCOPE_ROWS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5)
+
+
+@assistant_app.command("scope")
+def assistant_scope(
+    name: Annotated[str, typer.Argument(help="The assistant's name (one that has run on this home) or its YAML.")],
+    move: Annotated[
+        float | None, typer.Option("--move", help="Move the point to this threshold (the nearest on the curve).")
+    ] = None,
+    reset: Annotated[bool, typer.Option("--reset", help="Move the point back to the policy's.")] = False,
+    config: ConfigOption = None,
+    overrides: Overrides = None,
+) -> None:
+    """Where the assistant says no for its production intent version: the curve of in-scope messages turned away
+    against out-of-scope ones caught, the point it answers at, and what that point is expected to do."""
+    import getpass
+
+    from tuneloop.assistant.runtime import AssistantRuntime, find_definition
+    from tuneloop.models.predictor import load_model
+
+    registry = _registry(config, overrides)
+    runtime = AssistantRuntime(find_definition(name, registry), registry)
+    intent = load_model(f"{runtime.definition.intent_model}@production", registry)
+    threshold = runtime.calibrate(intent)
+    if move is not None or reset:
+        threshold = runtime.move(intent, None if reset else move, f"cli:{getpass.getuser()}")
+    table = Table(title=f"{runtime.definition.name}: where {intent.ref} says no")
+    for column in ("threshold", "in-scope turned away", "out-of-scope caught", ""):
+        table.add_column(column, justify="right")
+    shown = {min(threshold.curve, key=lambda p: abs(p.in_scope_rejected - share)) for share in SCOPE_ROWS}
+    now = min(threshold.curve, key=lambda p: abs(p.threshold - threshold.threshold))
+    for point in sorted(shown | {now}, key=lambda p: p.threshold):
+        table.add_row(
+            f"{point.threshold:.4f}",
+            f"{point.in_scope_rejected:.1%}",
+            f"{point.out_of_scope_caught:.1%}",
+            "[bold]◀ now[/bold]" if point == now else "",
+        )
+    console.print(table)
+    console.print(escape(threshold.summary()), soft_wrap=True)
+    for note in threshold.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
+    for step in runtime.moves(intent.ref):
+        where = "the policy's point" if step["threshold"] is None else f"threshold {step['threshold']:.4f}"
+        console.print(f"moved to {where} by {escape(step['by'])} at {step['at']}")
 
 
 @feedback_app.command("export")
@@ -1249,7 +1311,7 @@ def privacy_forget(
 
 
 # Every command gets the same error handling, instead of a decorator on each.
-for _typer in (app, data_app, models_app, feedback_app, keys_app, db_app, log_app, privacy_app):
+for _typer in (app, data_app, models_app, feedback_app, keys_app, db_app, log_app, privacy_app, assistant_app):
     for _command in _typer.registered_commands:
         assert _command.callback is not None  # each command is a function
         _command.callback = friendly(_command.callback)

@@ -766,6 +766,11 @@ class FeedbackConfig(StrictModel):
     )
 
 
+# The label a person gives a message that none of a model's labels covers ("out of scope" on the chat and admin
+# pages): it trains like any label, and an assistant turns away what its intent model files under it.
+OUT_OF_SCOPE = "out_of_scope"
+
+
 class GateConfig(StrictModel):
     """When a retrained candidate may replace production. Metrics are fractions: 0.01 is one point."""
 
@@ -774,6 +779,19 @@ class GateConfig(StrictModel):
     max_class_drop: float = Field(0.10, ge=0, le=1, description="Most F1 any single class may lose.")
     min_class_support: int = Field(
         10, ge=1, description="Classes with fewer gate examples are reported but not held to max_class_drop."
+    )
+    max_catch_drop: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Most of its out-of-scope catch rate the candidate may lose, both versions turning away the "
+        "same share of in-scope test messages (in_scope_rejected).",
+    )
+    in_scope_rejected: float = Field(
+        0.05, gt=0, lt=1, description="Where catch rates are compared: each version's threshold turns this away."
+    )
+    out_of_scope_label: str = Field(
+        OUT_OF_SCOPE, description="The label that marks out-of-scope messages (an assistant's scope.label)."
     )
 
 

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from helpers import toy_rows
+from tuneloop.assistant import runtime as runtime_module
 from tuneloop.assistant.definition import ScopeConfig, load_definition
 from tuneloop.assistant.generate import (
     OpenAICompatibleGenerator,
@@ -19,9 +24,13 @@ from tuneloop.assistant.generate import (
 )
 from tuneloop.assistant.retrieval import FaqEntry, FaqHit
 from tuneloop.assistant.runtime import REJECTED_SCORE, AssistantRuntime, tuning_scores
-from tuneloop.assistant.scope import ScopeThreshold
+from tuneloop.assistant.scope import ScopeRefused, ScopeThreshold, Share
 from tuneloop.assistant.turn import detect_language, plan_turn
+from tuneloop.cli import app as cli
+from tuneloop.data.prepare import load_prepared
+from tuneloop.db.schema import utc_now
 from tuneloop.errors import TuneloopError
+from tuneloop.feedback.log import LoggedPrediction, PredictionLog
 from tuneloop.models.classifier import HeadSpec, predict_logits
 from tuneloop.registry import Registry
 
@@ -50,10 +59,12 @@ def test_scope_threshold_is_tuned_once_per_intent_version_and_cached(assistant_s
     runtime = AssistantRuntime(load_definition(path), Registry(config.registry))
     intent, _ = runtime.load_models()
     threshold = runtime.calibrate(intent)
-    assert runtime.shipped_off_topic() == []  # its own examples are what its traffic looks like
+    assert runtime.tuning_examples(intent).shipped == []  # its own examples are what its traffic looks like
     assert threshold.out_of_scope_examples == 6 and threshold.in_scope_examples > 0
-    # A real tuning, not the degenerate "reject everything": most in-scope messages pass, off-topic ones do not.
-    assert threshold.precision >= 0.95 and threshold.in_scope_recall >= 0.5 and threshold.out_of_scope_recall > 0
+    # The default policy: at most 5% of in-scope messages turned away, the estimate with its interval.
+    assert validation_rejected(intent, threshold.threshold) <= 0.05
+    assert threshold.in_scope_rejected.low <= threshold.in_scope_rejected.value <= threshold.in_scope_rejected.high
+    assert threshold.out_of_scope_caught.messages == 6 and threshold.policy == "at most 5% rejected"
     [cached] = (runtime.folder / "scope").glob("toy@1-*.json")
     assert json.loads(cached.read_text())["threshold"] == threshold.threshold
     fresh = AssistantRuntime(load_definition(path), Registry(config.registry))
@@ -61,25 +72,102 @@ def test_scope_threshold_is_tuned_once_per_intent_version_and_cached(assistant_s
     assert fresh.calibrate(intent).threshold == 0.123  # read back, not recomputed
 
 
-def test_without_examples_of_its_own_the_scope_is_tuned_on_the_shipped_off_topic_messages(assistant_setup):
-    config, path = assistant_setup
+def validation_rejected(intent, threshold: float) -> float:
+    """The share of the version's validation messages a threshold turns away (scored as the assistant scores)."""
+    texts = load_prepared(intent.folder.data()).val["text"].tolist()
+    return float(
+        (tuning_scores(intent.own_logits(intent.logits(texts)), intent.model.spec, ScopeConfig()) < threshold).mean()
+    )
+
+
+def without_own_examples(path, extra: str = "") -> Path:
     bare = path.parent / "bare.yaml"  # beside the FAQ its paths name
-    bare.write_text("\n".join(line for line in path.read_text().splitlines() if "out_of_scope_examples" not in line))
-    runtime = AssistantRuntime(load_definition(bare), Registry(config.registry))
+    bare.write_text(
+        "\n".join(line for line in path.read_text().splitlines() if "out_of_scope_examples" not in line) + extra
+    )
+    return bare
+
+
+def test_without_examples_of_its_own_the_estimate_comes_from_the_shipped_off_topic_messages(assistant_setup):
+    config, path = assistant_setup
+    runtime = AssistantRuntime(load_definition(without_own_examples(path)), Registry(config.registry))
     intent, _ = runtime.load_models()
     threshold = runtime.calibrate(intent)
-    assert threshold is not None and threshold.out_of_scope_examples == len(runtime.shipped_off_topic()) > 500
-    assert threshold.out_of_scope_recall > 0.5  # weather and football are not the toy shop's intents
+    shipped = runtime.tuning_examples(intent).shipped
+    assert 500 < threshold.out_of_scope_examples <= len(shipped)
+    assert threshold.out_of_scope_caught.value > 0.3  # weather and football are not the toy shop's intents
+    assert any(note.startswith("estimated on generic off-topic messages") for note in threshold.notes)
 
     english = path.parent / "english.yaml"
-    english.write_text(bare.read_text() + "\nlanguages: [en]\n")
+    english.write_text(without_own_examples(path).read_text() + "\nlanguages: [en]\n")
     only_english = AssistantRuntime(load_definition(english), Registry(config.registry)).shipped_off_topic()
-    assert 0 < len(only_english) < len(runtime.shipped_off_topic())
+    assert 0 < len(only_english) < len(shipped)
     assert not any("\u4e00" <= ch <= "\u9fff" for text in only_english for ch in text)
 
-    without = path.parent / "without.yaml"
-    without.write_text(bare.read_text() + "\nscope: {shipped_off_topic: false}\n")
-    assert AssistantRuntime(load_definition(without), Registry(config.registry)).calibrate(intent) is None
+    without = without_own_examples(path, "\nscope: {shipped_off_topic: false}\n")
+    blind = AssistantRuntime(load_definition(without), Registry(config.registry)).calibrate(intent)
+    assert validation_rejected(intent, blind.threshold) <= 0.05  # a threshold all the same, from the intents alone
+    assert blind.out_of_scope_caught.messages == 0 and "no out-of-scope examples" in blind.notes[-1]
+
+
+def test_shipped_messages_that_are_the_business_never_force_a_degenerate_threshold(assistant_setup, monkeypatch):
+    """Regression: a business whose intents cover some of the shipped off-topic topics had those messages counted
+    as out of scope, and a strict precision target then turned away nearly every in-scope message."""
+    config, path = assistant_setup
+    business = pd.DataFrame(toy_rows(per_label=60, seed=11))["text"].tolist()  # the toy shop's own kind of texts
+    shipped = pd.DataFrame({"text": business + ["zzkq vvbn", "qqq www eee"] * 20})
+    monkeypatch.setattr(runtime_module, "off_topic_messages", lambda part, languages: shipped)
+    definition = load_definition(without_own_examples(path, "\nscope: {target_precision: 0.99}\n"))
+    runtime = AssistantRuntime(definition, Registry(config.registry))
+    intent, _ = runtime.load_models()
+    try:
+        threshold = runtime.calibrate(intent)
+    except ScopeRefused as refused:  # also acceptable: refused, saying what to add, never served
+        assert "Add out-of-scope examples like your real off-topic traffic" in str(refused)
+    else:
+        assert validation_rejected(intent, threshold.threshold) <= 0.05
+        assert any("left out as in scope for this business" in note for note in threshold.notes)
+
+
+def test_reviewed_out_of_scope_corrections_become_the_assistants_examples(assistant_setup):
+    config, path = assistant_setup
+    registry = Registry(config.registry)
+    runtime = AssistantRuntime(load_definition(without_own_examples(path)), registry)
+    intent, _ = runtime.load_models()
+    prediction_log = PredictionLog(registry.database_url, registry.home)
+    records = [
+        LoggedPrediction.of("toy", 1, intent.labels, text, np.full(3, 1 / 3), "chat", utc_now())
+        for text in ("weather in paris", "football tonight", "tell me a joke")
+    ]
+    prediction_log.record(records)
+    prediction_log.flush()
+    prediction_log.record_trusted_senders({"key:staff"})  # as a server whose keys trust it does as it starts
+    staff, stranger, reviewed = records
+    prediction_log.add_feedback(staff.id, corrected_label="out_of_scope", sender="key:staff", trusted=True)
+    prediction_log.add_feedback(stranger.id, corrected_label="out_of_scope", sender="key:anyone", trusted=False)
+    row = prediction_log.add_feedback(reviewed.id, corrected_label="out_of_scope", sender="key:x", trusted=False)
+    prediction_log.set_review([row.id], "approved", "key:root")
+    prediction_log.close()
+    examples = runtime.tuning_examples(intent)
+    assert sorted(examples.own) == ["tell me a joke", "weather in paris"] and examples.shipped == []
+    assert runtime.calibrate(intent).out_of_scope_examples == 2
+
+
+def test_an_admin_moves_the_point_along_the_curve_per_version_and_it_is_kept(assistant_setup):
+    config, path = assistant_setup
+    runtime = AssistantRuntime(load_definition(path), Registry(config.registry))
+    intent, _ = runtime.load_models()
+    tuned = runtime.calibrate(intent)
+    stricter = max(tuned.curve, key=lambda p: p.in_scope_rejected if p.in_scope_rejected <= 0.3 else -1)
+    moved = runtime.move(intent, stricter.threshold, "key:ops")
+    assert moved.threshold == stricter.threshold and moved.chosen_by == "key:ops"
+    assert runtime.calibrate(intent) == moved  # the next turn answers with it
+    assert "more than scope.max_in_scope_rejected" in moved.notes[-1]
+    again = AssistantRuntime(load_definition(path), Registry(config.registry)).calibrate(intent)
+    assert again.threshold == stricter.threshold and again.chosen_at == moved.chosen_at  # kept in the home
+    back = runtime.move(intent, None, "key:ops")
+    assert back.threshold == tuned.threshold and [m["by"] for m in runtime.moves("toy@1")] == ["key:ops"] * 2
+    assert runtime.moves("toy@2") == []  # a point is moved for one intent version
 
 
 def test_a_whole_turn_with_the_models_run_directly(assistant_setup):
@@ -163,7 +251,7 @@ def test_tone_follows_sentiment_and_negative_streaks_escalate(assistant_setup):
 
 def test_out_of_scope_messages_get_the_out_of_scope_reply_and_a_person(assistant_setup):
     definition = load_definition(assistant_setup[1])
-    strict = ScopeThreshold(0.99, 0.95, 1.0, 1.0, 1.0, 10, 10, 0.1)
+    strict = ScopeThreshold(0.99, "test", Share.of(0, 10), Share.of(10, 10), 10, 10)
     outcome = turn(definition, margin=1.0, threshold=strict)
     assert outcome.intent is None and outcome.predicted_intent == "refund" and outcome.escalate
     assert outcome.reason == "out of scope" and outcome.reply.startswith("Sorry, I can only help")
@@ -263,6 +351,22 @@ def test_role_markers_in_what_users_wrote_never_reach_the_language_model():
     assert "where is my refund" in messages[-1]["content"] and "Offer every customer" in messages[-1]["content"]
     assert without_control_markers("a <custom_sep> b", frozenset({"<custom_sep>"})).split() == ["a", "b"]
     assert without_control_markers("order #123 <b>bold</b> a<b") == "order #123 <b>bold</b> a<b"  # plain text kept
+
+
+def test_the_scope_command_prints_the_curve_with_the_point_and_moves_it(assistant_setup):
+    config, path = assistant_setup
+    home = f"registry.home={config.registry.home}"
+    shown = CliRunner().invoke(cli, ["assistant", "scope", str(path), home])
+    assert shown.exit_code == 0, shown.output
+    assert "in-scope turned away" in shown.output and shown.output.count("◀ now") == 1
+    assert "turns away" in shown.output and "at most 5% rejected" in shown.output
+    runtime = AssistantRuntime(load_definition(path), Registry(config.registry))
+    strict = runtime.calibrate(runtime.load_models()[0]).curve[-1]
+    moved = CliRunner().invoke(cli, ["assistant", "scope", "shop", "--move", str(strict.threshold), home])  # by name
+    assert moved.exit_code == 0, moved.output
+    assert f"moved to threshold {strict.threshold:.4f} by cli:" in moved.output
+    unknown = CliRunner().invoke(cli, ["assistant", "scope", "nobody", home])
+    assert unknown.exit_code == 1 and "no assistant 'nobody' has run on" in unknown.output
 
 
 def test_a_generator_on_another_machine_never_sees_personal_data():

@@ -147,3 +147,18 @@ def test_a_gate_that_lost_its_lease_while_it_ran_does_not_promote(served_on_each
     assert decision.passed and not decision.promoted
     assert any("lost its hold on toy" in note for note in decision.notes)
     assert registry.get("toy@production").version == 1
+
+
+def test_a_candidate_that_catches_fewer_out_of_scope_messages_is_not_promoted(served, tiny_encoder):
+    """Regression: the gate judged the intents alone, so a candidate as accurate as production that let through
+    more off-topic messages (here: trained without outlier exposure) was promoted."""
+    config, home = served
+    registry = Registry(config.registry)
+    recipe = tiny_config(tiny_encoder, home.parent / "toy.csv", home, "train.outlier_exposure=0")
+    careless = classification.run(recipe, show_progress=False).version
+    decision = run_gate(careless.ref, load_config(None, [f"registry.home={home}"], GateSettings))
+    assert not decision.promoted and registry.get("toy@production").version == 1
+    verdict = passed(decision.checks)
+    assert verdict["test: macro-F1"] and verdict["test: per-class F1"]  # as good on the intents
+    assert not verdict["out of scope: caught"]
+    assert "shipped off-topic messages, each turning away 5% of in-scope test messages" in decision.checks[-1].detail

@@ -12,6 +12,7 @@ import pytest
 
 from helpers import tiny_config
 from tuneloop.config import FeedbackConfig, PrivacyConfig
+from tuneloop.data.clean import clean_text
 from tuneloop.data.prepare import PreparedData, load_prepared
 from tuneloop.errors import TuneloopError
 from tuneloop.feedback.export import FeedbackExamples
@@ -108,7 +109,13 @@ def test_feedback_joins_training_replaces_same_texts_and_never_touches_the_test_
 def test_feedback_is_masked_again_as_it_becomes_training_data():
     """Cleaning reveals what the masker could not see in the stored form (an address escaped twice, a card cut by
     soft hyphens); the retraining data is masked after that cleaning (the review's M1)."""
-    examples = feedback([("refund to alice@example.com please", "refund"), ("card 4111111111111111 lost", "lost")])
+    examples = feedback(
+        [
+            ("refund to alice@example.com please", "refund"),
+            ("card 4111111111111111 lost", "lost"),
+            ("write to bob&amp;#64;example.org", "refund"),  # escaped once more: a reader's cleaning decodes it
+        ]
+    )
     data = retraining_data(
         frozen(),
         examples,
@@ -119,7 +126,10 @@ def test_feedback_is_masked_again_as_it_becomes_training_data():
         mask=masker(PrivacyConfig()),
     )
     kept = " ".join(pd.concat([data.train["text"], data.holdout["text"]]))
-    assert "alice@" not in kept and "4111" not in kept and "[EMAIL]" in kept and "[CARD]" in kept
+    assert "[EMAIL]" in kept and "[CARD]" in kept
+    for _ in range(3):  # the training data read and cleaned again, by a later retraining or an export
+        kept = clean_text(kept)
+        assert "@example" not in kept and "4111" not in kept
 
 
 def test_feedback_reworded_from_a_test_text_stays_out_of_training():

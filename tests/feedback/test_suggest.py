@@ -214,3 +214,23 @@ def test_suggest_writes_a_csv_and_label_records_what_a_person_filled_in(admin, t
     frame.to_csv(out, index=False)
     recorded = runner.invoke(cli, ["feedback", "label", "toy", str(out), f"registry.home={home}"])
     assert recorded.exit_code == 0 and "recorded 1 labels" in recorded.output, recorded.output
+
+
+def test_the_labelling_queue_offers_out_of_scope_and_such_a_label_trains_as_one(admin):
+    """Regression: the To-label queue offered only the model's own intents, so an off-topic message in it could
+    only be taught as one of them."""
+    client, config, home = admin
+    root = {"X-API-Key": "root"}
+    body = client.get("/v1/admin/suggestions?model=toy&budget=5", headers=root).json()
+    assert body["out_of_scope_label"] == "out_of_scope" and "out_of_scope" not in body["labels"]
+    raining = next(s for s in body["suggestions"] if s["text"] == "is it raining")
+    done = client.post(
+        "/v1/admin/labels", json={"model": "toy", "labels": {raining["prediction_id"]: "out_of_scope"}}, headers=root
+    )
+    assert done.status_code == 200 and done.json() == {"recorded": 1}, done.text
+    prediction_log = PredictionLog(config.registry.resolved_database_url(), home)
+    exported = feedback_examples(prediction_log.feedback_for("toy"), FeedbackConfig())
+    prediction_log.close()
+    assert list(zip(exported.examples["text"], exported.examples["label"], strict=True)) == [
+        ("is it raining", "out_of_scope")
+    ]

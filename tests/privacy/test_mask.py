@@ -17,7 +17,7 @@ from tuneloop.config import DataConfig, PrivacyConfig
 from tuneloop.data.clean import clean_text
 from tuneloop.data.prepare import prepare_data
 from tuneloop.feedback.log import LoggedPrediction, PredictionLog
-from tuneloop.privacy.mask import PII_TYPES, find_pii, mask_text, masker
+from tuneloop.privacy.mask import PII_TYPES, find_pii, mask_text, masked_for_keeping, masker
 from tuneloop.serve.app import create_app
 
 LABELLED = Path(__file__).parents[2] / "bench" / "data" / "pii_messages.jsonl"
@@ -166,6 +166,44 @@ def test_personal_data_that_cleaning_reveals_is_masked_where_it_is_kept(assistan
         revealed = clean_text(kept)
         assert "@example" not in revealed and "4111" not in revealed and "GB82" not in revealed, kept
     assert stored.text == "refund [EMAIL], card [CARD], iban [IBAN]"
+
+
+# The same pieces escaped once more, or many times (cleaning decodes one level of entities each time it runs).
+ESCAPED_TWICE = "alice&amp;#64;example.com 4111&amp;shy;1111&amp;shy;1111&amp;shy;1111"
+ESCAPED_AGAIN = ESCAPED_TWICE + " bob&" + "amp;" * 9 + "#64;x.org"
+
+
+def test_personal_data_escaped_more_than_once_is_masked_where_it_is_kept(assistant_setup):
+    """Cleaning before masking undid one level of escaping; every reader cleans the kept text again (the review
+    queue, exports, retraining, the recipe), each decoding one more level, so an address escaped twice became plain
+    data the first time it was read back. Kept texts must stay free of it however often they are cleaned."""
+    config, definition = assistant_setup
+    config.serve.assistant = definition
+    with TestClient(create_app(config)) as client:
+        prediction = client.post("/v1/predict", json={"texts": [ESCAPED_AGAIN], "model": "toy"}).json()
+        prediction_id = prediction["predictions"][0]["prediction_id"]
+        comment = {"prediction_id": prediction_id, "rating": -1, "comment": "bob&amp;#64;example.org"}
+        assert client.post("/v1/feedback", json=comment).status_code == 201
+        turn = client.post("/v1/chat", json={"message": ESCAPED_TWICE}).json()  # the toy encoder reads 64 tokens
+        stored_turn = client.app.state.tuneloop.conversations.get(turn["turn_id"])
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    try:
+        [(feedback, stored)] = [row for row in log.feedback_for("toy") if row[1].id == prediction_id]
+    finally:
+        log.close()
+    for kept in (stored.text, stored_turn.message, feedback.comment):
+        revealed = kept
+        for _ in range(10):
+            revealed = clean_text(revealed)
+            assert "@example" not in revealed and "4111" not in revealed and "@x.org" not in revealed, kept
+    assert stored.text.startswith("[EMAIL] [CARD] bob")
+
+
+def test_a_text_plain_under_cleaning_is_kept_as_cleaned_once():
+    """Only a text whose further cleaning reveals something is kept further cleaned: "&lt;b&gt;" in a message stays
+    the text the user wrote."""
+    assert masked_for_keeping("use &lt;b&gt; for bold", mask_text, clean_text) == "use <b> for bold"
+    assert masked_for_keeping("mail alice&amp;#64;example.com", mask_text, clean_text) == "mail [EMAIL]"
 
 
 def test_a_rescue_file_holds_the_masked_texts_too(tmp_path):

@@ -4,7 +4,10 @@ review queue and approve it, label a suggested message; then find that feedback 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from live_server import LiveServer
@@ -32,68 +35,80 @@ pytestmark = [
 ]
 
 
-def test_chat_page_correction_then_approved_in_the_admin_review_queue(assistant_setup, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
+def shop(assistant_setup):
+    """(the app serving the toy shop's assistant with admin key "root", its settings)."""
     config, definition = assistant_setup
     config.serve.assistant = definition
     config.admin_keys = "root"
-    app = create_app(config)
-    # The thumbs-down must land on an in-scope turn (an out-of-scope turn's rating is not stored); whether the
-    # toy model's tuned threshold accepts this message varied between runs, so the scope check is off here.
-    app.state.tuneloop.chat.runtime.thresholds["toy@1"] = None
+    return create_app(config), config
+
+
+@contextlib.contextmanager
+def chat_page(app) -> Iterator[tuple[LiveServer, Any]]:
+    """The app on a live server and Chromium's page on its chat page, the assistant's name shown."""
+    playwright = pytest.importorskip("playwright.sync_api")
     with LiveServer(app) as server, playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page()
             page.goto(server.url + "/")
             page.wait_for_function("document.getElementById('title').textContent === 'shop'")
-            page.fill("#message", "where is my parcel courier late")
-            page.click("#send")
-            reply = page.locator(".msg.bot").first
-            reply.wait_for()
-            badges = reply.locator(".badge").all_inner_texts()
-            assert any(b.startswith("intent:") for b in badges), badges
-            assert any(b.startswith("sentiment:") for b in badges), badges
-            reply.locator("button.thumb.down").click()
-            page.wait_for_selector(".msg.bot .thanks:has-text('thanks!')")
-            assert reply.locator("button.thumb.down").get_attribute("aria-pressed") == "true"
-            reply.locator("select.correct-intent").select_option("password")
-            page.wait_for_selector(".msg.bot .thanks:has-text('noted as password')")
-            page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)  # kept in the temporary folder
-            turn_id = reply.get_attribute("data-turn-id")
-            page.fill("#message", "my account got locked after travel")  # unlabelled: a suggestion to label
-            page.click("#send")
-            page.locator(".msg.bot").nth(1).wait_for()
-
-            page.goto(server.url + "/admin")
-            page.fill("#key", "root")
-            page.press("#key", "Enter")
-            page.dispatch_event("#key", "change")
-            queued = page.locator("#review table.review tbody tr")
-            queued.first.wait_for()
-            assert queued.count() == 1 and "where is my parcel courier late" in queued.first.inner_text()
-            assert "password" in queued.first.inner_text() and "anonymous ×1" in queued.first.inner_text()
-            queued.first.locator("button:has-text('approve')").click()
-            page.wait_for_selector("#status:has-text('approved 1 feedback rows on toy')")
-            page.wait_for_selector("#review:has-text('Nothing waits for review.')")
-            # Why the turn got its intent: the text shaded word by word in the latest feedback's table.
-            page.locator("#feedback tbody tr").first.locator("button:has-text('why')").click()
-            words = page.locator("#feedback tbody tr").first.locator(".explained span")
-            words.first.wait_for()
-            assert words.all_inner_texts() == ["where", "is", "my", "parcel", "courier", "late"]
-            colours = words.evaluate_all("spans => spans.map((s) => getComputedStyle(s).backgroundColor)")
-            assert any(c.startswith("rgba(26, 127, 55") or c.startswith("rgba(207, 34, 46") for c in colours)
-            # To label: the unlabelled message is suggested; a label chosen and saved leaves the table.
-            suggested = page.locator("xpath=//h3[text()='toy']/following-sibling::table[1]/tbody/tr")
-            suggested.first.wait_for()
-            assert "my account got locked after travel" in suggested.all_inner_texts()[0]
-            assert "where is my parcel courier late" not in " ".join(suggested.all_inner_texts())  # has feedback
-            suggested.first.locator("select").select_option("password")
-            suggested.first.locator("button:has-text('save')").click()
-            page.wait_for_selector("#status:has-text('as password')")
-            page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
+            yield server, page
         finally:
             browser.close()
+
+
+def test_chat_page_correction_then_approved_in_the_admin_review_queue(assistant_setup, tmp_path):
+    app, config = shop(assistant_setup)
+    # The thumbs-down must land on an in-scope turn (an out-of-scope turn's rating is not stored); whether the
+    # toy model's tuned threshold accepts this message varied between runs, so the scope check is off here.
+    app.state.tuneloop.chat.runtime.thresholds["toy@1"] = None
+    with chat_page(app) as (server, page):
+        page.fill("#message", "where is my parcel courier late")
+        page.click("#send")
+        reply = page.locator(".msg.bot").first
+        reply.wait_for()
+        badges = reply.locator(".badge").all_inner_texts()
+        assert any(b.startswith("intent:") for b in badges), badges
+        assert any(b.startswith("sentiment:") for b in badges), badges
+        reply.locator("button.thumb.down").click()
+        page.wait_for_selector(".msg.bot .thanks:has-text('thanks!')")
+        assert reply.locator("button.thumb.down").get_attribute("aria-pressed") == "true"
+        reply.locator("select.correct-intent").select_option("password")
+        page.wait_for_selector(".msg.bot .thanks:has-text('noted as password')")
+        page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)  # kept in the temporary folder
+        turn_id = reply.get_attribute("data-turn-id")
+        page.fill("#message", "my account got locked after travel")  # unlabelled: a suggestion to label
+        page.click("#send")
+        page.locator(".msg.bot").nth(1).wait_for()
+
+        page.goto(server.url + "/admin")
+        page.fill("#key", "root")
+        page.press("#key", "Enter")
+        page.dispatch_event("#key", "change")
+        queued = page.locator("#review table.review tbody tr")
+        queued.first.wait_for()
+        assert queued.count() == 1 and "where is my parcel courier late" in queued.first.inner_text()
+        assert "password" in queued.first.inner_text() and "anonymous ×1" in queued.first.inner_text()
+        queued.first.locator("button:has-text('approve')").click()
+        page.wait_for_selector("#status:has-text('approved 1 feedback rows on toy')")
+        page.wait_for_selector("#review:has-text('Nothing waits for review.')")
+        # Why the turn got its intent: the text shaded word by word in the latest feedback's table.
+        page.locator("#feedback tbody tr").first.locator("button:has-text('why')").click()
+        words = page.locator("#feedback tbody tr").first.locator(".explained span")
+        words.first.wait_for()
+        assert words.all_inner_texts() == ["where", "is", "my", "parcel", "courier", "late"]
+        colours = words.evaluate_all("spans => spans.map((s) => getComputedStyle(s).backgroundColor)")
+        assert any(c.startswith("rgba(26, 127, 55") or c.startswith("rgba(207, 34, 46") for c in colours)
+        # To label: the unlabelled message is suggested; a label chosen and saved leaves the table.
+        suggested = page.locator("xpath=//h3[text()='toy']/following-sibling::table[1]/tbody/tr")
+        suggested.first.wait_for()
+        assert "my account got locked after travel" in suggested.all_inner_texts()[0]
+        assert "where is my parcel courier late" not in " ".join(suggested.all_inner_texts())  # has feedback
+        suggested.first.locator("select").select_option("password")
+        suggested.first.locator("button:has-text('save')").click()
+        page.wait_for_selector("#status:has-text('as password')")
+        page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
     log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
     rows = log.feedback_for("toy")
     log.close()
@@ -104,3 +119,53 @@ def test_chat_page_correction_then_approved_in_the_admin_review_queue(assistant_
     ]
     assert rows[2][0].trusted and rows[2][1].text == "my account got locked after travel"
     assert rows[0][1].text == "where is my parcel courier late" and turn_id
+
+
+def test_out_of_scope_from_the_chat_page_and_the_admin_pages_and_the_point_moved_on_the_curve(assistant_setup):
+    app, config = shop(assistant_setup)
+    with chat_page(app) as (server, page):
+        for message in ("what is the capital of peru", "is it raining in lima"):
+            page.fill("#message", message)
+            page.click("#send")
+            page.locator(".msg.bot").nth(0 if message.startswith("what") else 1).wait_for()
+        reply = page.locator(".msg.bot").first
+        reply.locator("select.correct-intent").select_option(label="out of scope (not for this assistant)")
+        page.wait_for_selector(".msg.bot .thanks:has-text('noted as out of scope')")
+
+        page.goto(server.url + "/admin")
+        page.fill("#key", "root")
+        page.press("#key", "Enter")  # the key is committed: clicking elsewhere later reloads nothing
+        queued = page.locator("#review table.review tbody tr")
+        queued.first.wait_for()
+        assert "what is the capital of peru" in queued.first.inner_text()
+        assert "out_of_scope" in queued.first.inner_text()
+        # To label: nothing preselected for a message the model was unsure of, and out of scope on offer.
+        toy = page.locator("xpath=//h3[text()='toy']/following-sibling::table[1]/tbody/tr")
+        suggested = toy.filter(has_text="is it raining in lima")
+        suggested.wait_for()
+        choice = suggested.locator("select.right-label")
+        assert choice.input_value() == "" and "out of scope" in choice.locator("option").all_inner_texts()
+        suggested.locator("button:has-text('save')").click()
+        page.wait_for_selector("#status:has-text('choose a label')")
+        choice.select_option(label="out of scope")
+        suggested.locator("button:has-text('save')").click()
+        page.wait_for_selector("#status:has-text('as out of scope')")
+        # The curve, its point, and a move with what it is expected to do.
+        page.locator("#scope svg.scope-plot circle.now").wait_for()
+        assert "at most 5% rejected" in page.locator("#scope .scope-summary").inner_text()
+        slider = page.locator("#scope input.scope-slider")
+        before = page.locator("#scope .scope-consequence").inner_text()
+        slider.fill(slider.get_attribute("max"))  # the strictest point
+        after = page.locator("#scope .scope-consequence").inner_text()
+        assert after != before and "turn away 100.0%" in after
+        page.locator("#scope button:has-text('use this point')").click()
+        page.wait_for_selector("#status:has-text('now answers at threshold')")
+        page.wait_for_selector("#scope .scope-moves li:has-text('moved it to threshold')")
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    rows = log.feedback_for("toy")
+    log.close()
+    assert sorted((f.corrected_label, f.trusted, p.text) for f, p in rows) == [
+        ("out_of_scope", False, "what is the capital of peru"),
+        ("out_of_scope", True, "is it raining in lima"),
+    ]
+    assert app.state.tuneloop.chat.runtime.moves("toy@1")[-1]["by"].startswith("key:")

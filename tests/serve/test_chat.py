@@ -13,11 +13,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from helpers import copy_rows, server_settings
-from tuneloop.assistant.scope import ScopeThreshold
+from tuneloop.assistant.scope import ScopeThreshold, Share
 from tuneloop.db.lease import model_job_lease
 from tuneloop.feedback.export import feedback_examples
 from tuneloop.feedback.log import PredictionLog
 from tuneloop.serve.app import create_app
+from tuneloop.serve.security import hash_key, key_id
 
 ADMIN = {"X-API-Key": "root"}
 
@@ -173,8 +174,62 @@ def test_thumbs_on_an_out_of_scope_turn_stay_on_the_turn_and_never_become_a_labe
     assert stored.rating == 1 and stored.intent is None
 
 
+def test_an_in_scope_message_it_turned_away_and_a_person_labelled_trains_as_usual(chat_app):
+    client, config = chat_app
+    client.app.state.tuneloop.chat.runtime.thresholds["toy@1"] = _reject_everything()
+    turn = say(client, "refund money back please", headers=ADMIN)  # a turn takes feedback from its own key only
+    assert turn["intent"] is None
+    sent = client.post("/v1/feedback", json={"turn_id": turn["turn_id"], "corrected_label": "refund"}, headers=ADMIN)
+    assert sent.status_code == 201, sent.text
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    examples = feedback_examples(log.feedback_for("toy")).examples
+    log.close()
+    assert list(zip(examples["text"], examples["label"], strict=True)) == [("refund money back please", "refund")]
+
+
 def _reject_everything():
-    return ScopeThreshold(2.0, 0.95, 1.0, 0.0, 1.0, 1, 1, 0.1)
+    return ScopeThreshold(2.0, "test", Share.of(1, 1), Share.of(1, 1), 1, 1)
+
+
+def test_a_message_marked_out_of_scope_waits_for_review_then_becomes_an_out_of_scope_example(chat_app):
+    client, config = chat_app
+    info = client.get("/v1/assistant").json()
+    assert info["out_of_scope_label"] == "out_of_scope" and "out_of_scope" not in info["intents"]
+    turn = say(client, "who won the football last night")
+    marked = client.post("/v1/feedback", json={"turn_id": turn["turn_id"], "corrected_label": "out_of_scope"})
+    assert marked.status_code == 201, marked.text
+    runtime = client.app.state.tuneloop.chat.runtime
+    intent = client.app.state.tuneloop.served.slot("toy").current
+    assert "who won the football last night" not in runtime.tuning_examples(intent).own  # an anonymous sender
+    [group] = client.get("/v1/admin/review?model=toy", headers=ADMIN).json()["groups"]
+    assert group["label"] == "out_of_scope" and group["pending"] == 1
+    client.post(
+        "/v1/admin/review", json={"model": "toy", "decision": "approve", "groups": [group["group"]]}, headers=ADMIN
+    )
+    assert "who won the football last night" in runtime.tuning_examples(intent).own
+
+
+def test_an_admin_sees_the_scope_curve_and_moves_the_point_for_the_served_version(chat_app):
+    client, config = chat_app
+    assert client.get("/v1/admin/scope").status_code in (401, 403)
+    scope = client.get("/v1/admin/scope", headers=ADMIN).json()
+    assert scope["intent_model"] == "toy@1" and scope["policy"] == "at most 5% rejected" and scope["moves"] == []
+    assert (
+        scope["in_scope_rejected"]["low"] <= scope["in_scope_rejected"]["value"] <= scope["in_scope_rejected"]["high"]
+    )
+    curve = scope["curve"]
+    assert [p["in_scope_rejected"] for p in curve] == sorted(p["in_scope_rejected"] for p in curve)
+    strictest = curve[-1]
+    moved = client.post("/v1/admin/scope", json={"threshold": strictest["threshold"]}, headers=ADMIN).json()
+    assert moved["threshold"] == strictest["threshold"] and moved["moves"][-1]["by"] == key_id(hash_key("root"))
+    assert moved["in_scope_rejected"]["value"] == pytest.approx(strictest["in_scope_rejected"], abs=0.01)
+    turn = say(client, "refund money back please")  # the next turn answers with it
+    assert client.app.state.tuneloop.chat.runtime.thresholds["toy@1"].threshold == strictest["threshold"]
+    assert (turn["intent"] is None) == (turn["confidence"] < strictest["threshold"])
+    back = client.post("/v1/admin/scope", json={"threshold": None}, headers=ADMIN).json()
+    assert back["threshold"] == scope["threshold"] and len(back["moves"]) == 2
+    refused = client.post("/v1/admin/scope", json={"threshold": 7}, headers=ADMIN)
+    assert refused.status_code == 422
 
 
 def test_pages_and_assets_are_served_without_any_outside_host(chat_app):
@@ -182,7 +237,9 @@ def test_pages_and_assets_are_served_without_any_outside_host(chat_app):
     for path in ("/", "/admin", "/assistant-assets/chat.js", "/assets/admin.js", "/assets/style.css"):
         response = client.get(path)
         assert response.status_code == 200, path
-        assert "http://" not in response.text and "https://" not in response.text, path
+        # The SVG namespace is a name the browser never fetches; any other URL would be a host to reach.
+        text = response.text.replace('"http://www.w3.org/2000/svg"', "")
+        assert "http://" not in text and "https://" not in text, path
 
 
 def test_pages_forbid_framing_and_foreign_scripts_and_every_answer_carries_the_safety_headers(chat_app):

@@ -10,33 +10,63 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tuneloop.config import StrictModel, anchor_paths, read_yaml_mapping, validated
+from tuneloop.config import OUT_OF_SCOPE, StrictModel, anchor_paths, read_yaml_mapping, validated
 
-LANGUAGES = ("en", "zh")
+Language = Literal["en", "zh"]
+LANGUAGES: tuple[Language, ...] = ("en", "zh")
 SENTIMENTS = ("negative", "neutral", "positive")
 Texts = dict[str, str]  # language → text
 
 
 class ScopeConfig(StrictModel):
-    """Out-of-scope detection."""
+    """Out-of-scope detection: which point of the curve (in-scope messages turned away vs out-of-scope ones
+    caught) the assistant answers at."""
 
-    target_precision: float = Field(0.95, gt=0, le=1, description="In-scope precision the threshold is tuned to.")
+    max_in_scope_rejected: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Share of in-scope messages the assistant may turn away (estimated on the intent model's "
+        "validation split). Without target_precision the threshold turns away this share and catches as many "
+        "out-of-scope messages as that allows; with it, a tuned threshold that would turn away more is refused.",
+    )
+    min_out_of_scope_caught: float = Field(
+        0.85,
+        ge=0,
+        le=1,
+        description="Share of out-of-scope messages the assistant should catch: when the estimate falls short, "
+        "the start says so and what would help (it never moves the threshold).",
+    )
+    target_precision: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Instead: the lowest threshold that reaches this in-scope precision at out_of_scope_share "
+        "(needs out-of-scope examples like the real off-topic traffic).",
+    )
     out_of_scope_share: float = Field(
         0.1,
         gt=0,
         lt=1,
-        description="Share of real traffic expected to be out of scope; precision is computed "
-        "at this mix, not at the mix of the tuning examples.",
+        description="Share of real traffic expected to be out of scope, for target_precision: precision is "
+        "computed at this mix, not at the mix of the tuning examples.",
     )
+    folds: int = Field(10, ge=2, le=20, description="Cross-validation folds of the start-up estimate.")
     score: Literal["probability", "cosine"] = Field(
         "probability", description="Confidence measure: top class probability, or cosine to the closest class."
     )
-    label: str | None = Field(None, description="An intent label that itself means out of scope (trained).")
+    label: str = Field(
+        OUT_OF_SCOPE,
+        description="The intent label that means out of scope: a message the model files under it is turned "
+        "away whatever its confidence. The chat page's and the admin page's 'out of scope' corrections record it, "
+        "so retraining on them teaches the model this label.",
+    )
     shipped_off_topic: bool = Field(
         True,
-        description="Without out_of_scope_examples or scope.label, tune the threshold on the tuning part of "
-        "tuneloop's shipped off-topic messages (weather, sport, small talk... in the assistant's languages), so "
-        "a threshold exists without examples of one's own.",
+        description="With no out-of-scope examples of its own (out_of_scope_examples, reviewed 'out of scope' "
+        "corrections, validation messages labelled scope.label), estimate what the threshold catches on the "
+        "tuning part of tuneloop's shipped off-topic messages (weather, sport, small talk... in the assistant's "
+        "languages), less those the intent model takes for one of its intents.",
     )
 
 
@@ -134,7 +164,7 @@ class AssistantDefinition(StrictModel):
     out_of_scope_examples: Path | None = Field(
         None, description="Messages the assistant should not handle (a text column): tune the scope threshold."
     )
-    languages: list[Literal["en", "zh"]] = Field(default_factory=lambda: list(LANGUAGES))
+    languages: list[Language] = Field(default_factory=lambda: list(LANGUAGES))
     scope: ScopeConfig = Field(default_factory=ScopeConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     escalation: EscalationConfig = Field(default_factory=EscalationConfig)

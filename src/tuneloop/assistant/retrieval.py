@@ -103,7 +103,8 @@ class FaqIndex:
         cached = cache_dir / f"faq-{key}.npy" if cache_dir else None
         if cached is not None and cached.is_file():
             try:
-                return np.load(cached)
+                vectors: np.ndarray = np.load(cached, allow_pickle=False)  # an .npy file: one array
+                return vectors
             except (OSError, ValueError):
                 log.warning("unreadable FAQ vector cache %s: embedding again", cached)
         vectors = self.embedder.encode(questions)

@@ -104,20 +104,21 @@ class ChatService:
     async def understand(self, session_id: str, message: str) -> Understood:
         """Intent (and sentiment, unless the intent model has a sentiment head), the FAQ embedding and the
         session's recent turns, all at once."""
-        definition = self.runtime.definition
         text = clean_text(message)
-        passes = [self.classify(definition.intent_model, [text])]
-        if not self.runtime.multitask:  # a multi-task intent model gives the sentiment in the same pass
-            passes.append(self.classify(definition.sentiment_model, [text]))
-        vectors, recent, (intent, rows), *sentiment_output = await asyncio.gather(
+        vectors, recent, (intent, rows), sentiment_output = await asyncio.gather(
             self.embed([text]),
             run_in_threadpool(self.conversations.recent, session_id, self.runtime.turns_to_recall),
-            *passes,
+            self.classify(self.runtime.definition.intent_model, [text]),
+            self._sentiment_pass(text),
         )
-        intent_logits, sentiment, sentiment_logits = self.runtime.split(
-            intent, rows, next(iter(sentiment_output), None)
-        )
+        intent_logits, sentiment, sentiment_logits = self.runtime.split(intent, rows, sentiment_output)
         return Understood(text, intent, intent_logits[0], sentiment, sentiment_logits[0], vectors[0], recent)
+
+    async def _sentiment_pass(self, text: str) -> tuple[Predictor, np.ndarray] | None:
+        """The sentiment model's output; none for a multi-task intent model, which gives it in the same pass."""
+        if self.runtime.multitask:
+            return None
+        return await self.classify(self.runtime.definition.sentiment_model, [text])
 
     def plan(self, seen: Understood) -> TurnOutcome:
         return self.runtime.plan(
@@ -278,6 +279,6 @@ class StreamedTurn:
         task.add_done_callback(_log_failed_record)
 
 
-def _log_failed_record(task: asyncio.Task) -> None:
+def _log_failed_record(task: asyncio.Task[StoredTurn]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("an interrupted chat turn could not be stored: %s", task.exception())

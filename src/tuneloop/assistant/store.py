@@ -9,6 +9,7 @@ from sqlalchemy.orm import sessionmaker
 
 from tuneloop.data.clean import clean_text
 from tuneloop.db.schema import ChatTurn
+from tuneloop.errors import NotFound
 from tuneloop.feedback.log import text_digest
 
 
@@ -50,6 +51,8 @@ class ConversationStore:
     def rate(self, turn_id: str, rating: int | None, comment: str | None) -> None:
         with self._sessions.begin() as session:
             turn = session.get(ChatTurn, turn_id)
+            if turn is None:  # purged (privacy.retention, forget) since the caller looked it up
+                raise NotFound(f"no chat turn '{turn_id}' (it may have been purged): nothing was rated")
             if rating is not None:
                 turn.rating = rating
             if comment:

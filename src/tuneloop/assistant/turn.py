@@ -8,6 +8,7 @@ answer from the FAQ, what to say, and whether to hand over to a person.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +30,7 @@ DEFAULT_FAQ_SIMILARITY = {"multilingual-e5-small": 0.89, "all-MiniLM-L6-v2": 0.5
 FALLBACK_FAQ_SIMILARITY = 0.75
 
 
-def detect_language(text: str, languages: list[str]) -> str:
+def detect_language(text: str, languages: Sequence[str]) -> str:
     """zh for a message with any Chinese characters (when zh is supported), else the first language."""
     if "zh" in languages and cjk_share([text]) > 0:
         return "zh"
@@ -107,9 +108,8 @@ def plan_turn(
         (h for h in hits if intent is not None and h.similarity >= faq_similarity and h.entry.intent in (None, intent)),
         None,
     )
-    from_faq = best is not None
     reply, request = "", None
-    if reason is not None:
+    if reason is not None or intent is None:  # no intent means out of scope: the policy gave a reason
         # A hand-over keeps only an apology: cheerfulness reads wrong when we cannot help.
         body = _text(templates.out_of_scope if reason == "out of scope" else templates.escalate, lang)
         reply = compose(
@@ -121,7 +121,7 @@ def plan_turn(
             lang=lang,
             intent=intent,
             sentiment=sentiment,
-            faq_answer=best.entry.answer if from_faq else None,
+            faq_answer=best.entry.answer if best is not None else None,
             template=_text(templates.intents.get(intent, templates.fallback), lang),
             tone=tone,
             history=history or [],
@@ -138,6 +138,6 @@ def plan_turn(
         escalate=reason is not None,
         reason=reason,
         faq=hits,
-        faq_answer=best if from_faq and reason is None else None,
+        faq_answer=best if reason is None else None,
         request=request,
     )

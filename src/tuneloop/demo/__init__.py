@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 from tuneloop.config import ClassifierRecipe, load_config, split_overrides
 
 if TYPE_CHECKING:  # the assistant pulls in torch and the server; `tuneloop --help` should not wait for them
+    from tuneloop.assistant.scope import ScopeThreshold
     from tuneloop.assistant.turn import TurnOutcome
     from tuneloop.models.predictor import Prediction
     from tuneloop.registry import ModelVersion, Registry
@@ -72,6 +73,7 @@ class DemoOutcome:
     sentiment_version: ModelVersion
     turns: list[DemoTurn]
     assistant: Path
+    scope: ScopeThreshold  # where the assistant says no, and what it expects that to do
 
 
 class DemoReport(Protocol):
@@ -86,8 +88,8 @@ class DemoReport(Protocol):
     def sentiment_trained(self, outcome: ClassifierOutcome, version: ModelVersion) -> None: ...
 
 
-def demo_conversation(registry: Registry) -> list[DemoTurn]:
-    """Build the demo assistant over the promoted models and play DEMO_CHAT through it."""
+def demo_conversation(registry: Registry) -> tuple[list[DemoTurn], ScopeThreshold]:
+    """Build the demo assistant over the promoted models and play DEMO_CHAT through it; also its scope."""
     from tuneloop.assistant.definition import load_definition
     from tuneloop.assistant.runtime import AssistantRuntime
 
@@ -99,7 +101,7 @@ def demo_conversation(registry: Registry) -> list[DemoTurn]:
         outcome = runtime.respond(message, intent, sentiment, moods.setdefault(session, []))
         moods[session].append(outcome.sentiment)
         turns.append(DemoTurn(session, message, outcome))
-    return turns
+    return turns, runtime.calibrate(intent)
 
 
 def run(
@@ -129,6 +131,5 @@ def run(
     if report:
         report.sentiment_trained(sentiment, sentiment_version)
         report.stage(3, "the support assistant")
-    return DemoOutcome(
-        recipe, intents, intents_version, sentiment, sentiment_version, demo_conversation(registry), demo_assistant()
-    )
+    turns, scope = demo_conversation(registry)
+    return DemoOutcome(recipe, intents, intents_version, sentiment, sentiment_version, turns, demo_assistant(), scope)

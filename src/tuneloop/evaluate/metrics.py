@@ -17,6 +17,30 @@ from tuneloop.evaluate.schema import (
     Suspect,
 )
 
+# How far below the first in-scope score it keeps a rejection threshold stays at most: further than scores of the
+# same text differ between batches, close enough not to let in messages scored lower.
+SCORE_MARGIN = 1e-4
+# The score of a message whose answer is an out-of-scope label: turned away whatever the threshold (below any
+# probability or cosine).
+REJECTED_SCORE = -2.0
+
+
+def threshold_rejecting(in_scope: np.ndarray, share: float) -> float:
+    """The highest confidence threshold that turns away at most `share` of the in-scope scores (a message is
+    turned away when its score is below the threshold): the operating point of an out-of-scope boundary.
+
+    Scores at REJECTED_SCORE are turned away anyway and spend the share first; the threshold stays above them.
+    """
+    ordered = np.sort(np.asarray(in_scope, dtype=float))
+    anyway = int((ordered <= REJECTED_SCORE).sum())
+    allowed = max(anyway, int(np.floor(share * len(ordered) + 1e-9)))
+    if allowed >= len(ordered):
+        return float(np.nextafter(max(ordered[-1], REJECTED_SCORE), np.inf))
+    # Halfway between the last score turned away and the first kept: a message scored a hair differently in
+    # another batch (padding changes the last digits) stays on the side it was tuned on.
+    below = ordered[allowed - 1] if allowed else ordered[0] - 2 * SCORE_MARGIN
+    return float(max((below + ordered[allowed]) / 2, ordered[allowed] - SCORE_MARGIN))
+
 
 def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int) -> Calibration:
     """Expected calibration error with equal-width confidence bins, plus the bins for a reliability diagram."""

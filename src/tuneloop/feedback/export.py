@@ -152,6 +152,15 @@ def feedback_examples(
     return FeedbackExamples(examples=examples.reset_index(drop=True), conflicts=conflicts, counts=counts)
 
 
+def labelled_texts(
+    rows: list[tuple[FeedbackRecord, PredictionRecord]], label: str, config: FeedbackConfig | None = None
+) -> list[str]:
+    """The texts whose feedback, as far as `config` admits it, ends up with `label` (latest label per text wins):
+    an assistant's reviewed "out of scope" corrections."""
+    examples = feedback_examples(rows, config).examples
+    return examples.loc[examples["label"] == label, "text"].tolist()
+
+
 def load_feedback(registry: RegistryConfig, name: str, config: FeedbackConfig) -> FeedbackExamples:
     """The labelled examples in `name`'s feedback that `config` admits, read from the registry's database."""
     prediction_log = PredictionLog(registry.resolved_database_url(), registry.home)

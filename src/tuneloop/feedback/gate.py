@@ -25,11 +25,13 @@ from sklearn.metrics import precision_recall_fscore_support
 
 from tuneloop.atomic import write_dir_atomically
 from tuneloop.config import GateConfig, GateSettings
-from tuneloop.data.clean import dedup_key
+from tuneloop.data.clean import clean_text, dedup_key
+from tuneloop.data.off_topic import languages_of, off_topic_messages
 from tuneloop.data.prepare import load_prepared
 from tuneloop.db.lease import HeldLease, model_job_lease
 from tuneloop.errors import Conflict, TuneloopError
 from tuneloop.evaluate import plots
+from tuneloop.evaluate.metrics import REJECTED_SCORE, threshold_rejecting
 from tuneloop.evaluate.report import html_image, html_page, html_table
 from tuneloop.models.predictor import load_model
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
@@ -170,6 +172,41 @@ def gate_set(production: VersionFolder, candidate: VersionFolder) -> tuple[pd.Da
     return rows[~leaked].reset_index(drop=True), notes
 
 
+def out_of_scope_examples(rows: pd.DataFrame, config: GateConfig) -> tuple[np.ndarray, list[str], str]:
+    """The out-of-scope messages catch rates are compared on: the gate set's rows labelled out of scope (held-out
+    'out of scope' corrections, test rows of a model trained with that label), or with none, the shipped off-topic
+    messages' tuning part in the test split's languages. Returns (which rows, messages to add, what they are)."""
+    labelled = (rows["label"] == config.out_of_scope_label).to_numpy()
+    if labelled.any():
+        return labelled, [], f"{int(labelled.sum())} messages labelled {config.out_of_scope_label}"
+    languages = languages_of(rows.loc[rows["part"] == "test", "text"].tolist())
+    shipped = [clean_text(t) for t in off_topic_messages("tune", languages)["text"]]
+    return labelled, shipped, f"{len(shipped)} shipped off-topic messages"
+
+
+def caught(probabilities: np.ndarray, labels: list[str], in_scope: np.ndarray, config: GateConfig) -> np.ndarray:
+    """Which rows a version turns away at the threshold where it turns away config.in_scope_rejected of the
+    `in_scope` rows: its top probability below it, or its answer the out-of-scope label."""
+    scores = probabilities.max(1)
+    if config.out_of_scope_label in labels:
+        scores = np.where(probabilities.argmax(1) == labels.index(config.out_of_scope_label), REJECTED_SCORE, scores)
+    return np.asarray(scores < threshold_rejecting(scores[in_scope], config.in_scope_rejected))
+
+
+def catch_check(prod_caught: np.ndarray, cand_caught: np.ndarray, what: str, config: GateConfig) -> GateCheck:
+    """The candidate may catch at most config.max_catch_drop fewer out-of-scope messages than production, and
+    a paired test must not find it worse."""
+    prod_rate, cand_rate = float(prod_caught.mean()), float(cand_caught.mean())
+    paired = _mcnemar(np.ones(len(prod_caught), bool), prod_caught, cand_caught)
+    return GateCheck(
+        "out of scope: caught",
+        cand_rate >= prod_rate - config.max_catch_drop and paired["p_value_candidate_worse"] >= config.alpha,
+        f"candidate {cand_rate:.4f} vs production {prod_rate:.4f} of {what}, each turning away "
+        f"{config.in_scope_rejected:.0%} of in-scope test messages (change {cand_rate - prod_rate:+.4f}, tolerance "
+        f"{config.max_catch_drop}); one-sided p(candidate worse) = {paired['p_value_candidate_worse']:.4g}",
+    )
+
+
 def evaluate_gate(
     registry: Registry, candidate: ModelVersion, production: ModelVersion, config: GateConfig
 ) -> GateDecision:
@@ -178,10 +215,20 @@ def evaluate_gate(
     if rows.empty:
         raise TuneloopError(f"no examples to gate {candidate.ref} on: {production.ref} has an empty test split")
     texts = rows["text"].tolist()
-    prod_pred, cand_pred = (load_model(v, registry).predict(texts, cleaned=True) for v in (production, candidate))
+    labelled_out, extra, what = out_of_scope_examples(rows, config)
+    in_scope = np.r_[((rows["part"] == "test") & ~labelled_out).to_numpy(), np.zeros(len(extra), bool)]
+    out = np.r_[labelled_out, np.ones(len(extra), bool)]
+    scored = []  # (its labels for the rows, the out-of-scope messages it catches): production's, the candidate's
+    for version in (production, candidate):
+        model = load_model(version, registry)
+        probabilities = model.predict_proba(texts + extra, cleaned=True)
+        answers = [model.labels[i] for i in probabilities[: len(texts)].argmax(1)]
+        scored.append((answers, caught(probabilities, model.labels, in_scope, config)[out]))
+    (prod_pred, prod_caught), (cand_pred, cand_caught) = scored
     checks, metrics, per_class, mcnemar = compare(
         rows["label"].tolist(), prod_pred, cand_pred, rows["part"].tolist(), config
     )
+    checks.append(catch_check(prod_caught, cand_caught, what, config))
     return GateDecision(
         candidate=candidate.ref,
         production=production.ref,

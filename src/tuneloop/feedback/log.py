@@ -36,6 +36,7 @@ from tuneloop.db.schema import (
 )
 from tuneloop.errors import NotFound, TuneloopError, first_line
 from tuneloop.privacy.keyed import home_secret, keyed_digest
+from tuneloop.privacy.mask import masked_for_keeping
 
 log = logging.getLogger(__name__)
 
@@ -269,9 +270,9 @@ class PredictionLog:
         cannot hold and which carries no meaning in a message anyway; with masking on, cleaned and then masked.
         Cleaned first because cleaning is what training reads: it decodes `alice&#64;example.com` and drops the soft
         hyphens inside a card number, so a text masked as it came would turn back into personal data in the
-        training set."""
+        training set; and so that no later cleaning reveals any (masked_for_keeping)."""
         text = text.replace("\x00", "")
-        return self.mask(clean_text(text)) if self.mask is not None else text
+        return masked_for_keeping(text, self.mask, clean_text) if self.mask is not None else text
 
     def _prepared(self, batch: list[LoggedPrediction]) -> list[LoggedPrediction]:
         """The rows in their stored form: text masked, and the digest that finds it for erasure."""

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 
 from tuneloop.config import FeedbackConfig, load_config, stored_recipe
-from tuneloop.data.clean import dedup_key
+from tuneloop.data.clean import clean_text, dedup_key
 from tuneloop.data.near_duplicates import best_matches
 from tuneloop.data.prepare import (
     PreparedData,
@@ -27,7 +27,7 @@ from tuneloop.errors import TuneloopError
 from tuneloop.feedback.export import FeedbackExamples, load_feedback
 from tuneloop.models.encoders import resolve_encoder, token_counter
 from tuneloop.privacy.keyed import home_secret
-from tuneloop.privacy.mask import Masker, masker
+from tuneloop.privacy.mask import Masker, masked_for_keeping, masker
 from tuneloop.registry import Registry
 from tuneloop.training import classification
 from tuneloop.training.classification import ClassifierOutcome
@@ -80,10 +80,10 @@ def retraining_data(
     Feedback that is a test text, or a near-duplicate of one, is not trained on: the gate scores the
     candidate on the test split, and a paraphrase seen in training would lift that score. With `mask`
     (privacy.mask), feedback texts are masked again as they are cleaned for training: a text stored before
-    stored texts were cleaned, or escaped twice, holds personal data only cleaning reveals."""
+    stored texts were cleaned, or escaped more than once, holds personal data only cleaning reveals."""
     examples = feedback.examples
     if mask is not None:
-        examples = examples.assign(text=examples["text"].map(mask))
+        examples = examples.assign(text=examples["text"].map(lambda text: masked_for_keeping(text, mask, clean_text)))
     keys = examples["text"].map(dedup_key)
     in_test = keys.isin(set(frozen.test["text"].map(dedup_key)))
     near = best_matches(frozen.test["text"].tolist(), examples["text"].tolist(), near_duplicate_threshold)

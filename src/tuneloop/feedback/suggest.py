@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from statistics import median
 from typing import Any, TypeVar
 
+from tuneloop.config import OUT_OF_SCOPE
 from tuneloop.data.clean import clean_text, dedup_key
 from tuneloop.data.near_duplicates import clusters, near_duplicate_pairs
 from tuneloop.data.prepare import load_prepared
@@ -184,11 +185,12 @@ def version_labels(registry: Registry, name: str, version: int | str) -> frozens
 
 
 def registered_labels(registry: Registry) -> Callable[[PredictionRecord], frozenset[str]]:
-    """The labels a person may give a prediction outside the server: its version's or production's."""
+    """The labels a person may give a prediction outside the server: its version's, production's, or
+    out_of_scope (none of them: it trains as a label of its own, which an assistant turns away)."""
 
     @functools.cache
     def allowed_for(name: str, version: int) -> frozenset[str]:  # read once per version, not once per row
-        return version_labels(registry, name, version) | version_labels(registry, name, "production")
+        return version_labels(registry, name, version) | version_labels(registry, name, "production") | {OUT_OF_SCOPE}
 
     def allowed(prediction: PredictionRecord) -> frozenset[str]:
         return allowed_for(prediction.model_name, prediction.model_version)

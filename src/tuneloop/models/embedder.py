@@ -18,7 +18,8 @@ class SentenceEmbedder:
         self.source = source
         self.tokenizer = AutoTokenizer.from_pretrained(source.path)
         self.model = load_encoder(source.path).eval()
-        self.max_length = max_length
+        # Never longer than the encoder's positions: a long message would not fit a small encoder's table.
+        self.max_length = min(max_length, getattr(self.model.config, "max_position_embeddings", max_length))
         self.batch_size = batch_size
 
     @property

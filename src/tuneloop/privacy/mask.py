@@ -269,6 +269,30 @@ def mask_text(text: str, types: Iterable[PiiType] = PII_TYPES, regions: Iterable
 Masker = Callable[[str], str]
 
 
+# Cleaning decodes one level of HTML entities each time it runs. Past this many levels a text was built to outlast
+# the check below, and what is kept of it loses its "&" so that nothing in it decodes any further.
+MAX_CLEANINGS = 8
+
+
+def masked_for_keeping(text: str, mask: Masker, clean: Masker) -> str:
+    """`text` cleaned and masked so that no later cleaning turns what is kept back into personal data.
+
+    Every reader of a kept text cleans it again (the review queue, exports, retraining, the training recipe), and
+    each cleaning decodes one more level of entities: `alice&amp;#64;example.com` passes the masker once cleaned and
+    reads `alice@example.com` the next time. So each further cleaning is looked at, and the first that would reveal
+    personal data is kept instead, masked; a text that reveals nothing is kept as cleaned once. `clean` is
+    data.clean_text, passed in because privacy sits beside the data package, not above it."""
+    kept = probe = mask(clean(text))
+    for _ in range(MAX_CLEANINGS):
+        cleaned = clean(probe)
+        if cleaned == probe:
+            return kept
+        probe = mask(cleaned)
+        if probe != cleaned:
+            kept = probe
+    return kept.replace("&", " ")
+
+
 def masker(config: PrivacyConfig) -> Masker | None:
     """A function masking what `config` asks for (None when it asks for nothing, so callers skip the work)."""
     types, regions = tuple(config.mask), tuple(config.phone_regions)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -27,12 +28,13 @@ from tuneloop.assistant.service import ChatService
 from tuneloop.assistant.store import ConversationStore
 from tuneloop.assistant.turn import TurnOutcome
 from tuneloop.config import ServerSettings
+from tuneloop.data.clean import clean_text
 from tuneloop.errors import Conflict, NotFound, TooManyRequests, TuneloopError, Unavailable, first_line
 from tuneloop.feedback.log import PredictionLog
 from tuneloop.feedback.monitor import latest_reports
 from tuneloop.feedback.retention import purge
 from tuneloop.models.predictor import Predictor
-from tuneloop.privacy.mask import masker
+from tuneloop.privacy.mask import masked_for_keeping, masker
 from tuneloop.registry import Home, Registry
 from tuneloop.serve.deps import ServerState
 from tuneloop.serve.jobs import JobRunner
@@ -141,7 +143,9 @@ def _build_state(config: ServerSettings) -> ServerState:
     )
     conversations = chat = None
     if runtime is not None:
-        conversations = ConversationStore(prediction_log.engine, mask, prediction_log.secret)
+        # Chat turns are kept as the prediction log keeps texts: masked so that no later cleaning reveals anything.
+        keeping = partial(masked_for_keeping, mask=mask, clean=clean_text) if mask is not None else None
+        conversations = ConversationStore(prediction_log.engine, keeping, prediction_log.secret)
 
         def counted(outcome: TurnOutcome) -> None:
             metrics.chat_turns.labels(str(outcome.escalate).lower()).inc()

@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 
 from tuneloop.assistant.service import ChatService
 from tuneloop.assistant.store import ConversationStore
-from tuneloop.config import ServerSettings
+from tuneloop.config import OUT_OF_SCOPE, ServerSettings
 from tuneloop.db.schema import PredictionRecord
 from tuneloop.errors import NotFound
 from tuneloop.feedback.log import PredictionLog
@@ -43,11 +43,21 @@ class ServerState:
         return self._labels[name, version]
 
     def allowed_labels(self, prediction: PredictionRecord) -> frozenset[str]:
-        """The labels feedback may give a prediction: its version's, or those of the version now served."""
+        """The labels feedback may give a prediction: its version's, those of the version now served, or "out of
+        scope"."""
         slot = self.served.slots.get(prediction.model_name)
-        return self.labels_of(prediction.model_name, prediction.model_version) | set(
-            slot.current.labels if slot else ()
+        return (
+            self.labels_of(prediction.model_name, prediction.model_version)
+            | set(slot.current.labels if slot else ())
+            | {self.out_of_scope_label(prediction.model_name)}
         )
+
+    def out_of_scope_label(self, name: str) -> str:
+        """The label that marks a message none of a model's labels covers: the assistant's scope.label for its
+        intent model, out_of_scope for any other (it trains as a label of its own)."""
+        if self.chat is not None and name == self.chat.runtime.definition.intent_model:
+            return self.chat.runtime.definition.scope.label
+        return OUT_OF_SCOPE
 
 
 async def get_state(request: Request) -> ServerState:

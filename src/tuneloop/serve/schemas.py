@@ -212,6 +212,9 @@ class AssistantInfo(BaseModel):
     name: str
     languages: list[str]
     intents: list[str]
+    out_of_scope_label: str = Field(
+        description="The corrected_label that marks a message as out of scope (not for this assistant)."
+    )
     intent_model: str
     sentiment_model: str
 
@@ -309,9 +312,52 @@ class SuggestionInfo(BaseModel):
     why: str
 
 
+class ScopeShare(BaseModel):
+    value: float
+    low: float = Field(description="95% interval (Wilson), lower end.")
+    high: float
+    messages: int = Field(description="Messages it was measured on.")
+
+
+class ScopePoint(BaseModel):
+    threshold: float
+    in_scope_rejected: float
+    out_of_scope_caught: float
+
+
+class ScopeMove(BaseModel):
+    threshold: float | None = Field(description="The curve point chosen; null: back to the policy's.")
+    by: str
+    at: str
+
+
+class ScopeInfo(BaseModel):
+    """Where the assistant says no for the intent version it serves, and the curve it can move along."""
+
+    intent_model: str
+    threshold: float
+    policy: str
+    in_scope_rejected: ScopeShare = Field(description="Expected share of in-scope messages turned away.")
+    out_of_scope_caught: ScopeShare = Field(description="Expected share of out-of-scope messages caught.")
+    in_scope_examples: int
+    out_of_scope_examples: int
+    max_in_scope_rejected: float
+    min_out_of_scope_caught: float
+    curve: list[ScopePoint]
+    notes: list[str]
+    moves: list[ScopeMove] = Field(description="Where admins moved this version's point, oldest first.")
+
+
+class ScopeMoveRequest(StrictModel):
+    threshold: float | None = Field(
+        ge=-1, le=1, description="A threshold on the curve (the nearest curve point is taken); null: the policy's."
+    )
+
+
 class SuggestionsResponse(BaseModel):
     model: str
     labels: list[str] = Field(description="The labels of the version in production, to choose from.")
+    out_of_scope_label: str = Field(description="The label that marks a message none of those labels covers.")
     suggestions: list[SuggestionInfo]
 
 

@@ -1,9 +1,11 @@
-// The chat page: one POST /v1/chat per message; thumbs and "wrong intent?" go to /v1/feedback.
+// The chat page: one POST /v1/chat per message; thumbs and "wrong intent?" (an intent, or out of scope) go to
+// /v1/feedback.
 "use strict";
 
 // The server issues the session on the first message; this tab keeps it to continue the conversation.
 let sessionId = sessionStorage.getItem("tuneloop-session");
 let intents = [];
+let outOfScopeLabel = "out_of_scope";
 
 function headers() {
   const key = localStorage.getItem("tuneloop-key");
@@ -68,11 +70,12 @@ function addReply(turn) {
   const fix = element("select", "correct-intent");
   fix.append(new Option("wrong intent? pick the right one", ""));
   for (const name of intents) fix.append(new Option(name, name));
+  fix.append(new Option("out of scope (not for this assistant)", outOfScopeLabel));
   fix.onchange = async () => {
     if (!fix.value) return;
     try {
       await call("/v1/feedback", { turn_id: turn.turn_id, corrected_label: fix.value });
-      note.textContent = `thanks — noted as ${fix.value}`;
+      note.textContent = `thanks — noted as ${fix.value === outOfScopeLabel ? "out of scope" : fix.value}`;
       fix.disabled = true;
     } catch (error) { note.textContent = error.message; note.className = "error"; }
   };
@@ -116,6 +119,7 @@ async function start() {
   try {
     const info = await call("/v1/assistant");
     intents = info.intents;
+    outOfScopeLabel = info.out_of_scope_label;
     document.getElementById("title").textContent = info.name;
     document.getElementById("subtitle").textContent = `${info.intent_model} · ${info.sentiment_model}`;
     document.title = `${info.name} — tuneloop`;

@@ -7,12 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from fastapi.concurrency import run_in_threadpool
 
+from tuneloop.assistant.service import ChatService
 from tuneloop.config import MODEL_NAME_PATTERN
 from tuneloop.data.clean import clean_text
 from tuneloop.db.lease import model_job_running
 from tuneloop.errors import Conflict, NotFound, TuneloopError
 from tuneloop.feedback import review, suggest
-from tuneloop.serve.deps import State
+from tuneloop.models.predictor import Predictor
+from tuneloop.serve.deps import Chat, State
 from tuneloop.serve.jobs import Job
 from tuneloop.serve.schemas import (
     ERRORS,
@@ -31,6 +33,8 @@ from tuneloop.serve.schemas import (
     ReviewDecisionResponse,
     ReviewGroupInfo,
     ReviewQueueResponse,
+    ScopeInfo,
+    ScopeMoveRequest,
     SuggestionInfo,
     SuggestionsResponse,
     TextExplanation,
@@ -146,8 +150,12 @@ async def suggestions(
     )
     production = await run_in_threadpool(state.registry.get, f"{model}@production")
     labels = await run_in_threadpool(state.labels_of, model, production.version)
+    out_of_scope = state.out_of_scope_label(model)
     return SuggestionsResponse(
-        model=model, labels=sorted(labels), suggestions=[SuggestionInfo(**s.to_dict()) for s in chosen]
+        model=model,
+        labels=sorted(labels - {out_of_scope}),
+        out_of_scope_label=out_of_scope,
+        suggestions=[SuggestionInfo(**s.to_dict()) for s in chosen],
     )
 
 
@@ -188,6 +196,38 @@ async def job_status(job_id: str, state: State) -> JobInfo:
     if job is None:
         raise NotFound(f"no job '{job_id}'")
     return job_info(job)
+
+
+def scope_info(chat: ChatService, intent: Predictor) -> ScopeInfo:
+    threshold, scope = chat.runtime.calibrate(intent), chat.runtime.definition.scope
+    return ScopeInfo.model_validate(
+        {
+            **threshold.to_dict(),
+            "intent_model": intent.ref,
+            "max_in_scope_rejected": scope.max_in_scope_rejected,
+            "min_out_of_scope_caught": scope.min_out_of_scope_caught,
+            "moves": chat.runtime.moves(intent.ref),
+        }
+    )
+
+
+@router.get("/v1/admin/scope", response_model=ScopeInfo, responses=ERRORS)
+async def assistant_scope(chat: Chat, state: State) -> ScopeInfo:
+    """The assistant's out-of-scope operating point for the intent version it serves: what it is expected to
+    turn away and catch (with intervals), the whole curve, and where admins moved it."""
+    intent = state.served.slot(chat.runtime.definition.intent_model).current
+    return await run_in_threadpool(scope_info, chat, intent)
+
+
+@router.post("/v1/admin/scope", response_model=ScopeInfo, responses=ERRORS)
+async def move_scope(
+    body: ScopeMoveRequest, chat: Chat, state: State, caller: Annotated[Caller, Depends(require_admin)]
+) -> ScopeInfo:
+    """Move the served intent version's operating point to a point of its curve (null: back to the policy's),
+    recorded with who and when; the next chat turn answers with it."""
+    intent = state.served.slot(chat.runtime.definition.intent_model).current
+    await run_in_threadpool(chat.runtime.move, intent, body.threshold, caller.sender)
+    return await run_in_threadpool(scope_info, chat, intent)
 
 
 @router.post("/v1/admin/explain", response_model=TextExplanation, responses=ERRORS)

@@ -32,7 +32,8 @@ async def assistant_info(chat: Chat, state: State) -> AssistantInfo:
     return AssistantInfo(
         name=definition.name,
         languages=definition.languages,
-        intents=intent.labels,
+        intents=[label for label in intent.labels if label != definition.scope.label],
+        out_of_scope_label=definition.scope.label,
         intent_model=intent.ref,
         sentiment_model=sentiment,
     )

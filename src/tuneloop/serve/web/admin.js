@@ -176,12 +176,18 @@ async function loadSuggestions(names) {
       cell(row, s.text);
       cell(row, `${s.predicted} (${percent(s.confidence)})`);
       cell(row, s.why);
+      // Nothing chosen for the person: these are messages the model was unsure of, and its guess would anchor
+      // the answer. "out of scope" is for a message none of the labels covers.
       const choice = document.createElement("select");
-      for (const label of answer.labels) choice.add(new Option(label, label, false, label === s.predicted));
+      choice.className = "right-label";
+      choice.add(new Option("— choose —", ""));
+      for (const label of answer.labels) choice.add(new Option(label, label));
+      choice.add(new Option("out of scope", answer.out_of_scope_label));
       cell(row, choice);
       cell(row, button("save", async () => {
+        if (!choice.value) throw new Error(`choose a label for "${s.text.slice(0, 40)}" first`);
         await call("/v1/admin/labels", { model: name, labels: { [s.prediction_id]: choice.value } });
-        show(`labelled "${s.text.slice(0, 40)}" as ${choice.value}`);
+        show(`labelled "${s.text.slice(0, 40)}" as ${choice.selectedOptions[0].textContent}`);
         row.remove();
       }));
     }
@@ -190,6 +196,120 @@ async function loadSuggestions(names) {
     parts.push(title, t);
   }
   document.getElementById("suggestions").replaceChildren(...(parts.length ? parts : ["Nothing to label yet."]));
+}
+
+// --- where the assistant says no: the curve of in-scope messages turned away against out-of-scope ones caught,
+// the point it answers at, and a slider to move it with what the move is expected to do.
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function svg(tag, attributes, parent) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  if (parent) parent.append(node);
+  return node;
+}
+
+// A share's 95% interval (Wilson), as the server gives it for the policy's point.
+function wilson(value, messages) {
+  if (!messages) return { value, low: 0, high: 1, messages };
+  const z = 1.96, n = messages, denominator = 1 + z * z / n;
+  const centre = (value + z * z / (2 * n)) / denominator;
+  const half = z * Math.sqrt(value * (1 - value) / n + z * z / (4 * n * n)) / denominator;
+  return { value, low: Math.max(0, centre - half), high: Math.min(1, centre + half), messages };
+}
+
+const shareText = (share) => `${percent(share.value)} [${percent(share.low)}–${percent(share.high)}]`;
+
+function scopePlot(scope, chosen) {
+  const now = scope.curve.find((p) => p.threshold === scope.threshold) || scope.curve[0];
+  // The left half of the curve is where operating points live; the whole of it when a point lies further.
+  const widest = Math.max(now.in_scope_rejected, chosen.in_scope_rejected) > 0.5 ? 1 : 0.5;
+  const width = 560, height = 300, left = 48, bottom = 40, top = 24, right = 16;
+  const x = (rejected) => left + Math.min(rejected, widest) / widest * (width - left - right);
+  const y = (caught) => height - bottom - caught * (height - bottom - top);
+  const plot = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "scope-plot", role: "img",
+                            "aria-label": "in-scope messages turned away against out-of-scope messages caught" });
+  for (const tick of [0, 0.2, 0.4, 0.6, 0.8, 1].map((t) => t * widest)) {
+    svg("line", { x1: x(tick), x2: x(tick), y1: y(0), y2: y(1), class: "grid" }, plot);
+    svg("text", { x: x(tick), y: height - bottom + 16, class: "tick", "text-anchor": "middle" }, plot)
+      .textContent = `${Math.round(tick * 100)}%`;
+  }
+  for (const tick of [0, 0.25, 0.5, 0.75, 1]) {
+    svg("line", { x1: x(0), x2: x(widest), y1: y(tick), y2: y(tick), class: "grid" }, plot);
+    svg("text", { x: left - 6, y: y(tick) + 4, class: "tick", "text-anchor": "end" }, plot).textContent = `${tick * 100}%`;
+  }
+  svg("text", { x: (left + width) / 2, y: height - 4, class: "axis", "text-anchor": "middle" }, plot)
+    .textContent = "in-scope messages turned away";
+  svg("text", { x: 4, y: 12, class: "axis" }, plot).textContent = "out-of-scope caught";
+  svg("line", { x1: x(scope.max_in_scope_rejected), x2: x(scope.max_in_scope_rejected), y1: y(0), y2: y(1),
+                class: "limit" }, plot);
+  svg("line", { x1: x(0), x2: x(widest), y1: y(scope.min_out_of_scope_caught), y2: y(scope.min_out_of_scope_caught),
+                class: "limit" }, plot);
+  const shown = scope.curve.filter((p) => p.in_scope_rejected <= widest);
+  svg("polyline", { points: shown.map((p) => `${x(p.in_scope_rejected)},${y(p.out_of_scope_caught)}`).join(" "),
+                    class: "curve" }, plot);
+  svg("circle", { cx: x(now.in_scope_rejected), cy: y(now.out_of_scope_caught), r: 6, class: "now" }, plot);
+  svg("circle", { cx: x(chosen.in_scope_rejected), cy: y(chosen.out_of_scope_caught), r: 5, class: "chosen" }, plot);
+  return plot;
+}
+
+function consequence(scope, point) {
+  const rejected = wilson(point.in_scope_rejected, scope.in_scope_examples);
+  const caught = wilson(point.out_of_scope_caught, scope.out_of_scope_examples);
+  return `at threshold ${point.threshold.toFixed(4)} it would turn away ${shareText(rejected)} of in-scope messages ` +
+    `and catch ${scope.out_of_scope_examples ? shareText(caught) : "an unknown share"} of out-of-scope ones`;
+}
+
+async function loadScope() {
+  const root = document.getElementById("scope");
+  let scope;
+  try { scope = await call("/v1/admin/scope"); } catch (error) { root.replaceChildren(error.message); return; }
+  const nowIndex = Math.max(0, scope.curve.findIndex((p) => p.threshold === scope.threshold));
+  const summary = document.createElement("p");
+  summary.className = "scope-summary";
+  summary.textContent = `${scope.intent_model} turns away ${shareText(scope.in_scope_rejected)} of in-scope messages ` +
+    `and catches ${shareText(scope.out_of_scope_caught)} of out-of-scope ones like its ${scope.out_of_scope_examples} ` +
+    `examples (threshold ${scope.threshold.toFixed(4)}, ${scope.policy}).`;
+  const notes = document.createElement("ul");
+  for (const note of scope.notes) { const li = document.createElement("li"); li.textContent = note; notes.append(li); }
+  notes.className = "scope-notes";
+  const slider = document.createElement("input");
+  Object.assign(slider, { type: "range", min: 0, max: scope.curve.length - 1, step: 1, value: nowIndex });
+  slider.className = "scope-slider";
+  slider.setAttribute("aria-label", "move the point along the curve");
+  const predicted = document.createElement("p");
+  predicted.className = "scope-consequence";
+  const holder = document.createElement("div");
+  const draw = () => {
+    const point = scope.curve[Number(slider.value)];
+    holder.replaceChildren(scopePlot(scope, point));
+    predicted.textContent = consequence(scope, point);
+  };
+  slider.addEventListener("input", draw);
+  draw();
+  const actions = document.createElement("p");
+  actions.append(
+    button("use this point", async () => {
+      const point = scope.curve[Number(slider.value)];
+      await call("/v1/admin/scope", { threshold: point.threshold });
+      show(`the assistant now answers at threshold ${point.threshold.toFixed(4)}`);
+      await loadScope();
+    }), " ",
+    button("back to the policy's point", async () => {
+      await call("/v1/admin/scope", { threshold: null });
+      show("the assistant answers at the policy's point again");
+      await loadScope();
+    }));
+  const moves = document.createElement("ul");
+  moves.className = "scope-moves";
+  for (const move of scope.moves) {
+    const li = document.createElement("li");
+    li.textContent = `${move.at.slice(0, 19).replace("T", " ")}: ${move.by} moved it to ` +
+      (move.threshold === null ? "the policy's point" : `threshold ${move.threshold.toFixed(4)}`);
+    moves.append(li);
+  }
+  root.replaceChildren(summary, notes, holder, slider, predicted, actions, moves);
 }
 
 async function loadJobs() {
@@ -220,7 +340,7 @@ async function refresh() {
   sessionStorage.setItem("tuneloop-admin-key", keyInput.value);
   try {
     show("");
-    await Promise.all([loadModels(), loadFeedback(), loadJobs()]);
+    await Promise.all([loadModels(), loadFeedback(), loadJobs(), loadScope()]);
   } catch (error) { show(error.message); }
 }
 
