@@ -148,6 +148,31 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("test accuracy", "tuneloop.accuracy", percent),
         ("test macro-F1", "tuneloop.macro_f1", percent),
         ("training time", "tuneloop.train_seconds", seconds),
+        ("what serves (train.baseline=auto)", "tuneloop.served_as", plain),
+        (
+            "TF-IDF baseline on the same split: test accuracy, macro-F1, fit time",
+            "tuneloop.baseline",
+            lambda b: f"{percent(b['accuracy'])}, {percent(b['macro_f1'])}, {b['fit_seconds']:.1f} s",
+        ),
+        ("the transformer alone: test accuracy", "tuneloop.transformer_alone.accuracy", percent),
+        (
+            "the blend: transformer's weight, validation macro-F1 gain (cross-fitted), test accuracy",
+            "tuneloop.hybrid",
+            lambda h: (
+                f"{h['transformer_weight']:.1f}, {100 * h['validation_gain']:+.2f} points, {percent(h['accuracy'])}"
+            ),
+        ),
+        ("what serves against the baseline, test accuracy", "tuneloop.accuracy_delta_points_vs_baseline", points),
+        (
+            "serving cost, ms per test text: as served / the transformer alone / the baseline alone",
+            "tuneloop.serving_ms_per_text",
+            lambda m: f"{m['served']:.2f} / {m['transformer']:.2f} / {m['baseline']:.2f} ms",
+        ),
+        (
+            "texts longer than max_length: how read, share of the training split, encoder passes per test text",
+            "tuneloop.long_texts_read",
+            lambda r: f"{r['truncation']}, {percent(r['longer_share'])}, {r['passes_per_test_text']:.2f}",
+        ),
         ("time to 90% test accuracy", "tuneloop.seconds_to_90", seconds),
         ("HF Trainer accuracy", "hf_trainer.accuracy", percent),
         ("HF Trainer time to 90%", "hf_trainer.seconds_to_90", seconds),

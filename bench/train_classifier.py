@@ -20,6 +20,13 @@ the training time with and without the teachers'. Each tuneloop run also reports
 the test texts longer than --long-chars characters and the milliseconds per text to predict them (PyTorch,
 batches of 64, this CPU). With --against REV, the same command first runs with the code of commit REV (a
 temporary git worktree), and the result gives both and the change in accuracy and training time.
+Every tuneloop run also fits the TF-IDF baseline on the same training split (train.baseline=auto) and serves the
+blend of the two when it wins on validation: the result gives the baseline's, the transformer's and the blend's test
+accuracy, what served, and the milliseconds per test text each costs to serve (the served runtime, this CPU).
+--dataset online_shopping_long is the books, phones and computers reviews of online_shopping_10_cats (10,166 long
+Chinese reviews, 80/20 split as waimai_10k's). It is not among ../shared/datasets: it is ChineseNlpCorpus's
+datasets/online_shopping_10_cats/online_shopping_10_cats.zip (github.com/SophonPlus/ChineseNlpCorpus, for research
+use; the CSV's sha256 starts f6c5b724), unzipped into TUNELOOP_DATASETS/online_shopping_10_cats/ beside the others.
 The result is also written to
 bench/results/train_classifier-DATASET[-mlm][-hf-trainer|-default-recipe|-distilled][-against].json.
 """
@@ -39,7 +46,15 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
-from _common import add_result_options, load_banking77, load_sst2, load_waimai, publish, result_at_commit
+from _common import (
+    add_result_options,
+    load_banking77,
+    load_online_shopping_long,
+    load_sst2,
+    load_waimai,
+    publish,
+    result_at_commit,
+)
 
 TARGET_ACCURACY = 0.90
 
@@ -50,8 +65,8 @@ def load_dataset(name: str, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         train, test = load_banking77()
     elif name == "sst2":
         train, test = load_sst2()
-    elif name == "waimai_10k":
-        frame = load_waimai()
+    elif name in ("waimai_10k", "online_shopping_long"):
+        frame = load_waimai() if name == "waimai_10k" else load_online_shopping_long()
         train, test = train_test_split(frame, test_size=0.2, stratify=frame["label"], random_state=seed)
     else:
         raise SystemExit(f"unknown dataset {name}")
@@ -162,6 +177,12 @@ def run_tuneloop(
         recipe, register=False, show_progress=False, step_callback=score, callback_every=eval_every
     )
     metrics = outcome.report.test
+    if outcome.report.baseline is not None and outcome.report.baseline.served == "baseline":
+        # train.baseline=only: no encoder was trained, so there is no curve, layer count or encoder to time.
+        figures = {"accuracy": round(metrics.accuracy, 4), "macro_f1": round(metrics.macro_f1, 4)}
+        return {**figures, "train_seconds": round(outcome.train.train_seconds, 1), **baseline_figures(outcome)}, (
+            outcome.folder.root
+        )
     long = test[test["text"].str.len() > long_chars]
     model, tokenizer = TextClassifier.load(outcome.train.best_dir)
     started = time.perf_counter()
@@ -199,9 +220,77 @@ def run_tuneloop(
         # What serves and how int8 compared with fp32 on the test texts: the curve above is PyTorch fp32 on the raw
         # texts, the accuracy the served runtime's on the cleaned ones.
         "serving": serving_figures(outcome.report.serving),
+        "long_texts_read": outcome.report.long_texts.model_dump() if outcome.report.long_texts else None,
+        **baseline_figures(outcome),
         "curve": scorer.curve,
+        # Validation macro-F1 at every scoring point (train.eval_every and each epoch's end): what early stopping saw.
+        "validation_curve": [
+            {"step": h["step"], "val_macro_f1": round(h["val_macro_f1"], 4)}
+            for h in outcome.train.history
+            if "val_macro_f1" in h
+        ],
     }
     return figures, outcome.folder.root
+
+
+def baseline_figures(outcome) -> dict:
+    """The TF-IDF baseline fitted in the same run, the transformer alone and their blend, on test (the blend's weight
+    and gain on validation), and what each costs to serve: milliseconds per test text as the version serves it (its
+    runtime, batches of 64, this CPU), the transformer without the blend, and the baseline alone."""
+    from dataclasses import replace
+
+    from tuneloop.data.prepare import load_prepared
+    from tuneloop.models.predictor import load_model
+
+    compared = outcome.report.baseline
+    if compared is None:
+        return {}
+    texts = load_prepared(outcome.folder.data()).test["text"].tolist()
+    served = load_model(outcome.folder.root)
+    costs = {"served": served}
+    if served.blend is not None and not served.blend.baseline_only:
+        costs |= {
+            "transformer": replace(
+                served, blend=None, fallback=served.fallback and replace(served.fallback, blend=None)
+            )
+        }
+    ms = {}
+    for name, predictor in costs.items():
+        started = time.perf_counter()
+        predictor.predict_proba(texts, cleaned=True)
+        ms[name] = round(1000 * (time.perf_counter() - started) / max(len(texts), 1), 3)
+    ms["baseline"] = round(compared.ms_per_text, 3)
+    if compared.transformer is not None:  # a version the baseline serves alone has no transformer to time
+        ms.setdefault("transformer", ms["served"])
+    hybrid = compared.hybrid
+    return {
+        "served_as": compared.served,
+        "baseline": {
+            "method": compared.method,
+            "fit_seconds": round(compared.fit_seconds, 1),
+            "accuracy": round(compared.baseline.test.accuracy, 4),
+            "macro_f1": round(compared.baseline.test.macro_f1, 4),
+        },
+        "transformer_alone": {
+            "accuracy": round(compared.transformer.test.accuracy, 4),
+            "macro_f1": round(compared.transformer.test.macro_f1, 4),
+        }
+        if compared.transformer and compared.transformer.test
+        else None,
+        "hybrid": {
+            "transformer_weight": hybrid.transformer_weight,
+            "validation_gain": round(hybrid.gain, 4),
+            "accuracy": round(hybrid.test.accuracy, 4),
+            "macro_f1": round(hybrid.test.macro_f1, 4),
+        }
+        if hybrid
+        else None,
+        "serving_ms_per_text": ms,
+        # What serves (the blend when it won) against the baseline on test: never below it is the point.
+        "accuracy_delta_points_vs_baseline": round(
+            100 * (outcome.report.test.accuracy - compared.baseline.test.accuracy), 2
+        ),
+    }
 
 
 def serving_figures(serving: dict | None) -> dict | None:
@@ -327,7 +416,7 @@ def run_hf_trainer(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=["banking77", "sst2", "waimai_10k"], required=True)
+    parser.add_argument("--dataset", choices=["banking77", "sst2", "waimai_10k", "online_shopping_long"], required=True)
     parser.add_argument(
         "--baseline",
         choices=["hf-trainer", "default-recipe"],

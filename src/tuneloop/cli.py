@@ -201,7 +201,7 @@ def _print_profile(summary: SummaryJson, folder: VersionFolder) -> None:
 
 
 def _print_test_scores(outcome: ClassifierOutcome) -> None:
-    from tuneloop.evaluate.report import calibration_line, leakage_line, regime_line
+    from tuneloop.evaluate.report import baseline_line, calibration_line, leakage_line, long_texts_line, regime_line
     from tuneloop.evaluate.serving import describe
 
     assert outcome.report is not None
@@ -215,6 +215,10 @@ def _print_test_scores(outcome: ClassifierOutcome) -> None:
         console.print(f"scored as it serves: {describe(outcome.report.serving)}", markup=False)
     if outcome.report.regime:
         console.print(regime_line(outcome.report.regime), markup=False)
+    if outcome.report.baseline:
+        console.print(baseline_line(outcome.report.baseline), markup=False)
+    if outcome.report.long_texts:
+        console.print(long_texts_line(outcome.report.long_texts), markup=False)
     if test.calibration_before is not None:
         console.print(calibration_line(test), markup=False)
     if test.leakage and test.leakage.rows:
@@ -702,7 +706,7 @@ def explain(
     if not all(items):
         raise TuneloopError("cannot explain an empty text (nothing is left after cleaning): give the words to explain")
     predictor = load_model(model, _registry(config, overrides), runtime="torch")  # gradients need PyTorch
-    explained = explain_texts(predictor.model, predictor.tokenizer, items, [label] * len(items), steps)
+    explained = explain_texts(*predictor.transformer, items, [label] * len(items), steps)
     for explanation in explained:
         if as_json:
             print(json.dumps({**explanation.as_dict(), "model": predictor.ref}, ensure_ascii=False))

@@ -115,10 +115,17 @@ class ModelConfig(EncoderConfig):
         25.0, gt=0, description="Cosine head: logits are this times the cosine to each class vector (a temperature)."
     )
     max_length: int = Field(128, ge=8, le=512, description="Longer texts are cut to this many tokens.")
-    truncation: Literal["head", "head_tail"] = Field(
+    truncation: Literal["auto", "head", "head_tail", "windows"] = Field(
         "head",
-        description="Which tokens of a text longer than max_length are kept: head (the first ones) or head_tail "
-        "(the first quarter and the last three quarters: long reviews and complaints often end with their point).",
+        description="How a text longer than max_length is read, in training and serving alike: head (its first "
+        "tokens), head_tail (the first quarter and the last three quarters: long reviews often end with their "
+        "point), windows (all of it, in windows of max_length overlapping by a quarter, their logits averaged; each "
+        "window a training example); auto: windows when at least 5% of the training texts are longer than "
+        "max_length, else head (the report says which, why, and the encoder passes per text it costs). head is the "
+        "default until bench/train_classifier.py measures windows against it on long texts.",
+    )
+    max_windows: int = Field(
+        8, ge=2, description="truncation=windows: the most windows one text is read in (spread over a longer text)."
     )
     layers: int | None = Field(
         None,
@@ -374,6 +381,22 @@ class TrainConfig(StrictModel):
         "gradients and optimizer state over the processes (torch's fully_shard), for an encoder too large for "
         "one process's memory. Both take the same steps; fsdp needs torchrun with at least 2 processes.",
     )
+    baseline: Literal["auto", "off", "only"] = Field(
+        "auto",
+        description="auto: also fit a TF-IDF baseline (character n-grams for Chinese, word and character n-grams "
+        "otherwise; logistic regression) on the training split, show it beside the transformer in the report, and "
+        "serve the blend of the two when it beats the transformer on validation by hybrid_min_gain; off: no "
+        "baseline; only: no fine-tuning, the baseline alone is registered and served (seconds, no encoder). Off "
+        "under train.dp: its vocabulary and weights would carry the training texts without privacy.",
+    )
+    hybrid_min_gain: float = Field(
+        0.002,
+        ge=0,
+        lt=1,
+        description="train.baseline=auto serves the blend of transformer and baseline when its validation "
+        "macro-F1 (the blend's weight chosen on one half of the validation split and scored on the other, both "
+        "ways) beats the transformer's by at least this.",
+    )
 
     @field_validator("freeze_embeddings", mode="before")
     @classmethod
@@ -381,6 +404,12 @@ class TrainConfig(StrictModel):
         # Versions registered before embedding rows were trainable cheaply stored null ("freeze only a big
         # vocabulary"); retraining one of them now trains its embeddings like any new run.
         return False if value is None else value
+
+    @field_validator("baseline", mode="before")
+    @classmethod
+    def _yaml_off_is_off(cls, value: object) -> object:
+        # YAML reads a bare `off` (in a file or a dotted override) as false.
+        return "off" if value is False else value
 
     @model_validator(mode="before")
     @classmethod
@@ -411,6 +440,11 @@ class TrainConfig(StrictModel):
             raise ValueError(
                 "train.teachers with train.dp: the teachers learnt the training texts without privacy, and their "
                 "answers would carry that into the private model; leave train.teachers empty under train.dp"
+            )
+        if self.baseline == "only":
+            raise ValueError(
+                "train.baseline=only with train.dp: the baseline is not trained privately (its vocabulary holds "
+                "the training texts' n-grams); use one or the other"
             )
         return self
 
@@ -871,6 +905,16 @@ class ClassifierRecipe(Recipe):
             raise ValueError("set data.path or tasks, not both: with tasks, the first task is the model's own data")
         if self.tasks and self.data.kfold:
             raise ValueError("data.kfold: cross-validation is for single-task runs, and this config has tasks")
+        if self.model.truncation == "windows" and self.train.dp is not None:
+            raise ValueError(
+                "model.truncation=windows with train.dp: a long text would be several training examples, and the "
+                "privacy guarantee is per example; use head or head_tail (auto picks head under train.dp)"
+            )
+        if self.train.baseline == "only" and (self.tasks or self.data.kfold or self.train.teachers):
+            raise ValueError(
+                "train.baseline=only fits the baseline alone: not with tasks, data.kfold or train.teachers, which "
+                "are for the transformer; use train.baseline=auto"
+            )
         return self
 
 

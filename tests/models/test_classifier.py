@@ -3,8 +3,11 @@ default groups them under ONNX Runtime only."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import torch
 
 from helpers import tiny_config
 from tuneloop.config import ServeConfig
@@ -87,3 +90,51 @@ def test_head_tail_keeps_the_start_and_the_end_of_a_long_text_and_the_special_to
     assert short == tokenize(tokenizer, ["where is my parcel"], spec)[0]
     # In head mode the positions kept are what the tokenizer's own truncation keeps (explanations rely on it).
     assert kept_tokens([1, *[0] * 27, 1], 10, "head") == [0, *range(1, 9), 28]
+
+
+WORDS = ["where", "is", "my", "parcel", "refund", "money", "back", "please", "password"]
+
+
+def test_windows_cover_the_whole_text_each_with_its_special_tokens_and_prefix(tiny_encoder):
+    from transformers import AutoTokenizer
+
+    from tuneloop.models.classifier import HeadSpec, text_windows, tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    words = WORDS * 3  # 27 words, one token each in the tiny vocabulary
+    spec = HeadSpec(labels=["a"], max_length=12, truncation="windows", text_prefix="please ")
+    rows, owners = text_windows(tokenizer, ["where is my parcel", " ".join(words)], spec)
+    cls, sep, prefix = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.convert_tokens_to_ids("please")
+    assert rows[0] == tokenize(tokenizer, ["where is my parcel"], spec)[0]  # a text that fits: as under head
+    long = [row for row, owner in zip(rows, owners, strict=True) if owner == 1]
+    assert all(row[:2] == [cls, prefix] and row[-1] == sep and len(row) <= 12 for row in long)
+    ids = tokenizer.convert_tokens_to_ids(words)
+    # 9 places a window: starts every 7 tokens (a quarter overlaps), the last flush with the end.
+    assert [row[2:-1] for row in long] == [ids[0:9], ids[7:16], ids[14:23], ids[18:27]]
+    assert long[0] == tokenize(tokenizer, [" ".join(words)], spec)[0]  # the first window is what head keeps
+    capped, _ = text_windows(tokenizer, [" ".join(WORDS * 20)], replace(spec, max_windows=3))
+    assert len(capped) == 3 and capped[-1][-2] == ids[-1]  # spread over the text, the end included
+
+
+def test_a_long_text_is_scored_over_all_its_windows(tiny_encoder):
+    from transformers import AutoTokenizer
+
+    from tuneloop.models.classifier import HeadSpec, TextClassifier, load_encoder, predict_logits
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder)
+    torch.manual_seed(0)
+    spec = HeadSpec(labels=["a", "b", "c"], max_length=12, dropout=0.0)
+    text = " ".join(WORDS * 3)
+    changed_end = " ".join(WORDS * 3 + ["refund", "refund", "refund"])
+    middle = WORDS * 3
+    middle[12] = "refund"  # past the 10 tokens head truncation keeps, in the second window only
+    changed_middle = " ".join(middle)
+    for truncation, changes_score in (("head", False), ("windows", True)):
+        model = TextClassifier(load_encoder(tiny_encoder), replace(spec, truncation=truncation))
+        scores = predict_logits(model, tokenizer, [text, changed_end, changed_middle, "where is my parcel"])
+        assert (not np.allclose(scores[0], scores[1])) is changes_score, truncation
+        assert (not np.allclose(scores[0], scores[2])) is changes_score, truncation
+    # A text that fits is scored alone in one window, as under head truncation.
+    head = TextClassifier(load_encoder(tiny_encoder), spec)
+    head.head.load_state_dict(model.head.state_dict())
+    assert np.allclose(predict_logits(head, tokenizer, ["where is my parcel"])[0], scores[3], atol=1e-6)

@@ -54,6 +54,7 @@ def test_a_private_version_records_the_privacy_it_spent(tiny_overrides, home):
     assert report["privacy"]["epsilon"] == spent and report["privacy"]["steps"] > 0
     assert report["privacy"]["noise_multiplier"] > 0.3
     assert "ε" in folder.report_html.read_text()
+    assert "baseline" not in report  # its n-gram vocabulary would carry the training texts without privacy
     model, tokenizer = TextClassifier.load(folder.model)
     assert predict_proba(model, tokenizer, ["my parcel is late"]).shape == (1, len(model.spec.labels))
 

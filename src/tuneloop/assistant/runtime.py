@@ -77,7 +77,7 @@ def tune_on(
     for one of its intents are left out, and the notes say so."""
     inside, own = len(examples.in_scope), len(examples.own)
     texts = examples.in_scope + examples.own + examples.shipped
-    scores = tuning_scores(intent.own_logits(intent.logits(texts)), intent.model.spec, scope)
+    scores = tuning_scores(intent.own_logits(intent.logits(texts)), intent.spec, scope)
     in_scores, out_scores, notes = scores[:inside], scores[inside:], []
     if examples.shipped:
         kept = not_the_business(scores[inside + own :], in_scores, examples, embedder)
@@ -234,10 +234,11 @@ class AssistantRuntime:
                 f"scope.label '{scope.label}' is not a label of {intent.ref} "
                 f"({', '.join(intent.labels)}); train it as an intent or leave scope.label out"
             )
-        if scope.score == "cosine" and intent.model.spec.head != "cosine":
+        if scope.score == "cosine" and (intent.spec.head != "cosine" or intent.blend is not None):
             raise TuneloopError(
-                f"scope.score=cosine needs a cosine head, and {intent.ref} has a "
-                f"{intent.model.spec.head} head; use scope.score=probability"
+                f"scope.score=cosine needs a cosine head's scores, and {intent.ref} serves "
+                f"{'a blend with its baseline' if intent.blend else f'a {intent.spec.head} head'}; use "
+                "scope.score=probability"
             )
 
     def _tuned(self, intent: Predictor) -> ScopeThreshold:
@@ -370,7 +371,7 @@ class AssistantRuntime:
             lang,
             intent.labels,
             intent_logits,
-            intent.model.spec,
+            intent.spec,
             self.calibrate(intent),
             sentiment.labels,
             sentiment_logits,

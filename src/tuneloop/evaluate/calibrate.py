@@ -47,7 +47,7 @@ def fit_temperature(logits: np.ndarray, truth: np.ndarray) -> float:
 
 def calibrate_head(predictor: Predictor, val: pd.DataFrame, bins: int) -> TemperatureFit:
     """Fit the temperature of `predictor`'s own head on `val` and set it on its spec; what was fitted, or why not."""
-    spec = predictor.model.spec
+    spec = predictor.spec
     index = {label: i for i, label in enumerate(spec.labels)}
     known = val[val["label"].isin(index)]
     if len(known) < MIN_ROWS:
@@ -84,7 +84,7 @@ def calibrate_run(run: VersionFolder, vals: dict[str, pd.DataFrame], bins: int) 
     for task, val in vals.items():
         records[task] = calibrate_head(predictor if task == own else predictor.head(task), val, bins)
         log.info("calibration%s: %s", f" of task {task}" if task else "", records[task])
-    write_text_atomically(run.model / META_FILE, predictor.model.spec.to_json())
+    write_text_atomically(run.model / META_FILE, predictor.spec.to_json())
     if others:
         write_text_atomically(run.model / TASKS_FILE, task_specs_json(predictor.tasks))
     return records

@@ -18,12 +18,15 @@ from tuneloop.evaluate import plots
 from tuneloop.evaluate.explain import explain, shaded_pieces
 from tuneloop.evaluate.metrics import calibration, classification_metrics
 from tuneloop.evaluate.schema import (
+    BaselineReport,
     Calibration,
     ClassifierReport,
     Leakage,
+    LongTextsReport,
     Overfitting,
     SkippedLabels,
     SplitScores,
+    Standing,
     TemperatureFit,
     TrainingRegime,
 )
@@ -114,7 +117,7 @@ def evaluate_classifier(
     report = ClassifierReport(
         title=title,
         labels=predictor.labels,
-        base_model=predictor.model.spec.base_model,
+        base_model=predictor.spec.base_model,
         test=score_split(predictor, test, config, leaked, test_logits),
     )
     if train is not None and len(train):
@@ -175,7 +178,11 @@ def report_sections(report: ClassifierReport) -> list[str]:
         "<h2>Summary</h2>",
         html_table(headline, ["metric", "value"]),
     ]
+    if report.long_texts:
+        sections.append(f"<p>{html.escape(long_texts_line(report.long_texts))}.</p>")
     sections += caveat_sections(report)
+    if report.baseline:
+        sections += baseline_section(report.baseline)
     per_class = [row.model_dump() for row in test.per_class]
     sections += [
         "<h2>Per class</h2>",
@@ -259,6 +266,96 @@ def caveat_sections(report: ClassifierReport) -> list[str]:
             "to new text; the data report lists the pairs (data.leakage=drop leaves them out of the test split).</p>",
         ]
     return sections
+
+
+def long_texts_line(long_texts: LongTextsReport) -> str:
+    """One sentence on how texts longer than max_length were read, why, and at what cost."""
+    limit, share = long_texts.max_length, long_texts.longer_share
+    how = {
+        "head": f"keep their first {limit} tokens",
+        "head_tail": "keep their first and last tokens",
+        "windows": f"are read whole, in windows of {limit} tokens whose logits are averaged",
+    }.get(long_texts.truncation, long_texts.truncation)
+    return (
+        f"Texts longer than {limit} tokens ({share:.1%} of the training split) {how} ({long_texts.reason}): "
+        f"{long_texts.passes_per_test_text:.2f} encoder passes per test text, "
+        f"{long_texts.training_rows_per_text:.2f} training rows per training text"
+    )
+
+
+def baseline_section(baseline: BaselineReport) -> list[str]:
+    """The transformer, the baseline and their blend side by side, and what serves."""
+    rows = [
+        {"model": name, **_standings(contender.validation, "validation"), **_standings(contender.test, "test")}
+        for name, contender in (("transformer", baseline.transformer), ("baseline", baseline.baseline))
+        if contender is not None
+    ]
+    hybrid = baseline.hybrid
+    if hybrid:
+        rows.append(
+            {
+                "model": f"blend, {hybrid.transformer_weight:.0%} transformer (validation: cross-fitted)",
+                **_standings(hybrid.validation, "validation"),
+                **_standings(hybrid.test, "test"),
+            }
+        )
+    columns = ["model", "validation accuracy", "validation macro-F1", "test accuracy", "test macro-F1"]
+    return [
+        "<h2>Against a baseline</h2>",
+        f"<p>{html.escape(baseline.method)}, fitted on the same training split in {baseline.fit_seconds:.1f} s "
+        f"({baseline.features:,} n-grams; {baseline.ms_per_text:.2f} ms per text to predict).</p>",
+        html_table(rows, columns),
+        f"<p>{html.escape(' '.join(baseline_verdict(baseline)))}</p>",
+    ]
+
+
+def baseline_line(baseline: BaselineReport) -> str:
+    """The comparison in one line (tuneloop train's output)."""
+    figures = [
+        f"{name} {contender.test.accuracy:.4f}"
+        for name, contender in (
+            ("transformer", baseline.transformer),
+            ("baseline", baseline.baseline),
+            ("blend", baseline.hybrid),
+        )
+        if contender is not None and contender.test is not None
+    ]
+    return (
+        f"against a baseline ({baseline.method}, fitted in {baseline.fit_seconds:.1f}s), test accuracy: "
+        f"{', '.join(figures)}. {' '.join(baseline_verdict(baseline))}"
+    )
+
+
+def _standings(standing: Standing | None, split: str) -> dict[str, float | str]:
+    if standing is None:
+        return {f"{split} accuracy": "–", f"{split} macro-F1": "–"}
+    return {f"{split} accuracy": standing.accuracy, f"{split} macro-F1": standing.macro_f1}
+
+
+def baseline_verdict(baseline: BaselineReport) -> list[str]:
+    """Plain sentences: whether the transformer beats the baseline, and what the version serves and why."""
+    said = []
+    transformer, alone = baseline.transformer, baseline.baseline.test
+    if transformer is not None and transformer.test is not None and alone is not None:
+        if transformer.test.accuracy <= alone.accuracy:
+            said.append(
+                f"The fine-tuned transformer does not beat the baseline: test accuracy {transformer.test.accuracy:.2%} "
+                f"against the baseline's {alone.accuracy:.2%}."
+            )
+        else:
+            said.append(
+                f"The transformer beats the baseline by {100 * (transformer.test.accuracy - alone.accuracy):.2f} "
+                "points of test accuracy."
+            )
+    served = {
+        "hybrid": "This version serves the blend of the two",
+        "transformer": "This version serves the transformer alone",
+        "baseline": "This version serves the baseline alone (train.baseline=only)",
+    }[baseline.served]
+    said.append(f"{served}: {baseline.reason}.")
+    if baseline.served == "hybrid":
+        said.append("Word attributions explain the transformer's share of its answers, not the baseline's.")
+    return said
 
 
 def calibration_section(test: SplitScores, fitted: TemperatureFit | None) -> list[str]:
@@ -364,6 +461,15 @@ def add_explanations(
     ]
 
 
+def explain_report(report: ClassifierReport, predictor: Predictor, limit: int) -> None:
+    """Word attributions (add_explanations) by a PyTorch copy of the predictor's transformer: they need gradients,
+    which ONNX Runtime has not. A blend's cover its transformer's share; a baseline serving alone has none."""
+    if not limit or predictor.model is None or predictor.folder is None:
+        return
+    on_torch = load_unchecked(predictor.folder, "torch")
+    add_explanations(report, *on_torch.transformer, limit)
+
+
 def shaded_html(explanation: dict[str, Any]) -> str:
     """The text with each word's background shaded by its attribution: green adds to the label, red takes away."""
     words = [(w["start"], w["end"], w["score"]) for w in explanation["words"]]
@@ -400,8 +506,6 @@ def evaluate_version(
         title=f"{predictor.ref}: evaluation on {data or 'its test split'}",
         leaked=leaked,
     )
-    if recipe.eval.explanations:
-        on_torch = load_unchecked(folder, "torch")  # the explanations need gradients: PyTorch, not ONNX
-        add_explanations(report, on_torch.model, on_torch.tokenizer, recipe.eval.explanations)
+    explain_report(report, predictor, recipe.eval.explanations)
     report.serving = read_serving(folder)
     return report, write_report(report, out or folder.evaluation(data))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -206,6 +206,59 @@ class CrossValidationReport(ReportPart):
     selected_fold: int
 
 
+class Standing(ReportPart):
+    """A model's accuracy and macro-F1 on one split."""
+
+    n: int
+    accuracy: float
+    macro_f1: float
+
+
+class Contender(ReportPart):
+    """One model of the baseline comparison, on the validation and test splits."""
+
+    validation: Standing | None = None
+    test: Standing | None = None
+
+
+class HybridChoice(ReportPart):
+    """The blend of transformer and baseline probabilities: its weight, chosen on the validation split, and
+    whether it won. `validation` is cross-fitted (the weight tuned on one half, scored on the other, both ways),
+    so the gain is not the weight's own fit."""
+
+    transformer_weight: float
+    validation: Standing
+    test: Standing | None = None
+    gain: float  # validation macro-F1 over the transformer's
+    min_gain: float  # train.hybrid_min_gain
+
+
+class BaselineReport(ReportPart):
+    """The classical baseline fitted on the run's training split (train.baseline), beside the transformer; what
+    the version serves, and why."""
+
+    method: str
+    features: int
+    fit_seconds: float
+    ms_per_text: float  # predicting the test split, on this machine
+    baseline: Contender
+    transformer: Contender | None = None  # None when the baseline alone was trained (train.baseline=only)
+    hybrid: HybridChoice | None = None
+    served: Literal["transformer", "hybrid", "baseline"]
+    reason: str
+
+
+class LongTextsReport(ReportPart):
+    """How texts longer than model.max_length were read (model.truncation), why, and what it costs."""
+
+    truncation: str  # head, head_tail or windows
+    reason: str
+    max_length: int
+    longer_share: float  # of the training texts, longer than max_length tokens
+    training_rows_per_text: float  # rows the training split became (windows: each window is a row)
+    passes_per_test_text: float  # encoder passes per test text (1 but with windows)
+
+
 class ClassifierReport(ReportPart):
     """A version's test report (and, for a multi-task model, each other task's, in `tasks`)."""
 
@@ -230,6 +283,8 @@ class ClassifierReport(ReportPart):
     outlier_exposure: OutlierExposureReport | None = None
     distillation: DistillationReport | None = None
     regime: TrainingRegime | None = None
+    baseline: BaselineReport | None = None
+    long_texts: LongTextsReport | None = None
 
     def to_json(self) -> str:
         # The free-form parts (the data report) can hold numpy scalars: a waimai_10k run's held an int64.

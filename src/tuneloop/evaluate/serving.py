@@ -20,6 +20,7 @@ import numpy as np
 from tuneloop.atomic import atomic_file
 from tuneloop.config import ServingConfig
 from tuneloop.data.prepare import PreparedData
+from tuneloop.models.baseline import Blend
 from tuneloop.models.onnx_encoder import INT8_FILE
 from tuneloop.models.predictor import Predictor, ServingRecord, load_unchecked, onnx_cache, top_two_gap
 from tuneloop.registry import VersionFolder
@@ -76,6 +77,8 @@ def int8_verdict(
 def describe(record: ServingRecord) -> str:
     """One sentence on what serves the version and why, for the CLI and the report."""
     check = record.get("int8")
+    if record.get("baseline_only"):
+        return "served by its TF-IDF baseline alone (train.baseline=only: no encoder)"
     if record["runtime"] == "onnx-int8":
         assert check is not None  # int8 serves only with its passed check (read_serving requires it)
         how = "int8 weights"
@@ -93,7 +96,10 @@ def choose_runtime(
     """Build the run's serving artifacts, check int8, write the serving record; returns it."""
     started = time.perf_counter()
     record: ServingRecord = {"requested": settings.runtime, "runtime": settings.runtime}
-    if settings.runtime == "onnx-int8":
+    blend = Blend.read(run.model)
+    if blend is not None and blend.baseline_only:
+        record.update(runtime="torch", baseline_only=True)  # nothing to export: there is no encoder
+    elif settings.runtime == "onnx-int8":
         record.update(_check_int8(run, data, settings, threads or os.cpu_count() or 1))
     elif settings.runtime == "onnx":
         load_unchecked(run, "onnx", threads)  # exported now, not by the first request

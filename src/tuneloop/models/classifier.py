@@ -31,6 +31,8 @@ HEAD_FILE = "head.safetensors"
 META_FILE = "classifier.json"
 ADAPTER_CONFIG = "adapter_config.json"  # peft's: present when the version stores LoRA adapters, not weights
 TASKS_FILE = "tasks.json"  # multi-task: the other tasks' head specs, each head in head-<task>.safetensors
+BASELINE_FOLDER = "baseline"  # the TF-IDF baseline a version serves beside or instead of its encoder (baseline.py)
+BLEND_FILE = "blend.json"  # present when it does: the transformer's share of the served probability
 
 
 @dataclass
@@ -43,7 +45,10 @@ class HeadSpec:
     dropout: float = 0.1
     cosine_scale: float = 20.0
     max_length: int = 128
-    truncation: str = "head"  # which tokens of a longer text are kept: "head" or "head_tail" (see kept_tokens)
+    # How a text longer than max_length is read: its first tokens ("head"), its first and last ("head_tail", see
+    # kept_tokens), or all of it in overlapping windows whose logits are averaged ("windows", see text_windows).
+    truncation: str = "head"
+    max_windows: int = 8  # truncation=windows: the most windows one text is read in
     text_prefix: str = ""
     base_model: str = ""
     task: str = ""  # the task's name in a multi-task model; empty in a single-task one
@@ -261,6 +266,9 @@ def export_classifier(folder: Path, out: Path, merge: bool) -> None:
         heads = load_task_heads(folder, model)
         if heads:
             save_task_heads(out, heads)
+        if (folder / BLEND_FILE).is_file():  # what the version serves is the blend, not the encoder alone
+            shutil.copy2(folder / BLEND_FILE, out / BLEND_FILE)
+            shutil.copytree(folder / BASELINE_FOLDER, out / BASELINE_FOLDER)
     else:
         shutil.copytree(folder, out, dirs_exist_ok=True)
 
@@ -277,7 +285,8 @@ def kept_tokens(special: Sequence[int], max_length: int, truncation: str) -> lis
     if not content:
         return list(range(max_length))
     room = max(max_length - (len(special) - len(content)), 1)
-    head = room if truncation == "head" else room // 4
+    # Windows: what one window shows (explanations under truncation=windows cover a text's first window).
+    head = room if truncation in ("head", "windows") else room // 4
     chosen = set(content[:head] + content[len(content) - (room - head) :])
     return [i for i, flag in enumerate(special) if flag or i in chosen]
 
@@ -294,6 +303,50 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], spec: HeadSpe
         [ids[i] for i in kept_tokens(special, spec.max_length, spec.truncation)]
         for ids, special in zip(encoded["input_ids"], encoded["special_tokens_mask"], strict=True)
     ]
+
+
+def window_starts(length: int, room: int, max_windows: int) -> list[int]:
+    """Where each window of `room` tokens starts in a text of `length` tokens: every three quarters of a window
+    (a quarter overlaps the next, so a phrase cut by one window's edge is whole in its neighbour), the last one
+    flush with the end; at most `max_windows`, spread evenly over the text when it would take more."""
+    if length <= room:
+        return [0]
+    starts = [*range(0, length - room, max(room - room // 4, 1)), length - room]
+    if len(starts) > max_windows:
+        starts = sorted({int(s) for s in np.linspace(0, length - room, max_windows).round()})
+    return starts
+
+
+def text_windows(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], spec: HeadSpec
+) -> tuple[list[list[int]], np.ndarray]:
+    """The token ids the classifier reads, and the text each row belongs to. Every truncation but "windows" gives
+    one row per text (tokenize); "windows" reads a text longer than max_length in several rows, each with the
+    text's special tokens and its prefix ("query: " for e5) around a window of its own tokens, so that a text
+    that fits is read exactly as under head truncation. Training, evaluation and serving all read texts here."""
+    if spec.truncation != "windows":
+        ids = tokenize(tokenizer, texts, spec)
+        return ids, np.arange(len(ids))
+    encoded = tokenizer(
+        [spec.text_prefix + t for t in texts],
+        return_special_tokens_mask=True,
+        return_offsets_mapping=tokenizer.is_fast,
+        verbose=False,
+    )
+    rows: list[list[int]] = []
+    owners: list[int] = []
+    for index, (ids, special) in enumerate(zip(encoded["input_ids"], encoded["special_tokens_mask"], strict=True)):
+        content = [i for i, flag in enumerate(special) if not flag]
+        offsets = encoded["offset_mapping"][index] if tokenizer.is_fast else [(len(spec.text_prefix),) * 2] * len(ids)
+        prefix = [i for i in content if offsets[i][0] < len(spec.text_prefix)]
+        own = content[len(prefix) :]
+        lead = [i for i, flag in enumerate(special) if flag and (not own or i < own[0])]
+        trail = [i for i, flag in enumerate(special) if flag and own and i > own[-1]]
+        room = max(spec.max_length - len(lead) - len(prefix) - len(trail), 1)
+        for start in window_starts(len(own), room, spec.max_windows):
+            rows.append([ids[i] for i in (*lead, *prefix, *own[start : start + room], *trail)])
+            owners.append(index)
+    return rows, np.array(owners, dtype=int)
 
 
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,16 +401,21 @@ def predict_logits(
     model.eval()
     device = model.head.weight.device  # a model still on the GPU it trained on (validation); else the CPU
     with stage("tokenise"):
-        encoded = tokenize(tokenizer, texts, model.spec)
-    out = np.zeros((len(texts), len(model.spec.labels) + sum(len(h.spec.labels) for h in heads)), dtype=np.float32)
+        encoded, owners = text_windows(tokenizer, texts, model.spec)
+    rows = np.zeros((len(encoded), len(model.spec.labels) + sum(len(h.spec.labels) for h in heads)), dtype=np.float32)
     for chosen in length_groups([len(ids) for ids in encoded], batch_size, max_padding):
         with stage("data"):
             input_ids, attention_mask = pad_right([encoded[i] for i in chosen], tokenizer.pad_token_id or 0)
         with stage("forward"):
             pooled = model.embed(input_ids.to(device), attention_mask.to(device))
             logits = [classifier.logits_from_embeddings(pooled) for classifier in (model, *heads)]
-            out[chosen] = torch.cat(logits, dim=-1).float().cpu().numpy()
-    return out
+            rows[chosen] = torch.cat(logits, dim=-1).float().cpu().numpy()
+    if len(encoded) == len(texts):
+        return rows  # one row per text: nothing to pool
+    # A text read in windows says what its windows say on average (mean pooling of their logits).
+    out = np.zeros((len(texts), rows.shape[1]), dtype=np.float32)
+    np.add.at(out, owners, rows)
+    return out / np.bincount(owners, minlength=len(texts))[:, None].astype(np.float32)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

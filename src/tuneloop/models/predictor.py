@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from tuneloop.config import RegistryConfig
 from tuneloop.data.clean import clean_text
 from tuneloop.errors import TuneloopError, first_line
+from tuneloop.models.baseline import Blend
 from tuneloop.models.classifier import (
     HeadSpec,
     TextClassifier,
@@ -35,6 +36,7 @@ from tuneloop.registry import ModelVersion, Registry, VersionFolder
 
 log = logging.getLogger(__name__)
 RUNTIMES = ("torch", "onnx", "onnx-int8")
+BASELINE_RUNTIME = "baseline"  # a version without an encoder (train.baseline=only): its TF-IDF baseline answers
 ONNX_CACHE = "onnx"  # beside a folder's model (an export's: inside it), where its ONNX exports are kept
 # A version's serving record (serving.json, written by tuneloop.evaluate.serving): which runtime serves it and its
 # int8 checks, as JSON; read_serving checks the keys loading relies on.
@@ -57,32 +59,59 @@ class Predictor:
 
     name: str
     version: int | None
-    model: TextClassifier
-    tokenizer: PreTrainedTokenizerBase
+    # The fine-tuned transformer; None for a version its baseline serves alone (train.baseline=only).
+    model: TextClassifier | None
+    tokenizer: PreTrainedTokenizerBase | None
     record: ModelVersion | None = None
     folder: VersionFolder | None = None
     # A multi-task model's other heads on the same encoder; `logits` returns their columns after the model's.
     tasks: dict[str, TextClassifier] = field(default_factory=dict)
-    runtime: str = "torch"  # what runs the encoder: torch, onnx or onnx-int8
+    runtime: str = "torch"  # what runs the encoder: torch, onnx or onnx-int8; "baseline" when there is none
     # int8 with fp32 for close calls: texts whose two best labels are nearer than this (in logits) get the
     # fallback's (fp32) answer instead; chosen per version by its int8 check (tuneloop.evaluate.serving).
     fallback: Predictor | None = None
     fallback_margin: float = 0.0
+    # The classical baseline mixed into the model's own task (models/baseline.py), or serving alone.
+    blend: Blend | None = None
+    # The spec of a version without a transformer (its labels, temperature and what it is); else the model's.
+    baseline_spec: HeadSpec | None = None
+
+    @property
+    def spec(self) -> HeadSpec:
+        """The served head's spec: the transformer's, or the one saved beside a baseline that serves alone."""
+        if self.model is not None:
+            return self.model.spec
+        assert self.baseline_spec is not None  # _assemble gives a predictor without a model its spec
+        return self.baseline_spec
+
+    @property
+    def transformer(self) -> tuple[TextClassifier, PreTrainedTokenizerBase]:
+        """The fine-tuned transformer and its tokenizer, for what only it does (word attributions by gradients,
+        cosine scores); a version its baseline serves alone has none."""
+        if self.model is None or self.tokenizer is None:
+            raise TuneloopError(
+                f"{self.ref} is served by its TF-IDF baseline alone (train.baseline=only): it has no transformer "
+                "to explain or to take cosines from"
+            )
+        return self.model, self.tokenizer
 
     @property
     def labels(self) -> list[str]:
-        return self.model.spec.labels
+        return self.spec.labels
 
     @property
     def device(self) -> str:
         """Where the encoder runs: "cpu", or "cuda" when ONNX Runtime's CUDA provider runs it."""
-        provider = getattr(self.model.encoder, "provider", "CPUExecutionProvider")
+        provider = getattr(self.model.encoder if self.model else None, "provider", "CPUExecutionProvider")
         return "cuda" if provider == "CUDAExecutionProvider" else "cpu"
 
     @property
     def temperature(self) -> float:
-        """What the model's logits are divided by (its fitted temperature; 1 before calibration)."""
-        return self.model.spec.temperature
+        """What the served logits were divided by (the fitted temperature; 1 before calibration). A blend's logits
+        are mixed probabilities, divided by nothing: its transformer's share is scaled before mixing."""
+        if self.blend is not None and not self.blend.baseline_only:
+            return 1.0
+        return self.spec.temperature
 
     @property
     def classes_(self) -> np.ndarray:
@@ -101,7 +130,11 @@ class Predictor:
         return self.name if self.version is None else f"{self.name}@{self.version}"
 
     def logits(self, texts: list[str], batch_size: int = 64, max_padding: float | None = None) -> np.ndarray:
-        """Logits of every task, the model's own first, for texts already cleaned (one encoder pass each)."""
+        """Logits of every task, the model's own first, for texts already cleaned (one encoder pass each); the
+        model's own columns mixed with the baseline's when the version serves a blend."""
+        if self.model is None or self.tokenizer is None:
+            assert self.blend is not None  # a predictor without a transformer is its baseline
+            return self.blend.mix(texts, None) / self.spec.temperature
         rows = predict_logits(
             self.model,
             self.tokenizer,
@@ -110,6 +143,8 @@ class Predictor:
             heads=list(self.tasks.values()),
             max_padding=max_padding,
         )
+        if self.blend is not None:
+            rows[:, : len(self.labels)] = self.blend.mix(texts, self.own_logits(rows))
         if self.fallback is not None and len(texts):
             close = np.flatnonzero(top_two_gap(self.own_logits(rows)) < self.fallback_margin)
             if len(close):
@@ -202,6 +237,12 @@ def _assemble(
         name, version = record.name, record.version
     else:
         name, version = (folder.root if folder else model_dir).resolve().name, None
+    blend = Blend.read(model_dir)
+    if blend is not None and blend.baseline_only:
+        spec = HeadSpec.read(model_dir)
+        return Predictor(
+            name, version, None, None, record, folder, runtime=BASELINE_RUNTIME, blend=blend, baseline_spec=spec
+        )
     model, tokenizer = TextClassifier.load(model_dir)
     if runtime != "torch":
         cache = onnx_cache(folder.root if folder else model_dir, model_dir)
@@ -211,7 +252,9 @@ def _assemble(
     # After the swap: the other tasks' heads share whichever encoder the model runs.
     tasks = load_task_heads(model_dir, model)
     fallback = _assemble(record, folder, model_dir, "onnx", threads, 0.0) if fallback_margin else None
-    loaded = Predictor(name, version, model, tokenizer, record, folder, tasks, runtime, fallback, fallback_margin)
+    loaded = Predictor(
+        name, version, model, tokenizer, record, folder, tasks, runtime, fallback, fallback_margin, blend=blend
+    )
     log.info("%s runs on %s (%s)", loaded.ref, loaded.device, runtime)
     return loaded
 

@@ -144,7 +144,10 @@ class ModelInfo(BaseModel):
     stage: str
     base_model: str
     labels: list[str]
-    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(description="What runs this version's encoder now.")
+    runtime: Literal["torch", "onnx", "onnx-int8", "baseline"] = Field(
+        description="What runs this version's encoder now; baseline: it has none, its TF-IDF baseline answers alone "
+        "(train.baseline=only)."
+    )
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="Where it runs: cuda when the gpu extra (onnxruntime-gpu) finds a GPU, else cpu."
     )

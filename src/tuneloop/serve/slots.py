@@ -246,7 +246,7 @@ class ServedModels:
             current = {slot.current.ref for slot in self.slots.values()}
             self._explainers = {ref: kept for ref, kept in self._explainers.items() if ref in current}
             self._explainers[version.ref] = explainer
-        work = functools.partial(explain, explainer.model, explainer.tokenizer, labels=labels, steps=steps)
+        work = functools.partial(explain, *explainer.transformer, labels=labels, steps=steps)
         return await self.on_inference_thread(work, texts)
 
     async def _load(self, slot: ModelSlot, target: ModelVersion) -> Predictor:

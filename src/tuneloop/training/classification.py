@@ -39,13 +39,15 @@ from tuneloop.data.prepare import (
 from tuneloop.errors import TuneloopError, first_line
 from tuneloop.evaluate.audit import AUDIT_FILE, audit_training_labels
 from tuneloop.evaluate.calibrate import calibrate_run
-from tuneloop.evaluate.report import add_explanations, evaluate_classifier, write_report
+from tuneloop.evaluate.report import evaluate_classifier, explain_report, write_report
 from tuneloop.evaluate.schema import (
+    BaselineReport,
     ClassifierReport,
     ContrastiveReport,
     CrossValidationReport,
     DistillationReport,
     Fold,
+    LongTextsReport,
     OutlierExposureReport,
     PrivacyReport,
     Processes,
@@ -60,13 +62,14 @@ from tuneloop.models.classifier import (
     length_groups,
     load_encoder,
     pad_right,
-    tokenize,
+    text_windows,
 )
 from tuneloop.models.encoders import EncoderSource, prepare_for_model, prepare_tasks, resolve_encoder
-from tuneloop.models.predictor import Predictor, ServingRecord, load_model, load_unchecked
+from tuneloop.models.predictor import Predictor, ServingRecord, load_model
 from tuneloop.models.trained_rows import train_only_used_rows
 from tuneloop.profiling import PROFILE_FOLDER, Profiler, SummaryJson, stage
 from tuneloop.registry import ModelVersion, Registry, VersionFolder
+from tuneloop.training.baseline import fit_alone, settle_baseline
 from tuneloop.training.common import (
     HistoryEntry,
     load_checkpoint,
@@ -82,6 +85,7 @@ from tuneloop.training.common import (
 from tuneloop.training.contrastive import contrastive_stage
 from tuneloop.training.devices import DevicePlan, plan_device, process_group_backend
 from tuneloop.training.distributed import ONE_PROCESS, World, check_recipe, current_world, join_world, leave_world
+from tuneloop.training.long_texts import settle_truncation
 from tuneloop.training.loop import CHECKPOINT, LoopState, StepCallback, Stepper, Task, Training, fit
 from tuneloop.training.losses import CrossEntropy, Distillation, class_weights, outlier_exposure
 from tuneloop.training.regime import choose_regime, epochs_for, with_label_names
@@ -108,6 +112,8 @@ class TrainResult:
     distillation: DistillationReport | None = None  # train.teachers: who taught, and how
     device: str = "cpu in fp32"  # where it trained, and in which precision (DevicePlan.describe)
     regime: TrainingRegime | None = None  # standard or few-shot, and why
+    baseline: BaselineReport | None = None  # train.baseline=only: the baseline that is the model
+    long_texts: LongTextsReport | None = None  # how texts longer than model.max_length were read
 
 
 @dataclass
@@ -225,14 +231,16 @@ def _task(
     tc = recipe.train
     weights = class_weights(labels, len(data.labels)) if tc.class_weighted else None
     share = 1 - tc.distill_weight if tc.teachers and not name else 1.0  # distillation takes the rest
+    rows, owners = text_windows(tokenizer, data.train["text"].tolist(), classifier.spec)  # a row per window
     return Task(
         name,
         classifier,
-        tokenize(tokenizer, data.train["text"].tolist(), classifier.spec),
-        labels,
+        rows,
+        labels[owners],
         data.val["text"].tolist(),
         data.val["label"].map(index).to_numpy(),
         [CrossEntropy(share, tc.label_smoothing, weights)],
+        owners,
     )
 
 
@@ -275,8 +283,11 @@ def prepare_terms(
         )
         task.terms += [term] if term else []
     if tc.teachers:
-        soft, done.distillation = teacher_targets(recipe, data.train["text"].tolist(), data.labels, task.train_labels)
-        task.terms.append(Distillation(tc.distill_weight, soft, tc.distill_temperature))
+        texts, text_labels = data.train["text"].tolist(), data.train["label"].map(data.labels.index).to_numpy()
+        soft, done.distillation = teacher_targets(recipe, texts, data.labels, text_labels)
+        # One soft label per row the model reads (a text read in windows has several).
+        assert task.owners is not None  # _task says which text each row reads
+        task.terms.append(Distillation(tc.distill_weight, soft[task.owners], tc.distill_temperature))
     done.seconds = time.perf_counter() - started
     return done
 
@@ -437,6 +448,8 @@ def fine_tune(
     regime = choose_regime(recipe, data, world, multitask=bool(other_tasks))
     data = with_label_names(data, regime, tc.few_shot.label_names)
     model, tokenizer = build_classifier(recipe, encoder, data.labels, task_name if other_tasks else "")
+    long_texts = settle_truncation(recipe, model.spec, tokenizer, data)
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"truncation": long_texts.truncation})})
     if tc.dp:
         from tuneloop.training import private as dpsgd
 
@@ -478,6 +491,7 @@ def fine_tune(
         distillation=prepared.distillation,
         device=plan.describe(),
         regime=regime,
+        long_texts=long_texts,
     )
 
 
@@ -530,21 +544,47 @@ def cross_validate(
     return result, summary
 
 
+@dataclass
+class Settled:
+    """What the end of training decides before the test report: temperatures, the baseline's comparison (and the
+    blend it may bring), and the runtime that serves."""
+
+    calibration: dict[str, TemperatureFit]
+    baseline: BaselineReport | None
+    serving: ServingRecord
+
+
+def _baseline_alone(recipe: ClassifierRecipe, data: PreparedData, run: VersionFolder) -> TrainResult:
+    """train.baseline=only: the TF-IDF baseline fitted as the run's model, no encoder trained."""
+    fitted = fit_alone(recipe, run, data)
+    val = fitted.baseline.validation
+    return TrainResult(
+        best_dir=run.model,
+        best_epoch=0,
+        best_val_macro_f1=val.macro_f1 if val else None,
+        train_seconds=fitted.fit_seconds,
+        device="cpu (scikit-learn)",
+        baseline=fitted,
+    )
+
+
 def settle_serving(
     recipe: ClassifierRecipe,
     run: VersionFolder,
     data: PreparedData,
     others: dict[str, PreparedData],
     cross_validation: CrossValidationReport | None,
-) -> tuple[dict[str, TemperatureFit], ServingRecord]:
-    """Calibrate the run's heads on their validation splits, then build and check what will serve it."""
+) -> Settled:
+    """Calibrate the run's heads on their validation splits, weigh the baseline and the blend, then build and
+    check what will serve it."""
     calibration = {}
+    # Under k-fold the kept model trained on the other folds: its own fold is the split it never saw.
+    own = _fold_data(data, cross_validation.selected_fold) if cross_validation else data
     if recipe.eval.calibrate:
-        # Under k-fold the kept model trained on the other folds: its own fold is the split it never saw.
-        val = _fold_data(data, cross_validation.selected_fold).val if cross_validation else data.val
-        vals = {next(iter(recipe.tasks), ""): val, **{name: task_data.val for name, task_data in others.items()}}
+        vals = {next(iter(recipe.tasks), ""): own.val, **{name: task_data.val for name, task_data in others.items()}}
         calibration = calibrate_run(run, vals, recipe.eval.calibration_bins)
-    return calibration, choose_runtime(run, data, recipe.serving, recipe.train.threads)
+    baseline = settle_baseline(recipe, run, own.train, own.val, data.test, data.labels)
+    return Settled(calibration, baseline, choose_runtime(run, data, recipe.serving, recipe.train.threads))
 
 
 def evaluate_run(
@@ -565,8 +605,8 @@ def evaluate_run(
     test_logits, scorers = shared_logits(served, data.test["text"].tolist(), world)
     if not world.main or settled is None:
         return None
-    calibration, serving = settled
-    title = f"{recipe.name}: test report" + (f" — task {served.model.spec.task}" if others else "")
+    calibration, serving = settled.calibration, settled.serving
+    title = f"{recipe.name}: test report" + (f" — task {served.spec.task}" if others else "")
     report = evaluate_classifier(
         served,
         data.test,
@@ -580,9 +620,7 @@ def evaluate_run(
     report.serving = serving
     if world.distributed:
         report.processes = Processes(count=world.size, strategy=recipe.train.strategy, test_scored_by=scorers)
-    if recipe.eval.explanations:
-        on_torch = load_unchecked(run, "torch")  # the explanations need gradients: PyTorch, not ONNX
-        add_explanations(report, on_torch.model, on_torch.tokenizer, recipe.eval.explanations)
+    explain_report(report, served, recipe.eval.explanations)
     report.calibration = calibration.get(next(iter(recipe.tasks), ""))
     if others:
         report.tasks = {name: _task_report(recipe, served, name, extra, calibration) for name, extra in others.items()}
@@ -598,6 +636,8 @@ def evaluate_run(
         ("outlier_exposure", result.outlier_exposure),
         ("distillation", result.distillation),
         ("regime", result.regime),
+        ("baseline", settled.baseline or result.baseline),
+        ("long_texts", result.long_texts),
     ):
         if value is not None:
             setattr(report, name, value)
@@ -660,7 +700,7 @@ def register_classifier(
         registry,
         recipe,
         run,
-        base_model=encoder.name,
+        base_model=report.base_model or encoder.name,
         fingerprint=data_fingerprint,
         metrics=metrics,
         keep_checkpoints=recipe.train.keep_checkpoints,
@@ -807,7 +847,9 @@ def _run(
     begun = start(recipe, registry, world, resume, prepared, parent)
     recipe, folder, data, others, encoder = begun.recipe, begun.folder, begun.data, begun.others, begun.encoder
     cross_validation = None
-    if recipe.data.kfold and resume is None:
+    if recipe.train.baseline == "only":
+        result = _baseline_alone(recipe, data, folder)
+    elif recipe.data.kfold and resume is None:
         result, cross_validation = cross_validate(recipe, data, encoder, folder, show_progress)
     else:
         result = fine_tune(

@@ -57,6 +57,8 @@ class Task:
     val_texts: list[str]
     val_labels: np.ndarray
     terms: list[LossTerm]
+    # The training text each row of train_ids reads (several rows per long text under truncation=windows).
+    owners: np.ndarray | None = None
 
 
 @dataclass
