@@ -100,13 +100,12 @@ def test_chat_page_correction_then_approved_in_the_admin_review_queue(assistant_
         assert words.all_inner_texts() == ["where", "is", "my", "parcel", "courier", "late"]
         colours = words.evaluate_all("spans => spans.map((s) => getComputedStyle(s).backgroundColor)")
         assert any(c.startswith("rgba(26, 127, 55") or c.startswith("rgba(207, 34, 46") for c in colours)
-        # To label: the unlabelled message is suggested; a label chosen and saved leaves the table.
-        suggested = page.locator("xpath=//h3[text()='toy']/following-sibling::table[1]/tbody/tr")
-        suggested.first.wait_for()
-        assert "my account got locked after travel" in suggested.all_inner_texts()[0]
-        assert "where is my parcel courier late" not in " ".join(suggested.all_inner_texts())  # has feedback
-        suggested.first.locator("select").select_option("password")
-        suggested.first.locator("button:has-text('save')").click()
+        # To label: the unlabelled message is suggested (the one with feedback is not); chosen and saved.
+        toy = page.locator(".labeller[data-model='toy']")
+        page.wait_for_selector(".labeller[data-model='toy'] blockquote:has-text('my account got locked after travel')")
+        assert toy.locator(".progress").inner_text() == "1 of 1"
+        toy.locator("input.label-filter").fill("password")
+        toy.locator("button:has-text('save')").click()
         page.wait_for_selector("#status:has-text('as password')")
         page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
     log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
@@ -140,15 +139,14 @@ def test_out_of_scope_from_the_chat_page_and_the_admin_pages_and_the_point_moved
         assert "what is the capital of peru" in queued.first.inner_text()
         assert "out_of_scope" in queued.first.inner_text()
         # To label: nothing preselected for a message the model was unsure of, and out of scope on offer.
-        toy = page.locator("xpath=//h3[text()='toy']/following-sibling::table[1]/tbody/tr")
-        suggested = toy.filter(has_text="is it raining in lima")
-        suggested.wait_for()
-        choice = suggested.locator("select.right-label")
-        assert choice.input_value() == "" and "out of scope" in choice.locator("option").all_inner_texts()
-        suggested.locator("button:has-text('save')").click()
+        toy = page.locator(".labeller[data-model='toy']")
+        page.wait_for_selector(".labeller[data-model='toy'] blockquote:has-text('is it raining in lima')")
+        assert toy.locator("ul.choices li[aria-selected='true']").count() == 0
+        assert "out of scope" in toy.locator("ul.choices li").all_inner_texts()
+        toy.locator("button:has-text('save')").click()
         page.wait_for_selector("#status:has-text('choose a label')")
-        choice.select_option(label="out of scope")
-        suggested.locator("button:has-text('save')").click()
+        toy.locator("ul.choices li", has_text="out of scope").click()
+        toy.locator("button:has-text('save')").click()
         page.wait_for_selector("#status:has-text('as out of scope')")
         # The curve, its point, and a move with what it is expected to do.
         page.locator("#scope svg.scope-plot circle.now").wait_for()
@@ -169,3 +167,4 @@ def test_out_of_scope_from_the_chat_page_and_the_admin_pages_and_the_point_moved
         ("out_of_scope", True, "is it raining in lima"),
     ]
     assert app.state.tuneloop.chat.runtime.moves("toy@1")[-1]["by"].startswith("key:")
+
