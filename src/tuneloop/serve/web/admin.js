@@ -238,6 +238,9 @@ class Labeller {
     this.coming.setAttribute("aria-live", "polite");
     this.filter.addEventListener("input", () => { this.active = this.filter.value ? 0 : -1; this.drawChoices(); });
     this.filter.addEventListener("keydown", (event) => this.key(event));
+    this.similar.addEventListener("keydown", (event) => {  // Tab to a similar message, Space to untick, Enter saves
+      if (event.key === "Enter") { event.preventDefault(); this.guarded(() => this.save()); }
+    });
     this.root.append(element("h3", "", this.model), this.progress, this.message, this.guess, filterLabel,
                      this.filter, this.list, this.similar, actions, this.coming);
   }
