@@ -206,6 +206,7 @@ class Labeller {
                     { label: answer.out_of_scope_label, text: "out of scope" }];
     this.index = 0;
     this.active = -1;  // the chosen label in the filtered list: none until the person chooses
+    this.saving = false;
     this.build(reload);
     this.render();
   }
@@ -231,7 +232,7 @@ class Labeller {
     this.list.setAttribute("aria-label", `labels of ${this.model}`);
     this.similar = element("fieldset", "similar");
     const actions = element("p", "labeller-actions");
-    actions.append(button("← previous", () => this.move(-1)), " ", button("skip (S)", () => this.skip()), " ",
+    actions.append(button("← previous", () => this.move(-1)), " ", button("skip (Shift+S)", () => this.skip()), " ",
                    button("save (Enter)", () => this.save()), " ", button("next →", () => this.move(1)), " ",
                    button("load more", reload));
     this.coming = element("p", "next-retrain");
@@ -253,6 +254,7 @@ class Labeller {
   }
 
   key(event) {
+    if (event.isComposing) return;  // Enter or an arrow that ends a Chinese input method's word is not ours
     const empty = this.filter.value === "";
     const shown = this.filtered();
     const moves = { ArrowDown: 1, ArrowUp: -1 };
@@ -298,11 +300,11 @@ class Labeller {
       option.id = `${this.list.id}-${i}`;
       option.setAttribute("role", "option");
       option.setAttribute("aria-selected", String(i === this.active));
-      option.dataset.label = choice.label;
       option.addEventListener("click", () => { this.active = i; this.drawChoices(); this.filter.focus(); });
       this.list.append(option);
     });
-    if (this.active >= 0 && shown.length) this.filter.setAttribute("aria-activedescendant", `${this.list.id}-${this.active}`);
+    const chosen = this.active >= 0 && shown.length ? `${this.list.id}-${this.active}` : null;
+    if (chosen) this.filter.setAttribute("aria-activedescendant", chosen);
     else this.filter.removeAttribute("aria-activedescendant");
     if (!shown.length) this.list.append(element("li", "none", "no label matches"));
   }
@@ -347,13 +349,19 @@ class Labeller {
     const choice = this.filtered()[this.active];
     const item = this.items[this.index];
     if (!choice) throw new Error(`choose a label for "${item.text.slice(0, 40)}" first (type to filter, ↑/↓, Enter)`);
+    if (this.saving) return;  // Enter held down: one request per message
+    this.saving = true;
+    try { await this.send(item, choice); } finally { this.saving = false; }
+  }
+
+  async send(item, choice) {
     const ticked = [...this.similar.querySelectorAll("input:checked")].map((box) => box.value);
     const labels = Object.fromEntries([item.prediction_id, ...ticked].map((id) => [id, choice.label]));
     const answer = await call("/v1/admin/labels", { model: this.model, labels });
     const also = ticked.length ? ` and ${ticked.length} similar` : "";
     show(`labelled "${item.text.slice(0, 40)}"${also} as ${choice.text}`);
     this.coming.textContent = nextRetrainText(answer.next_retrain);
-    this.outcome[this.index] = `labelled as ${choice.text}`;
+    this.outcome[this.items.indexOf(item)] = `labelled as ${choice.text}`;  // the person may have moved on
     this.advance();
   }
 }
