@@ -5,6 +5,8 @@ review queue and approve it, label a suggested message; then find that feedback 
 from __future__ import annotations
 
 import contextlib
+import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,13 +102,12 @@ def test_chat_page_correction_then_approved_in_the_admin_review_queue(assistant_
         assert words.all_inner_texts() == ["where", "is", "my", "parcel", "courier", "late"]
         colours = words.evaluate_all("spans => spans.map((s) => getComputedStyle(s).backgroundColor)")
         assert any(c.startswith("rgba(26, 127, 55") or c.startswith("rgba(207, 34, 46") for c in colours)
-        # To label: the unlabelled message is suggested; a label chosen and saved leaves the table.
-        suggested = page.locator("xpath=//h3[text()='toy']/following-sibling::table[1]/tbody/tr")
-        suggested.first.wait_for()
-        assert "my account got locked after travel" in suggested.all_inner_texts()[0]
-        assert "where is my parcel courier late" not in " ".join(suggested.all_inner_texts())  # has feedback
-        suggested.first.locator("select").select_option("password")
-        suggested.first.locator("button:has-text('save')").click()
+        # To label: the unlabelled message is suggested (the one with feedback is not); chosen and saved.
+        toy = page.locator(".labeller[data-model='toy']")
+        page.wait_for_selector(".labeller[data-model='toy'] blockquote:has-text('my account got locked after travel')")
+        assert toy.locator(".progress").inner_text() == "1 of 1"
+        toy.locator("input.label-filter").fill("password")
+        toy.locator("button:has-text('save')").click()
         page.wait_for_selector("#status:has-text('as password')")
         page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
     log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
@@ -140,15 +141,14 @@ def test_out_of_scope_from_the_chat_page_and_the_admin_pages_and_the_point_moved
         assert "what is the capital of peru" in queued.first.inner_text()
         assert "out_of_scope" in queued.first.inner_text()
         # To label: nothing preselected for a message the model was unsure of, and out of scope on offer.
-        toy = page.locator("xpath=//h3[text()='toy']/following-sibling::table[1]/tbody/tr")
-        suggested = toy.filter(has_text="is it raining in lima")
-        suggested.wait_for()
-        choice = suggested.locator("select.right-label")
-        assert choice.input_value() == "" and "out of scope" in choice.locator("option").all_inner_texts()
-        suggested.locator("button:has-text('save')").click()
+        toy = page.locator(".labeller[data-model='toy']")
+        page.wait_for_selector(".labeller[data-model='toy'] blockquote:has-text('is it raining in lima')")
+        assert toy.locator("ul.choices li[aria-selected='true']").count() == 0
+        assert "out of scope" in toy.locator("ul.choices li").all_inner_texts()
+        toy.locator("button:has-text('save')").click()
         page.wait_for_selector("#status:has-text('choose a label')")
-        choice.select_option(label="out of scope")
-        suggested.locator("button:has-text('save')").click()
+        toy.locator("ul.choices li", has_text="out of scope").click()
+        toy.locator("button:has-text('save')").click()
         page.wait_for_selector("#status:has-text('as out of scope')")
         # The curve, its point, and a move with what it is expected to do.
         page.locator("#scope svg.scope-plot circle.now").wait_for()
@@ -169,3 +169,73 @@ def test_out_of_scope_from_the_chat_page_and_the_admin_pages_and_the_point_moved
         ("out_of_scope", True, "is it raining in lima"),
     ]
     assert app.state.tuneloop.chat.runtime.moves("toy@1")[-1]["by"].startswith("key:")
+
+
+def admin_get(server: LiveServer, path: str) -> Any:
+    """A GET of the admin API on the live server with the key "root"."""
+    request = urllib.request.Request(server.url + path, headers={"x-api-key": "root"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+# More messages than the page's 20 suggestions, so that some are listed under others as similar.
+PLACES = ["lima", "paris", "tokyo", "rome", "oslo", "cairo", "quito", "delhi", "lagos", "seoul", "perth", "dakar"]
+SIMILAR_TEXTS = [f"my account got locked after travel to {place}" for place in PLACES] + [
+    f"where is my parcel sent to {place}" for place in PLACES
+]
+
+
+def test_to_label_one_message_at_a_time_by_keyboard_with_its_similar_messages(assistant_setup):
+    """The To-label queue as a support team uses it: one message, nothing chosen for them, a label typed in part
+    and saved with Enter for the message and its similar ones in one request, Shift+S to skip, the progress and what
+    the next retrain learns shown; no mouse."""
+    app, config = shop(assistant_setup)
+    with chat_page(app) as (server, page):
+        # The predictions feed the suggestions (the intent model's own labels, no chat turn needed).
+        urllib.request.urlopen(
+            urllib.request.Request(
+                server.url + "/v1/predict",
+                json.dumps({"model": "toy", "texts": SIMILAR_TEXTS}).encode(),
+                {"content-type": "application/json"},
+            ),
+            timeout=30,
+        ).close()
+        offered = admin_get(server, "/v1/admin/suggestions?model=toy&budget=20")["suggestions"]
+        # The first message with similar ones (24 messages for 20 suggestions: some are listed under others).
+        at = next(i for i, suggestion in enumerate(offered) if suggestion["similar"])
+        first = offered[at]
+
+        page.goto(server.url + "/admin")
+        page.fill("#key", "root")
+        page.press("#key", "Enter")
+        toy = page.locator(".labeller[data-model='toy']")
+        message, progress = toy.locator("blockquote.message"), toy.locator(".progress")
+        page.wait_for_selector(f".labeller[data-model='toy'] blockquote:text-is({json.dumps(offered[0]['text'])})")
+        box = toy.locator("input.label-filter")
+        assert box.evaluate("box => document.activeElement === box")  # the list takes the focus from the key box
+        assert progress.inner_text() == f"1 of {len(offered)}"
+        page.keyboard.press("Shift+S")  # skip
+        assert progress.inner_text() == f"2 of {len(offered)} (1 done)"
+        assert message.inner_text() == offered[1]["text"]
+        page.keyboard.press("ArrowLeft")  # back to the first, then on to the one with similar messages
+        for _ in range(at):
+            page.keyboard.press("ArrowRight")
+        assert message.inner_text() == first["text"] and progress.inner_text().startswith(f"{at + 1} of ")
+        assert f"The model's guess: {first['predicted']}" in toy.locator(".guess").inner_text()
+        assert box.input_value() == "" and toy.locator("ul.choices li[aria-selected='true']").count() == 0
+        ticks = toy.locator("fieldset.similar input[type=checkbox]")
+        assert ticks.count() == len(first["similar"]) and all(t.is_checked() for t in ticks.all())
+        page.keyboard.type("passw")
+        assert toy.locator("ul.choices li").all_inner_texts() == ["password"]
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".labeller[data-model='toy'] .next-retrain:has-text('the next retrain learns')")
+        labelled = 1 + len(first["similar"])
+        assert toy.locator(".next-retrain").inner_text() == f"the next retrain learns {labelled} examples of 1 labels"
+        assert progress.inner_text().endswith(" done)") and message.inner_text() != first["text"]
+        assert page.evaluate("document.activeElement.classList.contains('label-filter')")
+    log = PredictionLog(config.registry.resolved_database_url(), config.registry.home)
+    rows = log.feedback_for("toy")
+    log.close()
+    expected = {first["prediction_id"], *(near["prediction_id"] for near in first["similar"])}
+    assert {p.id for _, p in rows} == expected
+    assert all(f.corrected_label == "password" and f.trusted for f, _ in rows)

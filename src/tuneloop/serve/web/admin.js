@@ -158,44 +158,212 @@ async function loadReview(names) {
   root.replaceChildren(...(parts.length ? parts : ["Nothing waits for review."]));
 }
 
-// One table per model in production: the predictions most worth a label; choose the right one and save.
+// To label: one message at a time per model in production, most worth a label first. The model's guess is shown
+// but nothing is chosen for the person (its guess would anchor the answer); typing filters the labels, and the
+// label chosen goes to the message and to the similar messages left ticked, in one POST /v1/admin/labels.
+const labellers = new Map();  // model name → its labeller, kept across reloads so that nobody loses their place
+
 async function loadSuggestions(names) {
   const parts = [];
   for (const name of names) {
+    const kept = labellers.get(name);
+    if (kept && !kept.finished()) { parts.push(kept.root); continue; }
     let answer;
     try {
       answer = await call(`/v1/admin/suggestions?model=${encodeURIComponent(name)}&budget=20`);
     } catch (error) { continue; }  // no production version, or nothing served yet
     if (!answer.suggestions.length) continue;
-    const t = table(["text", "model said", "why", "right label", ""]);
-    t.className = "suggestions";
-    const body = t.createTBody();
-    for (const s of answer.suggestions) {
-      const row = body.insertRow();
-      row.dataset.prediction = s.prediction_id;
-      cell(row, s.text);
-      cell(row, `${s.predicted} (${percent(s.confidence)})`);
-      cell(row, s.why);
-      // Nothing chosen for the person: these are messages the model was unsure of, and its guess would anchor
-      // the answer. "out of scope" is for a message none of the labels covers.
-      const choice = document.createElement("select");
-      choice.className = "right-label";
-      choice.add(new Option("— choose —", ""));
-      for (const label of answer.labels) choice.add(new Option(label, label));
-      choice.add(new Option("out of scope", answer.out_of_scope_label));
-      cell(row, choice);
-      cell(row, button("save", async () => {
-        if (!choice.value) throw new Error(`choose a label for "${s.text.slice(0, 40)}" first`);
-        await call("/v1/admin/labels", { model: name, labels: { [s.prediction_id]: choice.value } });
-        show(`labelled "${s.text.slice(0, 40)}" as ${choice.selectedOptions[0].textContent}`);
-        row.remove();
-      }));
-    }
-    const title = document.createElement("h3");
-    title.textContent = name;
-    parts.push(title, t);
+    const labeller = new Labeller(name, answer, () => { labellers.delete(name); return loadSuggestions(names); });
+    labellers.set(name, labeller);
+    parts.push(labeller.root);
   }
+  // Reloads (a key entered, a job finished) keep the focus where it was; the first list takes it from the key box.
+  const focused = document.activeElement;
   document.getElementById("suggestions").replaceChildren(...(parts.length ? parts : ["Nothing to label yet."]));
+  if (focused.isConnected && focused !== document.body && focused !== keyInput) focused.focus();
+  else if (parts.length) parts[0].querySelector("input.label-filter").focus();
+}
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function nextRetrainText(coming) {
+  const labels = Object.keys(coming.labels).length;
+  const waiting = coming.awaiting_review > 0 ? `, ${coming.awaiting_review} awaiting review` : "";
+  return `the next retrain learns ${coming.examples} examples of ${labels} labels${waiting}`;
+}
+
+class Labeller {
+  constructor(model, answer, reload) {
+    this.model = model;
+    this.items = answer.suggestions;
+    this.outcome = this.items.map(() => null);  // "labelled as …" or "skipped", per message
+    this.choices = [...answer.labels.map((label) => ({ label, text: label })),
+                    { label: answer.out_of_scope_label, text: "out of scope" }];
+    this.index = 0;
+    this.active = -1;  // the chosen label in the filtered list: none until the person chooses
+    this.saving = false;
+    this.build(reload);
+    this.render();
+  }
+
+  build(reload) {
+    const id = `label-${this.model}`;
+    this.root = element("div", "labeller");
+    this.root.dataset.model = this.model;
+    this.progress = element("p", "progress");
+    this.progress.setAttribute("aria-live", "polite");
+    this.message = element("blockquote", "message");
+    this.guess = element("p", "guess");
+    this.filter = element("input", "label-filter");
+    Object.assign(this.filter, { id: `${id}-filter`, type: "text", autocomplete: "off", spellcheck: false });
+    this.filter.setAttribute("role", "combobox");
+    this.filter.setAttribute("aria-expanded", "true");
+    this.filter.setAttribute("aria-controls", `${id}-choices`);
+    const filterLabel = element("label", "", "Label (type to filter) ");
+    filterLabel.htmlFor = this.filter.id;
+    this.list = element("ul", "choices");
+    this.list.id = `${id}-choices`;
+    this.list.setAttribute("role", "listbox");
+    this.list.setAttribute("aria-label", `labels of ${this.model}`);
+    this.similar = element("fieldset", "similar");
+    const actions = element("p", "labeller-actions");
+    actions.append(button("← previous", () => this.move(-1)), " ", button("skip (Shift+S)", () => this.skip()), " ",
+                   button("save (Enter)", () => this.save()), " ", button("next →", () => this.move(1)), " ",
+                   button("load more", reload));
+    this.coming = element("p", "next-retrain");
+    this.coming.setAttribute("aria-live", "polite");
+    this.filter.addEventListener("input", () => { this.active = this.filter.value ? 0 : -1; this.drawChoices(); });
+    this.filter.addEventListener("keydown", (event) => this.key(event));
+    this.similar.addEventListener("keydown", (event) => {  // Tab to a similar message, Space to untick, Enter saves
+      if (event.key === "Enter") { event.preventDefault(); this.guarded(() => this.save()); }
+    });
+    this.root.append(element("h3", "", this.model), this.progress, this.message, this.guess, filterLabel,
+                     this.filter, this.list, this.similar, actions, this.coming);
+  }
+
+  finished() { return this.outcome.every((o) => o !== null); }
+
+  filtered() {
+    const typed = this.filter.value.trim().toLowerCase();
+    return this.choices.filter((c) => c.text.toLowerCase().includes(typed) || c.label.toLowerCase().includes(typed));
+  }
+
+  key(event) {
+    if (event.isComposing) return;  // Enter or an arrow that ends a Chinese input method's word is not ours
+    const empty = this.filter.value === "";
+    const shown = this.filtered();
+    const moves = { ArrowDown: 1, ArrowUp: -1 };
+    if (event.key in moves) {
+      this.active = Math.max(0, Math.min(shown.length - 1, this.active + moves[event.key]));
+      this.drawChoices();
+    } else if (event.key === "Enter") {
+      this.guarded(() => this.save());
+    } else if (event.key === "Escape") {
+      this.filter.value = "";
+      this.active = -1;
+      this.drawChoices();
+    } else if (empty && event.key === "S") {
+      this.skip();
+    } else if (empty && (event.key === "ArrowLeft" || event.key === "ArrowRight")) {
+      this.move(event.key === "ArrowLeft" ? -1 : 1);
+    } else return;
+    event.preventDefault();
+  }
+
+  async guarded(action) {
+    try { await action(); } catch (error) { show(error.message); }
+  }
+
+  render() {
+    const item = this.items[this.index];
+    const done = this.outcome.filter((o) => o !== null).length;
+    this.progress.textContent = `${this.index + 1} of ${this.items.length}` +
+      (done ? ` (${done} done${this.outcome[this.index] ? `; this one ${this.outcome[this.index]}` : ""})` : "");
+    this.message.textContent = item.text;
+    this.guess.textContent = `The model's guess: ${item.predicted} (${percent(item.confidence)}); ${item.why}`;
+    this.filter.value = "";
+    this.active = -1;
+    this.drawChoices();
+    this.drawSimilar(item);
+  }
+
+  drawChoices() {
+    const shown = this.filtered();
+    this.list.replaceChildren();
+    shown.forEach((choice, i) => {
+      const option = element("li", i === this.active ? "chosen" : "", choice.text);
+      option.id = `${this.list.id}-${i}`;
+      option.setAttribute("role", "option");
+      option.setAttribute("aria-selected", String(i === this.active));
+      option.addEventListener("click", () => { this.active = i; this.drawChoices(); this.filter.focus(); });
+      this.list.append(option);
+    });
+    const chosen = this.active >= 0 && shown.length ? `${this.list.id}-${this.active}` : null;
+    if (chosen) this.filter.setAttribute("aria-activedescendant", chosen);
+    else this.filter.removeAttribute("aria-activedescendant");
+    if (!shown.length) this.list.append(element("li", "none", "no label matches"));
+  }
+
+  drawSimilar(item) {
+    const legend = element("legend", "", item.similar.length
+      ? `Similar messages: ticked ones get the same label (${item.similar.length})` : "No similar messages");
+    this.similar.replaceChildren(legend);
+    for (const near of item.similar) {
+      const box = element("input");
+      Object.assign(box, { type: "checkbox", checked: true, value: near.prediction_id });
+      const row = element("label", "similar-message");
+      row.append(box, ` ${near.text} `, element("span", "hint",
+        `(model said ${near.predicted}; similarity ${near.similarity.toFixed(2)})`));
+      this.similar.append(row);
+    }
+  }
+
+  move(step) {
+    this.index = (this.index + step + this.items.length) % this.items.length;
+    this.render();
+    this.filter.focus();
+  }
+
+  // The next message nobody has labelled or skipped, after this one or else from the start; the list's end says so.
+  advance() {
+    const open = (i) => this.outcome[i] === null;
+    const after = this.items.findIndex((_, i) => i > this.index && open(i));
+    const next = after >= 0 ? after : this.items.findIndex((_, i) => open(i));
+    if (next >= 0) this.index = next;
+    this.render();
+    if (next < 0) this.progress.textContent = `All ${this.items.length} done: "load more" asks for the next ones`;
+    this.filter.focus();
+  }
+
+  skip() {
+    this.outcome[this.index] = "skipped";
+    this.advance();
+  }
+
+  async save() {
+    const choice = this.filtered()[this.active];
+    const item = this.items[this.index];
+    if (!choice) throw new Error(`choose a label for "${item.text.slice(0, 40)}" first (type to filter, ↑/↓, Enter)`);
+    if (this.saving) return;  // Enter held down: one request per message
+    this.saving = true;
+    try { await this.send(item, choice); } finally { this.saving = false; }
+  }
+
+  async send(item, choice) {
+    const ticked = [...this.similar.querySelectorAll("input:checked")].map((box) => box.value);
+    const labels = Object.fromEntries([item.prediction_id, ...ticked].map((id) => [id, choice.label]));
+    const answer = await call("/v1/admin/labels", { model: this.model, labels });
+    const also = ticked.length ? ` and ${ticked.length} similar` : "";
+    show(`labelled "${item.text.slice(0, 40)}"${also} as ${choice.text}`);
+    this.coming.textContent = nextRetrainText(answer.next_retrain);
+    this.outcome[this.items.indexOf(item)] = `labelled as ${choice.text}`;  // the person may have moved on
+    this.advance();
+  }
 }
 
 // --- where the assistant says no: the curve of in-scope messages turned away against out-of-scope ones caught,
