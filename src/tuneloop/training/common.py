@@ -371,3 +371,21 @@ def _clock(seconds: float) -> str:
     minutes, rest = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{rest:02d}" if hours else f"{minutes}:{rest:02d}"
+
+
+def scaled_step(
+    loss: torch.Tensor,
+    scaler: torch.amp.GradScaler,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    parameters: list[torch.Tensor],
+) -> None:
+    """One optimiser step of a recipe that keeps its own loop (pretrain, sft): backward through the gradient
+    scaler (fp16 on GPUs; disabled, it passes everything through), gradients clipped to norm 1 once unscaled."""
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -58,6 +58,7 @@ from tuneloop.training.common import (
     resume_folder,
     rng_state,
     save_checkpoint,
+    scaled_step,
     seed_everything,
     start_run,
     use_threads,
@@ -461,13 +462,8 @@ class Pretraining:
             token_losses = self.trainer(*(self.plan.to_device(t[rows]) for t in (input_ids, attention, labels)))
         masked = int((labels != -100).sum())
         # The mean over the whole batch's masked tokens, not over this rank's.
-        self.scaler.scale(shard_loss(token_losses, weight, max(masked, 1), world)).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = shard_loss(token_losses, weight, max(masked, 1), world)
+        scaled_step(loss, self.scaler, self.optimizer, self.scheduler, self.parameters)
         state = self.state
         state["train_seconds"] += time.perf_counter() - started
         state["global_step"] += 1

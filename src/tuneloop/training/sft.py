@@ -53,6 +53,7 @@ from tuneloop.training.common import (
     new_run_folder,
     parameter_groups,
     register_run,
+    scaled_step,
     seed_everything,
     start_run,
     use_threads,
@@ -281,13 +282,8 @@ class ReplyTraining:
         with self.plan.autocast():
             logits = self.trainer(input_ids=input_ids, attention_mask=attention).logits
         token_losses = _predicted_token_losses(logits, labels)
-        self.scaler.scale(shard_loss(token_losses, weight, replies, self.world)).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        loss = shard_loss(token_losses, weight, replies, self.world)
+        scaled_step(loss, self.scaler, self.optimizer, self.scheduler, self.parameters)
         return self.world.total(weight * float(token_losses.detach().sum())) / replies
 
     def heldout_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> float:
