@@ -142,7 +142,9 @@ async def chat_loop(url: str, clients: int, until: float) -> dict[str, Any]:
 async def burst(url: str, texts: list[tuple[str, str]], args: argparse.Namespace) -> tuple[dict, Any]:
     until = time.monotonic() + args.seconds
     chat, predict = await asyncio.gather(
-        chat_loop(url, args.chat_clients, until), clients_loop(url, texts, args.clients, until, args.max_requests)
+        chat_loop(url, args.chat_clients, until),
+        # The demo serves intents and sentiment: a predict request names its model.
+        clients_loop(url, texts, args.clients, until, args.max_requests, model="support-intents"),
     )
     return chat, predict
 

@@ -72,7 +72,11 @@ class Server:
         self.process.wait()
 
 
-async def clients_loop(url: str, texts: list[tuple[str, str]], clients: int, until: float, budget: int) -> Tally:
+async def clients_loop(
+    url: str, texts: list[tuple[str, str]], clients: int, until: float, budget: int, model: str | None = None
+) -> Tally:
+    """`clients` users each looping predict → feedback on `texts` until `until` or `budget` requests; `model` names
+    the model to predict with where the server serves several."""
     import aiohttp
 
     tally = Tally()
@@ -103,7 +107,8 @@ async def clients_loop(url: str, texts: list[tuple[str, str]], clients: int, unt
             while time.monotonic() < until and sent < budget:
                 text, label = texts[index % len(texts)]
                 index += clients
-                status, answer = await call("predict", "/v1/predict", {"texts": [text]})
+                body = {"texts": [text], **({"model": model} if model else {})}
+                status, answer = await call("predict", "/v1/predict", body)
                 if status != 200:
                     continue
                 prediction_id = answer["predictions"][0]["prediction_id"]
