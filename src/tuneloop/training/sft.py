@@ -235,6 +235,7 @@ class ReplyExamples:
 def reply_examples(
     settings: SftConfig, tokenizer: PreTrainedTokenizerBase, conversations: list[list[Message]]
 ) -> ReplyExamples:
+    """The conversations that have a reply to learn, as token ids, and the seed's held-out share of them."""
     examples = [tokenize_conversation(tokenizer, c, settings.max_length) for c in conversations]
     examples = [e for e in examples if any(label != -100 for label in e[1])]
     order = np.random.default_rng(settings.seed).permutation(len(examples))
