@@ -393,7 +393,7 @@ class Pretraining:
         world: World,
         plan: DevicePlan,
     ) -> None:
-        self.model, self.corpus, self.settings = model, corpus, settings
+        self.corpus, self.settings = corpus, settings
         self.folder, self.world, self.plan = folder, world, plan
         self.head = CorpusVocabularyHead(model, corpus.vocabulary).to(plan.device)
         if not settings.from_scratch and model.config.vocab_size > BIG_VOCABULARY:

@@ -258,7 +258,7 @@ class ReplyTraining:
         self, model: PreTrainedModel | PeftModel, settings: SftConfig, steps: int, world: World, plan: DevicePlan
     ) -> None:
         # transformers' typing of PreTrainedModel.to (behind a decorator) takes no device; torch's Module.to does.
-        self.model, self.world, self.plan = model, world, plan
+        self.model, self.world, self.plan, self.total_steps = model, world, plan, steps
         torch.nn.Module.to(model, plan.device)
         self.optimizer = torch.optim.AdamW(parameter_groups(model, settings.lr, settings.weight_decay))
         self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -310,9 +310,8 @@ def _train_epochs(
     history: list[HistoryEntry] = []
     train_seconds, step = 0.0, 0
     metrics = MetricsLog(folder, prefix="sft/") if world.main else None
-    total = -(-len(data.train_order) // settings.batch_size) * settings.epochs
     training.model.train()
-    with TrainingProgress("fine-tuning", total, show=show_progress and world.main) as progress:
+    with TrainingProgress("fine-tuning", training.total_steps, show=show_progress and world.main) as progress:
         for epoch in range(settings.epochs):
             shuffled = np.random.default_rng(settings.seed + epoch).permutation(data.train_order)
             running, steps = 0.0, 0
