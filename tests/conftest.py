@@ -106,6 +106,8 @@ def tiny_overrides(tiny_encoder, toy_csv, home) -> list[str]:
         "train.threads=1",
         "train.patience=5",
         "serving.runtime=torch",  # ONNX export and the int8 check have tests of their own
+        # The toy task's dozen texts per label would take the few-shot regime: tests/training/test_few_shot.py has it.
+        "train.few_shot.mode=off",
     ]
 
 

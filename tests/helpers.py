@@ -60,6 +60,7 @@ def tiny_config(tiny_encoder: Path, data: Path, home: Path, *extra: str):
             f"registry.home={home}",
             "name=toy",
             "train.epochs=6",
+            "train.few_shot.mode=off",  # the loop, as the tests of what trains on it expect
             "train.batch_size=8",
             "train.lr=1e-3",
             "train.head_lr=1e-2",

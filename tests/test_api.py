@@ -33,6 +33,7 @@ def test_the_five_line_example_trains_registers_promotes_and_predicts(tiny_encod
             f"model.name={tiny_encoder}",
             f"registry.home={tmp_path / 'home'}",
             "train.epochs=2",
+            "train.few_shot.mode=off",
             "train.threads=1",
             "serving.runtime=torch",
         ],

@@ -164,17 +164,16 @@ class DPConfig(StrictModel):
 
 
 class FewShotConfig(StrictModel):
-    """The few-shot regime, for labels with a handful of examples each: a contrastive stage shapes the encoder's
-    embedding space before the classifier trains (supervised contrastive learning, Khosla et al., 2020, as SetFit
-    does with pairs), the label names join the training texts, the loop runs enough optimiser steps, and early
-    stopping follows a smoothed validation score instead of the noise of a validation split with one or two texts
-    per label."""
+    """The few-shot regime, for labels with a handful of examples each, in SetFit's two steps: a contrastive stage
+    shapes the encoder's embedding space (supervised contrastive learning, Khosla et al., 2020, where SetFit uses
+    pairs), then the head is fitted on the tuned embeddings; the label names join the training texts. No
+    classifier loop follows unless loop_steps asks for one (with a smoothed validation score, not the noise of a
+    validation split with one or two texts per label)."""
 
     mode: Literal["auto", "on", "off"] = Field(
-        "off",
+        "auto",
         description="auto: the few-shot regime when the median label has at most few_shot.max_per_label training "
-        "texts (one process, not under train.dp); on / off: always / never. Off by default until bench/few_shot.py "
-        "measures a gain worth its time. The report says which regime ran and why.",
+        "texts (one process, not under train.dp); on / off: always / never. The report says which regime ran and why.",
     )
     max_per_label: int = Field(
         20,
@@ -183,34 +182,42 @@ class FewShotConfig(StrictModel):
         "minutes, which a set with more examples per label earns little from).",
     )
     contrastive_steps: int = Field(
-        100,
+        50,
         ge=0,
         description="Steps of the contrastive stage before the classifier trains (0: none). Each step draws "
         "labels_per_batch labels and texts_per_label texts of each, and pulls texts of a label together, away from "
         "the others.",
     )
+    head_steps: int = Field(
+        300,
+        ge=0,
+        description="After the contrastive stage, the class vectors are fitted to the tuned embeddings of the training "
+        "texts for this many full-batch steps (SetFit's classifier step; seconds). 0: they start at the centroids.",
+    )
     labels_per_batch: int = Field(16, ge=2, description="Contrastive stage: labels drawn per step.")
     texts_per_label: int = Field(4, ge=2, description="Contrastive stage: texts drawn per label and step.")
     lr: float = Field(5e-5, gt=0, description="Contrastive stage: the encoder's learning rate (warmup, linear decay).")
     temperature: float = Field(
-        0.05, gt=0, description="Contrastive stage: cosine similarities are divided by this (smaller: sharper)."
+        0.1, gt=0, description="Contrastive stage: cosine similarities are divided by this (smaller: sharper)."
     )
     label_names: bool = Field(
         True,
         description="Each label's name, made readable (card_arrival → 'card arrival'), joins its training texts; "
         "only names with letters (not 0/1).",
     )
-    min_steps: int = Field(
-        100,
+    loop_steps: int = Field(
+        0,
         ge=0,
-        description="The classifier loop runs at least this many optimiser steps (more epochs than train.epochs "
-        "when the data is small); early stopping may only stop it after them.",
+        description="Optimiser steps of the classifier loop after the head fit, at least (more epochs than "
+        "train.epochs when the data is small; early stopping may only stop it after them). 0: no loop, the model "
+        "is the contrastive stage's encoder under the fitted head (fine-tuning all of it on a handful of texts per "
+        "label lost accuracy: docs/guide/train.md).",
     )
     smoothing: int = Field(
         3,
         ge=1,
-        description="The kept model and early stopping follow the mean of the last this many validation scores, "
-        "not one noisy score of a tiny validation split.",
+        description="With loop_steps: the kept model and early stopping follow the mean of the last this many "
+        "validation scores, not one noisy score of a tiny validation split.",
     )
 
     @field_validator("mode", mode="before")

@@ -38,6 +38,7 @@ def overrides(encoder: Path, data: Path, home: Path, *extra: str) -> list[str]:
         f"registry.home={home}",
         "name=toy",
         "train.epochs=2",
+        "train.few_shot.mode=off",  # one process's regime: the single-process reference must train as the ranks do
         "train.batch_size=8",
         "train.lr=1e-3",
         "train.head_lr=1e-2",

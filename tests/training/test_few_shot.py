@@ -12,11 +12,12 @@ from helpers import crashed_then_resumed, toy_rows
 from tuneloop.config import load_config
 from tuneloop.data.prepare import prepare_data
 from tuneloop.errors import TuneloopError
+from tuneloop.models.classifier import CosineHead, TextClassifier
 from tuneloop.models.encoders import EncoderSource
 from tuneloop.registry import VersionFolder
 from tuneloop.training import classification
 from tuneloop.training.classification import fine_tune
-from tuneloop.training.contrastive import supervised_contrastive_loss
+from tuneloop.training.contrastive import fit_head, supervised_contrastive_loss
 from tuneloop.training.distributed import ONE_PROCESS, World
 from tuneloop.training.loop import smoothed_score
 from tuneloop.training.regime import choose_regime, readable_label, with_label_names
@@ -24,7 +25,7 @@ from tuneloop.training.regime import choose_regime, readable_label, with_label_n
 FEW_SHOT = [
     "train.few_shot.mode=auto",
     "train.few_shot.contrastive_steps=12",
-    "train.few_shot.min_steps=20",
+    "train.few_shot.loop_steps=20",
     "train.few_shot.labels_per_batch=3",
     "train.few_shot.lr=1e-3",
 ]
@@ -84,13 +85,41 @@ def test_label_names_join_the_training_texts_only_when_they_read_as_words(few):
 
 def test_a_few_shot_run_trains_the_encoder_first_runs_enough_steps_and_reports_it(few, tmp_path):
     config, data, encoder = few
-    config.train.patience = 1  # early stopping would end the loop after two epochs: min_steps holds it
+    config.train.patience = 1  # early stopping would end the loop after two epochs: loop_steps holds it
     result = fine_tune(config, data, encoder, VersionFolder(tmp_path / "run"), show_progress=False)
     regime = result.regime
     assert regime.name == "few-shot" and regime.contrastive.steps == 12
     assert regime.contrastive.loss_last < regime.contrastive.loss_first  # the stage learnt the labels
     assert result.history[-1]["step"] >= 20 and regime.epochs * -(-len(data.train) // 8) >= 20
     assert all("val_macro_f1_smoothed" in h for h in result.history)
+
+
+def test_without_loop_steps_the_model_is_the_stage_encoder_under_the_fitted_head(few, tmp_path):
+    """The default few-shot run: contrastive stage, head fit, no classifier loop; the start is scored and saved."""
+    config, data, encoder = few
+    config.train.few_shot.loop_steps = 0
+    result = fine_tune(config, data, encoder, VersionFolder(tmp_path / "run"), show_progress=False)
+    assert result.regime.epochs == 0 and [h["step"] for h in result.history] == [0]
+    assert result.best_step == 0 and result.best_val_macro_f1 == result.history[0]["val_macro_f1"]
+    classifier, _ = TextClassifier.load(result.best_dir)
+    assert classifier.spec.labels == data.labels
+
+
+def test_the_head_fit_lowers_the_training_loss_from_the_centroids():
+    torch.manual_seed(0)
+    embeddings = torch.randn(24, 16)
+    labels = np.repeat(np.arange(3), 8)
+    embeddings[:, :3] += 0.8 * torch.eye(3)[labels]  # separable, but not by the centroids alone
+    model = TextClassifier.__new__(TextClassifier)
+    torch.nn.Module.__init__(model)
+    model.head = CosineHead(16, 3, 25.0)
+    model.head.weight.data = torch.stack([embeddings[labels == k].mean(0) for k in range(3)])
+    target = torch.as_tensor(labels)
+    with torch.no_grad():
+        before = float(torch.nn.functional.cross_entropy(model.head(embeddings), target))
+    fit_head(model, embeddings, labels, steps=100)
+    with torch.no_grad():
+        assert float(torch.nn.functional.cross_entropy(model.head(embeddings), target)) < before / 2
 
 
 def test_a_few_shot_run_resumes_exactly(few, tmp_path):

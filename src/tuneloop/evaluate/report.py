@@ -396,8 +396,11 @@ def regime_line(regime: TrainingRegime) -> str:
     parts = [f"a contrastive stage of {steps} steps" if steps else "no contrastive stage"]
     if regime.label_names_added:
         parts.append(f"{regime.label_names_added} label names as training texts")
-    parts.append(f"at least {regime.min_steps} optimiser steps ({regime.epochs} epochs)")
-    parts.append(f"the model kept by the mean of the last {regime.smoothing} validation scores")
+    if regime.min_steps:
+        parts.append(f"the loop for at least {regime.min_steps} optimiser steps ({regime.epochs} epochs)")
+        parts.append(f"the model kept by the mean of the last {regime.smoothing} validation scores")
+    else:
+        parts.append("the head fitted on the tuned embeddings, no loop after it")
     return f"{line}; " + ", ".join(parts)
 
 

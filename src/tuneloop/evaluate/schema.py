@@ -185,7 +185,7 @@ class TrainingRegime(ReportPart):
     median_per_label: float
     min_steps: int | None = None
     smoothing: int = 1
-    epochs: int | None = None  # the loop's epochs, raised to reach min_steps
+    epochs: int | None = None  # the loop's epochs: enough for min_steps (few-shot: 0 when it runs no loop)
     label_names_added: int = 0
     contrastive: ContrastiveReport | None = None
 

@@ -82,7 +82,7 @@ from tuneloop.training.common import (
     start_run,
     use_threads,
 )
-from tuneloop.training.contrastive import contrastive_stage
+from tuneloop.training.contrastive import contrastive_stage, fit_head
 from tuneloop.training.devices import DevicePlan, plan_device, process_group_backend
 from tuneloop.training.distributed import ONE_PROCESS, World, check_recipe, current_world, join_world, leave_world
 from tuneloop.training.long_texts import settle_truncation
@@ -344,7 +344,10 @@ def start_weights(
     started = time.perf_counter()
     if embeddings is not None:  # the centroids of the encoder the stage trained
         embeddings = embed_all(task.classifier, task.train_ids, pad_id)
-    return regime.contrastive.seconds + time.perf_counter() - started + start_heads(recipe, tasks, embeddings, pad_id)
+    start_heads(recipe, tasks, embeddings, pad_id)
+    if embeddings is not None and settings.head_steps:
+        fit_head(task.classifier, embeddings, task.train_labels, settings.head_steps)
+    return regime.contrastive.seconds + time.perf_counter() - started
 
 
 def make_stepper(

@@ -27,6 +27,10 @@ from tuneloop.training.devices import DevicePlan
 
 log = logging.getLogger(__name__)
 
+# The head fit's learning rate: a few hundred full-batch steps from the centroids converge at it (a linear
+# problem over fixed embeddings, so one rate serves).
+HEAD_LR = 1e-2
+
 
 def supervised_contrastive_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over the texts with a positive of −log of the softmax weight (cosines / `temperature`, the text itself
@@ -100,3 +104,19 @@ def contrastive_stage(
     )
     log.info("contrastive stage: %s", report)
     return report
+
+
+def fit_head(model: TextClassifier, embeddings: torch.Tensor, train_labels: np.ndarray, steps: int) -> None:
+    """Fit `model`'s class vectors (and a linear head's bias) to the training texts' `embeddings` with cross-entropy,
+    the encoder left as the contrastive stage made it — SetFit's second step, a classifier on the tuned embeddings.
+    Full-batch AdamW over cached embeddings: seconds, where each step of the loop would run the encoder."""
+    head = model.head
+    cached = embeddings.to(head.weight.device, torch.float32)
+    labels = torch.as_tensor(train_labels, device=cached.device)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=HEAD_LR, weight_decay=0.0)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.cross_entropy(head(cached), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)

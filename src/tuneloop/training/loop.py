@@ -146,6 +146,8 @@ def fit(training: Training, state: LoopState, show_progress: bool) -> LoopState:
     total_steps = training.stepper.steps_per_epoch(training.tasks) * tc.epochs
     metrics = MetricsLog(training.run) if world.main else None
     _train_mode(training)
+    if not tc.epochs and not state.history:  # a run of no epochs keeps, and scores, the model it starts with
+        _score_point(training, state, metrics, {})
     with TrainingProgress("training", total_steps, state.global_step, show_progress and world.main) as progress:
         while state.epoch < tc.epochs and not state.stopped_early:
             epoch = state.epoch

@@ -1,9 +1,10 @@
 """Which training regime a run takes — the standard one, or the few-shot one for labels with a handful of examples
 each — and why; the report says both.
 
-The few-shot regime (train.few_shot) adds a contrastive stage before the classifier loop (contrastive.py), lets the
-label names join the training texts, runs the loop for at least `min_steps` optimiser steps, and keeps the model
-by a smoothed validation score. The standard regime is the loop as it always was.
+The few-shot regime (train.few_shot) runs a contrastive stage over the encoder (contrastive.py), lets the label
+names join the training texts and fits the head on the tuned embeddings; the classifier loop runs after it only
+when train.few_shot.loop_steps asks (at least that many steps, the model kept by a smoothed validation score). The
+standard regime is the loop as it always was.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def choose_regime(recipe: ClassifierRecipe, data: PreparedData, world: World, mu
     why = "train.few_shot.mode=on" if settings.mode == "on" else f"{counted}, at most {limit}"
     log.info("the few-shot regime: %s", why)
     return TrainingRegime(
-        name="few-shot", why=why, median_per_label=median, min_steps=settings.min_steps, smoothing=settings.smoothing
+        name="few-shot", why=why, median_per_label=median, min_steps=settings.loop_steps, smoothing=settings.smoothing
     )
 
 
@@ -84,6 +85,6 @@ def with_label_names(data: PreparedData, regime: TrainingRegime, wanted: bool) -
 
 
 def epochs_for(regime: TrainingRegime, epochs: int, steps_per_epoch: int) -> int:
-    """train.epochs, or more when the few-shot regime's min_steps need them."""
+    """train.epochs in the standard regime; in the few-shot one, the epochs its loop_steps need (0: no loop)."""
     needed = math.ceil((regime.min_steps or 0) / max(steps_per_epoch, 1))
-    return max(epochs, needed)
+    return needed if regime.name == "few-shot" else epochs
