@@ -214,6 +214,8 @@ def create_app(config: ServerSettings) -> FastAPI:
                 purging.cancel()
             state.jobs.stop_all()
             await state.served.stop()  # finishes queued requests first
+            if state.chat is not None:
+                state.chat.runtime.generator.close()  # the local model's worker process stops with the server
             state.prediction_log.close()  # then every logged prediction reaches the database
 
     app = FastAPIOffline(
