@@ -80,7 +80,7 @@ def _answer(pieces: Iterator[str], number: int, connection: Connection, cancelle
                 pieces.close()  # type: ignore[attr-defined]  # a generator function's iterator
                 break
             connection.send(("piece", number, piece))
-    except OSError:
+    except OSError:  # the pipe: the server is gone
         raise
     except Exception as exc:
         return ("failed", number, first_line(exc))
@@ -88,8 +88,8 @@ def _answer(pieces: Iterator[str], number: int, connection: Connection, cancelle
 
 
 class ReplyWorker:
-    """ReplyModel's `stream` and `generate` answered by a worker process (see the module's docstring). A worker
-    that dies fails the replies in progress, and the next reply starts a new one."""
+    """ReplyModel's `stream` answered by a worker process (see the module's docstring). A worker that dies fails
+    the replies in progress, and the next reply starts a new one."""
 
     def __init__(self, folder: Path, nice: int = GENERATION_NICE) -> None:
         """Starts the worker and waits until its model is loaded: a model that does not load fails here."""
