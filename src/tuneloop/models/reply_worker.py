@@ -47,27 +47,27 @@ def serve_replies(folder: Path, connection: Connection, nice: int) -> None:
         connection.send(("failed", 0, first_line(exc)))
         return
     connection.send(("ready", 0, sorted(model.special_tokens)))
-    replies: queue.Queue[tuple[int, list[Message], GenerationSettings]] = queue.Queue()
+    replies: queue.Queue[tuple[int, list[Message], GenerationSettings] | None] = queue.Queue()
     cancelled: set[int] = set()
 
     def read() -> None:
         try:
-            while True:
-                kind, number, messages, settings = connection.recv()
-                if kind == "stop":
-                    break
+            while (request := connection.recv())[0] != "stop":
+                kind, number, messages, settings = request
                 if kind == "cancel":
                     cancelled.add(number)
                 elif messages is not None and settings is not None:
                     replies.put((number, messages, settings))
         except (EOFError, OSError):
-            pass  # the server is gone: nobody is left to answer
-        os._exit(0)  # at once, even mid-reply: the reply's reader is gone
+            os._exit(0)  # the server is gone: at once, even mid-reply, since nobody is left to read it
+        # Stopped: the loop below returns and the process ends as processes do, releasing what it holds (a library's
+        # semaphores, which os._exit would leave for the resource tracker to warn about).
+        replies.put(None)
 
     threading.Thread(target=read, daemon=True, name="reply-requests").start()
     with contextlib.suppress(OSError):  # the server is gone: read() ends the process
-        while True:
-            number, messages, settings = replies.get()
+        while (reply := replies.get()) is not None:
+            number, messages, settings = reply
             connection.send(_answer(model.stream(messages, settings), number, connection, cancelled))
             cancelled.discard(number)
 
