@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import uuid
@@ -25,6 +26,14 @@ from helpers import (
     tiny_config,
     toy_rows,
 )
+
+
+@pytest.fixture(autouse=True)
+def _nothing_stays_frozen():
+    """A server freezes what it loaded out of the garbage collector (serve.app.keep_out_of_collections); in a test
+    process that starts many servers, what a finished test left frozen would never be collected."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -17,6 +19,7 @@ from tuneloop.assistant.scope import ScopeThreshold, Share
 from tuneloop.db.lease import model_job_lease
 from tuneloop.feedback.export import feedback_examples
 from tuneloop.feedback.log import PredictionLog
+from tuneloop.models.reply_worker import GENERATION_NICE
 from tuneloop.serve.app import create_app
 from tuneloop.serve.security import hash_key, key_id
 
@@ -325,6 +328,23 @@ def test_a_local_language_model_writes_the_reply_and_streams_it(assistant_setup,
         pieces = [data["text"] for name, data in streamed if name == "token"]
         assert pieces and streamed[-1][1]["reply"] == "".join(pieces).strip()
         assert streamed[-1][1]["reply"] == whole["reply"]  # greedy: the same words either way
+
+
+def test_the_local_language_model_writes_in_a_process_of_its_own_at_a_lower_priority(assistant_setup, tiny_lm):
+    """Generating in the server's process starved its event loop: the model's Python held the interpreter lock
+    and its threads took the cores at the server's own priority (bench/burst.py: /readyz up to half a second
+    during a burst of chat turns). Replies are written by a child process, niced, which stops with the server."""
+    config, definition = assistant_setup
+    definition.write_text(definition.read_text() + f"generator: {{kind: local, model: {tiny_lm}, max_new_tokens: 6}}\n")
+    config.serve.assistant = definition
+    before = set(multiprocessing.active_children())
+    with TestClient(create_app(config)) as client:
+        workers = [child for child in multiprocessing.active_children() if child not in before]
+        assert len(workers) == 1, "the local model runs in the server's own process"
+        assert os.getpriority(os.PRIO_PROCESS, workers[0].pid) == min(19, os.nice(0) + GENERATION_NICE)
+        client.app.state.tuneloop.chat.runtime.thresholds["toy@1"] = None
+        assert say(client, "refund money back")["reply"]
+    assert not workers[0].is_alive()
 
 
 def test_a_multitask_model_gives_intent_and_sentiment_from_one_encoder_pass(assistant_setup, tiny_encoder):

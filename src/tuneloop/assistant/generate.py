@@ -20,7 +20,8 @@ from typing import Protocol
 import httpx
 
 from tuneloop.config import PrivacyConfig
-from tuneloop.models.lm import GenerationSettings, ReplyModel
+from tuneloop.models.lm import GenerationSettings
+from tuneloop.models.reply_worker import ReplyWorker
 from tuneloop.privacy.mask import Masker, masker
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class ReplyGenerator(Protocol):
     def generate(self, request: ReplyRequest) -> str: ...
 
     def stream(self, request: ReplyRequest) -> Iterator[str]: ...
+
+    def close(self) -> None:
+        """Let go of what writes the replies (a worker process, connections) when the server stops."""
 
 
 # Role and control markers of common chat templates (ChatML as SmolLM2 and Qwen write it, Llama 3, Mistral,
@@ -101,15 +105,19 @@ class TemplateGenerator:
     def stream(self, request: ReplyRequest) -> Iterator[str]:
         yield compose(request)
 
+    def close(self) -> None:
+        pass  # nothing is held
+
 
 class LocalGenerator:
-    """A causal LM in this process; replies stream token by token."""
+    """A causal LM on this machine, in a worker process of its own at a lower CPU priority (ReplyWorker says
+    why); replies stream token by token."""
 
     name = "local"
 
     def __init__(self, folder: Path, max_new_tokens: int = 160, temperature: float = 0.0) -> None:
-        self.model = ReplyModel(folder)
-        self.special = frozenset(t for t in self.model.tokenizer.all_special_tokens if len(t) > 1)
+        self.model = ReplyWorker(folder)
+        self.special = self.model.special_tokens
         # Stop where a model would start writing the customer's next line itself.
         self.settings = GenerationSettings(
             max_new_tokens=max_new_tokens, temperature=temperature, stop=["<|im_start|>", "\nUser:", "\nCustomer:"]
@@ -128,6 +136,9 @@ class LocalGenerator:
             log.warning("local generator failed (%s); using the template", exc)
         if not produced:
             yield compose(request)
+
+    def close(self) -> None:
+        self.model.close()
 
 
 def _masked(request: ReplyRequest, mask: Masker) -> ReplyRequest:
@@ -185,3 +196,6 @@ class OpenAICompatibleGenerator:
 
     def stream(self, request: ReplyRequest) -> Iterator[str]:
         yield self.generate(request)
+
+    def close(self) -> None:
+        self.client.close()

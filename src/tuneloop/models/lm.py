@@ -164,6 +164,11 @@ class ReplyModel:
     def __init__(self, folder: Path) -> None:
         self.model, self.tokenizer = load_lm(folder)
 
+    @property
+    def special_tokens(self) -> frozenset[str]:
+        """The tokenizer's special tokens that a user could type (one-character ones are ordinary text)."""
+        return frozenset(t for t in self.tokenizer.all_special_tokens if len(t) > 1)
+
     def _inputs(self, messages: list[Message]) -> BatchEncoding:
         inputs = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True

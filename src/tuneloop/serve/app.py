@@ -4,6 +4,7 @@ FastAPI app; the routes live in `serve/routes/`, one module per resource."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -111,6 +112,16 @@ def _job_settings(config: ServerSettings) -> dict[str, list[str]]:
     }
 
 
+def keep_out_of_collections() -> None:
+    """Move every object alive now out of the garbage collector's reach (gc.freeze). What a server loads (models,
+    tokenizers, libraries: about 640,000 objects with the demo's assistant) made each full collection take 0.4 to
+    0.5 s with the interpreter lock held, every few seconds under load: the slowest /readyz answers of a burst
+    (bench/burst.py). A version swapped out is still freed: loaded models hold no reference cycles, so reference
+    counting frees them, frozen or not."""
+    gc.collect()  # garbage of the loading is collected once, not frozen with the rest
+    gc.freeze()
+
+
 def _build_state(config: ServerSettings) -> ServerState:
     settings = config.serve
     registry = Registry(config.registry)
@@ -120,6 +131,7 @@ def _build_state(config: ServerSettings) -> ServerState:
     def swapped(loaded: Predictor) -> None:
         metrics.served_version.labels(loaded.name).set(loaded.registered_version)
         metrics.swaps.labels(loaded.name).inc()
+        keep_out_of_collections()  # the new version's objects, as at start
 
     def prepare(loaded: Predictor) -> None:
         # A new intent version gets its own scope threshold before it answers a single chat turn.
@@ -206,6 +218,7 @@ def create_app(config: ServerSettings) -> FastAPI:
         await state.served.start()
         for name, slot in state.served.slots.items():
             state.metrics.served_version.labels(name).set(slot.current.registered_version)
+        keep_out_of_collections()
         purging = asyncio.create_task(_purge_daily(config)) if config.privacy.retention_days is not None else None
         try:
             yield
@@ -214,6 +227,8 @@ def create_app(config: ServerSettings) -> FastAPI:
                 purging.cancel()
             state.jobs.stop_all()
             await state.served.stop()  # finishes queued requests first
+            if state.chat is not None:
+                state.chat.runtime.generator.close()  # the local model's worker process stops with the server
             state.prediction_log.close()  # then every logged prediction reaches the database
 
     app = FastAPIOffline(
