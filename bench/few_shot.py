@@ -8,7 +8,7 @@ For each number of examples per label and seed, that many training rows of each 
 dataset's training split; tuneloop carves its validation split from them (data.val_size), and every method is
 scored on the whole official test split (waimai_10k: a seeded 20% held out, as bench/train_classifier.py does).
 - tuneloop: train.few_shot.mode=auto, which takes the few-shot regime when the median label has few training texts;
-- default recipe: the standard loop as it trains with more examples (train.few_shot.mode=off);
+- default_recipe: the standard loop, as it trains with more examples (train.few_shot.mode=off);
 - frozen encoder + logistic regression: the packaged encoder's mean-pooled embeddings of all the drawn rows, C=20;
 - TF-IDF: word 1-2 and character 2-5 grams of all the drawn rows, logistic regression (C=10).
 Prints one JSON line: per setting and seed each method's test accuracy and macro-F1 (tuneloop's as it serves) and

@@ -424,7 +424,7 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ("dataset, test rows", "", lambda r: f"{r['dataset']}, {r['test_rows']:,}"),
         *(
             (
-                f"{per_label} per label: test accuracy (mean of seeds), tuneloop / default recipe / frozen encoder + "
+                f"{per_label} per label: test accuracy (mean of seeds), tuneloop / standard loop / frozen encoder + "
                 "LR / TF-IDF",
                 f"settings.{per_label}.mean",
                 lambda m: " / ".join(
@@ -437,7 +437,7 @@ FIGURES: dict[str, list[tuple[str, str, Format]]] = {
         ),
         *(
             (
-                f"{per_label} per label: training time (mean of seeds), tuneloop / default recipe",
+                f"{per_label} per label: training time (mean of seeds), tuneloop / standard loop",
                 f"settings.{per_label}.mean",
                 lambda m: " / ".join(seconds(m[k]["train_seconds"]) for k in ("tuneloop", "default_recipe") if k in m),
             )
