@@ -12,6 +12,7 @@ from helpers import crashed_then_resumed, toy_rows
 from tuneloop.config import load_config
 from tuneloop.data.prepare import prepare_data
 from tuneloop.errors import TuneloopError
+from tuneloop.evaluate.schema import TrainingRegime
 from tuneloop.models.classifier import CosineHead, TextClassifier
 from tuneloop.models.encoders import EncoderSource
 from tuneloop.registry import VersionFolder
@@ -20,7 +21,7 @@ from tuneloop.training.classification import fine_tune
 from tuneloop.training.contrastive import fit_head, supervised_contrastive_loss
 from tuneloop.training.distributed import ONE_PROCESS, World
 from tuneloop.training.loop import smoothed_score
-from tuneloop.training.regime import choose_regime, readable_label, with_label_names
+from tuneloop.training.regime import choose_regime, epochs_for, readable_label, with_label_names
 
 FEW_SHOT = [
     "train.few_shot.mode=auto",
@@ -103,6 +104,15 @@ def test_without_loop_steps_the_model_is_the_stage_encoder_under_the_fitted_head
     assert result.best_step == 0 and result.best_val_macro_f1 == result.history[0]["val_macro_f1"]
     classifier, _ = TextClassifier.load(result.best_dir)
     assert classifier.spec.labels == data.labels
+
+
+def test_the_few_shot_regime_runs_no_loop_unless_loop_steps_ask_and_then_at_least_train_epochs():
+    standard = TrainingRegime(name="standard", why="", median_per_label=100.0)
+    assert epochs_for(standard, 3, steps_per_epoch=10) == 3
+    few = TrainingRegime(name="few-shot", why="", median_per_label=9.0, min_steps=0)
+    assert epochs_for(few, 3, steps_per_epoch=10) == 0
+    few.min_steps = 100
+    assert epochs_for(few, 3, steps_per_epoch=10) == 10 and epochs_for(few, 20, steps_per_epoch=10) == 20
 
 
 def test_the_head_fit_lowers_the_training_loss_from_the_centroids():

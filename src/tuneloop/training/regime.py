@@ -85,6 +85,9 @@ def with_label_names(data: PreparedData, regime: TrainingRegime, wanted: bool) -
 
 
 def epochs_for(regime: TrainingRegime, epochs: int, steps_per_epoch: int) -> int:
-    """train.epochs in the standard regime; in the few-shot one, the epochs its loop_steps need (0: no loop)."""
+    """train.epochs in the standard regime; in the few-shot one none without loop_steps, else train.epochs or more
+    when loop_steps need them."""
+    if regime.name != "few-shot":
+        return epochs
     needed = math.ceil((regime.min_steps or 0) / max(steps_per_epoch, 1))
-    return needed if regime.name == "few-shot" else epochs
+    return max(epochs, needed) if regime.min_steps else 0
