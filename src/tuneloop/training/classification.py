@@ -346,7 +346,7 @@ def start_weights(
         embeddings = embed_all(task.classifier, task.train_ids, pad_id)
     start_heads(recipe, tasks, embeddings, pad_id)
     if embeddings is not None and settings.head_steps:
-        fit_head(task.classifier, embeddings, task.train_labels, settings.head_steps)
+        fit_head(task.classifier.head, embeddings, task.train_labels, settings.head_steps)
     return regime.contrastive.seconds + time.perf_counter() - started
 
 

@@ -106,11 +106,11 @@ def contrastive_stage(
     return report
 
 
-def fit_head(model: TextClassifier, embeddings: torch.Tensor, train_labels: np.ndarray, steps: int) -> None:
-    """Fit `model`'s class vectors (and a linear head's bias) to the training texts' `embeddings` with cross-entropy,
-    the encoder left as the contrastive stage made it — SetFit's second step, a classifier on the tuned embeddings.
-    Full-batch AdamW over cached embeddings: seconds, where each step of the loop would run the encoder."""
-    head = model.head
+def fit_head(head: torch.nn.Module, embeddings: torch.Tensor, train_labels: np.ndarray, steps: int) -> None:
+    """Fit a classifier's `head` (its class vectors, and a linear head's bias) to the training texts' `embeddings`
+    with cross-entropy, the encoder left as the contrastive stage made it — SetFit's second step, a classifier on
+    the tuned embeddings. Full-batch AdamW over cached embeddings: seconds, where each step of the loop would run
+    the encoder."""
     cached = embeddings.to(head.weight.device, torch.float32)
     labels = torch.as_tensor(train_labels, device=cached.device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=HEAD_LR, weight_decay=0.0)
