@@ -106,7 +106,7 @@ def contrastive_stage(
     return report
 
 
-def fit_head(head: torch.nn.Module, embeddings: torch.Tensor, train_labels: np.ndarray, steps: int) -> None:
+def fit_head(head: torch.nn.Linear, embeddings: torch.Tensor, train_labels: np.ndarray, steps: int) -> None:
     """Fit a classifier's `head` (its class vectors, and a linear head's bias) to the training texts' `embeddings`
     with cross-entropy, the encoder left as the contrastive stage made it — SetFit's second step, a classifier on
     the tuned embeddings. Full-batch AdamW over cached embeddings: seconds, where each step of the loop would run
