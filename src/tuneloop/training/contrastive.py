@@ -22,7 +22,7 @@ from transformers import get_scheduler
 from tuneloop.config import FewShotConfig
 from tuneloop.evaluate.schema import ContrastiveReport
 from tuneloop.models.classifier import TextClassifier, pad_right
-from tuneloop.training.common import TrainingProgress, parameter_groups
+from tuneloop.training.common import TrainingProgress, parameter_groups, scaled_step
 from tuneloop.training.devices import DevicePlan
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,14 @@ def contrastive_stage(
     steps = settings.contrastive_steps if len(by_label) > 1 else 0  # one label has no other to be told from
     optimizer = torch.optim.AdamW(parameter_groups(model.encoder, settings.lr, weight_decay))
     schedule = get_scheduler("linear", optimizer, num_warmup_steps=steps // 10, num_training_steps=max(steps, 1))
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     labels = torch.tensor(train_labels)
     losses: list[float] = []
     model.train()
-    # fp16 would need a gradient scaler for this stage too; it runs in fp32 there (bf16 needs none).
+    # fp16 would need a gradient scaler for this stage too; it runs in fp32 there (bf16 needs none), so the step's
+    # scaler is a disabled one, which passes everything through.
     autocast = plan.autocast() if not plan.needs_scaler else torch.autocast(plan.device.type, enabled=False)
+    unscaled = torch.amp.GradScaler(plan.device.type, enabled=False)
     with TrainingProgress("contrastive stage", steps, 0, show_progress) as progress:
         for step in range(steps):
             rows = draw_batch(by_label, settings, np.random.default_rng([seed, step]))
@@ -85,11 +88,7 @@ def contrastive_stage(
             with autocast:
                 embeddings = model.embed(plan.to_device(input_ids), plan.to_device(mask))
             loss = supervised_contrastive_loss(embeddings, labels[rows].to(embeddings.device), settings.temperature)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            scaled_step(loss, unscaled, optimizer, schedule, parameters)
             losses.append(float(loss.detach()))
             progress.step(losses[-1])
     report = ContrastiveReport(
