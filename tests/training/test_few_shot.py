@@ -106,6 +106,20 @@ def test_without_loop_steps_the_model_is_the_stage_encoder_under_the_fitted_head
     assert classifier.spec.labels == data.labels
 
 
+def test_a_run_without_loop_steps_killed_after_training_resumes_without_training_again(few, tmp_path):
+    """The model is trained once the head is fitted: a run stopped after that (while it is scored, exported or
+    registered) resumes from its checkpoint like any other, instead of having nothing to resume."""
+    config, data, encoder = few
+    config.train.few_shot.loop_steps = 0
+    run = VersionFolder(tmp_path / "run")
+    first = fine_tune(config, data, encoder, run, show_progress=False)
+    resumed = fine_tune(config, data, encoder, run, resume=True, show_progress=False)
+    assert resumed.history == first.history and resumed.best_val_macro_f1 == first.best_val_macro_f1
+    assert resumed.regime.contrastive.model_copy(update={"seconds": 0}) == first.regime.contrastive.model_copy(
+        update={"seconds": 0}
+    )
+
+
 def test_the_few_shot_regime_runs_no_loop_unless_loop_steps_ask_and_then_at_least_train_epochs():
     standard = TrainingRegime(name="standard", why="", median_per_label=100.0)
     assert epochs_for(standard, 3, steps_per_epoch=10) == 3

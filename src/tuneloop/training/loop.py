@@ -148,6 +148,7 @@ def fit(training: Training, state: LoopState, show_progress: bool) -> LoopState:
     _train_mode(training)
     if not tc.epochs and not state.history:  # a run of no epochs keeps, and scores, the model it starts with
         _score_point(training, state, metrics, {})
+        checkpoint(training, state)  # and can be resumed, as after an epoch, if it stops before it is registered
     with TrainingProgress("training", total_steps, state.global_step, show_progress and world.main) as progress:
         while state.epoch < tc.epochs and not state.stopped_early:
             epoch = state.epoch
