@@ -73,6 +73,12 @@ def _served(serving: dict) -> str:
     return f"{serving['runtime']}; int8 {int8} against fp32 {fp32}, labels agreeing on {percent(serving['agreement'])}"
 
 
+def _against_baseline(run: dict) -> str:
+    fitted = run["baseline"]
+    baseline = f"a TF-IDF baseline ({percent(fitted['accuracy'])} alone, fitted in {seconds(fitted['fit_seconds'])})"
+    return f"served as its blend with {baseline}" if run["served_as"] == "hybrid" else f"beside {baseline}"
+
+
 def _spread(times: dict) -> str:
     return f"{times['p50_ms']} / {times['p99_ms']} / {times['max_ms']}"
 
@@ -914,7 +920,10 @@ HEADLINES: list[tuple[str, str, Callable[[dict], str]]] = [
     (
         "train_classifier-waimai_10k",
         "waimai_10k, Chinese reviews, multilingual-e5-small",
-        lambda r: f"{percent(r['tuneloop']['accuracy'])} test accuracy in {seconds(r['tuneloop']['train_seconds'])}",
+        lambda r: (
+            f"{percent(r['tuneloop']['accuracy'])} test accuracy in {seconds(r['tuneloop']['train_seconds'])}, "
+            + _against_baseline(r["tuneloop"])
+        ),
     ),
     (
         "serve_load-onnx-int8",
