@@ -23,6 +23,9 @@ temporary git worktree), and the result gives both and the change in accuracy an
 Every tuneloop run also fits the TF-IDF baseline on the same training split (train.baseline=auto) and serves the
 blend of the two when it wins on validation: the result gives the baseline's, the transformer's and the blend's test
 accuracy, what served, and the milliseconds per test text each costs to serve (the served runtime, this CPU).
+With train.eval_every and --eval-every set to the same steps, the result's early_stopping says which point keeping
+the best validation macro-F1 would keep, and which the best mean of the last 2 or 3 scores would, with the test
+accuracy at each (a smoothed criterion for the standard loop, measured without a second training).
 --dataset online_shopping_long is the books, phones and computers reviews of online_shopping_10_cats (10,166 long
 Chinese reviews, 80/20 split as waimai_10k's). It is not among ../shared/datasets: it is ChineseNlpCorpus's
 datasets/online_shopping_10_cats/online_shopping_10_cats.zip (github.com/SophonPlus/ChineseNlpCorpus, for research
@@ -230,7 +233,29 @@ def run_tuneloop(
             if "val_macro_f1" in h
         ],
     }
+    figures["early_stopping"] = early_stopping_picks(figures["validation_curve"], scorer.curve)
     return figures, outcome.folder.root
+
+
+def early_stopping_picks(validation_curve: list[dict], test_curve: list[dict]) -> dict | None:
+    """Which scoring point each early-stopping criterion would keep, and its test accuracy (PyTorch, fp32): the best
+    validation macro-F1 (window 1, what the standard loop keeps) against the best mean of the last 2 and 3 scores
+    (the few-shot loop's smoothed_score). Only runs scored often enough to smooth (--eval-every with
+    train.eval_every) have more than a point per epoch; with fewer than 4 points there is nothing to compare."""
+    from tuneloop.training.loop import smoothed_score
+
+    test_at = {point["step"]: point["test_accuracy"] for point in test_curve}
+    scored = [point for point in validation_curve if point["step"] in test_at]
+    if len(scored) < 4:
+        return None
+    f1s, picks = [point["val_macro_f1"] for point in scored], {}
+    for window in (1, 2, 3):
+        criteria = [smoothed_score(f1s[:i], f1, window) for i, f1 in enumerate(f1s)]
+        # The first of equal scores: the loop keeps a later model only when it is strictly better.
+        best = max(range(len(criteria)), key=criteria.__getitem__)
+        step = scored[best]["step"]
+        picks[f"window_{window}"] = {"step": step, "test_accuracy": test_at[step]}
+    return picks
 
 
 def baseline_figures(outcome) -> dict:
