@@ -65,6 +65,20 @@ def test_bad_value_names_the_key():
         load_config(None, ["train.epochs=many"])
 
 
+@pytest.mark.parametrize(
+    ("key", "inert", "asked"),
+    [("rdrop", 0, 1), ("frozen_layers", 0, 6), ("layer_lr_decay", 1.0, 0.9)],
+)
+def test_a_setting_that_measured_no_gain_loads_at_its_inert_value_and_refuses_any_other(key, inert, asked):
+    # A version stored while the setting existed still loads (at the value that trained as today's loop does) ...
+    stored = load_config().model_dump(mode="json")
+    stored["train"][key] = inert
+    assert key not in load_config(None, [], base=stored).train.model_dump()
+    # ... and asking for it says it was removed and why, not that the key is a typo.
+    with pytest.raises(TuneloopError, match=rf"train.{key} was removed \(.+; see the training guide\)"):
+        load_config(None, [f"train.{key}={asked}"])
+
+
 def test_override_without_equals_is_rejected():
     with pytest.raises(TuneloopError, match="key=value"):
         parse_overrides(["train.lr"])
